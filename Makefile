@@ -1,0 +1,39 @@
+# The project's commands. `make demo` runs the whole job on real MNIST; `make test` runs the tests.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+DATA ?= data
+
+.PHONY: venv data demo test lint protos check-protos bench containers clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[server,trainer,plot,dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+data: venv
+	$(BIN)/mnist-train fetch --data-dir $(DATA)
+
+demo:
+	bash .ci/demo.sh
+
+# The test command: unit and server tests plus one end-to-end run on real MNIST.
+test: data
+	MNIST_DATA_DIR=$(DATA) MNIST_REQUIRE_E2E=1 $(BIN)/pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy protos/digitserve/*.py server trainer client
+	PYTHON=$(BIN)/python .ci/gen-protos.sh --check
+
+protos: venv
+	PYTHON=$(BIN)/python .ci/gen-protos.sh
+
+containers:
+	bash .ci/containers.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,214 @@
+"""``mnist-client``: predict, evaluate, info and health against a running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
+from client.images import ImageError, load_image
+
+PROG = "mnist-client"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Call the MNIST gRPC server.")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("MNIST_TARGET", "127.0.0.1:50051"),
+        help="server address host:port, or dns:///name:port for round_robin over its addresses "
+        "[MNIST_TARGET] (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=float(os.environ.get("MNIST_TIMEOUT", DEFAULT_TIMEOUT)),
+        help="deadline of each call in seconds [MNIST_TIMEOUT] (default: %(default)s)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="predict one image and print the class probabilities")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", type=Path, help="a PNG/JPEG picture of a digit or a .npy array")
+    src.add_argument("--data-dir", type=Path, help="a directory of IDX files; with --index")
+    p.add_argument("--index", type=int, default=0, help="image index in the IDX set (default: 0)")
+    p.add_argument("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
+    p.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+
+    e = sub.add_parser("evaluate", help="stream a labelled IDX test set and print the metrics")
+    e.add_argument("--data-dir", type=Path, required=True, help="directory with t10k-* IDX files")
+    e.add_argument("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
+    e.add_argument("--batch-size", type=int, default=EVALUATE_BATCH, help="images per message")
+    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    e.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
+    e.add_argument("--min-accuracy", type=float,
+                   default=float(os.environ.get("MNIST_MIN_ACCURACY", 0.0)),
+                   help="exit 1 when the accuracy is below this [MNIST_MIN_ACCURACY]")
+    e.add_argument("--plot", type=Path, help="draw the confusion matrix into this PNG")
+    e.add_argument("--json", action="store_true", help="print a JSON object")
+
+    i = sub.add_parser("info", help="print the served model's metadata")
+    i.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
+    i.add_argument("--json", action="store_true", help="print the whole metadata as JSON")
+
+    h = sub.add_parser("health", help="exit 0 if the server reports SERVING")
+    h.add_argument("--service", default="", help="service name ('' = the whole server)")
+    h.add_argument("--json", action="store_true", help="print a JSON object")
+    return parser
+
+
+class CliError(Exception):
+    """An error to print as one line, exit 1."""
+
+
+def _load_split(data_dir: Path, split: str) -> Any:
+    from digitserve.idx import IdxError, load_split
+
+    try:
+        return load_split(data_dir, split)
+    except IdxError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
+    true_label: int | None = None
+    if args.image is not None:
+        try:
+            pixels = load_image(args.image)
+        except ImageError as exc:
+            raise CliError(str(exc)) from exc
+        source = str(args.image)
+    else:
+        split = _load_split(args.data_dir, args.split)
+        if not 0 <= args.index < split.images.shape[0]:
+            raise CliError(
+                f"--index {args.index} is out of range: {split.images_path} holds "
+                f"{split.images.shape[0]} images"
+            )
+        pixels = split.images[args.index].reshape(-1)
+        true_label = int(split.labels[args.index])
+        source = f"{split.images_path}[{args.index}]"
+    result = client.predict(pixels, model_version=args.model_version)
+    probs = result.probabilities[0]
+    if args.json:
+        print(json.dumps({
+            "source": source,
+            "probabilities": [float(p) for p in probs],
+            "class_index": result.class_indices[0],
+            "label": result.labels[0],
+            "true_label": true_label,
+            "model_name": result.model_name,
+            "model_version": result.model_version,
+        }))
+        return 0
+    print(f"{source} → model {result.model_name} v{result.model_version}")
+    for k, p in enumerate(probs):
+        bar = "█" * round(float(p) * 40)
+        print(f"  class {k:>2} {float(p):9.6f} {bar}")
+    print(f"predicted: {result.labels[0]} (p={float(probs[result.class_indices[0]]):.4f})"
+          + ("" if true_label is None else f", true label: {true_label}"))
+    return 0
+
+
+def format_confusion(result: EvaluateResult) -> str:
+    """The confusion matrix as a text table: rows = true label, columns = predicted."""
+    width = max(5, *(len(str(v)) + 1 for row in result.confusion_matrix for v in row))
+    head = "true\\pred".rjust(9) + "".join(label.rjust(width) for label in result.labels)
+    lines = [head]
+    for label, row in zip(result.labels, result.confusion_matrix, strict=True):
+        lines.append(label.rjust(9) + "".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
+    split = _load_split(args.data_dir, args.split)
+    images, labels = split.images, split.labels
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size {args.batch_size} must be at least 1")
+    from tqdm import tqdm
+
+    with tqdm(total=images.shape[0], unit="img", desc="evaluate", file=sys.stderr,
+              disable=None) as bar:
+        result = client.evaluate(
+            images, labels, batch_size=args.batch_size, model_version=args.model_version,
+            progress=bar.update,
+        )
+    if args.plot is not None:
+        from client.plots import plot_confusion_matrix
+
+        plot_confusion_matrix(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"model {result.model_name} v{result.model_version}: {result.count} images, "
+              f"accuracy {result.accuracy:.4%}, mean cross-entropy {result.mean_cross_entropy:.4f}")
+        print(format_confusion(result))
+        print("class precision recall     f1 support")
+        for c in result.per_class:
+            print(f"{c['label']:>5} {c['precision']:9.4f} {c['recall']:6.4f} {c['f1']:6.4f} "
+                  f"{c['support']:7d}")
+        if args.plot is not None:
+            print(f"confusion matrix plot: {args.plot}")
+    if result.accuracy < args.min_accuracy:
+        print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
+              f"{args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_info(client: DigitClient, args: argparse.Namespace) -> int:
+    info = client.model_info(model_version=args.model_version)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    metrics = info.get("metrics", {})
+    print(f"model:          {info.get('name')} version {info['version']}")
+    print(f"preset:         {info.get('preset')}")
+    print(f"input:          {info.get('input')}")
+    print(f"labels:         {' '.join(info.get('labels', []))}")
+    print(f"test accuracy:  {metrics.get('test_accuracy')}")
+    print(f"created at:     {info.get('created_at')}")
+    print(f"max images/req: {info['max_images_per_request']}")
+    return 0
+
+
+def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    if args.json:
+        print(json.dumps({"target": client.target, "service": args.service, "status": status}))
+    else:
+        print(status)
+    return 0 if status == "SERVING" else 1
+
+
+COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
+            "health": cmd_health}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with DigitClient(args.target, timeout=args.timeout) as client:
+            return COMMANDS[args.command](client, args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if code is not None else "UNKNOWN"
+        print(f"{PROG}: error: {args.target}: {name}: {details}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The transport-neutral core: validates numpy inputs, picks the model, runs it and computes
+metrics. Knows nothing of protobuf or gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
+from server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from server.model import Model
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Probabilities of a batch and the model that computed them."""
+
+    model: Model
+    probabilities: npt.NDArray[np.float32]
+
+    @property
+    def class_indices(self) -> npt.NDArray[np.int64]:
+        return np.argmax(self.probabilities, axis=1)
+
+
+def check_pixels(images: npt.NDArray[np.float32], encodings: list[str], field: str = "images") -> None:
+    """Raises InvalidInputError naming the first pixel that is not finite or not in [0, 1].
+
+    ``encodings[i]`` names image i's encoding, for the message (e.g. ``images[3].float32[17]``).
+    """
+    finite = np.isfinite(images)
+    if not finite.all():
+        i, j = (int(k) for k in np.argwhere(~finite)[0])
+        raise InvalidInputError(
+            f"{field}[{i}].{encodings[i]}[{j}]",
+            f"{images[i, j]} is not a finite number; expected a pixel intensity in [0, 1]",
+        )
+    outside = (images < 0.0) | (images > 1.0)
+    if outside.any():
+        i, j = (int(k) for k in np.argwhere(outside)[0])
+        raise InvalidInputError(
+            f"{field}[{i}].{encodings[i]}[{j}]",
+            f"{float(images[i, j])!r} is out of range; expected a pixel intensity in [0, 1] "
+            "(byte / 255)",
+        )
+
+
+def check_labels(labels: npt.NDArray[np.int64], count: int, num_classes: int) -> None:
+    """Raises InvalidInputError when the labels do not match the images or name no class."""
+    if labels.shape[0] != count:
+        raise InvalidInputError(
+            "labels", f"got {labels.shape[0]} labels for {count} images; expected one per image"
+        )
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidInputError(
+            f"labels[{i}]",
+            f"{int(labels[i])} is not a class; expected a class index in 0..{num_classes - 1}",
+        )
+
+
+class DataPlane:
+    """Holds the served model and runs it off the event loop, one call at a time."""
+
+    def __init__(self, max_images_per_request: int) -> None:
+        self.max_images_per_request = max_images_per_request
+        self._model: Model | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    @property
+    def model(self) -> Model | None:
+        return self._model
+
+    def set_model(self, model: Model) -> None:
+        self._model = model
+
+    def resolve(self, version: int) -> Model:
+        """The model that answers a request pinning ``version`` (0 = the served one)."""
+        model = self._model
+        if model is None:
+            raise ModelNotReadyError("no model is loaded yet; retry when health reports SERVING")
+        if version not in (0, model.spec.version):
+            raise ModelNotFoundError(
+                f"model {model.spec.name!r} version {version} is not served "
+                f"(serving version {model.spec.version})"
+            )
+        return model
+
+    def check_count(self, count: int, field: str = "images") -> None:
+        if count == 0:
+            raise InvalidInputError(field, "empty; expected at least 1 image")
+        if count > self.max_images_per_request:
+            raise InvalidInputError(
+                field,
+                f"{count} images exceed the limit of {self.max_images_per_request} per request",
+            )
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def predict(self, model: Model, images: npt.NDArray[np.float32]) -> Predictions:
+        """Probabilities of already validated images."""
+        probs = await self.run(lambda: model.predict(images))
+        return Predictions(model=model, probabilities=probs)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class Evaluation:
+    """One Evaluate call: batches accumulate into metrics against one model version."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+        self._model: Model | None = None
+        self._accumulator: MetricsAccumulator | None = None
+
+    def model_for(self, version: int) -> Model:
+        """The model of this evaluation; every batch must agree with the first on the version."""
+        if self._model is None:
+            self._model = self._plane.resolve(version)
+            self._accumulator = MetricsAccumulator(list(self._model.spec.labels))
+        elif version not in (0, self._model.spec.version):
+            raise InvalidInputError(
+                "model_version",
+                f"{version} differs from version {self._model.spec.version} "
+                "pinned or served at the start of this stream",
+            )
+        return self._model
+
+    async def add(self, model: Model, images: npt.NDArray[np.float32], labels: Any) -> None:
+        predictions = await self._plane.predict(model, images)
+        assert self._accumulator is not None
+        self._accumulator.update(labels, predictions.probabilities)
+
+    def result(self) -> tuple[Model, ClassificationMetrics]:
+        if self._model is None or self._accumulator is None or self._accumulator.count == 0:
+            raise InvalidInputError("images", "the stream held no images; expected at least 1")
+        return self._model, self._accumulator.result()

@@ -1,0 +1,205 @@
+"""The gRPC edge: decodes protobuf requests into numpy, calls the data plane, encodes replies, and
+maps domain errors to status codes in one place."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+from server.dataplane import DataPlane, Evaluation, check_labels, check_pixels
+from server.errors import (
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    OverloadedError,
+    ServerError,
+)
+from server.model import Model
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+_STATUS: dict[type[ServerError], grpc.StatusCode] = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
+    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+
+def _status_details(code: grpc.StatusCode, error: ServerError) -> tuple[tuple[str, bytes], ...]:
+    """``grpc-status-details-bin`` trailer: a google.rpc.Status, with BadRequest field violations
+    for invalid input, so programs can read which field failed (grpc_status.rpc_status)."""
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(error))
+    if isinstance(error, InvalidInputError):
+        detail = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=error.field, description=error.description
+                )
+            ]
+        )
+        status.details.add().Pack(detail)
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def mapped_errors(
+    method: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    """Maps ServerError subclasses to their status code; anything else becomes INTERNAL with a
+    fixed message, its traceback logged."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except ServerError as exc:
+            code = next(c for t, c in _STATUS.items() if isinstance(exc, t))
+            error: ServerError = exc
+        except Exception:
+            logger.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+        await context.abort(code, str(error), trailing_metadata=_status_details(code, error))
+
+    return wrapper
+
+
+def decode_images(
+    images: Sequence[pb.Image], input_size: int, field: str = "images"
+) -> npt.NDArray[np.float32]:
+    """float32 array (N, input_size) scaled to [0, 1]; InvalidInputError names the first bad image."""
+    out = np.empty((len(images), input_size), dtype=np.float32)
+    encodings: list[str] = []
+    for i, image in enumerate(images):
+        kind = image.WhichOneof("pixels")
+        encodings.append(kind or "")
+        if kind == "float32":
+            data = image.float32
+            if len(data) != 4 * input_size:
+                raise InvalidInputError(
+                    f"{field}[{i}].float32",
+                    f"got {len(data)} bytes, expected {4 * input_size} "
+                    f"({input_size} little-endian float32 pixels)",
+                )
+            out[i] = np.frombuffer(data, dtype="<f4")
+        elif kind == "uint8":
+            data = image.uint8
+            if len(data) != input_size:
+                raise InvalidInputError(
+                    f"{field}[{i}].uint8",
+                    f"got {len(data)} bytes, expected {input_size} (one byte per pixel)",
+                )
+            # The same float32 division as the trainer's, so results match bit for bit.
+            out[i] = np.frombuffer(data, dtype=np.uint8).astype(np.float32) / np.float32(255)
+        elif kind == "floats":
+            values = image.floats.values
+            if len(values) != input_size:
+                raise InvalidInputError(
+                    f"{field}[{i}].floats.values",
+                    f"got {len(values)} pixels, expected {input_size}",
+                )
+            out[i] = np.asarray(values, dtype=np.float32)
+        else:
+            raise InvalidInputError(
+                f"{field}[{i}]", "no pixels; set one of floats, uint8 or float32"
+            )
+    check_pixels(out, [e if e != "floats" else "floats.values" for e in encodings], field)
+    return out
+
+
+def encode_predictions(model: Model, probabilities: npt.NDArray[np.float32]) -> pb.PredictResponse:
+    labels = model.spec.labels
+    indices = np.argmax(probabilities, axis=1)
+    top = probabilities[np.arange(probabilities.shape[0]), indices]
+    response = pb.PredictResponse(model_name=model.spec.name, model_version=model.spec.version)
+    for row, index, p in zip(probabilities.tolist(), indices.tolist(), top.tolist(), strict=True):
+        response.predictions.add(
+            probabilities=row, class_index=index, label=labels[index], probability=p
+        )
+    return response
+
+
+class DigitServicer(pb_grpc.DigitServiceServicer):
+    """digitserve.v1.DigitService over the data plane."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+
+    @mapped_errors
+    async def Predict(  # noqa: N802 (gRPC method name)
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        model = self._plane.resolve(request.model_version)
+        self._plane.check_count(len(request.images))
+        images = decode_images(request.images, model.spec.input_size)
+        predictions = await self._plane.predict(model, images)
+        return encode_predictions(model, predictions.probabilities)
+
+    @mapped_errors
+    async def Evaluate(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
+    ) -> pb.EvaluateResponse:
+        evaluation = Evaluation(self._plane)
+        index = 0
+        async for request in request_iterator:
+            field = f"requests[{index}].images"
+            model = evaluation.model_for(request.model_version)
+            self._plane.check_count(len(request.images), field)
+            images = decode_images(request.images, model.spec.input_size, field)
+            labels = np.asarray(request.labels, dtype=np.int64)
+            try:
+                check_labels(labels, images.shape[0], len(model.spec.labels))
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"requests[{index}].{exc.field}", exc.description) from None
+            await evaluation.add(model, images, labels)
+            index += 1
+        model, metrics = evaluation.result()
+        response = pb.EvaluateResponse(
+            count=metrics.count,
+            accuracy=metrics.accuracy,
+            mean_cross_entropy=metrics.mean_cross_entropy,
+            labels=metrics.labels,
+            model_name=model.spec.name,
+            model_version=model.spec.version,
+        )
+        for row in metrics.confusion_matrix:
+            response.confusion_matrix.add(counts=row)
+        for label, p, r, f, s in zip(
+            metrics.labels, metrics.precision, metrics.recall, metrics.f1, metrics.support,
+            strict=True,
+        ):
+            response.per_class.add(label=label, precision=p, recall=r, f1=f, support=s)
+        return response
+
+    @mapped_errors
+    async def GetModelInfo(  # noqa: N802
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        model = self._plane.resolve(request.model_version)
+        metadata = model.metadata
+        metrics = metadata.get("metrics", {})
+        return pb.GetModelInfoResponse(
+            model_name=model.spec.name,
+            model_version=model.spec.version,
+            input_size=model.spec.input_size,
+            input_shape=list(model.spec.input_shape),
+            input_scale=model.spec.input_scale,
+            labels=list(model.spec.labels),
+            preset=str(metadata.get("preset", "")),
+            test_accuracy=float(metrics.get("test_accuracy", 0.0)),
+            created_at=str(metadata.get("created_at", "")),
+            metadata_json=json.dumps(metadata, sort_keys=True),
+            max_images_per_request=self._plane.max_images_per_request,
+        )

@@ -1,0 +1,95 @@
+"""Server settings: built once in main() from flags and MNIST_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MNIST_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told. Each field is also read from MNIST_<FIELD> (upper case)."""
+
+    model_repo: Path
+    """Root of the model repository (``REPO/NAME/VERSION/``)."""
+    model_name: str = "mnist"
+    """Which model in the repository to serve."""
+    model_version: int = 0
+    """Version to serve; 0 serves the newest."""
+    host: str = "127.0.0.1"
+    """Address to listen on; use 0.0.0.0 or [::] in a container."""
+    port: int = 50051
+    """Port to listen on; 0 picks a free one (logged)."""
+    grace_period: float = 10.0
+    """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
+    max_images_per_request: int = 1024
+    """Most images in one Predict request or one Evaluate message."""
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest gRPC message accepted or sent."""
+    max_connection_age: float = 0.0
+    """Seconds after which a client connection is closed (gracefully) so clients rebalance over
+    new replicas; 0 keeps connections open."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not in 0..65535")
+        if self.grace_period < 0:
+            problems.append(f"grace period {self.grace_period} is negative")
+        if self.max_images_per_request < 1:
+            problems.append(f"max images per request {self.max_images_per_request} is below 1")
+        if self.max_message_bytes < 1024:
+            problems.append(f"max message bytes {self.max_message_bytes} is below 1024")
+        if self.model_version < 0:
+            problems.append(f"model version {self.model_version} is negative")
+        if self.max_connection_age < 0:
+            problems.append(f"max connection age {self.max_connection_age} is negative")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def _env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The mnist-serve argument parser; defaults come from ``env`` (MNIST_*)."""
+    parser = argparse.ArgumentParser(
+        prog="mnist-serve",
+        description="Serve a published MNIST model over gRPC (Predict, Evaluate, GetModelInfo, "
+        "health, reflection). Every flag can also be set by the environment variable shown.",
+    )
+    defaults = {f.name: f.default for f in fields(Settings)}
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env_name = _env_name(f.name)
+        kind: Any = {"model_repo": Path, "model_name": str, "host": str, "log_level": str}.get(
+            f.name, type(defaults[f.name]) if f.name in defaults else str
+        )
+        # argparse applies `type` to a string default, so a bad MNIST_* value is a usage error.
+        default = env.get(env_name, defaults.get(f.name))
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            required=default is None and f.name == "model_repo",
+            help=f"[{env_name}]" + (f" (default: {defaults[f.name]})" if f.name != "model_repo" else ""),
+        )
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Parses flags (falling back to MNIST_* variables). Raises SystemExit(2) on a usage error and
+    ValueError for values out of range."""
+    env = os.environ if env is None else env
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    return Settings(**vars(args))

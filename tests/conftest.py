@@ -1,0 +1,155 @@
+"""Shared fixtures: a fake model, an in-process server on 127.0.0.1:0, and one tiny trained model
+published into a temporary repository for the whole session."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from server.model import ModelSpec
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeModel:
+    """A deterministic softmax classifier with no TensorFlow: logits = images @ W. An image whose
+    first pixel is exactly 0.123 makes it raise, to exercise the INTERNAL path."""
+
+    CRASH_PIXEL = np.float32(0.123)
+
+    def __init__(self, version: int = 1, input_shape: tuple[int, int] = (28, 28),
+                 labels: tuple[str, ...] = tuple(str(d) for d in range(10))) -> None:
+        size = input_shape[0] * input_shape[1]
+        self.spec = ModelSpec("fake", version, input_shape, 1 / 255, labels)
+        self.metadata: dict[str, Any] = {
+            "name": "fake", "version": version, "preset": "fake",
+            "input": {"shape": list(input_shape), "size": size, "scale": 1 / 255},
+            "labels": list(labels), "metrics": {"test_accuracy": 0.5},
+            "created_at": "2026-01-01T00:00:00Z",
+        }
+        rng = np.random.default_rng(version)
+        self.weights = rng.normal(size=(size, len(labels))).astype(np.float32)
+        self.calls: list[int] = []
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if np.any(images[:, 0] == self.CRASH_PIXEL):
+            raise RuntimeError("fake model crashed on purpose")
+        self.calls.append(images.shape[0])
+        logits = images.astype(np.float64) @ self.weights
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class ServerThread:
+    """An App running on its own event loop in a background thread, bound to 127.0.0.1:0."""
+
+    def __init__(self, settings: Any, loader: Callable[[], Any] | None) -> None:
+        from server.app import App
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+        async def make() -> App:
+            return App(settings, loader)
+
+        self.app = self.call(make())
+        self.port = self.call(self.app.start())
+        self.target = f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def load(self) -> None:
+        self.call(self.app.load())
+
+    def stop(self, grace: float = 0) -> None:
+        if self.loop.is_running():
+            self.call(self.app.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()
+
+
+def make_settings(tmp: Path, **overrides: Any) -> Any:
+    from server.settings import Settings
+
+    return replace(Settings(model_repo=tmp, port=0), **overrides)
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
+    """Starts servers with a given loader (a FakeModel by default); stops them afterwards."""
+    started: list[ServerThread] = []
+
+    def start(loader: Callable[[], Any] | None = None, load: bool = True,
+              **overrides: Any) -> ServerThread:
+        server = ServerThread(make_settings(tmp_path, **overrides), loader or FakeModel)
+        started.append(server)
+        if load:
+            server.load()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def fake_server(start_server: Callable[..., ServerThread]) -> ServerThread:
+    return start_server()
+
+
+def synthetic_digits(n: int, seed: int, shape: tuple[int, int] = (28, 28)) -> tuple[
+    npt.NDArray[np.uint8], npt.NDArray[np.uint8]
+]:
+    """Learnable fake digits: class k lights a bar at a class-specific place, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, *shape)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        row = 2 + int(k) * 2
+        images[i, row : row + 2, 4:24] = 255
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir of small synthetic IDX files in the standard MNIST names."""
+    from digitserve.idx import write_idx
+
+    root = tmp_path_factory.mktemp("data")
+    for split, n, seed in (("train", 600, 1), ("t10k", 200, 2)):
+        images, labels = synthetic_digits(n, seed)
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> Path:
+    """A model repository holding one tiny model ('tiny', version 1) trained for one epoch."""
+    from trainer.train import TrainConfig, run
+
+    repo = tmp_path_factory.mktemp("repo")
+    run(TrainConfig(data_dir=synthetic_data_dir, model_repo=repo, name="tiny", preset="seed",
+                    epochs=2, seed=7, report=False, verbose=0))
+    return repo
+
+
+def real_data_dir() -> Path | None:
+    """The real MNIST files (MNIST_DATA_DIR or ./data), if fetched."""
+    path = Path(os.environ.get("MNIST_DATA_DIR", REPO_ROOT / "data"))
+    return path if (path / "t10k-images-idx3-ubyte.gz").is_file() else None

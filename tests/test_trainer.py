@@ -1,0 +1,298 @@
+"""Tests of the trainer on tiny synthetic IDX data: training, publishing, metadata, report, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from digitserve.idx import md5_uncompressed, write_idx
+from digitserve.metrics import MetricsAccumulator
+from digitserve.repository import MODEL_FILE, ModelRepository, sha256_file, verify_files
+
+from trainer.cli import main
+from trainer.errors import TrainerError
+from trainer.presets import PRESETS, build_model, get_preset
+from trainer.train import CHECK_SET_FILE, EVALUATE_BATCH, LABELS, TrainConfig, run, scale_images
+
+TRAIN_SIZE = 300
+TEST_SIZE = 600  # more than the 500 images of the check set
+REPORT_FILES = ["report/confusion_matrix.png", "report/training_curves.png", "report/samples.png"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _digits(
+    rng: np.random.Generator, n: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Noisy images where class k is a bright bar at row 2 + 2k: learnable, not trivial."""
+    labels = np.tile(np.arange(10, dtype=np.uint8), n // 10 + 1)[:n]
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        row = 2 + 2 * int(label)
+        images[i, row : row + 2, 4:24] = rng.integers(180, 256, size=(2, 20), dtype=np.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", TRAIN_SIZE), ("t10k", TEST_SIZE)):
+        images, labels = _digits(rng, n)
+        write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def _config(data_dir: Path, repo: Path, preset: str, **kwargs: Any) -> TrainConfig:
+    settings: dict[str, Any] = {"name": "digits", "epochs": 1, "verbose": 0, **kwargs}
+    return TrainConfig(data_dir=data_dir, model_repo=repo, preset=preset, **settings)
+
+
+@pytest.fixture(scope="module")
+def published(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """One repository with version 1 (seed preset) and version 2 (default preset)."""
+    repo = tmp_path_factory.mktemp("repo")
+    seed = run(_config(data_dir, repo, "seed"))
+    default = run(_config(data_dir, repo, "default", batch_size=64))
+    return repo, seed, default
+
+
+def _test_split(data_dir: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]:
+    from digitserve.idx import load_split
+
+    split = load_split(data_dir, "t10k")
+    return scale_images(split.images), split.labels
+
+
+def test_versions_published_one_after_the_other(
+    published: tuple[Path, dict[str, Any], dict[str, Any]],
+) -> None:
+    repo, seed, default = published
+    assert ModelRepository(repo).versions("digits") == [1, 2]
+    assert (seed["version"], seed["preset"]) == (1, "seed")
+    assert (default["version"], default["preset"]) == (2, "default")
+    for summary in (seed, default):
+        version_dir = ModelRepository(repo).version_dir("digits", summary["version"])
+        assert Path(summary["path"]) == version_dir
+        assert 0.0 <= summary["test_accuracy"] <= 1.0
+        assert summary["test_loss"] > 0
+        assert summary["train_seconds"] > 0
+        assert summary["test_size"] == TEST_SIZE
+        assert summary["report"] == str(Path(summary["path"]) / "report")
+    assert seed["train_size"] == TRAIN_SIZE * 3 // 4
+    assert 0.0 <= seed["holdout_accuracy"] <= 1.0
+    assert default["train_size"] == TRAIN_SIZE
+    assert "holdout_accuracy" not in default
+    assert "baseline_accuracy" not in default
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_metadata_records_everything(
+    published: tuple[Path, dict[str, Any], dict[str, Any]], data_dir: Path, version: int
+) -> None:
+    repo, *_ = published
+    repository = ModelRepository(repo)
+    meta = repository.read_metadata("digits", version)
+    version_dir = repository.version_dir("digits", version)
+    preset = "seed" if version == 1 else "default"
+
+    assert meta["format"] == 1
+    assert (meta["name"], meta["version"], meta["preset"], meta["seed"]) == (
+        "digits", version, preset, 42
+    )
+    expected_hp = get_preset(preset).with_overrides(
+        epochs=1, batch_size=None if version == 1 else 64
+    ).hyperparameters()
+    assert meta["hyperparameters"] == expected_hp
+    assert meta["input"] == {"shape": [28, 28], "size": 784, "scale": 1 / 255, "dtype": "float32"}
+    assert meta["labels"] == [str(d) for d in range(10)]
+
+    files = meta["data"]["files"]
+    assert sorted(files) == sorted(
+        f"{split}-{kind}-ubyte.gz"
+        for split in ("train", "t10k")
+        for kind in ("images-idx3", "labels-idx1")
+    )
+    for name, sums in files.items():
+        assert sums == {
+            "md5_uncompressed": md5_uncompressed(data_dir / name),
+            "sha256": sha256_file(data_dir / name),
+        }
+    assert meta["data"]["dir"] == str(data_dir.resolve())
+    assert meta["data"]["test_size"] == TEST_SIZE
+    if preset == "seed":
+        assert (meta["data"]["train_size"], meta["data"]["holdout_size"]) == (225, 75)
+        assert 0.0 <= meta["metrics"]["holdout_accuracy"] <= 1.0
+        assert set(meta["history"]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    else:
+        assert meta["data"]["train_size"] == TRAIN_SIZE
+        assert "holdout_size" not in meta["data"]
+        assert set(meta["history"]) == {"loss", "accuracy"}
+    assert all(len(values) == 1 for values in meta["history"].values())
+
+    metrics = meta["metrics"]
+    assert np.asarray(metrics["confusion_matrix"]).shape == (10, 10)
+    assert np.asarray(metrics["confusion_matrix"]).sum() == TEST_SIZE
+    assert [c["label"] for c in metrics["per_class"]] == LABELS
+    assert set(meta["versions"]) >= {"python", "tensorflow", "keras", "numpy", "scikit-learn"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["created_at"])
+    assert meta["train_seconds"] > 0
+
+    # Every file is checksummed, the report included, and the checksums hold.
+    assert meta["report"] == REPORT_FILES
+    assert set(meta["files"]) == {MODEL_FILE, CHECK_SET_FILE, *REPORT_FILES}
+    verify_files(version_dir, meta)
+    for rel in REPORT_FILES:
+        assert (version_dir / rel).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_saved_model_round_trip(
+    published: tuple[Path, dict[str, Any], dict[str, Any]], data_dir: Path, version: int
+) -> None:
+    import keras
+
+    from server.model import KerasModel
+
+    repo, *_ = published
+    version_dir = ModelRepository(repo).version_dir("digits", version)
+    x, _ = _test_split(data_dir)
+    reloaded = keras.saving.load_model(version_dir / MODEL_FILE, compile=False, safe_mode=True)
+    served = KerasModel.load(version_dir)
+    expected = np.asarray(reloaded.predict(x[:64], verbose=0))
+    np.testing.assert_allclose(served.predict(x[:64]), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(expected.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_metadata_metrics_equal_the_servers_figures(
+    published: tuple[Path, dict[str, Any], dict[str, Any]], data_dir: Path, version: int
+) -> None:
+    from server.model import KerasModel
+
+    repo, *_ = published
+    version_dir = ModelRepository(repo).version_dir("digits", version)
+    meta = ModelRepository(repo).read_metadata("digits", version)
+    served = KerasModel.load(version_dir)
+    x, y = _test_split(data_dir)
+
+    accumulator = MetricsAccumulator(LABELS)
+    for start in range(0, len(y), EVALUATE_BATCH):
+        chunk = slice(start, start + EVALUATE_BATCH)
+        accumulator.update(y[chunk], served.predict(x[chunk]))
+    recomputed = accumulator.result()
+    assert meta["metrics"]["test_accuracy"] == recomputed.accuracy
+    assert meta["metrics"]["test_loss"] == recomputed.mean_cross_entropy
+    assert meta["metrics"]["confusion_matrix"] == recomputed.confusion_matrix
+    assert meta["metrics"]["per_class"] == recomputed.to_dict()["per_class"]
+
+    # The check set: the first 500 test images, raw, and the figures the server gate will find.
+    with np.load(version_dir / CHECK_SET_FILE, allow_pickle=False) as check:
+        images, labels = check["images"], check["labels"]
+    assert images.dtype == np.uint8 and images.shape == (500, 784)
+    np.testing.assert_array_equal(scale_images(images), x[:500])
+    np.testing.assert_array_equal(labels, y[:500])
+    gate = MetricsAccumulator(LABELS)
+    gate.update(labels, served.predict(scale_images(images)))
+    assert meta["check_set"] == {
+        "file": CHECK_SET_FILE,
+        "count": 500,
+        "accuracy": gate.result().accuracy,
+        "mean_cross_entropy": gate.result().mean_cross_entropy,
+    }
+
+
+def test_same_seed_same_metrics(
+    published: tuple[Path, dict[str, Any], dict[str, Any]],
+    data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    _, seed, _ = published
+    again = run(_config(data_dir, tmp_path / "again", "seed", report=False))
+    other = run(_config(data_dir, tmp_path / "other", "seed", report=False, seed=7))
+    assert again["version"] == 1
+    assert again["test_accuracy"] == seed["test_accuracy"]
+    assert again["test_loss"] == seed["test_loss"]
+    assert again["holdout_accuracy"] == seed["holdout_accuracy"]
+    assert other["test_loss"] != seed["test_loss"]
+    assert not (Path(again["path"]) / "report").exists()
+    assert again["report"] is None
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_takes_flat_pixels_and_ends_in_softmax(preset: str, tmp_path: Path) -> None:
+    import keras
+
+    model = build_model(preset)
+    assert tuple(model.input_shape) == (None, 784)
+    assert tuple(model.output_shape) == (None, 10)
+    x = np.random.default_rng(1).random((4, 784), dtype=np.float32)
+    probs = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras", compile=False, safe_mode=True)
+    # Augmentation layers (cnn) are inactive at inference, so predictions are reproducible.
+    np.testing.assert_allclose(np.asarray(reloaded(x, training=False)), probs, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_configuration_is_a_trainer_error(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainerError, match="unknown preset"):
+        run(TrainConfig(data_dir=data_dir, model_repo=tmp_path, name="m", preset="huge"))
+    with pytest.raises(TrainerError, match="epochs must be at least 1"):
+        run(_config(data_dir, tmp_path, "seed", epochs=0))
+    with pytest.raises(TrainerError, match="unknown baseline"):
+        run(_config(data_dir, tmp_path, "seed", baseline="svm"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_cli_missing_data_dir_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([
+        "train", "--data-dir", str(tmp_path / "absent"), "--model-repo", str(tmp_path / "repo"),
+        "--name", "digits", "--preset", "seed", "--epochs", "1",
+    ])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("mnist-train: error: ")
+    assert "absent" in lines[-1]
+    assert "Traceback" not in err
+    assert ModelRepository(tmp_path / "repo").versions("digits") == []
+
+
+def test_cli_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--preset", "seed"]) == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_cli_json_prints_one_object_with_the_baseline(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([
+        "train", "--data-dir", str(data_dir), "--model-repo", str(tmp_path), "--name", "cli",
+        "--preset", "seed", "--epochs", "1", "--batch-size", "32", "--baseline", "random-forest",
+        "--no-report", "--json",
+    ])
+    out, err = capsys.readouterr()
+    assert code == 0
+    summary = json.loads(out)  # Keras' summary and progress went to stderr
+    assert "Layer (type)" in err and "val_accuracy" in err
+    assert (summary["name"], summary["version"], summary["preset"]) == ("cli", 1, "seed")
+    assert summary["path"] == str(tmp_path / "cli" / "1")
+    assert summary["batch_size"] == 32
+    assert 0.0 <= summary["baseline_accuracy"] <= 1.0
+    meta = ModelRepository(tmp_path).read_metadata("cli", 1)
+    assert meta["metrics"]["test_accuracy"] == summary["test_accuracy"]
+    assert meta["metrics"]["baseline"]["accuracy"] == summary["baseline_accuracy"]
+    assert meta["metrics"]["baseline"]["name"] == "random-forest"
+    assert meta["report"] == []

