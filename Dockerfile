@@ -12,10 +12,13 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 # Dependency layer: the requirement lists of pyproject.toml (build system, project and EXTRAS),
 # installed before any source is copied, so editing code does not reinstall TensorFlow.
+# TensorFlow's C++ headers (~290 MB) only serve to compile custom ops: dropped.
+# EXTRAS= (empty) makes a client-only image without TensorFlow.
 ARG EXTRAS=server,trainer
 COPY pyproject.toml ./
 RUN python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); extras = [e for e in os.environ['EXTRAS'].split(',') if e]; reqs = p['build-system']['requires'] + p['project']['dependencies'] + [r for e in extras for r in p['project']['optional-dependencies'][e]]; print('\n'.join(reqs))" > requirements.txt \
- && /opt/venv/bin/pip install --no-cache-dir --requirement requirements.txt
+ && /opt/venv/bin/pip install --no-cache-dir --requirement requirements.txt \
+ && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
 # Code layer: the project alone, built with the setuptools installed above (no network needed).
 COPY README.md ./
 COPY protos ./protos
@@ -31,7 +34,7 @@ LABEL org.opencontainers.image.title="digitserve" \
 COPY docker/entrypoint.sh /usr/local/bin/docker-entrypoint
 # A fixed numeric uid/gid so Kubernetes' runAsNonRoot can check it; /data and /models belong to
 # it so that named volumes mounted there start out writable by it.
-RUN useradd --system --no-log-init --uid 10001 --user-group --create-home --home-dir /home/app app \
+RUN useradd --no-log-init --uid 10001 --user-group --create-home --home-dir /home/app app \
  && mkdir -p /data /models \
  && chown app:app /data /models \
  && chmod 0755 /usr/local/bin/docker-entrypoint

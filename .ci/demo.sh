@@ -21,12 +21,7 @@ step "serve on 127.0.0.1:$PORT"
 $BIN/mnist-serve --model-repo "$REPO" --model-name "$NAME" --port "$PORT" 2>"$OUT/server.log" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
-for _ in $(seq 120); do
-  if $BIN/mnist-client --target "127.0.0.1:$PORT" --timeout 1 health >/dev/null 2>&1; then break; fi
-  kill -0 $server 2>/dev/null || { cat "$OUT/server.log"; exit 1; }
-  sleep 0.5
-done
-$BIN/mnist-client --target "127.0.0.1:$PORT" health
+$BIN/mnist-client --target "127.0.0.1:$PORT" health --wait 120 || { cat "$OUT/server.log"; exit 1; }
 step "predict test image 0"
 $BIN/mnist-client --target "127.0.0.1:$PORT" predict --data-dir "$DATA" --index 0
 step "evaluate the 10,000 test images"

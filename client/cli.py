@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 
 from client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
 from client.images import ImageError, load_image
@@ -60,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("health", help="exit 0 if the server reports SERVING")
     h.add_argument("--service", default="", help="service name ('' = the whole server)")
+    h.add_argument("--wait", type=float, default=0.0,
+                   help="wait up to this many seconds for SERVING (default: ask once)")
     h.add_argument("--json", action="store_true", help="print a JSON object")
     return parser
 
@@ -182,7 +183,10 @@ def cmd_info(client: DigitClient, args: argparse.Namespace) -> int:
 
 
 def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
-    status = client.health(args.service)
+    if args.wait > 0:
+        status = client.wait_until_serving(args.wait, args.service)
+    else:
+        status = client.health(args.service)
     if args.json:
         print(json.dumps({"target": client.target, "service": args.service, "status": status}))
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -139,7 +140,7 @@ class DigitClient:
             self.channel = grpc.insecure_channel(target, options=opts)
         else:
             self.channel = grpc.secure_channel(target, credentials, options=opts)
-        self.stub = pb_grpc.DigitServiceStub(self.channel)
+        self.stub = pb_grpc.DigitServiceStub(self.channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> DigitClient:
         return self
@@ -212,3 +213,18 @@ class DigitClient:
             health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
         )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_until_serving(self, timeout: float, service: str = "") -> str:
+        """Polls health until SERVING or ``timeout`` seconds pass; returns the last status
+        (UNREACHABLE if the server never answered)."""
+        deadline = time.monotonic() + timeout
+        status = "UNREACHABLE"
+        while True:
+            try:
+                status = self.health(service, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+            if status == "SERVING" or time.monotonic() >= deadline:
+                return status
+            time.sleep(0.2)

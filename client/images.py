@@ -31,16 +31,16 @@ def _load_npy(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
         raise ImageError(f"{path}: holds {array.size} values of shape {array.shape}; expected {size}")
     flat = array.reshape(size)
     if flat.dtype == np.uint8:
-        return flat
+        return np.asarray(flat, dtype=np.uint8)
     if not np.issubdtype(flat.dtype, np.number):
         raise ImageError(f"{path}: dtype {flat.dtype} is not numeric")
     values = flat.astype(np.float64)
     if not np.isfinite(values).all():
         raise ImageError(f"{path}: holds NaN or infinite values")
     if values.min() >= 0 and values.max() <= 1:
-        return np.rint(values * 255).astype(np.uint8)
+        return np.asarray(np.rint(values * 255), dtype=np.uint8)
     if values.min() >= 0 and values.max() <= 255:
-        return np.rint(values).astype(np.uint8)
+        return np.asarray(np.rint(values), dtype=np.uint8)
     raise ImageError(f"{path}: values span {values.min()}..{values.max()}; expected 0..1 or 0..255")
 
 

@@ -62,7 +62,9 @@ class App:
         self.plane = DataPlane(settings.max_images_per_request)
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
-        pb_grpc.add_DigitServiceServicer_to_server(DigitServicer(self.plane), self.server)
+        pb_grpc.add_DigitServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            DigitServicer(self.plane), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

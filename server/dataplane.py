@@ -29,10 +29,6 @@ class Predictions:
     model: Model
     probabilities: npt.NDArray[np.float32]
 
-    @property
-    def class_indices(self) -> npt.NDArray[np.int64]:
-        return np.argmax(self.probabilities, axis=1)
-
 
 def check_pixels(images: npt.NDArray[np.float32], encodings: list[str], field: str = "images") -> None:
     """Raises InvalidInputError naming the first pixel that is not finite or not in [0, 1].

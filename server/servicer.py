@@ -72,6 +72,7 @@ def mapped_errors(
             logger.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         await context.abort(code, str(error), trailing_metadata=_status_details(code, error))
+        raise AssertionError("context.abort() returned")  # it always raises
 
     return wrapper
 
@@ -138,7 +139,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         self._plane = plane
 
     @mapped_errors
-    async def Predict(  # noqa: N802 (gRPC method name)
+    async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
         model = self._plane.resolve(request.model_version)
@@ -148,7 +149,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         return encode_predictions(model, predictions.probabilities)
 
     @mapped_errors
-    async def Evaluate(  # noqa: N802
+    async def Evaluate(
         self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
         evaluation = Evaluation(self._plane)
@@ -184,7 +185,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         return response
 
     @mapped_errors
-    async def GetModelInfo(  # noqa: N802
+    async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         model = self._plane.resolve(request.model_version)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +16,30 @@ ENV_PREFIX = "MNIST_"
 class Settings:
     """Everything the server can be told. Each field is also read from MNIST_<FIELD> (upper case)."""
 
-    model_repo: Path
-    """Root of the model repository (``REPO/NAME/VERSION/``)."""
-    model_name: str = "mnist"
-    """Which model in the repository to serve."""
-    model_version: int = 0
-    """Version to serve; 0 serves the newest."""
-    host: str = "127.0.0.1"
-    """Address to listen on; use 0.0.0.0 or [::] in a container."""
-    port: int = 50051
-    """Port to listen on; 0 picks a free one (logged)."""
-    grace_period: float = 10.0
-    """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
-    max_images_per_request: int = 1024
-    """Most images in one Predict request or one Evaluate message."""
-    max_message_bytes: int = 16 * 1024 * 1024
-    """Largest gRPC message accepted or sent."""
-    max_connection_age: float = 0.0
-    """Seconds after which a client connection is closed (gracefully) so clients rebalance over
-    new replicas; 0 keeps connections open."""
-    log_level: str = "INFO"
-    """Python logging level."""
+    model_repo: Path = field(metadata={"help": "Root of the model repository (``REPO/NAME/VERSION/``)."})
+    model_name: str = field(default="mnist", metadata={"help": "Which model in the repository to serve."})
+    model_version: int = field(default=0, metadata={"help": "Version to serve; 0 serves the newest."})
+    host: str = field(
+        default="127.0.0.1", metadata={"help": "Address to listen on; use 0.0.0.0 or [::] in a container."}
+    )
+    port: int = field(default=50051, metadata={"help": "Port to listen on; 0 picks a free one (logged)."})
+    grace_period: float = field(
+        default=10.0, metadata={"help": "Seconds in-flight calls get to finish after SIGTERM/SIGINT."}
+    )
+    max_images_per_request: int = field(
+        default=1024, metadata={"help": "Most images in one Predict request or one Evaluate message."}
+    )
+    max_message_bytes: int = field(
+        default=16 * 1024 * 1024, metadata={"help": "Largest gRPC message accepted or sent."}
+    )
+    max_connection_age: float = field(
+        default=0.0,
+        metadata={
+            "help": "Seconds after which a client connection is closed (gracefully) so clients "
+            "rebalance over new replicas; 0 keeps connections open."
+        },
+    )
+    log_level: str = field(default="INFO", metadata={"help": "Python logging level."})
 
     def __post_init__(self) -> None:
         problems = []
@@ -67,7 +70,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         description="Serve a published MNIST model over gRPC (Predict, Evaluate, GetModelInfo, "
         "health, reflection). Every flag can also be set by the environment variable shown.",
     )
-    defaults = {f.name: f.default for f in fields(Settings)}
+    defaults = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         env_name = _env_name(f.name)
@@ -81,7 +84,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             type=kind,
             default=default,
             required=default is None and f.name == "model_repo",
-            help=f"[{env_name}]" + (f" (default: {defaults[f.name]})" if f.name != "model_repo" else ""),
+            help=f"{f.metadata['help']} [{env_name}]"
+            + (f" (default: {defaults[f.name]})" if f.name in defaults else ""),
         )
     return parser
 

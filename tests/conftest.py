@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
@@ -147,6 +150,66 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path
     run(TrainConfig(data_dir=synthetic_data_dir, model_repo=repo, name="tiny", preset="seed",
                     epochs=2, seed=7, report=False, verbose=0))
     return repo
+
+
+class ServerProcess:
+    """``python -m server`` on 127.0.0.1:0; the bound port is read from its log."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--port", "0", *args],
+            cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._bound = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                match = re.search(r"listening on [\d.]+:(\d+)", line)
+                if match:
+                    self.port = int(match.group(1))
+                    self._bound.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def target(self, timeout: float = 60) -> str:
+        if not self._bound.wait(timeout):
+            raise AssertionError(f"server did not bind:\n{self.log}")
+        return f"127.0.0.1:{self.port}"
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._reader.join(5)
+
+
+@pytest.fixture
+def spawn() -> Iterator[type[ServerProcess]]:
+    procs: list[ServerProcess] = []
+
+    class Tracked(ServerProcess):
+        def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+            super().__init__(*args, env=env)
+            procs.append(self)
+
+    yield Tracked
+    for proc in procs:
+        proc.kill()
 
 
 def real_data_dir() -> Path | None:

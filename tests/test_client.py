@@ -137,7 +137,7 @@ def test_load_image_normalises_pictures(tmp_path: Path) -> None:
     pixels = load_image(tmp_path / "one.jpg").reshape(28, 28)
     assert pixels.dtype == np.uint8 and pixels.max() >= 240
     assert pixels[0].max() == 0 and pixels[:, 0].max() == 0  # inverted: black background
-    rows, cols = np.nonzero(pixels > 128)
+    rows, _ = np.nonzero(pixels > 128)
     assert rows.max() - rows.min() + 1 <= 20  # fitted in the 20×20 box
     assert abs(np.average(np.arange(28), weights=pixels.sum(axis=1)) - 14) < 1.5  # centred
     np.save(tmp_path / "f.npy", np.full((28, 28), 0.5))

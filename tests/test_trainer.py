@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from digitserve.idx import md5_uncompressed, write_idx
 from digitserve.metrics import MetricsAccumulator
 from digitserve.repository import MODEL_FILE, ModelRepository, sha256_file, verify_files
-
 from trainer.cli import main
 from trainer.errors import TrainerError
 from trainer.presets import PRESETS, build_model, get_preset
@@ -241,6 +241,15 @@ def test_every_preset_takes_flat_pixels_and_ends_in_softmax(preset: str, tmp_pat
     reloaded = keras.saving.load_model(tmp_path / "m.keras", compile=False, safe_mode=True)
     # Augmentation layers (cnn) are inactive at inference, so predictions are reproducible.
     np.testing.assert_allclose(np.asarray(reloaded(x, training=False)), probs, rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_preset_trains_and_publishes(data_dir: Path, tmp_path: Path) -> None:
+    # The augmentation and batch-normalisation layers train under op determinism, save and load.
+    summary = run(_config(data_dir, tmp_path, "cnn", report=False))
+    meta = ModelRepository(tmp_path).read_metadata("digits", 1)
+    assert meta["hyperparameters"]["augment_rotation"] > 0
+    assert meta["metrics"]["test_accuracy"] == summary["test_accuracy"]
+    assert set(meta["files"]) == {MODEL_FILE, CHECK_SET_FILE}
 
 
 def test_bad_configuration_is_a_trainer_error(data_dir: Path, tmp_path: Path) -> None:

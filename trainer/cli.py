@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from digitserve.idx import IdxError
 from digitserve.repository import RepositoryError
-
 from trainer.errors import TrainerError
 from trainer.presets import PRESETS
 

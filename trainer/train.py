@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from digitserve.idx import Split, load_split, md5_uncompressed
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.repository import (
@@ -22,7 +23,6 @@ from digitserve.repository import (
     ModelRepository,
     sha256_file,
 )
-
 from trainer.errors import TrainerError
 from trainer.presets import Preset, build_model, build_optimizer, get_preset
 

@@ -1,0 +1,113 @@
+"""mnist-serve as a real process: settings, start-up failures, and a SIGTERM drain that loses no
+in-flight call."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.client import DigitClient, encode_images
+from digitserve.idx import load_split
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+from server.cli import main
+from server.settings import Settings, load_settings
+from tests.conftest import ServerProcess
+
+
+def test_settings_come_from_flags_then_environment(tmp_path: Path) -> None:
+    env = {"MNIST_MODEL_REPO": str(tmp_path), "MNIST_PORT": "6000", "MNIST_GRACE_PERIOD": "2.5",
+           "MNIST_MODEL_NAME": "digits"}
+    settings = load_settings([], env)
+    assert settings == Settings(model_repo=tmp_path, model_name="digits", port=6000,
+                                grace_period=2.5)
+    assert load_settings(["--port", "7000"], env).port == 7000
+
+
+def test_bad_settings_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model-repo", str(tmp_path), "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "mnist-serve: error: port 70000 is not in 0..65535\n"
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings([], {"MNIST_MODEL_REPO": str(tmp_path), "MNIST_PORT": "many"})
+    assert exit_info.value.code == 2
+    assert "argument --port: invalid int value: 'many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load_settings([], {})
+    assert "--model-repo" in capsys.readouterr().err
+
+
+def test_missing_model_exits_1_with_a_clear_log_line(
+    spawn: type[ServerProcess], tmp_path: Path
+) -> None:
+    server = spawn("--model-repo", str(tmp_path), "--model-name", "absent")
+    assert server.wait(60) == 1
+    assert f"cannot load model absent: model 'absent' has no published version in {tmp_path}" \
+        in server.log
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_0(
+    spawn: type[ServerProcess], tiny_repo: Path, synthetic_data_dir: Path
+) -> None:
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "20")
+    target = server.target()
+    split = load_split(synthetic_data_dir, "t10k")
+    images, labels = split.images.reshape(len(split.images), -1), split.labels
+    with DigitClient(target, timeout=60) as client:
+        assert client.wait_until_serving(60) == "SERVING"
+        expected = client.evaluate(images, labels, batch_size=50)
+
+    first_sent, resume = threading.Event(), threading.Event()
+
+    def slow_stream() -> Iterator[pb.EvaluateRequest]:
+        for start in range(0, len(images), 50):
+            yield pb.EvaluateRequest(images=encode_images(images[start:start + 50]),
+                                     labels=labels[start:start + 50].tolist())
+            first_sent.set()
+            resume.wait(30)
+
+    results: dict[str, object] = {}
+    with grpc.insecure_channel(target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stub = pb_grpc.DigitServiceStub(channel)
+        future = stub.Evaluate.future(slow_stream(), timeout=60)
+        assert first_sent.wait(30)
+        time.sleep(0.3)  # the first batch is being computed
+        server.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # A new call on a new connection is refused while the old call drains.
+        with grpc.insecure_channel(target) as fresh:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.DigitServiceStub(fresh).Predict(
+                    pb.PredictRequest(images=encode_images(images[:1])), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        resume.set()
+        response = future.result(30)
+        results["count"] = response.count
+        results["accuracy"] = response.accuracy
+    assert results == {"count": expected.count, "accuracy": expected.accuracy}
+    assert server.wait(30) == 0
+    assert time.monotonic() - started < 20
+    assert "signal received: draining" in server.log and "stopped after draining" in server.log
+
+
+def test_unlabelled_predict_through_the_process(
+    spawn: type[ServerProcess], tiny_repo: Path
+) -> None:
+    server = spawn(env={"MNIST_MODEL_REPO": str(tiny_repo), "MNIST_MODEL_NAME": "tiny"})
+    with DigitClient(server.target(), timeout=30) as client:
+        assert client.wait_until_serving(60) == "SERVING"
+        result = client.predict(np.zeros((3, 784), dtype=np.uint8))
+    assert result.probabilities.shape == (3, 10) and result.model_version == 1
+    assert "loaded model tiny version 1 from" in server.log
+    server.proc.send_signal(signal.SIGINT)
+    assert server.wait(30) == 0
