@@ -9,6 +9,6 @@ from digitserve.plots import plot_confusion_matrix as _plot_matrix
 
 
 def plot_confusion_matrix(result: EvaluateResult, path: Path) -> Path:
-    title = (f"Confusion matrix: {result.model_name} v{result.model_version}, "
-             f"{result.count} images, accuracy {result.accuracy:.2%}")
-    return _plot_matrix(result.confusion_matrix, result.labels, path, title)
+    _plot_matrix(path, result.confusion_matrix, result.labels,
+                 title=f"{result.model_name} v{result.model_version}, evaluated by mnist-client")
+    return path

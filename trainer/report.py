@@ -11,6 +11,8 @@ import numpy.typing as npt
 from matplotlib.figure import Figure  # Figure alone renders with Agg: no pyplot, no display
 from matplotlib.ticker import MaxNLocator
 
+from digitserve.plots import plot_confusion_matrix
+
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 TRAINING_CURVES_FILE = "training_curves.png"
 SAMPLES_FILE = "samples.png"
@@ -39,37 +41,6 @@ def write_report(
     plot_training_curves(paths[1], history, title=title)
     plot_samples(paths[2], images, y_true, y_pred, labels, title=title)
     return paths
-
-
-def plot_confusion_matrix(
-    path: Path, cm: npt.NDArray[np.integer[Any]], labels: Sequence[str], *, title: str
-) -> None:
-    """The tutorial's plot (scikit-learn's example): counts in the cells, true label down the side,
-    predicted label along the bottom."""
-    size = max(5.0, 0.55 * len(labels) + 2.0)
-    fig = Figure(figsize=(size + 1.0, size))
-    ax = fig.add_subplot()
-    image = ax.imshow(cm, interpolation="nearest", cmap="Blues")
-    fig.colorbar(image, ax=ax)
-    total = int(cm.sum())
-    correct = int(np.trace(cm))
-    accuracy = correct / total if total else 0.0
-    ax.set_title(f"{title}\nconfusion matrix: {correct}/{total} correct ({accuracy:.2%})")
-    ticks = np.arange(len(labels))
-    ax.set_xticks(ticks, list(labels), rotation=45)
-    ax.set_yticks(ticks, list(labels))
-    threshold = cm.max() / 2.0 if cm.size else 0.0
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(
-                j, i, format(int(cm[i, j]), "d"),
-                ha="center", va="center", fontsize=8,
-                color="white" if cm[i, j] > threshold else "black",
-            )
-    ax.set_ylabel("True label")
-    ax.set_xlabel("Predicted label")
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
 
 
 def plot_training_curves(path: Path, history: Mapping[str, Sequence[float]], *, title: str) -> None:

@@ -6,42 +6,48 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError as exc:  # the client installs matplotlib only with the [plot] extra
-        raise RuntimeError("plotting needs matplotlib: pip install 'digitserve[plot]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+_DPI = 100
 
 
 def plot_confusion_matrix(
-    matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str
-) -> Path:
-    """The tutorial's confusion-matrix plot: counts in the cells, rows = true, columns = predicted."""
-    import numpy as np
-
-    plt = _pyplot()
-    cm = np.asarray(matrix, dtype=np.int64)
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=100)
-    im = ax.imshow(cm, interpolation="nearest", cmap="Blues")
-    fig.colorbar(im, ax=ax)
-    ax.set_title(title)
+    path: Path,
+    cm: npt.NDArray[np.integer[Any]] | Sequence[Sequence[int]],
+    labels: Sequence[str],
+    *,
+    title: str,
+) -> None:
+    """The tutorial's plot (scikit-learn's example): counts in the cells, true label down the side,
+    predicted label along the bottom."""
+    try:
+        from matplotlib.figure import Figure  # Figure alone renders with Agg: no pyplot, no display
+    except ImportError as exc:  # the client has matplotlib only with the [plot] extra
+        raise RuntimeError("plotting needs matplotlib: pip install 'digitserve[plot]'") from exc
+    cm = np.asarray(cm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = max(5.0, 0.55 * len(labels) + 2.0)
+    fig = Figure(figsize=(size + 1.0, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(cm, interpolation="nearest", cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    total = int(cm.sum())
+    correct = int(np.trace(cm))
+    accuracy = correct / total if total else 0.0
+    ax.set_title(f"{title}\nconfusion matrix: {correct}/{total} correct ({accuracy:.2%})")
     ticks = np.arange(len(labels))
-    ax.set_xticks(ticks, labels)
-    ax.set_yticks(ticks, labels)
-    threshold = cm.max() / 2.0 if cm.size else 0
+    ax.set_xticks(ticks, list(labels), rotation=45)
+    ax.set_yticks(ticks, list(labels))
+    threshold = cm.max() / 2.0 if cm.size else 0.0
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                    color="white" if cm[i, j] > threshold else "black")
+            ax.text(
+                j, i, format(int(cm[i, j]), "d"),
+                ha="center", va="center", fontsize=8,
+                color="white" if cm[i, j] > threshold else "black",
+            )
     ax.set_ylabel("True label")
     ax.set_xlabel("Predicted label")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    fig.savefig(path, dpi=_DPI)
