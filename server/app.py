@@ -59,7 +59,12 @@ class App:
     def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
         self.settings = settings
         self._loader = loader or repository_loader(settings)
-        self.plane = DataPlane(settings.max_images_per_request)
+        self.plane = DataPlane(
+            settings.max_images_per_request,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay=settings.max_queue_delay_ms / 1000,
+            max_queued_images=settings.max_queued_images,
+        )
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(options=server_options(settings))
         pb_grpc.add_DigitServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -101,7 +106,7 @@ class App:
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
         await self.server.stop(grace)
-        self.plane.close()
+        await self.plane.close()
         logger.info("stopped after draining for %.2fs", time.perf_counter() - started)
 
 

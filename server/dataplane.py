@@ -7,27 +7,19 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
+from server.batcher import Batcher
 from server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from server.model import Model
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Predictions:
-    """Probabilities of a batch and the model that computed them."""
-
-    model: Model
-    probabilities: npt.NDArray[np.float32]
 
 
 def check_pixels(images: npt.NDArray[np.float32], encodings: list[str], field: str = "images") -> None:
@@ -68,12 +60,26 @@ def check_labels(labels: npt.NDArray[np.int64], count: int, num_classes: int) ->
 
 
 class DataPlane:
-    """Holds the served model and runs it off the event loop, one call at a time."""
+    """Holds the served model and runs it off the event loop, one model call at a time: Predict
+    calls through the dynamic batcher, Evaluate batches as they come."""
 
-    def __init__(self, max_images_per_request: int) -> None:
+    def __init__(
+        self,
+        max_images_per_request: int,
+        *,
+        max_batch_size: int = 256,
+        max_queue_delay: float = 0.0,
+        max_queued_images: int = 8192,
+    ) -> None:
         self.max_images_per_request = max_images_per_request
         self._model: Model | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.batcher = Batcher(
+            self.run,
+            max_batch_size=max_batch_size,
+            max_queue_delay=max_queue_delay,
+            max_queued_images=max_queued_images,
+        )
 
     @property
     def model(self) -> Model | None:
@@ -106,12 +112,14 @@ class DataPlane:
     async def run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def predict(self, model: Model, images: npt.NDArray[np.float32]) -> Predictions:
-        """Probabilities of already validated images."""
-        probs = await self.run(lambda: model.predict(images))
-        return Predictions(model=model, probabilities=probs)
+    async def predict(
+        self, model: Model, images: npt.NDArray[np.float32], deadline: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Probabilities of already validated images, computed in a dynamic batch."""
+        return await self.batcher.predict(model, images, deadline)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await self.batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -137,9 +145,11 @@ class Evaluation:
         return self._model
 
     async def add(self, model: Model, images: npt.NDArray[np.float32], labels: Any) -> None:
-        predictions = await self._plane.predict(model, images)
+        # Each message is one model call, never merged with other calls: the figures then equal
+        # the trainer's, which predicts the test set in the same batches.
+        probabilities = await self._plane.run(lambda: model.predict(images))
         assert self._accumulator is not None
-        self._accumulator.update(labels, predictions.probabilities)
+        self._accumulator.update(labels, probabilities)
 
     def result(self) -> tuple[Model, ClassificationMetrics]:
         if self._model is None or self._accumulator is None or self._accumulator.count == 0:

@@ -26,3 +26,7 @@ class ModelNotReadyError(ServerError):
 
 class OverloadedError(ServerError):
     """Raised when the server's queue is full and the request is refused at once."""
+
+
+class DeadlineExpiredError(ServerError):
+    """Raised when a call's deadline passed while it waited in the queue; it was not computed."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from server.dataplane import DataPlane, Evaluation, check_labels, check_pixels
 from server.errors import (
+    DeadlineExpiredError,
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -35,6 +37,7 @@ _STATUS: dict[type[ServerError], grpc.StatusCode] = {
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
     OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
@@ -145,8 +148,10 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         model = self._plane.resolve(request.model_version)
         self._plane.check_count(len(request.images))
         images = decode_images(request.images, model.spec.input_size)
-        predictions = await self._plane.predict(model, images)
-        return encode_predictions(model, predictions.probabilities)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        probabilities = await self._plane.predict(model, images, deadline)
+        return encode_predictions(model, probabilities)
 
     @mapped_errors
     async def Evaluate(

@@ -39,6 +39,25 @@ class Settings:
             "rebalance over new replicas; 0 keeps connections open."
         },
     )
+    max_batch_size: int = field(
+        default=256,
+        metadata={"help": "Most images the dynamic batcher puts into one model call."},
+    )
+    max_queue_delay_ms: float = field(
+        default=0.0,
+        metadata={
+            "help": "Milliseconds the batcher waits for more calls before running a batch that is "
+            "not full; 0 runs at once (calls that arrive while the model is busy still batch)."
+        },
+    )
+    max_queued_images: int = field(
+        default=8192,
+        metadata={"help": "Images allowed to wait for the model; beyond that calls get RESOURCE_EXHAUSTED."},
+    )
+    workers: int = field(
+        default=1,
+        metadata={"help": "Server processes sharing the port (SO_REUSEPORT), each with its own model."},
+    )
     log_level: str = field(default="INFO", metadata={"help": "Python logging level."})
 
     def __post_init__(self) -> None:
@@ -55,6 +74,17 @@ class Settings:
             problems.append(f"model version {self.model_version} is negative")
         if self.max_connection_age < 0:
             problems.append(f"max connection age {self.max_connection_age} is negative")
+        if self.max_batch_size < 1:
+            problems.append(f"max batch size {self.max_batch_size} is below 1")
+        if self.max_queue_delay_ms < 0:
+            problems.append(f"max queue delay {self.max_queue_delay_ms} ms is negative")
+        if self.max_queued_images < self.max_images_per_request:
+            problems.append(
+                f"max queued images {self.max_queued_images} is below max images per request "
+                f"{self.max_images_per_request}"
+            )
+        if self.workers < 1:
+            problems.append(f"workers {self.workers} is below 1")
         if problems:
             raise ValueError("; ".join(problems))
 

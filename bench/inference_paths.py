@@ -1,0 +1,90 @@
+"""Measures the ways to call a saved Keras model (model.predict, calling the model, tf.function,
+its concrete function, XLA with padding to fixed batch sizes) and checks each against model.predict.
+
+    python -m bench.inference_paths --model-dir models/mnist/1 [--repeat 300]
+
+Prints one row per path and batch size: microseconds per call, the ratio to the fastest path at
+that batch size, and the largest absolute difference from model.predict's probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+Fn = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+
+
+def paths(keras_model: object, input_size: int) -> dict[str, Fn]:
+    import tensorflow as tf
+
+    from server.model import PADDED_BATCH_SIZES, pad_to_bucket
+
+    model = keras_model
+    spec = tf.TensorSpec(shape=(None, input_size), dtype=tf.float32)
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[spec])  # type: ignore[operator]
+    concrete = fn.get_concrete_function()
+    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)  # type: ignore[operator]
+
+    def padded_xla(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        padded = pad_to_bucket(x, PADDED_BATCH_SIZES)
+        return np.asarray(xla(padded))[: x.shape[0]]
+
+    return {
+        "model.predict": lambda x: model.predict(x, verbose=0),  # type: ignore[attr-defined]
+        "model(x)": lambda x: np.asarray(model(x, training=False)),  # type: ignore[operator]
+        "tf.function": lambda x: np.asarray(fn(x)),
+        "concrete function": lambda x: np.asarray(concrete(tf.constant(x))),
+        "XLA, padded": padded_xla,
+    }
+
+
+def time_call(fn: Fn, x: npt.NDArray[np.float32], repeat: int) -> float:
+    for _ in range(3):
+        fn(x)
+    started = time.perf_counter()
+    for _ in range(repeat):
+        fn(x)
+    return (time.perf_counter() - started) / repeat * 1e6
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True, help="a published version dir")
+    parser.add_argument("--repeat", type=int, default=300)
+    parser.add_argument("--batch-sizes", default="1,8,64,256")
+    args = parser.parse_args(argv)
+
+    from server.model import KerasModel
+
+    served = KerasModel.load(args.model_dir)
+    keras_model = served._keras_model
+    size = served.spec.input_size
+    rng = np.random.default_rng(0)
+    candidates = paths(keras_model, size)
+    candidates["served (KerasModel.predict)"] = served.predict
+    print(f"model {args.model_dir}: {served.metadata.get('preset')} preset")
+    print("| path | batch | µs per call | × fastest | max abs diff vs model.predict |")
+    print("|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        x = (rng.integers(0, 256, size=(batch, size)).astype(np.float32) / np.float32(255))
+        reference = candidates["model.predict"](x)
+        rows = []
+        for name, fn in candidates.items():
+            repeat = max(5, args.repeat // 20) if name in ("model.predict", "model(x)") else args.repeat
+            micros = time_call(fn, x, repeat)
+            diff = float(np.abs(fn(x) - reference).max())
+            rows.append((name, micros, diff))
+        fastest = min(m for _, m, _ in rows)
+        for name, micros, diff in rows:
+            print(f"| {name} | {batch} | {micros:,.0f} | {micros / fastest:.1f} | {diff:.1e} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Dynamic batching: concurrent Predict calls coalesce into one model call.
+
+One task takes whatever is queued when the model is free (up to ``max_batch_size`` images, optionally
+waiting ``max_queue_delay`` for more), runs the model once off the event loop, and hands each caller its
+own rows. With one call in flight nothing waits: the call runs at once, alone. Under load, calls that
+arrive while the model is busy form the next batch. The queue is bounded in images; a call that does
+not fit is refused at once, and a call whose deadline has passed is dropped before it is computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from server.errors import DeadlineExpiredError, OverloadedError
+from server.model import Model
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[Callable[[], npt.NDArray[np.float32]]], Awaitable[npt.NDArray[np.float32]]]
+
+
+@dataclass
+class BatchStats:
+    """Counters a metrics exporter or a test can read."""
+
+    batches: int = 0
+    images: int = 0
+    expired: int = 0
+    rejected: int = 0
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+
+
+@dataclass
+class _Pending:
+    model: Model
+    images: npt.NDArray[np.float32]
+    future: asyncio.Future[npt.NDArray[np.float32]]
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float
+
+
+class Batcher:
+    """Coalesces ``predict`` calls on the same model into batched model calls."""
+
+    def __init__(
+        self,
+        run: Runner,
+        *,
+        max_batch_size: int,
+        max_queue_delay: float,
+        max_queued_images: int,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay
+        self.max_queued_images = max_queued_images
+        self._on_batch = on_batch
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.stats = BatchStats()
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    def _ensure_started(self) -> asyncio.Event:
+        if self._wakeup is None or self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        return self._wakeup
+
+    async def predict(
+        self, model: Model, images: npt.NDArray[np.float32], deadline: float | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Probabilities for ``images`` (already validated), computed in some batch."""
+        wakeup = self._ensure_started()
+        n = images.shape[0]
+        if self._queued_images + n > self.max_queued_images:
+            self.stats.rejected += 1
+            raise OverloadedError(
+                f"server overloaded: {self._queued_images} images queued, limit "
+                f"{self.max_queued_images}; retry with backoff"
+            )
+        future: asyncio.Future[npt.NDArray[np.float32]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(model, images, future, deadline, time.monotonic()))
+        self._queued_images += n
+        wakeup.set()
+        return await future
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pops the next batch: consecutive calls on the same model, up to max_batch_size images
+        (a single call larger than that runs alone). Expired or cancelled calls are dropped."""
+        batch: list[_Pending] = []
+        total = 0
+        now = time.monotonic()
+        while self._queue:
+            head = self._queue[0]
+            if head.future.done():  # the caller went away
+                self._queue.popleft()
+                self._queued_images -= head.images.shape[0]
+                continue
+            if head.deadline is not None and head.deadline <= now:
+                self._queue.popleft()
+                self._queued_images -= head.images.shape[0]
+                self.stats.expired += 1
+                head.future.set_exception(DeadlineExpiredError(
+                    "deadline passed while queued; the call was not computed"))
+                continue
+            n = head.images.shape[0]
+            if batch and (head.model is not batch[0].model or total + n > self.max_batch_size):
+                break
+            self._queue.popleft()
+            self._queued_images -= n
+            batch.append(head)
+            total += n
+        return batch
+
+    async def _loop(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_queue_delay > 0 and self._queued_images < self.max_batch_size:
+                await asyncio.sleep(self.max_queue_delay)
+            batch = self._take_batch()
+            if batch:
+                await self._compute(batch)
+
+    async def _compute(self, batch: list[_Pending]) -> None:
+        model = batch[0].model
+        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        started = time.monotonic()
+        try:
+            probs = await self._run(lambda: model.predict(images))
+        except Exception as exc:  # every caller of the batch gets the model's error
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        self.stats.batches += 1
+        self.stats.images += images.shape[0]
+        self.stats.batch_sizes[images.shape[0]] += 1
+        if self._on_batch is not None:
+            self._on_batch(images.shape[0], started - min(p.enqueued for p in batch))
+        offset = 0
+        for pending in batch:
+            n = pending.images.shape[0]
+            if not pending.future.done():
+                pending.future.set_result(probs[offset : offset + n])
+            offset += n
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(OverloadedError("server stopped before computing"))
+        self._queued_images = 0

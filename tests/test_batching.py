@@ -1,0 +1,159 @@
+"""Dynamic batching: batched answers equal unbatched ones, no answer is lost or handed to the wrong
+caller under heavy concurrency, a full queue refuses at once, expired calls are not computed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from client.client import encode_images
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+from server.batcher import Batcher
+from server.errors import DeadlineExpiredError, OverloadedError
+from tests.conftest import FakeModel, ServerThread
+
+D = 784
+
+
+def distinct_images(n: int, seed: int = 0) -> npt.NDArray[np.uint8]:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, D), dtype=np.uint8)
+
+
+def test_concurrent_calls_batch_and_each_gets_its_own_answer(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    model = FakeModel()
+    server = start_server(loader=lambda: model)
+    images = distinct_images(512, seed=1)
+    expected = FakeModel().predict(images.astype(np.float32) / np.float32(255))
+    results: dict[int, npt.NDArray[np.float32]] = {}
+    errors: list[BaseException] = []
+
+    async def drive() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+
+            async def one(i: int) -> None:
+                # 1 or 3 images per call, so batches hold calls of several sizes
+                rows = [i, (i + 1) % 512, (i + 2) % 512] if i % 4 == 0 else [i]
+                response = await stub.Predict(
+                    pb.PredictRequest(images=encode_images(images[rows])), timeout=30)
+                got = np.array([p.probabilities for p in response.predictions], np.float32)
+                for row, probs in zip(rows, got, strict=True):
+                    if row == i:
+                        results[i] = probs
+
+            tasks = [one(i) for i in range(512)]
+            for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    errors.append(outcome)
+
+    asyncio.run(drive())
+    assert errors == []
+    assert sorted(results) == list(range(512))
+    for i, probs in results.items():
+        np.testing.assert_allclose(probs, expected[i], rtol=0, atol=1e-6, err_msg=f"call {i}")
+    stats = server.app.plane.batcher.stats
+    assert stats.images == sum(model.calls) == 384 + 3 * 128
+    assert stats.batches < 512 and max(stats.batch_sizes) > 1  # calls really were coalesced
+    assert max(stats.batch_sizes) <= 256
+
+
+def test_batched_answers_equal_unbatched_ones_on_the_trained_model(
+    start_server: Callable[..., ServerThread], tiny_repo: object,
+) -> None:
+    from digitserve.repository import ModelRepository
+    from server.model import KerasModel
+
+    version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)  # type: ignore[arg-type]
+    server = start_server(loader=lambda: KerasModel.load(version_dir))
+    images = distinct_images(64, seed=2)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.DigitServiceStub(channel)
+        alone = [np.array(stub.Predict(pb.PredictRequest(images=encode_images(images[i:i + 1])))
+                          .predictions[0].probabilities, np.float32) for i in range(64)]
+        futures = [stub.Predict.future(pb.PredictRequest(images=encode_images(images[i:i + 1])))
+                   for i in range(64)]
+        together = [np.array(f.result(30).predictions[0].probabilities, np.float32) for f in futures]
+    np.testing.assert_allclose(np.array(together), np.array(alone), rtol=0, atol=1e-6)
+    assert max(server.app.plane.batcher.stats.batch_sizes) > 1
+
+
+class SlowModel(FakeModel):
+    """Holds every model call until released, so a queue builds up behind it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        self.entered.set()
+        self.release.wait(30)
+        return super().predict(images)
+
+
+def test_full_queue_is_refused_at_once_and_expired_calls_are_not_computed() -> None:
+    model = SlowModel()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def run(fn: Callable[[], npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
+            return await loop.run_in_executor(None, fn)
+
+        batcher = Batcher(run, max_batch_size=4, max_queue_delay=0, max_queued_images=9)
+        x = np.zeros((4, D), np.float32)
+        first = asyncio.ensure_future(batcher.predict(model, x))
+        await loop.run_in_executor(None, model.entered.wait, 10)  # the model is now busy
+        queued = [asyncio.ensure_future(batcher.predict(model, x)) for _ in range(2)]
+        expiring = asyncio.ensure_future(batcher.predict(model, x[:1], time.monotonic() + 0.05))
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        with pytest.raises(OverloadedError, match="9 images queued, limit 9"):
+            await batcher.predict(model, x[:1])  # 9 + 1 images would not fit
+        assert time.monotonic() - started < 0.05
+        await asyncio.sleep(0.1)  # the expiring call's deadline passes while it waits
+        model.release.set()
+        assert (await first).shape == (4, 10)
+        for q in queued:
+            assert (await q).shape == (4, 10)
+        with pytest.raises(DeadlineExpiredError, match="not computed"):
+            await expiring
+        assert sum(model.calls) == 12  # the expired image was never computed
+        assert batcher.stats.rejected == 1 and batcher.stats.expired == 1
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_overload_is_resource_exhausted_over_grpc(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    model = SlowModel()
+    server = start_server(loader=lambda: model, max_images_per_request=4, max_queued_images=4,
+                          max_batch_size=4)
+    model.release.set()  # warm path: let the loader's calls through
+    model.release.clear()
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.DigitServiceStub(channel)
+        request = pb.PredictRequest(images=encode_images(distinct_images(4)))
+        busy = stub.Predict.future(request, timeout=30)
+        assert model.entered.wait(10)
+        waiting = stub.Predict.future(request, timeout=30)  # fills the queue
+        time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "server overloaded" in refused.value.details()
+        model.release.set()
+        assert len(busy.result(30).predictions) == 4
+        assert len(waiting.result(30).predictions) == 4
