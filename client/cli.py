@@ -62,6 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--wait", type=float, default=0.0,
                    help="wait up to this many seconds for SERVING (default: ask once)")
     h.add_argument("--json", action="store_true", help="print a JSON object")
+
+    lt = sub.add_parser("loadtest", help="drive Predict with load; print throughput, latency, "
+                        "errors and accuracy")
+    shape = lt.add_mutually_exclusive_group()
+    shape.add_argument("--concurrency", type=int, default=1,
+                       help="closed loop: calls kept in flight (default: %(default)s)")
+    shape.add_argument("--rate", type=float, default=0.0,
+                       help="open loop: requests per second, sent on schedule whatever the answers")
+    stop = lt.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=float, help="seconds to run (default: 10)")
+    stop.add_argument("--requests", type=int, default=0, help="number of requests to send")
+    lt.add_argument("--data-dir", type=Path, required=True, help="directory with t10k-* IDX files")
+    lt.add_argument("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
+    lt.add_argument("--batch", type=int, default=1, help="images per request (default: 1)")
+    lt.add_argument("--encoding", default="uint8", choices=["uint8", "float32"],
+                    help="pixel encoding on the wire (default: %(default)s)")
+    lt.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
+    lt.add_argument("--processes", type=int, default=0,
+                    help="load processes, each with its own channel (default: 1 for light loads, "
+                    "up to one per CPU for heavy ones)")
+    lt.add_argument("--connections", type=int, default=1, help="connections per load process")
+    lt.add_argument("--max-outstanding", type=int, default=1000,
+                    help="open loop: most calls in flight (default: %(default)s)")
+    lt.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="do not decode answers (no accuracy; a little less client CPU)")
+    lt.add_argument("--min-accuracy", type=float, default=0.0,
+                    help="exit 1 when the accuracy of the answers is below this")
+    lt.add_argument("--json", action="store_true", help="print a JSON object")
     return parser
 
 
@@ -194,8 +222,39 @@ def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
+    from client import loadtest
+
+    split = _load_split(args.data_dir, args.split)
+    requests_cap = 3600.0  # a count-limited closed loop still ends within an hour
+    try:
+        config = loadtest.LoadConfig(
+            target=client.target, concurrency=args.concurrency, rate=args.rate,
+            duration=args.duration or (requests_cap if args.requests else 10.0),
+            requests=args.requests, timeout=args.timeout, connect_timeout=args.timeout,
+            processes=args.processes or loadtest.default_processes(args.concurrency, args.rate),
+            connections=args.connections, max_outstanding=args.max_outstanding, verify=args.verify,
+        )
+        workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,
+                                           encoding=args.encoding, model_version=args.model_version)
+        result = loadtest.run(config, workload, progress=not args.json)
+    except loadtest.LoadTestError as exc:
+        raise CliError(str(exc)) from exc
+    print(json.dumps(result.to_dict()) if args.json else loadtest.format_result(result))
+    if result.errors:
+        failed = ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items()))
+        print(f"{PROG}: error: {sum(result.errors.values())} of {result.requests} requests failed "
+              f"({failed})", file=sys.stderr)
+        return 1
+    if result.accuracy is not None and result.accuracy < args.min_accuracy:
+        print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
+              f"{args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
-            "health": cmd_health}
+            "health": cmd_health, "loadtest": cmd_loadtest}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

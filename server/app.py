@@ -38,11 +38,12 @@ def repository_loader(settings: Settings) -> ModelLoader:
     return load
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
+def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Only workers share a port; a lone server must not silently share one with a stranger.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if settings.max_connection_age > 0:
         options += [
@@ -56,7 +57,9 @@ class App:
     """One server: start() binds and serves (health NOT_SERVING), load() makes it SERVING,
     stop() drains."""
 
-    def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
+    def __init__(
+        self, settings: Settings, loader: ModelLoader | None = None, *, reuse_port: bool = False
+    ) -> None:
         self.settings = settings
         self._loader = loader or repository_loader(settings)
         self.plane = DataPlane(
@@ -66,7 +69,7 @@ class App:
             max_queued_images=settings.max_queued_images,
         )
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings))
+        self.server = grpc.aio.server(options=server_options(settings, reuse_port))
         pb_grpc.add_DigitServiceServicer_to_server(  # type: ignore[no-untyped-call]
             DigitServicer(self.plane), self.server
         )
@@ -110,9 +113,9 @@ class App:
         logger.info("stopped after draining for %.2fs", time.perf_counter() - started)
 
 
-async def serve(settings: Settings) -> int:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     """Runs until SIGTERM or SIGINT; returns the process exit code."""
-    app = App(settings)
+    app = App(settings, reuse_port=reuse_port)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

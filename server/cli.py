@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mnist-serve: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if settings.workers > 1:
+        from server.workers import run_workers
+
+        return run_workers(settings)
     from server.app import serve  # TensorFlow and grpc load after the flags are known to be good
 
     return asyncio.run(serve(settings))

@@ -172,7 +172,7 @@ class ServerProcess:
         with self.proc.stderr:
             for line in self.proc.stderr:
                 self.lines.append(line)
-                match = re.search(r"listening on [\d.]+:(\d+)", line)
+                match = re.search(r"(?:listening|workers) on [\d.]+:(\d+)", line)
                 if match:
                     self.port = int(match.group(1))
                     self._bound.set()

@@ -111,3 +111,24 @@ def test_unlabelled_predict_through_the_process(
     assert "loaded model tiny version 1 from" in server.log
     server.proc.send_signal(signal.SIGINT)
     assert server.wait(30) == 0
+
+
+def test_several_workers_share_the_port_and_drain_on_sigterm(
+    spawn: type[ServerProcess], tiny_repo: Path
+) -> None:
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--workers", "2")
+    target = server.target()
+    pids = set()
+    for _ in range(12):  # each channel is a new connection, which the kernel gives to a worker
+        with DigitClient(target, timeout=60) as client:
+            assert client.wait_until_serving(90) == "SERVING"
+            assert client.predict(np.zeros(784, np.uint8)).model_version == 1
+    for line in server.lines:
+        if "worker " in line and " starting" in line:
+            pids.add(line.split("(pid ")[1].split(")")[0])
+    assert len(pids) == 2
+    assert server.log.count("serving model tiny version 1") == 2
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    assert server.log.count("stopped after draining") == 2
+    assert "all workers stopped: exit codes [0, 0]" in server.log
