@@ -19,11 +19,24 @@ import numpy.typing as npt
 
 Fn = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
+# Batch sizes that the XLA path pads to, so that it compiles a handful of shapes only.
+PADDED_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def pad_to_bucket(images: npt.NDArray[np.float32], buckets: tuple[int, ...]) -> npt.NDArray[np.float32]:
+    """Pads a batch with zero images up to the next bucket size (batches above the largest bucket
+    are padded to a multiple of it)."""
+    n = images.shape[0]
+    size = next((b for b in buckets if b >= n), -(-n // buckets[-1]) * buckets[-1])
+    if size == n:
+        return images
+    padded = np.zeros((size, images.shape[1]), dtype=images.dtype)
+    padded[:n] = images
+    return padded
+
 
 def paths(keras_model: object, input_size: int) -> dict[str, Fn]:
     import tensorflow as tf
-
-    from server.model import PADDED_BATCH_SIZES, pad_to_bucket
 
     model = keras_model
     spec = tf.TensorSpec(shape=(None, input_size), dtype=tf.float32)

@@ -33,7 +33,8 @@ def reply(count: int) -> bytes:
     for _ in range(count):
         response.predictions.add(probabilities=[1.0] + [0.0] * 9, class_index=0, label="0",
                                  probability=1.0)
-    return response.SerializeToString()
+    data: bytes = response.SerializeToString()
+    return data
 
 
 class NullService:
@@ -55,15 +56,19 @@ class NullService:
         count = 0
         async for request in requests:
             count += len(request.images)
-        return pb.EvaluateResponse(count=count, accuracy=0.1, labels=LABELS, model_name="null",
-                                   model_version=1).SerializeToString()
+        response = pb.EvaluateResponse(count=count, accuracy=0.1, labels=LABELS, model_name="null",
+                                       model_version=1)
+        data: bytes = response.SerializeToString()
+        return data
 
     async def info(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> bytes:
-        return pb.GetModelInfoResponse(
+        response = pb.GetModelInfoResponse(
             model_name="null", model_version=1, input_size=784, input_shape=[28, 28],
             input_scale=1 / 255, labels=LABELS, preset="null", metadata_json="{}",
             max_images_per_request=1 << 20,
-        ).SerializeToString()
+        )
+        data: bytes = response.SerializeToString()
+        return data
 
     def handler(self) -> grpc.GenericRpcHandler:
         # response_serializer left out: the methods return bytes already.

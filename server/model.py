@@ -50,22 +50,6 @@ class ModelSpec:
         return spec
 
 
-# Batch sizes that the XLA path pads to, so that it compiles a handful of shapes only.
-PADDED_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-def pad_to_bucket(images: npt.NDArray[np.float32], buckets: tuple[int, ...]) -> npt.NDArray[np.float32]:
-    """Pads a batch with zero images up to the next bucket size (batches above the largest bucket
-    are padded to a multiple of it)."""
-    n = images.shape[0]
-    size = next((b for b in buckets if b >= n), -(-n // buckets[-1]) * buckets[-1])
-    if size == n:
-        return images
-    padded = np.zeros((size, images.shape[1]), dtype=images.dtype)
-    padded[:n] = images
-    return padded
-
-
 class Model(Protocol):
     """A loaded, ready model. ``predict`` takes float32 images of shape (N, input_size), scaled to
     [0, 1], and returns float32 probabilities of shape (N, len(labels))."""
@@ -77,7 +61,10 @@ class Model(Protocol):
 
 
 class KerasModel:
-    """A saved Keras model (``model.keras``) called through a compiled ``tf.function``."""
+    """A saved Keras model (``model.keras``) called through the concrete function of a
+    ``tf.function`` with a fixed signature: of the paths ``bench/inference_paths.py`` measures
+    (``model.predict``, calling the model, ``tf.function``, its concrete function, XLA padded to
+    fixed batch sizes) the fastest whose probabilities equal ``model.predict``'s to 1e-6."""
 
     def __init__(self, keras_model: Any, metadata: dict[str, Any]) -> None:
         import tensorflow as tf
@@ -86,9 +73,10 @@ class KerasModel:
         self.metadata = metadata
         self._keras_model = keras_model
         signature = [tf.TensorSpec(shape=(None, self.spec.input_size), dtype=tf.float32)]
+        self._tf = tf
         self._fn = tf.function(
             lambda x: keras_model(x, training=False), input_signature=signature
-        )
+        ).get_concrete_function()
 
     @classmethod
     def load(cls, version_dir: Path) -> KerasModel:
@@ -124,5 +112,5 @@ class KerasModel:
             raise CorruptVersionError("model outputs do not sum to 1: not a softmax classifier")
 
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        out = self._fn(images)
+        out = self._fn(self._tf.convert_to_tensor(images))
         return np.asarray(out, dtype=np.float32)

@@ -1,0 +1,170 @@
+"""Server processes under benchmark: start, time to SERVING (cold start), resident memory of the
+process tree from /proc, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+class BenchError(Exception):
+    """Raised when a benchmark cannot go on: a server that exits or never reports SERVING, a
+    model that cannot be found or trained, a tool that fails."""
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (the servers under test are told to bind it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerSpec:
+    """How to start one server and what to call it in the table. ``ready_line`` (a regex) must
+    appear ``ready_count`` times in its log before it counts as started (all workers loaded)."""
+
+    name: str
+    argv: list[str]
+    model: str = "–"
+    workers: int = 1
+    ready_line: str | None = None
+    ready_count: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _health(channel: grpc.Channel) -> str:
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+    except grpc.RpcError:
+        return "UNREACHABLE"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+class RunningServer:
+    """A started server process; ``cold_start_s`` is process start to SERVING (every worker)."""
+
+    def __init__(self, spec: ServerSpec, port: int, log_path: Path) -> None:
+        self.spec = spec
+        self.port = port
+        self.target = f"127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(spec.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **spec.env})
+        self.cold_start_s = float("nan")
+
+    def log_tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def wait_serving(self, timeout: float) -> float:
+        """Polls health until SERVING (and, for several workers, until each logged its ready line);
+        returns and records the seconds since the process started."""
+        deadline = self.started + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            while True:
+                if self.proc.poll() is not None:
+                    raise BenchError(f"{self.spec.name} exited with {self.proc.returncode}:\n"
+                                     f"{self.log_tail()}")
+                if _health(channel) == "SERVING" and self._all_ready():
+                    self.cold_start_s = time.monotonic() - self.started
+                    return self.cold_start_s
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{self.spec.name} not SERVING after {timeout:g}s:\n"
+                                     f"{self.log_tail()}")
+                time.sleep(0.02)
+
+    def _all_ready(self) -> bool:
+        if not self.spec.ready_line or self.spec.ready_count <= 1:
+            return True
+        text = self.log_path.read_text(errors="replace")
+        return len(re.findall(self.spec.ready_line, text)) >= self.spec.ready_count
+
+    def memory(self) -> list[tuple[str, float]]:
+        """(short command, VmRSS in MiB) of the server process and all its descendants."""
+        return [(_command(pid), rss) for pid in _tree(self.proc.pid)
+                if (rss := _rss_mib(pid)) is not None]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _children() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _tree(pid: int) -> list[int]:
+    children = _children()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(sorted(children.get(p, [])))
+    return out
+
+
+def _rss_mib(pid: int) -> float | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
+
+
+def _command(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if "spawn_main" in " ".join(words):
+        return "worker"
+    return " ".join(Path(w).name if i == 0 else w for i, w in enumerate(words[:3]))
+
+
+def model_versions(repo: Path, name: str) -> dict[str, int]:
+    """The newest version of each preset found in REPO/NAME/*/metadata.json."""
+    found: dict[str, int] = {}
+    root = repo / name
+    if not root.is_dir():
+        return found
+    for child in root.iterdir():
+        if not child.name.isdigit() or not (child / "metadata.json").is_file():
+            continue
+        metadata = json.loads((child / "metadata.json").read_text())
+        preset = str(metadata.get("preset", ""))
+        found[preset] = max(found.get(preset, 0), int(child.name))
+    return found

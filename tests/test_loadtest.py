@@ -1,0 +1,153 @@
+"""The load tester against the in-process fake server: counts, latencies, errors by code, accuracy
+of the answers, and that under heavy concurrency every answer belongs to its own request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from client import loadtest
+from client.cli import main
+from digitserve.idx import load_split
+from digitserve.v1 import digit_service_pb2 as pb
+from tests.conftest import FakeModel, ServerThread
+
+
+def fake_accuracy(images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> float:
+    probs = FakeModel().predict(loadtest.scale(images.reshape(images.shape[0], -1)))
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], target: str, *args: str) -> tuple[int, dict[str, Any]]:
+    code = main(["--target", target, "--timeout", "5", "loadtest", *args, "--json"])
+    out = capsys.readouterr().out
+    result: dict[str, Any] = json.loads(out)
+    return code, result
+
+
+def check_latencies(result: dict[str, Any]) -> None:
+    assert 0 < result["p50_ms"] <= result["p90_ms"] <= result["p99_ms"] <= result["max_ms"]
+    assert result["rps"] == pytest.approx(result["ok"] / result["duration_s"], rel=0.01)
+
+
+def test_closed_loop_counts_latency_and_accuracy(
+    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = load_split(synthetic_data_dir, "t10k")
+    n = split.images.shape[0]
+    # 2n requests of one image: every test image exactly twice, so the accuracy is the model's.
+    code, result = run_cli(capsys, fake_server.target, "--data-dir", str(synthetic_data_dir),
+                           "--concurrency", "4", "--requests", str(2 * n))
+    assert code == 0
+    assert result["requests"] == result["ok"] == result["checked"] == 2 * n
+    assert result["errors"] == {} and result["mismatches"] == 0
+    assert result["accuracy"] == pytest.approx(fake_accuracy(split.images, split.labels), abs=1e-12)
+    assert result["mode"] == "closed" and result["concurrency"] == 4 and result["batch"] == 1
+    assert result["images_per_s"] == pytest.approx(result["rps"], rel=1e-5)
+    check_latencies(result)
+
+
+def test_open_loop_sends_on_schedule(
+    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = load_split(synthetic_data_dir, "t10k")
+    n = split.images.shape[0]
+    rate = n  # one second at n req/s: each image once
+    code, result = run_cli(capsys, fake_server.target, "--data-dir", str(synthetic_data_dir),
+                           "--rate", str(rate), "--duration", "1", "--encoding", "float32")
+    assert code == 0
+    assert result["mode"] == "open" and result["rate"] == rate and result["concurrency"] is None
+    assert result["requests"] == result["ok"] == n and result["errors"] == {}
+    assert result["accuracy"] == pytest.approx(fake_accuracy(split.images, split.labels), abs=1e-12)
+    assert 0.9 <= result["duration_s"] <= 3.0
+    check_latencies(result)
+
+
+def test_errors_are_counted_by_status_code(
+    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--target", fake_server.target, "loadtest", "--data-dir", str(synthetic_data_dir),
+                 "--concurrency", "4", "--duration", "0.5", "--model-version", "7", "--json"])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert code == 1
+    assert result["ok"] == 0 and result["requests"] > 0
+    assert result["errors"] == {"NOT_FOUND": result["requests"]}
+    assert result["accuracy"] is None and result["p50_ms"] is None
+    assert "NOT_FOUND" in captured.err and captured.err.count("\n") == 1
+
+
+def test_several_processes_and_batches(
+    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = load_split(synthetic_data_dir, "t10k")
+    batch = 8
+    per_pass = split.images.shape[0] // batch
+    code, result = run_cli(capsys, fake_server.target, "--data-dir", str(synthetic_data_dir),
+                           "--concurrency", "4", "--processes", "2", "--batch", str(batch),
+                           "--requests", str(2 * per_pass))
+    assert code == 0
+    assert result["processes"] == 2 and result["batch"] == batch
+    assert result["ok"] == 2 * per_pass and result["checked"] == 2 * per_pass * batch
+    assert result["images_per_s"] == pytest.approx(batch * result["rps"], rel=1e-5)
+    used = per_pass * batch
+    expected = fake_accuracy(split.images[:used], split.labels[:used])
+    assert result["accuracy"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_every_answer_is_its_own_under_heavy_concurrency(fake_server: ServerThread) -> None:
+    rng = np.random.default_rng(11)
+    images = rng.integers(0, 256, size=(3000, 784), dtype=np.uint8)  # all distinct
+    labels = rng.integers(0, 10, size=3000)
+    model = FakeModel()
+    for batch in (1, 3):
+        workload = loadtest.build_workload(images, labels, batch=batch, expected=model.predict)
+        config = loadtest.LoadConfig(target=fake_server.target, concurrency=64, duration=1.5,
+                                     timeout=10)
+        result = loadtest.run(config, workload)
+        assert result.ok > 64 and result.errors == {}
+        assert result.checked == result.ok * batch
+        assert result.mismatches == 0
+
+
+def test_a_wrong_answer_is_a_mismatch() -> None:
+    images = np.arange(2 * 784, dtype=np.int64).reshape(2, 784).astype(np.uint8)
+    model = FakeModel()
+    workload = loadtest.build_workload(images, [0, 1], expected=model.predict)
+    recorder = loadtest._Recorder(workload, True, loadtest._LocalCounter())
+
+    def answer(probs: npt.NDArray[np.float32]) -> bytes:
+        response = pb.PredictResponse()
+        for row in probs:
+            response.predictions.add(probabilities=row.tolist(), class_index=int(row.argmax()))
+        data: bytes = response.SerializeToString()
+        return data
+
+    assert workload.expected is not None
+    recorder.ok(0, answer(workload.expected[0]), 0.001)
+    recorder.ok(1, answer(workload.expected[0]), 0.001)  # request 0's answer to request 1
+    result = recorder.finish()
+    assert result.ok == 2 and result.checked == 2 and result.mismatches == 1
+
+
+def test_settings_out_of_range_are_one_line_errors(
+    synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--target", "127.0.0.1:1", "loadtest", "--data-dir", str(synthetic_data_dir),
+                 "--concurrency", "0"])
+    err = capsys.readouterr().err
+    assert code == 1 and "concurrency 0 must be at least 1" in err and err.count("\n") == 1
+
+
+def test_no_server_is_a_connection_error(
+    synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--target", "127.0.0.1:1", "--timeout", "0.5", "loadtest", "--data-dir",
+                 str(synthetic_data_dir), "--duration", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no connection within 0.5s" in err
