@@ -29,6 +29,11 @@ lint: venv
 	$(BIN)/mypy protos/digitserve/*.py server trainer client
 	PYTHON=$(BIN)/python .ci/gen-protos.sh --check
 
+# Issue 3's benchmark: null, naive and digitserve servers under the same load → BENCHMARKS.md.
+# BENCH_ARGS="--duration 3" for a quick run; `python -m bench --help` lists the options.
+bench: data
+	$(BIN)/python -m bench --data-dir $(DATA) $(BENCH_ARGS)
+
 protos: venv
 	PYTHON=$(BIN)/python .ci/gen-protos.sh
 

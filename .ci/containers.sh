@@ -37,6 +37,16 @@ timings=()
 log() { printf '[containers] %s\n' "$*" >&2; }
 compose() { "$VENV/bin/docker-compose" "$@"; }
 
+# run_image ARGS...: `docker run ARGS`, returning the container's exit code. Not `docker run --rm`:
+# podman's Docker API (engine.sh) then reports 0 whatever the command returned.
+run_image() {
+  local name rc=0
+  name=containers-check-$$-$RANDOM
+  docker run --name "$name" "$@" || rc=$?
+  docker rm -f "$name" >/dev/null 2>&1 || true
+  return "$rc"
+}
+
 # step NAME COMMAND...: runs one step and times it. COMMAND runs under `set -e`; a failure ends
 # the script, and the EXIT trap records the failed step and tears down.
 step() {
@@ -76,7 +86,11 @@ cleanup() {
     compose --profile loadtest down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 ||
       log "compose down failed"
   fi
-  if [ "$engine_started" = 1 ] && [ "${KEEP_ENGINE:-0}" != 1 ]; then
+  if [ "$engine_started" = 1 ] && [ "${KEEP_ENGINE:-0}" != 1 ] && ! bash "$ENGINE" down; then
+    # engine.sh down misses the FORWARD jumps into NETAVARK_ISOLATION_* chains that a compose
+    # network adds, then fails to delete those chains: drop the jumps and try once more
+    iptables -S FORWARD 2>/dev/null | awk 'NF == 4 && $3 == "-j" && $4 ~ /^NETAVARK_/ {print $4}' |
+      while read -r chain; do iptables -D FORWARD -j "$chain"; done
     bash "$ENGINE" down || log "engine down failed"
   fi
   summary
@@ -129,8 +143,12 @@ build() {
   bytes=$(docker image inspect --format '{{.Size}}' "$MNIST_IMAGE")
   image_size="$(( bytes / 1000000 )) MB ($bytes bytes)"
   log "image $MNIST_IMAGE: $image_size"
-  docker run --rm "$MNIST_IMAGE" mnist-train --help >/dev/null
-  [ "$(docker run --rm "$MNIST_IMAGE" id -u)" = 10001 ] || { log "the image does not run as uid 10001"; return 1; }
+  run_image "$MNIST_IMAGE" mnist-train --help >/dev/null
+  run_image "$MNIST_IMAGE" mnist-serve --help >/dev/null
+  run_image "$MNIST_IMAGE" mnist-client --help >/dev/null
+  local uid
+  uid=$(run_image "$MNIST_IMAGE" id -u)
+  [ "$uid" = 10001 ] || { log "the image runs as uid $uid, not 10001"; return 1; }
   # podman's Docker API leaves Healthcheck out of image inspect: look at a container made from it
   local probe healthcheck
   probe=$(docker create "$MNIST_IMAGE")
@@ -154,20 +172,48 @@ stack() {
   rc=$(timeout "$STACK_TIMEOUT" docker wait "$(compose ps -a -q client)")
   compose logs --no-color client
   log "client exited with $rc"
+  service_times
   [ "$rc" = 0 ]
+}
+
+# how long the trainer ran, how long the server took to become healthy, how long the client ran
+service_times() {
+  local ids
+  ids=$(compose ps -a -q trainer server client)
+  # shellcheck disable=SC2086  # one argument per container id
+  docker inspect --format '{{index .Config.Labels "com.docker.compose.service"}} {{.State.StartedAt}} {{.State.FinishedAt}}' $ids |
+    "$VENV/bin/python" -c '
+import sys
+from datetime import datetime
+t = {}
+for line in sys.stdin:
+    name, *stamps = line.split()
+    t[name] = [datetime.fromisoformat(v.replace("Z", "+00:00")) for v in stamps]
+trainer = (t["trainer"][1] - t["trainer"][0]).total_seconds()
+healthy = (t["client"][0] - t["server"][0]).total_seconds()
+client = (t["client"][1] - t["client"][0]).total_seconds()
+print(f"[containers] trainer (fetch + train) {trainer:.1f} s, server healthy after {healthy:.1f} s,"
+      f" client (evaluate) {client:.1f} s")
+' >&2 || true
 }
 
 published() {
   # the published port answers on the host's loopback (a client container in the host's network)
-  docker run --rm --network host "$MNIST_IMAGE" client --target "127.0.0.1:$MNIST_PORT" --timeout 10 info
+  run_image --network host "$MNIST_IMAGE" client --target "127.0.0.1:$MNIST_PORT" --timeout 10 info
 }
 
 loadtest() {
-  if [ "$LOADTEST" = auto ] && ! docker run --rm "$MNIST_IMAGE" mnist-client loadtest --help >/dev/null 2>&1; then
+  if [ "$LOADTEST" = auto ] && ! run_image "$MNIST_IMAGE" mnist-client loadtest --help >/dev/null 2>&1; then
     log "mnist-client has no loadtest command: skipped"
     return 0
   fi
-  timeout 300 "$VENV/bin/docker-compose" --profile loadtest run --rm --no-deps loadtest
+  # against the running server; exit code through `docker wait` (see run_image)
+  compose --profile loadtest up --detach --no-deps --no-build loadtest
+  local rc
+  rc=$(timeout 300 docker wait "$(compose --profile loadtest ps -a -q loadtest)")
+  compose --profile loadtest logs --no-color loadtest
+  log "loadtest exited with $rc"
+  [ "$rc" = 0 ]
 }
 
 graceful_stop() {

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 "$PY" -m grpc_tools.protoc -I protos \
   --python_out=protos --pyi_out=protos --grpc_python_out=protos \
-  protos/digitserve/v1/*.proto
+  protos/digitserve/v1/*.proto protos/digitserve/oip/*.proto
 if [ "${1:-}" = "--check" ]; then
   if ! git diff --exit-code -- protos/ || [ -n "$(git ls-files --others --exclude-standard protos/)" ]; then
     echo "generated code in protos/ is stale: run .ci/gen-protos.sh and commit the result" >&2

@@ -45,7 +45,7 @@ def run(binary: str, target: str, payload: bytes, *, streams: int, duration: flo
     body.write_bytes(grpc_frame(payload))
     argv = [
         binary, "-c", str(connections), "-m", str(streams), "-t", "1",
-        "-D", f"{duration:g}", f"--warm-up-time={warmup:g}", "-d", str(body),
+        "-D", _ms(duration), f"--warm-up-time={_ms(warmup)}", "-d", str(body),
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         f"http://{target}{PREDICT_PATH}",
     ]
@@ -53,6 +53,11 @@ def run(binary: str, target: str, payload: bytes, *, streams: int, duration: flo
     if done.returncode != 0:
         raise BenchError(f"h2load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return parse(done.stdout)
+
+
+def _ms(seconds: float) -> str:
+    """h2load's <DURATION>: an integer with a unit."""
+    return f"{max(1, round(seconds * 1000))}ms"
 
 
 def parse(out: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class ServerSpec:
     appear ``ready_count`` times in its log before it counts as started (all workers loaded)."""
 
     name: str
+    kind: str  # null, naive or ours
     argv: list[str]
     model: str = "–"
     workers: int = 1
@@ -150,9 +151,14 @@ def _command(pid: int) -> str:
     except OSError:
         return "?"
     words = [a.decode(errors="replace") for a in argv if a]
-    if "spawn_main" in " ".join(words):
+    line = " ".join(words)
+    if "resource_tracker" in line:
+        return "resource tracker"
+    if "spawn_main" in line:
         return "worker"
-    return " ".join(Path(w).name if i == 0 else w for i, w in enumerate(words[:3]))
+    if "-m" in words[:-1]:
+        return words[words.index("-m") + 1]
+    return Path(words[0]).name if words else "?"
 
 
 def model_versions(repo: Path, name: str) -> dict[str, int]:

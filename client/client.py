@@ -202,6 +202,8 @@ class DigitClient:
         info: dict[str, Any] = json.loads(response.metadata_json)
         info["version"] = response.model_version
         info["max_images_per_request"] = response.max_images_per_request
+        info["loaded_versions"] = list(response.loaded_versions)
+        info["refused_versions"] = {str(r.version): r.reason for r in response.refused_versions}
         return info
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:

@@ -36,8 +36,9 @@ case $command in
   fetch-and-train) fetch; train "$@" ;;
   evaluate) exec mnist-client evaluate --data-dir "${MNIST_DATA_DIR:-/data}" "$@" ;;
   loadtest)
-    exec mnist-client loadtest --concurrency "${MNIST_LOADTEST_CONCURRENCY:-8}" \
-      --duration "${MNIST_LOADTEST_DURATION:-30}" "$@" ;;
+    exec mnist-client loadtest --data-dir "${MNIST_DATA_DIR:-/data}" \
+      --concurrency "${MNIST_LOADTEST_CONCURRENCY:-8}" --duration "${MNIST_LOADTEST_DURATION:-30}" \
+      "$@" ;;
   health) exec mnist-client --target "127.0.0.1:${MNIST_PORT:-50051}" --timeout 3 health ;;
   client) exec mnist-client "$@" ;;
   *) exec "$command" "$@" ;;

@@ -13,29 +13,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from digitserve.repository import ModelRepository
+from digitserve.repository import RepositoryError
 from digitserve.v1 import digit_service_pb2 as pb
-from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from server.dataplane import DataPlane
-from server.model import KerasModel, Model
-from server.servicer import DigitServicer
+from server.model import Model
+from server.oip import SERVICE as OIP_SERVICE
+from server.oip import InferenceServicer
+from server.servicer import DigitServicer, add_to_server
 from server.settings import Settings
+from server.telemetry import Telemetry
+from server.versions import ModelSource, RepositorySource, StaticSource
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DigitService"].full_name
 ModelLoader = Callable[[], Model]
-
-
-def repository_loader(settings: Settings) -> ModelLoader:
-    """Loads the configured version (or the newest) of the configured model."""
-
-    def load() -> Model:
-        repo = ModelRepository(settings.model_repo)
-        version = settings.model_version or repo.latest(settings.model_name)
-        return KerasModel.load(repo.version_dir(settings.model_name, version))
-
-    return load
 
 
 def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
@@ -53,33 +45,64 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
     return options
 
 
+# SERVING while the served version is the newest published one; NOT_SERVING when a newer version
+# was refused by the checks (GetModelInfo's refused_versions says why). Not a gate for traffic.
+MODEL_UPDATES_SERVICE = "digitserve.v1.ModelUpdates"
+ModelEvent = Callable[[str, int, str], None]  # (kind: load|reload, version, outcome: served|refused)
+
+
 class App:
     """One server: start() binds and serves (health NOT_SERVING), load() makes it SERVING,
-    stop() drains."""
+    stop() drains. With a repository source it also watches for new versions (hot reload)."""
 
     def __init__(
-        self, settings: Settings, loader: ModelLoader | None = None, *, reuse_port: bool = False
+        self,
+        settings: Settings,
+        loader: ModelLoader | None = None,
+        *,
+        source: ModelSource | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
-        self._loader = loader or repository_loader(settings)
+        if source is None:
+            source = (
+                StaticSource(loader)
+                if loader is not None
+                else RepositorySource(settings.model_repo, settings.model_name, settings.min_check_accuracy)
+            )
+        self.source = source
+        self.model_events: list[ModelEvent] = []
+        self.telemetry = Telemetry(low_confidence=settings.low_confidence)
+        self.model_events.append(self.telemetry.on_model_event)
+        self._watch_task: asyncio.Task[None] | None = None
         self.plane = DataPlane(
             settings.max_images_per_request,
             max_batch_size=settings.max_batch_size,
             max_queue_delay=settings.max_queue_delay_ms / 1000,
             max_queued_images=settings.max_queued_images,
+            keep_versions=settings.keep_versions,
+            observer=self.telemetry,
         )
+        self.telemetry.watch_queue(lambda: self.plane.batcher.queued_images)
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(options=server_options(settings, reuse_port))
-        pb_grpc.add_DigitServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            DigitServicer(self.plane), self.server
+        self.server = grpc.aio.server(
+            options=server_options(settings, reuse_port),
+            interceptors=[self.telemetry.interceptor],  # first: it sees every call, refused ones too
         )
+        add_to_server(DigitServicer(self.plane), self.server)  # bytes that do not parse: INVALID_ARGUMENT
+        add_to_server(InferenceServicer(self.plane, settings.model_name), self.server, OIP_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                OIP_SERVICE.full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self.port = 0
+        self.metrics_port: int | None = None
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         for service in ("", SERVICE_NAME):
@@ -88,28 +111,105 @@ class App:
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.telemetry.serve(self.settings.host, self.settings.metrics_port)
+            logger.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         address = f"{self.settings.host}:{self.settings.port}"
         self.port = self.server.add_insecure_port(address)
         await self.server.start()
-        logger.info("listening on %s:%d (model %s)", self.settings.host, self.port,
-                    self.settings.model_name)
+        logger.info("listening on %s:%d (model %s)", self.settings.host, self.port, self.settings.model_name)
         return self.port
 
+    def _event(self, kind: str, version: int, outcome: str) -> None:
+        for listener in self.model_events:
+            listener(kind, version, outcome)
+
+    async def _try_load(self, kind: str, version: int) -> Model | None:
+        """Loads, checks and warms a version off the event loop (not on the model thread, so
+        serving goes on meanwhile); None, logged and remembered, if it is refused."""
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(None, self.source.load, version)
+        except Exception as exc:  # any failure to load or check refuses the version
+            self.plane.refused[version] = str(exc)
+            logger.error("refused model %s version %d: %s", self.settings.model_name, version, exc)
+            self._event(kind, version, "refused")
+            return None
+        self._event(kind, version, "served")
+        return model
+
     async def load(self) -> Model:
-        """Loads and warms the model off the event loop, then reports SERVING."""
-        model = await self.plane.run(self._loader)
+        """Serves the newest version that passes the checks (an older one when newer ones fail),
+        then reports SERVING and starts watching for new versions."""
+        pinned = self.settings.model_version
+        versions = (
+            [pinned]
+            if pinned
+            else await asyncio.get_running_loop().run_in_executor(None, self.source.versions)
+        )
+        for version in sorted(versions, reverse=True):
+            model = await self._try_load("load", version)
+            if model is not None:
+                break
+        else:
+            reasons = "; ".join(f"version {v}: {r}" for v, r in sorted(self.plane.refused.items()))
+            raise RepositoryError(f"no servable version of model {self.settings.model_name!r} ({reasons})")
         self.plane.set_model(model)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        logger.info("serving model %s version %d", model.spec.name, model.spec.version)
+        await self._set_updates_health()
+        logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
+        if not pinned and self.settings.reload_interval > 0 and not isinstance(self.source, StaticSource):
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="watch")
         return model
+
+    async def _set_updates_health(self) -> None:
+        model = self.plane.model
+        newer_refused = model is not None and any(v > model.spec.version for v in self.plane.refused)
+        await self.health.set(
+            MODEL_UPDATES_SERVICE,
+            health_pb2.HealthCheckResponse.NOT_SERVING
+            if newer_refused
+            else health_pb2.HealthCheckResponse.SERVING,
+        )
+
+    async def reload_once(self) -> bool:
+        """Loads the newest published version if it is newer than the served one and was not
+        refused before; swaps it in when it passes the checks. True if the served model changed."""
+        current = self.plane.model
+        assert current is not None
+        versions = await asyncio.get_running_loop().run_in_executor(None, self.source.versions)
+        candidates = [v for v in versions if v > current.spec.version and v not in self.plane.refused]
+        if not candidates:
+            return False
+        model = await self._try_load("reload", max(candidates))
+        if model is not None:
+            self.plane.set_model(model)
+            logger.info(
+                "hot reload: serving model %s version %d (was version %d)",
+                model.spec.name,
+                model.spec.version,
+                current.spec.version,
+            )
+        await self._set_updates_health()
+        return model is not None
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            try:
+                await self.reload_once()
+            except Exception:  # a listing error must not end the watch
+                logger.exception("watching %s failed; trying again", self.source)
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, refuse new calls, let in-flight ones finish within the grace."""
         grace = self.settings.grace_period if grace is None else grace
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
         await self.server.stop(grace)
         await self.plane.close()
+        await self.telemetry.close()
         logger.info("stopped after draining for %.2fs", time.perf_counter() - started)
 
 

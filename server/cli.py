@@ -10,12 +10,15 @@ from collections.abc import Sequence
 from server.settings import load_settings
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str, log_format: str = "auto") -> None:
+    """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal, else JSON)."""
+    from server.logs import JsonFormatter, resolve_format, text_formatter
+
+    is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    handler = logging.StreamHandler(sys.stderr)
+    json_lines = resolve_format(log_format, is_terminal) == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else text_formatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"mnist-serve: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
         from server.workers import run_workers
 

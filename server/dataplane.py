@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -27,16 +27,14 @@ def check_pixels(images: npt.NDArray[np.float32], encodings: list[str], field: s
 
     ``encodings[i]`` names image i's encoding, for the message (e.g. ``images[3].float32[17]``).
     """
-    finite = np.isfinite(images)
-    if not finite.all():
-        i, j = (int(k) for k in np.argwhere(~finite)[0])
-        raise InvalidInputError(
-            f"{field}[{i}].{encodings[i]}[{j}]",
-            f"{images[i, j]} is not a finite number; expected a pixel intensity in [0, 1]",
-        )
-    outside = (images < 0.0) | (images > 1.0)
-    if outside.any():
-        i, j = (int(k) for k in np.argwhere(outside)[0])
+    bad = ~np.isfinite(images) | (images < 0.0) | (images > 1.0)
+    if bad.any():
+        i, j = (int(k) for k in np.argwhere(bad)[0])
+        if not np.isfinite(images[i, j]):
+            raise InvalidInputError(
+                f"{field}[{i}].{encodings[i]}[{j}]",
+                f"{images[i, j]} is not a finite number; expected a pixel intensity in [0, 1]",
+            )
         raise InvalidInputError(
             f"{field}[{i}].{encodings[i]}[{j}]",
             f"{float(images[i, j])!r} is out of range; expected a pixel intensity in [0, 1] "
@@ -59,6 +57,17 @@ def check_labels(labels: npt.NDArray[np.int64], count: int, num_classes: int) ->
         )
 
 
+class PlaneObserver(Protocol):
+    """What the data plane reports to telemetry (server/telemetry.py): each model call the batcher
+    makes, the probabilities each Predict gets back, and each model it starts serving."""
+
+    def on_batch(self, size: int, queue_seconds: float) -> None: ...
+
+    def on_predictions(self, model: Model, probabilities: npt.NDArray[np.float32]) -> None: ...
+
+    def on_model(self, model: Model) -> None: ...
+
+
 class DataPlane:
     """Holds the served model and runs it off the event loop, one model call at a time: Predict
     calls through the dynamic batcher, Evaluate batches as they come."""
@@ -70,35 +79,60 @@ class DataPlane:
         max_batch_size: int = 256,
         max_queue_delay: float = 0.0,
         max_queued_images: int = 8192,
+        keep_versions: int = 2,
+        observer: PlaneObserver | None = None,
     ) -> None:
         self.max_images_per_request = max_images_per_request
+        self.keep_versions = keep_versions
         self._model: Model | None = None
+        self._loaded: dict[int, Model] = {}
+        self.refused: dict[int, str] = {}
+        self._observer = observer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.batcher = Batcher(
             self.run,
             max_batch_size=max_batch_size,
             max_queue_delay=max_queue_delay,
             max_queued_images=max_queued_images,
+            on_batch=None if observer is None else observer.on_batch,
         )
 
     @property
     def model(self) -> Model | None:
         return self._model
 
+    @property
+    def loaded_versions(self) -> list[int]:
+        """Versions that answer pinned requests, newest first."""
+        return sorted(self._loaded, reverse=True)
+
     def set_model(self, model: Model) -> None:
+        """Serves ``model`` from now on (one assignment: calls already holding the previous model
+        finish on it); the newest ``keep_versions`` stay loaded for pinned requests."""
+        self._loaded[model.spec.version] = model
+        for version in self.loaded_versions[self.keep_versions :]:
+            if version != model.spec.version:
+                del self._loaded[version]
         self._model = model
+        if self._observer is not None:
+            self._observer.on_model(model)
 
     def resolve(self, version: int) -> Model:
         """The model that answers a request pinning ``version`` (0 = the served one)."""
         model = self._model
         if model is None:
             raise ModelNotReadyError("no model is loaded yet; retry when health reports SERVING")
-        if version not in (0, model.spec.version):
+        if version == 0:
+            return model
+        pinned = self._loaded.get(version)
+        if pinned is None:
+            loaded = ", ".join(str(v) for v in self.loaded_versions)
+            reason = f"; it was refused: {self.refused[version]}" if version in self.refused else ""
             raise ModelNotFoundError(
                 f"model {model.spec.name!r} version {version} is not served "
-                f"(serving version {model.spec.version})"
+                f"(serving version {model.spec.version}; loaded: {loaded}){reason}"
             )
-        return model
+        return pinned
 
     def check_count(self, count: int, field: str = "images") -> None:
         if count == 0:
@@ -116,7 +150,10 @@ class DataPlane:
         self, model: Model, images: npt.NDArray[np.float32], deadline: float | None = None
     ) -> npt.NDArray[np.float32]:
         """Probabilities of already validated images, computed in a dynamic batch."""
-        return await self.batcher.predict(model, images, deadline)
+        probabilities = await self.batcher.predict(model, images, deadline)
+        if self._observer is not None:  # the one place Predict's answers pass: quality telemetry
+            self._observer.on_predictions(model, probabilities)
+        return probabilities
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import numpy.typing as npt
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from digitserve.v1 import digit_service_pb2 as pb
@@ -58,15 +61,78 @@ def _status_details(code: grpc.StatusCode, error: ServerError) -> tuple[tuple[st
     return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
+class Undecodable:
+    """Handed to a method instead of a request whose bytes are not a valid message (see
+    add_to_server); mapped_errors turns it into INVALID_ARGUMENT."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self, field: str) -> InvalidInputError:
+        return InvalidInputError(
+            field, f"not a valid {self.type_name} message (corrupt protobuf wire format)"
+        )
+
+
+def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: gRPC would answer UNKNOWN (unary) or the method
+    would see an unexpected exception (streams) for bytes that do not parse."""
+    type_name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return Undecodable(type_name)
+
+    return parse
+
+
+async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    index = 0
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            raise request.error(f"requests[{index}]")
+        yield request
+        index += 1
+
+
+def add_to_server(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor | None = None) -> None:
+    """Registers ``servicer``'s methods for ``service`` (DigitService by default) like the generated
+    ``add_*Servicer_to_server``, but with request deserializers that never raise, so that
+    undecodable bytes become INVALID_ARGUMENT in mapped_errors."""
+    service = service or pb.DESCRIPTOR.services_by_name["DigitService"]
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: factories[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def mapped_errors(
     method: Callable[..., Awaitable[R]],
 ) -> Callable[..., Awaitable[R]]:
     """Maps ServerError subclasses to their status code; anything else becomes INTERNAL with a
-    fixed message, its traceback logged."""
+    fixed message, its traceback logged. A request that did not decode is INVALID_ARGUMENT."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error("request")
+            if hasattr(request, "__aiter__"):
+                request = _decoded(request)
             return await method(self, request, context)
         except ServerError as exc:
             code = next(c for t, c in _STATUS.items() if isinstance(exc, t))
@@ -83,7 +149,8 @@ def mapped_errors(
 def decode_images(
     images: Sequence[pb.Image], input_size: int, field: str = "images"
 ) -> npt.NDArray[np.float32]:
-    """float32 array (N, input_size) scaled to [0, 1]; InvalidInputError names the first bad image."""
+    """float32 array (N, input_size) scaled to [0, 1]. InvalidInputError names the first image
+    without pixels or of the wrong length, else the first pixel not finite or not in [0, 1]."""
     out = np.empty((len(images), input_size), dtype=np.float32)
     encodings: list[str] = []
     for i, image in enumerate(images):
@@ -208,4 +275,8 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             created_at=str(metadata.get("created_at", "")),
             metadata_json=json.dumps(metadata, sort_keys=True),
             max_images_per_request=self._plane.max_images_per_request,
+            loaded_versions=self._plane.loaded_versions,
+            refused_versions=[
+                pb.RefusedVersion(version=v, reason=r) for v, r in sorted(self._plane.refused.items())
+            ],
         )

@@ -58,7 +58,46 @@ class Settings:
         default=1,
         metadata={"help": "Server processes sharing the port (SO_REUSEPORT), each with its own model."},
     )
+    reload_interval: float = field(
+        default=5.0,
+        metadata={
+            "help": "Seconds between looks for a newer published version (hot reload); 0 turns it "
+            "off. A pinned --model-version is never replaced."
+        },
+    )
+    min_check_accuracy: float = field(
+        default=0.9,
+        metadata={
+            "help": "A version is served only if its accuracy on its check set (check_set.npz) "
+            "reaches this floor."
+        },
+    )
+    keep_versions: int = field(
+        default=2,
+        metadata={"help": "Newest versions kept loaded, so requests can pin the previous one."},
+    )
     log_level: str = field(default="INFO", metadata={"help": "Python logging level."})
+    log_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Log lines as 'json' (one object per line), 'text', or 'auto': text when stderr "
+            "is a terminal, JSON otherwise."
+        },
+    )
+    metrics_port: int = field(
+        default=-1,
+        metadata={
+            "help": "Port of the Prometheus endpoint (http://HOST:PORT/metrics); -1 turns it off, 0 "
+            "picks a free one (logged). With --workers N, worker i serves on PORT+i."
+        },
+    )
+    low_confidence: float = field(
+        default=0.5,
+        metadata={
+            "help": "Top-1 probability below which a Predict answer counts as low-confidence "
+            "(metric digitserve_low_confidence_predictions_total)."
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -83,8 +122,22 @@ class Settings:
                 f"max queued images {self.max_queued_images} is below max images per request "
                 f"{self.max_images_per_request}"
             )
+        if self.reload_interval < 0:
+            problems.append(f"reload interval {self.reload_interval} is negative")
+        if not 0 <= self.min_check_accuracy <= 1:
+            problems.append(f"min check accuracy {self.min_check_accuracy} is not in [0, 1]")
+        if self.keep_versions < 1:
+            problems.append(f"keep versions {self.keep_versions} is below 1")
         if self.workers < 1:
             problems.append(f"workers {self.workers} is below 1")
+        if self.log_format not in ("auto", "json", "text"):
+            problems.append(f"log format {self.log_format!r} is not one of auto, json, text")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
+        elif self.metrics_port > 0 and self.metrics_port + self.workers - 1 > 65535:
+            problems.append(f"metrics ports {self.metrics_port}+0..{self.workers - 1} exceed 65535")
+        if not 0 <= self.low_confidence <= 1:
+            problems.append(f"low confidence {self.low_confidence} is not in [0, 1]")
         if problems:
             raise ValueError("; ".join(problems))
 

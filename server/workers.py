@@ -32,7 +32,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 def _worker(settings: Settings, index: int, log_level: str) -> None:
     from server.cli import configure_logging
 
-    configure_logging(log_level)
+    configure_logging(log_level, settings.log_format)
     # Share the cores: TensorFlow would otherwise give every worker a thread per core.
     threads = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("MNIST_WORKERS_TOTAL", 1))))
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
@@ -40,6 +40,14 @@ def _worker(settings: Settings, index: int, log_level: str) -> None:
 
     logger.info("worker %d (pid %d) starting", index, os.getpid())
     raise SystemExit(asyncio.run(serve(settings, reuse_port=True)))
+
+
+def _with_metrics_port(settings: Settings, index: int) -> Settings:
+    """Worker ``index`` serves its own metrics on PORT+index (each process has its own counters;
+    Prometheus scrapes each worker as a target). -1 (off) and 0 (a free port each) stay as is."""
+    if settings.metrics_port > 0:
+        return replace(settings, metrics_port=settings.metrics_port + index)
+    return settings
 
 
 def run_workers(settings: Settings) -> int:
@@ -52,7 +60,9 @@ def run_workers(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold TF state
     procs = [
         context.Process(
-            target=_worker, args=(worker_settings, i, settings.log_level), name=f"worker-{i}"
+            target=_worker,
+            args=(_with_metrics_port(worker_settings, i), i, settings.log_level),
+            name=f"worker-{i}",
         )
         for i in range(settings.workers)
     ]

@@ -94,7 +94,7 @@ def test_several_processes_and_batches(
     assert code == 0
     assert result["processes"] == 2 and result["batch"] == batch
     assert result["ok"] == 2 * per_pass and result["checked"] == 2 * per_pass * batch
-    assert result["images_per_s"] == pytest.approx(batch * result["rps"], rel=1e-5)
+    assert result["images_per_s"] == pytest.approx(batch * result["rps"], abs=batch * 0.01)
     used = per_pass * batch
     expected = fake_accuracy(split.images[:used], split.labels[:used])
     assert result["accuracy"] == pytest.approx(expected, abs=1e-12)

@@ -131,7 +131,7 @@ def test_bad_predict_input_is_invalid_argument_and_server_keeps_serving(
 def test_unknown_version_is_not_found(stub: pb_grpc.DigitServiceStub) -> None:
     request = pb.PredictRequest(images=encode_images(images_u8(1)), model_version=7)
     expect_error(lambda: stub.Predict(request), grpc.StatusCode.NOT_FOUND,
-                 "model 'fake' version 7 is not served (serving version 1)")
+                 "model 'fake' version 7 is not served (serving version 1; loaded: 1)")
     expect_error(lambda: stub.GetModelInfo(pb.GetModelInfoRequest(model_version=2)),
                  grpc.StatusCode.NOT_FOUND, "version 2")
     pinned = stub.Predict(pb.PredictRequest(images=encode_images(images_u8(1)), model_version=1))

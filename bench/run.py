@@ -1,0 +1,249 @@
+"""The benchmark: starts the null server, the tutorial-style naive server and digitserve (seed and
+default models), drives each with the same load tester (and h2load for the ceiling), times
+Evaluate, cold start and memory, and writes the tables into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import h2load, report
+from bench.servers import BenchError, RunningServer, ServerSpec, free_port, model_versions
+from client import loadtest
+from client.client import DigitClient
+from digitserve.idx import IdxError, Split, load_split
+
+logger = logging.getLogger("bench")
+PROG = "python -m bench"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HEADER = """# Benchmarks
+
+`make bench` (or `python -m bench`) runs everything below; see the end of this file for how to
+read it. The section between the markers is rewritten by each run.
+"""
+# (concurrency, batch, streams for h2load) of each point.
+POINTS = {"one": (1, 1), "many": (64, 1), "batch": (8, 64)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    nproc = os.cpu_count() or 1
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get("MNIST_DATA_DIR", REPO_ROOT / "data")),
+                        help="MNIST IDX files (default: $MNIST_DATA_DIR or ./data)")
+    parser.add_argument("--model-repo", type=Path, default=REPO_ROOT / "out" / "bench-repo",
+                        help="model repository; the seed and default presets are trained into it "
+                        "when missing (default: out/bench-repo)")
+    parser.add_argument("--model-name", default="mnist", help="model name in the repository")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per point (default: 15)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
+    parser.add_argument("--encoding", default="float32", choices=loadtest.ENCODINGS,
+                        help="pixel encoding on the wire (default: float32, as in issue 3)")
+    parser.add_argument("--workers", default=",".join(str(w) for w in sorted({1, nproc})),
+                        help="comma-separated --workers values for digitserve (default: %(default)s)")
+    parser.add_argument("--load-processes", type=int, default=0,
+                        help="load processes for the 64- and 8-in-flight points (0: the load "
+                        "tester's default)")
+    parser.add_argument("--connections", type=int, default=4,
+                        help="connections per load process at 64 and 8 in flight, so SO_REUSEPORT "
+                        "spreads them over workers (default: %(default)s)")
+    parser.add_argument("--skip", default="", help="comma-separated: naive, default, h2load")
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--note", default="", help="a sentence added to the machine line")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "BENCHMARKS.md",
+                        help="markdown file to write (default: BENCHMARKS.md)")
+    parser.add_argument("--json-out", type=Path, help="also write the raw results as JSON")
+    return parser
+
+
+def ensure_models(args: argparse.Namespace, presets: Sequence[str]) -> dict[str, int]:
+    """The newest version of each preset in the repository, training the missing ones."""
+    found = model_versions(args.model_repo, args.model_name)
+    for preset in presets:
+        if preset in found:
+            continue
+        logger.info("training the %s preset into %s (once)", preset, args.model_repo)
+        done = subprocess.run(
+            [sys.executable, "-m", "trainer", "train", "--data-dir", str(args.data_dir),
+             "--model-repo", str(args.model_repo), "--name", args.model_name, "--preset", preset,
+             "--no-report", "--json", "--verbose", "0"],
+            cwd=REPO_ROOT, capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"training the {preset} preset failed: {done.stderr.strip()[-800:]}")
+        found[preset] = int(json.loads(done.stdout)["version"])
+    return found
+
+
+def server_supports_workers() -> bool:
+    done = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True,
+                          text=True, cwd=REPO_ROOT, check=False)
+    return "--workers" in done.stdout
+
+
+def specs(args: argparse.Namespace, versions: dict[str, int], skip: set[str]) -> list[ServerSpec]:
+    py = sys.executable
+    out = [ServerSpec("null server (grpc.aio, no model)", "null", [py, "-m", "bench.null_server"],
+                      model="–")]
+    seed_dir = args.model_repo / args.model_name / str(versions["seed"])
+    if "naive" not in skip:
+        out.append(ServerSpec("naive: sync grpc + model.predict", "naive", [py, "-m", "bench.naive_server",
+                              "--model-dir", str(seed_dir)], model="seed"))
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    if not server_supports_workers():
+        workers = [1]
+    for preset in ("seed", "default"):
+        if preset not in versions or (preset == "default" and "default" in skip):
+            continue
+        for w in (workers if preset == "seed" else [max(workers)]):
+            argv = [py, "-m", "server", "--model-repo", str(args.model_repo), "--model-name",
+                    args.model_name, "--model-version", str(versions[preset])]
+            if w > 1:
+                argv += ["--workers", str(w)]
+            out.append(ServerSpec(f"digitserve, {w} worker{'s' if w > 1 else ''}", "ours", argv,
+                                  model=preset, workers=w,
+                                  ready_line=r"serving model \S+ version \d+", ready_count=w))
+    return out
+
+
+def configs(args: argparse.Namespace, target: str) -> dict[str, loadtest.LoadConfig]:
+    out = {}
+    for name, (concurrency, _batch) in POINTS.items():
+        heavy = concurrency > 1
+        processes = (args.load_processes or loadtest.default_processes(concurrency, 0)) if heavy else 1
+        out[name] = loadtest.LoadConfig(
+            target=target, concurrency=concurrency, duration=args.duration, processes=processes,
+            connections=args.connections if heavy else 1, timeout=60, connect_timeout=60,
+        )
+    return out
+
+
+def measure(spec: ServerSpec, args: argparse.Namespace, split: Split,
+            workloads: dict[str, loadtest.Workload], h2: str | None) -> list[dict[str, Any]]:
+    """One server: cold start, the three points, Evaluate, memory; h2load rows for the null server."""
+    port = free_port()
+    log_dir = REPO_ROOT / "out" / "bench-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in f"{spec.name}-{spec.model}")
+    server = RunningServer(replace(spec, argv=[*spec.argv, "--port", str(port)]), port,
+                           log_dir / f"{slug}.log")
+    kind = spec.kind
+    row: dict[str, Any] = {"name": spec.name, "model": spec.model, "workers": spec.workers,
+                           "kind": kind, "preset": spec.model, "scenarios": {}}
+    rows = [row]
+    try:
+        row["cold_start_s"] = server.wait_serving(args.startup_timeout)
+        logger.info("%s (%s): SERVING after %.2fs", spec.name, spec.model, row["cold_start_s"])
+        plan = configs(args, server.target)
+        if args.warmup > 0:
+            loadtest.run(replace(plan["many"], duration=args.warmup), workloads["one"])
+        for point, config in plan.items():
+            workload = workloads["batch" if point == "batch" else "one"]
+            result = loadtest.run(config, workload, progress=sys.stderr.isatty()).to_dict()
+            row["scenarios"][point] = result
+            logger.info("  %s: %.0f req/s, %.0f images/s, p50 %.2f ms, p99 %.2f ms, errors %s",
+                        point, result["rps"], result["images_per_s"], result["p50_ms"] or -1,
+                        result["p99_ms"] or -1, result["errors"] or "none")
+        with DigitClient(server.target, timeout=120) as client:
+            started = time.perf_counter()
+            evaluated = client.evaluate(split.images, split.labels)
+            row["evaluate_s"] = time.perf_counter() - started
+            row["evaluate_accuracy"] = evaluated.accuracy
+        logger.info("  Evaluate of %d images: %.2fs", evaluated.count, row["evaluate_s"])
+        row["memory"] = server.memory()
+        if kind == "null" and h2 is not None:
+            try:
+                rows.append(h2load_row(h2, server.target, args, workloads))
+            except BenchError as exc:
+                rows.append({"name": "null server, driven by h2load", "model": "–",
+                             "kind": "h2load", "failed": str(exc)})
+                logger.error("h2load: %s", exc)
+    except (BenchError, loadtest.LoadTestError) as exc:
+        row["failed"] = str(exc)
+        logger.error("%s: %s", spec.name, exc)
+    finally:
+        server.stop()
+    return rows
+
+
+def h2load_row(binary: str, target: str, args: argparse.Namespace,
+               workloads: dict[str, loadtest.Workload]) -> dict[str, Any]:
+    row: dict[str, Any] = {"name": "null server, driven by h2load", "model": "–", "workers": 1,
+                           "kind": "h2load", "preset": "–", "scenarios": {}}
+    workdir = REPO_ROOT / "out" / "bench-logs"
+    for point, (streams, batch) in POINTS.items():
+        workload = workloads["batch" if point == "batch" else "one"]
+        result = h2load.run(binary, target, workload.payloads[0], streams=streams,
+                            duration=args.duration, warmup=args.warmup, workdir=workdir)
+        result["images_per_s"] = result["rps"] * batch
+        result["p50_ms"] = result["p99_ms"] = None
+        row["scenarios"][point] = result
+        logger.info("  h2load %s: %.0f req/s", point, result["rps"])
+    return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    load_before = report.load_average()
+    try:
+        split = load_split(args.data_dir, "t10k")
+    except IdxError as exc:
+        print(f"{PROG}: error: {exc} (run `make data` first)", file=sys.stderr)
+        return 1
+    try:
+        if args.duration <= 0 or args.warmup < 0:
+            raise BenchError("--duration must be positive and --warmup not negative")
+        versions = ensure_models(args, ["seed"] if "default" in skip else ["seed", "default"])
+        workloads = {
+            "one": loadtest.build_workload(split.images, split.labels, batch=1,
+                                           encoding=args.encoding),
+            "batch": loadtest.build_workload(split.images, split.labels, batch=64,
+                                             encoding=args.encoding),
+        }
+        h2 = None if "h2load" in skip else h2load.find()
+        if h2 is None and "h2load" not in skip:
+            logger.warning("h2load not found (apt-get install nghttp2-client): no ceiling row")
+        rows: list[dict[str, Any]] = []
+        for spec in specs(args, versions, skip):
+            rows.extend(measure(spec, args, split, workloads, h2))
+    except (BenchError, loadtest.LoadTestError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    rows = [r for r in rows if "failed" not in r] + [r for r in rows if "failed" in r]
+    load = loadtest.default_processes(64, 0)
+    settings = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)]),
+        "duration": args.duration, "warmup": args.warmup, "encoding": args.encoding,
+        "load": f"{args.load_processes or load} process(es) × {args.connections} connections at 64 "
+        "and 8 in flight, 1 process × 1 connection at 1 in flight",
+        "note": " ".join(filter(None, [
+            f"Load average (1 min) {load_before} before the run and {report.load_average()} after.",
+            args.note,
+        ])),
+    }
+    section = report.render([r for r in rows if "failed" not in r], settings, report.machine())
+    failed = [r for r in rows if "failed" in r]
+    if failed:
+        section = section.replace(report.END, "\n".join(
+            f"- {r['name']} ({r['model']}) failed: {r['failed'].splitlines()[0]}" for r in failed
+        ) + "\n\n" + report.END)
+    report.write(args.out, section, HEADER)
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+    print(section)
+    logger.info("wrote %s", args.out)
+    return 1 if failed else 0

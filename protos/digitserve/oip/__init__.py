@@ -1,0 +1,1 @@
+"""Generated code of the Open Inference Protocol (KServe V2) gRPC API, package ``inference``."""

@@ -1,0 +1,117 @@
+"""Where served models come from: the repository's versions, each loaded only after it passes the
+quality gate (loads, declared output shape, probabilities sum to 1, check-set accuracy ≥ a floor)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from digitserve.repository import (
+    CorruptVersionError,
+    ModelNotFoundError,
+    ModelRepository,
+    RepositoryError,
+)
+from server.model import KerasModel, Model
+
+logger = logging.getLogger(__name__)
+
+CHECK_SET_FILE = "check_set.npz"
+
+
+class QualityGateError(RepositoryError):
+    """Raised when a version loads but does not answer well enough to be served."""
+
+
+class ModelSource(Protocol):
+    """Published versions and a way to load one (checked and warmed up)."""
+
+    def versions(self) -> list[int]: ...
+
+    def load(self, version: int) -> Model: ...
+
+
+def check_quality(model: Model, version_dir: Path, min_accuracy: float) -> float | None:
+    """Accuracy on the version's check set (``check_set.npz``: uint8 images, labels); raises
+    QualityGateError below ``min_accuracy``. None when the version has no check set."""
+    path = version_dir / CHECK_SET_FILE
+    if not path.is_file():
+        logger.warning("%s has no %s: the accuracy floor is not checked", version_dir, CHECK_SET_FILE)
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images, labels = data["images"], data["labels"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CorruptVersionError(f"{path}: unreadable check set ({exc})") from exc
+    x = images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255)
+    if x.shape[1] != model.spec.input_size or labels.shape[0] != x.shape[0]:
+        raise CorruptVersionError(
+            f"{path}: check set of shape {images.shape} with {labels.shape[0]} labels does not "
+            f"fit input size {model.spec.input_size}"
+        )
+    probs = model.predict(x)
+    if probs.shape != (x.shape[0], len(model.spec.labels)):
+        raise QualityGateError(
+            f"model outputs shape {probs.shape}, expected {(x.shape[0], len(model.spec.labels))}"
+        )
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise QualityGateError("model outputs do not sum to 1 on the check set")
+    accuracy = float((probs.argmax(axis=1) == labels).mean())
+    if accuracy < min_accuracy:
+        raise QualityGateError(
+            f"check-set accuracy {accuracy:.4f} on {x.shape[0]} images is below the floor {min_accuracy:.4f}"
+        )
+    return accuracy
+
+
+class RepositorySource:
+    """Versions of one model in a repository, loaded as KerasModel and gated."""
+
+    def __init__(self, root: Path, name: str, min_accuracy: float) -> None:
+        self.repository = ModelRepository(root)
+        self.name = name
+        self.min_accuracy = min_accuracy
+
+    def versions(self) -> list[int]:
+        """Published versions; ModelNotFoundError when there are none."""
+        versions = self.repository.versions(self.name)
+        if not versions:
+            raise ModelNotFoundError(
+                f"model {self.name!r} has no published version in {self.repository.root}"
+            )
+        return versions
+
+    def __str__(self) -> str:
+        return f"{self.repository.root}/{self.name}"
+
+    def load(self, version: int) -> Model:
+        version_dir = self.repository.version_dir(self.name, version)
+        model = KerasModel.load(version_dir)
+        if model.spec.name != self.name or model.spec.version != version:
+            raise CorruptVersionError(
+                f"{version_dir}: metadata says {model.spec.name!r} version {model.spec.version}"
+            )
+        accuracy = check_quality(model, version_dir, self.min_accuracy)
+        if accuracy is not None:
+            logger.info("version %d passed the quality gate: check-set accuracy %.4f", version, accuracy)
+        return model
+
+
+class StaticSource:
+    """One model from a loader function (tests, embedding): no versions to watch."""
+
+    def __init__(self, loader: Callable[[], Model]) -> None:
+        self._loader = loader
+
+    def versions(self) -> list[int]:
+        return [0]  # the one model, whatever its version
+
+    def __str__(self) -> str:
+        return "a loader function"
+
+    def load(self, version: int) -> Model:
+        return self._loader()

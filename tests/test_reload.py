@@ -1,0 +1,132 @@
+"""Hot reload under load: a good new version is swapped in, a corrupt one and one below the accuracy
+floor are refused; no call fails and the right version answers."""
+
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.client import DigitClient
+from digitserve.repository import ModelRepository
+from server.app import MODEL_UPDATES_SERVICE
+from tests.conftest import ServerThread, make_settings
+
+
+def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes | None = None,
+                    roll_classes: bool = False) -> int:
+    """Publishes a copy of ``source_dir`` as the next version, optionally with other model bytes
+    or with the output classes rotated (a valid model that gets everything wrong)."""
+
+    def build(staging: Path, version: int) -> dict[str, Any]:
+        shutil.copy(source_dir / "check_set.npz", staging / "check_set.npz")
+        if model_bytes is not None:
+            (staging / "model.keras").write_bytes(model_bytes)
+        elif roll_classes:
+            import keras
+
+            model = keras.saving.load_model(source_dir / "model.keras", compile=False)
+            kernel, bias = model.layers[-1].get_weights()
+            model.layers[-1].set_weights([np.roll(kernel, 1, axis=1), np.roll(bias, 1)])
+            model.save(staging / "model.keras")
+        else:
+            shutil.copy(source_dir / "model.keras", staging / "model.keras")
+        metadata: dict[str, Any] = json.loads((source_dir / "metadata.json").read_text())
+        metadata.pop("files", None)
+        return metadata
+
+    version, _ = repo.publish("tiny", build)
+    return version
+
+
+def wait_for(predicate: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_hot_reload_swaps_good_versions_and_refuses_bad_ones_under_load(
+    tiny_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root)
+    repo = ModelRepository(root)
+    v1_dir = repo.version_dir("tiny", 1)
+    server = ServerThread(make_settings(tmp_path, model_repo=root, model_name="tiny",
+                                        reload_interval=0.2), None)
+    try:
+        server.load()
+        images = np.random.default_rng(0).integers(0, 256, size=(32, 784), dtype=np.uint8)
+        stop = threading.Event()
+        seen: list[int] = []
+        failures: collections.Counter[str] = collections.Counter()
+
+        def load() -> None:
+            with DigitClient(server.target, timeout=10) as client:
+                i = 0
+                while not stop.is_set() and i < 100_000:
+                    try:
+                        seen.append(client.predict(images[i % 32 : i % 32 + 2]).model_version)
+                    except grpc.RpcError as exc:
+                        failures[exc.code().name] += 1
+                    i += 1
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        with DigitClient(server.target, timeout=10) as client:
+            wait_for(lambda: len(seen) > 50)
+            published = time.monotonic()
+            assert publish_variant(repo, v1_dir) == 2
+            wait_for(lambda: client.model_info()["version"] == 2)
+            swap_seconds = time.monotonic() - published
+            calls_at_swap = len(seen)
+            wait_for(lambda: len(seen) > calls_at_swap + 50)
+
+            assert publish_variant(repo, v1_dir, model_bytes=b"not a keras archive") == 3
+            wait_for(lambda: "3" in client.model_info()["refused_versions"])
+            assert publish_variant(repo, v1_dir, roll_classes=True) == 4
+            wait_for(lambda: "4" in client.model_info()["refused_versions"])
+            calls_at_refusals = len(seen)
+            wait_for(lambda: len(seen) > calls_at_refusals + 50)
+            stop.set()
+            for t in threads:
+                t.join(30)
+
+            info = client.model_info()
+            assert info["version"] == 2 and info["loaded_versions"] == [2, 1]
+            assert "cannot load" in info["refused_versions"]["3"]
+            assert "below the floor 0.9000" in info["refused_versions"]["4"]
+            assert client.predict(images[:1], model_version=1).model_version == 1
+            with pytest.raises(grpc.RpcError) as pinned:
+                client.predict(images[:1], model_version=4)
+            assert pinned.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "it was refused: check-set accuracy" in pinned.value.details()
+            health = health_pb2_grpc.HealthStub(client.channel)
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service=MODEL_UPDATES_SERVICE)).status \
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        stop.set()
+        server.stop()
+
+    assert failures == collections.Counter()
+    assert set(seen) == {1, 2}
+    first_v2 = seen.index(2)
+    assert all(v == 1 for v in seen[:first_v2 - 8])  # 4 threads: a few v1 answers may land late
+    assert all(v == 2 for v in seen[calls_at_swap + 8:])
+    with capsys.disabled():
+        print(f"\nhot reload under load: {len(seen)} calls sent, {sum(failures.values())} failed; "
+              f"version 2 served {swap_seconds:.2f}s after publishing; versions 3 (corrupt) and "
+              f"4 (accuracy below floor) refused while version 2 kept serving")
