@@ -170,6 +170,7 @@ stack() {
   timeout "$STACK_TIMEOUT" "$VENV/bin/docker-compose" up --detach --no-build
   local rc
   rc=$(timeout "$STACK_TIMEOUT" docker wait "$(compose ps -a -q client)")
+  compose logs --no-color --timestamps --tail 12 server
   compose logs --no-color client
   log "client exited with $rc"
   service_times

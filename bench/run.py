@@ -223,13 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     rows = [r for r in rows if "failed" not in r] + [r for r in rows if "failed" in r]
-    load = loadtest.default_processes(64, 0)
+    plan = configs(args, "-")
     settings = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)]),
         "duration": args.duration, "warmup": args.warmup, "encoding": args.encoding,
-        "load": f"{args.load_processes or load} process(es) × {args.connections} connections at 64 "
-        "and 8 in flight, 1 process × 1 connection at 1 in flight",
+        "load": ", ".join(f"{plan[k].effective_processes()} process(es) × {plan[k].connections} "
+                          f"connection(s) at {plan[k].concurrency} in flight" for k in POINTS),
         "note": " ".join(filter(None, [
             f"Load average (1 min) {load_before} before the run and {report.load_average()} after.",
             args.note,

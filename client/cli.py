@@ -14,8 +14,13 @@ import grpc
 
 from client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
 from client.images import ImageError, load_image
+from client.security import ClientSecurityError, read_token, tls_credentials
 
 PROG = "mnist-client"
+
+
+def _env_path(name: str) -> Path | None:
+    return Path(os.environ[name]) if os.environ.get(name) else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=float(os.environ.get("MNIST_TIMEOUT", DEFAULT_TIMEOUT)),
         help="deadline of each call in seconds [MNIST_TIMEOUT] (default: %(default)s)",
     )
+    tls = parser.add_argument_group("security (TLS is on when any --tls* option is given)")
+    tls.add_argument("--tls", action="store_true",
+                     help="TLS, the server checked against the system's root certificates")
+    tls.add_argument("--tls-ca", type=Path, default=_env_path("MNIST_TLS_CA"),
+                     help="PEM CA that signed the server's certificate [MNIST_TLS_CA]")
+    tls.add_argument("--tls-cert", type=Path, default=_env_path("MNIST_CLIENT_CERT"),
+                     help="PEM client certificate, for a server that requires one (mTLS) "
+                     "[MNIST_CLIENT_CERT]")
+    tls.add_argument("--tls-key", type=Path, default=_env_path("MNIST_CLIENT_KEY"),
+                     help="PEM private key of --tls-cert [MNIST_CLIENT_KEY]")
+    tls.add_argument("--token-file", type=Path, default=_env_path("MNIST_TOKEN_FILE"),
+                     help="file whose first line is the bearer token sent with every call "
+                     "[MNIST_TOKEN_FILE]")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("predict", help="predict one image and print the class probabilities")
@@ -257,10 +275,25 @@ COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
             "health": cmd_health, "loadtest": cmd_loadtest}
 
 
+def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    use_tls = args.tls or any(p is not None for p in (args.tls_ca, args.tls_cert, args.tls_key))
+    try:
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
+        token = None if args.token_file is None else read_token(args.token_file)
+    except ClientSecurityError as exc:
+        raise CliError(str(exc)) from exc
+    if args.command == "loadtest" and (credentials is not None or token is not None):
+        raise CliError("loadtest opens its own plaintext channels: it does not take --tls* or "
+                       "--token-file yet")
+    return credentials, token
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with DigitClient(args.target, timeout=args.timeout) as client:
+        credentials, token = _security(args)
+        with DigitClient(args.target, timeout=args.timeout, credentials=credentials,
+                         token=token) as client:
             return COMMANDS[args.command](client, args)
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from client.security import secure_channel
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 
@@ -40,13 +41,16 @@ RETRY_SERVICE_CONFIG = {
 
 
 def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG)),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        *extra,
-    ]
+    """The defaults, each replaced by an ``extra`` option of the same name (gRPC itself would take
+    the first of two and silently ignore the override)."""
+    options: dict[str, Any] = {
+        "grpc.enable_retries": 1,
+        "grpc.service_config": json.dumps(RETRY_SERVICE_CONFIG),
+        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+    }
+    options.update(extra)
+    return list(options.items())
 
 
 def encode_image(image: npt.ArrayLike) -> pb.Image:
@@ -131,15 +135,14 @@ class DigitClient:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
+        """``credentials``: TLS (client.security.tls_credentials); ``token``: a bearer token sent
+        with every call."""
         self.target = target
         self.timeout = timeout
-        opts = channel_options(options)
-        if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=opts)
-        else:
-            self.channel = grpc.secure_channel(target, credentials, options=opts)
+        self.channel = secure_channel(target, channel_options(options), credentials, token)
         self.stub = pb_grpc.DigitServiceStub(self.channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> DigitClient:

@@ -9,10 +9,11 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import grpc
@@ -235,7 +236,11 @@ class _Recorder:
         self.counter.value += 1
 
     def _check(self, index: int, answer: bytes) -> None:
-        predictions = pb.PredictResponse.FromString(answer).predictions
+        try:
+            predictions = pb.PredictResponse.FromString(answer).predictions
+        except Exception:  # protobuf's DecodeError: an answer that is not a PredictResponse
+            self.result.mismatches += 1
+            return
         labels = self.workload.labels[index]
         if len(predictions) != labels.shape[0]:
             self.result.mismatches += 1
@@ -361,6 +366,7 @@ async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: _C
 def _child(plan: Plan, config: LoadConfig, workload: Workload, counter: _Counter, results: Any,
            go: Any, begin: Any) -> None:
     """A load process: runs its plan, puts ("done", index, result) or ("error", index, message)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
     def ready() -> None:
         results.put(("ready", plan.index, None))
@@ -484,21 +490,17 @@ class _Progress:
 def run(config: LoadConfig, workload: Workload, *, progress: bool = False) -> LoadResult:
     """Runs the load test and merges what every load process measured. Raises LoadTestError."""
     if config.open_loop and config.requests:
-        config = _with_duration(config, config.requests / config.rate + 1e-6)
+        config = replace(config, duration=config.requests / config.rate + 1e-6)
     plans = split(config, len(workload))
     bar = _Progress(config, progress)
     try:
         if len(plans) == 1:
             return _run_here(plans[0], config, workload, bar)
         return _run_processes(plans, config, workload, bar)
+    except KeyboardInterrupt:
+        raise LoadTestError("interrupted") from None
     finally:
         bar.close()
-
-
-def _with_duration(config: LoadConfig, duration: float) -> LoadConfig:
-    from dataclasses import replace
-
-    return replace(config, duration=duration)
 
 
 def _run_here(plan: Plan, config: LoadConfig, workload: Workload, bar: _Progress) -> LoadResult:
@@ -566,6 +568,11 @@ def _run_processes(plans: list[Plan], config: LoadConfig, workload: Workload,
                 raise LoadTestError(str(payload))
             parts[index] = payload
         bar.update(sum(c.value for c in counters))
+    except BaseException:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        raise
     finally:
         go.set()
         for proc in procs:

@@ -19,6 +19,7 @@ from server.dataplane import DataPlane
 from server.model import Model
 from server.oip import SERVICE as OIP_SERVICE
 from server.oip import InferenceServicer
+from server.security import SecurityConfigError, ServerSecurity
 from server.servicer import DigitServicer, add_to_server
 from server.settings import Settings
 from server.telemetry import Telemetry
@@ -64,6 +65,7 @@ class App:
         reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self.security = ServerSecurity.from_settings(settings)  # reads TLS and token files: fails first
         if source is None:
             source = (
                 StaticSource(loader)
@@ -87,7 +89,8 @@ class App:
         self.health = health_aio.HealthServicer()
         self.server = grpc.aio.server(
             options=server_options(settings, reuse_port),
-            interceptors=[self.telemetry.interceptor],  # first: it sees every call, refused ones too
+            # Telemetry first: it sees every call, refused ones too; then the token check.
+            interceptors=[self.telemetry.interceptor, *self.security.interceptors],
         )
         add_to_server(DigitServicer(self.plane), self.server)  # bytes that do not parse: INVALID_ARGUMENT
         add_to_server(InferenceServicer(self.plane, settings.model_name), self.server, OIP_SERVICE)
@@ -115,9 +118,15 @@ class App:
             self.metrics_port = self.telemetry.serve(self.settings.host, self.settings.metrics_port)
             logger.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
         address = f"{self.settings.host}:{self.settings.port}"
-        self.port = self.server.add_insecure_port(address)
+        if self.security.credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.security.credentials)
         await self.server.start()
-        logger.info("listening on %s:%d (model %s)", self.settings.host, self.port, self.settings.model_name)
+        logger.info(
+            "listening on %s:%d (model %s; %s)",
+            self.settings.host, self.port, self.settings.model_name, self.security.description,
+        )
         return self.port
 
     def _event(self, kind: str, version: int, outcome: str) -> None:
@@ -215,7 +224,11 @@ class App:
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     """Runs until SIGTERM or SIGINT; returns the process exit code."""
-    app = App(settings, reuse_port=reuse_port)
+    try:
+        app = App(settings, reuse_port=reuse_port)
+    except SecurityConfigError as error:
+        logger.error("cannot start: %s", error)
+        return 1
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -98,6 +98,29 @@ class Settings:
             "(metric digitserve_low_confidence_predictions_total)."
         },
     )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata={"help": "PEM certificate chain of the server; with --tls-key the port speaks TLS only."},
+    )
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert."})
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={
+            "help": "PEM CA certificate(s): clients must present a certificate signed by one (mTLS); "
+            "needs --tls-cert."
+        },
+    )
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata={
+            "help": "File of accepted bearer tokens, one per line: every call but health must send "
+            "'authorization: Bearer <token>'. MNIST_AUTH_TOKEN (no flag) may hold one token instead."
+        },
+    )
+    # A secret: from the environment only (a flag would show in `ps`), never printed by repr().
+    auth_token: str | None = field(
+        default=None, repr=False, metadata={"help": "Accepted bearer token.", "env_only": True}
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,6 +161,14 @@ class Settings:
             problems.append(f"metrics ports {self.metrics_port}+0..{self.workers - 1} exceed 65535")
         if not 0 <= self.low_confidence <= 1:
             problems.append(f"low confidence {self.low_confidence} is not in [0, 1]")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certs)")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            problems.append("set MNIST_AUTH_TOKEN or --auth-token-file, not both")
+        elif self.auth_token is not None and not self.auth_token.strip():
+            problems.append("MNIST_AUTH_TOKEN is set but empty")  # fail closed, never open
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -150,14 +181,18 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The mnist-serve argument parser; defaults come from ``env`` (MNIST_*)."""
     parser = argparse.ArgumentParser(
         prog="mnist-serve",
+        allow_abbrev=False,  # else `--auth-token SECRET` would pass as --auth-token-file (and be logged)
         description="Serve a published MNIST model over gRPC (Predict, Evaluate, GetModelInfo, "
         "health, reflection). Every flag can also be set by the environment variable shown.",
     )
     defaults = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
     for f in fields(Settings):
+        if f.metadata.get("env_only"):
+            continue
         flag = "--" + f.name.replace("_", "-")
         env_name = _env_name(f.name)
-        kind: Any = {"model_repo": Path, "model_name": str, "host": str, "log_level": str}.get(
+        paths = {"model_repo", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file"}
+        kind: Any = Path if f.name in paths else {"model_name": str, "host": str, "log_level": str}.get(
             f.name, type(defaults[f.name]) if f.name in defaults else str
         )
         # argparse applies `type` to a string default, so a bad MNIST_* value is a usage error.
@@ -179,4 +214,4 @@ def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | No
     env = os.environ if env is None else env
     parser = build_parser(env)
     args = parser.parse_args(argv)
-    return Settings(**vars(args))
+    return Settings(**vars(args), auth_token=env.get(_env_name("auth_token")))

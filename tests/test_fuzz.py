@@ -393,7 +393,7 @@ def bad_request_field(error: Any) -> str:
     """The BadRequest field violation in the grpc-status-details-bin trailer."""
     details = [v for k, v in (error.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
     assert len(details) == 1, error.trailing_metadata()
-    status = status_pb2.Status.FromString(details[0])  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(details[0])
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert status.message == error.details()
     bad_request = error_details_pb2.BadRequest()
@@ -444,21 +444,22 @@ async def run_case(case: Case, calls: dict[tuple[str, bool], Any],
         request: Any = iter([r if isinstance(r, bytes) else r.SerializeToString() for r in case.request])
     else:
         request = iter(case.request) if isinstance(case.request, list) else case.request
-    code, response = OK, None
+    code: grpc.StatusCode = OK
+    response: Any = None
     try:
         if case.rpc == "evaluate":
             response = await asyncio.to_thread(sync_calls[(case.rpc, raw)], request, timeout=case.timeout)
         else:
             response = await calls[(case.rpc, raw)](request, timeout=case.timeout)
     except grpc.RpcError as exc:
-        code = exc.code()  # type: ignore[attr-defined]
+        code = exc.code()
         if code == INVALID:
             named = bad_request_field(exc)
             tally.bad_request_checked += 1
             if case.field is not None and named != case.field:
                 tally.failures.append(f"{case.kind}: named {named!r}, expected {case.field!r}")
         elif code in NEVER:
-            tally.failures.append(f"{case.kind}: {code.name}: {exc.details()}")  # type: ignore[attr-defined]
+            tally.failures.append(f"{case.kind}: {code.name}: {exc.details()}")
     tally.codes[code.name] += 1
     tally.kinds[(case.kind, code.name)] += 1
     if code not in case.allowed:

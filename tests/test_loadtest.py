@@ -107,7 +107,7 @@ def test_every_answer_is_its_own_under_heavy_concurrency(fake_server: ServerThre
     model = FakeModel()
     for batch in (1, 3):
         workload = loadtest.build_workload(images, labels, batch=batch, expected=model.predict)
-        config = loadtest.LoadConfig(target=fake_server.target, concurrency=64, duration=1.5,
+        config = loadtest.LoadConfig(target=fake_server.target, concurrency=64, duration=1.0,
                                      timeout=10)
         result = loadtest.run(config, workload)
         assert result.ok > 64 and result.errors == {}

@@ -21,7 +21,8 @@ from trainer.train import CHECK_SET_FILE, EVALUATE_BATCH, LABELS, TrainConfig, r
 
 TRAIN_SIZE = 300
 TEST_SIZE = 600  # more than the 500 images of the check set
-REPORT_FILES = ["report/confusion_matrix.png", "report/training_curves.png", "report/samples.png"]
+REPORT_PNGS = ["report/confusion_matrix.png", "report/training_curves.png", "report/samples.png"]
+REPORT_FILES = [*REPORT_PNGS, "report/index.html"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -150,8 +151,11 @@ def test_metadata_records_everything(
     assert meta["report"] == REPORT_FILES
     assert set(meta["files"]) == {MODEL_FILE, CHECK_SET_FILE, *REPORT_FILES}
     verify_files(version_dir, meta)
-    for rel in REPORT_FILES:
+    for rel in REPORT_PNGS:
         assert (version_dir / rel).read_bytes()[:8] == PNG_MAGIC
+    page = (version_dir / "report/index.html").read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == len(REPORT_PNGS)  # one self-contained file
+    assert f"{100 * metrics['test_accuracy']:.2f} %" in page
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -1,7 +1,10 @@
-"""The training report: confusion matrix, training curves and sample predictions as PNG files."""
+"""The training report: confusion matrix, training curves and sample predictions as PNG files, and
+all of it with the figures from the metadata on one self-contained HTML page (index.html)."""
 
 from __future__ import annotations
 
+import base64
+import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from digitserve.plots import plot_confusion_matrix
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 TRAINING_CURVES_FILE = "training_curves.png"
 SAMPLES_FILE = "samples.png"
+HTML_FILE = "index.html"
 _DPI = 100
 
 
@@ -29,8 +33,11 @@ def write_report(
     images: npt.NDArray[np.uint8],
     y_true: npt.NDArray[np.integer[Any]],
     y_pred: npt.NDArray[np.integer[Any]],
+    metadata: Mapping[str, Any] | None = None,
 ) -> list[Path]:
-    """Writes the three report figures into ``report_dir`` (created) and returns their paths."""
+    """Writes the three report figures and the HTML page that shows them with the figures of
+    ``metadata`` (the version's metadata.json: metrics, baseline, hyper-parameters) into
+    ``report_dir`` (created); returns their paths, the page last."""
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = [
         report_dir / CONFUSION_MATRIX_FILE,
@@ -40,7 +47,13 @@ def write_report(
     plot_confusion_matrix(paths[0], np.asarray(confusion_matrix), labels, title=title)
     plot_training_curves(paths[1], history, title=title)
     plot_samples(paths[2], images, y_true, y_pred, labels, title=title)
-    return paths
+    page = report_dir / HTML_FILE
+    page.write_text(
+        render_html(title=title, labels=labels, confusion_matrix=confusion_matrix,
+                    figures={p.name: p.read_bytes() for p in paths}, metadata=metadata or {}),
+        encoding="utf-8",
+    )
+    return [*paths, page]
 
 
 def plot_training_curves(path: Path, history: Mapping[str, Sequence[float]], *, title: str) -> None:
@@ -106,3 +119,150 @@ def plot_samples(
     )
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
+
+
+def most_confused_pairs(
+    cm: npt.NDArray[np.integer[Any]] | Sequence[Sequence[int]], labels: Sequence[str], k: int = 10
+) -> list[tuple[str, str, int, float]]:
+    """The ``k`` largest off-diagonal cells of a confusion matrix (rows = true class) as
+    (true label, predicted label, count, share of the true class's images), largest first;
+    cells with no mistakes are left out."""
+    matrix = np.asarray(cm, dtype=np.int64)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    rows, cols = np.nonzero(off)
+    order = sorted(zip(rows.tolist(), cols.tolist(), strict=True), key=lambda rc: (-off[rc], rc))
+    support = matrix.sum(axis=1)
+    return [
+        (labels[i], labels[j], int(off[i, j]), float(off[i, j] / support[i]) if support[i] else 0.0)
+        for i, j in order[:k]
+    ]
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.4; }
+h1 { margin-bottom: 0.2em; } .meta { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { padding: 0.25em 0.8em; border-bottom: 1px solid #ddd; text-align: right;
+         font-variant-numeric: tabular-nums; }
+th:first-child, td:first-child { text-align: left; } thead th { border-bottom: 2px solid #999; }
+img { max-width: 100%; border: 1px solid #eee; }
+.cols { display: flex; gap: 2em; flex-wrap: wrap; align-items: flex-start; }
+.best { font-weight: bold; }
+"""
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], classes: Sequence[str] = ()) -> str:
+    """An HTML table; ``classes[i]`` (optional) is the CSS class of row i."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        css = classes[i] if i < len(classes) else ""
+        cells = "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row)
+        body.append(f'<tr class="{css}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _figure(png: bytes | None, alt: str) -> str:
+    if png is None:
+        return ""
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * float(x):.2f} %"
+
+
+def render_html(
+    *,
+    title: str,
+    labels: Sequence[str],
+    confusion_matrix: Sequence[Sequence[int]],
+    figures: Mapping[str, bytes],
+    metadata: Mapping[str, Any],
+    top_pairs: int = 10,
+) -> str:
+    """The report as one HTML page, the PNG ``figures`` (by file name) embedded as data URIs."""
+    metrics: Mapping[str, Any] = metadata.get("metrics", {})
+    data: Mapping[str, Any] = metadata.get("data", {})
+    cm = np.asarray(confusion_matrix, dtype=np.int64)
+    total, correct = int(cm.sum()), int(np.trace(cm))
+    accuracy = float(metrics.get("test_accuracy", correct / total if total else 0.0))
+    facts = [
+        f"created {metadata['created_at']}" if "created_at" in metadata else "",
+        f"preset {metadata['preset']}" if "preset" in metadata else "",
+        f"seed {metadata['seed']}" if "seed" in metadata else "",
+        f"{data['train_size']} training images" if "train_size" in data else "",
+        f"trained in {float(metadata['train_seconds']):.1f} s" if "train_seconds" in metadata else "",
+    ]
+    summary: list[tuple[str, str]] = [
+        ("test accuracy", _pct(accuracy)),
+        ("test images misclassified", f"{total - correct} of {total}"),
+    ]
+    if "test_loss" in metrics:
+        summary.append(("test loss (mean cross-entropy)", f"{float(metrics['test_loss']):.4f}"))
+    if "holdout_accuracy" in metrics:
+        summary.append(("hold-out accuracy", _pct(metrics["holdout_accuracy"])))
+        summary.append(("hold-out loss", f"{float(metrics['holdout_loss']):.4f}"))
+    check = metadata.get("check_set")
+    if isinstance(check, Mapping) and "accuracy" in check:
+        summary.append((f"check-set accuracy ({check.get('count', '?')} images, the server's gate)",
+                        _pct(check["accuracy"])))
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="meta">{html.escape(" · ".join(f for f in facts if f))}</p>',
+        "<h2>Summary</h2>",
+        _table(("", "value"), summary),
+    ]
+    baseline = metrics.get("baseline")
+    if isinstance(baseline, Mapping) and "accuracy" in baseline:
+        name = str(baseline.get("name", "baseline"))
+        rows = [
+            (f"network ({metadata.get('preset', '')})", _pct(accuracy), total - correct,
+             f"{float(metadata['train_seconds']):.1f} s" if "train_seconds" in metadata else ""),
+            (name, _pct(baseline["accuracy"]),
+             round(total * (1 - float(baseline["accuracy"]))), f"{float(baseline.get('seconds', 0)):.1f} s"),
+        ]
+        better = 0 if accuracy >= float(baseline["accuracy"]) else 1
+        parts += [
+            f"<h2>Compared with the baseline: {html.escape(name)}</h2>",
+            "<p>The tutorial's take-home exercise: a scikit-learn random forest "
+            f"({baseline.get('n_estimators', '?')} trees) fitted on the same training pixels and scored "
+            "on the same test images.</p>" if name == "random-forest" else "",
+            _table(("model", "test accuracy", "test errors", "fit time"), rows,
+                   ["best" if i == better else "" for i in range(2)]),
+        ]
+    parts += ["<h2>Training curves</h2>", _figure(figures.get(TRAINING_CURVES_FILE), "training curves")]
+    pairs = most_confused_pairs(cm, labels, top_pairs)
+    pair_rows = [(f"{t} → {p}", count, _pct(share)) for t, p, count, share in pairs]
+    parts += [
+        "<h2>Confusion matrix</h2>",
+        '<div class="cols">',
+        _figure(figures.get(CONFUSION_MATRIX_FILE), "confusion matrix"),
+        "<div><h3>Most confused pairs</h3>",
+        _table(("true → predicted", "images", "of the true class"), pair_rows)
+        if pair_rows else "<p>No test image was misclassified.</p>",
+        "</div></div>",
+    ]
+    per_class = metrics.get("per_class")
+    if per_class:
+        parts += [
+            "<h2>Per class</h2>",
+            _table(("class", "precision", "recall", "F1", "support"), [
+                (c["label"], f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"])
+                for c in per_class
+            ]),
+        ]
+    parts += ["<h2>Sample predictions</h2>", _figure(figures.get(SAMPLES_FILE), "sample predictions")]
+    details = [("hyper-parameters", metadata.get("hyperparameters")), ("libraries", metadata.get("versions"))]
+    for heading, mapping in details:
+        if isinstance(mapping, Mapping) and mapping:
+            parts += [f"<h2>{heading.capitalize()}</h2>", _table(("", "value"), sorted(mapping.items()))]
+    body = "\n".join(parts)
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}: training report</title><style>{_STYLE}</style></head>"
+        f"<body>\n{body}\n</body></html>\n"
+    )

@@ -268,6 +268,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 images=data.test.images,
                 y_true=data.test.labels,
                 y_pred=np.argmax(evaluation.test_probs, axis=1),
+                metadata=metadata,
             )
             report_files = [path.relative_to(staging).as_posix() for path in written]
         metadata["report"] = report_files

@@ -1,0 +1,135 @@
+"""Logs: JSON lines or text, one access line per call with its request id, no pixels."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+from server.logs import JsonFormatter, current_request_id, resolve_format
+from tests.conftest import FakeModel, ServerProcess, ServerThread
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """Records of the ``server`` loggers, formatted as the server would in JSON mode."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("server")
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(previous)
+
+
+def entries(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_formatter_writes_one_object_per_record() -> None:
+    logger = logging.getLogger("tests.logging")
+    formatter = JsonFormatter()
+    record = logger.makeRecord("tests.logging", logging.WARNING, __file__, 1, "loaded %s in %.1fs",
+                               ("v3", 1.25), None, extra={"version": 3})
+    entry = json.loads(formatter.format(record))
+    assert entry["level"] == "WARNING" and entry["logger"] == "tests.logging"
+    assert entry["message"] == "loaded v3 in 1.2s" and entry["version"] == 3
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", str(entry["time"]))
+    assert "request_id" not in entry and "exception" not in entry
+    token = current_request_id.set("req-1")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        failed = logger.makeRecord("tests.logging", logging.ERROR, __file__, 1, "failed: %s",
+                                   ("x\ny",), sys.exc_info())
+    finally:
+        current_request_id.reset(token)
+    token = current_request_id.set("req-2")
+    entry = json.loads(formatter.format(failed))
+    current_request_id.reset(token)
+    assert entry["request_id"] == "req-2" and entry["message"] == "failed: x\ny"
+    assert "RuntimeError: boom" in str(entry["exception"])
+
+
+@pytest.mark.parametrize(
+    ("given", "terminal", "expected"),
+    [("auto", True, "text"), ("auto", False, "json"), ("json", True, "json"), ("text", False, "text")],
+)
+def test_auto_format_is_text_only_on_a_terminal(given: str, terminal: bool, expected: str) -> None:
+    assert resolve_format(given, terminal) == expected
+
+
+def test_one_access_line_per_call_and_no_pixels(
+    fake_server: ServerThread, json_log: io.StringIO
+) -> None:
+    good = np.full((1, 784), 0.7071, np.float32)
+    bad = good.copy()
+    bad[0, 5] = 1.2345
+    crash = good.copy()
+    crash[0, 0] = FakeModel.CRASH_PIXEL
+    with grpc.insecure_channel(fake_server.target) as channel:
+        stub = pb_grpc.DigitServiceStub(channel)
+
+        def predict(images: np.ndarray, request_id: str) -> grpc.StatusCode:
+            req = pb.PredictRequest(images=[pb.Image(floats=pb.FloatPixels(values=r.tolist()))
+                                            for r in images])
+            try:
+                stub.Predict(req, metadata=(("x-request-id", request_id),))
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+        assert predict(good, "call-ok") == grpc.StatusCode.OK
+        assert predict(bad, "call-bad") == grpc.StatusCode.INVALID_ARGUMENT
+        assert predict(crash, "call-crash") == grpc.StatusCode.INTERNAL
+        stub.GetModelInfo(pb.GetModelInfoRequest())
+    log = entries(json_log)
+    access = [e for e in log if e["logger"] == "server.access"]
+    assert [(e["method"], e["code"]) for e in access] == [
+        ("/digitserve.v1.DigitService/Predict", "OK"),
+        ("/digitserve.v1.DigitService/Predict", "INVALID_ARGUMENT"),
+        ("/digitserve.v1.DigitService/Predict", "INTERNAL"),
+        ("/digitserve.v1.DigitService/GetModelInfo", "OK"),
+    ]
+    assert [e["request_id"] for e in access[:3]] == ["call-ok", "call-bad", "call-crash"]
+    assert re.fullmatch(r"[0-9a-f]{32}", str(access[3]["request_id"]))
+    for e in access:
+        assert isinstance(e["latency_ms"], float) and 0 <= e["latency_ms"] < 10_000
+        assert str(e["peer"]).startswith("ipv4:127.0.0.1:")
+        assert f"{e['method']} {e['code']} " in str(e["message"])
+    # The crash's traceback is logged inside the call, so it carries the call's request id.
+    (crash_entry,) = [e for e in log if e["logger"] == "server.servicer"]
+    assert crash_entry["request_id"] == "call-crash" and "crashed on purpose" in str(
+        crash_entry["exception"])
+    text = json_log.getvalue()
+    assert "0.7071" not in text and "1.2345" not in text  # pixels never reach the log
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_server_process_logs_in_the_chosen_format(
+    spawn: type[ServerProcess], tmp_path: Path, log_format: str
+) -> None:
+    server = spawn("--model-repo", str(tmp_path), "--model-name", "absent", "--log-format", log_format)
+    assert server.wait(60) == 1
+    assert server.port is not None  # the "listening on" line was found, as the other tests need
+    ours = [line for line in server.lines if "listening on" in line or "cannot load model" in line]
+    assert len(ours) == 2, server.log
+    for line in ours:
+        if log_format == "json":
+            entry = json.loads(line)
+            assert entry["level"] in ("INFO", "ERROR") and entry["logger"] == "server.app"
+        else:
+            assert not line.startswith("{") and " server.app " in line

@@ -1,0 +1,196 @@
+"""Fault tests with figures: a burst far above capacity, SIGTERM under load, and a replica killed
+under round_robin load. Each prints calls sent, calls failed, errors by code and recovery time."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import multiprocessing
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from client.client import DigitClient, encode_images
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+from tests.conftest import FakeModel, ServerProcess, ServerThread
+
+
+def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    with capsys.disabled():
+        print(f"\n{text}")
+
+
+class CostlyModel(FakeModel):
+    """A fake model whose every call takes 50 ms, so a burst overflows its queue."""
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        time.sleep(0.05)
+        return super().predict(images)
+
+
+def overload(target: str, callers: int, duration: float) -> list[tuple[str, float]]:
+    """``callers`` closed-loop Predict callers for ``duration`` seconds: (code, seconds) per call."""
+    images = np.random.default_rng(0).integers(0, 256, size=(callers, 784), dtype=np.uint8)
+    requests = [pb.PredictRequest(images=encode_images(images[i])) for i in range(callers)]
+    outcomes: list[tuple[str, float]] = []
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+            end = time.perf_counter() + duration
+
+            async def caller(request: pb.PredictRequest) -> None:
+                while time.perf_counter() < end:
+                    started = time.perf_counter()
+                    try:
+                        await stub.Predict(request, timeout=30)
+                        code = "OK"
+                    except grpc.aio.AioRpcError as exc:
+                        code = exc.code().name
+                    outcomes.append((code, time.perf_counter() - started))
+
+            await asyncio.gather(*(caller(r) for r in requests))
+
+    asyncio.run(run())
+    return outcomes
+
+
+def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
+    start_server: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Capacity: 16 images per 50 ms model call = 320 images/s; the queue holds 64 images (4
+    # calls' worth). 200 callers in a closed loop ask for far more.
+    server = start_server(loader=CostlyModel, max_batch_size=16, max_queued_images=64,
+                          max_images_per_request=16)
+    callers, duration = 200, 3.0
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # The callers run in another process, so they don't compete with the server for this GIL.
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        outcomes = pool.apply(overload, (server.target, callers, duration))
+    elapsed = time.perf_counter() - started
+    images = np.zeros((1, 784), np.uint8)
+    rss_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    codes = collections.Counter(code for code, _ in outcomes)
+    ok = np.sort([t for code, t in outcomes if code == "OK"]) * 1000
+    refused = np.sort([t for code, t in outcomes if code == "RESOURCE_EXHAUSTED"]) * 1000
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert len(refused) > 100 and len(ok) > 100
+    # An accepted call waits behind at most 64 queued images (4 model calls, 200 ms) plus the one
+    # running; a refusal does no model work.
+    assert np.percentile(ok, 99) < 2000
+    assert np.percentile(refused, 50) * 2 < np.percentile(ok, 50)
+    assert rss_growth_mb < 200
+    with DigitClient(server.target) as client:
+        assert client.health() == "SERVING" and client.predict(images[0]).model_version == 1
+    report(capsys, f"overload: {callers} callers for {elapsed:.1f}s, {len(outcomes)} calls; "
+                   f"{len(ok)} served (p50 {np.percentile(ok, 50):.0f} ms, p99 "
+                   f"{np.percentile(ok, 99):.0f} ms), {len(refused)} RESOURCE_EXHAUSTED (p50 "
+                   f"{np.percentile(refused, 50):.1f} ms, p99 {np.percentile(refused, 99):.1f} ms); "
+                   f"errors by code {dict(codes)}; peak RSS growth {rss_growth_mb:.0f} MB; "
+                   f"healthy and serving afterwards")
+
+
+def test_sigterm_under_load_fails_no_in_flight_call(
+    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "10")
+    target = server.target()
+    with DigitClient(target, timeout=60) as client:
+        assert client.wait_until_serving(90) == "SERVING"
+    # 256 images a call, 8 callers: each call spends tens of ms in the server, so several are in
+    # flight when the signal comes.
+    images = np.random.default_rng(1).integers(0, 256, size=(512, 784), dtype=np.uint8)
+    calls: list[tuple[float, float, str]] = []  # (start, end, code)
+    stop = threading.Event()
+
+    def load(seed: int) -> None:
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.DigitServiceStub(channel)
+            i = seed
+            while not stop.is_set() and i < seed + 100_000:
+                request = pb.PredictRequest(images=encode_images(images[i % 256: i % 256 + 256]))
+                started = time.monotonic()
+                try:
+                    stub.Predict(request, timeout=20)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                calls.append((started, time.monotonic(), code))
+                if code != "OK":
+                    time.sleep(0.05)
+                i += 1
+
+    threads = [threading.Thread(target=load, args=(k * 1000,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    sigterm = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    code = server.wait(30)
+    exited = time.monotonic()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert code == 0
+    # In flight at the signal: started 20 ms or more before it (they had reached the server).
+    in_flight = [c for c in calls if c[0] < sigterm - 0.02 and c[1] > sigterm]
+    before = [c for c in calls if c[0] < sigterm - 0.02]
+    failed_before = collections.Counter(c[2] for c in before if c[2] != "OK")
+    after = collections.Counter(c[2] for c in calls if c[0] >= sigterm)
+    assert failed_before == collections.Counter(), failed_before
+    assert len(in_flight) >= 2
+    assert exited - sigterm < 10
+    # New calls are refused while the server drains: UNAVAILABLE, or CANCELLED for one that raced
+    # the listener's close.
+    assert set(after) <= {"OK", "UNAVAILABLE", "CANCELLED"}
+    report(capsys, f"SIGTERM under load: {len(calls)} calls sent, {len(before)} started before the "
+                   f"signal ({len(in_flight)} in flight at it), {sum(failed_before.values())} of "
+                   f"them failed; calls started after it: {dict(after)}; exit 0 after "
+                   f"{exited - sigterm:.2f}s (grace 10 s)")
+
+
+def test_round_robin_over_three_replicas_survives_a_killed_one(
+    start_server: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = [FakeModel(), FakeModel(), FakeModel()]
+    replicas = [start_server(loader=lambda m=m: m) for m in models]
+    target = "ipv4:" + ",".join(r.target for r in replicas)
+    images = np.random.default_rng(2).integers(0, 256, size=(16, 784), dtype=np.uint8)
+    codes: collections.Counter[str] = collections.Counter()
+    failures_after_kill: list[float] = []
+    with DigitClient(target, timeout=5) as client:
+        for i in range(300):
+            client.predict(images[i % 16])
+            codes["OK"] += 1
+        assert all(len(m.calls) > 50 for m in models), [len(m.calls) for m in models]
+        killed_at = time.monotonic()
+        replicas[1].stop(grace=0)  # abrupt: its connections are cut
+        served_before = [len(m.calls) for m in models]
+        recovered_at = None
+        for i in range(600):
+            try:
+                client.predict(images[i % 16])
+                codes["OK"] += 1
+                if recovered_at is None:
+                    recovered_at = time.monotonic()
+            except grpc.RpcError as exc:
+                codes[exc.code().name] += 1
+                failures_after_kill.append(time.monotonic() - killed_at)
+    survivors = [len(models[k].calls) - served_before[k] for k in (0, 2)]
+    assert all(n > 200 for n in survivors), survivors
+    assert len(failures_after_kill) <= 5
+    assert recovered_at is not None
+    report(capsys, f"round_robin over 3 replicas: {sum(codes.values())} calls, codes {dict(codes)}; "
+                   f"before the kill each replica served {[n for n in served_before]}; after it the "
+                   f"survivors served {survivors}; {len(failures_after_kill)} calls failed while it "
+                   f"recovered; first success {(recovered_at - killed_at) * 1000:.1f} ms after the kill")

@@ -1,0 +1,508 @@
+"""Security: TLS, mTLS and bearer tokens, each showing the wrong peer refused and the right one
+served; health open to probes; message-size limits on both sides; nothing loads untrusted data
+unsafely (tampered model files are refused, no unrestricted unpickling anywhere)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from client.cli import main as client_main
+from client.client import DigitClient, encode_images
+from client.security import ClientSecurityError, read_token, tls_credentials
+from digitserve.repository import MODEL_FILE, CorruptVersionError, ModelRepository
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+from server.app import serve
+from server.security import (
+    INVALID_TOKEN,
+    MISSING_TOKEN,
+    SecurityConfigError,
+    ServerSecurity,
+    TokenAuthInterceptor,
+)
+from server.settings import Settings, load_settings
+from tests.conftest import REPO_ROOT, FakeModel, ServerThread
+
+D = 784
+TOKEN = "s3cr3t-t0ken_for.tests~1"
+
+
+# --- a throwaway PKI -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pki:
+    """Two independent CAs: ``ca`` signs the server and the trusted client; ``rogue_ca`` signs a
+    server and a client that nobody trusts."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_ca: Path
+    rogue_server_cert: Path
+    rogue_server_key: Path
+    rogue_client_cert: Path
+    rogue_client_key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _issue(
+    subject: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, *,
+    server: bool = False, client: bool = False,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name, issuer_key = (_name(subject), key) if issuer is None else (issuer[0].subject, issuer[1])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject)).issuer_name(issuer_name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if issuer is None:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                          content_commitment=False, key_encipherment=False, data_encipherment=False,
+                          key_agreement=False, encipher_only=False, decipher_only=False),
+            critical=True,
+        )
+    if server:
+        import ipaddress
+
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                                        critical=False)
+    if client:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                        critical=False)
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+def _write(directory: Path, stem: str, cert: x509.Certificate,
+           key: ec.EllipticCurvePrivateKey | None = None) -> tuple[Path, Path | None]:
+    cert_path = directory / f"{stem}.crt"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    if key is None:
+        return cert_path, None
+    key_path = directory / f"{stem}.key"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    paths: dict[str, Path] = {}
+    for prefix in ("", "rogue_"):
+        ca = _issue(f"{prefix}test CA", None)
+        paths[f"{prefix}ca"] = _write(root, f"{prefix}ca", ca[0])[0]
+        for role in ("server", "client"):
+            cert, key = _write(root, f"{prefix}{role}", *_issue(
+                f"{prefix}{role}", ca, server=role == "server", client=role == "client"))
+            assert key is not None
+            paths[f"{prefix}{role}_cert"], paths[f"{prefix}{role}_key"] = cert, key
+    return Pki(**paths)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def images_u8(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, D), dtype=np.uint8)
+
+
+def expected_probs(images: np.ndarray) -> np.ndarray:
+    return FakeModel().predict(images.astype(np.float32) / np.float32(255))
+
+
+def predict_code(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.StatusCode:
+    """The status of one Predict (no wait_for_ready: a refused handshake is UNAVAILABLE at once)."""
+    stub = pb_grpc.DigitServiceStub(channel)
+    try:
+        stub.Predict(pb.PredictRequest(images=encode_images(images_u8(1))), timeout=10, metadata=metadata)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def refused(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def health(channel: grpc.Channel, service: str = "") -> str:
+    response = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def assert_served(client: DigitClient) -> None:
+    images = images_u8(3, seed=4)
+    result = client.predict(images)
+    np.testing.assert_array_equal(result.probabilities, expected_probs(images))
+    assert client.health() == "SERVING"
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+def test_tls_serves_tls_clients_and_refuses_plaintext_and_untrusted_servers(
+    start_server: Callable[..., ServerThread], pki: Pki
+) -> None:
+    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    with grpc.insecure_channel(server.target) as plaintext:
+        assert predict_code(plaintext) == grpc.StatusCode.UNAVAILABLE
+        assert refused(lambda: health(plaintext)).code() == grpc.StatusCode.UNAVAILABLE
+    # A client that does not trust the server's CA refuses the server.
+    with grpc.secure_channel(server.target, tls_credentials(pki.rogue_ca)) as distrustful:
+        assert predict_code(distrustful) == grpc.StatusCode.UNAVAILABLE
+    with DigitClient(server.target, credentials=tls_credentials(pki.ca), timeout=10) as client:
+        assert_served(client)
+    # The same client refuses a server whose certificate another CA signed (no man in the middle).
+    rogue = start_server(tls_cert=pki.rogue_server_cert, tls_key=pki.rogue_server_key)
+    with grpc.secure_channel(rogue.target, tls_credentials(pki.ca)) as channel:
+        assert predict_code(channel) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_requires_a_client_certificate_from_the_client_ca(
+    start_server: Callable[..., ServerThread], pki: Pki
+) -> None:
+    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    model = server.app.plane.model
+    assert isinstance(model, FakeModel)
+    calls_before = len(model.calls)
+    for credentials in (
+        tls_credentials(pki.ca),  # no client certificate
+        tls_credentials(pki.ca, pki.rogue_client_cert, pki.rogue_client_key),  # untrusted issuer
+    ):
+        with grpc.secure_channel(server.target, credentials) as channel:
+            assert predict_code(channel) == grpc.StatusCode.UNAVAILABLE
+            assert refused(lambda: health(channel)).code() == grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(server.target) as plaintext:
+        assert predict_code(plaintext) == grpc.StatusCode.UNAVAILABLE
+    assert len(model.calls) == calls_before  # refused peers never reached the model
+    credentials = tls_credentials(pki.ca, pki.client_cert, pki.client_key)
+    with DigitClient(server.target, credentials=credentials, timeout=10) as client:
+        assert_served(client)
+
+
+# --- bearer token --------------------------------------------------------------------------------
+
+def test_token_required_on_every_method_but_health(start_server: Callable[..., ServerThread]) -> None:
+    server = start_server(auth_token=TOKEN)
+    model = server.app.plane.model
+    assert isinstance(model, FakeModel)
+    calls_before = len(model.calls)
+    request = pb.PredictRequest(images=encode_images(images_u8(1)))
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.DigitServiceStub(channel)
+        for metadata, message in (
+            ((), MISSING_TOKEN),
+            ((("authorization", "Bearer wrong-token"),), INVALID_TOKEN),
+            ((("authorization", f"Bearer {TOKEN}x"),), INVALID_TOKEN),
+            ((("authorization", f"Bearer {TOKEN[:-1]}"),), INVALID_TOKEN),
+            ((("authorization", f"Basic {TOKEN}"),), MISSING_TOKEN),
+            ((("authorization", TOKEN),), MISSING_TOKEN),
+            ((("authorization", "Bearer "),), MISSING_TOKEN),
+            ((("x-token", TOKEN),), MISSING_TOKEN),
+        ):
+            for call in (
+                lambda md=metadata: stub.Predict(request, timeout=10, metadata=md),
+                lambda md=metadata: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10, metadata=md),
+                lambda md=metadata: stub.Evaluate(iter([pb.EvaluateRequest(
+                    images=request.images, labels=[1])]), timeout=10, metadata=md),
+            ):
+                error = refused(call)
+                assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, message)
+        # Reflection needs the token too (a stream-stream method).
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        assert refused(lambda: next(reflect)).code() == grpc.StatusCode.UNAUTHENTICATED
+        # Health is open: probes carry no token (Check, and the Watch stream).
+        assert health(channel) == "SERVING"
+        assert health(channel, "digitserve.v1.DigitService") == "SERVING"
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        assert len(model.calls) == calls_before  # refused calls never reached the model
+
+        # The right token, by hand: every method, reflection included.
+        good = (("authorization", f"Bearer {TOKEN}"),)
+        assert stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10, metadata=good).model_name == "fake"
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10, metadata=good)
+        assert "digitserve.v1.DigitService" in {
+            s.name for s in next(reflect).list_services_response.service}
+    # ... and by DigitClient, which adds it to every call over plaintext with an interceptor.
+    with DigitClient(server.target, token=TOKEN, timeout=10) as client:
+        assert_served(client)
+        evaluation = client.evaluate(images_u8(5), np.arange(5))
+        assert evaluation.count == 5
+        assert client.model_info()["name"] == "fake"
+    with DigitClient(server.target, token="not-it", timeout=10) as client:
+        error = refused(lambda: client.predict(images_u8(1)))
+        assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN)
+        assert client.health() == "SERVING"
+
+
+def test_token_file_over_tls_accepts_each_listed_token(
+    start_server: Callable[..., ServerThread], pki: Pki, tmp_path: Path
+) -> None:
+    """Several tokens (one per line) let clients move to a new token before the old one goes;
+    over TLS the client sends the token as gRPC call credentials."""
+    token_file = tmp_path / "tokens"
+    token_file.write_text("old-token\n\n  new-token  \n")
+    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, auth_token_file=token_file)
+    for token in ("old-token", "new-token"):
+        with DigitClient(server.target, credentials=tls_credentials(pki.ca), token=token,
+                         timeout=10) as client:
+            assert_served(client)
+    with DigitClient(server.target, credentials=tls_credentials(pki.ca), token="other-token",
+                     timeout=10) as client:
+        error = refused(lambda: client.predict(images_u8(1)))
+        assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, INVALID_TOKEN)
+    with DigitClient(server.target, credentials=tls_credentials(pki.ca), timeout=10) as client:
+        error = refused(lambda: client.predict(images_u8(1)))
+        assert (error.code(), error.details()) == (grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN)
+        assert client.health() == "SERVING"
+
+
+def test_token_check_compares_whole_tokens() -> None:
+    interceptor = TokenAuthInterceptor([b"abc", b"def"])
+    assert interceptor.check([("authorization", "Bearer abc")]) is None
+    assert interceptor.check([("authorization", "bearer def")]) is None  # the scheme is case-blind
+    assert interceptor.check([("authorization", "Bearer abcd")]) == INVALID_TOKEN
+    assert interceptor.check([("authorization", "Bearer ab")]) == INVALID_TOKEN
+    assert interceptor.check([("authorization", "Bearer abc def")]) == INVALID_TOKEN
+    assert interceptor.check([("authorization", "Bearer ünï")]) == INVALID_TOKEN
+    assert interceptor.check([]) == MISSING_TOKEN
+    assert interceptor.check(None) == MISSING_TOKEN
+    with pytest.raises(ValueError):
+        TokenAuthInterceptor([])
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+def test_security_settings_from_flags_and_environment(tmp_path: Path) -> None:
+    env = {"MNIST_MODEL_REPO": str(tmp_path), "MNIST_TLS_CERT": "/c.pem", "MNIST_TLS_KEY": "/k.pem",
+           "MNIST_TLS_CLIENT_CA": "/ca.pem", "MNIST_AUTH_TOKEN": TOKEN}
+    settings = load_settings([], env)
+    assert (settings.tls_cert, settings.tls_key, settings.tls_client_ca) == (
+        Path("/c.pem"), Path("/k.pem"), Path("/ca.pem"))
+    assert settings.auth_token == TOKEN and settings.auth_token_file is None
+    assert TOKEN not in repr(settings)  # settings may be logged; the secret never is
+    from_file = load_settings(["--auth-token-file", "/run/secrets/token", "--tls-cert", "a",
+                               "--tls-key", "b"], {"MNIST_MODEL_REPO": str(tmp_path)})
+    assert from_file.auth_token_file == Path("/run/secrets/token") and from_file.auth_token is None
+    assert from_file.tls_client_ca is None
+    plain = load_settings([], {"MNIST_MODEL_REPO": str(tmp_path)})
+    assert ServerSecurity.from_settings(plain) == ServerSecurity()  # defaults: plaintext, no token
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"tls_cert": Path("c")}, "--tls-cert and --tls-key go together"),
+    ({"tls_key": Path("k")}, "--tls-cert and --tls-key go together"),
+    ({"tls_client_ca": Path("ca")}, "--tls-client-ca needs --tls-cert and --tls-key"),
+    ({"auth_token": "x", "auth_token_file": Path("t")},
+     "set MNIST_AUTH_TOKEN or --auth-token-file, not both"),
+    ({"auth_token": " "}, "MNIST_AUTH_TOKEN is set but empty"),
+])
+def test_bad_security_settings_are_refused(tmp_path: Path, overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        replace(Settings(model_repo=tmp_path), **overrides)
+
+
+def test_token_is_never_a_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flag would show the secret in `ps` and /proc/PID/cmdline; nor may ``--auth-token`` pass
+    as an abbreviation of --auth-token-file (the "file name" would then be logged)."""
+    with pytest.raises(SystemExit) as exit_info:
+        load_settings(["--model-repo", str(tmp_path), "--auth-token", TOKEN], {})
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --auth-token" in capsys.readouterr().err
+
+
+def test_unusable_security_files_stop_the_server_with_one_line(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    spaced = tmp_path / "spaced-token"
+    spaced.write_text("two words\n")
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n \n")
+    base = Settings(model_repo=tmp_path, port=0)
+    for overrides, message in (
+        ({"tls_cert": tmp_path / "absent.crt", "tls_key": pki.server_key},
+         f"TLS certificate {tmp_path / 'absent.crt'}: cannot read (No such file or directory)"),
+        ({"tls_cert": pki.server_cert, "tls_key": not_pem},
+         f"TLS key {not_pem}: not a PEM file (no '-----BEGIN' line)"),
+        ({"tls_cert": pki.server_cert, "tls_key": pki.server_key, "tls_client_ca": tmp_path},
+         f"TLS client CA {tmp_path}: cannot read (Is a directory)"),
+        ({"auth_token_file": tmp_path / "absent"},
+         f"token file {tmp_path / 'absent'}: cannot read (No such file or directory)"),
+        ({"auth_token_file": empty}, f"token file {empty}: holds no token"),
+        ({"auth_token_file": spaced}, f"token file {spaced}: token 1 is not a bearer token"),
+        ({"auth_token": "tab\there"}, "MNIST_AUTH_TOKEN: token 1 is not a bearer token"),
+    ):
+        settings = replace(base, **overrides)
+        with pytest.raises(SecurityConfigError) as info:
+            ServerSecurity.from_settings(settings)
+        assert str(info.value).startswith(message), str(info.value)
+        assert "two words" not in str(info.value) and "tab\there" not in str(info.value)
+    # serve() turns it into one log line and exit code 1, before binding anything.
+    caplog.set_level(logging.ERROR)
+    bad = replace(base, tls_cert=tmp_path / "absent.crt", tls_key=pki.server_key)
+    assert asyncio.run(serve(bad)) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "server.app"] == [
+        f"cannot start: TLS certificate {tmp_path / 'absent.crt'}: cannot read (No such file or directory)"]
+
+
+# --- the client CLI ------------------------------------------------------------------------------
+
+def test_client_cli_flags_for_tls_mtls_and_token(
+    start_server: Callable[..., ServerThread], pki: Pki, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
+                          auth_token=TOKEN)
+    mtls = ["--target", server.target, "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
+            "--tls-key", str(pki.client_key)]
+    assert client_main([*mtls, "--token-file", str(token_file), "info", "--json"]) == 0
+    assert '"name": "fake"' in capsys.readouterr().out
+    # Health needs no token (but still the client certificate).
+    assert client_main([*mtls, "health"]) == 0
+    assert capsys.readouterr().out == "SERVING\n"
+    assert client_main([*mtls, "info"]) == 1
+    assert capsys.readouterr().err == (
+        f"mnist-client: error: {server.target}: UNAUTHENTICATED: {MISSING_TOKEN}\n")
+    assert client_main(["--target", server.target, "--tls-cert", str(pki.client_cert), "info"]) == 1
+    assert "needs both --tls-cert and --tls-key" in capsys.readouterr().err
+    # The same from the environment.
+    for name, value in (("MNIST_TLS_CA", pki.ca), ("MNIST_CLIENT_CERT", pki.client_cert),
+                        ("MNIST_CLIENT_KEY", pki.client_key), ("MNIST_TOKEN_FILE", token_file)):
+        monkeypatch.setenv(name, str(value))
+    assert client_main(["--target", server.target, "info"]) == 0
+    capsys.readouterr()
+    # Files that cannot be used are one line, exit 1.
+    assert client_main([*mtls, "--token-file", str(tmp_path / "absent"), "info"]) == 1
+    assert capsys.readouterr().err == (
+        f"mnist-client: error: token file {tmp_path / 'absent'}: cannot read (No such file or directory)\n")
+
+
+def test_read_token_takes_the_first_line(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("\n  abc  \nsecond\n")
+    assert read_token(path) == "abc"
+    path.write_text("\n")
+    with pytest.raises(ClientSecurityError, match="holds no token"):
+        read_token(path)
+
+
+# --- message-size limits -------------------------------------------------------------------------
+
+def many_classes() -> FakeModel:
+    return FakeModel(input_shape=(8, 8), labels=tuple(f"c{i}" for i in range(4000)))
+
+
+def test_message_size_limits_hold_for_replies_and_stream_messages(
+    start_server: Callable[..., ServerThread]
+) -> None:
+    """test_server covers an oversized Predict request. Here: a reply larger than the server's send
+    limit, a reply larger than the client's receive limit, and an oversized Evaluate message."""
+    small = start_server(loader=many_classes, max_message_bytes=64 * 1024)
+    images = images_u8(10)[:, :64]  # 10 × 64 bytes in, 10 × 4000 probabilities (~200 KB) out
+    with DigitClient(small.target, timeout=10) as client:
+        error = refused(lambda: client.predict(images))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert client.predict(images[:1]).probabilities.shape == (1, 4000)  # ~20 KB fits
+    big = start_server(loader=many_classes)  # 16 MiB on the server
+    with DigitClient(big.target, timeout=10,
+                     options=[("grpc.max_receive_message_length", 64 * 1024)]) as client:
+        error = refused(lambda: client.predict(images))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "larger than max" in error.details()
+        assert client.predict(images[:1]).probabilities.shape == (1, 4000)
+    fake = start_server(max_message_bytes=64 * 1024)
+    with DigitClient(fake.target, timeout=10) as client:
+        error = refused(lambda: client.evaluate(images_u8(100), np.zeros(100), batch_size=100))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert client.evaluate(images_u8(100), np.zeros(100), batch_size=50).count == 100
+
+
+# --- untrusted data ------------------------------------------------------------------------------
+
+@pytest.fixture
+def published_copy(tiny_repo: Path, tmp_path: Path) -> Iterator[Path]:
+    source = ModelRepository(tiny_repo).version_dir("tiny", 1)
+    copy = tmp_path / "tiny" / "1"
+    shutil.copytree(source, copy)
+    yield copy
+
+
+def test_tampered_model_file_is_refused_before_keras_opens_it(published_copy: Path) -> None:
+    from server.model import KerasModel
+
+    assert KerasModel.load(published_copy).spec.version == 1  # the untouched copy loads
+    model_file = published_copy / MODEL_FILE
+    data = bytearray(model_file.read_bytes())
+    for offset in (len(data) // 3, len(data) // 2):  # flip bytes after publishing
+        data[offset] ^= 0xFF
+    model_file.write_bytes(bytes(data))
+    with pytest.raises(CorruptVersionError) as info:
+        KerasModel.load(published_copy)
+    assert str(info.value).startswith(f"{model_file}: sha256 ")
+    assert "differs from" in str(info.value) and "recorded in metadata" in str(info.value)
+
+
+UNSAFE_LOADS = [
+    (re.compile(r"\bpickle\.loads?\("), "plain unpickling"),
+    (re.compile(r"\bpickle\.Unpickler\("), "an unrestricted unpickler"),
+    (re.compile(r"allow_pickle\s*=\s*True"), "numpy with pickles"),
+    (re.compile(r"\bnp\.load\((?![^)]*allow_pickle=False)"), "np.load without allow_pickle=False"),
+    (re.compile(r"\bload_model\((?![^)]*safe_mode=True)"), "Keras load_model without safe_mode=True"),
+    (re.compile(r"\byaml\.(?:unsafe_)?load\("), "yaml.load"),
+    (re.compile(r"\b(?:eval|exec)\("), "eval/exec"),
+    (re.compile(r"\bmarshal\.loads?\("), "marshal"),
+]
+
+
+def test_no_code_loads_untrusted_data_unsafely() -> None:
+    sources = [p for d in ("server", "trainer", "client", "protos/digitserve")
+               for p in sorted((REPO_ROOT / d).rglob("*.py")) if "_pb2" not in p.name]
+    assert len(sources) > 20
+    found = []
+    for path in sources:
+        text = path.read_text()
+        for pattern, why in UNSAFE_LOADS:  # on the whole text: a call may span lines
+            for match in pattern.finditer(text):
+                line = text.count("\n", 0, match.start()) + 1
+                found.append(f"{path.relative_to(REPO_ROOT)}:{line}: {why}")
+    assert not found, found
