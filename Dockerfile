@@ -1,31 +1,41 @@
 # digitserve: one image that trains (mnist-train), serves (mnist-serve) and calls (mnist-client).
 #   docker build -t digitserve .    then    docker run digitserve {serve|fetch-and-train|evaluate|...}
-# Stages: `builder` makes a virtual environment in /opt/venv (dependencies first, in a layer that
-# only pyproject.toml invalidates, then the project itself); `runtime` copies that environment
-# onto a fresh base image: no build tools, no pip cache, no sources, a non-root user.
+# Stages: `deps` installs the dependencies into the virtual environment /opt/venv from
+# pyproject.toml alone; `wheel` builds the project's wheel from the sources; `runtime` copies the
+# environment (a layer that only a change of dependencies rebuilds) onto a fresh base image and
+# installs the wheel into it (a small layer per code change): no build tools, no pip cache, no
+# sources, a non-root user.
 ARG BASE_IMAGE=python:3.11-slim
 
-FROM ${BASE_IMAGE} AS builder
+FROM ${BASE_IMAGE} AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-RUN python -m venv /opt/venv
-# Dependency layer: the requirement lists of pyproject.toml (build system, project and EXTRAS),
-# installed before any source is copied, so editing code does not reinstall TensorFlow.
+# The requirement lists of pyproject.toml: the project's and its EXTRAS into /opt/venv, the build
+# system's into /opt/build (for the wheel stage, which then needs no network).
 # TensorFlow's C++ headers (~290 MB) only serve to compile custom ops: dropped.
 # EXTRAS= (empty) makes a client-only image without TensorFlow.
 ARG EXTRAS=server,trainer
 COPY pyproject.toml ./
-RUN python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); extras = [e for e in os.environ['EXTRAS'].split(',') if e]; reqs = p['build-system']['requires'] + p['project']['dependencies'] + [r for e in extras for r in p['project']['optional-dependencies'][e]]; print('\n'.join(reqs))" > requirements.txt \
+RUN python -c "import os, tomllib; \
+      p = tomllib.load(open('pyproject.toml', 'rb')); \
+      extras = [e for e in os.environ['EXTRAS'].split(',') if e]; \
+      reqs = p['project']['dependencies'] + [r for e in extras for r in p['project']['optional-dependencies'][e]]; \
+      open('requirements.txt', 'w').write('\n'.join(reqs) + '\n'); \
+      open('build-requirements.txt', 'w').write('\n'.join(p['build-system']['requires']) + '\n')" \
+ && python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --requirement requirements.txt \
- && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include
-# Code layer: the project alone, built with the setuptools installed above (no network needed).
+ && rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include \
+ && python -m venv /opt/build \
+ && /opt/build/bin/pip install --no-cache-dir --requirement build-requirements.txt
+
+FROM deps AS wheel
 COPY README.md ./
 COPY protos ./protos
 COPY trainer ./trainer
 COPY server ./server
 COPY client ./client
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation .
+RUN /opt/build/bin/pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM ${BASE_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="digitserve" \
@@ -38,7 +48,10 @@ RUN useradd --no-log-init --uid 10001 --user-group --create-home --home-dir /hom
  && mkdir -p /data /models \
  && chown app:app /data /models \
  && chmod 0755 /usr/local/bin/docker-entrypoint
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

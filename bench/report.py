@@ -111,8 +111,9 @@ def operations_table(rows: list[dict[str, Any]]) -> list[str]:
     for row in rows:
         if row["kind"] == "h2load":
             continue
-        accuracies = [s.get("accuracy") for s in row["scenarios"].values()
-                      if s.get("accuracy") is not None]
+        checked = sum(s.get("checked", 0) for s in row["scenarios"].values())
+        correct = sum(round(s["accuracy"] * s["checked"]) for s in row["scenarios"].values()
+                      if s.get("accuracy") is not None)
         errors: dict[str, int] = {}
         for s in row["scenarios"].values():
             for code, n in s.get("errors", {}).items():
@@ -122,7 +123,7 @@ def operations_table(rows: list[dict[str, Any]]) -> list[str]:
         total = sum(rss for _, rss in memory) if memory else None
         lines.append("| " + " | ".join([
             row["name"], row["model"],
-            f"{min(accuracies):.4f}" if accuracies else "–",
+            f"{correct / checked:.4f}" if checked else "–",
             ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none",
             _num(row.get("evaluate_s"), 2), _num(row.get("cold_start_s"), 2), per_process,
             _num(total),

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "BENCHMARKS.md",
                         help="markdown file to write (default: BENCHMARKS.md)")
     parser.add_argument("--json-out", type=Path, help="also write the raw results as JSON")
+    parser.add_argument("--from-json", type=Path,
+                        help="measure nothing: rewrite --out from a --json-out file of an earlier run")
     return parser
 
 
@@ -196,6 +198,10 @@ def h2load_row(binary: str, target: str, args: argparse.Namespace,
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        publish(args, saved["rows"], saved["settings"], saved.get("machine") or report.machine())
+        return 0
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     load_before = report.load_average()
     try:
@@ -226,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = configs(args, "-")
     settings = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)]),
+        "command": f"{PROG} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip(),
         "duration": args.duration, "warmup": args.warmup, "encoding": args.encoding,
         "load": ", ".join(f"{plan[k].effective_processes()} process(es) × {plan[k].connections} "
                           f"connection(s) at {plan[k].concurrency} in flight" for k in POINTS),
@@ -235,15 +241,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.note,
         ])),
     }
-    section = report.render([r for r in rows if "failed" not in r], settings, report.machine())
+    host = report.machine()
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"settings": settings, "machine": host, "rows": rows},
+                                            indent=1))
+    return publish(args, rows, settings, host)
+
+
+def publish(args: argparse.Namespace, rows: list[dict[str, Any]], settings: dict[str, Any],
+            host: dict[str, str]) -> int:
+    """Writes the section into --out and prints it; 1 if a server failed."""
+    section = report.render([r for r in rows if "failed" not in r], settings, host)
     failed = [r for r in rows if "failed" in r]
     if failed:
         section = section.replace(report.END, "\n".join(
             f"- {r['name']} ({r['model']}) failed: {r['failed'].splitlines()[0]}" for r in failed
         ) + "\n\n" + report.END)
     report.write(args.out, section, HEADER)
-    if args.json_out is not None:
-        args.json_out.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
     print(section)
     logger.info("wrote %s", args.out)
     return 1 if failed else 0

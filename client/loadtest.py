@@ -220,6 +220,8 @@ class _Recorder:
         self.latencies: list[float] = []
         self.errors: Counter[str] = Counter()
         self.result = ProcessResult(np.empty(0), {})
+        # Plain ints: numpy calls cost microseconds each, a comparison of ints tens of nanoseconds.
+        self._labels = [tuple(int(k) for k in labels) for labels in workload.labels]
 
     def ok(self, index: int, answer: bytes, latency: float) -> None:
         self.latencies.append(latency)
@@ -241,13 +243,12 @@ class _Recorder:
         except Exception:  # protobuf's DecodeError: an answer that is not a PredictResponse
             self.result.mismatches += 1
             return
-        labels = self.workload.labels[index]
-        if len(predictions) != labels.shape[0]:
+        labels = self._labels[index]
+        if len(predictions) != len(labels):
             self.result.mismatches += 1
             return
-        classes = np.fromiter((p.class_index for p in predictions), np.int64, len(predictions))
-        self.result.checked += labels.shape[0]
-        self.result.correct += int(np.count_nonzero(classes == labels))
+        self.result.checked += len(labels)
+        self.result.correct += sum(p.class_index == k for p, k in zip(predictions, labels, strict=True))
         if self.workload.expected is not None:
             got = np.array([p.probabilities for p in predictions], dtype=np.float32)
             want = self.workload.expected[index]

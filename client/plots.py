@@ -27,7 +27,7 @@ def plot_loadtest(
     percentiles: Sequence[float] = (50, 90, 99),
 ) -> Path:
     """A load test as one PNG: the latency histogram (log-spaced bins, percentiles marked) and the
-    throughput over time (completed calls per second in bins of about 1/50 of the run).
+    throughput over time (completed calls per second, in up to 50 bins of at least 50 ms).
 
     ``latencies_ms[i]`` is the latency of successful call i, ``completion_times_s[i]`` when it
     completed, in seconds since the start of the run."""
@@ -53,9 +53,10 @@ def plot_loadtest(
             hist_ax.axvline(value, color="tab:red", linestyle=style, label=f"p{q:g} {value:.2f} ms")
         hist_ax.legend()
         span = max(float(done.max()), 1e-6)
-        width = max(span / 50, 0.05)
-        counts, edges = np.histogram(done, bins=np.arange(0.0, span + width, width))
-        rate_ax.step(edges[:-1], counts / width, where="post", color="tab:green")
+        bins_count = max(1, min(50, int(span / 0.05)))  # bins of span/50, at least 50 ms wide
+        counts, edges = np.histogram(done, bins=np.linspace(0.0, span, bins_count + 1))
+        rates = counts / (span / bins_count)
+        rate_ax.step(edges, np.append(rates, rates[-1]), where="post", color="tab:green")
         rate_ax.axhline(latencies.size / span, color="gray", linestyle="--",
                         label=f"mean {latencies.size / span:.0f} calls/s")
         rate_ax.set_xlim(0, span)
