@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# The container path end to end: lint the Dockerfile, compose file and Kubernetes manifests,
-# build the image, run the compose stack (train -> serve -> evaluate through the server) to a
-# passing client, check the published port and a graceful stop, and always tear everything down.
+# The container path end to end: lint the Dockerfile, entrypoint, compose file and Kubernetes
+# manifests; build the image; run the compose stack (train -> serve -> evaluate through the server)
+# to a passing client; call the published gRPC and metrics ports from the host; load-test; check
+# that the server drains and exits 0 on SIGTERM; always tear down. Prints each step's time and the
+# image size.
 #
 # Engine: ../shared/containers/engine.sh when it exists (podman behind a Docker-compatible socket;
 # started here and stopped on exit), else the local Docker daemon. The lint tools come from PyPI
 # into a virtual environment of their own ($CONTAINERS_VENV, default .venv-containers).
 #
 # Knobs (environment): MNIST_IMAGE (digitserve:ci), BASE_IMAGE (python:3.11-slim), MNIST_PRESET
-# (default), MNIST_EPOCHS (1: CI speed), MNIST_MIN_ACCURACY (0.95), MNIST_PORT (a free port),
-# STACK_TIMEOUT seconds (1200), CONTAINERS_LOADTEST (auto: run the loadtest profile for
-# MNIST_LOADTEST_DURATION=5 s when the client has a loadtest command; 0 skips, 1 requires),
-# KEEP_ENGINE=1 (leave the engine running afterwards).
+# (default), MNIST_EPOCHS (1, for speed), MNIST_MIN_ACCURACY (0.95), MNIST_PORT and
+# MNIST_METRICS_PORT (free ports), STACK_TIMEOUT seconds (1200), CONTAINERS_LOADTEST (auto: run
+# the loadtest profile for MNIST_LOADTEST_DURATION=5 s when the client has a loadtest command;
+# 0 skips it, 1 requires it), KEEP_ENGINE=1 (leave the engine running afterwards).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -105,6 +107,7 @@ tools() {
   local stamp=$VENV/.tools
   if [ "$(cat "$stamp" 2>/dev/null)" != "${TOOLS[*]}" ]; then
     python3 -m venv "$VENV"
+    printf '*\n' >"$VENV/.gitignore"  # never committed, whatever the repository's .gitignore says
     "$VENV/bin/python" -m pip install -q "${TOOLS[@]}"
     echo "${TOOLS[*]}" >"$stamp"
   fi
@@ -165,7 +168,9 @@ free_port() {
 # up: trainer (fetch + train) -> server healthy -> client started; `up` returns once the client
 # has started, then the client's exit code is the result.
 stack() {
-  export MNIST_PORT=${MNIST_PORT:-$(free_port)}
+  MNIST_PORT=${MNIST_PORT:-$(free_port)}
+  MNIST_METRICS_PORT=${MNIST_METRICS_PORT:-$(free_port)}
+  export MNIST_PORT MNIST_METRICS_PORT
   stack_started=1
   timeout "$STACK_TIMEOUT" "$VENV/bin/docker-compose" up --detach --no-build
   local rc
@@ -199,8 +204,20 @@ print(f"[containers] trainer (fetch + train) {trainer:.1f} s, server healthy aft
 }
 
 published() {
-  # the published port answers on the host's loopback (a client container in the host's network)
+  # the published ports answer on the host's loopback: gRPC (a client container in the host's
+  # network namespace) and the Prometheus endpoint
   run_image --network host "$MNIST_IMAGE" client --target "127.0.0.1:$MNIST_PORT" --timeout 10 info
+  "$VENV/bin/python" - "http://127.0.0.1:$MNIST_METRICS_PORT/metrics" <<'EOF'
+import sys
+import urllib.request
+
+with urllib.request.urlopen(sys.argv[1], timeout=10) as response:
+    body = response.read().decode()
+families = sorted(line.split()[2] for line in body.splitlines() if line.startswith("# TYPE "))
+print(f"{sys.argv[1]}: {len(families)} metric families ({', '.join(families[:6])}, ...)")
+if not families:
+    sys.exit("no metrics")
+EOF
 }
 
 loadtest() {

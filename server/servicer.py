@@ -140,7 +140,11 @@ def mapped_errors(
         except Exception:
             logger.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-        await context.abort(code, str(error), trailing_metadata=_status_details(code, error))
+        # Keep trailing metadata set before (the request id of server/telemetry.py).
+        earlier = tuple(context.trailing_metadata() or ())
+        await context.abort(
+            code, str(error), trailing_metadata=(*earlier, *_status_details(code, error))
+        )
         raise AssertionError("context.abort() returned")  # it always raises
 
     return wrapper

@@ -160,14 +160,14 @@ def test_request_id_is_echoed_or_generated(fake_server: ServerThread) -> None:
         stub = pb_grpc.DigitServiceStub(channel)
         _, call = stub.GetModelInfo.with_call(
             pb.GetModelInfoRequest(), metadata=(("x-request-id", "trace-42"),))
-        assert ("x-request-id", "trace-42") in [tuple(m) for m in call.initial_metadata()]
+        assert ("x-request-id", "trace-42") in [tuple(m) for m in call.trailing_metadata()]
         with pytest.raises(grpc.RpcError) as info:  # an error echoes it too
             stub.Predict(pb.PredictRequest(), metadata=(("x-request-id", "trace-43"),))
-        assert ("x-request-id", "trace-43") in [tuple(m) for m in info.value.initial_metadata()]
+        assert ("x-request-id", "trace-43") in [tuple(m) for m in info.value.trailing_metadata()]
         ids = set()
         for sent in (None, (("x-request-id", "bad id with spaces"),)):
             _, call = stub.GetModelInfo.with_call(pb.GetModelInfoRequest(), metadata=sent)
-            (echoed,) = [m.value for m in call.initial_metadata() if m.key == "x-request-id"]
+            (echoed,) = [m.value for m in call.trailing_metadata() if m.key == "x-request-id"]
             assert len(echoed) == 32 and int(echoed, 16) >= 0
             ids.add(echoed)
         assert len(ids) == 2
