@@ -50,14 +50,19 @@ RUN useradd --no-log-init --uid 10001 --user-group --create-home --home-dir /hom
  && chmod 0755 /usr/local/bin/docker-entrypoint
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=wheel /wheels/ /tmp/wheels/
+# TensorFlow imports matplotlib: build its font cache once here instead of at every start
+# (the root file system is read-only at run time).
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
- && rm -rf /tmp/wheels
+ && rm -rf /tmp/wheels \
+ && MPLCONFIGDIR=/opt/mplconfig /opt/venv/bin/python -c "import matplotlib.font_manager" \
+ && chmod -R a+rX /opt/mplconfig
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
+    MPLCONFIGDIR=/opt/mplconfig \
     MNIST_DATA_DIR=/data \
     MNIST_MODEL_REPO=/models \
     MNIST_MODEL_NAME=mnist \
