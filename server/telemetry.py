@@ -218,26 +218,42 @@ def _split_method(method: str) -> tuple[str, str]:
     return service, name
 
 
+class _MethodMetrics:
+    """The labelled children of one method's call metrics, looked up once, not per call."""
+
+    def __init__(self, telemetry: Telemetry, kind: str, method: str) -> None:
+        self.method = method
+        self._labels = (kind, *_split_method(method))
+        self._handled = telemetry.handled
+        self.in_flight = telemetry.in_flight.labels(*self._labels)
+        self.seconds = telemetry.handling_seconds.labels(*self._labels)
+        self.handled: dict[str, Any] = {}
+
+    def count(self, code: str) -> None:
+        child = self.handled.get(code)
+        if child is None:
+            child = self.handled[code] = self._handled.labels(*self._labels, code)
+        child.inc()
+
+
 class _Call:
     """One call being observed: in-flight while it runs, then counted, timed and logged."""
 
-    __slots__ = ("context", "kind", "method", "request_id", "started", "telemetry", "token")
+    __slots__ = ("context", "metrics", "request_id", "started", "token")
 
-    def __init__(self, telemetry: Telemetry, kind: str, method: str, request_id: str,
+    def __init__(self, metrics: _MethodMetrics, request_id: str,
                  context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.telemetry = telemetry
-        self.kind = kind
-        self.method = method
+        self.metrics = metrics
         self.request_id = request_id
         self.context = context
         self.token = current_request_id.set(request_id)
         self.started = time.perf_counter()
-        telemetry.in_flight.labels(kind, *_split_method(method)).inc()
+        metrics.in_flight.inc()
 
     def echo_request_id(self) -> None:
-        """In the trailing metadata: it costs nothing extra (sent with the status), where sending
-        initial metadata early is one more operation per call and, measured, made calls caught
-        by a drain end CANCELLED. An abort keeps it (servicer.mapped_errors adds its own)."""
+        """In the trailing metadata: it travels with the status at no extra cost, where sending
+        initial metadata first would be one more operation (and event-loop round trip) per call.
+        An abort keeps it: servicer.mapped_errors adds its details after it."""
         self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
     def finish(self, error: BaseException | None) -> None:
@@ -249,19 +265,19 @@ class _Call:
         else:  # grpc answers an exception that escapes the handler with UNKNOWN
             code = grpc.StatusCode.UNKNOWN
         code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-        labels = (self.kind, *_split_method(self.method))
-        t = self.telemetry
-        t.in_flight.labels(*labels).dec()
-        t.handled.labels(*labels, code_name).inc()
-        t.handling_seconds.labels(*labels).observe(seconds)
-        peer = self.context.peer()
-        latency_ms = round(seconds * 1000, 3)
-        access_logger.info(
-            "%s %s %.2f ms peer=%s request_id=%s", self.method, code_name, latency_ms, peer,
-            self.request_id,
-            extra={"method": self.method, "code": code_name, "latency_ms": latency_ms,
-                   "peer": peer, "request_id": self.request_id},
-        )
+        metrics = self.metrics
+        metrics.in_flight.dec()
+        metrics.count(code_name)
+        metrics.seconds.observe(seconds)
+        if access_logger.isEnabledFor(logging.INFO):
+            peer = self.context.peer()
+            latency_ms = round(seconds * 1000, 3)
+            access_logger.info(
+                "%s %s %.2f ms peer=%s request_id=%s", metrics.method, code_name, latency_ms, peer,
+                self.request_id,
+                extra={"method": metrics.method, "code": code_name, "latency_ms": latency_ms,
+                       "peer": peer, "request_id": self.request_id},
+            )
         # ValueError: finished in another context (a stream closed elsewhere); harmless.
         with contextlib.suppress(ValueError):
             current_request_id.reset(self.token)
@@ -275,6 +291,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
 
     def __init__(self, telemetry: Telemetry) -> None:
         self._telemetry = telemetry
+        self._methods: dict[tuple[str, str], _MethodMetrics] = {}
 
     async def intercept_service(
         self,
@@ -290,7 +307,10 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             behavior = getattr(handler, attribute)
             if behavior is None:
                 continue
-            wrapped = _wrap(behavior, self._telemetry, kind, method, request_id)
+            metrics = self._methods.get((kind, method))
+            if metrics is None:
+                metrics = self._methods[kind, method] = _MethodMetrics(self._telemetry, kind, method)
+            wrapped = _wrap(behavior, metrics, request_id)
             if wrapped is None:  # a synchronous handler: left as it is
                 return handler
             return make(
@@ -310,14 +330,15 @@ _KINDS = (
 )
 
 
-def _wrap(behavior: Callable[..., Any], telemetry: Telemetry, kind: str, method: str,
-          request_id: str) -> Callable[..., Any] | None:
+def _wrap(
+    behavior: Callable[..., Any], metrics: _MethodMetrics, request_id: str
+) -> Callable[..., Any] | None:
     """The behavior wrapped in a _Call, keeping its flavour (coroutine or async generator),
     which grpc.aio inspects to decide how to run it."""
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            call = _Call(telemetry, kind, method, request_id, context)
+            call = _Call(metrics, request_id, context)
             try:
                 call.echo_request_id()
                 async for response in behavior(request, context):
@@ -331,7 +352,7 @@ def _wrap(behavior: Callable[..., Any], telemetry: Telemetry, kind: str, method:
     if inspect.iscoroutinefunction(behavior):
 
         async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call = _Call(telemetry, kind, method, request_id, context)
+            call = _Call(metrics, request_id, context)
             try:
                 call.echo_request_id()
                 response = await behavior(request, context)
