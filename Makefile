@@ -26,7 +26,7 @@ test: data
 
 lint: venv
 	$(BIN)/ruff check .
-	$(BIN)/mypy protos/digitserve/*.py server trainer client
+	$(BIN)/mypy protos/digitserve/*.py server trainer client bench
 	PYTHON=$(BIN)/python .ci/gen-protos.sh --check
 
 # Issue 3's benchmark: null, naive and digitserve servers under the same load → BENCHMARKS.md.

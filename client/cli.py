@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not decode answers (no accuracy; a little less client CPU)")
     lt.add_argument("--min-accuracy", type=float, default=0.0,
                     help="exit 1 when the accuracy of the answers is below this")
+    lt.add_argument("--plot", type=Path,
+                    help="draw the latency histogram and the throughput over time into this PNG")
     lt.add_argument("--json", action="store_true", help="print a JSON object")
     return parser
 
@@ -258,7 +260,15 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
         result = loadtest.run(config, workload, progress=not args.json)
     except loadtest.LoadTestError as exc:
         raise CliError(str(exc)) from exc
+    if args.plot is not None:
+        from client.plots import plot_loadtest
+
+        mode = f"rate {args.rate:g}/s" if args.rate else f"concurrency {args.concurrency}"
+        plot_loadtest(args.plot, result.latencies_ms, result.completion_times_s,
+                      title=f"mnist-client loadtest → {client.target}: {mode}, batch {args.batch}")
     print(json.dumps(result.to_dict()) if args.json else loadtest.format_result(result))
+    if args.plot is not None and not args.json:
+        print(f"plot: {args.plot}")
     if result.errors:
         failed = ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items()))
         print(f"{PROG}: error: {sum(result.errors.values())} of {result.requests} requests failed "

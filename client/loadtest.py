@@ -189,10 +189,12 @@ def split(config: LoadConfig, workload_size: int) -> list[Plan]:
 
 @dataclass
 class ProcessResult:
-    """What one load process measured; latencies in seconds of the successful calls."""
+    """What one load process measured; latencies in seconds of the successful calls, and when each
+    finished (time.monotonic(), the same clock in every process)."""
 
     latencies: npt.NDArray[np.float64]
     errors: dict[str, int]
+    completions: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
     ok: int = 0
     images: int = 0
     checked: int = 0
@@ -218,6 +220,7 @@ class _Recorder:
         self.verify = verify
         self.counter = counter
         self.latencies: list[float] = []
+        self.completions: list[float] = []
         self.errors: Counter[str] = Counter()
         self.result = ProcessResult(np.empty(0), {})
         # Plain ints: numpy calls cost microseconds each, a comparison of ints tens of nanoseconds.
@@ -228,6 +231,7 @@ class _Recorder:
         self.result.ok += 1
         self.result.images += self.workload.batch
         self.result.finished = time.monotonic()
+        self.completions.append(self.result.finished)
         self.counter.value += 1
         if self.verify:
             self._check(index, answer)
@@ -257,6 +261,7 @@ class _Recorder:
 
     def finish(self) -> ProcessResult:
         self.result.latencies = np.asarray(self.latencies, dtype=np.float64)
+        self.result.completions = np.asarray(self.completions, dtype=np.float64)
         self.result.errors = dict(self.errors)
         return self.result
 
@@ -403,6 +408,8 @@ class LoadResult:
     correct: int
     mismatches: int
     latencies_ms: npt.NDArray[np.float64] = field(repr=False)
+    completion_times_s: npt.NDArray[np.float64] = field(repr=False)
+    """When each successful call finished, in seconds since the run began."""
 
     @property
     def requests(self) -> int:
@@ -458,6 +465,7 @@ def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult
         checked=sum(p.checked for p in parts), correct=sum(p.correct for p in parts),
         mismatches=sum(p.mismatches for p in parts),
         latencies_ms=np.concatenate([p.latencies for p in parts] or [np.empty(0)]) * 1000.0,
+        completion_times_s=np.concatenate([p.completions for p in parts] or [np.empty(0)]) - begin,
     )
 
 

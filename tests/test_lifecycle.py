@@ -123,6 +123,9 @@ def test_several_workers_share_the_port_and_drain_on_sigterm(
         with DigitClient(target, timeout=60) as client:
             assert client.wait_until_serving(90) == "SERVING"
             assert client.predict(np.zeros(784, np.uint8)).model_version == 1
+    deadline = time.monotonic() + 90  # the other worker may still be loading its model
+    while server.log.count("serving model tiny version 1") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
     for line in server.lines:
         if "worker " in line and " starting" in line:
             pids.add(line.split("(pid ")[1].split(")")[0])

@@ -151,3 +151,19 @@ def test_no_server_is_a_connection_error(
                  str(synthetic_data_dir), "--duration", "1"])
     err = capsys.readouterr().err
     assert code == 1 and "no connection within 0.5s" in err
+
+
+def test_plot_draws_the_run(
+    fake_server: ServerThread, synthetic_data_dir: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    plot = tmp_path / "load.png"
+    code, result = run_cli(capsys, fake_server.target, "--data-dir", str(synthetic_data_dir),
+                           "--concurrency", "2", "--requests", "150", "--plot", str(plot))
+    assert code == 0 and result["ok"] == 150
+    with Image.open(plot) as picture:
+        width, height = picture.size
+    assert width > 400 and height > 200
