@@ -86,6 +86,20 @@ class ServerThread:
             self.loop.close()
 
 
+def expect_error(call: Callable[[], object], code: Any, *fragments: str) -> Any:
+    """Runs ``call``, asserts it fails with gRPC status ``code`` and details holding each fragment;
+    returns the error."""
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    assert err.code() == code, (err.code(), err.details())
+    for fragment in fragments:
+        assert fragment in err.details(), (fragment, err.details())
+    return err
+
+
 def make_settings(tmp: Path, **overrides: Any) -> Any:
     from server.settings import Settings
 

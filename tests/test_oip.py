@@ -25,7 +25,7 @@ from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.repository import ModelRepository
 from server.servicer import INTERNAL_MESSAGE
-from tests.conftest import FakeModel, ServerThread
+from tests.conftest import FakeModel, ServerThread, expect_error
 
 D = 784
 Request = oip.ModelInferRequest
@@ -92,15 +92,6 @@ def output_arrays(response: oip.ModelInferResponse) -> dict[str, npt.NDArray[Any
         arrays[tensor.name] = array.reshape(shape)
     return arrays
 
-
-def expect_error(call: Callable[[], object], code: grpc.StatusCode, *fragments: str) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    err = info.value
-    assert err.code() == code, (err.code(), err.details())
-    for fragment in fragments:
-        assert fragment in err.details(), (fragment, err.details())
-    return err
 
 
 def test_server_live_ready_and_metadata(stub: oip_grpc.GRPCInferenceServiceStub) -> None:

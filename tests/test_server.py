@@ -19,7 +19,7 @@ from digitserve.metrics import classification_metrics
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from server.servicer import INTERNAL_MESSAGE
-from tests.conftest import FakeModel, ServerThread
+from tests.conftest import FakeModel, ServerThread, expect_error
 
 D = 784
 
@@ -38,15 +38,6 @@ def stub(channel: grpc.Channel) -> pb_grpc.DigitServiceStub:
 def images_u8(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, D), dtype=np.uint8)
 
-
-def expect_error(call: Callable[[], object], code: grpc.StatusCode, *fragments: str) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    err = info.value
-    assert err.code() == code, (err.code(), err.details())
-    for fragment in fragments:
-        assert fragment in err.details(), (fragment, err.details())
-    return err
 
 
 def test_predict_encodings_agree_and_match_the_model(stub: pb_grpc.DigitServiceStub) -> None:

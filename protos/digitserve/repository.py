@@ -115,7 +115,7 @@ class ModelRepository:
                         raise
                     version = max(self.versions(name), default=version) + 1
                     continue
-                _fsync_dir(model_dir)
+                fsync_path(model_dir)
                 logger.info("published model %s version %d at %s", name, version, target)
                 return version, target
         except BaseException:
@@ -141,7 +141,8 @@ def _write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
     os.replace(tmp, directory / METADATA_FILE)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flushes a file's or a directory's entry to disk (for atomic renames that survive a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
