@@ -11,10 +11,11 @@ from collections.abc import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from digitserve.repository import RepositoryError
 from digitserve.v1 import digit_service_pb2 as pb
+from server.calls import CallWrapper, Services
 from server.dataplane import DataPlane
 from server.model import Model
 from server.oip import SERVICE as OIP_SERVICE
@@ -70,7 +71,10 @@ class App:
             source = (
                 StaticSource(loader)
                 if loader is not None
-                else RepositorySource(settings.model_repo, settings.model_name, settings.min_check_accuracy)
+                else RepositorySource(
+                    settings.model_repo, settings.model_name, settings.min_check_accuracy,
+                    settings.inference,
+                )
             )
         self.source = source
         self.model_events: list[ModelEvent] = []
@@ -87,23 +91,24 @@ class App:
         )
         self.telemetry.watch_queue(lambda: self.plane.batcher.queued_images)
         self.health = health_aio.HealthServicer()
-        self.server = grpc.aio.server(
-            options=server_options(settings, reuse_port),
-            # Telemetry first: it sees every call, refused ones too; then the token check.
-            interceptors=[self.telemetry.interceptor, *self.security.interceptors],
-        )
-        add_to_server(DigitServicer(self.plane), self.server)  # bytes that do not parse: INVALID_ARGUMENT
-        add_to_server(InferenceServicer(self.plane, settings.model_name), self.server, OIP_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (
+        self.server = grpc.aio.server(options=server_options(settings, reuse_port))
+        # Every method of every service wrapped once: request id, token check, metrics, access line.
+        services = Services(self.server, CallWrapper(self.telemetry, self.security.auth))
+        add_to_server(DigitServicer(self.plane), services)  # bytes that do not parse: INVALID_ARGUMENT
+        add_to_server(InferenceServicer(self.plane, settings.model_name), services, OIP_SERVICE)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
+        # What reflection.enable_server_reflection does for a grpc.aio.Server (which it tells by
+        # isinstance, and Services is not one).
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer((
                 SERVICE_NAME,
                 OIP_SERVICE.full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
-            ),
-            self.server,
+            )),
+            services,
         )
+        services.close()
         self.port = 0
         self.metrics_port: int | None = None
 

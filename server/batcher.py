@@ -25,7 +25,8 @@ from server.model import Model
 
 logger = logging.getLogger(__name__)
 
-Runner = Callable[[Callable[[], npt.NDArray[np.float32]]], Awaitable[npt.NDArray[np.float32]]]
+Runner = Callable[[Model, npt.NDArray[np.float32]], Awaitable[npt.NDArray[np.float32]]]
+Answers = Callable[[Model, npt.NDArray[np.float32]], None]
 
 
 @dataclass
@@ -59,12 +60,14 @@ class Batcher:
         max_queue_delay: float,
         max_queued_images: int,
         on_batch: Callable[[int, float], None] | None = None,
+        on_answers: Answers | None = None,
     ) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queued_images = max_queued_images
         self._on_batch = on_batch
+        self._on_answers = on_answers
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_images = 0
         self._wakeup: asyncio.Event | None = None
@@ -145,7 +148,7 @@ class Batcher:
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         started = time.monotonic()
         try:
-            probs = await self._run(lambda: model.predict(images))
+            probs = await self._run(model, images)
         except Exception as exc:  # every caller of the batch gets the model's error
             for pending in batch:
                 if not pending.future.done():
@@ -157,11 +160,17 @@ class Batcher:
         if self._on_batch is not None:
             self._on_batch(images.shape[0], started - min(p.enqueued for p in batch))
         offset = 0
+        answered: list[npt.NDArray[np.float32]] = []
         for pending in batch:
             n = pending.images.shape[0]
             if not pending.future.done():
-                pending.future.set_result(probs[offset : offset + n])
+                rows = probs[offset : offset + n]
+                pending.future.set_result(rows)
+                answered.append(rows)
             offset += n
+        if self._on_answers is not None and answered:
+            # Once per batch, not per call: the rows of the callers that were still waiting.
+            self._on_answers(model, probs if len(answered) == len(batch) else np.concatenate(answered))
 
     async def close(self) -> None:
         if self._task is not None:

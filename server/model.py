@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ class ModelSpec:
     input_scale: float
     labels: tuple[str, ...]
 
-    @property
+    @functools.cached_property
     def input_size(self) -> int:
         return int(np.prod(self.input_shape))
 
@@ -60,15 +63,103 @@ class Model(Protocol):
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
 
 
-class KerasModel:
-    """A saved Keras model (``model.keras``) called through the concrete function of a
-    ``tf.function`` with a fixed signature: of the paths ``bench/inference_paths.py`` measures
-    (``model.predict``, calling the model, ``tf.function``, its concrete function, XLA padded to
-    fixed batch sizes) the fastest whose probabilities equal ``model.predict``'s to 1e-6."""
+INFERENCE_CHOICES = ("auto", "litert", "tensorflow")
+AGREEMENT_FLOOR = 1e-6
+"""The fast path must agree with ``model.predict`` to this, or to TensorFlow's own batch-1 spread."""
 
-    def __init__(self, keras_model: Any, metadata: dict[str, Any]) -> None:
+
+class InferencePathError(CorruptVersionError):
+    """Raised when ``--inference litert`` is demanded and the LiteRT path cannot serve a version."""
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How the chosen path's probabilities compare with ``model.predict``'s on the probe images."""
+
+    path: str
+    images: int
+    litert_diff: float | None
+    """Largest |p - model.predict| of the LiteRT path, in one batch and image by image."""
+    tensorflow_spread: float
+    """Largest |p - model.predict| of TensorFlow's own function called image by image: how much the
+    reference moves with the batch size (a batch-1 matrix-vector kernel rounds differently)."""
+    reason: str = ""
+
+    @property
+    def tolerance(self) -> float:
+        return max(AGREEMENT_FLOOR, self.tensorflow_spread)
+
+    def describe(self) -> str:
+        lite = "n/a" if self.litert_diff is None else f"{self.litert_diff:.2e}"
+        text = (f"inference path {self.path}: on {self.images} probe images max |p - model.predict| "
+                f"LiteRT {lite}, TensorFlow batch-1 {self.tensorflow_spread:.2e} (tolerance "
+                f"{self.tolerance:.2e})")
+        return f"{text}; {self.reason}" if self.reason else text
+
+
+class LiteRTRunner:
+    """A LiteRT (TensorFlow Lite) interpreter of the model, XNNPACK on one thread: a call costs
+    microseconds where a TensorFlow function call costs hundreds, and each image's probabilities do
+    not depend on the batch it travels in. Not thread-safe: the data plane calls it from its one
+    model thread."""
+
+    def __init__(self, flatbuffer: bytes) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self._interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
+        inp = self._interpreter.get_input_details()[0]
+        self._input = int(inp["index"])
+        self._row_shape = [int(d) for d in inp["shape_signature"][1:]]
+        self._output = int(self._interpreter.get_output_details()[0]["index"])
+        self._rows = -1
+
+    @classmethod
+    def convert(cls, keras_model: Any) -> LiteRTRunner:
         import tensorflow as tf
 
+        # The converter exports the model to a temporary SavedModel and prints where to stdout,
+        # which is the trainer's --json output: keep it out.
+        with contextlib.redirect_stdout(io.StringIO()):
+            flatbuffer = tf.lite.TFLiteConverter.from_keras_model(keras_model).convert()
+        return cls(flatbuffer)
+
+    def __call__(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        rows = images.shape[0]
+        interpreter = self._interpreter
+        if rows != self._rows:  # a resize costs a few microseconds
+            interpreter.resize_tensor_input(self._input, [rows, *self._row_shape], strict=False)
+            interpreter.allocate_tensors()
+            self._rows = rows
+        interpreter.set_tensor(self._input, images.reshape(rows, *self._row_shape))
+        interpreter.invoke()
+        out: npt.NDArray[np.float32] = interpreter.get_tensor(self._output)  # a copy
+        return out
+
+
+class KerasModel:
+    """A saved Keras model (``model.keras``), served through the fastest path that agrees with
+    ``model.predict`` (``bench/inference_paths.py`` measures them all):
+
+    - ``litert``: the model converted to LiteRT, run by XNNPACK on one thread;
+    - ``tensorflow``: the concrete function of a ``tf.function`` with a fixed signature (the
+      fastest TensorFlow path; it equals ``model.predict`` exactly for batches above one).
+
+    ``auto`` (the default) serves LiteRT when, on the probe images (the version's check set), its
+    probabilities differ from ``model.predict``'s by no more than 1e-6 or than TensorFlow's own
+    function does when called image by image, whichever is larger; else TensorFlow."""
+
+    def __init__(
+        self,
+        keras_model: Any,
+        metadata: dict[str, Any],
+        *,
+        inference: str = "auto",
+        probe: npt.NDArray[np.float32] | None = None,
+    ) -> None:
+        import tensorflow as tf
+
+        if inference not in INFERENCE_CHOICES:
+            raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
         self.spec = ModelSpec.from_metadata(metadata)
         self.metadata = metadata
         self._keras_model = keras_model
@@ -77,10 +168,50 @@ class KerasModel:
         self._fn = tf.function(
             lambda x: keras_model(x, training=False), input_signature=signature
         ).get_concrete_function()
+        self._run: Any = self.tensorflow_predict
+        self.inline = False
+        """Cheap enough to run on the event loop (see DataPlane.compute): the LiteRT path."""
+        self.agreement = Agreement("tensorflow", 0, None, 0.0, "chosen by --inference tensorflow")
+        if inference != "tensorflow":
+            self.agreement = self._choose_path(probe, required=inference == "litert")
+
+    @property
+    def inference_path(self) -> str:
+        return self.agreement.path
+
+    def _probe(self) -> npt.NDArray[np.float32]:
+        """Images to compare the paths on when the caller has none: seeded uniform noise."""
+        rng = np.random.default_rng(0)
+        return rng.random((PROBE_IMAGES, self.spec.input_size), dtype=np.float32)
+
+    def _choose_path(self, probe: npt.NDArray[np.float32] | None, required: bool) -> Agreement:
+        x = self._probe() if probe is None else np.ascontiguousarray(probe[:PROBE_IMAGES], np.float32)
+        reference = np.asarray(self._keras_model.predict(x, verbose=0), dtype=np.float32)
+        single = np.concatenate([self.tensorflow_predict(x[i : i + 1]) for i in range(x.shape[0])])
+        spread = float(np.abs(single - reference).max())
+        try:
+            runner = LiteRTRunner.convert(self._keras_model)
+            batched = runner(x)
+            one_by_one = np.concatenate([runner(x[i : i + 1]) for i in range(x.shape[0])])
+        except Exception as exc:  # no LiteRT for this platform, or an op it cannot convert
+            if required:
+                raise InferencePathError(f"the LiteRT path cannot serve this model: {exc}") from exc
+            return Agreement("tensorflow", x.shape[0], None, spread, f"LiteRT unavailable: {exc}")
+        diff = float(max(np.abs(batched - reference).max(), np.abs(one_by_one - reference).max()))
+        agreement = Agreement("litert", x.shape[0], diff, spread)
+        if diff > agreement.tolerance:
+            reason = "LiteRT differs by more than the tolerance"
+            if required:
+                raise InferencePathError(f"{agreement.describe()}: {reason}")
+            return Agreement("tensorflow", x.shape[0], diff, spread, reason)
+        self._run = runner
+        self.inline = True
+        return agreement
 
     @classmethod
-    def load(cls, version_dir: Path) -> KerasModel:
-        """Loads a published version after checking its files against the metadata checksums."""
+    def load(cls, version_dir: Path, *, inference: str = "auto") -> KerasModel:
+        """Loads a published version after checking its files against the metadata checksums;
+        the paths are compared on the version's check set (``check_set.npz``) when it has one."""
         import keras
 
         started = time.perf_counter()
@@ -92,25 +223,50 @@ class KerasModel:
             )
         except Exception as exc:  # Keras raises many types for a bad archive.
             raise CorruptVersionError(f"{version_dir / MODEL_FILE}: cannot load ({exc})") from exc
-        model = cls(keras_model, metadata)
+        model = cls(keras_model, metadata, inference=inference, probe=read_probe(version_dir))
         model.warm_up()
         logger.info(
-            "loaded model %s version %d from %s in %.2fs",
+            "loaded model %s version %d from %s in %.2fs; %s",
             model.spec.name, model.spec.version, version_dir, time.perf_counter() - started,
+            model.agreement.describe(),
         )
         return model
 
     def warm_up(self) -> None:
-        """Traces the function and checks the output shape and that probabilities sum to 1."""
-        probe = np.zeros((2, self.spec.input_size), dtype=np.float32)
-        out = self.predict(probe)
-        if out.shape != (2, len(self.spec.labels)):
-            raise CorruptVersionError(
-                f"model outputs shape {out.shape[1:]}, metadata declares {len(self.spec.labels)} labels"
-            )
-        if not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
-            raise CorruptVersionError("model outputs do not sum to 1: not a softmax classifier")
+        """Runs both a batch and a single image and checks the output shape and that
+        probabilities sum to 1."""
+        for rows in (2, 1):
+            probe = np.zeros((rows, self.spec.input_size), dtype=np.float32)
+            out = self.predict(probe)
+            if out.shape != (rows, len(self.spec.labels)):
+                raise CorruptVersionError(
+                    f"model outputs shape {out.shape[1:]}, metadata declares "
+                    f"{len(self.spec.labels)} labels"
+                )
+            if not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+                raise CorruptVersionError("model outputs do not sum to 1: not a softmax classifier")
 
-    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def tensorflow_predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         out = self._fn(self._tf.convert_to_tensor(images))
         return np.asarray(out, dtype=np.float32)
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        result: npt.NDArray[np.float32] = self._run(images)
+        return result
+
+
+PROBE_IMAGES = 500
+"""At most this many probe images are compared (the trainer's check set holds 500)."""
+CHECK_SET_FILE = "check_set.npz"
+
+
+def read_probe(version_dir: Path) -> npt.NDArray[np.float32] | None:
+    """The version's check-set images scaled to [0, 1], or None when it has no readable one (the
+    quality gate reports an unreadable check set)."""
+    try:
+        with np.load(version_dir / CHECK_SET_FILE, allow_pickle=False) as data:
+            images = data["images"]
+    except (OSError, ValueError, KeyError):
+        return None
+    scaled: npt.NDArray[np.float32] = images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255)
+    return scaled

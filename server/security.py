@@ -1,15 +1,14 @@
 """Transport security and caller authentication: TLS / mTLS server credentials and a bearer-token
-interceptor that leaves the health service open to probes."""
+check (applied by server/calls.py) that leaves the health service open to probes."""
 
 from __future__ import annotations
 
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -89,34 +88,19 @@ def load_tokens(settings: Settings) -> list[bytes]:
     return [token.encode("ascii") for token in tokens]
 
 
-def _rejecting(handler: grpc.RpcMethodHandler | None, method: str, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED without calling it."""
-
-    async def reject(request: Any, context: grpc.aio.ServicerContext) -> None:
-        logger.info("unauthenticated call to %s from %s: %s", method, context.peer(), message)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    request_streaming = handler is not None and handler.request_streaming
-    response_streaming = handler is not None and handler.response_streaming
-    if request_streaming and response_streaming:
-        return grpc.stream_stream_rpc_method_handler(reject)
-    if request_streaming:
-        return grpc.stream_unary_rpc_method_handler(reject)
-    if response_streaming:
-        return grpc.unary_stream_rpc_method_handler(reject)
-    return grpc.unary_unary_rpc_method_handler(reject)
-
-
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+class TokenAuth:
     """Lets a call through only with ``authorization: Bearer <token>`` naming an accepted token
-    (compared in constant time); others get UNAUTHENTICATED before any handler runs. Methods under
-    ``open_prefixes`` (health) need no token."""
+    (compared in constant time); server/calls.py answers others UNAUTHENTICATED before the method
+    runs. Methods under ``open_prefixes`` (health) need no token."""
 
     def __init__(self, tokens: Sequence[bytes], open_prefixes: Sequence[str] = OPEN_METHOD_PREFIXES) -> None:
         if not tokens:
-            raise ValueError("TokenAuthInterceptor needs at least one token")
+            raise ValueError("TokenAuth needs at least one token")
         self._tokens = list(tokens)
         self._open = tuple(open_prefixes)
+
+    def is_open(self, method: str) -> bool:
+        return method.startswith(self._open)
 
     def check(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
         """None if the metadata carries an accepted token, else the UNAUTHENTICATED message."""
@@ -134,28 +118,14 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  #
             matched |= hmac.compare_digest(credential, token)
         return None if matched else INVALID_TOKEN
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        if method.startswith(self._open):
-            return await continuation(handler_call_details)
-        problem = self.check(handler_call_details.invocation_metadata)
-        handler = await continuation(handler_call_details)
-        if problem is None:
-            return handler
-        return _rejecting(handler, method, problem)
-
 
 @dataclass(frozen=True)
 class ServerSecurity:
-    """What App needs: credentials for add_secure_port (None: plaintext) and the interceptors,
-    the authenticating one first so that refused calls cost nothing else."""
+    """What App needs: credentials for add_secure_port (None: plaintext) and the token check
+    (None: calls need no token)."""
 
     credentials: grpc.ServerCredentials | None = None
-    interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+    auth: TokenAuth | None = None
     description: str = "plaintext"
 
     @classmethod
@@ -172,6 +142,6 @@ class ServerSecurity:
             parts.append(f"bearer token ({len(tokens)} accepted; health open)")
         return cls(
             credentials=credentials,
-            interceptors=[TokenAuthInterceptor(tokens)] if tokens else [],
+            auth=TokenAuth(tokens) if tokens else None,
             description=", ".join(parts),
         )

@@ -97,10 +97,11 @@ async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         index += 1
 
 
-def add_to_server(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor | None = None) -> None:
+def add_to_server(servicer: Any, server: Any, service: ServiceDescriptor | None = None) -> None:
     """Registers ``servicer``'s methods for ``service`` (DigitService by default) like the generated
     ``add_*Servicer_to_server``, but with request deserializers that never raise, so that
-    undecodable bytes become INVALID_ARGUMENT in mapped_errors."""
+    undecodable bytes become INVALID_ARGUMENT in mapped_errors. ``server``: a grpc.aio.Server or
+    server.calls.Services."""
     service = service or pb.DESCRIPTOR.services_by_name["DigitService"]
     factories = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -280,6 +281,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             metadata_json=json.dumps(metadata, sort_keys=True),
             max_images_per_request=self._plane.max_images_per_request,
             loaded_versions=self._plane.loaded_versions,
+            inference_path=str(getattr(model, "inference_path", "")),
             refused_versions=[
                 pb.RefusedVersion(version=v, reason=r) for v, r in sorted(self._plane.refused.items())
             ],

@@ -72,6 +72,15 @@ class Settings:
             "reaches this floor."
         },
     )
+    inference: str = field(
+        default="auto",
+        metadata={
+            "help": "How the model runs: 'litert' (LiteRT/XNNPACK, one thread: microseconds per "
+            "call), 'tensorflow' (a tf.function), or 'auto': LiteRT when its probabilities agree "
+            "with model.predict on the version's check set to 1e-6 or to TensorFlow's own "
+            "batch-1 spread, else TensorFlow."
+        },
+    )
     keep_versions: int = field(
         default=2,
         metadata={"help": "Newest versions kept loaded, so requests can pin the previous one."},
@@ -153,6 +162,8 @@ class Settings:
             problems.append(f"keep versions {self.keep_versions} is below 1")
         if self.workers < 1:
             problems.append(f"workers {self.workers} is below 1")
+        if self.inference not in ("auto", "litert", "tensorflow"):
+            problems.append(f"inference {self.inference!r} is not one of auto, litert, tensorflow")
         if self.log_format not in ("auto", "json", "text"):
             problems.append(f"log format {self.log_format!r} is not one of auto, json, text")
         if not -1 <= self.metrics_port <= 65535:

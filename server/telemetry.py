@@ -1,17 +1,17 @@
-"""Prometheus metrics and access logs: a server interceptor for every call, the batcher's batches,
+"""Prometheus metrics and access logs: every call (through server/calls.py), the batcher's batches,
 the quality of the predictions, and model loads, in one registry per App."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
+import itertools
 import logging
 import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -90,12 +90,11 @@ class BulkHistogram(Collector):
 class Telemetry:
     """All metrics of one server, in their own registry (so servers in one process, as in the
     tests, never share counters), and the HTTP endpoint that exposes them. It is the data
-    plane's observer (batches, predictions, served models) and provides the call interceptor."""
+    plane's observer (batches, predictions, served models); server/calls.py reports calls."""
 
     def __init__(self, *, low_confidence: float = 0.5, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.low_confidence = low_confidence
-        self.interceptor = TelemetryInterceptor(self)
         self._http: WSGIServer | None = None
         r = self.registry
         call_labels = ("grpc_type", "grpc_service", "grpc_method")
@@ -157,7 +156,8 @@ class Telemetry:
         spec = model.spec
         name, version = spec.name, str(spec.version)
         self.model_info.info({"model_name": name, "model_version": version,
-                              "preset": str(model.metadata.get("preset", ""))})
+                              "preset": str(model.metadata.get("preset", "")),
+                              "inference": str(getattr(model, "inference_path", ""))})
         for label in spec.labels:
             self.predictions.labels(name, version, label)
         self.confidence.touch((name, version))
@@ -204,12 +204,17 @@ class Telemetry:
             server.server_close()
 
 
-def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The caller's ``x-request-id`` when it is a sane token, else a new uuid4 hex."""
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
+def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The caller's ``x-request-id`` when it is a sane token, else a new id: 32 hex digits, a
+    random prefix per process and a counter (unique without a system call per request)."""
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
 
 
 def _split_method(method: str) -> tuple[str, str]:
@@ -218,7 +223,7 @@ def _split_method(method: str) -> tuple[str, str]:
     return service, name
 
 
-class _MethodMetrics:
+class MethodMetrics:
     """The labelled children of one method's call metrics, looked up once, not per call."""
 
     def __init__(self, telemetry: Telemetry, kind: str, method: str) -> None:
@@ -236,12 +241,15 @@ class _MethodMetrics:
         child.inc()
 
 
-class _Call:
-    """One call being observed: in-flight while it runs, then counted, timed and logged."""
+class Call:
+    """One call being observed: in flight while it runs, then counted, timed and logged. Its
+    request id goes into the trailing metadata at once: it travels with the status at no extra
+    cost, where initial metadata would be one more operation per call; an abort keeps it
+    (servicer.mapped_errors adds its details after it)."""
 
     __slots__ = ("context", "metrics", "request_id", "started", "token")
 
-    def __init__(self, metrics: _MethodMetrics, request_id: str,
+    def __init__(self, metrics: MethodMetrics, request_id: str,
                  context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.metrics = metrics
         self.request_id = request_id
@@ -249,12 +257,7 @@ class _Call:
         self.token = current_request_id.set(request_id)
         self.started = time.perf_counter()
         metrics.in_flight.inc()
-
-    def echo_request_id(self) -> None:
-        """In the trailing metadata: it travels with the status at no extra cost, where sending
-        initial metadata first would be one more operation (and event-loop round trip) per call.
-        An abort keeps it: servicer.mapped_errors adds its details after it."""
-        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
 
     def finish(self, error: BaseException | None) -> None:
         seconds = time.perf_counter() - self.started
@@ -281,86 +284,3 @@ class _Call:
         # ValueError: finished in another context (a stream closed elsewhere); harmless.
         with contextlib.suppress(ValueError):
             current_request_id.reset(self.token)
-
-
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Counts, times and logs every call, and gives it a request id (the caller's
-    ``x-request-id`` or a new one) that is echoed in the trailing metadata and put on every log
-    record made while serving it. Put it first among the server's interceptors so calls that
-    later interceptors refuse (authentication) are counted too."""
-
-    def __init__(self, telemetry: Telemetry) -> None:
-        self._telemetry = telemetry
-        self._methods: dict[tuple[str, str], _MethodMetrics] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
-            return handler
-        method = handler_call_details.method
-        request_id = _request_id(handler_call_details.invocation_metadata)
-        for kind, attribute, make in _KINDS:
-            behavior = getattr(handler, attribute)
-            if behavior is None:
-                continue
-            metrics = self._methods.get((kind, method))
-            if metrics is None:
-                metrics = self._methods[kind, method] = _MethodMetrics(self._telemetry, kind, method)
-            wrapped = _wrap(behavior, metrics, request_id)
-            if wrapped is None:  # a synchronous handler: left as it is
-                return handler
-            return make(
-                wrapped,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-
-# (grpc_type label, RpcMethodHandler attribute, handler constructor)
-_KINDS = (
-    ("unary", "unary_unary", grpc.unary_unary_rpc_method_handler),
-    ("client_stream", "stream_unary", grpc.stream_unary_rpc_method_handler),
-    ("server_stream", "unary_stream", grpc.unary_stream_rpc_method_handler),
-    ("bidi_stream", "stream_stream", grpc.stream_stream_rpc_method_handler),
-)
-
-
-def _wrap(
-    behavior: Callable[..., Any], metrics: _MethodMetrics, request_id: str
-) -> Callable[..., Any] | None:
-    """The behavior wrapped in a _Call, keeping its flavour (coroutine or async generator),
-    which grpc.aio inspects to decide how to run it."""
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            call = _Call(metrics, request_id, context)
-            try:
-                call.echo_request_id()
-                async for response in behavior(request, context):
-                    yield response
-            except BaseException as exc:
-                call.finish(exc)
-                raise
-            call.finish(None)
-
-        return stream
-    if inspect.iscoroutinefunction(behavior):
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call = _Call(metrics, request_id, context)
-            try:
-                call.echo_request_id()
-                response = await behavior(request, context)
-            except BaseException as exc:
-                call.finish(exc)
-                raise
-            call.finish(None)
-            return response
-
-        return unary
-    return None

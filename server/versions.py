@@ -16,11 +16,9 @@ from digitserve.repository import (
     ModelRepository,
     RepositoryError,
 )
-from server.model import KerasModel, Model
+from server.model import CHECK_SET_FILE, KerasModel, Model
 
 logger = logging.getLogger(__name__)
-
-CHECK_SET_FILE = "check_set.npz"
 
 
 class QualityGateError(RepositoryError):
@@ -71,10 +69,11 @@ def check_quality(model: Model, version_dir: Path, min_accuracy: float) -> float
 class RepositorySource:
     """Versions of one model in a repository, loaded as KerasModel and gated."""
 
-    def __init__(self, root: Path, name: str, min_accuracy: float) -> None:
+    def __init__(self, root: Path, name: str, min_accuracy: float, inference: str = "auto") -> None:
         self.repository = ModelRepository(root)
         self.name = name
         self.min_accuracy = min_accuracy
+        self.inference = inference
 
     def versions(self) -> list[int]:
         """Published versions; ModelNotFoundError when there are none."""
@@ -90,7 +89,7 @@ class RepositorySource:
 
     def load(self, version: int) -> Model:
         version_dir = self.repository.version_dir(self.name, version)
-        model = KerasModel.load(version_dir)
+        model = KerasModel.load(version_dir, inference=self.inference)
         if model.spec.name != self.name or model.spec.version != version:
             raise CorruptVersionError(
                 f"{version_dir}: metadata says {model.spec.name!r} version {model.spec.version}"

@@ -34,6 +34,7 @@ class FakeModel:
                  labels: tuple[str, ...] = tuple(str(d) for d in range(10))) -> None:
         size = input_shape[0] * input_shape[1]
         self.spec = ModelSpec("fake", version, input_shape, 1 / 255, labels)
+        self.inference_path = "fake"
         self.metadata: dict[str, Any] = {
             "name": "fake", "version": version, "preset": "fake",
             "input": {"shape": list(input_shape), "size": size, "scale": 1 / 255},

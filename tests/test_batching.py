@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -107,8 +108,8 @@ def test_full_queue_is_refused_at_once_and_expired_calls_are_not_computed() -> N
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
 
-        async def run(fn: Callable[[], npt.NDArray[np.float32]]) -> npt.NDArray[np.float32]:
-            return await loop.run_in_executor(None, fn)
+        async def run(model: Any, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return await loop.run_in_executor(None, model.predict, images)
 
         batcher = Batcher(run, max_batch_size=4, max_queue_delay=0, max_queued_images=9)
         x = np.zeros((4, D), np.float32)

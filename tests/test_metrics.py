@@ -130,7 +130,8 @@ def test_known_traffic_gives_exact_counts(start_server: Callable[..., ServerThre
     assert value(samples, "digitserve_queued_images") == 0
 
     # The model: what is served, and how it got there.
-    assert value(samples, "digitserve_model_info", preset="fake", **model_labels) == 1
+    assert value(samples, "digitserve_model_info", preset="fake", inference="fake",
+                 **model_labels) == 1
     assert value(samples, "digitserve_model_loads_total", outcome="served") == 1
     assert value(samples, "digitserve_model_loads_total", outcome="refused") == 0
     assert value(samples, "digitserve_model_reloads_total", outcome="served") == 0

@@ -36,7 +36,7 @@ from server.security import (
     MISSING_TOKEN,
     SecurityConfigError,
     ServerSecurity,
-    TokenAuthInterceptor,
+    TokenAuth,
 )
 from server.settings import Settings, load_settings
 from tests.conftest import REPO_ROOT, FakeModel, ServerThread
@@ -294,7 +294,7 @@ def test_token_file_over_tls_accepts_each_listed_token(
 
 
 def test_token_check_compares_whole_tokens() -> None:
-    interceptor = TokenAuthInterceptor([b"abc", b"def"])
+    interceptor = TokenAuth([b"abc", b"def"])
     assert interceptor.check([("authorization", "Bearer abc")]) is None
     assert interceptor.check([("authorization", "bearer def")]) is None  # the scheme is case-blind
     assert interceptor.check([("authorization", "Bearer abcd")]) == INVALID_TOKEN
@@ -304,7 +304,7 @@ def test_token_check_compares_whole_tokens() -> None:
     assert interceptor.check([]) == MISSING_TOKEN
     assert interceptor.check(None) == MISSING_TOKEN
     with pytest.raises(ValueError):
-        TokenAuthInterceptor([])
+        TokenAuth([])
 
 
 # --- configuration -------------------------------------------------------------------------------

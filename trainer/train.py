@@ -354,7 +354,16 @@ def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Ev
     from server.model import KerasModel
 
     reloaded = keras.saving.load_model(staging / MODEL_FILE, compile=False, safe_mode=True)
-    served = KerasModel(reloaded, metadata)
+    count = min(CHECK_SET_SIZE, data.x_test.shape[0])
+    # The check set is also the server's probe for choosing its inference path: the same images
+    # give the same choice, so these figures are the ones the server's Evaluate will compute.
+    served = KerasModel(reloaded, metadata, probe=scale_images(data.test.images[:count]))
+    metadata["inference"] = {
+        "path": served.agreement.path,
+        "probe_images": served.agreement.images,
+        "litert_max_diff": served.agreement.litert_diff,
+        "tensorflow_batch1_max_diff": served.agreement.tensorflow_spread,
+    }
     test_metrics, test_probs = evaluate(served, data.x_test, data.test.labels)
     metrics: dict[str, Any] = {
         "test_accuracy": test_metrics.accuracy,
@@ -368,7 +377,6 @@ def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Ev
         metrics["holdout_loss"] = holdout_metrics.mean_cross_entropy
 
     # The server's hot-reload gate predicts these images in one call and compares the figures.
-    count = min(CHECK_SET_SIZE, data.x_test.shape[0])
     check_images = data.test.images[:count].reshape(count, -1)
     check_labels = data.test.labels[:count]
     np.savez_compressed(staging / CHECK_SET_FILE, images=check_images, labels=check_labels)

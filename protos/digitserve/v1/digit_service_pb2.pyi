@@ -109,7 +109,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model_version: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "input_size", "input_shape", "input_scale", "labels", "preset", "test_accuracy", "created_at", "metadata_json", "max_images_per_request", "loaded_versions", "refused_versions")
+    __slots__ = ("model_name", "model_version", "input_size", "input_shape", "input_scale", "labels", "preset", "test_accuracy", "created_at", "metadata_json", "max_images_per_request", "loaded_versions", "refused_versions", "inference_path")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class GetModelInfoResponse(_message.Message):
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     REFUSED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_PATH_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: int
     input_size: int
@@ -136,7 +137,8 @@ class GetModelInfoResponse(_message.Message):
     max_images_per_request: int
     loaded_versions: _containers.RepeatedScalarFieldContainer[int]
     refused_versions: _containers.RepeatedCompositeFieldContainer[RefusedVersion]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., input_size: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_scale: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., preset: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., created_at: _Optional[str] = ..., metadata_json: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., refused_versions: _Optional[_Iterable[_Union[RefusedVersion, _Mapping]]] = ...) -> None: ...
+    inference_path: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., input_size: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_scale: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., preset: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., created_at: _Optional[str] = ..., metadata_json: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., refused_versions: _Optional[_Iterable[_Union[RefusedVersion, _Mapping]]] = ..., inference_path: _Optional[str] = ...) -> None: ...
 
 class RefusedVersion(_message.Message):
     __slots__ = ("version", "reason")
