@@ -17,6 +17,7 @@ from digitserve.repository import RepositoryError
 from digitserve.v1 import digit_service_pb2 as pb
 from server.calls import CallWrapper, Services
 from server.dataplane import DataPlane
+from server.logs import access_log
 from server.model import Model
 from server.oip import SERVICE as OIP_SERVICE
 from server.oip import InferenceServicer
@@ -224,6 +225,7 @@ class App:
         await self.server.stop(grace)
         await self.plane.close()
         await self.telemetry.close()
+        access_log.flush()
         logger.info("stopped after draining for %.2fs", time.perf_counter() - started)
 
 

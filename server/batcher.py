@@ -2,7 +2,9 @@
 
 One task takes whatever is queued when the model is free (up to ``max_batch_size`` images, optionally
 waiting ``max_queue_delay`` for more), runs the model once off the event loop, and hands each caller its
-own rows. With one call in flight nothing waits: the call runs at once, alone. Under load, calls that
+own rows. With one call in flight nothing waits: the call runs at once, alone. A model cheap enough to
+run on the event loop (LiteRT; see DataPlane.compute) is called at once by each call's own task when
+nothing is queued: batching it would cost more than it saves. Under load, calls that
 arrive while the model is busy form the next batch. The queue is bounded in images; a call that does
 not fit is refused at once, and a call whose deadline has passed is dropped before it is computed.
 """
@@ -21,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from server.errors import DeadlineExpiredError, OverloadedError
-from server.model import Model
+from server.model import Model, runs_inline
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class Batcher:
         self, model: Model, images: npt.NDArray[np.float32], deadline: float | None = None
     ) -> npt.NDArray[np.float32]:
         """Probabilities for ``images`` (already validated), computed in some batch."""
+        if not self._queue and self.max_queue_delay == 0 and runs_inline(model):
+            return self._compute_now(model, images)
         wakeup = self._ensure_started()
         n = images.shape[0]
         if self._queued_images + n > self.max_queued_images:
@@ -101,6 +105,21 @@ class Batcher:
         self._queued_images += n
         wakeup.set()
         return await future
+
+    def _compute_now(self, model: Model, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """A model that runs on the event loop, nothing queued: computed at once in the caller's
+        task. A future and a wake-up of the batcher task would cost more than the call itself,
+        and calls cannot pile up behind a model that never yields the loop."""
+        probs = model.predict(images)
+        n = images.shape[0]
+        self.stats.batches += 1
+        self.stats.images += n
+        self.stats.batch_sizes[n] += 1
+        if self._on_batch is not None:
+            self._on_batch(n, 0.0)
+        if self._on_answers is not None:
+            self._on_answers(model, probs)
+        return probs
 
     def _take_batch(self) -> list[_Pending]:
         """Pops the next batch: consecutive calls on the same model, up to max_batch_size images

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -14,30 +15,35 @@ import numpy.typing as npt
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from server.batcher import Batcher
 from server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
-from server.model import Model
+from server.model import Model, runs_inline
 
 logger = logging.getLogger(__name__)
 
 
 
-def check_pixels(images: npt.NDArray[np.float32], encodings: list[str], field: str = "images") -> None:
+def check_pixels(
+    images: npt.NDArray[np.float32], encodings: Sequence[str] | str, field: str = "images"
+) -> None:
     """Raises InvalidInputError naming the first pixel that is not finite or not in [0, 1].
 
-    ``encodings[i]`` names image i's encoding, for the message (e.g. ``images[3].float32[17]``).
+    ``encodings[i]`` names image i's encoding, for the message (e.g. ``images[3].float32[17]``);
+    one string names that of every image.
     """
+    if images.size == 0 or (images.min() >= 0.0 and images.max() <= 1.0):  # NaN fails both
+        return
     bad = ~np.isfinite(images) | (images < 0.0) | (images > 1.0)
-    if bad.any():
-        i, j = (int(k) for k in np.argwhere(bad)[0])
-        if not np.isfinite(images[i, j]):
-            raise InvalidInputError(
-                f"{field}[{i}].{encodings[i]}[{j}]",
-                f"{images[i, j]} is not a finite number; expected a pixel intensity in [0, 1]",
-            )
+    i, j = (int(k) for k in np.argwhere(bad)[0])
+    encoding = encodings if isinstance(encodings, str) else encodings[i]
+    if not np.isfinite(images[i, j]):
         raise InvalidInputError(
-            f"{field}[{i}].{encodings[i]}[{j}]",
-            f"{float(images[i, j])!r} is out of range; expected a pixel intensity in [0, 1] "
-            "(byte / 255)",
+            f"{field}[{i}].{encoding}[{j}]",
+            f"{images[i, j]} is not a finite number; expected a pixel intensity in [0, 1]",
         )
+    raise InvalidInputError(
+        f"{field}[{i}].{encoding}[{j}]",
+        f"{float(images[i, j])!r} is out of range; expected a pixel intensity in [0, 1] "
+        "(byte / 255)",
+    )
 
 
 def check_labels(labels: npt.NDArray[np.int64], count: int, num_classes: int) -> None:
@@ -148,7 +154,7 @@ class DataPlane:
         batch of Dense-128) runs on the event loop, which spares the hand-off to a thread and back
         (more CPU than the call itself); any other runs on the model thread, so the loop keeps
         serving meanwhile."""
-        if getattr(model, "inline", False):
+        if runs_inline(model):
             return model.predict(images)
         return await asyncio.get_running_loop().run_in_executor(self._executor, model.predict, images)
 

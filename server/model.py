@@ -136,6 +136,12 @@ class LiteRTRunner:
         return out
 
 
+def runs_inline(model: Model) -> bool:
+    """Whether ``model`` is cheap enough to call on the event loop (a ``inline`` attribute set to
+    True: KerasModel on its LiteRT path). Others run on the data plane's model thread."""
+    return bool(getattr(model, "inline", False))
+
+
 class KerasModel:
     """A saved Keras model (``model.keras``), served through the fastest path that agrees with
     ``model.predict`` (``bench/inference_paths.py`` measures them all):

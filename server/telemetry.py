@@ -4,7 +4,7 @@ the quality of the predictions, and model loads, in one registry per App."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import bisect
 import itertools
 import logging
 import re
@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -22,11 +23,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.logs import current_request_id
+from server.logs import access_log, current_request_id
 from server.model import Model
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("server.access")
 
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -49,6 +49,7 @@ class BulkHistogram(Collector):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self.bounds = np.asarray(sorted(set(buckets)), dtype=np.float64)
+        self._bounds = self.bounds.tolist()
         self._series: dict[tuple[str, ...], tuple[npt.NDArray[np.int64], list[float]]] = {}
         self._lock = threading.Lock()
 
@@ -73,6 +74,15 @@ class BulkHistogram(Collector):
             buckets += counts
             value_sum[0] += total
 
+    def observe_few(self, labels: tuple[str, ...], values: list[float]) -> None:
+        """``observe`` for a few plain floats (bisect instead of numpy's per-call overhead)."""
+        bounds = self._bounds
+        with self._lock:
+            buckets, value_sum = self._get(labels)
+            for value in values:
+                buckets[bisect.bisect_left(bounds, value)] += 1
+                value_sum[0] += value
+
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
@@ -87,6 +97,13 @@ class BulkHistogram(Collector):
         yield family
 
 
+@dataclass
+class _QualitySeries:
+    key: tuple[str, str]  # (model_name, model_version)
+    classes: list[Any]  # digitserve_predictions children, by class index
+    low: Any  # digitserve_low_confidence_predictions child
+
+
 class Telemetry:
     """All metrics of one server, in their own registry (so servers in one process, as in the
     tests, never share counters), and the HTTP endpoint that exposes them. It is the data
@@ -96,6 +113,7 @@ class Telemetry:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.low_confidence = low_confidence
         self._http: WSGIServer | None = None
+        self._quality: dict[tuple[str, str], _QualitySeries] = {}
         r = self.registry
         call_labels = ("grpc_type", "grpc_service", "grpc_method")
         self.handled = Counter(
@@ -158,26 +176,44 @@ class Telemetry:
         self.model_info.info({"model_name": name, "model_version": version,
                               "preset": str(model.metadata.get("preset", "")),
                               "inference": str(getattr(model, "inference_path", ""))})
-        for label in spec.labels:
-            self.predictions.labels(name, version, label)
-        self.confidence.touch((name, version))
-        self.low_confidence_predictions.labels(name, version)
+        self._quality_series(model)
+
+    def _quality_series(self, model: Model) -> _QualitySeries:
+        """The quality metrics' children of a model version, looked up once (it makes them
+        appear at zero)."""
+        key = (model.spec.name, str(model.spec.version))
+        series = self._quality.get(key)
+        if series is None:
+            series = self._quality[key] = _QualitySeries(
+                key,
+                [self.predictions.labels(*key, label) for label in model.spec.labels],
+                self.low_confidence_predictions.labels(*key),
+            )
+            self.confidence.touch(key)
+        return series
 
     def on_predictions(self, model: Model, probabilities: npt.NDArray[np.float32]) -> None:
-        """The probabilities one Predict call gets back (rows = images)."""
-        if probabilities.shape[0] == 0:
+        """The probabilities Predict calls got back (rows = images)."""
+        n = probabilities.shape[0]
+        if n == 0:
             return
-        spec = model.spec
-        name, version = spec.name, str(spec.version)
-        indices = np.argmax(probabilities, axis=1)
-        top = probabilities[np.arange(probabilities.shape[0]), indices]
-        counts = np.bincount(indices, minlength=len(spec.labels))
-        for index in np.flatnonzero(counts).tolist():
-            self.predictions.labels(name, version, spec.labels[index]).inc(int(counts[index]))
-        self.confidence.observe((name, version), top)
-        low = int(np.count_nonzero(top < self.low_confidence))
+        series = self._quality_series(model)
+        indices = probabilities.argmax(axis=1)
+        top = probabilities[np.arange(n), indices]
+        if n <= 8:  # plain Python beats numpy's per-call overhead on a few rows
+            top_values = top.tolist()
+            for index in indices.tolist():
+                series.classes[index].inc()
+            self.confidence.observe_few(series.key, top_values)
+            low = sum(1 for p in top_values if p < self.low_confidence)
+        else:
+            counts = np.bincount(indices, minlength=len(series.classes))
+            for index in np.flatnonzero(counts).tolist():
+                series.classes[index].inc(int(counts[index]))
+            self.confidence.observe(series.key, top)
+            low = int(np.count_nonzero(top < self.low_confidence))
         if low:
-            self.low_confidence_predictions.labels(name, version).inc(low)
+            series.low.inc(low)
 
     # --- the App's hooks -----------------------------------------------------------------------
 
@@ -272,15 +308,10 @@ class Call:
         metrics.in_flight.dec()
         metrics.count(code_name)
         metrics.seconds.observe(seconds)
-        if access_logger.isEnabledFor(logging.INFO):
-            peer = self.context.peer()
-            latency_ms = round(seconds * 1000, 3)
-            access_logger.info(
-                "%s %s %.2f ms peer=%s request_id=%s", metrics.method, code_name, latency_ms, peer,
-                self.request_id,
-                extra={"method": metrics.method, "code": code_name, "latency_ms": latency_ms,
-                       "peer": peer, "request_id": self.request_id},
-            )
-        # ValueError: finished in another context (a stream closed elsewhere); harmless.
-        with contextlib.suppress(ValueError):
+        if access_log.enabled():
+            access_log.write(metrics.method, code_name, round(seconds * 1000, 3),
+                             self.context.peer(), self.request_id)
+        try:  # noqa: SIM105  (contextlib.suppress costs more, on every call)
             current_request_id.reset(self.token)
+        except ValueError:  # finished in another context (a stream closed elsewhere); harmless
+            pass

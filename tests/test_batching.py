@@ -68,14 +68,15 @@ def test_concurrent_calls_batch_and_each_gets_its_own_answer(
     assert max(stats.batch_sizes) <= 256
 
 
+@pytest.mark.parametrize("inference", ["tensorflow", "litert"])
 def test_batched_answers_equal_unbatched_ones_on_the_trained_model(
-    start_server: Callable[..., ServerThread], tiny_repo: object,
+    start_server: Callable[..., ServerThread], tiny_repo: object, inference: str,
 ) -> None:
     from digitserve.repository import ModelRepository
     from server.model import KerasModel
 
     version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)  # type: ignore[arg-type]
-    server = start_server(loader=lambda: KerasModel.load(version_dir))
+    server = start_server(loader=lambda: KerasModel.load(version_dir, inference=inference))
     images = distinct_images(64, seed=2)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.DigitServiceStub(channel)
@@ -84,8 +85,16 @@ def test_batched_answers_equal_unbatched_ones_on_the_trained_model(
         futures = [stub.Predict.future(pb.PredictRequest(images=encode_images(images[i:i + 1])))
                    for i in range(64)]
         together = [np.array(f.result(30).predictions[0].probabilities, np.float32) for f in futures]
+        one_request = [np.array(p.probabilities, np.float32) for p in stub.Predict(
+            pb.PredictRequest(images=encode_images(images))).predictions]
     np.testing.assert_allclose(np.array(together), np.array(alone), rtol=0, atol=1e-6)
-    assert max(server.app.plane.batcher.stats.batch_sizes) > 1
+    np.testing.assert_allclose(np.array(one_request), np.array(alone), rtol=0, atol=1e-6)
+    model = server.app.plane.model
+    assert model is not None and model.inference_path == inference  # type: ignore[attr-defined]
+    if inference == "tensorflow":  # on the model thread: concurrent calls are coalesced
+        assert max(server.app.plane.batcher.stats.batch_sizes) > 1
+    else:  # on the event loop, each call computed at once; LiteRT rows do not depend on the batch
+        np.testing.assert_array_equal(np.array(one_request), np.array(alone))
 
 
 class SlowModel(FakeModel):
