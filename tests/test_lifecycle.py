@@ -3,6 +3,8 @@ in-flight call."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import threading
 import time
@@ -111,6 +113,13 @@ def test_unlabelled_predict_through_the_process(
     assert "loaded model tiny version 1 from" in server.log
     server.proc.send_signal(signal.SIGINT)
     assert server.wait(30) == 0
+    # The process writes its access lines itself, in batches, flushed at the latest on stop.
+    access = [json.loads(line) for line in server.lines if '"logger": "server.access"' in line]
+    (predict,) = [e for e in access if e["method"] == "/digitserve.v1.DigitService/Predict"]
+    assert predict["code"] == "OK" and predict["level"] == "INFO"
+    assert re.fullmatch(r"[0-9a-f]{32}", predict["request_id"])
+    assert str(predict["peer"]).startswith("ipv4:127.0.0.1:") and predict["latency_ms"] > 0
+    assert predict["message"].startswith("/digitserve.v1.DigitService/Predict OK ")
 
 
 def test_several_workers_share_the_port_and_drain_on_sigterm(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -16,7 +17,7 @@ import pytest
 
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.logs import JsonFormatter, current_request_id, resolve_format
+from server.logs import AccessLog, JsonFormatter, current_request_id, resolve_format
 from tests.conftest import FakeModel, ServerProcess, ServerThread
 
 
@@ -133,3 +134,49 @@ def test_server_process_logs_in_the_chosen_format(
             assert entry["level"] in ("INFO", "ERROR") and entry["logger"] == "server.app"
         else:
             assert not line.startswith("{") and " server.app " in line
+
+
+@pytest.mark.parametrize("peer", ["ipv4:127.0.0.1:5000", 'unix:/tmp/a "quoted" \\ path'])
+def test_direct_access_lines_equal_the_formatter_s_and_are_written_in_batches(peer: str) -> None:
+    stream = io.StringIO()
+    access = AccessLog()
+    access.direct(stream, json_lines=True)
+    calls = [("/digitserve.v1.DigitService/Predict", "OK", 1.25, peer, "abc-1"),
+             ("/x.Y/Z", "INVALID_ARGUMENT", 0.5, peer, "0123456789abcdef0123456789abcdef")]
+
+    async def scenario() -> None:
+        for call in calls:
+            access.write(*call)
+        assert stream.getvalue() == ""  # buffered ...
+        await asyncio.sleep(access.flush_interval + 0.2)  # ... until the flush timer
+
+    asyncio.run(scenario())
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    logger = logging.getLogger("server.access")
+    for line, (method, code, latency, call_peer, request_id) in zip(lines, calls, strict=True):
+        record = logger.makeRecord(
+            "server.access", logging.INFO, __file__, 1, "%s %s %.2f ms peer=%s request_id=%s",
+            (method, code, latency, call_peer, request_id), None,
+            extra={"method": method, "code": code, "latency_ms": latency, "peer": call_peer,
+                   "request_id": request_id})
+        token = current_request_id.set(request_id)  # as while a call is served
+        expected = json.loads(JsonFormatter().format(record))
+        current_request_id.reset(token)
+        got = json.loads(line)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", got.pop("time"))
+        expected.pop("time")
+        assert got == expected and list(got) == list(expected)  # same fields, same order
+
+
+def test_direct_access_lines_in_text_and_written_on_flush() -> None:
+    stream = io.StringIO()
+    access = AccessLog()
+    access.direct(stream, json_lines=False)
+    access.write("/a.B/C", "OK", 2.0, "ipv4:127.0.0.1:1", "r1")  # no event loop: written at once
+    access.write("/a.B/C", "NOT_FOUND", 3.5, "ipv4:127.0.0.1:1", "r2")
+    access.flush()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO server.access "
+                        r"/a.B/C NOT_FOUND 3.50 ms peer=ipv4:127.0.0.1:1 request_id=r2", lines[1])
