@@ -30,6 +30,7 @@ from server.errors import (
     ServerError,
 )
 from server.model import Model
+from server.wire import PredictionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,18 @@ def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
     return parse
 
 
+def _serializer(message_class: Any) -> Callable[[Any], bytes]:
+    """Serializes a response message; a method may also answer bytes it serialized itself."""
+
+    def serialize(response: Any) -> bytes:
+        if isinstance(response, bytes):
+            return response
+        data: bytes = message_class.SerializeToString(response)
+        return data
+
+    return serialize
+
+
 async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     index = 0
     async for request in requests:
@@ -113,7 +126,7 @@ def add_to_server(servicer: Any, server: Any, service: ServiceDescriptor | None 
         method.name: factories[(method.client_streaming, method.server_streaming)](
             getattr(servicer, method.name),
             request_deserializer=_tolerant(message_factory.GetMessageClass(method.input_type)),
-            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+            response_serializer=_serializer(message_factory.GetMessageClass(method.output_type)),
         )
         for method in service.methods
     }
@@ -223,35 +236,35 @@ def _decode_uniform(
     return None
 
 
-def encode_predictions(model: Model, probabilities: npt.NDArray[np.float32]) -> pb.PredictResponse:
-    labels = model.spec.labels
-    indices = np.argmax(probabilities, axis=1)
-    top = probabilities[np.arange(probabilities.shape[0]), indices]
-    response = pb.PredictResponse(model_name=model.spec.name, model_version=model.spec.version)
-    for row, index, p in zip(probabilities.tolist(), indices.tolist(), top.tolist(), strict=True):
-        response.predictions.add(
-            probabilities=row, class_index=index, label=labels[index], probability=p
-        )
-    return response
-
-
 class DigitServicer(pb_grpc.DigitServiceServicer):
     """digitserve.v1.DigitService over the data plane."""
 
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
+        self._encoders: dict[tuple[str, int], PredictionEncoder] = {}
+
+    def _encoder(self, model: Model) -> PredictionEncoder:
+        spec = model.spec
+        encoder = self._encoders.get((spec.name, spec.version))
+        if encoder is None or encoder.labels != spec.labels:
+            if len(self._encoders) > 16:  # versions come and go with hot reloads
+                self._encoders.clear()
+            encoder = self._encoders[spec.name, spec.version] = PredictionEncoder(
+                spec.name, spec.version, spec.labels)
+        return encoder
 
     @mapped_errors
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
-    ) -> pb.PredictResponse:
+    ) -> bytes:
+        """Answers a serialized PredictResponse (see add_to_server's serializer)."""
         model = self._plane.resolve(request.model_version)
         self._plane.check_count(len(request.images))
         images = decode_images(request.images, model.spec.input_size)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         probabilities = await self._plane.predict(model, images, deadline)
-        return encode_predictions(model, probabilities)
+        return self._encoder(model).encode(probabilities)
 
     @mapped_errors
     async def Evaluate(

@@ -1,0 +1,111 @@
+"""PredictResponse serialized by numpy: the same message protobuf would build, in a dozen array
+operations instead of a Python loop adding one Prediction per image (2 µs each: 150 µs for 64).
+
+Protobuf's wire format (https://protobuf.dev/programming-guides/encoding/) lets a message be the
+concatenation of its fields. When every label has the same length, each Prediction is a record of
+fixed size, so all of them are one (N, size) byte array filled column by column:
+
+    0A len                    predictions (field 1, length-delimited), one per image
+      0A 4K <K float32>       probabilities (field 1, packed)
+      10 <class>              class_index (field 2, varint; written even when 0, as proto3 allows)
+      1A L <label>            label (field 3)
+      25 <float32>            probability (field 4, fixed32)
+
+followed by model_name (field 2) and model_version (field 3). ``tests/test_wire.py`` checks that
+protobuf parses it back into the message ``encode_predictions_protobuf`` builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.v1 import digit_service_pb2 as pb
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    return bytes([field << 3 | 2]) + _varint(len(payload)) + payload
+
+
+def encode_predictions_protobuf(
+    name: str, version: int, labels: Sequence[str], probabilities: npt.NDArray[np.float32]
+) -> pb.PredictResponse:
+    """The response built by protobuf, one Prediction per row: the reference, and the path for
+    labels of different lengths."""
+    indices = np.argmax(probabilities, axis=1)
+    top = probabilities[np.arange(probabilities.shape[0]), indices]
+    response = pb.PredictResponse(model_name=name, model_version=version)
+    for row, index, p in zip(probabilities.tolist(), indices.tolist(), top.tolist(), strict=True):
+        response.predictions.add(probabilities=row, class_index=index, label=labels[index], probability=p)
+    return response
+
+
+class PredictionEncoder:
+    """Serializes PredictResponses of one model (name, version, labels) with numpy, or with
+    protobuf when the records would not have a fixed size (labels of different lengths, too many
+    classes for one-byte lengths)."""
+
+    def __init__(self, name: str, version: int, labels: Sequence[str]) -> None:
+        self.name = name
+        self.version = version
+        self.labels = tuple(labels)
+        encoded = [label.encode("utf-8") for label in self.labels]
+        k = len(self.labels)
+        label_size = len(encoded[0]) if encoded else 0
+        record = 2 + 4 * k + 2 + 2 + label_size + 5  # the Prediction's bytes
+        self._fixed = (
+            k > 0 and all(len(e) == label_size for e in encoded) and record < 128 and k < 128
+        )
+        self._trailer = (_length_delimited(2, name.encode("utf-8")) if name else b"") + (
+            bytes([3 << 3]) + _varint(version if version >= 0 else version + (1 << 64))
+            if version else b""
+        )
+        if not self._fixed:
+            return
+        self._k = k
+        self._record = record
+        self._label_table = np.frombuffer(b"".join(encoded), np.uint8).reshape(k, label_size)
+        # Columns of a record, after its 2-byte header (0A, record).
+        self._probs_at = 4
+        self._class_at = 4 + 4 * k
+        self._label_at = self._class_at + 4
+        self._top_at = self._label_at + label_size + 1
+        template = np.zeros(record + 2, np.uint8)
+        template[[0, 1, 2, 3]] = [0x0A, record, 0x0A, 4 * k]
+        template[self._class_at] = 0x10
+        template[self._class_at + 2 : self._class_at + 4] = [0x1A, label_size]
+        template[self._top_at - 1] = 0x25
+        self._template = template
+
+    def encode(self, probabilities: npt.NDArray[np.float32]) -> bytes:
+        """The serialized PredictResponse for ``probabilities`` (rows = images)."""
+        if not self._fixed or probabilities.ndim != 2 or probabilities.shape[1] != self._k:
+            data: bytes = encode_predictions_protobuf(
+                self.name, self.version, self.labels, probabilities).SerializeToString()
+            return data
+        n = probabilities.shape[0]
+        little = probabilities.astype("<f4", copy=False)
+        indices = np.argmax(little, axis=1)
+        top = little[np.arange(n), indices]
+        out = np.empty((n, self._template.shape[0]), np.uint8)
+        out[:] = self._template
+        out[:, self._probs_at : self._class_at] = np.ascontiguousarray(little).view(np.uint8)
+        out[:, self._class_at + 1] = indices
+        out[:, self._label_at : self._top_at - 1] = self._label_table[indices]
+        out[:, self._top_at :] = top.reshape(n, 1).view(np.uint8)
+        return out.tobytes() + self._trailer
+
