@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-processes", type=int, default=0,
                         help="load processes for the 64- and 8-in-flight points (0: the load "
                         "tester's default)")
-    parser.add_argument("--connections", type=int, default=4,
+    parser.add_argument("--connections", type=int, default=2,
                         help="connections per load process at 64 and 8 in flight, so SO_REUSEPORT "
                         "spreads them over workers (default: %(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated: naive, default, h2load")

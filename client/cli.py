@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pixel encoding on the wire (default: %(default)s)")
     lt.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
     lt.add_argument("--processes", type=int, default=0,
-                    help="load processes, each with its own channel (default: 1 for light loads, "
-                    "up to one per CPU for heavy ones)")
-    lt.add_argument("--connections", type=int, default=1, help="connections per load process")
+                    help="load processes, each with its own channels (default: 1 for light loads, "
+                    "up to one per two CPUs for heavy ones, leaving the rest to a local server)")
+    lt.add_argument("--connections", type=int, default=2,
+                    help="connections per load process, so that a server's SO_REUSEPORT workers "
+                    "share the load (default: %(default)s)")
     lt.add_argument("--max-outstanding", type=int, default=1000,
                     help="open loop: most calls in flight (default: %(default)s)")
     lt.add_argument("--no-verify", dest="verify", action="store_false",

@@ -148,10 +148,13 @@ class LoadConfig:
 
 
 def default_processes(concurrency: int, rate: float) -> int:
-    """One process for light loads; for heavy ones, one per CPU at most."""
+    """One process for light loads; for heavy ones, one per two CPUs at most: the other half is
+    left to the server under test, which usually shares the machine (on 2 cores one process with
+    two connections drives a Python server harder than two processes do). ``--processes`` sets
+    more for a remote server."""
     cpus = os.cpu_count() or 1
     wanted = math.ceil(rate / RATE_PER_PROCESS) if rate > 0 else math.ceil(concurrency / CALLS_PER_PROCESS)
-    return max(1, min(cpus, wanted))
+    return max(1, min(cpus // 2, wanted))
 
 
 @dataclass(frozen=True)
