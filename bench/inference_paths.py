@@ -1,5 +1,6 @@
 """Measures the ways to call a saved Keras model (model.predict, calling the model, tf.function,
-its concrete function, XLA with padding to fixed batch sizes) and checks each against model.predict.
+its concrete function, XLA with padding to fixed batch sizes, LiteRT with XNNPACK) and checks each
+against model.predict.
 
     python -m bench.inference_paths --model-dir models/mnist/1 [--repeat 300]
 
@@ -48,12 +49,18 @@ def paths(keras_model: object, input_size: int) -> dict[str, Fn]:
         padded = pad_to_bucket(x, PADDED_BATCH_SIZES)
         return np.asarray(xla(padded))[: x.shape[0]]
 
+    from server.model import LiteRTRunner
+
+    litert = LiteRTRunner.convert(model)
     return {
         "model.predict": lambda x: model.predict(x, verbose=0),  # type: ignore[attr-defined]
         "model(x)": lambda x: np.asarray(model(x, training=False)),  # type: ignore[operator]
         "tf.function": lambda x: np.asarray(fn(x)),
         "concrete function": lambda x: np.asarray(concrete(tf.constant(x))),
         "XLA, padded": padded_xla,
+        "LiteRT (XNNPACK, 1 thread)": litert,
+        "concrete function, image by image": lambda x: np.concatenate(
+            [np.asarray(concrete(tf.constant(x[i : i + 1]))) for i in range(x.shape[0])]),
     }
 
 
@@ -80,8 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = served.spec.input_size
     rng = np.random.default_rng(0)
     candidates = paths(keras_model, size)
-    candidates["served (KerasModel.predict)"] = served.predict
-    print(f"model {args.model_dir}: {served.metadata.get('preset')} preset")
+    candidates[f"served (KerasModel.predict: {served.inference_path})"] = served.predict
+    print(f"model {args.model_dir}: {served.metadata.get('preset')} preset; "
+          f"{served.agreement.describe()}")
     print("| path | batch | µs per call | × fastest | max abs diff vs model.predict |")
     print("|---|---|---|---|---|")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -89,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = candidates["model.predict"](x)
         rows = []
         for name, fn in candidates.items():
-            repeat = max(5, args.repeat // 20) if name in ("model.predict", "model(x)") else args.repeat
+            slow = name in ("model.predict", "model(x)") or "image by image" in name
+            repeat = max(5, args.repeat // 20) if slow else args.repeat
             micros = time_call(fn, x, repeat)
             diff = float(np.abs(fn(x) - reference).max())
             rows.append((name, micros, diff))
