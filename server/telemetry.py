@@ -198,9 +198,17 @@ class Telemetry:
         if n == 0:
             return
         series = self._quality_series(model)
+        if n == 1:  # the common call, in plain Python
+            row = probabilities[0].tolist()
+            top_value = max(row)
+            series.classes[row.index(top_value)].inc()  # the first maximum, as argmax
+            self.confidence.observe_few(series.key, [top_value])
+            if top_value < self.low_confidence:
+                series.low.inc()
+            return
         indices = probabilities.argmax(axis=1)
         top = probabilities[np.arange(n), indices]
-        if n <= 8:  # plain Python beats numpy's per-call overhead on a few rows
+        if n <= 8:  # plain Python lists beat numpy's per-call overhead on a few rows
             top_values = top.tolist()
             for index in indices.tolist():
                 series.classes[index].inc()
