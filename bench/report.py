@@ -168,7 +168,9 @@ def render(rows: list[dict[str, Any]], settings: dict[str, Any], host: dict[str,
         BEGIN,
         "",
         f"Run of {settings['date']}: `{settings['command']}` — {settings['duration']:g} s per point "
-        f"after {settings['warmup']:g} s of warm-up, {settings['encoding']} pixels, load tester "
+        + (f"(the median of {settings['repeat']} runs of {settings['duration'] / settings['repeat']:g} s, "
+           "by throughput) " if settings.get("repeat", 1) > 1 else "")
+        + f"after {settings['warmup']:g} s of warm-up, {settings['encoding']} pixels, load tester "
         f"`mnist-client loadtest` with {settings['load']}.",
         "",
         f"Machine: {host['nproc']} CPUs ({host['cpu']}), {host['memory']} RAM, {host['os']}, "

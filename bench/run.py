@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default="mnist", help="model name in the repository")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point (default: 15)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure each point in this many runs of duration/repeat seconds and "
+                        "keep the median one by throughput: steadier on a shared machine "
+                        "(default: %(default)s)")
     parser.add_argument("--encoding", default="float32", choices=loadtest.ENCODINGS,
                         help="pixel encoding on the wire (default: float32, as in issue 3)")
     parser.add_argument("--workers", default=",".join(str(w) for w in sorted({1, nproc})),
@@ -152,7 +156,10 @@ def measure(spec: ServerSpec, args: argparse.Namespace, split: Split,
             loadtest.run(replace(plan["many"], duration=args.warmup), workloads["one"])
         for point, config in plan.items():
             workload = workloads["batch" if point == "batch" else "one"]
-            result = loadtest.run(config, workload, progress=sys.stderr.isatty()).to_dict()
+            runs = [loadtest.run(replace(config, duration=args.duration / args.repeat), workload,
+                                 progress=sys.stderr.isatty()).to_dict()
+                    for _ in range(args.repeat)]
+            result = median_run(runs)
             row["scenarios"][point] = result
             logger.info("  %s: %.0f req/s, %.0f images/s, p50 %.2f ms, p99 %.2f ms, errors %s",
                         point, result["rps"], result["images_per_s"], result["p50_ms"] or -1,
@@ -179,6 +186,13 @@ def measure(spec: ServerSpec, args: argparse.Namespace, split: Split,
     return rows
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median throughput, with every run's req/s beside it."""
+    result = dict(sorted(runs, key=lambda r: float(r["rps"]))[len(runs) // 2])
+    result["runs_rps"] = [round(float(r["rps"]), 1) for r in runs]
+    return result
+
+
 def h2load_row(binary: str, target: str, args: argparse.Namespace,
                workloads: dict[str, loadtest.Workload]) -> dict[str, Any]:
     row: dict[str, Any] = {"name": "null server, driven by h2load", "model": "–", "workers": 1,
@@ -186,8 +200,10 @@ def h2load_row(binary: str, target: str, args: argparse.Namespace,
     workdir = REPO_ROOT / "out" / "bench-logs"
     for point, (streams, batch) in POINTS.items():
         workload = workloads["batch" if point == "batch" else "one"]
-        result = h2load.run(binary, target, workload.payloads[0], streams=streams,
-                            duration=args.duration, warmup=args.warmup, workdir=workdir)
+        result = median_run([
+            h2load.run(binary, target, workload.payloads[0], streams=streams,
+                       duration=args.duration / args.repeat, warmup=args.warmup, workdir=workdir)
+            for _ in range(args.repeat)])
         result["images_per_s"] = result["rps"] * batch
         result["p50_ms"] = result["p99_ms"] = None
         row["scenarios"][point] = result
@@ -210,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc} (run `make data` first)", file=sys.stderr)
         return 1
     try:
-        if args.duration <= 0 or args.warmup < 0:
-            raise BenchError("--duration must be positive and --warmup not negative")
+        if args.duration <= 0 or args.warmup < 0 or args.repeat < 1:
+            raise BenchError("--duration must be positive, --warmup not negative, --repeat ≥ 1")
         versions = ensure_models(args, ["seed"] if "default" in skip else ["seed", "default"])
         workloads = {
             "one": loadtest.build_workload(split.images, split.labels, batch=1,
@@ -234,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"{PROG} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip(),
         "duration": args.duration, "warmup": args.warmup, "encoding": args.encoding,
+        "repeat": args.repeat,
         "load": ", ".join(f"{plan[k].effective_processes()} process(es) × {plan[k].connections} "
                           f"connection(s) at {plan[k].concurrency} in flight" for k in POINTS),
         "note": " ".join(filter(None, [
