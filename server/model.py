@@ -205,7 +205,7 @@ class KerasModel:
             return Agreement("tensorflow", x.shape[0], None, spread, f"LiteRT unavailable: {exc}")
         diff = float(max(np.abs(batched - reference).max(), np.abs(one_by_one - reference).max()))
         agreement = Agreement("litert", x.shape[0], diff, spread)
-        if diff > agreement.tolerance:
+        if not diff <= agreement.tolerance:  # NaN included
             reason = "LiteRT differs by more than the tolerance"
             if required:
                 raise InferencePathError(f"{agreement.describe()}: {reason}")
