@@ -229,12 +229,15 @@ class _Recorder:
         # Plain ints: numpy calls cost microseconds each, a comparison of ints tens of nanoseconds.
         self._labels = [tuple(int(k) for k in labels) for labels in workload.labels]
 
-    def ok(self, index: int, answer: bytes, latency: float) -> None:
+    def ok(self, index: int, answer: bytes, latency: float, now: float | None = None) -> None:
+        """A successful call; ``now`` is when it finished (time.monotonic(), read if not given)."""
+        finished = time.monotonic() if now is None else now
         self.latencies.append(latency)
-        self.result.ok += 1
-        self.result.images += self.workload.batch
-        self.result.finished = time.monotonic()
-        self.completions.append(self.result.finished)
+        result = self.result
+        result.ok += 1
+        result.images += self.workload.batch
+        result.finished = finished
+        self.completions.append(finished)
         self.counter.value += 1
         if self.verify:
             self._check(index, answer)
@@ -288,17 +291,23 @@ async def _closed_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _R
 
     async def caller(c: int) -> None:
         nonlocal sent
+        # Locals: this loop is the tester's own cost per call, beside gRPC's.
         call = calls[c % len(calls)]
-        while time.monotonic() < end and not (plan.requests and sent >= plan.requests):
-            index = (plan.start + sent) % size
+        payloads, limit, start = workload.payloads, plan.requests, plan.start
+        ok, monotonic = rec.ok, time.monotonic
+        while True:
+            started = monotonic()
+            if started >= end or (limit and sent >= limit):
+                return
+            index = (start + sent) % size
             sent += 1
-            started = time.monotonic()
             try:
-                answer = await call(workload.payloads[index], timeout=timeout)
+                answer = await call(payloads[index], timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 rec.error(exc.code().name)
                 continue
-            rec.ok(index, answer, time.monotonic() - started)
+            now = monotonic()
+            ok(index, answer, now - started, now)
 
     await asyncio.gather(*(caller(c) for c in range(plan.concurrency)))
 
@@ -354,7 +363,9 @@ async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: _C
                 f"{config.target}: no connection within {config.connect_timeout:g}s"
             ) from None
         # request_serializer/response_deserializer None: the payloads are bytes already.
-        calls = [ch.unary_unary(PREDICT_METHOD) for ch in channels]
+        # Registered, as generated stubs do: the method is interned once, not per call (~13 %
+        # less CPU per call here).
+        calls = [ch.unary_unary(PREDICT_METHOD, _registered_method=True) for ch in channels]
         rec = _Recorder(workload, config.verify, counter)
         ready()
         begin = await asyncio.get_running_loop().run_in_executor(None, begin_at)
