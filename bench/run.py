@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default="mnist", help="model name in the repository")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per point (default: 15)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
-    parser.add_argument("--repeat", type=int, default=1,
+    parser.add_argument("--repeat", type=int, default=3,
                         help="measure each point in this many runs of duration/repeat seconds and "
                         "keep the median one by throughput: steadier on a shared machine "
                         "(default: %(default)s)")
