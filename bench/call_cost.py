@@ -1,0 +1,137 @@
+"""CPU per call of the two Python sides of a Predict, measured in one process with getrusage:
+
+    python -m bench.call_cost server --model-dir out/bench-repo/mnist/1
+    python -m bench.call_cost client --target 127.0.0.1:50051 --data-dir data
+
+``server``: the whole per-call path of mnist-serve in-process — request id, metrics, access line
+(formatted and buffered as in the server, written to /dev/null), decoding, validation, the model
+(as loaded by the server), the reply — with a stand-in for gRPC's servicer context, so what gRPC
+itself costs is left out. ``client``: ``mnist-client loadtest`` (one process, 64 in flight) against
+a running server; gRPC's client side included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _Context:
+    """What the wrapped Predict asks of grpc.aio's servicer context."""
+
+    def __init__(self) -> None:
+        self._trailing: Any = ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("user-agent", "bench"),)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._trailing = metadata
+
+    def trailing_metadata(self) -> Any:
+        return self._trailing
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    def code(self) -> None:
+        return None
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    async def abort(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(f"aborted: {args}")
+
+
+def server(model_dir: Path, calls: int) -> None:
+    import grpc
+
+    from digitserve.v1 import digit_service_pb2 as pb
+    from server.calls import CallWrapper
+    from server.dataplane import DataPlane
+    from server.logs import access_log
+    from server.model import KerasModel
+    from server.servicer import DigitServicer
+    from server.telemetry import Telemetry
+
+    logging.basicConfig(level=logging.INFO, stream=open("/dev/null", "w"))  # noqa: SIM115
+    access_log.direct(open("/dev/null", "w"), json_lines=True)  # noqa: SIM115
+    model = KerasModel.load(model_dir)
+    telemetry = Telemetry()
+    plane = DataPlane(1024, observer=telemetry)
+    plane.set_model(model)
+    handler = grpc.unary_unary_rpc_method_handler(DigitServicer(plane).Predict)
+    predict = CallWrapper(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
+    pixels = np.random.default_rng(0).random(model.spec.input_size, dtype=np.float32)
+    request = pb.PredictRequest(images=[pb.Image(float32=pixels.tobytes())])
+
+    async def measure(concurrency: int) -> float:
+        async def caller(n: int) -> None:
+            context = _Context()
+            for _ in range(n):
+                await predict(request, context)
+
+        per = calls // concurrency
+        started = _cpu()
+        await asyncio.gather(*(caller(per) for _ in range(concurrency)))
+        return (_cpu() - started) / (per * concurrency) * 1e6
+
+    async def main() -> None:
+        await measure(1)  # warm-up
+        for concurrency in (1, 64):
+            print(f"server path ({model.inference_path}), {concurrency} in flight: "
+                  f"{await measure(concurrency):.1f} µs CPU per call")
+        await plane.close()
+
+    asyncio.run(main())
+
+
+def client(target: str, data_dir: Path, seconds: float) -> None:
+    from client import loadtest
+    from digitserve.idx import load_split
+
+    split = load_split(data_dir, "t10k")
+    workload = loadtest.build_workload(split.images, split.labels, batch=1, encoding="float32")
+    config = loadtest.LoadConfig(target=target, concurrency=64, duration=seconds, processes=1,
+                                 connections=2)
+    started, wall = _cpu(), time.perf_counter()
+    result = loadtest.run(config, workload).to_dict()
+    cpu, wall = _cpu() - started, time.perf_counter() - wall
+    print(f"load tester: {result['requests']} calls, {result['rps']:.0f} req/s, "
+          f"{cpu / result['requests'] * 1e6:.0f} µs CPU per call ({cpu / wall:.2f} cores)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.call_cost", description=__doc__)
+    sub = parser.add_subparsers(dest="side", required=True)
+    s = sub.add_parser("server", help="mnist-serve's per-call Python, gRPC left out")
+    s.add_argument("--model-dir", type=Path, required=True, help="a published version directory")
+    s.add_argument("--calls", type=int, default=20_000)
+    c = sub.add_parser("client", help="the load tester's CPU per call against a running server")
+    c.add_argument("--target", default="127.0.0.1:50051")
+    c.add_argument("--data-dir", type=Path, default=Path("data"))
+    c.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    if args.side == "server":
+        server(args.model_dir, args.calls)
+    else:
+        client(args.target, args.data_dir, args.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
