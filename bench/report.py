@@ -145,7 +145,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         if value is None:
             return f"- {label}: not measured"
         met = value >= limit if above else value <= limit
-        return f"- {label}: **{value:.2f}** (target {'≥' if above else '≤'} {limit}) {'✓' if met else '✗'}"
+        return f"- {label}: **{value:.3f}** (target {'≥' if above else '≤'} {limit}) {'✓' if met else '✗'}"
 
     def ratio(a: dict[str, Any], b: dict[str, Any], scenario: str, key: str) -> float | None:
         x, y = a.get(scenario, {}).get(key), b.get(scenario, {}).get(key)
