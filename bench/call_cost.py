@@ -2,12 +2,14 @@
 
     python -m bench.call_cost server --model-dir out/bench-repo/mnist/1
     python -m bench.call_cost client --target 127.0.0.1:50051 --data-dir data
+    python -m bench.call_cost gc --model-dir out/bench-repo/mnist/1
 
 ``server``: the whole per-call path of mnist-serve in-process — request id, metrics, access line
 (formatted and buffered as in the server, written to /dev/null), decoding, validation, the model
 (as loaded by the server), the reply — with a stand-in for gRPC's servicer context, so what gRPC
 itself costs is left out. ``client``: ``mnist-client loadtest`` (one process, 64 in flight) against
-a running server; gRPC's client side included.
+a running server; gRPC's client side included. ``gc``: the objects the cyclic garbage collector
+tracks once a model is loaded as the server loads it, and what a full collection of them costs.
 """
 
 from __future__ import annotations
@@ -115,6 +117,23 @@ def client(target: str, data_dir: Path, seconds: float) -> None:
           f"{cpu / result['requests'] * 1e6:.0f} µs CPU per call ({cpu / wall:.2f} cores)")
 
 
+def collector(model_dir: Path) -> None:
+    import gc
+
+    from server.model import KerasModel
+
+    KerasModel.load(model_dir)
+    gc.collect()
+    started = time.perf_counter()
+    gc.collect()
+    print(f"after loading: {len(gc.get_objects()):,} objects tracked; a full collection "
+          f"{(time.perf_counter() - started) * 1000:.0f} ms")
+    gc.freeze()
+    started = time.perf_counter()
+    gc.collect()
+    print(f"after gc.freeze(): a full collection {(time.perf_counter() - started) * 1000:.1f} ms")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.call_cost", description=__doc__)
     sub = parser.add_subparsers(dest="side", required=True)
@@ -125,9 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--target", default="127.0.0.1:50051")
     c.add_argument("--data-dir", type=Path, default=Path("data"))
     c.add_argument("--seconds", type=float, default=5.0)
+    g = sub.add_parser("gc", help="what a full garbage collection costs with a model loaded")
+    g.add_argument("--model-dir", type=Path, required=True, help="a published version directory")
     args = parser.parse_args(argv)
     if args.side == "server":
         server(args.model_dir, args.calls)
+    elif args.side == "gc":
+        collector(args.model_dir)
     else:
         client(args.target, args.data_dir, args.seconds)
     return 0

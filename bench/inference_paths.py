@@ -2,7 +2,7 @@
 its concrete function, XLA with padding to fixed batch sizes, LiteRT with XNNPACK) and checks each
 against model.predict.
 
-    python -m bench.inference_paths --model-dir models/mnist/1 [--repeat 300]
+    python -m bench.inference_paths --model-dir models/mnist/1 [--repeat 300] [--data-dir data]
 
 Prints one row per path and batch size: microseconds per call, the ratio to the fastest path at
 that batch size, and the largest absolute difference from model.predict's probabilities.
@@ -78,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, required=True, help="a published version dir")
     parser.add_argument("--repeat", type=int, default=300)
     parser.add_argument("--batch-sizes", default="1,8,64,256")
+    parser.add_argument("--data-dir", type=Path,
+                        help="also compare the served paths with model.predict on the real MNIST "
+                        "test set (IDX files in DIR)")
     args = parser.parse_args(argv)
 
     from server.model import KerasModel
@@ -105,7 +108,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         fastest = min(m for _, m, _ in rows)
         for name, micros, diff in rows:
             print(f"| {name} | {batch} | {micros:,.0f} | {micros / fastest:.1f} | {diff:.1e} |")
+    if args.data_dir is not None:
+        test_set_agreement(keras_model, candidates, args.data_dir)
     return 0
+
+
+def test_set_agreement(keras_model: object, candidates: dict[str, Fn], data_dir: Path) -> None:
+    """Each path's largest difference from model.predict over the whole test set, in 1000-image
+    batches and image by image, and how many top classes differ."""
+    from digitserve.idx import load_split
+
+    split = load_split(data_dir, "t10k")
+    x = split.images.reshape(split.images.shape[0], -1).astype(np.float32) / np.float32(255)
+    reference = np.asarray(keras_model.predict(x, verbose=0))  # type: ignore[attr-defined]
+    print(f"\nOn the {x.shape[0]:,} test images, against model.predict (batches of 32):")
+    print("| path | calls of | max abs diff | values above 1e-6 | top class differs |")
+    print("|---|---|---|---|---|")
+    for name in ("concrete function", "LiteRT (XNNPACK, 1 thread)"):
+        fn = candidates[name]
+        for size in (1000, 1):
+            got = np.concatenate([fn(x[i : i + size]) for i in range(0, x.shape[0], size)])
+            diff = np.abs(got - reference)
+            flips = int((got.argmax(axis=1) != reference.argmax(axis=1)).sum())
+            print(f"| {name} | {size} image{'s' if size > 1 else ''} | {diff.max():.2e} | "
+                  f"{int((diff > 1e-6).sum())} | {flips} |")
 
 
 if __name__ == "__main__":

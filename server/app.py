@@ -50,10 +50,11 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
 
 
 def settle_memory() -> None:
-    """Collects garbage once and freezes what survives (TensorFlow, Keras, the model: some 400,000
+    """Collects garbage once and freezes what survives (TensorFlow, Keras, the model: some 370,000
     objects) out of the cyclic collector's reach. Otherwise each full collection walks them all, a
-    pause of about 250 ms at a random moment under load. Called after each (re)load; unfreezing
-    first lets a replaced model's reference cycles be collected."""
+    pause of about 200 ms at a random moment under load (``python -m bench.call_cost gc``).
+    Called after each (re)load; unfreezing first lets a replaced model's reference cycles be
+    collected."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
