@@ -59,7 +59,7 @@ class _Context:
         raise RuntimeError(f"aborted: {args}")
 
 
-def server(model_dir: Path, calls: int) -> None:
+def server(model_dir: Path, calls: int, images: int) -> None:
     import grpc
 
     from digitserve.v1 import digit_service_pb2 as pb
@@ -78,8 +78,8 @@ def server(model_dir: Path, calls: int) -> None:
     plane.set_model(model)
     handler = grpc.unary_unary_rpc_method_handler(DigitServicer(plane).Predict)
     predict = CallWrapper(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
-    pixels = np.random.default_rng(0).random(model.spec.input_size, dtype=np.float32)
-    request = pb.PredictRequest(images=[pb.Image(float32=pixels.tobytes())])
+    pixels = np.random.default_rng(0).random((images, model.spec.input_size), dtype=np.float32)
+    request = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels])
 
     async def measure(concurrency: int) -> float:
         async def caller(n: int) -> None:
@@ -95,8 +95,8 @@ def server(model_dir: Path, calls: int) -> None:
     async def main() -> None:
         await measure(1)  # warm-up
         for concurrency in (1, 64):
-            print(f"server path ({model.inference_path}), {concurrency} in flight: "
-                  f"{await measure(concurrency):.1f} µs CPU per call")
+            print(f"server path ({model.inference_path}), {images} image(s) per call, "
+                  f"{concurrency} in flight: {await measure(concurrency):.1f} µs CPU per call")
         await plane.close()
 
     asyncio.run(main())
@@ -140,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("server", help="mnist-serve's per-call Python, gRPC left out")
     s.add_argument("--model-dir", type=Path, required=True, help="a published version directory")
     s.add_argument("--calls", type=int, default=20_000)
+    s.add_argument("--images", type=int, default=1, help="images per Predict request")
     c = sub.add_parser("client", help="the load tester's CPU per call against a running server")
     c.add_argument("--target", default="127.0.0.1:50051")
     c.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -148,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--model-dir", type=Path, required=True, help="a published version directory")
     args = parser.parse_args(argv)
     if args.side == "server":
-        server(args.model_dir, args.calls)
+        server(args.model_dir, args.calls, args.images)
     elif args.side == "gc":
         collector(args.model_dir)
     else:

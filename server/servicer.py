@@ -223,12 +223,12 @@ def _decode_uniform(
     if kind == "float32":
         parts = [image.float32 for image in images]
         # An image that set another field reads as b"" here, so equal lengths mean all float32.
-        if all(len(p) == 4 * input_size for p in parts):
+        if set(map(len, parts)) == {4 * input_size}:
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             return np.frombuffer(data, dtype="<f4").reshape(len(parts), input_size), kind
     elif kind == "uint8":
         parts = [image.uint8 for image in images]
-        if all(len(p) == input_size for p in parts):
+        if set(map(len, parts)) == {input_size}:
             data = parts[0] if len(parts) == 1 else b"".join(parts)
             pixels = np.frombuffer(data, dtype=np.uint8).reshape(len(parts), input_size)
             # The same float32 division as the trainer's, so results match bit for bit.

@@ -207,7 +207,7 @@ class Telemetry:
                 series.low.inc()
             return
         indices = probabilities.argmax(axis=1)
-        top = probabilities[np.arange(n), indices]
+        top = probabilities.max(axis=1)
         if n <= 8:  # plain Python lists beat numpy's per-call overhead on a few rows
             top_values = top.tolist()
             for index in indices.tolist():
@@ -215,9 +215,10 @@ class Telemetry:
             self.confidence.observe_few(series.key, top_values)
             low = sum(1 for p in top_values if p < self.low_confidence)
         else:
-            counts = np.bincount(indices, minlength=len(series.classes))
-            for index in np.flatnonzero(counts).tolist():
-                series.classes[index].inc(int(counts[index]))
+            counts = np.bincount(indices, minlength=len(series.classes)).tolist()
+            for index, count in enumerate(counts):
+                if count:
+                    series.classes[index].inc(count)
             self.confidence.observe(series.key, top)
             low = int(np.count_nonzero(top < self.low_confidence))
         if low:
