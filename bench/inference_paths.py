@@ -116,10 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def test_set_agreement(keras_model: object, candidates: dict[str, Fn], data_dir: Path) -> None:
     """Each path's largest difference from model.predict over the whole test set, in 1000-image
     batches and image by image, and how many top classes differ."""
-    from digitserve.idx import load_split
+    from digitserve.idx import load_split, scale_pixels
 
     split = load_split(data_dir, "t10k")
-    x = split.images.reshape(split.images.shape[0], -1).astype(np.float32) / np.float32(255)
+    x = scale_pixels(split.images.reshape(split.images.shape[0], -1))
     reference = np.asarray(keras_model.predict(x, verbose=0))  # type: ignore[attr-defined]
     print(f"\nOn the {x.shape[0]:,} test images, against model.predict (batches of 32):")
     print("| path | calls of | max abs diff | values above 1e-6 | top class differs |")

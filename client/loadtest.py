@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.idx import scale_pixels
 from digitserve.v1 import digit_service_pb2 as pb
 
 PREDICT_METHOD = "/digitserve.v1.DigitService/Predict"
@@ -50,11 +51,6 @@ class Workload:
 
     def __len__(self) -> int:
         return len(self.payloads)
-
-
-def scale(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    """The project's pixel scale: float32 = uint8 / 255."""
-    return images.astype(np.float32) / np.float32(255)
 
 
 def build_workload(
@@ -88,12 +84,12 @@ def build_workload(
         if encoding == "uint8":
             encoded = [pb.Image(uint8=row.tobytes()) for row in chunk]
         else:
-            encoded = [pb.Image(float32=row.astype("<f4").tobytes()) for row in scale(chunk)]
+            encoded = [pb.Image(float32=row.astype("<f4").tobytes()) for row in scale_pixels(chunk)]
         request = pb.PredictRequest(images=encoded, model_version=model_version)
         payloads.append(request.SerializeToString())
         request_labels.append(y[index])
         if expected is not None:
-            answers.append(np.asarray(expected(scale(chunk)), dtype=np.float32))
+            answers.append(np.asarray(expected(scale_pixels(chunk)), dtype=np.float32))
     return Workload(tuple(payloads), tuple(request_labels), batch, encoding,
                     tuple(answers) if expected is not None else None)
 

@@ -149,6 +149,12 @@ class App:
         )
         return self.port
 
+    def _serve(self, model: Model) -> None:
+        """Serves ``model`` from now on (DataPlane.set_model), then settles memory if asked."""
+        self.plane.set_model(model)
+        if self.freeze_gc:
+            settle_memory()
+
     def _event(self, kind: str, version: int, outcome: str) -> None:
         for listener in self.model_events:
             listener(kind, version, outcome)
@@ -182,9 +188,7 @@ class App:
         else:
             reasons = "; ".join(f"version {v}: {r}" for v, r in sorted(self.plane.refused.items()))
             raise RepositoryError(f"no servable version of model {self.settings.model_name!r} ({reasons})")
-        self.plane.set_model(model)
-        if self.freeze_gc:
-            settle_memory()
+        self._serve(model)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         await self._set_updates_health()
         logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
@@ -213,9 +217,7 @@ class App:
             return False
         model = await self._try_load("reload", max(candidates))
         if model is not None:
-            self.plane.set_model(model)
-            if self.freeze_gc:
-                settle_memory()
+            self._serve(model)
             logger.info(
                 "hot reload: serving model %s version %d (was version %d)",
                 model.spec.name,

@@ -111,15 +111,19 @@ class Batcher:
         task. A future and a wake-up of the batcher task would cost more than the call itself,
         and calls cannot pile up behind a model that never yields the loop."""
         probs = model.predict(images)
-        n = images.shape[0]
-        self.stats.batches += 1
-        self.stats.images += n
-        self.stats.batch_sizes[n] += 1
-        if self._on_batch is not None:
-            self._on_batch(n, 0.0)
-        if self._on_answers is not None:
-            self._on_answers(model, probs)
+        self._account(model, images.shape[0], 0.0, probs)
         return probs
+
+    def _account(self, model: Model, size: int, queue_seconds: float,
+                 answered: npt.NDArray[np.float32] | None) -> None:
+        """Counts one model call of ``size`` images and reports it and the rows its callers got."""
+        self.stats.batches += 1
+        self.stats.images += size
+        self.stats.batch_sizes[size] += 1
+        if self._on_batch is not None:
+            self._on_batch(size, queue_seconds)
+        if self._on_answers is not None and answered is not None:
+            self._on_answers(model, answered)
 
     def _take_batch(self) -> list[_Pending]:
         """Pops the next batch: consecutive calls on the same model, up to max_batch_size images
@@ -173,11 +177,6 @@ class Batcher:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
-        self.stats.batches += 1
-        self.stats.images += images.shape[0]
-        self.stats.batch_sizes[images.shape[0]] += 1
-        if self._on_batch is not None:
-            self._on_batch(images.shape[0], started - min(p.enqueued for p in batch))
         offset = 0
         answered: list[npt.NDArray[np.float32]] = []
         for pending in batch:
@@ -187,9 +186,11 @@ class Batcher:
                 pending.future.set_result(rows)
                 answered.append(rows)
             offset += n
-        if self._on_answers is not None and answered:
-            # Once per batch, not per call: the rows of the callers that were still waiting.
-            self._on_answers(model, probs if len(answered) == len(batch) else np.concatenate(answered))
+        # Once per batch, not per call: the rows of the callers that were still waiting.
+        self._account(
+            model, images.shape[0], started - min(p.enqueued for p in batch),
+            None if not answered else probs if len(answered) == len(batch) else np.concatenate(answered),
+        )
 
     async def close(self) -> None:
         if self._task is not None:

@@ -14,7 +14,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.repository import MODEL_FILE, CorruptVersionError, read_metadata, verify_files
+from digitserve.idx import scale_pixels
+from digitserve.repository import (
+    CHECK_SET_FILE,
+    MODEL_FILE,
+    CorruptVersionError,
+    read_metadata,
+    verify_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +222,13 @@ class KerasModel:
         return agreement
 
     @classmethod
-    def load(cls, version_dir: Path, *, inference: str = "auto") -> KerasModel:
+    def load(
+        cls, version_dir: Path, *, inference: str = "auto",
+        probe: npt.NDArray[np.float32] | None = None,
+    ) -> KerasModel:
         """Loads a published version after checking its files against the metadata checksums;
-        the paths are compared on the version's check set (``check_set.npz``) when it has one."""
+        the paths are compared on ``probe``, by default the version's check set when it has a
+        readable one (the quality gate reports one that is not)."""
         import keras
 
         started = time.perf_counter()
@@ -229,7 +240,11 @@ class KerasModel:
             )
         except Exception as exc:  # Keras raises many types for a bad archive.
             raise CorruptVersionError(f"{version_dir / MODEL_FILE}: cannot load ({exc})") from exc
-        model = cls(keras_model, metadata, inference=inference, probe=read_probe(version_dir))
+        if probe is None:
+            with contextlib.suppress(CorruptVersionError):
+                check_set = read_check_set(version_dir)
+                probe = None if check_set is None else check_set[0]
+        model = cls(keras_model, metadata, inference=inference, probe=probe)
         model.warm_up()
         logger.info(
             "loaded model %s version %d from %s in %.2fs; %s",
@@ -263,16 +278,19 @@ class KerasModel:
 
 PROBE_IMAGES = 500
 """At most this many probe images are compared (the trainer's check set holds 500)."""
-CHECK_SET_FILE = "check_set.npz"
+
+CheckSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.integer[Any]]]
 
 
-def read_probe(version_dir: Path) -> npt.NDArray[np.float32] | None:
-    """The version's check-set images scaled to [0, 1], or None when it has no readable one (the
-    quality gate reports an unreadable check set)."""
-    try:
-        with np.load(version_dir / CHECK_SET_FILE, allow_pickle=False) as data:
-            images = data["images"]
-    except (OSError, ValueError, KeyError):
+def read_check_set(version_dir: Path) -> CheckSet | None:
+    """The version's check set (``check_set.npz``): images flattened and scaled to [0, 1], and
+    labels. None when the version has none; CorruptVersionError when it cannot be read."""
+    path = version_dir / CHECK_SET_FILE
+    if not path.is_file():
         return None
-    scaled: npt.NDArray[np.float32] = images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255)
-    return scaled
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images, labels = data["images"], data["labels"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CorruptVersionError(f"{path}: unreadable check set ({exc})") from exc
+    return scale_pixels(images.reshape(images.shape[0], -1)), labels

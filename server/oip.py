@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.idx import scale_pixels
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from server.dataplane import DataPlane, check_pixels
@@ -128,8 +129,8 @@ def decode_input(
             raise InvalidInputError(
                 f"{where}[0].{item}[{k}]", f"{int(values[k])} does not fit UINT8; expected 0..255"
             )
-        # The same float32 division as the trainer's and our own API's, so results match bit for bit.
-        return values.reshape(count, spec.input_size).astype(np.float32) / np.float32(255), raw
+        # scale_pixels: the trainer's and our own API's division, so results match bit for bit.
+        return scale_pixels(values.reshape(count, spec.input_size)), raw
     # One row holding the whole flat tensor, so the message names the flat element index.
     check_pixels(values.astype(np.float32)[np.newaxis], [item], where)
     return values.reshape(count, spec.input_size).astype(np.float32), raw

@@ -18,6 +18,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from digitserve.idx import scale_pixels
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from server.dataplane import DataPlane, Evaluation, check_labels, check_pixels
@@ -195,7 +196,7 @@ def decode_images(
                     f"got {len(data)} bytes, expected {input_size} (one byte per pixel)",
                 )
             # The same float32 division as the trainer's, so results match bit for bit.
-            out[i] = np.frombuffer(data, dtype=np.uint8).astype(np.float32) / np.float32(255)
+            out[i] = scale_pixels(np.frombuffer(data, dtype=np.uint8))
         elif kind == "floats":
             values = image.floats.values
             if len(values) != input_size:
@@ -212,28 +213,26 @@ def decode_images(
     return out
 
 
+# The packed encodings of an Image and the numpy type of their bytes.
+_PACKED: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtype(np.uint8)}
+
+
 def _decode_uniform(
     images: Sequence[pb.Image], input_size: int
 ) -> tuple[npt.NDArray[np.float32], str] | None:
     """The common case in one numpy call: every image packed (float32 or uint8) the same way and
     of the right length. None otherwise (decode_images then finds and names the bad image)."""
-    if not images:
+    kind = images[0].WhichOneof("pixels") if images else None
+    dtype = _PACKED.get(kind or "")
+    if kind is None or dtype is None:
         return None
-    kind = images[0].WhichOneof("pixels")
-    if kind == "float32":
-        parts = [image.float32 for image in images]
-        # An image that set another field reads as b"" here, so equal lengths mean all float32.
-        if set(map(len, parts)) == {4 * input_size}:
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            return np.frombuffer(data, dtype="<f4").reshape(len(parts), input_size), kind
-    elif kind == "uint8":
-        parts = [image.uint8 for image in images]
-        if set(map(len, parts)) == {input_size}:
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            pixels = np.frombuffer(data, dtype=np.uint8).reshape(len(parts), input_size)
-            # The same float32 division as the trainer's, so results match bit for bit.
-            return pixels.astype(np.float32) / np.float32(255), kind
-    return None
+    parts = [getattr(image, kind) for image in images]
+    # An image that set another field reads as b"" here, so equal lengths mean all of this kind.
+    if set(map(len, parts)) != {dtype.itemsize * input_size}:
+        return None
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    pixels = np.frombuffer(data, dtype=dtype).reshape(len(parts), input_size)
+    return (pixels if kind == "float32" else scale_pixels(pixels)), kind
 
 
 class DigitServicer(pb_grpc.DigitServiceServicer):

@@ -9,6 +9,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from server.logs import FORMATS
+from server.model import INFERENCE_CHOICES
+
 ENV_PREFIX = "MNIST_"
 
 
@@ -162,10 +165,10 @@ class Settings:
             problems.append(f"keep versions {self.keep_versions} is below 1")
         if self.workers < 1:
             problems.append(f"workers {self.workers} is below 1")
-        if self.inference not in ("auto", "litert", "tensorflow"):
-            problems.append(f"inference {self.inference!r} is not one of auto, litert, tensorflow")
-        if self.log_format not in ("auto", "json", "text"):
-            problems.append(f"log format {self.log_format!r} is not one of auto, json, text")
+        if self.inference not in INFERENCE_CHOICES:
+            problems.append(f"inference {self.inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
+        if self.log_format not in FORMATS:
+            problems.append(f"log format {self.log_format!r} is not one of {', '.join(FORMATS)}")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
         elif self.metrics_port > 0 and self.metrics_port + self.workers - 1 > 65535:

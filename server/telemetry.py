@@ -74,14 +74,13 @@ class BulkHistogram(Collector):
             buckets += counts
             value_sum[0] += total
 
-    def observe_few(self, labels: tuple[str, ...], values: list[float]) -> None:
-        """``observe`` for a few plain floats (bisect instead of numpy's per-call overhead)."""
-        bounds = self._bounds
+    def observe_one(self, labels: tuple[str, ...], value: float) -> None:
+        """``observe`` for one plain float (bisect instead of numpy's per-call overhead)."""
+        index = bisect.bisect_left(self._bounds, value)
         with self._lock:
             buckets, value_sum = self._get(labels)
-            for value in values:
-                buckets[bisect.bisect_left(bounds, value)] += 1
-                value_sum[0] += value
+            buckets[index] += 1
+            value_sum[0] += value
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -202,25 +201,18 @@ class Telemetry:
             row = probabilities[0].tolist()
             top_value = max(row)
             series.classes[row.index(top_value)].inc()  # the first maximum, as argmax
-            self.confidence.observe_few(series.key, [top_value])
+            self.confidence.observe_one(series.key, top_value)
             if top_value < self.low_confidence:
                 series.low.inc()
             return
         indices = probabilities.argmax(axis=1)
         top = probabilities.max(axis=1)
-        if n <= 8:  # plain Python lists beat numpy's per-call overhead on a few rows
-            top_values = top.tolist()
-            for index in indices.tolist():
-                series.classes[index].inc()
-            self.confidence.observe_few(series.key, top_values)
-            low = sum(1 for p in top_values if p < self.low_confidence)
-        else:
-            counts = np.bincount(indices, minlength=len(series.classes)).tolist()
-            for index, count in enumerate(counts):
-                if count:
-                    series.classes[index].inc(count)
-            self.confidence.observe(series.key, top)
-            low = int(np.count_nonzero(top < self.low_confidence))
+        counts = np.bincount(indices, minlength=len(series.classes)).tolist()
+        for index, count in enumerate(counts):
+            if count:
+                series.classes[index].inc(count)
+        self.confidence.observe(series.key, top)
+        low = int(np.count_nonzero(top < self.low_confidence))
         if low:
             series.low.inc(low)
 

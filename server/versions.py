@@ -11,12 +11,13 @@ from typing import Protocol
 import numpy as np
 
 from digitserve.repository import (
+    CHECK_SET_FILE,
     CorruptVersionError,
     ModelNotFoundError,
     ModelRepository,
     RepositoryError,
 )
-from server.model import CHECK_SET_FILE, KerasModel, Model
+from server.model import CheckSet, KerasModel, Model, read_check_set
 
 logger = logging.getLogger(__name__)
 
@@ -33,22 +34,13 @@ class ModelSource(Protocol):
     def load(self, version: int) -> Model: ...
 
 
-def check_quality(model: Model, version_dir: Path, min_accuracy: float) -> float | None:
-    """Accuracy on the version's check set (``check_set.npz``: uint8 images, labels); raises
-    QualityGateError below ``min_accuracy``. None when the version has no check set."""
-    path = version_dir / CHECK_SET_FILE
-    if not path.is_file():
-        logger.warning("%s has no %s: the accuracy floor is not checked", version_dir, CHECK_SET_FILE)
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            images, labels = data["images"], data["labels"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CorruptVersionError(f"{path}: unreadable check set ({exc})") from exc
-    x = images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255)
+def check_quality(model: Model, check_set: CheckSet, path: Path, min_accuracy: float) -> float:
+    """Accuracy on the version's check set (read_check_set; ``path`` names it in messages);
+    raises QualityGateError below ``min_accuracy``."""
+    x, labels = check_set
     if x.shape[1] != model.spec.input_size or labels.shape[0] != x.shape[0]:
         raise CorruptVersionError(
-            f"{path}: check set of shape {images.shape} with {labels.shape[0]} labels does not "
+            f"{path}: check set of shape {x.shape} with {labels.shape[0]} labels does not "
             f"fit input size {model.spec.input_size}"
         )
     probs = model.predict(x)
@@ -89,14 +81,25 @@ class RepositorySource:
 
     def load(self, version: int) -> Model:
         version_dir = self.repository.version_dir(self.name, version)
-        model = KerasModel.load(version_dir, inference=self.inference)
+        # Read once: the probe of the inference path's choice, then the quality gate.
+        unreadable: CorruptVersionError | None = None
+        try:
+            check_set = read_check_set(version_dir)
+        except CorruptVersionError as exc:
+            check_set, unreadable = None, exc
+        model = KerasModel.load(version_dir, inference=self.inference,
+                                probe=None if check_set is None else check_set[0])
         if model.spec.name != self.name or model.spec.version != version:
             raise CorruptVersionError(
                 f"{version_dir}: metadata says {model.spec.name!r} version {model.spec.version}"
             )
-        accuracy = check_quality(model, version_dir, self.min_accuracy)
-        if accuracy is not None:
-            logger.info("version %d passed the quality gate: check-set accuracy %.4f", version, accuracy)
+        if unreadable is not None:
+            raise unreadable
+        if check_set is None:
+            logger.warning("%s has no %s: the accuracy floor is not checked", version_dir, CHECK_SET_FILE)
+            return model
+        accuracy = check_quality(model, check_set, version_dir / CHECK_SET_FILE, self.min_accuracy)
+        logger.info("version %d passed the quality gate: check-set accuracy %.4f", version, accuracy)
         return model
 
 

@@ -13,13 +13,13 @@ import pytest
 
 from client import loadtest
 from client.cli import main
-from digitserve.idx import load_split
+from digitserve.idx import load_split, scale_pixels
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.conftest import FakeModel, ServerThread
 
 
 def fake_accuracy(images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> float:
-    probs = FakeModel().predict(loadtest.scale(images.reshape(images.shape[0], -1)))
+    probs = FakeModel().predict(scale_pixels(images.reshape(images.shape[0], -1)))
     return float(np.mean(probs.argmax(axis=1) == labels))
 
 

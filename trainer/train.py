@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.idx import Split, load_split, md5_uncompressed
+from digitserve.idx import Split, load_split, md5_uncompressed, scale_pixels
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.repository import (
+    CHECK_SET_FILE,
     FORMAT_VERSION,
     MODEL_FILE,
     REPORT_DIR,
@@ -31,7 +32,6 @@ logger = logging.getLogger(__name__)
 EVALUATE_BATCH = 1000
 """Test images per prediction call: the client streams Evaluate in batches of this size, and the
 server predicts each batch in one call, so both compute identical figures."""
-CHECK_SET_FILE = "check_set.npz"
 CHECK_SET_SIZE = 500
 """The first this many official test images go into ``check_set.npz`` for the server's gate."""
 LABELS = [str(digit) for digit in range(10)]
@@ -81,8 +81,7 @@ class _Data:
 def scale_images(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
     """Flattens (N, rows, cols) uint8 images to (N, rows*cols) float32 in [0, 1], the product's
     one pixel scale (``uint8 / 255``)."""
-    flat = images.reshape(images.shape[0], -1)
-    return flat.astype(np.float32) / np.float32(255)
+    return scale_pixels(images.reshape(images.shape[0], -1))
 
 
 def one_hot(labels: npt.NDArray[np.integer[Any]], num_classes: int) -> npt.NDArray[np.float32]:

@@ -10,7 +10,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,7 @@ __all__ = [
     "read_idx",
     "read_images",
     "read_labels",
+    "scale_pixels",
     "split_file_names",
     "write_idx",
 ]
@@ -274,3 +275,10 @@ def md5_uncompressed(path: str | os.PathLike[str]) -> str:
     except OSError as exc:
         raise IdxError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return digest.hexdigest()
+
+
+def scale_pixels(pixels: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.float32]:
+    """Byte intensities (0..255) as float32 in [0, 1]: the product's one pixel scale. The trainer,
+    the server's uint8 paths and the clients all divide this way, so they agree bit for bit."""
+    scaled: npt.NDArray[np.float32] = pixels.astype(np.float32) / np.float32(255)
+    return scaled
