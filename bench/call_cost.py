@@ -7,9 +7,10 @@
 ``server``: the whole per-call path of mnist-serve in-process — request id, metrics, access line
 (formatted and buffered as in the server, written to /dev/null), decoding, validation, the model
 (as loaded by the server), the reply — with a stand-in for gRPC's servicer context, so what gRPC
-itself costs is left out. ``client``: ``mnist-client loadtest`` (one process, 64 in flight) against
-a running server; gRPC's client side included. ``gc``: the objects the cyclic garbage collector
-tracks once a model is loaded as the server loads it, and what a full collection of them costs.
+itself costs is left out. ``client``: ``mnist-client loadtest`` (one process, 64 in flight, engine
+h2 or grpc) against a running server; the client's whole transport included. ``gc``: the objects
+the cyclic garbage collector tracks once a model is loaded as the server loads it, and what a full
+collection of them costs.
 """
 
 from __future__ import annotations
@@ -102,18 +103,18 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     asyncio.run(main())
 
 
-def client(target: str, data_dir: Path, seconds: float) -> None:
+def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
     from client import loadtest
     from digitserve.idx import load_split
 
     split = load_split(data_dir, "t10k")
     workload = loadtest.build_workload(split.images, split.labels, batch=1, encoding="float32")
     config = loadtest.LoadConfig(target=target, concurrency=64, duration=seconds, processes=1,
-                                 connections=2)
+                                 connections=2, engine=engine)
     started, wall = _cpu(), time.perf_counter()
     result = loadtest.run(config, workload).to_dict()
     cpu, wall = _cpu() - started, time.perf_counter() - wall
-    print(f"load tester: {result['requests']} calls, {result['rps']:.0f} req/s, "
+    print(f"load tester (engine {engine}): {result['requests']} calls, {result['rps']:.0f} req/s, "
           f"{cpu / result['requests'] * 1e6:.0f} µs CPU per call ({cpu / wall:.2f} cores)")
 
 
@@ -145,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--target", default="127.0.0.1:50051")
     c.add_argument("--data-dir", type=Path, default=Path("data"))
     c.add_argument("--seconds", type=float, default=5.0)
+    c.add_argument("--engine", default="h2", choices=["h2", "grpc"], help="loadtest --engine")
     g = sub.add_parser("gc", help="what a full garbage collection costs with a model loaded")
     g.add_argument("--model-dir", type=Path, required=True, help="a published version directory")
     args = parser.parse_args(argv)
@@ -153,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.side == "gc":
         collector(args.model_dir)
     else:
-        client(args.target, args.data_dir, args.seconds)
+        client(args.target, args.data_dir, args.seconds, args.engine)
     return 0
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Server CPU per request at 64 requests in flight, split by thread name: the null server against
-# mnist-serve, driven by the same load tester.
+# Server CPU per request (default: 1 image each, 64 in flight), split by thread name: the null
+# server against mnist-serve, driven by the same load tester.
 #
-#   bench/cpu_per_request.sh MODEL_REPO MODEL_NAME VERSION [DATA_DIR] [SECONDS]
+#   bench/cpu_per_request.sh MODEL_REPO MODEL_NAME VERSION [DATA_DIR] [SECONDS] [BATCH] [IN_FLIGHT]
 #
 # Prints, per server: requests, req/s, and CPU microseconds per request for each thread group
 # (mnist-serve's Python threads, TensorFlow's compute threads, gRPC's event engine).
 set -euo pipefail
-repo=$1 name=$2 version=$3 data=${4:-data} seconds=${5:-6}
+repo=$1 name=$2 version=$3 data=${4:-data} seconds=${5:-6} batch=${6:-1} inflight=${7:-64}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 BIN=$(dirname "$PY")
@@ -21,7 +21,8 @@ measure() {  # label port command...
   snap >/tmp/cpu_per_request.$$.0
   local result
   result=$("$BIN/mnist-client" --target "127.0.0.1:$port" loadtest --data-dir "$data" \
-    --concurrency 64 --duration "$seconds" --encoding float32 --json 2>/dev/null |
+    --concurrency "$inflight" --batch "$batch" --duration "$seconds" --encoding float32 --json \
+    2>/dev/null |
     "$PY" -c 'import json,sys; d=json.load(sys.stdin); print(d["requests"], d["rps"])')
   snap >/tmp/cpu_per_request.$$.1
   kill "$pid"; wait "$pid" 2>/dev/null || true

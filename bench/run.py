@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=2,
                         help="connections per load process at 64 and 8 in flight, so SO_REUSEPORT "
                         "spreads them over workers (default: %(default)s)")
+    parser.add_argument("--engine", default="h2", choices=loadtest.ENGINES,
+                        help="the load tester's engine (mnist-client loadtest --engine; default: "
+                        "%(default)s)")
     parser.add_argument("--skip", default="", help="comma-separated: naive, default, h2load")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--note", default="", help="a sentence added to the machine line")
@@ -131,6 +134,7 @@ def configs(args: argparse.Namespace, target: str) -> dict[str, loadtest.LoadCon
         out[name] = loadtest.LoadConfig(
             target=target, concurrency=concurrency, duration=args.duration, processes=processes,
             connections=args.connections if heavy else 1, timeout=60, connect_timeout=60,
+            engine=args.engine,
         )
     return out
 
@@ -245,14 +249,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     rows = [r for r in rows if "failed" not in r] + [r for r in rows if "failed" in r]
-    plan = configs(args, "-")
+    plan = configs(args, "127.0.0.1:0")  # for the description only
     settings = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": f"{PROG} {shlex.join(sys.argv[1:] if argv is None else argv)}".strip(),
         "duration": args.duration, "warmup": args.warmup, "encoding": args.encoding,
         "repeat": args.repeat,
-        "load": ", ".join(f"{plan[k].effective_processes()} process(es) × {plan[k].connections} "
-                          f"connection(s) at {plan[k].concurrency} in flight" for k in POINTS),
+        "load": f"engine {args.engine}, " + ", ".join(
+            f"{plan[k].effective_processes()} process(es) × {plan[k].connections} connection(s) "
+            f"at {plan[k].concurrency} in flight" for k in POINTS),
         "note": " ".join(filter(None, [
             f"Load average (1 min) {load_before} before the run and {report.load_average()} after.",
             args.note,

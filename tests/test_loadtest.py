@@ -35,14 +35,16 @@ def check_latencies(result: dict[str, Any]) -> None:
     assert result["rps"] == pytest.approx(result["ok"] / result["duration_s"], rel=0.01)
 
 
+@pytest.mark.parametrize("engine", loadtest.ENGINES)
 def test_closed_loop_counts_latency_and_accuracy(
-    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str],
+    engine: str,
 ) -> None:
     split = load_split(synthetic_data_dir, "t10k")
     n = split.images.shape[0]
     # 2n requests of one image: every test image exactly twice, so the accuracy is the model's.
     code, result = run_cli(capsys, fake_server.target, "--data-dir", str(synthetic_data_dir),
-                           "--concurrency", "4", "--requests", str(2 * n))
+                           "--concurrency", "4", "--requests", str(2 * n), "--engine", engine)
     assert code == 0
     assert result["requests"] == result["ok"] == result["checked"] == 2 * n
     assert result["errors"] == {} and result["mismatches"] == 0
@@ -68,11 +70,14 @@ def test_open_loop_sends_on_schedule(
     check_latencies(result)
 
 
+@pytest.mark.parametrize("engine", loadtest.ENGINES)
 def test_errors_are_counted_by_status_code(
-    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str],
+    engine: str,
 ) -> None:
     code = main(["--target", fake_server.target, "loadtest", "--data-dir", str(synthetic_data_dir),
-                 "--concurrency", "4", "--duration", "0.5", "--model-version", "7", "--json"])
+                 "--concurrency", "4", "--duration", "0.5", "--model-version", "7", "--json",
+                 "--engine", engine])
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert code == 1
@@ -100,15 +105,18 @@ def test_several_processes_and_batches(
     assert result["accuracy"] == pytest.approx(expected, abs=1e-12)
 
 
-def test_every_answer_is_its_own_under_heavy_concurrency(fake_server: ServerThread) -> None:
+@pytest.mark.parametrize("engine", loadtest.ENGINES)
+def test_every_answer_is_its_own_under_heavy_concurrency(fake_server: ServerThread,
+                                                         engine: str) -> None:
     rng = np.random.default_rng(11)
     images = rng.integers(0, 256, size=(3000, 784), dtype=np.uint8)  # all distinct
     labels = rng.integers(0, 10, size=3000)
     model = FakeModel()
-    for batch in (1, 3):
-        workload = loadtest.build_workload(images, labels, batch=batch, expected=model.predict)
+    for batch in (1, 3, 100):  # 100 float32 images: 314 kB, above HTTP/2's first windows
+        workload = loadtest.build_workload(images, labels, batch=batch, expected=model.predict,
+                                           encoding="float32" if batch == 100 else "uint8")
         config = loadtest.LoadConfig(target=fake_server.target, concurrency=64, duration=1.0,
-                                     timeout=10)
+                                     timeout=10, connections=2, engine=engine)
         result = loadtest.run(config, workload)
         assert result.ok > 64 and result.errors == {}
         assert result.checked == result.ok * batch
@@ -144,13 +152,24 @@ def test_settings_out_of_range_are_one_line_errors(
     assert code == 1 and "concurrency 0 must be at least 1" in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("engine", loadtest.ENGINES)
 def test_no_server_is_a_connection_error(
-    synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+    synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str], engine: str
 ) -> None:
     code = main(["--target", "127.0.0.1:1", "--timeout", "0.5", "loadtest", "--data-dir",
+                 str(synthetic_data_dir), "--duration", "1", "--engine", engine])
+    err = capsys.readouterr().err
+    assert code == 1 and "no connection within 0.5s" in err and err.count("\n") == 1
+
+
+def test_the_h2_engine_takes_host_port_targets(
+    synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--target", "dns:///localhost:50051", "loadtest", "--data-dir",
                  str(synthetic_data_dir), "--duration", "1"])
     err = capsys.readouterr().err
-    assert code == 1 and "no connection within 0.5s" in err
+    assert code == 1 and err.count("\n") == 1
+    assert "target 'dns:///localhost:50051' is not host:port: engine h2 needs one" in err
 
 
 def test_plot_draws_the_run(
