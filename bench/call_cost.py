@@ -110,7 +110,7 @@ def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
     split = load_split(data_dir, "t10k")
     workload = loadtest.build_workload(split.images, split.labels, batch=1, encoding="float32")
     config = loadtest.LoadConfig(target=target, concurrency=64, duration=seconds, processes=1,
-                                 connections=2, engine=engine)
+                                 connections=loadtest.DEFAULT_CONNECTIONS, engine=engine)
     started, wall = _cpu(), time.perf_counter()
     result = loadtest.run(config, workload).to_dict()
     cpu, wall = _cpu() - started, time.perf_counter() - wall

@@ -1,6 +1,6 @@
 """The benchmark: starts the null server, the tutorial-style naive server and digitserve (seed and
-default models), drives each with the same load tester (and h2load for the ceiling), times
-Evaluate, cold start and memory, and writes the tables into BENCHMARKS.md."""
+default models), drives each with the same load tester in rounds (and h2load for the ceiling),
+times Evaluate, cold start and memory, and writes the tables into BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-processes", type=int, default=0,
                         help="load processes for the 64- and 8-in-flight points (0: the load "
                         "tester's default)")
-    parser.add_argument("--connections", type=int, default=2,
+    parser.add_argument("--connections", type=int, default=loadtest.DEFAULT_CONNECTIONS,
                         help="connections per load process at 64 and 8 in flight, so SO_REUSEPORT "
                         "spreads them over workers (default: %(default)s)")
     parser.add_argument("--engine", default="h2", choices=loadtest.ENGINES,
@@ -139,32 +139,105 @@ def configs(args: argparse.Namespace, target: str) -> dict[str, loadtest.LoadCon
     return out
 
 
-def measure(spec: ServerSpec, args: argparse.Namespace, split: Split,
-            workloads: dict[str, loadtest.Workload], h2: str | None) -> list[dict[str, Any]]:
-    """One server: cold start, the three points, Evaluate, memory; h2load rows for the null server."""
-    port = free_port()
-    log_dir = REPO_ROOT / "out" / "bench-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in f"{spec.name}-{spec.model}")
-    server = RunningServer(replace(spec, argv=[*spec.argv, "--port", str(port)]), port,
-                           log_dir / f"{slug}.log")
-    kind = spec.kind
-    row: dict[str, Any] = {"name": spec.name, "model": spec.model, "workers": spec.workers,
-                           "kind": kind, "preset": spec.model, "scenarios": {}}
-    rows = [row]
+class Contender:
+    """A server under test: its process, its row of the table, and the runs of each point."""
+
+    def __init__(self, spec: ServerSpec) -> None:
+        port = free_port()
+        log_dir = REPO_ROOT / "out" / "bench-logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        slug = "".join(c if c.isalnum() else "-" for c in f"{spec.name}-{spec.model}")
+        self.spec = spec
+        self.server = RunningServer(replace(spec, argv=[*spec.argv, "--port", str(port)]), port,
+                                    log_dir / f"{slug}.log")
+        self.row: dict[str, Any] = {"name": spec.name, "model": spec.model, "workers": spec.workers,
+                                    "kind": spec.kind, "preset": spec.model, "scenarios": {}}
+        self.runs: dict[str, list[dict[str, Any]]] = {point: [] for point in POINTS}
+
+    @property
+    def live(self) -> bool:
+        return "failed" not in self.row
+
+    def fail(self, exc: Exception) -> None:
+        self.row["failed"] = str(exc)
+        logger.error("%s: %s", self.spec.name, exc)
+        self.server.stop()
+
+
+def start(spec: ServerSpec, args: argparse.Namespace) -> Contender:
+    """Starts a server and times its cold start (the servers started before it sit idle)."""
+    contender = Contender(spec)
     try:
-        row["cold_start_s"] = server.wait_serving(args.startup_timeout)
-        logger.info("%s (%s): SERVING after %.2fs", spec.name, spec.model, row["cold_start_s"])
-        plan = configs(args, server.target)
-        if args.warmup > 0:
-            loadtest.run(replace(plan["many"], duration=args.warmup), workloads["one"])
-        for point, config in plan.items():
+        contender.row["cold_start_s"] = contender.server.wait_serving(args.startup_timeout)
+        logger.info("%s (%s): SERVING after %.2fs", spec.name, spec.model,
+                    contender.row["cold_start_s"])
+    except BenchError as exc:
+        contender.fail(exc)
+    return contender
+
+
+def measure(contenders: list[Contender], args: argparse.Namespace, split: Split,
+            workloads: dict[str, loadtest.Workload], h2: str | None) -> list[dict[str, Any]]:
+    """Every point in ``--repeat`` rounds; in each round every server takes its turn at the point,
+    so a slow minute of a shared machine falls on all of them, not on one server's figures. Then
+    each server's median run per point, its Evaluate and its memory."""
+    h2_row: dict[str, Any] = {"name": "null server, driven by h2load", "model": "–", "workers": 1,
+                              "kind": "h2load", "preset": "–", "scenarios": {}}
+    h2_runs: dict[str, list[dict[str, Any]]] = {point: [] for point in POINTS}
+    null = next((c for c in contenders if c.spec.kind == "null" and c.live), None)
+    plans = {id(c): configs(args, c.server.target) for c in contenders}
+    for contender in contenders:
+        if contender.live and args.warmup > 0:
+            _run(contender, replace(plans[id(contender)]["many"], duration=args.warmup),
+                 workloads["one"])
+    for _ in range(args.repeat):
+        for point, (streams, batch) in POINTS.items():
             workload = workloads["batch" if point == "batch" else "one"]
-            runs = [loadtest.run(replace(config, duration=args.duration / args.repeat), workload,
-                                 progress=sys.stderr.isatty()).to_dict()
-                    for _ in range(args.repeat)]
-            result = median_run(runs)
-            row["scenarios"][point] = result
+            for contender in contenders:
+                config = replace(plans[id(contender)][point], duration=args.duration / args.repeat)
+                if contender.live and (result := _run(contender, config, workload)) is not None:
+                    contender.runs[point].append(result)
+            if h2 is not None and null is not None and null.live and "failed" not in h2_row:
+                try:
+                    run = h2load.run(h2, null.server.target, workload.payloads[0], streams=streams,
+                                     duration=args.duration / args.repeat, warmup=args.warmup,
+                                     workdir=REPO_ROOT / "out" / "bench-logs")
+                    run["images_per_s"] = run["rps"] * batch
+                    run["p50_ms"] = run["p99_ms"] = None
+                    h2_runs[point].append(run)
+                except BenchError as exc:
+                    h2_row["failed"] = str(exc)
+                    logger.error("h2load: %s", exc)
+    rows = []
+    for contender in contenders:
+        rows.append(contender.row)
+        if contender.live:
+            _finish(contender, split)
+        if contender is null and h2 is not None:
+            for point, runs in h2_runs.items():
+                if runs:
+                    h2_row["scenarios"][point] = median_run(runs)
+                    logger.info("  h2load %s: %.0f req/s", point, h2_row["scenarios"][point]["rps"])
+            rows.append(h2_row)
+    return rows
+
+
+def _run(contender: Contender, config: loadtest.LoadConfig,
+         workload: loadtest.Workload) -> dict[str, Any] | None:
+    try:
+        return loadtest.run(config, workload, progress=sys.stderr.isatty()).to_dict()
+    except loadtest.LoadTestError as exc:
+        contender.fail(exc)
+        return None
+
+
+def _finish(contender: Contender, split: Split) -> None:
+    """The median of each point, Evaluate of the test set and memory; then the server stops."""
+    row, server = contender.row, contender.server
+    logger.info("%s (%s):", contender.spec.name, contender.spec.model)
+    try:
+        for point, runs in contender.runs.items():
+            result = row["scenarios"][point] = median_run(runs)
             logger.info("  %s: %.0f req/s, %.0f images/s, p50 %.2f ms, p99 %.2f ms, errors %s",
                         point, result["rps"], result["images_per_s"], result["p50_ms"] or -1,
                         result["p99_ms"] or -1, result["errors"] or "none")
@@ -175,19 +248,11 @@ def measure(spec: ServerSpec, args: argparse.Namespace, split: Split,
             row["evaluate_accuracy"] = evaluated.accuracy
         logger.info("  Evaluate of %d images: %.2fs", evaluated.count, row["evaluate_s"])
         row["memory"] = server.memory()
-        if kind == "null" and h2 is not None:
-            try:
-                rows.append(h2load_row(h2, server.target, args, workloads))
-            except BenchError as exc:
-                rows.append({"name": "null server, driven by h2load", "model": "–",
-                             "kind": "h2load", "failed": str(exc)})
-                logger.error("h2load: %s", exc)
-    except (BenchError, loadtest.LoadTestError) as exc:
+    except Exception as exc:  # a server that died or answered wrongly fails its row, not the run
         row["failed"] = str(exc)
-        logger.error("%s: %s", spec.name, exc)
+        logger.error("%s: %s", contender.spec.name, exc)
     finally:
         server.stop()
-    return rows
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -195,24 +260,6 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result = dict(sorted(runs, key=lambda r: float(r["rps"]))[len(runs) // 2])
     result["runs_rps"] = [round(float(r["rps"]), 1) for r in runs]
     return result
-
-
-def h2load_row(binary: str, target: str, args: argparse.Namespace,
-               workloads: dict[str, loadtest.Workload]) -> dict[str, Any]:
-    row: dict[str, Any] = {"name": "null server, driven by h2load", "model": "–", "workers": 1,
-                           "kind": "h2load", "preset": "–", "scenarios": {}}
-    workdir = REPO_ROOT / "out" / "bench-logs"
-    for point, (streams, batch) in POINTS.items():
-        workload = workloads["batch" if point == "batch" else "one"]
-        result = median_run([
-            h2load.run(binary, target, workload.payloads[0], streams=streams,
-                       duration=args.duration / args.repeat, warmup=args.warmup, workdir=workdir)
-            for _ in range(args.repeat)])
-        result["images_per_s"] = result["rps"] * batch
-        result["p50_ms"] = result["p99_ms"] = None
-        row["scenarios"][point] = result
-        logger.info("  h2load %s: %.0f req/s", point, result["rps"])
-    return row
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,9 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         h2 = None if "h2load" in skip else h2load.find()
         if h2 is None and "h2load" not in skip:
             logger.warning("h2load not found (apt-get install nghttp2-client): no ceiling row")
-        rows: list[dict[str, Any]] = []
-        for spec in specs(args, versions, skip):
-            rows.extend(measure(spec, args, split, workloads, h2))
+        contenders: list[Contender] = []
+        try:
+            for spec in specs(args, versions, skip):
+                contenders.append(start(spec, args))
+            rows = measure(contenders, args, split, workloads, h2)
+        finally:
+            for contender in contenders:
+                contender.server.stop()
     except (BenchError, loadtest.LoadTestError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

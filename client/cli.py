@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--processes", type=int, default=0,
                     help="load processes, each with its own channels (default: 1 for light loads, "
                     "up to one per two CPUs for heavy ones, leaving the rest to a local server)")
-    lt.add_argument("--connections", type=int, default=2,
-                    help="connections per load process, so that a server's SO_REUSEPORT workers "
-                    "share the load (default: %(default)s)")
+    lt.add_argument("--connections", type=int,
+                    help="connections per load process: SO_REUSEPORT spreads connections, not "
+                    "calls, over a server's workers, so a few per worker keep them evenly loaded "
+                    "(default: 8)")
     lt.add_argument("--engine", default="h2", choices=["h2", "grpc"],
                     help="how calls are made: h2, the tester's own HTTP/2 framing of pre-serialized "
                     "requests (about 40 %% of grpc.aio's CPU per call, so more is left to a local "
@@ -260,7 +261,9 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
             duration=args.duration or (requests_cap if args.requests else 10.0),
             requests=args.requests, timeout=args.timeout, connect_timeout=args.timeout,
             processes=args.processes or loadtest.default_processes(args.concurrency, args.rate),
-            connections=args.connections, max_outstanding=args.max_outstanding, verify=args.verify,
+            connections=(loadtest.DEFAULT_CONNECTIONS if args.connections is None
+                         else args.connections),
+            max_outstanding=args.max_outstanding, verify=args.verify,
             engine=args.engine,
         )
         workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,

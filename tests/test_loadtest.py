@@ -50,6 +50,7 @@ def test_closed_loop_counts_latency_and_accuracy(
     assert result["errors"] == {} and result["mismatches"] == 0
     assert result["accuracy"] == pytest.approx(fake_accuracy(split.images, split.labels), abs=1e-12)
     assert result["mode"] == "closed" and result["concurrency"] == 4 and result["batch"] == 1
+    assert result["connections"] == loadtest.DEFAULT_CONNECTIONS  # one load process
     assert result["images_per_s"] == pytest.approx(result["rps"], rel=1e-5)
     check_latencies(result)
 
