@@ -9,8 +9,8 @@
 (as loaded by the server), the reply — with a stand-in for gRPC's servicer context, so what gRPC
 itself costs is left out. ``client``: ``mnist-client loadtest`` (one process, 64 in flight, engine
 h2 or grpc) against a running server; the client's whole transport included. ``gc``: the objects
-the cyclic garbage collector tracks once a model is loaded as the server loads it, and what a full
-collection of them costs.
+the cyclic garbage collector tracks once a model is loaded as the server loads it (or, with
+``--keras``, through TensorFlow), and what a full collection of them costs.
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     from server.calls import CallWrapper
     from server.dataplane import DataPlane
     from server.logs import access_log
-    from server.model import KerasModel
+    from server.model import load_version, read_check_set
     from server.servicer import DigitServicer
     from server.telemetry import Telemetry
 
     logging.basicConfig(level=logging.INFO, stream=open("/dev/null", "w"))  # noqa: SIM115
     access_log.direct(open("/dev/null", "w"), json_lines=True)  # noqa: SIM115
-    model = KerasModel.load(model_dir)
+    model = load_version(model_dir, check_set=read_check_set(model_dir))
     telemetry = Telemetry()
     plane = DataPlane(1024, observer=telemetry)
     plane.set_model(model)
@@ -118,16 +118,20 @@ def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
           f"{cpu / result['requests'] * 1e6:.0f} µs CPU per call ({cpu / wall:.2f} cores)")
 
 
-def collector(model_dir: Path) -> None:
+def collector(model_dir: Path, keras: bool) -> None:
     import gc
 
-    from server.model import KerasModel
+    from server.model import KerasModel, load_version, read_check_set
 
-    KerasModel.load(model_dir)
+    if keras:
+        model: Any = KerasModel.load(model_dir)
+    else:
+        model = load_version(model_dir, check_set=read_check_set(model_dir))
     gc.collect()
     started = time.perf_counter()
     gc.collect()
-    print(f"after loading: {len(gc.get_objects()):,} objects tracked; a full collection "
+    print(f"after loading ({type(model).__name__}, {model.inference_path}): "
+          f"{len(gc.get_objects()):,} objects tracked; a full collection "
           f"{(time.perf_counter() - started) * 1000:.0f} ms")
     gc.freeze()
     started = time.perf_counter()
@@ -149,11 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--engine", default="h2", choices=["h2", "grpc"], help="loadtest --engine")
     g = sub.add_parser("gc", help="what a full garbage collection costs with a model loaded")
     g.add_argument("--model-dir", type=Path, required=True, help="a published version directory")
+    g.add_argument("--keras", action="store_true",
+                   help="load the Keras model (TensorFlow) even when the version has a flatbuffer")
     args = parser.parse_args(argv)
     if args.side == "server":
         server(args.model_dir, args.calls, args.images)
     elif args.side == "gc":
-        collector(args.model_dir)
+        collector(args.model_dir, args.keras)
     else:
         client(args.target, args.data_dir, args.seconds, args.engine)
     return 0

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from digitserve.idx import scale_pixels
 from digitserve.repository import (
     CHECK_SET_FILE,
+    LITERT_FILE,
     MODEL_FILE,
     CorruptVersionError,
     read_metadata,
@@ -113,6 +114,7 @@ class LiteRTRunner:
     def __init__(self, flatbuffer: bytes) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
+        self.flatbuffer = flatbuffer
         self._interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
         inp = self._interpreter.get_input_details()[0]
         self._input = int(inp["index"])
@@ -141,6 +143,30 @@ class LiteRTRunner:
         interpreter.invoke()
         out: npt.NDArray[np.float32] = interpreter.get_tensor(self._output)  # a copy
         return out
+
+
+def litert_difference(runner: LiteRTRunner, x: npt.NDArray[np.float32],
+                      reference: npt.NDArray[np.float32]) -> float:
+    """Largest |p - reference| of the LiteRT path on ``x``, in one batch and image by image (NaN
+    when any answer is NaN)."""
+    batched = runner(x)
+    one_by_one = np.concatenate([runner(x[i : i + 1]) for i in range(x.shape[0])])
+    return float(max(np.abs(batched - reference).max(), np.abs(one_by_one - reference).max()))
+
+
+def check_outputs(model: Model) -> None:
+    """Runs a batch and a single image through ``model`` and checks the output shape and that the
+    probabilities sum to 1."""
+    for rows in (2, 1):
+        probe = np.zeros((rows, model.spec.input_size), dtype=np.float32)
+        out = model.predict(probe)
+        if out.shape != (rows, len(model.spec.labels)):
+            raise CorruptVersionError(
+                f"model outputs shape {out.shape[1:]}, metadata declares "
+                f"{len(model.spec.labels)} labels"
+            )
+        if not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
+            raise CorruptVersionError("model outputs do not sum to 1: not a softmax classifier")
 
 
 def runs_inline(model: Model) -> bool:
@@ -182,6 +208,8 @@ class KerasModel:
             lambda x: keras_model(x, training=False), input_signature=signature
         ).get_concrete_function()
         self._run: Any = self.tensorflow_predict
+        self.litert: LiteRTRunner | None = None
+        """The LiteRT runner when it is the path served (the trainer publishes its flatbuffer)."""
         self.inline = False
         """Cheap enough to run on the event loop (see DataPlane.compute): the LiteRT path."""
         self.agreement = Agreement("tensorflow", 0, None, 0.0, "chosen by --inference tensorflow")
@@ -204,20 +232,18 @@ class KerasModel:
         spread = float(np.abs(single - reference).max())
         try:
             runner = LiteRTRunner.convert(self._keras_model)
-            batched = runner(x)
-            one_by_one = np.concatenate([runner(x[i : i + 1]) for i in range(x.shape[0])])
+            diff = litert_difference(runner, x, reference)
         except Exception as exc:  # no LiteRT for this platform, or an op it cannot convert
             if required:
                 raise InferencePathError(f"the LiteRT path cannot serve this model: {exc}") from exc
             return Agreement("tensorflow", x.shape[0], None, spread, f"LiteRT unavailable: {exc}")
-        diff = float(max(np.abs(batched - reference).max(), np.abs(one_by_one - reference).max()))
         agreement = Agreement("litert", x.shape[0], diff, spread)
         if not diff <= agreement.tolerance:  # NaN included
             reason = "LiteRT differs by more than the tolerance"
             if required:
                 raise InferencePathError(f"{agreement.describe()}: {reason}")
             return Agreement("tensorflow", x.shape[0], diff, spread, reason)
-        self._run = runner
+        self._run = self.litert = runner
         self.inline = True
         return agreement
 
@@ -254,18 +280,7 @@ class KerasModel:
         return model
 
     def warm_up(self) -> None:
-        """Runs both a batch and a single image and checks the output shape and that
-        probabilities sum to 1."""
-        for rows in (2, 1):
-            probe = np.zeros((rows, self.spec.input_size), dtype=np.float32)
-            out = self.predict(probe)
-            if out.shape != (rows, len(self.spec.labels)):
-                raise CorruptVersionError(
-                    f"model outputs shape {out.shape[1:]}, metadata declares "
-                    f"{len(self.spec.labels)} labels"
-                )
-            if not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
-                raise CorruptVersionError("model outputs do not sum to 1: not a softmax classifier")
+        check_outputs(self)
 
     def tensorflow_predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         out = self._fn(self._tf.convert_to_tensor(images))
@@ -280,6 +295,100 @@ PROBE_IMAGES = 500
 """At most this many probe images are compared (the trainer's check set holds 500)."""
 
 CheckSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.integer[Any]]]
+
+
+class LiteRTModel:
+    """A version's published LiteRT flatbuffer (``model.tflite``), served without importing
+    TensorFlow: a worker's memory is its interpreter's, not TensorFlow's, and it starts in about a
+    second. It serves only while, on the version's check set, it agrees with the probabilities
+    the trainer computed with ``model.predict`` (``reference`` in ``check_set.npz``) within the
+    tolerance the trainer found for the same comparison; :func:`load_version` falls back to
+    :class:`KerasModel` otherwise."""
+
+    inline = True
+
+    def __init__(self, runner: LiteRTRunner, metadata: dict[str, Any], agreement: Agreement) -> None:
+        self.spec = ModelSpec.from_metadata(metadata)
+        self.metadata = metadata
+        self.litert = runner
+        self.agreement = agreement
+
+    @property
+    def inference_path(self) -> str:
+        return self.agreement.path
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return self.litert(images)
+
+    @classmethod
+    def load(cls, version_dir: Path, metadata: dict[str, Any],
+             check_set: CheckSet | None) -> tuple[LiteRTModel | None, str]:
+        """The version served from its flatbuffer, or None and why not. A flatbuffer whose
+        checksum does not match is a corrupt version (CorruptVersionError)."""
+        info = metadata.get("inference")
+        if not isinstance(info, dict) or info.get("litert_file") != LITERT_FILE:
+            return None, "no published LiteRT model"
+        if not (version_dir / LITERT_FILE).is_file():
+            return None, f"{LITERT_FILE} is missing"
+        reference = read_reference(version_dir)
+        if check_set is None or reference is None:
+            return None, f"no reference probabilities in {CHECK_SET_FILE}"
+        verify_files(version_dir, metadata, only=[LITERT_FILE])
+        x = check_set[0][:PROBE_IMAGES]
+        try:
+            tolerance = float(info["tolerance"])
+            spread = float(info.get("tensorflow_batch1_max_diff", 0.0))
+            runner = LiteRTRunner((version_dir / LITERT_FILE).read_bytes())
+            diff = litert_difference(runner, x, reference[: x.shape[0]])
+        except Exception as exc:  # no LiteRT here, a flatbuffer it rejects, a reference misfit
+            return None, f"{LITERT_FILE} cannot serve: {exc}"
+        agreement = Agreement("litert", x.shape[0], diff, spread,
+                              f"{LITERT_FILE} checked against the trainer's model.predict")
+        if not diff <= tolerance:  # NaN included
+            return None, f"{LITERT_FILE} differs from the trainer's reference by {diff:.2e}"
+        model = cls(runner, metadata, agreement)
+        check_outputs(model)
+        return model, ""
+
+
+def load_version(version_dir: Path, *, inference: str = "auto",
+               check_set: CheckSet | None = None) -> LiteRTModel | KerasModel:
+    """A published version as the server serves it: from its LiteRT flatbuffer without
+    TensorFlow when it has one that agrees with the trainer's reference (``--inference auto`` or
+    ``litert``), else through :class:`KerasModel`, which imports TensorFlow and chooses its path
+    itself. ``check_set`` is the version's (read_check_set), if it has one."""
+    if inference not in INFERENCE_CHOICES:
+        raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
+    if inference != "tensorflow":
+        started = time.perf_counter()
+        metadata = read_metadata(version_dir)
+        verify_files(version_dir, metadata, only=[MODEL_FILE])
+        model, reason = LiteRTModel.load(version_dir, metadata, check_set)
+        if model is not None:
+            logger.info(
+                "loaded model %s version %d from %s in %.2fs without TensorFlow; %s",
+                model.spec.name, model.spec.version, version_dir / LITERT_FILE,
+                time.perf_counter() - started, model.agreement.describe(),
+            )
+            return model
+        logger.info("%s: %s; loading %s", version_dir, reason, MODEL_FILE)
+    return KerasModel.load(version_dir, inference=inference,
+                           probe=None if check_set is None else check_set[0])
+
+
+def read_reference(version_dir: Path) -> npt.NDArray[np.float32] | None:
+    """``model.predict``'s probabilities on the check set, as the trainer computed them
+    (``reference`` in ``check_set.npz``); None when the file or the array is missing."""
+    path = version_dir / CHECK_SET_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "reference" not in data.files:
+                return None
+            return np.asarray(data["reference"], dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise CorruptVersionError(f"{path}: unreadable check set ({exc})") from exc
 
 
 def read_check_set(version_dir: Path) -> CheckSet | None:

@@ -17,7 +17,7 @@ from digitserve.repository import (
     ModelRepository,
     RepositoryError,
 )
-from server.model import CheckSet, KerasModel, Model, read_check_set
+from server.model import CheckSet, Model, load_version, read_check_set
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def check_quality(model: Model, check_set: CheckSet, path: Path, min_accuracy: f
 
 
 class RepositorySource:
-    """Versions of one model in a repository, loaded as KerasModel and gated."""
+    """Versions of one model in a repository, loaded by load_version and gated."""
 
     def __init__(self, root: Path, name: str, min_accuracy: float, inference: str = "auto") -> None:
         self.repository = ModelRepository(root)
@@ -87,8 +87,7 @@ class RepositorySource:
             check_set = read_check_set(version_dir)
         except CorruptVersionError as exc:
             check_set, unreadable = None, exc
-        model = KerasModel.load(version_dir, inference=self.inference,
-                                probe=None if check_set is None else check_set[0])
+        model = load_version(version_dir, inference=self.inference, check_set=check_set)
         if model.spec.name != self.name or model.spec.version != version:
             raise CorruptVersionError(
                 f"{version_dir}: metadata says {model.spec.name!r} version {model.spec.version}"

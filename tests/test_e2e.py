@@ -62,6 +62,8 @@ def test_train_serve_evaluate_on_real_mnist(
     assert evaluated["confusion_matrix"] == metrics["confusion_matrix"]
     assert evaluated["mean_cross_entropy"] == pytest.approx(metrics["test_loss"], abs=1e-9)
     assert evaluated["model_version"] == 1
+    if metadata["inference"]["path"] == "litert":  # served from model.tflite, TensorFlow unloaded
+        assert "tensorflow" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
 
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0

@@ -1,15 +1,32 @@
-"""server/model.py: the inference path is LiteRT only when it agrees with model.predict."""
+"""server/model.py: the inference path is LiteRT only when it agrees with model.predict; a
+version's published flatbuffer serves without TensorFlow while it agrees with the trainer's
+reference."""
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from digitserve.repository import ModelRepository
-from server.model import AGREEMENT_FLOOR, InferencePathError, KerasModel, LiteRTRunner
+from client.client import DigitClient
+from digitserve.repository import LITERT_FILE, CorruptVersionError, ModelRepository
+from digitserve.v1 import digit_service_pb2 as pb
+from server.model import (
+    AGREEMENT_FLOOR,
+    InferencePathError,
+    KerasModel,
+    LiteRTModel,
+    LiteRTRunner,
+    load_version,
+    read_check_set,
+    read_reference,
+)
+from tests.conftest import ServerProcess
 
 
 def version_dir(tiny_repo: Path) -> Path:
@@ -58,3 +75,108 @@ def test_a_litert_path_that_disagrees_is_not_served(
 def test_bad_choice_is_refused(tiny_repo: Path) -> None:
     with pytest.raises(ValueError, match="not one of auto, litert, tensorflow"):
         KerasModel.load(version_dir(tiny_repo), inference="onnx")
+
+
+def copy_version(tiny_repo: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "tiny" / "1"
+    shutil.copytree(version_dir(tiny_repo), target)
+    return target
+
+
+def rewrite_listed(directory: Path, name: str, data: bytes) -> None:
+    """Replaces a file of a version and its checksum in the metadata (a consistent version)."""
+    from digitserve.repository import sha256_file
+
+    (directory / name).write_bytes(data)
+    metadata = json.loads((directory / "metadata.json").read_text())
+    metadata["files"][name]["sha256"] = sha256_file(directory / name)
+    (directory / "metadata.json").write_text(json.dumps(metadata))
+
+
+def test_the_trainer_publishes_the_flatbuffer_it_measured_and_its_reference(tiny_repo: Path) -> None:
+    directory = version_dir(tiny_repo)
+    metadata = json.loads((directory / "metadata.json").read_text())
+    recorded = metadata["inference"]
+    assert recorded["litert_file"] == LITERT_FILE and LITERT_FILE in metadata["files"]
+    assert recorded["tolerance"] == max(AGREEMENT_FLOOR, recorded["tensorflow_batch1_max_diff"])
+    check_set = read_check_set(directory)
+    reference = read_reference(directory)
+    assert check_set is not None and reference is not None
+    keras_model = KerasModel.load(directory)._keras_model
+    np.testing.assert_array_equal(reference, keras_model.predict(check_set[0], verbose=0))
+
+
+def test_a_version_with_a_flatbuffer_serves_without_tensorflow(tiny_repo: Path) -> None:
+    # A fresh interpreter: this test process has TensorFlow loaded by other tests.
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from server.model import load_version, read_check_set\n"
+        f"d = Path({str(version_dir(tiny_repo))!r})\n"
+        "m = load_version(d, check_set=read_check_set(d))\n"
+        "print(type(m).__name__, m.inference_path, m.inline, 'tensorflow' in sys.modules, "
+        "'keras' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["LiteRTModel", "litert", "True", "False", "False"]
+
+
+def test_the_server_process_maps_no_tensorflow(tiny_repo: Path, spawn: type[ServerProcess]) -> None:
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--metrics-port", "-1")
+    with DigitClient(server.target(), timeout=30) as client:
+        assert client.wait_until_serving(60) == "SERVING"
+        info = client.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+    assert info.inference_path == "litert"
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "tensorflow" not in maps and "litert" in maps
+
+
+def test_the_flatbuffer_answers_as_the_trainers_measurements(tiny_repo: Path) -> None:
+    directory = version_dir(tiny_repo)
+    served = load_version(directory, check_set=read_check_set(directory))
+    assert isinstance(served, LiteRTModel)
+    assert served.agreement.litert_diff is not None
+    assert served.agreement.litert_diff <= json.loads(
+        (directory / "metadata.json").read_text())["inference"]["tolerance"]
+    converted = KerasModel.load(directory)  # converts the Keras model again, as before
+    x = np.random.default_rng(5).random((64, 784), dtype=np.float32)
+    np.testing.assert_array_equal(served.predict(x), converted.predict(x))
+
+
+def test_tensorflow_or_an_old_version_load_the_keras_model(tiny_repo: Path, tmp_path: Path) -> None:
+    directory = version_dir(tiny_repo)
+    check_set = read_check_set(directory)
+    assert isinstance(load_version(directory, inference="tensorflow", check_set=check_set), KerasModel)
+    old = copy_version(tiny_repo, tmp_path)
+    (old / LITERT_FILE).unlink()  # as versions published before the flatbuffer
+    model = load_version(old, check_set=read_check_set(old))
+    assert isinstance(model, KerasModel) and model.inference_path == "litert"
+
+
+def test_a_tampered_flatbuffer_is_a_corrupt_version(tiny_repo: Path, tmp_path: Path) -> None:
+    directory = copy_version(tiny_repo, tmp_path)
+    data = bytearray((directory / LITERT_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (directory / LITERT_FILE).write_bytes(bytes(data))
+    with pytest.raises(CorruptVersionError, match=r"model\.tflite: sha256"):
+        load_version(directory, check_set=read_check_set(directory))
+
+
+def test_a_flatbuffer_off_the_reference_falls_back_to_the_keras_model(
+    tiny_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = copy_version(tiny_repo, tmp_path)
+    with np.load(directory / "check_set.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["reference"] = arrays["reference"] + np.float32(1e-3)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    rewrite_listed(directory, "check_set.npz", buffer.getvalue())
+    with caplog.at_level("INFO", logger="server.model"):
+        model = load_version(directory, check_set=read_check_set(directory))
+    assert isinstance(model, KerasModel)  # which compares with model.predict itself
+    assert "model.tflite differs from the trainer's reference by 1.00e-03" in caplog.text

@@ -13,7 +13,13 @@ import pytest
 
 from digitserve.idx import md5_uncompressed, write_idx
 from digitserve.metrics import MetricsAccumulator
-from digitserve.repository import MODEL_FILE, ModelRepository, sha256_file, verify_files
+from digitserve.repository import (
+    LITERT_FILE,
+    MODEL_FILE,
+    ModelRepository,
+    sha256_file,
+    verify_files,
+)
 from trainer.cli import main
 from trainer.errors import TrainerError
 from trainer.presets import PRESETS, build_model, get_preset
@@ -149,7 +155,10 @@ def test_metadata_records_everything(
 
     # Every file is checksummed, the report included, and the checksums hold.
     assert meta["report"] == REPORT_FILES
-    assert set(meta["files"]) == {MODEL_FILE, CHECK_SET_FILE, *REPORT_FILES}
+    # The LiteRT flatbuffer is published when it is the path the metrics were computed with.
+    litert = {LITERT_FILE} if meta["inference"]["path"] == "litert" else set()
+    assert set(meta["files"]) == {MODEL_FILE, CHECK_SET_FILE, *REPORT_FILES, *litert}
+    assert meta["inference"].get("litert_file") == (LITERT_FILE if litert else None)
     verify_files(version_dir, meta)
     for rel in REPORT_PNGS:
         assert (version_dir / rel).read_bytes()[:8] == PNG_MAGIC
@@ -253,7 +262,8 @@ def test_cnn_preset_trains_and_publishes(data_dir: Path, tmp_path: Path) -> None
     meta = ModelRepository(tmp_path).read_metadata("digits", 1)
     assert meta["hyperparameters"]["augment_rotation"] > 0
     assert meta["metrics"]["test_accuracy"] == summary["test_accuracy"]
-    assert set(meta["files"]) == {MODEL_FILE, CHECK_SET_FILE}
+    litert = {LITERT_FILE} if meta["inference"]["path"] == "litert" else set()
+    assert set(meta["files"]) == {MODEL_FILE, CHECK_SET_FILE, *litert}
 
 
 def test_bad_configuration_is_a_trainer_error(data_dir: Path, tmp_path: Path) -> None:

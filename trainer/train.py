@@ -19,6 +19,7 @@ from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.repository import (
     CHECK_SET_FILE,
     FORMAT_VERSION,
+    LITERT_FILE,
     MODEL_FILE,
     REPORT_DIR,
     ModelRepository,
@@ -356,13 +357,21 @@ def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Ev
     count = min(CHECK_SET_SIZE, data.x_test.shape[0])
     # The check set is also the server's probe for choosing its inference path: the same images
     # give the same choice, so these figures are the ones the server's Evaluate will compute.
-    served = KerasModel(reloaded, metadata, probe=scale_images(data.test.images[:count]))
+    probe = scale_images(data.test.images[:count])
+    served = KerasModel(reloaded, metadata, probe=probe)
     metadata["inference"] = {
         "path": served.agreement.path,
         "probe_images": served.agreement.images,
         "litert_max_diff": served.agreement.litert_diff,
         "tensorflow_batch1_max_diff": served.agreement.tensorflow_spread,
     }
+    if served.litert is not None:
+        # The flatbuffer these metrics are computed with, for servers without TensorFlow; they
+        # check it against model.predict's probabilities on the check set (saved with it below)
+        # within the tolerance it met here.
+        (staging / LITERT_FILE).write_bytes(served.litert.flatbuffer)
+        metadata["inference"]["litert_file"] = LITERT_FILE
+        metadata["inference"]["tolerance"] = served.agreement.tolerance
     test_metrics, test_probs = evaluate(served, data.x_test, data.test.labels)
     metrics: dict[str, Any] = {
         "test_accuracy": test_metrics.accuracy,
@@ -378,7 +387,9 @@ def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Ev
     # The server's hot-reload gate predicts these images in one call and compares the figures.
     check_images = data.test.images[:count].reshape(count, -1)
     check_labels = data.test.labels[:count]
-    np.savez_compressed(staging / CHECK_SET_FILE, images=check_images, labels=check_labels)
+    reference = np.asarray(reloaded.predict(probe, verbose=0), dtype=np.float32)
+    np.savez_compressed(staging / CHECK_SET_FILE, images=check_images, labels=check_labels,
+                        reference=reference)
     check = MetricsAccumulator(LABELS)
     check.update(check_labels, served.predict(scale_images(data.test.images[:count])))
     check_metrics = check.result()

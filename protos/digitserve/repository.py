@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.keras"
+LITERT_FILE = "model.tflite"  # the model as LiteRT runs it, served without TensorFlow
 CHECK_SET_FILE = "check_set.npz"  # uint8 images and labels the server checks a version on
 REPORT_DIR = "report"
 FORMAT_VERSION = 1
