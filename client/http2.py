@@ -404,11 +404,14 @@ class Connection(asyncio.Protocol):
                              f"message ({len(body)} bytes)")
         return body[5:]
 
-    def _end(self, sid: int, outcome: bytes | CallError) -> None:
+    def _end(self, sid: int, outcome: bytes | CallError, *, reset: bool = False) -> None:
+        """Settles a call. ``reset`` (or a request not yet all sent, as when the server answers
+        an error early) also cancels the stream."""
         stream = self._streams.pop(sid, None)
         if stream is None:
             return
-        self._blocked.pop(sid, None)
+        if self._blocked.pop(sid, None) is not None or stream.pending is not None or reset:
+            self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)))
         if not stream.future.done():
             if isinstance(outcome, CallError):
                 stream.future.set_exception(outcome)
@@ -498,9 +501,8 @@ class Connection(asyncio.Protocol):
                                                f"no answer within {self._timeout:g}s"))
         for sid, stream in list(self._streams.items()):
             if stream.deadline <= now:
-                self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)))
                 self._end(sid, CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         f"no answer within {self._timeout:g}s"))
+                                         f"no answer within {self._timeout:g}s"), reset=True)
         if self._closed is None or self._streams:
             self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 

@@ -171,7 +171,8 @@ def check_outputs(model: Model) -> None:
 
 def runs_inline(model: Model) -> bool:
     """Whether ``model`` is cheap enough to call on the event loop (a ``inline`` attribute set to
-    True: KerasModel on its LiteRT path). Others run on the data plane's model thread."""
+    True: LiteRTModel, and KerasModel on its LiteRT path). Others run on the data plane's model
+    thread."""
     return bool(getattr(model, "inline", False))
 
 
@@ -335,6 +336,10 @@ class LiteRTModel:
             return None, f"no reference probabilities in {CHECK_SET_FILE}"
         verify_files(version_dir, metadata, only=[LITERT_FILE])
         x = check_set[0][:PROBE_IMAGES]
+        labels = metadata.get("labels")
+        expected = (x.shape[0], len(labels) if isinstance(labels, list) else -1)
+        if reference.shape[1:] != expected[1:] or reference.shape[0] < expected[0]:
+            return None, f"reference probabilities of shape {reference.shape}, expected {expected}"
         try:
             tolerance = float(info["tolerance"])
             spread = float(info.get("tensorflow_batch1_max_diff", 0.0))

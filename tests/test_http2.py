@@ -161,8 +161,11 @@ class BareServer:
     """An HTTP/2 peer that sends its settings and a PING, records what arrives, and never answers a
     call (or closes the connection on its first request when ``hang_up``)."""
 
-    def __init__(self, hang_up: bool = False) -> None:
+    def __init__(self, hang_up: bool = False, settings: bytes = b"",
+                 early_answer: list[tuple[str, str]] | None = None) -> None:
         self.hang_up = hang_up
+        self.settings = settings
+        self.early_answer = early_answer
         self.received = bytearray()
         self.server: asyncio.base_events.Server | None = None
         self.target = ""
@@ -170,10 +173,17 @@ class BareServer:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
-        writer.write(http2.frame(http2.SETTINGS, 0, 0)
+        writer.write(http2.frame(http2.SETTINGS, 0, 0, self.settings)
                      + http2.frame(http2.PING, 0, 0, b"pingpong"))
+        answered = False
         while data := await reader.read(65536):
             self.received += data
+            if self.early_answer is not None and not answered and any(
+                    f[0] == http2.HEADERS for f in frames(bytes(self.received))):
+                block = hpack.Encoder().encode(self.early_answer)
+                writer.write(http2.frame(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1,
+                                         block))
+                answered = True
             if self.hang_up and len(self.received) > len(http2.PREFACE) + 100:
                 writer.close()
                 return
@@ -289,3 +299,25 @@ def test_repeated_header_blocks_decode_from_a_bounded_cache(fake_server: ServerT
     assert len(replies) <= 2 + 200 // (http2.DECODED_BLOCKS - 2) and len(trailers) == 200
     assert len({dict(t)[b"x-request-id"] for t in trailers}) == 200
     assert cached <= http2.DECODED_BLOCKS
+
+
+def test_an_answer_before_the_request_is_sent_ends_the_call_and_its_stream() -> None:
+    # A window of 10 bytes holds the request back; the server answers at once, trailers only.
+    tiny_window = struct.pack(">HI", http2.INITIAL_WINDOW_SIZE, 10)
+    answer = [(":status", "200"), ("content-type", "application/grpc"), ("grpc-status", "3"),
+              ("grpc-message", "images%5B0%5D: bad")]
+
+    async def main() -> tuple[BaseException | bytes, bytes]:
+        async with BareServer(settings=tiny_window, early_answer=answer) as bare:
+            [outcome] = await h2_calls(bare.target, [b"x" * 1000], path=ECHO, timeout=5)
+            await asyncio.sleep(0.05)
+            return outcome, bytes(bare.received)
+
+    outcome, received = run(main())
+    assert isinstance(outcome, http2.CallError)
+    assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert outcome.details() == "images[0]: bad"
+    sent = frames(received)
+    data = [f for f in sent if f[0] == http2.DATA]
+    assert data == [(http2.DATA, 0, 1, b"\0\0\0\x03\xe8xxxxx")]  # 10 bytes, as the window allowed
+    assert (http2.RST_STREAM, 0, 1, struct.pack(">I", http2.CANCEL)) in sent

@@ -180,3 +180,19 @@ def test_a_flatbuffer_off_the_reference_falls_back_to_the_keras_model(
         model = load_version(directory, check_set=read_check_set(directory))
     assert isinstance(model, KerasModel)  # which compares with model.predict itself
     assert "model.tflite differs from the trainer's reference by 1.00e-03" in caplog.text
+
+
+def test_a_reference_of_the_wrong_shape_is_not_compared(tiny_repo: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    directory = copy_version(tiny_repo, tmp_path)
+    with np.load(directory / "check_set.npz") as data:
+        arrays = {key: data[key] for key in data.files}
+    arrays["reference"] = arrays["reference"][:, :1]  # would broadcast against (500, 10)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    rewrite_listed(directory, "check_set.npz", buffer.getvalue())
+    with caplog.at_level("INFO", logger="server.model"):
+        model = load_version(directory, check_set=read_check_set(directory))
+    n = arrays["labels"].shape[0]
+    assert isinstance(model, KerasModel)
+    assert f"reference probabilities of shape ({n}, 1), expected ({n}, 10)" in caplog.text
