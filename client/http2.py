@@ -47,6 +47,7 @@ REFUSED_PAUSE = 0.01
 _FRAME = struct.Struct(">BHBBI")
 _SETTING = struct.Struct(">HI")
 SWEEP_SECONDS = 0.1
+RECONNECT_PAUSE = 0.25
 DECODED_BLOCKS = 64  # header blocks remembered (trailers with a request id differ every call)
 
 STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
@@ -61,12 +62,15 @@ STATUS_BY_HTTP = {400: grpc.StatusCode.INTERNAL, 401: grpc.StatusCode.UNAUTHENTI
 
 
 class CallError(Exception):
-    """A call that did not end with status OK; ``code()`` and ``details()`` as on grpc's errors."""
+    """A call that did not end with status OK; ``code()`` and ``details()`` as on grpc's errors.
+    ``unsent``: the server never processed the call (it was not sent, or GOAWAY said it was not
+    taken), so it may be sent again on another connection."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, *, unsent: bool = False) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code = code
         self._details = details
+        self.unsent = unsent
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -194,7 +198,19 @@ class Connection(asyncio.Protocol):
         self._continued: tuple[int, int, bytearray] | None = None
         self._closed: str | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._idle_close = False
         self.ready: asyncio.Future[None] = self._loop.create_future()
+
+    @property
+    def closed(self) -> bool:
+        """No more calls start here (GOAWAY, a lost connection, close())."""
+        return self._closed is not None
+
+    def close_when_idle(self) -> None:
+        """Closes once the calls still open here have ended (after GOAWAY, on replacement)."""
+        self._idle_close = True
+        if not self._streams:
+            self.close()
 
     # --- calls ------------------------------------------------------------------------------
 
@@ -203,7 +219,7 @@ class Connection(asyncio.Protocol):
         raises CallError."""
         future: asyncio.Future[bytes] = self._loop.create_future()
         if self._closed is not None:
-            future.set_exception(CallError(grpc.StatusCode.UNAVAILABLE, self._closed))
+            future.set_exception(CallError(grpc.StatusCode.UNAVAILABLE, self._closed, unsent=True))
         elif len(self._streams) >= self._max_streams or self._queued:
             self._queued.append((future, message, 0, self._loop.time() + self._timeout))
         else:
@@ -418,6 +434,8 @@ class Connection(asyncio.Protocol):
             else:
                 stream.future.set_result(outcome)
         self._start_queued()
+        if self._idle_close and not self._streams:
+            self.close()
 
     def _start_queued(self) -> None:
         while self._queued and len(self._streams) < self._max_streams and self._closed is None:
@@ -468,8 +486,8 @@ class Connection(asyncio.Protocol):
 
     def _on_goaway(self, last: int, error: int) -> None:
         self._shut(f"the server is going away (GOAWAY, HTTP/2 error {error:#x})")
-        for sid in [s for s in self._streams if s > last]:
-            self._end(sid, CallError(grpc.StatusCode.UNAVAILABLE, str(self._closed)))
+        for sid in [s for s in self._streams if s > last]:  # not processed: may go elsewhere
+            self._end(sid, CallError(grpc.StatusCode.UNAVAILABLE, str(self._closed), unsent=True))
 
     # --- endings ------------------------------------------------------------------------------
 
@@ -480,7 +498,7 @@ class Connection(asyncio.Protocol):
         while self._queued:
             future = self._queued.popleft()[0]
             if not future.done():
-                future.set_exception(CallError(grpc.StatusCode.UNAVAILABLE, reason))
+                future.set_exception(CallError(grpc.StatusCode.UNAVAILABLE, reason, unsent=True))
 
     def _fail_all(self, code: grpc.StatusCode, reason: str) -> None:
         for sid in list(self._streams):
@@ -521,3 +539,76 @@ async def connect(target: str, path: str, *, timeout: float, connect_timeout: fl
         return conn
 
     return await asyncio.wait_for(opened(), connect_timeout)
+
+
+class Channel:
+    """Calls to one method over a connection that is replaced when the server says GOAWAY (as it
+    does at ``--max-connection-age``) or the connection drops, as a gRPC channel reconnects; a call
+    the server never processed is sent again on the new connection, once. While the server cannot
+    be reached, calls fail UNAVAILABLE at once and a new connection is tried at most every
+    ``RECONNECT_PAUSE`` seconds."""
+
+    def __init__(self, target: str, path: str, *, timeout: float, connect_timeout: float,
+                 metadata: Iterable[tuple[str, str]] = ()) -> None:
+        self._target, self._path = target, path
+        self._timeout, self._connect_timeout = timeout, connect_timeout
+        self._metadata = tuple(metadata)
+        self._conn: Connection | None = None
+        self._opening: asyncio.Task[Connection] | None = None
+        self._retry_at = 0.0
+        self._failure = ""
+        self.connections = 0
+        """How many connections this channel has opened."""
+
+    async def open(self) -> Channel:
+        """The first connection (OSError or TimeoutError when there is none)."""
+        self._conn = await self._connect()
+        return self
+
+    async def _connect(self) -> Connection:
+        conn = await connect(self._target, self._path, timeout=self._timeout,
+                             connect_timeout=self._connect_timeout, metadata=self._metadata)
+        self.connections += 1
+        return conn
+
+    async def unary(self, message: bytes) -> bytes:
+        """The serialized answer to a serialized request; raises CallError."""
+        for attempt in (0, 1):
+            conn = self._conn
+            if conn is None or conn.closed:
+                conn = await self._replace(conn)
+            try:
+                return await conn.unary(message)
+            except CallError as exc:
+                if not exc.unsent or attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _replace(self, old: Connection | None) -> Connection:
+        loop = asyncio.get_running_loop()
+        if self._opening is None:
+            if (pause := self._retry_at - loop.time()) > 0:
+                await asyncio.sleep(pause)  # a failing call takes that long: no busy loop
+                raise CallError(grpc.StatusCode.UNAVAILABLE, self._failure)
+            self._opening = loop.create_task(self._connect())
+        opening = self._opening
+        try:
+            conn = await asyncio.shield(opening)
+        except (OSError, TimeoutError) as exc:
+            if self._opening is opening:
+                self._opening = None
+                self._retry_at = loop.time() + RECONNECT_PAUSE
+                self._failure = f"cannot reconnect to {self._target}: {exc!r}"
+            raise CallError(grpc.StatusCode.UNAVAILABLE, self._failure) from None
+        if self._opening is opening:
+            self._opening = None
+            self._conn = conn
+            if old is not None:
+                old.close_when_idle()
+        return conn
+
+    def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._conn is not None:
+            self._conn.close()

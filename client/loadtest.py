@@ -388,14 +388,14 @@ async def _connections(config: LoadConfig) -> AsyncIterator[list[Callable[[bytes
     """``config.connections`` connections to the target, each as a function from a serialized
     request to its serialized answer (raising one of CALL_ERRORS)."""
     if config.engine == "h2":
-        connections: list[http2.Connection] = []
+        h2_channels: list[http2.Channel] = []
         try:
             for _ in range(config.connections):
-                connections.append(await _h2_connect(config))
-            yield [conn.unary for conn in connections]
+                h2_channels.append(await _h2_connect(config))
+            yield [channel.unary for channel in h2_channels]
         finally:
-            for conn in connections:
-                conn.close()
+            for channel in h2_channels:
+                channel.close()
         return
     channels = [grpc.aio.insecure_channel(config.target, options=_channel_options(i))
                 for i in range(config.connections)]
@@ -418,7 +418,7 @@ async def _connections(config: LoadConfig) -> AsyncIterator[list[Callable[[bytes
             await ch.close()
 
 
-async def _h2_connect(config: LoadConfig) -> http2.Connection:
+async def _h2_connect(config: LoadConfig) -> http2.Channel:
     """Connects as grpc's channel_ready() waits: refused attempts are retried until the connect
     timeout (a server may still be starting)."""
     deadline = time.monotonic() + config.connect_timeout
@@ -427,8 +427,9 @@ async def _h2_connect(config: LoadConfig) -> http2.Connection:
         try:
             if left <= 0:
                 raise TimeoutError
-            return await http2.connect(config.target, PREDICT_METHOD, timeout=config.timeout,
-                                       connect_timeout=left)
+            channel = http2.Channel(config.target, PREDICT_METHOD, timeout=config.timeout,
+                                    connect_timeout=config.connect_timeout)
+            return await asyncio.wait_for(channel.open(), left)
         except OSError as exc:  # TimeoutError included
             if time.monotonic() + CONNECT_RETRY_SECONDS >= deadline:
                 reason = "" if isinstance(exc, TimeoutError) else f" ({exc.strerror or exc})"

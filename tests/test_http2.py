@@ -321,3 +321,49 @@ def test_an_answer_before_the_request_is_sent_ends_the_call_and_its_stream() -> 
     data = [f for f in sent if f[0] == http2.DATA]
     assert data == [(http2.DATA, 0, 1, b"\0\0\0\x03\xe8xxxxx")]  # 10 bytes, as the window allowed
     assert (http2.RST_STREAM, 0, 1, struct.pack(">I", http2.CANCEL)) in sent
+
+
+def test_a_channel_moves_to_a_new_connection_at_goaway_without_failing_a_call() -> None:
+    # The server closes each connection 0.3 s after it opens (as --max-connection-age does).
+    async def main() -> tuple[list[bytes], int]:
+        async with EchoServer(max_connection_age_ms=300, max_connection_age_grace_ms=5000) as server:
+            channel = await http2.Channel(server.target, ECHO, timeout=10, connect_timeout=10).open()
+            answers: list[bytes] = []
+            end = asyncio.get_running_loop().time() + 1.5
+
+            async def caller(c: int) -> None:
+                k = 0
+                while asyncio.get_running_loop().time() < end:
+                    message = bytes([0, c, k % 256])
+                    assert await channel.unary(message) == message
+                    answers.append(message)
+                    k += 1
+
+            await asyncio.gather(*(caller(c) for c in range(8)))
+            channel.close()
+            return answers, channel.connections
+
+    answers, connections = run(main())
+    assert len(answers) > 100 and connections >= 3
+
+
+def test_a_channel_without_a_server_fails_unavailable_without_spinning() -> None:
+    async def main() -> tuple[int, list[BaseException | bytes]]:
+        async with EchoServer() as server:
+            channel = await http2.Channel(server.target, ECHO, timeout=5, connect_timeout=1).open()
+            assert await channel.unary(b"\0up") == b"\0up"
+        # The server is gone: every call fails, and failing calls wait for the next attempt.
+        failures = 0
+        outcomes: list[BaseException | bytes] = []
+        end = asyncio.get_running_loop().time() + 0.6
+        while asyncio.get_running_loop().time() < end:
+            outcomes += await asyncio.gather(channel.unary(b"\0x"), return_exceptions=True)
+            failures += 1
+        channel.close()
+        return failures, outcomes
+
+    failures, outcomes = run(main())
+    assert all(isinstance(o, http2.CallError) and o.code() == grpc.StatusCode.UNAVAILABLE
+               for o in outcomes)
+    # A refused attempt fails at once, the next call waits out the pause: two per pause at most.
+    assert 1 <= failures <= 2 * (0.6 / http2.RECONNECT_PAUSE + 1)

@@ -4,6 +4,7 @@ of the answers, and that under heavy concurrency every answer belongs to its own
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,21 @@ def test_every_answer_is_its_own_under_heavy_concurrency(fake_server: ServerThre
         assert result.ok > 64 and result.errors == {}
         assert result.checked == result.ok * batch
         assert result.mismatches == 0
+
+
+@pytest.mark.parametrize("engine", loadtest.ENGINES)
+def test_connections_closed_by_max_connection_age_lose_no_call(
+    start_server: Callable[..., ServerThread], engine: str
+) -> None:
+    server = start_server(max_connection_age=0.3)
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(500, 784), dtype=np.uint8)
+    workload = loadtest.build_workload(images, rng.integers(0, 10, size=500),
+                                       expected=FakeModel().predict)
+    config = loadtest.LoadConfig(target=server.target, concurrency=16, duration=1.5, timeout=10,
+                                 connections=2, engine=engine)
+    result = loadtest.run(config, workload)
+    assert result.ok > 100 and result.errors == {} and result.mismatches == 0
 
 
 def test_a_wrong_answer_is_a_mismatch() -> None:
