@@ -50,9 +50,11 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
 
 
 def settle_memory() -> None:
-    """Collects garbage once and freezes what survives (TensorFlow, Keras, the model: some 370,000
-    objects) out of the cyclic collector's reach. Otherwise each full collection walks them all, a
-    pause of about 200 ms at a random moment under load (``python -m bench.call_cost gc``).
+    """Collects garbage once and freezes what survives out of the cyclic collector's reach: with
+    TensorFlow loaded (a version served through KerasModel) some 370,000 objects, which each full
+    collection would otherwise walk, a pause of about 200 ms at a random moment under load
+    (``python -m bench.call_cost gc --keras``; 25,000 objects for a version served from its
+    flatbuffer).
     Called after each (re)load; unfreezing first lets a replaced model's reference cycles be
     collected."""
     gc.unfreeze()

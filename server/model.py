@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -270,7 +270,7 @@ class KerasModel:
         if probe is None:
             with contextlib.suppress(CorruptVersionError):
                 check_set = read_check_set(version_dir)
-                probe = None if check_set is None else check_set[0]
+                probe = None if check_set is None else check_set.images
         model = cls(keras_model, metadata, inference=inference, probe=probe)
         model.warm_up()
         logger.info(
@@ -295,7 +295,15 @@ class KerasModel:
 PROBE_IMAGES = 500
 """At most this many probe images are compared (the trainer's check set holds 500)."""
 
-CheckSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.integer[Any]]]
+class CheckSet(NamedTuple):
+    """A version's ``check_set.npz``, as read_check_set returns it."""
+
+    images: npt.NDArray[np.float32]
+    """Flattened and scaled to [0, 1]."""
+    labels: npt.NDArray[np.integer[Any]]
+    reference: npt.NDArray[np.float32] | None
+    """``model.predict``'s probabilities on the images, as the trainer computed them (None in
+    versions published before the trainer saved them)."""
 
 
 class LiteRTModel:
@@ -308,8 +316,9 @@ class LiteRTModel:
 
     inline = True
 
-    def __init__(self, runner: LiteRTRunner, metadata: dict[str, Any], agreement: Agreement) -> None:
-        self.spec = ModelSpec.from_metadata(metadata)
+    def __init__(self, runner: LiteRTRunner, spec: ModelSpec, metadata: dict[str, Any],
+                 agreement: Agreement) -> None:
+        self.spec = spec
         self.metadata = metadata
         self.litert = runner
         self.agreement = agreement
@@ -331,13 +340,13 @@ class LiteRTModel:
             return None, "no published LiteRT model"
         if not (version_dir / LITERT_FILE).is_file():
             return None, f"{LITERT_FILE} is missing"
-        reference = read_reference(version_dir)
-        if check_set is None or reference is None:
+        if check_set is None or check_set.reference is None:
             return None, f"no reference probabilities in {CHECK_SET_FILE}"
+        reference = check_set.reference
         verify_files(version_dir, metadata, only=[LITERT_FILE])
-        x = check_set[0][:PROBE_IMAGES]
-        labels = metadata.get("labels")
-        expected = (x.shape[0], len(labels) if isinstance(labels, list) else -1)
+        spec = ModelSpec.from_metadata(metadata)
+        x = check_set.images[:PROBE_IMAGES]
+        expected = (x.shape[0], len(spec.labels))
         if reference.shape[1:] != expected[1:] or reference.shape[0] < expected[0]:
             return None, f"reference probabilities of shape {reference.shape}, expected {expected}"
         try:
@@ -351,13 +360,13 @@ class LiteRTModel:
                               f"{LITERT_FILE} checked against the trainer's model.predict")
         if not diff <= tolerance:  # NaN included
             return None, f"{LITERT_FILE} differs from the trainer's reference by {diff:.2e}"
-        model = cls(runner, metadata, agreement)
+        model = cls(runner, spec, metadata, agreement)
         check_outputs(model)
         return model, ""
 
 
 def load_version(version_dir: Path, *, inference: str = "auto",
-               check_set: CheckSet | None = None) -> LiteRTModel | KerasModel:
+                 check_set: CheckSet | None = None) -> LiteRTModel | KerasModel:
     """A published version as the server serves it: from its LiteRT flatbuffer without
     TensorFlow when it has one that agrees with the trainer's reference (``--inference auto`` or
     ``litert``), else through :class:`KerasModel`, which imports TensorFlow and chooses its path
@@ -378,33 +387,21 @@ def load_version(version_dir: Path, *, inference: str = "auto",
             return model
         logger.info("%s: %s; loading %s", version_dir, reason, MODEL_FILE)
     return KerasModel.load(version_dir, inference=inference,
-                           probe=None if check_set is None else check_set[0])
-
-
-def read_reference(version_dir: Path) -> npt.NDArray[np.float32] | None:
-    """``model.predict``'s probabilities on the check set, as the trainer computed them
-    (``reference`` in ``check_set.npz``); None when the file or the array is missing."""
-    path = version_dir / CHECK_SET_FILE
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "reference" not in data.files:
-                return None
-            return np.asarray(data["reference"], dtype=np.float32)
-    except (OSError, ValueError) as exc:
-        raise CorruptVersionError(f"{path}: unreadable check set ({exc})") from exc
+                           probe=None if check_set is None else check_set.images)
 
 
 def read_check_set(version_dir: Path) -> CheckSet | None:
-    """The version's check set (``check_set.npz``): images flattened and scaled to [0, 1], and
-    labels. None when the version has none; CorruptVersionError when it cannot be read."""
+    """The version's check set (``check_set.npz``): images, labels and, when the trainer saved
+    them, model.predict's probabilities on the images. None when the version has none;
+    CorruptVersionError when it cannot be read."""
     path = version_dir / CHECK_SET_FILE
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
             images, labels = data["images"], data["labels"]
+            reference = (np.asarray(data["reference"], dtype=np.float32)
+                         if "reference" in data.files else None)
     except (OSError, ValueError, KeyError) as exc:
         raise CorruptVersionError(f"{path}: unreadable check set ({exc})") from exc
-    return scale_pixels(images.reshape(images.shape[0], -1)), labels
+    return CheckSet(scale_pixels(images.reshape(images.shape[0], -1)), labels, reference)

@@ -37,7 +37,7 @@ class ModelSource(Protocol):
 def check_quality(model: Model, check_set: CheckSet, path: Path, min_accuracy: float) -> float:
     """Accuracy on the version's check set (read_check_set; ``path`` names it in messages);
     raises QualityGateError below ``min_accuracy``."""
-    x, labels = check_set
+    x, labels = check_set.images, check_set.labels
     if x.shape[1] != model.spec.input_size or labels.shape[0] != x.shape[0]:
         raise CorruptVersionError(
             f"{path}: check set of shape {x.shape} with {labels.shape[0]} labels does not "

@@ -24,7 +24,6 @@ from server.model import (
     LiteRTRunner,
     load_version,
     read_check_set,
-    read_reference,
 )
 from tests.conftest import ServerProcess
 
@@ -102,10 +101,10 @@ def test_the_trainer_publishes_the_flatbuffer_it_measured_and_its_reference(tiny
     assert recorded["litert_file"] == LITERT_FILE and LITERT_FILE in metadata["files"]
     assert recorded["tolerance"] == max(AGREEMENT_FLOOR, recorded["tensorflow_batch1_max_diff"])
     check_set = read_check_set(directory)
-    reference = read_reference(directory)
-    assert check_set is not None and reference is not None
+    assert check_set is not None and check_set.reference is not None
     keras_model = KerasModel.load(directory)._keras_model
-    np.testing.assert_array_equal(reference, keras_model.predict(check_set[0], verbose=0))
+    np.testing.assert_array_equal(check_set.reference,
+                                  keras_model.predict(check_set.images, verbose=0))
 
 
 def test_a_version_with_a_flatbuffer_serves_without_tensorflow(tiny_repo: Path) -> None:

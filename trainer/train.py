@@ -391,7 +391,7 @@ def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Ev
     np.savez_compressed(staging / CHECK_SET_FILE, images=check_images, labels=check_labels,
                         reference=reference)
     check = MetricsAccumulator(LABELS)
-    check.update(check_labels, served.predict(scale_images(data.test.images[:count])))
+    check.update(check_labels, served.predict(probe))
     check_metrics = check.result()
     check_set = {
         "file": CHECK_SET_FILE,
