@@ -142,7 +142,7 @@ def configs(args: argparse.Namespace, target: str) -> dict[str, loadtest.LoadCon
 class Contender:
     """A server under test: its process, its row of the table, and the runs of each point."""
 
-    def __init__(self, spec: ServerSpec) -> None:
+    def __init__(self, spec: ServerSpec, args: argparse.Namespace) -> None:
         port = free_port()
         log_dir = REPO_ROOT / "out" / "bench-logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -153,6 +153,7 @@ class Contender:
         self.row: dict[str, Any] = {"name": spec.name, "model": spec.model, "workers": spec.workers,
                                     "kind": spec.kind, "preset": spec.model, "scenarios": {}}
         self.runs: dict[str, list[dict[str, Any]]] = {point: [] for point in POINTS}
+        self.plan = configs(args, self.server.target)
 
     @property
     def live(self) -> bool:
@@ -166,7 +167,7 @@ class Contender:
 
 def start(spec: ServerSpec, args: argparse.Namespace) -> Contender:
     """Starts a server and times its cold start (the servers started before it sit idle)."""
-    contender = Contender(spec)
+    contender = Contender(spec, args)
     try:
         contender.row["cold_start_s"] = contender.server.wait_serving(args.startup_timeout)
         logger.info("%s (%s): SERVING after %.2fs", spec.name, spec.model,
@@ -185,16 +186,14 @@ def measure(contenders: list[Contender], args: argparse.Namespace, split: Split,
                               "kind": "h2load", "preset": "–", "scenarios": {}}
     h2_runs: dict[str, list[dict[str, Any]]] = {point: [] for point in POINTS}
     null = next((c for c in contenders if c.spec.kind == "null" and c.live), None)
-    plans = {id(c): configs(args, c.server.target) for c in contenders}
     for contender in contenders:
         if contender.live and args.warmup > 0:
-            _run(contender, replace(plans[id(contender)]["many"], duration=args.warmup),
-                 workloads["one"])
+            _run(contender, replace(contender.plan["many"], duration=args.warmup), workloads["one"])
     for _ in range(args.repeat):
         for point, (streams, batch) in POINTS.items():
             workload = workloads["batch" if point == "batch" else "one"]
             for contender in contenders:
-                config = replace(plans[id(contender)][point], duration=args.duration / args.repeat)
+                config = replace(contender.plan[point], duration=args.duration / args.repeat)
                 if contender.live and (result := _run(contender, config, workload)) is not None:
                     contender.runs[point].append(result)
             if h2 is not None and null is not None and null.live and "failed" not in h2_row:

@@ -1,6 +1,7 @@
 """gRPC unary calls over one plaintext HTTP/2 connection, framed by the load tester itself.
 
-grpc.aio's client spends ~200-250 µs of CPU per call on the 2-core machines here; a load tester that
+grpc.aio's client spends 230-270 µs of CPU per call on the 2-core machines here (``python -m
+bench.call_cost client --engine grpc``); a load tester that
 shares the machine with the server it measures takes that CPU from the server. This connection
 sends requests serialized in advance: each call is a HEADERS frame whose header block is encoded
 once (no dynamic-table entries, so the same bytes fit every call) and DATA frames holding one
@@ -52,7 +53,7 @@ DECODED_BLOCKS = 64  # header blocks remembered (trailers with a request id diff
 
 STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 # What a stream reset means to a gRPC client (PROTOCOL-HTTP2.md, "Errors").
-STATUS_BY_RESET = {0x7: grpc.StatusCode.UNAVAILABLE, 0x8: grpc.StatusCode.CANCELLED,
+STATUS_BY_RESET = {REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE, CANCEL: grpc.StatusCode.CANCELLED,
                    0xB: grpc.StatusCode.RESOURCE_EXHAUSTED, 0xC: grpc.StatusCode.PERMISSION_DENIED}
 # A reply without grpc-status (http-grpc-status-mapping.md).
 STATUS_BY_HTTP = {400: grpc.StatusCode.INTERNAL, 401: grpc.StatusCode.UNAUTHENTICATED,

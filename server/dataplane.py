@@ -20,7 +20,6 @@ from server.model import Model, runs_inline
 logger = logging.getLogger(__name__)
 
 
-
 def check_pixels(
     images: npt.NDArray[np.float32], encodings: Sequence[str] | str, field: str = "images"
 ) -> None:

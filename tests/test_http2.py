@@ -353,6 +353,13 @@ def test_a_channel_without_a_server_fails_unavailable_without_spinning() -> None
             channel = await http2.Channel(server.target, ECHO, timeout=5, connect_timeout=1).open()
             assert await channel.unary(b"\0up") == b"\0up"
         # The server is gone: every call fails, and failing calls wait for the next attempt.
+        # Counted from when the channel knows its connection is closed: a call that raced the
+        # close would fail on the old connection, one more failure that is not a reconnect's.
+        assert channel._conn is not None
+        for _ in range(200):
+            if channel._conn.closed:
+                break
+            await asyncio.sleep(0.01)
         failures = 0
         outcomes: list[BaseException | bytes] = []
         end = asyncio.get_running_loop().time() + 0.6
