@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: 8)")
     lt.add_argument("--engine", default="h2", choices=["h2", "grpc"],
                     help="how calls are made: h2, the tester's own HTTP/2 framing of pre-serialized "
-                    "requests (about 40 %% of grpc.aio's CPU per call, so more is left to a local "
+                    "requests (under half of grpc.aio's CPU per call, so more is left to a local "
                     "server), or grpc, grpc.aio as the client library uses it; h2 takes host:port "
                     "targets (default: %(default)s)")
     lt.add_argument("--max-outstanding", type=int, default=1000,

@@ -28,7 +28,7 @@ from digitserve.v1 import digit_service_pb2 as pb
 
 PREDICT_METHOD = "/digitserve.v1.DigitService/Predict"
 ENCODINGS = ("uint8", "float32")
-# h2: the tester's own HTTP/2 framing (client/http2.py), about 100 µs of CPU per call here; grpc:
+# h2: the tester's own HTTP/2 framing (client/http2.py), 92-129 µs of CPU per call here; grpc:
 # grpc.aio, the stack of the client library, 230-270 µs (python -m bench.call_cost client).
 ENGINES = ("h2", "grpc")
 CALL_ERRORS = (grpc.aio.AioRpcError, http2.CallError)
