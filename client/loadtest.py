@@ -295,7 +295,10 @@ def _channel_options(index: int) -> list[tuple[str, Any]]:
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.channel_id", index),
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
-        ("grpc.enable_retries", 0),
+        # Transparent retries only (the service config has no retryPolicy): a call the server
+        # never took, as when a GOAWAY of --max-connection-age crosses it, is sent again, as the
+        # h2 engine does; a call that failed is not.
+        ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
