@@ -5,7 +5,8 @@
     python -m bench.call_cost gc --model-dir out/bench-repo/mnist/1
 
 ``server``: the whole per-call path of mnist-serve in-process — request id, metrics, access line
-(formatted and buffered as in the server, written to /dev/null), decoding, validation, the model
+(formatted and buffered as in the server, written to /dev/null), parsing the request's bytes with
+the server's deserializer, validation, the model
 (as loaded by the server), the reply — with a stand-in for gRPC's servicer context, so what gRPC
 itself costs is left out. ``client``: ``mnist-client loadtest`` (one process, 64 in flight, engine
 h2 or grpc) against a running server; the client's whole transport included. ``gc``: the objects
@@ -68,7 +69,7 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     from server.dataplane import DataPlane
     from server.logs import access_log
     from server.model import load_version, read_check_set
-    from server.servicer import DigitServicer
+    from server.servicer import DigitServicer, _tolerant
     from server.telemetry import Telemetry
 
     logging.basicConfig(level=logging.INFO, stream=open("/dev/null", "w"))  # noqa: SIM115
@@ -80,13 +81,14 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     handler = grpc.unary_unary_rpc_method_handler(DigitServicer(plane).Predict)
     predict = CallWrapper(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
     pixels = np.random.default_rng(0).random((images, model.spec.input_size), dtype=np.float32)
-    request = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels])
+    data = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels]).SerializeToString()
+    parse = _tolerant(pb.PredictRequest)
 
     async def measure(concurrency: int) -> float:
         async def caller(n: int) -> None:
             context = _Context()
             for _ in range(n):
-                await predict(request, context)
+                await predict(parse(data), context)
 
         per = calls // concurrency
         started = _cpu()
