@@ -160,6 +160,20 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     if h2 is not None:
         lines.append(check("loadtest ÷ h2load against the null server, 64 in flight",
                            ratio(n, h2["scenarios"], "many", "rps"), 0.7))
+    v2 = next((r for r in rows if r["kind"] == "ours-oip"), None)
+    for kind, target in (("kserve", 4.0), ("kserve-litert", None)):
+        kserve = next((r for r in rows if r["kind"] == kind), None)
+        if kserve is None:
+            continue
+        k = kserve["scenarios"]
+        label = f"1 image/request, 64 in flight: req/s ÷ {kserve['name']}'s"
+        value = ratio(o, k, "many", "rps")
+        if target is not None:
+            lines.append(check(label, value, target))
+        elif value is not None:  # no target: the serving stacks alone, for comparison
+            lines.append(f"- {label}: **{value:.3f}**")
+        if v2 is not None and (same := ratio(v2["scenarios"], k, "many", "rps")) is not None:
+            lines.append(f"  - both over the V2 protocol (`{v2['name']}`): **{same:.3f}**")
     return lines
 
 

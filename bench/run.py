@@ -65,7 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", default="h2", choices=loadtest.ENGINES,
                         help="the load tester's engine (mnist-client loadtest --engine; default: "
                         "%(default)s)")
-    parser.add_argument("--skip", default="", help="comma-separated: naive, default, h2load")
+    parser.add_argument("--kserve-python", type=Path,
+                        default=REPO_ROOT / "out" / "kserve-venv" / "bin" / "python",
+                        help="the Python of a virtual environment with KServe and ai-edge-litert "
+                        "(bench/kserve-venv.sh makes one) for the KServe row; the row is left out "
+                        "when it does not exist (default: out/kserve-venv/bin/python)")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated: naive, default, h2load, kserve, oip (our server's "
+                        "V2 row)")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument("--note", default="", help="a sentence added to the machine line")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "BENCHMARKS.md",
@@ -123,6 +130,24 @@ def specs(args: argparse.Namespace, versions: dict[str, int], skip: set[str]) ->
             out.append(ServerSpec(f"digitserve, {w} worker{'s' if w > 1 else ''}", "ours", argv,
                                   model=preset, workers=w,
                                   ready_line=r"serving model \S+ version \d+", ready_count=w))
+            if preset == "seed" and w == max(workers) and "oip" not in skip:
+                out.append(replace(out[-1], name=f"{out[-1].name}, V2 protocol", kind="ours-oip",
+                                   protocol="oip"))
+    if "kserve" not in skip:
+        if args.kserve_python.is_file():
+            # As issue 3's table measured it (a tf.function model call), and with our flatbuffer,
+            # so that only the serving stacks differ.
+            for call, kind, label in (("tensorflow", "kserve", "tf.function"),
+                                      ("litert", "kserve-litert", "the same LiteRT flatbuffer")):
+                out.append(ServerSpec(
+                    f"KServe ModelServer, V2 protocol, {label}", kind,
+                    [str(args.kserve_python), str(REPO_ROOT / "bench" / "kserve_server.py"),
+                     "--model-dir", str(seed_dir), "--model-call", call],
+                    model="seed", protocol="oip", ready_probe="oip", model_name=args.model_name,
+                    evaluates=False))
+        else:
+            logger.warning("%s not found (bench/kserve-venv.sh makes it): no KServe row",
+                           args.kserve_python)
     return out
 
 
@@ -178,23 +203,27 @@ def start(spec: ServerSpec, args: argparse.Namespace) -> Contender:
 
 
 def measure(contenders: list[Contender], args: argparse.Namespace, split: Split,
-            workloads: dict[str, loadtest.Workload], h2: str | None) -> list[dict[str, Any]]:
+            workloads: dict[str, dict[str, loadtest.Workload]], h2: str | None) -> list[dict[str, Any]]:
     """Every point in ``--repeat`` rounds; in each round every server takes its turn at the point,
     so a slow minute of a shared machine falls on all of them, not on one server's figures. Then
-    each server's median run per point, its Evaluate and its memory."""
+    each server's median run per point, its Evaluate and its memory. ``workloads``: by protocol,
+    then ``one`` (1 image per request) and ``batch``."""
     h2_row: dict[str, Any] = {"name": "null server, driven by h2load", "model": "–", "workers": 1,
                               "kind": "h2load", "preset": "–", "scenarios": {}}
     h2_runs: dict[str, list[dict[str, Any]]] = {point: [] for point in POINTS}
     null = next((c for c in contenders if c.spec.kind == "null" and c.live), None)
     for contender in contenders:
         if contender.live and args.warmup > 0:
-            _run(contender, replace(contender.plan["many"], duration=args.warmup), workloads["one"])
+            _run(contender, replace(contender.plan["many"], duration=args.warmup),
+                 workloads[contender.spec.protocol]["one"])
     for _ in range(args.repeat):
         for point, (streams, batch) in POINTS.items():
-            workload = workloads["batch" if point == "batch" else "one"]
+            shape = "batch" if point == "batch" else "one"
+            workload = workloads["digitserve"][shape]
             for contender in contenders:
                 config = replace(contender.plan[point], duration=args.duration / args.repeat)
-                if contender.live and (result := _run(contender, config, workload)) is not None:
+                if contender.live and (result := _run(
+                        contender, config, workloads[contender.spec.protocol][shape])) is not None:
                     contender.runs[point].append(result)
             if h2 is not None and null is not None and null.live and "failed" not in h2_row:
                 try:
@@ -240,12 +269,13 @@ def _finish(contender: Contender, split: Split) -> None:
             logger.info("  %s: %.0f req/s, %.0f images/s, p50 %.2f ms, p99 %.2f ms, errors %s",
                         point, result["rps"], result["images_per_s"], result["p50_ms"] or -1,
                         result["p99_ms"] or -1, result["errors"] or "none")
-        with DigitClient(server.target, timeout=120) as client:
-            started = time.perf_counter()
-            evaluated = client.evaluate(split.images, split.labels)
-            row["evaluate_s"] = time.perf_counter() - started
-            row["evaluate_accuracy"] = evaluated.accuracy
-        logger.info("  Evaluate of %d images: %.2fs", evaluated.count, row["evaluate_s"])
+        if contender.spec.evaluates:
+            with DigitClient(server.target, timeout=120) as client:
+                started = time.perf_counter()
+                evaluated = client.evaluate(split.images, split.labels)
+                row["evaluate_s"] = time.perf_counter() - started
+                row["evaluate_accuracy"] = evaluated.accuracy
+            logger.info("  Evaluate of %d images: %.2fs", evaluated.count, row["evaluate_s"])
         row["memory"] = server.memory()
     except Exception as exc:  # a server that died or answered wrongly fails its row, not the run
         row["failed"] = str(exc)
@@ -280,10 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BenchError("--duration must be positive, --warmup not negative, --repeat ≥ 1")
         versions = ensure_models(args, ["seed"] if "default" in skip else ["seed", "default"])
         workloads = {
-            "one": loadtest.build_workload(split.images, split.labels, batch=1,
-                                           encoding=args.encoding),
-            "batch": loadtest.build_workload(split.images, split.labels, batch=64,
-                                             encoding=args.encoding),
+            protocol: {
+                shape: loadtest.build_workload(split.images, split.labels, batch=batch,
+                                               encoding=args.encoding, protocol=protocol,
+                                               model_name=args.model_name)
+                for shape, batch in (("one", 1), ("batch", 64))
+            }
+            for protocol in loadtest.PROTOCOLS
         }
         h2 = None if "h2load" in skip else h2load.find()
         if h2 is None and "h2load" not in skip:

@@ -17,6 +17,9 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from digitserve.oip import grpc_predict_v2_pb2 as oip
+from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+
 
 class BenchError(Exception):
     """Raised when a benchmark cannot go on: a server that exits or never reports SERVING, a
@@ -34,16 +37,23 @@ def free_port() -> int:
 @dataclass
 class ServerSpec:
     """How to start one server and what to call it in the table. ``ready_line`` (a regex) must
-    appear ``ready_count`` times in its log before it counts as started (all workers loaded)."""
+    appear ``ready_count`` times in its log before it counts as started (all workers loaded).
+    ``protocol``: what the load tester sends it (client.loadtest.PROTOCOLS). ``ready_probe``:
+    ``health`` (gRPC health says SERVING) or ``oip`` (the Open Inference Protocol's ServerReady and
+    ModelReady of ``model_name``, for servers without gRPC health)."""
 
     name: str
-    kind: str  # null, naive or ours
+    kind: str  # null, naive, ours, ours-oip or kserve
     argv: list[str]
     model: str = "–"
     workers: int = 1
     ready_line: str | None = None
     ready_count: int = 0
     env: dict[str, str] = field(default_factory=dict)
+    protocol: str = "digitserve"
+    ready_probe: str = "health"
+    model_name: str = "mnist"
+    evaluates: bool = True  # serves digitserve.v1 Evaluate
 
 
 def _health(channel: grpc.Channel) -> str:
@@ -53,6 +63,18 @@ def _health(channel: grpc.Channel) -> str:
     except grpc.RpcError:
         return "UNREACHABLE"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+def _oip_ready(channel: grpc.Channel, model_name: str) -> str:
+    """SERVING when a V2 server says it and the model are ready (the V2 protocol has no health
+    service of gRPC's kind)."""
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+    try:
+        server = stub.ServerReady(oip.ServerReadyRequest(), timeout=1.0)
+        model = stub.ModelReady(oip.ModelReadyRequest(name=model_name), timeout=1.0)
+    except grpc.RpcError:
+        return "UNREACHABLE"
+    return "SERVING" if server.ready and model.ready else "NOT_SERVING"
 
 
 class RunningServer:
@@ -82,7 +104,9 @@ class RunningServer:
                 if self.proc.poll() is not None:
                     raise BenchError(f"{self.spec.name} exited with {self.proc.returncode}:\n"
                                      f"{self.log_tail()}")
-                if _health(channel) == "SERVING" and self._all_ready():
+                status = (_oip_ready(channel, self.spec.model_name)
+                          if self.spec.ready_probe == "oip" else _health(channel))
+                if status == "SERVING" and self._all_ready():
                     self.cold_start_s = time.monotonic() - self.started
                     return self.cold_start_s
                 if time.monotonic() > deadline:

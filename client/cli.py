@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "requests (under half of grpc.aio's CPU per call, so more is left to a local "
                     "server), or grpc, grpc.aio as the client library uses it; h2 takes host:port "
                     "targets (default: %(default)s)")
+    lt.add_argument("--protocol", default="digitserve", choices=["digitserve", "oip"],
+                    help="digitserve: this API's Predict; oip: the Open Inference Protocol's (KServe "
+                    "V2) ModelInfer, raw pixels as input 'images', answers read from output "
+                    "'probabilities' — our server's V2 edge, or KServe and others serving a model "
+                    "with those names (default: %(default)s)")
+    lt.add_argument("--model-name", default="mnist",
+                    help="--protocol oip: the model the requests name (default: %(default)s)")
     lt.add_argument("--max-outstanding", type=int, default=1000,
                     help="open loop: most calls in flight (default: %(default)s)")
     lt.add_argument("--no-verify", dest="verify", action="store_false",
@@ -267,7 +274,8 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
             engine=args.engine,
         )
         workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,
-                                           encoding=args.encoding, model_version=args.model_version)
+                                           encoding=args.encoding, model_version=args.model_version,
+                                           protocol=args.protocol, model_name=args.model_name)
         result = loadtest.run(config, workload, progress=not args.json)
     except loadtest.LoadTestError as exc:
         raise CliError(str(exc)) from exc

@@ -24,9 +24,16 @@ import numpy.typing as npt
 
 from client import http2
 from digitserve.idx import scale_pixels
+from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
 
 PREDICT_METHOD = "/digitserve.v1.DigitService/Predict"
+# digitserve: our API's Predict; oip: the Open Inference Protocol's (KServe V2) ModelInfer, with the
+# pixels as raw_input_contents, input "images", output "probabilities": our server's V2 edge, and
+# KServe or any V2 server serving a model with those names (bench/kserve_server.py).
+METHODS = {"digitserve": PREDICT_METHOD, "oip": "/inference.GRPCInferenceService/ModelInfer"}
+PROTOCOLS = tuple(METHODS)
+OIP_INPUT, OIP_OUTPUT = "images", "probabilities"
 ENCODINGS = ("uint8", "float32")
 # h2: the tester's own HTTP/2 framing (client/http2.py), 92-129 µs of CPU per call here; grpc:
 # grpc.aio, the stack of the client library, 230-270 µs (python -m bench.call_cost client).
@@ -61,9 +68,15 @@ class Workload:
     batch: int
     encoding: str
     expected: tuple[npt.NDArray[np.float32], ...] | None = None
+    protocol: str = "digitserve"
 
     def __len__(self) -> int:
         return len(self.payloads)
+
+    @property
+    def method(self) -> str:
+        """The gRPC method the payloads are requests of."""
+        return METHODS[self.protocol]
 
 
 def build_workload(
@@ -74,14 +87,18 @@ def build_workload(
     encoding: str = "uint8",
     model_version: int = 0,
     expected: ExpectedFn | None = None,
+    protocol: str = "digitserve",
+    model_name: str = "mnist",
 ) -> Workload:
     """Cuts (N, ...) uint8 images into requests of ``batch`` consecutive images (wrapping round when
-    N < batch) and serializes each once. ``expected(float32 images) -> probabilities`` adds the
-    exact answers to check."""
+    N < batch) and serializes each once, as ``protocol``'s requests (``model_name``: the model a V2
+    request names). ``expected(float32 images) -> probabilities`` adds the exact answers to check."""
     if batch < 1:
         raise LoadTestError(f"batch {batch} must be at least 1")
     if encoding not in ENCODINGS:
         raise LoadTestError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    if protocol not in PROTOCOLS:
+        raise LoadTestError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     flat = np.asarray(images, dtype=np.uint8)
     flat = flat.reshape(flat.shape[0], -1)
     y = np.asarray(labels, dtype=np.int64)
@@ -94,17 +111,59 @@ def build_workload(
     for r in range(count):
         index = (r * batch + np.arange(batch)) % flat.shape[0]
         chunk = flat[index]
-        if encoding == "uint8":
-            encoded = [pb.Image(uint8=row.tobytes()) for row in chunk]
+        if protocol == "oip":
+            payloads.append(_infer_request(chunk, encoding, model_name, model_version))
         else:
-            encoded = [pb.Image(float32=row.astype("<f4").tobytes()) for row in scale_pixels(chunk)]
-        request = pb.PredictRequest(images=encoded, model_version=model_version)
-        payloads.append(request.SerializeToString())
+            if encoding == "uint8":
+                encoded = [pb.Image(uint8=row.tobytes()) for row in chunk]
+            else:
+                encoded = [pb.Image(float32=row.astype("<f4").tobytes())
+                           for row in scale_pixels(chunk)]
+            request = pb.PredictRequest(images=encoded, model_version=model_version)
+            payloads.append(request.SerializeToString())
         request_labels.append(y[index])
         if expected is not None:
             answers.append(np.asarray(expected(scale_pixels(chunk)), dtype=np.float32))
     return Workload(tuple(payloads), tuple(request_labels), batch, encoding,
-                    tuple(answers) if expected is not None else None)
+                    tuple(answers) if expected is not None else None, protocol)
+
+
+def _infer_request(chunk: npt.NDArray[np.uint8], encoding: str, model_name: str,
+                   model_version: int) -> bytes:
+    """A serialized V2 ModelInferRequest of (N, size) images: raw little-endian pixels, FP32 in
+    [0, 1] or UINT8, asking for the probabilities only."""
+    pixels = chunk.tobytes() if encoding == "uint8" else scale_pixels(chunk).astype("<f4").tobytes()
+    request = oip.ModelInferRequest(
+        model_name=model_name, model_version=str(model_version) if model_version else "",
+        inputs=[oip.ModelInferRequest.InferInputTensor(
+            name=OIP_INPUT, datatype="UINT8" if encoding == "uint8" else "FP32",
+            shape=list(chunk.shape))],
+        outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name=OIP_OUTPUT)],
+        raw_input_contents=[pixels],
+    )
+    data: bytes = request.SerializeToString()
+    return data
+
+
+def answer_probabilities(protocol: str, answer: bytes) -> npt.NDArray[np.float32]:
+    """The probabilities (rows = images) in a serialized answer of ``protocol``; ValueError when it
+    holds none (protobuf's DecodeError is one)."""
+    if protocol == "digitserve":
+        predictions = pb.PredictResponse.FromString(answer).predictions
+        return np.array([p.probabilities for p in predictions], dtype=np.float32)
+    response = oip.ModelInferResponse.FromString(answer)
+    for i, output in enumerate(response.outputs):
+        if output.name != OIP_OUTPUT:
+            continue
+        if i < len(response.raw_output_contents):
+            values = np.frombuffer(response.raw_output_contents[i], dtype="<f4")
+        else:
+            values = np.asarray(output.contents.fp32_contents, dtype=np.float32)
+        shape = [int(d) for d in output.shape]
+        if output.datatype != "FP32" or len(shape) != 2 or values.size != shape[0] * shape[1]:
+            raise ValueError(f"output {OIP_OUTPUT!r} is {output.datatype} {shape}, {values.size} values")
+        return values.reshape(shape).astype(np.float32, copy=False)
+    raise ValueError(f"no output {OIP_OUTPUT!r} in the answer")
 
 
 @dataclass(frozen=True)
@@ -265,19 +324,31 @@ class _Recorder:
         self.counter.value += 1
 
     def _check(self, index: int, answer: bytes) -> None:
-        try:
-            predictions = pb.PredictResponse.FromString(answer).predictions
-        except Exception:  # protobuf's DecodeError: an answer that is not a PredictResponse
-            self.result.mismatches += 1
-            return
         labels = self._labels[index]
-        if len(predictions) != len(labels):
-            self.result.mismatches += 1
-            return
+        if self.workload.protocol == "digitserve":
+            try:
+                predictions = pb.PredictResponse.FromString(answer).predictions
+            except Exception:  # protobuf's DecodeError: an answer that is not a PredictResponse
+                self.result.mismatches += 1
+                return
+            if len(predictions) != len(labels):
+                self.result.mismatches += 1
+                return
+            classes: Sequence[int] = [p.class_index for p in predictions]
+        else:
+            try:
+                probabilities = answer_probabilities(self.workload.protocol, answer)
+            except Exception:  # DecodeError, or no probabilities of the right shape
+                self.result.mismatches += 1
+                return
+            if probabilities.shape[0] != len(labels):
+                self.result.mismatches += 1
+                return
+            classes = probabilities.argmax(axis=1).tolist()
         self.result.checked += len(labels)
-        self.result.correct += sum(p.class_index == k for p, k in zip(predictions, labels, strict=True))
+        self.result.correct += sum(c == k for c, k in zip(classes, labels, strict=True))
         if self.workload.expected is not None:
-            got = np.array([p.probabilities for p in predictions], dtype=np.float32)
+            got = answer_probabilities(self.workload.protocol, answer)
             want = self.workload.expected[index]
             if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-6):
                 self.result.mismatches += 1
@@ -371,7 +442,7 @@ async def _open_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _Rec
 async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: _Counter,
                  ready: Callable[[], None], begin_at: Callable[[], float]) -> ProcessResult:
     """Connects, reports ready, waits for the common start time, then runs this process's share."""
-    async with _connections(config) as calls:
+    async with _connections(config, workload.method) as calls:
         rec = _Recorder(workload, config.verify, counter)
         ready()
         begin = await asyncio.get_running_loop().run_in_executor(None, begin_at)
@@ -387,14 +458,16 @@ async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: _C
 
 
 @contextlib.asynccontextmanager
-async def _connections(config: LoadConfig) -> AsyncIterator[list[Callable[[bytes], Awaitable[bytes]]]]:
+async def _connections(
+    config: LoadConfig, method: str = PREDICT_METHOD
+) -> AsyncIterator[list[Callable[[bytes], Awaitable[bytes]]]]:
     """``config.connections`` connections to the target, each as a function from a serialized
-    request to its serialized answer (raising one of CALL_ERRORS)."""
+    request of ``method`` to its serialized answer (raising one of CALL_ERRORS)."""
     if config.engine == "h2":
         h2_channels: list[http2.Channel] = []
         try:
             for _ in range(config.connections):
-                h2_channels.append(await _h2_connect(config))
+                h2_channels.append(await _h2_connect(config, method))
             yield [channel.unary for channel in h2_channels]
         finally:
             for channel in h2_channels:
@@ -414,14 +487,14 @@ async def _connections(config: LoadConfig) -> AsyncIterator[list[Callable[[bytes
         # request_serializer/response_deserializer None: the payloads are bytes already.
         # Registered, as generated stubs do: the method is interned once, not per call (~13 %
         # less CPU per call here).
-        yield [functools.partial(ch.unary_unary(PREDICT_METHOD, _registered_method=True),
+        yield [functools.partial(ch.unary_unary(method, _registered_method=True),
                                  timeout=config.timeout) for ch in channels]
     finally:
         for ch in channels:
             await ch.close()
 
 
-async def _h2_connect(config: LoadConfig) -> http2.Channel:
+async def _h2_connect(config: LoadConfig, method: str) -> http2.Channel:
     """Connects as grpc's channel_ready() waits: refused attempts are retried until the connect
     timeout (a server may still be starting)."""
     deadline = time.monotonic() + config.connect_timeout
@@ -430,7 +503,7 @@ async def _h2_connect(config: LoadConfig) -> http2.Channel:
         try:
             if left <= 0:
                 raise TimeoutError
-            channel = http2.Channel(config.target, PREDICT_METHOD, timeout=config.timeout,
+            channel = http2.Channel(config.target, method, timeout=config.timeout,
                                     connect_timeout=config.connect_timeout)
             return await asyncio.wait_for(channel.open(), left)
         except OSError as exc:  # TimeoutError included
@@ -482,6 +555,7 @@ class LoadResult:
     latencies_ms: npt.NDArray[np.float64] = field(repr=False)
     completion_times_s: npt.NDArray[np.float64] = field(repr=False)
     """When each successful call finished, in seconds since the run began."""
+    protocol: str = "digitserve"
 
     @property
     def requests(self) -> int:
@@ -505,6 +579,7 @@ class LoadResult:
             "rate": self.config.rate if self.config.open_loop else None,
             "batch": self.batch,
             "encoding": self.encoding,
+            "protocol": self.protocol,
             "processes": self.processes,
             "connections": self.config.connections * self.processes,
             "duration_s": round(self.duration_s, 4),
@@ -538,6 +613,7 @@ def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult
         mismatches=sum(p.mismatches for p in parts),
         latencies_ms=np.concatenate([p.latencies for p in parts] or [np.empty(0)]) * 1000.0,
         completion_times_s=np.concatenate([p.completions for p in parts] or [np.empty(0)]) - begin,
+        protocol=workload.protocol,
     )
 
 
@@ -684,7 +760,8 @@ def format_result(result: LoadResult) -> str:
              else f"closed loop, {d['concurrency']} in flight")
     ms = {k: "–" if d[k] is None else f"{d[k]:.2f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")}
     lines = [
-        f"{d['target']}: {shape}, {d['batch']} image(s)/request ({d['encoding']}), "
+        f"{d['target']}: {shape}, {d['batch']} image(s)/request ({d['encoding']}"
+        f"{', V2 ModelInfer' if d['protocol'] == 'oip' else ''}), "
         f"{d['processes']} load process(es), {d['duration_s']:.2f} s",
         f"requests    {d['requests']} ({d['ok']} ok)",
         f"throughput  {d['rps']:.1f} req/s, {d['images_per_s']:.1f} images/s",

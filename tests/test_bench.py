@@ -1,8 +1,11 @@
-"""The benchmark's own logic: the median run, and reading h2load's summary."""
+"""The benchmark's own logic: the median run, reading h2load's summary, and the targets' lines."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from bench.h2load import parse
+from bench.report import targets
 from bench.run import median_run
 
 H2LOAD_SUMMARY = """
@@ -27,3 +30,34 @@ def test_h2load_summary_is_read() -> None:
     result = parse(H2LOAD_SUMMARY)
     assert result["rps"] == 4521.60 and result["requests"] == 22608
     assert result["succeeded"] == 22608 and result["failed"] == 0
+
+
+def _row(name: str, kind: str, workers: int, one: float, many: float, batch: float,
+         p99: float) -> dict[str, Any]:
+    return {"name": name, "kind": kind, "preset": "seed" if kind != "null" else "–",
+            "workers": workers, "evaluate_s": 0.1 if kind.startswith(("ours", "null")) else None,
+            "scenarios": {"one": {"rps": one, "p99_ms": p99}, "many": {"rps": many},
+                          "batch": {"images_per_s": batch}}}
+
+
+def test_targets_compare_our_server_with_null_and_kserve_rows() -> None:
+    rows = [
+        _row("null", "null", 1, 2000, 4000, 190_000, 1.0),
+        _row("ours, 1", "ours", 1, 1500, 2500, 90_000, 1.3),
+        _row("ours, 2", "ours", 2, 1500, 3600, 100_000, 1.4),
+        _row("ours, 2, V2", "ours-oip", 2, 1400, 3000, 95_000, 1.5),
+        _row("KServe tf", "kserve", 1, 700, 800, 20_000, 3.0),
+        _row("KServe litert", "kserve-litert", 1, 1100, 1800, 70_000, 2.0),
+    ]
+    lines = targets(rows)
+    assert lines[0] == "Targets of issue 3, for `ours, 2` with the seed model:"
+    assert "req/s ÷ null's: **0.900** (target ≥ 0.8) ✓" in lines[2]
+    assert "p99 ÷ null's p99: **1.400** (target ≤ 1.5) ✓" in lines[3]
+    assert "images/s ÷ null's: **0.526** (target ≥ 0.8) ✗" in lines[4]
+    assert lines[6] == ("- 1 image/request, 64 in flight: req/s ÷ KServe tf's: **4.500** "
+                        "(target ≥ 4.0) ✓")
+    assert lines[7] == "  - both over the V2 protocol (`ours, 2, V2`): **3.750**"
+    assert lines[8] == "- 1 image/request, 64 in flight: req/s ÷ KServe litert's: **2.000**"
+    assert lines[9] == "  - both over the V2 protocol (`ours, 2, V2`): **1.667**"
+    # Without KServe rows, no KServe lines.
+    assert not any("KServe" in line for line in targets(rows[:4]))

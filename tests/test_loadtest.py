@@ -15,6 +15,7 @@ import pytest
 from client import loadtest
 from client.cli import main
 from digitserve.idx import load_split, scale_pixels
+from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.conftest import FakeModel, ServerThread
 
@@ -126,6 +127,40 @@ def test_every_answer_is_its_own_under_heavy_concurrency(fake_server: ServerThre
 
 
 @pytest.mark.parametrize("engine", loadtest.ENGINES)
+def test_v2_protocol_answers_are_checked_against_their_own_requests(
+    fake_server: ServerThread, engine: str
+) -> None:
+    rng = np.random.default_rng(12)
+    images = rng.integers(0, 256, size=(2000, 784), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=2000)
+    model = FakeModel()
+    for batch, encoding in ((1, "float32"), (100, "uint8")):
+        workload = loadtest.build_workload(images, labels, batch=batch, encoding=encoding,
+                                           expected=model.predict, protocol="oip", model_name="fake")
+        assert workload.method == "/inference.GRPCInferenceService/ModelInfer"
+        config = loadtest.LoadConfig(target=fake_server.target, concurrency=32, duration=0.8,
+                                     timeout=10, connections=2, engine=engine)
+        result = loadtest.run(config, workload)
+        assert result.ok > 32 and result.errors == {} and result.mismatches == 0
+        assert result.checked == result.ok * batch and result.to_dict()["protocol"] == "oip"
+
+
+def test_v2_protocol_names_the_model_it_asks_for(
+    fake_server: ServerThread, synthetic_data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, result = run_cli(capsys, fake_server.target, "--data-dir", str(synthetic_data_dir),
+                           "--protocol", "oip", "--model-name", "fake", "--requests", "20")
+    split = load_split(synthetic_data_dir, "t10k")
+    assert code == 0 and result["ok"] == 20 and result["errors"] == {}
+    assert result["accuracy"] == pytest.approx(
+        fake_accuracy(split.images[:20], split.labels[:20]), abs=1e-12)
+    code = main(["--target", fake_server.target, "loadtest", "--data-dir", str(synthetic_data_dir),
+                 "--protocol", "oip", "--model-name", "other", "--requests", "5", "--json"])
+    errors = json.loads(capsys.readouterr().out)["errors"]
+    assert code == 1 and errors == {"NOT_FOUND": 5}
+
+
+@pytest.mark.parametrize("engine", loadtest.ENGINES)
 def test_connections_closed_by_max_connection_age_lose_no_call(
     start_server: Callable[..., ServerThread], engine: str
 ) -> None:
@@ -158,6 +193,32 @@ def test_a_wrong_answer_is_a_mismatch() -> None:
     recorder.ok(1, answer(workload.expected[0]), 0.001)  # request 0's answer to request 1
     result = recorder.finish()
     assert result.ok == 2 and result.checked == 2 and result.mismatches == 1
+
+
+def test_a_wrong_v2_answer_is_a_mismatch() -> None:
+    images = np.arange(2 * 784, dtype=np.int64).reshape(2, 784).astype(np.uint8)
+    workload = loadtest.build_workload(images, [0, 1], expected=FakeModel().predict, protocol="oip")
+    recorder = loadtest._Recorder(workload, True, loadtest._LocalCounter())
+    assert workload.expected is not None
+
+    def answer(probs: npt.NDArray[np.float32], raw: bool = True, name: str = "probabilities") -> bytes:
+        output = oip.ModelInferResponse.InferOutputTensor(name=name, datatype="FP32",
+                                                          shape=list(probs.shape))
+        response = oip.ModelInferResponse(model_name="fake", outputs=[output])
+        if raw:
+            response.raw_output_contents.append(probs.astype("<f4").tobytes())
+        else:
+            response.outputs[0].contents.fp32_contents.extend(probs.ravel().tolist())
+        data: bytes = response.SerializeToString()
+        return data
+
+    recorder.ok(0, answer(workload.expected[0]), 0.001)
+    recorder.ok(1, answer(workload.expected[1], raw=False), 0.001)  # typed contents read too
+    recorder.ok(1, answer(workload.expected[0]), 0.001)  # request 0's answer to request 1
+    recorder.ok(1, answer(workload.expected[1], name="logits"), 0.001)  # no probabilities
+    recorder.ok(1, b"\xff\xff", 0.001)  # not a ModelInferResponse
+    result = recorder.finish()
+    assert result.ok == 5 and result.checked == 3 and result.mismatches == 3
 
 
 def test_settings_out_of_range_are_one_line_errors(

@@ -1,0 +1,135 @@
+"""The best alternative of issue 3 as a benchmark row: KServe's ModelServer serving a published
+model version over the Open Inference Protocol (KServe V2) on gRPC.
+
+Runs in a virtual environment of its own (KServe pins its own grpcio, protobuf and FastAPI; see
+``bench/kserve-venv.sh``) and imports nothing of this project, so it reads the version's files
+itself (each checked against its SHA-256 in ``metadata.json``):
+
+    out/kserve-venv/bin/python bench/kserve_server.py --model-dir out/bench-repo/mnist/1 --port 50090
+
+The model, named after ``metadata.json``'s ``name``, takes one input ``images`` (FP32 in [0, 1] or
+UINT8, shape [N, 784]) and answers ``probabilities`` (FP32, [N, 10]) as raw bytes, the way our
+server's V2 edge does, so the same load tester drives both. ``--model-call``: ``tensorflow``, the
+concrete function of a ``tf.function`` over ``model.keras`` (how issue 3's table measured the
+alternatives, "a tf.function model call"), or ``litert``, the LiteRT flatbuffer our server serves
+(XNNPACK, one thread), so that only the serving stacks differ. KServe binds gRPC on all interfaces
+("[::]:PORT", its own choice); the benchmark calls it on 127.0.0.1. Its REST server takes a free
+port of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def _tensorflow(path: Path, input_size: int) -> Runner:
+    """The concrete function of a tf.function over the Keras model, batch dimension free."""
+    import tensorflow as tf
+
+    keras_model = tf.keras.models.load_model(path, compile=False)
+    signature = tf.TensorSpec([None, *keras_model.input_shape[1:]], tf.float32)
+    function = tf.function(lambda x: keras_model(x, training=False)).get_concrete_function(signature)
+    row_shape = [int(d) for d in keras_model.input_shape[1:]]
+
+    def run(images: np.ndarray) -> np.ndarray:
+        out: np.ndarray = function(tf.constant(images.reshape(-1, *row_shape))).numpy()
+        return out
+
+    return run
+
+
+def _litert(path: Path, input_size: int) -> Runner:
+    """The LiteRT interpreter of the flatbuffer (XNNPACK, one thread), resized to each batch."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    index = interpreter.get_input_details()[0]["index"]
+    output = interpreter.get_output_details()[0]["index"]
+    rows = [-1]
+
+    def run(images: np.ndarray) -> np.ndarray:
+        if images.shape[0] != rows[0]:
+            interpreter.resize_tensor_input(index, [images.shape[0], input_size], strict=False)
+            interpreter.allocate_tensors()
+            rows[0] = images.shape[0]
+        interpreter.set_tensor(index, images)
+        interpreter.invoke()
+        out: np.ndarray = interpreter.get_tensor(output)
+        return out
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, required=True, help="a published model version")
+    parser.add_argument("--port", type=int, required=True, help="gRPC port")
+    parser.add_argument("--model-call", choices=["tensorflow", "litert"], default="tensorflow",
+                        help="how the model is called (default: %(default)s)")
+    args, _ = parser.parse_known_args(argv)
+    metadata = json.loads((args.model_dir / "metadata.json").read_text())
+    file_name = ("model.keras" if args.model_call == "tensorflow"
+                 else metadata.get("inference", {}).get("litert_file") or "model.tflite")
+    path = args.model_dir / file_name
+    expected = metadata.get("files", {}).get(file_name, {}).get("sha256")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if expected != digest:
+        print(f"{path}: sha256 {digest} differs from metadata's {expected}", file=sys.stderr)
+        return 1
+    # KServe parses sys.argv when imported: leave it only the program name.
+    sys.argv = sys.argv[:1]
+    import kserve
+    from kserve import InferOutput, InferRequest, InferResponse
+
+    name = str(metadata.get("name", "mnist"))
+    input_size = int(metadata["input"]["size"])
+    run = _tensorflow(path, input_size) if args.model_call == "tensorflow" else _litert(path, input_size)
+
+    class Digits(kserve.Model):  # type: ignore[misc]  # kserve is not installed for mypy
+        def __init__(self) -> None:
+            super().__init__(name)
+
+        def load(self) -> bool:
+            self.ready = True
+            return True
+
+        def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> InferResponse:
+            pixels = payload.inputs[0].as_numpy()
+            images = pixels.reshape(-1, input_size)
+            images = (images.astype(np.float32) / np.float32(255) if images.dtype == np.uint8
+                      else images.astype(np.float32, copy=False))
+            probabilities = run(np.ascontiguousarray(images))
+            output = InferOutput("probabilities", list(probabilities.shape), "FP32")
+            output.set_data_from_numpy(probabilities, binary_data=True)
+            return InferResponse(model_name=name, infer_outputs=[output], response_id=payload.id,
+                                 use_binary_outputs=True)
+
+    model = Digits()
+    model.load()
+    logging.getLogger("kserve").info("serving %s from %s through %s", name, path, args.model_call)
+    kserve.ModelServer(grpc_port=args.port, http_port=_free_port(), workers=1,
+                       enable_latency_logging=False).start([model])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
