@@ -4,10 +4,15 @@ request id of the call being served (a context variable the formatters add to ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import re
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -158,3 +163,46 @@ class AccessLog:
 
 
 access_log = AccessLog()
+
+
+# TensorFlow Lite's own log lines ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU."),
+# written by its C++ code straight to file descriptor 2.
+_NATIVE_LINE = re.compile(rb"(VERBOSE|INFO|WARNING|ERROR): (.*)")
+_NATIVE_LEVELS = {b"VERBOSE": logging.DEBUG, b"INFO": logging.DEBUG, b"WARNING": logging.WARNING,
+                  b"ERROR": logging.ERROR}
+
+
+@contextlib.contextmanager
+def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
+    """Turns the lines a native library writes to file descriptor 2 while the block runs (LiteRT's
+    delegate notice, when an interpreter first allocates its tensors) into records of ``logger``,
+    so that a stream of JSON lines stays JSON; its INFO lines become DEBUG records. Anything else
+    written to stderr meanwhile (another thread's log lines) is written back unchanged after the
+    block. Without a file descriptor 2 to redirect, the block runs as it is."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:  # a file, not a pipe: writers never block on it
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        other = []
+        for line in capture.read().splitlines(keepends=True):
+            native = _NATIVE_LINE.fullmatch(line.rstrip(b"\r\n"))
+            if native is None:
+                other.append(line)
+            else:
+                logger.log(_NATIVE_LEVELS[native.group(1)], "%s",
+                           native.group(2).decode("utf-8", "replace"))
+        if other:
+            with contextlib.suppress(OSError):
+                os.write(2, b"".join(other))

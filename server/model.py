@@ -23,6 +23,7 @@ from digitserve.repository import (
     read_metadata,
     verify_files,
 )
+from server.logs import native_stderr_logged
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,11 @@ class LiteRTRunner:
         from ai_edge_litert.interpreter import Interpreter
 
         self.flatbuffer = flatbuffer
-        self._interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
+        # LiteRT prints a notice to stderr when it first allocates (its XNNPACK delegate): a
+        # record of our log instead of a bare line among the JSON ones.
+        with native_stderr_logged(logging.getLogger("litert")):
+            self._interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
+            self._interpreter.allocate_tensors()
         inp = self._interpreter.get_input_details()[0]
         self._input = int(inp["index"])
         self._row_shape = [int(d) for d in inp["shape_signature"][1:]]

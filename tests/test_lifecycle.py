@@ -100,6 +100,9 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(
     assert server.wait(30) == 0
     assert time.monotonic() - started < 20
     assert "signal received: draining" in server.log and "stopped after draining" in server.log
+    # JSON lines only (the default off a terminal), LiteRT's delegate notice included.
+    for line in server.lines:
+        assert isinstance(json.loads(line), dict), line
 
 
 def test_unlabelled_predict_through_the_process(

@@ -6,7 +6,9 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,13 @@ import pytest
 
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.logs import AccessLog, JsonFormatter, current_request_id, resolve_format
+from server.logs import (
+    AccessLog,
+    JsonFormatter,
+    current_request_id,
+    native_stderr_logged,
+    resolve_format,
+)
 from tests.conftest import FakeModel, ServerProcess, ServerThread
 
 
@@ -180,3 +188,34 @@ def test_direct_access_lines_in_text_and_written_on_flush() -> None:
     assert len(lines) == 2
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO server.access "
                         r"/a.B/C NOT_FOUND 3.50 ms peer=ipv4:127.0.0.1:1 request_id=r2", lines[1])
+
+
+def test_native_stderr_lines_become_records_and_others_pass_through(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="litert")
+    with native_stderr_logged(logging.getLogger("litert")):
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b'{"level": "INFO", "message": "another thread\'s line"}\n')
+        os.write(2, b"WARNING: something odd\n")
+    assert capfd.readouterr().err == '{"level": "INFO", "message": "another thread\'s line"}\n'
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("litert", logging.DEBUG, "Created TensorFlow Lite XNNPACK delegate for CPU."),
+        ("litert", logging.WARNING, "something odd"),
+    ]
+
+
+def test_a_litert_interpreter_writes_no_bare_line_to_stderr(tiny_repo: Path) -> None:
+    # A fresh process: LiteRT prints its delegate notice once per process.
+    script = (
+        "import logging, sys; import numpy as np; from pathlib import Path\n"
+        "logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format='%(name)s %(message)s')\n"
+        "from server.model import LiteRTRunner\n"
+        "runner = LiteRTRunner(Path(sys.argv[1]).read_bytes())\n"
+        "print(runner(np.zeros((2, 784), np.float32)).shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_repo / "tiny" / "1" / "model.tflite")],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert "TensorFlow Lite" not in done.stderr, done.stderr
+    assert "litert Created TensorFlow Lite XNNPACK delegate for CPU." in done.stdout.splitlines()
+    assert done.stdout.splitlines()[-1] == "(2, 10)"
