@@ -1,6 +1,7 @@
-"""The benchmark: starts the null server, the tutorial-style naive server and digitserve (seed and
-default models), drives each with the same load tester in rounds (and h2load for the ceiling),
-times Evaluate, cold start and memory, and writes the tables into BENCHMARKS.md."""
+"""The benchmark: starts the null server, the tutorial-style naive server, digitserve (seed and
+default models; the seed one also over its V2 edge) and, where its virtual environment exists,
+KServe; drives each with the same load tester in rounds (and h2load for the ceiling), times
+Evaluate, cold start and memory, and writes the tables into BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -67,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     parser.add_argument("--kserve-python", type=Path,
                         default=REPO_ROOT / "out" / "kserve-venv" / "bin" / "python",
-                        help="the Python of a virtual environment with KServe and ai-edge-litert "
-                        "(bench/kserve-venv.sh makes one) for the KServe row; the row is left out "
-                        "when it does not exist (default: out/kserve-venv/bin/python)")
+                        help="the Python of a virtual environment with KServe, TensorFlow and "
+                        "ai-edge-litert (bench/kserve-venv.sh makes one) for the KServe rows, left "
+                        "out when it does not exist (default: out/kserve-venv/bin/python)")
     parser.add_argument("--skip", default="",
                         help="comma-separated: naive, default, h2load, kserve, oip (our server's "
                         "V2 row)")

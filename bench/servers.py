@@ -43,7 +43,7 @@ class ServerSpec:
     ModelReady of ``model_name``, for servers without gRPC health)."""
 
     name: str
-    kind: str  # null, naive, ours, ours-oip or kserve
+    kind: str  # null, naive, ours, ours-oip, kserve or kserve-litert
     argv: list[str]
     model: str = "–"
     workers: int = 1

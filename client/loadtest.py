@@ -146,8 +146,9 @@ def _infer_request(chunk: npt.NDArray[np.uint8], encoding: str, model_name: str,
 
 
 def answer_probabilities(protocol: str, answer: bytes) -> npt.NDArray[np.float32]:
-    """The probabilities (rows = images) in a serialized answer of ``protocol``; ValueError when it
-    holds none (protobuf's DecodeError is one)."""
+    """The probabilities (rows = images) in a serialized answer of ``protocol``. Raises protobuf's
+    DecodeError for bytes that are not such an answer, ValueError for a V2 answer without
+    probabilities of shape [N, K]."""
     if protocol == "digitserve":
         predictions = pb.PredictResponse.FromString(answer).predictions
         return np.array([p.probabilities for p in predictions], dtype=np.float32)

@@ -21,9 +21,9 @@ each is a record of fixed size,
     0A len                    images (field 1), one per image
       12|1A L <L bytes>       uint8 (field 2) or float32 (field 3), the Image's only field
 
-so their pixels are columns of one (N, size) view of the request's bytes (``parse_predict_request``);
-protobuf would build N Image objects and copy each one's bytes out of them (64 µs for 64 images,
-a tenth of what serving them costs). Anything else is parsed by protobuf.
+so their pixels are columns of one (N, size) view of the request's bytes (``parse_predict_request``)
+where protobuf would build N Image objects and the server copy each one's bytes out of them and
+join them. Anything else is parsed by protobuf.
 """
 
 from __future__ import annotations
