@@ -177,10 +177,9 @@ def decode_images(
 ) -> npt.NDArray[np.float32]:
     """float32 array (N, input_size) scaled to [0, 1]. InvalidInputError names the first image
     without pixels or of the wrong length, else the first pixel not finite or not in [0, 1]."""
-    fast = _decode_uniform(images, input_size)
+    fast = _decode_uniform(images, input_size, field)
     if fast is not None:
-        check_pixels(fast[0], fast[1], field)
-        return fast[0]
+        return fast
     out = np.empty((len(images), input_size), dtype=np.float32)
     encodings: list[str] = []
     for i, image in enumerate(images):
@@ -225,25 +224,25 @@ _PACKED: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dty
 
 
 def packed_pixels(
-    request: PackedPredictRequest, input_size: int
+    rows: npt.NDArray[np.uint8], encoding: str, input_size: int, field: str = "images"
 ) -> npt.NDArray[np.float32] | None:
-    """The pixels of a request read by server.wire, validated as decode_images would (float32
-    checked pixel by pixel; uint8 is in [0, 1] once scaled). None when its images are not of
+    """Images of one packed encoding, one row of pixel bytes each (a PackedPredictRequest's, or
+    joined by _decode_uniform), as float32 pixels validated as decode_images would: float32
+    checked pixel by pixel, uint8 in [0, 1] once scaled. None when the rows are not of
     ``input_size`` pixels: decode_images then names the first, from the parsed message."""
-    rows = request.rows
-    dtype = _PACKED[request.encoding]
+    dtype = _PACKED[encoding]
     if rows.shape[1] != dtype.itemsize * input_size:
         return None
-    if request.encoding == "uint8":
+    if encoding == "uint8":
         return scale_pixels(rows)
     pixels = np.ascontiguousarray(rows).view(dtype)
-    check_pixels(pixels, request.encoding)
+    check_pixels(pixels, encoding, field)
     return pixels
 
 
 def _decode_uniform(
-    images: Sequence[pb.Image], input_size: int
-) -> tuple[npt.NDArray[np.float32], str] | None:
+    images: Sequence[pb.Image], input_size: int, field: str
+) -> npt.NDArray[np.float32] | None:
     """The common case in one numpy call: every image packed (float32 or uint8) the same way and
     of the right length. None otherwise (decode_images then finds and names the bad image)."""
     kind = images[0].WhichOneof("pixels") if images else None
@@ -252,11 +251,12 @@ def _decode_uniform(
         return None
     parts = [getattr(image, kind) for image in images]
     # An image that set another field reads as b"" here, so equal lengths mean all of this kind.
-    if set(map(len, parts)) != {dtype.itemsize * input_size}:
+    size = dtype.itemsize * input_size
+    if set(map(len, parts)) != {size}:
         return None
     data = parts[0] if len(parts) == 1 else b"".join(parts)
-    pixels = np.frombuffer(data, dtype=dtype).reshape(len(parts), input_size)
-    return (pixels if kind == "float32" else scale_pixels(pixels)), kind
+    return packed_pixels(np.frombuffer(data, np.uint8).reshape(len(parts), size), kind,
+                         input_size, field)
 
 
 class DigitServicer(pb_grpc.DigitServiceServicer):
@@ -286,7 +286,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         images = None
         if isinstance(request, PackedPredictRequest):
             self._plane.check_count(request.rows.shape[0])
-            images = packed_pixels(request, model.spec.input_size)
+            images = packed_pixels(request.rows, request.encoding, model.spec.input_size)
             if images is None:
                 request = request.message()
         if images is None:
