@@ -145,13 +145,10 @@ def _infer_request(chunk: npt.NDArray[np.uint8], encoding: str, model_name: str,
     return data
 
 
-def answer_probabilities(protocol: str, answer: bytes) -> npt.NDArray[np.float32]:
-    """The probabilities (rows = images) in a serialized answer of ``protocol``. Raises protobuf's
-    DecodeError for bytes that are not such an answer, ValueError for a V2 answer without
-    probabilities of shape [N, K]."""
-    if protocol == "digitserve":
-        predictions = pb.PredictResponse.FromString(answer).predictions
-        return np.array([p.probabilities for p in predictions], dtype=np.float32)
+def _v2_probabilities(answer: bytes) -> npt.NDArray[np.float32]:
+    """The probabilities (rows = images) in a serialized V2 ModelInferResponse. Raises protobuf's
+    DecodeError for bytes that are not one, ValueError when it holds no probabilities of shape
+    [N, K]."""
     response = oip.ModelInferResponse.FromString(answer)
     for i, output in enumerate(response.outputs):
         if output.name != OIP_OUTPUT:
@@ -325,7 +322,10 @@ class _Recorder:
         self.counter.value += 1
 
     def _check(self, index: int, answer: bytes) -> None:
+        """Parses the answer once: its classes against the labels, and its probabilities against
+        the expected ones when the workload has them."""
         labels = self._labels[index]
+        expected = self.workload.expected
         if self.workload.protocol == "digitserve":
             try:
                 predictions = pb.PredictResponse.FromString(answer).predictions
@@ -336,9 +336,11 @@ class _Recorder:
                 self.result.mismatches += 1
                 return
             classes: Sequence[int] = [p.class_index for p in predictions]
+            probabilities = None if expected is None else np.array(
+                [p.probabilities for p in predictions], dtype=np.float32)
         else:
             try:
-                probabilities = answer_probabilities(self.workload.protocol, answer)
+                probabilities = _v2_probabilities(answer)
             except Exception:  # DecodeError, or no probabilities of the right shape
                 self.result.mismatches += 1
                 return
@@ -348,10 +350,10 @@ class _Recorder:
             classes = probabilities.argmax(axis=1).tolist()
         self.result.checked += len(labels)
         self.result.correct += sum(c == k for c, k in zip(classes, labels, strict=True))
-        if self.workload.expected is not None:
-            got = answer_probabilities(self.workload.protocol, answer)
-            want = self.workload.expected[index]
-            if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=1e-6):
+        if expected is not None and probabilities is not None:
+            want = expected[index]
+            if probabilities.shape != want.shape or not np.allclose(probabilities, want, rtol=0,
+                                                                    atol=1e-6):
                 self.result.mismatches += 1
 
     def finish(self) -> ProcessResult:
