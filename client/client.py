@@ -1,4 +1,5 @@
-"""DigitClient: owns a channel and stub; deadlines on every call, retries on UNAVAILABLE."""
+"""DigitClient: owns a channel and stub; deadlines on every call, retries on UNAVAILABLE and
+CANCELLED (every method is idempotent)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,14 @@ DEFAULT_TIMEOUT = 10.0
 EVALUATE_BATCH = 1000
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
-# gRPC's own retry machinery (service config): retried with exponential backoff, only on
-# UNAVAILABLE (server starting, draining or a replica gone), never on errors a retry can't fix.
+# gRPC's own retry machinery (service config): retried with exponential backoff on UNAVAILABLE
+# (server starting, draining or a replica gone) and on CANCELLED, never on errors a retry can't
+# fix. A server that shuts down fails the calls its transport accepted but the application had not
+# yet picked up ("Server Shutdown" in grpc core's KillPendingWorkLocked) with RST_STREAM CANCEL,
+# which the client reports as CANCELLED: at ~1k calls/s, a few per SIGTERM
+# (tests/test_drain.py). Every method here is idempotent (Predict, Evaluate and GetModelInfo
+# compute, health reads), so such a call is safe to send again, to another replica under
+# round_robin. A cancel by this client itself is never retried by gRPC.
 RETRY_SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
@@ -33,7 +40,7 @@ RETRY_SERVICE_CONFIG = {
                 "initialBackoff": "0.1s",
                 "maxBackoff": "2s",
                 "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
             },
         }
     ],

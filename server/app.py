@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,8 +27,11 @@ from server.oip import InferenceServicer
 from server.security import SecurityConfigError, ServerSecurity
 from server.servicer import DigitServicer, add_to_server
 from server.settings import Settings
-from server.telemetry import Telemetry
+from server.telemetry import Telemetry, watch_workers
 from server.versions import ModelSource, RepositorySource, StaticSource
+
+if TYPE_CHECKING:
+    from server.workers import WorkerSlot
 
 logger = logging.getLogger(__name__)
 
@@ -251,18 +256,53 @@ class App:
         logger.info("stopped after draining for %.2fs", time.perf_counter() - started)
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
-    """Runs until SIGTERM or SIGINT; returns the process exit code."""
+# A second SIGTERM/SIGINT during the drain stops at once: the calls still in flight are cut.
+EXIT_STOPPED_AT_ONCE = 1
+WORKERS_SERVICE = "digitserve.v1.Workers"  # --workers N: SERVING while all N workers serve
+
+
+async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerSlot | None = None) -> int:
+    """Runs until SIGTERM or SIGINT (a drain; a second one stops at once); SIGHUP looks for a new
+    model version now. Returns the process exit code. ``worker``: this process is one of
+    ``--workers N`` (server/workers.py), whose state it shares."""
     try:
         app = App(settings, reuse_port=reuse_port, freeze_gc=True)
     except SecurityConfigError as error:
         logger.error("cannot start: %s", error)
         return 1
-    await app.start()
+    try:
+        await app.start()
+    except OSError as error:  # a metrics port taken (the gRPC port's failure is grpc's RuntimeError)
+        where = "" if app.metrics_port is not None or settings.metrics_port < 0 else (
+            f"metrics port {settings.host}:{settings.metrics_port}: ")
+        logger.error("cannot start: %s%s", where, error)
+        await app.stop(0)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def on_stop(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not stop.is_set():
+            logger.info("signal received: draining for up to %.1fs (%s)", settings.grace_period, name)
+            stop.set()
+            return
+        logger.warning("%s received again during the drain: stopping at once (exit %d), cutting "
+                       "the calls still in flight", name, EXIT_STOPPED_AT_ONCE)
+        access_log.flush()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_STOPPED_AT_ONCE)
+
+    def on_hup() -> None:
+        task = loop.create_task(_reload_now(app))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     load = asyncio.ensure_future(app.load())
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
@@ -272,9 +312,56 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         logger.error("cannot load model %s: %s", settings.model_name, exc)
         code = 1
     else:
+        if worker is not None and load.done():
+            worker.set_serving(True)
+            watch = loop.create_task(_watch_workers(app, worker, stop))
+            tasks.add(watch)
         await waiter
-        logger.info("signal received: draining for up to %.1fs", settings.grace_period)
+    if worker is not None:
+        worker.set_serving(False)
     load.cancel()
     waiter.cancel()
+    for task in tasks:
+        task.cancel()
     await app.stop()
+    # The drain is over: a late signal must not turn exit 0 into -15 while the loop closes.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     return code
+
+
+async def _reload_now(app: App) -> None:
+    """SIGHUP: one look for a newer version at once (the watch looks again at its interval)."""
+    if app.plane.model is None:
+        logger.info("SIGHUP received: still loading the first version; nothing to reload")
+        return
+    logger.info("SIGHUP received: looking for a new model version now")
+    try:
+        changed = await app.reload_once()
+    except Exception:
+        logger.exception("SIGHUP reload of %s failed; still serving version %d",
+                         app.source, app.plane.model.spec.version)
+        return
+    if not changed:
+        logger.info("SIGHUP reload: still serving version %d", app.plane.model.spec.version)
+
+
+async def _watch_workers(app: App, worker: WorkerSlot, stop: asyncio.Event) -> None:
+    """--workers N: health ``digitserve.v1.Workers`` SERVING while all N workers serve,
+    NOT_SERVING while one is down or restarting ("" stays SERVING: this worker serves); the
+    ``digitserve_workers_serving`` gauge; and a drain if the parent is gone (a backstop to
+    PR_SET_PDEATHSIG)."""
+    watch_workers(app.telemetry, worker.serving, worker.total)
+    last = None
+    while not stop.is_set():
+        status = (health_pb2.HealthCheckResponse.SERVING if worker.serving() == worker.total
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status != last:
+            await app.health.set(WORKERS_SERVICE, status)
+            last = status
+        if worker.orphaned():
+            logger.error("worker %d: parent %d is gone; draining", worker.index, worker.parent_pid)
+            stop.set()
+            return
+        await asyncio.sleep(0.1)

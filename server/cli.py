@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
+from server.logs import configure_logging
 from server.settings import load_settings
 
-
-def configure_logging(level: str, log_format: str = "auto") -> None:
-    """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal, else JSON)."""
-    from server.logs import JsonFormatter, access_log, resolve_format, text_formatter
-
-    is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    handler = logging.StreamHandler(sys.stderr)
-    json_lines = resolve_format(log_format, is_terminal) == "json"
-    handler.setFormatter(JsonFormatter() if json_lines else text_formatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-    access_log.direct(sys.stderr, json_lines)  # the same lines, written in batches
+__all__ = ["configure_logging", "main"]  # configure_logging lives in server.logs (workers import it too)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

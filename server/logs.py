@@ -206,3 +206,13 @@ def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
         if other:
             with contextlib.suppress(OSError):
                 os.write(2, b"".join(other))
+
+
+def configure_logging(level: str, log_format: str = "auto") -> None:
+    """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal, else JSON)."""
+    is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    handler = logging.StreamHandler(sys.stderr)
+    json_lines = resolve_format(log_format, is_terminal) == "json"
+    handler.setFormatter(JsonFormatter() if json_lines else text_formatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    access_log.direct(sys.stderr, json_lines)  # the same lines, written in batches

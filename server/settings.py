@@ -61,6 +61,14 @@ class Settings:
         default=1,
         metadata={"help": "Server processes sharing the port (SO_REUSEPORT), each with its own model."},
     )
+    worker_start_retries: int = field(
+        default=5,
+        metadata={
+            "help": "With --workers N: a worker that dies is restarted with exponential backoff "
+            "(0.5 s doubling to 30 s); one that fails this many times in a row before serving "
+            "(no model, a taken metrics port) halts the server (exit 1), as gunicorn does."
+        },
+    )
     reload_interval: float = field(
         default=5.0,
         metadata={
@@ -165,6 +173,8 @@ class Settings:
             problems.append(f"keep versions {self.keep_versions} is below 1")
         if self.workers < 1:
             problems.append(f"workers {self.workers} is below 1")
+        if self.worker_start_retries < 0:
+            problems.append(f"worker start retries {self.worker_start_retries} is negative")
         if self.inference not in INFERENCE_CHOICES:
             problems.append(f"inference {self.inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
         if self.log_format not in FORMATS:

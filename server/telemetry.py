@@ -316,3 +316,15 @@ class Call:
             current_request_id.reset(self.token)
         except ValueError:  # finished in another context (a stream closed elsewhere); harmless
             pass
+
+
+# --- --workers N (server/workers.py) -----------------------------------------------------------
+
+
+def watch_workers(telemetry: Telemetry, serving: Callable[[], float], total: int) -> None:
+    """How many of the ``--workers`` processes serve now, as every worker sees it (the shared
+    state the parent keeps): below ``digitserve_workers`` while one is down or restarting."""
+    Gauge("digitserve_workers_serving", "Worker processes serving now (--workers).",
+          registry=telemetry.registry).set_function(serving)
+    Gauge("digitserve_workers", "Worker processes configured (--workers).",
+          registry=telemetry.registry).set(total)

@@ -1,15 +1,17 @@
-"""Fault tests with figures: a burst far above capacity, SIGTERM under load, and a replica killed
-under round_robin load. Each prints calls sent, calls failed, errors by code and recovery time."""
+"""Fault tests with figures: a burst far above capacity, SIGTERM under load, and a replica process
+SIGKILLed under round_robin load. Each prints calls sent, calls failed, errors by code and recovery time."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import multiprocessing
+import re
 import resource
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -181,12 +183,26 @@ def test_sigterm_under_load_fails_no_in_flight_call(
                    f"{exited - sigterm:.2f}s (grace 10 s)")
 
 
+def predicts_served(replica: ServerProcess) -> int:
+    """Predict calls a replica answered OK, from its Prometheus endpoint (``--metrics-port 0``)."""
+    port = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", replica.log)
+    assert port, replica.log
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+               if line.startswith("grpc_server_handled_total{") and 'grpc_method="Predict"' in line
+               and 'grpc_code="OK"' in line)
+
+
 def test_round_robin_over_three_replicas_survives_a_killed_one(
-    start_server: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str]
+    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    models = [FakeModel(), FakeModel(), FakeModel()]
-    replicas = [start_server(loader=lambda m=m: m) for m in models]
-    target = "ipv4:" + ",".join(r.target for r in replicas)
+    replicas = [spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--metrics-port", "0")
+                for _ in range(3)]
+    target = "ipv4:" + ",".join(r.target() for r in replicas)
+    for replica in replicas:
+        with DigitClient(replica.target(), timeout=30) as one:
+            assert one.wait_until_serving(90) == "SERVING"
     images = np.random.default_rng(2).integers(0, 256, size=(16, 784), dtype=np.uint8)
     codes: collections.Counter[str] = collections.Counter()
     failures_after_kill: list[float] = []
@@ -194,10 +210,11 @@ def test_round_robin_over_three_replicas_survives_a_killed_one(
         for i in range(300):
             client.predict(images[i % 16])
             codes["OK"] += 1
-        assert all(len(m.calls) > 50 for m in models), [len(m.calls) for m in models]
+        served_before = [predicts_served(r) for r in replicas]
+        assert all(n > 50 for n in served_before), served_before
         killed_at = time.monotonic()
-        replicas[1].stop(grace=0)  # abrupt: its connections are cut
-        served_before = [len(m.calls) for m in models]
+        replicas[1].proc.kill()  # SIGKILL: no GOAWAY, its connections are cut by the kernel
+        replicas[1].proc.wait()
         recovered_at = None
         for i in range(600):
             try:
@@ -208,11 +225,13 @@ def test_round_robin_over_three_replicas_survives_a_killed_one(
             except grpc.RpcError as exc:
                 codes[exc.code().name] += 1
                 failures_after_kill.append(time.monotonic() - killed_at)
-    survivors = [len(models[k].calls) - served_before[k] for k in (0, 2)]
+    survivors = [predicts_served(replicas[k]) - served_before[k] for k in (0, 2)]
     assert all(n > 200 for n in survivors), survivors
+    assert sum(survivors) == 600 - len(failures_after_kill)
     assert len(failures_after_kill) <= 5
     assert recovered_at is not None
-    report(capsys, f"round_robin over 3 replicas: {sum(codes.values())} calls, codes {dict(codes)}; "
-                   f"before the kill each replica served {[n for n in served_before]}; after it the "
-                   f"survivors served {survivors}; {len(failures_after_kill)} calls failed while it "
-                   f"recovered; first success {(recovered_at - killed_at) * 1000:.1f} ms after the kill")
+    report(capsys, f"round_robin over 3 replica processes, one SIGKILLed: {sum(codes.values())} calls, "
+                   f"codes {dict(codes)}; before the kill each replica served {served_before}; after "
+                   f"it the survivors served {survivors}; {len(failures_after_kill)} calls failed "
+                   f"while it recovered; first success {(recovered_at - killed_at) * 1000:.1f} ms "
+                   f"after the kill")

@@ -1,0 +1,150 @@
+"""Calls racing SIGTERM: several drains of a real server process under a closed loop of DigitClient
+Predict calls, with a second replica behind round_robin; no call may be lost. And a single server's
+other signals: SIGHUP reloads, a second SIGTERM during the drain stops at once with exit 1."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client.client import DigitClient, encode_images
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+from tests.conftest import ServerProcess
+
+DRAINS = 4
+CALLERS = 8
+
+
+def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    with capsys.disabled():
+        print(f"\n{text}")
+
+
+def test_calls_racing_sigterm_are_never_lost(
+    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "10")
+    replicas = [spawn(*args), spawn(*args)]
+    ports = []
+    for replica in replicas:
+        replica.target()
+        ports.append(replica.port)
+    target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
+    calls: list[tuple[float, float, str]] = []  # (start, end, code)
+    stop = threading.Event()
+    image = np.zeros(784, np.uint8)
+
+    with DigitClient(target, timeout=30) as client:
+        for port in ports:
+            with DigitClient(f"127.0.0.1:{port}") as one:
+                assert one.wait_until_serving(90) == "SERVING"
+
+        def caller() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    client.predict(image)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                calls.append((started, time.monotonic(), code))
+
+        threads = [threading.Thread(target=caller) for _ in range(CALLERS)]
+        for thread in threads:
+            thread.start()
+        figures = []
+        try:
+            for drain in range(DRAINS):
+                victim = drain % 2
+                time.sleep(1.0)  # full speed over both replicas
+                signalled = time.monotonic()
+                replicas[victim].proc.send_signal(signal.SIGTERM)
+                assert replicas[victim].wait(30) == 0
+                exited = time.monotonic()
+                time.sleep(0.3)
+                window = [c for c in calls if signalled - 1 <= c[0] < exited + 0.3]
+                racing = [c for c in window if c[0] < signalled <= c[1]]
+                codes = Counter(c[2] for c in window)
+                rate = sum(1 for c in calls if signalled - 1 <= c[1] < signalled)
+                figures.append(f"drain {drain + 1}: {rate} calls/s before the signal, "
+                               f"{len(window)} calls from 1 s before it to the exit, {len(racing)} "
+                               f"racing it, codes {dict(codes)}, exit 0 after "
+                               f"{exited - signalled:.2f}s")
+                # The drained replica comes back on the same port for the next round.
+                replicas[victim] = spawn(*args, "--port", str(ports[victim]))
+                replicas[victim].target()
+                with DigitClient(f"127.0.0.1:{ports[victim]}") as one:
+                    assert one.wait_until_serving(90) == "SERVING"
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(60)
+    codes = Counter(c[2] for c in calls)
+    report(capsys, f"SIGTERM drains of one of 2 replicas under round_robin, {CALLERS} closed-loop "
+                   f"callers: {len(calls)} calls, codes {dict(codes)}\n  " + "\n  ".join(figures))
+    assert set(codes) == {"OK"}, codes
+
+
+def test_a_single_server_reloads_on_sighup_and_a_second_signal_stops_it_at_once(
+    spawn: type[ServerProcess], tiny_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_workers import publish_copy
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    server = spawn("--model-repo", str(repo), "--model-name", "tiny", "--reload-interval", "0",
+                   "--grace-period", "60")
+    target = server.target()
+    with DigitClient(target, timeout=30) as client:
+        assert client.wait_until_serving(90) == "SERVING"
+        assert publish_copy(repo) == 2
+        server.proc.send_signal(signal.SIGHUP)  # on main: killed at once, no drain
+        deadline = time.monotonic() + 60
+        while "hot reload: serving model tiny version 2" not in server.log:
+            assert server.proc.poll() is None, server.log
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.predict(np.zeros(784, np.uint8)).model_version == 2
+
+    # A call held in flight keeps the drain going (grace 60 s) until a second SIGTERM.
+    images = np.zeros((100, 784), np.uint8)
+    first_sent, resume = threading.Event(), threading.Event()
+
+    def stream() -> Iterator[pb.EvaluateRequest]:
+        for _ in range(2):
+            yield pb.EvaluateRequest(images=encode_images(images), labels=[0] * 100)
+            first_sent.set()
+            resume.wait(60)
+
+    with grpc.insecure_channel(target) as channel:
+        future = pb_grpc.DigitServiceStub(channel).Evaluate.future(stream(), timeout=90)
+        assert first_sent.wait(30)
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "signal received: draining for up to 60.0s (SIGTERM)" not in server.log:
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.05)
+        second = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.wait(30)
+        stopped = time.monotonic() - second
+        resume.set()
+        with pytest.raises(grpc.RpcError) as cut:
+            future.result(30)
+    assert code == 1, code  # a defined exit code, never -15
+    assert "SIGTERM received again during the drain: stopping at once (exit 1)" in server.log
+    assert stopped < 10  # not the 60 s grace
+    report(capsys, f"single server: SIGHUP served version 2 without a restart; a second SIGTERM "
+                   f"during the drain (grace 60 s) stopped it {stopped:.2f}s later, exit {code}, "
+                   f"the held call ended {cut.value.code().name}")

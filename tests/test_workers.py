@@ -1,0 +1,263 @@
+"""--workers N supervised like gunicorn's arbiter: a killed worker (either one) is logged and
+restarted while calls keep succeeding and health tells; a worker that cannot start is retried with
+backoff, then the server halts; the workers die with the parent; SIGHUP reloads, kills nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from client.client import DigitClient
+from digitserve.repository import ModelRepository
+from tests.conftest import ServerProcess
+
+TINY = ("--model-name", "tiny", "--reload-interval", "0")
+
+
+def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    with capsys.disabled():
+        print(f"\n{text}")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 90, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def worker_pids(server: ServerProcess) -> dict[int, list[int]]:
+    """Every pid each worker index has had, in order, from the 'worker i (pid p) starting' lines."""
+    pids: dict[int, list[int]] = {}
+    for index, pid in re.findall(r"worker (\d+) \(pid (\d+)\) starting", server.log):
+        pids.setdefault(int(index), []).append(int(pid))
+    return pids
+
+
+def health(target: str, service: str = "") -> str:
+    """One health check on a new connection (which the kernel gives to a live worker)."""
+    with DigitClient(target, timeout=5) as client:
+        try:
+            return client.health(service)
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+
+
+def start_pool(spawn: type[ServerProcess], repo: Path, *args: str) -> tuple[ServerProcess, str]:
+    server = spawn("--model-repo", str(repo), *TINY, "--workers", "2", *args)
+    target = server.target()
+    wait_for(lambda: server.log.count("serving model tiny version") >= 2, what="both workers serving")
+    wait_for(lambda: health(target, "digitserve.v1.Workers") == "SERVING", 30, "Workers SERVING")
+    return server, target
+
+
+class Load:
+    """Predict calls in a closed loop from two threads (each its own channel) until stopped."""
+
+    def __init__(self, target: str) -> None:
+        self.codes: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(target,)) for _ in range(2)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, target: str) -> None:
+        image = np.zeros(784, np.uint8)
+        with DigitClient(target, timeout=20) as client:
+            while not self._stop.is_set():
+                try:
+                    client.predict(image)
+                    self.codes["OK"] += 1
+                except grpc.RpcError as exc:
+                    self.codes[exc.code().name] += 1
+
+    def stop(self) -> Counter[str]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+        return self.codes
+
+
+def test_a_killed_worker_is_logged_and_restarted_and_health_tells(
+    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, target = start_pool(spawn, tiny_repo)
+    load = Load(target)
+    figures = []
+    for index in (1, 0):  # worker 0 too: the parent must not give up on the pool
+        old = worker_pids(server)[index][-1]
+        before = load.codes["OK"]
+        killed = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        died = wait_for(lambda i=index, p=old: re.search(  # type: ignore[misc]
+            rf"worker {i} \(pid {p}\) died after serving for [\d.]+s: killed by signal SIGKILL; "
+            rf"restarting it in 0.0s", server.log), 10, f"worker {index}'s death logged")
+        assert died
+        # While it restarts: the pool reports lost capacity, the live worker serves on.
+        assert wait_for(lambda: health(target, "digitserve.v1.Workers") == "NOT_SERVING", 10,
+                        "Workers NOT_SERVING")
+        assert health(target) == "SERVING"
+        restarted = wait_for(lambda i=index: re.search(  # type: ignore[misc]
+            rf"worker {i} \(pid (\d+)\) restarted: serving ([\d.]+)s after", server.log),
+            90, f"worker {index} restarted")
+        new = int(restarted.group(1))
+        assert new != old and worker_pids(server)[index][-1] == new
+        wait_for(lambda: health(target, "digitserve.v1.Workers") == "SERVING", 10, "Workers SERVING")
+        figures.append(f"worker {index}: killed, serving again after {float(restarted.group(2)):.2f}s "
+                       f"(Workers health back to SERVING after {time.monotonic() - killed:.2f}s), "
+                       f"{load.codes['OK'] - before} calls OK meanwhile")
+    codes = load.stop()
+    assert server.proc.poll() is None  # the parent never gave up
+    assert set(codes) == {"OK"} and codes["OK"] > 100, codes
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    assert "all workers stopped: exit codes [0, 0]" in server.log
+    report(capsys, "worker kill/restart: " + "; ".join(figures) + f"; calls {dict(codes)}")
+
+
+def test_workers_die_with_the_parent_and_free_the_port(
+    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, target = start_pool(spawn, tiny_repo)
+    pids = [p[-1] for p in worker_pids(server).values()]
+    load = Load(target)
+    wait_for(lambda: load.codes["OK"] > 50, 30, "calls")
+    killed = time.monotonic()
+    server.proc.kill()
+    server.proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # A zombie (exited, its new parent not yet reaping) counts as gone.
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+
+    wait_for(lambda: not any(alive(p) for p in pids), 10, "workers to exit")
+    gone = time.monotonic() - killed
+    load.stop()
+    with socket.socket() as sock:  # no SO_REUSEPORT: fails while any process holds the port
+        sock.bind(("127.0.0.1", int(target.rsplit(":", 1)[1])))
+    assert gone < 5
+    report(capsys, f"parent SIGKILL: both workers gone {gone:.2f}s later, the port free")
+
+
+def publish_copy(repo: Path, name: str = "tiny") -> int:
+    """Publishes a copy of the newest version as the next one (the same files, so it serves)."""
+    repository = ModelRepository(repo)
+    source = repository.version_dir(name, repository.latest(name))
+
+    def build(staging: Path, version: int) -> dict[str, Any]:
+        for path in source.iterdir():
+            if path.name != "metadata.json" and path.is_file():
+                shutil.copy(path, staging / path.name)
+        metadata: dict[str, Any] = json.loads((source / "metadata.json").read_text())
+        metadata.pop("files", None)
+        return metadata
+
+    return repository.publish(name, build)[0]
+
+
+def test_sighup_makes_the_workers_reload_and_kills_nothing(
+    spawn: type[ServerProcess], tiny_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    server, target = start_pool(spawn, repo)  # --reload-interval 0: only SIGHUP looks
+    pids = worker_pids(server)
+    load = Load(target)
+    assert publish_copy(repo) == 2
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: server.log.count("hot reload: serving model tiny version 2") == 2, 90,
+             "both workers reloading")
+    reloaded = time.monotonic() - sent
+    codes = load.stop()
+    assert server.proc.poll() is None and worker_pids(server) == pids  # nothing restarted
+    assert "SIGHUP received: 2 workers look for a new model version now" in server.log
+    assert "died" not in server.log
+    for _ in range(6):
+        with DigitClient(target) as client:
+            assert client.predict(np.zeros(784, np.uint8)).model_version == 2
+    assert set(codes) == {"OK"}, codes
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    report(capsys, f"SIGHUP: both workers serve version 2 {reloaded:.2f}s later, same pids, "
+                   f"calls {dict(codes)}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_worker_that_cannot_start_is_retried_with_backoff(
+    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    metrics = free_port()
+    taken = socket.socket()  # worker 1's metrics port (PORT+1) is taken
+    taken.bind(("127.0.0.1", metrics + 1))
+    taken.listen()
+    try:
+        server = spawn("--model-repo", str(tiny_repo), *TINY, "--workers", "2",
+                       "--metrics-port", str(metrics), "--worker-start-retries", "5")
+        target = server.target()
+        for failures, delay in ((1, "0.5"), (2, "1.0")):
+            wait_for(lambda f=failures, d=delay: re.search(  # type: ignore[misc]
+                rf"worker 1 \(pid \d+\) died before serving \({f} failed starts in a row\): exit "
+                rf"code 1; restarting it in {d}s", server.log), 90, f"failure {failures}")
+        assert re.search(rf"cannot start: metrics port 127.0.0.1:{metrics + 1}: .*Address already "
+                         r"in use", server.log), server.log
+        wait_for(lambda: server.log.count("serving model tiny version") >= 1, 60, "worker 0")
+        assert health(target) == "SERVING"
+        assert health(target, "digitserve.v1.Workers") == "NOT_SERVING"
+    finally:
+        taken.close()
+    restarted = wait_for(lambda: re.search(r"worker 1 \(pid \d+\) restarted: serving ([\d.]+)s",
+                                           server.log), 90, "worker 1 serving")
+    wait_for(lambda: health(target, "digitserve.v1.Workers") == "SERVING", 10, "Workers SERVING")
+    failed = len(re.findall(r"worker 1 \(pid \d+\) died before serving", server.log))
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    report(capsys, f"metrics port taken: worker 1 failed {failed} starts (backoff 0.5 s, 1 s, ...), "
+                   f"serving {float(restarted.group(1)):.2f}s after its last failure once the port "
+                   f"was free")
+
+
+def test_a_worker_that_keeps_failing_to_start_halts_the_server(
+    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    metrics = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", metrics + 1))
+        taken.listen()
+        started = time.monotonic()
+        server = spawn("--model-repo", str(tiny_repo), *TINY, "--workers", "2",
+                       "--metrics-port", str(metrics), "--worker-start-retries", "1")
+        assert server.wait(120) == 1
+    elapsed = time.monotonic() - started
+    assert re.search(r"worker 1 \(pid \d+\) died before serving \(2 failed starts in a row\): exit "
+                     r"code 1; halting: a worker that cannot start after 1 retries needs an "
+                     r"operator", server.log), server.log
+    assert re.search(r"worker 0 \(pid \d+\) stopped: exit code 0", server.log), server.log
+    report(capsys, f"halt: worker 1 failed 2 starts (1 retry allowed); exit 1 after {elapsed:.1f}s")
