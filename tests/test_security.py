@@ -347,6 +347,55 @@ def test_token_is_never_a_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "unrecognized arguments: --auth-token" in capsys.readouterr().err
 
 
+SECRET_HINT = ("; the bearer token is never a flag (it would show in `ps`): set MNIST_AUTH_TOKEN or "
+               "--auth-token-file")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--auth-token", TOKEN],
+     "unrecognized arguments: --auth-token and 1 value (not shown: values may be secrets)" + SECRET_HINT),
+    ([f"--auth-token={TOKEN}"],
+     "unrecognized arguments: --auth-token and 1 value (not shown: values may be secrets)" + SECRET_HINT),
+    (["--auth-token", f"--{TOKEN}"],  # a token that looks like a flag is still a value
+     "unrecognized arguments: --auth-token and 1 value (not shown: values may be secrets)" + SECRET_HINT),
+    ([TOKEN], "unrecognized arguments: 1 value (not shown: values may be secrets)"),
+    (["--frobnicate", TOKEN, "--auth-token", TOKEN],
+     "unrecognized arguments: --frobnicate --auth-token and 2 values (not shown: values may be secrets)"
+     + SECRET_HINT),
+], ids=["flag-value", "flag=value", "value-like-a-flag", "stray-value", "mixed"])
+def test_usage_errors_never_print_the_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    args: list[str], message: str,
+) -> None:
+    """argparse echoes the words it did not take; mnist-serve names the flags and counts the rest."""
+    from server.cli import main as serve_main
+
+    monkeypatch.delenv("MNIST_AUTH_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--model-repo", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert TOKEN not in err
+    assert err.splitlines()[-1] == f"mnist-serve: error: {message}"
+
+
+def test_settings_never_show_the_token(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The settings' repr and str, their range-check errors, and the start-up log of a server
+    that cannot start: none holds the token."""
+    settings = load_settings(["--model-repo", str(tmp_path)], {"MNIST_AUTH_TOKEN": TOKEN})
+    assert settings.auth_token == TOKEN
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings)
+    with pytest.raises(ValueError) as info:
+        load_settings(["--model-repo", str(tmp_path), "--port", "-1"], {"MNIST_AUTH_TOKEN": TOKEN})
+    assert TOKEN not in str(info.value)
+    caplog.set_level(logging.DEBUG)
+    bad = replace(settings, port=0, tls_cert=tmp_path / "absent.crt", tls_key=tmp_path / "absent.key")
+    assert asyncio.run(serve(bad)) == 1
+    assert caplog.records and all(TOKEN not in r.getMessage() for r in caplog.records)
+    assert TOKEN not in capsys.readouterr().err
+
+
 def test_unusable_security_files_stop_the_server_with_one_line(
     tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
