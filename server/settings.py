@@ -122,6 +122,14 @@ class Settings:
             "needs --tls-cert."
         },
     )
+    tls_expiry_warning_days: float = field(
+        default=14.0,
+        metadata={
+            "help": "Start-up warns when the TLS certificate expires within this many days (its "
+            "expiry is also the metric digitserve_tls_certificate_expiry_timestamp_seconds); an "
+            "expired or not yet valid certificate stops start-up. 0: no warning."
+        },
+    )
     auth_token_file: Path | None = field(
         default=None,
         metadata={
@@ -179,6 +187,8 @@ class Settings:
             problems.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certs)")
+        if not 0 <= self.tls_expiry_warning_days <= 3650:
+            problems.append(f"tls expiry warning days {self.tls_expiry_warning_days} is not in [0, 3650]")
         if self.auth_token is not None and self.auth_token_file is not None:
             problems.append("set MNIST_AUTH_TOKEN or --auth-token-file, not both")
         elif self.auth_token is not None and not self.auth_token.strip():
