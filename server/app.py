@@ -27,7 +27,7 @@ from server.oip import InferenceServicer
 from server.security import SecurityConfigError, ServerSecurity
 from server.servicer import DigitServicer, add_to_server
 from server.settings import Settings
-from server.telemetry import Telemetry, watch_workers
+from server.telemetry import Telemetry, export_certificate_expiry, watch_workers
 from server.versions import ModelSource, RepositorySource, StaticSource
 
 if TYPE_CHECKING:
@@ -102,6 +102,8 @@ class App:
         self.model_events: list[ModelEvent] = []
         self.telemetry = Telemetry(low_confidence=settings.low_confidence)
         self.model_events.append(self.telemetry.on_model_event)
+        certificate = self.security.certificate  # TLS: its expiry as a metric
+        export_certificate_expiry(self.telemetry, None if certificate is None else certificate.expires)
         self._watch_task: asyncio.Task[None] | None = None
         self.plane = DataPlane(
             settings.max_images_per_request,

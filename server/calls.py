@@ -5,9 +5,10 @@ handler lookup and a new handler object on every call (about a fifth of a Predic
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -30,7 +31,9 @@ class CallWrapper:
     """Wraps method handlers: each call gets a request id (the caller's ``x-request-id`` or a new
     one, echoed in the trailing metadata and put on every log record made while serving it), is
     refused UNAUTHENTICATED without an accepted token (when ``auth`` is set; health stays open),
-    and is counted, timed and logged whatever its outcome."""
+    and is counted, timed and logged whatever its outcome. Every behavior is wrapped, synchronous
+    ones too (they then run in a thread, as grpc.aio would run them): none escapes the token
+    check (tests/test_auth_coverage.py)."""
 
     def __init__(self, telemetry: Telemetry, auth: TokenAuth | None = None) -> None:
         self._telemetry = telemetry
@@ -42,10 +45,8 @@ class CallWrapper:
             if behavior is None:
                 continue
             auth = self._auth if self._auth is not None and not self._auth.is_open(method) else None
-            wrapped = _wrap(behavior, MethodMetrics(self._telemetry, kind, method), auth)
-            if wrapped is None:  # a synchronous behavior: grpc.aio runs it in a thread; left alone
-                logger.debug("%s is synchronous: its calls are not observed", method)
-                return handler
+            wrapped = _wrap(behavior, MethodMetrics(self._telemetry, kind, method), auth,
+                            (handler.request_streaming, handler.response_streaming))
             return make(
                 wrapped,
                 request_deserializer=handler.request_deserializer,
@@ -60,11 +61,16 @@ async def _refuse(context: grpc.aio.ServicerContext[Any, Any], method: str, prob
 
 
 def _wrap(
-    behavior: Callable[..., Any], metrics: MethodMetrics, auth: TokenAuth | None
-) -> Callable[..., Any] | None:
+    behavior: Callable[..., Any], metrics: MethodMetrics, auth: TokenAuth | None,
+    streaming: tuple[bool, bool] = (False, False),
+) -> Callable[..., Any]:
     """The behavior inside a Call, keeping its flavour (coroutine or async generator), which
-    grpc.aio inspects to decide how to run it."""
+    grpc.aio inspects to decide how to run it. A synchronous behavior becomes one of those too,
+    run in a thread as grpc.aio itself would run it, so that it is observed and needs the token
+    like every other."""
     method = metrics.method
+    if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
+        behavior = _threaded(behavior, *streaming)
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
@@ -81,23 +87,62 @@ def _wrap(
             call.finish(None)
 
         return stream
-    if inspect.iscoroutinefunction(behavior):
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            metadata = context.invocation_metadata()
-            call = Call(metrics, request_id_of(metadata), context)
-            try:
-                if auth is not None and (problem := auth.check(metadata)) is not None:
-                    await _refuse(context, method, problem)
-                response = await behavior(request, context)
-            except BaseException as exc:
-                call.finish(exc)
-                raise
-            call.finish(None)
-            return response
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        metadata = context.invocation_metadata()
+        call = Call(metrics, request_id_of(metadata), context)
+        try:
+            if auth is not None and (problem := auth.check(metadata)) is not None:
+                await _refuse(context, method, problem)
+            response = await behavior(request, context)
+        except BaseException as exc:
+            call.finish(exc)
+            raise
+        call.finish(None)
+        return response
 
-        return unary
-    return None
+    return unary
+
+
+_END = object()
+
+
+def _threaded(
+    behavior: Callable[..., Any], request_streaming: bool, response_streaming: bool
+) -> Callable[..., Any]:
+    """A synchronous behavior as a coroutine function (an async generator function when it
+    answers with a stream, an iterator) that runs it in a thread with the caller's context
+    variables (the request id). A request stream reaches it as a plain iterator."""
+
+    def requests_of(request: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        return _blocking_iterator(request, loop) if request_streaming else request
+
+    if response_streaming:
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            loop = asyncio.get_running_loop()
+            responses = iter(await asyncio.to_thread(behavior, requests_of(request, loop), context))
+            while (response := await asyncio.to_thread(next, responses, _END)) is not _END:
+                yield response
+
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        return await asyncio.to_thread(behavior, requests_of(request, loop), context)
+
+    return unary
+
+
+def _blocking_iterator(requests: Any, loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    """grpc.aio's request stream (an async iterator) read from a worker thread."""
+    iterator = aiter(requests)
+
+    async def following() -> Any:
+        return await anext(iterator, _END)
+
+    while (request := asyncio.run_coroutine_threadsafe(following(), loop).result()) is not _END:
+        yield request
 
 
 class _WrappingGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped

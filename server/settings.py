@@ -130,6 +130,14 @@ class Settings:
             "needs --tls-cert."
         },
     )
+    tls_expiry_warning_days: float = field(
+        default=14.0,
+        metadata={
+            "help": "Start-up warns when the TLS certificate expires within this many days (its "
+            "expiry is also the metric digitserve_tls_certificate_expiry_timestamp_seconds); an "
+            "expired or not yet valid certificate stops start-up. 0: no warning."
+        },
+    )
     auth_token_file: Path | None = field(
         default=None,
         metadata={
@@ -189,6 +197,8 @@ class Settings:
             problems.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certs)")
+        if not 0 <= self.tls_expiry_warning_days <= 3650:
+            problems.append(f"tls expiry warning days {self.tls_expiry_warning_days} is not in [0, 3650]")
         if self.auth_token is not None and self.auth_token_file is not None:
             problems.append("set MNIST_AUTH_TOKEN or --auth-token-file, not both")
         elif self.auth_token is not None and not self.auth_token.strip():
@@ -197,13 +207,53 @@ class Settings:
             raise ValueError("; ".join(problems))
 
 
+SECRET_FLAG = "--auth-token"  # not a flag (the token is env- or file-only), but people try it
+
+
+def unrecognized(words: Sequence[str]) -> str:
+    """The usage error for words no flag took, without echoing a value: a value may be a secret
+    (``--auth-token SECRET``), so only option names are shown and other words are counted."""
+    names: list[str] = []
+    values = 0
+    after_secret = False
+    for word in words:
+        if word.startswith("--") and not after_secret:
+            name = word.split("=", 1)[0]
+            names.append(name)
+            values += "=" in word
+            after_secret = name == SECRET_FLAG and "=" not in word
+        else:
+            values += 1
+            after_secret = False
+    parts = [" ".join(names)] if names else []
+    if values:
+        parts.append(f"{values} value{'s' if values > 1 else ''} (not shown: values may be secrets)")
+    message = "unrecognized arguments: " + " and ".join(parts)
+    if SECRET_FLAG in names:
+        message += (f"; the bearer token is never a flag (it would show in `ps`): set "
+                    f"{_env_name('auth_token')} or --auth-token-file")
+    return message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that words no flag took are not echoed (argparse prints them all)."""
+
+    def parse_args(  # type: ignore[override]  # only the (argv, namespace) form is used
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(unrecognized(extras))
+        return parsed
+
+
 def _env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """The mnist-serve argument parser; defaults come from ``env`` (MNIST_*)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mnist-serve",
         allow_abbrev=False,  # else `--auth-token SECRET` would pass as --auth-token-file (and be logged)
         description="Serve a published MNIST model over gRPC (Predict, Evaluate, GetModelInfo, "

@@ -328,3 +328,13 @@ def watch_workers(telemetry: Telemetry, serving: Callable[[], float], total: int
           registry=telemetry.registry).set_function(serving)
     Gauge("digitserve_workers", "Worker processes configured (--workers).",
           registry=telemetry.registry).set(total)
+
+
+def export_certificate_expiry(telemetry: Telemetry, not_after: float | None) -> None:
+    """The served TLS certificate chain's expiry (Unix time) as a gauge, for an alert well before
+    it (e.g. ``digitserve_tls_certificate_expiry_timestamp_seconds - time() < 14 * 86400``);
+    absent without TLS."""
+    if not_after is not None:
+        Gauge("digitserve_tls_certificate_expiry_timestamp_seconds",
+              "When the first certificate of the served TLS chain expires, as a Unix time.",
+              registry=telemetry.registry).set(not_after)

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import re
 import shutil
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from client.cli import main as client_main
 from client.client import DigitClient, encode_images
@@ -39,7 +43,7 @@ from server.security import (
     TokenAuth,
 )
 from server.settings import Settings, load_settings
-from tests.conftest import REPO_ROOT, FakeModel, ServerThread
+from tests.conftest import REPO_ROOT, FakeModel, ServerProcess, ServerThread
 
 D = 784
 TOKEN = "s3cr3t-t0ken_for.tests~1"
@@ -71,16 +75,21 @@ def _name(cn: str) -> x509.Name:
 def _issue(
     subject: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, *,
     server: bool = False, client: bool = False,
+    valid: tuple[datetime.timedelta, datetime.timedelta] | None = None,
+    names: tuple[str, ...] = ("localhost", "127.0.0.1"),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate valid from 5 minutes ago for a day (``valid``: from now+a to now+b); a
+    server's names (``names``: DNS names and IP addresses) go into its subject alternative names."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
+    start, end = valid or (datetime.timedelta(minutes=-5), datetime.timedelta(days=1))
     issuer_name, issuer_key = (_name(subject), key) if issuer is None else (issuer[0].subject, issuer[1])
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject)).issuer_name(issuer_name).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + start)
+        .not_valid_after(now + end)
         .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
     )
     if issuer is None:
@@ -93,8 +102,14 @@ def _issue(
     if server:
         import ipaddress
 
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        def general_name(name: str) -> x509.GeneralName:
+            try:
+                return x509.IPAddress(ipaddress.ip_address(name))
+            except ValueError:
+                return x509.DNSName(name)
+
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [general_name(name) for name in names]), critical=False)
         builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                                         critical=False)
     if client:
@@ -347,6 +362,55 @@ def test_token_is_never_a_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "unrecognized arguments: --auth-token" in capsys.readouterr().err
 
 
+SECRET_HINT = ("; the bearer token is never a flag (it would show in `ps`): set MNIST_AUTH_TOKEN or "
+               "--auth-token-file")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--auth-token", TOKEN],
+     "unrecognized arguments: --auth-token and 1 value (not shown: values may be secrets)" + SECRET_HINT),
+    ([f"--auth-token={TOKEN}"],
+     "unrecognized arguments: --auth-token and 1 value (not shown: values may be secrets)" + SECRET_HINT),
+    (["--auth-token", f"--{TOKEN}"],  # a token that looks like a flag is still a value
+     "unrecognized arguments: --auth-token and 1 value (not shown: values may be secrets)" + SECRET_HINT),
+    ([TOKEN], "unrecognized arguments: 1 value (not shown: values may be secrets)"),
+    (["--frobnicate", TOKEN, "--auth-token", TOKEN],
+     "unrecognized arguments: --frobnicate --auth-token and 2 values (not shown: values may be secrets)"
+     + SECRET_HINT),
+], ids=["flag-value", "flag=value", "value-like-a-flag", "stray-value", "mixed"])
+def test_usage_errors_never_print_the_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    args: list[str], message: str,
+) -> None:
+    """argparse echoes the words it did not take; mnist-serve names the flags and counts the rest."""
+    from server.cli import main as serve_main
+
+    monkeypatch.delenv("MNIST_AUTH_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        serve_main(["--model-repo", str(tmp_path), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert TOKEN not in err
+    assert err.splitlines()[-1] == f"mnist-serve: error: {message}"
+
+
+def test_settings_never_show_the_token(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The settings' repr and str, their range-check errors, and the start-up log of a server
+    that cannot start: none holds the token."""
+    settings = load_settings(["--model-repo", str(tmp_path)], {"MNIST_AUTH_TOKEN": TOKEN})
+    assert settings.auth_token == TOKEN
+    assert TOKEN not in repr(settings) and TOKEN not in str(settings)
+    with pytest.raises(ValueError) as info:
+        load_settings(["--model-repo", str(tmp_path), "--port", "-1"], {"MNIST_AUTH_TOKEN": TOKEN})
+    assert TOKEN not in str(info.value)
+    caplog.set_level(logging.DEBUG)
+    bad = replace(settings, port=0, tls_cert=tmp_path / "absent.crt", tls_key=tmp_path / "absent.key")
+    assert asyncio.run(serve(bad)) == 1
+    assert caplog.records and all(TOKEN not in r.getMessage() for r in caplog.records)
+    assert TOKEN not in capsys.readouterr().err
+
+
 def test_unusable_security_files_stop_the_server_with_one_line(
     tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -381,6 +445,146 @@ def test_unusable_security_files_stop_the_server_with_one_line(
     assert asyncio.run(serve(bad)) == 1
     assert [r.getMessage() for r in caplog.records if r.name == "server.app"] == [
         f"cannot start: TLS certificate {tmp_path / 'absent.crt'}: cannot read (No such file or directory)"]
+
+
+# --- certificates at start-up ---------------------------------------------------------------------
+
+DAY = datetime.timedelta(days=1)
+
+
+def _utc(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _json_lines(log: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.splitlines()]  # every line JSON: nothing else printed
+
+
+def test_unusable_certificates_stop_the_server_with_one_line(
+    spawn: type[ServerProcess], pki: Pki, tmp_path: Path
+) -> None:
+    """An expired or not yet valid certificate, a key of another certificate, a certificate that is
+    not one, an encrypted key: the real server process logs one line (no traceback) and exits 1,
+    before binding."""
+    ca = _issue("certificates CA", None)
+    expired, expired_key = _issue("server", ca, server=True, valid=(-10 * DAY, -DAY))
+    future, future_key = _issue("server", ca, server=True, valid=(DAY, 10 * DAY))
+    expired_cert, expired_key_path = _write(tmp_path, "expired", expired, expired_key)
+    future_cert, future_key_path = _write(tmp_path, "future", future, future_key)
+    locked_key = tmp_path / "locked.key"
+    server_key = serialization.load_pem_private_key(pki.server_key.read_bytes(), None)
+    locked_key.write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    cases = [
+        (expired_cert, expired_key_path,
+         f"TLS certificate {expired_cert}: expired at {_utc(expired.not_valid_after_utc)} (now "),
+        (future_cert, future_key_path,
+         f"TLS certificate {future_cert}: not valid before {_utc(future.not_valid_before_utc)} (now "),
+        (pki.server_cert, pki.client_key,
+         f"TLS key {pki.client_key} is not the key of TLS certificate {pki.server_cert} (their public "
+         "keys differ); give the key the certificate was issued for"),
+        (garbage, pki.server_key, f"TLS certificate {garbage}: not a readable PEM certificate chain"),
+        (pki.server_cert, locked_key,
+         f"TLS key {locked_key}: encrypted; grpc needs an unencrypted key (e.g. `openssl pkey -in KEY "
+         "-out PLAIN`), readable only by the server"),
+    ]
+    servers = [spawn("--model-repo", str(tmp_path), "--host", "127.0.0.1", "--tls-cert", str(cert),
+                     "--tls-key", str(key)) for cert, key, _ in cases]
+    for server, (_, _, message) in zip(servers, cases, strict=True):
+        assert server.wait(60) == 1, server.log
+        lines = _json_lines(server.log)
+        assert len(lines) == 1, server.log
+        assert (lines[0]["level"], lines[0]["logger"]) == ("ERROR", "server.app")
+        assert lines[0]["message"].startswith(f"cannot start: {message}"), lines[0]["message"]
+        assert "Traceback" not in server.log and "exception" not in lines[0]
+        print(f"\nexit 1: {lines[0]['message']}")
+    for line, suffix in ((servers[0].log, "); renew it"),
+                         (servers[1].log, "); check the clock, or use a certificate valid now")):
+        assert _json_lines(line)[0]["message"].endswith(suffix)
+
+
+def test_certificate_expiring_soon_or_for_another_host_warns_and_is_exported(
+    spawn: type[ServerProcess], pki: Pki, tiny_repo: Path, tmp_path: Path
+) -> None:
+    """The server starts and serves, after one warning for each problem; the expiry is a metric."""
+    ca = _issue("certificates CA", None)
+    cert, key = _issue("server", ca, server=True, valid=(-DAY, 2 * DAY), names=("other.example",))
+    cert_path, key_path = _write(tmp_path, "soon", cert, key)
+    assert key_path is not None
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--host", "127.0.0.1",
+                   "--tls-cert", str(cert_path), "--tls-key", str(key_path), "--metrics-port", "0")
+    target = server.target()
+    deadline = time.monotonic() + 60
+    while "serving model tiny" not in server.log:
+        assert server.proc.poll() is None and time.monotonic() < deadline, server.log
+        time.sleep(0.05)
+    warnings = [line["message"] for line in _json_lines(server.log) if line["level"] == "WARNING"]
+    expires = cert.not_valid_after_utc
+    assert len(warnings) == 2, warnings
+    assert re.fullmatch(
+        re.escape(f"TLS certificate {cert_path} expires at {_utc(expires)}, in ") + r"[12]\.\d"
+        + re.escape(" days (--tls-expiry-warning-days 14); renew it"), warnings[0]), warnings[0]
+    assert warnings[1] == (f"TLS certificate {cert_path} is for other.example, not --host 127.0.0.1: "
+                           "clients that connect to 127.0.0.1 will refuse it")
+    metrics_port = int(re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", server.log)[1])  # type: ignore[index]
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    gauge = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert gauge["digitserve_tls_certificate_expiry_timestamp_seconds"] == expires.timestamp()
+    # It serves, to a client that asks for the name the certificate has.
+    options = [("grpc.ssl_target_name_override", "other.example")]
+    ca_path = _write(tmp_path, "ca", ca[0])[0]
+    with DigitClient(target, credentials=tls_credentials(ca_path), timeout=10, options=options) as client:
+        assert client.health() == "SERVING"
+    print(f"\nwarnings: {warnings}; expiry metric {expires.timestamp():.0f}")
+
+
+@pytest.mark.parametrize(("host", "names", "warned"), [
+    ("127.0.0.1", ("localhost", "127.0.0.1"), False),
+    ("localhost", ("localhost", "127.0.0.1"), False),
+    ("LOCALHOST.", ("localhost",), False),
+    ("0.0.0.0", ("other.example",), False),  # every interface: no name to check
+    ("[::]", ("other.example",), False),
+    ("[::1]", ("::1",), False),
+    ("::1", ("127.0.0.1",), True),
+    ("api.example.com", ("*.example.com",), False),
+    ("a.api.example.com", ("*.example.com",), True),  # a wildcard covers one label
+    ("example.com", ("*.example.com",), True),
+    ("10.0.0.1", ("localhost",), True),
+])
+def test_certificate_names_are_checked_against_the_host(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    host: str, names: tuple[str, ...], warned: bool,
+) -> None:
+    ca = _issue("certificates CA", None)
+    cert_path, key_path = _write(tmp_path, "named", *_issue("server", ca, server=True, names=names))
+    caplog.set_level(logging.WARNING)
+    security = ServerSecurity.from_settings(
+        Settings(model_repo=tmp_path, host=host, tls_cert=cert_path, tls_key=key_path))
+    assert security.certificate is not None and security.certificate.names == names
+    messages = [r.getMessage() for r in caplog.records if " is for " in r.getMessage()]
+    bare = host.strip("[]")
+    assert messages == ([f"TLS certificate {cert_path} is for {', '.join(names)}, not --host {bare}: "
+                         f"clients that connect to {bare} will refuse it"] if warned else [])
+
+
+def test_expiry_warning_days_setting(pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The certificate of the module's PKI expires in a day: a warning at 14 days, none at 0."""
+    caplog.set_level(logging.WARNING)
+    base = Settings(model_repo=tmp_path, tls_cert=pki.server_cert, tls_key=pki.server_key)
+    ServerSecurity.from_settings(replace(base, tls_expiry_warning_days=0))
+    assert caplog.records == []
+    ServerSecurity.from_settings(base)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        f"TLS certificate {pki.server_cert} expires at " + _utc(
+            x509.load_pem_x509_certificate(pki.server_cert.read_bytes()).not_valid_after_utc)]
+    assert load_settings([], {"MNIST_MODEL_REPO": str(tmp_path), "MNIST_TLS_EXPIRY_WARNING_DAYS": "30"}
+                         ).tls_expiry_warning_days == 30
+    with pytest.raises(ValueError, match=re.escape("tls expiry warning days -1.0 is not in [0, 3650]")):
+        replace(base, tls_expiry_warning_days=-1.0)
 
 
 # --- the client CLI ------------------------------------------------------------------------------
