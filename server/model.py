@@ -7,6 +7,7 @@ import functools
 import io
 import logging
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -339,9 +340,10 @@ def check_consistency(spec: ModelSpec, check_set: CheckSet, path: Path) -> None:
     its metadata declares (input size, class labels). CorruptVersionError says which differ."""
     images, labels = check_set.images, check_set.labels
     if images.shape[1] != spec.input_size:
-        stored = "×".join(map(str, check_set.image_shape)) or str(images.shape[1])
+        shape = check_set.image_shape
+        stored = f" ({'×'.join(map(str, shape))})" if len(shape) > 1 else ""
         raise CorruptVersionError(
-            f"{path}: the check set's images are {stored} ({images.shape[1]} values each) but "
+            f"{path}: the check set's images have {images.shape[1]} values{stored} but "
             f"metadata.json declares input shape {list(spec.input_shape)} ({spec.input_size} "
             "values): the version's files do not belong together"
         )
@@ -467,7 +469,7 @@ def read_check_set(version_dir: Path) -> CheckSet | None:
             reference = (np.asarray(data["reference"], dtype=np.float32)
                          if "reference" in data.files else None)
             names = data["label_names"] if "label_names" in data.files else None
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CorruptVersionError(f"{path}: unreadable check set ({exc})") from exc
     if images.ndim < 2 or images.dtype != np.uint8:
         raise CorruptVersionError(
