@@ -387,7 +387,9 @@ class LiteRTModel:
     def load(cls, version_dir: Path, metadata: dict[str, Any],
              check_set: CheckSet | None) -> tuple[LiteRTModel | None, str]:
         """The version served from its flatbuffer, or None and why not. A flatbuffer whose
-        checksum does not match is a corrupt version (CorruptVersionError)."""
+        checksum does not match, or whose input or output shape differs from the metadata's, is a
+        corrupt version (CorruptVersionError): the Keras model it was converted from could not
+        serve it either."""
         info = metadata.get("inference")
         if not isinstance(info, dict) or info.get("litert_file") != LITERT_FILE:
             return None, "no published LiteRT model"
