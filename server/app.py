@@ -95,7 +95,7 @@ class App:
                 if loader is not None
                 else RepositorySource(
                     settings.model_repo, settings.model_name, settings.min_check_accuracy,
-                    settings.inference,
+                    settings.inference, allow_missing_check_set=settings.allow_missing_check_set,
                 )
             )
         self.source = source

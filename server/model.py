@@ -7,6 +7,7 @@ import functools
 import io
 import logging
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -124,8 +125,26 @@ class LiteRTRunner:
         inp = self._interpreter.get_input_details()[0]
         self._input = int(inp["index"])
         self._row_shape = [int(d) for d in inp["shape_signature"][1:]]
-        self._output = int(self._interpreter.get_output_details()[0]["index"])
+        output = self._interpreter.get_output_details()[0]
+        self._output = int(output["index"])
+        self._classes = int(output["shape_signature"][-1])
         self._rows = -1
+
+    def check_fits(self, spec: ModelSpec, path: Path) -> None:
+        """CorruptVersionError unless the model takes ``spec``'s inputs and gives one probability
+        per label."""
+        size = int(np.prod(self._row_shape)) if all(d > 0 for d in self._row_shape) else None
+        if size is not None and size != spec.input_size:
+            raise CorruptVersionError(
+                f"{path}: the model takes inputs of shape {self._row_shape} ({size} values) but "
+                f"metadata.json declares input shape {list(spec.input_shape)} "
+                f"({spec.input_size} values)"
+            )
+        if self._classes > 0 and self._classes != len(spec.labels):
+            raise CorruptVersionError(
+                f"{path}: the model outputs {self._classes} classes but metadata.json declares "
+                f"{len(spec.labels)} labels"
+            )
 
     @classmethod
     def convert(cls, keras_model: Any) -> LiteRTRunner:
@@ -309,6 +328,35 @@ class CheckSet(NamedTuple):
     reference: npt.NDArray[np.float32] | None
     """``model.predict``'s probabilities on the images, as the trainer computed them (None in
     versions published before the trainer saved them)."""
+    label_names: tuple[str, ...] | None = None
+    """The class names the labels index, as the trainer published them (None in versions
+    published before the trainer saved them)."""
+    image_shape: tuple[int, ...] = ()
+    """The shape of one image as stored (before flattening)."""
+
+
+def check_consistency(spec: ModelSpec, check_set: CheckSet, path: Path) -> None:
+    """What refuses a version without running its model: its check set (``path``) against what
+    its metadata declares (input size, class labels). CorruptVersionError says which differ."""
+    images, labels = check_set.images, check_set.labels
+    if images.shape[1] != spec.input_size:
+        shape = check_set.image_shape
+        stored = f" ({'×'.join(map(str, shape))})" if len(shape) > 1 else ""
+        raise CorruptVersionError(
+            f"{path}: the check set's images have {images.shape[1]} values{stored} but "
+            f"metadata.json declares input shape {list(spec.input_shape)} ({spec.input_size} "
+            "values): the version's files do not belong together"
+        )
+    if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < len(spec.labels):
+        raise CorruptVersionError(
+            f"{path}: check-set labels range over {int(labels.min())}..{int(labels.max())} but "
+            f"metadata.json declares {len(spec.labels)} labels"
+        )
+    if check_set.label_names is not None and check_set.label_names != spec.labels:
+        raise CorruptVersionError(
+            f"{path}: metadata.json labels {list(spec.labels)} differ from the label names the "
+            f"check set was published with {list(check_set.label_names)}"
+        )
 
 
 class LiteRTModel:
@@ -339,17 +387,26 @@ class LiteRTModel:
     def load(cls, version_dir: Path, metadata: dict[str, Any],
              check_set: CheckSet | None) -> tuple[LiteRTModel | None, str]:
         """The version served from its flatbuffer, or None and why not. A flatbuffer whose
-        checksum does not match is a corrupt version (CorruptVersionError)."""
+        checksum does not match, or whose input or output shape differs from the metadata's, is a
+        corrupt version (CorruptVersionError): the Keras model it was converted from could not
+        serve it either."""
         info = metadata.get("inference")
         if not isinstance(info, dict) or info.get("litert_file") != LITERT_FILE:
             return None, "no published LiteRT model"
         if not (version_dir / LITERT_FILE).is_file():
             return None, f"{LITERT_FILE} is missing"
+        verify_files(version_dir, metadata, only=[LITERT_FILE])
+        spec = ModelSpec.from_metadata(metadata)
+        try:
+            runner = LiteRTRunner((version_dir / LITERT_FILE).read_bytes())
+        except Exception as exc:  # no LiteRT here, a flatbuffer it rejects
+            return None, f"{LITERT_FILE} cannot serve: {exc}"
+        # The flatbuffer is the Keras model converted (and checksummed with it): shapes it cannot
+        # take or give, the Keras model cannot either, so they refuse the version here.
+        runner.check_fits(spec, version_dir / LITERT_FILE)
         if check_set is None or check_set.reference is None:
             return None, f"no reference probabilities in {CHECK_SET_FILE}"
         reference = check_set.reference
-        verify_files(version_dir, metadata, only=[LITERT_FILE])
-        spec = ModelSpec.from_metadata(metadata)
         x = check_set.images[:PROBE_IMAGES]
         expected = (x.shape[0], len(spec.labels))
         if reference.shape[1:] != expected[1:] or reference.shape[0] < expected[0]:
@@ -357,9 +414,8 @@ class LiteRTModel:
         try:
             tolerance = float(info["tolerance"])
             spread = float(info.get("tensorflow_batch1_max_diff", 0.0))
-            runner = LiteRTRunner((version_dir / LITERT_FILE).read_bytes())
             diff = litert_difference(runner, x, reference[: x.shape[0]])
-        except Exception as exc:  # no LiteRT here, a flatbuffer it rejects, a reference misfit
+        except Exception as exc:  # a recorded figure that is not a number
             return None, f"{LITERT_FILE} cannot serve: {exc}"
         agreement = Agreement("litert", x.shape[0], diff, spread,
                               f"{LITERT_FILE} checked against the trainer's model.predict")
@@ -375,13 +431,20 @@ def load_version(version_dir: Path, *, inference: str = "auto",
     """A published version as the server serves it: from its LiteRT flatbuffer without
     TensorFlow when it has one that agrees with the trainer's reference (``--inference auto`` or
     ``litert``), else through :class:`KerasModel`, which imports TensorFlow and chooses its path
-    itself. ``check_set`` is the version's (read_check_set), if it has one."""
+    itself. ``check_set`` is the version's (read_check_set), if it has one. What refuses the
+    version without running its model (metadata, checksums, the check set against the metadata,
+    the flatbuffer's input and output shapes) refuses it before TensorFlow is imported: a refused
+    version costs a slim server no memory."""
     if inference not in INFERENCE_CHOICES:
         raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
+    # Whatever refuses the version without running it does so before TensorFlow is imported.
+    started = time.perf_counter()
+    metadata = read_metadata(version_dir)
+    spec = ModelSpec.from_metadata(metadata)
+    if check_set is not None:
+        check_consistency(spec, check_set, version_dir / CHECK_SET_FILE)
+    verify_files(version_dir, metadata, only=[MODEL_FILE])
     if inference != "tensorflow":
-        started = time.perf_counter()
-        metadata = read_metadata(version_dir)
-        verify_files(version_dir, metadata, only=[MODEL_FILE])
         model, reason = LiteRTModel.load(version_dir, metadata, check_set)
         if model is not None:
             logger.info(
@@ -407,6 +470,24 @@ def read_check_set(version_dir: Path) -> CheckSet | None:
             images, labels = data["images"], data["labels"]
             reference = (np.asarray(data["reference"], dtype=np.float32)
                          if "reference" in data.files else None)
-    except (OSError, ValueError, KeyError) as exc:
+            names = data["label_names"] if "label_names" in data.files else None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise CorruptVersionError(f"{path}: unreadable check set ({exc})") from exc
-    return CheckSet(scale_pixels(images.reshape(images.shape[0], -1)), labels, reference)
+    if images.ndim < 2 or images.dtype != np.uint8:
+        raise CorruptVersionError(
+            f"{path}: check-set images of shape {images.shape} and type {images.dtype}, expected "
+            "uint8 images of shape (N, ...)"
+        )
+    if labels.shape != images.shape[:1] or labels.dtype.kind not in "iu":
+        raise CorruptVersionError(
+            f"{path}: check-set labels of shape {labels.shape} and type {labels.dtype}, expected "
+            f"{images.shape[0]} integers (one per image)"
+        )
+    if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
+        raise CorruptVersionError(
+            f"{path}: check-set label names of shape {names.shape} and type {names.dtype}, "
+            "expected a list of strings"
+        )
+    return CheckSet(scale_pixels(images.reshape(images.shape[0], -1)), labels, reference,
+                    None if names is None else tuple(str(n) for n in names),
+                    tuple(int(d) for d in images.shape[1:]))

@@ -83,6 +83,13 @@ class Settings:
             "reaches this floor."
         },
     )
+    allow_missing_check_set: bool = field(
+        default=False,
+        metadata={
+            "help": "Serve versions that have no check set (check_set.npz), unchecked against "
+            "--min-check-accuracy; without it they are refused."
+        },
+    )
     inference: str = field(
         default="auto",
         metadata={
@@ -269,6 +276,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         kind: Any = Path if f.name in paths else {"model_name": str, "host": str, "log_level": str}.get(
             f.name, type(defaults[f.name]) if f.name in defaults else str
         )
+        if kind is bool:  # --flag / --no-flag; MNIST_FLAG=1|0|true|false|yes|no|on|off
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction,
+                default=_env_bool(parser, env_name, env.get(env_name), defaults[f.name]),
+                help=f"{f.metadata['help']} [{env_name}] (default: {defaults[f.name]})",
+            )
+            continue
         # argparse applies `type` to a string default, so a bad MNIST_* value is a usage error.
         default = env.get(env_name, defaults.get(f.name))
         parser.add_argument(
@@ -280,6 +294,18 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             + (f" (default: {defaults[f.name]})" if f.name in defaults else ""),
         )
     return parser
+
+
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+
+
+def _env_bool(parser: argparse.ArgumentParser, name: str, value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    if value.strip().lower() not in _BOOLS:
+        parser.error(f"{name}={value!r} is not one of {', '.join(_BOOLS)}")
+    return _BOOLS[value.strip().lower()]
 
 
 def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:

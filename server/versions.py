@@ -1,5 +1,6 @@
 """Where served models come from: the repository's versions, each loaded only after it passes the
-quality gate (loads, declared output shape, probabilities sum to 1, check-set accuracy ≥ a floor)."""
+quality gate (metadata checksum, a check set that fits the metadata, loads, declared output shape,
+probabilities sum to 1, check-set accuracy ≥ a floor)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,23 @@ import numpy as np
 
 from digitserve.repository import (
     CHECK_SET_FILE,
+    METADATA_CHECKSUM_FILE,
+    METADATA_FILE,
     CorruptVersionError,
     ModelNotFoundError,
     ModelRepository,
     RepositoryError,
+    metadata_checksummed,
+    read_metadata,
 )
-from server.model import CheckSet, Model, load_version, read_check_set
+from server.model import (
+    CheckSet,
+    Model,
+    ModelSpec,
+    check_consistency,
+    load_version,
+    read_check_set,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +50,7 @@ def check_quality(model: Model, check_set: CheckSet, path: Path, min_accuracy: f
     """Accuracy on the version's check set (read_check_set; ``path`` names it in messages);
     raises QualityGateError below ``min_accuracy``."""
     x, labels = check_set.images, check_set.labels
-    if x.shape[1] != model.spec.input_size or labels.shape[0] != x.shape[0]:
-        raise CorruptVersionError(
-            f"{path}: check set of shape {x.shape} with {labels.shape[0]} labels does not "
-            f"fit input size {model.spec.input_size}"
-        )
+    check_consistency(model.spec, check_set, path)
     probs = model.predict(x)
     if probs.shape != (x.shape[0], len(model.spec.labels)):
         raise QualityGateError(
@@ -61,11 +69,13 @@ def check_quality(model: Model, check_set: CheckSet, path: Path, min_accuracy: f
 class RepositorySource:
     """Versions of one model in a repository, loaded by load_version and gated."""
 
-    def __init__(self, root: Path, name: str, min_accuracy: float, inference: str = "auto") -> None:
+    def __init__(self, root: Path, name: str, min_accuracy: float, inference: str = "auto",
+                 *, allow_missing_check_set: bool = False) -> None:
         self.repository = ModelRepository(root)
         self.name = name
         self.min_accuracy = min_accuracy
         self.inference = inference
+        self.allow_missing_check_set = allow_missing_check_set
 
     def versions(self) -> list[int]:
         """Published versions; ModelNotFoundError when there are none."""
@@ -80,22 +90,34 @@ class RepositorySource:
         return f"{self.repository.root}/{self.name}"
 
     def load(self, version: int) -> Model:
+        """The version, loaded and past the gate; RepositoryError says why it is refused. The
+        checks that need no model run first (metadata and its checksum, name and version, the
+        check set and its agreement with the metadata), so a refused version never costs a
+        TensorFlow import where the LiteRT path serves."""
         version_dir = self.repository.version_dir(self.name, version)
-        # Read once: the probe of the inference path's choice, then the quality gate.
-        unreadable: CorruptVersionError | None = None
-        try:
-            check_set = read_check_set(version_dir)
-        except CorruptVersionError as exc:
-            check_set, unreadable = None, exc
-        model = load_version(version_dir, inference=self.inference, check_set=check_set)
-        if model.spec.name != self.name or model.spec.version != version:
+        metadata = read_metadata(version_dir)  # checked against metadata.json.sha256 if present
+        spec = ModelSpec.from_metadata(metadata)
+        if spec.name != self.name or spec.version != version:
             raise CorruptVersionError(
-                f"{version_dir}: metadata says {model.spec.name!r} version {model.spec.version}"
+                f"{version_dir}: metadata says {spec.name!r} version {spec.version}"
             )
-        if unreadable is not None:
-            raise unreadable
+        if not metadata_checksummed(version_dir):
+            logger.warning("%s has no %s (published before metadata was checksummed): its "
+                           "metadata is served unverified", version_dir, METADATA_CHECKSUM_FILE)
+        check_set = read_check_set(version_dir)  # read once: the inference path's probe, the gate
         if check_set is None:
-            logger.warning("%s has no %s: the accuracy floor is not checked", version_dir, CHECK_SET_FILE)
+            if not self.allow_missing_check_set:
+                raise QualityGateError(
+                    f"{version_dir / CHECK_SET_FILE} is missing, so the accuracy floor cannot be "
+                    "checked: publish the version with its check set, or start the server with "
+                    "--allow-missing-check-set to serve it unchecked"
+                )
+            logger.warning("%s has no %s: serving it unchecked (--allow-missing-check-set)",
+                           version_dir, CHECK_SET_FILE)
+        model = load_version(version_dir, inference=self.inference, check_set=check_set)
+        if model.spec != spec:
+            raise CorruptVersionError(f"{version_dir / METADATA_FILE}: changed while loading")
+        if check_set is None:
             return model
         accuracy = check_quality(model, check_set, version_dir / CHECK_SET_FILE, self.min_accuracy)
         logger.info("version %d passed the quality gate: check-set accuracy %.4f", version, accuracy)

@@ -85,13 +85,15 @@ def copy_version(tiny_repo: Path, tmp_path: Path) -> Path:
 
 
 def rewrite_listed(directory: Path, name: str, data: bytes) -> None:
-    """Replaces a file of a version and its checksum in the metadata (a consistent version)."""
-    from digitserve.repository import sha256_file
+    """Replaces a file of a version and its checksum in the metadata, and the metadata's own
+    checksum (a consistent version)."""
+    from digitserve.repository import sha256_file, write_metadata_checksum
 
     (directory / name).write_bytes(data)
     metadata = json.loads((directory / "metadata.json").read_text())
     metadata["files"][name]["sha256"] = sha256_file(directory / name)
     (directory / "metadata.json").write_text(json.dumps(metadata))
+    write_metadata_checksum(directory)
 
 
 def test_the_trainer_publishes_the_flatbuffer_it_measured_and_its_reference(tiny_repo: Path) -> None:

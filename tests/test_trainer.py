@@ -223,6 +223,46 @@ def test_metadata_metrics_equal_the_servers_figures(
     }
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_check_set_names_the_labels_and_the_metadata_is_checksummed(
+    published: tuple[Path, dict[str, Any], dict[str, Any]], version: int
+) -> None:
+    import hashlib
+
+    repo, *_ = published
+    version_dir = ModelRepository(repo).version_dir("digits", version)
+    with np.load(version_dir / CHECK_SET_FILE, allow_pickle=False) as check:
+        assert check["label_names"].tolist() == LABELS
+    digest = hashlib.sha256((version_dir / "metadata.json").read_bytes()).hexdigest()
+    assert (version_dir / "metadata.json.sha256").read_text() == f"{digest}  metadata.json\n"
+
+
+def test_the_loser_of_a_publish_race_reports_the_version_it_was_published_as(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.report
+
+    written = trainer.report.write_report
+    titles: list[str] = []
+
+    def report_then_lose_the_race(report_dir: Path, **kwargs: Any) -> list[Path]:
+        titles.append(kwargs["title"])
+        if len(titles) == 1:  # another trainer publishes version 1 while this one writes
+            ModelRepository(tmp_path).publish("digits", lambda staging, v: {"name": "digits"})
+        return written(report_dir, **kwargs)
+
+    monkeypatch.setattr(trainer.report, "write_report", report_then_lose_the_race)
+    summary = run(_config(data_dir, tmp_path, "seed"))
+    assert summary["version"] == 2
+    assert titles == ["digits v1 (seed)", "digits v2 (seed)"]
+    version_dir = Path(summary["path"])
+    page = (version_dir / "report" / "index.html").read_text()
+    assert "<title>digits v2 (seed): training report</title>" in page and "digits v1" not in page
+    meta = ModelRepository(tmp_path).read_metadata("digits", 2)
+    assert meta["version"] == 2
+    verify_files(version_dir, meta)  # the report's checksums are those of the rewritten files
+
+
 def test_same_seed_same_metrics(
     published: tuple[Path, dict[str, Any], dict[str, Any]],
     data_dir: Path,

@@ -255,27 +255,34 @@ def run(config: TrainConfig) -> dict[str, Any]:
         metadata["check_set"] = evaluation.check_set
         metadata["history"] = history
         metadata["train_seconds"] = train_seconds
-        report_files: list[str] = []
+        metadata["report"] = []
+        outcome["evaluation"] = evaluation
         if config.report:
-            from trainer.report import write_report
-
-            written = write_report(
-                staging / REPORT_DIR,
-                title=f"{config.name} v{version} ({preset.name})",
-                labels=LABELS,
-                confusion_matrix=evaluation.test.confusion_matrix,
-                history=history,
-                images=data.test.images,
-                y_true=data.test.labels,
-                y_pred=np.argmax(evaluation.test_probs, axis=1),
-                metadata=metadata,
-            )
-            report_files = [path.relative_to(staging).as_posix() for path in written]
-        metadata["report"] = report_files
+            report(staging, version, metadata)
         outcome["metrics"] = metrics
         return metadata
 
-    version, path = repository.publish(config.name, build)
+    def report(staging: Path, version: int, metadata: dict[str, Any]) -> None:
+        """Writes the report titled with ``version``: again when another publisher took the
+        version first and this one is published as the next."""
+        from trainer.report import write_report
+
+        evaluation: _Evaluation = outcome["evaluation"]
+        written = write_report(
+            staging / REPORT_DIR,
+            title=f"{config.name} v{version} ({preset.name})",
+            labels=LABELS,
+            confusion_matrix=evaluation.test.confusion_matrix,
+            history=history,
+            images=data.test.images,
+            y_true=data.test.labels,
+            y_pred=np.argmax(evaluation.test_probs, axis=1),
+            metadata=metadata,
+        )
+        metadata["report"] = [path.relative_to(staging).as_posix() for path in written]
+
+    version, path = repository.publish(config.name, build,
+                                       renumber=report if config.report else None)
     metrics = outcome["metrics"]
     summary: dict[str, Any] = {
         "name": config.name,
@@ -388,8 +395,9 @@ def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Ev
     check_images = data.test.images[:count].reshape(count, -1)
     check_labels = data.test.labels[:count]
     reference = np.asarray(reloaded.predict(probe, verbose=0), dtype=np.float32)
+    # The label names too: the server refuses metadata whose labels differ from them.
     np.savez_compressed(staging / CHECK_SET_FILE, images=check_images, labels=check_labels,
-                        reference=reference)
+                        reference=reference, label_names=np.array(LABELS))
     check = MetricsAccumulator(LABELS)
     check.update(check_labels, served.predict(probe))
     check_metrics = check.result()
