@@ -4,7 +4,6 @@ watch, and does not hold up shutdown."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -13,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +20,7 @@ from client.client import DigitClient
 from digitserve.repository import ModelRepository
 from server.app import MODEL_UPDATES_SERVICE
 from tests.conftest import ServerProcess, ServerThread, make_settings
-from tests.test_reload import wait_for
+from tests.test_reload import publish_copy, wait_for
 
 # --repository-timeout of these tests: a good version loads in ~0.1 s alone, ~1 s in the pytest
 # process (which has TensorFlow, so each load also measures TensorFlow's batch-1 spread) on a
@@ -33,22 +31,6 @@ TIMEOUT = 3.0
 def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
     with capsys.disabled():
         print(f"\n{text}")
-
-
-def publish_copy(repo: ModelRepository, source_dir: Path) -> int:
-    """Publishes every file of ``source_dir`` (model.tflite included, so it loads without
-    TensorFlow) as the next version; the repository writes the metadata with its checksums."""
-
-    def build(staging: Path, version: int) -> dict[str, Any]:
-        for path in source_dir.iterdir():
-            if path.name != "metadata.json":
-                shutil.copy(path, staging / path.name)
-        metadata: dict[str, Any] = json.loads((source_dir / "metadata.json").read_text())
-        metadata.pop("files", None)
-        return metadata
-
-    version, _ = repo.publish("tiny", build)
-    return version
 
 
 @pytest.fixture
@@ -130,7 +112,8 @@ def test_a_hung_version_is_skipped_logged_counted_and_a_newer_good_one_is_served
             assert registry.get_sample_value("digitserve_repository_hung_reads") == 1
             info = client.model_info()
             assert info["version"] == 1
-            assert f"did not return within the {TIMEOUT:g}s repository timeout" in info["refused_versions"]["2"]
+            reason = info["refused_versions"]["2"]
+            assert f"did not return within the {TIMEOUT:g}s repository timeout" in reason
             assert client.health() == "SERVING"
             assert client.health(MODEL_UPDATES_SERVICE) == "NOT_SERVING"  # a newer one is stuck
 
