@@ -4,6 +4,7 @@ watch, and does not hold up shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -179,3 +180,39 @@ def test_sigterm_during_a_hung_reload_exits_within_the_grace_period(
     assert "stopped after draining" in server.log
     report(capsys, f"SIGTERM with a hung hot-reload read in progress: exited 0 after "
                    f"{exited:.2f}s (grace 1s)")
+
+
+def test_reads_run_one_thread_per_hung_key_and_keep_a_late_outcome_for_the_same_files() -> None:
+    from server.versions import RepositoryReads, RepositoryTimeoutError
+
+    timeouts: list[str] = []
+    reads = RepositoryReads(0.2, timeouts.append)
+    release = threading.Event()
+    calls: list[str] = []
+
+    def slow() -> str:
+        calls.append("slow")
+        release.wait(30)
+        return "loaded"
+
+    async def scenario() -> None:
+        with pytest.raises(RepositoryTimeoutError, match=r"did not return within the 0\.2s"):
+            await reads.run("load 2", "loading version 2", slow, tag="files-a")
+        assert reads.hung == 1 and reads.busy("load 2") and timeouts == ["load"]
+        with pytest.raises(RepositoryTimeoutError, match="not retried until it returns"):
+            await reads.run("load 2", "loading version 2", slow, tag="files-a")
+        assert calls == ["slow"]  # no second thread on the hung read
+        assert await reads.run("load 3", "loading version 3", lambda: "other") == "other"
+        release.set()
+        for _ in range(100):
+            if not reads.busy("load 2"):
+                break
+            await asyncio.sleep(0.02)
+        assert reads.hung == 0
+        # The late outcome serves the next run for the same files, without reading again...
+        assert await reads.run("load 2", "loading version 2", slow, tag="files-a") == "loaded"
+        assert calls == ["slow"]
+        # ...and files that changed since are read afresh.
+        assert await reads.run("load 2", "loading version 2", lambda: "fresh", tag="files-b") == "fresh"
+
+    asyncio.run(scenario())
