@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import grpc
@@ -16,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from digitserve.repository import RepositoryError
+from digitserve.repository import ModelNotFoundError, RepositoryError
 from digitserve.v1 import digit_service_pb2 as pb
 from server.calls import CallWrapper, Services
 from server.dataplane import DataPlane
@@ -27,8 +28,15 @@ from server.oip import InferenceServicer
 from server.security import SecurityConfigError, ServerSecurity
 from server.servicer import DigitServicer, add_to_server
 from server.settings import Settings
-from server.telemetry import Telemetry, export_certificate_expiry, watch_workers
-from server.versions import ModelSource, RepositorySource, StaticSource
+from server.telemetry import RepositoryMetrics, Telemetry, export_certificate_expiry, watch_workers
+from server.versions import (
+    Fingerprint,
+    ModelSource,
+    RepositoryReads,
+    RepositorySource,
+    RepositoryTimeoutError,
+    StaticSource,
+)
 
 if TYPE_CHECKING:
     from server.workers import WorkerSlot
@@ -105,6 +113,20 @@ class App:
         certificate = self.security.certificate  # TLS: its expiry as a metric
         export_certificate_expiry(self.telemetry, None if certificate is None else certificate.expires)
         self._watch_task: asyncio.Task[None] | None = None
+        # Every repository read in a daemon thread with a timeout (server/versions.py).
+        self.repository_metrics = RepositoryMetrics(
+            self.telemetry.registry,
+            hung_reads=lambda: self.reads.hung,
+            served_missing=lambda: self.plane.model is not None
+            and self.plane.model.spec.version in self._gone,
+        )
+        self.reads = RepositoryReads(settings.repository_timeout, self.repository_metrics.on_timeout)
+        # The fingerprint of each refused version's directory when it was refused: it is tried
+        # again when that changes (a version refused while incomplete, then completed). A version
+        # refused by a timeout has none: it is tried again once its hung read has returned.
+        self._refused_at: dict[int, Fingerprint | None] = {}
+        self._gone: dict[int, float] = {}  # loaded versions missing from disk: since when
+        self._orphaned = False  # the served version is gone past the grace and nothing replaced it
         self.plane = DataPlane(
             settings.max_images_per_request,
             max_batch_size=settings.max_batch_size,
@@ -168,28 +190,67 @@ class App:
         for listener in self.model_events:
             listener(kind, version, outcome)
 
+    async def _list(self) -> list[int]:
+        """The published versions, listed in a thread with the repository timeout."""
+        return await self.reads.run("list", f"listing {self.source}", self.source.versions)
+
     async def _try_load(self, kind: str, version: int) -> Model | None:
-        """Loads, checks and warms a version off the event loop (not on the model thread, so
-        serving goes on meanwhile); None, logged and remembered, if it is refused."""
+        """Loads, checks and warms a version in a thread of its own, with the repository timeout
+        (not on the model thread, so serving goes on meanwhile); None, logged and remembered, if
+        it is refused or its reads time out."""
+        fingerprint: Fingerprint | None = None
+        logger.info("trying model %s version %d (%s)", self.settings.model_name, version, kind)
         try:
-            model = await asyncio.get_running_loop().run_in_executor(None, self.source.load, version)
+            fingerprint = await self.reads.run(
+                f"fingerprint {version}", f"listing the files of {self.source} version {version}",
+                partial(self.source.fingerprint, version),
+            )
+            model = await self.reads.run(
+                f"load {version}", f"loading {self.source} version {version}",
+                partial(self.source.load, version), tag=fingerprint,
+            )
         except Exception as exc:  # any failure to load or check refuses the version
             self.plane.refused[version] = str(exc)
+            if isinstance(exc, RepositoryTimeoutError):
+                self._refused_at.pop(version, None)  # tried again once the read returns
+            else:
+                self._refused_at[version] = fingerprint  # tried again when its files change
             logger.error("refused model %s version %d: %s", self.settings.model_name, version, exc)
             self._event(kind, version, "refused")
             return None
+        self.plane.refused.pop(version, None)
+        self._refused_at.pop(version, None)
         self._event(kind, version, "served")
         return model
 
+    async def _worth_trying(self, version: int) -> bool:
+        """False for a version refused before whose files have not changed since, and for one
+        whose earlier read is still hung."""
+        if self.reads.busy(f"load {version}") or self.reads.busy(f"fingerprint {version}"):
+            return False  # no second thread on a hung read
+        if version not in self.plane.refused:
+            return True
+        if version not in self._refused_at:
+            return True  # refused by a timeout whose read has returned since
+        try:
+            now = await self.reads.run(
+                f"fingerprint {version}", f"listing the files of {self.source} version {version}",
+                partial(self.source.fingerprint, version),
+            )
+        except RepositoryTimeoutError:
+            self._refused_at.pop(version, None)
+            return False
+        if now is None or now == self._refused_at[version]:
+            return False
+        logger.info("version %d of model %s was refused but its files changed: trying it again",
+                    version, self.settings.model_name)
+        return True
+
     async def load(self) -> Model:
-        """Serves the newest version that passes the checks (an older one when newer ones fail),
-        then reports SERVING and starts watching for new versions."""
+        """Serves the newest version that passes the checks (an older one when newer ones fail or
+        their reads hang), then reports SERVING and starts watching for new versions."""
         pinned = self.settings.model_version
-        versions = (
-            [pinned]
-            if pinned
-            else await asyncio.get_running_loop().run_in_executor(None, self.source.versions)
-        )
+        versions = [pinned] if pinned else await self._list()
         for version in sorted(versions, reverse=True):
             model = await self._try_load("load", version)
             if model is not None:
@@ -201,37 +262,116 @@ class App:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         await self._set_updates_health()
         logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
+        newer = sorted(v for v in self.plane.refused if v > model.spec.version)
+        if newer:
+            logger.warning(
+                "model %s version %d is served although newer version(s) %s exist: they were "
+                "refused (GetModelInfo's refused_versions says why); the watch tries them again "
+                "when their files change or their hung reads return",
+                model.spec.name, model.spec.version, ", ".join(map(str, newer)),
+            )
         if not pinned and self.settings.reload_interval > 0 and not isinstance(self.source, StaticSource):
             self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="watch")
         return model
 
     async def _set_updates_health(self) -> None:
+        """ModelUpdates: NOT_SERVING while a newer version is refused or the served version's
+        files are gone from the repository."""
         model = self.plane.model
-        newer_refused = model is not None and any(v > model.spec.version for v in self.plane.refused)
+        stale = model is not None and (
+            any(v > model.spec.version for v in self.plane.refused) or model.spec.version in self._gone
+        )
         await self.health.set(
             MODEL_UPDATES_SERVICE,
             health_pb2.HealthCheckResponse.NOT_SERVING
-            if newer_refused
+            if stale
             else health_pb2.HealthCheckResponse.SERVING,
         )
 
+    def _note_gone(self, on_disk: set[int]) -> set[int]:
+        """Tracks loaded versions missing from disk; returns those gone for the grace period or
+        longer."""
+        now = time.monotonic()
+        grace = self.settings.removed_version_grace
+        for version in self.plane.loaded_versions:
+            if version in on_disk:
+                if self._gone.pop(version, None) is not None:
+                    logger.info("version %d of model %s is back in %s", version,
+                                self.settings.model_name, self.source)
+                    self._orphaned = False
+            elif version not in self._gone:
+                self._gone[version] = now
+                logger.warning(
+                    "version %d of model %s is gone from %s; it keeps answering from memory for "
+                    "up to %gs, then %s", version, self.settings.model_name, self.source, grace,
+                    "the newest remaining version that passes the checks replaces it"
+                    if self.plane.model is not None and self.plane.model.spec.version == version
+                    else "it is unloaded",
+                )
+        return {v for v, since in self._gone.items() if now - since >= grace}
+
     async def reload_once(self) -> bool:
-        """Loads the newest published version if it is newer than the served one and was not
-        refused before; swaps it in when it passes the checks. True if the served model changed."""
+        """Serves the newest published version that passes the checks when it is newer than the
+        served one; skips versions refused before whose files did not change, and those whose
+        reads hang. When the served version's directory has been gone for
+        --removed-version-grace, serves the newest remaining version that passes, as a fresh
+        start would. True if the served model changed."""
         current = self.plane.model
         assert current is not None
-        versions = await asyncio.get_running_loop().run_in_executor(None, self.source.versions)
-        candidates = [v for v in versions if v > current.spec.version and v not in self.plane.refused]
-        if not candidates:
-            return False
-        model = await self._try_load("reload", max(candidates))
+        if self.reads.busy("list"):
+            return False  # the last listing is still hung (logged and counted when it timed out)
+        try:
+            versions = await self._list()
+        except ModelNotFoundError:
+            versions = []
+        on_disk = set(versions)
+        for version in [v for v in self.plane.refused if v not in on_disk]:
+            del self.plane.refused[version]  # refused_versions lists what is there
+            self._refused_at.pop(version, None)
+        served = current.spec.version
+        expired = self._note_gone(on_disk)
+        for version in sorted(expired - {served}):
+            self.plane.unload(version)
+            del self._gone[version]
+            self.repository_metrics.on_unload()
+            logger.warning("unloaded model %s version %d: its directory has been gone for %gs or more",
+                           self.settings.model_name, version, self.settings.removed_version_grace)
+        replacing = served in expired
+        model: Model | None = None
+        for version in sorted((v for v in versions if replacing or v > served), reverse=True):
+            if version in self.plane.loaded_versions:  # passed the checks when it was loaded
+                model = self.plane.resolve(version)
+                break
+            if await self._worth_trying(version):
+                model = await self._try_load("reload", version)
+                if model is not None:
+                    break
         if model is not None:
             self._serve(model)
-            logger.info(
-                "hot reload: serving model %s version %d (was version %d)",
-                model.spec.name,
-                model.spec.version,
-                current.spec.version,
+            if replacing:
+                self.plane.unload(served)
+                del self._gone[served]
+                self.repository_metrics.on_unload()
+                self._orphaned = False
+                logger.warning(
+                    "model %s version %d has been gone from %s for %gs or more: unloaded it and "
+                    "serving version %d, the newest remaining version that passes the checks",
+                    model.spec.name, served, self.source, self.settings.removed_version_grace,
+                    model.spec.version,
+                )
+            else:
+                logger.info(
+                    "hot reload: serving model %s version %d (was version %d)",
+                    model.spec.name, model.spec.version, served,
+                )
+        elif replacing and not self._orphaned:
+            self._orphaned = True
+            logger.error(
+                "model %s version %d has been gone from %s for %gs or more and no remaining "
+                "version passes the checks: still serving it from memory (ModelUpdates health "
+                "NOT_SERVING); a fresh start would not serve at all. Publish a version or restore "
+                "the directory", current.spec.name, served, self.source,
+                self.settings.removed_version_grace,
             )
         await self._set_updates_health()
         return model is not None
@@ -241,6 +381,8 @@ class App:
             await asyncio.sleep(self.settings.reload_interval)
             try:
                 await self.reload_once()
+            except RepositoryTimeoutError:
+                pass  # logged and counted where it timed out; the next look tries again
             except Exception:  # a listing error must not end the watch
                 logger.exception("watching %s failed; trying again", self.source)
 

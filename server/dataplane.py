@@ -131,6 +131,13 @@ class DataPlane:
         if self._observer is not None:
             self._observer.on_model(model)
 
+    def unload(self, version: int) -> None:
+        """Forgets a loaded version that is not the served one (its files are gone): pinned
+        requests for it are answered NOT_FOUND from now on."""
+        if self._model is not None and self._model.spec.version == version:
+            raise ValueError(f"version {version} is the served one; serve another first")
+        self._loaded.pop(version, None)
+
     def resolve(self, version: int) -> Model:
         """The model that answers a request pinning ``version`` (0 = the served one)."""
         model = self._model

@@ -76,6 +76,23 @@ class Settings:
             "off. A pinned --model-version is never replaced."
         },
     )
+    repository_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds a repository read (listing the versions, loading and checking one "
+            "version) may take before it counts as hung: it is logged and counted "
+            "(digitserve_repository_timeouts_total), the version is skipped for now and retried "
+            "later once the hung read returns; other versions still load."
+        },
+    )
+    removed_version_grace: float = field(
+        default=30.0,
+        metadata={
+            "help": "Seconds the served version keeps serving from memory after its directory "
+            "vanished from the repository; then the newest remaining version that passes the "
+            "checks is served, as a fresh start would."
+        },
+    )
     min_check_accuracy: float = field(
         default=0.9,
         metadata={
@@ -182,6 +199,10 @@ class Settings:
             )
         if self.reload_interval < 0:
             problems.append(f"reload interval {self.reload_interval} is negative")
+        if not 0 < self.repository_timeout <= 86400:
+            problems.append(f"repository timeout {self.repository_timeout} is not in (0, 86400] seconds")
+        if self.removed_version_grace < 0:
+            problems.append(f"removed version grace {self.removed_version_grace} is negative")
         if not 0 <= self.min_check_accuracy <= 1:
             problems.append(f"min check accuracy {self.min_check_accuracy} is not in [0, 1]")
         if self.keep_versions < 1:

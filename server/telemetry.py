@@ -338,3 +338,33 @@ def export_certificate_expiry(telemetry: Telemetry, not_after: float | None) -> 
         Gauge("digitserve_tls_certificate_expiry_timestamp_seconds",
               "When the first certificate of the served TLS chain expires, as a Unix time.",
               registry=telemetry.registry).set(not_after)
+
+
+class RepositoryMetrics:
+    """The model repository's metrics, in a server's registry: reads that hung, the served
+    version's directory gone, versions unloaded for it (App.reload_once)."""
+
+    def __init__(self, registry: CollectorRegistry, hung_reads: Callable[[], float],
+                 served_missing: Callable[[], bool]) -> None:
+        self.timeouts = Counter(
+            "digitserve_repository_timeouts",
+            "Repository reads that did not return within --repository-timeout, by operation "
+            "(list, fingerprint, load).", ("operation",), registry=registry)
+        for operation in ("list", "fingerprint", "load"):
+            self.timeouts.labels(operation)
+        Gauge("digitserve_repository_hung_reads",
+              "Repository reads past their timeout that have not returned yet.",
+              registry=registry).set_function(hung_reads)
+        Gauge("digitserve_served_version_missing",
+              "1 while the served version's directory is gone from the repository.",
+              registry=registry).set_function(lambda: float(served_missing()))
+        self.unloads = Counter(
+            "digitserve_model_unloads",
+            "Loaded versions unloaded because their directory was gone for --removed-version-grace.",
+            registry=registry)
+
+    def on_timeout(self, operation: str) -> None:
+        self.timeouts.labels(operation).inc()
+
+    def on_unload(self) -> None:
+        self.unloads.inc()

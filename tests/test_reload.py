@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.client import DigitClient
-from digitserve.repository import ModelRepository
+from digitserve.repository import ModelNotFoundError, ModelRepository
 from server.app import MODEL_UPDATES_SERVICE
-from tests.conftest import ServerThread, make_settings
+from tests.conftest import ServerThread, expect_error, make_settings
 
 
 def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes | None = None,
@@ -40,6 +42,22 @@ def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes 
             model.save(staging / "model.keras")
         else:
             shutil.copy(source_dir / "model.keras", staging / "model.keras")
+        metadata: dict[str, Any] = json.loads((source_dir / "metadata.json").read_text())
+        metadata.pop("files", None)
+        return metadata
+
+    version, _ = repo.publish("tiny", build)
+    return version
+
+
+def publish_copy(repo: ModelRepository, source_dir: Path) -> int:
+    """Publishes every file of ``source_dir`` (model.tflite included, so it loads without
+    TensorFlow) as the next version; the repository writes the metadata with its checksums."""
+
+    def build(staging: Path, version: int) -> dict[str, Any]:
+        for path in source_dir.iterdir():
+            if path.name != "metadata.json":
+                shutil.copy(path, staging / path.name)
         metadata: dict[str, Any] = json.loads((source_dir / "metadata.json").read_text())
         metadata.pop("files", None)
         return metadata
@@ -130,3 +148,121 @@ def test_hot_reload_swaps_good_versions_and_refuses_bad_ones_under_load(
         print(f"\nhot reload under load: {len(seen)} calls sent, {sum(failures.values())} failed; "
               f"version 2 served {swap_seconds:.2f}s after publishing; versions 3 (corrupt) and "
               f"4 (accuracy below floor) refused while version 2 kept serving")
+
+
+def test_a_version_refused_while_incomplete_is_served_once_its_files_are_complete(
+    tiny_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.INFO)
+    root, scratch = tmp_path / "repo", tmp_path / "scratch"
+    shutil.copytree(tiny_repo, root)
+    shutil.copytree(tiny_repo, scratch)
+    assert publish_copy(ModelRepository(scratch), scratch / "tiny" / "1") == 2
+    complete = scratch / "tiny" / "2"
+    server = ServerThread(make_settings(tmp_path, model_repo=root, model_name="tiny",
+                                        reload_interval=0.1), None)
+    try:
+        server.load()
+        with DigitClient(server.target, timeout=10) as client:
+            # Version 2 arrives without its model.keras, as a copy that is not atomic leaves it.
+            partial = root / "tiny" / ".copy-2"
+            shutil.copytree(complete, partial, ignore=shutil.ignore_patterns("model.keras"))
+            partial.rename(root / "tiny" / "2")
+            wait_for(lambda: "2" in client.model_info()["refused_versions"], timeout=30)
+            assert client.model_info()["refused_versions"]["2"].endswith("model.keras: missing")
+            assert client.health(MODEL_UPDATES_SERVICE) == "NOT_SERVING"
+            registry = server.app.telemetry.registry
+            time.sleep(10 * 0.1)  # ten more looks: its files did not change, it is not tried again
+            assert registry.get_sample_value("digitserve_model_reloads_total",
+                                             {"outcome": "refused"}) == 1
+
+            completed = time.monotonic()
+            shutil.copy(complete / "model.keras", root / "tiny" / "2" / "model.keras")
+            wait_for(lambda: client.model_info()["version"] == 2, timeout=30)
+            seconds = time.monotonic() - completed
+            info = client.model_info()
+            assert info["refused_versions"] == {} and info["loaded_versions"] == [2, 1]
+            assert client.health(MODEL_UPDATES_SERVICE) == "SERVING"
+            assert registry.get_sample_value("digitserve_model_reloads_total",
+                                             {"outcome": "refused"}) == 1
+            assert registry.get_sample_value("digitserve_model_reloads_total",
+                                             {"outcome": "served"}) == 1
+    finally:
+        server.stop()
+    assert any("was refused but its files changed: trying it again" in r.getMessage()
+               for r in caplog.records)
+    with capsys.disabled():
+        print(f"\nrefused while incomplete (model.keras missing), tried once while unchanged; "
+              f"served {seconds:.2f}s after the file was completed")
+
+
+def test_a_served_version_deleted_from_disk_is_replaced_after_the_grace_period_as_a_restart_would(
+    tiny_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.INFO)
+    grace = 2.0
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repo, root)
+    repo = ModelRepository(root)
+    assert publish_copy(repo, repo.version_dir("tiny", 1)) == 2
+    settings = make_settings(tmp_path, model_repo=root, model_name="tiny", reload_interval=0.1,
+                             removed_version_grace=grace)
+    server = ServerThread(settings, None)
+    fresh: list[ServerThread] = []
+    try:
+        server.load()
+        registry = server.app.telemetry.registry
+        images = np.zeros((1, 784), np.uint8)
+        with DigitClient(server.target, timeout=10) as client:
+            assert client.model_info()["version"] == 2
+            deleted = time.monotonic()
+            shutil.rmtree(repo.version_dir("tiny", 2))
+            wait_for(lambda: client.health(MODEL_UPDATES_SERVICE) == "NOT_SERVING", timeout=30)
+            assert registry.get_sample_value("digitserve_served_version_missing") == 1
+            if time.monotonic() - deleted < grace - 0.5:  # within the grace: still from memory
+                assert client.predict(images).model_version == 2
+            wait_for(lambda: client.model_info()["version"] == 1, timeout=30)
+            replaced = time.monotonic() - deleted
+            assert replaced >= grace
+            info = client.model_info()
+            assert info["loaded_versions"] == [1] and info["refused_versions"] == {}
+            expect_error(lambda: client.predict(images, model_version=2), grpc.StatusCode.NOT_FOUND,
+                         "version 2 is not served (serving version 1; loaded: 1)")
+            assert client.health() == "SERVING"
+            assert client.health(MODEL_UPDATES_SERVICE) == "SERVING"
+            assert registry.get_sample_value("digitserve_served_version_missing") == 0
+            assert registry.get_sample_value("digitserve_model_unloads_total") == 1
+
+            # A fresh server on the same repository (a restart, another replica) agrees.
+            fresh.append(ServerThread(replace(settings, reload_interval=0), None))
+            fresh[-1].load()
+            with DigitClient(fresh[-1].target, timeout=10) as other:
+                assert other.model_info()["version"] == 1
+
+            # No version left: it keeps serving from memory, ModelUpdates says so, loudly logged;
+            # a fresh start serves nothing.
+            shutil.rmtree(repo.version_dir("tiny", 1))
+            wait_for(lambda: any("no remaining version passes the checks" in r.getMessage()
+                                 for r in caplog.records), timeout=30)
+            assert client.predict(images).model_version == 1
+            assert client.health() == "SERVING"
+            assert client.health(MODEL_UPDATES_SERVICE) == "NOT_SERVING"
+            fresh.append(ServerThread(replace(settings, reload_interval=0), None))
+            with pytest.raises(ModelNotFoundError, match="model 'tiny' has no published version"):
+                fresh[-1].load()
+    finally:
+        for other_server in fresh:
+            other_server.stop()
+        server.stop()
+    gone = [r for r in caplog.records if "is gone from" in r.getMessage()]
+    assert gone and gone[0].levelno == logging.WARNING
+    assert any(r.levelno == logging.WARNING and "unloaded it and serving version 1" in r.getMessage()
+               for r in caplog.records)
+    assert any(r.levelno == logging.ERROR and "still serving it from memory" in r.getMessage()
+               for r in caplog.records)
+    with capsys.disabled():
+        print(f"\nserved version 2 deleted: version 1 served {replaced:.2f}s later (grace "
+              f"{grace:g}s), as a fresh server on the repository serves; with no version left the "
+              f"server kept version 1 from memory, ModelUpdates NOT_SERVING")
