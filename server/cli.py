@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -20,8 +21,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers > 1:
+        from server.security import SecurityConfigError, ServerSecurity
         from server.workers import run_workers
 
+        try:  # once here, so a bad certificate or token file is one line, not one per worker
+            ServerSecurity.from_settings(settings)
+        except SecurityConfigError as error:
+            logging.getLogger("server.app").error("cannot start: %s", error)
+            return 1
         return run_workers(settings)
     from server.app import serve  # TensorFlow and grpc load after the flags are known to be good
 

@@ -493,6 +493,10 @@ def test_unusable_certificates_stop_the_server_with_one_line(
     ]
     servers = [spawn("--model-repo", str(tmp_path), "--host", "127.0.0.1", "--tls-cert", str(cert),
                      "--tls-key", str(key)) for cert, key, _ in cases]
+    # With --workers the parent checks once: still one line, not one per worker.
+    servers.append(spawn("--model-repo", str(tmp_path), "--host", "127.0.0.1", "--workers", "2",
+                         "--tls-cert", str(expired_cert), "--tls-key", str(expired_key_path)))
+    cases.append(cases[0])
     for server, (_, _, message) in zip(servers, cases, strict=True):
         assert server.wait(60) == 1, server.log
         lines = _json_lines(server.log)
