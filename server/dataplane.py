@@ -161,28 +161,41 @@ class DataPlane:
 
     def inline_limit(self, model: Model) -> int:
         """The most images of one call of ``model`` computed on the event loop: 0 for a model
-        that does not run inline; else ``inline_max_images``, lowered in proportion when a call of
-        that many (best of 3, timed here) takes longer than INLINE_BUDGET_S.
+        that does not run inline or whose 1-image call takes longer than INLINE_BUDGET_S; else
+        ``inline_max_images``, lowered to what fits in INLINE_BUDGET_S by the costs of a 1-image
+        and an ``inline_max_images`` call (best of 3 each, timed here at load).
 
-        Measured (LiteRT on one core of this machine, ``/tmp`` script in the report of issue 12):
-        the seed preset (Dense-128) costs 10 us for 1 image, 119 us for 64, 3.4 ms for 1,024,
-        while handing a call to the model thread and back costs ~94 us, so up to 64 images the
-        hand-off would double the call and beyond it the saving is marginal; the default preset
-        costs 72 us an image (64 images: 4.6 ms, so it gets a limit of ~14), the cnn preset
-        ~0.5 ms an image (limit 1)."""
+        Measured with LiteRT on one core of the 2-core development machine (the per-batch costs
+        the server logs here at load): the seed preset (Dense-128) takes 10 us for 1 image, 119 us
+        for 64 and 3.4 ms for 1,024, while handing a call to the model thread and back costs ~94
+        us; so up to 64 images the hand-off would cost as much as the call, and beyond it the
+        saving is marginal while the loop is held longer. The default preset takes ~72 us an
+        image (64 images: 4.6 ms, so its limit is about 13), the cnn preset ~0.9 ms for one
+        image (limit 0: always on the model thread)."""
         cap = self.inline_max_images
         if not runs_inline(model) or cap == 0:
             return 0
-        probe = np.zeros((cap, model.spec.input_size), dtype=np.float32)
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            model.predict(probe)
-            best = min(best, time.perf_counter() - started)
-        limit = cap if best <= INLINE_BUDGET_S else int(cap * INLINE_BUDGET_S / best)
-        logger.info("model %s version %d: calls of up to %d images run on the event loop "
-                    "(%d images took %.0f us)", model.spec.name, model.spec.version, limit, cap,
-                    best * 1e6)
+
+        def cost(n: int) -> float:
+            probe = np.zeros((n, model.spec.input_size), dtype=np.float32)
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                model.predict(probe)
+                best = min(best, time.perf_counter() - started)
+            return best
+
+        one, full = cost(1), cost(cap)
+        if one > INLINE_BUDGET_S:
+            limit = 0
+        elif full <= INLINE_BUDGET_S or cap == 1:
+            limit = cap
+        else:
+            per_image = max(full - one, 0.0) / (cap - 1)
+            limit = min(cap, 1 + int((INLINE_BUDGET_S - one) / per_image))
+        logger.info("model %s version %d: calls of up to %d images run on the event loop (1 image "
+                    "took %.0f us, %d images %.0f us; budget %.0f us)", model.spec.name,
+                    model.spec.version, limit, one * 1e6, cap, full * 1e6, INLINE_BUDGET_S * 1e6)
         return limit
 
     def admit(self, model: Model, count: int) -> None:
