@@ -132,6 +132,7 @@ class App:
             max_batch_size=settings.max_batch_size,
             max_queue_delay=settings.max_queue_delay_ms / 1000,
             max_queued_images=settings.max_queued_images,
+            inline_max_images=settings.inline_max_images,
             keep_versions=settings.keep_versions,
             observer=self.telemetry,
         )

@@ -2,11 +2,17 @@
 
 One task takes whatever is queued when the model is free (up to ``max_batch_size`` images, optionally
 waiting ``max_queue_delay`` for more), runs the model once off the event loop, and hands each caller its
-own rows. With one call in flight nothing waits: the call runs at once, alone. A model cheap enough to
-run on the event loop (LiteRT; see DataPlane.compute) is called at once by each call's own task when
-nothing is queued: batching it would cost more than it saves. Under load, calls that
-arrive while the model is busy form the next batch. The queue is bounded in images; a call that does
-not fit is refused at once, and a call whose deadline has passed is dropped before it is computed.
+own rows. With one call in flight nothing waits: the call runs at once, alone.
+
+A model cheap enough to run on the event loop (LiteRT; see DataPlane.inline_limit) is called at once
+by each call's own task when the model is idle and the call is small (at most its inline limit in
+images): a hand-off to the model thread would cost more than the call. Anything larger goes through
+the queue to the model thread, so the event loop (health, reflection, new calls) is never held by
+more than one small model call, and the queue bound applies to every model. Under load, calls that
+arrive while the model is busy form the next batch. Evaluate messages travel the same queue, each
+computed alone (``alone=True``), so they count against the same bound. The queue is bounded in
+images; a call that does not fit is refused at once (``admit`` lets an edge refuse it before it
+converts the pixels), and a call whose deadline has passed is dropped before it is computed.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import collections
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +56,7 @@ class _Pending:
     future: asyncio.Future[npt.NDArray[np.float32]]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
+    alone: bool = False  # an Evaluate message: one model call of its own, not counted as a batch
 
 
 class Batcher:
@@ -74,11 +82,32 @@ class Batcher:
         self._queued_images = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._busy = False  # a model call is running off the loop
+        self.inline_limits: weakref.WeakKeyDictionary[Model, int] = weakref.WeakKeyDictionary()
+        """Per model, the most images of a call computed on the event loop (absent: 0, never)."""
         self.stats = BatchStats()
 
     @property
     def queued_images(self) -> int:
+        """Images waiting for the model (not those of the model call running)."""
         return self._queued_images
+
+    def _inline(self, model: Model, n: int) -> bool:
+        limit = self.inline_limits.get(model, 0) if runs_inline(model) else 0
+        return n <= limit
+
+    def admit(self, model: Model, n: int) -> None:
+        """Raises OverloadedError when a call of ``n`` images on ``model`` would have to queue and
+        does not fit; an edge calls it before converting the call's pixels (predict checks again)."""
+        if (not self._queue and not self._busy and self.max_queue_delay == 0
+                and self._inline(model, n)):
+            return
+        if self._queued_images + n > self.max_queued_images:
+            self.stats.rejected += 1
+            raise OverloadedError(
+                f"server overloaded: {self._queued_images} images queued, limit "
+                f"{self.max_queued_images}; retry with backoff"
+            )
 
     def _ensure_started(self) -> asyncio.Event:
         if self._wakeup is None or self._task is None or self._task.done():
@@ -87,31 +116,31 @@ class Batcher:
         return self._wakeup
 
     async def predict(
-        self, model: Model, images: npt.NDArray[np.float32], deadline: float | None = None
+        self, model: Model, images: npt.NDArray[np.float32], deadline: float | None = None,
+        *, alone: bool = False,
     ) -> npt.NDArray[np.float32]:
-        """Probabilities for ``images`` (already validated), computed in some batch."""
-        if not self._queue and self.max_queue_delay == 0 and runs_inline(model):
-            return self._compute_now(model, images)
-        wakeup = self._ensure_started()
+        """Probabilities for ``images`` (already validated), computed in some batch (``alone``:
+        in a model call of their own, as Evaluate needs)."""
         n = images.shape[0]
-        if self._queued_images + n > self.max_queued_images:
-            self.stats.rejected += 1
-            raise OverloadedError(
-                f"server overloaded: {self._queued_images} images queued, limit "
-                f"{self.max_queued_images}; retry with backoff"
-            )
+        if (not self._queue and not self._busy and self.max_queue_delay == 0
+                and self._inline(model, n)):
+            return self._compute_now(model, images, alone)
+        wakeup = self._ensure_started()
+        self.admit(model, n)
         future: asyncio.Future[npt.NDArray[np.float32]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(model, images, future, deadline, time.monotonic()))
+        self._queue.append(_Pending(model, images, future, deadline, time.monotonic(), alone))
         self._queued_images += n
         wakeup.set()
         return await future
 
-    def _compute_now(self, model: Model, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """A model that runs on the event loop, nothing queued: computed at once in the caller's
-        task. A future and a wake-up of the batcher task would cost more than the call itself,
-        and calls cannot pile up behind a model that never yields the loop."""
+    def _compute_now(self, model: Model, images: npt.NDArray[np.float32],
+                     alone: bool) -> npt.NDArray[np.float32]:
+        """A small call on a model that runs on the event loop, the model idle and nothing queued:
+        computed at once in the caller's task. A future and a wake-up of the batcher task would
+        cost more than the call itself."""
         probs = model.predict(images)
-        self._account(model, images.shape[0], 0.0, probs)
+        if not alone:
+            self._account(model, images.shape[0], 0.0, probs)
         return probs
 
     def _account(self, model: Model, size: int, queue_seconds: float,
@@ -145,7 +174,8 @@ class Batcher:
                     "deadline passed while queued; the call was not computed"))
                 continue
             n = head.images.shape[0]
-            if batch and (head.model is not batch[0].model or total + n > self.max_batch_size):
+            if batch and (head.alone or batch[0].alone or head.model is not batch[0].model
+                          or total + n > self.max_batch_size):
                 break
             self._queue.popleft()
             self._queued_images -= n
@@ -171,7 +201,14 @@ class Batcher:
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         started = time.monotonic()
         try:
-            probs = await self._run(model, images)
+            if self._inline(model, images.shape[0]):
+                probs = model.predict(images)  # small enough for the loop (see the docstring)
+            else:
+                self._busy = True
+                try:
+                    probs = await self._run(model, images)
+                finally:
+                    self._busy = False
         except Exception as exc:  # every caller of the batch gets the model's error
             for pending in batch:
                 if not pending.future.done():
@@ -186,6 +223,8 @@ class Batcher:
                 pending.future.set_result(rows)
                 answered.append(rows)
             offset += n
+        if batch[0].alone:
+            return
         # Once per batch, not per call: the rows of the callers that were still waiting.
         self._account(
             model, images.shape[0], started - min(p.enqueued for p in batch),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -81,9 +82,16 @@ class PlaneObserver(Protocol):
     def on_model(self, model: Model) -> None: ...
 
 
+INLINE_BUDGET_S = 0.001
+"""The longest a model call may hold the event loop. A model's inline limit (below) is lowered
+until its measured call fits in it."""
+
+
 class DataPlane:
-    """Holds the served model and runs it off the event loop, one model call at a time: Predict
-    calls through the dynamic batcher, Evaluate batches as they come."""
+    """Holds the served model and runs it one model call at a time: Predict calls through the
+    dynamic batcher, Evaluate messages through the same queue, each alone. Only small calls on a
+    model that runs inline are computed on the event loop (see inline_limit); the rest on the
+    model thread."""
 
     def __init__(
         self,
@@ -92,11 +100,13 @@ class DataPlane:
         max_batch_size: int = 256,
         max_queue_delay: float = 0.0,
         max_queued_images: int = 8192,
+        inline_max_images: int = 64,
         keep_versions: int = 2,
         observer: PlaneObserver | None = None,
     ) -> None:
         self.max_images_per_request = max_images_per_request
         self.keep_versions = keep_versions
+        self.inline_max_images = inline_max_images
         self._model: Model | None = None
         self._loaded: dict[int, Model] = {}
         self.refused: dict[int, str] = {}
@@ -123,6 +133,7 @@ class DataPlane:
     def set_model(self, model: Model) -> None:
         """Serves ``model`` from now on (one assignment: calls already holding the previous model
         finish on it); the newest ``keep_versions`` stay loaded for pinned requests."""
+        self.batcher.inline_limits[model] = self.inline_limit(model)
         self._loaded[model.spec.version] = model
         for version in self.loaded_versions[self.keep_versions :]:
             if version != model.spec.version:
@@ -155,6 +166,50 @@ class DataPlane:
             )
         return pinned
 
+    def inline_limit(self, model: Model) -> int:
+        """The most images of one call of ``model`` computed on the event loop: 0 for a model
+        that does not run inline or whose 1-image call takes longer than INLINE_BUDGET_S; else
+        ``inline_max_images``, lowered to what fits in INLINE_BUDGET_S by the costs of a 1-image
+        and an ``inline_max_images`` call (best of 3 each, timed here at load).
+
+        Measured with LiteRT on one core of the 2-core development machine (the per-batch costs
+        the server logs here at load): the seed preset (Dense-128) takes 10 us for 1 image, 119 us
+        for 64 and 3.4 ms for 1,024, while handing a call to the model thread and back costs ~94
+        us; so up to 64 images the hand-off would cost as much as the call, and beyond it the
+        saving is marginal while the loop is held longer. The default preset takes ~72 us an
+        image (64 images: 4.6 ms, so its limit is about 13), the cnn preset ~0.9 ms for one
+        image (limit 0: always on the model thread)."""
+        cap = self.inline_max_images
+        if not runs_inline(model) or cap == 0:
+            return 0
+
+        def cost(n: int) -> float:
+            probe = np.zeros((n, model.spec.input_size), dtype=np.float32)
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                model.predict(probe)
+                best = min(best, time.perf_counter() - started)
+            return best
+
+        one, full = cost(1), cost(cap)
+        if one > INLINE_BUDGET_S:
+            limit = 0
+        elif full <= INLINE_BUDGET_S or cap == 1:
+            limit = cap
+        else:
+            per_image = max(full - one, 0.0) / (cap - 1)
+            limit = min(cap, 1 + int((INLINE_BUDGET_S - one) / per_image))
+        logger.info("model %s version %d: calls of up to %d images run on the event loop (1 image "
+                    "took %.0f us, %d images %.0f us; budget %.0f us)", model.spec.name,
+                    model.spec.version, limit, one * 1e6, cap, full * 1e6, INLINE_BUDGET_S * 1e6)
+        return limit
+
+    def admit(self, model: Model, count: int) -> None:
+        """Raises OverloadedError when a call of ``count`` images would wait for the model and the
+        queue has no room: the edges call it before converting pixels, so refusing costs little."""
+        self.batcher.admit(model, count)
+
     def check_count(self, count: int, field: str = "images") -> None:
         if count == 0:
             raise InvalidInputError(field, "empty; expected at least 1 image")
@@ -165,12 +220,8 @@ class DataPlane:
             )
 
     async def compute(self, model: Model, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """One model call. A model that says it runs inline (LiteRT: tens of microseconds for a
-        batch of Dense-128) runs on the event loop, which spares the hand-off to a thread and back
-        (more CPU than the call itself); any other runs on the model thread, so the loop keeps
-        serving meanwhile."""
-        if runs_inline(model):
-            return model.predict(images)
+        """One model call on the model thread, so the loop keeps serving meanwhile (the batcher
+        computes small calls of an inline model on the loop itself)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, model.predict, images)
 
     async def predict(
@@ -205,10 +256,12 @@ class Evaluation:
             )
         return self._model
 
-    async def add(self, model: Model, images: npt.NDArray[np.float32], labels: Any) -> None:
+    async def add(self, model: Model, images: npt.NDArray[np.float32], labels: Any,
+                  deadline: float | None = None) -> None:
         # Each message is one model call, never merged with other calls: the figures then equal
-        # the trainer's, which predicts the test set in the same batches.
-        probabilities = await self._plane.compute(model, images)
+        # the trainer's, which predicts the test set in the same batches. It waits in the
+        # batcher's queue like a Predict call, so it counts against the same bound.
+        probabilities = await self._plane.batcher.predict(model, images, deadline, alone=True)
         assert self._accumulator is not None
         self._accumulator.update(labels, probabilities)
 

@@ -86,6 +86,7 @@ def decode_input(
         )
     count = _tensor_shape(list(tensor.shape), spec.input_shape, field)
     plane.check_count(count, f"{field}.shape")
+    plane.admit(model, count)  # refused before any pixel is converted
     elements = count * spec.input_size
     raw = len(request.raw_input_contents) > 0
     if raw:

@@ -286,12 +286,14 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         images = None
         if isinstance(request, PackedPredictRequest):
             self._plane.check_count(request.rows.shape[0])
+            self._plane.admit(model, request.rows.shape[0])  # refused before any pixel is converted
             images = packed_pixels(request.rows, request.encoding, model.spec.input_size)
             if images is None:
                 request = request.message()
         if images is None:
             assert isinstance(request, pb.PredictRequest)
             self._plane.check_count(len(request.images))
+            self._plane.admit(model, len(request.images))
             images = decode_images(request.images, model.spec.input_size)
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
@@ -303,18 +305,21 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
         evaluation = Evaluation(self._plane)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
         index = 0
         async for request in request_iterator:
             field = f"requests[{index}].images"
             model = evaluation.model_for(request.model_version)
             self._plane.check_count(len(request.images), field)
+            self._plane.admit(model, len(request.images))
             images = decode_images(request.images, model.spec.input_size, field)
             labels = np.asarray(request.labels, dtype=np.int64)
             try:
                 check_labels(labels, images.shape[0], len(model.spec.labels))
             except InvalidInputError as exc:
                 raise InvalidInputError(f"requests[{index}].{exc.field}", exc.description) from None
-            await evaluation.add(model, images, labels)
+            await evaluation.add(model, images, labels, deadline)
             index += 1
         model, metrics = evaluation.result()
         response = pb.EvaluateResponse(

@@ -57,6 +57,14 @@ class Settings:
         default=8192,
         metadata={"help": "Images allowed to wait for the model; beyond that calls get RESOURCE_EXHAUSTED."},
     )
+    inline_max_images: int = field(
+        default=64,
+        metadata={
+            "help": "Most images of a call computed on the event loop, for a model that runs "
+            "inline (LiteRT) and only while it is idle; lowered per model at load until such a call "
+            "takes at most 1 ms. Larger calls queue for the model thread. 0: never on the loop."
+        },
+    )
     workers: int = field(
         default=1,
         metadata={"help": "Server processes sharing the port (SO_REUSEPORT), each with its own model."},
@@ -197,6 +205,8 @@ class Settings:
                 f"max queued images {self.max_queued_images} is below max images per request "
                 f"{self.max_images_per_request}"
             )
+        if self.inline_max_images < 0:
+            problems.append(f"inline max images {self.inline_max_images} is negative")
         if self.reload_interval < 0:
             problems.append(f"reload interval {self.reload_interval} is negative")
         if not 0 < self.repository_timeout <= 86400:

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from client.client import encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from server.batcher import Batcher
+from server.dataplane import DataPlane
 from server.errors import DeadlineExpiredError, OverloadedError
 from tests.conftest import FakeModel, ServerThread
 
@@ -111,59 +113,128 @@ class SlowModel(FakeModel):
         return super().predict(images)
 
 
-def test_full_queue_is_refused_at_once_and_expired_calls_are_not_computed() -> None:
-    model = SlowModel()
+class HeldLiteRT:
+    """The tiny model as production serves it (the LiteRT interpreter, ``inline`` as the loaded
+    model says), whose model calls, once ``hold`` is set, wait until released (before it, e.g.
+    at load, they run at once)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.spec, self.metadata, self.inline = model.spec, model.metadata, model.inline
+        self.inference_path = model.inference_path
+        self.hold = threading.Event()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[int] = []
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if self.hold.is_set():
+            self.entered.set()
+            self.release.wait(30)
+            self.calls.append(images.shape[0])
+        result: npt.NDArray[np.float32] = self.model.predict(images)
+        return result
+
+
+def tiny_litert(tiny_repo: Path) -> Any:
+    """The tiny model loaded as the server loads it: from its LiteRT flatbuffer."""
+    from digitserve.repository import ModelRepository
+    from server.model import load_version, read_check_set
+
+    version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)
+    model = load_version(version_dir, check_set=read_check_set(version_dir))
+    assert model.inline and model.inference_path == "litert"  # type: ignore[attr-defined]
+    return model
+
+
+# The fake model runs on the model thread whatever the size of a call; the LiteRT model runs
+# small calls on the event loop, so its variants scale every call by UNIT images (one more than
+# the default --inline-max-images, which the measurement at load can only lower): calls that
+# go through the queue to the model thread, as big calls do in production.
+UNIT = {"fake": 1, "litert": 65}
+PATHS = list(UNIT)
+
+
+@pytest.fixture(scope="module")
+def litert_model(tiny_repo: Path) -> Any:
+    return tiny_litert(tiny_repo)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_full_queue_is_refused_at_once_and_expired_calls_are_not_computed(
+    path: str, request: pytest.FixtureRequest,
+) -> None:
+    u = UNIT[path]
+    model: SlowModel | HeldLiteRT
 
     async def scenario() -> None:
+        nonlocal model
         loop = asyncio.get_running_loop()
+        batcher: Batcher
+        plane: DataPlane | None = None
+        if path == "fake":
+            model = SlowModel()
 
-        async def run(model: Any, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-            return await loop.run_in_executor(None, model.predict, images)
+            async def run(model: Any, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+                return await loop.run_in_executor(None, model.predict, images)
 
-        batcher = Batcher(run, max_batch_size=4, max_queue_delay=0, max_queued_images=9)
-        x = np.zeros((4, D), np.float32)
-        first = asyncio.ensure_future(batcher.predict(model, x))
+            batcher = Batcher(run, max_batch_size=4, max_queue_delay=0, max_queued_images=9)
+        else:  # the data plane's own batcher and model thread, as the server builds them
+            model = HeldLiteRT(request.getfixturevalue("litert_model"))
+            plane = DataPlane(4 * u, max_batch_size=4 * u, max_queued_images=9 * u)
+            plane.set_model(model)  # type: ignore[arg-type]
+            assert plane.batcher.inline_limits[model] < u  # type: ignore[index]
+            model.hold.set()
+            batcher = plane.batcher
+        x = np.zeros((4 * u, D), np.float32)
+        first = asyncio.ensure_future(batcher.predict(model, x))  # type: ignore[arg-type]
         await loop.run_in_executor(None, model.entered.wait, 10)  # the model is now busy
-        queued = [asyncio.ensure_future(batcher.predict(model, x)) for _ in range(2)]
-        expiring = asyncio.ensure_future(batcher.predict(model, x[:1], time.monotonic() + 0.05))
+        queued = [asyncio.ensure_future(batcher.predict(model, x)) for _ in range(2)]  # type: ignore[arg-type]
+        expiring = asyncio.ensure_future(
+            batcher.predict(model, x[:u], time.monotonic() + 0.05))  # type: ignore[arg-type]
         await asyncio.sleep(0)
         started = time.monotonic()
-        with pytest.raises(OverloadedError, match="9 images queued, limit 9"):
-            await batcher.predict(model, x[:1])  # 9 + 1 images would not fit
+        with pytest.raises(OverloadedError, match=f"{9 * u} images queued, limit {9 * u}"):
+            await batcher.predict(model, x[:1])  # type: ignore[arg-type] # 9 + 1 would not fit
         assert time.monotonic() - started < 0.05
         await asyncio.sleep(0.1)  # the expiring call's deadline passes while it waits
         model.release.set()
-        assert (await first).shape == (4, 10)
+        assert (await first).shape == (4 * u, 10)
         for q in queued:
-            assert (await q).shape == (4, 10)
+            assert (await q).shape == (4 * u, 10)
         with pytest.raises(DeadlineExpiredError, match="not computed"):
             await expiring
-        assert sum(model.calls) == 12  # the expired image was never computed
+        assert sum(model.calls) == 12 * u  # the expired images were never computed
         assert batcher.stats.rejected == 1 and batcher.stats.expired == 1
-        await batcher.close()
+        await (batcher.close() if plane is None else plane.close())
 
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("path", PATHS)
 def test_overload_is_resource_exhausted_over_grpc(
-    start_server: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread], path: str, request: pytest.FixtureRequest,
 ) -> None:
-    model = SlowModel()
-    server = start_server(loader=lambda: model, max_images_per_request=4, max_queued_images=4,
-                          max_batch_size=4)
+    u = UNIT[path]
+    model: SlowModel | HeldLiteRT = (
+        SlowModel() if path == "fake" else HeldLiteRT(request.getfixturevalue("litert_model")))
+    server = start_server(loader=lambda: model, max_images_per_request=4 * u,
+                          max_queued_images=4 * u, max_batch_size=4 * u)
     model.release.set()  # warm path: let the loader's calls through
     model.release.clear()
+    if isinstance(model, HeldLiteRT):
+        model.hold.set()
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.DigitServiceStub(channel)
-        request = pb.PredictRequest(images=encode_images(distinct_images(4)))
-        busy = stub.Predict.future(request, timeout=30)
+        request_ = pb.PredictRequest(images=encode_images(distinct_images(4 * u)))
+        busy = stub.Predict.future(request_, timeout=30)
         assert model.entered.wait(10)
-        waiting = stub.Predict.future(request, timeout=30)  # fills the queue
+        waiting = stub.Predict.future(request_, timeout=30)  # fills the queue
         time.sleep(0.2)
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Predict(request, timeout=5)
+            stub.Predict(request_, timeout=5)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "server overloaded" in refused.value.details()
         model.release.set()
-        assert len(busy.result(30).predictions) == 4
-        assert len(waiting.result(30).predictions) == 4
+        assert len(busy.result(30).predictions) == 4 * u
+        assert len(waiting.result(30).predictions) == 4 * u

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -66,12 +67,36 @@ def overload(target: str, callers: int, duration: float) -> list[tuple[str, floa
     return outcomes
 
 
+class CostlyLiteRT:
+    """The tiny model as production serves it (the LiteRT interpreter, ``inline`` as loaded),
+    whose every call takes 50 ms more, so a burst overflows its queue."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.spec, self.metadata, self.inline = model.spec, model.metadata, model.inline
+        self.inference_path = model.inference_path
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        time.sleep(0.05)
+        result: npt.NDArray[np.float32] = self.model.predict(images)
+        return result
+
+
+@pytest.mark.parametrize("path", ["fake", "litert"])
 def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
-    start_server: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str]
+    start_server: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str], path: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     # Capacity: 16 images per 50 ms model call = 320 images/s; the queue holds 64 images (4
     # calls' worth). 200 callers in a closed loop ask for far more.
-    server = start_server(loader=CostlyModel, max_batch_size=16, max_queued_images=64,
+    if path == "fake":
+        loader: Callable[[], Any] = CostlyModel
+    else:
+        from tests.test_batching import tiny_litert
+
+        model = CostlyLiteRT(tiny_litert(request.getfixturevalue("tiny_repo")))
+        loader = lambda: model  # noqa: E731
+    server = start_server(loader=loader, max_batch_size=16, max_queued_images=64,
                           max_images_per_request=16)
     callers, duration = 200, 3.0
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -94,7 +119,7 @@ def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
     assert rss_growth_mb < 200
     with DigitClient(server.target) as client:
         assert client.health() == "SERVING" and client.predict(images[0]).model_version == 1
-    report(capsys, f"overload: {callers} callers for {elapsed:.1f}s, {len(outcomes)} calls; "
+    report(capsys, f"overload ({path}): {callers} callers for {elapsed:.1f}s, {len(outcomes)} calls; "
                    f"{len(ok)} served (p50 {np.percentile(ok, 50):.0f} ms, p99 "
                    f"{np.percentile(ok, 99):.0f} ms), {len(refused)} RESOURCE_EXHAUSTED (p50 "
                    f"{np.percentile(refused, 50):.1f} ms, p99 {np.percentile(refused, 99):.1f} ms); "
