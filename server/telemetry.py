@@ -228,19 +228,21 @@ class Telemetry:
     def watch_queue(self, queued_images: Callable[[], float]) -> None:
         self.queued_images.set_function(queued_images)
 
-    def serve(self, host: str, port: int, *, read_timeout: float = 10.0,
-              max_connections: int = 16) -> int:
+    # The metrics endpoint: seconds each read of a scrape's request may take (a half-sent request
+    # is then dropped), and how many connections it serves at once (more are closed at once).
+    metrics_read_timeout = 10.0
+    metrics_max_connections = 16
+
+    def serve(self, host: str, port: int) -> int:
         """Serves the registry as Prometheus text on http://host:port/metrics (0 picks a free
         port) from a daemon thread; returns the bound port. Raises OSError if it cannot bind.
-        A connection has ``read_timeout`` seconds for each read of its request (then it is
-        dropped), and at most ``max_connections`` are served at once (more are closed at once):
-        a half-sent request holds one thread for a while, never for good."""
+        A half-sent request holds a thread for ``metrics_read_timeout``, never for good."""
         address = host.strip("[]")
         family, _, _, _, sockaddr = socket.getaddrinfo(
             address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         server_class = type("MetricsServer", (_MetricsServer,), {
-            "address_family": family, "slots": threading.BoundedSemaphore(max_connections)})
-        handler = type("MetricsHandler", (_MetricsHandler,), {"timeout": read_timeout})
+            "address_family": family, "slots": threading.BoundedSemaphore(self.metrics_max_connections)})
+        handler = type("MetricsHandler", (_MetricsHandler,), {"timeout": self.metrics_read_timeout})
         app = make_wsgi_app(self.registry)
         server: WSGIServer = make_server(str(sockaddr[0]), port, app, server_class, handler)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
