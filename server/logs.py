@@ -12,7 +12,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -172,7 +172,7 @@ access_log = AccessLog()
 _NATIVE_LINE = re.compile(rb"(VERBOSE|INFO|WARNING|ERROR): (.*)")
 _NATIVE_LEVELS = {b"VERBOSE": logging.DEBUG, b"INFO": logging.DEBUG, b"WARNING": logging.WARNING,
                   b"ERROR": logging.ERROR}
-_ABSL_LINE = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ([^\]\s]+:\d+)\] ?(.*)")
+_ABSL_LINE = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ ([^\]\s]+:\d+)\] ?(.*)")
 _ABSL_LEVELS = {b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR, b"F": logging.CRITICAL}
 MAX_NATIVE_CHARS = 2000  # a native line longer than this is cut (its length said)
 
@@ -308,8 +308,10 @@ class GrpcRecordFilter(logging.Filter):
     (the next one let through says how many were dropped, field ``suppressed``). Before this, one
     call with a 4 KB header value that is not UTF-8 made grpc write 40 KB of records."""
 
-    def __init__(self, max_chars: int = 300, interval: float = 10.0, burst: int = 5) -> None:
+    def __init__(self, max_chars: int = 300, interval: float = 10.0, burst: int = 5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self.clock = clock
         self.max_chars = max_chars
         self.interval = interval
         self.burst = burst
@@ -318,7 +320,7 @@ class GrpcRecordFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "grpc" and not record.name.startswith("grpc."):
             return True
-        now = time.monotonic()
+        now = self.clock()
         key = (record.name, record.pathname, record.lineno)
         window = self._windows.get(key)
         if window is None or now - window[0] >= self.interval:
