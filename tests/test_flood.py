@@ -151,6 +151,40 @@ def assert_all_json(lines: Sequence[str]) -> None:
             raise AssertionError(f"a line on the server's stderr is not JSON: {line[:300]!r}") from None
 
 
+# --- the options every listener gets ------------------------------------------------------------
+
+def test_every_listener_gets_the_http2_limits_from_flags_and_environment(tmp_path: Path) -> None:
+    from server.app import server_options
+    from server.settings import load_settings
+
+    env = {"MNIST_MODEL_REPO": str(tmp_path), "MNIST_MAX_CONNECTION_IDLE": "30"}
+    defaults = dict(server_options(load_settings([], {"MNIST_MODEL_REPO": str(tmp_path)})))
+    assert {key: defaults[key] for key in (
+        "grpc.max_concurrent_streams", "grpc.max_connection_idle_ms", "grpc.keepalive_time_ms",
+        "grpc.keepalive_timeout_ms", "grpc.http2.min_ping_interval_without_data_ms",
+        "grpc.http2.max_ping_strikes", "grpc.max_metadata_size", "grpc.absolute_max_metadata_size",
+    )} == {
+        "grpc.max_concurrent_streams": 100, "grpc.max_connection_idle_ms": 60_000,
+        "grpc.keepalive_time_ms": 60_000, "grpc.keepalive_timeout_ms": 20_000,
+        "grpc.http2.min_ping_interval_without_data_ms": 10_000, "grpc.http2.max_ping_strikes": 2,
+        "grpc.max_metadata_size": 8192, "grpc.absolute_max_metadata_size": 8192,
+    }
+    options = dict(server_options(load_settings(
+        ["--max-concurrent-streams", "8", "--keepalive-time", "0", "--max-metadata-bytes", "4096"], env)))
+    assert options["grpc.max_concurrent_streams"] == 8
+    assert options["grpc.max_connection_idle_ms"] == 30_000
+    assert options["grpc.keepalive_time_ms"] == 2**31 - 1  # 0: no keepalive pings
+    assert options["grpc.max_metadata_size"] == options["grpc.absolute_max_metadata_size"] == 4096
+    off = dict(server_options(load_settings(["--max-connection-idle", "0"], env)))
+    assert "grpc.max_connection_idle_ms" not in off
+    with pytest.raises(ValueError) as bad:
+        load_settings(["--max-concurrent-streams", "0", "--max-connection-idle", "-1",
+                       "--keepalive-timeout", "0", "--max-metadata-bytes", "100"], env)
+    assert str(bad.value) == (
+        "max concurrent streams 0 is below 1; max connection idle -1.0 is negative; "
+        "keepalive timeout 0.0 is not positive; max metadata bytes 100 is below 1024")
+
+
 # --- a flood of data-less streams ---------------------------------------------------------------
 
 FLOOD_SECONDS = 4.0
