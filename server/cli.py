@@ -26,7 +26,8 @@ def configure_logging(level: str, log_format: str = "auto", native_stderr: bool 
 
     is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     json_lines = resolve_format(log_format, is_terminal) == "json"
-    stream = (bridge_native_stderr() if json_lines and native_stderr else None) or sys.stderr
+    threshold = logging.getLevelNamesMapping().get(level.upper(), logging.DEBUG)
+    stream = (bridge_native_stderr(threshold) if json_lines and native_stderr else None) or sys.stderr
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if json_lines else text_formatter())
     handler.addFilter(GrpcRecordFilter())

@@ -234,15 +234,19 @@ def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
 NATIVE_LOGGER = "native"
 
 
-def bridge_native_stderr() -> TextIO | None:
+_BRIDGE_MAIN = "import sys; from server.logs import run_bridge; run_bridge(int(sys.argv[1]))"
+
+
+def bridge_native_stderr(level: int = logging.DEBUG) -> TextIO | None:
     """Makes everything native code writes to file descriptor 2 for the rest of the process's life
     (grpc core's absl lines, such as ``File descriptor limit reached``; TensorFlow's) a JSON line:
     file descriptor 2 becomes a pipe read by a small process of its own that writes each line as a
     JSON record (logger ``native``, ``source`` = absl's file:line) to the real stderr, and JSON
-    lines as they are. A process, not a thread: it reads the pipe to its end, so the last lines of
-    a process that dies (a fatal absl CHECK, a fault) are kept. Returns a stream on the real
-    stderr for Python's own lines (which never go through the pipe), or None if there is no file
-    descriptor 2 or no bridge could be started, leaving stderr as it was."""
+    lines as they are; native records below ``level`` are dropped. A process, not a thread: it
+    reads the pipe to its end, so the last lines of a process that dies (a fatal absl CHECK, a
+    fault) are kept. Returns a stream on the real stderr for Python's own lines (which never go
+    through the pipe), or None if there is no file descriptor 2 or no bridge could be started,
+    leaving stderr as it was."""
     import subprocess
 
     with contextlib.suppress(OSError, ValueError):
@@ -258,7 +262,7 @@ def bridge_native_stderr() -> TextIO | None:
         return None
     try:
         subprocess.Popen(
-            [sys.executable, "-c", "from server.logs import run_bridge; run_bridge()"],
+            [sys.executable, "-c", _BRIDGE_MAIN, str(level)],
             stdin=read_end, stdout=real, stderr=real, close_fds=True,
         )
     except OSError:
@@ -273,7 +277,7 @@ def bridge_native_stderr() -> TextIO | None:
     return stream
 
 
-def run_bridge() -> None:
+def run_bridge(level: int = logging.DEBUG) -> None:
     """The bridge process: standard input (the server's file descriptor 2) to standard output (the
     real stderr), a JSON line per line; ends at the end of its input (when every writer closed)."""
     import signal
@@ -286,14 +290,14 @@ def run_bridge() -> None:
             out.write(line if line.endswith(b"\n") else line + b"\n")
         else:
             native = native_record(line)
-            level, message, source = native if native is not None else (
+            severity, message, source = native if native is not None else (
                 logging.WARNING, _cut(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS),
                 None)
-            if not message and native is None:
+            if severity < level or (not message and native is None):
                 continue
             entry: dict[str, Any] = {
                 "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "level": logging.getLevelName(level), "logger": NATIVE_LOGGER, "message": message,
+                "level": logging.getLevelName(severity), "logger": NATIVE_LOGGER, "message": message,
             }
             if source is not None:
                 entry["source"] = source

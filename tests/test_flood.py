@@ -300,6 +300,7 @@ def test_idle_connections_past_the_fd_limit_keep_a_new_client_out_no_longer_than
     finally:
         for sock in idle:
             sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     stop(server)
     native = [json.loads(line) for line in server.lines if '"logger": "native"' in line]
     print(f"\nidle connections: {IDLE_CONNECTIONS} idle TCP connections against a {FD_LIMIT}-file limit, "
