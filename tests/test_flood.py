@@ -42,12 +42,13 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
 
 
 class RawConnection:
-    """An HTTP/2 client written by hand: sends the preface and an empty SETTINGS, and never
-    acknowledges the server's SETTINGS (so the limits it announces are not yet in force: the
-    worst case). Reads everything the server sends on a thread; ``ended`` holds the streams the
-    server finished (a frame with END_STREAM, or RST_STREAM), ``statuses`` their grpc-status."""
+    """An HTTP/2 client written by hand: sends the preface and an empty SETTINGS, and (unless
+    ``ack``) never acknowledges the server's SETTINGS, so the limits it announces are not all in
+    force (grpc applies the header-size limit only once acknowledged). Reads everything the
+    server sends on a thread; ``ended`` holds the streams the server finished (a frame with
+    END_STREAM, or RST_STREAM), ``statuses`` their grpc-status."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, ack: bool = False) -> None:
         self.port = port
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -56,7 +57,7 @@ class RawConnection:
         self.ended: set[int] = set()
         self.statuses: dict[int, str] = {}
         self.closed = threading.Event()
-        self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
+        self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0) + (frame(SETTINGS, ACK, 0) if ack else b""))
         threading.Thread(target=self._read, daemon=True).start()
 
     def request_headers(self, path: str, token: str | None = None) -> list[tuple[bytes, bytes]]:
@@ -196,9 +197,9 @@ FLOOD_CONNECTIONS = 4
 RSS_GROWTH_BOUND_MB = 48.0
 
 
-def flood(port: int, stop_at: float, token: str | None, sent: list[int]) -> None:
+def flood(port: int, stop_at: float, token: str | None, ack: bool, sent: list[int]) -> None:
     """HEADERS frames opening new Predict streams, 100 per write, never any DATA."""
-    connection = RawConnection(port)
+    connection = RawConnection(port, ack)
     headers = connection.request_headers(PREDICT, token)
     stream, count = 1, 0
     try:
@@ -213,9 +214,10 @@ def flood(port: int, stop_at: float, token: str | None, sent: list[int]) -> None
         connection.close()
 
 
-@pytest.mark.parametrize("token", [None, TOKEN], ids=["open", "token"])
+@pytest.mark.parametrize(("token", "ack"), [(None, False), (TOKEN, True)],
+                         ids=["open-settings-unacknowledged", "token-settings-acknowledged"])
 def test_a_stream_flood_leaves_well_behaved_calls_ok_and_memory_bounded(
-    spawn: Any, tiny_repo: Path, token: str | None
+    spawn: Any, tiny_repo: Path, token: str | None, ack: bool
 ) -> None:
     env = {"MNIST_AUTH_TOKEN": token} if token else None
     server, target = start(spawn, tiny_repo, env=env)
@@ -223,7 +225,7 @@ def test_a_stream_flood_leaves_well_behaved_calls_ok_and_memory_bounded(
     before = rss_mb(server.proc.pid)
     stop_at = time.monotonic() + FLOOD_SECONDS
     sent: list[int] = []
-    floods = [threading.Thread(target=flood, args=(port, stop_at, token, sent))
+    floods = [threading.Thread(target=flood, args=(port, stop_at, token, ack, sent))
               for _ in range(FLOOD_CONNECTIONS)]
     for thread in floods:
         thread.start()
@@ -246,7 +248,8 @@ def test_a_stream_flood_leaves_well_behaved_calls_ok_and_memory_bounded(
         thread.join(10)
     after = rss_mb(server.proc.pid)
     total = ok + len(failed)
-    print(f"\nstream flood ({'token required' if token else 'no token'}): {sum(sent):,} streams "
+    print(f"\nstream flood ({'token required' if token else 'no token'}, SETTINGS "
+          f"{'acknowledged' if ack else 'never acknowledged'}): {sum(sent):,} streams "
           f"opened on {FLOOD_CONNECTIONS} connections in {FLOOD_SECONDS:.0f} s; well-behaved calls "
           f"{ok}/{total} OK ({100 * ok / max(total, 1):.1f} %), "
           f"failures {dict(Counter(code.name for code in failed))}; "
