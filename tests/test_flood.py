@@ -193,7 +193,7 @@ FLOOD_SECONDS = 4.0
 FLOOD_CONNECTIONS = 4
 # 4 connections x 100 streams held open (the per-connection limit) cost a few MB of call state;
 # the rest of the flood is refused by grpc core before any Python runs. On main the same 4 s
-# grew the process by 216 and 295 MB (1 GB in the 30 s).
+# grew the process by 270-300 MB (1 GB in the 30 s).
 RSS_GROWTH_BOUND_MB = 48.0
 
 
