@@ -19,7 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"mnist-serve: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    # The parent of --workers serves nothing: each worker bridges its own native stderr.
+    configure_logging(settings.log_level, settings.log_format, native_stderr=settings.workers == 1)
     if settings.workers > 1:
         from server.security import SecurityConfigError, ServerSecurity
         from server.workers import run_workers

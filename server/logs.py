@@ -12,7 +12,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -165,11 +165,34 @@ class AccessLog:
 access_log = AccessLog()
 
 
-# TensorFlow Lite's own log lines ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU."),
-# written by its C++ code straight to file descriptor 2.
+# Lines native code writes straight to file descriptor 2: TensorFlow Lite's ("INFO: Created
+# TensorFlow Lite XNNPACK delegate for CPU.") and absl's, the format of grpc core and TensorFlow
+# ("E0000 00:00:1795916047.597076    9767 tcp_server_posix.cc:220] File descriptor limit reached.
+# Retrying.").
 _NATIVE_LINE = re.compile(rb"(VERBOSE|INFO|WARNING|ERROR): (.*)")
 _NATIVE_LEVELS = {b"VERBOSE": logging.DEBUG, b"INFO": logging.DEBUG, b"WARNING": logging.WARNING,
                   b"ERROR": logging.ERROR}
+_ABSL_LINE = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ ([^\]\s]+:\d+)\] ?(.*)")
+_ABSL_LEVELS = {b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR, b"F": logging.CRITICAL}
+MAX_NATIVE_CHARS = 2000  # a native line longer than this is cut (its length said)
+
+
+def native_record(line: bytes) -> tuple[int, str, str | None] | None:
+    """(level, message, source) of one line in a native library's format (LiteRT's or absl's;
+    LiteRT's INFO is DEBUG here), or None for any other line. ``source`` is absl's ``file:line``."""
+    line = line.rstrip(b"\r\n")
+    if (absl := _ABSL_LINE.fullmatch(line)) is not None:
+        level, source, message = _ABSL_LEVELS[absl.group(1)], absl.group(2).decode(errors="replace"), \
+            absl.group(3)
+    elif (lite := _NATIVE_LINE.fullmatch(line)) is not None:
+        level, source, message = _NATIVE_LEVELS[lite.group(1)], None, lite.group(2)
+    else:
+        return None
+    return level, _cut(message.decode("utf-8", "replace"), MAX_NATIVE_CHARS), source
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 @contextlib.contextmanager
@@ -197,22 +220,147 @@ def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
         capture.seek(0)
         other = []
         for line in capture.read().splitlines(keepends=True):
-            native = _NATIVE_LINE.fullmatch(line.rstrip(b"\r\n"))
+            native = native_record(line)
             if native is None:
                 other.append(line)
             else:
-                logger.log(_NATIVE_LEVELS[native.group(1)], "%s",
-                           native.group(2).decode("utf-8", "replace"))
+                logger.log(native[0], "%s", native[1])
         if other:
             with contextlib.suppress(OSError):
                 os.write(2, b"".join(other))
 
 
-def configure_logging(level: str, log_format: str = "auto") -> None:
-    """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal, else JSON)."""
+# The logger of the records the bridge makes of native lines.
+NATIVE_LOGGER = "native"
+
+
+_BRIDGE_MAIN = "import sys; from server.logs import run_bridge; run_bridge(int(sys.argv[1]))"
+
+
+def bridge_native_stderr(level: int = logging.DEBUG) -> TextIO | None:
+    """Makes everything native code writes to file descriptor 2 for the rest of the process's life
+    (grpc core's absl lines, such as ``File descriptor limit reached``; TensorFlow's) a JSON line:
+    file descriptor 2 becomes a pipe read by a small process of its own that writes each line as a
+    JSON record (logger ``native``, ``source`` = absl's file:line) to the real stderr, and JSON
+    lines as they are; native records below ``level`` are dropped. A process, not a thread: it
+    reads the pipe to its end, so the last lines of a process that dies (a fatal absl CHECK, a
+    fault) are kept. Returns a stream on the real stderr for Python's own lines (which never go
+    through the pipe), or None if there is no file descriptor 2 or no bridge could be started,
+    leaving stderr as it was."""
+    import subprocess
+
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    try:
+        real = os.dup(2)
+    except OSError:
+        return None
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        os.close(real)
+        return None
+    try:
+        subprocess.Popen(
+            [sys.executable, "-c", _BRIDGE_MAIN, str(level)],
+            stdin=read_end, stdout=real, stderr=real, close_fds=True,
+        )
+    except OSError:
+        for fd in (real, read_end, write_end):
+            os.close(fd)
+        return None
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    stream = open(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    sys.stderr = stream  # Python's own writes (tracebacks at exit included) skip the pipe
+    return stream
+
+
+def run_bridge(level: int = logging.DEBUG) -> None:
+    """The bridge process: standard input (the server's file descriptor 2) to standard output (the
+    real stderr), a JSON line per line; ends at the end of its input (when every writer closed)."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the server's group's signals
+        signal.signal(signum, signal.SIG_IGN)  # it ends when the server does, at end of input
+    out = sys.stdout.buffer
+    for line in sys.stdin.buffer:
+        if line.startswith(b"{"):  # a JSON line (a library writing our own records): as it is
+            out.write(line if line.endswith(b"\n") else line + b"\n")
+        else:
+            native = native_record(line)
+            severity, message, source = native if native is not None else (
+                logging.WARNING, _cut(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS),
+                None)
+            if severity < level or (not message and native is None):
+                continue
+            entry: dict[str, Any] = {
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "level": logging.getLevelName(severity), "logger": NATIVE_LOGGER, "message": message,
+            }
+            if source is not None:
+                entry["source"] = source
+            out.write(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
+        out.flush()
+
+
+class GrpcRecordFilter(logging.Filter):
+    """grpc's own Python records (loggers ``grpc.*``) made safe to write when a client controls
+    what they say: one line of at most ``max_chars`` characters (a traceback becomes its last
+    line), and at most ``burst`` records per ``interval`` seconds from each place in grpc's code
+    (the next one let through says how many were dropped, field ``suppressed``). Before this, one
+    call with a 4 KB header value that is not UTF-8 made grpc write 40 KB of records."""
+
+    def __init__(self, max_chars: int = 300, interval: float = 10.0, burst: int = 5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.max_chars = max_chars
+        self.interval = interval
+        self.burst = burst
+        self._windows: dict[tuple[str, str, int], list[float]] = {}  # [window start, count, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "grpc" and not record.name.startswith("grpc."):
+            return True
+        now = self.clock()
+        key = (record.name, record.pathname, record.lineno)
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.interval:
+            dropped = 0 if window is None else int(window[2])
+            window = self._windows[key] = [now, 0, 0]
+        else:
+            dropped = 0
+        if window[1] >= self.burst:
+            window[2] += 1
+            return False
+        window[1] += 1
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message = f"{message}: {type(exc).__name__}: {exc}"
+        record.msg = _cut(" ".join(message.split()), self.max_chars)
+        record.args = None
+        record.exc_info = record.exc_text = None
+        record.stack_info = None
+        if dropped:
+            record.suppressed = dropped
+            record.msg += f" ({dropped} like it suppressed)"
+        return True
+
+
+def configure_logging(level: str, log_format: str = "auto", native_stderr: bool = True) -> None:
+    """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal, else JSON). In
+    JSON mode with ``native_stderr`` (a process that serves), what native code writes to stderr
+    (grpc core, TensorFlow) becomes JSON lines too (``bridge_native_stderr``). grpc's own Python
+    records are cut to one line and rate-limited (``GrpcRecordFilter``)."""
     is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    handler = logging.StreamHandler(sys.stderr)
     json_lines = resolve_format(log_format, is_terminal) == "json"
+    threshold = logging.getLevelNamesMapping().get(level.upper(), logging.DEBUG)
+    stream = (bridge_native_stderr(threshold) if json_lines and native_stderr else None) or sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if json_lines else text_formatter())
+    handler.addFilter(GrpcRecordFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
-    access_log.direct(sys.stderr, json_lines)  # the same lines, written in batches
+    access_log.direct(stream, json_lines)  # the same lines, written in batches

@@ -42,6 +42,54 @@ class Settings:
             "rebalance over new replicas; 0 keeps connections open."
         },
     )
+    # HTTP/2 limits of every listener (grpc core channel arguments; see server_options).
+    max_concurrent_streams: int = field(
+        default=100,
+        metadata={
+            "help": "Most streams (calls) one client connection may have open at once "
+            "(SETTINGS_MAX_CONCURRENT_STREAMS); more are refused with REFUSED_STREAM, which grpc "
+            "clients queue. Bounds what a flood of data-less streams can hold."
+        },
+    )
+    max_connection_idle: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds a connection may stay without any call before the server closes it "
+            "(GOAWAY; grpc clients reconnect at their next call); 0 never closes idle connections."
+        },
+    )
+    keepalive_time: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds between the server's keepalive pings on a connection, to find peers "
+            "that vanished without closing it; 0 sends none."
+        },
+    )
+    keepalive_timeout: float = field(
+        default=20.0,
+        metadata={"help": "Seconds a keepalive ping may wait for its answer before the connection closes."},
+    )
+    min_ping_interval: float = field(
+        default=10.0,
+        metadata={
+            "help": "Shortest interval (seconds) allowed between a client's pings while the server "
+            "sends nothing; each faster ping is a strike (client keepalive must not be shorter)."
+        },
+    )
+    max_ping_strikes: int = field(
+        default=2,
+        metadata={
+            "help": "Pings too early tolerated before the connection is closed (GOAWAY "
+            "ENHANCE_YOUR_CALM 'too_many_pings'); 0 tolerates any number."
+        },
+    )
+    max_metadata_bytes: int = field(
+        default=8192,
+        metadata={
+            "help": "Largest header block (request metadata, HPACK-decoded) of a call; larger "
+            "ones are refused with RESOURCE_EXHAUSTED before the call reaches the server's code."
+        },
+    )
     max_batch_size: int = field(
         default=256,
         metadata={"help": "Most images the dynamic batcher puts into one model call."},
@@ -196,6 +244,15 @@ class Settings:
             problems.append(f"model version {self.model_version} is negative")
         if self.max_connection_age < 0:
             problems.append(f"max connection age {self.max_connection_age} is negative")
+        if self.max_concurrent_streams < 1:
+            problems.append(f"max concurrent streams {self.max_concurrent_streams} is below 1")
+        for name in ("max_connection_idle", "keepalive_time", "min_ping_interval", "max_ping_strikes"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name.replace('_', ' ')} {getattr(self, name)} is negative")
+        if self.keepalive_timeout <= 0:
+            problems.append(f"keepalive timeout {self.keepalive_timeout} is not positive")
+        if self.max_metadata_bytes < 1024:
+            problems.append(f"max metadata bytes {self.max_metadata_bytes} is below 1024")
         if self.max_batch_size < 1:
             problems.append(f"max batch size {self.max_batch_size} is below 1")
         if self.max_queue_delay_ms < 0:

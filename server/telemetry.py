@@ -8,18 +8,20 @@ import bisect
 import itertools
 import logging
 import re
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -226,10 +228,24 @@ class Telemetry:
     def watch_queue(self, queued_images: Callable[[], float]) -> None:
         self.queued_images.set_function(queued_images)
 
+    # The metrics endpoint: seconds each read of a scrape's request may take (a half-sent request
+    # is then dropped), and how many connections it serves at once (more are closed at once).
+    metrics_read_timeout = 10.0
+    metrics_max_connections = 16
+
     def serve(self, host: str, port: int) -> int:
         """Serves the registry as Prometheus text on http://host:port/metrics (0 picks a free
-        port) from a daemon thread; returns the bound port. Raises OSError if it cannot bind."""
-        server, _thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        port) from a daemon thread; returns the bound port. Raises OSError if it cannot bind.
+        A half-sent request holds a thread for ``metrics_read_timeout``, never for good."""
+        address = host.strip("[]")
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        server_class = type("MetricsServer", (_MetricsServer,), {
+            "address_family": family, "slots": threading.BoundedSemaphore(self.metrics_max_connections)})
+        handler = type("MetricsHandler", (_MetricsHandler,), {"timeout": self.metrics_read_timeout})
+        app = make_wsgi_app(self.registry)
+        server: WSGIServer = make_server(str(sockaddr[0]), port, app, server_class, handler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._http = server
         return int(server.server_port)
 
@@ -239,6 +255,41 @@ class Telemetry:
         if server is not None:
             await asyncio.to_thread(server.shutdown)
             server.server_close()
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    """One scrape; no access line (a connection's ``timeout`` is set by Telemetry.serve)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``slots`` at once; a connection that fails (timed out,
+    reset) is one DEBUG record, not socketserver's traceback on stderr."""
+
+    daemon_threads = True
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            logger.debug("metrics endpoint: %s refused, all connections busy", client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("metrics endpoint: connection from %s dropped", client_address[0], exc_info=True)
 
 
 _ID_PREFIX = uuid.uuid4().hex[:16]

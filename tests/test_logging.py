@@ -21,8 +21,10 @@ from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from server.logs import (
     AccessLog,
+    GrpcRecordFilter,
     JsonFormatter,
     current_request_id,
+    native_record,
     native_stderr_logged,
     resolve_format,
 )
@@ -219,3 +221,73 @@ def test_a_litert_interpreter_writes_no_bare_line_to_stderr(tiny_repo: Path) -> 
     assert "TensorFlow Lite" not in done.stderr, done.stderr
     assert "litert Created TensorFlow Lite XNNPACK delegate for CPU." in done.stdout.splitlines()
     assert done.stdout.splitlines()[-1] == "(2, 10)"
+
+
+def test_absl_and_litert_lines_are_recognised() -> None:
+    assert native_record(b"E1129 01:39:48.284563   19318 posix_engine_listener.cc:164] File descriptor "
+                         b"limit reached. Retrying.\n") == (
+        logging.ERROR, "File descriptor limit reached. Retrying.", "posix_engine_listener.cc:164")
+    assert native_record(b"I0000 00:00:1795916047.597076    9767 loader.cc:220] Running op\n") == (
+        logging.INFO, "Running op", "loader.cc:220")
+    assert native_record(b"WARNING: something odd\n") == (logging.WARNING, "something odd", None)
+    assert native_record(b'{"level": "INFO"}\n') is None
+    assert native_record(b"plain words\n") is None
+    _, message, _ = native_record(b"W0000 00:00:1.0 1 x.cc:1] " + b"a" * 5000) or (0, "", None)
+    assert message == "a" * 2000 + "… (5000 characters)"
+
+
+def test_grpc_records_become_one_short_line_and_are_rate_limited() -> None:
+    now = [0.0]
+    grpc_filter = GrpcRecordFilter(max_chars=40, interval=10.0, burst=2, clock=lambda: now[0])
+    logger = logging.getLogger("grpc._cython.cygrpc")
+
+    def record(value: bytes, lineno: int = 7) -> logging.LogRecord:
+        try:
+            value.decode()
+        except UnicodeDecodeError:
+            exc_info = sys.exc_info()
+        return logger.makeRecord(logger.name, logging.ERROR, "cygrpc.pyx", lineno,
+                                 "Invalid encoding on %s", (value,), exc_info)
+
+    first = record(b"\xff" * 100)
+    assert grpc_filter.filter(first)
+    # The message, then the exception's last line, cut to 40 characters and its length said.
+    assert first.getMessage() == "Invalid encoding on b'\\xff\\xff\\xff\\xff\\x\u2026 (515 characters)"
+    assert first.exc_info is None and "\n" not in first.getMessage()
+    assert grpc_filter.filter(record(b"\xfe"))
+    assert not grpc_filter.filter(record(b"\xfe"))  # a third from the same place within 10 s
+    assert not grpc_filter.filter(record(b"\xfd"))
+    assert grpc_filter.filter(record(b"\xfe", lineno=8))  # another place in grpc's code
+    other = logger.makeRecord("server.app", logging.ERROR, "app.py", 1, "x" * 100, (), None)
+    assert grpc_filter.filter(other) and other.getMessage() == "x" * 100  # not grpc's: untouched
+    now[0] = 10.0
+    later = record(b"\xfe")
+    assert grpc_filter.filter(later)
+    assert later.suppressed == 2 and later.getMessage().endswith("(2 like it suppressed)")  # type: ignore[attr-defined]
+
+
+def test_json_mode_bridges_native_stderr_lines_to_json(tmp_path: Path) -> None:
+    # A process in JSON mode: what native code writes to file descriptor 2 comes out as JSON,
+    # including the last line of a process that dies at once after writing it.
+    script = (
+        "import logging, os\n"
+        "from server.cli import configure_logging\n"
+        "configure_logging('INFO', 'json')\n"
+        "logging.getLogger('server.test').info('python line')\n"
+        "os.write(2, b'E1129 01:39:48.284563   19318 posix_engine_listener.cc:164] File descriptor "
+        "limit reached. Retrying.\\n')\n"
+        "os.write(2, b'not a known format\\n')\n"
+        "os.write(2, b'F0000 00:00:1.5 1 check.cc:9] Check failed: x\\n')\n"
+        "os._exit(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 3
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    assert {(e["logger"], e["level"], e["message"]) for e in entries} == {
+        ("server.test", "INFO", "python line"),
+        ("native", "ERROR", "File descriptor limit reached. Retrying."),
+        ("native", "WARNING", "not a known format"),
+        ("native", "CRITICAL", "Check failed: x"),
+    }
+    assert next(e.get("source") for e in entries if e["logger"] == "native") == "posix_engine_listener.cc:164"
