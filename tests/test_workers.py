@@ -71,16 +71,17 @@ def start_pool(spawn: type[ServerProcess], repo: Path, *args: str) -> tuple[Serv
 class Load:
     """Predict calls in a closed loop from two threads (each its own channel) until stopped."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, timeout: float = 20) -> None:
         self.codes: Counter[str] = Counter()
         self._stop = threading.Event()
+        self._timeout = timeout
         self._threads = [threading.Thread(target=self._run, args=(target,)) for _ in range(2)]
         for thread in self._threads:
             thread.start()
 
     def _run(self, target: str) -> None:
         image = np.zeros(784, np.uint8)
-        with DigitClient(target, timeout=20) as client:
+        with DigitClient(target, timeout=self._timeout) as client:
             while not self._stop.is_set():
                 try:
                     client.predict(image)
@@ -137,7 +138,7 @@ def test_workers_die_with_the_parent_and_free_the_port(
 ) -> None:
     server, target = start_pool(spawn, tiny_repo)
     pids = [p[-1] for p in worker_pids(server).values()]
-    load = Load(target)
+    load = Load(target, timeout=2)  # its calls after the kill wait for a server that never comes
     wait_for(lambda: load.codes["OK"] > 50, 30, "calls")
     killed = time.monotonic()
     server.proc.kill()
@@ -155,8 +156,12 @@ def test_workers_die_with_the_parent_and_free_the_port(
     wait_for(lambda: not any(alive(p) for p in pids), 10, "workers to exit")
     gone = time.monotonic() - killed
     load.stop()
-    with socket.socket() as sock:  # no SO_REUSEPORT: fails while any process holds the port
+    with socket.socket() as sock:  # no SO_REUSEPORT: fails while any process listens on the port
+        # SO_REUSEADDR only lets the bind past the closed connections' TIME_WAIT entries, never
+        # past a listening socket.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", int(target.rsplit(":", 1)[1])))
+        sock.listen()
     assert gone < 5
     report(capsys, f"parent SIGKILL: both workers gone {gone:.2f}s later, the port free")
 
