@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,12 +14,12 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.calls import CallWrapper, Services
 from server.security import INVALID_TOKEN, MISSING_TOKEN, TokenAuth
 from server.telemetry import Telemetry
 from tests.conftest import ServerThread
+from tests.support import scrape
 
 TOKEN = "coverage-t0ken"
 GOOD = (("authorization", f"Bearer {TOKEN}"),)
@@ -123,14 +122,11 @@ def outcome(channel: grpc.Channel, method: Method,
 
 def handled(port: int) -> Codes:
     """grpc_server_handled_total from the metrics endpoint, by (service, method, code)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
     codes: Codes = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "grpc_server_handled_total":
-                labels = sample.labels
-                codes[(labels["grpc_service"], labels["grpc_method"], labels["grpc_code"])] = sample.value
+    for (name, labels), value in scrape(port).items():
+        if name == "grpc_server_handled_total":
+            by = dict(labels)
+            codes[(by["grpc_service"], by["grpc_method"], by["grpc_code"])] = value
     return codes
 
 

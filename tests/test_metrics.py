@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,21 +20,10 @@ from server.settings import Settings
 from server.telemetry import CONFIDENCE_BUCKETS, BulkHistogram
 from server.workers import _with_metrics_port
 from tests.conftest import FakeModel, ServerThread
+from tests.support import Samples, scrape
 
 D = 784
 SERVICE = "digitserve.v1.DigitService"
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(port: int) -> Samples:
-    """Every sample of the endpoint, keyed by (sample name, labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

@@ -22,6 +22,7 @@ from client.client import DigitClient
 from digitserve.repository import ModelNotFoundError, ModelRepository
 from server.app import MODEL_UPDATES_SERVICE
 from tests.conftest import ServerThread, expect_error, make_settings
+from tests.support import publish_copy
 
 
 def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes | None = None,
@@ -42,22 +43,6 @@ def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes 
             model.save(staging / "model.keras")
         else:
             shutil.copy(source_dir / "model.keras", staging / "model.keras")
-        metadata: dict[str, Any] = json.loads((source_dir / "metadata.json").read_text())
-        metadata.pop("files", None)
-        return metadata
-
-    version, _ = repo.publish("tiny", build)
-    return version
-
-
-def publish_copy(repo: ModelRepository, source_dir: Path) -> int:
-    """Publishes every file of ``source_dir`` (model.tflite included, so it loads without
-    TensorFlow) as the next version; the repository writes the metadata with its checksums."""
-
-    def build(staging: Path, version: int) -> dict[str, Any]:
-        for path in source_dir.iterdir():
-            if path.name != "metadata.json":
-                shutil.copy(path, staging / path.name)
         metadata: dict[str, Any] = json.loads((source_dir / "metadata.json").read_text())
         metadata.pop("files", None)
         return metadata

@@ -4,7 +4,6 @@ backoff, then the server halts; the workers die with the parent; SIGHUP reloads,
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ import pytest
 from client.client import DigitClient
 from digitserve.repository import ModelRepository
 from tests.conftest import ServerProcess
+from tests.support import publish_copy
 
 TINY = ("--model-name", "tiny", "--reload-interval", "0")
 
@@ -166,22 +166,6 @@ def test_workers_die_with_the_parent_and_free_the_port(
     report(capsys, f"parent SIGKILL: both workers gone {gone:.2f}s later, the port free")
 
 
-def publish_copy(repo: Path, name: str = "tiny") -> int:
-    """Publishes a copy of the newest version as the next one (the same files, so it serves)."""
-    repository = ModelRepository(repo)
-    source = repository.version_dir(name, repository.latest(name))
-
-    def build(staging: Path, version: int) -> dict[str, Any]:
-        for path in source.iterdir():
-            if path.name != "metadata.json" and path.is_file():
-                shutil.copy(path, staging / path.name)
-        metadata: dict[str, Any] = json.loads((source / "metadata.json").read_text())
-        metadata.pop("files", None)
-        return metadata
-
-    return repository.publish(name, build)[0]
-
-
 def test_sighup_makes_the_workers_reload_and_kills_nothing(
     spawn: type[ServerProcess], tiny_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -190,7 +174,8 @@ def test_sighup_makes_the_workers_reload_and_kills_nothing(
     server, target = start_pool(spawn, repo)  # --reload-interval 0: only SIGHUP looks
     pids = worker_pids(server)
     load = Load(target)
-    assert publish_copy(repo) == 2
+    repository = ModelRepository(repo)
+    assert publish_copy(repository, repository.version_dir("tiny", 1)) == 2
     sent = time.monotonic()
     server.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: server.log.count("hot reload: serving model tiny version 2") == 2, 90,
