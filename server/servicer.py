@@ -17,6 +17,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from digitserve.idx import scale_pixels
 from digitserve.v1 import digit_service_pb2 as pb
@@ -47,9 +48,10 @@ _STATUS: dict[type[ServerError], grpc.StatusCode] = {
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 
-def _status_details(code: grpc.StatusCode, error: ServerError) -> tuple[tuple[str, bytes], ...]:
-    """``grpc-status-details-bin`` trailer: a google.rpc.Status, with BadRequest field violations
-    for invalid input, so programs can read which field failed (grpc_status.rpc_status)."""
+def _status(code: grpc.StatusCode, error: ServerError) -> grpc.Status:
+    """The call's status, built by grpcio-status: code, message and a google.rpc.Status in the
+    ``grpc-status-details-bin`` trailer, with BadRequest field violations for invalid input, so
+    programs can read which field failed (grpc_status.rpc_status.from_call)."""
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(error))
     if isinstance(error, InvalidInputError):
         detail = error_details_pb2.BadRequest(
@@ -60,7 +62,7 @@ def _status_details(code: grpc.StatusCode, error: ServerError) -> tuple[tuple[st
             ]
         )
         status.details.add().Pack(detail)
-    return (("grpc-status-details-bin", status.SerializeToString()),)
+    return rpc_status.to_status(status)
 
 
 class Undecodable:
@@ -164,8 +166,11 @@ def mapped_errors(
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         # Keep trailing metadata set before (the request id of server/telemetry.py).
         earlier = tuple(context.trailing_metadata() or ())
+        status = _status(code, error)
         await context.abort(
-            code, str(error), trailing_metadata=(*earlier, *_status_details(code, error))
+            status.code,
+            status.details,
+            trailing_metadata=(*earlier, *status.trailing_metadata),
         )
         raise AssertionError("context.abort() returned")  # it always raises
 
