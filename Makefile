@@ -24,10 +24,12 @@ demo:
 test: data
 	MNIST_DATA_DIR=$(DATA) MNIST_REQUIRE_E2E=1 $(BIN)/pytest
 
+# buf lint and buf breaking (against the previous commit) on protos/; .ci/buf.sh installs buf.
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy protos/digitserve/*.py server trainer client bench
 	PYTHON=$(BIN)/python .ci/gen-protos.sh --check
+	bash .ci/buf.sh
 
 # Issue 3's benchmark: null, naive and digitserve servers under the same load → BENCHMARKS.md.
 # BENCH_ARGS="--duration 3" for a quick run; `python -m bench --help` lists the options.
