@@ -10,7 +10,6 @@ import signal
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +27,7 @@ from server.oip import InferenceServicer
 from server.security import SecurityConfigError, ServerSecurity
 from server.servicer import DigitServicer, add_to_server
 from server.settings import Settings
+from server.slot import WorkerSlot
 from server.telemetry import RepositoryMetrics, Telemetry, export_certificate_expiry, watch_workers
 from server.versions import (
     Fingerprint,
@@ -37,9 +37,6 @@ from server.versions import (
     RepositoryTimeoutError,
     StaticSource,
 )
-
-if TYPE_CHECKING:
-    from server.workers import WorkerSlot
 
 logger = logging.getLogger(__name__)
 
