@@ -245,6 +245,12 @@ class KerasModel:
     def inference_path(self) -> str:
         return self.agreement.path
 
+    @property
+    def keras_model(self) -> Any:
+        """The loaded Keras model the served path was compared with (``bench/inference_paths.py``
+        times its other paths)."""
+        return self._keras_model
+
     def _probe(self) -> npt.NDArray[np.float32]:
         """Images to compare the paths on when the caller has none: seeded uniform noise."""
         rng = np.random.default_rng(0)
