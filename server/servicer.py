@@ -359,7 +359,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             metadata_json=json.dumps(metadata, sort_keys=True),
             max_images_per_request=self._plane.max_images_per_request,
             loaded_versions=self._plane.loaded_versions,
-            inference_path=str(getattr(model, "inference_path", "")),
+            inference_path=model.inference_path,
             refused_versions=[
                 pb.RefusedVersion(version=v, reason=r) for v, r in sorted(self._plane.refused.items())
             ],
