@@ -1,4 +1,5 @@
-"""The project's modules import each other without a cycle, counted from the source with `ast`.
+"""The project's modules import each other without a cycle, and none reaches into another's private
+names; both read from the source with `ast`.
 
 Every import counts wherever it stands: at module level, inside a function (a lazy import is still
 a dependency, only a later one), and under `if TYPE_CHECKING:` (the type checker follows it, and a
@@ -108,6 +109,35 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
+# Other projects' private names we must use: os._exit is documented API; the restricted unpickler
+# (trainer/data.py) hands out numpy's own array reconstructor, which numpy's pickles name.
+EXTERNAL_PRIVATE = {"os._exit", "multiarray._reconstruct"}
+
+
+def private_reaches() -> list[str]:
+    """Every `obj._name` where obj is not `self` or `cls`, and every `from ours import _name`: a
+    module using what another keeps to itself (its own instances' through self, its class's
+    through cls, are its business)."""
+    modules = _modules()
+    found = []
+    for path in modules.values():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                owner = ast.unparse(node.value)
+                if owner not in ("self", "cls") and f"{owner}.{node.attr}" not in EXTERNAL_PRIVATE:
+                    found.append(f"{where} {owner}.{node.attr}")
+            elif (isinstance(node, ast.ImportFrom) and node.module and not node.level
+                  and any(node.module == m or node.module.startswith(m + ".") for m in modules)):
+                found += [f"{where} from {node.module} import {a.name}"
+                              for a in node.names if _private(a.name)]
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
 def test_the_graph_sees_the_project() -> None:
     graph = import_graph()
     # The scan finds lazy and TYPE_CHECKING imports, not only module-level ones: a few edges we know.
@@ -123,3 +153,27 @@ def test_no_import_cycles() -> None:
     assert found == [], "import cycles (each a set of modules importing each other): " + "; ".join(
         " <-> ".join(c) for c in found
     )
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    found = private_reaches()
+    assert found == [], "private names used from outside: " + "; ".join(found)
+
+
+def test_the_model_protocol_declares_what_callers_read() -> None:
+    from server.model import Model
+    from tests.conftest import FakeModel
+
+    members = set(Model.__annotations__) | {n for n in vars(Model) if not n.startswith("_")}
+    assert {"spec", "metadata", "predict", "inline", "inference_path"} <= members, members
+    fake = FakeModel()
+    assert [m for m in sorted(members) if not hasattr(fake, m)] == []
+    # Callers read the members directly: a getattr with a default would hide a model without one.
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno} getattr(..., {node.args[1].value!r})"
+        for path in _modules().values()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+        and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in members
+    ]
+    assert found == [], found
