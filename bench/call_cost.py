@@ -69,7 +69,7 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     from server.dataplane import DataPlane
     from server.logs import access_log
     from server.model import load_version, read_check_set
-    from server.servicer import DigitServicer, _tolerant
+    from server.servicer import DigitServicer, tolerant_deserializer
     from server.telemetry import Telemetry
 
     logging.basicConfig(level=logging.INFO, stream=open("/dev/null", "w"))  # noqa: SIM115
@@ -82,7 +82,7 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     predict = CallWrapper(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
     pixels = np.random.default_rng(0).random((images, model.spec.input_size), dtype=np.float32)
     data = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels]).SerializeToString()
-    parse = _tolerant(pb.PredictRequest)
+    parse = tolerant_deserializer(pb.PredictRequest)
 
     async def measure(concurrency: int) -> float:
         async def caller(n: int) -> None:

@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.model import KerasModel
 
     served = KerasModel.load(args.model_dir)
-    keras_model = served._keras_model
+    keras_model = served.keras_model
     size = served.spec.input_size
     rng = np.random.default_rng(0)
     candidates = paths(keras_model, size)

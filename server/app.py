@@ -10,7 +10,6 @@ import signal
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,6 +27,7 @@ from server.oip import InferenceServicer
 from server.security import SecurityConfigError, ServerSecurity
 from server.servicer import DigitServicer, add_to_server
 from server.settings import Settings
+from server.slot import WorkerSlot
 from server.telemetry import RepositoryMetrics, Telemetry, export_certificate_expiry, watch_workers
 from server.versions import (
     Fingerprint,
@@ -37,9 +37,6 @@ from server.versions import (
     RepositoryTimeoutError,
     StaticSource,
 )
-
-if TYPE_CHECKING:
-    from server.workers import WorkerSlot
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +232,7 @@ class App:
                 partial(self.source.load, version), tag=fingerprint,
             )
         except Exception as exc:  # any failure to load or check refuses the version
-            self.plane.refused[version] = str(exc)
+            self.plane.refuse(version, str(exc))
             if isinstance(exc, RepositoryTimeoutError):
                 self._refused_at.pop(version, None)  # tried again once the read returns
             else:
@@ -243,7 +240,7 @@ class App:
             logger.error("refused model %s version %d: %s", self.settings.model_name, version, exc)
             self._event(kind, version, "refused")
             return None
-        self.plane.refused.pop(version, None)
+        self.plane.forgive(version)
         self._refused_at.pop(version, None)
         self._event(kind, version, "served")
         return model
@@ -295,7 +292,7 @@ class App:
                 "when their files change or their hung reads return",
                 model.spec.name, model.spec.version, ", ".join(map(str, newer)),
             )
-        if not pinned and self.settings.reload_interval > 0 and not isinstance(self.source, StaticSource):
+        if not pinned and self.settings.reload_interval > 0 and self.source.watchable:
             self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="watch")
         return model
 
@@ -351,7 +348,7 @@ class App:
             versions = []
         on_disk = set(versions)
         for version in [v for v in self.plane.refused if v not in on_disk]:
-            del self.plane.refused[version]  # refused_versions lists what is there
+            self.plane.forgive(version)  # refused_versions lists what is there
             self._refused_at.pop(version, None)
         served = current.spec.version
         expired = self._note_gone(on_disk)

@@ -23,8 +23,9 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -83,9 +84,19 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._busy = False  # a model call is running off the loop
-        self.inline_limits: weakref.WeakKeyDictionary[Model, int] = weakref.WeakKeyDictionary()
-        """Per model, the most images of a call computed on the event loop (absent: 0, never)."""
+        self._inline_limits: weakref.WeakKeyDictionary[Model, int] = weakref.WeakKeyDictionary()
         self.stats = BatchStats()
+
+    @property
+    def inline_limits(self) -> Mapping[Model, int]:
+        """Per model, the most images of a call computed on the event loop (absent: 0, never); a
+        read-only view, set_inline_limit() changes it."""
+        return MappingProxyType(self._inline_limits)
+
+    def set_inline_limit(self, model: Model, limit: int) -> None:
+        """Calls of ``model`` of at most ``limit`` images run on the event loop (kept while the
+        model lives)."""
+        self._inline_limits[model] = limit
 
     @property
     def queued_images(self) -> int:
@@ -93,7 +104,7 @@ class Batcher:
         return self._queued_images
 
     def _inline(self, model: Model, n: int) -> bool:
-        limit = self.inline_limits.get(model, 0) if runs_inline(model) else 0
+        limit = self._inline_limits.get(model, 0) if runs_inline(model) else 0
         return n <= limit
 
     def admit(self, model: Model, n: int) -> None:

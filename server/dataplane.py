@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -109,7 +110,7 @@ class DataPlane:
         self.inline_max_images = inline_max_images
         self._model: Model | None = None
         self._loaded: dict[int, Model] = {}
-        self.refused: dict[int, str] = {}
+        self._refused: dict[int, str] = {}  # version -> why the gate refused it
         self._observer = observer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.batcher = Batcher(
@@ -126,6 +127,21 @@ class DataPlane:
         return self._model
 
     @property
+    def refused(self) -> Mapping[int, str]:
+        """Versions refused by the gate and why (a read-only view: refuse() and forgive() change
+        it)."""
+        return MappingProxyType(self._refused)
+
+    def refuse(self, version: int, reason: str) -> None:
+        """Records that ``version`` was refused and why: a request pinning it is told the reason,
+        GetModelInfo lists it."""
+        self._refused[version] = reason
+
+    def forgive(self, version: int) -> None:
+        """Forgets a refusal (the version now serves, or its files are gone)."""
+        self._refused.pop(version, None)
+
+    @property
     def loaded_versions(self) -> list[int]:
         """Versions that answer pinned requests, newest first."""
         return sorted(self._loaded, reverse=True)
@@ -133,7 +149,7 @@ class DataPlane:
     def set_model(self, model: Model) -> None:
         """Serves ``model`` from now on (one assignment: calls already holding the previous model
         finish on it); the newest ``keep_versions`` stay loaded for pinned requests."""
-        self.batcher.inline_limits[model] = self.inline_limit(model)
+        self.batcher.set_inline_limit(model, self.inline_limit(model))
         self._loaded[model.spec.version] = model
         for version in self.loaded_versions[self.keep_versions :]:
             if version != model.spec.version:
@@ -159,7 +175,7 @@ class DataPlane:
         pinned = self._loaded.get(version)
         if pinned is None:
             loaded = ", ".join(str(v) for v in self.loaded_versions)
-            reason = f"; it was refused: {self.refused[version]}" if version in self.refused else ""
+            reason = f"; it was refused: {self._refused[version]}" if version in self._refused else ""
             raise ModelNotFoundError(
                 f"model {model.spec.name!r} version {version} is not served "
                 f"(serving version {model.spec.version}; loaded: {loaded}){reason}"

@@ -70,6 +70,17 @@ class Model(Protocol):
     spec: ModelSpec
     metadata: dict[str, Any]
 
+    @property
+    def inline(self) -> bool:
+        """Cheap enough to call on the event loop (see DataPlane.inline_limit): the LiteRT path."""
+        ...
+
+    @property
+    def inference_path(self) -> str:
+        """What computes ``predict`` (``litert``, ``tensorflow``): GetModelInfo and the
+        ``model_info`` metric report it."""
+        ...
+
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
 
 
@@ -194,10 +205,9 @@ def check_outputs(model: Model) -> None:
 
 
 def runs_inline(model: Model) -> bool:
-    """Whether ``model`` is cheap enough to call on the event loop (a ``inline`` attribute set to
-    True: LiteRTModel, and KerasModel on its LiteRT path). Others run on the data plane's model
-    thread."""
-    return bool(getattr(model, "inline", False))
+    """Whether ``model`` is cheap enough to call on the event loop (``Model.inline``: LiteRTModel,
+    and KerasModel on its LiteRT path). Others run on the data plane's model thread."""
+    return model.inline
 
 
 class KerasModel:
@@ -244,6 +254,12 @@ class KerasModel:
     @property
     def inference_path(self) -> str:
         return self.agreement.path
+
+    @property
+    def keras_model(self) -> Any:
+        """The loaded Keras model the served path was compared with (``bench/inference_paths.py``
+        times its other paths)."""
+        return self._keras_model
 
     def _probe(self) -> npt.NDArray[np.float32]:
         """Images to compare the paths on when the caller has none: seeded uniform noise."""

@@ -84,7 +84,7 @@ _PARSERS: dict[str, Callable[[bytes], Any]] = {
 }
 
 
-def _tolerant(message_class: Any) -> Callable[[bytes], Any]:
+def tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
     """A request deserializer that never raises: gRPC would answer UNKNOWN (unary) or the method
     would see an unexpected exception (streams) for bytes that do not parse."""
     type_name = message_class.DESCRIPTOR.full_name
@@ -135,7 +135,7 @@ def add_to_server(servicer: Any, server: Any, service: ServiceDescriptor | None 
     handlers = {
         method.name: factories[(method.client_streaming, method.server_streaming)](
             getattr(servicer, method.name),
-            request_deserializer=_tolerant(message_factory.GetMessageClass(method.input_type)),
+            request_deserializer=tolerant_deserializer(message_factory.GetMessageClass(method.input_type)),
             response_serializer=_serializer(message_factory.GetMessageClass(method.output_type)),
         )
         for method in service.methods
@@ -364,7 +364,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             metadata_json=json.dumps(metadata, sort_keys=True),
             max_images_per_request=self._plane.max_images_per_request,
             loaded_versions=self._plane.loaded_versions,
-            inference_path=str(getattr(model, "inference_path", "")),
+            inference_path=model.inference_path,
             refused_versions=[
                 pb.RefusedVersion(version=v, reason=r) for v, r in sorted(self._plane.refused.items())
             ],

@@ -176,7 +176,7 @@ class Telemetry:
         name, version = spec.name, str(spec.version)
         self.model_info.info({"model_name": name, "model_version": version,
                               "preset": str(model.metadata.get("preset", "")),
-                              "inference": str(getattr(model, "inference_path", ""))})
+                              "inference": model.inference_path})
         self._quality_series(model)
 
     def _quality_series(self, model: Model) -> _QualitySeries:

@@ -51,6 +51,10 @@ class QualityGateError(RepositoryError):
 class ModelSource(Protocol):
     """Published versions and a way to load one (checked and warmed up)."""
 
+    # True when new versions can appear (the server watches it for them: hot reload); False for a
+    # source whose versions are fixed once it is made.
+    watchable: bool
+
     def versions(self) -> list[int]: ...
 
     def load(self, version: int) -> Model: ...
@@ -80,6 +84,8 @@ def check_quality(model: Model, check_set: CheckSet, path: Path, min_accuracy: f
 
 class RepositorySource:
     """Versions of one model in a repository, loaded by load_version and gated."""
+
+    watchable = True  # versions are published while the server runs
 
     def __init__(self, root: Path, name: str, min_accuracy: float, inference: str = "auto",
                  *, allow_missing_check_set: bool = False) -> None:
@@ -151,6 +157,8 @@ class RepositorySource:
 
 class StaticSource:
     """One model from a loader function (tests, embedding): no versions to watch."""
+
+    watchable = False
 
     def __init__(self, loader: Callable[[], Model]) -> None:
         self._loader = loader

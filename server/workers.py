@@ -18,39 +18,14 @@ import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import Any
 
 from server.settings import Settings
+from server.slot import SERVING, STARTING, WorkerSlot
 
 logger = logging.getLogger(__name__)
 
-# A worker's slot in the shared array: written by the worker, cleared by the parent when it dies.
-STARTING, SERVING = 0, 1
 FIRST_BACKOFF, MAX_BACKOFF = 0.5, 30.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-@dataclass
-class WorkerSlot:
-    """What a worker process knows of the pool: its index, the shared state of every worker and
-    the pid of the parent that started it."""
-
-    index: int
-    states: Any  # multiprocessing RawArray of STARTING/SERVING, one per worker
-    parent_pid: int
-
-    def set_serving(self, serving: bool) -> None:
-        self.states[self.index] = SERVING if serving else STARTING
-
-    def serving(self) -> int:
-        return sum(1 for state in self.states if state == SERVING)
-
-    @property
-    def total(self) -> int:
-        return len(self.states)
-
-    def orphaned(self) -> bool:
-        return os.getppid() != self.parent_pid
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:

@@ -35,6 +35,7 @@ class FakeModel:
         size = input_shape[0] * input_shape[1]
         self.spec = ModelSpec("fake", version, input_shape, 1 / 255, labels)
         self.inference_path = "fake"
+        self.inline = False  # runs on the model thread, as a TensorFlow-path model does
         self.metadata: dict[str, Any] = {
             "name": "fake", "version": version, "preset": "fake",
             "input": {"shape": list(input_shape), "size": size, "scale": 1 / 255},

@@ -1,0 +1,179 @@
+"""The project's modules import each other without a cycle, and none reaches into another's private
+names; both read from the source with `ast`.
+
+Every import counts wherever it stands: at module level, inside a function (a lazy import is still
+a dependency, only a later one), and under `if TYPE_CHECKING:` (the type checker follows it, and a
+module that needs another's types to be written depends on it as surely as one that calls it).
+`from pkg import name` is an edge to `pkg.name` when that is a module of ours, else to `pkg`.
+Generated protobuf code (`*_pb2*.py`) is not ours to arrange and is left out.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# (directory holding the top-level package, package) for every package of the project.
+PACKAGES = (
+    (ROOT, "server"),
+    (ROOT, "client"),
+    (ROOT, "trainer"),
+    (ROOT, "bench"),
+    (ROOT / "protos", "digitserve"),
+)
+
+
+def _modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for base, package in PACKAGES:
+        for path in sorted((base / package).rglob("*.py")):
+            if path.name.endswith(("_pb2.py", "_pb2_grpc.py")) or "node_modules" in path.parts:
+                continue
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> Iterator[str]:
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield from _ours(alias.name, modules)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = name.split(".")
+                if not is_package:
+                    anchor.pop()
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                yield from _ours(target if target in modules else base, modules)
+
+
+def _ours(target: str, modules: dict[str, Path]) -> Iterator[str]:
+    # `import a.b.c` runs a, a.b and a.b.c; the edge that matters is the deepest module of ours.
+    while target and target not in modules:
+        target = target.rpartition(".")[0]
+    if target:
+        yield target
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {
+        name: {t for t in _imports(name, path, modules) if t != name}
+        for name, path in modules.items()
+    }
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+# Other projects' private names we must use: os._exit is documented API; the restricted unpickler
+# (trainer/data.py) hands out numpy's own array reconstructor, which numpy's pickles name.
+EXTERNAL_PRIVATE = {"os._exit", "multiarray._reconstruct"}
+
+
+def private_reaches() -> list[str]:
+    """Every `obj._name` where obj is not `self` or `cls`, and every `from ours import _name`: a
+    module using what another keeps to itself (its own instances' through self, its class's
+    through cls, are its business)."""
+    modules = _modules()
+    found = []
+    for path in modules.values():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                owner = ast.unparse(node.value)
+                if owner not in ("self", "cls") and f"{owner}.{node.attr}" not in EXTERNAL_PRIVATE:
+                    found.append(f"{where} {owner}.{node.attr}")
+            elif (isinstance(node, ast.ImportFrom) and node.module and not node.level
+                  and any(node.module == m or node.module.startswith(m + ".") for m in modules)):
+                found += [f"{where} from {node.module} import {a.name}"
+                              for a in node.names if _private(a.name)]
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_the_graph_sees_the_project() -> None:
+    graph = import_graph()
+    # The scan finds lazy and TYPE_CHECKING imports, not only module-level ones: a few edges we know.
+    assert "server.settings" in graph["server.cli"]
+    assert "digitserve.idx" in graph["trainer.data"]
+    assert len(graph) > 50, sorted(graph)
+
+
+def test_no_import_cycles() -> None:
+    graph = import_graph()
+    found = cycles(graph)
+    print(f"\n{len(graph)} modules, {sum(map(len, graph.values()))} import edges, cycles: {found}")
+    assert found == [], "import cycles (each a set of modules importing each other): " + "; ".join(
+        " <-> ".join(c) for c in found
+    )
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    found = private_reaches()
+    assert found == [], "private names used from outside: " + "; ".join(found)
+
+
+def test_the_model_protocol_declares_what_callers_read() -> None:
+    from server.model import Model
+    from tests.conftest import FakeModel
+
+    members = set(Model.__annotations__) | {n for n in vars(Model) if not n.startswith("_")}
+    assert {"spec", "metadata", "predict", "inline", "inference_path"} <= members, members
+    fake = FakeModel()
+    assert [m for m in sorted(members) if not hasattr(fake, m)] == []
+    # Callers read the members directly: a getattr with a default would hide a model without one.
+    found = [
+        f"{path.relative_to(ROOT)}:{node.lineno} getattr(..., {node.args[1].value!r})"
+        for path in _modules().values()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+        and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in members
+    ]
+    assert found == [], found
