@@ -1,5 +1,5 @@
 """Helpers the tests share (fixtures stay in conftest.py): publishing a copy of a version, reading
-a server's metrics endpoint."""
+a server's metrics endpoint, classification figures from an oracle independent of digitserve."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from digitserve.repository import METADATA_FILE, ModelRepository
@@ -42,3 +45,45 @@ def scrape(port: int) -> Samples:
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
+
+
+def oracle_metrics(y_true: npt.NDArray[Any], probs: npt.NDArray[Any]) -> dict[str, Any]:
+    """The figures of a labelled set computed without digitserve.metrics: scikit-learn's
+    accuracy, confusion matrix and per-class precision/recall/F1/support (zero_division=0), and
+    the mean cross-entropy written out with Keras's clipping of probabilities to [1e-7, 1 - 1e-7]
+    (scikit-learn's log_loss clips at the float's epsilon instead, so it would disagree on a
+    confident wrong answer)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    classes = list(range(p.shape[1]))
+    pred = p.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=classes, zero_division=0)
+    losses = [-np.log(min(max(p[i, y[i]], 1e-7), 1 - 1e-7)) for i in range(len(y))]
+    return {
+        "count": len(y),
+        "accuracy": float(accuracy_score(y, pred)),
+        "mean_cross_entropy": float(sum(losses) / len(losses)),
+        "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "support": support.tolist(),
+    }
+
+
+def assert_metrics_match(actual: dict[str, Any], y_true: npt.NDArray[Any],
+                         probs: npt.NDArray[Any]) -> None:
+    """``actual`` (ClassificationMetrics.to_dict()'s shape: count, accuracy, mean_cross_entropy,
+    confusion_matrix, per_class) equals the oracle's figures for (``y_true``, ``probs``)."""
+    want = oracle_metrics(y_true, probs)
+    assert actual["count"] == want["count"]
+    assert actual["confusion_matrix"] == want["confusion_matrix"]
+    assert actual["accuracy"] == pytest.approx(want["accuracy"], rel=1e-12)
+    assert actual["mean_cross_entropy"] == pytest.approx(want["mean_cross_entropy"], rel=1e-9)
+    per_class = actual["per_class"]
+    for key in ("precision", "recall", "f1"):
+        assert [c[key] for c in per_class] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert [c["support"] for c in per_class] == want["support"]
