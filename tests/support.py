@@ -4,6 +4,7 @@ a server's metrics endpoint, classification figures from an oracle independent o
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import urllib.request
 from pathlib import Path
@@ -87,3 +88,11 @@ def assert_metrics_match(actual: dict[str, Any], y_true: npt.NDArray[Any],
     for key in ("precision", "recall", "f1"):
         assert [c[key] for c in per_class] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
     assert [c["support"] for c in per_class] == want["support"]
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skips the test, or fails it when MNIST_REQUIRE_E2E is set (`make test`, CI), where every
+    test must really run: a missing tool or a failed install there is an error, not a skip."""
+    if os.environ.get("MNIST_REQUIRE_E2E"):
+        pytest.fail(f"{reason}; MNIST_REQUIRE_E2E is set, so this test must run", pytrace=False)
+    pytest.skip(reason)
