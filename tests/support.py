@@ -96,3 +96,26 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("MNIST_REQUIRE_E2E"):
         pytest.fail(f"{reason}; MNIST_REQUIRE_E2E is set, so this test must run", pytrace=False)
     pytest.skip(reason)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """The growth of this process's resident memory, to its peak, from the moment it is made:
+    the kernel's high-water mark (VmHWM) is reset to the current RSS first (/proc/self/clear_refs
+    "5"), so what TensorFlow or an earlier test allocated does not hide it. For an in-process
+    server (ServerThread) whose load runs in another process, that is the server's own memory."""
+
+    def __init__(self) -> None:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        self.start_kb = _status_kb("VmRSS")
+
+    def growth_mb(self) -> float:
+        return (_status_kb("VmHWM") - self.start_kb) / 1024
