@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +121,13 @@ class PeakMemory:
 
     def growth_mb(self) -> float:
         return (_status_kb("VmHWM") - self.start_kb) / 1024
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Polls ``predicate`` every 5 ms until it is true; fails naming ``what`` after ``timeout`` s.
+    For waiting on a counter or a state instead of sleeping and hoping it has changed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting until {what}", pytrace=False)
+        time.sleep(0.005)
