@@ -1,14 +1,20 @@
 """Helpers the tests share (fixtures stay in conftest.py): publishing a copy of a version, reading
-a server's metrics endpoint."""
+a server's metrics endpoint, classification figures from an oracle independent of digitserve."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from digitserve.repository import METADATA_FILE, ModelRepository
@@ -42,3 +48,86 @@ def scrape(port: int) -> Samples:
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
+
+
+def oracle_metrics(y_true: npt.NDArray[Any], probs: npt.NDArray[Any]) -> dict[str, Any]:
+    """The figures of a labelled set computed without digitserve.metrics: scikit-learn's
+    accuracy, confusion matrix and per-class precision/recall/F1/support (zero_division=0), and
+    the mean cross-entropy written out with Keras's clipping of probabilities to [1e-7, 1 - 1e-7]
+    (scikit-learn's log_loss clips at the float's epsilon instead, so it would disagree on a
+    confident wrong answer)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    y = np.asarray(y_true, dtype=np.int64)
+    p = np.asarray(probs, dtype=np.float64)
+    classes = list(range(p.shape[1]))
+    pred = p.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=classes, zero_division=0)
+    losses = [-np.log(min(max(p[i, y[i]], 1e-7), 1 - 1e-7)) for i in range(len(y))]
+    return {
+        "count": len(y),
+        "accuracy": float(accuracy_score(y, pred)),
+        "mean_cross_entropy": float(sum(losses) / len(losses)),
+        "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "support": support.tolist(),
+    }
+
+
+def assert_metrics_match(actual: dict[str, Any], y_true: npt.NDArray[Any],
+                         probs: npt.NDArray[Any]) -> None:
+    """``actual`` (ClassificationMetrics.to_dict()'s shape: count, accuracy, mean_cross_entropy,
+    confusion_matrix, per_class) equals the oracle's figures for (``y_true``, ``probs``)."""
+    want = oracle_metrics(y_true, probs)
+    assert actual["count"] == want["count"]
+    assert actual["confusion_matrix"] == want["confusion_matrix"]
+    assert actual["accuracy"] == pytest.approx(want["accuracy"], rel=1e-12)
+    assert actual["mean_cross_entropy"] == pytest.approx(want["mean_cross_entropy"], rel=1e-9)
+    per_class = actual["per_class"]
+    for key in ("precision", "recall", "f1"):
+        assert [c[key] for c in per_class] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+    assert [c["support"] for c in per_class] == want["support"]
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skips the test, or fails it when MNIST_REQUIRE_E2E is set (`make test`, CI), where every
+    test must really run: a missing tool or a failed install there is an error, not a skip."""
+    if os.environ.get("MNIST_REQUIRE_E2E"):
+        pytest.fail(f"{reason}; MNIST_REQUIRE_E2E is set, so this test must run", pytrace=False)
+    pytest.skip(reason)
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """The growth of this process's resident memory, to its peak, from the moment it is made:
+    the kernel's high-water mark (VmHWM) is reset to the current RSS first (/proc/self/clear_refs
+    "5"), so what TensorFlow or an earlier test allocated does not hide it. For an in-process
+    server (ServerThread) whose load runs in another process, that is the server's own memory."""
+
+    def __init__(self) -> None:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        self.start_kb = _status_kb("VmRSS")
+
+    def growth_mb(self) -> float:
+        return (_status_kb("VmHWM") - self.start_kb) / 1024
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Polls ``predicate`` every 5 ms until it is true; fails naming ``what`` after ``timeout`` s.
+    For waiting on a counter or a state instead of sleeping and hoping it has changed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting until {what}", pytrace=False)
+        time.sleep(0.005)

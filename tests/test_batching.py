@@ -22,6 +22,7 @@ from server.batcher import Batcher
 from server.dataplane import DataPlane
 from server.errors import DeadlineExpiredError, OverloadedError
 from tests.conftest import FakeModel, ServerThread
+from tests.support import wait_until
 
 D = 784
 
@@ -230,7 +231,8 @@ def test_overload_is_resource_exhausted_over_grpc(
         busy = stub.Predict.future(request_, timeout=30)
         assert model.entered.wait(10)
         waiting = stub.Predict.future(request_, timeout=30)  # fills the queue
-        time.sleep(0.2)
+        batcher = server.app.plane.batcher
+        wait_until(lambda: batcher.queued_images == 4 * u, "the second call fills the queue")
         with pytest.raises(grpc.RpcError) as refused:
             stub.Predict(request_, timeout=5)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -17,6 +17,7 @@ from digitserve.idx import load_split
 from digitserve.repository import ModelRepository
 from server.model import KerasModel
 from tests.conftest import ServerThread
+from tests.support import assert_metrics_match
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,10 @@ def test_evaluate_cli_reproduces_the_trainer_metrics(
     assert result["accuracy"] == metrics["test_accuracy"]
     assert result["confusion_matrix"] == metrics["confusion_matrix"]
     assert result["mean_cross_entropy"] == pytest.approx(metrics["test_loss"], abs=1e-9)
+    # And the figures themselves, against scikit-learn on the saved model's own probabilities.
+    split = load_split(synthetic_data_dir, "t10k")
+    pixels = split.images.reshape(len(split.labels), -1).astype(np.float32) / np.float32(255)
+    assert_metrics_match(result, split.labels, KerasModel.load(tiny_model_dir).predict(pixels))
     assert result["model_version"] == 1
     with Image.open(plot) as picture:
         assert picture.size[0] > 100

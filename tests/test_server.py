@@ -15,11 +15,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from client.client import encode_images
-from digitserve.metrics import classification_metrics
+from digitserve.metrics import MetricsAccumulator
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from server.servicer import INTERNAL_MESSAGE
 from tests.conftest import FakeModel, ServerThread, expect_error
+from tests.support import assert_metrics_match
 
 D = 784
 
@@ -166,16 +167,41 @@ def test_evaluate_streams_batches_and_matches_local_metrics(
     model = FakeModel()
     probs = np.concatenate([model.predict(images[s:s + 100].astype(np.float32) / np.float32(255))
                             for s in range(0, 250, 100)])
-    expected = classification_metrics([str(d) for d in range(10)], labels, probs)
-    assert response.count == 250
-    assert response.accuracy == expected.accuracy
-    assert response.mean_cross_entropy == pytest.approx(expected.mean_cross_entropy, abs=1e-12)
-    assert [list(r.counts) for r in response.confusion_matrix] == expected.confusion_matrix
-    assert [c.recall for c in response.per_class] == pytest.approx(expected.recall)
-    assert [c.support for c in response.per_class] == expected.support
+    assert_metrics_match({
+        "count": response.count, "accuracy": response.accuracy,
+        "mean_cross_entropy": response.mean_cross_entropy,
+        "confusion_matrix": [list(r.counts) for r in response.confusion_matrix],
+        "per_class": [{"precision": c.precision, "recall": c.recall, "f1": c.f1,
+                       "support": c.support} for c in response.per_class],
+    }, labels, probs)
     assert list(response.labels) == [str(d) for d in range(10)]
     assert response.model_version == 1
     assert fake_server.app.plane.model.calls[-3:] == [100, 100, 50]  # type: ignore[union-attr]
+
+
+def test_metrics_of_a_tiny_set_by_hand() -> None:
+    # 3 classes, 5 images, in two batches. True 0,0,1,2,2; predicted 0,1,1,2,0.
+    probs = np.array([[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1],
+                      [0.2, 0.2, 0.6], [0.5, 0.0, 0.5 - 1e-9]])
+    accumulator = MetricsAccumulator(["a", "b", "c"])
+    accumulator.update(np.array([0, 0]), probs[:2])
+    accumulator.update(np.array([1, 2, 2]), probs[2:])
+    result = accumulator.result()
+    assert result.count == 5
+    assert result.accuracy == pytest.approx(3 / 5)
+    assert result.confusion_matrix == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    # Class a: 1 of 2 predicted a are right, 1 of 2 true a found; b: 1/2 and 1/1; c: 1/1 and 1/2.
+    assert result.precision == pytest.approx([1 / 2, 1 / 2, 1.0])
+    assert result.recall == pytest.approx([1 / 2, 1.0, 1 / 2])
+    assert result.f1 == pytest.approx([1 / 2, 2 / 3, 2 / 3])
+    assert result.support == [2, 1, 2]
+    want_loss = -(np.log(0.7) + np.log(0.3) + np.log(0.8) + np.log(0.6) + np.log(0.5 - 1e-9)) / 5
+    assert result.mean_cross_entropy == pytest.approx(want_loss, rel=1e-12)
+    # A true class with probability 0 costs -log(1e-7), Keras's clipping, not infinity.
+    zero = MetricsAccumulator(["a", "b"])
+    zero.update(np.array([1]), np.array([[1.0, 0.0]]))
+    assert zero.result().mean_cross_entropy == pytest.approx(-np.log(1e-7), rel=1e-12)
+    assert zero.result().precision == [0.0, 0.0] and zero.result().f1 == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(("requests", "code", "message"), [

@@ -20,6 +20,7 @@ from digitserve.repository import (
     sha256_file,
     verify_files,
 )
+from tests.support import assert_metrics_match, oracle_metrics
 from trainer.cli import main
 from trainer.errors import TrainerError
 from trainer.presets import PRESETS, build_model, get_preset
@@ -198,10 +199,18 @@ def test_metadata_metrics_equal_the_servers_figures(
     x, y = _test_split(data_dir)
 
     accumulator = MetricsAccumulator(LABELS)
+    chunks = []
     for start in range(0, len(y), EVALUATE_BATCH):
         chunk = slice(start, start + EVALUATE_BATCH)
-        accumulator.update(y[chunk], served.predict(x[chunk]))
+        chunks.append(served.predict(x[chunk]))
+        accumulator.update(y[chunk], chunks[-1])
     recomputed = accumulator.result()
+    # The figures themselves, against scikit-learn (not the accumulator both sides share).
+    metrics = meta["metrics"]
+    assert_metrics_match({"count": len(y), "accuracy": metrics["test_accuracy"],
+                          "mean_cross_entropy": metrics["test_loss"],
+                          "confusion_matrix": metrics["confusion_matrix"],
+                          "per_class": metrics["per_class"]}, y, np.concatenate(chunks))
     assert meta["metrics"]["test_accuracy"] == recomputed.accuracy
     assert meta["metrics"]["test_loss"] == recomputed.mean_cross_entropy
     assert meta["metrics"]["confusion_matrix"] == recomputed.confusion_matrix
@@ -214,7 +223,11 @@ def test_metadata_metrics_equal_the_servers_figures(
     np.testing.assert_array_equal(scale_images(images), x[:500])
     np.testing.assert_array_equal(labels, y[:500])
     gate = MetricsAccumulator(LABELS)
-    gate.update(labels, served.predict(scale_images(images)))
+    gate_probs = served.predict(scale_images(images))
+    gate.update(labels, gate_probs)
+    oracle = oracle_metrics(labels, gate_probs)
+    assert gate.result().accuracy == pytest.approx(oracle["accuracy"], rel=1e-12)
+    assert gate.result().mean_cross_entropy == pytest.approx(oracle["mean_cross_entropy"], rel=1e-9)
     assert meta["check_set"] == {
         "file": CHECK_SET_FILE,
         "count": 500,
