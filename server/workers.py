@@ -160,6 +160,8 @@ class Arbiter:
         worker.restart_at = None
 
     def _reap(self, worker: _Worker, now: float) -> None:
+        # A worker that marked itself serving and died before the loop noticed still served.
+        self._notice_serving(worker, now)
         proc = worker.proc
         assert proc is not None
         code = proc.exitcode

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from client.client import DigitClient, encode_images
+from digitserve.repository import ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess
+from tests.support import publish_copy
 
 DRAINS = 4
 CALLERS = 8
@@ -98,8 +100,6 @@ def test_calls_racing_sigterm_are_never_lost(
 def test_a_single_server_reloads_on_sighup_and_a_second_signal_stops_it_at_once(
     spawn: type[ServerProcess], tiny_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.test_workers import publish_copy
-
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
     server = spawn("--model-repo", str(repo), "--model-name", "tiny", "--reload-interval", "0",
@@ -107,7 +107,8 @@ def test_a_single_server_reloads_on_sighup_and_a_second_signal_stops_it_at_once(
     target = server.target()
     with DigitClient(target, timeout=30) as client:
         assert client.wait_until_serving(90) == "SERVING"
-        assert publish_copy(repo) == 2
+        repository = ModelRepository(repo)
+        assert publish_copy(repository, repository.version_dir("tiny", 1)) == 2
         server.proc.send_signal(signal.SIGHUP)  # on main: killed at once, no drain
         deadline = time.monotonic() + 60
         while "hot reload: serving model tiny version 2" not in server.log:
