@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.metadata import Metadata
+
 Fn = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 # Batch sizes that the XLA path pads to, so that it compiles a handful of shapes only.
@@ -91,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     candidates = paths(keras_model, size)
     candidates[f"served (KerasModel.predict: {served.inference_path})"] = served.predict
-    print(f"model {args.model_dir}: {served.metadata.get('preset')} preset; "
+    print(f"model {args.model_dir}: {Metadata.from_json(served.metadata).preset} preset; "
           f"{served.agreement.describe()}")
     print("| path | batch | µs per call | × fastest | max abs diff vs model.predict |")
     print("|---|---|---|---|---|")

@@ -22,7 +22,9 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from digitserve.metadata import Metadata
 from digitserve.metrics import MetricsAccumulator
+from digitserve.repository import METADATA_FILE
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 
@@ -85,11 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import keras
 
-    metadata = json.loads((args.model_dir / "metadata.json").read_text())
+    metadata_file = args.model_dir / METADATA_FILE
+    metadata = Metadata.from_json(json.loads(metadata_file.read_text()), metadata_file)
+    _, labels = metadata.served_io()
     model = keras.models.load_model(args.model_dir / "model.keras")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.threads))
     pb_grpc.add_DigitServiceServicer_to_server(  # type: ignore[no-untyped-call, unused-ignore]
-        NaiveServicer(model, [str(x) for x in metadata["labels"]], int(metadata["version"])), server
+        NaiveServicer(model, list(labels), metadata.version), server
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -17,8 +17,10 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from digitserve.metadata import Metadata
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from digitserve.repository import METADATA_FILE
 
 
 class BenchError(Exception):
@@ -192,9 +194,10 @@ def model_versions(repo: Path, name: str) -> dict[str, int]:
     if not root.is_dir():
         return found
     for child in root.iterdir():
-        if not child.name.isdigit() or not (child / "metadata.json").is_file():
+        if not child.name.isdigit() or not (child / METADATA_FILE).is_file():
             continue
-        metadata = json.loads((child / "metadata.json").read_text())
-        preset = str(metadata.get("preset", ""))
+        metadata = Metadata.from_json(json.loads((child / METADATA_FILE).read_text()),
+                                      child / METADATA_FILE)
+        preset = metadata.preset or ""
         found[preset] = max(found.get(preset, 0), int(child.name))
     return found

@@ -15,6 +15,7 @@ import grpc
 from client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
 from client.images import ImageError, load_image
 from client.security import ClientSecurityError, read_token, tls_credentials
+from digitserve.metadata import Metadata
 
 PROG = "mnist-client"
 
@@ -234,13 +235,14 @@ def cmd_info(client: DigitClient, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    metrics = info.get("metrics", {})
-    print(f"model:          {info.get('name')} version {info['version']}")
-    print(f"preset:         {info.get('preset')}")
-    print(f"input:          {info.get('input')}")
-    print(f"labels:         {' '.join(info.get('labels', []))}")
-    print(f"test accuracy:  {metrics.get('test_accuracy')}")
-    print(f"created at:     {info.get('created_at')}")
+    # The served metadata.json, its version replaced by the one the server answered for.
+    metadata = Metadata.from_json(info, "the server's metadata_json")
+    print(f"model:          {metadata.name} version {metadata.version}")
+    print(f"preset:         {metadata.preset}")
+    print(f"input:          {metadata.input.to_json() if metadata.input else None}")
+    print(f"labels:         {' '.join(metadata.labels or ())}")
+    print(f"test accuracy:  {metadata.metrics.test_accuracy if metadata.metrics else None}")
+    print(f"created at:     {metadata.created_at}")
     print(f"max images/req: {info['max_images_per_request']}")
     return 0
 

@@ -16,13 +16,12 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.idx import scale_pixels
+from digitserve.metadata import Metadata
 from digitserve.repository import (
     CHECK_SET_FILE,
     LITERT_FILE,
     MODEL_FILE,
     CorruptVersionError,
-    read_metadata,
-    verify_files,
 )
 from server.logs import native_stderr_logged
 
@@ -44,18 +43,12 @@ class ModelSpec:
         return int(np.prod(self.input_shape))
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, Any]) -> ModelSpec:
-        try:
-            inp = metadata["input"]
-            spec = cls(
-                name=str(metadata["name"]),
-                version=int(metadata["version"]),
-                input_shape=tuple(int(d) for d in inp["shape"]),
-                input_scale=float(inp["scale"]),
-                labels=tuple(str(label) for label in metadata["labels"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptVersionError(f"metadata lacks a valid field: {exc!r}") from exc
+    def from_metadata(cls, metadata: Metadata) -> ModelSpec:
+        """The spec a version's metadata declares; CorruptVersionError names the file and the
+        field it lacks."""
+        inp, labels = metadata.served_io()
+        spec = cls(name=metadata.name, version=metadata.version, input_shape=inp.shape,
+                   input_scale=inp.scale, labels=labels)
         if spec.input_size <= 0 or len(spec.labels) < 2:
             raise CorruptVersionError(
                 f"metadata declares input shape {spec.input_shape} and {len(spec.labels)} labels"
@@ -225,7 +218,7 @@ class KerasModel:
     def __init__(
         self,
         keras_model: Any,
-        metadata: dict[str, Any],
+        metadata: Metadata,
         *,
         inference: str = "auto",
         probe: npt.NDArray[np.float32] | None = None,
@@ -235,7 +228,7 @@ class KerasModel:
         if inference not in INFERENCE_CHOICES:
             raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
         self.spec = ModelSpec.from_metadata(metadata)
-        self.metadata = metadata
+        self.metadata = metadata.to_json()
         self._keras_model = keras_model
         signature = [tf.TensorSpec(shape=(None, self.spec.input_size), dtype=tf.float32)]
         self._tf = tf
@@ -299,8 +292,8 @@ class KerasModel:
         import keras
 
         started = time.perf_counter()
-        metadata = read_metadata(version_dir)
-        verify_files(version_dir, metadata, only=[MODEL_FILE])
+        metadata = Metadata.read(version_dir)
+        metadata.verify_files(version_dir, only=[MODEL_FILE])
         try:
             keras_model = keras.saving.load_model(
                 version_dir / MODEL_FILE, compile=False, safe_mode=True
@@ -385,10 +378,10 @@ class LiteRTModel:
 
     inline = True
 
-    def __init__(self, runner: LiteRTRunner, spec: ModelSpec, metadata: dict[str, Any],
+    def __init__(self, runner: LiteRTRunner, spec: ModelSpec, metadata: Metadata,
                  agreement: Agreement) -> None:
         self.spec = spec
-        self.metadata = metadata
+        self.metadata = metadata.to_json()
         self.litert = runner
         self.agreement = agreement
 
@@ -400,18 +393,20 @@ class LiteRTModel:
         return self.litert(images)
 
     @classmethod
-    def load(cls, version_dir: Path, metadata: dict[str, Any],
+    def load(cls, version_dir: Path, metadata: Metadata,
              check_set: CheckSet | None) -> tuple[LiteRTModel | None, str]:
         """The version served from its flatbuffer, or None and why not. A flatbuffer whose
         checksum does not match, or whose input or output shape differs from the metadata's, is a
         corrupt version (CorruptVersionError): the Keras model it was converted from could not
         serve it either."""
-        info = metadata.get("inference")
-        if not isinstance(info, dict) or info.get("litert_file") != LITERT_FILE:
+        info = metadata.inference
+        if info is None or info.litert_file != LITERT_FILE:
             return None, "no published LiteRT model"
         if not (version_dir / LITERT_FILE).is_file():
             return None, f"{LITERT_FILE} is missing"
-        verify_files(version_dir, metadata, only=[LITERT_FILE])
+        if info.tolerance is None:
+            return None, f"{LITERT_FILE} cannot serve: no recorded tolerance"
+        metadata.verify_files(version_dir, only=[LITERT_FILE])
         spec = ModelSpec.from_metadata(metadata)
         try:
             runner = LiteRTRunner((version_dir / LITERT_FILE).read_bytes())
@@ -428,8 +423,8 @@ class LiteRTModel:
         if reference.shape[1:] != expected[1:] or reference.shape[0] < expected[0]:
             return None, f"reference probabilities of shape {reference.shape}, expected {expected}"
         try:
-            tolerance = float(info["tolerance"])
-            spread = float(info.get("tensorflow_batch1_max_diff", 0.0))
+            tolerance = info.tolerance
+            spread = info.tensorflow_batch1_max_diff
             diff = litert_difference(runner, x, reference[: x.shape[0]])
         except Exception as exc:  # a recorded figure that is not a number
             return None, f"{LITERT_FILE} cannot serve: {exc}"
@@ -455,11 +450,11 @@ def load_version(version_dir: Path, *, inference: str = "auto",
         raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
     # Whatever refuses the version without running it does so before TensorFlow is imported.
     started = time.perf_counter()
-    metadata = read_metadata(version_dir)
+    metadata = Metadata.read(version_dir)
     spec = ModelSpec.from_metadata(metadata)
     if check_set is not None:
         check_consistency(spec, check_set, version_dir / CHECK_SET_FILE)
-    verify_files(version_dir, metadata, only=[MODEL_FILE])
+    metadata.verify_files(version_dir, only=[MODEL_FILE])
     if inference != "tensorflow":
         model, reason = LiteRTModel.load(version_dir, metadata, check_set)
         if model is not None:

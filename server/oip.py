@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.idx import scale_pixels
+from digitserve.metadata import Metadata
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from server.dataplane import DataPlane, check_pixels
@@ -256,11 +257,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         model = self._resolve(request.name, request.version, "version")
         spec = model.spec
         tensor = oip.ModelMetadataResponse.TensorMetadata
-        versions = model.metadata.get("versions", {})
+        versions = Metadata.from_json(model.metadata).versions or {}
         return oip.ModelMetadataResponse(
             name=spec.name,
             versions=[str(v) for v in self._plane.loaded_versions],
-            platform="tensorflow_keras" if isinstance(versions, dict) and "keras" in versions else "",
+            platform="tensorflow_keras" if "keras" in versions else "",
             inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, spec.input_size])],
             outputs=[
                 tensor(name="probabilities", datatype="FP32", shape=[-1, len(spec.labels)]),

@@ -20,6 +20,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from digitserve.idx import scale_pixels
+from digitserve.metadata import Metadata
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from server.dataplane import DataPlane, Evaluation, check_labels, check_pixels
@@ -349,8 +350,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
         model = self._plane.resolve(request.model_version)
-        metadata = model.metadata
-        metrics = metadata.get("metrics", {})
+        metadata = Metadata.from_json(model.metadata)
         return pb.GetModelInfoResponse(
             model_name=model.spec.name,
             model_version=model.spec.version,
@@ -358,10 +358,10 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             input_shape=list(model.spec.input_shape),
             input_scale=model.spec.input_scale,
             labels=list(model.spec.labels),
-            preset=str(metadata.get("preset", "")),
-            test_accuracy=float(metrics.get("test_accuracy", 0.0)),
-            created_at=str(metadata.get("created_at", "")),
-            metadata_json=json.dumps(metadata, sort_keys=True),
+            preset=metadata.preset or "",
+            test_accuracy=(metadata.metrics.test_accuracy if metadata.metrics else None) or 0.0,
+            created_at=metadata.created_at or "",
+            metadata_json=json.dumps(model.metadata, sort_keys=True),
             max_images_per_request=self._plane.max_images_per_request,
             loaded_versions=self._plane.loaded_versions,
             inference_path=model.inference_path,

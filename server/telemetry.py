@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from digitserve.metadata import Metadata
 from server.logs import access_log, current_request_id
 from server.model import Model
 
@@ -175,7 +176,7 @@ class Telemetry:
         spec = model.spec
         name, version = spec.name, str(spec.version)
         self.model_info.info({"model_name": name, "model_version": version,
-                              "preset": str(model.metadata.get("preset", "")),
+                              "preset": Metadata.from_json(model.metadata).preset or "",
                               "inference": model.inference_path})
         self._quality_series(model)
 

@@ -17,6 +17,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from digitserve.metadata import Metadata
 from digitserve.repository import (
     CHECK_SET_FILE,
     METADATA_CHECKSUM_FILE,
@@ -26,7 +27,6 @@ from digitserve.repository import (
     ModelRepository,
     RepositoryError,
     metadata_checksummed,
-    read_metadata,
 )
 from server.model import (
     CheckSet,
@@ -126,8 +126,8 @@ class RepositorySource:
         check set and its agreement with the metadata), so a refused version never costs a
         TensorFlow import where the LiteRT path serves."""
         version_dir = self.repository.version_dir(self.name, version)
-        metadata = read_metadata(version_dir)  # checked against metadata.json.sha256 if present
-        spec = ModelSpec.from_metadata(metadata)
+        # checked against metadata.json.sha256 if present
+        spec = ModelSpec.from_metadata(Metadata.read(version_dir))
         if spec.name != self.name or spec.version != version:
             raise CorruptVersionError(
                 f"{version_dir}: metadata says {spec.name!r} version {spec.version}"

@@ -14,6 +14,7 @@ import numpy.typing as npt
 from matplotlib.figure import Figure  # Figure alone renders with Agg: no pyplot, no display
 from matplotlib.ticker import MaxNLocator
 
+from digitserve.metadata import DataInfo, Metadata, Metrics
 from digitserve.plots import plot_confusion_matrix
 
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
@@ -33,7 +34,7 @@ def write_report(
     images: npt.NDArray[np.uint8],
     y_true: npt.NDArray[np.integer[Any]],
     y_pred: npt.NDArray[np.integer[Any]],
-    metadata: Mapping[str, Any] | None = None,
+    metadata: Metadata | Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Writes the three report figures and the HTML page that shows them with the figures of
     ``metadata`` (the version's metadata.json: metrics, baseline, hyper-parameters) into
@@ -47,10 +48,12 @@ def write_report(
     plot_confusion_matrix(paths[0], np.asarray(confusion_matrix), labels, title=title)
     plot_training_curves(paths[1], history, title=title)
     plot_samples(paths[2], images, y_true, y_pred, labels, title=title)
+    if metadata is not None and not isinstance(metadata, Metadata):
+        metadata = Metadata.from_json(metadata, "the report's metadata")
     page = report_dir / HTML_FILE
     page.write_text(
         render_html(title=title, labels=labels, confusion_matrix=confusion_matrix,
-                    figures={p.name: p.read_bytes() for p in paths}, metadata=metadata or {}),
+                    figures={p.name: p.read_bytes() for p in paths}, metadata=metadata),
         encoding="utf-8",
     )
     return [*paths, page]
@@ -181,55 +184,60 @@ def render_html(
     labels: Sequence[str],
     confusion_matrix: Sequence[Sequence[int]],
     figures: Mapping[str, bytes],
-    metadata: Mapping[str, Any],
+    metadata: Metadata | None,
     top_pairs: int = 10,
 ) -> str:
     """The report as one HTML page, the PNG ``figures`` (by file name) embedded as data URIs."""
-    metrics: Mapping[str, Any] = metadata.get("metrics", {})
-    data: Mapping[str, Any] = metadata.get("data", {})
+    meta = metadata or Metadata(name="", version=0)
+    metrics = meta.metrics or Metrics()
+    data = meta.data or DataInfo()
     cm = np.asarray(confusion_matrix, dtype=np.int64)
     total, correct = int(cm.sum()), int(np.trace(cm))
-    accuracy = float(metrics.get("test_accuracy", correct / total if total else 0.0))
+    accuracy = metrics.test_accuracy if metrics.test_accuracy is not None \
+        else correct / total if total else 0.0
+    trained = f"{meta.train_seconds:.1f} s" if meta.train_seconds is not None else ""
     facts = [
-        f"created {metadata['created_at']}" if "created_at" in metadata else "",
-        f"preset {metadata['preset']}" if "preset" in metadata else "",
-        f"seed {metadata['seed']}" if "seed" in metadata else "",
-        f"{data['train_size']} training images" if "train_size" in data else "",
-        f"trained in {float(metadata['train_seconds']):.1f} s" if "train_seconds" in metadata else "",
+        f"created {meta.created_at}" if meta.created_at is not None else "",
+        f"preset {meta.preset}" if meta.preset is not None else "",
+        f"seed {meta.seed}" if meta.seed is not None else "",
+        f"{data.train_size} training images" if data.train_size is not None else "",
+        f"trained in {trained}" if trained else "",
     ]
     summary: list[tuple[str, str]] = [
         ("test accuracy", _pct(accuracy)),
         ("test images misclassified", f"{total - correct} of {total}"),
     ]
-    if "test_loss" in metrics:
-        summary.append(("test loss (mean cross-entropy)", f"{float(metrics['test_loss']):.4f}"))
-    if "holdout_accuracy" in metrics:
-        summary.append(("hold-out accuracy", _pct(metrics["holdout_accuracy"])))
-        summary.append(("hold-out loss", f"{float(metrics['holdout_loss']):.4f}"))
-    check = metadata.get("check_set")
-    if isinstance(check, Mapping) and "accuracy" in check:
-        summary.append((f"check-set accuracy ({check.get('count', '?')} images, the server's gate)",
-                        _pct(check["accuracy"])))
+    if metrics.test_loss is not None:
+        summary.append(("test loss (mean cross-entropy)", f"{metrics.test_loss:.4f}"))
+    if metrics.holdout_accuracy is not None:
+        summary.append(("hold-out accuracy", _pct(metrics.holdout_accuracy)))
+        if metrics.holdout_loss is not None:
+            summary.append(("hold-out loss", f"{metrics.holdout_loss:.4f}"))
+    check = meta.check_set
+    if check is not None and check.accuracy is not None:
+        count = "?" if check.count is None else check.count
+        summary.append((f"check-set accuracy ({count} images, the server's gate)",
+                        _pct(check.accuracy)))
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="meta">{html.escape(" · ".join(f for f in facts if f))}</p>',
         "<h2>Summary</h2>",
         _table(("", "value"), summary),
     ]
-    baseline = metrics.get("baseline")
-    if isinstance(baseline, Mapping) and "accuracy" in baseline:
-        name = str(baseline.get("name", "baseline"))
+    baseline = metrics.baseline
+    if baseline is not None:
+        name = baseline.name
+        trees = "?" if baseline.n_estimators is None else baseline.n_estimators
         rows = [
-            (f"network ({metadata.get('preset', '')})", _pct(accuracy), total - correct,
-             f"{float(metadata['train_seconds']):.1f} s" if "train_seconds" in metadata else ""),
-            (name, _pct(baseline["accuracy"]),
-             round(total * (1 - float(baseline["accuracy"]))), f"{float(baseline.get('seconds', 0)):.1f} s"),
+            (f"network ({meta.preset or ''})", _pct(accuracy), total - correct, trained),
+            (name, _pct(baseline.accuracy),
+             round(total * (1 - baseline.accuracy)), f"{baseline.seconds or 0.0:.1f} s"),
         ]
-        better = 0 if accuracy >= float(baseline["accuracy"]) else 1
+        better = 0 if accuracy >= baseline.accuracy else 1
         parts += [
             f"<h2>Compared with the baseline: {html.escape(name)}</h2>",
             "<p>The tutorial's take-home exercise: a scikit-learn random forest "
-            f"({baseline.get('n_estimators', '?')} trees) fitted on the same training pixels and scored "
+            f"({trees} trees) fitted on the same training pixels and scored "
             "on the same test images.</p>" if name == "random-forest" else "",
             _table(("model", "test accuracy", "test errors", "fit time"), rows,
                    ["best" if i == better else "" for i in range(2)]),
@@ -246,19 +254,21 @@ def render_html(
         if pair_rows else "<p>No test image was misclassified.</p>",
         "</div></div>",
     ]
-    per_class = metrics.get("per_class")
+    per_class = metrics.per_class
     if per_class:
         parts += [
             "<h2>Per class</h2>",
             _table(("class", "precision", "recall", "F1", "support"), [
-                (c["label"], f"{c['precision']:.4f}", f"{c['recall']:.4f}", f"{c['f1']:.4f}", c["support"])
+                (c.label, f"{c.precision:.4f}", f"{c.recall:.4f}", f"{c.f1:.4f}", c.support)
                 for c in per_class
             ]),
         ]
     parts += ["<h2>Sample predictions</h2>", _figure(figures.get(SAMPLES_FILE), "sample predictions")]
-    details = [("hyper-parameters", metadata.get("hyperparameters")), ("libraries", metadata.get("versions"))]
+    details: list[tuple[str, Mapping[str, Any] | None]] = [
+        ("hyper-parameters", meta.hyperparameters), ("libraries", meta.versions),
+    ]
     for heading, mapping in details:
-        if isinstance(mapping, Mapping) and mapping:
+        if mapping:
             parts += [f"<h2>{heading.capitalize()}</h2>", _table(("", "value"), sorted(mapping.items()))]
     body = "\n".join(parts)
     return (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,20 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.idx import Split, load_split, md5_uncompressed, scale_pixels
+from digitserve.metadata import (
+    FORMAT_VERSION,
+    Baseline,
+    CheckSetInfo,
+    ClassFigures,
+    DataInfo,
+    Inference,
+    InputSpec,
+    Metadata,
+    Metrics,
+)
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.repository import (
     CHECK_SET_FILE,
-    FORMAT_VERSION,
     LITERT_FILE,
     MODEL_FILE,
     REPORT_DIR,
@@ -157,7 +167,7 @@ def evaluate(
     return accumulator.result(), all_probs
 
 
-def _random_forest(data: _Data, seed: int) -> dict[str, Any]:
+def _random_forest(data: _Data, seed: int) -> Baseline:
     from sklearn.ensemble import RandomForestClassifier
 
     logger.info("fitting the random-forest baseline on %d images", data.x_train.shape[0])
@@ -168,7 +178,7 @@ def _random_forest(data: _Data, seed: int) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     accuracy = float(np.mean(predicted == data.test.labels))
     logger.info("random-forest baseline: test accuracy %.4f in %.1fs", accuracy, seconds)
-    return {"name": "random-forest", "n_estimators": 100, "accuracy": accuracy, "seconds": seconds}
+    return Baseline(name="random-forest", n_estimators=100, accuracy=accuracy, seconds=seconds)
 
 
 def _versions() -> dict[str, str]:
@@ -246,31 +256,39 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
     def build(staging: Path, version: int) -> dict[str, Any]:
         model.save(staging / MODEL_FILE)
-        metadata = _draft_metadata(config, preset, data, version, input_shape)
-        evaluation = _evaluate_saved(staging, metadata, data)
-        metrics = evaluation.metrics
-        if baseline is not None:
-            metrics["baseline"] = baseline
-        metadata["metrics"] = metrics
-        metadata["check_set"] = evaluation.check_set
-        metadata["history"] = history
-        metadata["train_seconds"] = train_seconds
-        metadata["report"] = []
+        draft = _draft_metadata(config, preset, data, version, input_shape)
+        evaluation = _evaluate_saved(staging, draft, data)
+        metrics = replace(evaluation.metrics, baseline=baseline)
+        metadata = replace(
+            draft, inference=evaluation.inference, metrics=metrics,
+            check_set=evaluation.check_set,
+            history={key: tuple(values) for key, values in history.items()},
+            train_seconds=train_seconds, report=(),
+        )
         outcome["evaluation"] = evaluation
         if config.report:
-            report(staging, version, metadata)
+            metadata = replace(metadata, report=write(staging, metadata))
         outcome["metrics"] = metrics
-        return metadata
+        outcome["metadata"] = metadata
+        return metadata.to_json()
 
-    def report(staging: Path, version: int, metadata: dict[str, Any]) -> None:
-        """Writes the report titled with ``version``: again when another publisher took the
-        version first and this one is published as the next."""
+    def report(staging: Path, version: int, document: dict[str, Any]) -> None:
+        """Rewrites the report titled with ``version`` when another publisher took the version
+        first and this one is published as the next; ``document`` (the repository's, written
+        after this) gets the renumbered metadata."""
+        metadata = replace(outcome["metadata"], version=version)
+        metadata = replace(metadata, report=write(staging, metadata))
+        outcome["metadata"] = metadata
+        document.update(metadata.to_json())
+
+    def write(staging: Path, metadata: Metadata) -> tuple[str, ...]:
+        """Writes the report of ``metadata`` (titled with its version); returns its files."""
         from trainer.report import write_report
 
         evaluation: _Evaluation = outcome["evaluation"]
         written = write_report(
             staging / REPORT_DIR,
-            title=f"{config.name} v{version} ({preset.name})",
+            title=f"{config.name} v{metadata.version} ({preset.name})",
             labels=LABELS,
             confusion_matrix=evaluation.test.confusion_matrix,
             history=history,
@@ -279,11 +297,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
             y_pred=np.argmax(evaluation.test_probs, axis=1),
             metadata=metadata,
         )
-        metadata["report"] = [path.relative_to(staging).as_posix() for path in written]
+        return tuple(path.relative_to(staging).as_posix() for path in written)
 
     version, path = repository.publish(config.name, build,
                                        renumber=report if config.report else None)
-    metrics = outcome["metrics"]
+    metrics: Metrics = outcome["metrics"]
     summary: dict[str, Any] = {
         "name": config.name,
         "version": version,
@@ -292,19 +310,19 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "seed": config.seed,
         "epochs": preset.epochs,
         "batch_size": preset.batch_size,
-        "test_accuracy": metrics["test_accuracy"],
-        "test_loss": metrics["test_loss"],
+        "test_accuracy": metrics.test_accuracy,
+        "test_loss": metrics.test_loss,
         "test_size": int(data.x_test.shape[0]),
         "train_size": int(data.x_train.shape[0]),
         "train_seconds": train_seconds,
     }
-    if "holdout_accuracy" in metrics:
-        summary["holdout_accuracy"] = metrics["holdout_accuracy"]
-        summary["holdout_loss"] = metrics["holdout_loss"]
+    if metrics.holdout_accuracy is not None:
+        summary["holdout_accuracy"] = metrics.holdout_accuracy
+        summary["holdout_loss"] = metrics.holdout_loss
     if baseline is not None:
-        summary["baseline"] = baseline["name"]
-        summary["baseline_accuracy"] = baseline["accuracy"]
-        summary["baseline_seconds"] = baseline["seconds"]
+        summary["baseline"] = baseline.name
+        summary["baseline_accuracy"] = baseline.accuracy
+        summary["baseline_seconds"] = baseline.seconds
     summary["report"] = str(path / REPORT_DIR) if config.report else None
     logger.info(
         "model %s version %d: test accuracy %.4f, loss %.4f",
@@ -315,46 +333,43 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 def _draft_metadata(
     config: TrainConfig, preset: Preset, data: _Data, version: int, input_shape: tuple[int, ...]
-) -> dict[str, Any]:
-    data_info: dict[str, Any] = {
-        "dir": str(Path(config.data_dir).resolve()),
-        "files": data.files,
-        "train_size": int(data.x_train.shape[0]),
-        "test_size": int(data.x_test.shape[0]),
-    }
-    if data.x_holdout is not None:
-        data_info["holdout_size"] = int(data.x_holdout.shape[0])
-    return {
-        "format": FORMAT_VERSION,
-        "name": config.name,
-        "version": version,
-        "preset": preset.name,
-        "hyperparameters": preset.hyperparameters(),
-        "seed": config.seed,
-        "input": {
-            "shape": list(input_shape),
-            "size": int(np.prod(input_shape)),
-            "scale": 1.0 / 255.0,
-            "dtype": "float32",
-        },
-        "labels": list(LABELS),
-        "data": data_info,
-        "versions": _versions(),
-        "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+) -> Metadata:
+    """The metadata known before the saved model is evaluated."""
+    return Metadata(
+        format=FORMAT_VERSION,
+        name=config.name,
+        version=version,
+        preset=preset.name,
+        hyperparameters=preset.hyperparameters(),
+        seed=config.seed,
+        input=InputSpec(shape=tuple(input_shape), size=int(np.prod(input_shape)),
+                        scale=1.0 / 255.0, dtype="float32"),
+        labels=tuple(LABELS),
+        data=DataInfo(
+            dir=str(Path(config.data_dir).resolve()),
+            files={name: dict(entry) for name, entry in data.files.items()},
+            train_size=int(data.x_train.shape[0]),
+            test_size=int(data.x_test.shape[0]),
+            holdout_size=None if data.x_holdout is None else int(data.x_holdout.shape[0]),
+        ),
+        versions=_versions(),
+        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
 
 
 @dataclass
 class _Evaluation:
-    metrics: dict[str, Any]
+    metrics: Metrics
     """The metadata's ``metrics``."""
-    check_set: dict[str, Any]
+    check_set: CheckSetInfo
     """The metadata's ``check_set``: file, count and the figures the server's gate should find."""
+    inference: Inference
+    """The metadata's ``inference``: the path chosen and the figures it was chosen on."""
     test: ClassificationMetrics
     test_probs: npt.NDArray[np.float32]
 
 
-def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Evaluation:
+def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluation:
     """Reloads the saved model as the server does and computes every metric through it."""
     import keras
 
@@ -366,30 +381,35 @@ def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Ev
     # give the same choice, so these figures are the ones the server's Evaluate will compute.
     probe = scale_images(data.test.images[:count])
     served = KerasModel(reloaded, metadata, probe=probe)
-    metadata["inference"] = {
-        "path": served.agreement.path,
-        "probe_images": served.agreement.images,
-        "litert_max_diff": served.agreement.litert_diff,
-        "tensorflow_batch1_max_diff": served.agreement.tensorflow_spread,
-    }
+    inference = Inference(
+        path=served.agreement.path,
+        probe_images=served.agreement.images,
+        litert_max_diff=served.agreement.litert_diff,
+        tensorflow_batch1_max_diff=served.agreement.tensorflow_spread,
+    )
     if served.litert is not None:
         # The flatbuffer these metrics are computed with, for servers without TensorFlow; they
         # check it against model.predict's probabilities on the check set (saved with it below)
         # within the tolerance it met here.
         (staging / LITERT_FILE).write_bytes(served.litert.flatbuffer)
-        metadata["inference"]["litert_file"] = LITERT_FILE
-        metadata["inference"]["tolerance"] = served.agreement.tolerance
+        inference = replace(inference, litert_file=LITERT_FILE,
+                            tolerance=served.agreement.tolerance)
     test_metrics, test_probs = evaluate(served, data.x_test, data.test.labels)
-    metrics: dict[str, Any] = {
-        "test_accuracy": test_metrics.accuracy,
-        "test_loss": test_metrics.mean_cross_entropy,
-        "confusion_matrix": test_metrics.confusion_matrix,
-        "per_class": test_metrics.to_dict()["per_class"],
-    }
+    metrics = Metrics(
+        test_accuracy=test_metrics.accuracy,
+        test_loss=test_metrics.mean_cross_entropy,
+        confusion_matrix=tuple(tuple(row) for row in test_metrics.confusion_matrix),
+        per_class=tuple(
+            ClassFigures(label=label, precision=p, recall=r, f1=f, support=n)
+            for label, p, r, f, n in zip(test_metrics.labels, test_metrics.precision,
+                                         test_metrics.recall, test_metrics.f1,
+                                         test_metrics.support, strict=True)
+        ),
+    )
     if data.x_holdout is not None and data.y_holdout is not None:
         holdout_metrics, _ = evaluate(served, data.x_holdout, data.y_holdout)
-        metrics["holdout_accuracy"] = holdout_metrics.accuracy
-        metrics["holdout_loss"] = holdout_metrics.mean_cross_entropy
+        metrics = replace(metrics, holdout_accuracy=holdout_metrics.accuracy,
+                          holdout_loss=holdout_metrics.mean_cross_entropy)
 
     # The server's hot-reload gate predicts these images in one call and compares the figures.
     check_images = data.test.images[:count].reshape(count, -1)
@@ -401,10 +421,6 @@ def _evaluate_saved(staging: Path, metadata: dict[str, Any], data: _Data) -> _Ev
     check = MetricsAccumulator(LABELS)
     check.update(check_labels, served.predict(probe))
     check_metrics = check.result()
-    check_set = {
-        "file": CHECK_SET_FILE,
-        "count": count,
-        "accuracy": check_metrics.accuracy,
-        "mean_cross_entropy": check_metrics.mean_cross_entropy,
-    }
-    return _Evaluation(metrics, check_set, test_metrics, test_probs)
+    check_set = CheckSetInfo(file=CHECK_SET_FILE, count=count, accuracy=check_metrics.accuracy,
+                             mean_cross_entropy=check_metrics.mean_cross_entropy)
+    return _Evaluation(metrics, check_set, inference, test_metrics, test_probs)

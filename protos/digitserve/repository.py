@@ -14,7 +14,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ MODEL_FILE = "model.keras"
 LITERT_FILE = "model.tflite"  # the model as LiteRT runs it, served without TensorFlow
 CHECK_SET_FILE = "check_set.npz"  # uint8 images and labels the server checks a version on
 REPORT_DIR = "report"
-FORMAT_VERSION = 1
 _STAGING_PREFIX = ".staging-"
 STAGING_MAX_AGE = 3600.0
 """Seconds after its last write a ``.staging-*`` directory that no publisher holds locked is taken
@@ -314,17 +313,28 @@ def verify_files(version_dir: Path, metadata: dict[str, Any], only: list[str] | 
     """Checks files against the checksums in the metadata (all of them, or those in ``only``);
     CorruptVersionError names the first file that is missing or differs."""
     files = metadata.get("files")
-    if not isinstance(files, dict):
+    recorded = None
+    if isinstance(files, dict):
+        recorded = {rel: entry.get("sha256") if isinstance(entry, dict) else None
+                    for rel, entry in files.items()}
+    verify_checksums(version_dir, recorded, only)
+
+
+def verify_checksums(version_dir: Path, recorded: Mapping[str, str | None] | None,
+                     only: list[str] | None = None) -> None:
+    """Checks files against ``recorded`` SHA-256s (None: the metadata has no ``files``), all of
+    them or those in ``only``; CorruptVersionError names the first file missing or differing."""
+    if recorded is None:
         raise CorruptVersionError(f"{version_dir / METADATA_FILE}: no 'files' checksums")
-    for rel in only if only is not None else sorted(files):
-        entry = files.get(rel)
-        if not isinstance(entry, dict) or "sha256" not in entry:
+    for rel in only if only is not None else sorted(recorded):
+        expected = recorded.get(rel)
+        if not isinstance(expected, str):
             raise CorruptVersionError(f"{version_dir / METADATA_FILE}: no checksum for {rel}")
         path = version_dir / rel
         if not path.is_file():
             raise CorruptVersionError(f"{path}: missing")
         actual = sha256_file(path)
-        if actual != entry["sha256"]:
+        if actual != expected:
             raise CorruptVersionError(
-                f"{path}: sha256 {actual} differs from {entry['sha256']} recorded in metadata"
+                f"{path}: sha256 {actual} differs from {expected} recorded in metadata"
             )
