@@ -63,7 +63,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     e.add_option("--data-dir", type=Path, required=True, default_text="required",
                  help="directory with t10k-* IDX files")
     split(e)
-    e.add_option("--batch-size", type=int, default=EVALUATE_BATCH, help="images per message")
+    e.add_option("--batch-size", type=int, default=EVALUATE_BATCH, env="MNIST_EVALUATE_BATCH_SIZE",
+                 help="images per message")  # MNIST_BATCH_SIZE is the trainer's
     e.add_option("--limit", type=int, default=0,
                  help="evaluate only the first N images (0: all)")
     version(e)
