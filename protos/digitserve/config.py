@@ -63,9 +63,9 @@ class _DeprecatedStore(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _is_bool_action(action: argparse.Action) -> bool:
-    return isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction
-                      | argparse.BooleanOptionalAction)
+def _is_switch(action: argparse.Action) -> bool:
+    """An option that takes no value (store_true/store_false, --x/--no-x): its variable is a bool."""
+    return action.nargs == 0
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +79,12 @@ class Parser(argparse.ArgumentParser):
         self.env_prefix = env_prefix
         self.deprecated_flags: dict[str, str] = {}
         self._builtin: dict[str, Any] = {}  # dest -> the default when its variable is not used
+        self._exclusive: list[tuple[Any, list[argparse.Action]]] = []  # groups and their options
+
+    def add_mutually_exclusive_group(self, **kwargs: Any) -> Any:
+        group = super().add_mutually_exclusive_group(**kwargs)
+        self._exclusive.append((group, []))
+        return group
 
     def add_subparsers(self, **kwargs: Any) -> Any:
         kwargs.setdefault("parser_class", functools.partial(type(self), env=self.env,
@@ -101,14 +107,16 @@ class Parser(argparse.ArgumentParser):
             for alias in deprecated:
                 self.deprecated_flags[alias] = flags[0]
         container: Any = self if to is None else to
-        if from_env is not None and getattr(container, "required", False) and hasattr(
-                container, "_group_actions"):
+        members = next((m for group, m in self._exclusive if group is container), None)
+        if from_env is not None and members is not None:
             container.required = False  # the variable answers a required mutually exclusive group
         action: argparse.Action = container.add_argument(
             *flags, default=default if from_env is None else from_env,
             required=required and from_env is None, help=help, **kwargs,
         )
         self._builtin[action.dest] = default
+        if members is not None:
+            members.append(action)
         shown = default_text if default_text is not None else _show(action, default)
         suffix = f"[{variable}; default: {shown}"
         if action.choices is not None:
@@ -123,10 +131,9 @@ class Parser(argparse.ArgumentParser):
         parsed, extras = super().parse_known_args(words, namespace)
         given = {word.split("=", 1)[0] for word in words if word.startswith("-")}
         overruled: set[str] = set()
-        for group in self._mutually_exclusive_groups:
-            if any(set(a.option_strings) & given for a in group._group_actions):
-                overruled.update(a.dest for a in group._group_actions
-                                 if not set(a.option_strings) & given)
+        for _, members in self._exclusive:
+            if any(set(a.option_strings) & given for a in members):
+                overruled.update(a.dest for a in members if not set(a.option_strings) & given)
         for action in self._actions:
             value = getattr(parsed, action.dest, None)
             if not isinstance(value, FromEnv):
@@ -138,7 +145,7 @@ class Parser(argparse.ArgumentParser):
         return parsed, extras
 
     def _convert(self, action: argparse.Action, value: FromEnv) -> Any:
-        if _is_bool_action(action):
+        if _is_switch(action):
             try:
                 flag = parse_bool(value.text)
             except ValueError as exc:
