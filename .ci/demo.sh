@@ -14,7 +14,7 @@ step "fetch MNIST into $DATA/"
 $BIN/mnist-train fetch --data-dir "$DATA"
 step "train preset '$PRESET' into $REPO/$NAME/"
 mkdir -p "$OUT"
-$BIN/mnist-train train --data-dir "$DATA" --model-repo "$REPO" --name "$NAME" --preset "$PRESET" \
+$BIN/mnist-train train --data-dir "$DATA" --model-repo "$REPO" --model-name "$NAME" --preset "$PRESET" \
   --json >"$OUT/train.json"
 cat "$OUT/train.json"
 step "serve on 127.0.0.1:$PORT"

@@ -93,7 +93,7 @@ def ensure_models(args: argparse.Namespace, presets: Sequence[str]) -> dict[str,
         logger.info("training the %s preset into %s (once)", preset, args.model_repo)
         done = subprocess.run(
             [sys.executable, "-m", "trainer", "train", "--data-dir", str(args.data_dir),
-             "--model-repo", str(args.model_repo), "--name", args.model_name, "--preset", preset,
+             "--model-repo", str(args.model_repo), "--model-name", args.model_name, "--preset", preset,
              "--no-report", "--json", "--verbose", "0"],
             cwd=REPO_ROOT, capture_output=True, text=True, check=False,
         )
