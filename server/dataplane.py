@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -20,40 +20,6 @@ from server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyEr
 from server.model import Model, runs_inline
 
 logger = logging.getLogger(__name__)
-
-
-def check_pixels(
-    images: npt.NDArray[np.float32], encodings: Sequence[str] | str, field: str = "images"
-) -> None:
-    """Raises InvalidInputError naming the first pixel that is not finite or not in [0, 1].
-
-    ``encodings[i]`` names image i's encoding, for the message (e.g. ``images[3].float32[17]``);
-    one string names that of every image.
-    """
-    if images.size == 0:
-        return
-    if images.dtype == np.float32 and images.flags.c_contiguous:
-        # One pass over the bits: +0.0 to 1.0 are exactly the patterns 0 to 0x3F800000; NaN, the
-        # infinities, values above 1 and every negative (sign bit set) lie above.
-        if int(images.view(np.uint32).max()) <= 0x3F800000:
-            return
-    elif images.min() >= 0.0 and images.max() <= 1.0:  # NaN fails both
-        return
-    bad = ~np.isfinite(images) | (images < 0.0) | (images > 1.0)
-    if not bad.any():  # -0.0, in range though its sign bit is set
-        return
-    i, j = (int(k) for k in np.argwhere(bad)[0])
-    encoding = encodings if isinstance(encodings, str) else encodings[i]
-    if not np.isfinite(images[i, j]):
-        raise InvalidInputError(
-            f"{field}[{i}].{encoding}[{j}]",
-            f"{images[i, j]} is not a finite number; expected a pixel intensity in [0, 1]",
-        )
-    raise InvalidInputError(
-        f"{field}[{i}].{encoding}[{j}]",
-        f"{float(images[i, j])!r} is out of range; expected a pixel intensity in [0, 1] "
-        "(byte / 255)",
-    )
 
 
 def check_labels(labels: npt.NDArray[np.int64], count: int, num_classes: int) -> None:
@@ -225,15 +191,6 @@ class DataPlane:
         """Raises OverloadedError when a call of ``count`` images would wait for the model and the
         queue has no room: the edges call it before converting pixels, so refusing costs little."""
         self.batcher.admit(model, count)
-
-    def check_count(self, count: int, field: str = "images") -> None:
-        if count == 0:
-            raise InvalidInputError(field, "empty; expected at least 1 image")
-        if count > self.max_images_per_request:
-            raise InvalidInputError(
-                field,
-                f"{count} images exceed the limit of {self.max_images_per_request} per request",
-            )
 
     async def compute(self, model: Model, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """One model call on the model thread, so the loop keeps serving meanwhile (the batcher

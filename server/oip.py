@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import re
 import struct
-import time
 from collections.abc import Iterable
 from importlib import metadata as importlib_metadata
 
@@ -14,14 +13,14 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.idx import scale_pixels
 from digitserve.metadata import Metadata
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from server.dataplane import DataPlane, check_pixels
+from server.dataplane import DataPlane
 from server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from server.model import Model
-from server.servicer import mapped_errors
+from server.pixels import check_count, decode_tensor, tensor_count
+from server.status import deadline, mapped_errors
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ SERVER_NAME = "digitserve"
 INPUT_NAME = "images"
 # Output name -> datatype; all three are returned when the request names none.
 OUTPUTS = {"probabilities": "FP32", "class_index": "INT64", "label": "BYTES"}
-INPUT_DATATYPES = ("FP32", "UINT8")
 # Triton features this server does not implement; refused rather than silently ignored.
 _UNSUPPORTED_PARAMETER = re.compile(r"classification|shared_memory_.*")
 _VERSION = re.compile(r"[0-9]+")
@@ -52,21 +50,12 @@ def _check_parameters(parameters: Iterable[str], field: str) -> None:
             raise InvalidInputError(f"{field}[{key!r}]", "is not supported by this server")
 
 
-def _tensor_shape(shape: list[int], input_shape: tuple[int, ...], field: str) -> int:
-    """The batch size N of an input shaped [N, size] or [N, *input_shape]."""
-    size = int(np.prod(input_shape))
-    accepted = [[size], list(input_shape)]
-    if len(shape) < 2 or shape[1:] not in accepted or shape[0] < 0:
-        forms = " or ".join(f"[N, {', '.join(str(d) for d in dims)}]" for dims in accepted)
-        raise InvalidInputError(f"{field}.shape", f"{shape} is not accepted; expected {forms}")
-    return shape[0]
-
-
 def decode_input(
     request: oip.ModelInferRequest, model: Model, plane: DataPlane
 ) -> tuple[npt.NDArray[np.float32], bool]:
     """The request's images as float32 (N, input_size) in [0, 1], and whether they came as raw
-    bytes. InvalidInputError names the input, the field and the element that is wrong."""
+    bytes. InvalidInputError names the input, the field and the element that is wrong; the
+    tensor itself is read by server.pixels, the codec our own API's images go through too."""
     spec = model.spec
     if len(request.inputs) != 1:
         raise InvalidInputError(
@@ -80,62 +69,10 @@ def decode_input(
             f"{tensor.name!r} is not an input of model {spec.name!r}; expected {INPUT_NAME!r}",
         )
     _check_parameters(tensor.parameters, f"{field}.parameters")
-    if tensor.datatype not in INPUT_DATATYPES:
-        raise InvalidInputError(
-            f"{field}.datatype",
-            f"{tensor.datatype!r} is not accepted; expected one of {list(INPUT_DATATYPES)}",
-        )
-    count = _tensor_shape(list(tensor.shape), spec.input_shape, field)
-    plane.check_count(count, f"{field}.shape")
+    count = tensor_count(tensor, spec.input_shape, field)
+    check_count(count, plane.max_images_per_request, f"{field}.shape")
     plane.admit(model, count)  # refused before any pixel is converted
-    elements = count * spec.input_size
-    raw = len(request.raw_input_contents) > 0
-    if raw:
-        if len(request.raw_input_contents) != len(request.inputs):
-            raise InvalidInputError(
-                "raw_input_contents",
-                f"got {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs; "
-                "expected one per input",
-            )
-        if tensor.HasField("contents"):
-            raise InvalidInputError(
-                f"{field}.contents", "set together with raw_input_contents; expected one or the other"
-            )
-        data = request.raw_input_contents[0]
-        width = 4 if tensor.datatype == "FP32" else 1
-        if len(data) != elements * width:
-            raise InvalidInputError(
-                "raw_input_contents[0]",
-                f"got {len(data)} bytes, expected {elements * width} "
-                f"({count}×{spec.input_size} {tensor.datatype} elements, little-endian)",
-            )
-        values = np.frombuffer(data, dtype="<f4" if width == 4 else np.uint8)
-        # Messages read raw_input_contents[0].element[k]: the k-th element of the flat tensor.
-        where, item = "raw_input_contents", "element"
-    elif tensor.datatype == "FP32":
-        values = np.asarray(tensor.contents.fp32_contents, dtype=np.float32)
-        where, item = "inputs", "contents.fp32_contents"
-    else:
-        values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)
-        where, item = "inputs", "contents.uint_contents"
-    if values.size != elements:
-        raise InvalidInputError(
-            f"{where}[0]" + ("" if raw else f".{item}"),
-            f"got {values.size} values, expected {elements} ({count}×{spec.input_size} for shape "
-            f"{list(tensor.shape)})",
-        )
-    if tensor.datatype == "UINT8":
-        too_big = values > 255
-        if too_big.any():
-            k = int(np.argmax(too_big))
-            raise InvalidInputError(
-                f"{where}[0].{item}[{k}]", f"{int(values[k])} does not fit UINT8; expected 0..255"
-            )
-        # scale_pixels: the trainer's and our own API's division, so results match bit for bit.
-        return scale_pixels(values.reshape(count, spec.input_size)), raw
-    # One row holding the whole flat tensor, so the message names the flat element index.
-    check_pixels(values.astype(np.float32)[np.newaxis], [item], where)
-    return values.reshape(count, spec.input_size).astype(np.float32), raw
+    return decode_tensor(request, count, spec.input_size)
 
 
 def requested_outputs(request: oip.ModelInferRequest, model: Model) -> list[str]:
@@ -277,9 +214,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         model = self._resolve(request.model_name, request.model_version, "model_version")
         names = requested_outputs(request, model)
         images, raw = decode_input(request, model, self._plane)
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        probabilities = await self._plane.predict(model, images, deadline)
+        probabilities = await self._plane.predict(model, images, deadline(context))
         outputs, raw_contents = encode_outputs(model, probabilities, names, raw)
         return oip.ModelInferResponse(
             model_name=model.spec.name,

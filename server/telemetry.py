@@ -334,7 +334,7 @@ class Call:
     """One call being observed: in flight while it runs, then counted, timed and logged. Its
     request id goes into the trailing metadata at once: it travels with the status at no extra
     cost, where initial metadata would be one more operation per call; an abort keeps it
-    (servicer.mapped_errors adds its details after it)."""
+    (status.mapped_errors adds its details after it)."""
 
     __slots__ = ("context", "metrics", "request_id", "started", "token")
 

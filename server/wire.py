@@ -23,7 +23,8 @@ each is a record of fixed size,
 
 so their pixels are columns of one (N, size) view of the request's bytes (``parse_predict_request``)
 where protobuf would build N Image objects and the server copy each one's bytes out of them and
-join them. Anything else is parsed by protobuf.
+join them; ``server.pixels.packed_pixels`` decodes and checks those rows as it does any Image's.
+Anything else is parsed by protobuf.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.v1 import digit_service_pb2 as pb
+from server.pixels import PACKED
 
-# Image's packed encodings by their tag byte (field number << 3 | 2, length-delimited).
-_PACKED_TAGS = {(2 << 3) | 2: "uint8", (3 << 3) | 2: "float32"}
+# Image's packed encodings (server.pixels decodes them) by their tag byte (field number << 3 | 2,
+# length-delimited): 0x12 uint8, 0x1A float32.
+_PACKED_TAGS = {(pb.Image.DESCRIPTOR.fields_by_name[name].number << 3) | 2: name for name in PACKED}
 _IMAGES_TAG = (1 << 3) | 2  # PredictRequest.images
 
 

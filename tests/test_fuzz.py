@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from digitserve.v1 import digit_service_pb2 as pb
-from server.dataplane import check_labels, check_pixels
+from server.dataplane import check_labels
 from server.errors import InvalidInputError
-from server.servicer import decode_images
+from server.pixels import check_pixels, decode_images
 from tests.conftest import FakeModel, ServerThread
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from client.client import DigitClient
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.repository import ModelRepository
-from server.servicer import INTERNAL_MESSAGE
+from server.status import INTERNAL_MESSAGE
 from tests.conftest import FakeModel, ServerThread, expect_error
 
 D = 784

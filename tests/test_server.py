@@ -18,7 +18,7 @@ from client.client import encode_images
 from digitserve.metrics import MetricsAccumulator
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.servicer import INTERNAL_MESSAGE
+from server.status import INTERNAL_MESSAGE
 from tests.conftest import FakeModel, ServerThread, expect_error
 from tests.support import assert_metrics_match
 
