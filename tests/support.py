@@ -123,11 +123,26 @@ class PeakMemory:
         return (_status_kb("VmHWM") - self.start_kb) / 1024
 
 
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    """Polls ``predicate`` every 5 ms until it is true; fails naming ``what`` after ``timeout`` s.
-    For waiting on a counter or a state instead of sleeping and hoping it has changed."""
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "the condition",
+             poll: float = 0.05) -> Any:
+    """Polls ``predicate`` every ``poll`` s until it returns something true, and returns that;
+    fails naming ``what`` after ``timeout`` s. For waiting on a counter, a state or a log line
+    instead of sleeping and hoping it has changed."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting until {what}", pytrace=False)
-        time.sleep(0.005)
+            pytest.fail(f"timed out after {timeout} s waiting for {what}", pytrace=False)
+        time.sleep(poll)
+
+
+def tiny_litert(tiny_repo: Path) -> Any:
+    """The tiny model loaded as the server loads it: from its LiteRT flatbuffer."""
+    from server.model import load_version, read_check_set
+
+    version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)
+    model = load_version(version_dir, check_set=read_check_set(version_dir))
+    assert model.inline and model.inference_path == "litert"
+    return model

@@ -22,7 +22,7 @@ from server.batcher import Batcher
 from server.dataplane import DataPlane
 from server.errors import DeadlineExpiredError, OverloadedError
 from tests.conftest import FakeModel, ServerThread
-from tests.support import wait_until
+from tests.support import tiny_litert, wait_for
 
 D = 784
 
@@ -137,17 +137,6 @@ class HeldLiteRT:
         return result
 
 
-def tiny_litert(tiny_repo: Path) -> Any:
-    """The tiny model loaded as the server loads it: from its LiteRT flatbuffer."""
-    from digitserve.repository import ModelRepository
-    from server.model import load_version, read_check_set
-
-    version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)
-    model = load_version(version_dir, check_set=read_check_set(version_dir))
-    assert model.inline and model.inference_path == "litert"  # type: ignore[attr-defined]
-    return model
-
-
 # The fake model runs on the model thread whatever the size of a call; the LiteRT model runs
 # small calls on the event loop, so its variants scale every call by UNIT images (one more than
 # the default --inline-max-images, which the measurement at load can only lower): calls that
@@ -232,7 +221,8 @@ def test_overload_is_resource_exhausted_over_grpc(
         assert model.entered.wait(10)
         waiting = stub.Predict.future(request_, timeout=30)  # fills the queue
         batcher = server.app.plane.batcher
-        wait_until(lambda: batcher.queued_images == 4 * u, "the second call fills the queue")
+        wait_for(lambda: batcher.queued_images == 4 * u, 10, "the second call to fill the queue",
+                 poll=0.005)
         with pytest.raises(grpc.RpcError) as refused:
             stub.Predict(request_, timeout=5)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

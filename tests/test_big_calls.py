@@ -28,7 +28,7 @@ from client.client import encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread
-from tests.test_batching import tiny_litert
+from tests.support import tiny_litert
 
 CALLERS = 64
 IMAGES = 1024

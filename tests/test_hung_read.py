@@ -21,8 +21,7 @@ from client.client import DigitClient
 from digitserve.repository import ModelRepository
 from server.app import MODEL_UPDATES_SERVICE
 from tests.conftest import ServerProcess, ServerThread, make_settings
-from tests.support import publish_copy
-from tests.test_reload import wait_for
+from tests.support import publish_copy, wait_for
 
 # --repository-timeout of these tests: a good version loads in ~0.1 s alone, ~1 s in the pytest
 # process (which has TensorFlow, so each load also measures TensorFlow's batch-1 spread) on a

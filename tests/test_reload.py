@@ -22,7 +22,7 @@ from client.client import DigitClient
 from digitserve.repository import ModelNotFoundError, ModelRepository
 from server.app import MODEL_UPDATES_SERVICE
 from tests.conftest import ServerThread, expect_error, make_settings
-from tests.support import publish_copy
+from tests.support import publish_copy, wait_for
 
 
 def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes | None = None,
@@ -49,13 +49,6 @@ def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes 
 
     version, _ = repo.publish("tiny", build)
     return version
-
-
-def wait_for(predicate: Any, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_hot_reload_swaps_good_versions_and_refuses_bad_ones_under_load(

@@ -92,7 +92,7 @@ def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
     if path == "fake":
         loader: Callable[[], Any] = CostlyModel
     else:
-        from tests.test_batching import tiny_litert
+        from tests.support import tiny_litert
 
         model = CostlyLiteRT(tiny_litert(request.getfixturevalue("tiny_repo")))
         loader = lambda: model  # noqa: E731

@@ -12,9 +12,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -23,7 +21,7 @@ import pytest
 from client.client import DigitClient
 from digitserve.repository import ModelRepository
 from tests.conftest import ServerProcess
-from tests.support import publish_copy
+from tests.support import publish_copy, wait_for
 
 TINY = ("--model-name", "tiny", "--reload-interval", "0")
 
@@ -31,16 +29,6 @@ TINY = ("--model-name", "tiny", "--reload-interval", "0")
 def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
     with capsys.disabled():
         print(f"\n{text}")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 90, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def worker_pids(server: ServerProcess) -> dict[int, list[int]]:
@@ -63,7 +51,7 @@ def health(target: str, service: str = "") -> str:
 def start_pool(spawn: type[ServerProcess], repo: Path, *args: str) -> tuple[ServerProcess, str]:
     server = spawn("--model-repo", str(repo), *TINY, "--workers", "2", *args)
     target = server.target()
-    wait_for(lambda: server.log.count("serving model tiny version") >= 2, what="both workers serving")
+    wait_for(lambda: server.log.count("serving model tiny version") >= 2, 90, "both workers serving")
     wait_for(lambda: health(target, "digitserve.v1.Workers") == "SERVING", 30, "Workers SERVING")
     return server, target
 
