@@ -233,3 +233,18 @@ def real_data_dir() -> Path | None:
     """The real MNIST files (MNIST_DATA_DIR or ./data), if fetched."""
     path = Path(os.environ.get("MNIST_DATA_DIR", REPO_ROOT / "data"))
     return path if (path / "t10k-images-idx3-ubyte.gz").is_file() else None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A non-daemon thread a failed test left running (a caller looping on a server that is gone)
+    would keep this process alive after its summary until CI's own limit: name it and exit."""
+    # Executors' idle workers are joined by their own exit hook; everything else is a leak.
+    left = [t.name for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon
+            and not t.name.startswith(("ThreadPoolExecutor", "asyncio_"))]
+    if left:
+        sys.stderr.write(f"tests left non-daemon threads running: {', '.join(left)}; exiting anyway\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(3)

@@ -146,7 +146,8 @@ def test_big_calls_leave_health_responsive_and_excess_is_refused_fast(
             gauge.append(queued_images(metrics_port))
             stop.wait(0.01)
 
-    threads = [threading.Thread(target=check_health), threading.Thread(target=watch_gauge)]
+    threads = [threading.Thread(target=check_health, daemon=True),
+               threading.Thread(target=watch_gauge, daemon=True)]
     for t in threads:
         t.start()
     # The callers run in another process, so they don't compete with the checks for this GIL.

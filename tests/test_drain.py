@@ -61,7 +61,7 @@ def test_calls_racing_sigterm_are_never_lost(
                     code = exc.code().name
                 calls.append((started, time.monotonic(), code))
 
-        threads = [threading.Thread(target=caller) for _ in range(CALLERS)]
+        threads = [threading.Thread(target=caller, daemon=True) for _ in range(CALLERS)]
         for thread in threads:
             thread.start()
         figures = []

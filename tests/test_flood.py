@@ -225,7 +225,7 @@ def test_a_stream_flood_leaves_well_behaved_calls_ok_and_memory_bounded(
     before = rss_mb(server.proc.pid)
     stop_at = time.monotonic() + FLOOD_SECONDS
     sent: list[int] = []
-    floods = [threading.Thread(target=flood, args=(port, stop_at, token, ack, sent))
+    floods = [threading.Thread(target=flood, args=(port, stop_at, token, ack, sent), daemon=True)
               for _ in range(FLOOD_CONNECTIONS)]
     for thread in floods:
         thread.start()

@@ -80,7 +80,7 @@ def test_hot_reload_swaps_good_versions_and_refuses_bad_ones_under_load(
                         failures[exc.code().name] += 1
                     i += 1
 
-        threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
+        threads = [threading.Thread(target=load, args=(k,), daemon=True) for k in range(4)]
         for t in threads:
             t.start()
         with DigitClient(server.target, timeout=10) as client:

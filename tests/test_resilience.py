@@ -168,7 +168,7 @@ def test_sigterm_under_load_fails_no_in_flight_call(
             first_sent[k].set()
             resume.wait(30)
 
-    threads = [threading.Thread(target=load, args=(k * 1000,)) for k in range(6)]
+    threads = [threading.Thread(target=load, args=(k * 1000,), daemon=True) for k in range(6)]
     for t in threads:
         t.start()
     with grpc.insecure_channel(target) as channel:

@@ -285,7 +285,7 @@ def test_unavailable_and_not_serving_until_the_model_is_loaded(
         request = pb.PredictRequest(images=encode_images(images_u8(1)))
         expect_error(lambda: stub.Predict(request), grpc.StatusCode.UNAVAILABLE,
                      "no model is loaded yet")
-        loading = threading.Thread(target=server.load)
+        loading = threading.Thread(target=server.load, daemon=True)
         loading.start()
         release.set()
         loading.join(30)

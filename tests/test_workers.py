@@ -12,11 +12,13 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.client import DigitClient
 from digitserve.repository import ModelRepository
@@ -24,6 +26,7 @@ from tests.conftest import ServerProcess
 from tests.support import publish_copy, wait_for
 
 TINY = ("--model-name", "tiny", "--reload-interval", "0")
+WORKERS = "digitserve.v1.Workers"
 
 
 def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
@@ -52,18 +55,21 @@ def start_pool(spawn: type[ServerProcess], repo: Path, *args: str) -> tuple[Serv
     server = spawn("--model-repo", str(repo), *TINY, "--workers", "2", *args)
     target = server.target()
     wait_for(lambda: server.log.count("serving model tiny version") >= 2, 90, "both workers serving")
-    wait_for(lambda: health(target, "digitserve.v1.Workers") == "SERVING", 30, "Workers SERVING")
+    wait_for(lambda: health(target, WORKERS) == "SERVING", 30, "Workers SERVING")
     return server, target
 
 
 class Load:
-    """Predict calls in a closed loop from two threads (each its own channel) until stopped."""
+    """Predict calls in a closed loop from two threads (each its own channel) until stopped; the
+    ``load`` fixture stops it when a test fails half-way (a live non-daemon caller thread once
+    kept pytest from exiting after its summary)."""
 
     def __init__(self, target: str, timeout: float = 20) -> None:
         self.codes: Counter[str] = Counter()
         self._stop = threading.Event()
         self._timeout = timeout
-        self._threads = [threading.Thread(target=self._run, args=(target,)) for _ in range(2)]
+        self._threads = [threading.Thread(target=self._run, args=(target,), daemon=True)
+                         for _ in range(2)]
         for thread in self._threads:
             thread.start()
 
@@ -84,15 +90,64 @@ class Load:
         return self.codes
 
 
+@pytest.fixture
+def load() -> Iterator[Callable[..., Load]]:
+    started: list[Load] = []
+
+    def start(target: str, timeout: float = 20) -> Load:
+        started.append(Load(target, timeout))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.stop()
+
+
+class WorkersWatch:
+    """Health Watch streams on ``digitserve.v1.Workers`` over ``n`` connections of their own,
+    opened before a worker is killed: the kernel spreads the connections over both workers, and a
+    stream on the worker that lives sees every status it sets, however short the restart (a
+    Check polled on new connections after the death log line missed a 0.3 s window in CI)."""
+
+    def __init__(self, target: str, n: int = 16) -> None:
+        self.seen: list[list[str]] = [[] for _ in range(n)]
+        self._channels = [grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                          for _ in range(n)]
+        self._threads = [threading.Thread(target=self._watch, args=(k,), daemon=True) for k in range(n)]
+        for thread in self._threads:
+            thread.start()
+        wait_for(lambda: all(self.seen), 10, "every Watch stream's first status")
+
+    def _watch(self, k: int) -> None:
+        stub = health_pb2_grpc.HealthStub(self._channels[k])
+        try:
+            for response in stub.Watch(health_pb2.HealthCheckRequest(service=WORKERS)):
+                self.seen[k].append(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+        except grpc.RpcError as exc:
+            self.seen[k].append(exc.code().name)  # UNAVAILABLE: its worker was the one killed
+
+    def went_down_and_up(self) -> bool:
+        """Some stream (on the worker that lived) saw SERVING, then NOT_SERVING, then SERVING."""
+        return any(re.search(r"SERVING NOT_SERVING( NOT_SERVING)* SERVING", " ".join(s)) for s in self.seen)
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
 def test_a_killed_worker_is_logged_and_restarted_and_health_tells(
-    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
+    spawn: type[ServerProcess], tiny_repo: Path, load: Callable[..., Load],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     server, target = start_pool(spawn, tiny_repo)
-    load = Load(target)
+    calls = load(target)
     figures = []
     for index in (1, 0):  # worker 0 too: the parent must not give up on the pool
         old = worker_pids(server)[index][-1]
-        before = load.codes["OK"]
+        before = calls.codes["OK"]
+        watch = WorkersWatch(target)
         killed = time.monotonic()
         os.kill(old, signal.SIGKILL)
         died = wait_for(lambda i=index, p=old: re.search(  # type: ignore[misc]
@@ -100,19 +155,19 @@ def test_a_killed_worker_is_logged_and_restarted_and_health_tells(
             rf"restarting it in 0.0s", server.log), 10, f"worker {index}'s death logged")
         assert died
         # While it restarts: the pool reports lost capacity, the live worker serves on.
-        assert wait_for(lambda: health(target, "digitserve.v1.Workers") == "NOT_SERVING", 10,
-                        "Workers NOT_SERVING")
         assert health(target) == "SERVING"
         restarted = wait_for(lambda i=index: re.search(  # type: ignore[misc]
             rf"worker {i} \(pid (\d+)\) restarted: serving ([\d.]+)s after", server.log),
             90, f"worker {index} restarted")
         new = int(restarted.group(1))
         assert new != old and worker_pids(server)[index][-1] == new
-        wait_for(lambda: health(target, "digitserve.v1.Workers") == "SERVING", 10, "Workers SERVING")
+        wait_for(lambda: health(target, WORKERS) == "SERVING", 10, "Workers SERVING")
+        wait_for(watch.went_down_and_up, 10, "a Watch stream to see Workers go NOT_SERVING and back")
+        watch.close()
         figures.append(f"worker {index}: killed, serving again after {float(restarted.group(2)):.2f}s "
                        f"(Workers health back to SERVING after {time.monotonic() - killed:.2f}s), "
-                       f"{load.codes['OK'] - before} calls OK meanwhile")
-    codes = load.stop()
+                       f"{calls.codes['OK'] - before} calls OK meanwhile")
+    codes = calls.stop()
     assert server.proc.poll() is None  # the parent never gave up
     assert set(codes) == {"OK"} and codes["OK"] > 100, codes
     server.proc.send_signal(signal.SIGTERM)
@@ -122,12 +177,13 @@ def test_a_killed_worker_is_logged_and_restarted_and_health_tells(
 
 
 def test_workers_die_with_the_parent_and_free_the_port(
-    spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
+    spawn: type[ServerProcess], tiny_repo: Path, load: Callable[..., Load],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     server, target = start_pool(spawn, tiny_repo)
     pids = [p[-1] for p in worker_pids(server).values()]
-    load = Load(target, timeout=2)  # its calls after the kill wait for a server that never comes
-    wait_for(lambda: load.codes["OK"] > 50, 30, "calls")
+    calls = load(target, timeout=2)  # its calls after the kill wait for a server that never comes
+    wait_for(lambda: calls.codes["OK"] > 50, 30, "calls")
     killed = time.monotonic()
     server.proc.kill()
     server.proc.wait()
@@ -143,7 +199,7 @@ def test_workers_die_with_the_parent_and_free_the_port(
 
     wait_for(lambda: not any(alive(p) for p in pids), 10, "workers to exit")
     gone = time.monotonic() - killed
-    load.stop()
+    calls.stop()
     with socket.socket() as sock:  # no SO_REUSEPORT: fails while any process listens on the port
         # SO_REUSEADDR only lets the bind past the closed connections' TIME_WAIT entries, never
         # past a listening socket.
@@ -155,13 +211,14 @@ def test_workers_die_with_the_parent_and_free_the_port(
 
 
 def test_sighup_makes_the_workers_reload_and_kills_nothing(
-    spawn: type[ServerProcess], tiny_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    spawn: type[ServerProcess], tiny_repo: Path, tmp_path: Path, load: Callable[..., Load],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
     server, target = start_pool(spawn, repo)  # --reload-interval 0: only SIGHUP looks
     pids = worker_pids(server)
-    load = Load(target)
+    calls = load(target)
     repository = ModelRepository(repo)
     assert publish_copy(repository, repository.version_dir("tiny", 1)) == 2
     sent = time.monotonic()
@@ -169,7 +226,7 @@ def test_sighup_makes_the_workers_reload_and_kills_nothing(
     wait_for(lambda: server.log.count("hot reload: serving model tiny version 2") == 2, 90,
              "both workers reloading")
     reloaded = time.monotonic() - sent
-    codes = load.stop()
+    codes = calls.stop()
     assert server.proc.poll() is None and worker_pids(server) == pids  # nothing restarted
     assert "SIGHUP received: 2 workers look for a new model version now" in server.log
     assert "died" not in server.log
@@ -208,12 +265,12 @@ def test_a_worker_that_cannot_start_is_retried_with_backoff(
                          r"in use", server.log), server.log
         wait_for(lambda: server.log.count("serving model tiny version") >= 1, 60, "worker 0")
         assert health(target) == "SERVING"
-        assert health(target, "digitserve.v1.Workers") == "NOT_SERVING"
+        assert health(target, WORKERS) == "NOT_SERVING"
     finally:
         taken.close()
     restarted = wait_for(lambda: re.search(r"worker 1 \(pid \d+\) restarted: serving ([\d.]+)s",
                                            server.log), 90, "worker 1 serving")
-    wait_for(lambda: health(target, "digitserve.v1.Workers") == "SERVING", 10, "Workers SERVING")
+    wait_for(lambda: health(target, WORKERS) == "SERVING", 10, "Workers SERVING")
     failed = len(re.findall(r"worker 1 \(pid \d+\) died before serving", server.log))
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
