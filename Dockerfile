@@ -31,6 +31,7 @@ RUN python -c "import os, tomllib; \
 
 FROM deps AS wheel
 COPY README.md ./
+COPY core ./core
 COPY protos ./protos
 COPY trainer ./trainer
 COPY server ./server

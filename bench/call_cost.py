@@ -64,13 +64,13 @@ class _Context:
 def server(model_dir: Path, calls: int, images: int) -> None:
     import grpc
 
+    from digitserve.server.calls import CallWrapper
+    from digitserve.server.dataplane import DataPlane
+    from digitserve.server.logs import access_log
+    from digitserve.server.model import load_version, read_check_set
+    from digitserve.server.servicer import DigitServicer, tolerant_deserializer
+    from digitserve.server.telemetry import Telemetry
     from digitserve.v1 import digit_service_pb2 as pb
-    from server.calls import CallWrapper
-    from server.dataplane import DataPlane
-    from server.logs import access_log
-    from server.model import load_version, read_check_set
-    from server.servicer import DigitServicer, tolerant_deserializer
-    from server.telemetry import Telemetry
 
     logging.basicConfig(level=logging.INFO, stream=open("/dev/null", "w"))  # noqa: SIM115
     access_log.direct(open("/dev/null", "w"), json_lines=True)  # noqa: SIM115
@@ -106,7 +106,7 @@ def server(model_dir: Path, calls: int, images: int) -> None:
 
 
 def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
-    from client import loadtest
+    from digitserve.client import loadtest
     from digitserve.idx import load_split
 
     split = load_split(data_dir, "t10k")
@@ -123,7 +123,7 @@ def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
 def collector(model_dir: Path, keras: bool) -> None:
     import gc
 
-    from server.model import KerasModel, load_version, read_check_set
+    from digitserve.server.model import KerasModel, load_version, read_check_set
 
     if keras:
         model: Any = KerasModel.load(model_dir)

@@ -30,9 +30,20 @@ def _tree(text: str) -> tuple[str, Path]:
     if not sep or not label or not path:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=PATH")
     root = Path(path).resolve()
-    if not (root / "server" / "__main__.py").is_file():
-        raise argparse.ArgumentTypeError(f"{root}: not a digitserve checkout (no server/__main__.py)")
+    if _layout(root) is None:
+        raise argparse.ArgumentTypeError(
+            f"{root}: not a digitserve checkout (no server/digitserve/server/__main__.py)")
     return label, root
+
+
+def _layout(root: Path) -> tuple[str, list[Path]] | None:
+    """The server's module and the PYTHONPATH of a checkout: today's namespace layout, or the
+    flat one before it (so that a tree from before the move can be the baseline)."""
+    if (root / "server" / "digitserve" / "server" / "__main__.py").is_file():
+        return "digitserve.server", [root / d for d in ("core", "protos", "server", "client", "trainer")]
+    if (root / "server" / "__main__.py").is_file():
+        return "server", [root, root / "protos"]
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _server(label: str, root: Path, args: argparse.Namespace, log_dir: Path) -> RunningServer:
     port = free_port()
-    argv = ["taskset", "-c", args.server_cpu, sys.executable, "-m", "server", "--port", str(port),
+    layout = _layout(root)
+    assert layout is not None
+    module, path = layout
+    argv = ["taskset", "-c", args.server_cpu, sys.executable, "-m", module, "--port", str(port),
             "--model-repo", str(args.model_repo.resolve()), "--model-name", args.model_name,
             "--reload-interval", "0", "--log-format", "json", "--log-level", "WARNING"]
-    env = {"PYTHONPATH": f"{root}{os.pathsep}{root / 'protos'}"}
+    env = {"PYTHONPATH": os.pathsep.join(map(str, path))}
     spec = ServerSpec(name=label, kind="ours", argv=["env", "-C", str(root), *argv], env=env)
     server = RunningServer(spec, port, log_dir / f"{label}.log")
     server.wait_serving(120)
@@ -69,7 +83,7 @@ def _server(label: str, root: Path, args: argparse.Namespace, log_dir: Path) -> 
 
 
 def _load(target: str, args: argparse.Namespace) -> dict[str, Any]:
-    argv = ["taskset", "-c", args.load_cpu, sys.executable, "-m", "client", "--target", target,
+    argv = ["taskset", "-c", args.load_cpu, sys.executable, "-m", "digitserve.client", "--target", target,
             "loadtest", "--data-dir", str(args.data_dir), "--concurrency", str(args.concurrency),
             "--batch", str(args.batch), "--duration", str(args.duration), "--processes", "1",
             "--json"]

@@ -21,8 +21,8 @@ from typing import Any
 
 from bench import h2load, report
 from bench.servers import BenchError, RunningServer, ServerSpec, free_port, model_versions
-from client import loadtest
-from client.client import DigitClient
+from digitserve.client import loadtest
+from digitserve.client.client import DigitClient
 from digitserve.idx import IdxError, Split, load_split
 
 logger = logging.getLogger("bench")
@@ -92,7 +92,7 @@ def ensure_models(args: argparse.Namespace, presets: Sequence[str]) -> dict[str,
             continue
         logger.info("training the %s preset into %s (once)", preset, args.model_repo)
         done = subprocess.run(
-            [sys.executable, "-m", "trainer", "train", "--data-dir", str(args.data_dir),
+            [sys.executable, "-m", "digitserve.trainer", "train", "--data-dir", str(args.data_dir),
              "--model-repo", str(args.model_repo), "--model-name", args.model_name, "--preset", preset,
              "--no-report", "--json", "--verbose", "0"],
             cwd=REPO_ROOT, capture_output=True, text=True, check=False,
@@ -104,7 +104,7 @@ def ensure_models(args: argparse.Namespace, presets: Sequence[str]) -> dict[str,
 
 
 def server_supports_workers() -> bool:
-    done = subprocess.run([sys.executable, "-m", "server", "--help"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "digitserve.server", "--help"], capture_output=True,
                           text=True, cwd=REPO_ROOT, check=False)
     return "--workers" in done.stdout
 
@@ -124,7 +124,7 @@ def specs(args: argparse.Namespace, versions: dict[str, int], skip: set[str]) ->
         if preset not in versions or (preset == "default" and "default" in skip):
             continue
         for w in (workers if preset == "seed" else [max(workers)]):
-            argv = [py, "-m", "server", "--model-repo", str(args.model_repo), "--model-name",
+            argv = [py, "-m", "digitserve.server", "--model-repo", str(args.model_repo), "--model-name",
                     args.model_name, "--model-version", str(versions[preset])]
             if w > 1:
                 argv += ["--workers", str(w)]

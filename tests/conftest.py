@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from server.model import ModelSpec
+from digitserve.server.model import ModelSpec
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ class ServerThread:
     """An App running on its own event loop in a background thread, bound to 127.0.0.1:0."""
 
     def __init__(self, settings: Any, loader: Callable[[], Any] | None) -> None:
-        from server.app import App
+        from digitserve.server.app import App
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -103,7 +103,7 @@ def expect_error(call: Callable[[], object], code: Any, *fragments: str) -> Any:
 
 
 def make_settings(tmp: Path, **overrides: Any) -> Any:
-    from server.settings import Settings
+    from digitserve.server.settings import Settings
 
     return replace(Settings(model_repo=tmp, port=0), **overrides)
 
@@ -161,7 +161,7 @@ def synthetic_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path) -> Path:
     """A model repository holding one tiny model ('tiny', version 1; 100 % on its synthetic
     test set, so it passes the server's quality gate) trained for two epochs."""
-    from trainer.train import TrainConfig, run
+    from digitserve.trainer.train import TrainConfig, run
 
     repo = tmp_path_factory.mktemp("repo")
     run(TrainConfig(data_dir=synthetic_data_dir, model_repo=repo, name="tiny", preset="seed",
@@ -170,11 +170,11 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path
 
 
 class ServerProcess:
-    """``python -m server`` on 127.0.0.1:0; the bound port is read from its log."""
+    """``python -m digitserve.server`` on 127.0.0.1:0; the bound port is read from its log."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", "0", *args],
+            [sys.executable, "-m", "digitserve.server", "--port", "0", *args],
             cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})},
         )

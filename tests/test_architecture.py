@@ -15,14 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# (directory holding the top-level package, package) for every package of the project.
-PACKAGES = (
-    (ROOT, "server"),
-    (ROOT, "client"),
-    (ROOT, "trainer"),
-    (ROOT, "bench"),
-    (ROOT / "protos", "digitserve"),
-)
+# (source root, top-level package) for every package of the project: the namespace package
+# `digitserve` has one source root per top-level folder (pyproject.toml's package-dir).
+SOURCE_ROOTS = ("core", "protos", "server", "client", "trainer")
+PACKAGES = (*((ROOT / root, "digitserve") for root in SOURCE_ROOTS), (ROOT, "bench"))
 
 
 def _modules() -> dict[str, Path]:
@@ -110,7 +106,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 # Other projects' private names we must use: os._exit is documented API; the restricted unpickler
-# (trainer/data.py) hands out numpy's own array reconstructor, which numpy's pickles name.
+# (digitserve.trainer.data) hands out numpy's own array reconstructor, which numpy's pickles name.
 EXTERNAL_PRIVATE = {"os._exit", "multiarray._reconstruct"}
 
 
@@ -141,8 +137,8 @@ def _private(name: str) -> bool:
 def test_the_graph_sees_the_project() -> None:
     graph = import_graph()
     # The scan finds lazy and TYPE_CHECKING imports, not only module-level ones: a few edges we know.
-    assert "server.settings" in graph["server.cli"]
-    assert "digitserve.idx" in graph["trainer.data"]
+    assert "digitserve.server.settings" in graph["digitserve.server.cli"]
+    assert "digitserve.idx" in graph["digitserve.trainer.data"]
     assert len(graph) > 50, sorted(graph)
 
 
@@ -161,7 +157,7 @@ def test_no_module_uses_another_modules_private_names() -> None:
 
 
 def test_the_model_protocol_declares_what_callers_read() -> None:
-    from server.model import Model
+    from digitserve.server.model import Model
     from tests.conftest import FakeModel
 
     members = set(Model.__annotations__) | {n for n in vars(Model) if not n.startswith("_")}

@@ -15,9 +15,9 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.calls import CallWrapper, Services
-from server.security import INVALID_TOKEN, MISSING_TOKEN, TokenAuth
-from server.telemetry import Telemetry
+from digitserve.server.calls import CallWrapper, Services
+from digitserve.server.security import INVALID_TOKEN, MISSING_TOKEN, TokenAuth
+from digitserve.server.telemetry import Telemetry
 from tests.conftest import ServerThread
 from tests.support import scrape
 

@@ -15,12 +15,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from client.client import encode_images
+from digitserve.client.client import encode_images
+from digitserve.server.batcher import Batcher
+from digitserve.server.dataplane import DataPlane
+from digitserve.server.errors import DeadlineExpiredError, OverloadedError
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.batcher import Batcher
-from server.dataplane import DataPlane
-from server.errors import DeadlineExpiredError, OverloadedError
 from tests.conftest import FakeModel, ServerThread
 from tests.support import tiny_litert, wait_for
 
@@ -76,7 +76,7 @@ def test_batched_answers_equal_unbatched_ones_on_the_trained_model(
     start_server: Callable[..., ServerThread], tiny_repo: object, inference: str,
 ) -> None:
     from digitserve.repository import ModelRepository
-    from server.model import KerasModel
+    from digitserve.server.model import KerasModel
 
     version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)  # type: ignore[arg-type]
     server = start_server(loader=lambda: KerasModel.load(version_dir, inference=inference))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.cli import main
-from client.client import DigitClient
-from client.images import ImageError, load_image
+from digitserve.client.cli import main
+from digitserve.client.client import DigitClient
+from digitserve.client.images import ImageError, load_image
 from digitserve.idx import load_split
 from digitserve.repository import ModelRepository
-from server.model import KerasModel
+from digitserve.server.model import KerasModel
 from tests.conftest import ServerThread
 from tests.support import assert_metrics_match
 

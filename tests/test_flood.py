@@ -23,9 +23,9 @@ import hpack
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from digitserve.server.telemetry import Telemetry
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.telemetry import Telemetry
 from tests.conftest import ServerProcess, expect_error
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -156,8 +156,8 @@ def assert_all_json(lines: Sequence[str]) -> None:
 # --- the options every listener gets ------------------------------------------------------------
 
 def test_every_listener_gets_the_http2_limits_from_flags_and_environment(tmp_path: Path) -> None:
-    from server.app import server_options
-    from server.settings import load_settings
+    from digitserve.server.app import server_options
+    from digitserve.server.settings import load_settings
 
     env = {"MNIST_MODEL_REPO": str(tmp_path), "MNIST_MAX_CONNECTION_IDLE": "30"}
     defaults = dict(server_options(load_settings([], {"MNIST_MODEL_REPO": str(tmp_path)})))
@@ -323,7 +323,7 @@ BAD_VALUE = bytes([0xFF, 0xFE]) * 6000  # 12 KB, not UTF-8, under a key without 
 
 
 def grpc_records(lines: Sequence[str]) -> list[str]:
-    return [line for line in lines if '"logger": "server.access"' not in line]
+    return [line for line in lines if '"logger": "digitserve.server.access"' not in line]
 
 
 def test_undecodable_headers_cost_a_bounded_log_and_the_server_keeps_serving(

@@ -23,10 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from digitserve.server.dataplane import check_labels
+from digitserve.server.errors import InvalidInputError
+from digitserve.server.pixels import check_pixels, decode_images
 from digitserve.v1 import digit_service_pb2 as pb
-from server.dataplane import check_labels
-from server.errors import InvalidInputError
-from server.pixels import check_pixels, decode_images
 from tests.conftest import FakeModel, ServerThread
 
 # ---------------------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.client import DigitClient
+from digitserve.client.client import DigitClient
 from digitserve.repository import CorruptVersionError, ModelRepository
-from server.versions import QualityGateError, RepositorySource
+from digitserve.server.versions import QualityGateError, RepositorySource
 from tests.conftest import REPO_ROOT, ServerProcess
 
 ROOT = REPO_ROOT
@@ -94,7 +94,7 @@ def test_a_version_without_a_check_set_is_refused_unless_the_operator_allows_it(
         "the version with its check set, or start the server with --allow-missing-check-set to "
         "serve it unchecked"
     )
-    with caplog.at_level(logging.WARNING, logger="server.versions"):
+    with caplog.at_level(logging.WARNING, logger="digitserve.server.versions"):
         model = source(tmp_path, allow_missing_check_set=True).load(1)
     assert model.spec.version == 1
     assert f"{directory} has no check_set.npz: serving it unchecked (--allow-missing-check-set)" \
@@ -102,7 +102,7 @@ def test_a_version_without_a_check_set_is_refused_unless_the_operator_allows_it(
 
 
 def test_the_override_is_a_setting_off_by_default() -> None:
-    from server.settings import load_settings
+    from digitserve.server.settings import load_settings
 
     assert not load_settings(["--model-repo", "r"], env={}).allow_missing_check_set
     assert load_settings(["--model-repo", "r", "--allow-missing-check-set"], env={}) \
@@ -166,7 +166,7 @@ def test_a_version_without_a_metadata_checksum_loads_with_a_warning(
 ) -> None:
     # Versions published before the checksum file (main's format 1) still load.
     directory = publish_copy(tiny_repo, tmp_path, 1, metadata_checksum="absent")
-    with caplog.at_level(logging.WARNING, logger="server.versions"):
+    with caplog.at_level(logging.WARNING, logger="digitserve.server.versions"):
         model = source(tmp_path).load(1)
     assert model.spec.version == 1 and type(model).__name__ == "LiteRTModel"
     assert (f"{directory} has no metadata.json.sha256 (published before metadata was "
@@ -216,7 +216,7 @@ PROBE = """
 import json, resource, sys, time
 from pathlib import Path
 started = time.perf_counter()
-from server.versions import RepositorySource
+from digitserve.server.versions import RepositorySource
 try:
     RepositorySource(Path(sys.argv[1]), "tiny", 0.9).load(int(sys.argv[2]))
     outcome = "served"

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.client import DigitClient
+from digitserve.client.client import DigitClient
 from digitserve.repository import ModelRepository
-from server.app import MODEL_UPDATES_SERVICE
+from digitserve.server.app import MODEL_UPDATES_SERVICE
 from tests.conftest import ServerProcess, ServerThread, make_settings
 from tests.support import publish_copy, wait_for
 
@@ -183,7 +183,7 @@ def test_sigterm_during_a_hung_reload_exits_within_the_grace_period(
 
 
 def test_reads_run_one_thread_per_hung_key_and_keep_a_late_outcome_for_the_same_files() -> None:
-    from server.versions import RepositoryReads, RepositoryTimeoutError
+    from digitserve.server.versions import RepositoryReads, RepositoryTimeoutError
 
     timeouts: list[str] = []
     reads = RepositoryReads(0.2, timeouts.append)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import DigitClient, encode_images
+from digitserve.client.client import DigitClient, encode_images
 from digitserve.idx import load_split
+from digitserve.server.cli import main
+from digitserve.server.settings import Settings, load_settings
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.cli import main
-from server.settings import Settings, load_settings
 from tests.conftest import ServerProcess
 
 
@@ -117,7 +117,7 @@ def test_unlabelled_predict_through_the_process(
     server.proc.send_signal(signal.SIGINT)
     assert server.wait(30) == 0
     # The process writes its access lines itself, in batches, flushed at the latest on stop.
-    access = [json.loads(line) for line in server.lines if '"logger": "server.access"' in line]
+    access = [json.loads(line) for line in server.lines if '"logger": "digitserve.server.access"' in line]
     (predict,) = [e for e in access if e["method"] == "/digitserve.v1.DigitService/Predict"]
     assert predict["code"] == "OK" and predict["level"] == "INFO"
     assert re.fullmatch(r"[0-9a-f]{32}", predict["request_id"])
@@ -153,7 +153,7 @@ def test_settle_memory_freezes_survivors_and_frees_a_replaced_model_s_cycles() -
     import gc
     import weakref
 
-    from server.app import settle_memory
+    from digitserve.server.app import settle_memory
 
     class Node:
         pass

@@ -12,8 +12,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from client import loadtest
-from client.cli import main
+from digitserve.client import loadtest
+from digitserve.client.cli import main
 from digitserve.idx import load_split, scale_pixels
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb

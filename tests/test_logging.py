@@ -17,9 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from digitserve.v1 import digit_service_pb2 as pb
-from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.logs import (
+from digitserve.server.logs import (
     AccessLog,
     GrpcRecordFilter,
     JsonFormatter,
@@ -28,6 +26,8 @@ from server.logs import (
     native_stderr_logged,
     resolve_format,
 )
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.conftest import FakeModel, ServerProcess, ServerThread
 
 
@@ -37,7 +37,7 @@ def json_log() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("server")
+    root = logging.getLogger("digitserve.server")
     previous = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -108,7 +108,7 @@ def test_one_access_line_per_call_and_no_pixels(
         assert predict(crash, "call-crash") == grpc.StatusCode.INTERNAL
         stub.GetModelInfo(pb.GetModelInfoRequest())
     log = entries(json_log)
-    access = [e for e in log if e["logger"] == "server.access"]
+    access = [e for e in log if e["logger"] == "digitserve.server.access"]
     assert [(e["method"], e["code"]) for e in access] == [
         ("/digitserve.v1.DigitService/Predict", "OK"),
         ("/digitserve.v1.DigitService/Predict", "INVALID_ARGUMENT"),
@@ -122,7 +122,7 @@ def test_one_access_line_per_call_and_no_pixels(
         assert str(e["peer"]).startswith("ipv4:127.0.0.1:")
         assert f"{e['method']} {e['code']} " in str(e["message"])
     # The crash's traceback is logged inside the call, so it carries the call's request id.
-    (crash_entry,) = [e for e in log if e["logger"] == "server.servicer"]
+    (crash_entry,) = [e for e in log if e["logger"] == "digitserve.server.servicer"]
     assert crash_entry["request_id"] == "call-crash" and "crashed on purpose" in str(
         crash_entry["exception"])
     text = json_log.getvalue()
@@ -141,9 +141,9 @@ def test_server_process_logs_in_the_chosen_format(
     for line in ours:
         if log_format == "json":
             entry = json.loads(line)
-            assert entry["level"] in ("INFO", "ERROR") and entry["logger"] == "server.app"
+            assert entry["level"] in ("INFO", "ERROR") and entry["logger"] == "digitserve.server.app"
         else:
-            assert not line.startswith("{") and " server.app " in line
+            assert not line.startswith("{") and " digitserve.server.app " in line
 
 
 @pytest.mark.parametrize("peer", ["ipv4:127.0.0.1:5000", 'unix:/tmp/a "quoted" \\ path'])
@@ -163,10 +163,10 @@ def test_direct_access_lines_equal_the_formatter_s_and_are_written_in_batches(pe
     asyncio.run(scenario())
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
-    logger = logging.getLogger("server.access")
+    logger = logging.getLogger("digitserve.server.access")
     for line, (method, code, latency, call_peer, request_id) in zip(lines, calls, strict=True):
         record = logger.makeRecord(
-            "server.access", logging.INFO, __file__, 1, "%s %s %.2f ms peer=%s request_id=%s",
+            "digitserve.server.access", logging.INFO, __file__, 1, "%s %s %.2f ms peer=%s request_id=%s",
             (method, code, latency, call_peer, request_id), None,
             extra={"method": method, "code": code, "latency_ms": latency, "peer": call_peer,
                    "request_id": request_id})
@@ -212,7 +212,7 @@ def test_a_litert_interpreter_writes_no_bare_line_to_stderr(tiny_repo: Path) -> 
     script = (
         "import logging, sys; import numpy as np; from pathlib import Path\n"
         "logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format='%(name)s %(message)s')\n"
-        "from server.model import LiteRTRunner\n"
+        "from digitserve.server.model import LiteRTRunner\n"
         "runner = LiteRTRunner(Path(sys.argv[1]).read_bytes())\n"
         "print(runner(np.zeros((2, 784), np.float32)).shape)\n"
     )
@@ -258,7 +258,7 @@ def test_grpc_records_become_one_short_line_and_are_rate_limited() -> None:
     assert not grpc_filter.filter(record(b"\xfe"))  # a third from the same place within 10 s
     assert not grpc_filter.filter(record(b"\xfd"))
     assert grpc_filter.filter(record(b"\xfe", lineno=8))  # another place in grpc's code
-    other = logger.makeRecord("server.app", logging.ERROR, "app.py", 1, "x" * 100, (), None)
+    other = logger.makeRecord("digitserve.server.app", logging.ERROR, "app.py", 1, "x" * 100, (), None)
     assert grpc_filter.filter(other) and other.getMessage() == "x" * 100  # not grpc's: untouched
     now[0] = 10.0
     later = record(b"\xfe")
@@ -271,9 +271,9 @@ def test_json_mode_bridges_native_stderr_lines_to_json(tmp_path: Path) -> None:
     # including the last line of a process that dies at once after writing it.
     script = (
         "import logging, os\n"
-        "from server.cli import configure_logging\n"
+        "from digitserve.server.logs import configure_logging\n"
         "configure_logging('INFO', 'json')\n"
-        "logging.getLogger('server.test').info('python line')\n"
+        "logging.getLogger('digitserve.server.test').info('python line')\n"
         "os.write(2, b'E1129 01:39:48.284563   19318 posix_engine_listener.cc:164] File descriptor "
         "limit reached. Retrying.\\n')\n"
         "os.write(2, b'not a known format\\n')\n"
@@ -285,7 +285,7 @@ def test_json_mode_bridges_native_stderr_lines_to_json(tmp_path: Path) -> None:
     assert done.returncode == 3
     entries = [json.loads(line) for line in done.stderr.splitlines()]
     assert {(e["logger"], e["level"], e["message"]) for e in entries} == {
-        ("server.test", "INFO", "python line"),
+        ("digitserve.server.test", "INFO", "python line"),
         ("native", "ERROR", "File descriptor limit reached. Retrying."),
         ("native", "WARNING", "not a known format"),
         ("native", "CRITICAL", "Check failed: x"),

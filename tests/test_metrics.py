@@ -14,11 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from digitserve.server.settings import Settings
+from digitserve.server.telemetry import CONFIDENCE_BUCKETS, BulkHistogram
+from digitserve.server.workers import _with_metrics_port
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.settings import Settings
-from server.telemetry import CONFIDENCE_BUCKETS, BulkHistogram
-from server.workers import _with_metrics_port
 from tests.conftest import FakeModel, ServerThread
 from tests.support import Samples, scrape
 

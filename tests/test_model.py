@@ -1,4 +1,4 @@
-"""server/model.py: the inference path is LiteRT only when it agrees with model.predict; a
+"""digitserve.server.model: the inference path is LiteRT only when it agrees with model.predict; a
 version's published flatbuffer serves without TensorFlow while it agrees with the trainer's
 reference."""
 
@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.client import DigitClient
+from digitserve.client.client import DigitClient
 from digitserve.repository import LITERT_FILE, CorruptVersionError, ModelRepository
-from digitserve.v1 import digit_service_pb2 as pb
-from server.model import (
+from digitserve.server.model import (
     AGREEMENT_FLOOR,
     InferencePathError,
     KerasModel,
@@ -25,6 +24,7 @@ from server.model import (
     load_version,
     read_check_set,
 )
+from digitserve.v1 import digit_service_pb2 as pb
 from tests.conftest import ServerProcess
 
 
@@ -114,7 +114,7 @@ def test_a_version_with_a_flatbuffer_serves_without_tensorflow(tiny_repo: Path) 
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from server.model import load_version, read_check_set\n"
+        "from digitserve.server.model import load_version, read_check_set\n"
         f"d = Path({str(version_dir(tiny_repo))!r})\n"
         "m = load_version(d, check_set=read_check_set(d))\n"
         "print(type(m).__name__, m.inference_path, m.inline, 'tensorflow' in sys.modules, "
@@ -177,7 +177,7 @@ def test_a_flatbuffer_off_the_reference_falls_back_to_the_keras_model(
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     rewrite_listed(directory, "check_set.npz", buffer.getvalue())
-    with caplog.at_level("INFO", logger="server.model"):
+    with caplog.at_level("INFO", logger="digitserve.server.model"):
         model = load_version(directory, check_set=read_check_set(directory))
     assert isinstance(model, KerasModel)  # which compares with model.predict itself
     assert "model.tflite differs from the trainer's reference by 1.00e-03" in caplog.text
@@ -192,7 +192,7 @@ def test_a_reference_of_the_wrong_shape_is_not_compared(tiny_repo: Path, tmp_pat
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     rewrite_listed(directory, "check_set.npz", buffer.getvalue())
-    with caplog.at_level("INFO", logger="server.model"):
+    with caplog.at_level("INFO", logger="digitserve.server.model"):
         model = load_version(directory, check_set=read_check_set(directory))
     n = arrays["labels"].shape[0]
     assert isinstance(model, KerasModel)

@@ -1,4 +1,4 @@
-"""The Node.js client (client/node/predict.js) against an in-process server: the same prediction as
+"""The Node.js client (examples/node/predict.js) against an in-process server: the same prediction as
 our Python client. Runs when node and npm are installed (else a skip, a failure under
 MNIST_REQUIRE_E2E); npm installs its pinned packages once."""
 
@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.client import DigitClient
+from digitserve.client.client import DigitClient
 from digitserve.idx import read_idx
 from tests.conftest import REPO_ROOT, ServerThread
 from tests.support import skip_or_fail
 
-NODE_DIR = REPO_ROOT / "client" / "node"
+NODE_DIR = REPO_ROOT / "examples" / "node"
 NODE = shutil.which("node")
 NPM = shutil.which("npm")
 

@@ -20,11 +20,11 @@ from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from client.client import DigitClient
+from digitserve.client.client import DigitClient
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.repository import ModelRepository
-from server.status import INTERNAL_MESSAGE
+from digitserve.server.status import INTERNAL_MESSAGE
 from tests.conftest import FakeModel, ServerThread, expect_error
 
 D = 784
@@ -391,7 +391,7 @@ def test_tritonclient_gets_the_probabilities_of_our_client(
     start_server: Callable[..., ServerThread], tiny_repo: Path, synthetic_data_dir: Path, tmp_path: Path
 ) -> None:
     from digitserve.idx import read_idx
-    from server.model import KerasModel
+    from digitserve.server.model import KerasModel
 
     version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)
     server = start_server(loader=lambda: KerasModel.load(version_dir))

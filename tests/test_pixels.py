@@ -1,6 +1,6 @@
-"""server/pixels.py, the codec of both edges: every way the same pixels arrive decodes to the same
+"""digitserve.server.pixels, the codec of both edges: every way the same pixels arrive decodes to the same
 float32 array bit for bit, and the same bad pixel is named the same way by each path of an edge;
-server/status.py is the one error mapping, and neither edge imports the other."""
+digitserve.server.status is the one error mapping, and neither edge imports the other."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from digitserve.oip import grpc_predict_v2_pb2 as oip
+from digitserve.server.errors import InvalidInputError
+from digitserve.server.pixels import decode_images, decode_tensor, packed_pixels, tensor_count
+from digitserve.server.wire import PackedPredictRequest, parse_predict_request
 from digitserve.v1 import digit_service_pb2 as pb
-from server.errors import InvalidInputError
-from server.pixels import decode_images, decode_tensor, packed_pixels, tensor_count
-from server.wire import PackedPredictRequest, parse_predict_request
 
 SIZE = 12  # pixels per image; the codec hard-codes no size
-SERVER = Path(__file__).resolve().parent.parent / "server"
+SERVER = Path(__file__).resolve().parent.parent / "server" / "digitserve" / "server"
 
 
 def _outcome(decode: Callable[[], object]) -> tuple[str, object]:
@@ -112,7 +112,7 @@ def _imports(module: str) -> set[str]:
 
 def test_the_edges_share_the_codec_and_the_error_mapping_not_each_other() -> None:
     servicer, oip_edge = _imports("servicer"), _imports("oip")
-    assert "server.oip" not in servicer and "server.servicer" not in oip_edge
+    assert "digitserve.server.oip" not in servicer and "digitserve.server.servicer" not in oip_edge
     for imports in (servicer, oip_edge):
-        assert {"server.pixels", "server.status"} <= imports
-    assert "server.pixels" in _imports("wire")  # the Predict fast path reads the codec's encodings
+        assert {"digitserve.server.pixels", "digitserve.server.status"} <= imports
+    assert "digitserve.server.pixels" in _imports("wire")  # the Predict fast path reads the codec's encodings

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import DigitClient
+from digitserve.client.client import DigitClient
 from digitserve.repository import ModelNotFoundError, ModelRepository
-from server.app import MODEL_UPDATES_SERVICE
+from digitserve.server.app import MODEL_UPDATES_SERVICE
 from tests.conftest import ServerThread, expect_error, make_settings
 from tests.support import publish_copy, wait_for
 

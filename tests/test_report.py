@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from client.plots import plot_loadtest
-from trainer.report import HTML_FILE, most_confused_pairs, write_report
+from digitserve.client.plots import plot_loadtest
+from digitserve.trainer.report import HTML_FILE, most_confused_pairs, write_report
 
 LABELS = [str(d) for d in range(10)]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from client.client import DigitClient, encode_images
+from digitserve.client.client import DigitClient, encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.conftest import FakeModel, ServerProcess, ServerThread

@@ -28,21 +28,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.cli import main as client_main
-from client.client import DigitClient, encode_images
-from client.security import ClientSecurityError, read_token, tls_credentials
+from digitserve.client.cli import main as client_main
+from digitserve.client.client import DigitClient, encode_images
+from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
 from digitserve.repository import MODEL_FILE, CorruptVersionError, ModelRepository
-from digitserve.v1 import digit_service_pb2 as pb
-from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.app import serve
-from server.security import (
+from digitserve.server.app import serve
+from digitserve.server.security import (
     INVALID_TOKEN,
     MISSING_TOKEN,
     SecurityConfigError,
     ServerSecurity,
     TokenAuth,
 )
-from server.settings import Settings, load_settings
+from digitserve.server.settings import Settings, load_settings
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.conftest import REPO_ROOT, FakeModel, ServerProcess, ServerThread
 
 D = 784
@@ -383,7 +383,7 @@ def test_usage_errors_never_print_the_secret(
     args: list[str], message: str,
 ) -> None:
     """argparse echoes the words it did not take; mnist-serve names the flags and counts the rest."""
-    from server.cli import main as serve_main
+    from digitserve.server.cli import main as serve_main
 
     monkeypatch.delenv("MNIST_AUTH_TOKEN", raising=False)
     with pytest.raises(SystemExit) as exit_info:
@@ -443,7 +443,7 @@ def test_unusable_security_files_stop_the_server_with_one_line(
     caplog.set_level(logging.ERROR)
     bad = replace(base, tls_cert=tmp_path / "absent.crt", tls_key=pki.server_key)
     assert asyncio.run(serve(bad)) == 1
-    assert [r.getMessage() for r in caplog.records if r.name == "server.app"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "digitserve.server.app"] == [
         f"cannot start: TLS certificate {tmp_path / 'absent.crt'}: cannot read (No such file or directory)"]
 
 
@@ -501,7 +501,7 @@ def test_unusable_certificates_stop_the_server_with_one_line(
         assert server.wait(60) == 1, server.log
         lines = _json_lines(server.log)
         assert len(lines) == 1, server.log
-        assert (lines[0]["level"], lines[0]["logger"]) == ("ERROR", "server.app")
+        assert (lines[0]["level"], lines[0]["logger"]) == ("ERROR", "digitserve.server.app")
         assert lines[0]["message"].startswith(f"cannot start: {message}"), lines[0]["message"]
         assert "Traceback" not in server.log and "exception" not in lines[0]
         print(f"\nexit 1: {lines[0]['message']}")
@@ -676,7 +676,7 @@ def published_copy(tiny_repo: Path, tmp_path: Path) -> Iterator[Path]:
 
 
 def test_tampered_model_file_is_refused_before_keras_opens_it(published_copy: Path) -> None:
-    from server.model import KerasModel
+    from digitserve.server.model import KerasModel
 
     assert KerasModel.load(published_copy).spec.version == 1  # the untouched copy loads
     model_file = published_copy / MODEL_FILE
@@ -703,7 +703,7 @@ UNSAFE_LOADS = [
 
 
 def test_no_code_loads_untrusted_data_unsafely() -> None:
-    sources = [p for d in ("server", "trainer", "client", "protos/digitserve")
+    sources = [p for d in ("server", "trainer", "client", "core", "protos")
                for p in sorted((REPO_ROOT / d).rglob("*.py")) if "_pb2" not in p.name]
     assert len(sources) > 20
     found = []

@@ -14,11 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from client.client import encode_images
+from digitserve.client.client import encode_images
 from digitserve.metrics import MetricsAccumulator
+from digitserve.server.status import INTERNAL_MESSAGE
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from server.status import INTERNAL_MESSAGE
 from tests.conftest import FakeModel, ServerThread, expect_error
 from tests.support import assert_metrics_match
 

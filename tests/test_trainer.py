@@ -20,11 +20,11 @@ from digitserve.repository import (
     sha256_file,
     verify_files,
 )
+from digitserve.trainer.cli import main
+from digitserve.trainer.errors import TrainerError
+from digitserve.trainer.presets import PRESETS, build_model, get_preset
+from digitserve.trainer.train import CHECK_SET_FILE, EVALUATE_BATCH, LABELS, TrainConfig, run, scale_images
 from tests.support import assert_metrics_match, oracle_metrics
-from trainer.cli import main
-from trainer.errors import TrainerError
-from trainer.presets import PRESETS, build_model, get_preset
-from trainer.train import CHECK_SET_FILE, EVALUATE_BATCH, LABELS, TrainConfig, run, scale_images
 
 TRAIN_SIZE = 300
 TEST_SIZE = 600  # more than the 500 images of the check set
@@ -174,7 +174,7 @@ def test_saved_model_round_trip(
 ) -> None:
     import keras
 
-    from server.model import KerasModel
+    from digitserve.server.model import KerasModel
 
     repo, *_ = published
     version_dir = ModelRepository(repo).version_dir("digits", version)
@@ -190,7 +190,7 @@ def test_saved_model_round_trip(
 def test_metadata_metrics_equal_the_servers_figures(
     published: tuple[Path, dict[str, Any], dict[str, Any]], data_dir: Path, version: int
 ) -> None:
-    from server.model import KerasModel
+    from digitserve.server.model import KerasModel
 
     repo, *_ = published
     version_dir = ModelRepository(repo).version_dir("digits", version)
@@ -253,9 +253,9 @@ def test_the_check_set_names_the_labels_and_the_metadata_is_checksummed(
 def test_the_loser_of_a_publish_race_reports_the_version_it_was_published_as(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.report
+    from digitserve.trainer import report as trainer_report
 
-    written = trainer.report.write_report
+    written = trainer_report.write_report
     titles: list[str] = []
 
     def report_then_lose_the_race(report_dir: Path, **kwargs: Any) -> list[Path]:
@@ -264,7 +264,7 @@ def test_the_loser_of_a_publish_race_reports_the_version_it_was_published_as(
             ModelRepository(tmp_path).publish("digits", lambda staging, v: {"name": "digits"})
         return written(report_dir, **kwargs)
 
-    monkeypatch.setattr(trainer.report, "write_report", report_then_lose_the_race)
+    monkeypatch.setattr(trainer_report, "write_report", report_then_lose_the_race)
     summary = run(_config(data_dir, tmp_path, "seed"))
     assert summary["version"] == 2
     assert titles == ["digits v1 (seed)", "digits v2 (seed)"]

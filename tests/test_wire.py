@@ -1,4 +1,4 @@
-"""server/wire.py: the PredictResponse serialized by numpy parses into the message protobuf builds,
+"""digitserve.server.wire: the PredictResponse serialized by numpy parses into the message protobuf builds,
 and requests read from their bytes hold what protobuf reads from them."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from digitserve.v1 import digit_service_pb2 as pb
-from server.wire import (
+from digitserve.server.wire import (
     PackedPredictRequest,
     PredictionEncoder,
     encode_predictions_protobuf,
     parse_predict_request,
 )
+from digitserve.v1 import digit_service_pb2 as pb
 
 DIGITS = tuple(str(d) for d in range(10))
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.client import DigitClient
+from digitserve.client.client import DigitClient
 from digitserve.repository import ModelRepository
 from tests.conftest import ServerProcess
 from tests.support import publish_copy, wait_for

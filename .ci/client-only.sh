@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The client-only install (`pip install .`, no extra) in a fresh virtual environment: only the
+# `digitserve` namespace is installed, the client imports without TensorFlow, and the commands
+# whose extra is missing exit 2 with one line naming it instead of a traceback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=out/client-only-venv
+rm -rf "$VENV"
+"$PY" -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q .
+cd out  # not the checkout: its folders must not be what gets imported
+V=client-only-venv/bin
+fail() { echo "client-only install: $*" >&2; exit 1; }
+
+for name in server client trainer; do
+  if "$V/python" -c "import $name" 2>/dev/null; then fail "'import $name' works: a top-level $name is installed"; fi
+done
+"$V/python" -c "import digitserve.client, digitserve.repository, digitserve.v1.digit_service_pb2" \
+  || fail "the client does not import"
+"$V/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is not None)" \
+  || fail "TensorFlow is installed without an extra"
+# What went into site-packages (the scripts, listed as ../../../bin/..., are not imports).
+tops=$("$V/pip" show -f digitserve | grep -v '^  \.\./' | sed -n 's|^  \([^/]*\)/.*|\1|p' | sort -u | tr '\n' ' ')
+case $tops in "digitserve digitserve-"*".dist-info ") ;; *) fail "top-level folders installed: $tops" ;; esac
+"$V/mnist-client" --help > /dev/null || fail "mnist-client --help failed"
+
+expect_extra() {  # expect_extra EXTRA COMMAND...: exit 2, one line on stderr naming the extra
+  local extra=$1; shift
+  set +e; err=$("$@" 2>&1 >/dev/null); code=$?; set -e
+  [ "$code" = 2 ] || fail "'$*' exited $code, expected 2: $err"
+  [ "$(printf '%s\n' "$err" | wc -l)" = 1 ] || fail "'$*' printed more than one line: $err"
+  case $err in *"pip install 'digitserve[$extra]'"*) ;; *) fail "'$*' does not name the $extra extra: $err" ;; esac
+  echo "$*: $err"
+}
+expect_extra server "$V/mnist-serve" --model-repo models
+expect_extra server "$V/mnist-serve" --help
+expect_extra trainer "$V/mnist-train" train --data-dir data --model-repo models --model-name mnist
+"$V/mnist-train" --help > /dev/null || fail "mnist-train --help failed"
+echo "client-only install: OK (top level: $tops)"

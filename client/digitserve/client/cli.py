@@ -1,0 +1,351 @@
+"""``mnist-client``: predict, evaluate, info and health against a running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from digitserve.client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
+from digitserve.client.images import ImageError, load_image
+from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
+from digitserve.config import Parser
+from digitserve.metadata import Metadata
+
+PROG = "mnist-client"
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> Parser:
+    """The mnist-client parser: every option is also an MNIST_* variable (``env``, default
+    os.environ); the load test's own options are MNIST_LOADTEST_*."""
+    parser = Parser(prog=PROG, env=env, description="Call the MNIST gRPC server. Every option can "
+                    "also be set by the environment variable shown.")
+    parser.add_option(
+        "--target", default="127.0.0.1:50051",
+        help="server address host:port, or dns:///name:port for round_robin over its addresses",
+    )
+    parser.add_option("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                      help="deadline of each call in seconds")
+    tls = parser.add_argument_group("security (TLS is on when any --tls* option is given)")
+    parser.add_option("--tls", to=tls, action="store_true", default=False,
+                      help="TLS, the server checked against the system's root certificates")
+    parser.add_option("--tls-ca", to=tls, type=Path,
+                      help="PEM CA that signed the server's certificate")
+    parser.add_option("--tls-cert", to=tls, type=Path, env="MNIST_CLIENT_CERT",
+                      help="PEM client certificate, for a server that requires one (mTLS)")
+    parser.add_option("--tls-key", to=tls, type=Path, env="MNIST_CLIENT_KEY",
+                      help="PEM private key of --tls-cert")
+    parser.add_option("--token-file", to=tls, type=Path,
+                      help="file whose first line is the bearer token sent with every call")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def version(p: Parser) -> None:
+        p.add_option("--model-version", type=int, default=0, help="pin a version (0 = served)")
+
+    def split(p: Parser) -> None:
+        p.add_option("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
+
+    p = sub.add_parser("predict", help="predict one image and print the class probabilities")
+    src = p.add_mutually_exclusive_group(required=True)
+    p.add_option("--image", to=src, type=Path,
+                 help="a PNG/JPEG picture of a digit or a .npy array")
+    p.add_option("--data-dir", to=src, type=Path, help="a directory of IDX files; with --index")
+    p.add_option("--index", type=int, default=0, help="image index in the IDX set")
+    split(p)
+    version(p)
+    p.add_option("--json", action="store_true", default=False, help="print a JSON object")
+
+    e = sub.add_parser("evaluate", help="stream a labelled IDX test set and print the metrics")
+    e.add_option("--data-dir", type=Path, required=True, default_text="required",
+                 help="directory with t10k-* IDX files")
+    split(e)
+    e.add_option("--batch-size", type=int, default=EVALUATE_BATCH, env="MNIST_EVALUATE_BATCH_SIZE",
+                 help="images per message")  # MNIST_BATCH_SIZE is the trainer's
+    e.add_option("--limit", type=int, default=0,
+                 help="evaluate only the first N images (0: all)")
+    version(e)
+    e.add_option("--min-accuracy", type=float, default=0.0,
+                 help="exit 1 when the accuracy is below this")
+    e.add_option("--plot", type=Path, help="draw the confusion matrix into this PNG")
+    e.add_option("--json", action="store_true", default=False, help="print a JSON object")
+
+    i = sub.add_parser("info", help="print the served model's metadata")
+    version(i)
+    i.add_option("--json", action="store_true", default=False,
+                 help="print the whole metadata as JSON")
+
+    h = sub.add_parser("health", help="exit 0 if the server reports SERVING")
+    h.add_option("--service", default="", default_text="'' (the whole server)",
+                 help="service name")
+    h.add_option("--wait", type=float, default=0.0,
+                 help="wait up to this many seconds for SERVING (0: ask once)")
+    h.add_option("--json", action="store_true", default=False, help="print a JSON object")
+
+    lt = sub.add_parser("loadtest", help="drive Predict with load; print throughput, latency, "
+                        "errors and accuracy", env_prefix="MNIST_LOADTEST_")
+    shape = lt.add_mutually_exclusive_group()
+    lt.add_option("--concurrency", to=shape, type=int, default=1,
+                  help="closed loop: calls kept in flight")
+    lt.add_option("--rate", to=shape, type=float, default=0.0,
+                  help="open loop: requests per second, sent on schedule whatever the answers")
+    stop = lt.add_mutually_exclusive_group()
+    lt.add_option("--duration", to=stop, type=float, default_text="10",
+                  help="seconds to run")
+    lt.add_option("--requests", to=stop, type=int, default=0,
+                  help="number of requests to send (0: run for --duration)")
+    lt.add_option("--data-dir", env="MNIST_DATA_DIR", type=Path, required=True,
+                  default_text="required", help="directory with t10k-* IDX files")
+    lt.add_option("--split", env="MNIST_SPLIT", default="t10k", choices=["t10k", "train"],
+                  help="IDX set")
+    lt.add_option("--batch", type=int, default=1, help="images per request")
+    lt.add_option("--encoding", default="uint8", choices=["uint8", "float32"],
+                  help="pixel encoding on the wire")
+    lt.add_option("--model-version", env="MNIST_MODEL_VERSION", type=int, default=0,
+                  help="pin a version (0 = served)")
+    lt.add_option("--processes", type=int, default=0, default_text="0 (automatic)",
+                  help="load processes, each with its own channels (0: 1 for light loads, up to "
+                  "one per two CPUs for heavy ones, leaving the rest to a local server)")
+    lt.add_option("--connections", type=int, default_text="8",
+                  help="connections per load process: SO_REUSEPORT spreads connections, not "
+                  "calls, over a server's workers, so a few per worker keep them evenly loaded")
+    lt.add_option("--engine", default="h2", choices=["h2", "grpc"],
+                  help="how calls are made: h2, the tester's own HTTP/2 framing of pre-serialized "
+                  "requests (under half of grpc.aio's CPU per call, so more is left to a local "
+                  "server), or grpc, grpc.aio as the client library uses it; h2 takes host:port "
+                  "targets")
+    lt.add_option("--protocol", default="digitserve", choices=["digitserve", "oip"],
+                  help="digitserve: this API's Predict; oip: the Open Inference Protocol's (KServe "
+                  "V2) ModelInfer, raw pixels as input 'images', answers read from output "
+                  "'probabilities' — our server's V2 edge, or KServe and others serving a model "
+                  "with those names")
+    lt.add_option("--model-name", env="MNIST_MODEL_NAME", default="mnist",
+                  help="--protocol oip: the model the requests name")
+    lt.add_option("--max-outstanding", type=int, default=1000,
+                  help="open loop: most calls in flight")
+    lt.add_option("--no-verify", dest="verify", action="store_false", default=True,
+                  env="MNIST_LOADTEST_VERIFY", default_text="on (answers are decoded)",
+                  help="do not decode answers (no accuracy; a little less client CPU)")
+    lt.add_option("--min-accuracy", env="MNIST_MIN_ACCURACY", type=float, default=0.0,
+                  help="exit 1 when the accuracy of the answers is below this")
+    lt.add_option("--plot", type=Path,
+                  help="draw the latency histogram and the throughput over time into this PNG")
+    lt.add_option("--json", env="MNIST_JSON", action="store_true", default=False,
+                  help="print a JSON object")
+    return parser
+
+
+class CliError(Exception):
+    """An error to print as one line, exit 1."""
+
+
+def _load_split(data_dir: Path, split: str) -> Any:
+    from digitserve.idx import IdxError, load_split
+
+    try:
+        return load_split(data_dir, split)
+    except IdxError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
+    true_label: int | None = None
+    if args.image is not None:
+        try:
+            pixels = load_image(args.image)
+        except ImageError as exc:
+            raise CliError(str(exc)) from exc
+        source = str(args.image)
+    else:
+        split = _load_split(args.data_dir, args.split)
+        if not 0 <= args.index < split.images.shape[0]:
+            raise CliError(
+                f"--index {args.index} is out of range: {split.images_path} holds "
+                f"{split.images.shape[0]} images"
+            )
+        pixels = split.images[args.index].reshape(-1)
+        true_label = int(split.labels[args.index])
+        source = f"{split.images_path}[{args.index}]"
+    result = client.predict(pixels, model_version=args.model_version)
+    probs = result.probabilities[0]
+    if args.json:
+        print(json.dumps({
+            "source": source,
+            "probabilities": [float(p) for p in probs],
+            "class_index": result.class_indices[0],
+            "label": result.labels[0],
+            "true_label": true_label,
+            "model_name": result.model_name,
+            "model_version": result.model_version,
+        }))
+        return 0
+    print(f"{source} → model {result.model_name} v{result.model_version}")
+    for k, p in enumerate(probs):
+        bar = "█" * round(float(p) * 40)
+        print(f"  class {k:>2} {float(p):9.6f} {bar}")
+    print(f"predicted: {result.labels[0]} (p={float(probs[result.class_indices[0]]):.4f})"
+          + ("" if true_label is None else f", true label: {true_label}"))
+    return 0
+
+
+def format_confusion(result: EvaluateResult) -> str:
+    """The confusion matrix as a text table: rows = true label, columns = predicted."""
+    width = max(5, *(len(str(v)) + 1 for row in result.confusion_matrix for v in row))
+    head = "true\\pred".rjust(9) + "".join(label.rjust(width) for label in result.labels)
+    lines = [head]
+    for label, row in zip(result.labels, result.confusion_matrix, strict=True):
+        lines.append(label.rjust(9) + "".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
+def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
+    split = _load_split(args.data_dir, args.split)
+    images, labels = split.images, split.labels
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size {args.batch_size} must be at least 1")
+    from tqdm import tqdm
+
+    with tqdm(total=images.shape[0], unit="img", desc="evaluate", file=sys.stderr,
+              disable=None) as bar:
+        result = client.evaluate(
+            images, labels, batch_size=args.batch_size, model_version=args.model_version,
+            progress=bar.update,
+        )
+    if args.plot is not None:
+        from digitserve.client.plots import plot_confusion_matrix
+
+        plot_confusion_matrix(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"model {result.model_name} v{result.model_version}: {result.count} images, "
+              f"accuracy {result.accuracy:.4%}, mean cross-entropy {result.mean_cross_entropy:.4f}")
+        print(format_confusion(result))
+        print("class precision recall     f1 support")
+        for c in result.per_class:
+            print(f"{c['label']:>5} {c['precision']:9.4f} {c['recall']:6.4f} {c['f1']:6.4f} "
+                  f"{c['support']:7d}")
+        if args.plot is not None:
+            print(f"confusion matrix plot: {args.plot}")
+    if result.accuracy < args.min_accuracy:
+        print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
+              f"{args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_info(client: DigitClient, args: argparse.Namespace) -> int:
+    info = client.model_info(model_version=args.model_version)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    # The served metadata.json, its version replaced by the one the server answered for.
+    metadata = Metadata.from_json(info, "the server's metadata_json")
+    print(f"model:          {metadata.name} version {metadata.version}")
+    print(f"preset:         {metadata.preset}")
+    print(f"input:          {metadata.input.to_json() if metadata.input else None}")
+    print(f"labels:         {' '.join(metadata.labels or ())}")
+    print(f"test accuracy:  {metadata.metrics.test_accuracy if metadata.metrics else None}")
+    print(f"created at:     {metadata.created_at}")
+    print(f"max images/req: {info['max_images_per_request']}")
+    return 0
+
+
+def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
+    if args.wait > 0:
+        status = client.wait_until_serving(args.wait, args.service)
+    else:
+        status = client.health(args.service)
+    if args.json:
+        print(json.dumps({"target": client.target, "service": args.service, "status": status}))
+    else:
+        print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
+    from digitserve.client import loadtest
+
+    split = _load_split(args.data_dir, args.split)
+    requests_cap = 3600.0  # a count-limited closed loop still ends within an hour
+    try:
+        config = loadtest.LoadConfig(
+            target=client.target, concurrency=args.concurrency, rate=args.rate,
+            duration=args.duration or (requests_cap if args.requests else 10.0),
+            requests=args.requests, timeout=args.timeout, connect_timeout=args.timeout,
+            processes=args.processes or loadtest.default_processes(args.concurrency, args.rate),
+            connections=(loadtest.DEFAULT_CONNECTIONS if args.connections is None
+                         else args.connections),
+            max_outstanding=args.max_outstanding, verify=args.verify,
+            engine=args.engine,
+        )
+        workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,
+                                           encoding=args.encoding, model_version=args.model_version,
+                                           protocol=args.protocol, model_name=args.model_name)
+        result = loadtest.run(config, workload, progress=not args.json)
+    except loadtest.LoadTestError as exc:
+        raise CliError(str(exc)) from exc
+    if args.plot is not None:
+        from digitserve.client.plots import plot_loadtest
+
+        mode = f"rate {args.rate:g}/s" if args.rate else f"concurrency {args.concurrency}"
+        plot_loadtest(args.plot, result.latencies_ms, result.completion_times_s,
+                      title=f"mnist-client loadtest → {client.target}: {mode}, batch {args.batch}")
+    print(json.dumps(result.to_dict()) if args.json else loadtest.format_result(result))
+    if args.plot is not None and not args.json:
+        print(f"plot: {args.plot}")
+    if result.errors:
+        failed = ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items()))
+        print(f"{PROG}: error: {sum(result.errors.values())} of {result.requests} requests failed "
+              f"({failed})", file=sys.stderr)
+        return 1
+    if result.accuracy is not None and result.accuracy < args.min_accuracy:
+        print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
+              f"{args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
+            "health": cmd_health, "loadtest": cmd_loadtest}
+
+
+def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    use_tls = args.tls or any(p is not None for p in (args.tls_ca, args.tls_cert, args.tls_key))
+    try:
+        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
+        token = None if args.token_file is None else read_token(args.token_file)
+    except ClientSecurityError as exc:
+        raise CliError(str(exc)) from exc
+    if args.command == "loadtest" and (credentials is not None or token is not None):
+        raise CliError("loadtest opens its own plaintext channels: it does not take --tls* or "
+                       "--token-file yet")
+    return credentials, token
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        credentials, token = _security(args)
+        with DigitClient(args.target, timeout=args.timeout, credentials=credentials,
+                         token=token) as client:
+            return COMMANDS[args.command](client, args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        name = code.name if code is not None else "UNKNOWN"
+        print(f"{PROG}: error: {args.target}: {name}: {details}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""DigitClient: owns a channel and stub; deadlines on every call, retries on UNAVAILABLE and
+CANCELLED (every method is idempotent)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.client.security import secure_channel
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+
+SERVICE = "digitserve.v1.DigitService"
+DEFAULT_TIMEOUT = 10.0
+EVALUATE_BATCH = 1000
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# gRPC's own retry machinery (service config): retried with exponential backoff on UNAVAILABLE
+# (server starting, draining or a replica gone) and on CANCELLED, never on errors a retry can't
+# fix. A server that shuts down fails the calls its transport accepted but the application had not
+# yet picked up ("Server Shutdown" in grpc core's KillPendingWorkLocked) with RST_STREAM CANCEL,
+# which the client reports as CANCELLED: at ~1k calls/s, a few per SIGTERM
+# (tests/test_drain.py). Every method here is idempotent (Predict, Evaluate and GetModelInfo
+# compute, health reads), so such a call is safe to send again, to another replica under
+# round_robin. A cancel by this client itself is never retried by gRPC.
+RETRY_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+            },
+        }
+    ],
+}
+
+
+def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The defaults, each replaced by an ``extra`` option of the same name (gRPC itself would take
+    the first of two and silently ignore the override)."""
+    options: dict[str, Any] = {
+        "grpc.enable_retries": 1,
+        "grpc.service_config": json.dumps(RETRY_SERVICE_CONFIG),
+        "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+    }
+    options.update(extra)
+    return list(options.items())
+
+
+def encode_image(image: npt.ArrayLike) -> pb.Image:
+    """uint8 pixels travel as raw bytes; anything else as packed float32 in [0, 1]."""
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return pb.Image(uint8=array.tobytes())
+    return pb.Image(float32=np.ascontiguousarray(array, dtype="<f4").tobytes())
+
+
+def encode_images(images: npt.ArrayLike) -> list[pb.Image]:
+    """One Image per row of a (N, pixels) array (or per image of a (N, rows, cols) array)."""
+    array = np.asarray(images)
+    if array.ndim == 1:
+        array = array[np.newaxis]
+    array = array.reshape(array.shape[0], -1)
+    return [encode_image(row) for row in array]
+
+
+@dataclass(frozen=True)
+class PredictResult:
+    """Predictions of a batch: probabilities (N, classes), top class index and label per image."""
+
+    probabilities: npt.NDArray[np.float32]
+    class_indices: list[int]
+    labels: list[str]
+    model_name: str
+    model_version: int
+
+    @classmethod
+    def from_proto(cls, response: pb.PredictResponse) -> PredictResult:
+        return cls(
+            probabilities=np.array([p.probabilities for p in response.predictions], dtype=np.float32),
+            class_indices=[p.class_index for p in response.predictions],
+            labels=[p.label for p in response.predictions],
+            model_name=response.model_name,
+            model_version=response.model_version,
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """What Evaluate returns, as plain Python values."""
+
+    count: int
+    accuracy: float
+    mean_cross_entropy: float
+    confusion_matrix: list[list[int]]
+    labels: list[str]
+    per_class: list[dict[str, Any]]
+    model_name: str
+    model_version: int
+
+    @classmethod
+    def from_proto(cls, response: pb.EvaluateResponse) -> EvaluateResult:
+        return cls(
+            count=response.count,
+            accuracy=response.accuracy,
+            mean_cross_entropy=response.mean_cross_entropy,
+            confusion_matrix=[list(row.counts) for row in response.confusion_matrix],
+            labels=list(response.labels),
+            per_class=[
+                {"label": c.label, "precision": c.precision, "recall": c.recall, "f1": c.f1,
+                 "support": c.support}
+                for c in response.per_class
+            ],
+            model_name=response.model_name,
+            model_version=response.model_version,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class DigitClient:
+    """A client of one target (``host:port``, or ``dns:///name:port`` / ``ipv4:a:p,b:p`` to spread
+    calls round_robin over several servers)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """``credentials``: TLS (client.security.tls_credentials); ``token``: a bearer token sent
+        with every call."""
+        self.target = target
+        self.timeout = timeout
+        self.channel = secure_channel(target, channel_options(options), credentials, token)
+        self.stub = pb_grpc.DigitServiceStub(self.channel)  # type: ignore[no-untyped-call]
+
+    def __enter__(self) -> DigitClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    def predict(
+        self, images: npt.ArrayLike, *, model_version: int = 0, timeout: float | None = None
+    ) -> PredictResult:
+        """Probabilities for each image: uint8 (0..255) or float in [0, 1], shape (pixels,) for
+        one image or (N, pixels) / (N, rows, cols) for many."""
+        request = pb.PredictRequest(images=encode_images(images), model_version=model_version)
+        response = self.stub.Predict(request, timeout=self._timeout(timeout), wait_for_ready=True)
+        return PredictResult.from_proto(response)
+
+    def evaluate(
+        self,
+        images: npt.ArrayLike,
+        labels: npt.ArrayLike,
+        *,
+        batch_size: int = EVALUATE_BATCH,
+        model_version: int = 0,
+        timeout: float | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> EvaluateResult:
+        """Streams the labelled set in batches; ``progress(n)`` is called as each batch is sent."""
+        array = np.asarray(images)
+        array = array.reshape(array.shape[0], -1)
+        y = np.asarray(labels, dtype=np.int64)
+
+        def requests() -> Iterator[pb.EvaluateRequest]:
+            for start in range(0, array.shape[0], batch_size):
+                chunk = array[start : start + batch_size]
+                yield pb.EvaluateRequest(
+                    images=encode_images(chunk),
+                    labels=y[start : start + batch_size].tolist(),
+                    model_version=model_version,
+                )
+                if progress is not None:
+                    progress(chunk.shape[0])
+
+        response = self.stub.Evaluate(requests(), timeout=self._timeout(timeout) * 6)
+        return EvaluateResult.from_proto(response)
+
+    def model_info(self, *, model_version: int = 0, timeout: float | None = None) -> dict[str, Any]:
+        """The served model's metadata (metadata.json), with ``version`` and ``max_images_per_request``."""
+        response = self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(model_version=model_version),
+            timeout=self._timeout(timeout),
+            wait_for_ready=True,
+        )
+        info: dict[str, Any] = json.loads(response.metadata_json)
+        info["version"] = response.model_version
+        info["max_images_per_request"] = response.max_images_per_request
+        info["loaded_versions"] = list(response.loaded_versions)
+        info["refused_versions"] = {str(r.version): r.reason for r in response.refused_versions}
+        return info
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The health service's status name for ``service`` ("" = the whole server)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        response = stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+        )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    def wait_until_serving(self, timeout: float, service: str = "") -> str:
+        """Polls health until SERVING or ``timeout`` seconds pass; returns the last status
+        (UNREACHABLE if the server never answered)."""
+        deadline = time.monotonic() + timeout
+        status = "UNREACHABLE"
+        while True:
+            try:
+                status = self.health(service, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+            if status == "SERVING" or time.monotonic() >= deadline:
+                return status
+            time.sleep(0.2)

@@ -1,0 +1,779 @@
+"""Load tester: closed- and open-loop Predict traffic from several processes, measuring throughput,
+latency percentiles, errors by status code and the accuracy of the answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.client import http2
+from digitserve.idx import scale_pixels
+from digitserve.oip import grpc_predict_v2_pb2 as oip
+from digitserve.v1 import digit_service_pb2 as pb
+
+PREDICT_METHOD = "/digitserve.v1.DigitService/Predict"
+# digitserve: our API's Predict; oip: the Open Inference Protocol's (KServe V2) ModelInfer, with the
+# pixels as raw_input_contents, input "images", output "probabilities": our server's V2 edge, and
+# KServe or any V2 server serving a model with those names (bench/kserve_server.py).
+METHODS = {"digitserve": PREDICT_METHOD, "oip": "/inference.GRPCInferenceService/ModelInfer"}
+PROTOCOLS = tuple(METHODS)
+OIP_INPUT, OIP_OUTPUT = "images", "probabilities"
+ENCODINGS = ("uint8", "float32")
+# h2: the tester's own HTTP/2 framing (digitserve.client.http2), 92-129 µs of CPU per call here; grpc:
+# grpc.aio, the stack of the client library, 230-270 µs (python -m bench.call_cost client).
+ENGINES = ("h2", "grpc")
+CALL_ERRORS = (grpc.aio.AioRpcError, http2.CallError)
+CONNECT_RETRY_SECONDS = 0.1
+# Connections per load process: SO_REUSEPORT spreads connections, not calls, over a server's
+# workers, and with 2 connections both land on one of 2 workers half the time (measured: 2,100
+# req/s at 64 in flight that way, 3,700 with 8 connections).
+DEFAULT_CONNECTIONS = 8
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# One Python process on grpc.aio sends about 4-5k calls/s (the h2 engine spends less than half its
+# CPU per call); above these loads a second process helps.
+CALLS_PER_PROCESS = 16
+RATE_PER_PROCESS = 2000.0
+SPAWN_TIMEOUT = 60.0
+ExpectedFn = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
+
+
+class LoadTestError(Exception):
+    """Raised when a load test cannot run: settings out of range, no connection to the target
+    within the connect timeout, or a load process that failed or overran."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Predict requests serialized once, the true labels of each request's images and, optionally,
+    the exact probabilities expected for each request (to prove every answer is its own)."""
+
+    payloads: tuple[bytes, ...]
+    labels: tuple[npt.NDArray[np.int64], ...]
+    batch: int
+    encoding: str
+    expected: tuple[npt.NDArray[np.float32], ...] | None = None
+    protocol: str = "digitserve"
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    @property
+    def method(self) -> str:
+        """The gRPC method the payloads are requests of."""
+        return METHODS[self.protocol]
+
+
+def build_workload(
+    images: npt.NDArray[np.uint8],
+    labels: npt.ArrayLike,
+    *,
+    batch: int = 1,
+    encoding: str = "uint8",
+    model_version: int = 0,
+    expected: ExpectedFn | None = None,
+    protocol: str = "digitserve",
+    model_name: str = "mnist",
+) -> Workload:
+    """Cuts (N, ...) uint8 images into requests of ``batch`` consecutive images (wrapping round when
+    N < batch) and serializes each once, as ``protocol``'s requests (``model_name``: the model a V2
+    request names). ``expected(float32 images) -> probabilities`` adds the exact answers to check."""
+    if batch < 1:
+        raise LoadTestError(f"batch {batch} must be at least 1")
+    if encoding not in ENCODINGS:
+        raise LoadTestError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
+    if protocol not in PROTOCOLS:
+        raise LoadTestError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    flat = np.asarray(images, dtype=np.uint8)
+    flat = flat.reshape(flat.shape[0], -1)
+    y = np.asarray(labels, dtype=np.int64)
+    if flat.shape[0] == 0 or flat.shape[0] != y.shape[0]:
+        raise LoadTestError(f"{flat.shape[0]} images and {y.shape[0]} labels; expected the same, > 0")
+    count = max(1, flat.shape[0] // batch)
+    payloads: list[bytes] = []
+    request_labels: list[npt.NDArray[np.int64]] = []
+    answers: list[npt.NDArray[np.float32]] = []
+    for r in range(count):
+        index = (r * batch + np.arange(batch)) % flat.shape[0]
+        chunk = flat[index]
+        if protocol == "oip":
+            payloads.append(_infer_request(chunk, encoding, model_name, model_version))
+        else:
+            if encoding == "uint8":
+                encoded = [pb.Image(uint8=row.tobytes()) for row in chunk]
+            else:
+                encoded = [pb.Image(float32=row.astype("<f4").tobytes())
+                           for row in scale_pixels(chunk)]
+            request = pb.PredictRequest(images=encoded, model_version=model_version)
+            payloads.append(request.SerializeToString())
+        request_labels.append(y[index])
+        if expected is not None:
+            answers.append(np.asarray(expected(scale_pixels(chunk)), dtype=np.float32))
+    return Workload(tuple(payloads), tuple(request_labels), batch, encoding,
+                    tuple(answers) if expected is not None else None, protocol)
+
+
+def _infer_request(chunk: npt.NDArray[np.uint8], encoding: str, model_name: str,
+                   model_version: int) -> bytes:
+    """A serialized V2 ModelInferRequest of (N, size) images: raw little-endian pixels, FP32 in
+    [0, 1] or UINT8, asking for the probabilities only."""
+    pixels = chunk.tobytes() if encoding == "uint8" else scale_pixels(chunk).astype("<f4").tobytes()
+    request = oip.ModelInferRequest(
+        model_name=model_name, model_version=str(model_version) if model_version else "",
+        inputs=[oip.ModelInferRequest.InferInputTensor(
+            name=OIP_INPUT, datatype="UINT8" if encoding == "uint8" else "FP32",
+            shape=list(chunk.shape))],
+        outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name=OIP_OUTPUT)],
+        raw_input_contents=[pixels],
+    )
+    data: bytes = request.SerializeToString()
+    return data
+
+
+def _v2_probabilities(answer: bytes) -> npt.NDArray[np.float32]:
+    """The probabilities (rows = images) in a serialized V2 ModelInferResponse. Raises protobuf's
+    DecodeError for bytes that are not one, ValueError when it holds no probabilities of shape
+    [N, K]."""
+    response = oip.ModelInferResponse.FromString(answer)
+    for i, output in enumerate(response.outputs):
+        if output.name != OIP_OUTPUT:
+            continue
+        if i < len(response.raw_output_contents):
+            values = np.frombuffer(response.raw_output_contents[i], dtype="<f4")
+        else:
+            values = np.asarray(output.contents.fp32_contents, dtype=np.float32)
+        shape = [int(d) for d in output.shape]
+        if output.datatype != "FP32" or len(shape) != 2 or values.size != shape[0] * shape[1]:
+            raise ValueError(f"output {OIP_OUTPUT!r} is {output.datatype} {shape}, {values.size} values")
+        return values.reshape(shape).astype(np.float32, copy=False)
+    raise ValueError(f"no output {OIP_OUTPUT!r} in the answer")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How to drive the target. ``rate`` > 0 is an open loop (sends at fixed times regardless of
+    answers, at most ``max_outstanding`` in flight); otherwise a closed loop of ``concurrency``
+    callers. The run ends after ``duration`` seconds or ``requests`` calls, whichever comes first."""
+
+    target: str
+    concurrency: int = 1
+    rate: float = 0.0
+    duration: float = 10.0
+    requests: int = 0
+    processes: int = 1
+    connections: int = 1
+    timeout: float = 10.0
+    connect_timeout: float = 10.0
+    max_outstanding: int = 1000
+    verify: bool = True
+    engine: str = "h2"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.concurrency < 1:
+            problems.append(f"concurrency {self.concurrency} must be at least 1")
+        if self.rate < 0:
+            problems.append(f"rate {self.rate} must not be negative")
+        if self.duration <= 0:
+            problems.append(f"duration {self.duration} must be positive")
+        if self.requests < 0:
+            problems.append(f"requests {self.requests} must not be negative")
+        if self.processes < 1:
+            problems.append(f"processes {self.processes} must be at least 1")
+        if self.connections < 1:
+            problems.append(f"connections {self.connections} must be at least 1")
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            problems.append("timeouts must be positive")
+        if self.max_outstanding < 1:
+            problems.append(f"max outstanding {self.max_outstanding} must be at least 1")
+        if self.engine not in ENGINES:
+            problems.append(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        elif self.engine == "h2":
+            try:
+                http2.split_target(self.target)
+            except ValueError as exc:
+                problems.append(f"{exc}: engine h2 needs one (--engine grpc takes any gRPC target)")
+        if problems:
+            raise LoadTestError("; ".join(problems))
+
+    @property
+    def open_loop(self) -> bool:
+        return self.rate > 0
+
+    def effective_processes(self) -> int:
+        """No more load processes than callers (closed loop) or requests."""
+        limit = self.processes if self.open_loop else min(self.processes, self.concurrency)
+        return max(1, min(limit, self.requests) if self.requests else limit)
+
+
+def default_processes(concurrency: int, rate: float) -> int:
+    """One process for light loads; for heavy ones, one per two CPUs at most: the other half is
+    left to the server under test, which usually shares the machine (on 2 cores one process with
+    two connections drives a Python server harder than two processes do). ``--processes`` sets
+    more for a remote server."""
+    cpus = os.cpu_count() or 1
+    wanted = math.ceil(rate / RATE_PER_PROCESS) if rate > 0 else math.ceil(concurrency / CALLS_PER_PROCESS)
+    return max(1, min(cpus // 2, wanted))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One load process's share: callers or rate, request budget and where in the workload it starts."""
+
+    index: int
+    concurrency: int
+    rate: float
+    requests: int
+    start: int
+    phase: float
+
+
+def split(config: LoadConfig, workload_size: int) -> list[Plan]:
+    """Shares the load between processes. With a request count the processes take consecutive
+    stretches of the workload, so together they send requests 0..N-1 (cyclically) exactly once."""
+    n = config.effective_processes()
+    plans = []
+    offset = 0
+    for p in range(n):
+        share = config.requests // n + (p < config.requests % n) if config.requests else 0
+        start = offset if config.requests else p * workload_size // n
+        offset += share
+        plans.append(Plan(
+            index=p,
+            concurrency=config.concurrency // n + (p < config.concurrency % n),
+            rate=config.rate / n,
+            requests=share,
+            start=start % workload_size,
+            phase=p / config.rate if config.open_loop else 0.0,
+        ))
+    return plans
+
+
+@dataclass
+class ProcessResult:
+    """What one load process measured; latencies in seconds of the successful calls, and when each
+    finished (time.monotonic(), the same clock in every process)."""
+
+    latencies: npt.NDArray[np.float64]
+    errors: dict[str, int]
+    completions: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
+    ok: int = 0
+    images: int = 0
+    checked: int = 0
+    correct: int = 0
+    mismatches: int = 0
+    finished: float = 0.0
+
+
+class _Counter(Protocol):
+    value: int
+
+
+class _LocalCounter:
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class _Recorder:
+    """Counts calls and checks every answer against its own request's labels (and probabilities)."""
+
+    def __init__(self, workload: Workload, verify: bool, counter: _Counter) -> None:
+        self.workload = workload
+        self.verify = verify
+        self.counter = counter
+        self.latencies: list[float] = []
+        self.completions: list[float] = []
+        self.errors: Counter[str] = Counter()
+        self.result = ProcessResult(np.empty(0), {})
+        # Plain ints: numpy calls cost microseconds each, a comparison of ints tens of nanoseconds.
+        self._labels = [tuple(int(k) for k in labels) for labels in workload.labels]
+
+    def ok(self, index: int, answer: bytes, latency: float, now: float | None = None) -> None:
+        """A successful call; ``now`` is when it finished (time.monotonic(), read if not given)."""
+        finished = time.monotonic() if now is None else now
+        self.latencies.append(latency)
+        result = self.result
+        result.ok += 1
+        result.images += self.workload.batch
+        result.finished = finished
+        self.completions.append(finished)
+        self.counter.value += 1
+        if self.verify:
+            self._check(index, answer)
+
+    def error(self, name: str) -> None:
+        self.errors[name] += 1
+        self.result.finished = time.monotonic()
+        self.counter.value += 1
+
+    def _check(self, index: int, answer: bytes) -> None:
+        """Parses the answer once: its classes against the labels, and its probabilities against
+        the expected ones when the workload has them."""
+        labels = self._labels[index]
+        expected = self.workload.expected
+        if self.workload.protocol == "digitserve":
+            try:
+                predictions = pb.PredictResponse.FromString(answer).predictions
+            except Exception:  # protobuf's DecodeError: an answer that is not a PredictResponse
+                self.result.mismatches += 1
+                return
+            if len(predictions) != len(labels):
+                self.result.mismatches += 1
+                return
+            classes: Sequence[int] = [p.class_index for p in predictions]
+            probabilities = None if expected is None else np.array(
+                [p.probabilities for p in predictions], dtype=np.float32)
+        else:
+            try:
+                probabilities = _v2_probabilities(answer)
+            except Exception:  # DecodeError, or no probabilities of the right shape
+                self.result.mismatches += 1
+                return
+            if probabilities.shape[0] != len(labels):
+                self.result.mismatches += 1
+                return
+            classes = probabilities.argmax(axis=1).tolist()
+        self.result.checked += len(labels)
+        self.result.correct += sum(c == k for c, k in zip(classes, labels, strict=True))
+        if expected is not None and probabilities is not None:
+            want = expected[index]
+            if probabilities.shape != want.shape or not np.allclose(probabilities, want, rtol=0,
+                                                                    atol=1e-6):
+                self.result.mismatches += 1
+
+    def finish(self) -> ProcessResult:
+        self.result.latencies = np.asarray(self.latencies, dtype=np.float64)
+        self.result.completions = np.asarray(self.completions, dtype=np.float64)
+        self.result.errors = dict(self.errors)
+        return self.result
+
+
+def _channel_options(index: int) -> list[tuple[str, Any]]:
+    return [
+        # A channel of its own per connection: without a local pool, channels share subchannels.
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.channel_id", index),
+        ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+        # Transparent retries only (the service config has no retryPolicy): a call the server
+        # never took, as when a GOAWAY of --max-connection-age crosses it, is sent again, as the
+        # h2 engine does; a call that failed is not.
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+async def _closed_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _Recorder,
+                       end: float) -> None:
+    sent = 0
+    size = len(workload)
+
+    async def caller(c: int) -> None:
+        nonlocal sent
+        # Locals: this loop is the tester's own cost per call, beside gRPC's.
+        call = calls[c % len(calls)]
+        payloads, limit, start = workload.payloads, plan.requests, plan.start
+        ok, monotonic = rec.ok, time.monotonic
+        while True:
+            started = monotonic()
+            if started >= end or (limit and sent >= limit):
+                return
+            index = (start + sent) % size
+            sent += 1
+            try:
+                answer = await call(payloads[index])
+            except CALL_ERRORS as exc:
+                rec.error(exc.code().name)
+                continue
+            now = monotonic()
+            ok(index, answer, now - started, now)
+
+    await asyncio.gather(*(caller(c) for c in range(plan.concurrency)))
+
+
+async def _open_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _Recorder, begin: float,
+                     end: float, max_outstanding: int) -> None:
+    """Sends call k at begin + phase + k / rate whatever the answers; latency runs from the planned
+    time, so a stalled server (or a full outstanding cap) shows in it (no coordinated omission)."""
+    size = len(workload)
+    slots = asyncio.Semaphore(max_outstanding)
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(k: int, due: float) -> None:
+        index = (plan.start + k) % size
+        try:
+            answer = await calls[k % len(calls)](workload.payloads[index])
+        except CALL_ERRORS as exc:
+            rec.error(exc.code().name)
+        else:
+            rec.ok(index, answer, time.monotonic() - due)
+        finally:
+            slots.release()
+
+    k = 0
+    while not (plan.requests and k >= plan.requests):
+        due = begin + plan.phase + k / plan.rate
+        if due >= end:
+            break
+        wait = due - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        await slots.acquire()
+        task = asyncio.create_task(one(k, due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        k += 1
+    if pending:
+        await asyncio.gather(*pending)
+
+
+async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: _Counter,
+                 ready: Callable[[], None], begin_at: Callable[[], float]) -> ProcessResult:
+    """Connects, reports ready, waits for the common start time, then runs this process's share."""
+    async with _connections(config, workload.method) as calls:
+        rec = _Recorder(workload, config.verify, counter)
+        ready()
+        begin = await asyncio.get_running_loop().run_in_executor(None, begin_at)
+        if (wait := begin - time.monotonic()) > 0:
+            await asyncio.sleep(wait)
+        end = begin + config.duration
+        if config.open_loop:
+            outstanding = max(1, config.max_outstanding // config.effective_processes())
+            await _open_loop(plan, calls, workload, rec, begin, end, outstanding)
+        else:
+            await _closed_loop(plan, calls, workload, rec, end)
+        return rec.finish()
+
+
+@contextlib.asynccontextmanager
+async def _connections(
+    config: LoadConfig, method: str = PREDICT_METHOD
+) -> AsyncIterator[list[Callable[[bytes], Awaitable[bytes]]]]:
+    """``config.connections`` connections to the target, each as a function from a serialized
+    request of ``method`` to its serialized answer (raising one of CALL_ERRORS)."""
+    if config.engine == "h2":
+        h2_channels: list[http2.Channel] = []
+        try:
+            for _ in range(config.connections):
+                h2_channels.append(await _h2_connect(config, method))
+            yield [channel.unary for channel in h2_channels]
+        finally:
+            for channel in h2_channels:
+                channel.close()
+        return
+    channels = [grpc.aio.insecure_channel(config.target, options=_channel_options(i))
+                for i in range(config.connections)]
+    try:
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(ch.channel_ready() for ch in channels)), config.connect_timeout
+            )
+        except TimeoutError:
+            raise LoadTestError(
+                f"{config.target}: no connection within {config.connect_timeout:g}s"
+            ) from None
+        # request_serializer/response_deserializer None: the payloads are bytes already.
+        # Registered, as generated stubs do: the method is interned once, not per call (~13 %
+        # less CPU per call here).
+        yield [functools.partial(ch.unary_unary(method, _registered_method=True),
+                                 timeout=config.timeout) for ch in channels]
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def _h2_connect(config: LoadConfig, method: str) -> http2.Channel:
+    """Connects as grpc's channel_ready() waits: refused attempts are retried until the connect
+    timeout (a server may still be starting)."""
+    deadline = time.monotonic() + config.connect_timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            channel = http2.Channel(config.target, method, timeout=config.timeout,
+                                    connect_timeout=config.connect_timeout)
+            return await asyncio.wait_for(channel.open(), left)
+        except OSError as exc:  # TimeoutError included
+            if time.monotonic() + CONNECT_RETRY_SECONDS >= deadline:
+                reason = "" if isinstance(exc, TimeoutError) else f" ({exc.strerror or exc})"
+                raise LoadTestError(f"{config.target}: no connection within "
+                                    f"{config.connect_timeout:g}s{reason}") from None
+            await asyncio.sleep(CONNECT_RETRY_SECONDS)
+
+
+def _child(plan: Plan, config: LoadConfig, workload: Workload, counter: _Counter, results: Any,
+           go: Any, begin: Any) -> None:
+    """A load process: runs its plan, puts ("done", index, result) or ("error", index, message)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+    def ready() -> None:
+        results.put(("ready", plan.index, None))
+
+    def begin_at() -> float:
+        if not go.wait(SPAWN_TIMEOUT + config.connect_timeout):
+            raise LoadTestError("the load test never started")
+        return float(begin.value)
+
+    try:
+        result = asyncio.run(_drive(plan, config, workload, counter, ready, begin_at))
+    except LoadTestError as exc:
+        results.put(("error", plan.index, str(exc)))
+    except Exception as exc:  # reported by the parent as one line
+        results.put(("error", plan.index, f"load process {plan.index}: {exc!r}"))
+    else:
+        results.put(("done", plan.index, result))
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """The merged measurements of a run."""
+
+    config: LoadConfig
+    batch: int
+    encoding: str
+    processes: int
+    duration_s: float
+    ok: int
+    errors: dict[str, int]
+    images: int
+    checked: int
+    correct: int
+    mismatches: int
+    latencies_ms: npt.NDArray[np.float64] = field(repr=False)
+    completion_times_s: npt.NDArray[np.float64] = field(repr=False)
+    """When each successful call finished, in seconds since the run began."""
+    protocol: str = "digitserve"
+
+    @property
+    def requests(self) -> int:
+        return self.ok + sum(self.errors.values())
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.checked if self.checked else None
+
+    def percentile(self, q: float) -> float | None:
+        if self.latencies_ms.size == 0:
+            return None
+        return float(np.percentile(self.latencies_ms, q))
+
+    def to_dict(self) -> dict[str, Any]:
+        elapsed = self.duration_s or float("nan")
+        return {
+            "target": self.config.target,
+            "mode": "open" if self.config.open_loop else "closed",
+            "concurrency": None if self.config.open_loop else self.config.concurrency,
+            "rate": self.config.rate if self.config.open_loop else None,
+            "batch": self.batch,
+            "encoding": self.encoding,
+            "protocol": self.protocol,
+            "processes": self.processes,
+            "connections": self.config.connections * self.processes,
+            "duration_s": round(self.duration_s, 4),
+            "requests": self.requests,
+            "ok": self.ok,
+            "rps": round(self.ok / elapsed, 2),
+            "images_per_s": round(self.images / elapsed, 2),
+            "mean_ms": None if self.latencies_ms.size == 0 else float(self.latencies_ms.mean()),
+            "p50_ms": self.percentile(50),
+            "p90_ms": self.percentile(90),
+            "p99_ms": self.percentile(99),
+            "max_ms": None if self.latencies_ms.size == 0 else float(self.latencies_ms.max()),
+            "errors": dict(sorted(self.errors.items())),
+            "accuracy": self.accuracy,
+            "checked": self.checked,
+            "mismatches": self.mismatches,
+        }
+
+
+def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult],
+           begin: float) -> LoadResult:
+    errors: Counter[str] = Counter()
+    for part in parts:
+        errors.update(part.errors)
+    finished = max((p.finished for p in parts), default=begin)
+    return LoadResult(
+        config=config, batch=workload.batch, encoding=workload.encoding, processes=len(parts),
+        duration_s=max(finished - begin, 1e-9),
+        ok=sum(p.ok for p in parts), errors=dict(errors), images=sum(p.images for p in parts),
+        checked=sum(p.checked for p in parts), correct=sum(p.correct for p in parts),
+        mismatches=sum(p.mismatches for p in parts),
+        latencies_ms=np.concatenate([p.latencies for p in parts] or [np.empty(0)]) * 1000.0,
+        completion_times_s=np.concatenate([p.completions for p in parts] or [np.empty(0)]) - begin,
+        protocol=workload.protocol,
+    )
+
+
+class _Progress:
+    """A tqdm bar on stderr: requests when the run is counted, seconds when it is timed."""
+
+    def __init__(self, config: LoadConfig, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.counted = bool(config.requests)
+        self.bar = tqdm(
+            total=config.requests if self.counted else config.duration,
+            unit="req" if self.counted else "s", desc="loadtest", disable=None if enabled else True,
+            bar_format=None if self.counted else "{l_bar}{bar}| {n:.0f}/{total:.0f}s{postfix}",
+        )
+        self.begin: float | None = None
+
+    def update(self, completed: int) -> None:
+        if self.begin is None:
+            return
+        elapsed = time.monotonic() - self.begin
+        self.bar.n = completed if self.counted else min(elapsed, float(self.bar.total))
+        self.bar.set_postfix_str(f"{completed} req, {completed / max(elapsed, 1e-9):.0f} req/s",
+                                 refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run(config: LoadConfig, workload: Workload, *, progress: bool = False) -> LoadResult:
+    """Runs the load test and merges what every load process measured. Raises LoadTestError."""
+    if config.open_loop and config.requests:
+        config = replace(config, duration=config.requests / config.rate + 1e-6)
+    plans = split(config, len(workload))
+    bar = _Progress(config, progress)
+    try:
+        if len(plans) == 1:
+            return _run_here(plans[0], config, workload, bar)
+        return _run_processes(plans, config, workload, bar)
+    except KeyboardInterrupt:
+        raise LoadTestError("interrupted") from None
+    finally:
+        bar.close()
+
+
+def _run_here(plan: Plan, config: LoadConfig, workload: Workload, bar: _Progress) -> LoadResult:
+    counter = _LocalCounter()
+    begin = 0.0
+
+    def start_now() -> float:
+        nonlocal begin
+        begin = bar.begin = time.monotonic()
+        return begin
+
+    async def main() -> ProcessResult:
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(0.2)
+                bar.update(counter.value)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            return await _drive(plan, config, workload, counter, lambda: None, start_now)
+        finally:
+            ticker.cancel()
+
+    part = asyncio.run(main())
+    bar.update(counter.value)
+    return _merge(config, workload, [part], begin)
+
+
+def _run_processes(plans: list[Plan], config: LoadConfig, workload: Workload,
+                   bar: _Progress) -> LoadResult:
+    ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC threads
+    results = ctx.Queue()
+    go = ctx.Event()
+    begin = ctx.RawValue("d", 0.0)
+    counters = [ctx.RawValue("q", 0) for _ in plans]
+    procs = [
+        ctx.Process(target=_child, args=(plan, config, workload, counters[plan.index], results, go,
+                                         begin), name=f"loadtest-{plan.index}", daemon=True)
+        for plan in plans
+    ]
+    parts: dict[int, ProcessResult] = {}
+    try:
+        for proc in procs:
+            proc.start()
+        ready = 0
+        deadline = time.monotonic() + SPAWN_TIMEOUT + config.connect_timeout
+        while ready < len(procs):
+            kind, index, payload = _next(results, procs, deadline)
+            if kind != "ready":
+                raise LoadTestError(str(payload))
+            ready += 1
+        begin.value = time.monotonic() + 0.05
+        bar.begin = begin.value
+        go.set()
+        deadline = begin.value + config.duration + config.timeout + 30
+        while len(parts) < len(procs):
+            try:
+                kind, index, payload = results.get(timeout=0.2)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise LoadTestError("a load process overran its time limit") from None
+                bar.update(sum(c.value for c in counters))
+                continue
+            if kind == "error":
+                raise LoadTestError(str(payload))
+            parts[index] = payload
+        bar.update(sum(c.value for c in counters))
+    except BaseException:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        raise
+    finally:
+        go.set()
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+    return _merge(config, workload, [parts[i] for i in sorted(parts)], begin.value)
+
+
+def _next(results: Any, procs: list[Any], deadline: float) -> tuple[str, int, Any]:
+    while True:
+        try:
+            item: tuple[str, int, Any] = results.get(timeout=0.2)
+            return item
+        except queue.Empty:
+            dead = [p.name for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise LoadTestError(f"load process {dead[0]} died before starting") from None
+            if time.monotonic() > deadline:
+                raise LoadTestError("the load processes did not connect in time") from None
+
+
+def format_result(result: LoadResult) -> str:
+    """A few human-readable lines."""
+    d = result.to_dict()
+    shape = (f"open loop at {d['rate']:g} req/s" if d["mode"] == "open"
+             else f"closed loop, {d['concurrency']} in flight")
+    ms = {k: "–" if d[k] is None else f"{d[k]:.2f}" for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")}
+    lines = [
+        f"{d['target']}: {shape}, {d['batch']} image(s)/request ({d['encoding']}"
+        f"{', V2 ModelInfer' if d['protocol'] == 'oip' else ''}), "
+        f"{d['processes']} load process(es), {d['duration_s']:.2f} s",
+        f"requests    {d['requests']} ({d['ok']} ok)",
+        f"throughput  {d['rps']:.1f} req/s, {d['images_per_s']:.1f} images/s",
+        f"latency ms  p50 {ms['p50_ms']}  p90 {ms['p90_ms']}  p99 {ms['p99_ms']}  max {ms['max_ms']}",
+    ]
+    if d["accuracy"] is not None:
+        lines.append(f"accuracy    {d['accuracy']:.4f} ({d['checked']} answers checked)")
+    if d["mismatches"]:
+        lines.append(f"mismatches  {d['mismatches']} answers did not fit their request")
+    errors = ", ".join(f"{k} {v}" for k, v in d["errors"].items()) or "none"
+    lines.append(f"errors      {errors}")
+    return "\n".join(lines)

@@ -1,0 +1,34 @@
+"""Which optional dependencies ("extras" of ``pyproject.toml``) a command needs, and the one line a
+command prints when they are not installed.
+
+``pip install digitserve`` installs the client; its three console scripts are always installed
+(a wheel cannot make a script depend on an extra), so ``mnist-serve`` and ``mnist-train train``
+check their extra before importing anything from it, and exit 2 with one line naming what to
+install instead of a ``ModuleNotFoundError`` traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+# The top-level modules each extra provides, as pyproject.toml's [project.optional-dependencies]
+# lists them (tests/test_extras.py keeps the two in step).
+MODULES: dict[str, tuple[str, ...]] = {
+    "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography"),
+    "trainer": ("tensorflow", "sklearn", "matplotlib"),
+    "plot": ("matplotlib",),
+}
+
+
+def missing(extra: str) -> list[str]:
+    """The modules of ``extra`` that cannot be imported here (found, not imported: no cost)."""
+    return [name for name in MODULES[extra] if importlib.util.find_spec(name) is None]
+
+
+def requirement_error(prog: str, extra: str, what: str) -> str | None:
+    """The one line ``prog`` prints when ``extra`` is not installed, else None."""
+    absent = missing(extra)
+    if not absent:
+        return None
+    return (f"{prog}: error: {what} needs the '{extra}' extra, which is not installed (missing: "
+            f"{', '.join(absent)}); install it with: pip install 'digitserve[{extra}]'")

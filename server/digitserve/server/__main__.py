@@ -1,0 +1,7 @@
+"""``python -m digitserve.server``."""
+
+import sys
+
+from digitserve.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""``mnist-serve``: parse settings, configure logging, run the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from digitserve.extras import requirement_error
+
+PROG = "mnist-serve"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    unmet = requirement_error(PROG, "server", PROG)  # before anything imports what it names
+    if unmet:
+        print(unmet, file=sys.stderr)
+        return 2
+    from digitserve.server.logs import configure_logging
+    from digitserve.server.settings import load_settings
+
+    try:
+        settings = load_settings(argv)
+    except ValueError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    # The parent of --workers serves nothing: each worker bridges its own native stderr.
+    configure_logging(settings.log_level, settings.log_format, native_stderr=settings.workers == 1)
+    if settings.workers > 1:
+        from digitserve.server.security import SecurityConfigError, ServerSecurity
+        from digitserve.server.workers import run_workers
+
+        try:  # once here, so a bad certificate or token file is one line, not one per worker
+            ServerSecurity.from_settings(settings)
+        except SecurityConfigError as error:
+            logging.getLogger("digitserve.server.app").error("cannot start: %s", error)
+            return 1
+        return run_workers(settings)
+    from digitserve.server.app import serve  # TensorFlow and grpc load after the flags are known to be good
+
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The Open Inference Protocol (KServe V2) gRPC edge: inference.GRPCInferenceService over the same
+data plane as our own API, so Triton and KServe clients can call the server."""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+from collections.abc import Iterable
+from importlib import metadata as importlib_metadata
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.metadata import Metadata
+from digitserve.oip import grpc_predict_v2_pb2 as oip
+from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from digitserve.server.dataplane import DataPlane
+from digitserve.server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from digitserve.server.model import Model
+from digitserve.server.pixels import check_count, decode_tensor, tensor_count
+from digitserve.server.status import deadline, mapped_errors
+
+logger = logging.getLogger(__name__)
+
+SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE_NAME = SERVICE.full_name
+SERVER_NAME = "digitserve"
+INPUT_NAME = "images"
+# Output name -> datatype; all three are returned when the request names none.
+OUTPUTS = {"probabilities": "FP32", "class_index": "INT64", "label": "BYTES"}
+# Triton features this server does not implement; refused rather than silently ignored.
+_UNSUPPORTED_PARAMETER = re.compile(r"classification|shared_memory_.*")
+_VERSION = re.compile(r"[0-9]+")
+
+
+def server_version() -> str:
+    try:
+        return importlib_metadata.version("digitserve")
+    except importlib_metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "0+unknown"
+
+
+def _check_parameters(parameters: Iterable[str], field: str) -> None:
+    """Refuses parameters asking for Triton features this server lacks (``parameters`` is a
+    protobuf map; iterating it gives the keys)."""
+    for key in parameters:
+        if _UNSUPPORTED_PARAMETER.fullmatch(key):
+            raise InvalidInputError(f"{field}[{key!r}]", "is not supported by this server")
+
+
+def decode_input(
+    request: oip.ModelInferRequest, model: Model, plane: DataPlane
+) -> tuple[npt.NDArray[np.float32], bool]:
+    """The request's images as float32 (N, input_size) in [0, 1], and whether they came as raw
+    bytes. InvalidInputError names the input, the field and the element that is wrong; the
+    tensor itself is read by server.pixels, the codec our own API's images go through too."""
+    spec = model.spec
+    if len(request.inputs) != 1:
+        raise InvalidInputError(
+            "inputs", f"got {len(request.inputs)} inputs; model {spec.name!r} takes one, {INPUT_NAME!r}"
+        )
+    tensor = request.inputs[0]
+    field = "inputs[0]"
+    if tensor.name != INPUT_NAME:
+        raise InvalidInputError(
+            f"{field}.name",
+            f"{tensor.name!r} is not an input of model {spec.name!r}; expected {INPUT_NAME!r}",
+        )
+    _check_parameters(tensor.parameters, f"{field}.parameters")
+    count = tensor_count(tensor, spec.input_shape, field)
+    check_count(count, plane.max_images_per_request, f"{field}.shape")
+    plane.admit(model, count)  # refused before any pixel is converted
+    return decode_tensor(request, count, spec.input_size)
+
+
+def requested_outputs(request: oip.ModelInferRequest, model: Model) -> list[str]:
+    """Names of the outputs to return, in request order (all of them when none is named)."""
+    if not request.outputs:
+        return list(OUTPUTS)
+    names: list[str] = []
+    for i, output in enumerate(request.outputs):
+        if output.name not in OUTPUTS:
+            raise InvalidInputError(
+                f"outputs[{i}].name",
+                f"{output.name!r} is not an output of model {model.spec.name!r}; "
+                f"expected one of {list(OUTPUTS)}",
+            )
+        _check_parameters(output.parameters, f"outputs[{i}].parameters")
+        if output.name not in names:
+            names.append(output.name)
+    return names
+
+
+def _bytes_tensor(items: list[bytes]) -> bytes:
+    """BYTES elements in raw form: each a 4-byte little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def encode_outputs(
+    model: Model, probabilities: npt.NDArray[np.float32], names: list[str], raw: bool
+) -> tuple[list[oip.ModelInferResponse.InferOutputTensor], list[bytes]]:
+    """Output tensors (typed contents, or raw bytes alongside when ``raw``)."""
+    count, classes = probabilities.shape
+    indices = np.argmax(probabilities, axis=1).astype(np.int64)
+    labels = [model.spec.labels[i].encode() for i in indices.tolist()]
+    tensors: list[oip.ModelInferResponse.InferOutputTensor] = []
+    raw_contents: list[bytes] = []
+    for name in names:
+        tensor = oip.ModelInferResponse.InferOutputTensor(name=name, datatype=OUTPUTS[name])
+        if name == "probabilities":
+            tensor.shape.extend([count, classes])
+            if raw:
+                raw_contents.append(probabilities.astype("<f4").tobytes())
+            else:
+                tensor.contents.fp32_contents.extend(probabilities.ravel().tolist())
+        elif name == "class_index":
+            tensor.shape.append(count)
+            if raw:
+                raw_contents.append(indices.astype("<i8").tobytes())
+            else:
+                tensor.contents.int64_contents.extend(indices.tolist())
+        else:
+            tensor.shape.append(count)
+            if raw:
+                raw_contents.append(_bytes_tensor(labels))
+            else:
+                tensor.contents.bytes_contents.extend(labels)
+        tensors.append(tensor)
+    return tensors, raw_contents
+
+
+class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over the data plane. The model name is the served model's
+    (the configured one until a model is loaded); its versions are our integer versions as text,
+    "" meaning the served one."""
+
+    def __init__(self, plane: DataPlane, model_name: str) -> None:
+        self._plane = plane
+        self._model_name = model_name
+        self._version = server_version()
+
+    def _resolve(self, name: str, version: str, version_field: str) -> Model:
+        """The model that answers for (name, version); NOT_FOUND / UNAVAILABLE / INVALID_ARGUMENT
+        as domain errors."""
+        served = self._plane.model
+        served_name = served.spec.name if served is not None else self._model_name
+        if name != served_name:
+            raise ModelNotFoundError(f"model {name!r} is not served; this server serves {served_name!r}")
+        if version == "":
+            return self._plane.resolve(0)
+        if not _VERSION.fullmatch(version):
+            raise InvalidInputError(
+                version_field, f"{version!r} is not a version; expected an integer such as '1', or ''"
+            )
+        number = int(version)
+        if number < 1:
+            raise ModelNotFoundError(f"model {name!r} version {version} is not served")
+        return self._plane.resolve(number)
+
+    @mapped_errors
+    async def ServerLive(
+        self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    @mapped_errors
+    async def ServerReady(
+        self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=self._plane.model is not None)
+
+    @mapped_errors
+    async def ModelReady(
+        self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelReadyResponse:
+        try:
+            self._resolve(request.name, request.version, "version")
+        except ModelNotReadyError:
+            return oip.ModelReadyResponse(ready=False)
+        return oip.ModelReadyResponse(ready=True)
+
+    @mapped_errors
+    async def ServerMetadata(
+        self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=self._version, extensions=[])
+
+    @mapped_errors
+    async def ModelMetadata(
+        self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelMetadataResponse:
+        model = self._resolve(request.name, request.version, "version")
+        spec = model.spec
+        tensor = oip.ModelMetadataResponse.TensorMetadata
+        versions = Metadata.from_json(model.metadata).versions or {}
+        return oip.ModelMetadataResponse(
+            name=spec.name,
+            versions=[str(v) for v in self._plane.loaded_versions],
+            platform="tensorflow_keras" if "keras" in versions else "",
+            inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, spec.input_size])],
+            outputs=[
+                tensor(name="probabilities", datatype="FP32", shape=[-1, len(spec.labels)]),
+                tensor(name="class_index", datatype="INT64", shape=[-1]),
+                tensor(name="label", datatype="BYTES", shape=[-1]),
+            ],
+        )
+
+    @mapped_errors
+    async def ModelInfer(
+        self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> oip.ModelInferResponse:
+        model = self._resolve(request.model_name, request.model_version, "model_version")
+        names = requested_outputs(request, model)
+        images, raw = decode_input(request, model, self._plane)
+        probabilities = await self._plane.predict(model, images, deadline(context))
+        outputs, raw_contents = encode_outputs(model, probabilities, names, raw)
+        return oip.ModelInferResponse(
+            model_name=model.spec.name,
+            model_version=str(model.spec.version),
+            id=request.id,
+            outputs=outputs,
+            raw_output_contents=raw_contents,
+        )

@@ -1,0 +1,186 @@
+"""The gRPC edge of ``digitserve.v1``: decodes protobuf requests into numpy (server.pixels), calls
+the data plane, encodes replies; domain errors become status codes in server.status."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
+
+from digitserve.metadata import Metadata
+from digitserve.server.dataplane import DataPlane, Evaluation, check_labels
+from digitserve.server.errors import InvalidInputError
+from digitserve.server.model import Model
+from digitserve.server.pixels import check_count, decode_images, packed_pixels
+from digitserve.server.status import Undecodable, deadline, mapped_errors
+from digitserve.server.wire import PackedPredictRequest, PredictionEncoder, parse_predict_request
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+# Requests read by something faster than protobuf (digitserve.server.wire), by message type.
+_PARSERS: dict[str, Callable[[bytes], Any]] = {
+    pb.PredictRequest.DESCRIPTOR.full_name: parse_predict_request,
+}
+
+
+def tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: gRPC would answer UNKNOWN (unary) or the method
+    would see an unexpected exception (streams) for bytes that do not parse."""
+    type_name = message_class.DESCRIPTOR.full_name
+    from_string = _PARSERS.get(type_name, message_class.FromString)
+
+    def parse(data: bytes) -> Any:
+        try:
+            return from_string(data)
+        except DecodeError:
+            return Undecodable(type_name)
+
+    return parse
+
+
+def _serializer(message_class: Any) -> Callable[[Any], bytes]:
+    """Serializes a response message; a method may also answer bytes it serialized itself."""
+
+    def serialize(response: Any) -> bytes:
+        if isinstance(response, bytes):
+            return response
+        data: bytes = message_class.SerializeToString(response)
+        return data
+
+    return serialize
+
+
+def add_to_server(servicer: Any, server: Any, service: ServiceDescriptor | None = None) -> None:
+    """Registers ``servicer``'s methods for ``service`` (DigitService by default) like the generated
+    ``add_*Servicer_to_server``, but with request deserializers that never raise, so that
+    undecodable bytes become INVALID_ARGUMENT in server.status.mapped_errors. ``server``: a grpc.aio.Server or
+    server.calls.Services."""
+    service = service or pb.DESCRIPTOR.services_by_name["DigitService"]
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: factories[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=tolerant_deserializer(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=_serializer(message_factory.GetMessageClass(method.output_type)),
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class DigitServicer(pb_grpc.DigitServiceServicer):
+    """digitserve.v1.DigitService over the data plane."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+        self._encoders: dict[tuple[str, int], PredictionEncoder] = {}
+
+    def _encoder(self, model: Model) -> PredictionEncoder:
+        spec = model.spec
+        encoder = self._encoders.get((spec.name, spec.version))
+        if encoder is None or encoder.labels != spec.labels:
+            if len(self._encoders) > 16:  # versions come and go with hot reloads
+                self._encoders.clear()
+            encoder = self._encoders[spec.name, spec.version] = PredictionEncoder(
+                spec.name, spec.version, spec.labels)
+        return encoder
+
+    @mapped_errors
+    async def Predict(
+        self, request: pb.PredictRequest | PackedPredictRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        """Answers a serialized PredictResponse (see add_to_server's serializer). The request
+        comes as server.wire read it when its images are uniformly packed."""
+        model = self._plane.resolve(request.model_version)
+        images = None
+        if isinstance(request, PackedPredictRequest):
+            check_count(request.rows.shape[0], self._plane.max_images_per_request)
+            self._plane.admit(model, request.rows.shape[0])  # refused before any pixel is converted
+            images = packed_pixels(request.rows, request.encoding, model.spec.input_size)
+            if images is None:
+                request = request.message()
+        if images is None:
+            assert isinstance(request, pb.PredictRequest)
+            check_count(len(request.images), self._plane.max_images_per_request)
+            self._plane.admit(model, len(request.images))
+            images = decode_images(request.images, model.spec.input_size)
+        probabilities = await self._plane.predict(model, images, deadline(context))
+        return self._encoder(model).encode(probabilities)
+
+    @mapped_errors
+    async def Evaluate(
+        self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
+    ) -> pb.EvaluateResponse:
+        evaluation = Evaluation(self._plane)
+        until = deadline(context)
+        index = 0
+        async for request in request_iterator:
+            field = f"requests[{index}].images"
+            model = evaluation.model_for(request.model_version)
+            check_count(len(request.images), self._plane.max_images_per_request, field)
+            self._plane.admit(model, len(request.images))
+            images = decode_images(request.images, model.spec.input_size, field)
+            labels = np.asarray(request.labels, dtype=np.int64)
+            try:
+                check_labels(labels, images.shape[0], len(model.spec.labels))
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"requests[{index}].{exc.field}", exc.description) from None
+            await evaluation.add(model, images, labels, until)
+            index += 1
+        model, metrics = evaluation.result()
+        response = pb.EvaluateResponse(
+            count=metrics.count,
+            accuracy=metrics.accuracy,
+            mean_cross_entropy=metrics.mean_cross_entropy,
+            labels=metrics.labels,
+            model_name=model.spec.name,
+            model_version=model.spec.version,
+        )
+        for row in metrics.confusion_matrix:
+            response.confusion_matrix.add(counts=row)
+        for label, p, r, f, s in zip(
+            metrics.labels, metrics.precision, metrics.recall, metrics.f1, metrics.support,
+            strict=True,
+        ):
+            response.per_class.add(label=label, precision=p, recall=r, f1=f, support=s)
+        return response
+
+    @mapped_errors
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
+        model = self._plane.resolve(request.model_version)
+        metadata = Metadata.from_json(model.metadata)
+        return pb.GetModelInfoResponse(
+            model_name=model.spec.name,
+            model_version=model.spec.version,
+            input_size=model.spec.input_size,
+            input_shape=list(model.spec.input_shape),
+            input_scale=model.spec.input_scale,
+            labels=list(model.spec.labels),
+            preset=metadata.preset or "",
+            test_accuracy=(metadata.metrics.test_accuracy if metadata.metrics else None) or 0.0,
+            created_at=metadata.created_at or "",
+            metadata_json=json.dumps(model.metadata, sort_keys=True),
+            max_images_per_request=self._plane.max_images_per_request,
+            loaded_versions=self._plane.loaded_versions,
+            inference_path=model.inference_path,
+            refused_versions=[
+                pb.RefusedVersion(version=v, reason=r) for v, r in sorted(self._plane.refused.items())
+            ],
+        )

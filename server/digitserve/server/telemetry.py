@@ -1,0 +1,422 @@
+"""Prometheus metrics and access logs: every call (through digitserve.server.calls), the batcher's batches,
+the quality of the predictions, and model loads, in one registry per App."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from digitserve.metadata import Metadata
+from digitserve.server.logs import access_log, current_request_id
+from digitserve.server.model import Model
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+# Seconds per call: a Predict of one image takes about a millisecond here.
+CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+QUEUE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+MODEL_OUTCOMES = ("served", "refused")
+
+
+class BulkHistogram(Collector):
+    """A labelled Prometheus histogram that takes a whole array per observation (numpy bucket
+    counts instead of one ``observe`` per value: 1024 values cost microseconds, not 2 ms)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
+                 buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = np.asarray(sorted(set(buckets)), dtype=np.float64)
+        self._bounds = self.bounds.tolist()
+        self._series: dict[tuple[str, ...], tuple[npt.NDArray[np.int64], list[float]]] = {}
+        self._lock = threading.Lock()
+
+    def _get(self, labels: tuple[str, ...]) -> tuple[npt.NDArray[np.int64], list[float]]:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = (np.zeros(len(self.bounds) + 1, np.int64), [0.0])
+        return series
+
+    def touch(self, labels: Sequence[str]) -> None:
+        """Makes the series exist (all zero) before its first observation."""
+        with self._lock:
+            self._get(tuple(labels))
+
+    def observe(self, labels: Sequence[str], values: npt.NDArray[np.floating[Any]]) -> None:
+        # Bucket i counts values <= bounds[i] (Prometheus' "le"); the last one is +Inf.
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"),
+                             minlength=len(self.bounds) + 1)
+        total = float(np.sum(values, dtype=np.float64))
+        with self._lock:
+            buckets, value_sum = self._get(tuple(labels))
+            buckets += counts
+            value_sum[0] += total
+
+    def observe_one(self, labels: tuple[str, ...], value: float) -> None:
+        """``observe`` for one plain float (bisect instead of numpy's per-call overhead)."""
+        index = bisect.bisect_left(self._bounds, value)
+        with self._lock:
+            buckets, value_sum = self._get(labels)
+            buckets[index] += 1
+            value_sum[0] += value
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            snapshot = [(labels, np.cumsum(b), s[0]) for labels, (b, s) in self._series.items()]
+        for labels, cumulative, value_sum in snapshot:
+            edges = [repr(float(b)) for b in self.bounds] + ["+Inf"]
+            family.add_metric(list(labels), list(zip(edges, cumulative.tolist(), strict=True)),
+                              value_sum)
+        yield family
+
+
+@dataclass
+class _QualitySeries:
+    key: tuple[str, str]  # (model_name, model_version)
+    classes: list[Any]  # digitserve_predictions children, by class index
+    low: Any  # digitserve_low_confidence_predictions child
+
+
+class Telemetry:
+    """All metrics of one server, in their own registry (so servers in one process, as in the
+    tests, never share counters), and the HTTP endpoint that exposes them. It is the data
+    plane's observer (batches, predictions, served models); digitserve.server.calls reports calls."""
+
+    def __init__(self, *, low_confidence: float = 0.5, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.low_confidence = low_confidence
+        self._http: WSGIServer | None = None
+        self._quality: dict[tuple[str, str], _QualitySeries] = {}
+        r = self.registry
+        call_labels = ("grpc_type", "grpc_service", "grpc_method")
+        self.handled = Counter(
+            "grpc_server_handled", "Calls completed, by method and status code.",
+            (*call_labels, "grpc_code"), registry=r)
+        self.handling_seconds = Histogram(
+            "grpc_server_handling_seconds", "Time from the start of a call to its status, by method.",
+            call_labels, buckets=CALL_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "grpc_server_in_flight_calls", "Calls started and not yet completed, by method.",
+            call_labels, registry=r)
+        self.batch_size = Histogram(
+            "digitserve_batch_size", "Images per model call made by the dynamic batcher.",
+            buckets=BATCH_BUCKETS, registry=r)
+        self.queue_seconds = Histogram(
+            "digitserve_batch_queue_seconds",
+            "Seconds the oldest call of a batch waited in the queue before the model ran it.",
+            buckets=QUEUE_BUCKETS, registry=r)
+        self.queued_images = Gauge(
+            "digitserve_queued_images", "Images waiting for the model now.", registry=r)
+        self.model_info = Info("digitserve_model", "The model served to unpinned requests.", registry=r)
+        self.loads = Counter(
+            "digitserve_model_loads", "Versions tried at start-up, by outcome (served or refused).",
+            ("outcome",), registry=r)
+        self.reloads = Counter(
+            "digitserve_model_reloads",
+            "Newer versions tried by the hot-reload watch, by outcome (served or refused).",
+            ("outcome",), registry=r)
+        for outcome in MODEL_OUTCOMES:
+            self.loads.labels(outcome)
+            self.reloads.labels(outcome)
+        model_labels = ("model_name", "model_version")
+        self.predictions = Counter(
+            "digitserve_predictions", "Images answered by Predict, by predicted class.",
+            (*model_labels, "class"), registry=r)
+        self.confidence = BulkHistogram(
+            "digitserve_prediction_confidence",
+            "Top-1 probability of each image answered by Predict.",
+            model_labels, (*CONFIDENCE_BUCKETS, low_confidence))
+        r.register(self.confidence)
+        self.low_confidence_predictions = Counter(
+            "digitserve_low_confidence_predictions",
+            "Images answered by Predict whose top-1 probability is below the low-confidence "
+            "threshold (digitserve_low_confidence_threshold).",
+            model_labels, registry=r)
+        Gauge("digitserve_low_confidence_threshold",
+              "Top-1 probability below which an answer counts as low-confidence.",
+              registry=r).set(low_confidence)
+
+    # --- the data plane's observer -------------------------------------------------------------
+
+    def on_batch(self, size: int, queue_seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.queue_seconds.observe(queue_seconds)
+
+    def on_model(self, model: Model) -> None:
+        """A model starts serving: it becomes the info metric and its series appear at zero."""
+        spec = model.spec
+        name, version = spec.name, str(spec.version)
+        self.model_info.info({"model_name": name, "model_version": version,
+                              "preset": Metadata.from_json(model.metadata).preset or "",
+                              "inference": model.inference_path})
+        self._quality_series(model)
+
+    def _quality_series(self, model: Model) -> _QualitySeries:
+        """The quality metrics' children of a model version, looked up once (it makes them
+        appear at zero)."""
+        key = (model.spec.name, str(model.spec.version))
+        series = self._quality.get(key)
+        if series is None:
+            series = self._quality[key] = _QualitySeries(
+                key,
+                [self.predictions.labels(*key, label) for label in model.spec.labels],
+                self.low_confidence_predictions.labels(*key),
+            )
+            self.confidence.touch(key)
+        return series
+
+    def on_predictions(self, model: Model, probabilities: npt.NDArray[np.float32]) -> None:
+        """The probabilities Predict calls got back (rows = images)."""
+        n = probabilities.shape[0]
+        if n == 0:
+            return
+        series = self._quality_series(model)
+        if n == 1:  # the common call, in plain Python
+            row = probabilities[0].tolist()
+            top_value = max(row)
+            series.classes[row.index(top_value)].inc()  # the first maximum, as argmax
+            self.confidence.observe_one(series.key, top_value)
+            if top_value < self.low_confidence:
+                series.low.inc()
+            return
+        indices = probabilities.argmax(axis=1)
+        top = probabilities.max(axis=1)
+        counts = np.bincount(indices, minlength=len(series.classes)).tolist()
+        for index, count in enumerate(counts):
+            if count:
+                series.classes[index].inc(count)
+        self.confidence.observe(series.key, top)
+        low = int(np.count_nonzero(top < self.low_confidence))
+        if low:
+            series.low.inc(low)
+
+    # --- the App's hooks -----------------------------------------------------------------------
+
+    def on_model_event(self, kind: str, version: int, outcome: str) -> None:
+        """App.model_events listener: ``kind`` is ``load`` or ``reload``; ``outcome`` is
+        ``served`` or ``refused``."""
+        (self.reloads if kind == "reload" else self.loads).labels(outcome).inc()
+
+    def watch_queue(self, queued_images: Callable[[], float]) -> None:
+        self.queued_images.set_function(queued_images)
+
+    # The metrics endpoint: seconds each read of a scrape's request may take (a half-sent request
+    # is then dropped), and how many connections it serves at once (more are closed at once).
+    metrics_read_timeout = 10.0
+    metrics_max_connections = 16
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves the registry as Prometheus text on http://host:port/metrics (0 picks a free
+        port) from a daemon thread; returns the bound port. Raises OSError if it cannot bind.
+        A half-sent request holds a thread for ``metrics_read_timeout``, never for good."""
+        address = host.strip("[]")
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        server_class = type("MetricsServer", (_MetricsServer,), {
+            "address_family": family, "slots": threading.BoundedSemaphore(self.metrics_max_connections)})
+        handler = type("MetricsHandler", (_MetricsHandler,), {"timeout": self.metrics_read_timeout})
+        app = make_wsgi_app(self.registry)
+        server: WSGIServer = make_server(str(sockaddr[0]), port, app, server_class, handler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        self._http = server
+        return int(server.server_port)
+
+    async def close(self) -> None:
+        """Stops the HTTP endpoint (if serving)."""
+        server, self._http = self._http, None
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    """One scrape; no access line (a connection's ``timeout`` is set by Telemetry.serve)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``slots`` at once; a connection that fails (timed out,
+    reset) is one DEBUG record, not socketserver's traceback on stderr."""
+
+    daemon_threads = True
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            logger.debug("metrics endpoint: %s refused, all connections busy", client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("metrics endpoint: connection from %s dropped", client_address[0], exc_info=True)
+
+
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
+def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The caller's ``x-request-id`` when it is a sane token, else a new id: 32 hex digits, a
+    random prefix per process and a counter (unique without a system call per request)."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+def _split_method(method: str) -> tuple[str, str]:
+    """``/pkg.Service/Method`` → (``pkg.Service``, ``Method``)."""
+    service, _, name = method.lstrip("/").rpartition("/")
+    return service, name
+
+
+class MethodMetrics:
+    """The labelled children of one method's call metrics, looked up once, not per call."""
+
+    def __init__(self, telemetry: Telemetry, kind: str, method: str) -> None:
+        self.method = method
+        self._labels = (kind, *_split_method(method))
+        self._handled = telemetry.handled
+        self.in_flight = telemetry.in_flight.labels(*self._labels)
+        self.seconds = telemetry.handling_seconds.labels(*self._labels)
+        self.handled: dict[str, Any] = {}
+
+    def count(self, code: str) -> None:
+        child = self.handled.get(code)
+        if child is None:
+            child = self.handled[code] = self._handled.labels(*self._labels, code)
+        child.inc()
+
+
+class Call:
+    """One call being observed: in flight while it runs, then counted, timed and logged. Its
+    request id goes into the trailing metadata at once: it travels with the status at no extra
+    cost, where initial metadata would be one more operation per call; an abort keeps it
+    (status.mapped_errors adds its details after it)."""
+
+    __slots__ = ("context", "metrics", "request_id", "started", "token")
+
+    def __init__(self, metrics: MethodMetrics, request_id: str,
+                 context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.metrics = metrics
+        self.request_id = request_id
+        self.context = context
+        self.token = current_request_id.set(request_id)
+        self.started = time.perf_counter()
+        metrics.in_flight.inc()
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+
+    def finish(self, error: BaseException | None) -> None:
+        seconds = time.perf_counter() - self.started
+        if error is None or isinstance(error, grpc.aio.AbortError):
+            code = self.context.code() or grpc.StatusCode.OK
+        elif isinstance(error, asyncio.CancelledError | GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+        else:  # grpc answers an exception that escapes the handler with UNKNOWN
+            code = grpc.StatusCode.UNKNOWN
+        code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        metrics = self.metrics
+        metrics.in_flight.dec()
+        metrics.count(code_name)
+        metrics.seconds.observe(seconds)
+        if access_log.enabled():
+            access_log.write(metrics.method, code_name, round(seconds * 1000, 3),
+                             self.context.peer(), self.request_id)
+        try:  # noqa: SIM105  (contextlib.suppress costs more, on every call)
+            current_request_id.reset(self.token)
+        except ValueError:  # finished in another context (a stream closed elsewhere); harmless
+            pass
+
+
+# --- --workers N (digitserve.server.workers) -----------------------------------------------------------
+
+
+def watch_workers(telemetry: Telemetry, serving: Callable[[], float], total: int) -> None:
+    """How many of the ``--workers`` processes serve now, as every worker sees it (the shared
+    state the parent keeps): below ``digitserve_workers`` while one is down or restarting."""
+    Gauge("digitserve_workers_serving", "Worker processes serving now (--workers).",
+          registry=telemetry.registry).set_function(serving)
+    Gauge("digitserve_workers", "Worker processes configured (--workers).",
+          registry=telemetry.registry).set(total)
+
+
+def export_certificate_expiry(telemetry: Telemetry, not_after: float | None) -> None:
+    """The served TLS certificate chain's expiry (Unix time) as a gauge, for an alert well before
+    it (e.g. ``digitserve_tls_certificate_expiry_timestamp_seconds - time() < 14 * 86400``);
+    absent without TLS."""
+    if not_after is not None:
+        Gauge("digitserve_tls_certificate_expiry_timestamp_seconds",
+              "When the first certificate of the served TLS chain expires, as a Unix time.",
+              registry=telemetry.registry).set(not_after)
+
+
+class RepositoryMetrics:
+    """The model repository's metrics, in a server's registry: reads that hung, the served
+    version's directory gone, versions unloaded for it (App.reload_once)."""
+
+    def __init__(self, registry: CollectorRegistry, hung_reads: Callable[[], float],
+                 served_missing: Callable[[], bool]) -> None:
+        self.timeouts = Counter(
+            "digitserve_repository_timeouts",
+            "Repository reads that did not return within --repository-timeout, by operation "
+            "(list, fingerprint, load).", ("operation",), registry=registry)
+        for operation in ("list", "fingerprint", "load"):
+            self.timeouts.labels(operation)
+        Gauge("digitserve_repository_hung_reads",
+              "Repository reads past their timeout that have not returned yet.",
+              registry=registry).set_function(hung_reads)
+        Gauge("digitserve_served_version_missing",
+              "1 while the served version's directory is gone from the repository.",
+              registry=registry).set_function(lambda: float(served_missing()))
+        self.unloads = Counter(
+            "digitserve_model_unloads",
+            "Loaded versions unloaded because their directory was gone for --removed-version-grace.",
+            registry=registry)
+
+    def on_timeout(self, operation: str) -> None:
+        self.timeouts.labels(operation).inc()
+
+    def on_unload(self) -> None:
+        self.unloads.inc()

