@@ -64,10 +64,10 @@ class _Context:
 def server(model_dir: Path, calls: int, images: int) -> None:
     import grpc
 
+    from digitserve.inference import load_version, read_check_set
     from digitserve.server.calls import CallWrapper
     from digitserve.server.dataplane import DataPlane
     from digitserve.server.logs import access_log
-    from digitserve.server.model import load_version, read_check_set
     from digitserve.server.servicer import DigitServicer, tolerant_deserializer
     from digitserve.server.telemetry import Telemetry
     from digitserve.v1 import digit_service_pb2 as pb
@@ -123,7 +123,7 @@ def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
 def collector(model_dir: Path, keras: bool) -> None:
     import gc
 
-    from digitserve.server.model import KerasModel, load_version, read_check_set
+    from digitserve.inference import KerasModel, load_version, read_check_set
 
     if keras:
         model: Any = KerasModel.load(model_dir)

@@ -51,7 +51,7 @@ def paths(keras_model: object, input_size: int) -> dict[str, Fn]:
         padded = pad_to_bucket(x, PADDED_BATCH_SIZES)
         return np.asarray(xla(padded))[: x.shape[0]]
 
-    from digitserve.server.model import LiteRTRunner
+    from digitserve.inference import LiteRTRunner
 
     litert = LiteRTRunner.convert(model)
     return {
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "test set (IDX files in DIR)")
     args = parser.parse_args(argv)
 
-    from digitserve.server.model import KerasModel
+    from digitserve.inference import KerasModel
 
     served = KerasModel.load(args.model_dir)
     keras_model = served.keras_model

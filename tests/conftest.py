@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from digitserve.server.model import ModelSpec
+from digitserve.inference import ModelSpec
 
 T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parent.parent

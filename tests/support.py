@@ -140,7 +140,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "t
 
 def tiny_litert(tiny_repo: Path) -> Any:
     """The tiny model loaded as the server loads it: from its LiteRT flatbuffer."""
-    from digitserve.server.model import load_version, read_check_set
+    from digitserve.inference import load_version, read_check_set
 
     version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)
     model = load_version(version_dir, check_set=read_check_set(version_dir))

@@ -14,6 +14,8 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 # (source root, top-level package) for every package of the project: the namespace package
 # `digitserve` has one source root per top-level folder (pyproject.toml's package-dir).
@@ -157,7 +159,7 @@ def test_no_module_uses_another_modules_private_names() -> None:
 
 
 def test_the_model_protocol_declares_what_callers_read() -> None:
-    from digitserve.server.model import Model
+    from digitserve.inference import Model
     from tests.conftest import FakeModel
 
     members = set(Model.__annotations__) | {n for n in vars(Model) if not n.startswith("_")}
@@ -173,3 +175,54 @@ def test_the_model_protocol_declares_what_callers_read() -> None:
         and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value in members
     ]
     assert found == [], found
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def forbidden_imports(graph: dict[str, set[str]], package: str, forbidden: tuple[str, ...]) -> list[str]:
+    """Each module of ``forbidden`` packages that a module of ``package`` imports, directly or
+    through other modules of the project (every import counts, lazy ones included), as the chain
+    of imports that reaches it (breadth first: the shortest chain)."""
+    start = sorted(m for m in graph if _in(m, package))
+    parent: dict[str, str | None] = dict.fromkeys(start)
+    queue = list(start)
+    found = []
+    while queue:
+        module = queue.pop(0)
+        for target in sorted(graph.get(module, ())):
+            if target in parent:
+                continue
+            parent[target] = module
+            if any(_in(target, f) for f in forbidden):
+                chain = [target]
+                while (step := parent[chain[-1]]) is not None:
+                    chain.append(step)
+                found.append(" -> ".join(reversed(chain)))
+            else:
+                queue.append(target)
+    return found
+
+
+# (package, the packages it must never import): the trainer and the server share what runs a model
+# through digitserve.inference, never each other; the client library installs without either.
+LAYERS = [
+    ("digitserve.trainer", ("digitserve.server",)),
+    ("digitserve.client", ("digitserve.server", "digitserve.trainer", "digitserve.inference")),
+    ("digitserve.inference", ("digitserve.server", "digitserve.trainer", "digitserve.client")),
+]
+
+
+@pytest.mark.parametrize(("package", "forbidden"), LAYERS, ids=[p for p, _ in LAYERS])
+def test_packages_import_only_what_their_layer_allows(package: str, forbidden: tuple[str, ...]) -> None:
+    graph = import_graph()
+    assert any(_in(m, package) for m in graph), f"no module of {package} found"
+    found = forbidden_imports(graph, package, forbidden)
+    assert found == [], f"{package} imports {' or '.join(forbidden)}: " + "; ".join(found)
+
+
+def test_forbidden_imports_are_found_through_other_modules() -> None:
+    graph = {"a.x": {"core.y"}, "core.y": {"core.z"}, "core.z": {"b.w"}, "b.w": set()}
+    assert forbidden_imports(graph, "a", ("b",)) == ["a.x -> core.y -> core.z -> b.w"]
+    assert forbidden_imports(graph, "core", ("a",)) == []

@@ -75,8 +75,8 @@ def test_concurrent_calls_batch_and_each_gets_its_own_answer(
 def test_batched_answers_equal_unbatched_ones_on_the_trained_model(
     start_server: Callable[..., ServerThread], tiny_repo: object, inference: str,
 ) -> None:
+    from digitserve.inference import KerasModel
     from digitserve.repository import ModelRepository
-    from digitserve.server.model import KerasModel
 
     version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)  # type: ignore[arg-type]
     server = start_server(loader=lambda: KerasModel.load(version_dir, inference=inference))

@@ -14,8 +14,8 @@ from digitserve.client.cli import main
 from digitserve.client.client import DigitClient
 from digitserve.client.images import ImageError, load_image
 from digitserve.idx import load_split
+from digitserve.inference import KerasModel
 from digitserve.repository import ModelRepository
-from digitserve.server.model import KerasModel
 from tests.conftest import ServerThread
 from tests.support import assert_metrics_match
 

@@ -17,13 +17,12 @@ import grpc
 import numpy as np
 import pytest
 
+from digitserve.nativelog import native_record, native_stderr_logged
 from digitserve.server.logs import (
     AccessLog,
     GrpcRecordFilter,
     JsonFormatter,
     current_request_id,
-    native_record,
-    native_stderr_logged,
     resolve_format,
 )
 from digitserve.v1 import digit_service_pb2 as pb
@@ -212,7 +211,7 @@ def test_a_litert_interpreter_writes_no_bare_line_to_stderr(tiny_repo: Path) -> 
     script = (
         "import logging, sys; import numpy as np; from pathlib import Path\n"
         "logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format='%(name)s %(message)s')\n"
-        "from digitserve.server.model import LiteRTRunner\n"
+        "from digitserve.inference import LiteRTRunner\n"
         "runner = LiteRTRunner(Path(sys.argv[1]).read_bytes())\n"
         "print(runner(np.zeros((2, 784), np.float32)).shape)\n"
     )

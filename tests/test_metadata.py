@@ -136,7 +136,7 @@ def test_the_server_refuses_a_version_with_a_bad_field_naming_the_file_and_the_f
 ) -> None:
     """A version whose (checksummed) metadata has a mistyped field is refused before anything is
     loaded, the error naming the file and the field."""
-    from digitserve.server.model import load_version
+    from digitserve.inference import load_version
 
     source = tiny_repo / "tiny" / "1"
 

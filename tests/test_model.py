@@ -1,4 +1,4 @@
-"""digitserve.server.model: the inference path is LiteRT only when it agrees with model.predict; a
+"""digitserve.inference: the inference path is LiteRT only when it agrees with model.predict; a
 version's published flatbuffer serves without TensorFlow while it agrees with the trainer's
 reference."""
 
@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from digitserve.client.client import DigitClient
-from digitserve.repository import LITERT_FILE, CorruptVersionError, ModelRepository
-from digitserve.server.model import (
+from digitserve.inference import (
     AGREEMENT_FLOOR,
     InferencePathError,
     KerasModel,
@@ -24,6 +23,7 @@ from digitserve.server.model import (
     load_version,
     read_check_set,
 )
+from digitserve.repository import LITERT_FILE, CorruptVersionError, ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.conftest import ServerProcess
 
@@ -114,7 +114,7 @@ def test_a_version_with_a_flatbuffer_serves_without_tensorflow(tiny_repo: Path) 
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from digitserve.server.model import load_version, read_check_set\n"
+        "from digitserve.inference import load_version, read_check_set\n"
         f"d = Path({str(version_dir(tiny_repo))!r})\n"
         "m = load_version(d, check_set=read_check_set(d))\n"
         "print(type(m).__name__, m.inference_path, m.inline, 'tensorflow' in sys.modules, "
@@ -177,7 +177,7 @@ def test_a_flatbuffer_off_the_reference_falls_back_to_the_keras_model(
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     rewrite_listed(directory, "check_set.npz", buffer.getvalue())
-    with caplog.at_level("INFO", logger="digitserve.server.model"):
+    with caplog.at_level("INFO", logger="digitserve.inference.loading"):
         model = load_version(directory, check_set=read_check_set(directory))
     assert isinstance(model, KerasModel)  # which compares with model.predict itself
     assert "model.tflite differs from the trainer's reference by 1.00e-03" in caplog.text
@@ -192,7 +192,7 @@ def test_a_reference_of_the_wrong_shape_is_not_compared(tiny_repo: Path, tmp_pat
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     rewrite_listed(directory, "check_set.npz", buffer.getvalue())
-    with caplog.at_level("INFO", logger="digitserve.server.model"):
+    with caplog.at_level("INFO", logger="digitserve.inference.loading"):
         model = load_version(directory, check_set=read_check_set(directory))
     n = arrays["labels"].shape[0]
     assert isinstance(model, KerasModel)

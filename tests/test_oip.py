@@ -391,7 +391,7 @@ def test_tritonclient_gets_the_probabilities_of_our_client(
     start_server: Callable[..., ServerThread], tiny_repo: Path, synthetic_data_dir: Path, tmp_path: Path
 ) -> None:
     from digitserve.idx import read_idx
-    from digitserve.server.model import KerasModel
+    from digitserve.inference import KerasModel
 
     version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)
     server = start_server(loader=lambda: KerasModel.load(version_dir))

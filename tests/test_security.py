@@ -676,7 +676,7 @@ def published_copy(tiny_repo: Path, tmp_path: Path) -> Iterator[Path]:
 
 
 def test_tampered_model_file_is_refused_before_keras_opens_it(published_copy: Path) -> None:
-    from digitserve.server.model import KerasModel
+    from digitserve.inference import KerasModel
 
     assert KerasModel.load(published_copy).spec.version == 1  # the untouched copy loads
     model_file = published_copy / MODEL_FILE

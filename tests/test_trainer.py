@@ -174,7 +174,7 @@ def test_saved_model_round_trip(
 ) -> None:
     import keras
 
-    from digitserve.server.model import KerasModel
+    from digitserve.inference import KerasModel
 
     repo, *_ = published
     version_dir = ModelRepository(repo).version_dir("digits", version)
@@ -190,7 +190,7 @@ def test_saved_model_round_trip(
 def test_metadata_metrics_equal_the_servers_figures(
     published: tuple[Path, dict[str, Any], dict[str, Any]], data_dir: Path, version: int
 ) -> None:
-    from digitserve.server.model import KerasModel
+    from digitserve.inference import KerasModel
 
     repo, *_ = published
     version_dir = ModelRepository(repo).version_dir("digits", version)

@@ -16,11 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from digitserve.inference import Model
 from digitserve.repository import ModelNotFoundError, RepositoryError
 from digitserve.server.calls import CallWrapper, Services
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.logs import access_log
-from digitserve.server.model import Model
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
 from digitserve.server.security import SecurityConfigError, ServerSecurity

@@ -30,8 +30,8 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.inference import Model, runs_inline
 from digitserve.server.errors import DeadlineExpiredError, OverloadedError
-from digitserve.server.model import Model, runs_inline
 
 logger = logging.getLogger(__name__)
 

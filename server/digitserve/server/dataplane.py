@@ -14,10 +14,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.inference import Model, runs_inline
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.server.batcher import Batcher
 from digitserve.server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
-from digitserve.server.model import Model, runs_inline
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,13 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
+
+from digitserve.nativelog import MAX_NATIVE_CHARS, native_record, shorten
 
 FORMATS = ("auto", "json", "text")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -165,71 +166,6 @@ class AccessLog:
 access_log = AccessLog()
 
 
-# Lines native code writes straight to file descriptor 2: TensorFlow Lite's ("INFO: Created
-# TensorFlow Lite XNNPACK delegate for CPU.") and absl's, the format of grpc core and TensorFlow
-# ("E0000 00:00:1795916047.597076    9767 tcp_server_posix.cc:220] File descriptor limit reached.
-# Retrying.").
-_NATIVE_LINE = re.compile(rb"(VERBOSE|INFO|WARNING|ERROR): (.*)")
-_NATIVE_LEVELS = {b"VERBOSE": logging.DEBUG, b"INFO": logging.DEBUG, b"WARNING": logging.WARNING,
-                  b"ERROR": logging.ERROR}
-_ABSL_LINE = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ ([^\]\s]+:\d+)\] ?(.*)")
-_ABSL_LEVELS = {b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR, b"F": logging.CRITICAL}
-MAX_NATIVE_CHARS = 2000  # a native line longer than this is cut (its length said)
-
-
-def native_record(line: bytes) -> tuple[int, str, str | None] | None:
-    """(level, message, source) of one line in a native library's format (LiteRT's or absl's;
-    LiteRT's INFO is DEBUG here), or None for any other line. ``source`` is absl's ``file:line``."""
-    line = line.rstrip(b"\r\n")
-    if (absl := _ABSL_LINE.fullmatch(line)) is not None:
-        level, source, message = _ABSL_LEVELS[absl.group(1)], absl.group(2).decode(errors="replace"), \
-            absl.group(3)
-    elif (lite := _NATIVE_LINE.fullmatch(line)) is not None:
-        level, source, message = _NATIVE_LEVELS[lite.group(1)], None, lite.group(2)
-    else:
-        return None
-    return level, _cut(message.decode("utf-8", "replace"), MAX_NATIVE_CHARS), source
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
-
-
-@contextlib.contextmanager
-def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
-    """Turns the lines a native library writes to file descriptor 2 while the block runs (LiteRT's
-    delegate notice, when an interpreter first allocates its tensors) into records of ``logger``,
-    so that a stream of JSON lines stays JSON; its INFO lines become DEBUG records. Anything else
-    written to stderr meanwhile (another thread's log lines) is written back unchanged after the
-    block. Without a file descriptor 2 to redirect, the block runs as it is."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    with tempfile.TemporaryFile() as capture:  # a file, not a pipe: writers never block on it
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-        capture.seek(0)
-        other = []
-        for line in capture.read().splitlines(keepends=True):
-            native = native_record(line)
-            if native is None:
-                other.append(line)
-            else:
-                logger.log(native[0], "%s", native[1])
-        if other:
-            with contextlib.suppress(OSError):
-                os.write(2, b"".join(other))
-
-
 # The logger of the records the bridge makes of native lines.
 NATIVE_LOGGER = "native"
 
@@ -291,7 +227,7 @@ def run_bridge(level: int = logging.DEBUG) -> None:
         else:
             native = native_record(line)
             severity, message, source = native if native is not None else (
-                logging.WARNING, _cut(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS),
+                logging.WARNING, shorten(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS),
                 None)
             if severity < level or (not message and native is None):
                 continue
@@ -340,7 +276,7 @@ class GrpcRecordFilter(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             message = f"{message}: {type(exc).__name__}: {exc}"
-        record.msg = _cut(" ".join(message.split()), self.max_chars)
+        record.msg = shorten(" ".join(message.split()), self.max_chars)
         record.args = None
         record.exc_info = record.exc_text = None
         record.stack_info = None

@@ -13,12 +13,12 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.inference import Model
 from digitserve.metadata import Metadata
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
-from digitserve.server.model import Model
 from digitserve.server.pixels import check_count, decode_tensor, tensor_count
 from digitserve.server.status import deadline, mapped_errors
 

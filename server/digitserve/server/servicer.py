@@ -14,10 +14,10 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
+from digitserve.inference import Model
 from digitserve.metadata import Metadata
 from digitserve.server.dataplane import DataPlane, Evaluation, check_labels
 from digitserve.server.errors import InvalidInputError
-from digitserve.server.model import Model
 from digitserve.server.pixels import check_count, decode_images, packed_pixels
 from digitserve.server.status import Undecodable, deadline, mapped_errors
 from digitserve.server.wire import PackedPredictRequest, PredictionEncoder, parse_predict_request

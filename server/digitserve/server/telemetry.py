@@ -25,9 +25,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from digitserve.inference import Model
 from digitserve.metadata import Metadata
 from digitserve.server.logs import access_log, current_request_id
-from digitserve.server.model import Model
 
 logger = logging.getLogger(__name__)
 

@@ -17,6 +17,14 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from digitserve.inference import (
+    CheckSet,
+    Model,
+    ModelSpec,
+    check_consistency,
+    load_version,
+    read_check_set,
+)
 from digitserve.metadata import Metadata
 from digitserve.repository import (
     CHECK_SET_FILE,
@@ -27,14 +35,6 @@ from digitserve.repository import (
     ModelRepository,
     RepositoryError,
     metadata_checksummed,
-)
-from digitserve.server.model import (
-    CheckSet,
-    Model,
-    ModelSpec,
-    check_consistency,
-    load_version,
-    read_check_set,
 )
 
 logger = logging.getLogger(__name__)

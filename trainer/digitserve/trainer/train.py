@@ -155,7 +155,7 @@ def _load_data(config: TrainConfig, preset: Preset) -> _Data:
 def evaluate(
     model: Any, x: npt.NDArray[np.float32], y: npt.NDArray[np.integer[Any]]
 ) -> tuple[ClassificationMetrics, npt.NDArray[np.float32]]:
-    """Metrics and probabilities of ``model`` (a ``server.model.Model``) on a labelled set,
+    """Metrics and probabilities of ``model`` (a ``digitserve.inference.Model``) on a labelled set,
     predicted in consecutive chunks of ``EVALUATE_BATCH`` images as the server's Evaluate does."""
     accumulator = MetricsAccumulator(LABELS)
     chunks = []
@@ -373,7 +373,7 @@ def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluati
     """Reloads the saved model as the server does and computes every metric through it."""
     import keras
 
-    from digitserve.server.model import KerasModel
+    from digitserve.inference import KerasModel
 
     reloaded = keras.saving.load_model(staging / MODEL_FILE, compile=False, safe_mode=True)
     count = min(CHECK_SET_SIZE, data.x_test.shape[0])

@@ -1,0 +1,151 @@
+"""The Keras path: ``KerasModel``, a saved ``model.keras`` served through the fastest path that
+agrees with ``model.predict`` (LiteRT, else a ``tf.function``). The trainer evaluates every model
+it publishes through it, so its figures are the server's. TensorFlow and Keras are imported only
+when a ``KerasModel`` is made or loaded."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.inference.agreement import (
+    INFERENCE_CHOICES,
+    PROBE_IMAGES,
+    Agreement,
+    InferencePathError,
+)
+from digitserve.inference.checkset import read_check_set
+from digitserve.inference.litert import LiteRTRunner, litert_difference
+from digitserve.inference.spec import ModelSpec, check_outputs
+from digitserve.metadata import Metadata
+from digitserve.repository import MODEL_FILE, CorruptVersionError
+
+logger = logging.getLogger(__name__)
+
+
+class KerasModel:
+    """A saved Keras model (``model.keras``), served through the fastest path that agrees with
+    ``model.predict`` (``bench/inference_paths.py`` measures them all):
+
+    - ``litert``: the model converted to LiteRT, run by XNNPACK on one thread;
+    - ``tensorflow``: the concrete function of a ``tf.function`` with a fixed signature (the
+      fastest TensorFlow path; it equals ``model.predict`` exactly for batches above one).
+
+    ``auto`` (the default) serves LiteRT when, on the probe images (the version's check set), its
+    probabilities differ from ``model.predict``'s by no more than 1e-6 or than TensorFlow's own
+    function does when called image by image, whichever is larger; else TensorFlow."""
+
+    def __init__(
+        self,
+        keras_model: Any,
+        metadata: Metadata,
+        *,
+        inference: str = "auto",
+        probe: npt.NDArray[np.float32] | None = None,
+    ) -> None:
+        import tensorflow as tf
+
+        if inference not in INFERENCE_CHOICES:
+            raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
+        self.spec = ModelSpec.from_metadata(metadata)
+        self.metadata = metadata.to_json()
+        self._keras_model = keras_model
+        signature = [tf.TensorSpec(shape=(None, self.spec.input_size), dtype=tf.float32)]
+        self._tf = tf
+        self._fn = tf.function(
+            lambda x: keras_model(x, training=False), input_signature=signature
+        ).get_concrete_function()
+        self._run: Any = self.tensorflow_predict
+        self.litert: LiteRTRunner | None = None
+        """The LiteRT runner when it is the path served (the trainer publishes its flatbuffer)."""
+        self.inline = False
+        """Cheap enough to run on the event loop (see DataPlane.compute): the LiteRT path."""
+        self.agreement = Agreement("tensorflow", 0, None, 0.0, "chosen by --inference tensorflow")
+        if inference != "tensorflow":
+            self.agreement = self._choose_path(probe, required=inference == "litert")
+
+    @property
+    def inference_path(self) -> str:
+        return self.agreement.path
+
+    @property
+    def keras_model(self) -> Any:
+        """The loaded Keras model the served path was compared with (``bench/inference_paths.py``
+        times its other paths)."""
+        return self._keras_model
+
+    def _probe(self) -> npt.NDArray[np.float32]:
+        """Images to compare the paths on when the caller has none: seeded uniform noise."""
+        rng = np.random.default_rng(0)
+        return rng.random((PROBE_IMAGES, self.spec.input_size), dtype=np.float32)
+
+    def _choose_path(self, probe: npt.NDArray[np.float32] | None, required: bool) -> Agreement:
+        x = self._probe() if probe is None else np.ascontiguousarray(probe[:PROBE_IMAGES], np.float32)
+        reference = np.asarray(self._keras_model.predict(x, verbose=0), dtype=np.float32)
+        single = np.concatenate([self.tensorflow_predict(x[i : i + 1]) for i in range(x.shape[0])])
+        spread = float(np.abs(single - reference).max())
+        try:
+            runner = LiteRTRunner.convert(self._keras_model)
+            diff = litert_difference(runner, x, reference)
+        except Exception as exc:  # no LiteRT for this platform, or an op it cannot convert
+            if required:
+                raise InferencePathError(f"the LiteRT path cannot serve this model: {exc}") from exc
+            return Agreement("tensorflow", x.shape[0], None, spread, f"LiteRT unavailable: {exc}")
+        agreement = Agreement("litert", x.shape[0], diff, spread)
+        if not diff <= agreement.tolerance:  # NaN included
+            reason = "LiteRT differs by more than the tolerance"
+            if required:
+                raise InferencePathError(f"{agreement.describe()}: {reason}")
+            return Agreement("tensorflow", x.shape[0], diff, spread, reason)
+        self._run = self.litert = runner
+        self.inline = True
+        return agreement
+
+    @classmethod
+    def load(
+        cls, version_dir: Path, *, inference: str = "auto",
+        probe: npt.NDArray[np.float32] | None = None,
+    ) -> KerasModel:
+        """Loads a published version after checking its files against the metadata checksums;
+        the paths are compared on ``probe``, by default the version's check set when it has a
+        readable one (the quality gate reports one that is not)."""
+        import keras
+
+        started = time.perf_counter()
+        metadata = Metadata.read(version_dir)
+        metadata.verify_files(version_dir, only=[MODEL_FILE])
+        try:
+            keras_model = keras.saving.load_model(
+                version_dir / MODEL_FILE, compile=False, safe_mode=True
+            )
+        except Exception as exc:  # Keras raises many types for a bad archive.
+            raise CorruptVersionError(f"{version_dir / MODEL_FILE}: cannot load ({exc})") from exc
+        if probe is None:
+            with contextlib.suppress(CorruptVersionError):
+                check_set = read_check_set(version_dir)
+                probe = None if check_set is None else check_set.images
+        model = cls(keras_model, metadata, inference=inference, probe=probe)
+        model.warm_up()
+        logger.info(
+            "loaded model %s version %d from %s in %.2fs; %s",
+            model.spec.name, model.spec.version, version_dir, time.perf_counter() - started,
+            model.agreement.describe(),
+        )
+        return model
+
+    def warm_up(self) -> None:
+        check_outputs(self)
+
+    def tensorflow_predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        out = self._fn(self._tf.convert_to_tensor(images))
+        return np.asarray(out, dtype=np.float32)
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        result: npt.NDArray[np.float32] = self._run(images)
+        return result

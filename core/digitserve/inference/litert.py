@@ -1,0 +1,162 @@
+"""The LiteRT path: ``LiteRTRunner`` (an interpreter of a flatbuffer, XNNPACK on one thread) and
+``LiteRTModel``, a version served from its published ``model.tflite`` without importing
+TensorFlow. ``ai_edge_litert`` (and, to convert a Keras model, TensorFlow) are imported only when
+a runner is made."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.inference.agreement import PROBE_IMAGES, Agreement
+from digitserve.inference.checkset import CheckSet
+from digitserve.inference.spec import ModelSpec, check_outputs
+from digitserve.metadata import Metadata
+from digitserve.nativelog import native_stderr_logged
+from digitserve.repository import CHECK_SET_FILE, LITERT_FILE, CorruptVersionError
+
+
+class LiteRTRunner:
+    """A LiteRT (TensorFlow Lite) interpreter of the model, XNNPACK on one thread: a call costs
+    microseconds where a TensorFlow function call costs hundreds, and each image's probabilities do
+    not depend on the batch it travels in. Not thread-safe: the data plane calls it from its one
+    model thread."""
+
+    def __init__(self, flatbuffer: bytes) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.flatbuffer = flatbuffer
+        # LiteRT prints a notice to stderr when it first allocates (its XNNPACK delegate): a
+        # record of our log instead of a bare line among the JSON ones.
+        with native_stderr_logged(logging.getLogger("litert")):
+            self._interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
+            self._interpreter.allocate_tensors()
+        inp = self._interpreter.get_input_details()[0]
+        self._input = int(inp["index"])
+        self._row_shape = [int(d) for d in inp["shape_signature"][1:]]
+        output = self._interpreter.get_output_details()[0]
+        self._output = int(output["index"])
+        self._classes = int(output["shape_signature"][-1])
+        self._rows = -1
+
+    def check_fits(self, spec: ModelSpec, path: Path) -> None:
+        """CorruptVersionError unless the model takes ``spec``'s inputs and gives one probability
+        per label."""
+        size = int(np.prod(self._row_shape)) if all(d > 0 for d in self._row_shape) else None
+        if size is not None and size != spec.input_size:
+            raise CorruptVersionError(
+                f"{path}: the model takes inputs of shape {self._row_shape} ({size} values) but "
+                f"metadata.json declares input shape {list(spec.input_shape)} "
+                f"({spec.input_size} values)"
+            )
+        if self._classes > 0 and self._classes != len(spec.labels):
+            raise CorruptVersionError(
+                f"{path}: the model outputs {self._classes} classes but metadata.json declares "
+                f"{len(spec.labels)} labels"
+            )
+
+    @classmethod
+    def convert(cls, keras_model: Any) -> LiteRTRunner:
+        import tensorflow as tf
+
+        # The converter exports the model to a temporary SavedModel and prints where to stdout,
+        # which is the trainer's --json output: keep it out.
+        with contextlib.redirect_stdout(io.StringIO()):
+            flatbuffer = tf.lite.TFLiteConverter.from_keras_model(keras_model).convert()
+        return cls(flatbuffer)
+
+    def __call__(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        rows = images.shape[0]
+        interpreter = self._interpreter
+        if rows != self._rows:  # a resize costs a few microseconds
+            interpreter.resize_tensor_input(self._input, [rows, *self._row_shape], strict=False)
+            interpreter.allocate_tensors()
+            self._rows = rows
+        interpreter.set_tensor(self._input, images.reshape(rows, *self._row_shape))
+        interpreter.invoke()
+        out: npt.NDArray[np.float32] = interpreter.get_tensor(self._output)  # a copy
+        return out
+
+
+def litert_difference(runner: LiteRTRunner, x: npt.NDArray[np.float32],
+                      reference: npt.NDArray[np.float32]) -> float:
+    """Largest |p - reference| of the LiteRT path on ``x``, in one batch and image by image (NaN
+    when any answer is NaN)."""
+    batched = runner(x)
+    one_by_one = np.concatenate([runner(x[i : i + 1]) for i in range(x.shape[0])])
+    return float(max(np.abs(batched - reference).max(), np.abs(one_by_one - reference).max()))
+
+
+class LiteRTModel:
+    """A version's published LiteRT flatbuffer (``model.tflite``), served without importing
+    TensorFlow: a worker's memory is its interpreter's, not TensorFlow's, and it starts in about a
+    second. It serves only while, on the version's check set, it agrees with the probabilities
+    the trainer computed with ``model.predict`` (``reference`` in ``check_set.npz``) within the
+    tolerance the trainer found for the same comparison; ``load_version`` falls back to
+    ``KerasModel`` otherwise."""
+
+    inline = True
+
+    def __init__(self, runner: LiteRTRunner, spec: ModelSpec, metadata: Metadata,
+                 agreement: Agreement) -> None:
+        self.spec = spec
+        self.metadata = metadata.to_json()
+        self.litert = runner
+        self.agreement = agreement
+
+    @property
+    def inference_path(self) -> str:
+        return self.agreement.path
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return self.litert(images)
+
+    @classmethod
+    def load(cls, version_dir: Path, metadata: Metadata,
+             check_set: CheckSet | None) -> tuple[LiteRTModel | None, str]:
+        """The version served from its flatbuffer, or None and why not. A flatbuffer whose
+        checksum does not match, or whose input or output shape differs from the metadata's, is a
+        corrupt version (CorruptVersionError): the Keras model it was converted from could not
+        serve it either."""
+        info = metadata.inference
+        if info is None or info.litert_file != LITERT_FILE:
+            return None, "no published LiteRT model"
+        if not (version_dir / LITERT_FILE).is_file():
+            return None, f"{LITERT_FILE} is missing"
+        if info.tolerance is None:
+            return None, f"{LITERT_FILE} cannot serve: no recorded tolerance"
+        metadata.verify_files(version_dir, only=[LITERT_FILE])
+        spec = ModelSpec.from_metadata(metadata)
+        try:
+            runner = LiteRTRunner((version_dir / LITERT_FILE).read_bytes())
+        except Exception as exc:  # no LiteRT here, a flatbuffer it rejects
+            return None, f"{LITERT_FILE} cannot serve: {exc}"
+        # The flatbuffer is the Keras model converted (and checksummed with it): shapes it cannot
+        # take or give, the Keras model cannot either, so they refuse the version here.
+        runner.check_fits(spec, version_dir / LITERT_FILE)
+        if check_set is None or check_set.reference is None:
+            return None, f"no reference probabilities in {CHECK_SET_FILE}"
+        reference = check_set.reference
+        x = check_set.images[:PROBE_IMAGES]
+        expected = (x.shape[0], len(spec.labels))
+        if reference.shape[1:] != expected[1:] or reference.shape[0] < expected[0]:
+            return None, f"reference probabilities of shape {reference.shape}, expected {expected}"
+        try:
+            tolerance = info.tolerance
+            spread = info.tensorflow_batch1_max_diff
+            diff = litert_difference(runner, x, reference[: x.shape[0]])
+        except Exception as exc:  # a recorded figure that is not a number
+            return None, f"{LITERT_FILE} cannot serve: {exc}"
+        agreement = Agreement("litert", x.shape[0], diff, spread,
+                              f"{LITERT_FILE} checked against the trainer's model.predict")
+        if not diff <= tolerance:  # NaN included
+            return None, f"{LITERT_FILE} differs from the trainer's reference by {diff:.2e}"
+        model = cls(runner, spec, metadata, agreement)
+        check_outputs(model)
+        return model, ""

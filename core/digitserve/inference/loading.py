@@ -1,0 +1,51 @@
+"""Loading a published version as the server serves it (``load_version``): everything that can
+refuse the version without running it first, then its LiteRT flatbuffer without TensorFlow when
+it agrees with the trainer's reference, else the Keras model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from digitserve.inference.agreement import INFERENCE_CHOICES
+from digitserve.inference.checkset import CheckSet, check_consistency
+from digitserve.inference.keras import KerasModel
+from digitserve.inference.litert import LiteRTModel
+from digitserve.inference.spec import ModelSpec
+from digitserve.metadata import Metadata
+from digitserve.repository import CHECK_SET_FILE, LITERT_FILE, MODEL_FILE
+
+logger = logging.getLogger(__name__)
+
+
+def load_version(version_dir: Path, *, inference: str = "auto",
+                 check_set: CheckSet | None = None) -> LiteRTModel | KerasModel:
+    """A published version as the server serves it: from its LiteRT flatbuffer without
+    TensorFlow when it has one that agrees with the trainer's reference (``--inference auto`` or
+    ``litert``), else through :class:`KerasModel`, which imports TensorFlow and chooses its path
+    itself. ``check_set`` is the version's (read_check_set), if it has one. What refuses the
+    version without running its model (metadata, checksums, the check set against the metadata,
+    the flatbuffer's input and output shapes) refuses it before TensorFlow is imported: a refused
+    version costs a slim server no memory."""
+    if inference not in INFERENCE_CHOICES:
+        raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
+    # Whatever refuses the version without running it does so before TensorFlow is imported.
+    started = time.perf_counter()
+    metadata = Metadata.read(version_dir)
+    spec = ModelSpec.from_metadata(metadata)
+    if check_set is not None:
+        check_consistency(spec, check_set, version_dir / CHECK_SET_FILE)
+    metadata.verify_files(version_dir, only=[MODEL_FILE])
+    if inference != "tensorflow":
+        model, reason = LiteRTModel.load(version_dir, metadata, check_set)
+        if model is not None:
+            logger.info(
+                "loaded model %s version %d from %s in %.2fs without TensorFlow; %s",
+                model.spec.name, model.spec.version, version_dir / LITERT_FILE,
+                time.perf_counter() - started, model.agreement.describe(),
+            )
+            return model
+        logger.info("%s: %s; loading %s", version_dir, reason, MODEL_FILE)
+    return KerasModel.load(version_dir, inference=inference,
+                           probe=None if check_set is None else check_set.images)
