@@ -2,8 +2,10 @@
 model version over the Open Inference Protocol (KServe V2) on gRPC.
 
 Runs in a virtual environment of its own (KServe pins its own grpcio, protobuf and FastAPI; see
-``bench/kserve-venv.sh``) and imports nothing of this project, so it reads the version's files
-itself (each checked against its SHA-256 in ``metadata.json``):
+``bench/kserve-venv.sh``) where this project is not installed: of it, it imports only the
+framework-free core (standard library only) from the checkout's ``core/``, to read the version's
+``metadata.json`` through ``digitserve.metadata`` and check the file it serves against its
+SHA-256 there:
 
     out/kserve-venv/bin/python bench/kserve_server.py --model-dir out/bench-repo/mnist/1 --port 50090
 
@@ -20,8 +22,6 @@ port of its own.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import socket
 import sys
@@ -37,6 +37,9 @@ def _free_port() -> int:
         port: int = sock.getsockname()[1]
         return port
 
+
+CORE = Path(__file__).resolve().parent.parent / "core"
+"""The project's framework-free core, imported from the checkout (this venv does not install it)."""
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -86,22 +89,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-call", choices=["tensorflow", "litert"], default="tensorflow",
                         help="how the model is called (default: %(default)s)")
     args, _ = parser.parse_known_args(argv)
-    metadata = json.loads((args.model_dir / "metadata.json").read_text())
-    file_name = ("model.keras" if args.model_call == "tensorflow"
-                 else metadata.get("inference", {}).get("litert_file") or "model.tflite")
-    path = args.model_dir / file_name
-    expected = metadata.get("files", {}).get(file_name, {}).get("sha256")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if expected != digest:
-        print(f"{path}: sha256 {digest} differs from metadata's {expected}", file=sys.stderr)
+    sys.path.insert(0, str(CORE))
+    from digitserve.metadata import Metadata
+    from digitserve.repository import LITERT_FILE, MODEL_FILE, CorruptVersionError
+
+    try:
+        metadata = Metadata.read(args.model_dir)
+        litert_file = metadata.inference.litert_file if metadata.inference else None
+        file_name = MODEL_FILE if args.model_call == "tensorflow" else litert_file or LITERT_FILE
+        metadata.verify_files(args.model_dir, only=[file_name])
+        input_size = metadata.served_io()[0].size
+    except CorruptVersionError as exc:
+        print(exc, file=sys.stderr)
         return 1
+    path = args.model_dir / file_name
     # KServe parses sys.argv when imported: leave it only the program name.
     sys.argv = sys.argv[:1]
     import kserve
     from kserve import InferOutput, InferRequest, InferResponse
 
-    name = str(metadata.get("name", "mnist"))
-    input_size = int(metadata["input"]["size"])
+    name = metadata.name
     run = _tensorflow(path, input_size) if args.model_call == "tensorflow" else _litert(path, input_size)
 
     class Digits(kserve.Model):  # type: ignore[misc]  # kserve is not installed for mypy

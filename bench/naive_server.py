@@ -22,9 +22,8 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from digitserve.metadata import Metadata
+from digitserve.metadata import METADATA_FILE, Metadata
 from digitserve.metrics import MetricsAccumulator
-from digitserve.repository import METADATA_FILE
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 

@@ -17,10 +17,9 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from digitserve.metadata import Metadata
+from digitserve.metadata import METADATA_FILE, Metadata
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from digitserve.repository import METADATA_FILE
 
 
 class BenchError(Exception):

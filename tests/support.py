@@ -17,7 +17,8 @@ import numpy.typing as npt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from digitserve.repository import METADATA_FILE, ModelRepository
+from digitserve.metadata import METADATA_FILE
+from digitserve.repository import ModelRepository
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

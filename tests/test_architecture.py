@@ -11,6 +11,7 @@ Generated protobuf code (`*_pb2*.py`) is not ours to arrange and is left out.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,3 +227,63 @@ def test_forbidden_imports_are_found_through_other_modules() -> None:
     graph = {"a.x": {"core.y"}, "core.y": {"core.z"}, "core.z": {"b.w"}, "b.w": set()}
     assert forbidden_imports(graph, "a", ("b",)) == ["a.x -> core.y -> core.z -> b.w"]
     assert forbidden_imports(graph, "core", ("a",)) == []
+
+
+def metadata_keys() -> set[str]:
+    """The keys of ``metadata.json`` at every level, as ``digitserve.metadata`` reads and writes
+    them (its ``f.get``/``f.req``/``f.section`` reads, ``_put`` and ``out[...]`` writes, dict
+    literals)."""
+    path = ROOT / "core" / "digitserve" / "metadata.py"
+    keys: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            args = node.args
+            if isinstance(node.func, ast.Attribute) and node.func.attr in (
+                    "get", "req", "section", "nullable_float") and args:
+                keys |= _strings(args[:1])
+            elif isinstance(node.func, ast.Name) and node.func.id == "_put" and len(args) > 1:
+                keys |= _strings(args[1:2])
+        elif isinstance(node, ast.Dict):
+            keys |= _strings([k for k in node.keys if k is not None])
+        elif isinstance(node, ast.Subscript):
+            keys |= _strings([node.slice])
+    return keys
+
+
+def _strings(nodes: list[ast.expr]) -> set[str]:
+    return {n.value for n in nodes if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+
+
+# What holds a metadata document, by its name: `metadata`, `meta`, `doc(ument)`, the client's `info`.
+_METADATA_HOLDER = re.compile(r"meta|doc|info", re.IGNORECASE)
+
+
+def metadata_key_reads() -> list[str]:
+    """Every ``x["key"]`` and ``x.get/pop/setdefault("key", ...)`` outside ``digitserve.metadata``
+    where ``key`` is a key of ``metadata.json`` and ``x`` is named as a metadata document: a
+    module reading or writing the document behind its schema's back."""
+    keys = metadata_keys()
+    found = []
+    for name, path in _modules().items():
+        if name == "digitserve.metadata":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Subscript):
+                holder, key = node.value, node.slice
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("get", "pop", "setdefault") and node.args):
+                holder, key = node.func.value, node.args[0]
+            else:
+                continue
+            if (isinstance(key, ast.Constant) and key.value in keys
+                    and _METADATA_HOLDER.search(ast.unparse(holder))):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_only_the_metadata_module_indexes_metadata_json_by_its_keys() -> None:
+    keys = metadata_keys()
+    assert {"version", "files", "sha256", "input", "size", "inference", "litert_file"} <= keys, keys
+    found = metadata_key_reads()
+    assert found == [], ("metadata.json indexed by its keys outside digitserve.metadata (use "
+                         "Metadata's fields, or a helper there): " + "; ".join(found))

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from digitserve.metadata import FORMAT_VERSION, Metadata
-from digitserve.repository import METADATA_FILE, CorruptVersionError, ModelRepository
+from digitserve.metadata import FORMAT_VERSION, METADATA_FILE, Metadata
+from digitserve.repository import CorruptVersionError, ModelRepository
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1" / "mnist" / "1"
 """metadata.json (and its checksum) of a version published by main's trainer (bc5cc53):

@@ -87,7 +87,7 @@ def copy_version(tiny_repo: Path, tmp_path: Path) -> Path:
 def rewrite_listed(directory: Path, name: str, data: bytes) -> None:
     """Replaces a file of a version and its checksum in the metadata, and the metadata's own
     checksum (a consistent version)."""
-    from digitserve.repository import sha256_file, write_metadata_checksum
+    from digitserve.metadata import sha256_file, write_metadata_checksum
 
     (directory / name).write_bytes(data)
     metadata = json.loads((directory / "metadata.json").read_text())

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from digitserve.repository import ModelRepository, read_metadata, verify_files
+from digitserve.metadata import read_metadata, verify_files
+from digitserve.repository import ModelRepository
 from tests.conftest import REPO_ROOT
 
 

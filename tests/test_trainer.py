@@ -12,13 +12,12 @@ import numpy.typing as npt
 import pytest
 
 from digitserve.idx import md5_uncompressed, write_idx
+from digitserve.metadata import sha256_file, verify_files
 from digitserve.metrics import MetricsAccumulator
 from digitserve.repository import (
     LITERT_FILE,
     MODEL_FILE,
     ModelRepository,
-    sha256_file,
-    verify_files,
 )
 from digitserve.trainer.cli import main
 from digitserve.trainer.errors import TrainerError

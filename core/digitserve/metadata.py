@@ -2,29 +2,36 @@
 
 The trainer writes the document only through :meth:`Metadata.to_json`, and every reader parses it
 only through :meth:`Metadata.from_json`, which raises one
-:class:`~digitserve.repository.CorruptVersionError` naming the file and the field for a missing or
+:class:`~digitserve.errors.CorruptVersionError` naming the file and the field for a missing or
 mistyped field. Sections a document may lack (documents written by older trainers, or by tests)
 are ``None`` and are left out of :meth:`~Metadata.to_json`, which gives back the document it was
 read from key for key, in the trainer's order; top-level keys this reader does not know are kept
 in :attr:`Metadata.extra`. ``format`` 1 is what the trainer has written since the field was
 introduced; a document without it is read as format 1, one with a newer format is refused.
+
+The file itself is read and written here too: :func:`read_metadata` checks it against
+``metadata.json.sha256``, :func:`write_metadata` stamps every other file's checksum into it (as
+:func:`stamp_version` stamps the version) before writing it and then its own checksum, and
+:meth:`Metadata.verify_files` / :func:`verify_files` check the files against it. No other module
+indexes the document by its keys (``tests/test_architecture.py`` checks).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from digitserve.repository import (
-    METADATA_FILE,
-    CorruptVersionError,
-    read_metadata,
-    verify_checksums,
-)
+from digitserve.errors import CorruptVersionError
+
+METADATA_FILE = "metadata.json"
+METADATA_CHECKSUM_FILE = "metadata.json.sha256"  # `sha256sum -c` format; written last
 
 FORMAT_VERSION = 1
 """The format the trainer writes; readers accept it and every older one."""
@@ -460,7 +467,7 @@ class Metadata:
     @classmethod
     def read(cls, version_dir: Path) -> Metadata:
         """A version directory's metadata, checked against ``metadata.json.sha256`` (see
-        :func:`digitserve.repository.read_metadata`) and parsed."""
+        :func:`read_metadata`) and parsed."""
         return cls.from_json(read_metadata(version_dir), version_dir / METADATA_FILE)
 
     def to_json(self) -> dict[str, Any]:
@@ -503,3 +510,138 @@ class Metadata:
                 raise CorruptVersionError(f"{self.source}: field '{key}': missing")
         assert self.input is not None and self.labels is not None
         return self.input, self.labels
+
+
+# metadata.json as a file: read with its checksum checked, written with every file's.
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_METADATA_NAMES = {METADATA_FILE, METADATA_CHECKSUM_FILE}
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def stamp_version(document: dict[str, Any], version: int) -> None:
+    """Sets the ``version`` of a metadata document (the publisher's number for it; the client's
+    copy of the served metadata gets the version the server answered for)."""
+    document["version"] = version
+
+
+def write_metadata(directory: Path, document: dict[str, Any]) -> None:
+    """Stamps ``files`` of ``document`` with the SHA-256 and size of every other file under
+    ``directory``, then writes it as ``metadata.json`` and, last, ``metadata.json.sha256``
+    (each atomically). The repository's publisher calls it on a staged version."""
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel not in _METADATA_NAMES:
+            files[rel] = FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size).to_json()
+    document["files"] = files
+    data = (json.dumps(document, indent=2, sort_keys=False) + "\n").encode("utf-8")
+    _write_atomically(directory / METADATA_FILE, data)
+    write_metadata_checksum(directory)
+
+
+def write_metadata_checksum(directory: Path) -> None:
+    """Writes ``metadata.json.sha256`` for the directory's ``metadata.json`` (the publisher does,
+    last; ``sha256sum -c metadata.json.sha256`` checks it)."""
+    digest = sha256_file(directory / METADATA_FILE)
+    _write_atomically(directory / METADATA_CHECKSUM_FILE,
+                      f"{digest}  {METADATA_FILE}\n".encode("ascii"))
+
+
+def read_metadata(version_dir: Path) -> dict[str, Any]:
+    """The parsed metadata.json of a version directory, checked against ``metadata.json.sha256``
+    when the version has one (versions published before it have none: see
+    :func:`metadata_checksummed`); CorruptVersionError if unreadable or if it differs."""
+    path = version_dir / METADATA_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CorruptVersionError(f"{path}: missing") from exc
+    except OSError as exc:
+        raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
+    expected = _recorded_metadata_checksum(version_dir)
+    if expected is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise CorruptVersionError(
+                f"{path}: sha256 {actual} differs from {expected} recorded in "
+                f"{METADATA_CHECKSUM_FILE} (the metadata was changed after publishing)"
+            )
+    try:
+        metadata = json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise CorruptVersionError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(metadata, dict):
+        raise CorruptVersionError(f"{path}: expected a JSON object")
+    return metadata
+
+
+def metadata_checksummed(version_dir: Path) -> bool:
+    """Whether the version has a ``metadata.json.sha256`` (all but versions published before the
+    publisher wrote one)."""
+    return (version_dir / METADATA_CHECKSUM_FILE).is_file()
+
+
+def _recorded_metadata_checksum(version_dir: Path) -> str | None:
+    path = version_dir / METADATA_CHECKSUM_FILE
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
+    fields = text.split()
+    if len(fields) != 2 or fields[1].lstrip("*") != METADATA_FILE \
+            or re.fullmatch(r"[0-9a-f]{64}", fields[0]) is None:
+        raise CorruptVersionError(
+            f"{path}: expected one line '<sha256 hex>  {METADATA_FILE}', found {text[:100]!r}"
+        )
+    return fields[0]
+
+
+def verify_files(version_dir: Path, metadata: dict[str, Any], only: list[str] | None = None) -> None:
+    """Checks files against the checksums in the metadata (all of them, or those in ``only``);
+    CorruptVersionError names the first file that is missing or differs."""
+    files = metadata.get("files")
+    recorded = None
+    if isinstance(files, dict):
+        recorded = {rel: entry.get("sha256") if isinstance(entry, dict) else None
+                    for rel, entry in files.items()}
+    verify_checksums(version_dir, recorded, only)
+
+
+def verify_checksums(version_dir: Path, recorded: Mapping[str, str | None] | None,
+                     only: list[str] | None = None) -> None:
+    """Checks files against ``recorded`` SHA-256s (None: the metadata has no ``files``), all of
+    them or those in ``only``; CorruptVersionError names the first file missing or differing."""
+    if recorded is None:
+        raise CorruptVersionError(f"{version_dir / METADATA_FILE}: no 'files' checksums")
+    for rel in only if only is not None else sorted(recorded):
+        expected = recorded.get(rel)
+        if not isinstance(expected, str):
+            raise CorruptVersionError(f"{version_dir / METADATA_FILE}: no checksum for {rel}")
+        path = version_dir / rel
+        if not path.is_file():
+            raise CorruptVersionError(f"{path}: missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise CorruptVersionError(
+                f"{path}: sha256 {actual} differs from {expected} recorded in metadata"
+            )

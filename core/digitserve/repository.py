@@ -1,27 +1,31 @@
 """The versioned model repository: ``ROOT/NAME/VERSION/`` with ``model.keras``, ``metadata.json``
 (and its checksum, ``metadata.json.sha256``) and ``report/``. Publishing is atomic (a staged
-directory renamed into place); reading needs no TensorFlow."""
+directory renamed into place); reading needs no TensorFlow. ``metadata.json`` is read and written
+through ``digitserve.metadata`` (the publisher stamps the version and every file's checksum
+there); its errors are defined in ``digitserve.errors`` and exported here too."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# The repository's errors, exported from here (defined below this module and digitserve.metadata).
+from digitserve.errors import CorruptVersionError as CorruptVersionError
+from digitserve.errors import ModelNotFoundError as ModelNotFoundError
+from digitserve.errors import RepositoryError as RepositoryError
+from digitserve.metadata import read_metadata, stamp_version, write_metadata
+
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "metadata.json"
-METADATA_CHECKSUM_FILE = "metadata.json.sha256"  # `sha256sum -c` format; written last
 MODEL_FILE = "model.keras"
 LITERT_FILE = "model.tflite"  # the model as LiteRT runs it, served without TensorFlow
 CHECK_SET_FILE = "check_set.npz"  # uint8 images and labels the server checks a version on
@@ -33,28 +37,6 @@ for a killed publisher's and removed by the next publish. A live publisher holds
 flock on its staging directory (the guarantee on one host) and writes into it at each step of its
 build; the age also covers publishers that take no lock (older trainers, other hosts over NFS)."""
 _VERSION_NAME = re.compile(r"[1-9][0-9]*")  # ASCII digits only, no leading zero: str(int(name))
-
-
-class RepositoryError(Exception):
-    """Base class of the model repository's errors."""
-
-
-class ModelNotFoundError(RepositoryError):
-    """Raised when a model name, or a version of it, does not exist in the repository."""
-
-
-class CorruptVersionError(RepositoryError):
-    """Raised when a published version is unreadable: bad metadata, or a file whose checksum
-    differs from the one recorded in its metadata."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_name(name: str) -> None:
@@ -143,11 +125,11 @@ class ModelRepository:
                 metadata = build(staging, version)
                 built = version
                 while True:
-                    metadata["version"] = version
+                    stamp_version(metadata, version)
                     if version != built and renumber is not None:
                         renumber(staging, version, metadata)
                         built = version
-                    _write_metadata(staging, metadata)
+                    write_metadata(staging, metadata)
                     fsync_path(staging)
                     target = model_dir / str(version)
                     try:
@@ -217,38 +199,6 @@ def _newest_mtime(directory: Path) -> float:
     return newest
 
 
-_METADATA_NAMES = {METADATA_FILE, METADATA_CHECKSUM_FILE}
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory).as_posix()
-        if path.is_file() and rel not in _METADATA_NAMES:
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    metadata["files"] = files
-    data = (json.dumps(metadata, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    _write_atomically(directory / METADATA_FILE, data)
-    write_metadata_checksum(directory)
-
-
-def write_metadata_checksum(directory: Path) -> None:
-    """Writes ``metadata.json.sha256`` for the directory's ``metadata.json`` (the publisher does,
-    last; ``sha256sum -c metadata.json.sha256`` checks it)."""
-    digest = sha256_file(directory / METADATA_FILE)
-    _write_atomically(directory / METADATA_CHECKSUM_FILE,
-                      f"{digest}  {METADATA_FILE}\n".encode("ascii"))
-
-
 def fsync_path(path: Path) -> None:
     """Flushes a file's or a directory's entry to disk (for atomic renames that survive a crash)."""
     fd = os.open(path, os.O_RDONLY)
@@ -257,84 +207,3 @@ def fsync_path(path: Path) -> None:
     finally:
         os.close(fd)
 
-
-def read_metadata(version_dir: Path) -> dict[str, Any]:
-    """The parsed metadata.json of a version directory, checked against ``metadata.json.sha256``
-    when the version has one (versions published before it have none: see
-    :func:`metadata_checksummed`); CorruptVersionError if unreadable or if it differs."""
-    path = version_dir / METADATA_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CorruptVersionError(f"{path}: missing") from exc
-    except OSError as exc:
-        raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
-    expected = _recorded_metadata_checksum(version_dir)
-    if expected is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
-            raise CorruptVersionError(
-                f"{path}: sha256 {actual} differs from {expected} recorded in "
-                f"{METADATA_CHECKSUM_FILE} (the metadata was changed after publishing)"
-            )
-    try:
-        metadata = json.loads(data.decode("utf-8"))
-    except ValueError as exc:
-        raise CorruptVersionError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(metadata, dict):
-        raise CorruptVersionError(f"{path}: expected a JSON object")
-    return metadata
-
-
-def metadata_checksummed(version_dir: Path) -> bool:
-    """Whether the version has a ``metadata.json.sha256`` (all but versions published before the
-    publisher wrote one)."""
-    return (version_dir / METADATA_CHECKSUM_FILE).is_file()
-
-
-def _recorded_metadata_checksum(version_dir: Path) -> str | None:
-    path = version_dir / METADATA_CHECKSUM_FILE
-    try:
-        text = path.read_text(encoding="ascii")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
-    fields = text.split()
-    if len(fields) != 2 or fields[1].lstrip("*") != METADATA_FILE \
-            or re.fullmatch(r"[0-9a-f]{64}", fields[0]) is None:
-        raise CorruptVersionError(
-            f"{path}: expected one line '<sha256 hex>  {METADATA_FILE}', found {text[:100]!r}"
-        )
-    return fields[0]
-
-
-def verify_files(version_dir: Path, metadata: dict[str, Any], only: list[str] | None = None) -> None:
-    """Checks files against the checksums in the metadata (all of them, or those in ``only``);
-    CorruptVersionError names the first file that is missing or differs."""
-    files = metadata.get("files")
-    recorded = None
-    if isinstance(files, dict):
-        recorded = {rel: entry.get("sha256") if isinstance(entry, dict) else None
-                    for rel, entry in files.items()}
-    verify_checksums(version_dir, recorded, only)
-
-
-def verify_checksums(version_dir: Path, recorded: Mapping[str, str | None] | None,
-                     only: list[str] | None = None) -> None:
-    """Checks files against ``recorded`` SHA-256s (None: the metadata has no ``files``), all of
-    them or those in ``only``; CorruptVersionError names the first file missing or differing."""
-    if recorded is None:
-        raise CorruptVersionError(f"{version_dir / METADATA_FILE}: no 'files' checksums")
-    for rel in only if only is not None else sorted(recorded):
-        expected = recorded.get(rel)
-        if not isinstance(expected, str):
-            raise CorruptVersionError(f"{version_dir / METADATA_FILE}: no checksum for {rel}")
-        path = version_dir / rel
-        if not path.is_file():
-            raise CorruptVersionError(f"{path}: missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise CorruptVersionError(
-                f"{path}: sha256 {actual} differs from {expected} recorded in metadata"
-            )

@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.client.security import secure_channel
+from digitserve.metadata import stamp_version
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 
@@ -210,7 +211,7 @@ class DigitClient:
             wait_for_ready=True,
         )
         info: dict[str, Any] = json.loads(response.metadata_json)
-        info["version"] = response.model_version
+        stamp_version(info, response.model_version)
         info["max_images_per_request"] = response.max_images_per_request
         info["loaded_versions"] = list(response.loaded_versions)
         info["refused_versions"] = {str(r.version): r.reason for r in response.refused_versions}

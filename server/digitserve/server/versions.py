@@ -25,16 +25,13 @@ from digitserve.inference import (
     load_version,
     read_check_set,
 )
-from digitserve.metadata import Metadata
+from digitserve.metadata import METADATA_CHECKSUM_FILE, METADATA_FILE, Metadata, metadata_checksummed
 from digitserve.repository import (
     CHECK_SET_FILE,
-    METADATA_CHECKSUM_FILE,
-    METADATA_FILE,
     CorruptVersionError,
     ModelNotFoundError,
     ModelRepository,
     RepositoryError,
-    metadata_checksummed,
 )
 
 logger = logging.getLogger(__name__)

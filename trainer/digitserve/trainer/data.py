@@ -27,7 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.idx import IdxError, md5_uncompressed, split_file_names, write_idx
-from digitserve.repository import fsync_path, sha256_file
+from digitserve.metadata import sha256_file
+from digitserve.repository import fsync_path
 from digitserve.trainer.errors import DataError
 
 __all__ = [

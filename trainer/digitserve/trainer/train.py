@@ -25,6 +25,7 @@ from digitserve.metadata import (
     InputSpec,
     Metadata,
     Metrics,
+    sha256_file,
 )
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.repository import (
@@ -33,7 +34,6 @@ from digitserve.repository import (
     MODEL_FILE,
     REPORT_DIR,
     ModelRepository,
-    sha256_file,
 )
 from digitserve.trainer.errors import TrainerError
 from digitserve.trainer.presets import Preset, build_model, build_optimizer, get_preset
