@@ -106,7 +106,7 @@ def server(model_dir: Path, calls: int, images: int) -> None:
 
 
 def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
-    from digitserve.client import loadtest
+    from digitserve import loadtest
     from digitserve.idx import load_split
 
     split = load_split(data_dir, "t10k")

@@ -1,4 +1,4 @@
-"""The load tester's own HTTP/2 framing (digitserve.client.http2) against real gRPC servers on 127.0.0.1:
+"""The load tester's own HTTP/2 framing (digitserve.loadtest.http2) against real gRPC servers on 127.0.0.1:
 the same answers, codes and details as grpc's client, flow control both ways, the server's stream
 limit, GOAWAY, deadlines, and a bare socket server for what gRPC servers do not do on demand."""
 
@@ -14,8 +14,7 @@ import hpack
 import numpy as np
 import pytest
 
-from digitserve.client import http2
-from digitserve.client.loadtest import PREDICT_METHOD
+from digitserve.loadtest import PREDICT_METHOD, http2
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.conftest import ServerThread
 

@@ -3,7 +3,11 @@ of the answers, and that under heavy concurrency every answer belongs to its own
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import pkgutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,9 +16,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from digitserve.client import loadtest
 from digitserve.client.cli import main
 from digitserve.idx import load_split, scale_pixels
+from digitserve.loadtest import generator as loadtest
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.conftest import FakeModel, ServerThread
@@ -264,3 +268,19 @@ def test_plot_draws_the_run(
     with Image.open(plot) as picture:
         width, height = picture.size
     assert width > 400 and height > 200
+
+
+def test_the_load_tester_is_a_package_of_its_own_that_the_client_does_not_import() -> None:
+    # Not part of the client library: digitserve.client holds no load tester, and importing the
+    # library and its CLI loads neither the load tester nor what only it needs (hpack).
+    import digitserve.client
+
+    assert importlib.util.find_spec("digitserve.loadtest.generator") is not None
+    library = {module.name for module in pkgutil.iter_modules(digitserve.client.__path__)}
+    assert {"client", "cli"} <= library and not library & {"loadtest", "http2"}, library
+    probe = ("import sys, digitserve.client, digitserve.client.cli; print(sorted(m for m in "
+             "sys.modules if m.startswith(('digitserve.loadtest', 'hpack'))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+

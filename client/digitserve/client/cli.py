@@ -1,4 +1,6 @@
-"""``mnist-client``: predict, evaluate, info and health against a running server."""
+"""``mnist-client``: predict, evaluate, info and health against a running server, and loadtest
+(the ``digitserve.loadtest`` package, imported only by that sub-command; it needs the
+``loadtest`` extra)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from digitserve.client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClien
 from digitserve.client.images import ImageError, load_image
 from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
 from digitserve.config import Parser
+from digitserve.extras import requirement_error
 from digitserve.metadata import Metadata
 
 PROG = "mnist-client"
@@ -270,7 +273,7 @@ def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
-    from digitserve.client import loadtest
+    from digitserve import loadtest
 
     split = _load_split(args.data_dir, args.split)
     requests_cap = 3600.0  # a count-limited closed loop still ends within an hour
@@ -331,6 +334,11 @@ def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "loadtest":  # before anything imports what the extra provides
+        unmet = requirement_error(PROG, "loadtest", "loadtest")
+        if unmet:
+            print(unmet, file=sys.stderr)
+            return 2
     try:
         credentials, token = _security(args)
         with DigitClient(args.target, timeout=args.timeout, credentials=credentials,

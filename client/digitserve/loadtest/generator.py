@@ -1,4 +1,4 @@
-"""Load tester: closed- and open-loop Predict traffic from several processes, measuring throughput,
+"""Load generator: closed- and open-loop Predict traffic from several processes, measuring throughput,
 latency percentiles, errors by status code and the accuracy of the answers."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.client import http2
 from digitserve.idx import scale_pixels
+from digitserve.loadtest import http2
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
 
@@ -35,7 +35,7 @@ METHODS = {"digitserve": PREDICT_METHOD, "oip": "/inference.GRPCInferenceService
 PROTOCOLS = tuple(METHODS)
 OIP_INPUT, OIP_OUTPUT = "images", "probabilities"
 ENCODINGS = ("uint8", "float32")
-# h2: the tester's own HTTP/2 framing (digitserve.client.http2), 92-129 µs of CPU per call here; grpc:
+# h2: the tester's own HTTP/2 framing (digitserve.loadtest.http2), 92-129 µs of CPU per call here; grpc:
 # grpc.aio, the stack of the client library, 230-270 µs (python -m bench.call_cost client).
 ENGINES = ("h2", "grpc")
 CALL_ERRORS = (grpc.aio.AioRpcError, http2.CallError)
