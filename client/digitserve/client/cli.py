@@ -303,10 +303,9 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
     print(json.dumps(result.to_dict()) if args.json else loadtest.format_result(result))
     if args.plot is not None and not args.json:
         print(f"plot: {args.plot}")
-    if result.errors:
-        failed = ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items()))
-        print(f"{PROG}: error: {sum(result.errors.values())} of {result.requests} requests failed "
-              f"({failed})", file=sys.stderr)
+    failures = loadtest.error_summary(result)
+    if failures is not None:
+        print(f"{PROG}: error: {failures}", file=sys.stderr)
         return 1
     if result.accuracy is not None and result.accuracy < args.min_accuracy:
         print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "

@@ -23,6 +23,7 @@ from digitserve.loadtest.generator import (
     Workload,
     build_workload,
     default_processes,
+    error_summary,
     format_result,
     run,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Workload",
     "build_workload",
     "default_processes",
+    "error_summary",
     "format_result",
     "run",
 ]
