@@ -14,8 +14,9 @@ WORKDIR /src
 # The requirement lists of pyproject.toml: the project's and its EXTRAS into /opt/venv, the build
 # system's into /opt/build (for the wheel stage, which then needs no network).
 # TensorFlow's C++ headers (~290 MB) only serve to compile custom ops: dropped.
-# EXTRAS= (empty) makes a client-only image without TensorFlow.
-ARG EXTRAS=server,trainer
+# EXTRAS=loadtest makes a client-only image without TensorFlow (EXTRAS= drops `mnist-client
+# loadtest` too).
+ARG EXTRAS=server,trainer,loadtest
 COPY pyproject.toml ./
 RUN python -c "import os, tomllib; \
       p = tomllib.load(open('pyproject.toml', 'rb')); \

@@ -9,7 +9,7 @@ DATA ?= data
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[server,trainer,plot,dev]'
+	$(BIN)/python -m pip install -q -e '.[server,trainer,plot,loadtest,dev]'
 	touch $@
 
 venv: $(BIN)/.installed
@@ -43,7 +43,7 @@ containers:
 	bash .ci/containers.sh
 
 # `pip install .` (no extra) in a fresh venv: only digitserve.* installed, no TensorFlow, and
-# mnist-serve / mnist-train train exit 2 naming their extra.
+# mnist-serve / mnist-train train / mnist-client loadtest exit 2 naming their extra.
 client-only:
 	bash .ci/client-only.sh
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The client-only install (`pip install .`, no extra) in a fresh virtual environment: only the
-# `digitserve` namespace is installed, the client imports without TensorFlow, and the commands
-# whose extra is missing exit 2 with one line naming it instead of a traceback.
+# `digitserve` namespace is installed, the client imports without TensorFlow, hpack (the loadtest
+# extra) is not installed, and the commands whose extra is missing (mnist-serve, mnist-train train,
+# mnist-client loadtest) exit 2 with one line naming it instead of a traceback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,6 +22,8 @@ done
   || fail "the client does not import"
 "$V/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is not None)" \
   || fail "TensorFlow is installed without an extra"
+"$V/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('hpack') is not None)" \
+  || fail "hpack (the loadtest extra's) is installed without the extra"
 # What went into site-packages (the scripts, listed as ../../../bin/..., are not imports).
 tops=$("$V/pip" show -f digitserve | grep -v '^  \.\./' | sed -n 's|^  \([^/]*\)/.*|\1|p' | sort -u | tr '\n' ' ')
 case $tops in "digitserve digitserve-"*".dist-info ") ;; *) fail "top-level folders installed: $tops" ;; esac
@@ -37,5 +40,6 @@ expect_extra() {  # expect_extra EXTRA COMMAND...: exit 2, one line on stderr na
 expect_extra server "$V/mnist-serve" --model-repo models
 expect_extra server "$V/mnist-serve" --help
 expect_extra trainer "$V/mnist-train" train --data-dir data --model-repo models --model-name mnist
+expect_extra loadtest "$V/mnist-client" loadtest --data-dir data --duration 1
 "$V/mnist-train" --help > /dev/null || fail "mnist-train --help failed"
 echo "client-only install: OK (top level: $tops)"

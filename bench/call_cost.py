@@ -2,6 +2,7 @@
 
     python -m bench.call_cost server --model-dir out/bench-repo/mnist/1
     python -m bench.call_cost client --target 127.0.0.1:50051 --data-dir data
+    python -m bench.call_cost client --target 127.0.0.1:50051 --data-dir data --framing h2lib
     python -m bench.call_cost gc --model-dir out/bench-repo/mnist/1
 
 ``server``: the whole per-call path of mnist-serve in-process — request id, metrics, access line
@@ -9,7 +10,9 @@
 the server's deserializer, validation, the model
 (as loaded by the server), the reply — with a stand-in for gRPC's servicer context, so what gRPC
 itself costs is left out. ``client``: ``mnist-client loadtest`` (one process, 64 in flight, engine
-h2 or grpc) against a running server; the client's whole transport included. ``gc``: the objects
+h2 or grpc) against a running server; the client's whole transport included; ``--framing h2lib``
+runs engine h2's calls over python-hyper's ``h2`` library instead of the tester's own framing
+(``bench/h2lib.py``; ``pip install h2``). ``gc``: the objects
 the cyclic garbage collector tracks once a model is loaded as the server loads it (or, with
 ``--keras``, through TensorFlow), and what a full collection of them costs.
 """
@@ -105,9 +108,14 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     asyncio.run(main())
 
 
-def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
-    from digitserve.client import loadtest
+def client(target: str, data_dir: Path, seconds: float, engine: str, framing: str) -> None:
+    from digitserve import loadtest
     from digitserve.idx import load_split
+
+    if framing == "h2lib":
+        from bench import h2lib
+
+        h2lib.install()
 
     split = load_split(data_dir, "t10k")
     workload = loadtest.build_workload(split.images, split.labels, batch=1, encoding="float32")
@@ -116,7 +124,8 @@ def client(target: str, data_dir: Path, seconds: float, engine: str) -> None:
     started, wall = _cpu(), time.perf_counter()
     result = loadtest.run(config, workload).to_dict()
     cpu, wall = _cpu() - started, time.perf_counter() - wall
-    print(f"load tester (engine {engine}): {result['requests']} calls, {result['rps']:.0f} req/s, "
+    how = f"engine {engine}" + (f", framing {framing}" if engine == "h2" else "")
+    print(f"load tester ({how}): {result['requests']} calls, {result['rps']:.0f} req/s, "
           f"{cpu / result['requests'] * 1e6:.0f} µs CPU per call ({cpu / wall:.2f} cores)")
 
 
@@ -153,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--data-dir", type=Path, default=Path("data"))
     c.add_argument("--seconds", type=float, default=5.0)
     c.add_argument("--engine", default="h2", choices=["h2", "grpc"], help="loadtest --engine")
+    c.add_argument("--framing", default="own", choices=["own", "h2lib"],
+                   help="engine h2's HTTP/2 framing: the load tester's own, or the h2 library's")
     g = sub.add_parser("gc", help="what a full garbage collection costs with a model loaded")
     g.add_argument("--model-dir", type=Path, required=True, help="a published version directory")
     g.add_argument("--keras", action="store_true",
@@ -163,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.side == "gc":
         collector(args.model_dir, args.keras)
     else:
-        client(args.target, args.data_dir, args.seconds, args.engine)
+        client(args.target, args.data_dir, args.seconds, args.engine, args.framing)
     return 0
 
 

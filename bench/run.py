@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import h2load, report
 from bench.servers import BenchError, RunningServer, ServerSpec, free_port, model_versions
-from digitserve.client import loadtest
+from digitserve import loadtest
 from digitserve.client.client import DigitClient
 from digitserve.idx import IdxError, Split, load_split
 

@@ -39,7 +39,7 @@ def free_port() -> int:
 class ServerSpec:
     """How to start one server and what to call it in the table. ``ready_line`` (a regex) must
     appear ``ready_count`` times in its log before it counts as started (all workers loaded).
-    ``protocol``: what the load tester sends it (client.loadtest.PROTOCOLS). ``ready_probe``:
+    ``protocol``: what the load tester sends it (digitserve.loadtest.PROTOCOLS). ``ready_probe``:
     ``health`` (gRPC health says SERVING) or ``oip`` (the Open Inference Protocol's ServerReady and
     ModelReady of ``model_name``, for servers without gRPC health)."""
 

@@ -3,6 +3,7 @@ a server's metrics endpoint, classification figures from an oracle independent o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -147,3 +148,17 @@ def tiny_litert(tiny_repo: Path) -> Any:
     model = load_version(version_dir, check_set=read_check_set(version_dir))
     assert model.inline and model.inference_path == "litert"
     return model
+
+
+async def wait_for_async(predicate: Callable[[], Any], timeout: float = 60.0,
+                         what: str = "the condition", poll: float = 0.01) -> Any:
+    """``wait_for`` inside a coroutine: polls without blocking the event loop (which may be the
+    one serving what the test waits for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}", pytrace=False)
+        await asyncio.sleep(poll)

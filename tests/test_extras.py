@@ -62,3 +62,18 @@ def test_mnist_serve_and_mnist_train_check_their_extra_before_anything_else(
                                                           "mnist-train: error: train"]
     assert all(line.endswith("pip install 'digitserve[server]'") for line in err[:1])
     assert err[1].endswith("pip install 'digitserve[trainer]'")
+
+
+def test_mnist_client_loadtest_checks_its_extra_and_the_other_commands_do_not(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from digitserve.client.cli import main as client
+
+    monkeypatch.setitem(extras.MODULES, "loadtest", ("no_such_module_here",))
+    assert client(["--target", "127.0.0.1:1", "loadtest", "--data-dir", "d", "--duration", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "mnist-client: error: loadtest needs the 'loadtest' extra, which is not installed (missing: "
+        "no_such_module_here); install it with: pip install 'digitserve[loadtest]'\n")
+    # predict, evaluate, info and health are the client library's: no extra.
+    assert client(["--target", "127.0.0.1:1", "--timeout", "0.5", "health"]) == 1
+    assert "extra" not in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The load tester's own HTTP/2 framing (digitserve.client.http2) against real gRPC servers on 127.0.0.1:
+"""The load tester's own HTTP/2 framing (digitserve.loadtest.http2) against real gRPC servers on 127.0.0.1:
 the same answers, codes and details as grpc's client, flow control both ways, the server's stream
 limit, GOAWAY, deadlines, and a bare socket server for what gRPC servers do not do on demand."""
 
@@ -14,10 +14,10 @@ import hpack
 import numpy as np
 import pytest
 
-from digitserve.client import http2
-from digitserve.client.loadtest import PREDICT_METHOD
+from digitserve.loadtest import PREDICT_METHOD, http2
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.conftest import ServerThread
+from tests.support import wait_for_async
 
 T = TypeVar("T")
 ECHO = "/test.Echo/Echo"
@@ -127,9 +127,9 @@ def test_goaway_lets_calls_in_flight_finish_and_refuses_new_ones() -> None:
             assert server.server is not None
             conn = await http2.connect(server.target, ECHO, timeout=10, connect_timeout=10)
             slow = [conn.unary(bytes([30, i])) for i in range(5)]  # 0.3 s each
-            await asyncio.sleep(0.1)
+            await wait_for_async(lambda: server.active == 5, 30, "the 5 calls to reach the server")
             stopping = asyncio.ensure_future(server.server.stop(5))
-            await asyncio.sleep(0.1)
+            await wait_for_async(lambda: conn.closed, 30, "the server's GOAWAY")
             late = conn.unary(b"\0late")
             finished = await asyncio.gather(*slow, return_exceptions=True)
             late_error = None
@@ -148,9 +148,10 @@ def test_goaway_lets_calls_in_flight_finish_and_refuses_new_ones() -> None:
 
 
 def test_the_servers_deadline_comes_from_grpc_timeout() -> None:
+    # 2.5 s asked of a 1 s deadline; the quick call has the whole second even on a loaded machine.
     async def main() -> list[bytes | BaseException]:
         async with EchoServer() as server:
-            return await h2_calls(server.target, [bytes([100]), bytes([0])], path=ECHO, timeout=0.2)
+            return await h2_calls(server.target, [bytes([250]), bytes([0])], path=ECHO, timeout=1.0)
 
     slow, quick = run(main())
     assert isinstance(slow, http2.CallError) and slow.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -188,6 +189,11 @@ class BareServer:
                 writer.close()
                 return
 
+    def got(self, frame: tuple[int, int, int, bytes]) -> bool:
+        """Whether ``frame`` has arrived (as ``frames`` lists it)."""
+        data = bytes(self.received)
+        return data.startswith(http2.PREFACE) and frame in frames(data)
+
     async def __aenter__(self) -> BareServer:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         self.target = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
@@ -199,6 +205,11 @@ class BareServer:
         for writer in self.writers:
             writer.close()
         await self.server.wait_closed()
+
+
+def cancel(sid: int) -> tuple[int, int, int, bytes]:
+    """The RST_STREAM frame (CANCEL) that ends stream ``sid``, as ``frames`` lists it."""
+    return (http2.RST_STREAM, 0, sid, struct.pack(">I", http2.CANCEL))
 
 
 def frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -216,7 +227,7 @@ def test_a_silent_server_meets_the_clients_deadline_and_pings_are_answered() -> 
     async def main() -> tuple[BaseException | bytes, bytes]:
         async with BareServer() as bare:
             [outcome] = await h2_calls(bare.target, [b"hello"], path=ECHO, timeout=0.3)
-            await asyncio.sleep(0.05)
+            await wait_for_async(lambda: bare.got(cancel(1)), 30, "the client's RST_STREAM")
             return outcome, bytes(bare.received)
 
     outcome, received = run(main())
@@ -310,7 +321,7 @@ def test_an_answer_before_the_request_is_sent_ends_the_call_and_its_stream() -> 
     async def main() -> tuple[BaseException | bytes, bytes]:
         async with BareServer(settings=tiny_window, early_answer=answer) as bare:
             [outcome] = await h2_calls(bare.target, [b"x" * 1000], path=ECHO, timeout=5)
-            await asyncio.sleep(0.05)
+            await wait_for_async(lambda: bare.got(cancel(1)), 30, "the client's RST_STREAM")
             return outcome, bytes(bare.received)
 
     outcome, received = run(main())
@@ -324,16 +335,21 @@ def test_an_answer_before_the_request_is_sent_ends_the_call_and_its_stream() -> 
 
 
 def test_a_channel_moves_to_a_new_connection_at_goaway_without_failing_a_call() -> None:
-    # The server closes each connection 0.3 s after it opens (as --max-connection-age does).
+    # The server closes each connection 0.3 s after it opens (as --max-connection-age does). The
+    # callers go on until the channel has had three connections and 100 answers (counted, not
+    # timed: a loaded machine answers fewer calls per second); 60 s at most.
     async def main() -> tuple[list[bytes], int]:
         async with EchoServer(max_connection_age_ms=300, max_connection_age_grace_ms=5000) as server:
             channel = await http2.Channel(server.target, ECHO, timeout=10, connect_timeout=10).open()
             answers: list[bytes] = []
-            end = asyncio.get_running_loop().time() + 1.5
+            end = asyncio.get_running_loop().time() + 60
+
+            def enough() -> bool:
+                return len(answers) > 100 and channel.connections >= 3
 
             async def caller(c: int) -> None:
                 k = 0
-                while asyncio.get_running_loop().time() < end:
+                while not enough() and asyncio.get_running_loop().time() < end:
                     message = bytes([0, c, k % 256])
                     assert await channel.unary(message) == message
                     answers.append(message)
@@ -355,11 +371,9 @@ def test_a_channel_without_a_server_fails_unavailable_without_spinning() -> None
         # The server is gone: every call fails, and failing calls wait for the next attempt.
         # Counted from when the channel knows its connection is closed: a call that raced the
         # close would fail on the old connection, one more failure that is not a reconnect's.
-        assert channel._conn is not None
-        for _ in range(200):
-            if channel._conn.closed:
-                break
-            await asyncio.sleep(0.01)
+        conn = channel._conn
+        assert conn is not None
+        await wait_for_async(lambda: conn.closed, 30, "the channel to see its connection closed")
         failures = 0
         outcomes: list[BaseException | bytes] = []
         end = asyncio.get_running_loop().time() + 0.6

@@ -3,21 +3,28 @@ of the answers, and that under heavy concurrency every answer belongs to its own
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import pkgutil
+import re
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from digitserve.client import loadtest
 from digitserve.client.cli import main
 from digitserve.idx import load_split, scale_pixels
+from digitserve.loadtest import generator as loadtest
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
-from tests.conftest import FakeModel, ServerThread
+from tests.conftest import FakeModel, ServerProcess, ServerThread
 
 
 def fake_accuracy(images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> float:
@@ -264,3 +271,88 @@ def test_plot_draws_the_run(
     with Image.open(plot) as picture:
         width, height = picture.size
     assert width > 400 and height > 200
+
+
+def test_the_load_tester_is_a_package_of_its_own_that_the_client_does_not_import() -> None:
+    # Not part of the client library: digitserve.client holds no load tester, and importing the
+    # library and its CLI loads neither the load tester nor what only it needs (hpack).
+    import digitserve.client
+
+    assert importlib.util.find_spec("digitserve.loadtest.generator") is not None
+    library = {module.name for module in pkgutil.iter_modules(digitserve.client.__path__)}
+    assert {"client", "cli"} <= library and not library & {"loadtest", "http2"}, library
+    probe = ("import sys, digitserve.client, digitserve.client.cli; print(sorted(m for m in "
+             "sys.modules if m.startswith(('digitserve.loadtest', 'hpack'))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_distinct_errors_are_reported_with_the_servers_messages(fake_server: ServerThread) -> None:
+    # One good request and three that fail three ways, in turn: each (code, message) pair is
+    # counted with the server's own message, and a run with answers does not stop early.
+    good = pb.PredictRequest(images=[pb.Image(uint8=bytes(784))]).SerializeToString()
+    bad = [pb.PredictRequest(images=[pb.Image(uint8=bytes(784))], model_version=7),
+           pb.PredictRequest(images=[pb.Image(uint8=bytes(784))], model_version=8),
+           pb.PredictRequest(images=[pb.Image(uint8=bytes(12))])]
+    payloads = (good, *(request.SerializeToString() for request in bad))
+    workload = loadtest.Workload(payloads, tuple(np.zeros(1, dtype=np.int64) for _ in payloads),
+                                 batch=1, encoding="uint8")
+    stub = grpc.insecure_channel(fake_server.target)
+    messages = []
+    for payload in payloads[1:]:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.unary_unary(loadtest.PREDICT_METHOD)(payload, timeout=10)
+        messages.append((info.value.code().name, info.value.details()))
+    stub.close()
+    assert len(set(messages)) == 3 and all(message for _, message in messages)
+    for engine in loadtest.ENGINES:
+        config = loadtest.LoadConfig(target=fake_server.target, concurrency=4, requests=400,
+                                     duration=60, connections=2, engine=engine)
+        result = loadtest.run(config, workload)
+        assert result.ok == 100 and not result.stopped_early
+        assert result.errors == {"NOT_FOUND": 200, "INVALID_ARGUMENT": 100}
+        assert sorted(result.error_messages) == sorted((code, message, 100)
+                                                       for code, message in messages)
+        text = loadtest.format_result(result)
+        for code, message in messages:
+            assert f"{100:>11} × {code}: {message}" in text.splitlines()
+        summary = loadtest.error_summary(result)
+        assert summary is not None and summary.startswith(
+            "300 of 400 requests failed (INVALID_ARGUMENT 100, NOT_FOUND 200); ")
+
+
+def test_a_model_the_server_lacks_stops_the_run_early_with_the_servers_message(
+    spawn: type[ServerProcess], tiny_repo: Path, synthetic_data_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Issue 14: `loadtest --protocol oip --model-name resnet` against mnist-serve serving 'tiny'
+    # said only `NOT_FOUND 3939`, after hammering the server for the whole --duration.
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--metrics-port", "-1")
+    target = server.target()
+    assert main(["--target", target, "health", "--wait", "120"]) == 0
+    capsys.readouterr()
+    message = "model 'resnet' is not served; this server serves 'tiny'"
+    for engine in loadtest.ENGINES:
+        began = time.monotonic()
+        code = main(["--target", target, "loadtest", "--data-dir", str(synthetic_data_dir),
+                     "--protocol", "oip", "--model-name", "resnet", "--concurrency", "8",
+                     "--duration", "120", "--engine", engine, "--json"])
+        took = time.monotonic() - began
+        captured = capsys.readouterr()
+        result = json.loads(captured.out)
+        n = result["requests"]
+        assert code == 1 and result["ok"] == 0 and result["stopped_early"] is True
+        assert 1 <= n <= loadtest.FAIL_FAST_CALLS + 8  # the 100th failure, or 1 s, stops it
+        assert result["errors"] == {"NOT_FOUND": n}
+        assert result["error_messages"] == [{"code": "NOT_FOUND", "message": message, "count": n}]
+        assert took < 60, took  # not the 120 s asked for
+        assert re.fullmatch(
+            rf"mnist-client: error: stopped after \d+\.\d\d s: all {n} requests failed "
+            rf"\(NOT_FOUND {n}\); most frequent: NOT_FOUND: {re.escape(message)}\n", captured.err)
+    code = main(["--target", target, "loadtest", "--data-dir", str(synthetic_data_dir), "--protocol",
+                 "oip", "--model-name", "resnet", "--concurrency", "8", "--duration", "120"])
+    report = capsys.readouterr().out.splitlines()
+    assert code == 1
+    assert any(re.fullmatch(rf" +\d+ × NOT_FOUND: {re.escape(message)}", line) for line in report)
+    assert any(line.startswith("stopped     early: all of the first ") for line in report)

@@ -2,9 +2,9 @@
 command prints when they are not installed.
 
 ``pip install digitserve`` installs the client; its three console scripts are always installed
-(a wheel cannot make a script depend on an extra), so ``mnist-serve`` and ``mnist-train train``
-check their extra before importing anything from it, and exit 2 with one line naming what to
-install instead of a ``ModuleNotFoundError`` traceback.
+(a wheel cannot make a script depend on an extra), so ``mnist-serve``, ``mnist-train train`` and
+``mnist-client loadtest`` check their extra before importing anything from it, and exit 2 with one
+line naming what to install instead of a ``ModuleNotFoundError`` traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography"),
     "trainer": ("tensorflow", "sklearn", "matplotlib"),
     "plot": ("matplotlib",),
+    "loadtest": ("hpack",),
 }
 
 

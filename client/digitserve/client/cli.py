@@ -1,4 +1,6 @@
-"""``mnist-client``: predict, evaluate, info and health against a running server."""
+"""``mnist-client``: predict, evaluate, info and health against a running server, and loadtest
+(the ``digitserve.loadtest`` package, imported only by that sub-command; it needs the
+``loadtest`` extra)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from digitserve.client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClien
 from digitserve.client.images import ImageError, load_image
 from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
 from digitserve.config import Parser
+from digitserve.extras import requirement_error
 from digitserve.metadata import Metadata
 
 PROG = "mnist-client"
@@ -270,7 +273,7 @@ def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
-    from digitserve.client import loadtest
+    from digitserve import loadtest
 
     split = _load_split(args.data_dir, args.split)
     requests_cap = 3600.0  # a count-limited closed loop still ends within an hour
@@ -300,10 +303,9 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
     print(json.dumps(result.to_dict()) if args.json else loadtest.format_result(result))
     if args.plot is not None and not args.json:
         print(f"plot: {args.plot}")
-    if result.errors:
-        failed = ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items()))
-        print(f"{PROG}: error: {sum(result.errors.values())} of {result.requests} requests failed "
-              f"({failed})", file=sys.stderr)
+    failures = loadtest.error_summary(result)
+    if failures is not None:
+        print(f"{PROG}: error: {failures}", file=sys.stderr)
         return 1
     if result.accuracy is not None and result.accuracy < args.min_accuracy:
         print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
@@ -331,6 +333,11 @@ def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "loadtest":  # before anything imports what the extra provides
+        unmet = requirement_error(PROG, "loadtest", "loadtest")
+        if unmet:
+            print(unmet, file=sys.stderr)
+            return 2
     try:
         credentials, token = _security(args)
         with DigitClient(args.target, timeout=args.timeout, credentials=credentials,

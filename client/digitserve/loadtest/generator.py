@@ -1,4 +1,4 @@
-"""Load tester: closed- and open-loop Predict traffic from several processes, measuring throughput,
+"""Load generator: closed- and open-loop Predict traffic from several processes, measuring throughput,
 latency percentiles, errors by status code and the accuracy of the answers."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.client import http2
 from digitserve.idx import scale_pixels
+from digitserve.loadtest import http2
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
 
@@ -35,7 +35,7 @@ METHODS = {"digitserve": PREDICT_METHOD, "oip": "/inference.GRPCInferenceService
 PROTOCOLS = tuple(METHODS)
 OIP_INPUT, OIP_OUTPUT = "images", "probabilities"
 ENCODINGS = ("uint8", "float32")
-# h2: the tester's own HTTP/2 framing (digitserve.client.http2), 92-129 µs of CPU per call here; grpc:
+# h2: the tester's own HTTP/2 framing (digitserve.loadtest.http2), 92-129 µs of CPU per call here; grpc:
 # grpc.aio, the stack of the client library, 230-270 µs (python -m bench.call_cost client).
 ENGINES = ("h2", "grpc")
 CALL_ERRORS = (grpc.aio.AioRpcError, http2.CallError)
@@ -50,6 +50,14 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CALLS_PER_PROCESS = 16
 RATE_PER_PROCESS = 2000.0
 SPAWN_TIMEOUT = 60.0
+# A load process stops when every call so far has failed, once this many have, or this many
+# seconds into the run: a wrong model name or version fails each call the same way, and hammering
+# the server for the whole duration tells nothing more.
+FAIL_FAST_CALLS = 100
+FAIL_FAST_SECONDS = 1.0
+# Distinct (code, message) pairs of failed calls kept with their counts per load process, and
+# shown in the report (the first ones seen; later ones are counted by code only).
+ERROR_KINDS = 5
 ExpectedFn = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 
@@ -278,6 +286,10 @@ class ProcessResult:
     correct: int = 0
     mismatches: int = 0
     finished: float = 0.0
+    messages: dict[tuple[str, str], int] = field(default_factory=dict)
+    """The first ``ERROR_KINDS`` distinct (code, message) pairs of failed calls, with counts."""
+    stopped: bool = False
+    """Stopped early: every call failed (``FAIL_FAST_CALLS``, ``FAIL_FAST_SECONDS``)."""
 
 
 class _Counter(Protocol):
@@ -299,6 +311,13 @@ class _Recorder:
         self.latencies: list[float] = []
         self.completions: list[float] = []
         self.errors: Counter[str] = Counter()
+        self.messages: Counter[tuple[str, str]] = Counter()
+        self.failed = 0
+        self.begin = time.monotonic()
+        """When the run began (set by the driver); the fail-fast clock starts here."""
+        self.stopped = False
+        """Every call failed, the first ``FAIL_FAST_CALLS`` or ``FAIL_FAST_SECONDS`` of them: the
+        loops send no more."""
         self.result = ProcessResult(np.empty(0), {})
         # Plain ints: numpy calls cost microseconds each, a comparison of ints tens of nanoseconds.
         self._labels = [tuple(int(k) for k in labels) for labels in workload.labels]
@@ -316,10 +335,19 @@ class _Recorder:
         if self.verify:
             self._check(index, answer)
 
-    def error(self, name: str) -> None:
-        self.errors[name] += 1
-        self.result.finished = time.monotonic()
+    def error(self, code: str, details: str) -> None:
+        """A failed call: its status code's name and the server's message."""
+        now = time.monotonic()
+        self.errors[code] += 1
+        key = (code, details)
+        if key in self.messages or len(self.messages) < ERROR_KINDS:
+            self.messages[key] += 1
+        self.failed += 1
+        self.result.finished = now
         self.counter.value += 1
+        if not self.result.ok and (self.failed >= FAIL_FAST_CALLS
+                                   or now - self.begin >= FAIL_FAST_SECONDS):
+            self.stopped = True
 
     def _check(self, index: int, answer: bytes) -> None:
         """Parses the answer once: its classes against the labels, and its probabilities against
@@ -360,6 +388,8 @@ class _Recorder:
         self.result.latencies = np.asarray(self.latencies, dtype=np.float64)
         self.result.completions = np.asarray(self.completions, dtype=np.float64)
         self.result.errors = dict(self.errors)
+        self.result.messages = dict(self.messages)
+        self.result.stopped = self.stopped
         return self.result
 
 
@@ -398,7 +428,9 @@ async def _closed_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _R
             try:
                 answer = await call(payloads[index])
             except CALL_ERRORS as exc:
-                rec.error(exc.code().name)
+                rec.error(exc.code().name, exc.details() or "")
+                if rec.stopped:
+                    return
                 continue
             now = monotonic()
             ok(index, answer, now - started, now)
@@ -419,7 +451,7 @@ async def _open_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _Rec
         try:
             answer = await calls[k % len(calls)](workload.payloads[index])
         except CALL_ERRORS as exc:
-            rec.error(exc.code().name)
+            rec.error(exc.code().name, exc.details() or "")
         else:
             rec.ok(index, answer, time.monotonic() - due)
         finally:
@@ -428,12 +460,15 @@ async def _open_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _Rec
     k = 0
     while not (plan.requests and k >= plan.requests):
         due = begin + plan.phase + k / plan.rate
-        if due >= end:
+        if due >= end or rec.stopped:
             break
         wait = due - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
         await slots.acquire()
+        if rec.stopped:  # while this one waited
+            slots.release()
+            break
         task = asyncio.create_task(one(k, due))
         pending.add(task)
         task.add_done_callback(pending.discard)
@@ -452,6 +487,7 @@ async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: _C
         if (wait := begin - time.monotonic()) > 0:
             await asyncio.sleep(wait)
         end = begin + config.duration
+        rec.begin = begin
         if config.open_loop:
             outstanding = max(1, config.max_outstanding // config.effective_processes())
             await _open_loop(plan, calls, workload, rec, begin, end, outstanding)
@@ -559,6 +595,11 @@ class LoadResult:
     completion_times_s: npt.NDArray[np.float64] = field(repr=False)
     """When each successful call finished, in seconds since the run began."""
     protocol: str = "digitserve"
+    error_messages: tuple[tuple[str, str, int], ...] = ()
+    """(code, the server's message, count) of the first few distinct errors, most frequent first."""
+    stopped_early: bool = False
+    """The run stopped before its end because every call failed (``FAIL_FAST_CALLS``,
+    ``FAIL_FAST_SECONDS``)."""
 
     @property
     def requests(self) -> int:
@@ -596,6 +637,9 @@ class LoadResult:
             "p99_ms": self.percentile(99),
             "max_ms": None if self.latencies_ms.size == 0 else float(self.latencies_ms.max()),
             "errors": dict(sorted(self.errors.items())),
+            "error_messages": [{"code": code, "message": message, "count": count}
+                               for code, message, count in self.error_messages],
+            "stopped_early": self.stopped_early,
             "accuracy": self.accuracy,
             "checked": self.checked,
             "mismatches": self.mismatches,
@@ -605,8 +649,10 @@ class LoadResult:
 def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult],
            begin: float) -> LoadResult:
     errors: Counter[str] = Counter()
+    messages: Counter[tuple[str, str]] = Counter()
     for part in parts:
         errors.update(part.errors)
+        messages.update(part.messages)
     finished = max((p.finished for p in parts), default=begin)
     return LoadResult(
         config=config, batch=workload.batch, encoding=workload.encoding, processes=len(parts),
@@ -617,6 +663,9 @@ def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult
         latencies_ms=np.concatenate([p.latencies for p in parts] or [np.empty(0)]) * 1000.0,
         completion_times_s=np.concatenate([p.completions for p in parts] or [np.empty(0)]) - begin,
         protocol=workload.protocol,
+        error_messages=tuple((code, message, count) for (code, message), count
+                             in messages.most_common(ERROR_KINDS)),
+        stopped_early=bool(parts) and all(p.stopped for p in parts),
     )
 
 
@@ -776,4 +825,30 @@ def format_result(result: LoadResult) -> str:
         lines.append(f"mismatches  {d['mismatches']} answers did not fit their request")
     errors = ", ".join(f"{k} {v}" for k, v in d["errors"].items()) or "none"
     lines.append(f"errors      {errors}")
+    lines += [f"{count:>11} × {code}: {_shorten(message)}" for code, message, count in result.error_messages]
+    if result.stopped_early:
+        lines.append(f"stopped     early: all of the first {d['requests']} calls failed")
     return "\n".join(lines)
+
+
+def error_summary(result: LoadResult) -> str | None:
+    """One line for a run with failed calls (None without): how many failed, by code, and the
+    server's most frequent message; says so when the run stopped early because every call failed."""
+    if not result.errors:
+        return None
+    failed = sum(result.errors.values())
+    by_code = ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items()))
+    if result.stopped_early:
+        head = (f"stopped after {result.duration_s:.2f} s: all {failed} requests failed "
+                f"({by_code})")
+    else:
+        head = f"{failed} of {result.requests} requests failed ({by_code})"
+    if not result.error_messages:
+        return head
+    code, message, _ = result.error_messages[0]
+    return f"{head}; most frequent: {code}: {_shorten(message)}"
+
+
+def _shorten(message: str, limit: int = 300) -> str:
+    message = " ".join(message.split()) or "(no message)"
+    return message if len(message) <= limit else message[: limit - 1] + "…"
