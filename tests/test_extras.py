@@ -44,7 +44,8 @@ def test_an_installed_extra_passes_and_a_missing_one_is_one_line(monkeypatch: py
     monkeypatch.setitem(extras.MODULES, "server", ("tensorflow", "no_such_module_here"))
     assert extras.requirement_error("mnist-serve", "server", "mnist-serve") == (
         "mnist-serve: error: mnist-serve needs the 'server' extra, which is not installed (missing: "
-        "no_such_module_here); install it with: pip install 'digitserve[server]'")
+        "no_such_module_here); install it with: pip install 'digitserve[server]' (from a checkout: "
+        "pip install -e '.[server]')")
 
 
 def test_mnist_serve_and_mnist_train_check_their_extra_before_anything_else(
@@ -60,8 +61,10 @@ def test_mnist_serve_and_mnist_train_check_their_extra_before_anything_else(
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" needs ")[0] for line in err] == ["mnist-serve: error: mnist-serve",
                                                           "mnist-train: error: train"]
-    assert all(line.endswith("pip install 'digitserve[server]'") for line in err[:1])
-    assert err[1].endswith("pip install 'digitserve[trainer]'")
+    assert all(line.endswith("pip install 'digitserve[server]' (from a checkout: pip install -e "
+                             "'.[server]')") for line in err[:1])
+    assert err[1].endswith("pip install 'digitserve[trainer]' (from a checkout: pip install -e "
+                           "'.[trainer]')")
 
 
 def test_mnist_client_loadtest_checks_its_extra_and_the_other_commands_do_not(
@@ -73,7 +76,8 @@ def test_mnist_client_loadtest_checks_its_extra_and_the_other_commands_do_not(
     assert client(["--target", "127.0.0.1:1", "loadtest", "--data-dir", "d", "--duration", "1"]) == 2
     assert capsys.readouterr().err == (
         "mnist-client: error: loadtest needs the 'loadtest' extra, which is not installed (missing: "
-        "no_such_module_here); install it with: pip install 'digitserve[loadtest]'\n")
+        "no_such_module_here); install it with: pip install 'digitserve[loadtest]' (from a checkout: "
+        "pip install -e '.[loadtest]')\n")
     # predict, evaluate, info and health are the client library's: no extra.
     assert client(["--target", "127.0.0.1:1", "--timeout", "0.5", "health"]) == 1
     assert "extra" not in capsys.readouterr().err

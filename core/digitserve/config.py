@@ -1,6 +1,7 @@
 """One configuration mechanism for every command: each option is a flag and an ``MNIST_*`` variable.
 
-``Parser`` is argparse with three rules added: abbreviations are refused (sub-parsers included),
+``Parser`` is argparse with three rules added: abbreviations are refused (sub-parsers included;
+the error names the unknown option, and the option it abbreviates),
 every option added through :meth:`Parser.add_option` (or :func:`add_fields`, from a dataclass) is
 also read from an environment variable, and its help shows that variable, its default and its
 choices. A variable is converted and checked only when its command runs, by argparse's own type
@@ -80,6 +81,7 @@ class Parser(argparse.ArgumentParser):
         self.deprecated_flags: dict[str, str] = {}
         self._builtin: dict[str, Any] = {}  # dest -> the default when its variable is not used
         self._exclusive: list[tuple[Any, list[argparse.Action]]] = []  # groups and their options
+        self._commands: Any = None  # the sub-parsers action, if any
 
     def add_mutually_exclusive_group(self, **kwargs: Any) -> Any:
         group = super().add_mutually_exclusive_group(**kwargs)
@@ -89,7 +91,53 @@ class Parser(argparse.ArgumentParser):
     def add_subparsers(self, **kwargs: Any) -> Any:
         kwargs.setdefault("parser_class", functools.partial(type(self), env=self.env,
                                                             env_prefix=self.env_prefix))
-        return super().add_subparsers(**kwargs)
+        self._commands = super().add_subparsers(**kwargs)
+        return self._commands
+
+    def flags(self) -> set[str]:
+        """Every option string of this parser and its sub-commands."""
+        flags = set(self._option_string_actions)
+        for sub in self._commands.choices.values() if self._commands is not None else ():
+            flags |= sub.flags()
+        return flags
+
+    def _unrecognized(self, words: Sequence[str]) -> str:
+        """argparse's message for words no option took, plus the option an unknown one
+        abbreviates, if it abbreviates exactly one."""
+        message = f"unrecognized arguments: {' '.join(words)}"
+        flags = self.flags()
+        for word in words:
+            name = word.split("=", 1)[0]
+            if not name.startswith("--"):
+                continue
+            longer = sorted(f for f in flags if f.startswith(name))
+            if len(longer) == 1:
+                message += f" (abbreviations are not accepted: did you mean {longer[0]}?)"
+        return message
+
+    def _unknown_before_command(self, words: Sequence[str]) -> str | None:
+        """The first unknown option before the sub-command: argparse would take the word after it
+        for the sub-command and say ``invalid choice: '127.0.0.1:1'`` instead of naming it."""
+        if self._commands is None:
+            return None
+        index = 0
+        while index < len(words):
+            word = words[index]
+            if word == "--" or word == "-" or not word.startswith("-"):
+                return None
+            action = self._option_string_actions.get(word.split("=", 1)[0])
+            if action is None:
+                return word
+            index += 1 if "=" in word or action.nargs == 0 else 2
+        return None
+
+    def parse_args(  # type: ignore[override]  # only the (args, namespace) form is used
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unrecognized(extras))
+        return parsed
 
     def add_option(
         self, *flags: str, help: str, env: str | None = None, to: Any = None,
@@ -128,6 +176,9 @@ class Parser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         words = list(sys.argv[1:] if args is None else args)
+        unknown = self._unknown_before_command(words)
+        if unknown is not None:
+            self.error(self._unrecognized([unknown]))
         parsed, extras = super().parse_known_args(words, namespace)
         given = {word.split("=", 1)[0] for word in words if word.startswith("-")}
         overruled: set[str] = set()

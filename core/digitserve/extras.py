@@ -4,7 +4,10 @@ command prints when they are not installed.
 ``pip install digitserve`` installs the client; its three console scripts are always installed
 (a wheel cannot make a script depend on an extra), so ``mnist-serve``, ``mnist-train train`` and
 ``mnist-client loadtest`` check their extra before importing anything from it, and exit 2 with one
-line naming what to install instead of a ``ModuleNotFoundError`` traceback.
+line naming what to install instead of a ``ModuleNotFoundError`` traceback (so does
+``mnist-client`` for ``--plot``, before it loads or evaluates anything). The line names both
+installs: from the package index, and from a checkout (``make venv``'s editable install), where
+``digitserve[extra]`` would not find this project.
 """
 
 from __future__ import annotations
@@ -32,4 +35,5 @@ def requirement_error(prog: str, extra: str, what: str) -> str | None:
     if not absent:
         return None
     return (f"{prog}: error: {what} needs the '{extra}' extra, which is not installed (missing: "
-            f"{', '.join(absent)}); install it with: pip install 'digitserve[{extra}]'")
+            f"{', '.join(absent)}); install it with: pip install 'digitserve[{extra}]' (from a "
+            f"checkout: pip install -e '.[{extra}]')")

@@ -2,5 +2,7 @@
 Installing it does not pull TensorFlow."""
 
 from digitserve.client.client import DigitClient, EvaluateResult, PredictResult
+from digitserve.client.connect import ConnectError
+from digitserve.client.images import ImageError
 
-__all__ = ["DigitClient", "EvaluateResult", "PredictResult"]
+__all__ = ["ConnectError", "DigitClient", "EvaluateResult", "ImageError", "PredictResult"]

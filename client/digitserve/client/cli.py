@@ -1,26 +1,38 @@
 """``mnist-client``: predict, evaluate, info and health against a running server, and loadtest
 (the ``digitserve.loadtest`` package, imported only by that sub-command; it needs the
-``loadtest`` extra)."""
+``loadtest`` extra).
+
+Exit codes: 0 success; 1 an error the command could not get past, printed as one line (the server
+cannot be reached, the server refused a call, a file is missing or unreadable, the accuracy is
+below --min-accuracy, health is not SERVING); 2 a usage error (argparse's, or an extra the options
+need is not installed).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from digitserve.client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
+from digitserve.client.connect import ConnectError
 from digitserve.client.images import ImageError, load_image
 from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
 from digitserve.config import Parser
 from digitserve.extras import requirement_error
 from digitserve.metadata import Metadata
+from digitserve.v1 import digit_service_pb2 as pb
 
 PROG = "mnist-client"
+WAIT_HELP = ("wait up to this many seconds for the server to accept connections (health: to "
+             "report SERVING); 0: fail at once when it cannot be reached")
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -34,6 +46,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     )
     parser.add_option("--timeout", type=float, default=DEFAULT_TIMEOUT,
                       help="deadline of each call in seconds")
+    parser.add_option("--wait", type=float, default=0.0, default_text="0 (do not wait)",
+                      help=WAIT_HELP)
     tls = parser.add_argument_group("security (TLS is on when any --tls* option is given)")
     parser.add_option("--tls", to=tls, action="store_true", default=False,
                       help="TLS, the server checked against the system's root certificates")
@@ -55,9 +69,10 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
 
     p = sub.add_parser("predict", help="predict one image and print the class probabilities")
     src = p.add_mutually_exclusive_group(required=True)
-    p.add_option("--image", to=src, type=Path,
+    p.add_option("--image", to=src, type=Path, default_text="required, or --data-dir",
                  help="a PNG/JPEG picture of a digit or a .npy array")
-    p.add_option("--data-dir", to=src, type=Path, help="a directory of IDX files; with --index")
+    p.add_option("--data-dir", to=src, type=Path, default_text="required, or --image",
+                 help="a directory of IDX files; with --index")
     p.add_option("--index", type=int, default=0, help="image index in the IDX set")
     split(p)
     version(p)
@@ -77,16 +92,20 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     e.add_option("--plot", type=Path, help="draw the confusion matrix into this PNG")
     e.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
-    i = sub.add_parser("info", help="print the served model's metadata")
+    i = sub.add_parser("info", help="print what the server says of the model: version, input, "
+                       "labels, inference path, loaded and refused versions")
     version(i)
     i.add_option("--json", action="store_true", default=False,
-                 help="print the whole metadata as JSON")
+                 help="print GetModelInfo's response as one JSON object: its fields by their "
+                 "proto names, metadata_json parsed as 'metadata'")
 
     h = sub.add_parser("health", help="exit 0 if the server reports SERVING")
     h.add_option("--service", default="", default_text="'' (the whole server)",
                  help="service name")
-    h.add_option("--wait", type=float, default=0.0,
-                 help="wait up to this many seconds for SERVING (0: ask once)")
+    # The top level's --wait, also accepted after `health` (where it always was): one option,
+    # one variable; SUPPRESS leaves the top level's value unless it is given here.
+    h.add_option("--wait", type=float, default=argparse.SUPPRESS, default_text="0 (ask once)",
+                 help=WAIT_HELP)
     h.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
     lt = sub.add_parser("loadtest", help="drive Predict with load; print throughput, latency, "
@@ -243,28 +262,82 @@ def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def info_json(response: Message) -> dict[str, Any]:
+    """A response as JSON values: every field by its proto name, repeated fields as lists, nested
+    messages as objects, int64 as numbers (protobuf's JSON mapping would write them as strings);
+    ``metadata_json`` (GetModelInfo's metadata.json text) is parsed, as ``metadata``."""
+    out: dict[str, Any] = {}
+    for field in response.DESCRIPTOR.fields:
+        value = getattr(response, field.name)
+        if field.name == "metadata_json":
+            out["metadata"] = json.loads(value) if value else None
+        elif field.message_type is not None:
+            out[field.name] = ([info_json(v) for v in value] if field.is_repeated
+                               else info_json(value))
+        else:
+            out[field.name] = list(value) if field.is_repeated else value
+    return out
+
+
+def format_info(response: pb.GetModelInfoResponse) -> str:
+    """GetModelInfo's answer as text: each field of the response on a line of its own, and from
+    its metadata.json what tells versions apart (check set, training time, library versions)."""
+    metadata = (Metadata.from_json(json.loads(response.metadata_json), "the server's metadata_json")
+                if response.metadata_json else None)
+    shape = "×".join(str(d) for d in response.input_shape)
+    scale = response.input_scale
+    scale_text = "1/255" if abs(scale - 1 / 255) < 1e-12 else f"{scale:g}"
+    loaded = ", ".join(str(v) for v in response.loaded_versions) or "none"
+    lines = [
+        f"model:            {response.model_name} version {response.model_version}",
+        f"inference path:   {response.inference_path or 'not reported'}",
+        f"preset:           {response.preset or 'not recorded'}",
+        f"test accuracy:    {response.test_accuracy:.4%} (at training)",
+        f"input:            {shape} pixels ({response.input_size} per image); "
+        f"float pixel = byte × {scale_text}",
+        f"labels:           {' '.join(response.labels)}",
+        f"created at:       {response.created_at or 'not recorded'}",
+        f"max images:       {response.max_images_per_request} per Predict request or Evaluate "
+        "message",
+        f"loaded versions:  {loaded} (newest first; --model-version pins one)",
+    ]
+    refused = response.refused_versions
+    lines.append(f"refused versions: {'none' if not refused else ''}".rstrip())
+    lines.extend(f"  {r.version}: {r.reason}" for r in refused)
+    if metadata is not None:
+        if metadata.check_set is not None and metadata.check_set.count is not None:
+            accuracy = metadata.check_set.accuracy
+            lines.append(f"check set:        {metadata.check_set.count} images"
+                         + ("" if accuracy is None else f", accuracy {accuracy:.4%}"))
+        if metadata.train_seconds is not None:
+            lines.append(f"training time:    {metadata.train_seconds:.1f} s")
+        if metadata.versions:
+            lines.append("trained with:     "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(metadata.versions.items())))
+    lines.append("metadata.json:    in full with --json")
+    return "\n".join(lines)
+
+
 def cmd_info(client: DigitClient, args: argparse.Namespace) -> int:
-    info = client.model_info(model_version=args.model_version)
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    # The served metadata.json, its version replaced by the one the server answered for.
-    metadata = Metadata.from_json(info, "the server's metadata_json")
-    print(f"model:          {metadata.name} version {metadata.version}")
-    print(f"preset:         {metadata.preset}")
-    print(f"input:          {metadata.input.to_json() if metadata.input else None}")
-    print(f"labels:         {' '.join(metadata.labels or ())}")
-    print(f"test accuracy:  {metadata.metrics.test_accuracy if metadata.metrics else None}")
-    print(f"created at:     {metadata.created_at}")
-    print(f"max images/req: {info['max_images_per_request']}")
+    response = client.get_model_info(model_version=args.model_version)
+    print(json.dumps(info_json(response), indent=2) if args.json else format_info(response))
     return 0
 
 
 def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
-    if args.wait > 0:
-        status = client.wait_until_serving(args.wait, args.service)
-    else:
-        status = client.health(args.service)
+    try:
+        if args.wait > 0:
+            started = time.monotonic()
+            client.wait_for_server(args.wait)
+            status = client.wait_until_serving(args.wait - (time.monotonic() - started),
+                                               args.service)
+        else:
+            status = client.health(args.service)
+    except grpc.RpcError as exc:
+        if exc.code() is not grpc.StatusCode.NOT_FOUND:
+            raise
+        # The server names the services it knows; one that does not still gets a line.
+        raise CliError(exc.details() or f"no such health service {args.service!r}") from exc
     if args.json:
         print(json.dumps({"target": client.target, "service": args.service, "status": status}))
     else:
@@ -338,12 +411,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unmet:
             print(unmet, file=sys.stderr)
             return 2
+    if getattr(args, "plot", None) is not None:  # before any work: not after evaluating 10,000
+        unmet = requirement_error(PROG, "plot", "--plot")
+        if unmet is not None:
+            print(unmet, file=sys.stderr)
+            return 2
     try:
         credentials, token = _security(args)
         with DigitClient(args.target, timeout=args.timeout, credentials=credentials,
                          token=token) as client:
+            if args.wait > 0 and args.command != "health":  # health waits for SERVING itself
+                client.wait_for_server(args.wait)
             return COMMANDS[args.command](client, args)
-    except CliError as exc:
+    except (CliError, ConnectError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:

@@ -1,5 +1,6 @@
 """DigitClient: owns a channel and stub; deadlines on every call, retries on UNAVAILABLE and
-CANCELLED (every method is idempotent)."""
+CANCELLED (every method is idempotent); fails at once with ``ConnectError`` when it cannot reach
+its server, unless told to wait (``wait_for_ready``)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.client.connect import ConnectError, Connectivity
+from digitserve.client.images import as_batch, pixel_values
 from digitserve.client.security import secure_channel
 from digitserve.metadata import stamp_version
 from digitserve.v1 import digit_service_pb2 as pb
@@ -22,6 +25,13 @@ SERVICE = "digitserve.v1.DigitService"
 DEFAULT_TIMEOUT = 10.0
 EVALUATE_BATCH = 1000
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# gRPC reconnects to an unreachable server with exponential backoff, 120 s at most by default: a
+# client waiting for a server to start (``wait_for_ready``, ``mnist-client --wait``) would see it
+# up to two minutes late. A client of one service retries every few seconds at most instead.
+MAX_RECONNECT_BACKOFF_MS = 2000
+
+__all__ = ["ConnectError", "DigitClient", "EvaluateResult", "PredictResult"]
+T = TypeVar("T")
 
 # gRPC's own retry machinery (service config): retried with exponential backoff on UNAVAILABLE
 # (server starting, draining or a replica gone) and on CANCELLED, never on errors a retry can't
@@ -56,13 +66,15 @@ def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, An
         "grpc.service_config": json.dumps(RETRY_SERVICE_CONFIG),
         "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
         "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
+        "grpc.max_reconnect_backoff_ms": MAX_RECONNECT_BACKOFF_MS,
     }
     options.update(extra)
     return list(options.items())
 
 
 def encode_image(image: npt.ArrayLike) -> pb.Image:
-    """uint8 pixels travel as raw bytes; anything else as packed float32 in [0, 1]."""
+    """uint8 pixels travel as raw bytes; anything else as packed float32 in [0, 1] (as given:
+    ``images.pixel_values`` decides what a caller's array means)."""
     array = np.asarray(image)
     if array.dtype == np.uint8:
         return pb.Image(uint8=array.tobytes())
@@ -135,7 +147,16 @@ class EvaluateResult:
 
 class DigitClient:
     """A client of one target (``host:port``, or ``dns:///name:port`` / ``ipv4:a:p,b:p`` to spread
-    calls round_robin over several servers)."""
+    calls round_robin over several servers).
+
+    Until it has reached its server once, a call fails at once with ``ConnectError`` (a
+    ``grpc.RpcError``, code UNAVAILABLE) when the connection fails — ``cannot connect to
+    127.0.0.1:50051: connection refused (is mnist-serve running?)`` — instead of waiting out its
+    deadline; with ``wait_for_ready=True`` it waits for the server within each call's deadline,
+    and ``wait_for_server(seconds)`` waits explicitly. Once connected, calls ride out a restart or
+    a drain of the server (they wait for the reconnect within their deadline, and gRPC retries
+    UNAVAILABLE and CANCELLED); a call whose deadline passes while the server is unreachable raises
+    ``ConnectError`` too (code DEADLINE_EXCEEDED)."""
 
     def __init__(
         self,
@@ -145,13 +166,18 @@ class DigitClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        wait_for_ready: bool = False,
     ) -> None:
         """``credentials``: TLS (client.security.tls_credentials); ``token``: a bearer token sent
-        with every call."""
+        with every call; ``wait_for_ready``: wait for an unreachable server (within each call's
+        deadline) instead of failing at once."""
         self.target = target
         self.timeout = timeout
+        self.wait_for_ready = wait_for_ready
         self.channel = secure_channel(target, channel_options(options), credentials, token)
         self.stub = pb_grpc.DigitServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        self._connectivity = Connectivity(self.channel, target)
+        self._input_shape: tuple[int, ...] | None = None
 
     def __enter__(self) -> DigitClient:
         return self
@@ -160,18 +186,59 @@ class DigitClient:
         self.close()
 
     def close(self) -> None:
+        self._connectivity.close()
         self.channel.close()
 
     def _timeout(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
 
+    def wait_for_server(self, timeout: float) -> None:
+        """Waits up to ``timeout`` seconds until the channel connects to the server; raises
+        ConnectError (code DEADLINE_EXCEEDED) naming the last failure if it does not."""
+        self._connectivity.wait_ready(timeout)
+
+    def _call(self, timeout: float, call: Callable[[bool], T]) -> T:
+        """``call(wait_for_ready)``: checked first while the server was never reached (fails at
+        once when the connection fails); a deadline or UNAVAILABLE while the channel cannot
+        connect becomes ConnectError."""
+        wait = self.wait_for_ready or self._connectivity.connected_once
+        if not wait:
+            self._connectivity.check(timeout)
+        try:
+            return call(True)
+        except ConnectError:
+            raise
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                error = self._connectivity.failure()
+                if error is not None:
+                    waited = timeout if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED else None
+                    raise ConnectError(self.target, error.reason, exc.code(), waited) from exc
+            raise
+
+    def _model_input_shape(self) -> tuple[int, ...]:
+        """The served model's input shape, asked once (GetModelInfo): what tells one rows×cols
+        image from a batch of flat ones, and what an image that fits neither is told it needs."""
+        if self._input_shape is None:
+            response = self.get_model_info()
+            self._input_shape = tuple(response.input_shape) or (response.input_size,)
+        return self._input_shape
+
     def predict(
         self, images: npt.ArrayLike, *, model_version: int = 0, timeout: float | None = None
     ) -> PredictResult:
-        """Probabilities for each image: uint8 (0..255) or float in [0, 1], shape (pixels,) for
-        one image or (N, pixels) / (N, rows, cols) for many."""
-        request = pb.PredictRequest(images=encode_images(images), model_version=model_version)
-        response = self.stub.Predict(request, timeout=self._timeout(timeout), wait_for_ready=True)
+        """Probabilities for each image. ``images``: one image (rows×cols, or a flat vector of
+        rows*cols pixels) or a batch (N×rows×cols or N×pixels), a numpy array or nested lists.
+        Pixels are decided for the whole array by dtype and range (``images.pixel_values``):
+        integers of any dtype are 0..255; floats all within [0, 1] are 0..1; floats above 1 (up to
+        255) are 0..255. Anything else raises ``images.ImageError`` (a ValueError) saying what was
+        passed and what is expected. The model's rows×cols come from the server (GetModelInfo,
+        asked once per client)."""
+        batch = as_batch(images, self._model_input_shape())
+        request = pb.PredictRequest(images=encode_images(batch), model_version=model_version)
+        seconds = self._timeout(timeout)
+        response = self._call(seconds, lambda wait: self.stub.Predict(
+            request, timeout=seconds, wait_for_ready=wait))
         return PredictResult.from_proto(response)
 
     def evaluate(
@@ -184,8 +251,9 @@ class DigitClient:
         timeout: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> EvaluateResult:
-        """Streams the labelled set in batches; ``progress(n)`` is called as each batch is sent."""
-        array = np.asarray(images)
+        """Streams the labelled set in batches; ``progress(n)`` is called as each batch is sent.
+        ``images``: N×rows×cols or N×pixels, pixels as ``predict`` takes them."""
+        array = pixel_values(images)
         array = array.reshape(array.shape[0], -1)
         y = np.asarray(labels, dtype=np.int64)
 
@@ -200,21 +268,30 @@ class DigitClient:
                 if progress is not None:
                     progress(chunk.shape[0])
 
-        response = self.stub.Evaluate(requests(), timeout=self._timeout(timeout) * 6)
+        seconds = self._timeout(timeout) * 6
+        response = self._call(seconds, lambda wait: self.stub.Evaluate(
+            requests(), timeout=seconds, wait_for_ready=wait))
         return EvaluateResult.from_proto(response)
 
+    def get_model_info(self, *, model_version: int = 0,
+                       timeout: float | None = None) -> pb.GetModelInfoResponse:
+        """GetModelInfo's response as it is (``model_info`` is it as a dict)."""
+        seconds = self._timeout(timeout)
+        response: pb.GetModelInfoResponse = self._call(seconds, lambda wait: self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(model_version=model_version), timeout=seconds,
+            wait_for_ready=wait))
+        return response
+
     def model_info(self, *, model_version: int = 0, timeout: float | None = None) -> dict[str, Any]:
-        """The served model's metadata (metadata.json), with ``version`` and ``max_images_per_request``."""
-        response = self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(model_version=model_version),
-            timeout=self._timeout(timeout),
-            wait_for_ready=True,
-        )
+        """The served model's metadata (metadata.json), with ``version``, ``max_images_per_request``,
+        ``loaded_versions``, ``refused_versions`` and ``inference_path``."""
+        response = self.get_model_info(model_version=model_version, timeout=timeout)
         info: dict[str, Any] = json.loads(response.metadata_json)
         stamp_version(info, response.model_version)
         info["max_images_per_request"] = response.max_images_per_request
         info["loaded_versions"] = list(response.loaded_versions)
         info["refused_versions"] = {str(r.version): r.reason for r in response.refused_versions}
+        info["inference_path"] = response.inference_path
         return info
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
@@ -222,9 +299,9 @@ class DigitClient:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self.channel)
-        response = stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
-        )
+        seconds = self._timeout(timeout)
+        response = self._call(seconds, lambda wait: stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=seconds, wait_for_ready=wait))
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def wait_until_serving(self, timeout: float, service: str = "") -> str:

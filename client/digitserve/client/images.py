@@ -1,7 +1,9 @@
-"""Turning image files into model inputs: PNG/JPEG photos of a digit, or .npy arrays."""
+"""Turning images into model inputs: PNG/JPEG photos of a digit or .npy arrays (files), and the
+arrays or lists a caller of ``DigitClient`` passes (``as_batch``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,64 @@ def _load_picture(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
     x0 = int(np.clip(round(cols / 2 - cx), 0, cols - digit.shape[1]))
     frame[y0 : y0 + digit.shape[0], x0 : x0 + digit.shape[1]] = digit
     return np.rint(frame).astype(np.uint8).reshape(rows * cols)
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "×".join(str(d) for d in shape) or "() (a single number)"
+
+
+_KINDS = {"b": "booleans", "U": "strings", "S": "bytes", "O": "Python objects (a ragged or mixed "
+          "list?)", "c": "complex numbers", "M": "datetimes", "m": "timedeltas"}
+
+
+def pixel_values(images: npt.ArrayLike) -> npt.NDArray[np.uint8] | npt.NDArray[np.float32]:
+    """The pixels of ``images`` as the wire carries them, decided for the whole array by its dtype
+    and range: integers (any integer dtype, Python ints) are intensities 0..255, sent as bytes;
+    floats whose values all lie in [0, 1] are intensities in [0, 1], sent as float32; floats with
+    a value above 1 and none above 255 are intensities 0..255, divided by 255 (as the server
+    scales bytes, so whole numbers give the same probabilities as bytes) and sent as float32.
+    Anything else (booleans, text, NaN, values out of range) raises ImageError in the caller's
+    terms."""
+    try:
+        array = np.asarray(images)
+    except ValueError as exc:  # a ragged list
+        raise ImageError(f"images: not a rectangular array of numbers ({exc})") from None
+    if array.size == 0:
+        raise ImageError(f"images: no pixels (shape {array.shape})")
+    if array.dtype.kind in "ui":
+        least, most = int(array.min()), int(array.max())
+        if least < 0 or most > 255:
+            raise ImageError(f"images ({array.dtype}): values {least}..{most} are outside 0..255; "
+                             "integer pixels are intensities 0..255")
+        return array.astype(np.uint8, copy=False)
+    if array.dtype.kind != "f":
+        kind = _KINDS.get(array.dtype.kind, f"dtype {array.dtype}")
+        raise ImageError(f"images: {kind} are not pixels; expected integers 0..255 or floats in "
+                         "0..1 or 0..255")
+    if not np.isfinite(array).all():
+        raise ImageError(f"images ({array.dtype}): hold NaN or infinite values")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise ImageError(f"images ({array.dtype}): values {low:g}..{high:g} are outside 0..1 and "
+                         "0..255; float pixels are intensities in 0..1 (or 0..255)")
+    if high <= 1:
+        return np.asarray(array, dtype="<f4")
+    scaled: npt.NDArray[np.float32] = array.astype(np.float32) / np.float32(255)
+    return scaled
+
+
+def as_batch(images: npt.ArrayLike, input_shape: Sequence[int]
+             ) -> npt.NDArray[np.uint8] | npt.NDArray[np.float32]:
+    """A batch (N, pixels) of ``images`` for a model whose input is ``input_shape`` (rows, cols):
+    one image as rows×cols or as a flat vector of rows*cols pixels, or a batch as N×rows×cols or
+    N×pixels; an array or nested lists, of the values ``pixel_values`` takes."""
+    values = pixel_values(images)
+    shape = tuple(int(d) for d in input_shape)
+    size = int(np.prod(shape))
+    if values.shape in (shape, (size,)):
+        return values.reshape(1, size)
+    if values.ndim >= 2 and values.shape[1:] in (shape, (size,)):
+        return values.reshape(values.shape[0], size)
+    raise ImageError(
+        f"images of shape {_dims(values.shape)}: expected one image ({_dims(shape)} or {size} "
+        f"values) or a batch (N×{_dims(shape)} or N×{size})")

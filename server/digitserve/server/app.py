@@ -13,13 +13,13 @@ from functools import partial
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from digitserve.inference import Model
 from digitserve.repository import ModelNotFoundError, RepositoryError
 from digitserve.server.calls import CallWrapper, Services
 from digitserve.server.dataplane import DataPlane
+from digitserve.server.health import HealthServicer
 from digitserve.server.logs import access_log
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
@@ -158,7 +158,7 @@ class App:
             observer=self.telemetry,
         )
         self.telemetry.watch_queue(lambda: self.plane.batcher.queued_images)
-        self.health = health_aio.HealthServicer()
+        self.health = HealthServicer()  # NOT_FOUND names the services it knows
         self.server = grpc.aio.server(options=server_options(settings, reuse_port))
         # Every method of every service wrapped once: request id, token check, metrics, access line.
         services = Services(self.server, CallWrapper(self.telemetry, self.security.auth))

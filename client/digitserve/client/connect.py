@@ -1,0 +1,145 @@
+"""Whether a channel reaches its server, learnt from gRPC's connectivity state: a client that has
+never reached its server fails at once with one line saying why (``ConnectError``), instead of
+waiting out its deadline; it waits only when asked to.
+
+gRPC reports a failed connection attempt as the channel state ``TRANSIENT_FAILURE`` within
+milliseconds, but not why. The reason is in the ``UNAVAILABLE`` status of a call that does not
+wait for the connection (``wait_for_ready=False``); a call to a method outside the client's retry
+policy (``client.RETRY_SERVICE_CONFIG``) gets it at once, where a retried one would take the
+policy's backoff (~1.5 s) to report the same thing.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import grpc
+
+# A method no server has: called only while the channel is in TRANSIENT_FAILURE, where gRPC fails
+# it without sending anything. Its service is outside the retry policy, so it fails at once.
+PROBE_METHOD = "/digitserve.client.Connectivity/Probe"
+PROBE_TIMEOUT = 1.0
+
+_REFUSED = "connection refused (is mnist-serve running?)"
+
+
+class ConnectError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
+    """The client could not connect to ``target`` (nothing listens there, the name does not
+    resolve, the TLS handshake failed, or nothing answered in time). A ``grpc.RpcError`` whose
+    ``code()`` is UNAVAILABLE (DEADLINE_EXCEEDED when nothing answered in time), so code written
+    for gRPC's errors handles it too; ``str()`` and ``details()`` are the one line to show."""
+
+    def __init__(self, target: str, reason: str,
+                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 waited: float | None = None) -> None:
+        self.target = target
+        self.reason = reason
+        self.waited = waited
+        within = "" if waited is None else f" within {waited:.3g} s"
+        self.message = f"cannot connect to {target}{within}: {reason}"
+        self._code = code
+        super().__init__(self.message)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self.message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def failure_reason(details: str) -> str:
+    """The reason in gRPC's UNAVAILABLE details of a failed connection, in a user's words:
+    ``connections to all backends failing; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to
+    connect to remote host: Connection refused`` -> ``connection refused (is mnist-serve
+    running?)``; details it does not recognise are returned as they are."""
+    if "Connection refused" in details:
+        return _REFUSED
+    match = re.search(r"lookup failed for \S+?: (.+?)\]?$", details)
+    if match:
+        return f"the name does not resolve ({match.group(1)})"
+    # "...; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: <reason>"
+    match = re.search(r"last error: [A-Z_]+: (?:(?:ipv4|ipv6|unix|dns):\S+: )?"
+                      r"(?:Failed to connect to remote host: )?(.+)$", details)
+    if match:
+        reason = match.group(1).strip()
+        return reason[:1].lower() + reason[1:]
+    return details or "the connection failed"
+
+
+class Connectivity:
+    """Follows one channel's connectivity state (``channel.subscribe``) from the first call on."""
+
+    def __init__(self, channel: grpc.Channel, target: str) -> None:
+        self._channel = channel
+        self._target = target
+        self._changed = threading.Condition()
+        self._state: grpc.ChannelConnectivity | None = None
+        self._subscribed = False
+        self.connected_once = False  # READY was seen: from then on calls wait for reconnects
+
+    def _update(self, state: grpc.ChannelConnectivity) -> None:
+        with self._changed:
+            self._state = state
+            if state is grpc.ChannelConnectivity.READY:
+                self.connected_once = True
+            self._changed.notify_all()
+
+    def _subscribe(self) -> None:
+        with self._changed:
+            if self._subscribed:
+                return
+            self._subscribed = True
+        self._channel.subscribe(self._update, try_to_connect=True)
+
+    def close(self) -> None:
+        with self._changed:
+            subscribed, self._subscribed = self._subscribed, False
+        if subscribed:
+            self._channel.unsubscribe(self._update)
+
+    @property
+    def state(self) -> grpc.ChannelConnectivity | None:
+        return self._state
+
+    def _wait(self, states: tuple[grpc.ChannelConnectivity, ...], timeout: float) -> bool:
+        self._subscribe()
+        with self._changed:
+            return self._changed.wait_for(lambda: self._state in states, max(0.0, timeout))
+
+    def check(self, timeout: float) -> None:
+        """Before a call of a client that has not reached its server yet: connects, and returns
+        once the channel is READY; raises ConnectError at once when the attempt failed, or when
+        nothing answered within ``timeout`` seconds."""
+        ready, failed = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        if not self._wait((ready, failed), timeout):
+            raise ConnectError(self._target, "no answer", grpc.StatusCode.DEADLINE_EXCEEDED, timeout)
+        if self._state is failed:
+            error = self.failure()
+            if error is not None:
+                raise error
+
+    def wait_ready(self, timeout: float) -> None:
+        """Waits up to ``timeout`` seconds for the channel to connect (gRPC reconnects with
+        backoff meanwhile); raises ConnectError naming the last failure if it did not."""
+        if self._wait((grpc.ChannelConnectivity.READY,), timeout):
+            return
+        error = self.failure()
+        raise ConnectError(self._target, "no answer" if error is None else error.reason,
+                           grpc.StatusCode.DEADLINE_EXCEEDED, timeout)
+
+    def failure(self) -> ConnectError | None:
+        """Why the channel is not connected, while it is in TRANSIENT_FAILURE (else None): the
+        status of a probe call that gRPC fails without sending it."""
+        if self._state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return None
+        probe = self._channel.unary_unary(PROBE_METHOD)
+        try:
+            probe(b"", timeout=PROBE_TIMEOUT, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                return ConnectError(self._target, failure_reason(exc.details() or ""))
+        return None  # connected meanwhile: the server answered (UNIMPLEMENTED)

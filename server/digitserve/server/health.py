@@ -1,0 +1,33 @@
+"""The gRPC health service: grpcio-health-checking's servicer, whose Check of a service it does
+not know answers NOT_FOUND with empty details; this one says which services it knows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+
+class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
+    """``grpc_health``'s aio servicer; Check of an unknown service is NOT_FOUND with ``no such
+    health service 'nope' (known: '', digitserve.v1.DigitService, ...)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.known: set[str] = {""}  # the base class starts with "" SERVING
+
+    async def set(self, service: str,
+                  status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        self.known.add(service)
+        await super().set(service, status)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,  # gRPC names it
+                    context: Any) -> health_pb2.HealthCheckResponse | None:
+        if request.service not in self.known:
+            names = ", ".join(s or repr(s) for s in sorted(self.known))
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no such health service {request.service!r} (known: {names})")
+        response: health_pb2.HealthCheckResponse | None = await super().Check(request, context)
+        return response
