@@ -21,8 +21,8 @@ from digitserve.server.dataplane import DataPlane
 from digitserve.server.errors import DeadlineExpiredError, OverloadedError
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerThread
-from tests.support import tiny_litert, wait_for
+from tests.servers import ServerThread
+from tests.support import FakeModel, tiny_litert, wait_for
 
 D = 784
 

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from digitserve.client.client import encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerThread
+from tests.servers import ServerThread
 from tests.support import tiny_litert
 
 CALLERS = 64

@@ -16,7 +16,7 @@ from digitserve.client.images import ImageError, load_image
 from digitserve.idx import load_split
 from digitserve.repository import ModelRepository
 from digitserve.server.model import KerasModel
-from tests.conftest import ServerThread
+from tests.servers import ServerThread
 from tests.support import assert_metrics_match
 
 

@@ -20,7 +20,7 @@ from digitserve.client.client import DigitClient, encode_images
 from digitserve.repository import ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
 from tests.support import publish_copy
 
 DRAINS = 4

@@ -27,7 +27,8 @@ from digitserve.server.dataplane import check_labels
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.pixels import check_pixels, decode_images
 from digitserve.v1 import digit_service_pb2 as pb
-from tests.conftest import FakeModel, ServerThread
+from tests.servers import ServerThread
+from tests.support import FakeModel
 
 # ---------------------------------------------------------------------------------------------
 # Properties of the decoding (no server): any Image content either decodes to float32 pixels in

@@ -17,7 +17,7 @@ import pytest
 from digitserve.client import http2
 from digitserve.client.loadtest import PREDICT_METHOD
 from digitserve.v1 import digit_service_pb2 as pb
-from tests.conftest import ServerThread
+from tests.servers import ServerThread
 
 T = TypeVar("T")
 ECHO = "/test.Echo/Echo"

@@ -20,7 +20,7 @@ import pytest
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelRepository
 from digitserve.server.app import MODEL_UPDATES_SERVICE
-from tests.conftest import ServerProcess, ServerThread, make_settings
+from tests.servers import ServerProcess, ServerThread, make_settings
 from tests.support import publish_copy, wait_for
 
 # --repository-timeout of these tests: a good version loads in ~0.1 s alone, ~1 s in the pytest

@@ -22,7 +22,7 @@ from digitserve.server.cli import main
 from digitserve.server.settings import Settings, load_settings
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 
 def test_settings_come_from_flags_then_environment(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from digitserve.client.cli import main
 from digitserve.idx import load_split, scale_pixels
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
-from tests.conftest import FakeModel, ServerThread
+from tests.servers import ServerThread
+from tests.support import FakeModel
 
 
 def fake_accuracy(images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> float:

@@ -28,7 +28,8 @@ from digitserve.server.logs import (
 )
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerProcess, ServerThread
+from tests.servers import ServerProcess, ServerThread
+from tests.support import FakeModel
 
 
 @pytest.fixture

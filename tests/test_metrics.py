@@ -19,8 +19,8 @@ from digitserve.server.telemetry import CONFIDENCE_BUCKETS, BulkHistogram
 from digitserve.server.workers import _with_metrics_port
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerThread
-from tests.support import Samples, scrape
+from tests.servers import ServerThread
+from tests.support import FakeModel, Samples, scrape
 
 D = 784
 SERVICE = "digitserve.v1.DigitService"

@@ -16,8 +16,8 @@ import pytest
 
 from digitserve.client.client import DigitClient
 from digitserve.idx import read_idx
-from tests.conftest import REPO_ROOT, ServerThread
-from tests.support import skip_or_fail
+from tests.servers import ServerThread
+from tests.support import REPO_ROOT, skip_or_fail
 
 NODE_DIR = REPO_ROOT / "examples" / "node"
 NODE = shutil.which("node")

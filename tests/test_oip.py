@@ -25,7 +25,8 @@ from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.repository import ModelRepository
 from digitserve.server.status import INTERNAL_MESSAGE
-from tests.conftest import FakeModel, ServerThread, expect_error
+from tests.servers import ServerThread
+from tests.support import FakeModel, expect_error
 
 D = 784
 Request = oip.ModelInferRequest

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelNotFoundError, ModelRepository
 from digitserve.server.app import MODEL_UPDATES_SERVICE
-from tests.conftest import ServerThread, expect_error, make_settings
-from tests.support import publish_copy, wait_for
+from tests.servers import ServerThread, make_settings
+from tests.support import expect_error, publish_copy, wait_for
 
 
 def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from digitserve.repository import ModelRepository, read_metadata, verify_files
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT
 
 
 def build_file(content: str) -> Any:

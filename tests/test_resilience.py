@@ -23,8 +23,8 @@ import pytest
 from digitserve.client.client import DigitClient, encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerProcess, ServerThread
-from tests.support import PeakMemory
+from tests.servers import ServerProcess, ServerThread
+from tests.support import FakeModel, PeakMemory
 
 
 def report(capsys: pytest.CaptureFixture[str], text: str) -> None:

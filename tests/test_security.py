@@ -43,7 +43,8 @@ from digitserve.server.security import (
 from digitserve.server.settings import Settings, load_settings
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import REPO_ROOT, FakeModel, ServerProcess, ServerThread
+from tests.servers import ServerProcess, ServerThread
+from tests.support import REPO_ROOT, FakeModel
 
 D = 784
 TOKEN = "s3cr3t-t0ken_for.tests~1"

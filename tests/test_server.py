@@ -19,8 +19,8 @@ from digitserve.metrics import MetricsAccumulator
 from digitserve.server.status import INTERNAL_MESSAGE
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerThread, expect_error
-from tests.support import assert_metrics_match
+from tests.servers import ServerThread
+from tests.support import FakeModel, assert_metrics_match, expect_error
 
 D = 784
 
