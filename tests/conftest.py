@@ -1,10 +1,11 @@
-"""Shared fixtures (the helpers they use are in support.py and servers.py): a fake model's server
-on 127.0.0.1:0, server processes, and one tiny model trained and published once for the whole
-session."""
+"""Shared fixtures (the helpers they use are in support.py and servers.py): in-process servers on
+127.0.0.1:0 that serve a model from a repository as mnist-serve does (or a fake, on purpose),
+server processes, and one tiny model trained and published once for the whole session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -18,13 +19,27 @@ from tests.support import FakeModel, synthetic_digits
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
-    """Starts servers with a given loader (a FakeModel by default); stops them afterwards."""
+def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerThread]]:
+    """Starts in-process servers; stops them afterwards.
+
+    ``start_server(**settings)`` serves what mnist-serve serves: the tiny model from a copy of
+    ``tiny_repo`` (model name "tiny"), through the source App builds from the settings
+    (load_version, the checksums, the quality gate, LiteRT where it agrees with the trainer),
+    seen through ``server.source`` (an ObservedSource; ``wrap=`` wraps each model it loaded).
+    ``model_repo=`` and ``model_name=`` serve another repository the same way.
+    ``start_server(loader)`` serves what ``loader`` returns through a StaticSource instead: only
+    for a test that needs a fake on purpose (a crash pixel, a slow or held model, another input
+    shape), which says why where it does."""
     started: list[ServerThread] = []
 
-    def start(loader: Callable[[], Any] | None = None, load: bool = True,
-              **overrides: Any) -> ServerThread:
-        server = ServerThread(make_settings(tmp_path, **overrides), loader or FakeModel)
+    def start(loader: Callable[[], Any] | None = None, load: bool = True, *,
+              wrap: Callable[[Any], Any] | None = None, **overrides: Any) -> ServerThread:
+        if loader is None and "model_repo" not in overrides:
+            repo = tmp_path / "served-repo"  # the test's own copy: a test may publish into it
+            if not repo.exists():
+                shutil.copytree(request.getfixturevalue("tiny_repo"), repo)
+            overrides = {"model_repo": repo, "model_name": "tiny", **overrides}
+        server = ServerThread(make_settings(tmp_path, **overrides), loader, wrap=wrap)
         started.append(server)
         if load:
             server.load()
@@ -36,8 +51,17 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerThread]]:
 
 
 @pytest.fixture
-def fake_server(start_server: Callable[..., ServerThread]) -> ServerThread:
+def tiny_server(start_server: Callable[..., ServerThread]) -> ServerThread:
+    """The tiny model served from a repository, as mnist-serve serves it."""
     return start_server()
+
+
+@pytest.fixture
+def fake_server(start_server: Callable[..., ServerThread]) -> ServerThread:
+    """FakeModel through a StaticSource, for tests of the edges that need a fake on purpose: its
+    answers are known without a model (exact probabilities), an image can crash it (INTERNAL), it
+    records its calls, and it runs every call on the model thread."""
+    return start_server(FakeModel)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,11 @@
 """The servers tests start (fixtures that start them stay in conftest.py): an App in a thread of
-this process (ServerThread) and a ``python -m digitserve.server`` process (ServerProcess)."""
+this process (ServerThread), a ``python -m digitserve.server`` process (ServerProcess), and the
+model source they serve from, seen by the test (ObservedSource)."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import subprocess
@@ -26,18 +28,64 @@ def make_settings(tmp: Path, **overrides: Any) -> Any:
     return replace(Settings(model_repo=tmp, port=0), **overrides)
 
 
-class ServerThread:
-    """An App running on its own event loop in a background thread, bound to 127.0.0.1:0."""
+class ObservedSource:
+    """The model source App built from the settings (a RepositorySource, as mnist-serve builds
+    it: load_version, the checksums, the quality gate), seen by a test: it counts each method's
+    calls (``calls["versions"]`` is the number of listings: the watch's looks), and with ``wrap``
+    hands every model it loaded, gated, to ``wrap`` and serves what that returns (a test that
+    records or holds the model's calls)."""
 
-    def __init__(self, settings: Any, loader: Callable[[], Any] | None) -> None:
+    def __init__(self, source: Any, wrap: Callable[[Any], Any] | None = None) -> None:
+        self.source = source
+        self.wrap = wrap
+        self.watchable: bool = source.watchable
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __str__(self) -> str:
+        return str(self.source)  # log lines and messages name the repository, as in production
+
+    def versions(self) -> list[int]:
+        self.calls["versions"] += 1
+        versions: list[int] = self.source.versions()
+        return versions
+
+    def fingerprint(self, version: int) -> Any:
+        self.calls[f"fingerprint {version}"] += 1
+        return self.source.fingerprint(version)
+
+    def load(self, version: int) -> Any:
+        self.calls[f"load {version}"] += 1
+        model = self.source.load(version)
+        return model if self.wrap is None else self.wrap(model)
+
+
+class ServerThread:
+    """An App running on its own event loop in a background thread, bound to 127.0.0.1:0.
+
+    Without ``loader`` it serves what mnist-serve serves: the versions of ``settings.model_name``
+    in ``settings.model_repo`` through the source App builds from the settings, seen through an
+    ObservedSource (``self.source``; ``wrap`` as there). With ``loader`` it serves what that
+    returns through a StaticSource, skipping the repository, the checksums and the quality gate:
+    only for a test that needs a fake model on purpose."""
+
+    def __init__(self, settings: Any, loader: Callable[[], Any] | None = None, *,
+                 wrap: Callable[[Any], Any] | None = None) -> None:
         from digitserve.server.app import App
 
+        if loader is not None and wrap is not None:
+            raise ValueError("wrap applies to models loaded from the repository, not to a loader")
+        self.source: ObservedSource | None = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
         async def make() -> App:
-            return App(settings, loader)
+            app = App(settings, loader)
+            if loader is None:
+                # Observed, not rebuilt: whatever App builds from the settings is what is served.
+                self.source = ObservedSource(app.source, wrap)
+                app.source = self.source
+            return app
 
         self.app = self.call(make())
         self.port = self.call(self.app.start())

@@ -28,7 +28,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 class FakeModel:
     """A deterministic softmax classifier with no TensorFlow: logits = images @ W. An image whose
-    first pixel is exactly 0.123 makes it raise, to exercise the INTERNAL path."""
+    first pixel is exactly 0.123 makes it raise, to exercise the INTERNAL path. Served through a
+    StaticSource (``start_server(FakeModel)``, ``fake_server``), skipping the repository and the
+    quality gate: only for a test that needs a fake on purpose, which says why where it uses it."""
 
     CRASH_PIXEL = np.float32(0.123)
 

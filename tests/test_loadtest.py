@@ -165,7 +165,7 @@ def test_v2_protocol_names_the_model_it_asks_for(
 def test_connections_closed_by_max_connection_age_lose_no_call(
     start_server: Callable[..., ServerThread], engine: str
 ) -> None:
-    server = start_server(max_connection_age=0.3)
+    server = start_server(FakeModel, max_connection_age=0.3)  # a fake: answers checked against its own
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, size=(500, 784), dtype=np.uint8)
     workload = loadtest.build_workload(images, rng.integers(0, 10, size=500),

@@ -33,7 +33,8 @@ def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
 
 
 class CostlyModel(FakeModel):
-    """A fake model whose every call takes 50 ms, so a burst overflows its queue."""
+    """A fake model whose every call takes 50 ms, so a burst overflows its queue: a fake on
+    purpose, whose every call, however small, goes through the queue to the model thread."""
 
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         time.sleep(0.05)
@@ -68,8 +69,9 @@ def overload(target: str, callers: int, duration: float) -> list[tuple[str, floa
 
 
 class CostlyLiteRT:
-    """The tiny model as production serves it (the LiteRT interpreter, ``inline`` as loaded),
-    whose every call takes 50 ms more, so a burst overflows its queue."""
+    """The tiny model as production serves it (the LiteRT interpreter, ``inline`` as loaded;
+    start_server(wrap=CostlyLiteRT) wraps it past the gate), whose every call takes 50 ms more,
+    so a burst overflows its queue."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -85,19 +87,15 @@ class CostlyLiteRT:
 @pytest.mark.parametrize("path", ["fake", "litert"])
 def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
     start_server: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str], path: str,
-    request: pytest.FixtureRequest,
 ) -> None:
     # Capacity: 16 images per 50 ms model call = 320 images/s; the queue holds 64 images (4
     # calls' worth). 200 callers in a closed loop ask for far more.
+    limits = {"max_batch_size": 16, "max_queued_images": 64, "max_images_per_request": 16}
     if path == "fake":
-        loader: Callable[[], Any] = CostlyModel
+        server = start_server(CostlyModel, **limits)  # a fake on purpose: see CostlyModel
     else:
-        from tests.support import tiny_litert
-
-        model = CostlyLiteRT(tiny_litert(request.getfixturevalue("tiny_repo")))
-        loader = lambda: model  # noqa: E731
-    server = start_server(loader=loader, max_batch_size=16, max_queued_images=64,
-                          max_images_per_request=16)
+        server = start_server(wrap=CostlyLiteRT, **limits)
+        assert isinstance(server.app.plane.model, CostlyLiteRT)
     callers, duration = 200, 3.0
     memory = PeakMemory()  # the server runs in this process, its callers in another
     # The callers run in another process, so they don't compete with the server for this GIL.
