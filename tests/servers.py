@@ -140,6 +140,13 @@ class ServerProcess:
             raise AssertionError(f"server did not bind:\n{self.log}")
         return f"127.0.0.1:{self.port}"
 
+    def metrics_port(self) -> int:
+        """The port of its metrics endpoint (started with ``--metrics-port 0``), from its log."""
+        match = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", self.log)
+        if match is None:
+            raise AssertionError(f"no metrics endpoint in the log (--metrics-port 0?):\n{self.log}")
+        return int(match.group(1))
+
     def wait(self, timeout: float) -> int:
         code = self.proc.wait(timeout)
         self._reader.join(5)

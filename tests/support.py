@@ -121,6 +121,13 @@ def scrape(port: int) -> Samples:
     return samples
 
 
+def in_flight(port: int, method: str) -> float:
+    """Calls of ``method`` (a method's name: "Evaluate") the server whose metrics endpoint is on
+    127.0.0.1:``port`` has started and not finished: calls it holds, which a drain must finish."""
+    return sum(value for (name, labels), value in scrape(port).items()
+               if name == "grpc_server_in_flight_calls" and dict(labels)["grpc_method"] == method)
+
+
 def oracle_metrics(y_true: npt.NDArray[Any], probs: npt.NDArray[Any]) -> dict[str, Any]:
     """The figures of a labelled set computed without digitserve.metrics: scikit-learn's
     accuracy, confusion matrix and per-class precision/recall/F1/support (zero_division=0), and

@@ -24,7 +24,7 @@ from digitserve.client.client import DigitClient, encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.servers import ServerProcess, ServerThread
-from tests.support import FakeModel, PeakMemory
+from tests.support import FakeModel, PeakMemory, in_flight, wait_for
 
 
 def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
@@ -128,8 +128,10 @@ def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
 def test_sigterm_under_load_fails_no_in_flight_call(
     spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "10")
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "10",
+                   "--metrics-port", "0")
     target = server.target()
+    metrics_port = server.metrics_port()
     with DigitClient(target, timeout=60) as client:
         assert client.wait_until_serving(90) == "SERVING"
     images = np.random.default_rng(1).integers(0, 256, size=(512, 784), dtype=np.uint8)
@@ -173,10 +175,14 @@ def test_sigterm_under_load_fails_no_in_flight_call(
         stub = pb_grpc.DigitServiceStub(channel)
         streams = [stub.Evaluate.future(stream(k), timeout=60) for k in range(4)]
         assert all(event.wait(30) for event in first_sent)
-        time.sleep(1.0)
+        # The server holds the 4 streams, and the Predict load is flowing.
+        wait_for(lambda: in_flight(metrics_port, "Evaluate") == 4, 30, "4 Evaluate calls in flight")
+        wait_for(lambda: sum(1 for c in calls if c[2] == "OK") >= 100, 60, "100 Predict calls")
         sigterm = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # draining: new calls are refused meanwhile
+        # The streams send the rest of their messages once the drain has begun (new calls are
+        # refused meanwhile).
+        wait_for(lambda: "signal received: draining" in server.log, 30, "the drain to begin")
         resume.set()
         results = []
         for future in streams:
