@@ -1,5 +1,7 @@
-"""Helpers the tests share (fixtures stay in conftest.py): publishing a copy of a version, reading
-a server's metrics endpoint, classification figures from an oracle independent of digitserve."""
+"""Helpers the tests share (fixtures stay in conftest.py; the servers tests start are in
+servers.py): the fake model, synthetic digits, publishing a copy of a version, reading a server's
+metrics endpoint, classification figures from an oracle independent of digitserve, waiting on a
+condition, a gRPC error's code and message."""
 
 from __future__ import annotations
 
@@ -18,10 +20,79 @@ import numpy.typing as npt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from digitserve.inference import ModelSpec
 from digitserve.metadata import METADATA_FILE
 from digitserve.repository import ModelRepository
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeModel:
+    """A deterministic softmax classifier with no TensorFlow: logits = images @ W. An image whose
+    first pixel is exactly 0.123 makes it raise, to exercise the INTERNAL path. Served through a
+    StaticSource (``start_server(FakeModel)``, ``fake_server``), skipping the repository and the
+    quality gate: only for a test that needs a fake on purpose, which says why where it uses it."""
+
+    CRASH_PIXEL = np.float32(0.123)
+
+    def __init__(self, version: int = 1, input_shape: tuple[int, int] = (28, 28),
+                 labels: tuple[str, ...] = tuple(str(d) for d in range(10))) -> None:
+        size = input_shape[0] * input_shape[1]
+        self.spec = ModelSpec("fake", version, input_shape, 1 / 255, labels)
+        self.inference_path = "fake"
+        self.inline = False  # runs on the model thread, as a TensorFlow-path model does
+        self.metadata: dict[str, Any] = {
+            "name": "fake", "version": version, "preset": "fake",
+            "input": {"shape": list(input_shape), "size": size, "scale": 1 / 255},
+            "labels": list(labels), "metrics": {"test_accuracy": 0.5},
+            "created_at": "2026-01-01T00:00:00Z",
+        }
+        rng = np.random.default_rng(version)
+        self.weights = rng.normal(size=(size, len(labels))).astype(np.float32)
+        self.calls: list[int] = []
+
+    def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        if np.any(images[:, 0] == self.CRASH_PIXEL):
+            raise RuntimeError("fake model crashed on purpose")
+        self.calls.append(images.shape[0])
+        logits = images.astype(np.float64) @ self.weights
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def expect_error(call: Callable[[], object], code: Any, *fragments: str) -> Any:
+    """Runs ``call``, asserts it fails with gRPC status ``code`` and details holding each fragment;
+    returns the error."""
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    assert err.code() == code, (err.code(), err.details())
+    for fragment in fragments:
+        assert fragment in err.details(), (fragment, err.details())
+    return err
+
+
+def synthetic_digits(n: int, seed: int, shape: tuple[int, int] = (28, 28)) -> tuple[
+    npt.NDArray[np.uint8], npt.NDArray[np.uint8]
+]:
+    """Learnable fake digits: class k lights a bar at a class-specific place, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n).astype(np.uint8)
+    images = rng.integers(0, 60, size=(n, *shape)).astype(np.uint8)
+    for i, k in enumerate(labels):
+        row = 2 + int(k) * 2
+        images[i, row : row + 2, 4:24] = 255
+    return images, labels
+
+
+def real_data_dir() -> Path | None:
+    """The real MNIST files (MNIST_DATA_DIR or ./data), if fetched."""
+    path = Path(os.environ.get("MNIST_DATA_DIR", REPO_ROOT / "data"))
+    return path if (path / "t10k-images-idx3-ubyte.gz").is_file() else None
 
 
 def publish_copy(repo: ModelRepository, source_dir: Path, name: str = "tiny") -> int:
@@ -50,6 +121,13 @@ def scrape(port: int) -> Samples:
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
+
+
+def in_flight(port: int, method: str) -> float:
+    """Calls of ``method`` (a method's name: "Evaluate") the server whose metrics endpoint is on
+    127.0.0.1:``port`` has started and not finished: calls it holds, which a drain must finish."""
+    return sum(value for (name, labels), value in scrape(port).items()
+               if name == "grpc_server_in_flight_calls" and dict(labels)["grpc_method"] == method)
 
 
 def oracle_metrics(y_true: npt.NDArray[Any], probs: npt.NDArray[Any]) -> dict[str, Any]:

@@ -161,7 +161,7 @@ def test_no_module_uses_another_modules_private_names() -> None:
 
 def test_the_model_protocol_declares_what_callers_read() -> None:
     from digitserve.inference import Model
-    from tests.conftest import FakeModel
+    from tests.support import FakeModel
 
     members = set(Model.__annotations__) | {n for n in vars(Model) if not n.startswith("_")}
     assert {"spec", "metadata", "predict", "inline", "inference_path"} <= members, members

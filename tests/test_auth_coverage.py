@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from digitserve.server.calls import CallWrapper, Services
 from digitserve.server.security import INVALID_TOKEN, MISSING_TOKEN, TokenAuth
 from digitserve.server.telemetry import Telemetry
-from tests.conftest import ServerThread
+from tests.servers import ServerThread
 from tests.support import scrape
 
 TOKEN = "coverage-t0ken"

@@ -21,8 +21,8 @@ from digitserve.server.dataplane import DataPlane
 from digitserve.server.errors import DeadlineExpiredError, OverloadedError
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerThread
-from tests.support import tiny_litert, wait_for
+from tests.servers import ServerThread
+from tests.support import FakeModel, tiny_litert, wait_for
 
 D = 784
 
@@ -34,6 +34,8 @@ def distinct_images(n: int, seed: int = 0) -> npt.NDArray[np.uint8]:
 def test_concurrent_calls_batch_and_each_gets_its_own_answer(
     start_server: Callable[..., ServerThread],
 ) -> None:
+    # A fake on purpose: it runs every call on the model thread (the LiteRT model computes calls
+    # this small at once on the event loop: nothing to coalesce), and it records its calls.
     model = FakeModel()
     server = start_server(loader=lambda: model)
     images = distinct_images(512, seed=1)
@@ -73,13 +75,9 @@ def test_concurrent_calls_batch_and_each_gets_its_own_answer(
 
 @pytest.mark.parametrize("inference", ["tensorflow", "litert"])
 def test_batched_answers_equal_unbatched_ones_on_the_trained_model(
-    start_server: Callable[..., ServerThread], tiny_repo: object, inference: str,
+    start_server: Callable[..., ServerThread], inference: str,
 ) -> None:
-    from digitserve.inference import KerasModel
-    from digitserve.repository import ModelRepository
-
-    version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)  # type: ignore[arg-type]
-    server = start_server(loader=lambda: KerasModel.load(version_dir, inference=inference))
+    server = start_server(inference=inference)  # from the repository, as mnist-serve --inference
     images = distinct_images(64, seed=2)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.DigitServiceStub(channel)
@@ -101,7 +99,8 @@ def test_batched_answers_equal_unbatched_ones_on_the_trained_model(
 
 
 class SlowModel(FakeModel):
-    """Holds every model call until released, so a queue builds up behind it."""
+    """Holds every model call until released, so a queue builds up behind it: a fake on purpose,
+    one that runs every call, however small, on the model thread."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -116,8 +115,8 @@ class SlowModel(FakeModel):
 
 class HeldLiteRT:
     """The tiny model as production serves it (the LiteRT interpreter, ``inline`` as the loaded
-    model says), whose model calls, once ``hold`` is set, wait until released (before it, e.g.
-    at load, they run at once)."""
+    model says; start_server(wrap=HeldLiteRT) wraps it past the gate), whose model calls, once
+    ``hold`` is set, wait until released (before it, e.g. at load, they run at once)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -203,16 +202,20 @@ def test_full_queue_is_refused_at_once_and_expired_calls_are_not_computed(
 
 @pytest.mark.parametrize("path", PATHS)
 def test_overload_is_resource_exhausted_over_grpc(
-    start_server: Callable[..., ServerThread], path: str, request: pytest.FixtureRequest,
+    start_server: Callable[..., ServerThread], path: str,
 ) -> None:
     u = UNIT[path]
-    model: SlowModel | HeldLiteRT = (
-        SlowModel() if path == "fake" else HeldLiteRT(request.getfixturevalue("litert_model")))
-    server = start_server(loader=lambda: model, max_images_per_request=4 * u,
-                          max_queued_images=4 * u, max_batch_size=4 * u)
-    model.release.set()  # warm path: let the loader's calls through
-    model.release.clear()
-    if isinstance(model, HeldLiteRT):
+    limits = {"max_images_per_request": 4 * u, "max_queued_images": 4 * u, "max_batch_size": 4 * u}
+    model: SlowModel | HeldLiteRT
+    if path == "fake":
+        model = SlowModel()  # a fake on purpose: see SlowModel
+        server = start_server(loader=lambda: model, **limits)
+        model.release.set()  # warm path: let the loader's calls through
+        model.release.clear()
+    else:  # the tiny model from its repository, past the gate, then held
+        server = start_server(wrap=HeldLiteRT, **limits)
+        assert isinstance(server.app.plane.model, HeldLiteRT)
+        model = server.app.plane.model
         model.hold.set()
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.DigitServiceStub(channel)

@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,8 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from digitserve.client.client import encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerThread
-from tests.support import tiny_litert
+from tests.servers import ServerThread
 
 CALLERS = 64
 IMAGES = 1024
@@ -89,7 +87,8 @@ def queued_images(metrics_port: int) -> float:
 
 
 class Recorded:
-    """The served model, recording on which thread each call ran and its size."""
+    """The served model, recording on which thread each call ran and its size
+    (start_server(wrap=Recorded) wraps the model loaded from the repository, past the gate)."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -105,11 +104,11 @@ class Recorded:
 
 @pytest.mark.parametrize("kind", ["predict", "evaluate"])
 def test_big_calls_leave_health_responsive_and_excess_is_refused_fast(
-    start_server: Callable[..., ServerThread], tiny_repo: Path, kind: str,
-    capsys: pytest.CaptureFixture[str],
+    start_server: Callable[..., ServerThread], kind: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    model = Recorded(tiny_litert(tiny_repo))
-    server = start_server(loader=lambda: model, metrics_port=0, max_queued_images=MAX_QUEUED)
+    server = start_server(wrap=Recorded, metrics_port=0, max_queued_images=MAX_QUEUED)
+    model = server.app.plane.model
+    assert isinstance(model, Recorded) and model.inference_path == "litert"
     target = server.target
     metrics_port = server.app.metrics_port
     assert metrics_port

@@ -1,9 +1,9 @@
-"""The client library and the mnist-client CLI against a real server holding the tiny trained model."""
+"""The client library and the mnist-client CLI against a real server holding the tiny trained model,
+served from its repository as mnist-serve serves it (tiny_server)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +16,13 @@ from digitserve.client.images import ImageError, load_image
 from digitserve.idx import load_split
 from digitserve.inference import KerasModel
 from digitserve.repository import ModelRepository
-from tests.conftest import ServerThread
+from tests.servers import ServerThread
 from tests.support import assert_metrics_match
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tiny_repo: Path) -> Path:
     return ModelRepository(tiny_repo).version_dir("tiny", 1)
-
-
-@pytest.fixture
-def tiny_server(start_server: Callable[..., ServerThread], tiny_model_dir: Path) -> ServerThread:
-    return start_server(loader=lambda: KerasModel.load(tiny_model_dir))
 
 
 def test_predict_matches_the_saved_model(tiny_server: ServerThread, tiny_model_dir: Path,

@@ -25,7 +25,8 @@ from digitserve.client import ConnectError, DigitClient, ImageError
 from digitserve.client.cli import main
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import REPO_ROOT, FakeModel, ServerThread
+from tests.servers import ServerThread
+from tests.support import REPO_ROOT, FakeModel
 
 # The bound: connection refused reported in < 3 s without --wait (it took 10 s).
 FAST = 3.0

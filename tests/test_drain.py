@@ -20,8 +20,8 @@ from digitserve.client.client import DigitClient, encode_images
 from digitserve.repository import ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess
-from tests.support import publish_copy
+from tests.servers import ServerProcess
+from tests.support import in_flight, publish_copy, wait_for
 
 DRAINS = 4
 CALLERS = 8
@@ -68,7 +68,10 @@ def test_calls_racing_sigterm_are_never_lost(
         try:
             for drain in range(DRAINS):
                 victim = drain % 2
+                flowing = len(calls)
                 time.sleep(1.0)  # full speed over both replicas
+                # Calls race the signal (without them nothing could be lost).
+                wait_for(lambda n=flowing: len(calls) >= n + 50, 60, "calls before the signal")
                 signalled = time.monotonic()
                 replicas[victim].proc.send_signal(signal.SIGTERM)
                 assert replicas[victim].wait(30) == 0
@@ -103,8 +106,9 @@ def test_a_single_server_reloads_on_sighup_and_a_second_signal_stops_it_at_once(
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
     server = spawn("--model-repo", str(repo), "--model-name", "tiny", "--reload-interval", "0",
-                   "--grace-period", "60")
+                   "--grace-period", "60", "--metrics-port", "0")
     target = server.target()
+    metrics_port = server.metrics_port()
     with DigitClient(target, timeout=30) as client:
         assert client.wait_until_serving(90) == "SERVING"
         repository = ModelRepository(repo)
@@ -130,7 +134,7 @@ def test_a_single_server_reloads_on_sighup_and_a_second_signal_stops_it_at_once(
     with grpc.insecure_channel(target) as channel:
         future = pb_grpc.DigitServiceStub(channel).Evaluate.future(stream(), timeout=90)
         assert first_sent.wait(30)
-        time.sleep(0.3)
+        wait_for(lambda: in_flight(metrics_port, "Evaluate") == 1, 30, "the call to be in flight")
         server.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while "signal received: draining for up to 60.0s (SIGTERM)" not in server.log:

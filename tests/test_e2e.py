@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServerProcess, real_data_dir
+from tests.servers import ServerProcess
+from tests.support import real_data_dir
 
 BIN = Path(sys.executable).parent
 

@@ -11,7 +11,7 @@ import tomllib
 import pytest
 
 from digitserve import extras
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT
 
 # Optional speed-ups an extra installs that its commands do not require to start.
 NOT_REQUIRED = {"ai-edge-litert"}

@@ -35,8 +35,7 @@ from digitserve.trainer.data import (
     fetch,
 )
 from digitserve.trainer.errors import TrainerError
-from tests.conftest import real_data_dir
-from tests.support import skip_or_fail
+from tests.support import real_data_dir, skip_or_fail
 
 Pair = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 

@@ -26,7 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from digitserve.server.telemetry import Telemetry
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess, expect_error
+from tests.servers import ServerProcess
+from tests.support import expect_error, wait_for
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY, CONTINUATION = 0, 1, 3, 4, 7, 9
@@ -331,7 +332,7 @@ def test_undecodable_headers_cost_a_bounded_log_and_the_server_keeps_serving(
 ) -> None:
     server, target = start(spawn, tiny_repo)
     port = int(target.rsplit(":", 1)[1])
-    time.sleep(0.5)  # the start-up lines written
+    wait_for(lambda: "serving model tiny version 1 from" in server.log, 30, "the last start-up line")
     before_lines = len(server.lines)
     connection = RawConnection(port)
     for i in range(BAD_CALLS):
@@ -344,8 +345,12 @@ def test_undecodable_headers_cost_a_bounded_log_and_the_server_keeps_serving(
         assert time.monotonic() < deadline, f"{len(connection.ended)} of {BAD_CALLS} calls answered"
         time.sleep(0.05)
     connection.close()
-    time.sleep(0.5)  # grpc's records of the last calls written
-    added = grpc_records(server.lines[before_lines:])
+    # grpc's records of the calls are written before their answers; the server's own lines come
+    # out in order after them: wait for SIGHUP's, and count what came before.
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP reload: still serving version 1" in server.log, 30, "SIGHUP's lines")
+    marker = next(i for i, line in enumerate(server.lines) if "SIGHUP received" in line)
+    added = grpc_records(server.lines[before_lines:marker])
     added_bytes = sum(len(line) for line in added)
     print(f"\nundecodable headers: {BAD_CALLS} calls with a {len(BAD_VALUE):,}-byte header value that is "
           f"not UTF-8: {len(added)} log lines, {added_bytes:,} bytes beyond the access lines "

@@ -1,5 +1,6 @@
 """Hostile input: property-based tests of the request decoding, and a fuzz run of malformed requests
-against a real server over a real channel (fake model). Never INTERNAL or UNKNOWN, never a crash."""
+against a real server over a real channel, serving the tiny model from its repository as mnist-serve
+does. Never INTERNAL or UNKNOWN, never a crash."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,7 +29,8 @@ from digitserve.server.dataplane import check_labels
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.pixels import check_pixels, decode_images
 from digitserve.v1 import digit_service_pb2 as pb
-from tests.conftest import FakeModel, ServerThread
+from tests.servers import ServerThread
+from tests.support import tiny_litert
 
 # ---------------------------------------------------------------------------------------------
 # Properties of the decoding (no server): any Image content either decodes to float32 pixels in
@@ -187,12 +190,12 @@ class Tally:
 
 
 class Fuzzer:
-    """Builds malformed requests from a seeded generator; every good image avoids the fake
-    model's crash pixel so that INTERNAL can only come from the server."""
+    """Builds malformed requests from a seeded generator, and the answers of good ones from
+    ``model`` (a copy of the served model, in this thread)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, model: Any) -> None:
         self.rng = np.random.default_rng(seed)
-        self.model = FakeModel()
+        self.model = model
 
     # -- images --------------------------------------------------------------------------------
     def good_pixels(self, n: int) -> tuple[list[pb.Image], npt.NDArray[np.float32]]:
@@ -206,7 +209,7 @@ class Fuzzer:
                 continue
             values = self.rng.random(SIZE, dtype=np.float32)
             values[self.rng.integers(0, SIZE, 3)] = [0.0, 1.0, -0.0]  # the edges are valid
-            values[0] = 0.0  # never the fake model's crash pixel
+            values[0] = 0.0  # never FakeModel's crash pixel, whichever model serves
             if kind == "float32":
                 images.append(pb.Image(float32=values.astype("<f4").tobytes()))
             else:
@@ -475,13 +478,15 @@ async def run_case(case: Case, calls: dict[tuple[str, bool], Any],
 
 @pytest.mark.timeout(600)
 def test_fuzz_ten_thousand_malformed_requests_never_internal(
-    start_server: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture,
+    start_server: Callable[..., ServerThread], tiny_repo: Path, caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str], record_property: Callable[[str, object], None],
 ) -> None:
     caplog.set_level(logging.WARNING)
     server = start_server(max_images_per_request=MAX_IMAGES, max_message_bytes=MAX_BYTES,
                           max_queued_images=16 * MAX_IMAGES)
-    fuzzer = Fuzzer(seed=20260101)
+    assert server.app.plane.model is not None and server.app.plane.model.inference_path == "litert"
+    model = tiny_litert(tiny_repo)  # the served model's answers, computed in this thread
+    fuzzer = Fuzzer(seed=20260101, model=model)
     cases = (fuzzer.case() for _ in range(FUZZ_CALLS))
     tally = Tally()
     started = time.perf_counter()
@@ -513,21 +518,21 @@ def test_fuzz_ten_thousand_malformed_requests_never_internal(
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        images, rows = Fuzzer(seed=1).good_pixels(3)
+        images, rows = Fuzzer(seed=1, model=model).good_pixels(3)
         response = channel.unary_unary(
             SERVICE + "Predict", request_serializer=pb.PredictRequest.SerializeToString,
             response_deserializer=pb.PredictResponse.FromString,
         )(pb.PredictRequest(images=images), timeout=5)
         got = np.array([p.probabilities for p in response.predictions], np.float32)
-        np.testing.assert_allclose(got, FakeModel().predict(rows), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got, model.predict(rows), rtol=1e-5, atol=1e-7)
 
 
 def test_undecodable_bytes_are_invalid_argument_naming_the_message(
-    fake_server: ServerThread,
+    tiny_server: ServerThread,
 ) -> None:
     """Before the fix, gRPC answered UNKNOWN ("Unexpected <class DecodeError>...") for a unary
     call and the servicer INTERNAL for a stream."""
-    with grpc.insecure_channel(fake_server.target) as channel:
+    with grpc.insecure_channel(tiny_server.target) as channel:
         predict = channel.unary_unary(SERVICE + "Predict")
         evaluate = channel.stream_unary(SERVICE + "Evaluate")
         good = pb.EvaluateRequest(images=[pb.Image(uint8=bytes(SIZE))], labels=[3]).SerializeToString()

@@ -21,7 +21,8 @@ import pytest
 from digitserve.client.client import DigitClient
 from digitserve.repository import CorruptVersionError, ModelRepository
 from digitserve.server.versions import QualityGateError, RepositorySource
-from tests.conftest import REPO_ROOT, ServerProcess
+from tests.servers import ServerProcess
+from tests.support import REPO_ROOT
 
 ROOT = REPO_ROOT
 

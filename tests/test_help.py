@@ -17,7 +17,7 @@ import pytest
 from digitserve.client.cli import build_parser as client_parser
 from digitserve.server.settings import build_parser as server_parser
 from digitserve.trainer.cli import build_parser as trainer_parser
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT
 
 COMMANDS: dict[str, tuple[str, Callable[[dict[str, str]], argparse.ArgumentParser]]] = {
     "mnist-serve": ("digitserve.server", server_parser),

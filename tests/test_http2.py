@@ -16,7 +16,7 @@ import pytest
 
 from digitserve.loadtest import PREDICT_METHOD, http2
 from digitserve.v1 import digit_service_pb2 as pb
-from tests.conftest import ServerThread
+from tests.servers import ServerThread
 from tests.support import wait_for_async
 
 T = TypeVar("T")

@@ -20,7 +20,7 @@ import pytest
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelRepository
 from digitserve.server.app import MODEL_UPDATES_SERVICE
-from tests.conftest import ServerProcess, ServerThread, make_settings
+from tests.servers import ServerProcess, ServerThread, make_settings
 from tests.support import publish_copy, wait_for
 
 # --repository-timeout of these tests: a good version loads in ~0.1 s alone, ~1 s in the pytest
@@ -81,6 +81,18 @@ def root(staged: Path, tmp_path: Path) -> Iterator[Path]:
             release(fifo)
 
 
+def blocked_on_a_fifo(pid: int) -> bool:
+    """Whether a thread of process ``pid`` waits in open() for a FIFO's writer (Linux shows the
+    kernel function it sleeps in, wait_for_partner, in the thread's wchan)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text() == "wait_for_partner":
+                return True
+        except OSError:  # the thread ended meanwhile
+            continue
+    return False
+
+
 def repository_threads(version: int) -> int:
     return sum(1 for t in threading.enumerate() if t.name == f"repository load {version}")
 
@@ -107,8 +119,11 @@ def test_a_hung_version_is_skipped_logged_counted_and_a_newer_good_one_is_served
             wait_for(lambda: timeouts() >= 1, timeout=30)
             noticed = time.monotonic() - hung_at
             # The watch goes on: ten more looks start no second thread on the hung read.
-            time.sleep(10 * 0.1)
-            assert repository_threads(2) == 1
+            source = server.source
+            assert source is not None
+            looks = source.calls["versions"]
+            wait_for(lambda: source.calls["versions"] >= looks + 10, 30, "ten more looks")
+            assert repository_threads(2) == 1 and source.calls["load 2"] == 1
             assert timeouts() == 1
             assert registry.get_sample_value("digitserve_repository_hung_reads") == 1
             info = client.model_info()
@@ -167,11 +182,10 @@ def test_sigterm_during_a_hung_reload_exits_within_the_grace_period(
                    "--reload-interval", "0.2", "--grace-period", "1", "--log-format", "text")
     with DigitClient(server.target(), timeout=10) as client:
         assert client.wait_until_serving(60) == "SERVING", server.log
+    assert not blocked_on_a_fifo(server.proc.pid)
     install(staged, root, 2, hung=True)
-    deadline = time.monotonic() + 5
-    while "trying model tiny version 2 (reload)" not in server.log and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the blocked read
+    wait_for(lambda: "trying model tiny version 2 (reload)" in server.log, 30, "the reload to start")
+    wait_for(lambda: blocked_on_a_fifo(server.proc.pid), 30, "the reload's read to block")
     signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     code = server.wait(1 + 10)  # grace + margin
@@ -204,9 +218,8 @@ def test_reads_run_one_thread_per_hung_key_and_keep_a_late_outcome_for_the_same_
         assert calls == ["slow"]  # no second thread on the hung read
         assert await reads.run("load 3", "loading version 3", lambda: "other") == "other"
         release.set()
-        for _ in range(100):
-            if not reads.busy("load 2"):
-                break
+        deadline = time.monotonic() + 30  # the released read returns (on a loaded machine, late)
+        while reads.busy("load 2") and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert reads.hung == 0
         # The late outcome serves the next run for the same files, without reading again...

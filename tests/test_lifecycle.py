@@ -22,7 +22,8 @@ from digitserve.server.cli import main
 from digitserve.server.settings import Settings, load_settings
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
+from tests.support import in_flight, wait_for
 
 
 def test_settings_come_from_flags_then_environment(tmp_path: Path) -> None:
@@ -58,8 +59,10 @@ def test_missing_model_exits_1_with_a_clear_log_line(
 def test_sigterm_drains_in_flight_calls_and_exits_0(
     spawn: type[ServerProcess], tiny_repo: Path, synthetic_data_dir: Path
 ) -> None:
-    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "20")
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "20",
+                   "--metrics-port", "0")
     target = server.target()
+    metrics_port = server.metrics_port()
     split = load_split(synthetic_data_dir, "t10k")
     images, labels = split.images.reshape(len(split.images), -1), split.labels
     with DigitClient(target, timeout=60) as client:
@@ -82,7 +85,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(
         stub = pb_grpc.DigitServiceStub(channel)
         future = stub.Evaluate.future(slow_stream(), timeout=60)
         assert first_sent.wait(30)
-        time.sleep(0.3)  # the first batch is being computed
+        wait_for(lambda: in_flight(metrics_port, "Evaluate") == 1, 30, "the call to be in flight")
         server.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -135,9 +138,8 @@ def test_several_workers_share_the_port_and_drain_on_sigterm(
         with DigitClient(target, timeout=60) as client:
             assert client.wait_until_serving(90) == "SERVING"
             assert client.predict(np.zeros(784, np.uint8)).model_version == 1
-    deadline = time.monotonic() + 90  # the other worker may still be loading its model
-    while server.log.count("serving model tiny version 1") < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # The other worker may still be loading its model.
+    wait_for(lambda: server.log.count("serving model tiny version 1") >= 2, 90, "both workers serving")
     for line in server.lines:
         if "worker " in line and " starting" in line:
             pids.add(line.split("(pid ")[1].split(")")[0])

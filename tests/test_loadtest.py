@@ -24,7 +24,8 @@ from digitserve.idx import load_split, scale_pixels
 from digitserve.loadtest import generator as loadtest
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
-from tests.conftest import FakeModel, ServerProcess, ServerThread
+from tests.servers import ServerProcess, ServerThread
+from tests.support import FakeModel
 
 
 def fake_accuracy(images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> float:
@@ -171,7 +172,7 @@ def test_v2_protocol_names_the_model_it_asks_for(
 def test_connections_closed_by_max_connection_age_lose_no_call(
     start_server: Callable[..., ServerThread], engine: str
 ) -> None:
-    server = start_server(max_connection_age=0.3)
+    server = start_server(FakeModel, max_connection_age=0.3)  # a fake: answers checked against its own
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, size=(500, 784), dtype=np.uint8)
     workload = loadtest.build_workload(images, rng.integers(0, 10, size=500),

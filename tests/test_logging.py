@@ -27,7 +27,8 @@ from digitserve.server.logs import (
 )
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerProcess, ServerThread
+from tests.servers import ServerProcess, ServerThread
+from tests.support import FakeModel
 
 
 @pytest.fixture
@@ -85,6 +86,7 @@ def test_auto_format_is_text_only_on_a_terminal(given: str, terminal: bool, expe
 def test_one_access_line_per_call_and_no_pixels(
     fake_server: ServerThread, json_log: io.StringIO
 ) -> None:
+    """The fake model on purpose: an image crashes it, for the INTERNAL call's line."""
     good = np.full((1, 784), 0.7071, np.float32)
     bad = good.copy()
     bad[0, 5] = 1.2345

@@ -19,8 +19,8 @@ from digitserve.server.telemetry import CONFIDENCE_BUCKETS, BulkHistogram
 from digitserve.server.workers import _with_metrics_port
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerThread
-from tests.support import Samples, scrape
+from tests.servers import ServerThread
+from tests.support import FakeModel, Samples, scrape
 
 D = 784
 SERVICE = "digitserve.v1.DigitService"
@@ -50,6 +50,8 @@ def request(images: npt.NDArray[np.uint8], version: int = 0) -> pb.PredictReques
 
 
 def test_known_traffic_gives_exact_counts(start_server: Callable[..., ServerThread]) -> None:
+    # A fake on purpose: its confidence follows the images' brightness (varied_images), from
+    # flat to peaked answers, and the figures are checked against its own answers.
     model = FakeModel()
     server = start_server(lambda: model, metrics_port=0, low_confidence=0.5)
     assert server.app.metrics_port
@@ -144,8 +146,8 @@ def test_metrics_are_off_by_default(start_server: Callable[..., ServerThread]) -
     assert start_server().app.metrics_port is None
 
 
-def test_request_id_is_echoed_or_generated(fake_server: ServerThread) -> None:
-    with grpc.insecure_channel(fake_server.target) as channel:
+def test_request_id_is_echoed_or_generated(tiny_server: ServerThread) -> None:
+    with grpc.insecure_channel(tiny_server.target) as channel:
         stub = pb_grpc.DigitServiceStub(channel)
         _, call = stub.GetModelInfo.with_call(
             pb.GetModelInfoRequest(), metadata=(("x-request-id", "trace-42"),))

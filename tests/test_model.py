@@ -25,7 +25,7 @@ from digitserve.inference import (
 )
 from digitserve.repository import LITERT_FILE, CorruptVersionError, ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
 
 
 def version_dir(tiny_repo: Path) -> Path:

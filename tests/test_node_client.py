@@ -16,8 +16,8 @@ import pytest
 
 from digitserve.client.client import DigitClient
 from digitserve.idx import read_idx
-from tests.conftest import REPO_ROOT, ServerThread
-from tests.support import skip_or_fail
+from tests.servers import ServerThread
+from tests.support import REPO_ROOT, skip_or_fail
 
 NODE_DIR = REPO_ROOT / "examples" / "node"
 NODE = shutil.which("node")
@@ -66,42 +66,42 @@ def assert_same_prediction(node: dict[str, Any], target: str, image: np.ndarray)
 
 
 def test_node_predicts_an_idx_image_like_the_python_client(
-    node_client: Callable[..., subprocess.CompletedProcess[str]], fake_server: ServerThread,
+    node_client: Callable[..., subprocess.CompletedProcess[str]], tiny_server: ServerThread,
     synthetic_data_dir: Path,
 ) -> None:
     index = 7
-    proc = node_client("--target", fake_server.target, "--data-dir", str(synthetic_data_dir),
+    proc = node_client("--target", tiny_server.target, "--data-dir", str(synthetic_data_dir),
                        "--index", str(index), "--timeout", "10", "--json")
     image = read_idx(synthetic_data_dir / "t10k-images-idx3-ubyte.gz")[index].reshape(-1)
-    assert_same_prediction(node_json(proc), fake_server.target, image)
+    assert_same_prediction(node_json(proc), tiny_server.target, image)
 
 
 def test_node_predicts_a_synthetic_image_like_the_python_client(
-    node_client: Callable[..., subprocess.CompletedProcess[str]], fake_server: ServerThread,
+    node_client: Callable[..., subprocess.CompletedProcess[str]], tiny_server: ServerThread,
 ) -> None:
-    proc = node_client("--target", fake_server.target, "--synthetic", "--json")
+    proc = node_client("--target", tiny_server.target, "--synthetic", "--json")
     image = np.zeros((28, 28), dtype=np.uint8)
     image[4:24, 13:15] = 255  # predict.js: a 2-pixel stroke, rows 28/7 .. 28 - 28/7, columns 13-14
-    assert_same_prediction(node_json(proc), fake_server.target, image.reshape(-1))
+    assert_same_prediction(node_json(proc), tiny_server.target, image.reshape(-1))
 
 
 def test_node_prints_the_digit_for_people(
-    node_client: Callable[..., subprocess.CompletedProcess[str]], fake_server: ServerThread,
+    node_client: Callable[..., subprocess.CompletedProcess[str]], tiny_server: ServerThread,
 ) -> None:
-    proc = node_client("--target", fake_server.target, "--synthetic")
+    proc = node_client("--target", tiny_server.target, "--synthetic")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "model fake version 1"
+    assert lines[0] == "model tiny version 1"
     assert lines[1].startswith("predicted digit: ")
     assert len(lines) == 2 + 10
 
 
 def test_node_reports_errors_in_one_line(
-    node_client: Callable[..., subprocess.CompletedProcess[str]], fake_server: ServerThread,
+    node_client: Callable[..., subprocess.CompletedProcess[str]], tiny_server: ServerThread,
 ) -> None:
-    proc = node_client("--target", fake_server.target, "--synthetic", "--model-version", "9")
+    proc = node_client("--target", tiny_server.target, "--synthetic", "--model-version", "9")
     assert proc.returncode == 1
     assert proc.stderr.startswith("predict.js: NOT_FOUND: ") and proc.stderr.count("\n") == 1, proc.stderr
-    usage = node_client("--target", fake_server.target)
+    usage = node_client("--target", tiny_server.target)
     assert usage.returncode == 2
     assert "give exactly one of --data-dir or --synthetic" in usage.stderr

@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe V2) beside our own API: every RPC, every input encoding and
-every error code with the fake model, and tritonclient (in a subprocess) against a trained model."""
+every error code with the fake model, and tritonclient (in a subprocess) against the tiny model
+served from its repository, as mnist-serve serves it."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from grpc_status import rpc_status
 from digitserve.client.client import DigitClient
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
-from digitserve.repository import ModelRepository
 from digitserve.server.status import INTERNAL_MESSAGE
-from tests.conftest import FakeModel, ServerThread, expect_error
+from tests.servers import ServerThread
+from tests.support import FakeModel, expect_error
 
 D = 784
 Request = oip.ModelInferRequest
@@ -38,6 +39,9 @@ def oip_stub(channel: grpc.Channel) -> oip_grpc.GRPCInferenceServiceStub:
 
 @pytest.fixture
 def stub(fake_server: ServerThread) -> Iterator[oip_grpc.GRPCInferenceServiceStub]:
+    """A stub of the fake model's server, on purpose: every encoding's answer is compared with
+    probabilities known without a model, its name ("fake") differs from the configured one, and
+    an image crashes it (INTERNAL)."""
     with grpc.insecure_channel(fake_server.target) as channel:
         yield oip_stub(channel)
 
@@ -51,10 +55,12 @@ def scaled(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
 
 
 def infer_request(
-    images: npt.NDArray[Any], datatype: str, raw: bool, shape: list[int] | None = None, **fields: Any
+    images: npt.NDArray[Any], datatype: str, raw: bool, shape: list[int] | None = None,
+    model_name: str = "fake", **fields: Any
 ) -> oip.ModelInferRequest:
-    """A ModelInfer request for the fake model with one input 'images' in the given encoding."""
-    request = Request(model_name="fake", **fields)
+    """A ModelInfer request (for the fake model unless named) with one input 'images' in the
+    given encoding."""
+    request = Request(model_name=model_name, **fields)
     tensor = request.inputs.add(name="images", datatype=datatype, shape=shape or list(images.shape))
     if raw:
         request.raw_input_contents.append(images.astype("<f4" if datatype == "FP32" else np.uint8).tobytes())
@@ -138,22 +144,22 @@ def test_model_ready(
 
 
 def test_before_the_model_is_loaded(start_server: Callable[..., ServerThread]) -> None:
-    server = start_server(load=False)  # configured name "mnist", the fake answers as "fake" once loaded
+    server = start_server(load=False)  # the tiny model's repository, not loaded yet
     with grpc.insecure_channel(server.target) as channel:
         stub = oip_stub(channel)
         assert stub.ServerLive(oip.ServerLiveRequest()).live
         assert not stub.ServerReady(oip.ServerReadyRequest()).ready
-        assert not stub.ModelReady(oip.ModelReadyRequest(name="mnist")).ready
+        assert not stub.ModelReady(oip.ModelReadyRequest(name="tiny")).ready
         expect_error(lambda: stub.ModelReady(oip.ModelReadyRequest(name="other")), grpc.StatusCode.NOT_FOUND)
-        request = infer_request(scaled(images_u8(1)), "FP32", raw=True)
-        request.model_name = "mnist"
+        request = infer_request(scaled(images_u8(1)), "FP32", raw=True, model_name="tiny")
         expect_error(lambda: stub.ModelInfer(request), grpc.StatusCode.UNAVAILABLE, "no model is loaded")
         expect_error(
-            lambda: stub.ModelMetadata(oip.ModelMetadataRequest(name="mnist")), grpc.StatusCode.UNAVAILABLE
+            lambda: stub.ModelMetadata(oip.ModelMetadataRequest(name="tiny")), grpc.StatusCode.UNAVAILABLE
         )
         server.load()
         assert stub.ServerReady(oip.ServerReadyRequest()).ready
-        assert stub.ModelReady(oip.ModelReadyRequest(name="fake")).ready
+        assert stub.ModelReady(oip.ModelReadyRequest(name="tiny")).ready
+        assert len(stub.ModelInfer(request).outputs) == 3
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "UINT8"])
@@ -316,7 +322,7 @@ def test_too_many_images(start_server: Callable[..., ServerThread]) -> None:
     server = start_server(max_images_per_request=2)
     with grpc.insecure_channel(server.target) as channel:
         stub = oip_stub(channel)
-        request = infer_request(images_u8(3), "UINT8", raw=True)
+        request = infer_request(images_u8(3), "UINT8", raw=True, model_name="tiny")
         expect_error(lambda: stub.ModelInfer(request), grpc.StatusCode.INVALID_ARGUMENT,
                      "inputs[0].shape: 3 images exceed the limit of 2 per request")
 
@@ -329,14 +335,14 @@ def test_model_crash_is_internal_without_details(stub: oip_grpc.GRPCInferenceSer
     assert err.details() == INTERNAL_MESSAGE
 
 
-def test_undecodable_request_is_invalid_argument(fake_server: ServerThread) -> None:
-    with grpc.insecure_channel(fake_server.target) as channel:
+def test_undecodable_request_is_invalid_argument(tiny_server: ServerThread) -> None:
+    with grpc.insecure_channel(tiny_server.target) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         expect_error(lambda: call(b"\xff\xff\xff", timeout=10), grpc.StatusCode.INVALID_ARGUMENT)
 
 
-def test_reflection_lists_the_inference_service(fake_server: ServerThread) -> None:
-    with grpc.insecure_channel(fake_server.target) as channel:
+def test_reflection_lists_the_inference_service(tiny_server: ServerThread) -> None:
+    with grpc.insecure_channel(tiny_server.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         responses = stub.ServerReflectionInfo(iter([request]))
@@ -388,13 +394,11 @@ print(json.dumps(report))
     reason="tritonclient is not installed (it is in the dev extra: pip install -e '.[dev]')",
 )
 def test_tritonclient_gets_the_probabilities_of_our_client(
-    start_server: Callable[..., ServerThread], tiny_repo: Path, synthetic_data_dir: Path, tmp_path: Path
+    tiny_server: ServerThread, synthetic_data_dir: Path, tmp_path: Path
 ) -> None:
     from digitserve.idx import read_idx
-    from digitserve.inference import KerasModel
 
-    version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)
-    server = start_server(loader=lambda: KerasModel.load(version_dir))
+    server = tiny_server
     pixels = read_idx(synthetic_data_dir / "t10k-images-idx3-ubyte.gz")[:16].reshape(16, -1)
     np.save(tmp_path / "images.npy", pixels)
     proc = subprocess.run(

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelNotFoundError, ModelRepository
 from digitserve.server.app import MODEL_UPDATES_SERVICE
-from tests.conftest import ServerThread, expect_error, make_settings
-from tests.support import publish_copy, wait_for
+from tests.servers import ServerThread, make_settings
+from tests.support import expect_error, publish_copy, wait_for
 
 
 def publish_variant(repo: ModelRepository, source_dir: Path, model_bytes: bytes | None = None,
@@ -160,9 +160,14 @@ def test_a_version_refused_while_incomplete_is_served_once_its_files_are_complet
             assert client.model_info()["refused_versions"]["2"].endswith("model.keras: missing")
             assert client.health(MODEL_UPDATES_SERVICE) == "NOT_SERVING"
             registry = server.app.telemetry.registry
-            time.sleep(10 * 0.1)  # ten more looks: its files did not change, it is not tried again
+            # Ten more looks: its files did not change, it is not tried again.
+            source = server.source
+            assert source is not None
+            looks = source.calls["versions"]
+            wait_for(lambda: source.calls["versions"] >= looks + 10, 30, "ten more looks")
             assert registry.get_sample_value("digitserve_model_reloads_total",
                                              {"outcome": "refused"}) == 1
+            assert source.calls["load 2"] == 1
 
             completed = time.monotonic()
             shutil.copy(complete / "model.keras", root / "tiny" / "2" / "model.keras")

@@ -18,7 +18,7 @@ import pytest
 
 from digitserve.metadata import read_metadata, verify_files
 from digitserve.repository import ModelRepository
-from tests.conftest import REPO_ROOT
+from tests.support import REPO_ROOT
 
 
 def build_file(content: str) -> Any:

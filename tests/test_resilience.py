@@ -23,8 +23,8 @@ import pytest
 from digitserve.client.client import DigitClient, encode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import FakeModel, ServerProcess, ServerThread
-from tests.support import PeakMemory
+from tests.servers import ServerProcess, ServerThread
+from tests.support import FakeModel, PeakMemory, in_flight, wait_for
 
 
 def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
@@ -33,7 +33,8 @@ def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
 
 
 class CostlyModel(FakeModel):
-    """A fake model whose every call takes 50 ms, so a burst overflows its queue."""
+    """A fake model whose every call takes 50 ms, so a burst overflows its queue: a fake on
+    purpose, whose every call, however small, goes through the queue to the model thread."""
 
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         time.sleep(0.05)
@@ -68,8 +69,9 @@ def overload(target: str, callers: int, duration: float) -> list[tuple[str, floa
 
 
 class CostlyLiteRT:
-    """The tiny model as production serves it (the LiteRT interpreter, ``inline`` as loaded),
-    whose every call takes 50 ms more, so a burst overflows its queue."""
+    """The tiny model as production serves it (the LiteRT interpreter, ``inline`` as loaded;
+    start_server(wrap=CostlyLiteRT) wraps it past the gate), whose every call takes 50 ms more,
+    so a burst overflows its queue."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -85,19 +87,15 @@ class CostlyLiteRT:
 @pytest.mark.parametrize("path", ["fake", "litert"])
 def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
     start_server: Callable[..., ServerThread], capsys: pytest.CaptureFixture[str], path: str,
-    request: pytest.FixtureRequest,
 ) -> None:
     # Capacity: 16 images per 50 ms model call = 320 images/s; the queue holds 64 images (4
     # calls' worth). 200 callers in a closed loop ask for far more.
+    limits = {"max_batch_size": 16, "max_queued_images": 64, "max_images_per_request": 16}
     if path == "fake":
-        loader: Callable[[], Any] = CostlyModel
+        server = start_server(CostlyModel, **limits)  # a fake on purpose: see CostlyModel
     else:
-        from tests.support import tiny_litert
-
-        model = CostlyLiteRT(tiny_litert(request.getfixturevalue("tiny_repo")))
-        loader = lambda: model  # noqa: E731
-    server = start_server(loader=loader, max_batch_size=16, max_queued_images=64,
-                          max_images_per_request=16)
+        server = start_server(wrap=CostlyLiteRT, **limits)
+        assert isinstance(server.app.plane.model, CostlyLiteRT)
     callers, duration = 200, 3.0
     memory = PeakMemory()  # the server runs in this process, its callers in another
     # The callers run in another process, so they don't compete with the server for this GIL.
@@ -130,8 +128,10 @@ def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
 def test_sigterm_under_load_fails_no_in_flight_call(
     spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "10")
+    server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--grace-period", "10",
+                   "--metrics-port", "0")
     target = server.target()
+    metrics_port = server.metrics_port()
     with DigitClient(target, timeout=60) as client:
         assert client.wait_until_serving(90) == "SERVING"
     images = np.random.default_rng(1).integers(0, 256, size=(512, 784), dtype=np.uint8)
@@ -175,10 +175,14 @@ def test_sigterm_under_load_fails_no_in_flight_call(
         stub = pb_grpc.DigitServiceStub(channel)
         streams = [stub.Evaluate.future(stream(k), timeout=60) for k in range(4)]
         assert all(event.wait(30) for event in first_sent)
-        time.sleep(1.0)
+        # The server holds the 4 streams, and the Predict load is flowing.
+        wait_for(lambda: in_flight(metrics_port, "Evaluate") == 4, 30, "4 Evaluate calls in flight")
+        wait_for(lambda: sum(1 for c in calls if c[2] == "OK") >= 100, 60, "100 Predict calls")
         sigterm = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)  # draining: new calls are refused meanwhile
+        # The streams send the rest of their messages once the drain has begun (new calls are
+        # refused meanwhile).
+        wait_for(lambda: "signal received: draining" in server.log, 30, "the drain to begin")
         resume.set()
         results = []
         for future in streams:

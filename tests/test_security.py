@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import json
 import logging
 import re
@@ -43,7 +44,8 @@ from digitserve.server.security import (
 from digitserve.server.settings import Settings, load_settings
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
-from tests.conftest import REPO_ROOT, FakeModel, ServerProcess, ServerThread
+from tests.servers import ServerProcess, ServerThread
+from tests.support import REPO_ROOT, FakeModel
 
 D = 784
 TOKEN = "s3cr3t-t0ken_for.tests~1"
@@ -148,6 +150,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 # --- helpers -------------------------------------------------------------------------------------
 
+@pytest.fixture
+def start_fake(start_server: Callable[..., ServerThread]) -> Callable[..., ServerThread]:
+    """Servers of the fake model, on purpose: these tests count its calls (a refused peer never
+    reaches the model) and compare answers with its own, known without a model."""
+    return functools.partial(start_server, FakeModel)
+
+
 def images_u8(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, D), dtype=np.uint8)
 
@@ -188,9 +197,9 @@ def assert_served(client: DigitClient) -> None:
 # --- TLS -----------------------------------------------------------------------------------------
 
 def test_tls_serves_tls_clients_and_refuses_plaintext_and_untrusted_servers(
-    start_server: Callable[..., ServerThread], pki: Pki
+    start_fake: Callable[..., ServerThread], pki: Pki
 ) -> None:
-    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key)
+    server = start_fake(tls_cert=pki.server_cert, tls_key=pki.server_key)
     with grpc.insecure_channel(server.target) as plaintext:
         assert predict_code(plaintext) == grpc.StatusCode.UNAVAILABLE
         assert refused(lambda: health(plaintext)).code() == grpc.StatusCode.UNAVAILABLE
@@ -200,15 +209,15 @@ def test_tls_serves_tls_clients_and_refuses_plaintext_and_untrusted_servers(
     with DigitClient(server.target, credentials=tls_credentials(pki.ca), timeout=10) as client:
         assert_served(client)
     # The same client refuses a server whose certificate another CA signed (no man in the middle).
-    rogue = start_server(tls_cert=pki.rogue_server_cert, tls_key=pki.rogue_server_key)
+    rogue = start_fake(tls_cert=pki.rogue_server_cert, tls_key=pki.rogue_server_key)
     with grpc.secure_channel(rogue.target, tls_credentials(pki.ca)) as channel:
         assert predict_code(channel) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_mtls_requires_a_client_certificate_from_the_client_ca(
-    start_server: Callable[..., ServerThread], pki: Pki
+    start_fake: Callable[..., ServerThread], pki: Pki
 ) -> None:
-    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    server = start_fake(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
     model = server.app.plane.model
     assert isinstance(model, FakeModel)
     calls_before = len(model.calls)
@@ -229,8 +238,8 @@ def test_mtls_requires_a_client_certificate_from_the_client_ca(
 
 # --- bearer token --------------------------------------------------------------------------------
 
-def test_token_required_on_every_method_but_health(start_server: Callable[..., ServerThread]) -> None:
-    server = start_server(auth_token=TOKEN)
+def test_token_required_on_every_method_but_health(start_fake: Callable[..., ServerThread]) -> None:
+    server = start_fake(auth_token=TOKEN)
     model = server.app.plane.model
     assert isinstance(model, FakeModel)
     calls_before = len(model.calls)
@@ -287,13 +296,13 @@ def test_token_required_on_every_method_but_health(start_server: Callable[..., S
 
 
 def test_token_file_over_tls_accepts_each_listed_token(
-    start_server: Callable[..., ServerThread], pki: Pki, tmp_path: Path
+    start_fake: Callable[..., ServerThread], pki: Pki, tmp_path: Path
 ) -> None:
     """Several tokens (one per line) let clients move to a new token before the old one goes;
     over TLS the client sends the token as gRPC call credentials."""
     token_file = tmp_path / "tokens"
     token_file.write_text("old-token\n\n  new-token  \n")
-    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, auth_token_file=token_file)
+    server = start_fake(tls_cert=pki.server_cert, tls_key=pki.server_key, auth_token_file=token_file)
     for token in ("old-token", "new-token"):
         with DigitClient(server.target, credentials=tls_credentials(pki.ca), token=token,
                          timeout=10) as client:
@@ -594,13 +603,13 @@ def test_expiry_warning_days_setting(pki: Pki, tmp_path: Path, caplog: pytest.Lo
 # --- the client CLI ------------------------------------------------------------------------------
 
 def test_client_cli_flags_for_tls_mtls_and_token(
-    start_server: Callable[..., ServerThread], pki: Pki, tmp_path: Path,
+    start_fake: Callable[..., ServerThread], pki: Pki, tmp_path: Path,
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    server = start_server(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
-                          auth_token=TOKEN)
+    server = start_fake(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca,
+                        auth_token=TOKEN)
     mtls = ["--target", server.target, "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
             "--tls-key", str(pki.client_key)]
     assert client_main([*mtls, "--token-file", str(token_file), "info", "--json"]) == 0
@@ -637,6 +646,7 @@ def test_read_token_takes_the_first_line(tmp_path: Path) -> None:
 # --- message-size limits -------------------------------------------------------------------------
 
 def many_classes() -> FakeModel:
+    """A fake on purpose: 4,000 classes make a reply of a few images larger than a message limit."""
     return FakeModel(input_shape=(8, 8), labels=tuple(f"c{i}" for i in range(4000)))
 
 
@@ -658,8 +668,8 @@ def test_message_size_limits_hold_for_replies_and_stream_messages(
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         assert "larger than max" in error.details()
         assert client.predict(images[:1]).probabilities.shape == (1, 4000)
-    fake = start_server(max_message_bytes=64 * 1024)
-    with DigitClient(fake.target, timeout=10) as client:
+    limited = start_server(max_message_bytes=64 * 1024)  # the tiny model from its repository
+    with DigitClient(limited.target, timeout=10) as client:
         error = refused(lambda: client.evaluate(images_u8(100), np.zeros(100), batch_size=100))
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
         assert client.evaluate(images_u8(100), np.zeros(100), batch_size=50).count == 100

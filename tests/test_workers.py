@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelRepository
-from tests.conftest import ServerProcess
+from tests.servers import ServerProcess
 from tests.support import publish_copy, wait_for
 
 TINY = ("--model-name", "tiny", "--reload-interval", "0")
