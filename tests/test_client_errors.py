@@ -158,9 +158,9 @@ def test_wait_waits_for_a_server_that_starts_later(
             cli.kill()
             cli.wait()
     assert (cli.returncode, err) == (0, "")
-    assert out.splitlines()[0] == "model:            fake version 1"
+    assert out.splitlines()[0] == "model:            tiny version 1"
     assert time.monotonic() - started >= 2
-    assert answers == ["fake"]
+    assert answers == ["tiny"]
 
 
 # --- 2. images as a caller has them ----------------------------------------------------------------
