@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 
 # The top-level modules each extra provides, as pyproject.toml's [project.optional-dependencies]
-# lists them (tests/test_extras.py keeps the two in step).
+# lists them (tests/core/test_extras.py keeps the two in step).
 MODULES: dict[str, tuple[str, ...]] = {
     "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography"),
     "trainer": ("tensorflow", "sklearn", "matplotlib"),

@@ -38,7 +38,7 @@ T = TypeVar("T")
 # fix. A server that shuts down fails the calls its transport accepted but the application had not
 # yet picked up ("Server Shutdown" in grpc core's KillPendingWorkLocked) with RST_STREAM CANCEL,
 # which the client reports as CANCELLED: at ~1k calls/s, a few per SIGTERM
-# (tests/test_drain.py). Every method here is idempotent (Predict, Evaluate and GetModelInfo
+# (tests/server/test_drain.py). Every method here is idempotent (Predict, Evaluate and GetModelInfo
 # compute, health reads), so such a call is safe to send again, to another replica under
 # round_robin. A cancel by this client itself is never retried by gRPC.
 RETRY_SERVICE_CONFIG = {

@@ -59,8 +59,8 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
         # grpc's "overload protection" also counts streams that have ended but whose calls Python
         # has not yet released, so a grpc client that keeps to the limit (200 calls in flight on
         # one channel) had some of its calls refused: UNAVAILABLE "RST_STREAM with error code 7"
-        # (tests/test_resilience.py). Without it the limit holds against the flood all the same
-        # (tests/test_flood.py, with the flood's SETTINGS acknowledged or not).
+        # (tests/server/test_resilience.py). Without it the limit holds against the flood all the same
+        # (tests/server/test_flood.py, with the flood's SETTINGS acknowledged or not).
         ("grpc.http.overload_protection", 0),
         # Soft and hard limit alike: grpc refuses header blocks between its soft limit and its
         # hard one at random.

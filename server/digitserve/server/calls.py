@@ -33,7 +33,7 @@ class CallWrapper:
     refused UNAUTHENTICATED without an accepted token (when ``auth`` is set; health stays open),
     and is counted, timed and logged whatever its outcome. Every behavior is wrapped, synchronous
     ones too (they then run in a thread, as grpc.aio would run them): none escapes the token
-    check (tests/test_auth_coverage.py)."""
+    check (tests/server/test_auth_coverage.py)."""
 
     def __init__(self, telemetry: Telemetry, auth: TokenAuth | None = None) -> None:
         self._telemetry = telemetry

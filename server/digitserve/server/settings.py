@@ -14,7 +14,8 @@ from digitserve.config import ENV_PREFIX, Parser, add_fields, env_name, env_only
 __all__ = ["ENV_PREFIX", "Settings", "build_parser", "load_settings"]
 
 # The allowed values are the fields' types: flags, variables and --help take them from there.
-# (digitserve.inference.INFERENCE_CHOICES and server.logs.FORMATS hold the same; tests/test_config.py checks.)
+# (digitserve.inference.INFERENCE_CHOICES and digitserve.server.logs.FORMATS hold the same;
+# tests/core/test_config.py checks.)
 Inference = Literal["auto", "litert", "tensorflow"]
 LogFormat = Literal["auto", "json", "text"]
 INFERENCE_CHOICES: tuple[str, ...] = get_args(Inference)

@@ -12,7 +12,7 @@ fixed size, so all of them are one (N, size) byte array filled column by column:
       1A L <label>            label (field 3)
       25 <float32>            probability (field 4, fixed32)
 
-followed by model_name (field 2) and model_version (field 3). ``tests/test_wire.py`` checks that
+followed by model_name (field 2) and model_version (field 3). ``tests/server/test_wire.py`` checks that
 protobuf parses it back into the message ``encode_predictions_protobuf`` builds.
 
 A request is read the same way round: when its images all carry one packed encoding of one length,

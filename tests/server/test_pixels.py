@@ -20,7 +20,7 @@ from digitserve.server.wire import PackedPredictRequest, parse_predict_request
 from digitserve.v1 import digit_service_pb2 as pb
 
 SIZE = 12  # pixels per image; the codec hard-codes no size
-SERVER = Path(__file__).resolve().parent.parent / "server" / "digitserve" / "server"
+SERVER = Path(__file__).resolve().parents[2] / "server" / "digitserve" / "server"
 
 
 def _outcome(decode: Callable[[], object]) -> tuple[str, object]:

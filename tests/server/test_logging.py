@@ -282,7 +282,7 @@ def test_json_mode_bridges_native_stderr_lines_to_json(tmp_path: Path) -> None:
         "os._exit(3)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).parent.parent)
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 3
     entries = [json.loads(line) for line in done.stderr.splitlines()]
     assert {(e["logger"], e["level"], e["message"]) for e in entries} == {

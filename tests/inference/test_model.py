@@ -121,7 +121,7 @@ def test_a_version_with_a_flatbuffer_serves_without_tensorflow(tiny_repo: Path) 
         "'keras' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parent.parent, check=False)
+                          cwd=Path(__file__).resolve().parents[2], check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["LiteRTModel", "litert", "True", "False", "False"]
 

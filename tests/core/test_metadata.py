@@ -15,7 +15,7 @@ import pytest
 from digitserve.metadata import FORMAT_VERSION, METADATA_FILE, Metadata
 from digitserve.repository import CorruptVersionError, ModelRepository
 
-FIXTURE = Path(__file__).parent / "fixtures" / "format1" / "mnist" / "1"
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "format1" / "mnist" / "1"
 """metadata.json (and its checksum) of a version published by main's trainer (bc5cc53):
 ``mnist-train train --preset seed --epochs 1`` on the real MNIST files."""
 
