@@ -196,22 +196,26 @@ def _cut(text: str, limit: int) -> str:
 
 
 @contextlib.contextmanager
-def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
+def native_stderr_logged(logger: logging.Logger, level: int | None = None) -> Iterator[list[str]]:
     """Turns the lines a native library writes to file descriptor 2 while the block runs (LiteRT's
-    delegate notice, when an interpreter first allocates its tensors) into records of ``logger``,
-    so that a stream of JSON lines stays JSON; its INFO lines become DEBUG records. Anything else
-    written to stderr meanwhile (another thread's log lines) is written back unchanged after the
-    block. Without a file descriptor 2 to redirect, the block runs as it is."""
+    delegate notice, when an interpreter first allocates its tensors; grpc core's line on a port
+    it could not bind) into records of ``logger``, so that a stream of JSON lines stays JSON; its
+    INFO lines become DEBUG records, and every record is at ``level`` when one is given (a failure
+    the caller reports in its own words). Yields a list that holds the native lines' messages
+    once the block is over. Anything else written to stderr meanwhile (another thread's log
+    lines) is written back unchanged after the block. Without a file descriptor 2 to redirect,
+    the block runs as it is."""
+    messages: list[str] = []
     sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:
-        yield
+        yield messages
         return
     with tempfile.TemporaryFile() as capture:  # a file, not a pipe: writers never block on it
         os.dup2(capture.fileno(), 2)
         try:
-            yield
+            yield messages
         finally:
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.flush()
@@ -224,7 +228,8 @@ def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
             if native is None:
                 other.append(line)
             else:
-                logger.log(native[0], "%s", native[1])
+                messages.append(native[1])
+                logger.log(native[0] if level is None else level, "%s", native[1])
         if other:
             with contextlib.suppress(OSError):
                 os.write(2, b"".join(other))
