@@ -14,7 +14,6 @@ from functools import partial
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from digitserve.repository import ModelNotFoundError, RepositoryError
 from digitserve.server.calls import CallWrapper, Services
@@ -24,6 +23,7 @@ from digitserve.server.model import Model
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
 from digitserve.server.ports import ListenError, grpc_bind_error, metrics_port_error
+from digitserve.server.reflection import add_reflection
 from digitserve.server.security import SecurityConfigError, ServerSecurity
 from digitserve.server.servicer import DigitServicer, add_to_server
 from digitserve.server.settings import Settings
@@ -168,17 +168,11 @@ class App:
         add_to_server(DigitServicer(self.plane), services)  # bytes that do not parse: INVALID_ARGUMENT
         add_to_server(InferenceServicer(self.plane, settings.model_name), services, OIP_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
-        # What reflection.enable_server_reflection does for a grpc.aio.Server (which it tells by
-        # isinstance, and Services is not one).
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer((
-                SERVICE_NAME,
-                OIP_SERVICE.full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            )),
-            services,
-        )
+        add_reflection(services, (  # v1 and v1alpha
+            SERVICE_NAME,
+            OIP_SERVICE.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        ))
         services.close()
         self.port = 0
         self.metrics_port: int | None = None
