@@ -355,13 +355,32 @@ class GrpcRecordFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str, log_format: str = "auto", native_stderr: bool = True) -> None:
+ACCESS_LOG_MODES = ("auto", "on", "off")
+
+
+def resolve_access_log(mode: str, json_lines: bool, is_terminal: bool) -> bool:
+    """Whether calls get access lines: ``on``, ``off``, or ``auto``: on, except for text lines
+    written to a terminal (a person reading, whom a line per call would flood; JSON lines go to
+    machines, and text redirected to a file or a pipe is kept, as an access log file would be)."""
+    if mode not in ACCESS_LOG_MODES:
+        raise ValueError(f"access log {mode!r} is not one of {', '.join(ACCESS_LOG_MODES)}")
+    if mode == "auto":
+        return json_lines or not is_terminal
+    return mode == "on"
+
+
+def configure_logging(level: str, log_format: str = "auto", native_stderr: bool = True,
+                      access: str = "auto") -> None:
     """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal, else JSON). In
     JSON mode with ``native_stderr`` (a process that serves), what native code writes to stderr
     (grpc core, TensorFlow) becomes JSON lines too (``bridge_native_stderr``). grpc's own Python
-    records are cut to one line and rate-limited (``GrpcRecordFilter``)."""
+    records are cut to one line and rate-limited (``GrpcRecordFilter``). ``access``: whether calls
+    get access lines (``resolve_access_log``; they also need ``level`` INFO or below)."""
     is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     json_lines = resolve_format(log_format, is_terminal) == "json"
+    # Off: the access logger's own level is above INFO, whatever the root's (AccessLog.enabled).
+    access_logger.setLevel(logging.NOTSET if resolve_access_log(access, json_lines, is_terminal)
+                           else logging.WARNING)
     threshold = logging.getLevelNamesMapping().get(level.upper(), logging.DEBUG)
     stream = (bridge_native_stderr(threshold) if json_lines and native_stderr else None) or sys.stderr
     handler = logging.StreamHandler(stream)

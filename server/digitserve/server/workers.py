@@ -41,7 +41,7 @@ def die_with_parent(parent_pid: int) -> bool:
 def _worker(settings: Settings, slot: WorkerSlot, log_level: str) -> None:
     from digitserve.server.logs import configure_logging
 
-    configure_logging(log_level, settings.log_format)
+    configure_logging(log_level, settings.log_format, access=settings.access_log)
     # A group of its own: Ctrl-C in a terminal reaches the parent only, which forwards it once (a
     # second SIGINT would mean "stop at once").
     os.setpgrp()
