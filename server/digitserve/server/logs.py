@@ -175,11 +175,20 @@ _NATIVE_LEVELS = {b"VERBOSE": logging.DEBUG, b"INFO": logging.DEBUG, b"WARNING":
 _ABSL_LINE = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ ([^\]\s]+:\d+)\] ?(.*)")
 _ABSL_LEVELS = {b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR, b"F": logging.CRITICAL}
 MAX_NATIVE_CHARS = 2000  # a native line longer than this is cut (its length said)
+# Native lines that report nothing wrong, whatever their level: DEBUG records. TensorFlow 2.21's
+# ERROR on every tf.data graph it rewrites ("This may be expected [...]. Unknown attributes will be
+# ignored.", its own words), and absl's notice before its first line.
+_BENIGN = (
+    re.compile(r"NodeDef mentions attribute \S+ which is not in the op definition.*Unknown attributes "
+               r"will be ignored\.", re.DOTALL),
+    re.compile(r"All log messages before absl::InitializeLog\(\) is called are written to STDERR$"),
+)
 
 
 def native_record(line: bytes) -> tuple[int, str, str | None] | None:
     """(level, message, source) of one line in a native library's format (LiteRT's or absl's;
-    LiteRT's INFO is DEBUG here), or None for any other line. ``source`` is absl's ``file:line``."""
+    LiteRT's INFO is DEBUG here, and so are the lines ``_BENIGN`` knows), or None for any other
+    line. ``source`` is absl's ``file:line``."""
     line = line.rstrip(b"\r\n")
     if (absl := _ABSL_LINE.fullmatch(line)) is not None:
         level, source, message = _ABSL_LEVELS[absl.group(1)], absl.group(2).decode(errors="replace"), \
@@ -188,7 +197,10 @@ def native_record(line: bytes) -> tuple[int, str, str | None] | None:
         level, source, message = _NATIVE_LEVELS[lite.group(1)], None, lite.group(2)
     else:
         return None
-    return level, _cut(message.decode("utf-8", "replace"), MAX_NATIVE_CHARS), source
+    text = message.decode("utf-8", "replace")
+    if any(benign.match(text) for benign in _BENIGN):
+        level = logging.DEBUG
+    return level, _cut(text, MAX_NATIVE_CHARS), source
 
 
 def _cut(text: str, limit: int) -> str:
@@ -239,19 +251,21 @@ def native_stderr_logged(logger: logging.Logger, level: int | None = None) -> It
 NATIVE_LOGGER = "native"
 
 
-_BRIDGE_MAIN = "import sys; from digitserve.server.logs import run_bridge; run_bridge(int(sys.argv[1]))"
+_BRIDGE_MAIN = ("import sys; from digitserve.server.logs import run_bridge; "
+                "run_bridge(int(sys.argv[1]), *sys.argv[2:])")
 
 
-def bridge_native_stderr(level: int = logging.DEBUG) -> TextIO | None:
+def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = None) -> TextIO | None:
     """Makes everything native code writes to file descriptor 2 for the rest of the process's life
     (grpc core's absl lines, such as ``File descriptor limit reached``; TensorFlow's) a JSON line:
     file descriptor 2 becomes a pipe read by a small process of its own that writes each line as a
     JSON record (logger ``native``, ``source`` = absl's file:line) to the real stderr, and JSON
-    lines as they are; native records below ``level`` are dropped. A process, not a thread: it
-    reads the pipe to its end, so the last lines of a process that dies (a fatal absl CHECK, a
-    fault) are kept. Returns a stream on the real stderr for Python's own lines (which never go
-    through the pipe), or None if there is no file descriptor 2 or no bridge could be started,
-    leaving stderr as it was."""
+    lines as they are; native records below ``level`` are dropped. With ``text_format`` (a
+    logging format: ``mnist-train``'s) native lines become text records in that format instead,
+    and other lines pass as they are. A process, not a thread: it reads the pipe to its end, so
+    the last lines of a process that dies (a fatal absl CHECK, a fault) are kept. Returns a
+    stream on the real stderr for Python's own lines (which never go through the pipe), or None
+    if there is no file descriptor 2 or no bridge could be started, leaving stderr as it was."""
     import subprocess
 
     with contextlib.suppress(OSError, ValueError):
@@ -267,7 +281,7 @@ def bridge_native_stderr(level: int = logging.DEBUG) -> TextIO | None:
         return None
     try:
         subprocess.Popen(
-            [sys.executable, "-c", _BRIDGE_MAIN, str(level)],
+            [sys.executable, "-c", _BRIDGE_MAIN, str(level), *([text_format] if text_format else [])],
             stdin=read_end, stdout=real, stderr=real, close_fds=True,
         )
     except OSError:
@@ -282,16 +296,28 @@ def bridge_native_stderr(level: int = logging.DEBUG) -> TextIO | None:
     return stream
 
 
-def run_bridge(level: int = logging.DEBUG) -> None:
+def run_bridge(level: int = logging.DEBUG, text_format: str | None = None) -> None:
     """The bridge process: standard input (the server's file descriptor 2) to standard output (the
-    real stderr), a JSON line per line; ends at the end of its input (when every writer closed)."""
+    real stderr), a JSON line per line (``text_format``: native lines as text records, others as
+    they are); ends at the end of its input (when every writer closed)."""
     import signal
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the server's group's signals
         signal.signal(signum, signal.SIG_IGN)  # it ends when the server does, at end of input
     out = sys.stdout.buffer
+    text = None if text_format is None else logging.Formatter(text_format)
     for line in sys.stdin.buffer:
-        if line.startswith(b"{"):  # a JSON line (a library writing our own records): as it is
+        if text is not None:
+            native = native_record(line)
+            if native is None:
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+            elif native[0] >= level:
+                severity, message, source = native
+                record = logging.makeLogRecord({
+                    "name": NATIVE_LOGGER, "levelno": severity, "levelname": logging.getLevelName(severity),
+                    "msg": message if source is None else f"{message} [{source}]"})
+                out.write(text.format(record).encode("utf-8", "backslashreplace") + b"\n")
+        elif line.startswith(b"{"):  # a JSON line (a library writing our own records): as it is
             out.write(line if line.endswith(b"\n") else line + b"\n")
         else:
             native = native_record(line)
