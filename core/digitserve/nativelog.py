@@ -4,20 +4,24 @@ LiteRT prints ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` when a
 allocates; grpc core and TensorFlow write absl lines (``E0000 00:00:1795916047.597076    9767
 tcp_server_posix.cc:220] File descriptor limit reached. Retrying.``). :func:`native_record` reads
 one such line; :func:`native_stderr_logged` turns the lines written while a block runs into
-records of a logger. Standard library only: both the inference package (which loads LiteRT) and
-the server's logging (``digitserve.server.logs``, whose stderr bridge uses :func:`native_record`)
-import it, so neither imports the other.
+records of a logger; :func:`bridge_native_stderr` makes everything native code writes to file
+descriptor 2 for the rest of a process's life a JSON line (``mnist-serve``) or a text record
+(``mnist-train``). Standard library only: the inference package (which loads LiteRT), the
+server's logging and the trainer import it, so none of them imports another.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, TextIO
 
 # TensorFlow Lite's ("INFO: ...") and absl's (the format of grpc core and TensorFlow) lines.
 _NATIVE_LINE = re.compile(rb"(VERBOSE|INFO|WARNING|ERROR): (.*)")
@@ -26,11 +30,20 @@ _NATIVE_LEVELS = {b"VERBOSE": logging.DEBUG, b"INFO": logging.DEBUG, b"WARNING":
 _ABSL_LINE = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ ([^\]\s]+:\d+)\] ?(.*)")
 _ABSL_LEVELS = {b"I": logging.INFO, b"W": logging.WARNING, b"E": logging.ERROR, b"F": logging.CRITICAL}
 MAX_NATIVE_CHARS = 2000  # a native line longer than this is cut (its length said)
+# Native lines that report nothing wrong, whatever their level: DEBUG records. TensorFlow 2.21's
+# ERROR on every tf.data graph it rewrites ("This may be expected [...]. Unknown attributes will be
+# ignored.", its own words), and absl's notice before its first line.
+_BENIGN = (
+    re.compile(r"NodeDef mentions attribute \S+ which is not in the op definition.*Unknown attributes "
+               r"will be ignored\.", re.DOTALL),
+    re.compile(r"All log messages before absl::InitializeLog\(\) is called are written to STDERR$"),
+)
 
 
 def native_record(line: bytes) -> tuple[int, str, str | None] | None:
     """(level, message, source) of one line in a native library's format (LiteRT's or absl's;
-    LiteRT's INFO is DEBUG here), or None for any other line. ``source`` is absl's ``file:line``."""
+    LiteRT's INFO is DEBUG here, and so are the lines ``_BENIGN`` knows), or None for any other
+    line. ``source`` is absl's ``file:line``."""
     line = line.rstrip(b"\r\n")
     if (absl := _ABSL_LINE.fullmatch(line)) is not None:
         level, source, message = _ABSL_LEVELS[absl.group(1)], absl.group(2).decode(errors="replace"), \
@@ -39,7 +52,10 @@ def native_record(line: bytes) -> tuple[int, str, str | None] | None:
         level, source, message = _NATIVE_LEVELS[lite.group(1)], None, lite.group(2)
     else:
         return None
-    return level, shorten(message.decode("utf-8", "replace"), MAX_NATIVE_CHARS), source
+    text = message.decode("utf-8", "replace")
+    if any(benign.match(text) for benign in _BENIGN):
+        level = logging.DEBUG
+    return level, shorten(text, MAX_NATIVE_CHARS), source
 
 
 def shorten(text: str, limit: int) -> str:
@@ -48,22 +64,26 @@ def shorten(text: str, limit: int) -> str:
 
 
 @contextlib.contextmanager
-def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
+def native_stderr_logged(logger: logging.Logger, level: int | None = None) -> Iterator[list[str]]:
     """Turns the lines a native library writes to file descriptor 2 while the block runs (LiteRT's
-    delegate notice, when an interpreter first allocates its tensors) into records of ``logger``,
-    so that a stream of JSON lines stays JSON; its INFO lines become DEBUG records. Anything else
-    written to stderr meanwhile (another thread's log lines) is written back unchanged after the
-    block. Without a file descriptor 2 to redirect, the block runs as it is."""
+    delegate notice, when an interpreter first allocates its tensors; grpc core's line on a port
+    it could not bind) into records of ``logger``, so that a stream of JSON lines stays JSON; its
+    INFO lines become DEBUG records, and every record is at ``level`` when one is given (a failure
+    the caller reports in its own words). Yields a list that holds the native lines' messages
+    once the block is over. Anything else written to stderr meanwhile (another thread's log
+    lines) is written back unchanged after the block. Without a file descriptor 2 to redirect,
+    the block runs as it is."""
+    messages: list[str] = []
     sys.stderr.flush()
     try:
         saved = os.dup(2)
     except OSError:
-        yield
+        yield messages
         return
     with tempfile.TemporaryFile() as capture:  # a file, not a pipe: writers never block on it
         os.dup2(capture.fileno(), 2)
         try:
-            yield
+            yield messages
         finally:
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.flush()
@@ -76,7 +96,96 @@ def native_stderr_logged(logger: logging.Logger) -> Iterator[None]:
             if native is None:
                 other.append(line)
             else:
-                logger.log(native[0], "%s", native[1])
+                messages.append(native[1])
+                logger.log(native[0] if level is None else level, "%s", native[1])
         if other:
             with contextlib.suppress(OSError):
                 os.write(2, b"".join(other))
+
+
+NATIVE_LOGGER = "native"
+
+
+_BRIDGE_MAIN = ("import sys; from digitserve.nativelog import run_bridge; "
+                "run_bridge(int(sys.argv[1]), *sys.argv[2:])")
+
+
+def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = None) -> TextIO | None:
+    """Makes everything native code writes to file descriptor 2 for the rest of the process's life
+    (grpc core's absl lines, such as ``File descriptor limit reached``; TensorFlow's) a JSON line:
+    file descriptor 2 becomes a pipe read by a small process of its own that writes each line as a
+    JSON record (logger ``native``, ``source`` = absl's file:line) to the real stderr, and JSON
+    lines as they are; native records below ``level`` are dropped. With ``text_format`` (a
+    logging format: ``mnist-train``'s) native lines become text records in that format instead,
+    and other lines pass as they are. A process, not a thread: it reads the pipe to its end, so
+    the last lines of a process that dies (a fatal absl CHECK, a fault) are kept. Returns a
+    stream on the real stderr for Python's own lines (which never go through the pipe), or None
+    if there is no file descriptor 2 or no bridge could be started, leaving stderr as it was."""
+    import subprocess
+
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    try:
+        real = os.dup(2)
+    except OSError:
+        return None
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        os.close(real)
+        return None
+    try:
+        subprocess.Popen(
+            [sys.executable, "-c", _BRIDGE_MAIN, str(level), *([text_format] if text_format else [])],
+            stdin=read_end, stdout=real, stderr=real, close_fds=True,
+        )
+    except OSError:
+        for fd in (real, read_end, write_end):
+            os.close(fd)
+        return None
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    stream = open(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+    sys.stderr = stream  # Python's own writes (tracebacks at exit included) skip the pipe
+    return stream
+
+
+def run_bridge(level: int = logging.DEBUG, text_format: str | None = None) -> None:
+    """The bridge process: standard input (the server's file descriptor 2) to standard output (the
+    real stderr), a JSON line per line (``text_format``: native lines as text records, others as
+    they are); ends at the end of its input (when every writer closed)."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the server's group's signals
+        signal.signal(signum, signal.SIG_IGN)  # it ends when the server does, at end of input
+    out = sys.stdout.buffer
+    text = None if text_format is None else logging.Formatter(text_format)
+    for line in sys.stdin.buffer:
+        if text is not None:
+            native = native_record(line)
+            if native is None:
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+            elif native[0] >= level:
+                severity, message, source = native
+                record = logging.makeLogRecord({
+                    "name": NATIVE_LOGGER, "levelno": severity, "levelname": logging.getLevelName(severity),
+                    "msg": message if source is None else f"{message} [{source}]"})
+                out.write(text.format(record).encode("utf-8", "backslashreplace") + b"\n")
+        elif line.startswith(b"{"):  # a JSON line (a library writing our own records): as it is
+            out.write(line if line.endswith(b"\n") else line + b"\n")
+        else:
+            native = native_record(line)
+            severity, message, source = native if native is not None else (
+                logging.WARNING, shorten(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS),
+                None)
+            if severity < level or (not message and native is None):
+                continue
+            entry: dict[str, Any] = {
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "level": logging.getLevelName(severity), "logger": NATIVE_LOGGER, "message": message,
+            }
+            if source is not None:
+                entry["source"] = source
+            out.write(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
+        out.flush()

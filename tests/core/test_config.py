@@ -219,11 +219,13 @@ def test_a_flag_beats_the_variable_of_another_member_of_its_group() -> None:
 
 
 def test_server_choices_are_the_models_and_the_logs() -> None:
-    """Settings' Literal types (the flags' choices) name what digitserve.inference and server.logs
-    accept."""
+    """Settings' Literal types (the flags' choices) name what digitserve.inference and
+    digitserve.server.logs accept."""
     from digitserve.inference import INFERENCE_CHOICES
-    from digitserve.server.logs import FORMATS
+    from digitserve.server.logs import ACCESS_LOG_MODES, FORMATS
+    from digitserve.server.settings import ACCESS_LOG_MODES as SETTINGS_ACCESS_LOG_MODES
     from digitserve.server.settings import FORMATS as SETTINGS_FORMATS
     from digitserve.server.settings import INFERENCE_CHOICES as SETTINGS_INFERENCE
 
     assert SETTINGS_INFERENCE == INFERENCE_CHOICES and SETTINGS_FORMATS == FORMATS
+    assert SETTINGS_ACCESS_LOG_MODES == ACCESS_LOG_MODES

@@ -47,12 +47,14 @@ def test_bad_settings_are_usage_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert "--model-repo" in capsys.readouterr().err
 
 
-def test_missing_model_exits_1_with_a_clear_log_line(
+def test_missing_model_exits_2_with_a_clear_log_line(
     spawn: type[ServerProcess], tmp_path: Path
 ) -> None:
+    # Before it listens (tests/server/test_start_errors.py has every case of a repository without it).
     server = spawn("--model-repo", str(tmp_path), "--model-name", "absent")
-    assert server.wait(60) == 1
-    assert f"cannot load model absent: model 'absent' has no published version in {tmp_path}" \
+    assert server.wait(60) == 2
+    assert (f"cannot start: --model-repo {tmp_path}: the directory is empty: no model is published "
+            f"there yet; publish one (mnist-train train --model-repo {tmp_path} --model-name absent)") \
         in server.log
 
 

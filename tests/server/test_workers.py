@@ -246,23 +246,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def taken_after_the_check(port: int) -> socket.socket:
+    """Takes a worker's metrics port once the pool has started (its 'starting N workers on' line,
+    which server.target() waits for): the arbiter checks the ports before it starts the workers,
+    so a port taken before then is one line and exit 2 (tests/server/test_start_errors.py). What this
+    leaves is a port taken after that check (by another process meanwhile), which the worker
+    finds when it binds: the worker process starts, imports grpc and the server and configures
+    its logging first, more than a second here, while this takes the port at once."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port))
+    taken.listen()
+    return taken
+
+
 def test_a_worker_that_cannot_start_is_retried_with_backoff(
     spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     metrics = free_port()
-    taken = socket.socket()  # worker 1's metrics port (PORT+1) is taken
-    taken.bind(("127.0.0.1", metrics + 1))
-    taken.listen()
+    server = spawn("--model-repo", str(tiny_repo), *TINY, "--workers", "2",
+                   "--metrics-port", str(metrics), "--worker-start-retries", "5")
+    target = server.target()
+    taken = taken_after_the_check(metrics + 1)  # worker 1's metrics port (PORT+1)
     try:
-        server = spawn("--model-repo", str(tiny_repo), *TINY, "--workers", "2",
-                       "--metrics-port", str(metrics), "--worker-start-retries", "5")
-        target = server.target()
         for failures, delay in ((1, "0.5"), (2, "1.0")):
             wait_for(lambda f=failures, d=delay: re.search(  # type: ignore[misc]
                 rf"worker 1 \(pid \d+\) died before serving \({f} failed starts in a row\): exit "
-                rf"code 1; restarting it in {d}s", server.log), 90, f"failure {failures}")
-        assert re.search(rf"cannot start: metrics port 127.0.0.1:{metrics + 1}: .*Address already "
-                         r"in use", server.log), server.log
+                rf"code 2; restarting it in {d}s", server.log), 90, f"failure {failures}")
+        assert (f"cannot start: --metrics-port {metrics}: 127.0.0.1:{metrics + 1} (worker 1's, "
+                "--metrics-port + 1) is in use (another mnist-serve?); choose another --metrics-port"
+                ) in server.log, server.log
         wait_for(lambda: server.log.count("serving model tiny version") >= 1, 60, "worker 0")
         assert health(target) == "SERVING"
         assert health(target, WORKERS) == "NOT_SERVING"
@@ -283,16 +295,15 @@ def test_a_worker_that_keeps_failing_to_start_halts_the_server(
     spawn: type[ServerProcess], tiny_repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     metrics = free_port()
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", metrics + 1))
-        taken.listen()
-        started = time.monotonic()
-        server = spawn("--model-repo", str(tiny_repo), *TINY, "--workers", "2",
-                       "--metrics-port", str(metrics), "--worker-start-retries", "1")
+    started = time.monotonic()
+    server = spawn("--model-repo", str(tiny_repo), *TINY, "--workers", "2",
+                   "--metrics-port", str(metrics), "--worker-start-retries", "1")
+    server.target()
+    with taken_after_the_check(metrics + 1):
         assert server.wait(120) == 1
     elapsed = time.monotonic() - started
     assert re.search(r"worker 1 \(pid \d+\) died before serving \(2 failed starts in a row\): exit "
-                     r"code 1; halting: a worker that cannot start after 1 retries needs an "
+                     r"code 2; halting: a worker that cannot start after 1 retries needs an "
                      r"operator", server.log), server.log
     assert re.search(r"worker 0 \(pid \d+\) stopped: exit code 0", server.log), server.log
     report(capsys, f"halt: worker 1 failed 2 starts (1 retry allowed); exit 1 after {elapsed:.1f}s")

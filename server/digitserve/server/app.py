@@ -13,9 +13,9 @@ from functools import partial
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from digitserve.inference import Model
+from digitserve.nativelog import native_stderr_logged
 from digitserve.repository import ModelNotFoundError, RepositoryError
 from digitserve.server.calls import CallWrapper, Services
 from digitserve.server.dataplane import DataPlane
@@ -23,6 +23,8 @@ from digitserve.server.health import HealthServicer
 from digitserve.server.logs import access_log
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
+from digitserve.server.ports import ListenError, grpc_bind_error, metrics_port_error
+from digitserve.server.reflection import add_reflection
 from digitserve.server.security import SecurityConfigError, ServerSecurity
 from digitserve.server.servicer import DigitServicer, add_to_server
 from digitserve.server.settings import Settings
@@ -114,8 +116,10 @@ class App:
         source: ModelSource | None = None,
         reuse_port: bool = False,
         freeze_gc: bool = False,
+        worker_index: int = 0,
     ) -> None:
         self.settings = settings
+        self.worker_index = worker_index  # --workers N: this process's index (its ports' lines say it)
         self.freeze_gc = freeze_gc  # settle_memory() after each (re)load: the mnist-serve process
         self.security = ServerSecurity.from_settings(settings)  # reads TLS and token files: fails first
         if source is None:
@@ -165,17 +169,11 @@ class App:
         add_to_server(DigitServicer(self.plane), services)  # bytes that do not parse: INVALID_ARGUMENT
         add_to_server(InferenceServicer(self.plane, settings.model_name), services, OIP_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
-        # What reflection.enable_server_reflection does for a grpc.aio.Server (which it tells by
-        # isinstance, and Services is not one).
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer((
-                SERVICE_NAME,
-                OIP_SERVICE.full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            )),
-            services,
-        )
+        add_reflection(services, (  # v1 and v1alpha
+            SERVICE_NAME,
+            OIP_SERVICE.full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        ))
         services.close()
         self.port = 0
         self.metrics_port: int | None = None
@@ -187,14 +185,29 @@ class App:
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        host = self.settings.host
         if self.settings.metrics_port >= 0:
-            self.metrics_port = self.telemetry.serve(self.settings.host, self.settings.metrics_port)
-            logger.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
-        address = f"{self.settings.host}:{self.settings.port}"
-        if self.security.credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, self.security.credentials)
+            try:
+                self.metrics_port = self.telemetry.serve(host, self.settings.metrics_port)
+            except OSError as error:  # a worker's port is --metrics-port + its index
+                index = self.worker_index
+                first = self.settings.metrics_port - index if self.settings.metrics_port > 0 else 0
+                raise metrics_port_error(host, first, index, error) from None
+            logger.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+        address = f"{host}:{self.settings.port}"
+        # grpc reports a port it could not bind only as a RuntimeError without the reason, which
+        # grpc core writes to stderr as a native line: caught here (a DEBUG record), and the
+        # reason told in ListenError's one line.
+        with native_stderr_logged(logger, logging.DEBUG) as native:
+            try:
+                if self.security.credentials is None:
+                    self.port = self.server.add_insecure_port(address)
+                else:
+                    self.port = self.server.add_secure_port(address, self.security.credentials)
+            except RuntimeError:
+                self.port = 0
+        if not self.port:
+            raise grpc_bind_error("--port", host, self.settings.port, native)
         await self.server.start()
         logger.info(
             "listening on %s:%d (model %s; %s)",
@@ -419,11 +432,14 @@ class App:
         await self.plane.close()
         await self.telemetry.close()
         access_log.flush()
-        logger.info("stopped after draining for %.2fs", time.perf_counter() - started)
+        if self.port:  # not after a start that failed before it listened
+            logger.info("stopped after draining for %.2fs", time.perf_counter() - started)
 
 
 # A second SIGTERM/SIGINT during the drain stops at once: the calls still in flight are cut.
 EXIT_STOPPED_AT_ONCE = 1
+# What the flags name is not there: a port taken, a repository without the model (one line).
+EXIT_USAGE = 2
 WORKERS_SERVICE = "digitserve.v1.Workers"  # --workers N: SERVING while all N workers serve
 
 
@@ -432,18 +448,30 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     model version now. Returns the process exit code. ``worker``: this process is one of
     ``--workers N`` (digitserve.server.workers), whose state it shares."""
     try:
-        app = App(settings, reuse_port=reuse_port, freeze_gc=True)
+        app = App(settings, reuse_port=reuse_port, freeze_gc=True,
+                  worker_index=0 if worker is None else worker.index)
     except SecurityConfigError as error:
         logger.error("cannot start: %s", error)
         return 1
+    # Before listening: the repository holds something to serve (one line saying what is missing
+    # and what is there instead, exit 2), read in a thread with the repository timeout.
     try:
-        await app.start()
-    except OSError as error:  # a metrics port taken (the gRPC port's failure is grpc's RuntimeError)
-        where = "" if app.metrics_port is not None or settings.metrics_port < 0 else (
-            f"metrics port {settings.host}:{settings.metrics_port}: ")
-        logger.error("cannot start: %s%s", where, error)
+        await app.reads.run("list", f"listing {app.source}",
+                            partial(app.source.servable, settings.model_version))
+    except RepositoryTimeoutError as error:  # a hung volume: logged where it timed out
+        logger.error("cannot load model %s: %s", settings.model_name, error)
         await app.stop(0)
         return 1
+    except RepositoryError as error:  # ModelNotFoundError, an invalid model name
+        logger.error("cannot start: %s", error)
+        await app.stop(0)
+        return EXIT_USAGE
+    try:
+        await app.start()
+    except ListenError as error:  # a port taken: one line naming its flag
+        logger.error("cannot start: %s", error)
+        await app.stop(0)
+        return EXIT_USAGE
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()

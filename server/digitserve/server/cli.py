@@ -26,7 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     # The parent of --workers serves nothing: each worker bridges its own native stderr.
-    configure_logging(settings.log_level, settings.log_format, native_stderr=settings.workers == 1)
+    configure_logging(settings.log_level, settings.log_format, native_stderr=settings.workers == 1,
+                      access=settings.access_log)
     if settings.workers > 1:
         from digitserve.server.security import SecurityConfigError, ServerSecurity
         from digitserve.server.workers import run_workers

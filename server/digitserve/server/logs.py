@@ -4,10 +4,8 @@ request id of the call being served (a context variable the formatters add to ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -16,7 +14,7 @@ from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from digitserve.nativelog import MAX_NATIVE_CHARS, native_record, shorten
+from digitserve.nativelog import bridge_native_stderr, shorten
 
 FORMATS = ("auto", "json", "text")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -167,80 +165,6 @@ access_log = AccessLog()
 
 
 # The logger of the records the bridge makes of native lines.
-NATIVE_LOGGER = "native"
-
-
-_BRIDGE_MAIN = "import sys; from digitserve.server.logs import run_bridge; run_bridge(int(sys.argv[1]))"
-
-
-def bridge_native_stderr(level: int = logging.DEBUG) -> TextIO | None:
-    """Makes everything native code writes to file descriptor 2 for the rest of the process's life
-    (grpc core's absl lines, such as ``File descriptor limit reached``; TensorFlow's) a JSON line:
-    file descriptor 2 becomes a pipe read by a small process of its own that writes each line as a
-    JSON record (logger ``native``, ``source`` = absl's file:line) to the real stderr, and JSON
-    lines as they are; native records below ``level`` are dropped. A process, not a thread: it
-    reads the pipe to its end, so the last lines of a process that dies (a fatal absl CHECK, a
-    fault) are kept. Returns a stream on the real stderr for Python's own lines (which never go
-    through the pipe), or None if there is no file descriptor 2 or no bridge could be started,
-    leaving stderr as it was."""
-    import subprocess
-
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.flush()
-    try:
-        real = os.dup(2)
-    except OSError:
-        return None
-    try:
-        read_end, write_end = os.pipe()
-    except OSError:
-        os.close(real)
-        return None
-    try:
-        subprocess.Popen(
-            [sys.executable, "-c", _BRIDGE_MAIN, str(level)],
-            stdin=read_end, stdout=real, stderr=real, close_fds=True,
-        )
-    except OSError:
-        for fd in (real, read_end, write_end):
-            os.close(fd)
-        return None
-    os.close(read_end)
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    stream = open(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-    sys.stderr = stream  # Python's own writes (tracebacks at exit included) skip the pipe
-    return stream
-
-
-def run_bridge(level: int = logging.DEBUG) -> None:
-    """The bridge process: standard input (the server's file descriptor 2) to standard output (the
-    real stderr), a JSON line per line; ends at the end of its input (when every writer closed)."""
-    import signal
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the server's group's signals
-        signal.signal(signum, signal.SIG_IGN)  # it ends when the server does, at end of input
-    out = sys.stdout.buffer
-    for line in sys.stdin.buffer:
-        if line.startswith(b"{"):  # a JSON line (a library writing our own records): as it is
-            out.write(line if line.endswith(b"\n") else line + b"\n")
-        else:
-            native = native_record(line)
-            severity, message, source = native if native is not None else (
-                logging.WARNING, shorten(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS),
-                None)
-            if severity < level or (not message and native is None):
-                continue
-            entry: dict[str, Any] = {
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "level": logging.getLevelName(severity), "logger": NATIVE_LOGGER, "message": message,
-            }
-            if source is not None:
-                entry["source"] = source
-            out.write(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
-        out.flush()
-
-
 class GrpcRecordFilter(logging.Filter):
     """grpc's own Python records (loggers ``grpc.*``) made safe to write when a client controls
     what they say: one line of at most ``max_chars`` characters (a traceback becomes its last
@@ -286,13 +210,32 @@ class GrpcRecordFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str, log_format: str = "auto", native_stderr: bool = True) -> None:
+ACCESS_LOG_MODES = ("auto", "on", "off")
+
+
+def resolve_access_log(mode: str, json_lines: bool, is_terminal: bool) -> bool:
+    """Whether calls get access lines: ``on``, ``off``, or ``auto``: on, except for text lines
+    written to a terminal (a person reading, whom a line per call would flood; JSON lines go to
+    machines, and text redirected to a file or a pipe is kept, as an access log file would be)."""
+    if mode not in ACCESS_LOG_MODES:
+        raise ValueError(f"access log {mode!r} is not one of {', '.join(ACCESS_LOG_MODES)}")
+    if mode == "auto":
+        return json_lines or not is_terminal
+    return mode == "on"
+
+
+def configure_logging(level: str, log_format: str = "auto", native_stderr: bool = True,
+                      access: str = "auto") -> None:
     """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal, else JSON). In
     JSON mode with ``native_stderr`` (a process that serves), what native code writes to stderr
     (grpc core, TensorFlow) becomes JSON lines too (``bridge_native_stderr``). grpc's own Python
-    records are cut to one line and rate-limited (``GrpcRecordFilter``)."""
+    records are cut to one line and rate-limited (``GrpcRecordFilter``). ``access``: whether calls
+    get access lines (``resolve_access_log``; they also need ``level`` INFO or below)."""
     is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     json_lines = resolve_format(log_format, is_terminal) == "json"
+    # Off: the access logger's own level is above INFO, whatever the root's (AccessLog.enabled).
+    access_logger.setLevel(logging.NOTSET if resolve_access_log(access, json_lines, is_terminal)
+                           else logging.WARNING)
     threshold = logging.getLevelNamesMapping().get(level.upper(), logging.DEBUG)
     stream = (bridge_native_stderr(threshold) if json_lines and native_stderr else None) or sys.stderr
     handler = logging.StreamHandler(stream)

@@ -14,12 +14,14 @@ from digitserve.config import ENV_PREFIX, Parser, add_fields, env_name, env_only
 __all__ = ["ENV_PREFIX", "Settings", "build_parser", "load_settings"]
 
 # The allowed values are the fields' types: flags, variables and --help take them from there.
-# (digitserve.inference.INFERENCE_CHOICES and digitserve.server.logs.FORMATS hold the same;
-# tests/core/test_config.py checks.)
+# (digitserve.inference.INFERENCE_CHOICES, digitserve.server.logs.FORMATS and
+# digitserve.server.logs.ACCESS_LOG_MODES hold the same; tests/core/test_config.py checks.)
 Inference = Literal["auto", "litert", "tensorflow"]
 LogFormat = Literal["auto", "json", "text"]
+AccessLogMode = Literal["auto", "on", "off"]
 INFERENCE_CHOICES: tuple[str, ...] = get_args(Inference)
 FORMATS: tuple[str, ...] = get_args(LogFormat)
+ACCESS_LOG_MODES: tuple[str, ...] = get_args(AccessLogMode)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,14 @@ class Settings:
             "is a terminal, JSON otherwise."
         },
     )
+    access_log: AccessLogMode = field(
+        default="auto",
+        metadata={
+            "help": "One line per call (method, status, latency, peer, request id): 'on', 'off', or "
+            "'auto': on, except for text lines on a terminal, where a line per call would flood "
+            "the screen (JSON lines, files and pipes get them). --log-level WARNING turns them off."
+        },
+    )
     metrics_port: int = field(
         default=-1,
         metadata={
@@ -289,6 +299,8 @@ class Settings:
             problems.append(f"inference {self.inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
         if self.log_format not in FORMATS:
             problems.append(f"log format {self.log_format!r} is not one of {', '.join(FORMATS)}")
+        if self.access_log not in ACCESS_LOG_MODES:
+            problems.append(f"access log {self.access_log!r} is not one of {', '.join(ACCESS_LOG_MODES)}")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
         elif self.metrics_port > 0 and self.metrics_port + self.workers - 1 > 65535:

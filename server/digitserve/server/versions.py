@@ -32,6 +32,7 @@ from digitserve.repository import (
     ModelNotFoundError,
     ModelRepository,
     RepositoryError,
+    is_version_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class ModelSource(Protocol):
     watchable: bool
 
     def versions(self) -> list[int]: ...
+
+    def servable(self, pinned: int = 0) -> list[int]: ...
 
     def load(self, version: int) -> Model: ...
 
@@ -79,6 +82,79 @@ def check_quality(model: Model, check_set: CheckSet, path: Path, min_accuracy: f
     return accuracy
 
 
+MAX_LISTED = 8  # models, or versions of one, named in a message; the rest counted
+
+
+def _versions_text(versions: list[int]) -> str:
+    """``version 1``, ``versions 1, 2, 3``, ``versions 1, 2, 3, …, 40 (40 in all)``."""
+    if len(versions) == 1:
+        return f"version {versions[0]}"
+    if len(versions) <= MAX_LISTED:
+        return "versions " + ", ".join(map(str, versions))
+    return f"versions {', '.join(map(str, versions[:3]))}, …, {versions[-1]} ({len(versions)} in all)"
+
+
+def _version_dirs(directory: Path, published: bool = False) -> list[int]:
+    """The version directories in ``directory`` (``published``: those holding a metadata.json),
+    ascending; nothing is logged about other entries."""
+    try:
+        with os.scandir(directory) as entries:
+            found = [int(e.name) for e in entries if is_version_name(e.name) and e.is_dir()]
+    except OSError:
+        return []
+    if published:
+        found = [v for v in found if (directory / str(v) / METADATA_FILE).is_file()]
+    return sorted(found)
+
+
+def describe_missing(root: Path, name: str) -> str:
+    """Why model ``name`` has no published version in the repository ``root`` (given by
+    ``--model-repo``), what is there instead and what to do, in one line: the directory is
+    missing, is empty, is a model's own directory (TF Serving's ``--model_base_path`` habit),
+    holds other models, or holds the model without a version yet."""
+    flag = f"--model-repo {root}"
+    publish = f"mnist-train train --model-repo {root} --model-name {name}"
+    if not root.exists():
+        shown = "" if root.is_absolute() else f" ({root.absolute()})"
+        return (f"{flag}: no such directory{shown}; give the model repository the trainer "
+                f"publishes to, or publish into it ({publish})")
+    if not root.is_dir():
+        return f"{flag}: not a directory; give the model repository (the directory of NAME/VERSION/)"
+    own = _version_dirs(root, published=True)
+    if own:
+        base = root.name or root.resolve().name
+        parent = root.parent if root.name else root.resolve().parent
+        also = "" if base == name else f" --model-name {base}"
+        return (f"{flag} looks like the directory of model {base!r} (it holds "
+                f"{_versions_text(own)} of it), not a repository of models: use "
+                f"--model-repo {parent}{also}")
+    try:
+        with os.scandir(root) as entries:
+            everything = list(entries)
+    except OSError as error:
+        return f"{flag}: cannot list it ({error.strerror or error})"
+    children = sorted(e.name for e in everything if not e.name.startswith(".") and e.is_dir())
+    if name in children:
+        return (f"{flag}: model {name!r} has no published version in {root} ({root / name} holds "
+                f"no version directory 1, 2, …); publish one ({publish})")
+    models = [(child, versions) for child in children if (versions := _version_dirs(root / child))]
+    if models:
+        listed = ", ".join(f"{child} ({_versions_text(versions)})" for child, versions in models[:MAX_LISTED])
+        more = f" and {len(models) - MAX_LISTED} more" if len(models) > MAX_LISTED else ""
+        return (f"{flag}: no model {name!r} in it; models there: {listed}{more}; choose one with "
+                f"--model-name, or publish {name!r} ({publish})")
+    if not everything:
+        return f"{flag}: the directory is empty: no model is published there yet; publish one ({publish})"
+    return (f"{flag}: no model is published there (no NAME/VERSION/ directories); give the model "
+            f"repository the trainer publishes to, or publish into it ({publish})")
+
+
+def describe_pinned(root: Path, name: str, version: int, versions: list[int]) -> str:
+    """The line for ``--model-version`` naming a version that is not published."""
+    return (f"--model-version {version}: model {name!r} has no version {version} in {root} "
+            f"(published: {_versions_text(versions)}); pin one of those, or 0 for the newest")
+
+
 class RepositorySource:
     """Versions of one model in a repository, loaded by load_version and gated."""
 
@@ -93,12 +169,25 @@ class RepositorySource:
         self.allow_missing_check_set = allow_missing_check_set
 
     def versions(self) -> list[int]:
-        """Published versions; ModelNotFoundError when there are none."""
+        """Published versions; ModelNotFoundError, saying what the repository holds instead
+        (describe_missing), when there are none."""
         versions = self.repository.versions(self.name)
         if not versions:
-            raise ModelNotFoundError(
-                f"model {self.name!r} has no published version in {self.repository.root}"
-            )
+            raise ModelNotFoundError(describe_missing(self.repository.root, self.name))
+        return versions
+
+    def servable(self, pinned: int = 0) -> list[int]:
+        """The published versions when there is something to serve (``pinned``: that version,
+        unless 0); else ModelNotFoundError with the one line that says what is missing and what
+        is there. What ``mnist-serve`` checks before it listens."""
+        try:
+            versions = self.versions()
+        except OSError as error:  # unreadable: permissions
+            where = error.filename or self.repository.root
+            raise RepositoryError(f"--model-repo {self.repository.root}: cannot list {where} "
+                                  f"({error.strerror or error})") from None
+        if pinned and pinned not in versions:
+            raise ModelNotFoundError(describe_pinned(self.repository.root, self.name, pinned, versions))
         return versions
 
     def __str__(self) -> str:
@@ -162,6 +251,9 @@ class StaticSource:
 
     def versions(self) -> list[int]:
         return [0]  # the one model, whatever its version
+
+    def servable(self, pinned: int = 0) -> list[int]:
+        return self.versions()
 
     def __str__(self) -> str:
         return "a loader function"

@@ -12,13 +12,13 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from digitserve.server.ports import ListenError, check_worker_metrics_ports, reserve_shared_port
 from digitserve.server.settings import Settings
 from digitserve.server.slot import SERVING, STARTING, WorkerSlot
 
@@ -26,18 +26,6 @@ logger = logging.getLogger(__name__)
 
 FIRST_BACKOFF, MAX_BACKOFF = 0.5, 30.0
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound with SO_REUSEPORT (not listening) that fixes the port number when it is 0;
-    held open while the workers bind the same port."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host.strip("[]"), port, type=socket.SOCK_STREAM
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(address)
-    return sock
 
 
 def die_with_parent(parent_pid: int) -> bool:
@@ -53,7 +41,7 @@ def die_with_parent(parent_pid: int) -> bool:
 def _worker(settings: Settings, slot: WorkerSlot, log_level: str) -> None:
     from digitserve.server.logs import configure_logging
 
-    configure_logging(log_level, settings.log_format)
+    configure_logging(log_level, settings.log_format, access=settings.access_log)
     # A group of its own: Ctrl-C in a terminal reaches the parent only, which forwards it once (a
     # second SIGINT would mean "stop at once").
     os.setpgrp()
@@ -107,7 +95,7 @@ class Arbiter:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.context = multiprocessing.get_context("spawn")  # never fork a process that may hold TF state
-        self.reserved = _reserve_port(settings.host, settings.port)
+        self.reserved = reserve_shared_port(settings.host, settings.port)  # ListenError: taken
         self.port = self.reserved.getsockname()[1]
         self.worker_settings = replace(settings, port=self.port, workers=1)
         self.states = self.context.RawArray("b", settings.workers)
@@ -232,6 +220,45 @@ class Arbiter:
         return 0 if not self.halted and all(code == 0 for code in codes) else 1
 
 
+EXIT_USAGE = 2  # what the flags name is not there (app.EXIT_USAGE, which this module does not import)
+
+
+def check_before_start(settings: Settings) -> tuple[int, str] | None:
+    """What a lone server checks before it listens, checked once for the pool, so that a
+    repository without the model or a taken metrics port is one line, not one per worker and
+    restart: None, or the exit code and the line. The gRPC port is checked by reserving it
+    (Arbiter)."""
+    from functools import partial
+
+    from digitserve.repository import RepositoryError
+    from digitserve.server.versions import RepositoryReads, RepositorySource, RepositoryTimeoutError
+
+    source = RepositorySource(settings.model_repo, settings.model_name, settings.min_check_accuracy)
+    reads = RepositoryReads(settings.repository_timeout)
+    try:
+        asyncio.run(reads.run("list", f"listing {source}", partial(source.servable, settings.model_version)))
+    except RepositoryTimeoutError as error:  # a hung volume: as a lone server's start fails
+        return 1, f"cannot load model {settings.model_name}: {error}"
+    except RepositoryError as error:
+        return EXIT_USAGE, f"cannot start: {error}"
+    try:
+        check_worker_metrics_ports(settings.host, settings.metrics_port, settings.workers)
+    except ListenError as error:
+        return EXIT_USAGE, f"cannot start: {error}"
+    return None
+
+
 def run_workers(settings: Settings) -> int:
-    """Runs the supervised pool until SIGTERM/SIGINT; exits 0 only if every worker drained cleanly."""
-    return Arbiter(settings).run()
+    """Runs the supervised pool until SIGTERM/SIGINT; exits 0 only if every worker drained cleanly;
+    2 (one line) when the repository holds nothing to serve or a port is taken."""
+    problem = check_before_start(settings)
+    if problem is None:
+        try:
+            arbiter = Arbiter(settings)
+        except ListenError as error:
+            problem = EXIT_USAGE, f"cannot start: {error}"
+        else:
+            return arbiter.run()
+    code, line = problem
+    logging.getLogger("digitserve.server.app").error("%s", line)
+    return code

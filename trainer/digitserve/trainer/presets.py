@@ -83,8 +83,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="default",
-            description="a small two-convolution network, Adam with cosine decay, 3 epochs "
-            "(about a minute on two CPU cores)",
+            description="a small two-convolution network, Adam with cosine decay, 3 epochs",
             architecture="small-cnn",
             optimizer="adam",
             learning_rate=1e-3,
