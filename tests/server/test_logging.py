@@ -190,7 +190,7 @@ def test_direct_access_lines_in_text_and_written_on_flush() -> None:
     access.flush()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO server.access "
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO digitserve.server.access "
                         r"/a.B/C NOT_FOUND 3.50 ms peer=ipv4:127.0.0.1:1 request_id=r2", lines[1])
 
 

@@ -74,7 +74,7 @@ _PLAIN = re.compile(r"[A-Za-z0-9._:/+=\[\]-]*")  # needs no JSON escaping (peers
 
 
 class AccessLog:
-    """One line per call (method, status code, latency, peer, request id) on the ``server.access``
+    """One line per call (method, status code, latency, peer, request id) on the ``digitserve.server.access``
     logger; off below INFO.
 
     By default each line is a logging record. ``direct()`` (the mnist-serve process) formats the
@@ -140,7 +140,7 @@ class AccessLog:
         for when, method, code, latency_ms, peer, request_id in self._buffer:
             message = f"{method} {code} {latency_ms:.2f} ms peer={peer} request_id={request_id}"
             if not self._json:
-                lines.append(f"{self._time(when)} INFO server.access {message}\n")
+                lines.append(f"{self._time(when)} INFO digitserve.server.access {message}\n")
             elif _PLAIN.fullmatch(peer) and _PLAIN.fullmatch(request_id) and _PLAIN.fullmatch(method):
                 # Nothing to escape: the JsonFormatter's line, without building and dumping a dict.
                 lines.append(
