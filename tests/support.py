@@ -5,13 +5,14 @@ condition, a gRPC error's code and message."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import shutil
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,13 @@ async def wait_for_async(predicate: Callable[[], Any], timeout: float = 60.0,
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}", pytrace=False)
         await asyncio.sleep(poll)
+
+
+def walk_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+                 ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """A command's parser and each of its sub-parsers, with the words that select it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from walk_parsers(sub, (*path, name))

@@ -10,14 +10,14 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
 from digitserve.client.cli import build_parser as client_parser
 from digitserve.server.settings import build_parser as server_parser
 from digitserve.trainer.cli import build_parser as trainer_parser
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, walk_parsers
 
 COMMANDS: dict[str, tuple[str, Callable[[dict[str, str]], argparse.ArgumentParser]]] = {
     "mnist-serve": ("digitserve.server", server_parser),
@@ -27,24 +27,15 @@ COMMANDS: dict[str, tuple[str, Callable[[dict[str, str]], argparse.ArgumentParse
 SUFFIX = re.compile(r" \[(MNIST_[A-Z0-9_]+); default: ([^;\]]+)(?:; choices: ([^\]]+))?\]$")
 
 
-def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
-          ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    yield path, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _walk(sub, (*path, name))
-
-
 def _every_parser() -> list[object]:
     """(command, sub-command words) for each --help there is, built without any MNIST_* variable
     (a variable would answer a required option and change what help says)."""
     return [pytest.param(command, path, id=" ".join((command, *path)))
-            for command, (_, build) in COMMANDS.items() for path, _ in _walk(build({}))]
+            for command, (_, build) in COMMANDS.items() for path, _ in walk_parsers(build({}))]
 
 
 def _parser(command: str, path: tuple[str, ...]) -> argparse.ArgumentParser:
-    return dict(_walk(COMMANDS[command][1]({})))[path]
+    return dict(walk_parsers(COMMANDS[command][1]({})))[path]
 
 
 def problems(parser: argparse.ArgumentParser) -> list[str]:

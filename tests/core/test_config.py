@@ -16,6 +16,7 @@ from digitserve.client.cli import main as client_main
 from digitserve.server.settings import build_parser as server_parser
 from digitserve.trainer.cli import build_parser as trainer_parser
 from digitserve.trainer.cli import main as trainer_main
+from tests.support import walk_parsers
 
 # What every command needs to parse at all, given through the environment.
 BASE_ENV = {"MNIST_MODEL_REPO": "/repo", "MNIST_DATA_DIR": "/data", "MNIST_MODEL_NAME": "m"}
@@ -27,18 +28,8 @@ COMMANDS: dict[str, Callable[[dict[str, str]], argparse.ArgumentParser]] = {
 }
 
 
-def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
-          ) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
-    """The parser and each of its sub-parsers, with the words that select it."""
-    yield path, parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                yield from _walk(sub, (*path, name))
-
-
 def _options(command: str) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser, argparse.Action]]:
-    for path, parser in _walk(COMMANDS[command](dict(BASE_ENV))):
+    for path, parser in walk_parsers(COMMANDS[command](dict(BASE_ENV))):
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
                 continue
@@ -179,7 +170,7 @@ def test_abbreviations_are_refused_everywhere(
         COMMANDS[command]({}).parse_args(argv)
     assert info.value.code == 2
     assert unknown in capsys.readouterr().err.splitlines()[-1]
-    for _, parser in _walk(COMMANDS[command]({})):
+    for _, parser in walk_parsers(COMMANDS[command]({})):
         assert parser.allow_abbrev is False, parser.prog
 
 
