@@ -67,8 +67,9 @@ def startup_seconds() -> float:
 # --- 1. nothing listening ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [["predict", "--data-dir", "DATA", "--index", "0"], ["info"],
-                                     ["evaluate", "--data-dir", "DATA"], ["health"]],
-                         ids=["predict", "info", "evaluate", "health"])
+                                     ["evaluate", "--data-dir", "DATA"], ["health"],
+                                     ["loadtest", "--data-dir", "DATA", "--duration", "1"]],
+                         ids=["predict", "info", "evaluate", "health", "loadtest"])
 def test_nothing_listening_is_one_line_at_once(
         command: list[str], closed_port: int, synthetic_data_dir: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -349,6 +349,8 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
     from digitserve import loadtest
 
     split = _load_split(args.data_dir, args.split)
+    if args.wait <= 0:  # as every other command: nothing listening is one line at once
+        client.check_server()
     requests_cap = 3600.0  # a count-limited closed loop still ends within an hour
     try:
         config = loadtest.LoadConfig(

@@ -197,6 +197,13 @@ class DigitClient:
         ConnectError (code DEADLINE_EXCEEDED) naming the last failure if it does not."""
         self._connectivity.wait_ready(timeout)
 
+    def check_server(self, timeout: float | None = None) -> None:
+        """Connects now: returns once the server accepts the connection, raises ConnectError at
+        once when the attempt fails (nothing listening, a name that does not resolve), or after
+        ``timeout`` seconds (default: the client's) without an answer. For a caller that talks
+        to the server by other means (the load tester) and wants this client's quick answer."""
+        self._connectivity.check(self._timeout(timeout))
+
     def _call(self, timeout: float, call: Callable[[bool], T]) -> T:
         """``call(wait_for_ready)``: checked first while the server was never reached (fails at
         once when the connection fails); a deadline or UNAVAILABLE while the channel cannot
