@@ -349,8 +349,6 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
     from digitserve import loadtest
 
     split = _load_split(args.data_dir, args.split)
-    if args.wait <= 0:  # as every other command: nothing listening is one line at once
-        client.check_server()
     requests_cap = 3600.0  # a count-limited closed loop still ends within an hour
     try:
         config = loadtest.LoadConfig(
@@ -366,6 +364,8 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
         workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,
                                            encoding=args.encoding, model_version=args.model_version,
                                            protocol=args.protocol, model_name=args.model_name)
+        if args.wait <= 0:  # as every other command: nothing listening is one line at once
+            client.check_server()
         result = loadtest.run(config, workload, progress=not args.json)
     except loadtest.LoadTestError as exc:
         raise CliError(str(exc)) from exc
