@@ -74,7 +74,9 @@ def test_exit_if_no_model_exits_at_start(tmp_path: Path, spawn: type[ServerProce
         f"there yet; publish one (mnist-train train --model-repo {tmp_path} --model-name tiny)")
 
 
-def test_a_path_that_is_not_a_repository_is_still_an_error(tmp_path: Path, spawn: type[ServerProcess]) -> None:
+def test_a_path_that_is_not_a_repository_is_still_an_error(
+    tmp_path: Path, spawn: type[ServerProcess]
+) -> None:
     # Only an absent publication is waited for; a flag that names the wrong thing exits 2.
     server = spawn("--model-repo", str(tmp_path / "missing"), "--model-name", "tiny")
     assert server.wait(60) == 2

@@ -2,7 +2,9 @@
 ``--metrics-port``, with ``--workers`` too), a ``--model-repo`` that is missing, empty, another
 model's or a model's own directory, a ``--model-version`` that is not published. Each is one line
 (a JSON object in JSON mode: no traceback, no native grpc line) and exit 2, before the server
-listens."""
+listens. An empty repository, one of other models only and a model without a version are waited
+for since issue 15 (tests/server/test_first_version.py); their lines and exit 2 here are those of
+``--exit-if-no-model``."""
 
 from __future__ import annotations
 
