@@ -53,9 +53,9 @@ class ObservedSource:
         self.calls[f"fingerprint {version}"] += 1
         return self.source.fingerprint(version)
 
-    def load(self, version: int) -> Any:
+    def load(self, version: int, serving: int | None = None) -> Any:
         self.calls[f"load {version}"] += 1
-        model = self.source.load(version)
+        model = self.source.load(version, serving)
         return model if self.wrap is None else self.wrap(model)
 
 

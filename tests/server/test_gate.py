@@ -77,7 +77,7 @@ def publish_copy(
 
 
 def source(root: Path, **kwargs: Any) -> RepositorySource:
-    return RepositorySource(root, "tiny", 0.9, **kwargs)
+    return RepositorySource(root, "tiny", **kwargs)
 
 
 def reverse_labels(meta: dict[str, Any]) -> None:
@@ -91,8 +91,8 @@ def test_a_version_without_a_check_set_is_refused_unless_the_operator_allows_it(
     with pytest.raises(QualityGateError) as info:
         source(tmp_path).load(1)
     assert str(info.value) == (
-        f"{directory}/check_set.npz is missing, so the accuracy floor cannot be checked: publish "
-        "the version with its check set, or start the server with --allow-missing-check-set to "
+        f"{directory}/check_set.npz is missing, so the gate cannot check the version's answers: "
+        "publish the version with its check set, or start the server with --allow-missing-check-set to "
         "serve it unchecked"
     )
     with caplog.at_level(logging.WARNING, logger="digitserve.server.versions"):
@@ -119,7 +119,8 @@ def test_a_server_refuses_to_start_on_a_version_without_a_check_set(
     tiny_repo: Path, tmp_path: Path, spawn: type[ServerProcess]
 ) -> None:
     directory = publish_copy(tiny_repo, tmp_path, 1, remove=("check_set.npz",))
-    server = spawn("--model-repo", str(tmp_path), "--model-name", "tiny", "--log-format", "text")
+    server = spawn("--model-repo", str(tmp_path), "--model-name", "tiny", "--log-format", "text",
+                   "--exit-if-no-model")
     assert server.wait(60) == 1
     assert (f"cannot load model tiny: no servable version of model 'tiny' (version 1: "
             f"{directory}/check_set.npz is missing") in server.log
@@ -219,7 +220,7 @@ from pathlib import Path
 started = time.perf_counter()
 from digitserve.server.versions import RepositorySource
 try:
-    RepositorySource(Path(sys.argv[1]), "tiny", 0.9).load(int(sys.argv[2]))
+    RepositorySource(Path(sys.argv[1]), "tiny").load(int(sys.argv[2]))
     outcome = "served"
 except Exception as exc:
     outcome = f"{type(exc).__name__}: {exc}"

@@ -51,7 +51,7 @@ def test_missing_model_exits_2_with_a_clear_log_line(
     spawn: type[ServerProcess], tmp_path: Path
 ) -> None:
     # Before it listens (tests/server/test_start_errors.py has every case of a repository without it).
-    server = spawn("--model-repo", str(tmp_path), "--model-name", "absent")
+    server = spawn("--model-repo", str(tmp_path), "--model-name", "absent", "--exit-if-no-model")
     assert server.wait(60) == 2
     assert (f"cannot start: --model-repo {tmp_path}: the directory is empty: no model is published "
             f"there yet; publish one (mnist-train train --model-repo {tmp_path} --model-name absent)") \

@@ -135,7 +135,8 @@ def test_server_process_logs_in_the_chosen_format(
     spawn: type[ServerProcess], tmp_path: Path, log_format: str
 ) -> None:
     (tmp_path / "absent" / "1").mkdir(parents=True)  # a version it lists, then refuses (no metadata)
-    server = spawn("--model-repo", str(tmp_path), "--model-name", "absent", "--log-format", log_format)
+    server = spawn("--model-repo", str(tmp_path), "--model-name", "absent", "--log-format", log_format,
+                   "--exit-if-no-model")
     assert server.wait(60) == 1
     assert server.port is not None  # the "listening on" line was found, as the other tests need
     ours = [line for line in server.lines if "listening on" in line or "cannot load model" in line]

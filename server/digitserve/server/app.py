@@ -32,7 +32,9 @@ from digitserve.server.slot import WorkerSlot
 from digitserve.server.telemetry import RepositoryMetrics, Telemetry, export_certificate_expiry, watch_workers
 from digitserve.server.versions import (
     Fingerprint,
+    GateRules,
     ModelSource,
+    NothingPublishedError,
     RepositoryReads,
     RepositorySource,
     RepositoryTimeoutError,
@@ -98,6 +100,8 @@ def settle_memory() -> None:
     gc.freeze()
 
 
+# Seconds between looks for a first version while waiting with --reload-interval 0.
+WAIT_INTERVAL = 5.0
 # SERVING while the served version is the newest published one; NOT_SERVING when a newer version
 # was refused by the checks (GetModelInfo's refused_versions says why). Not a gate for traffic.
 MODEL_UPDATES_SERVICE = "digitserve.v1.ModelUpdates"
@@ -127,7 +131,8 @@ class App:
                 StaticSource(loader)
                 if loader is not None
                 else RepositorySource(
-                    settings.model_repo, settings.model_name, settings.min_check_accuracy,
+                    settings.model_repo, settings.model_name,
+                    GateRules(settings.min_check_accuracy, settings.max_regression),
                     settings.inference, allow_missing_check_set=settings.allow_missing_check_set,
                 )
             )
@@ -152,6 +157,8 @@ class App:
         self._refused_at: dict[int, Fingerprint | None] = {}
         self._gone: dict[int, float] = {}  # loaded versions missing from disk: since when
         self._orphaned = False  # the served version is gone past the grace and nothing replaced it
+        self.waiting = False  # no version was servable at start: the watch serves the first one
+        self._first_served = asyncio.Event()
         self.plane = DataPlane(
             settings.max_images_per_request,
             max_batch_size=settings.max_batch_size,
@@ -234,6 +241,7 @@ class App:
         (not on the model thread, so serving goes on meanwhile); None, logged and remembered, if
         it is refused or its reads time out."""
         fingerprint: Fingerprint | None = None
+        serving = None if self.plane.model is None else self.plane.model.spec.version
         logger.info("trying model %s version %d (%s)", self.settings.model_name, version, kind)
         try:
             fingerprint = await self.reads.run(
@@ -242,7 +250,7 @@ class App:
             )
             model = await self.reads.run(
                 f"load {version}", f"loading {self.source} version {version}",
-                partial(self.source.load, version), tag=fingerprint,
+                partial(self.source.load, version, serving), tag=(fingerprint, serving),
             )
         except Exception as exc:  # any failure to load or check refuses the version
             self.plane.refuse(version, str(exc))
@@ -283,7 +291,8 @@ class App:
 
     async def load(self) -> Model:
         """Serves the newest version that passes the checks (an older one when newer ones fail or
-        their reads hang), then reports SERVING and starts watching for new versions."""
+        their reads hang), then reports SERVING and starts watching for new versions.
+        RepositoryError (ModelNotFoundError when none is published) when none is servable."""
         pinned = self.settings.model_version
         versions = [pinned] if pinned else await self._list()
         for version in sorted(versions, reverse=True):
@@ -293,9 +302,54 @@ class App:
         else:
             reasons = "; ".join(f"version {v}: {r}" for v, r in sorted(self.plane.refused.items()))
             raise RepositoryError(f"no servable version of model {self.settings.model_name!r} ({reasons})")
+        await self._start_serving(model)
+        self._start_watch()
+        return model
+
+    async def load_or_wait(self) -> Model:
+        """load(); when no version is servable yet (none is published, or every one is refused)
+        and --exit-if-no-model is off, logs once what it waits for and returns the first version
+        the watch serves (health NOT_SERVING meanwhile). A hung read still fails it."""
+        try:
+            return await self.load()
+        except RepositoryTimeoutError:
+            raise
+        except RepositoryError as error:  # ModelNotFoundError (none published) or all refused
+            if self.settings.exit_if_no_model or not self.source.watchable:
+                raise
+            reason = error
+        self.waiting = True
+        interval = self._watch_interval()
+        logger.warning(
+            "waiting for a servable version of model %s (health NOT_SERVING; looking every %gs "
+            "and at SIGHUP; --exit-if-no-model exits instead): %s",
+            self.settings.model_name, interval, reason,
+        )
+        self._start_watch()
+        await self._first_served.wait()
+        assert self.plane.model is not None
+        return self.plane.model
+
+    def _watch_interval(self) -> float:
+        """--reload-interval; while waiting for a first version with hot reload off, the default
+        (that first look is not a reload)."""
+        return self.settings.reload_interval or WAIT_INTERVAL
+
+    def _reloads(self) -> bool:
+        """Whether a served version may be replaced by a newer one (hot reload)."""
+        return (not self.settings.model_version and self.settings.reload_interval > 0
+                and self.source.watchable)
+
+    def _start_watch(self) -> None:
+        if self._watch_task is None and (self.plane.model is None or self._reloads()):
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="watch")
+
+    async def _start_serving(self, model: Model) -> None:
+        """Serves the first version: health SERVING, the line that says so."""
         self._serve(model)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         await self._set_updates_health()
+        self._first_served.set()
         logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
         newer = sorted(v for v in self.plane.refused if v > model.spec.version)
         if newer:
@@ -305,9 +359,30 @@ class App:
                 "when their files change or their hung reads return",
                 model.spec.name, model.spec.version, ", ".join(map(str, newer)),
             )
-        if not pinned and self.settings.reload_interval > 0 and self.source.watchable:
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="watch")
-        return model
+
+    async def _serve_first(self) -> bool:
+        """While waiting: serves the newest published version that passes the checks (the pinned
+        one, if pinned), skipping those refused before whose files did not change."""
+        if self.reads.busy("list"):
+            return False
+        try:
+            versions = await self._list()
+        except ModelNotFoundError:
+            return False  # still nothing published
+        pinned = self.settings.model_version
+        on_disk = set(versions)
+        for version in [v for v in self.plane.refused if v not in on_disk]:
+            self.plane.forgive(version)
+            self._refused_at.pop(version, None)
+        for version in sorted(versions, reverse=True):
+            if pinned and version != pinned:
+                continue
+            if await self._worth_trying(version):
+                model = await self._try_load("load", version)
+                if model is not None:
+                    await self._start_serving(model)
+                    return True
+        return False
 
     async def _set_updates_health(self) -> None:
         """ModelUpdates: NOT_SERVING while a newer version is refused or the served version's
@@ -347,12 +422,13 @@ class App:
 
     async def reload_once(self) -> bool:
         """Serves the newest published version that passes the checks when it is newer than the
-        served one; skips versions refused before whose files did not change, and those whose
-        reads hang. When the served version's directory has been gone for
-        --removed-version-grace, serves the newest remaining version that passes, as a fresh
-        start would. True if the served model changed."""
+        served one (the first one, while waiting: _serve_first); skips versions refused before
+        whose files did not change, and those whose reads hang. When the served version's
+        directory has been gone for --removed-version-grace, serves the newest remaining version
+        that passes, as a fresh start would. True if the served model changed."""
         current = self.plane.model
-        assert current is not None
+        if current is None:
+            return await self._serve_first()
         if self.reads.busy("list"):
             return False  # the last listing is still hung (logged and counted when it timed out)
         try:
@@ -412,8 +488,8 @@ class App:
         return model is not None
 
     async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reload_interval)
+        while self.plane.model is None or self._reloads():
+            await asyncio.sleep(self._watch_interval())
             try:
                 await self.reload_once()
             except RepositoryTimeoutError:
@@ -462,6 +538,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
         logger.error("cannot load model %s: %s", settings.model_name, error)
         await app.stop(0)
         return 1
+    except NothingPublishedError as error:  # a repository to publish into: wait, unless told not to
+        if settings.exit_if_no_model:
+            logger.error("cannot start: %s", error)
+            await app.stop(0)
+            return EXIT_USAGE
     except RepositoryError as error:  # ModelNotFoundError, an invalid model name
         logger.error("cannot start: %s", error)
         await app.stop(0)
@@ -497,7 +578,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop, sig)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    load = asyncio.ensure_future(app.load())
+    load = asyncio.ensure_future(app.load_or_wait())
     waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -528,7 +609,14 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
 async def _reload_now(app: App) -> None:
     """SIGHUP: one look for a newer version at once (the watch looks again at its interval)."""
     if app.plane.model is None:
-        logger.info("SIGHUP received: still loading the first version; nothing to reload")
+        if not app.waiting:
+            logger.info("SIGHUP received: still loading the first version; nothing to reload")
+            return
+        logger.info("SIGHUP received: looking for a first model version now")
+        try:
+            await app.reload_once()
+        except Exception:
+            logger.exception("SIGHUP look for a first version of %s failed; still waiting", app.source)
         return
     logger.info("SIGHUP received: looking for a new model version now")
     try:

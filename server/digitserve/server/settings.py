@@ -159,17 +159,32 @@ class Settings:
         },
     )
     min_check_accuracy: float = field(
-        default=0.9,
+        default=0.0,
         metadata={
-            "help": "A version is served only if its accuracy on its check set (check_set.npz) "
-            "reaches this floor."
+            "help": "A floor on a version's accuracy on its check set (check_set.npz), on top of "
+            "the gate's own checks (its accuracy reproduces the trainer's figure); 0 turns it off."
+        },
+    )
+    max_regression: float = field(
+        default=1.0,
+        metadata={
+            "help": "A new version is served only if its check-set accuracy is at most this much "
+            "below the version now serving (0.01: one point); 1 turns it off."
+        },
+    )
+    exit_if_no_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Exit at start when the repository has no servable version of the model "
+            "(exit 2 when none is published, 1 when all are refused), instead of waiting, health "
+            "NOT_SERVING, for one to be published."
         },
     )
     allow_missing_check_set: bool = field(
         default=False,
         metadata={
-            "help": "Serve versions that have no check set (check_set.npz), unchecked against "
-            "--min-check-accuracy; without it they are refused."
+            "help": "Serve versions that have no check set (check_set.npz), their answers "
+            "unchecked; without it they are refused."
         },
     )
     inference: Inference = field(
@@ -289,6 +304,8 @@ class Settings:
             problems.append(f"removed version grace {self.removed_version_grace} is negative")
         if not 0 <= self.min_check_accuracy <= 1:
             problems.append(f"min check accuracy {self.min_check_accuracy} is not in [0, 1]")
+        if not 0 <= self.max_regression <= 1:
+            problems.append(f"max regression {self.max_regression} is not in [0, 1]")
         if self.keep_versions < 1:
             problems.append(f"keep versions {self.keep_versions} is below 1")
         if self.workers < 1:

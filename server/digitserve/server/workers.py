@@ -231,14 +231,22 @@ def check_before_start(settings: Settings) -> tuple[int, str] | None:
     from functools import partial
 
     from digitserve.repository import RepositoryError
-    from digitserve.server.versions import RepositoryReads, RepositorySource, RepositoryTimeoutError
+    from digitserve.server.versions import (
+        NothingPublishedError,
+        RepositoryReads,
+        RepositorySource,
+        RepositoryTimeoutError,
+    )
 
-    source = RepositorySource(settings.model_repo, settings.model_name, settings.min_check_accuracy)
+    source = RepositorySource(settings.model_repo, settings.model_name)
     reads = RepositoryReads(settings.repository_timeout)
     try:
         asyncio.run(reads.run("list", f"listing {source}", partial(source.servable, settings.model_version)))
     except RepositoryTimeoutError as error:  # a hung volume: as a lone server's start fails
         return 1, f"cannot load model {settings.model_name}: {error}"
+    except NothingPublishedError as error:  # each worker waits for a first version, as a lone server
+        if settings.exit_if_no_model:
+            return EXIT_USAGE, f"cannot start: {error}"
     except RepositoryError as error:
         return EXIT_USAGE, f"cannot start: {error}"
     try:
