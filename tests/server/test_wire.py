@@ -94,6 +94,8 @@ def assert_reads_as_protobuf(data: bytes) -> None:
         return
     assert got.message() == expected
     assert got.model_version == expected.model_version
+    assert got.model_name == expected.model_name
+    assert got.version_label == expected.version_label
     assert got.rows.shape[0] == len(expected.images)
     for row, image in zip(got.rows, expected.images, strict=True):
         assert image.WhichOneof("pixels") == got.encoding
@@ -102,14 +104,17 @@ def assert_reads_as_protobuf(data: bytes) -> None:
 
 @settings(max_examples=300, deadline=None, database=None)
 @given(images=packed_images(), version=st.integers(-(2**63), 2**63 - 1),
-       version_first=st.booleans(), unknown=st.binary(max_size=3))
+       version_first=st.booleans(), unknown=st.binary(max_size=3),
+       name=st.sampled_from(["", "mnist", "fashion-2"]), label=st.sampled_from(["", "canary"]))
 def test_any_request_reads_as_protobuf_reads_it(
-    images: list[pb.Image], version: int, version_first: bool, unknown: bytes
+    images: list[pb.Image], version: int, version_first: bool, unknown: bytes, name: str, label: str
 ) -> None:
-    message = pb.PredictRequest(images=images, model_version=version)
+    message = pb.PredictRequest(images=images, model_version=version, model_name=name,
+                                version_label=label)
     data = message.SerializeToString()
     if version_first and version:  # fields in another order, as a hand-written encoder may put them
-        head = pb.PredictRequest(model_version=version).SerializeToString()
+        head = pb.PredictRequest(model_version=version, model_name=name,
+                                 version_label=label).SerializeToString()
         data = head + pb.PredictRequest(images=images).SerializeToString()
     if unknown:  # an unknown field (number 15, length-delimited) after the images
         data += bytes([15 << 3 | 2, len(unknown)]) + unknown

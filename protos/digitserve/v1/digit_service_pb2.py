@@ -24,37 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!digitserve/v1/digit_service.proto\x12\rdigitserve.v1\"c\n\x05Image\x12,\n\x06\x66loats\x18\x01 \x01(\x0b\x32\x1a.digitserve.v1.FloatPixelsH\x00\x12\x0f\n\x05uint8\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07\x66loat32\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06pixels\"\x1d\n\x0b\x46loatPixels\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\x0ePredictRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.digitserve.v1.Image\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\\\n\nPrediction\x12\x15\n\rprobabilities\x18\x01 \x03(\x02\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"l\n\x0fPredictResponse\x12.\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x19.digitserve.v1.Prediction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"^\n\x0f\x45valuateRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.digitserve.v1.Image\x12\x0e\n\x06labels\x18\x02 \x03(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"]\n\x0c\x43lassMetrics\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\tprecision\x18\x02 \x01(\x01\x12\x0e\n\x06recall\x18\x03 \x01(\x01\x12\n\n\x02\x66\x31\x18\x04 \x01(\x01\x12\x0f\n\x07support\x18\x05 \x01(\x03\"\x1e\n\x0c\x43onfusionRow\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\x03\"\xf1\x01\n\x10\x45valuateResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x1a\n\x12mean_cross_entropy\x18\x03 \x01(\x01\x12\x35\n\x10\x63onfusion_matrix\x18\x04 \x03(\x0b\x32\x1b.digitserve.v1.ConfusionRow\x12.\n\tper_class\x18\x05 \x03(\x0b\x32\x1b.digitserve.v1.ClassMetrics\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\",\n\x13GetModelInfoRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\"\xeb\x02\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x12\n\ninput_size\x18\x03 \x01(\x05\x12\x13\n\x0binput_shape\x18\x04 \x03(\x05\x12\x13\n\x0binput_scale\x18\x05 \x01(\x01\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x0e\n\x06preset\x18\x07 \x01(\t\x12\x15\n\rtest_accuracy\x18\x08 \x01(\x01\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x15\n\rmetadata_json\x18\n \x01(\t\x12\x1e\n\x16max_images_per_request\x18\x0b \x01(\x05\x12\x17\n\x0floaded_versions\x18\x0c \x03(\x03\x12\x37\n\x10refused_versions\x18\r \x03(\x0b\x32\x1d.digitserve.v1.RefusedVersion\x12\x16\n\x0einference_path\x18\x0e \x01(\t\"1\n\x0eRefusedVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t2\x80\x02\n\x0c\x44igitService\x12H\n\x07Predict\x12\x1d.digitserve.v1.PredictRequest\x1a\x1e.digitserve.v1.PredictResponse\x12M\n\x08\x45valuate\x12\x1e.digitserve.v1.EvaluateRequest\x1a\x1f.digitserve.v1.EvaluateResponse(\x01\x12W\n\x0cGetModelInfo\x12\".digitserve.v1.GetModelInfoRequest\x1a#.digitserve.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!digitserve/v1/digit_service.proto\x12\rdigitserve.v1\"c\n\x05Image\x12,\n\x06\x66loats\x18\x01 \x01(\x0b\x32\x1a.digitserve.v1.FloatPixelsH\x00\x12\x0f\n\x05uint8\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07\x66loat32\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06pixels\"\x1d\n\x0b\x46loatPixels\x12\x0e\n\x06values\x18\x01 \x03(\x02\"x\n\x0ePredictRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.digitserve.v1.Image\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rversion_label\x18\x04 \x01(\t\"\\\n\nPrediction\x12\x15\n\rprobabilities\x18\x01 \x03(\x02\x12\x13\n\x0b\x63lass_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\x12\x13\n\x0bprobability\x18\x04 \x01(\x02\"l\n\x0fPredictResponse\x12.\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x19.digitserve.v1.Prediction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"\x89\x01\n\x0f\x45valuateRequest\x12$\n\x06images\x18\x01 \x03(\x0b\x32\x14.digitserve.v1.Image\x12\x0e\n\x06labels\x18\x02 \x03(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rversion_label\x18\x05 \x01(\t\"]\n\x0c\x43lassMetrics\x12\r\n\x05label\x18\x01 \x01(\t\x12\x11\n\tprecision\x18\x02 \x01(\x01\x12\x0e\n\x06recall\x18\x03 \x01(\x01\x12\n\n\x02\x66\x31\x18\x04 \x01(\x01\x12\x0f\n\x07support\x18\x05 \x01(\x03\"\x1e\n\x0c\x43onfusionRow\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\x03\"\xf1\x01\n\x10\x45valuateResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x1a\n\x12mean_cross_entropy\x18\x03 \x01(\x01\x12\x35\n\x10\x63onfusion_matrix\x18\x04 \x03(\x0b\x32\x1b.digitserve.v1.ConfusionRow\x12.\n\tper_class\x18\x05 \x03(\x0b\x32\x1b.digitserve.v1.ClassMetrics\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\"W\n\x13GetModelInfoRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x03\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rversion_label\x18\x03 \x01(\t\"\x83\x03\n\x14GetModelInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x12\n\ninput_size\x18\x03 \x01(\x05\x12\x13\n\x0binput_shape\x18\x04 \x03(\x05\x12\x13\n\x0binput_scale\x18\x05 \x01(\x01\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x0e\n\x06preset\x18\x07 \x01(\t\x12\x15\n\rtest_accuracy\x18\x08 \x01(\x01\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x15\n\rmetadata_json\x18\n \x01(\t\x12\x1e\n\x16max_images_per_request\x18\x0b \x01(\x05\x12\x17\n\x0floaded_versions\x18\x0c \x03(\x03\x12\x37\n\x10refused_versions\x18\r \x03(\x0b\x32\x1d.digitserve.v1.RefusedVersion\x12\x16\n\x0einference_path\x18\x0e \x01(\t\x12\x16\n\x0eversion_labels\x18\x0f \x03(\t\"1\n\x0eRefusedVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x11ListModelsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"\x82\x01\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.digitserve.v1.ModelStatus\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_path\x18\x03 \x01(\t\x12\x14\n\x0c\x63onfig_error\x18\x04 \x01(\t\"\x9c\x02\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.digitserve.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x03\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.digitserve.v1.ModelStatus.LabelsEntry\x12\x15\n\rcanary_weight\x18\x06 \x01(\x01\x12.\n\x08versions\x18\x07 \x03(\x0b\x32\x1c.digitserve.v1.VersionStatus\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"l\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.digitserve.v1.VersionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t*[\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x17\n\x13MODEL_STATE_SERVING\x10\x02*\x80\x01\n\x0cVersionState\x12\x1d\n\x19VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17VERSION_STATE_AVAILABLE\x10\x01\x12\x19\n\x15VERSION_STATE_SERVING\x10\x02\x12\x19\n\x15VERSION_STATE_REFUSED\x10\x03\x32\xd3\x02\n\x0c\x44igitService\x12H\n\x07Predict\x12\x1d.digitserve.v1.PredictRequest\x1a\x1e.digitserve.v1.PredictResponse\x12M\n\x08\x45valuate\x12\x1e.digitserve.v1.EvaluateRequest\x1a\x1f.digitserve.v1.EvaluateResponse(\x01\x12W\n\x0cGetModelInfo\x12\".digitserve.v1.GetModelInfoRequest\x1a#.digitserve.v1.GetModelInfoResponse\x12Q\n\nListModels\x12 .digitserve.v1.ListModelsRequest\x1a!.digitserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'digitserve.v1.digit_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELSTATUS_LABELSENTRY']._loaded_options = None
+  _globals['_MODELSTATUS_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSTATE']._serialized_start=2122
+  _globals['_MODELSTATE']._serialized_end=2213
+  _globals['_VERSIONSTATE']._serialized_start=2216
+  _globals['_VERSIONSTATE']._serialized_end=2344
   _globals['_IMAGE']._serialized_start=52
   _globals['_IMAGE']._serialized_end=151
   _globals['_FLOATPIXELS']._serialized_start=153
   _globals['_FLOATPIXELS']._serialized_end=182
   _globals['_PREDICTREQUEST']._serialized_start=184
-  _globals['_PREDICTREQUEST']._serialized_end=261
-  _globals['_PREDICTION']._serialized_start=263
-  _globals['_PREDICTION']._serialized_end=355
-  _globals['_PREDICTRESPONSE']._serialized_start=357
-  _globals['_PREDICTRESPONSE']._serialized_end=465
-  _globals['_EVALUATEREQUEST']._serialized_start=467
-  _globals['_EVALUATEREQUEST']._serialized_end=561
-  _globals['_CLASSMETRICS']._serialized_start=563
-  _globals['_CLASSMETRICS']._serialized_end=656
-  _globals['_CONFUSIONROW']._serialized_start=658
-  _globals['_CONFUSIONROW']._serialized_end=688
-  _globals['_EVALUATERESPONSE']._serialized_start=691
-  _globals['_EVALUATERESPONSE']._serialized_end=932
-  _globals['_GETMODELINFOREQUEST']._serialized_start=934
-  _globals['_GETMODELINFOREQUEST']._serialized_end=978
-  _globals['_GETMODELINFORESPONSE']._serialized_start=981
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1344
-  _globals['_REFUSEDVERSION']._serialized_start=1346
-  _globals['_REFUSEDVERSION']._serialized_end=1395
-  _globals['_DIGITSERVICE']._serialized_start=1398
-  _globals['_DIGITSERVICE']._serialized_end=1654
+  _globals['_PREDICTREQUEST']._serialized_end=304
+  _globals['_PREDICTION']._serialized_start=306
+  _globals['_PREDICTION']._serialized_end=398
+  _globals['_PREDICTRESPONSE']._serialized_start=400
+  _globals['_PREDICTRESPONSE']._serialized_end=508
+  _globals['_EVALUATEREQUEST']._serialized_start=511
+  _globals['_EVALUATEREQUEST']._serialized_end=648
+  _globals['_CLASSMETRICS']._serialized_start=650
+  _globals['_CLASSMETRICS']._serialized_end=743
+  _globals['_CONFUSIONROW']._serialized_start=745
+  _globals['_CONFUSIONROW']._serialized_end=775
+  _globals['_EVALUATERESPONSE']._serialized_start=778
+  _globals['_EVALUATERESPONSE']._serialized_end=1019
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1021
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1108
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1111
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1498
+  _globals['_REFUSEDVERSION']._serialized_start=1500
+  _globals['_REFUSEDVERSION']._serialized_end=1549
+  _globals['_LISTMODELSREQUEST']._serialized_start=1551
+  _globals['_LISTMODELSREQUEST']._serialized_end=1590
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1593
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1723
+  _globals['_MODELSTATUS']._serialized_start=1726
+  _globals['_MODELSTATUS']._serialized_end=2010
+  _globals['_MODELSTATUS_LABELSENTRY']._serialized_start=1965
+  _globals['_MODELSTATUS_LABELSENTRY']._serialized_end=2010
+  _globals['_VERSIONSTATUS']._serialized_start=2012
+  _globals['_VERSIONSTATUS']._serialized_end=2120
+  _globals['_DIGITSERVICE']._serialized_start=2347
+  _globals['_DIGITSERVICE']._serialized_end=2686
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class DigitServiceStub:
                 request_serializer=digitserve_dot_v1_dot_digit__service__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=digitserve_dot_v1_dot_digit__service__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/digitserve.v1.DigitService/ListModels',
+                request_serializer=digitserve_dot_v1_dot_digit__service__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=digitserve_dot_v1_dot_digit__service__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class DigitServiceServicer:
@@ -78,6 +83,13 @@ class DigitServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The models this server serves: their versions, labels, canary weight and state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DigitServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +107,11 @@ def add_DigitServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=digitserve_dot_v1_dot_digit__service__pb2.GetModelInfoRequest.FromString,
                     response_serializer=digitserve_dot_v1_dot_digit__service__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=digitserve_dot_v1_dot_digit__service__pb2.ListModelsRequest.FromString,
+                    response_serializer=digitserve_dot_v1_dot_digit__service__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +196,33 @@ class DigitService:
             '/digitserve.v1.DigitService/GetModelInfo',
             digitserve_dot_v1_dot_digit__service__pb2.GetModelInfoRequest.SerializeToString,
             digitserve_dot_v1_dot_digit__service__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/digitserve.v1.DigitService/ListModels',
+            digitserve_dot_v1_dot_digit__service__pb2.ListModelsRequest.SerializeToString,
+            digitserve_dot_v1_dot_digit__service__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,8 @@ class PackedPredictRequest:
     encoding: str  # "uint8" or "float32"
     rows: npt.NDArray[np.uint8]  # (N, bytes per image)
     model_version: int
+    model_name: str = ""
+    version_label: str = ""
 
     def message(self) -> pb.PredictRequest:
         """The request as protobuf parses it (the same fields)."""
@@ -122,13 +124,14 @@ def _packed(data: bytes) -> PackedPredictRequest | None:
         if differ.size:
             count = int(differ[0]) + 1
             rows = rows[:count]
-    model_version = 0
-    if count * record < len(data):  # the other fields: a message of their own records
-        rest = pb.PredictRequest.FromString(data[count * record :])
-        if len(rest.images):  # images of another encoding or length follow
-            return None
-        model_version = rest.model_version
-    return PackedPredictRequest(data, encoding, rows[:, start:], model_version)
+    if count * record == len(data):
+        return PackedPredictRequest(data, encoding, rows[:, start:], 0)
+    # The other fields (version, model name, label): a message of their own records.
+    rest = pb.PredictRequest.FromString(data[count * record :])
+    if len(rest.images):  # images of another encoding or length follow
+        return None
+    return PackedPredictRequest(data, encoding, rows[:, start:], rest.model_version,
+                                rest.model_name, rest.version_label)
 
 
 def encode_predictions_protobuf(
