@@ -1,6 +1,7 @@
-"""``mnist-client``: predict, evaluate, info and health against a running server, and loadtest
-(the ``digitserve.loadtest`` package, imported only by that sub-command; it needs the
-``loadtest`` extra).
+"""``mnist-client``: predict, evaluate, info, models and health against a running server, and
+loadtest (the ``digitserve.loadtest`` package, imported only by that sub-command; it needs the
+``loadtest`` extra). Each command that calls a model names it with ``--model-name`` ("": the
+server's default model) and its version with ``--model-version`` or ``--label``.
 
 Exit codes: 0 success; 1 an error the command could not get past, printed as one line (the server
 cannot be reached, the server refused a call, a file is missing or unreadable, the accuracy is
@@ -24,6 +25,7 @@ from google.protobuf.message import Message
 from digitserve.client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
 from digitserve.client.connect import ConnectError
 from digitserve.client.images import ImageError, load_image
+from digitserve.client.messages import message_dict
 from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
 from digitserve.config import Parser
 from digitserve.extras import requirement_error
@@ -33,6 +35,10 @@ from digitserve.v1 import digit_service_pb2 as pb
 PROG = "mnist-client"
 WAIT_HELP = ("wait up to this many seconds for the server to accept connections (health: to "
              "report SERVING); 0: fail at once when it cannot be reached")
+# The client's own variables for the model and label it asks for: MNIST_MODEL_NAME is the
+# trainer's and the server's (the models it serves), and the image sets it for every command.
+MODEL_NAME_ENV = "MNIST_CLIENT_MODEL_NAME"
+LABEL_ENV = "MNIST_CLIENT_LABEL"
 
 
 def build_parser(env: Mapping[str, str] | None = None) -> Parser:
@@ -61,8 +67,18 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
                       help="file whose first line is the bearer token sent with every call")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def model(p: Parser, what: str = "the model to ask") -> None:
+        p.add_option("--model-name", env=MODEL_NAME_ENV, default="",
+                     default_text="'' (the server's default model)", help=what)
+
     def version(p: Parser) -> None:
-        p.add_option("--model-version", type=int, default=0, help="pin a version (0 = served)")
+        pin = p.add_mutually_exclusive_group()
+        p.add_option("--model-version", to=pin, env="MNIST_MODEL_VERSION", type=int, default=0,
+                     help="pin a version (0 = served)")
+        p.add_option("--label", to=pin, env=LABEL_ENV, default="",
+                     default_text="'' (the model's default version)",
+                     help="ask the version a version label names (stable, canary, ...) instead "
+                     "of pinning one")
 
     def split(p: Parser) -> None:
         p.add_option("--split", default="t10k", choices=["t10k", "train"], help="IDX set")
@@ -75,6 +91,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
                  help="a directory of IDX files; with --index")
     p.add_option("--index", type=int, default=0, help="image index in the IDX set")
     split(p)
+    model(p)
     version(p)
     p.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
@@ -86,6 +103,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
                  help="images per message")  # MNIST_BATCH_SIZE is the trainer's
     e.add_option("--limit", type=int, default=0,
                  help="evaluate only the first N images (0: all)")
+    model(e)
     version(e)
     e.add_option("--min-accuracy", type=float, default=0.0,
                  help="exit 1 when the accuracy is below this")
@@ -93,11 +111,21 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     e.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
     i = sub.add_parser("info", help="print what the server says of the model: version, input, "
-                       "labels, inference path, loaded and refused versions")
+                       "labels, inference path, loaded and refused versions, version labels and "
+                       "the state of its versions")
+    model(i)
     version(i)
     i.add_option("--json", action="store_true", default=False,
                  help="print GetModelInfo's response as one JSON object: its fields by their "
                  "proto names, metadata_json parsed as 'metadata'")
+
+    m = sub.add_parser("models", help="print the repository state: each model's state, default "
+                       "version, version labels, canary weight and versions (serving, available, "
+                       "refused and why)")
+    model(m, "only this model")
+    m.add_option("--json", action="store_true", default=False,
+                 help="print ListModels's response as one JSON object: its fields by their proto "
+                 "names, enums by name, labels as an object")
 
     h = sub.add_parser("health", help="exit 0 if the server reports SERVING")
     h.add_option("--service", default="", default_text="'' (the whole server)",
@@ -127,8 +155,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     lt.add_option("--batch", type=int, default=1, help="images per request")
     lt.add_option("--encoding", default="uint8", choices=["uint8", "float32"],
                   help="pixel encoding on the wire")
-    lt.add_option("--model-version", env="MNIST_MODEL_VERSION", type=int, default=0,
-                  help="pin a version (0 = served)")
+    model(lt, "the model the requests name (--protocol oip: V2 servers other than mnist-serve "
+          "need one)")
+    version(lt)
     lt.add_option("--processes", type=int, default=0, default_text="0 (automatic)",
                   help="load processes, each with its own channels (0: 1 for light loads, up to "
                   "one per two CPUs for heavy ones, leaving the rest to a local server)")
@@ -145,13 +174,12 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
                   "V2) ModelInfer, raw pixels as input 'images', answers read from output "
                   "'probabilities' — our server's V2 edge, or KServe and others serving a model "
                   "with those names")
-    lt.add_option("--model-name", env="MNIST_MODEL_NAME", default="mnist",
-                  help="--protocol oip: the model the requests name")
     lt.add_option("--max-outstanding", type=int, default=1000,
                   help="open loop: most calls in flight")
     lt.add_option("--no-verify", dest="verify", action="store_false", default=True,
                   env="MNIST_LOADTEST_VERIFY", default_text="on (answers are decoded)",
-                  help="do not decode answers (no accuracy; a little less client CPU)")
+                  help="do not decode answers (no accuracy; a little less client CPU): only "
+                  "the model and version of each are read, for the version mix")
     lt.add_option("--min-accuracy", env="MNIST_MIN_ACCURACY", type=float, default=0.0,
                   help="exit 1 when the accuracy of the answers is below this")
     lt.add_option("--plot", type=Path,
@@ -192,7 +220,8 @@ def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
         pixels = split.images[args.index].reshape(-1)
         true_label = int(split.labels[args.index])
         source = f"{split.images_path}[{args.index}]"
-    result = client.predict(pixels, model_version=args.model_version)
+    result = client.predict(pixels, model_version=args.model_version, model_name=args.model_name,
+                            label=args.label)
     probs = result.probabilities[0]
     if args.json:
         print(json.dumps({
@@ -237,7 +266,7 @@ def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
               disable=None) as bar:
         result = client.evaluate(
             images, labels, batch_size=args.batch_size, model_version=args.model_version,
-            progress=bar.update,
+            model_name=args.model_name, label=args.label, progress=bar.update,
         )
     if args.plot is not None:
         from digitserve.client.plots import plot_confusion_matrix
@@ -263,24 +292,61 @@ def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
 
 
 def info_json(response: Message) -> dict[str, Any]:
-    """A response as JSON values: every field by its proto name, repeated fields as lists, nested
-    messages as objects, int64 as numbers (protobuf's JSON mapping would write them as strings);
-    ``metadata_json`` (GetModelInfo's metadata.json text) is parsed, as ``metadata``."""
-    out: dict[str, Any] = {}
-    for field in response.DESCRIPTOR.fields:
-        value = getattr(response, field.name)
-        if field.name == "metadata_json":
-            out["metadata"] = json.loads(value) if value else None
-        elif field.message_type is not None:
-            out[field.name] = ([info_json(v) for v in value] if field.is_repeated
-                               else info_json(value))
-        else:
-            out[field.name] = list(value) if field.is_repeated else value
-    return out
+    """A response as JSON values (``messages.message_dict``: fields by their proto names, int64 as
+    numbers); ``metadata_json`` (GetModelInfo's metadata.json text) is parsed, as ``metadata``."""
+    return {("metadata" if key == "metadata_json" else key):
+            ((json.loads(value) if value else None) if key == "metadata_json" else value)
+            for key, value in message_dict(response).items()}
 
 
-def format_info(response: pb.GetModelInfoResponse) -> str:
-    """GetModelInfo's answer as text: each field of the response on a line of its own, and from
+def _state(enum: Any, value: int) -> str:
+    """An enum value's name without its type's prefix (MODEL_STATE_SERVING -> SERVING); the
+    number of one newer than this client."""
+    name: str = enum.Name(value) if value in enum.values() else str(value)
+    prefix = enum.keys()[0].removesuffix("UNSPECIFIED")
+    return name.removeprefix(prefix)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f} %"
+
+
+def _labels(labels: Mapping[str, int]) -> str:
+    return ", ".join(f"{label} → {labels[label]}" for label in sorted(labels))
+
+
+def _repository_lines(response: pb.GetModelInfoResponse,
+                      models: pb.ListModelsResponse | None) -> list[str]:
+    """What ListModels says of the model ``info`` shows: its state, labels, canary weight and the
+    state of each version (None: the server does not implement ListModels)."""
+    own = ", ".join(response.version_labels) or "none"
+    if models is None:
+        return [f"version labels:   this version: {own}",
+                "model state:      not reported (the server does not implement ListModels)"]
+    status = next((m for m in models.models if m.name == response.model_name), None)
+    if status is None:
+        return [f"version labels:   this version: {own}",
+                f"model state:      not reported (ListModels does not list {response.model_name!r})"]
+    state = _state(pb.ModelState, status.state)
+    default = f"default version {status.default_version}" if status.default_version else \
+        "no default version"
+    canary = status.labels.get("canary")
+    lines = [
+        f"model state:      {state}, {default}" + (f": {status.reason}" if status.reason else ""),
+        f"version labels:   {_labels(status.labels) or 'none'} (this version: {own})",
+        "canary weight:    " + (f"{_percent(status.canary_weight)} of unpinned calls go to version "
+                                f"{canary} (label canary)" if status.canary_weight and canary
+                                else "none"),
+        "versions:         " + (", ".join(f"{v.version} {_state(pb.VersionState, v.state)}"
+                                          for v in status.versions) or "none"),
+    ]
+    return lines
+
+
+def format_info(response: pb.GetModelInfoResponse,
+                models: pb.ListModelsResponse | None = None) -> str:
+    """GetModelInfo's answer as text: each field of the response on a line of its own, what
+    ListModels says of the model (``models``; None: the server does not implement it), and from
     its metadata.json what tells versions apart (check set, training time, library versions)."""
     metadata = (Metadata.from_json(json.loads(response.metadata_json), "the server's metadata_json")
                 if response.metadata_json else None)
@@ -304,6 +370,7 @@ def format_info(response: pb.GetModelInfoResponse) -> str:
     refused = response.refused_versions
     lines.append(f"refused versions: {'none' if not refused else ''}".rstrip())
     lines.extend(f"  {r.version}: {r.reason}" for r in refused)
+    lines.extend(_repository_lines(response, models))
     if metadata is not None:
         if metadata.check_set is not None and metadata.check_set.count is not None:
             accuracy = metadata.check_set.accuracy
@@ -318,9 +385,72 @@ def format_info(response: pb.GetModelInfoResponse) -> str:
     return "\n".join(lines)
 
 
+def _list_models(client: DigitClient, model_name: str) -> pb.ListModelsResponse | None:
+    """ListModels, or None from a server that does not implement it (one older than the model
+    repository server, or another implementation of the API)."""
+    try:
+        return client.list_models(model_name)
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        raise
+
+
 def cmd_info(client: DigitClient, args: argparse.Namespace) -> int:
-    response = client.get_model_info(model_version=args.model_version)
-    print(json.dumps(info_json(response), indent=2) if args.json else format_info(response))
+    response = client.get_model_info(model_version=args.model_version, model_name=args.model_name,
+                                     label=args.label)
+    if args.json:
+        print(json.dumps(info_json(response), indent=2))
+        return 0
+    print(format_info(response, _list_models(client, response.model_name)))
+    return 0
+
+
+def format_models(response: pb.ListModelsResponse) -> str:
+    """ListModels's answer as a table: a row per model (state, default version, version labels,
+    canary weight), under it a line per version (state, the labels naming it, why it was
+    refused); then the default model and the model config file."""
+    rows = [("MODEL", "STATE", "DEFAULT", "LABELS", "CANARY")]
+    for m in response.models:
+        rows.append((m.name, _state(pb.ModelState, m.state),
+                     str(m.default_version) if m.default_version else "–",
+                     _labels(m.labels) or "–", _percent(m.canary_weight) if m.canary_weight else "–"))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+
+    lines = [line(rows[0])]
+    for m, row in zip(response.models, rows[1:], strict=True):
+        lines.append(line(row))
+        if m.reason:
+            lines.append(f"  reason: {m.reason}")
+        number = max((len(str(v.version)) for v in m.versions), default=1)
+        for v in m.versions:
+            state = _state(pb.VersionState, v.state)
+            detail = ", ".join(v.labels) if state != "REFUSED" else v.reason
+            if state == "REFUSED" and v.labels:
+                detail = f"{', '.join(v.labels)}; {detail}"
+            lines.append(f"  version {str(v.version).rjust(number)}  {state.ljust(9)}  "
+                         f"{detail}".rstrip())
+    if not response.models:
+        lines.append("(no models: none is published in the repository yet)")
+    lines.append("default model: " + (response.default_model or
+                                      "none (requests must name one: --model-name)"))
+    if response.config_path:
+        lines.append(f"model config:  {response.config_path}" + (
+            f" (its last change was not applied: {response.config_error})"
+            if response.config_error else ""))
+    return "\n".join(lines)
+
+
+def cmd_models(client: DigitClient, args: argparse.Namespace) -> int:
+    response = _list_models(client, args.model_name)
+    if response is None:
+        raise CliError(f"{client.target} does not implement ListModels (a server older than the "
+                       "model repository server, or another implementation); `info` shows what "
+                       "it serves")
+    print(json.dumps(message_dict(response), indent=2) if args.json else format_models(response))
     return 0
 
 
@@ -363,7 +493,8 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
         )
         workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,
                                            encoding=args.encoding, model_version=args.model_version,
-                                           protocol=args.protocol, model_name=args.model_name)
+                                           protocol=args.protocol, model_name=args.model_name,
+                                           label=args.label)
         if args.wait <= 0:  # as every other command: nothing listening is one line at once
             client.check_server()
         result = loadtest.run(config, workload, progress=not args.json)
@@ -390,7 +521,7 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
-            "health": cmd_health, "loadtest": cmd_loadtest}
+            "models": cmd_models, "health": cmd_health, "loadtest": cmd_loadtest}
 
 
 def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:

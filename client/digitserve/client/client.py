@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from digitserve.client.connect import ConnectError, Connectivity
 from digitserve.client.images import as_batch, pixel_values
+from digitserve.client.messages import message_dict
 from digitserve.client.security import secure_channel
 from digitserve.metadata import stamp_version
 from digitserve.v1 import digit_service_pb2 as pb
@@ -167,17 +168,20 @@ class DigitClient:
         token: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
         wait_for_ready: bool = False,
+        model_name: str = "",
     ) -> None:
         """``credentials``: TLS (client.security.tls_credentials); ``token``: a bearer token sent
         with every call; ``wait_for_ready``: wait for an unreachable server (within each call's
-        deadline) instead of failing at once."""
+        deadline) instead of failing at once; ``model_name``: the model calls ask when they name
+        none ("": the server's default model)."""
         self.target = target
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
+        self.model_name = model_name
         self.channel = secure_channel(target, channel_options(options), credentials, token)
         self.stub = pb_grpc.DigitServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._connectivity = Connectivity(self.channel, target)
-        self._input_shape: tuple[int, ...] | None = None
+        self._input_shapes: dict[str, tuple[int, ...]] = {}  # by model name ("": the default)
 
     def __enter__(self) -> DigitClient:
         return self
@@ -223,16 +227,29 @@ class DigitClient:
                     raise ConnectError(self.target, error.reason, exc.code(), waited) from exc
             raise
 
-    def _model_input_shape(self) -> tuple[int, ...]:
-        """The served model's input shape, asked once (GetModelInfo): what tells one rows×cols
-        image from a batch of flat ones, and what an image that fits neither is told it needs."""
-        if self._input_shape is None:
-            response = self.get_model_info()
-            self._input_shape = tuple(response.input_shape) or (response.input_size,)
-        return self._input_shape
+    def _model(self, model_name: str) -> str:
+        """The model a call asks: its own ``model_name``, else the client's."""
+        return model_name or self.model_name
+
+    def _model_input_shape(self, model_name: str) -> tuple[int, ...]:
+        """The input shape of ``model_name`` (GetModelInfo, asked once per model): what tells one
+        rows×cols image from a batch of flat ones, and what an image that fits neither is told it
+        needs."""
+        shape = self._input_shapes.get(model_name)
+        if shape is None:
+            response = self.get_model_info(model_name=model_name)
+            shape = self._input_shapes[model_name] = (tuple(response.input_shape)
+                                                      or (response.input_size,))
+        return shape
 
     def predict(
-        self, images: npt.ArrayLike, *, model_version: int = 0, timeout: float | None = None
+        self,
+        images: npt.ArrayLike,
+        *,
+        model_version: int = 0,
+        model_name: str = "",
+        label: str = "",
+        timeout: float | None = None,
     ) -> PredictResult:
         """Probabilities for each image. ``images``: one image (rows×cols, or a flat vector of
         rows*cols pixels) or a batch (N×rows×cols or N×pixels), a numpy array or nested lists.
@@ -240,9 +257,14 @@ class DigitClient:
         integers of any dtype are 0..255; floats all within [0, 1] are 0..1; floats above 1 (up to
         255) are 0..255. Anything else raises ``images.ImageError`` (a ValueError) saying what was
         passed and what is expected. The model's rows×cols come from the server (GetModelInfo,
-        asked once per client)."""
-        batch = as_batch(images, self._model_input_shape())
-        request = pb.PredictRequest(images=encode_images(batch), model_version=model_version)
+        asked once per model). ``model_name``: the model to ask ("": the client's, else the
+        server's default); ``model_version`` pins a version, or ``label`` names a version label
+        ("stable", "canary"): the server refuses both at once (INVALID_ARGUMENT). Unpinned, the
+        server may answer with a canary version: the result says which model and version did."""
+        name = self._model(model_name)
+        batch = as_batch(images, self._model_input_shape(name))
+        request = pb.PredictRequest(images=encode_images(batch), model_version=model_version,
+                                    model_name=name, version_label=label)
         seconds = self._timeout(timeout)
         response = self._call(seconds, lambda wait: self.stub.Predict(
             request, timeout=seconds, wait_for_ready=wait))
@@ -255,11 +277,15 @@ class DigitClient:
         *,
         batch_size: int = EVALUATE_BATCH,
         model_version: int = 0,
+        model_name: str = "",
+        label: str = "",
         timeout: float | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> EvaluateResult:
         """Streams the labelled set in batches; ``progress(n)`` is called as each batch is sent.
-        ``images``: N×rows×cols or N×pixels, pixels as ``predict`` takes them."""
+        ``images``: N×rows×cols or N×pixels, pixels as ``predict`` takes them; the model and its
+        version as ``predict`` names them (one version answers the whole stream)."""
+        name = self._model(model_name)
         array = pixel_values(images)
         array = array.reshape(array.shape[0], -1)
         y = np.asarray(labels, dtype=np.int64)
@@ -271,6 +297,8 @@ class DigitClient:
                     images=encode_images(chunk),
                     labels=y[start : start + batch_size].tolist(),
                     model_version=model_version,
+                    model_name=name,
+                    version_label=label,
                 )
                 if progress is not None:
                     progress(chunk.shape[0])
@@ -280,26 +308,49 @@ class DigitClient:
             requests(), timeout=seconds, wait_for_ready=wait))
         return EvaluateResult.from_proto(response)
 
-    def get_model_info(self, *, model_version: int = 0,
+    def get_model_info(self, *, model_version: int = 0, model_name: str = "", label: str = "",
                        timeout: float | None = None) -> pb.GetModelInfoResponse:
-        """GetModelInfo's response as it is (``model_info`` is it as a dict)."""
+        """GetModelInfo's response as it is (``model_info`` is it as a dict); the model and
+        version as ``predict`` names them."""
         seconds = self._timeout(timeout)
+        request = pb.GetModelInfoRequest(model_version=model_version,
+                                         model_name=self._model(model_name), version_label=label)
         response: pb.GetModelInfoResponse = self._call(seconds, lambda wait: self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(model_version=model_version), timeout=seconds,
-            wait_for_ready=wait))
+            request, timeout=seconds, wait_for_ready=wait))
         return response
 
-    def model_info(self, *, model_version: int = 0, timeout: float | None = None) -> dict[str, Any]:
-        """The served model's metadata (metadata.json), with ``version``, ``max_images_per_request``,
-        ``loaded_versions``, ``refused_versions`` and ``inference_path``."""
-        response = self.get_model_info(model_version=model_version, timeout=timeout)
+    def model_info(self, *, model_version: int = 0, model_name: str = "", label: str = "",
+                   timeout: float | None = None) -> dict[str, Any]:
+        """The model's metadata (metadata.json), with ``version``, ``max_images_per_request``,
+        ``loaded_versions``, ``refused_versions``, ``inference_path`` and ``version_labels`` (the
+        labels that name this version)."""
+        response = self.get_model_info(model_version=model_version, model_name=model_name,
+                                       label=label, timeout=timeout)
         info: dict[str, Any] = json.loads(response.metadata_json)
         stamp_version(info, response.model_version)
         info["max_images_per_request"] = response.max_images_per_request
         info["loaded_versions"] = list(response.loaded_versions)
         info["refused_versions"] = {str(r.version): r.reason for r in response.refused_versions}
         info["inference_path"] = response.inference_path
+        info["version_labels"] = list(response.version_labels)
         return info
+
+    def list_models(self, model_name: str = "", *,
+                    timeout: float | None = None) -> pb.ListModelsResponse:
+        """ListModels's response as it is (``models`` is it as a dict): every model the server
+        serves or waits for, with its state, default version, version labels, canary weight and
+        versions (published, serving, refused with the reason); only ``model_name`` if given
+        (NOT_FOUND naming the served ones if the server has no such model). Not the client's
+        default model: "" lists them all."""
+        seconds = self._timeout(timeout)
+        response: pb.ListModelsResponse = self._call(seconds, lambda wait: self.stub.ListModels(
+            pb.ListModelsRequest(model_name=model_name), timeout=seconds, wait_for_ready=wait))
+        return response
+
+    def models(self, model_name: str = "", *, timeout: float | None = None) -> dict[str, Any]:
+        """ListModels's response as JSON values: fields by their proto names, enums by name
+        (``MODEL_STATE_SERVING``), ``labels`` as an object of label -> version."""
+        return message_dict(self.list_models(model_name, timeout=timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The health service's status name for ``service`` ("" = the whole server)."""

@@ -1,7 +1,7 @@
 """The load tester behind ``mnist-client loadtest`` and the benchmark (``bench/``): Predict or V2
 ModelInfer calls serialized once and sent closed- or open-loop from several processes, over its
 own HTTP/2 framing (``digitserve.loadtest.http2``) or grpc.aio; throughput, latency percentiles,
-errors and the accuracy of the answers.
+errors, the accuracy of the answers and the model versions that gave them.
 
 A package of its own, not part of the client library: ``pip install 'digitserve[loadtest]'``
 adds what only it needs (``hpack``); ``mnist-client`` imports it only for its ``loadtest``
@@ -25,6 +25,7 @@ from digitserve.loadtest.generator import (
     default_processes,
     error_summary,
     format_result,
+    format_versions,
     run,
 )
 
@@ -43,5 +44,6 @@ __all__ = [
     "default_processes",
     "error_summary",
     "format_result",
+    "format_versions",
     "run",
 ]

@@ -1,5 +1,6 @@
 """Load generator: closed- and open-loop Predict traffic from several processes, measuring throughput,
-latency percentiles, errors by status code and the accuracy of the answers."""
+latency percentiles, errors by status code, the accuracy of the answers and which model versions
+gave them (the version mix: a canary split read off a run)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.idx import scale_pixels
-from digitserve.loadtest import http2
+from digitserve.loadtest import answers, http2
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
 
@@ -96,11 +97,17 @@ def build_workload(
     model_version: int = 0,
     expected: ExpectedFn | None = None,
     protocol: str = "digitserve",
-    model_name: str = "mnist",
+    model_name: str = "",
+    label: str = "",
 ) -> Workload:
     """Cuts (N, ...) uint8 images into requests of ``batch`` consecutive images (wrapping round when
-    N < batch) and serializes each once, as ``protocol``'s requests (``model_name``: the model a V2
-    request names). ``expected(float32 images) -> probabilities`` adds the exact answers to check."""
+    N < batch) and serializes each once, as ``protocol``'s requests. ``model_name``: the model the
+    requests name ("": the server's default model); ``model_version`` pins a version, ``label``
+    names a version label instead (V2: as the request's model_version text).
+    ``expected(float32 images) -> probabilities`` adds the exact answers to check."""
+    if model_version and label:
+        raise LoadTestError(f"model version {model_version} and label {label!r} both given: pin a "
+                            "version or name a label, not both")
     if batch < 1:
         raise LoadTestError(f"batch {batch} must be at least 1")
     if encoding not in ENCODINGS:
@@ -120,14 +127,16 @@ def build_workload(
         index = (r * batch + np.arange(batch)) % flat.shape[0]
         chunk = flat[index]
         if protocol == "oip":
-            payloads.append(_infer_request(chunk, encoding, model_name, model_version))
+            version = label or (str(model_version) if model_version else "")
+            payloads.append(_infer_request(chunk, encoding, model_name, version))
         else:
             if encoding == "uint8":
                 encoded = [pb.Image(uint8=row.tobytes()) for row in chunk]
             else:
                 encoded = [pb.Image(float32=row.astype("<f4").tobytes())
                            for row in scale_pixels(chunk)]
-            request = pb.PredictRequest(images=encoded, model_version=model_version)
+            request = pb.PredictRequest(images=encoded, model_version=model_version,
+                                        model_name=model_name, version_label=label)
             payloads.append(request.SerializeToString())
         request_labels.append(y[index])
         if expected is not None:
@@ -137,12 +146,12 @@ def build_workload(
 
 
 def _infer_request(chunk: npt.NDArray[np.uint8], encoding: str, model_name: str,
-                   model_version: int) -> bytes:
+                   model_version: str) -> bytes:
     """A serialized V2 ModelInferRequest of (N, size) images: raw little-endian pixels, FP32 in
     [0, 1] or UINT8, asking for the probabilities only."""
     pixels = chunk.tobytes() if encoding == "uint8" else scale_pixels(chunk).astype("<f4").tobytes()
     request = oip.ModelInferRequest(
-        model_name=model_name, model_version=str(model_version) if model_version else "",
+        model_name=model_name, model_version=model_version,
         inputs=[oip.ModelInferRequest.InferInputTensor(
             name=OIP_INPUT, datatype="UINT8" if encoding == "uint8" else "FP32",
             shape=list(chunk.shape))],
@@ -153,11 +162,9 @@ def _infer_request(chunk: npt.NDArray[np.uint8], encoding: str, model_name: str,
     return data
 
 
-def _v2_probabilities(answer: bytes) -> npt.NDArray[np.float32]:
-    """The probabilities (rows = images) in a serialized V2 ModelInferResponse. Raises protobuf's
-    DecodeError for bytes that are not one, ValueError when it holds no probabilities of shape
-    [N, K]."""
-    response = oip.ModelInferResponse.FromString(answer)
+def _v2_probabilities(response: oip.ModelInferResponse) -> npt.NDArray[np.float32]:
+    """The probabilities (rows = images) in a V2 ModelInferResponse. Raises ValueError when it
+    holds no probabilities of shape [N, K]."""
     for i, output in enumerate(response.outputs):
         if output.name != OIP_OUTPUT:
             continue
@@ -288,6 +295,8 @@ class ProcessResult:
     finished: float = 0.0
     messages: dict[tuple[str, str], int] = field(default_factory=dict)
     """The first ``ERROR_KINDS`` distinct (code, message) pairs of failed calls, with counts."""
+    versions: dict[answers.Answer, int] = field(default_factory=dict)
+    """Answers by the (model name, version) that gave them."""
     stopped: bool = False
     """Stopped early: every call failed (``FAIL_FAST_CALLS``, ``FAIL_FAST_SECONDS``)."""
 
@@ -319,6 +328,8 @@ class _Recorder:
         """Every call failed, the first ``FAIL_FAST_CALLS`` or ``FAIL_FAST_SECONDS`` of them: the
         loops send no more."""
         self.result = ProcessResult(np.empty(0), {})
+        self.versions: Counter[answers.Answer] = Counter()
+        self._answered_by = answers.reader(workload.protocol)
         # Plain ints: numpy calls cost microseconds each, a comparison of ints tens of nanoseconds.
         self._labels = [tuple(int(k) for k in labels) for labels in workload.labels]
 
@@ -334,6 +345,13 @@ class _Recorder:
         self.counter.value += 1
         if self.verify:
             self._check(index, answer)
+            return
+        try:  # the version mix only: two fields read by protobuf, the rest skipped in C
+            by = self._answered_by(answer)
+        except Exception:  # protobuf's DecodeError: an answer that is not one
+            result.mismatches += 1
+            return
+        self.versions[by] += 1
 
     def error(self, code: str, details: str) -> None:
         """A failed call: its status code's name and the server's message."""
@@ -350,16 +368,18 @@ class _Recorder:
             self.stopped = True
 
     def _check(self, index: int, answer: bytes) -> None:
-        """Parses the answer once: its classes against the labels, and its probabilities against
-        the expected ones when the workload has them."""
+        """Parses the answer once: the version that gave it, its classes against the labels, and
+        its probabilities against the expected ones when the workload has them."""
         labels = self._labels[index]
         expected = self.workload.expected
         if self.workload.protocol == "digitserve":
             try:
-                predictions = pb.PredictResponse.FromString(answer).predictions
+                response = pb.PredictResponse.FromString(answer)
             except Exception:  # protobuf's DecodeError: an answer that is not a PredictResponse
                 self.result.mismatches += 1
                 return
+            self.versions[response.model_name, response.model_version] += 1
+            predictions = response.predictions
             if len(predictions) != len(labels):
                 self.result.mismatches += 1
                 return
@@ -368,8 +388,14 @@ class _Recorder:
                 [p.probabilities for p in predictions], dtype=np.float32)
         else:
             try:
-                probabilities = _v2_probabilities(answer)
-            except Exception:  # DecodeError, or no probabilities of the right shape
+                v2 = oip.ModelInferResponse.FromString(answer)
+            except Exception:  # protobuf's DecodeError: an answer that is not a ModelInferResponse
+                self.result.mismatches += 1
+                return
+            self.versions[v2.model_name, v2.model_version] += 1
+            try:
+                probabilities = _v2_probabilities(v2)
+            except ValueError:  # no probabilities of the right shape
                 self.result.mismatches += 1
                 return
             if probabilities.shape[0] != len(labels):
@@ -389,6 +415,7 @@ class _Recorder:
         self.result.completions = np.asarray(self.completions, dtype=np.float64)
         self.result.errors = dict(self.errors)
         self.result.messages = dict(self.messages)
+        self.result.versions = dict(self.versions)
         self.result.stopped = self.stopped
         return self.result
 
@@ -600,6 +627,8 @@ class LoadResult:
     stopped_early: bool = False
     """The run stopped before its end because every call failed (``FAIL_FAST_CALLS``,
     ``FAIL_FAST_SECONDS``)."""
+    versions: tuple[tuple[str, int | str, int], ...] = ()
+    """(model name, version, answers) for each version that answered, by name, then version."""
 
     @property
     def requests(self) -> int:
@@ -616,6 +645,7 @@ class LoadResult:
 
     def to_dict(self) -> dict[str, Any]:
         elapsed = self.duration_s or float("nan")
+        answered = sum(count for *_, count in self.versions)
         return {
             "target": self.config.target,
             "mode": "open" if self.config.open_loop else "closed",
@@ -643,6 +673,9 @@ class LoadResult:
             "accuracy": self.accuracy,
             "checked": self.checked,
             "mismatches": self.mismatches,
+            "versions": [{"model_name": name, "model_version": version, "count": count,
+                          "fraction": count / answered}
+                         for name, version, count in self.versions],
         }
 
 
@@ -650,9 +683,11 @@ def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult
            begin: float) -> LoadResult:
     errors: Counter[str] = Counter()
     messages: Counter[tuple[str, str]] = Counter()
+    versions: Counter[answers.Answer] = Counter()
     for part in parts:
         errors.update(part.errors)
         messages.update(part.messages)
+        versions.update(part.versions)
     finished = max((p.finished for p in parts), default=begin)
     return LoadResult(
         config=config, batch=workload.batch, encoding=workload.encoding, processes=len(parts),
@@ -666,7 +701,18 @@ def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult
         error_messages=tuple((code, message, count) for (code, message), count
                              in messages.most_common(ERROR_KINDS)),
         stopped_early=bool(parts) and all(p.stopped for p in parts),
+        versions=tuple((name, version, count) for (name, version), count
+                       in sorted(versions.items(), key=lambda item: _version_order(item[0]))),
     )
+
+
+def _version_order(answer: answers.Answer) -> tuple[str, int, int, str]:
+    """By model name, then by version: numbers (and V2's decimal texts) in numeric order first."""
+    name, version = answer
+    text = str(version)
+    if isinstance(version, int) or text.isdecimal():
+        return name, 0, int(text), ""
+    return name, 1, 0, text
 
 
 class _Progress:
@@ -823,12 +869,25 @@ def format_result(result: LoadResult) -> str:
         lines.append(f"accuracy    {d['accuracy']:.4f} ({d['checked']} answers checked)")
     if d["mismatches"]:
         lines.append(f"mismatches  {d['mismatches']} answers did not fit their request")
+    if result.versions:
+        lines.append(f"versions    {format_versions(result)}")
     errors = ", ".join(f"{k} {v}" for k, v in d["errors"].items()) or "none"
     lines.append(f"errors      {errors}")
     lines += [f"{count:>11} × {code}: {_shorten(message)}" for code, message, count in result.error_messages]
     if result.stopped_early:
         lines.append(f"stopped     early: all of the first {d['requests']} calls failed")
     return "\n".join(lines)
+
+
+def format_versions(result: LoadResult) -> str:
+    """The version mix of the answers, per model: ``mnist 3: 4,512 (90.2 %), 4: 488 (9.8 %)``
+    (``(no name)`` for answers without a model name); ``none`` without answers read."""
+    total = sum(count for *_, count in result.versions)
+    models: dict[str, list[str]] = {}
+    for name, version, count in result.versions:
+        models.setdefault(name, []).append(f"{version}: {count:,} ({100 * count / total:.1f} %)")
+    return "; ".join(f"{name or '(no name)'} {', '.join(parts)}"
+                     for name, parts in models.items()) or "none"
 
 
 def error_summary(result: LoadResult) -> str | None:

@@ -1,0 +1,62 @@
+"""Which model and version gave an answer, read from its serialized bytes for the load tester's
+version mix (a canary split read off a run).
+
+A call whose answer is not otherwise decoded (``--no-verify``) must not pay for decoding it: the
+answer is parsed by protobuf (upb, in C) into a message that declares only the two fields wanted,
+so everything else (the predictions, the V2 outputs) is skipped as unknown fields without a Python
+object per prediction. That is correct for any field order (protobuf allows any; a field that
+occurs twice takes its last value, as in the full message) and costs the same wherever the fields
+are: our server writes model_name and model_version after the predictions
+(``digitserve.server.wire``). Measured here (upb, protobuf 7.36): 0.80 µs for a 1-image answer and
+2.0 µs for 64 images, where ``PredictResponse.FromString`` takes 0.86 and 7.8 µs and a Python walk
+over the fields 0.8 and 16 µs (``tests/loadtest/test_answers.py`` checks every field order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+Answer = tuple[str, int | str]
+"""(model name, version): an int for this API's Predict, the text of a V2 answer."""
+
+_STRING = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
+_INT64 = descriptor_pb2.FieldDescriptorProto.TYPE_INT64
+
+
+def _version_messages() -> dict[str, Any]:
+    """The two messages, each with only model_name and model_version at their numbers in the
+    answer they read: PredictResponse (2: string, 3: int64) and the V2 ModelInferResponse (1:
+    string, 2: string). In a pool of their own: nothing else sees them."""
+    source = descriptor_pb2.FileDescriptorProto(
+        name="digitserve/loadtest/answer_version.proto", package="digitserve.loadtest",
+        syntax="proto3")
+    for name, fields in (("PredictAnswer", ((2, _STRING), (3, _INT64))),
+                         ("InferAnswer", ((1, _STRING), (2, _STRING)))):
+        message = source.message_type.add(name=name)
+        for (number, kind), field in zip(fields, ("model_name", "model_version"), strict=True):
+            message.field.add(name=field, number=number, type=kind,
+                              label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(source)
+    return {protocol: message_factory.GetMessageClass(
+                pool.FindMessageTypeByName(f"digitserve.loadtest.{name}"))
+            for protocol, name in (("digitserve", "PredictAnswer"), ("oip", "InferAnswer"))}
+
+
+_MESSAGES = _version_messages()
+
+
+def reader(protocol: str) -> Callable[[bytes], Answer]:
+    """``read(answer) -> (model name, version)`` for serialized answers of ``protocol``
+    ("digitserve": PredictResponse, "oip": ModelInferResponse); raises protobuf's DecodeError
+    for bytes that are not a message."""
+    parse = _MESSAGES[protocol].FromString
+
+    def read(answer: bytes) -> Answer:
+        message = parse(answer)
+        return message.model_name, message.model_version
+
+    return read
