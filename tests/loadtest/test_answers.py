@@ -6,6 +6,7 @@ over load processes and reported as text and JSON."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +17,17 @@ from digitserve.loadtest import answers, format_result, format_versions
 from digitserve.loadtest import generator as loadtest
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
+
+
+def reader(protocol: str) -> Callable[[bytes], answers.Answer]:
+    """(model name, version) as the load tester reads them from an answer."""
+    parse = answers.parser(protocol)
+
+    def read(data: bytes) -> answers.Answer:
+        parsed = parse(data)
+        return parsed.model_name, parsed.model_version
+
+    return read
 
 
 def field(number: int, kind: int, payload: bytes) -> bytes:
@@ -56,7 +68,7 @@ def orders(parts: list[bytes]) -> set[bytes]:
 
 @pytest.mark.parametrize("count", [1, 3])
 def test_predict_answers_in_every_field_order(count: int) -> None:
-    read = answers.reader("digitserve")
+    read = reader("digitserve")
     preds = predictions(count)
     name, version = text(2, "mnist"), field(3, 0, varint(1234567))
     # Our server's order (predictions, then name and version), and every other: the predictions as
@@ -73,7 +85,7 @@ def test_predict_answers_in_every_field_order(count: int) -> None:
 
 
 def test_predict_answer_edge_cases() -> None:
-    read = answers.reader("digitserve")
+    read = reader("digitserve")
     preds = b"".join(predictions(2))
     assert read(preds) == ("", 0)  # neither field: proto3's defaults, as the full message has them
     assert read(b"") == ("", 0)
@@ -95,7 +107,7 @@ def test_predict_answer_edge_cases() -> None:
 
 
 def test_v2_answers_in_every_field_order() -> None:
-    read = answers.reader("oip")
+    read = reader("oip")
     output = oip.ModelInferResponse.InferOutputTensor(name="probabilities", datatype="FP32",
                                                       shape=[1, 10]).SerializeToString()
     parts = [text(1, "mnist"), text(2, "canary-4"), text(3, "request-id"),

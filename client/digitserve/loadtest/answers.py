@@ -15,12 +15,12 @@ over the fields 0.8 and 16 µs (``tests/loadtest/test_answers.py`` checks every 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 Answer = tuple[str, int | str]
-"""(model name, version): an int for this API's Predict, the text of a V2 answer."""
+"""(model name, version) of an answer: an int for this API's Predict, the text of a V2 answer."""
 
 _STRING = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
 _INT64 = descriptor_pb2.FieldDescriptorProto.TYPE_INT64
@@ -49,14 +49,17 @@ def _version_messages() -> dict[str, Any]:
 _MESSAGES = _version_messages()
 
 
-def reader(protocol: str) -> Callable[[bytes], Answer]:
-    """``read(answer) -> (model name, version)`` for serialized answers of ``protocol``
-    ("digitserve": PredictResponse, "oip": ModelInferResponse); raises protobuf's DecodeError
-    for bytes that are not a message."""
-    parse = _MESSAGES[protocol].FromString
+class VersionFields(Protocol):
+    """What a parsed answer holds: the model and version that gave it."""
 
-    def read(answer: bytes) -> Answer:
-        message = parse(answer)
-        return message.model_name, message.model_version
+    model_name: str
+    model_version: int | str
 
-    return read
+
+def parser(protocol: str) -> Callable[[bytes], VersionFields]:
+    """``parse(answer)`` for serialized answers of ``protocol`` ("digitserve": PredictResponse,
+    "oip": ModelInferResponse): a message whose ``model_name`` and ``model_version`` are the
+    answer's (an int for Predict, text for V2). Raises protobuf's DecodeError for bytes that are
+    not a message. The message class's own ``FromString``: no Python frame of ours per answer."""
+    parse: Callable[[bytes], VersionFields] = _MESSAGES[protocol].FromString
+    return parse

@@ -328,8 +328,8 @@ class _Recorder:
         """Every call failed, the first ``FAIL_FAST_CALLS`` or ``FAIL_FAST_SECONDS`` of them: the
         loops send no more."""
         self.result = ProcessResult(np.empty(0), {})
-        self.versions: Counter[answers.Answer] = Counter()
-        self._answered_by = answers.reader(workload.protocol)
+        self.versions: dict[answers.Answer, int] = {}  # a dict's get/set: 100 ns less than Counter's
+        self._parse_version = answers.parser(workload.protocol)
         # Plain ints: numpy calls cost microseconds each, a comparison of ints tens of nanoseconds.
         self._labels = [tuple(int(k) for k in labels) for labels in workload.labels]
 
@@ -347,11 +347,12 @@ class _Recorder:
             self._check(index, answer)
             return
         try:  # the version mix only: two fields read by protobuf, the rest skipped in C
-            by = self._answered_by(answer)
+            parsed = self._parse_version(answer)
         except Exception:  # protobuf's DecodeError: an answer that is not one
             result.mismatches += 1
             return
-        self.versions[by] += 1
+        key = parsed.model_name, parsed.model_version
+        self.versions[key] = self.versions.get(key, 0) + 1
 
     def error(self, code: str, details: str) -> None:
         """A failed call: its status code's name and the server's message."""
@@ -378,7 +379,8 @@ class _Recorder:
             except Exception:  # protobuf's DecodeError: an answer that is not a PredictResponse
                 self.result.mismatches += 1
                 return
-            self.versions[response.model_name, response.model_version] += 1
+            key: answers.Answer = response.model_name, response.model_version
+            self.versions[key] = self.versions.get(key, 0) + 1
             predictions = response.predictions
             if len(predictions) != len(labels):
                 self.result.mismatches += 1
@@ -392,7 +394,8 @@ class _Recorder:
             except Exception:  # protobuf's DecodeError: an answer that is not a ModelInferResponse
                 self.result.mismatches += 1
                 return
-            self.versions[v2.model_name, v2.model_version] += 1
+            key = v2.model_name, v2.model_version
+            self.versions[key] = self.versions.get(key, 0) + 1
             try:
                 probabilities = _v2_probabilities(v2)
             except ValueError:  # no probabilities of the right shape
