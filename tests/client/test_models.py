@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -211,3 +212,17 @@ def test_the_library_names_the_model_and_label_it_asks(
     with DigitClient(target) as client, pytest.raises(grpc.RpcError) as error:
         client.list_models()
     assert error.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_v2_load_test_without_a_model_name_needs_the_servers_default(
+        older_server: tuple[str, OlderServer], synthetic_data_dir: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # V2 requests name their model; the default comes from ListModels, which this one lacks.
+    target, _ = older_server
+    code = main(["--target", target, "loadtest", "--data-dir", str(synthetic_data_dir),
+                 "--protocol", "oip", "--requests", "5"])
+    captured = capsys.readouterr()
+    assert (code, captured.out) == (1, "")
+    assert captured.err == (
+        "mnist-client: error: --protocol oip names the model in every request: give --model-name "
+        f"({target} does not implement ListModels to say its default model)\n")

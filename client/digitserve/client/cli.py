@@ -155,8 +155,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     lt.add_option("--batch", type=int, default=1, help="images per request")
     lt.add_option("--encoding", default="uint8", choices=["uint8", "float32"],
                   help="pixel encoding on the wire")
-    model(lt, "the model the requests name (--protocol oip: V2 servers other than mnist-serve "
-          "need one)")
+    model(lt, "the model the requests name (--protocol oip: by default the one ListModels says is "
+          "the default; V2 servers other than mnist-serve need one)")
     version(lt)
     lt.add_option("--processes", type=int, default=0, default_text="0 (automatic)",
                   help="load processes, each with its own channels (0: 1 for light loads, up to "
@@ -475,6 +475,22 @@ def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def _v2_model_name(client: DigitClient, args: argparse.Namespace) -> str:
+    """The model V2 requests name: ``--model-name``, else the server's default model (ListModels):
+    the protocol has no default model, every request names one."""
+    if args.protocol != "oip" or args.model_name:
+        return str(args.model_name)
+    models = _list_models(client, "")
+    if models is None:
+        raise CliError(f"--protocol oip names the model in every request: give --model-name "
+                       f"({client.target} does not implement ListModels to say its default model)")
+    if not models.default_model:
+        served = ", ".join(m.name for m in models.models) or "none yet"
+        raise CliError(f"--protocol oip names the model in every request and {client.target} has "
+                       f"no default model: give --model-name (served: {served})")
+    return models.default_model
+
+
 def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
     from digitserve import loadtest
 
@@ -493,8 +509,8 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
         )
         workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,
                                            encoding=args.encoding, model_version=args.model_version,
-                                           protocol=args.protocol, model_name=args.model_name,
-                                           label=args.label)
+                                           protocol=args.protocol,
+                                           model_name=_v2_model_name(client, args), label=args.label)
         if args.wait <= 0:  # as every other command: nothing listening is one line at once
             client.check_server()
         result = loadtest.run(config, workload, progress=not args.json)
