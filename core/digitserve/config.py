@@ -203,6 +203,17 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"argument {action.option_strings[0]}: invalid boolean value: "
                            f"{value.text!r}, {exc} (from {value.name})")
             return flag  # the variable names the value: MNIST_LOADTEST_VERIFY=0 is --no-verify
+        if isinstance(action, argparse._AppendAction):  # repeatable: a comma-separated variable
+            items = []
+            for text in (t.strip() for t in value.text.split(",")):
+                if text:
+                    try:
+                        item = self._get_value(action, text)
+                        self._check_value(action, item)
+                    except argparse.ArgumentError as exc:
+                        self.error(f"{exc} (from {value.name})")
+                    items.append(item)
+            return items
         try:
             converted = self._get_value(action, value.text)
             self._check_value(action, converted)
@@ -248,6 +259,11 @@ def add_fields(parser: Parser, cls: type[Any]) -> None:
         if kind is bool:  # --flag / --no-flag; the variable takes 1|0|true|false|yes|no|on|off
             parser.add_option(flag, action=argparse.BooleanOptionalAction, default=default,
                               help=help_text)
+            continue
+        if typing.get_origin(kind) is tuple:  # repeatable; the variable is comma-separated
+            item = typing.get_args(kind)[0]
+            parser.add_option(flag, action="append", type=item, default=None, help=help_text,
+                              default_text=f.metadata.get("default_text", "none"))
             continue
         parser.add_option(flag, type=kind, choices=choices, default=default,
                           required=not has_default, help=help_text,
