@@ -219,7 +219,8 @@ class App:
             on_unload=self.repository_metrics.on_unload, freeze_gc=self.freeze_gc,
             settle=settle_memory)
         self.models[name] = server
-        self.telemetry.touch_model(name)
+        if not self.static:  # a loader's model is counted under its own name, once loaded
+            self.telemetry.touch_model(name)
         return server
 
     @property
@@ -288,9 +289,8 @@ class App:
         model has another name (a loader's) is known by that name from then on."""
         if self.static:
             for name, server in list(self.models.items()):
-                if server.model is not None and server.model.spec.name != name:
+                if server.name != name:
                     del self.models[name]
-                    server.name = server.plane.name = server.model.spec.name
                     self.models[server.name] = server
         status = SERVING if self.ready else NOT_SERVING
         for service in ("", SERVICE_NAME):
@@ -424,7 +424,8 @@ class App:
         """Binds and starts serving; returns the bound port."""
         await self._update_health()
         for server in self.models.values():
-            await server.set_health()
+            if not self.static:  # a loader's model is known by its own name once loaded
+                await server.set_health()
         host = self.settings.host
         if self.settings.metrics_port >= 0:
             try:

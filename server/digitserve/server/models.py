@@ -257,6 +257,10 @@ class ModelServer:
             return None
         self.plane.forgive(version)
         self._refused_at.pop(version, None)
+        if not self.source.watchable and model.spec.name != self.name:
+            # A loader's model (tests, embedding) is known by its own name from now on.
+            self.name = self.plane.name = model.spec.name
+            self.telemetry.touch_model(self.name)
         self._event(kind, version, "served")
         return model
 

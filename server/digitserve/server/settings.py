@@ -38,7 +38,7 @@ class Settings:
         "help": "Version to serve (with one --model-name); 0 serves the newest that passes the gate."})
     default_model: str = field(default="", metadata={
         "help": "The model a request without model_name gets; empty: the first --model-name, or "
-                "the only model served."})
+                "the only model served.", "default_text": "the only model"})
     model_config: Path | None = field(default=None, metadata={
         "help": "A model config file (TOML: models, version policy, labels, canary weight, gate "
                 "rules; docs/models.md), read again when it changes; instead of --model-name, "
