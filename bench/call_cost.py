@@ -26,6 +26,7 @@ import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -81,7 +82,19 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     telemetry = Telemetry()
     plane = DataPlane(1024, observer=telemetry)
     plane.set_model(model)
-    handler = grpc.unary_unary_rpc_method_handler(DigitServicer(plane).Predict)
+    class OneModel:  # the router of one data plane (digitserve.server.models.Router)
+        config_error = ""
+        config_path = ""
+        default_model = model.spec.name
+        ready = True
+
+        def model(self, name: str) -> Any:
+            return SimpleNamespace(plane=plane)
+
+        def model_infos(self, name: str = "") -> list[Any]:
+            return []
+
+    handler = grpc.unary_unary_rpc_method_handler(DigitServicer(OneModel()).Predict)
     predict = CallWrapper(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
     pixels = np.random.default_rng(0).random((images, model.spec.input_size), dtype=np.float32)
     data = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels]).SerializeToString()

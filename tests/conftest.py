@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.servers import ServerProcess, ServerThread, make_settings
-from tests.support import FakeModel, synthetic_digits
+from tests.support import FakeModel, noisy_bars, synthetic_digits
 
 
 @pytest.fixture
@@ -86,6 +86,24 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, synthetic_data_dir: Path
     repo = tmp_path_factory.mktemp("repo")
     run(TrainConfig(data_dir=synthetic_data_dir, model_repo=repo, name="tiny", preset="seed",
                     epochs=2, batch_size=16, seed=7, report=False, verbose=0))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def noisy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with model 'tiny', version 1: the seed preset trained on noisy_bars (its
+    check-set accuracy far below MNIST's 0.9)."""
+    from digitserve.idx import write_idx
+    from digitserve.trainer.train import TrainConfig, run
+
+    data = tmp_path_factory.mktemp("noisy-data")
+    for split, n, seed in (("train", 600, 11), ("t10k", 200, 12)):
+        images, labels = noisy_bars(n, seed)
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels)
+    repo = tmp_path_factory.mktemp("noisy-repo")
+    run(TrainConfig(data_dir=data, model_repo=repo, name="tiny", preset="seed", epochs=2,
+                    batch_size=16, seed=7, report=False, verbose=0))
     return repo
 
 

@@ -41,6 +41,14 @@ class ObservedSource:
         self.watchable: bool = source.watchable
         self.calls: collections.Counter[str] = collections.Counter()
 
+    @property
+    def rules(self) -> Any:  # the gate rules are the observed source's
+        return self.source.rules
+
+    @rules.setter
+    def rules(self, rules: Any) -> None:
+        self.source.rules = rules
+
     def __str__(self) -> str:
         return str(self.source)  # log lines and messages name the repository, as in production
 
@@ -81,7 +89,7 @@ class ServerThread:
 
         async def make() -> App:
             app = App(settings, loader)
-            if loader is None:
+            if loader is None and len(app.models) == 1:  # one model named: observe its source
                 # Observed, not rebuilt: whatever App builds from the settings is what is served.
                 self.source = ObservedSource(app.source, wrap)
                 app.source = self.source

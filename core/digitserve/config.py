@@ -79,6 +79,7 @@ class Parser(argparse.ArgumentParser):
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.env_prefix = env_prefix
         self.deprecated_flags: dict[str, str] = {}
+        self.repeatable: set[str] = set()  # dests of options that may be given several times
         self._builtin: dict[str, Any] = {}  # dest -> the default when its variable is not used
         self._exclusive: list[tuple[Any, list[argparse.Action]]] = []  # groups and their options
         self._commands: Any = None  # the sub-parsers action, if any
@@ -203,6 +204,17 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"argument {action.option_strings[0]}: invalid boolean value: "
                            f"{value.text!r}, {exc} (from {value.name})")
             return flag  # the variable names the value: MNIST_LOADTEST_VERIFY=0 is --no-verify
+        if action.dest in self.repeatable:  # a comma-separated variable
+            items = []
+            for text in (t.strip() for t in value.text.split(",")):
+                if text:
+                    try:
+                        item = self._get_value(action, text)
+                        self._check_value(action, item)
+                    except argparse.ArgumentError as exc:
+                        self.error(f"{exc} (from {value.name})")
+                    items.append(item)
+            return items
         try:
             converted = self._get_value(action, value.text)
             self._check_value(action, converted)
@@ -249,9 +261,15 @@ def add_fields(parser: Parser, cls: type[Any]) -> None:
             parser.add_option(flag, action=argparse.BooleanOptionalAction, default=default,
                               help=help_text)
             continue
+        if typing.get_origin(kind) is tuple:  # repeatable; the variable is comma-separated
+            item = typing.get_args(kind)[0]
+            action = parser.add_option(flag, action="append", type=item, default=None, help=help_text,
+                                       default_text=f.metadata.get("default_text", "none"))
+            parser.repeatable.add(action.dest)
+            continue
         parser.add_option(flag, type=kind, choices=choices, default=default,
                           required=not has_default, help=help_text,
-                          default_text=None if has_default else "required")
+                          default_text=f.metadata.get("default_text") if has_default else "required")
 
 
 def env_only(cls: type[Any], env: Mapping[str, str], prefix: str = ENV_PREFIX) -> dict[str, Any]:

@@ -44,6 +44,16 @@ def _check_name(name: str) -> None:
         raise RepositoryError(f"invalid model name {name!r}: use letters, digits, '-', '_' or '.'")
 
 
+# A model the server finds in a repository: a directory named like this (not hidden, not a
+# version number, not ``lost+found``).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_model_name(name: str) -> bool:
+    """Whether a directory of the repository named ``name`` is a model's."""
+    return MODEL_NAME.fullmatch(name) is not None and not is_version_name(name)
+
+
 def is_version_name(name: str) -> bool:
     """Whether ``name`` is a version directory's name: a canonical positive integer (``1``,
     ``12``; not ``012``, ``+1`` or ``²``), so each version has exactly one directory."""
@@ -56,6 +66,15 @@ class ModelRepository:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self._ignored: set[Path] = set()  # entries already reported as not versions
+
+    def models(self) -> list[str]:
+        """The model directories in the repository, by name (those without a version yet
+        included); [] when the repository is missing."""
+        try:
+            with os.scandir(self.root) as entries:
+                return sorted(e.name for e in entries if is_model_name(e.name) and e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name``, ascending; [] if there are none. Only directories

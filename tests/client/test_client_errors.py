@@ -238,7 +238,8 @@ def test_predict_refuses_other_images_in_the_callers_terms(
 
 # --- 3. an unknown health service ----------------------------------------------------------------
 
-KNOWN = "'', digitserve.v1.DigitService, digitserve.v1.ModelUpdates"
+KNOWN = ("'', digitserve.v1.DigitService, digitserve.v1.Model/fake, digitserve.v1.ModelUpdates, "
+         "digitserve.v1.ModelUpdates/fake")
 
 
 def test_an_unknown_health_service_names_the_known_ones(

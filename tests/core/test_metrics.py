@@ -122,9 +122,9 @@ def test_known_traffic_gives_exact_counts(start_server: Callable[..., ServerThre
     # The model: what is served, and how it got there.
     assert value(samples, "digitserve_model_info", preset="fake", inference="fake",
                  **model_labels) == 1
-    assert value(samples, "digitserve_model_loads_total", outcome="served") == 1
-    assert value(samples, "digitserve_model_loads_total", outcome="refused") == 0
-    assert value(samples, "digitserve_model_reloads_total", outcome="served") == 0
+    assert value(samples, "digitserve_model_loads_total", model_name="fake", outcome="served") == 1
+    assert value(samples, "digitserve_model_loads_total", model_name="fake", outcome="refused") == 0
+    assert value(samples, "digitserve_model_reloads_total", model_name="fake", outcome="served") == 0
 
 
 def test_servers_in_one_process_keep_their_own_counts(

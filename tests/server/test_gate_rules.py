@@ -20,37 +20,7 @@ from digitserve.server.versions import GateRules, QualityGateError, RepositorySo
 from tests.server.test_gate import publish_copy
 from tests.servers import ServerThread
 from tests.support import publish_copy as publish_files
-from tests.support import synthetic_digits, wait_for
-
-
-def noisy_bars(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Not digits: 28×28 bars under heavy noise, and 40 % of the labels drawn at random, so no
-    model gets much above 0.6 on it."""
-    images, labels = synthetic_digits(n, seed)
-    rng = np.random.default_rng(seed + 100)
-    noise = rng.integers(0, 200, size=images.shape).astype(np.uint8)
-    images = np.maximum(images, noise)
-    shuffled = rng.random(n) < 0.4
-    labels[shuffled] = rng.integers(0, 10, size=int(shuffled.sum())).astype(np.uint8)
-    return images, labels
-
-
-@pytest.fixture(scope="module")
-def noisy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A repository with model 'tiny', version 1: the seed preset trained on noisy_bars (its
-    check-set accuracy far below MNIST's 0.9)."""
-    from digitserve.idx import write_idx
-    from digitserve.trainer.train import TrainConfig, run
-
-    data = tmp_path_factory.mktemp("noisy-data")
-    for split, n, seed in (("train", 600, 11), ("t10k", 200, 12)):
-        images, labels = noisy_bars(n, seed)
-        write_idx(data / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels)
-    repo = tmp_path_factory.mktemp("noisy-repo")
-    run(TrainConfig(data_dir=data, model_repo=repo, name="tiny", preset="seed", epochs=2,
-                    batch_size=16, seed=7, report=False, verbose=0))
-    return repo
+from tests.support import wait_for
 
 
 def recorded_accuracy(repo: Path, version: int = 1) -> float:

@@ -94,7 +94,7 @@ def blocked_on_a_fifo(pid: int) -> bool:
 
 
 def repository_threads(version: int) -> int:
-    return sum(1 for t in threading.enumerate() if t.name == f"repository load {version}")
+    return sum(1 for t in threading.enumerate() if t.name == f"repository load tiny {version}")
 
 
 def test_a_hung_version_is_skipped_logged_counted_and_a_newer_good_one_is_served(

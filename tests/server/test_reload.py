@@ -167,7 +167,7 @@ def test_a_version_refused_while_incomplete_is_served_once_its_files_are_complet
             looks = source.calls["versions"]
             wait_for(lambda: source.calls["versions"] >= looks + 10, 30, "ten more looks")
             assert registry.get_sample_value("digitserve_model_reloads_total",
-                                             {"outcome": "refused"}) == 1
+                                             {"model_name": "tiny", "outcome": "refused"}) == 1
             assert source.calls["load 2"] == 1
 
             completed = time.monotonic()
@@ -178,9 +178,9 @@ def test_a_version_refused_while_incomplete_is_served_once_its_files_are_complet
             assert info["refused_versions"] == {} and info["loaded_versions"] == [2, 1]
             assert client.health(MODEL_UPDATES_SERVICE) == "SERVING"
             assert registry.get_sample_value("digitserve_model_reloads_total",
-                                             {"outcome": "refused"}) == 1
+                                             {"model_name": "tiny", "outcome": "refused"}) == 1
             assert registry.get_sample_value("digitserve_model_reloads_total",
-                                             {"outcome": "served"}) == 1
+                                             {"model_name": "tiny", "outcome": "served"}) == 1
     finally:
         server.stop()
     assert any("was refused but its files changed: trying it again" in r.getMessage()

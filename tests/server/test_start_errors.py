@@ -121,7 +121,7 @@ def test_a_missing_repository_is_one_line_naming_it(tmp_path: Path) -> None:
     assert one_json_line(lines) == (
         f"cannot start: --model-repo {tmp_path / 'missing'}: no such directory; give the model "
         "repository the trainer publishes to, or publish into it (mnist-train train --model-repo "
-        f"{tmp_path / 'missing'} --model-name mnist)")
+        f"{tmp_path / 'missing'} --model-name NAME)")
 
 
 def test_a_missing_relative_repository_says_where_it_was_looked_for(tmp_path: Path) -> None:
@@ -130,11 +130,16 @@ def test_a_missing_relative_repository_says_where_it_was_looked_for(tmp_path: Pa
     assert one_json_line(lines) == (
         f"cannot start: --model-repo missing: no such directory ({tmp_path / 'missing'}); give the "
         "model repository the trainer publishes to, or publish into it (mnist-train train "
-        "--model-repo missing --model-name mnist)")
+        "--model-repo missing --model-name NAME)")
 
 
 def test_an_empty_repository_says_so(tmp_path: Path) -> None:
     code, lines = serve("--model-repo", str(tmp_path), "--exit-if-no-model")
+    assert code == 2
+    assert one_json_line(lines) == (
+        f"cannot start: --model-repo {tmp_path}: the directory is empty: no model is published "
+        f"there yet; publish one (mnist-train train --model-repo {tmp_path} --model-name NAME)")
+    code, lines = serve("--model-repo", str(tmp_path), "--model-name", "mnist", "--exit-if-no-model")
     assert code == 2
     assert one_json_line(lines) == (
         f"cannot start: --model-repo {tmp_path}: the directory is empty: no model is published "
@@ -169,7 +174,7 @@ def test_a_model_directory_given_as_the_repository_gets_the_repository_to_use(tm
 def test_a_repository_without_the_model_lists_the_models_and_versions_there(tmp_path: Path) -> None:
     publish_stub(tmp_path / "digits", 1, 2)
     publish_stub(tmp_path / "tiny", 1)
-    code, lines = serve("--model-repo", str(tmp_path), "--exit-if-no-model")
+    code, lines = serve("--model-repo", str(tmp_path), "--model-name", "mnist", "--exit-if-no-model")
     assert code == 2
     assert one_json_line(lines) == (
         f"cannot start: --model-repo {tmp_path}: no model 'mnist' in it; models there: digits "
@@ -190,7 +195,8 @@ def test_a_model_without_a_version_says_what_is_missing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_pinned_version_that_is_not_published_lists_those_that_are(tmp_path: Path, workers: str) -> None:
     publish_stub(tmp_path / "mnist", 1, 2, 3)
-    code, lines = serve("--model-repo", str(tmp_path), "--model-version", "5", "--workers", workers)
+    code, lines = serve("--model-repo", str(tmp_path), "--model-name", "mnist", "--model-version", "5",
+                        "--workers", workers)
     assert code == 2
     assert one_json_line(lines) == (
         f"cannot start: --model-version 5: model 'mnist' has no version 5 in {tmp_path} (published: "

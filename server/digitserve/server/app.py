@@ -10,17 +10,32 @@ import signal
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digitserve.inference import Model
 from digitserve.nativelog import native_stderr_logged
-from digitserve.repository import ModelNotFoundError, RepositoryError
+from digitserve.repository import ModelNotFoundError, ModelRepository, RepositoryError
 from digitserve.server.calls import CallWrapper, Services
 from digitserve.server.dataplane import DataPlane
+from digitserve.server.errors import InvalidInputError
+from digitserve.server.errors import ModelNotFoundError as NotServedError
 from digitserve.server.health import HealthServicer
 from digitserve.server.logs import access_log
+from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_settings
+from digitserve.server.modelconfig import read as read_config
+from digitserve.server.models import (
+    MODEL_SERVICE,
+    MODEL_UPDATES_SERVICE,
+    NOT_SERVING,
+    SERVING,
+    WAIT_INTERVAL,
+    ModelInfo,
+    ModelServer,
+    check_repository,
+)
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
 from digitserve.server.ports import ListenError, grpc_bind_error, metrics_port_error
@@ -29,9 +44,14 @@ from digitserve.server.security import SecurityConfigError, ServerSecurity
 from digitserve.server.servicer import DigitServicer, add_to_server
 from digitserve.server.settings import Settings
 from digitserve.server.slot import WorkerSlot
-from digitserve.server.telemetry import RepositoryMetrics, Telemetry, export_certificate_expiry, watch_workers
+from digitserve.server.telemetry import (
+    ConfigMetrics,
+    RepositoryMetrics,
+    Telemetry,
+    export_certificate_expiry,
+    watch_workers,
+)
 from digitserve.server.versions import (
-    Fingerprint,
     GateRules,
     ModelSource,
     NothingPublishedError,
@@ -39,6 +59,7 @@ from digitserve.server.versions import (
     RepositorySource,
     RepositoryTimeoutError,
     StaticSource,
+    repository_error,
 )
 from digitserve.v1 import digit_service_pb2 as pb
 
@@ -100,17 +121,19 @@ def settle_memory() -> None:
     gc.freeze()
 
 
-# Seconds between looks for a first version while waiting with --reload-interval 0.
-WAIT_INTERVAL = 5.0
-# SERVING while the served version is the newest published one; NOT_SERVING when a newer version
-# was refused by the checks (GetModelInfo's refused_versions says why). Not a gate for traffic.
-MODEL_UPDATES_SERVICE = "digitserve.v1.ModelUpdates"
-ModelEvent = Callable[[str, int, str], None]  # (kind: load|reload, version, outcome: served|refused)
+Router = Callable[[str], ModelServer]
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names) if names else "no model yet"
 
 
 class App:
-    """One server: start() binds and serves (health NOT_SERVING), load() makes it SERVING,
-    stop() drains. With a repository source it also watches for new versions (hot reload)."""
+    """One server: start() binds and serves (health NOT_SERVING), load() or load_or_wait() makes
+    it SERVING, stop() drains. It serves every model of the repository (or those the flags or the
+    model config file name), each a ModelServer with its own versions, gate, batcher and watch;
+    its own watch finds models that appear or disappear and reads the model config again when it
+    changes."""
 
     def __init__(
         self,
@@ -126,55 +149,46 @@ class App:
         self.worker_index = worker_index  # --workers N: this process's index (its ports' lines say it)
         self.freeze_gc = freeze_gc  # settle_memory() after each (re)load: the mnist-serve process
         self.security = ServerSecurity.from_settings(settings)  # reads TLS and token files: fails first
-        if source is None:
-            source = (
-                StaticSource(loader)
-                if loader is not None
-                else RepositorySource(
-                    settings.model_repo, settings.model_name,
-                    GateRules(settings.min_check_accuracy, settings.max_regression),
-                    settings.inference, allow_missing_check_set=settings.allow_missing_check_set,
-                )
-            )
-        self.source = source
-        self.model_events: list[ModelEvent] = []
         self.telemetry = Telemetry(low_confidence=settings.low_confidence)
-        self.model_events.append(self.telemetry.on_model_event)
         certificate = self.security.certificate  # TLS: its expiry as a metric
         export_certificate_expiry(self.telemetry, None if certificate is None else certificate.expires)
-        self._watch_task: asyncio.Task[None] | None = None
+        self.models: dict[str, ModelServer] = {}
         # Every repository read in a daemon thread with a timeout (digitserve.server.versions).
         self.repository_metrics = RepositoryMetrics(
             self.telemetry.registry,
             hung_reads=lambda: self.reads.hung,
-            served_missing=lambda: self.plane.model is not None
-            and self.plane.model.spec.version in self._gone,
+            served_missing=lambda: any(
+                m.model is not None and m.model.spec.version in m.gone for m in self.models.values()),
         )
         self.reads = RepositoryReads(settings.repository_timeout, self.repository_metrics.on_timeout)
-        # The fingerprint of each refused version's directory when it was refused: it is tried
-        # again when that changes (a version refused while incomplete, then completed). A version
-        # refused by a timeout has none: it is tried again once its hung read has returned.
-        self._refused_at: dict[int, Fingerprint | None] = {}
-        self._gone: dict[int, float] = {}  # loaded versions missing from disk: since when
-        self._orphaned = False  # the served version is gone past the grace and nothing replaced it
-        self.waiting = False  # no version was servable at start: the watch serves the first one
-        self._first_served = asyncio.Event()
-        self.plane = DataPlane(
-            settings.max_images_per_request,
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay=settings.max_queue_delay_ms / 1000,
-            max_queued_images=settings.max_queued_images,
-            inline_max_images=settings.inline_max_images,
-            keep_versions=settings.keep_versions,
-            observer=self.telemetry,
-        )
-        self.telemetry.watch_queue(lambda: self.plane.batcher.queued_images)
         self.health = HealthServicer()  # NOT_FOUND names the services it knows
+        self.static = source is not None or loader is not None  # one model, no repository
+        self.config_error = ""
+        self._config_seen: tuple[int, int] | None = None  # the config file's (mtime_ns, size)
+        self.config_metrics = ConfigMetrics(self.telemetry.registry) if settings.model_config else None
+        if self.static:
+            self.config = ServingConfig(None)
+            name = settings.model_name[0] if settings.model_name else "mnist"
+            self._add(name, source if source is not None else StaticSource(loader))  # type: ignore[arg-type]
+        else:
+            self.config = from_settings(settings)  # ModelConfigError: the file cannot be used
+            if settings.model_config is not None:
+                self._config_seen = self._config_stamp()
+            for name in self._configured():
+                self._add(name)
+        self.removed: dict[str, float] = {}  # discovered models whose directory is gone: since when
+        self._watch_task: asyncio.Task[None] | None = None
+        self._model_tasks: set[asyncio.Task[Model]] = set()
+        self._loading = False  # load_or_wait() started: models found later start loading at once
+        self._serving = asyncio.Event()  # health "" became SERVING
+        self._fatal: asyncio.Future[None] | None = None  # a first load failed (load_or_wait)
+        self.telemetry.watch_queue(
+            lambda: float(sum(m.plane.batcher.queued_images for m in list(self.models.values()))))
         self.server = grpc.aio.server(options=server_options(settings, reuse_port))
         # Every method of every service wrapped once: request id, token check, metrics, access line.
         services = Services(self.server, CallWrapper(self.telemetry, self.security.auth))
-        add_to_server(DigitServicer(self.plane), services)  # bytes that do not parse: INVALID_ARGUMENT
-        add_to_server(InferenceServicer(self.plane, settings.model_name), services, OIP_SERVICE)
+        add_to_server(DigitServicer(self), services)  # bytes that do not parse: INVALID_ARGUMENT
+        add_to_server(InferenceServicer(self), services, OIP_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         add_reflection(services, (  # v1 and v1alpha
             SERVICE_NAME,
@@ -185,13 +199,233 @@ class App:
         self.port = 0
         self.metrics_port: int | None = None
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    # --- the models -----------------------------------------------------------------------------
+
+    def _configured(self) -> list[str]:
+        """The models the config names (the default model included), without looking at disk."""
+        names = list(self.config.models or ())
+        if self.config.default_model and self.config.default_model not in names:
+            names.append(self.config.default_model)
+        return names
+
+    def _add(self, name: str, source: ModelSource | None = None) -> ModelServer:
+        if source is None:
+            settings = self.settings
+            source = RepositorySource(settings.model_repo, name, inference=settings.inference,
+                                      allow_missing_check_set=settings.allow_missing_check_set)
+        server = ModelServer(
+            name, source, self.settings, self.config.policy_of(name), reads=self.reads,
+            telemetry=self.telemetry, health=self.health, on_change=self._update_health,
+            on_unload=self.repository_metrics.on_unload, freeze_gc=self.freeze_gc,
+            settle=settle_memory)
+        self.models[name] = server
+        if not self.static:  # a loader's model is counted under its own name, once loaded
+            self.telemetry.touch_model(name)
+        return server
+
+    @property
+    def default_model(self) -> str:
+        """The model a request without a name gets: --default-model (or the config file's, or the
+        first --model-name), else the only model served; "" when there are several and none is
+        named."""
+        if self.config.default_model:
+            return self.config.default_model
+        if len(self.models) == 1:
+            return next(iter(self.models))
+        return ""
+
+    def model(self, name: str) -> ModelServer:
+        """The served model ``name`` ("" : the default model); NOT_FOUND naming those served."""
+        if not name:
+            name = self.default_model
+            if not name:
+                raise InvalidInputError(
+                    "model_name", f"empty, and this server serves {len(self.models)} models "
+                    f"({_names(sorted(self.models))}) and has no default model; name one, or start "
+                    "the server with --default-model")
+        server = self.models.get(name)
+        if server is None:
+            raise NotServedError(f"model {name!r} is not served; this server serves "
+                                     f"{_names(sorted(self.models))}")
+        return server
+
+    def model_infos(self, name: str = "") -> list[ModelInfo]:
+        """ListModels: every model (or ``name``'s), by name."""
+        if name:
+            return [self.model(name).info()]
+        return [self.models[n].info() for n in sorted(self.models)]
+
+    @property
+    def config_path(self) -> str:
+        return "" if self.settings.model_config is None else str(self.settings.model_config)
+
+    @property
+    def ready(self) -> bool:
+        """What health "" says: the default model serves (with no default model, any one)."""
+        default = self.default_model
+        if default:
+            server = self.models.get(default)
+            return server is not None and server.serving
+        return any(m.serving for m in self.models.values())
+
+    # Compatibility with one-model callers (tests, embedding): the default model's parts.
+    @property
+    def plane(self) -> DataPlane:
+        return self.model("").plane
+
+    @property
+    def source(self) -> ModelSource:
+        return self.model("").source
+
+    @source.setter
+    def source(self, source: ModelSource) -> None:
+        server = self.model("")
+        server.source = source
+        server.source.rules = server.policy.rules
+
+    async def _update_health(self) -> None:
+        """Health "" and DigitService from the models' state; ModelUpdates NOT_SERVING while any
+        model has a newer version refused or its served version gone. A model whose loaded
+        model has another name (a loader's) is known by that name from then on."""
+        if self.static:
+            for name, server in list(self.models.items()):
+                if server.name != name:
+                    del self.models[name]
+                    self.models[server.name] = server
+        status = SERVING if self.ready else NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
+        if any(m.serving for m in self.models.values()):
+            stale = any(m.stale for m in self.models.values())
+            await self.health.set(MODEL_UPDATES_SERVICE, NOT_SERVING if stale else SERVING)
+        if status == SERVING:
+            self._serving.set()
+
+    # --- the repository and the config file -----------------------------------------------------
+
+    def _config_stamp(self) -> tuple[int, int] | None:
+        assert self.settings.model_config is not None
+        try:
+            stat = self.settings.model_config.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    async def _check_config(self) -> bool:
+        """Reads the model config file again if it changed; True when a new config is in force.
+        A config that cannot be used keeps the previous one (logged once, counted, and reported
+        by ListModels)."""
+        path = self.settings.model_config
+        if path is None or self.config_metrics is None:
+            return False
+        stamp = await self.reads.run("list config", f"looking at {path}", self._config_stamp)
+        if stamp == self._config_seen:
+            return False
+        self._config_seen = stamp
+        rules = GateRules(self.settings.min_check_accuracy, self.settings.max_regression)
+        try:
+            config = await self.reads.run("load config", f"reading {path}", partial(read_config, path, rules))
+        except ModelConfigError as error:
+            if str(error) != self.config_error:
+                logger.error("model config not applied, the previous one stays in force: %s", error)
+            self.config_error = str(error)
+            self.config_metrics.on_error()
+            return False
+        self.config_error = ""
+        self.config_metrics.on_applied()
+        if config == self.config:
+            return False
+        self.config = config
+        logger.info("model config %s applied: %s", path, ", ".join(sorted(config.models or ())) or
+                    "every model in the repository")
+        for name, server in list(self.models.items()):
+            if config.serves(name):
+                await server.apply(config.policy_of(name))
+        return True
+
+    async def _discover(self) -> None:
+        """Adds the models the config names or the repository holds that are not served yet,
+        and removes those no longer named (at once) or whose directory has been gone for
+        --removed-version-grace (after their in-flight calls)."""
+        if self.static:
+            return
+        names = set(self._configured())
+        if self.config.models is None:
+            root = self.settings.model_repo
+            found = await self.reads.run("list models", f"listing the models in {root}",
+                                         ModelRepository(root).models)
+            names.update(found)
+        now = time.monotonic()
+        grace = self.settings.removed_version_grace
+        for name in sorted(names - set(self.models)):
+            logger.info("model %s found in %s: serving it once a version passes the gate",
+                        name, self.settings.model_repo)
+            server = self._add(name)
+            if self._loading:
+                self._start_model(server)
+        for name in sorted(set(self.models) - names):
+            if self.config.models is None and name not in self.removed:
+                self.removed[name] = now
+                logger.warning("model %s is gone from %s; it is served for up to %gs more, then "
+                               "removed", name, self.settings.model_repo,
+                               self.settings.removed_version_grace)
+            if self.config.models is not None or now - self.removed[name] >= grace:
+                await self._remove(name)
+        for name in [n for n in self.removed if n in names]:
+            del self.removed[name]
+            logger.info("model %s is back in %s", name, self.settings.model_repo)
+        await self._update_health()
+
+    async def _remove(self, name: str) -> None:
+        server = self.models.pop(name)
+        self.removed.pop(name, None)
+        logger.warning("model %s is no longer served (%s); its calls in flight finish first", name,
+                       "not in the model config" if self.config.models is not None
+                       else "its directory is gone")
+        await self.health.set(MODEL_SERVICE.format(name), NOT_SERVING)
+        await server.close(self.settings.grace_period)
+
+    async def refresh(self) -> None:
+        """One look at the config file and the repository's models (the App's watch, SIGHUP)."""
+        await self._check_config()
+        await self._discover()
+
+    async def reload_once(self) -> bool:
+        """refresh(), then one look at each model's versions; True if a served version changed."""
+        await self.refresh()
+        changed = False
+        for server in list(self.models.values()):
+            changed |= await server.reload_once()
+        return changed
+
+    def _start_watch(self) -> None:
+        watched = self.settings.model_config is not None or (self.config.models is None and not self.static)
+        if self._watch_task is None and watched:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="watch")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval or WAIT_INTERVAL)
+            try:
+                await self.refresh()
+            except RepositoryTimeoutError:
+                pass  # logged and counted where it timed out; the next look tries again
+            except Exception:  # a listing error must not end the watch
+                logger.exception("watching %s failed; trying again", self.settings.model_repo)
+
+    async def check_repository(self) -> None:
+        """Before listening: what the repository must hold (check_repository)."""
+        if not self.static:
+            await check_repository(self.settings, self.reads, self.config)
+
+    # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port."""
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._update_health()
+        for server in self.models.values():
+            if not self.static:  # a loader's model is known by its own name once loaded
+                await server.set_health()
         host = self.settings.host
         if self.settings.metrics_port >= 0:
             try:
@@ -216,296 +450,91 @@ class App:
         if not self.port:
             raise grpc_bind_error("--port", host, self.settings.port, native)
         await self.server.start()
-        logger.info(
-            "listening on %s:%d (model %s; %s)",
-            self.settings.host, self.port, self.settings.model_name, self.security.description,
-        )
+        served = ", ".join(sorted(self.models)) if self.static or self.config.models is not None \
+            else f"every model in {self.settings.model_repo}"
+        logger.info("listening on %s:%d (model %s; %s)", self.settings.host, self.port, served,
+                    self.security.description)
         return self.port
 
-    def _serve(self, model: Model) -> None:
-        """Serves ``model`` from now on (DataPlane.set_model), then settles memory if asked."""
-        self.plane.set_model(model)
-        if self.freeze_gc:
-            settle_memory()
-
-    def _event(self, kind: str, version: int, outcome: str) -> None:
-        for listener in self.model_events:
-            listener(kind, version, outcome)
-
-    async def _list(self) -> list[int]:
-        """The published versions, listed in a thread with the repository timeout."""
-        return await self.reads.run("list", f"listing {self.source}", self.source.versions)
-
-    async def _try_load(self, kind: str, version: int) -> Model | None:
-        """Loads, checks and warms a version in a thread of its own, with the repository timeout
-        (not on the model thread, so serving goes on meanwhile); None, logged and remembered, if
-        it is refused or its reads time out."""
-        fingerprint: Fingerprint | None = None
-        serving = None if self.plane.model is None else self.plane.model.spec.version
-        logger.info("trying model %s version %d (%s)", self.settings.model_name, version, kind)
-        try:
-            fingerprint = await self.reads.run(
-                f"fingerprint {version}", f"listing the files of {self.source} version {version}",
-                partial(self.source.fingerprint, version),
-            )
-            model = await self.reads.run(
-                f"load {version}", f"loading {self.source} version {version}",
-                partial(self.source.load, version, serving), tag=(fingerprint, serving),
-            )
-        except Exception as exc:  # any failure to load or check refuses the version
-            self.plane.refuse(version, str(exc))
-            if isinstance(exc, RepositoryTimeoutError):
-                self._refused_at.pop(version, None)  # tried again once the read returns
-            else:
-                self._refused_at[version] = fingerprint  # tried again when its files change
-            logger.error("refused model %s version %d: %s", self.settings.model_name, version, exc)
-            self._event(kind, version, "refused")
-            return None
-        self.plane.forgive(version)
-        self._refused_at.pop(version, None)
-        self._event(kind, version, "served")
-        return model
-
-    async def _worth_trying(self, version: int) -> bool:
-        """False for a version refused before whose files have not changed since, and for one
-        whose earlier read is still hung."""
-        if self.reads.busy(f"load {version}") or self.reads.busy(f"fingerprint {version}"):
-            return False  # no second thread on a hung read
-        if version not in self.plane.refused:
-            return True
-        if version not in self._refused_at:
-            return True  # refused by a timeout whose read has returned since
-        try:
-            now = await self.reads.run(
-                f"fingerprint {version}", f"listing the files of {self.source} version {version}",
-                partial(self.source.fingerprint, version),
-            )
-        except RepositoryTimeoutError:
-            self._refused_at.pop(version, None)
-            return False
-        if now is None or now == self._refused_at[version]:
-            return False
-        logger.info("version %d of model %s was refused but its files changed: trying it again",
-                    version, self.settings.model_name)
-        return True
-
     async def load(self) -> Model:
-        """Serves the newest version that passes the checks (an older one when newer ones fail or
-        their reads hang), then reports SERVING and starts watching for new versions.
-        RepositoryError (ModelNotFoundError when none is published) when none is servable."""
-        pinned = self.settings.model_version
-        versions = [pinned] if pinned else await self._list()
-        for version in sorted(versions, reverse=True):
-            model = await self._try_load("load", version)
-            if model is not None:
-                break
-        else:
-            reasons = "; ".join(f"version {v}: {r}" for v, r in sorted(self.plane.refused.items()))
-            raise RepositoryError(f"no servable version of model {self.settings.model_name!r} ({reasons})")
-        await self._start_serving(model)
+        """Serves every model (each its newest version that passes the checks), then starts the
+        watches; returns the default model's version (or the first model's). RepositoryError
+        when a model has no servable version."""
+        await self._discover()
+        if not self.models:
+            error = repository_error(self.settings.model_repo)
+            raise error if error is not None else ModelNotFoundError("no model to serve")
+        for name in sorted(self.models):
+            await self.models[name].load()
+        self._loading = True  # models found from now on start loading at once
         self._start_watch()
-        return model
+        await self._update_health()
+        served = self.models.get(self.default_model) or self.models[min(self.models)]
+        assert served.model is not None
+        return served.model
 
-    async def load_or_wait(self) -> Model:
-        """load(); when no version is servable yet (none is published, or every one is refused)
-        and --exit-if-no-model is off, logs once what it waits for and returns the first version
-        the watch serves (health NOT_SERVING meanwhile). A hung read still fails it."""
+    def _start_model(self, server: ModelServer) -> None:
+        task = asyncio.get_running_loop().create_task(
+            server.load_or_wait(self.settings.exit_if_no_model), name=f"load {server.name}")
+        self._model_tasks.add(task)
+
+        def done(task: asyncio.Task[Model]) -> None:
+            self._model_tasks.discard(task)
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is None:
+                return
+            server.failed = error
+            if self._fatal is not None and not self._fatal.done():
+                self._fatal.set_exception(error)
+            else:
+                logger.error("cannot serve model %s: %s", server.name, error)
+        task.add_done_callback(done)
+
+    async def load_or_wait(self) -> None:
+        """Starts every model (each serves its first version or waits for one), then returns
+        once health "" is SERVING. A model whose first load fails (a hung read; with
+        --exit-if-no-model, no servable version) fails it."""
+        self._fatal = asyncio.get_running_loop().create_future()
+        self._loading = True
         try:
-            return await self.load()
+            await self._discover()
         except RepositoryTimeoutError:
             raise
-        except RepositoryError as error:  # ModelNotFoundError (none published) or all refused
-            if self.settings.exit_if_no_model or not self.source.watchable:
-                raise
-            reason = error
-        self.waiting = True
-        interval = self._watch_interval()
-        logger.warning(
-            "waiting for a servable version of model %s (health NOT_SERVING; looking every %gs "
-            "and at SIGHUP; --exit-if-no-model exits instead): %s",
-            self.settings.model_name, interval, reason,
-        )
-        self._start_watch()
-        await self._first_served.wait()
-        assert self.plane.model is not None
-        return self.plane.model
-
-    def _watch_interval(self) -> float:
-        """--reload-interval; while waiting for a first version with hot reload off, the default
-        (that first look is not a reload)."""
-        return self.settings.reload_interval or WAIT_INTERVAL
-
-    def _reloads(self) -> bool:
-        """Whether a served version may be replaced by a newer one (hot reload)."""
-        return (not self.settings.model_version and self.settings.reload_interval > 0
-                and self.source.watchable)
-
-    def _start_watch(self) -> None:
-        if self._watch_task is None and (self.plane.model is None or self._reloads()):
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="watch")
-
-    async def _start_serving(self, model: Model) -> None:
-        """Serves the first version: health SERVING, the line that says so."""
-        self._serve(model)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        await self._set_updates_health()
-        self._first_served.set()
-        logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
-        newer = sorted(v for v in self.plane.refused if v > model.spec.version)
-        if newer:
+        except RepositoryError as error:
+            logger.warning("cannot list the models of %s yet: %s", self.settings.model_repo, error)
+        if not self.models:
             logger.warning(
-                "model %s version %d is served although newer version(s) %s exist: they were "
-                "refused (GetModelInfo's refused_versions says why); the watch tries them again "
-                "when their files change or their hung reads return",
-                model.spec.name, model.spec.version, ", ".join(map(str, newer)),
-            )
-
-    async def _serve_first(self) -> bool:
-        """While waiting: serves the newest published version that passes the checks (the pinned
-        one, if pinned), skipping those refused before whose files did not change."""
-        if self.reads.busy("list"):
-            return False
+                "waiting for a model in %s (health NOT_SERVING; looking every %gs and at SIGHUP)",
+                self.settings.model_repo, self.settings.reload_interval or WAIT_INTERVAL)
+        for server in list(self.models.values()):
+            self._start_model(server)
+        self._start_watch()
+        serving = asyncio.ensure_future(self._serving.wait())
+        waiters: set[asyncio.Future[Any]] = {serving, self._fatal}
         try:
-            versions = await self._list()
-        except ModelNotFoundError:
-            return False  # still nothing published
-        pinned = self.settings.model_version
-        on_disk = set(versions)
-        for version in [v for v in self.plane.refused if v not in on_disk]:
-            self.plane.forgive(version)
-            self._refused_at.pop(version, None)
-        for version in sorted(versions, reverse=True):
-            if pinned and version != pinned:
-                continue
-            if await self._worth_trying(version):
-                model = await self._try_load("load", version)
-                if model is not None:
-                    await self._start_serving(model)
-                    return True
-        return False
-
-    async def _set_updates_health(self) -> None:
-        """ModelUpdates: NOT_SERVING while a newer version is refused or the served version's
-        files are gone from the repository."""
-        model = self.plane.model
-        stale = model is not None and (
-            any(v > model.spec.version for v in self.plane.refused) or model.spec.version in self._gone
-        )
-        await self.health.set(
-            MODEL_UPDATES_SERVICE,
-            health_pb2.HealthCheckResponse.NOT_SERVING
-            if stale
-            else health_pb2.HealthCheckResponse.SERVING,
-        )
-
-    def _note_gone(self, on_disk: set[int]) -> set[int]:
-        """Tracks loaded versions missing from disk; returns those gone for the grace period or
-        longer."""
-        now = time.monotonic()
-        grace = self.settings.removed_version_grace
-        for version in self.plane.loaded_versions:
-            if version in on_disk:
-                if self._gone.pop(version, None) is not None:
-                    logger.info("version %d of model %s is back in %s", version,
-                                self.settings.model_name, self.source)
-                    self._orphaned = False
-            elif version not in self._gone:
-                self._gone[version] = now
-                logger.warning(
-                    "version %d of model %s is gone from %s; it keeps answering from memory for "
-                    "up to %gs, then %s", version, self.settings.model_name, self.source, grace,
-                    "the newest remaining version that passes the checks replaces it"
-                    if self.plane.model is not None and self.plane.model.spec.version == version
-                    else "it is unloaded",
-                )
-        return {v for v, since in self._gone.items() if now - since >= grace}
-
-    async def reload_once(self) -> bool:
-        """Serves the newest published version that passes the checks when it is newer than the
-        served one (the first one, while waiting: _serve_first); skips versions refused before
-        whose files did not change, and those whose reads hang. When the served version's
-        directory has been gone for --removed-version-grace, serves the newest remaining version
-        that passes, as a fresh start would. True if the served model changed."""
-        current = self.plane.model
-        if current is None:
-            return await self._serve_first()
-        if self.reads.busy("list"):
-            return False  # the last listing is still hung (logged and counted when it timed out)
-        try:
-            versions = await self._list()
-        except ModelNotFoundError:
-            versions = []
-        on_disk = set(versions)
-        for version in [v for v in self.plane.refused if v not in on_disk]:
-            self.plane.forgive(version)  # refused_versions lists what is there
-            self._refused_at.pop(version, None)
-        served = current.spec.version
-        expired = self._note_gone(on_disk)
-        for version in sorted(expired - {served}):
-            self.plane.unload(version)
-            del self._gone[version]
-            self.repository_metrics.on_unload()
-            logger.warning("unloaded model %s version %d: its directory has been gone for %gs or more",
-                           self.settings.model_name, version, self.settings.removed_version_grace)
-        replacing = served in expired
-        model: Model | None = None
-        for version in sorted((v for v in versions if replacing or v > served), reverse=True):
-            if version in self.plane.loaded_versions:  # passed the checks when it was loaded
-                model = self.plane.resolve(version)
-                break
-            if await self._worth_trying(version):
-                model = await self._try_load("reload", version)
-                if model is not None:
-                    break
-        if model is not None:
-            self._serve(model)
-            if replacing:
-                self.plane.unload(served)
-                del self._gone[served]
-                self.repository_metrics.on_unload()
-                self._orphaned = False
-                logger.warning(
-                    "model %s version %d has been gone from %s for %gs or more: unloaded it and "
-                    "serving version %d, the newest remaining version that passes the checks",
-                    model.spec.name, served, self.source, self.settings.removed_version_grace,
-                    model.spec.version,
-                )
-            else:
-                logger.info(
-                    "hot reload: serving model %s version %d (was version %d)",
-                    model.spec.name, model.spec.version, served,
-                )
-        elif replacing and not self._orphaned:
-            self._orphaned = True
-            logger.error(
-                "model %s version %d has been gone from %s for %gs or more and no remaining "
-                "version passes the checks: still serving it from memory (ModelUpdates health "
-                "NOT_SERVING); a fresh start would not serve at all. Publish a version or restore "
-                "the directory", current.spec.name, served, self.source,
-                self.settings.removed_version_grace,
-            )
-        await self._set_updates_health()
-        return model is not None
-
-    async def _watch(self) -> None:
-        while self.plane.model is None or self._reloads():
-            await asyncio.sleep(self._watch_interval())
-            try:
-                await self.reload_once()
-            except RepositoryTimeoutError:
-                pass  # logged and counted where it timed out; the next look tries again
-            except Exception:  # a listing error must not end the watch
-                logger.exception("watching %s failed; trying again", self.source)
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            serving.cancel()
+        fatal, self._fatal = self._fatal, None
+        if fatal.done():
+            fatal.result()  # raises the first load's error
+        else:
+            fatal.cancel()
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, refuse new calls, let in-flight ones finish within the grace."""
         grace = self.settings.grace_period if grace is None else grace
         if self._watch_task is not None:
             self._watch_task.cancel()
+        for task in list(self._model_tasks):
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
         await self.server.stop(grace)
-        await self.plane.close()
+        for server in list(self.models.values()):
+            await server.close()
         await self.telemetry.close()
         access_log.flush()
         if self.port:  # not after a start that failed before it listened
@@ -529,13 +558,15 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     except SecurityConfigError as error:
         logger.error("cannot start: %s", error)
         return 1
+    except ModelConfigError as error:  # the model config file cannot be read or used
+        logger.error("cannot start: %s", error)
+        return EXIT_USAGE
     # Before listening: the repository holds something to serve (one line saying what is missing
     # and what is there instead, exit 2), read in a thread with the repository timeout.
     try:
-        await app.reads.run("list", f"listing {app.source}",
-                            partial(app.source.servable, settings.model_version))
+        await app.check_repository()
     except RepositoryTimeoutError as error:  # a hung volume: logged where it timed out
-        logger.error("cannot load model %s: %s", settings.model_name, error)
+        logger.error("cannot load model %s: %s", ", ".join(app.models) or "(any)", error)
         await app.stop(0)
         return 1
     except NothingPublishedError as error:  # a repository to publish into: wait, unless told not to
@@ -584,7 +615,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     code = 0
     if load.done() and load.exception() is not None:
         exc = load.exception()
-        logger.error("cannot load model %s: %s", settings.model_name, exc)
+        failed = next((m.name for m in app.models.values() if m.failed is exc), ", ".join(app.models))
+        logger.error("cannot load model %s: %s", failed, exc)
         code = 1
     else:
         if worker is not None and load.done():
@@ -607,26 +639,23 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
 
 
 async def _reload_now(app: App) -> None:
-    """SIGHUP: one look for a newer version at once (the watch looks again at its interval)."""
-    if app.plane.model is None:
-        if not app.waiting:
-            logger.info("SIGHUP received: still loading the first version; nothing to reload")
-            return
-        logger.info("SIGHUP received: looking for a first model version now")
-        try:
-            await app.reload_once()
-        except Exception:
-            logger.exception("SIGHUP look for a first version of %s failed; still waiting", app.source)
-        return
-    logger.info("SIGHUP received: looking for a new model version now")
+    """SIGHUP: one look at the model config, the repository's models and each model's versions
+    at once (the watches look again at their interval)."""
+    if not app.ready and not app.models:
+        logger.info("SIGHUP received: looking for a first model now")
+    else:
+        logger.info("SIGHUP received: looking for a new model version now")
     try:
         changed = await app.reload_once()
     except Exception:
-        logger.exception("SIGHUP reload of %s failed; still serving version %d",
-                         app.source, app.plane.model.spec.version)
+        logger.exception("SIGHUP reload of %s failed; still serving what was served",
+                         app.settings.model_repo)
         return
     if not changed:
-        logger.info("SIGHUP reload: still serving version %d", app.plane.model.spec.version)
+        served = ", ".join(f"{m.name} version {m.model.spec.version}" if len(app.models) > 1
+                           else f"version {m.model.spec.version}"
+                           for m in app.models.values() if m.model is not None)
+        logger.info("SIGHUP reload: still serving %s", served or "nothing")
 
 
 async def _watch_workers(app: App, worker: WorkerSlot, stop: asyncio.Event) -> None:

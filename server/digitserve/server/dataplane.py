@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,8 @@ def check_labels(labels: npt.NDArray[np.int64], count: int, num_classes: int) ->
 class PlaneObserver(Protocol):
     """What the data plane reports to telemetry (digitserve.server.telemetry): each model call the batcher
     makes, the probabilities Predict calls get back (per batch: the rows of the calls answered),
-    and each model it starts serving."""
+    each model it starts serving, and each call answered (by the version that answered it, with
+    its seconds in the data plane: queue and model)."""
 
     def on_batch(self, size: int, queue_seconds: float) -> None: ...
 
@@ -48,22 +50,34 @@ class PlaneObserver(Protocol):
 
     def on_model(self, model: Model) -> None: ...
 
+    def on_answered(self, model: Model, seconds: float) -> None: ...
+
 
 INLINE_BUDGET_S = 0.001
 """The longest a model call may hold the event loop. A model's inline limit (below) is lowered
 until its measured call fits in it."""
 
 
+CANARY = "canary"
+STABLE = "stable"
+
+
 class DataPlane:
-    """Holds the served model and runs it one model call at a time: Predict calls through the
-    dynamic batcher, Evaluate messages through the same queue, each alone. Only small calls on a
-    model that runs inline are computed on the event loop (see inline_limit); the rest on the
-    model thread."""
+    """Holds one model's loaded versions and runs them one model call at a time: Predict calls
+    through the dynamic batcher, Evaluate messages through the same queue, each alone. Only small
+    calls on a model that runs inline are computed on the event loop (see inline_limit); the rest
+    on the model thread.
+
+    Which version answers: a pinned version, or a label's (``set_labels``: label -> loaded
+    version); else the default version (the ``stable`` label's when set, else the served one:
+    newest past the gate, or pinned), except that a ``canary_weight`` fraction of those unpinned
+    calls go to the ``canary`` label's version, drawn at random per call."""
 
     def __init__(
         self,
         max_images_per_request: int,
         *,
+        name: str = "",
         max_batch_size: int = 256,
         max_queue_delay: float = 0.0,
         max_queued_images: int = 8192,
@@ -72,11 +86,16 @@ class DataPlane:
         observer: PlaneObserver | None = None,
     ) -> None:
         self.max_images_per_request = max_images_per_request
+        self.name = name  # the model's, for messages before a version is loaded
         self.keep_versions = keep_versions
         self.inline_max_images = inline_max_images
         self._model: Model | None = None
         self._loaded: dict[int, Model] = {}
         self._refused: dict[int, str] = {}  # version -> why the gate refused it
+        self._labels: dict[str, int] = {}  # version labels in force (their versions are loaded)
+        self._canary_weight = 0.0
+        self._random = random.Random()
+        self.in_use = 0  # calls holding one of this plane's versions (Predict, Evaluate streams)
         self._observer = observer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.batcher = Batcher(
@@ -112,15 +131,57 @@ class DataPlane:
         """Versions that answer pinned requests, newest first."""
         return sorted(self._loaded, reverse=True)
 
-    def set_model(self, model: Model) -> None:
-        """Serves ``model`` from now on (one assignment: calls already holding the previous model
-        finish on it); the newest ``keep_versions`` stay loaded for pinned requests."""
+    @property
+    def labels(self) -> Mapping[str, int]:
+        """Version labels in force: label -> version (read-only: set_labels changes them)."""
+        return MappingProxyType(self._labels)
+
+    @property
+    def canary_weight(self) -> float:
+        return self._canary_weight if CANARY in self._labels else 0.0
+
+    @property
+    def default_version(self) -> int:
+        """The version unpinned calls get (canary aside); 0 while nothing serves."""
+        if STABLE in self._labels:
+            return self._labels[STABLE]
+        return 0 if self._model is None else self._model.spec.version
+
+    def add_version(self, model: Model) -> None:
+        """Loads ``model`` for pinned and labelled requests without serving it to unpinned ones
+        (a version a label is about to name)."""
         self.batcher.set_inline_limit(model, self.inline_limit(model))
         self._loaded[model.spec.version] = model
-        for version in self.loaded_versions[self.keep_versions :]:
-            if version != model.spec.version:
-                del self._loaded[version]
+        if self._observer is not None:
+            self._observer.on_model(model)
+
+    def set_labels(self, labels: Mapping[str, int], canary_weight: float) -> None:
+        """Puts version labels in force, all at once (every version named must be loaded:
+        add_version); ``canary_weight``: the fraction of unpinned calls the ``canary`` label's
+        version answers. Versions neither labelled nor among the newest ``keep_versions`` are
+        unloaded."""
+        missing = sorted(v for v in labels.values() if v not in self._loaded)
+        if missing:
+            raise ValueError(f"versions {missing} are not loaded; add_version them first")
+        self._labels = dict(labels)
+        self._canary_weight = canary_weight
+        self._evict()
+
+    def _evict(self) -> None:
+        keep = set(self.loaded_versions[: self.keep_versions]) | set(self._labels.values())
+        if self._model is not None:
+            keep.add(self._model.spec.version)
+        for version in [v for v in self._loaded if v not in keep]:
+            del self._loaded[version]
+
+    def set_model(self, model: Model) -> None:
+        """Serves ``model`` from now on (one assignment: calls already holding the previous model
+        finish on it); the newest ``keep_versions`` and the labelled versions stay loaded for
+        pinned and labelled requests."""
+        self.batcher.set_inline_limit(model, self.inline_limit(model))
+        self._loaded[model.spec.version] = model
         self._model = model
+        self._evict()
         if self._observer is not None:
             self._observer.on_model(model)
 
@@ -129,14 +190,36 @@ class DataPlane:
         requests for it are answered NOT_FOUND from now on."""
         if self._model is not None and self._model.spec.version == version:
             raise ValueError(f"version {version} is the served one; serve another first")
+        if version in self._labels.values():
+            self._labels = {k: v for k, v in self._labels.items() if v != version}
         self._loaded.pop(version, None)
 
-    def resolve(self, version: int) -> Model:
-        """The model that answers a request pinning ``version`` (0 = the served one)."""
+    def resolve(self, version: int, label: str = "") -> Model:
+        """The model that answers a request pinning ``version`` or naming ``label`` (neither: the
+        default version, or the canary for a ``canary_weight`` fraction of calls)."""
         model = self._model
         if model is None:
             raise ModelNotReadyError("no model is loaded yet; retry when health reports SERVING")
+        if label:
+            if version:
+                raise InvalidInputError(
+                    "version_label", f"{label!r} and model_version {version} both name a version; "
+                    "set one of them")
+            labelled = self._labels.get(label)
+            if labelled is None:
+                known = ", ".join(f"{k} -> {v}" for k, v in sorted(self._labels.items())) or "none"
+                raise ModelNotFoundError(
+                    f"model {model.spec.name!r} has no version label {label!r} (labels: {known})")
+            return self._loaded[labelled]
         if version == 0:
+            if self._labels:
+                canary = self._labels.get(CANARY)
+                if canary is not None and self._canary_weight > 0 \
+                        and self._random.random() < self._canary_weight:
+                    return self._loaded[canary]
+                stable = self._labels.get(STABLE)
+                if stable is not None:
+                    return self._loaded[stable]
             return model
         pinned = self._loaded.get(version)
         if pinned is None:
@@ -201,7 +284,15 @@ class DataPlane:
         self, model: Model, images: npt.NDArray[np.float32], deadline: float | None = None
     ) -> npt.NDArray[np.float32]:
         """Probabilities of already validated images, computed in a dynamic batch."""
-        return await self.batcher.predict(model, images, deadline)
+        started = time.perf_counter()
+        self.in_use += 1
+        try:
+            probabilities = await self.batcher.predict(model, images, deadline)
+        finally:
+            self.in_use -= 1
+        if self._observer is not None:
+            self._observer.on_answered(model, time.perf_counter() - started)
+        return probabilities
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -212,15 +303,30 @@ class Evaluation:
     """One Evaluate call: batches accumulate into metrics against one model version."""
 
     def __init__(self, plane: DataPlane) -> None:
-        self._plane = plane
+        self.plane = self._plane = plane
         self._model: Model | None = None
         self._accumulator: MetricsAccumulator | None = None
+        self._holding = False
 
-    def model_for(self, version: int) -> Model:
+    def release(self) -> None:
+        """The stream is over: the plane's version is no longer held by it."""
+        if self._holding:
+            self._holding = False
+            self._plane.in_use -= 1
+
+    def model_for(self, version: int, label: str = "") -> Model:
         """The model of this evaluation; every batch must agree with the first on the version."""
         if self._model is None:
-            self._model = self._plane.resolve(version)
+            self._model = self._plane.resolve(version, label)
             self._accumulator = MetricsAccumulator(list(self._model.spec.labels))
+            self._plane.in_use += 1
+            self._holding = True
+        elif label and self._plane.labels.get(label) != self._model.spec.version:
+            raise InvalidInputError(
+                "version_label",
+                f"{label!r} does not name version {self._model.spec.version}, "
+                "pinned or served at the start of this stream",
+            )
         elif version not in (0, self._model.spec.version):
             raise InvalidInputError(
                 "model_version",

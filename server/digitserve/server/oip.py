@@ -19,6 +19,7 @@ from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from digitserve.server.models import Router
 from digitserve.server.pixels import check_count, decode_tensor, tensor_count
 from digitserve.server.status import deadline, mapped_errors
 
@@ -33,6 +34,7 @@ OUTPUTS = {"probabilities": "FP32", "class_index": "INT64", "label": "BYTES"}
 # Triton features this server does not implement; refused rather than silently ignored.
 _UNSUPPORTED_PARAMETER = re.compile(r"classification|shared_memory_.*")
 _VERSION = re.compile(r"[0-9]+")
+_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 
 
 def server_version() -> str:
@@ -132,32 +134,37 @@ def encode_outputs(
 
 
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService over the data plane. The model name is the served model's
-    (the configured one until a model is loaded); its versions are our integer versions as text,
-    "" meaning the served one."""
+    """inference.GRPCInferenceService over the data planes of the models served. A request names
+    its model (the protocol has no default model); its versions are our integer versions as text,
+    or a version label ("stable"), "" meaning the default version."""
 
-    def __init__(self, plane: DataPlane, model_name: str) -> None:
-        self._plane = plane
-        self._model_name = model_name
+    def __init__(self, router: Router) -> None:
+        self._router = router
         self._version = server_version()
 
-    def _resolve(self, name: str, version: str, version_field: str) -> Model:
-        """The model that answers for (name, version); NOT_FOUND / UNAVAILABLE / INVALID_ARGUMENT
-        as domain errors."""
-        served = self._plane.model
-        served_name = served.spec.name if served is not None else self._model_name
-        if name != served_name:
-            raise ModelNotFoundError(f"model {name!r} is not served; this server serves {served_name!r}")
+    def _plane(self, name: str) -> DataPlane:
+        if not name:  # the protocol names the model in every request (its URL, in REST)
+            names = ", ".join(repr(info.name) for info in self._router.model_infos()) or "no model yet"
+            raise ModelNotFoundError(f"model '' is not served; this server serves {names}")
+        return self._router.model(name).plane
+
+    def _resolve(self, name: str, version: str, version_field: str) -> tuple[DataPlane, Model]:
+        """The data plane and the model that answer for (name, version); NOT_FOUND /
+        UNAVAILABLE / INVALID_ARGUMENT as domain errors."""
+        plane = self._plane(name)
         if version == "":
-            return self._plane.resolve(0)
+            return plane, plane.resolve(0)
+        if _LABEL.fullmatch(version):
+            return plane, plane.resolve(0, version)
         if not _VERSION.fullmatch(version):
             raise InvalidInputError(
-                version_field, f"{version!r} is not a version; expected an integer such as '1', or ''"
+                version_field, f"{version!r} is not a version; expected an integer such as '1', a "
+                "version label such as 'stable', or ''"
             )
         number = int(version)
         if number < 1:
             raise ModelNotFoundError(f"model {name!r} version {version} is not served")
-        return self._plane.resolve(number)
+        return plane, plane.resolve(number)
 
     @mapped_errors
     async def ServerLive(
@@ -169,7 +176,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: oip.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=self._plane.model is not None)
+        return oip.ServerReadyResponse(ready=self._router.ready)
 
     @mapped_errors
     async def ModelReady(
@@ -191,13 +198,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        model = self._resolve(request.name, request.version, "version")
+        plane, model = self._resolve(request.name, request.version, "version")
         spec = model.spec
         tensor = oip.ModelMetadataResponse.TensorMetadata
         versions = Metadata.from_json(model.metadata).versions or {}
         return oip.ModelMetadataResponse(
             name=spec.name,
-            versions=[str(v) for v in self._plane.loaded_versions],
+            versions=[str(v) for v in plane.loaded_versions],
             platform="tensorflow_keras" if "keras" in versions else "",
             inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, spec.input_size])],
             outputs=[
@@ -211,10 +218,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
-        model = self._resolve(request.model_name, request.model_version, "model_version")
+        plane, model = self._resolve(request.model_name, request.model_version, "model_version")
         names = requested_outputs(request, model)
-        images, raw = decode_input(request, model, self._plane)
-        probabilities = await self._plane.predict(model, images, deadline(context))
+        images, raw = decode_input(request, model, plane)
+        probabilities = await plane.predict(model, images, deadline(context))
         outputs, raw_contents = encode_outputs(model, probabilities, names, raw)
         return oip.ModelInferResponse(
             model_name=model.spec.name,

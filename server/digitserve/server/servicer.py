@@ -16,8 +16,9 @@ from google.protobuf.message import DecodeError
 
 from digitserve.inference import Model
 from digitserve.metadata import Metadata
-from digitserve.server.dataplane import DataPlane, Evaluation, check_labels
+from digitserve.server.dataplane import Evaluation, check_labels
 from digitserve.server.errors import InvalidInputError
+from digitserve.server.models import ModelInfo, Router
 from digitserve.server.pixels import check_count, decode_images, packed_pixels
 from digitserve.server.status import Undecodable, deadline, mapped_errors
 from digitserve.server.wire import PackedPredictRequest, PredictionEncoder, parse_predict_request
@@ -84,10 +85,10 @@ def add_to_server(servicer: Any, server: Any, service: ServiceDescriptor | None 
 
 
 class DigitServicer(pb_grpc.DigitServiceServicer):
-    """digitserve.v1.DigitService over the data plane."""
+    """digitserve.v1.DigitService over the data planes of the models served."""
 
-    def __init__(self, plane: DataPlane) -> None:
-        self._plane = plane
+    def __init__(self, router: Router) -> None:
+        self._router = router
         self._encoders: dict[tuple[str, int], PredictionEncoder] = {}
 
     def _encoder(self, model: Model) -> PredictionEncoder:
@@ -106,42 +107,59 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
     ) -> bytes:
         """Answers a serialized PredictResponse (see add_to_server's serializer). The request
         comes as server.wire read it when its images are uniformly packed."""
-        model = self._plane.resolve(request.model_version)
+        plane = self._router.model(request.model_name).plane
+        model = plane.resolve(request.model_version, request.version_label)
         images = None
         if isinstance(request, PackedPredictRequest):
-            check_count(request.rows.shape[0], self._plane.max_images_per_request)
-            self._plane.admit(model, request.rows.shape[0])  # refused before any pixel is converted
+            check_count(request.rows.shape[0], plane.max_images_per_request)
+            plane.admit(model, request.rows.shape[0])  # refused before any pixel is converted
             images = packed_pixels(request.rows, request.encoding, model.spec.input_size)
             if images is None:
                 request = request.message()
         if images is None:
             assert isinstance(request, pb.PredictRequest)
-            check_count(len(request.images), self._plane.max_images_per_request)
-            self._plane.admit(model, len(request.images))
+            check_count(len(request.images), plane.max_images_per_request)
+            plane.admit(model, len(request.images))
             images = decode_images(request.images, model.spec.input_size)
-        probabilities = await self._plane.predict(model, images, deadline(context))
+        probabilities = await plane.predict(model, images, deadline(context))
         return self._encoder(model).encode(probabilities)
 
     @mapped_errors
     async def Evaluate(
         self, request_iterator: AsyncIterator[pb.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> pb.EvaluateResponse:
-        evaluation = Evaluation(self._plane)
+        evaluation: Evaluation | None = None
+        name = ""
         until = deadline(context)
         index = 0
-        async for request in request_iterator:
-            field = f"requests[{index}].images"
-            model = evaluation.model_for(request.model_version)
-            check_count(len(request.images), self._plane.max_images_per_request, field)
-            self._plane.admit(model, len(request.images))
-            images = decode_images(request.images, model.spec.input_size, field)
-            labels = np.asarray(request.labels, dtype=np.int64)
-            try:
-                check_labels(labels, images.shape[0], len(model.spec.labels))
-            except InvalidInputError as exc:
-                raise InvalidInputError(f"requests[{index}].{exc.field}", exc.description) from None
-            await evaluation.add(model, images, labels, until)
-            index += 1
+        try:
+            async for request in request_iterator:
+                field = f"requests[{index}].images"
+                if evaluation is None:
+                    name = request.model_name
+                    evaluation = Evaluation(self._router.model(name).plane)
+                elif request.model_name not in ("", name):
+                    raise InvalidInputError(
+                        f"requests[{index}].model_name",
+                        f"{request.model_name!r} differs from {name or 'the default model'!r} named "
+                        "at the start of this stream")
+                plane = evaluation.plane
+                model = evaluation.model_for(request.model_version, request.version_label)
+                check_count(len(request.images), plane.max_images_per_request, field)
+                plane.admit(model, len(request.images))
+                images = decode_images(request.images, model.spec.input_size, field)
+                labels = np.asarray(request.labels, dtype=np.int64)
+                try:
+                    check_labels(labels, images.shape[0], len(model.spec.labels))
+                except InvalidInputError as exc:
+                    raise InvalidInputError(f"requests[{index}].{exc.field}", exc.description) from None
+                await evaluation.add(model, images, labels, until)
+                index += 1
+        finally:
+            if evaluation is not None:
+                evaluation.release()
+        if evaluation is None:
+            raise InvalidInputError("images", "the stream held no images; expected at least 1")
         model, metrics = evaluation.result()
         response = pb.EvaluateResponse(
             count=metrics.count,
@@ -164,7 +182,8 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        model = self._plane.resolve(request.model_version)
+        plane = self._router.model(request.model_name).plane
+        model = plane.resolve(request.model_version, request.version_label)
         metadata = Metadata.from_json(model.metadata)
         return pb.GetModelInfoResponse(
             model_name=model.spec.name,
@@ -177,10 +196,40 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             test_accuracy=(metadata.metrics.test_accuracy if metadata.metrics else None) or 0.0,
             created_at=metadata.created_at or "",
             metadata_json=json.dumps(model.metadata, sort_keys=True),
-            max_images_per_request=self._plane.max_images_per_request,
-            loaded_versions=self._plane.loaded_versions,
+            max_images_per_request=plane.max_images_per_request,
+            loaded_versions=plane.loaded_versions,
             inference_path=model.inference_path,
             refused_versions=[
-                pb.RefusedVersion(version=v, reason=r) for v, r in sorted(self._plane.refused.items())
+                pb.RefusedVersion(version=v, reason=r) for v, r in sorted(plane.refused.items())
             ],
+            version_labels=sorted(k for k, v in plane.labels.items() if v == model.spec.version),
         )
+
+    @mapped_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[_model_status(info) for info in self._router.model_infos(request.model_name)],
+            default_model=self._router.default_model,
+            config_path=self._router.config_path,
+            config_error=self._router.config_error,
+        )
+
+
+_MODEL_STATES = {"loading": pb.MODEL_STATE_LOADING, "serving": pb.MODEL_STATE_SERVING}
+_VERSION_STATES = {"available": pb.VERSION_STATE_AVAILABLE, "serving": pb.VERSION_STATE_SERVING,
+                   "refused": pb.VERSION_STATE_REFUSED}
+
+
+def _model_status(info: ModelInfo) -> pb.ModelStatus:
+    return pb.ModelStatus(
+        name=info.name,
+        state=_MODEL_STATES[info.state],
+        reason=info.reason,
+        default_version=info.default_version,
+        labels=dict(info.labels),
+        canary_weight=info.canary_weight,
+        versions=[pb.VersionStatus(version=v.version, state=_VERSION_STATES[v.state], reason=v.reason,
+                                   labels=list(v.labels)) for v in info.versions],
+    )

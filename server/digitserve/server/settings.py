@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from digitserve.config import ENV_PREFIX, Parser, add_fields, env_name, env_only
+from digitserve.repository import is_model_name
 
 __all__ = ["ENV_PREFIX", "Settings", "build_parser", "load_settings"]
 
@@ -29,8 +30,19 @@ class Settings:
     """Everything the server can be told. Each field is also read from MNIST_<FIELD> (upper case)."""
 
     model_repo: Path = field(metadata={"help": "Root of the model repository (``REPO/NAME/VERSION/``)."})
-    model_name: str = field(default="mnist", metadata={"help": "Which model in the repository to serve."})
-    model_version: int = field(default=0, metadata={"help": "Version to serve; 0 serves the newest."})
+    model_name: tuple[str, ...] = field(default=(), metadata={
+        "help": "A model of the repository to serve (repeat the flag for several; comma-separated "
+                "in the variable); none serves every model in the repository, and models that "
+                "appear later.", "default_text": "every model"})
+    model_version: int = field(default=0, metadata={
+        "help": "Version to serve (with one --model-name); 0 serves the newest that passes the gate."})
+    default_model: str = field(default="", metadata={
+        "help": "The model a request without model_name gets; empty: the first --model-name, or "
+                "the only model served.", "default_text": "the only model"})
+    model_config: Path | None = field(default=None, metadata={
+        "help": "A model config file (TOML: models, version policy, labels, canary weight, gate "
+                "rules; docs/models.md), read again when it changes; instead of --model-name, "
+                "--model-version and --default-model."})
     host: str = field(
         default="127.0.0.1", metadata={"help": "Address to listen on; use 0.0.0.0 or [::] in a container."}
     )
@@ -264,6 +276,17 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
+        names = (self.model_name,) if isinstance(self.model_name, str) else tuple(self.model_name or ())
+        object.__setattr__(self, "model_name", tuple(dict.fromkeys(n for n in names if n)))
+        for name in self.model_name:
+            if not is_model_name(name):
+                problems.append(f"model name {name!r} is not a model directory's name (letters, "
+                                "digits, '.', '_', '-', starting with a letter or digit)")
+        if self.model_version and len(self.model_name) != 1:
+            problems.append("--model-version pins a version of one model: give exactly one --model-name")
+        if self.model_config is not None and (self.model_name or self.model_version or self.default_model):
+            problems.append("--model-config lists the models, their versions and the default model: "
+                            "leave out --model-name, --model-version and --default-model")
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
         if self.grace_period < 0:

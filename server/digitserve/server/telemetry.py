@@ -104,6 +104,7 @@ class _QualitySeries:
     key: tuple[str, str]  # (model_name, model_version)
     classes: list[Any]  # digitserve_predictions children, by class index
     low: Any  # digitserve_low_confidence_predictions child
+    requests: Any  # digitserve_model_requests child
 
 
 class Telemetry:
@@ -136,18 +137,26 @@ class Telemetry:
             buckets=QUEUE_BUCKETS, registry=r)
         self.queued_images = Gauge(
             "digitserve_queued_images", "Images waiting for the model now.", registry=r)
-        self.model_info = Info("digitserve_model", "The model served to unpinned requests.", registry=r)
+        self.model_info = Info("digitserve_model", "The version of each model served to unpinned "
+                               "requests (the stable label's, when set).", ("model_name",), registry=r)
         self.loads = Counter(
-            "digitserve_model_loads", "Versions tried at start-up, by outcome (served or refused).",
-            ("outcome",), registry=r)
+            "digitserve_model_loads",
+            "Versions tried when a model starts serving, by model and outcome (served or refused).",
+            ("model_name", "outcome"), registry=r)
         self.reloads = Counter(
             "digitserve_model_reloads",
-            "Newer versions tried by the hot-reload watch, by outcome (served or refused).",
-            ("outcome",), registry=r)
-        for outcome in MODEL_OUTCOMES:
-            self.loads.labels(outcome)
-            self.reloads.labels(outcome)
+            "Versions tried by the watch (newer versions, labelled versions), by model and outcome "
+            "(served or refused).", ("model_name", "outcome"), registry=r)
         model_labels = ("model_name", "model_version")
+        self.model_requests = Counter(
+            "digitserve_model_requests",
+            "Predict calls answered, by the model version that answered them (a canary split "
+            "shows here).", model_labels, registry=r)
+        self.model_request_seconds = BulkHistogram(
+            "digitserve_model_request_seconds",
+            "Seconds a Predict call spent in the data plane (queue and model), by the model "
+            "version that answered it.", model_labels, CALL_BUCKETS)
+        r.register(self.model_request_seconds)
         self.predictions = Counter(
             "digitserve_predictions", "Images answered by Predict, by predicted class.",
             (*model_labels, "class"), registry=r)
@@ -172,13 +181,20 @@ class Telemetry:
         self.queue_seconds.observe(queue_seconds)
 
     def on_model(self, model: Model) -> None:
-        """A model starts serving: it becomes the info metric and its series appear at zero."""
+        """A version starts serving: the info metric of its model says it, and its series appear
+        at zero."""
         spec = model.spec
-        name, version = spec.name, str(spec.version)
-        self.model_info.info({"model_name": name, "model_version": version,
-                              "preset": Metadata.from_json(model.metadata).preset or "",
-                              "inference": model.inference_path})
+        self.model_info.labels(spec.name).info({
+            "model_version": str(spec.version),
+            "preset": Metadata.from_json(model.metadata).preset or "",
+            "inference": model.inference_path})
         self._quality_series(model)
+
+    def on_answered(self, model: Model, seconds: float) -> None:
+        """A Predict call answered by ``model``, after ``seconds`` in the data plane."""
+        series = self._quality_series(model)
+        series.requests.inc()
+        self.model_request_seconds.observe_one(series.key, seconds)
 
     def _quality_series(self, model: Model) -> _QualitySeries:
         """The quality metrics' children of a model version, looked up once (it makes them
@@ -190,8 +206,10 @@ class Telemetry:
                 key,
                 [self.predictions.labels(*key, label) for label in model.spec.labels],
                 self.low_confidence_predictions.labels(*key),
+                self.model_requests.labels(*key),
             )
             self.confidence.touch(key)
+            self.model_request_seconds.touch(key)
         return series
 
     def on_predictions(self, model: Model, probabilities: npt.NDArray[np.float32]) -> None:
@@ -221,10 +239,16 @@ class Telemetry:
 
     # --- the App's hooks -----------------------------------------------------------------------
 
-    def on_model_event(self, kind: str, version: int, outcome: str) -> None:
-        """App.model_events listener: ``kind`` is ``load`` or ``reload``; ``outcome`` is
-        ``served`` or ``refused``."""
-        (self.reloads if kind == "reload" else self.loads).labels(outcome).inc()
+    def on_model_event(self, model_name: str, kind: str, version: int, outcome: str) -> None:
+        """A version of ``model_name`` tried: ``kind`` is ``load`` (its first version),
+        ``reload`` or ``label`` (the watch); ``outcome`` is ``served`` or ``refused``."""
+        (self.loads if kind == "load" else self.reloads).labels(model_name, outcome).inc()
+
+    def touch_model(self, model_name: str) -> None:
+        """A model's load counters appear at zero."""
+        for outcome in MODEL_OUTCOMES:
+            self.loads.labels(model_name, outcome)
+            self.reloads.labels(model_name, outcome)
 
     def watch_queue(self, queued_images: Callable[[], float]) -> None:
         self.queued_images.set_function(queued_images)
@@ -420,3 +444,26 @@ class RepositoryMetrics:
 
     def on_unload(self) -> None:
         self.unloads.inc()
+
+
+class ConfigMetrics:
+    """The model config file's metrics (--model-config): changes that could not be applied, and
+    whether the one in force is the file's latest."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.errors = Counter(
+            "digitserve_model_config_errors",
+            "Changes of the model config file that could not be applied (the previous config "
+            "stayed in force).", registry=registry)
+        self.ok = Gauge(
+            "digitserve_model_config_ok",
+            "1 while the config in force is the model config file's latest content, 0 while its "
+            "latest change could not be applied.", registry=registry)
+        self.ok.set(1)
+
+    def on_error(self) -> None:
+        self.errors.inc()
+        self.ok.set(0)
+
+    def on_applied(self) -> None:
+        self.ok.set(1)

@@ -65,6 +65,9 @@ class ModelSource(Protocol):
     # True when new versions can appear (the server watches it for them: hot reload); False for a
     # source whose versions are fixed once it is made.
     watchable: bool
+    # The operator's gate rules for the versions it loads from now on (the model config may
+    # change them while serving).
+    rules: GateRules
 
     def versions(self) -> list[int]: ...
 
@@ -231,6 +234,42 @@ def missing_error(root: Path, name: str) -> ModelNotFoundError:
         f"repository the trainer publishes to, or publish into it ({publish})")
 
 
+def repository_error(root: Path) -> ModelNotFoundError | None:
+    """Serving every model of the repository ``root``: None when it holds a model directory;
+    else why not, in one line, as missing_error says it for one model (NothingPublishedError
+    where publishing into ``root`` is what it lacks: a server waits for that)."""
+    flag = f"--model-repo {root}"
+    publish = f"mnist-train train --model-repo {root} --model-name NAME"
+    if not root.exists():
+        shown = "" if root.is_absolute() else f" ({root.absolute()})"
+        return ModelNotFoundError(
+            f"{flag}: no such directory{shown}; give the model repository the trainer "
+            f"publishes to, or publish into it ({publish})")
+    if not root.is_dir():
+        return ModelNotFoundError(
+            f"{flag}: not a directory; give the model repository (the directory of NAME/VERSION/)")
+    own = _version_dirs(root, published=True)
+    if own:
+        base = root.name or root.resolve().name
+        parent = root.parent if root.name else root.resolve().parent
+        return ModelNotFoundError(
+            f"{flag} looks like the directory of model {base!r} (it holds "
+            f"{_versions_text(own)} of it), not a repository of models: use "
+            f"--model-repo {parent}")
+    try:
+        if ModelRepository(root).models():
+            return None
+        empty = not any(True for _ in os.scandir(root))
+    except OSError as error:
+        return ModelNotFoundError(f"{flag}: cannot list it ({error.strerror or error})")
+    if empty:
+        return NothingPublishedError(
+            f"{flag}: the directory is empty: no model is published there yet; publish one ({publish})")
+    return NothingPublishedError(
+        f"{flag}: no model is published there (no NAME/VERSION/ directories); give the model "
+        f"repository the trainer publishes to, or publish into it ({publish})")
+
+
 def describe_pinned(root: Path, name: str, version: int, versions: list[int]) -> str:
     """The line for ``--model-version`` naming a version that is not published."""
     return (f"--model-version {version}: model {name!r} has no version {version} in {root} "
@@ -348,6 +387,7 @@ class StaticSource:
     """One model from a loader function (tests, embedding): no versions to watch."""
 
     watchable = False
+    rules = GateRules()  # nothing is gated
 
     def __init__(self, loader: Callable[[], Model]) -> None:
         self._loader = loader

@@ -228,22 +228,18 @@ def check_before_start(settings: Settings) -> tuple[int, str] | None:
     repository without the model or a taken metrics port is one line, not one per worker and
     restart: None, or the exit code and the line. The gRPC port is checked by reserving it
     (Arbiter)."""
-    from functools import partial
-
     from digitserve.repository import RepositoryError
-    from digitserve.server.versions import (
-        NothingPublishedError,
-        RepositoryReads,
-        RepositorySource,
-        RepositoryTimeoutError,
-    )
+    from digitserve.server.modelconfig import ModelConfigError, from_settings
+    from digitserve.server.models import check_repository
+    from digitserve.server.versions import NothingPublishedError, RepositoryReads, RepositoryTimeoutError
 
-    source = RepositorySource(settings.model_repo, settings.model_name)
     reads = RepositoryReads(settings.repository_timeout)
     try:
-        asyncio.run(reads.run("list", f"listing {source}", partial(source.servable, settings.model_version)))
+        asyncio.run(check_repository(settings, reads, from_settings(settings)))
+    except ModelConfigError as error:
+        return EXIT_USAGE, f"cannot start: {error}"
     except RepositoryTimeoutError as error:  # a hung volume: as a lone server's start fails
-        return 1, f"cannot load model {settings.model_name}: {error}"
+        return 1, f"cannot load model {', '.join(settings.model_name) or '(any)'}: {error}"
     except NothingPublishedError as error:  # each worker waits for a first version, as a lone server
         if settings.exit_if_no_model:
             return EXIT_USAGE, f"cannot start: {error}"

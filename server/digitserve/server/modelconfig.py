@@ -1,0 +1,181 @@
+"""What the server serves: which models, each one's version policy (newest or pinned), version
+labels, canary weight and gate rules — from flags, or from a model config file
+(``--model-config``, TOML, read with the standard library's ``tomllib``) that the server reads
+again when it changes.
+
+A config file, for operators who prefer one to flags (TF Serving's model config, in TOML)::
+
+    default_model = "mnist"          # what a request without model_name gets
+
+    [models.mnist]                   # without a [models] table: every model in the repository
+    version = 0                      # 0: the newest version that passes the gate; N: pin N
+    labels = { stable = 3, canary = 4 }
+    canary_weight = 0.1              # unpinned calls answered by the canary version
+    min_check_accuracy = 0.0         # gate rules; absent: the --min-check-accuracy flag's
+    max_regression = 1.0
+
+    [models.fashion]
+
+Every value is checked; one line names the key, the value and what is allowed. A change that
+does not parse keeps the previous config in force (the server logs and counts it, and ListModels
+reports it).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from digitserve.repository import is_model_name
+from digitserve.server.dataplane import CANARY
+from digitserve.server.settings import Settings
+from digitserve.server.versions import GateRules
+
+# A version label: a name, not a number (a number is a version).
+LABEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+
+NO_RULES = GateRules()
+_TOP_KEYS = ("default_model", "models")
+_MODEL_KEYS = ("version", "labels", "canary_weight", "min_check_accuracy", "max_regression")
+
+
+class ModelConfigError(ValueError):
+    """The model config file cannot be used: one line naming the key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """How one model is served: ``version`` 0 serves the newest version past the gate (hot
+    reload), N pins N; ``labels`` name versions (``stable`` answers unpinned calls when set);
+    ``canary_weight`` of the unpinned calls go to the ``canary`` label's version."""
+
+    version: int = 0
+    labels: Mapping[str, int] = field(default_factory=dict)
+    canary_weight: float = 0.0
+    rules: GateRules = NO_RULES
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The models to serve (``models`` None: every model found in the repository, each with
+    ``policy``), and the default model ("" : the only one served, if there is one)."""
+
+    models: Mapping[str, ModelPolicy] | None
+    policy: ModelPolicy = ModelPolicy()
+    default_model: str = ""
+
+    def policy_of(self, name: str) -> ModelPolicy:
+        if self.models is not None and name in self.models:
+            return self.models[name]
+        return self.policy
+
+    def serves(self, name: str) -> bool:
+        """Whether a model directory of this name is served."""
+        return name in self.models if self.models is not None else is_model_name(name)
+
+
+def from_flags(names: tuple[str, ...], version: int, rules: GateRules, default_model: str) -> ServingConfig:
+    """The config the flags give: ``--model-name`` (repeatable; none: every model),
+    ``--model-version``, the gate flags, ``--default-model`` (else the first --model-name)."""
+    policy = ModelPolicy(version=version, rules=rules)
+    models = None if not names else {name: policy for name in names}
+    return ServingConfig(models, policy, default_model or (names[0] if names else ""))
+
+
+def from_settings(settings: Settings) -> ServingConfig:
+    """What ``settings`` say to serve: the model config file (``--model-config``; raises
+    ModelConfigError) or the flags."""
+    rules = GateRules(settings.min_check_accuracy, settings.max_regression)
+    if settings.model_config is not None:
+        return read(settings.model_config, rules)
+    return from_flags(settings.model_name, settings.model_version, rules, settings.default_model)
+
+
+def _number(where: str, value: Any, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ModelConfigError(f"{where}: {value!r} is not a number in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def _version(where: str, value: Any, allow_zero: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        what = "0 (the newest) or a version number" if allow_zero else "a version number (1, 2, ...)"
+        raise ModelConfigError(f"{where}: {value!r} is not {what}")
+    return value
+
+
+def _unknown(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ModelConfigError(f"{where}{key}: unknown key; expected one of {', '.join(allowed)}")
+
+
+def _policy(name: str, table: Any, rules: GateRules) -> ModelPolicy:
+    where = f"models.{name}"
+    if not is_model_name(name):
+        raise ModelConfigError(f"{where}: {name!r} is not a model name (letters, digits, '.', '_', "
+                               "'-', starting with a letter or digit)")
+    if not isinstance(table, dict):
+        raise ModelConfigError(f"{where}: expected a table ([models.{name}])")
+    _unknown(f"{where}.", table, _MODEL_KEYS)
+    version = _version(f"{where}.version", table.get("version", 0), allow_zero=True)
+    labels_table = table.get("labels", {})
+    if not isinstance(labels_table, dict):
+        raise ModelConfigError(f"{where}.labels: expected a table of label = version")
+    labels: dict[str, int] = {}
+    for label, value in labels_table.items():
+        if not LABEL_NAME.fullmatch(label):
+            raise ModelConfigError(f"{where}.labels.{label}: not a label name (a letter, then "
+                                   "letters, digits, '.', '_', '-')")
+        labels[label] = _version(f"{where}.labels.{label}", value, allow_zero=False)
+    weight = _number(f"{where}.canary_weight", table.get("canary_weight", 0.0), 0.0, 1.0)
+    if weight > 0 and CANARY not in labels:
+        raise ModelConfigError(f"{where}.canary_weight: {weight:g} needs a {CANARY!r} label "
+                               f"naming the canary version ({where}.labels)")
+    minimum = _number(f"{where}.min_check_accuracy",
+                      table.get("min_check_accuracy", rules.min_accuracy), 0.0, 1.0)
+    regression = _number(f"{where}.max_regression",
+                         table.get("max_regression", rules.max_regression), 0.0, 1.0)
+    return ModelPolicy(version, labels, weight, GateRules(minimum, regression))
+
+
+def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
+    """A config file's text as a ServingConfig; ``rules``: the gate flags, for models that set
+    none. ModelConfigError names what is wrong."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ModelConfigError(f"not valid TOML: {error}") from None
+    _unknown("", data, _TOP_KEYS)
+    default_model = data.get("default_model", "")
+    if not isinstance(default_model, str):
+        raise ModelConfigError(f"default_model: {default_model!r} is not a model name")
+    policy = ModelPolicy(rules=rules)
+    if "models" not in data:
+        return ServingConfig(None, policy, default_model)
+    models_table = data["models"]
+    if not isinstance(models_table, dict):
+        raise ModelConfigError("models: expected tables [models.NAME]")
+    models = {name: _policy(name, table, rules) for name, table in models_table.items()}
+    if default_model and default_model not in models:
+        raise ModelConfigError(f"default_model: {default_model!r} is not one of the models listed "
+                               f"({', '.join(sorted(models)) or 'none'})")
+    return ServingConfig(models, policy, default_model or (next(iter(models)) if len(models) == 1 else ""))
+
+
+def read(path: Path, rules: GateRules = NO_RULES) -> ServingConfig:
+    """The config file at ``path``; ModelConfigError (its message starts with the path) when it
+    cannot be read or used."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ModelConfigError(f"--model-config {path}: cannot read it ({reason})") from None
+    try:
+        return parse(text, rules)
+    except ModelConfigError as error:
+        raise ModelConfigError(f"--model-config {path}: {error}") from None

@@ -1,0 +1,117 @@
+"""The model config file and the flags that say what to serve: every value checked, one line
+naming the key; the flags' --model-name repeatable (a comma-separated variable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from digitserve.server.modelconfig import (
+    ModelConfigError,
+    ModelPolicy,
+    ServingConfig,
+    from_flags,
+    parse,
+    read,
+)
+from digitserve.server.settings import load_settings
+from digitserve.server.versions import GateRules
+
+FULL = """
+default_model = "mnist"
+
+[models.mnist]
+version = 0
+labels = { stable = 3, canary = 4 }
+canary_weight = 0.25
+min_check_accuracy = 0.5
+
+[models.fashion]
+version = 2
+"""
+
+
+def test_a_full_config_reads_as_written() -> None:
+    config = parse(FULL, GateRules(max_regression=0.05))
+    assert config.default_model == "mnist"
+    assert config.models == {
+        "mnist": ModelPolicy(0, {"stable": 3, "canary": 4}, 0.25, GateRules(0.5, 0.05)),
+        "fashion": ModelPolicy(2, {}, 0.0, GateRules(0.0, 0.05)),
+    }
+    assert config.serves("fashion") and not config.serves("digits")
+
+
+def test_without_a_models_table_every_model_is_served_with_the_flags_rules() -> None:
+    config = parse('default_model = "mnist"\n', GateRules(0.9))
+    assert config == ServingConfig(None, ModelPolicy(rules=GateRules(0.9)), "mnist")
+    assert config.serves("digits") and not config.serves(".staging") and not config.serves("lost+found")
+    assert parse("[models.one]\n").default_model == "one"  # the only model listed
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("models = 3", "models: expected tables [models.NAME]"),
+    ("[model.mnist]", "model: unknown key; expected one of default_model, models"),
+    ("[models.mnist]\nlabel = { stable = 1 }",
+     "models.mnist.label: unknown key; expected one of version, labels, canary_weight, "
+     "min_check_accuracy, max_regression"),
+    ("[models.mnist]\nversion = -1", "models.mnist.version: -1 is not 0 (the newest) or a version number"),
+    ("[models.mnist]\nversion = '2'", "models.mnist.version: '2' is not 0 (the newest) or a version number"),
+    ("[models.mnist]\nlabels = { stable = 0 }",
+     "models.mnist.labels.stable: 0 is not a version number (1, 2, ...)"),
+    ("[models.mnist]\nlabels = { 3 = 1 }",
+     "models.mnist.labels.3: not a label name (a letter, then letters, digits, '.', '_', '-')"),
+    ("[models.mnist]\nlabels = [1]", "models.mnist.labels: expected a table of label = version"),
+    ("[models.mnist]\ncanary_weight = 1.5", "models.mnist.canary_weight: 1.5 is not a number in [0, 1]"),
+    ("[models.mnist]\ncanary_weight = 0.1",
+     "models.mnist.canary_weight: 0.1 needs a 'canary' label naming the canary version "
+     "(models.mnist.labels)"),
+    ("[models.mnist]\nmax_regression = true", "models.mnist.max_regression: True is not a number in [0, 1]"),
+    ('[models."../x"]', "models.../x: '../x' is not a model name (letters, digits, '.', '_', '-', "
+                        "starting with a letter or digit)"),
+    ('default_model = "digits"\n[models.mnist]',
+     "default_model: 'digits' is not one of the models listed (mnist)"),
+    ("[models.mnist", "not valid TOML: Expected ']' at the end of a table declaration (at end of document)"),
+])
+def test_each_mistake_is_one_line_naming_the_key(text: str, message: str) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        parse(text)
+    assert str(info.value) == message
+
+
+def test_a_file_that_cannot_be_read_names_the_flag_and_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        read(tmp_path / "missing.toml")
+    missing = tmp_path / "missing.toml"
+    assert str(info.value) == f"--model-config {missing}: cannot read it (No such file or directory)"
+    path = tmp_path / "models.toml"
+    path.write_text("[models.mnist]\nversion = -1\n")
+    with pytest.raises(ModelConfigError) as info:
+        read(path)
+    assert str(info.value) == (f"--model-config {path}: models.mnist.version: -1 is not 0 (the newest) "
+                               "or a version number")
+
+
+def test_the_flags_name_models_repeatably_and_the_variable_with_commas() -> None:
+    settings = load_settings(["--model-repo", "r", "--model-name", "a", "--model-name", "b"], env={})
+    assert settings.model_name == ("a", "b")
+    assert from_flags(settings.model_name, 0, GateRules(), "").default_model == "a"
+    assert load_settings(["--model-repo", "r"], env={"MNIST_MODEL_NAME": "a, b,"}).model_name == ("a", "b")
+    assert load_settings(["--model-repo", "r"], env={}).model_name == ()  # every model
+    assert from_flags((), 0, GateRules(), "").models is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model-version", "3"], "--model-version pins a version of one model: give exactly one --model-name"),
+    (["--model-name", "a", "--model-name", "b", "--model-version", "3"],
+     "--model-version pins a version of one model: give exactly one --model-name"),
+    (["--model-config", "m.toml", "--model-name", "a"],
+     "--model-config lists the models, their versions and the default model: leave out --model-name, "
+     "--model-version and --default-model"),
+    (["--model-name", "../a"], "model name '../a' is not a model directory's name (letters, digits, '.', "
+                               "'_', '-', starting with a letter or digit)"),
+])
+def test_flags_that_do_not_go_together_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        load_settings(["--model-repo", "r", *argv], env={})
+    assert str(info.value) == message
