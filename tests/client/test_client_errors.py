@@ -266,6 +266,11 @@ def test_info_is_readable_text_with_everything_get_model_info_says(
         fake_server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--target", fake_server.target, "info"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    with grpc.insecure_channel(fake_server.target) as channel:  # the versions' states as listed
+        listed = pb_grpc.DigitServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10)
+    states = ", ".join(f"{v.version} {pb.VersionState.Name(v.state).removeprefix('VERSION_STATE_')}"
+                       for v in listed.models[0].versions)
+    assert states.startswith("1 SERVING")
     assert lines == [
         "model:            fake version 1",
         "inference path:   fake",
@@ -277,6 +282,10 @@ def test_info_is_readable_text_with_everything_get_model_info_says(
         "max images:       1024 per Predict request or Evaluate message",
         "loaded versions:  1 (newest first; --model-version pins one)",
         "refused versions: none",
+        "model state:      SERVING, default version 1",  # ListModels's, from here on
+        "version labels:   none",
+        "canary weight:    none",
+        f"versions:         {states}",
         "metadata.json:    in full with --json",
     ]
 

@@ -333,7 +333,8 @@ def _repository_lines(response: pb.GetModelInfoResponse,
     canary = status.labels.get("canary")
     lines = [
         f"model state:      {state}, {default}" + (f": {status.reason}" if status.reason else ""),
-        f"version labels:   {_labels(status.labels) or 'none'} (this version: {own})",
+        "version labels:   " + (f"{_labels(status.labels)} (this version: {own})"
+                                 if status.labels else "none"),
         "canary weight:    " + (f"{_percent(status.canary_weight)} of unpinned calls go to version "
                                 f"{canary} (label canary)" if status.canary_weight and canary
                                 else "none"),
