@@ -331,6 +331,8 @@ def test_a_canary_weight_splits_unpinned_calls_and_metrics_tell_the_versions_apa
     assert dict(listed.labels) == {"stable": 2, "canary": 3}
     assert listed.canary_weight == pytest.approx(weight)
     assert listed.default_version == 2
+    unpinned = {stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10).model_version for _ in range(50)}
+    assert unpinned == {2}  # GetModelInfo (and Evaluate) are not split: they describe stable
     info = stub.GetModelInfo(pb.GetModelInfoRequest(version_label="canary"), timeout=10)
     assert (info.model_version, list(info.version_labels)) == (3, ["canary"])
     refused(lambda: predict(stub, images, version_label="beta"), grpc.StatusCode.NOT_FOUND,
@@ -390,3 +392,27 @@ def test_a_server_on_an_empty_repository_serves_the_first_model_published(
     finally:
         channel.close()
     assert "waiting for a model in" in server.log
+
+
+def test_one_models_refused_version_leaves_the_other_model_alone(
+    two_models: Path, bars_dir: Path, start_server: Callable[..., ServerThread],
+    channel_to: Callable[[ServerThread], grpc.Channel],
+) -> None:
+    server = start_server(model_repo=two_models, model_name=(), reload_interval=0.2)
+    channel = channel_to(server)
+    stub = pb_grpc.DigitServiceStub(channel)
+    version = publish_as(two_models, bars_dir, "bars")
+    flatbuffer = two_models / "bars" / str(version) / "model.tflite"
+    flatbuffer.write_bytes(flatbuffer.read_bytes()[:-8] + b"\0" * 8)  # its checksum no longer holds
+    wait_for(lambda: health(channel, "digitserve.v1.ModelUpdates/bars") == "NOT_SERVING", 30,
+             "version 2 of bars to be refused")
+    status = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+    refusal = status["bars"].versions[0]
+    assert (refusal.version, refusal.state) == (2, pb.VERSION_STATE_REFUSED)
+    assert refusal.reason.startswith(f"{flatbuffer}: sha256 "), refusal.reason
+    assert [(v.version, v.state) for v in status["digits"].versions] == [(1, pb.VERSION_STATE_SERVING)]
+    assert health(channel, "digitserve.v1.ModelUpdates/digits") == "SERVING"
+    assert health(channel, "digitserve.v1.ModelUpdates") == "NOT_SERVING"  # some model is stale
+    assert health(channel) == "SERVING"
+    assert predict(stub, images_u8(1), model_name="bars").model_version == 1
+    assert predict(stub, images_u8(1), model_name="digits").model_version == 1

@@ -505,9 +505,12 @@ class App:
         except RepositoryError as error:
             logger.warning("cannot list the models of %s yet: %s", self.settings.model_repo, error)
         if not self.models:
+            root = self.settings.model_repo
+            why = await self.reads.run("list", f"listing {root}", partial(repository_error, root))
             logger.warning(
-                "waiting for a model in %s (health NOT_SERVING; looking every %gs and at SIGHUP)",
-                self.settings.model_repo, self.settings.reload_interval or WAIT_INTERVAL)
+                "waiting for a model in %s (health NOT_SERVING; looking every %gs and at SIGHUP; "
+                "--exit-if-no-model exits instead): %s", root,
+                self.settings.reload_interval or WAIT_INTERVAL, why or "no model directory yet")
         for server in list(self.models.values()):
             self._start_model(server)
         self._start_watch()

@@ -194,9 +194,10 @@ class DataPlane:
             self._labels = {k: v for k, v in self._labels.items() if v != version}
         self._loaded.pop(version, None)
 
-    def resolve(self, version: int, label: str = "") -> Model:
+    def resolve(self, version: int, label: str = "", *, split: bool = False) -> Model:
         """The model that answers a request pinning ``version`` or naming ``label`` (neither: the
-        default version, or the canary for a ``canary_weight`` fraction of calls)."""
+        default version; with ``split``, as for a Predict call, the canary for a
+        ``canary_weight`` fraction of calls)."""
         model = self._model
         if model is None:
             raise ModelNotReadyError("no model is loaded yet; retry when health reports SERVING")
@@ -214,7 +215,7 @@ class DataPlane:
         if version == 0:
             if self._labels:
                 canary = self._labels.get(CANARY)
-                if canary is not None and self._canary_weight > 0 \
+                if split and canary is not None and self._canary_weight > 0 \
                         and self._random.random() < self._canary_weight:
                     return self._loaded[canary]
                 stable = self._labels.get(STABLE)

@@ -148,12 +148,14 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise ModelNotFoundError(f"model '' is not served; this server serves {names}")
         return self._router.model(name).plane
 
-    def _resolve(self, name: str, version: str, version_field: str) -> tuple[DataPlane, Model]:
-        """The data plane and the model that answer for (name, version); NOT_FOUND /
+    def _resolve(self, name: str, version: str, version_field: str,
+                 split: bool = False) -> tuple[DataPlane, Model]:
+        """The data plane and the model that answer for (name, version) (``split``: an unpinned
+        inference call, which the canary weight may send to the canary); NOT_FOUND /
         UNAVAILABLE / INVALID_ARGUMENT as domain errors."""
         plane = self._plane(name)
         if version == "":
-            return plane, plane.resolve(0)
+            return plane, plane.resolve(0, split=split)
         if _LABEL.fullmatch(version):
             return plane, plane.resolve(0, version)
         if not _VERSION.fullmatch(version):
@@ -218,7 +220,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
-        plane, model = self._resolve(request.model_name, request.model_version, "model_version")
+        plane, model = self._resolve(request.model_name, request.model_version, "model_version",
+                                     split=True)
         names = requested_outputs(request, model)
         images, raw = decode_input(request, model, plane)
         probabilities = await plane.predict(model, images, deadline(context))

@@ -108,7 +108,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         """Answers a serialized PredictResponse (see add_to_server's serializer). The request
         comes as server.wire read it when its images are uniformly packed."""
         plane = self._router.model(request.model_name).plane
-        model = plane.resolve(request.model_version, request.version_label)
+        model = plane.resolve(request.model_version, request.version_label, split=True)
         images = None
         if isinstance(request, PackedPredictRequest):
             check_count(request.rows.shape[0], plane.max_images_per_request)
