@@ -165,7 +165,8 @@ class ModelServer:
         labels_of: dict[int, list[str]] = {}
         for label, version in sorted(plane.labels.items()):
             labels_of.setdefault(version, []).append(label)
-        versions = set(self.published) | set(plane.loaded_versions) | set(plane.refused)
+        # (a loader's source lists a version 0: "whatever it loads", not a version)
+        versions = {v for v in (*self.published, *plane.loaded_versions, *plane.refused) if v > 0}
         listed = []
         for version in sorted(versions, reverse=True):
             if version in plane.refused:
