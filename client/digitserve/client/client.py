@@ -5,6 +5,7 @@ its server, unless told to wait (``wait_for_ready``)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -190,8 +191,15 @@ class DigitClient:
         self.close()
 
     def close(self) -> None:
-        self._connectivity.close()
-        self.channel.close()
+        """Closes the channel: at once, or, when its connectivity was followed, a moment later
+        in a daemon thread (Connectivity.close says why); calls already made are not waited for."""
+        linger = self._connectivity.close()
+        if not linger:
+            self.channel.close()
+            return
+        closer = threading.Timer(linger, self.channel.close)
+        closer.daemon = True
+        closer.start()
 
     def _timeout(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
