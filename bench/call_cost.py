@@ -82,10 +82,12 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     telemetry = Telemetry()
     plane = DataPlane(1024, observer=telemetry)
     plane.set_model(model)
+    served_name = model.spec.name
+
     class OneModel:  # the router of one data plane (digitserve.server.models.Router)
         config_error = ""
         config_path = ""
-        default_model = model.spec.name
+        default_model = served_name
         ready = True
 
         def model(self, name: str) -> Any:

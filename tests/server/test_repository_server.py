@@ -140,7 +140,7 @@ def test_one_process_serves_every_model_of_the_repository_each_its_own_predictio
     assert health(channel) == "SERVING"
     assert health(channel, "digitserve.v1.Model/bars") == "SERVING"
     metrics = scrape(server.app.metrics_port) if server.app.metrics_port else None
-    assert metrics is None or metrics[("digitserve_model_requests_total",
+    assert metrics is None or metrics[("digitserve_model_request_seconds_count",
                                        frozenset({("model_name", "bars"), ("model_version", "1")}))] >= 1
 
 
@@ -325,7 +325,7 @@ def test_a_canary_weight_splits_unpinned_calls_and_metrics_tell_the_versions_apa
     samples = scrape(server.app.metrics_port)
     for version in (2, 3):
         series = frozenset({("model_name", "digits"), ("model_version", str(version))})
-        key = ("digitserve_model_requests_total", series)
+        key = ("digitserve_model_request_seconds_count", series)
         assert samples[key] == versions[version] + (1 if version == 3 else 200)
     listed = stub.ListModels(pb.ListModelsRequest(model_name="digits"), timeout=10).models[0]
     assert dict(listed.labels) == {"stable": 2, "canary": 3}

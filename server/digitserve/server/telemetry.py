@@ -104,7 +104,6 @@ class _QualitySeries:
     key: tuple[str, str]  # (model_name, model_version)
     classes: list[Any]  # digitserve_predictions children, by class index
     low: Any  # digitserve_low_confidence_predictions child
-    requests: Any  # digitserve_model_requests child
 
 
 class Telemetry:
@@ -117,6 +116,7 @@ class Telemetry:
         self.low_confidence = low_confidence
         self._http: WSGIServer | None = None
         self._quality: dict[tuple[str, str], _QualitySeries] = {}
+        self._by_model: dict[Model, _QualitySeries] = {}
         r = self.registry
         call_labels = ("grpc_type", "grpc_service", "grpc_method")
         self.handled = Counter(
@@ -148,10 +148,7 @@ class Telemetry:
             "Versions tried by the watch (newer versions, labelled versions), by model and outcome "
             "(served or refused).", ("model_name", "outcome"), registry=r)
         model_labels = ("model_name", "model_version")
-        self.model_requests = Counter(
-            "digitserve_model_requests",
-            "Predict calls answered, by the model version that answered them (a canary split "
-            "shows here).", model_labels, registry=r)
+        # Its _count is the calls each version answered: a canary split shows there.
         self.model_request_seconds = BulkHistogram(
             "digitserve_model_request_seconds",
             "Seconds a Predict call spent in the data plane (queue and model), by the model "
@@ -192,13 +189,18 @@ class Telemetry:
 
     def on_answered(self, model: Model, seconds: float) -> None:
         """A Predict call answered by ``model``, after ``seconds`` in the data plane."""
-        series = self._quality_series(model)
-        series.requests.inc()
+        series = self._by_model.get(model)
+        if series is None:
+            series = self._quality_series(model)
         self.model_request_seconds.observe_one(series.key, seconds)
 
     def _quality_series(self, model: Model) -> _QualitySeries:
         """The quality metrics' children of a model version, looked up once (it makes them
-        appear at zero)."""
+        appear at zero), then found by the model object itself (a few versions at most: the
+        cache is emptied when it grows, as hot reloads replace them)."""
+        series = self._by_model.get(model)
+        if series is not None:
+            return series
         key = (model.spec.name, str(model.spec.version))
         series = self._quality.get(key)
         if series is None:
@@ -206,10 +208,12 @@ class Telemetry:
                 key,
                 [self.predictions.labels(*key, label) for label in model.spec.labels],
                 self.low_confidence_predictions.labels(*key),
-                self.model_requests.labels(*key),
             )
             self.confidence.touch(key)
             self.model_request_seconds.touch(key)
+        if len(self._by_model) >= 16:
+            self._by_model.clear()
+        self._by_model[model] = series
         return series
 
     def on_predictions(self, model: Model, probabilities: npt.NDArray[np.float32]) -> None:
