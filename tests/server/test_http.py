@@ -12,6 +12,7 @@ import http.client
 import importlib.util
 import json
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -248,8 +249,8 @@ def _pixels(n: int = 1) -> list[float]:
 def same_as_grpc_cases() -> list[Any]:
     """(path, JSON body, the equivalent gRPC request, HTTP status): the HTTP message must be the
     gRPC one with the fields renamed."""
-    with_nan = _pixels()
-    with_nan[5] = float("nan")
+    negative = _pixels()
+    negative[5] = -0.5
     high = _pixels()
     high[17] = 1.5
     u8 = images_u8(1).ravel().tolist()
@@ -260,7 +261,7 @@ def same_as_grpc_cases() -> list[Any]:
         ("input name", INFER, [_tensor("FP32", [1, D], _pixels(), "x")],
          _proto("FP32", [1, D], _pixels(), "x"), 400),
         ("count", INFER, [_tensor("FP32", [2, D], _pixels())], _proto("FP32", [2, D], _pixels()), 400),
-        ("nan", INFER, [_tensor("FP32", [1, D], with_nan)], _proto("FP32", [1, D], with_nan), 400),
+        ("negative", INFER, [_tensor("FP32", [1, D], negative)], _proto("FP32", [1, D], negative), 400),
         ("above 1", INFER, [_tensor("FP32", [1, D], high)], _proto("FP32", [1, D], high), 400),
         ("uint8 256", INFER, [_tensor("UINT8", [1, D], u8)], _proto("UINT8", [1, D], u8), 400),
         ("too many images", INFER, [_tensor("FP32", [9, D], _pixels(9))],
@@ -294,11 +295,15 @@ def _two_inputs() -> dict[str, Any]:
 
 JSON_ERRORS = [
     ("malformed JSON", b'{"inputs": [', 400,
-     'request body: not valid JSON (Expecting value at line 1 column 13); expected an inference '
+     'request body: not valid JSON (unexpected end of data at line 1 column 13); expected an inference '
      'request such as {"inputs": [{"name": "images", "shape": [1, 784], "datatype": "FP32", '
      '"data": [...]}]}'),
     ("not UTF-8", b'\xff\xfe{', 400, "request body: not UTF-8 text; expected an inference request in JSON"),
     ("an array", b"[1, 2]", 400, "request body: an array, expected an object"),
+    ("NaN is not JSON", b'{"inputs": [{"data": [NaN]}]}', 400,
+     'request body: not valid JSON (unexpected character, expected a JSON value at line 1 column 23); '
+     'expected an inference request such as {"inputs": [{"name": "images", "shape": [1, 784], '
+     '"datatype": "FP32", "data": [...]}]}'),
     ("no inputs", {"outputs": []}, 400, "inputs: null, expected an array of input tensors"),
     ("input not an object", {"inputs": [3]}, 400, "inputs[0]: a number, expected an object"),
     ("shape of strings", {"inputs": [_tensor("FP32", ["1", D], [])]}, 400,
@@ -380,8 +385,8 @@ def test_routes_methods_and_the_http_layer_refuse_in_json(start_server: Callable
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(b"\x16\x03\x01 hello\r\n\r\n")
         reply = raw.recv(4096)
-    assert reply.startswith((b"HTTP/1.0 400 ", b"HTTP/1.1 400 ")) and reply.endswith(
-        b'{"error": "request: not valid HTTP/1.1 (BadHttpMethod)"}')
+    assert reply.startswith((b"HTTP/1.0 400 ", b"HTTP/1.1 400 ")) and reply.rstrip().endswith(
+        b'{"error":"request: not valid HTTP/1.1 (BadHttpMethod)"}')
     assert call(port, "GET", "/v2/health/ready").status == 200
 
 
@@ -517,16 +522,16 @@ def test_slow_clients_and_a_connection_flood_are_bounded(start_server: Callable[
     late.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
     reply = late.recv(4096)
     late.close()
-    assert reply.startswith(b"HTTP/1.1 408 ") and reply.endswith(
-        b'{"error": "request body: not received within 0.5s (--http-read-timeout; 1 bytes came)"}')
+    assert reply.startswith(b"HTTP/1.1 408 ") and reply.rstrip().endswith(
+        b'{"error":"request body: not received within 0.5s (--http-read-timeout; 1 bytes came)"}')
     # More connections than --http-max-connections: the next is told 503 and closed.
     held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
     try:
         wait_for(lambda: len(server.app.http.opened) == 20 if server.app.http else False, 10, "20 open")
         with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
             reply = extra.recv(4096)
-        assert reply.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and reply.endswith(
-            b'{"error": "too many connections: this server answers at most 20 at once '
+        assert reply.startswith(b"HTTP/1.1 503 Service Unavailable\r\n") and reply.rstrip().endswith(
+            b'{"error":"too many connections: this server answers at most 20 at once '
             b'(--http-max-connections); retry later"}')
     finally:
         for sock in held:
@@ -632,3 +637,34 @@ def test_tritonclient_http_gets_the_probabilities_of_our_client(
             assert report[key]["id"] == key
             assert report[key]["class_index"] == ours.class_indices
             assert report[key]["label"] == ours.labels
+
+
+# --- the curl lines of the docs, as written --------------------------------------------------------
+
+def curl_blocks(path: Path) -> list[str]:
+    """The ```sh blocks of a doc that call the HTTP edge with curl."""
+    blocks = re.findall(r"```sh\n(.*?)```", path.read_text(), re.S)
+    return [b for b in blocks if "curl -s localhost:8080/v2" in b]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.parametrize("doc", ["README.md", "docs/interoperability.md"])
+def test_the_curl_lines_of_the_docs_work_as_written(
+    start_server: Callable[..., ServerThread], tiny_repo: Path, tmp_path: Path, doc: str
+) -> None:
+    from tests.support import REPO_ROOT
+
+    server = start_server(http_port=0)
+    blocks = curl_blocks(REPO_ROOT / doc)
+    assert blocks, f"no curl block in {doc}"
+    for block in blocks:
+        # As written, but for the address and the model's name (the tests' model is "tiny").
+        script = block.replace("localhost:8080", f"127.0.0.1:{port_of(server)}").replace(
+            "/models/mnist", "/models/tiny")
+        done = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        answers = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        assert answers[0] == {"ready": True}
+        assert answers[1]["name"] == "tiny" and answers[1]["versions"] == ["1"]
+        assert answers[2]["model_name"] == "tiny" and len(answers[2]["outputs"]) == 3
+        assert answers[2]["outputs"][0]["shape"] == [1, 10]

@@ -17,7 +17,6 @@ the process's SIGTERM/SIGINT handlers with its own."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
@@ -25,6 +24,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
@@ -178,7 +178,7 @@ class _Connection(RequestHandler):
             text = f"request: {message or 'refused'}"
         logger.debug("HTTP request from %s refused with %d: %s", self.peer, status, text)
         self.edge.observe("-", "(invalid)", status, 0.0, self.peer, "")
-        response = web.Response(body=json.dumps({"error": text}).encode(), status=status,
+        response = web.Response(body=orjson.dumps({"error": text}) + b"\n", status=status,
                                 content_type=JSON)
         response.force_close()
         return response
@@ -241,9 +241,9 @@ class HttpEdge:
         self._refusal = self._refusal_bytes()
 
     def _refusal_bytes(self) -> bytes:
-        body = json.dumps({"error": f"too many connections: this server answers at most "
-                           f"{self.max_connections} at once (--http-max-connections); retry "
-                           "later"}).encode()
+        body = orjson.dumps({"error": f"too many connections: this server answers at most "
+                             f"{self.max_connections} at once (--http-max-connections); retry "
+                             "later"}) + b"\n"
         return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 b"Connection: close\r\nRetry-After: 1\r\nContent-Length: " + str(len(body)).encode()
                 + b"\r\n\r\n" + body)

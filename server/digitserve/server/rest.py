@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from digitserve.inference import Model
 from digitserve.oip import grpc_predict_v2_pb2 as oip
@@ -61,7 +62,8 @@ class Reply:
 
 
 def json_reply(value: Any, status: int = 200) -> Reply:
-    return Reply(json.dumps(value, ensure_ascii=False, allow_nan=False).encode(), status)
+    """``value`` as JSON, one line (ended, so that curl's output ends with it)."""
+    return Reply(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE), status)
 
 
 def error_reply(status: int, message: str, **extra: Any) -> Reply:
@@ -219,17 +221,15 @@ def read_infer(body: bytes, header_length: str | None, name: str, version: str) 
                 f"{len(body)} bytes; expected the JSON header's length in bytes")
         body, binary = body[:length], body[length:]
     try:
-        document = json.loads(body)
-    except UnicodeDecodeError:
-        raise InvalidInputError("request body", "not UTF-8 text; expected an inference request "
-                                "in JSON") from None
-    except json.JSONDecodeError as exc:
+        document = orjson.loads(body)  # 5-10x the speed of json.loads on arrays of numbers
+    except orjson.JSONDecodeError as exc:
+        if "UTF-8" in exc.msg:
+            raise InvalidInputError("request body", "not UTF-8 text; expected an inference request "
+                                    "in JSON") from None
         raise InvalidInputError(
             "request body", f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
             'expected an inference request such as {"inputs": [{"name": "images", "shape": [1, 784], '
             '"datatype": "FP32", "data": [...]}]}') from None
-    except RecursionError:
-        raise InvalidInputError("request body", "nested too deeply to be an inference request") from None
     top = _object(document, "request body")
     request = oip.ModelInferRequest(model_name=name, model_version=version)
     if "id" in top:
@@ -324,9 +324,9 @@ def infer_reply(model: Model, probabilities: npt.NDArray[np.float32], names: lis
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         elif name == "probabilities":
-            entry["data"] = probabilities.ravel().tolist()
+            entry["data"] = probabilities.ravel()  # orjson writes float32 arrays itself
         elif name == "class_index":
-            entry["data"] = indices.tolist()
+            entry["data"] = indices
         else:
             entry["data"] = labels
         outputs.append(entry)
@@ -334,9 +334,9 @@ def infer_reply(model: Model, probabilities: npt.NDArray[np.float32], names: lis
     if request_id:
         answer["id"] = request_id
     answer["outputs"] = outputs
-    header = json.dumps(answer, ensure_ascii=False).encode()
+    header = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
-        return Reply(header)
+        return Reply(header + b"\n")
     return Reply(header + b"".join(chunks), content_type=OCTETS,
                  headers={HEADER_LENGTH: str(len(header))})
 
@@ -499,8 +499,8 @@ class RestApi:
         ready_only = False
         if data.strip():
             try:
-                document = json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                document = orjson.loads(data)
+            except orjson.JSONDecodeError:
                 raise InvalidInputError("request body", 'not valid JSON; expected {"ready": true} '
                                         "or {} or nothing") from None
             ready_only = _expect(_object(document, "request body").get("ready", False), bool,
