@@ -2,7 +2,9 @@
 ``json.loads``, the pixels into numpy, a JSON answer) and a readiness route served by each
 candidate on the default asyncio event loop (the loop grpc.aio runs on in mnist-serve), the server
 pinned to one CPU and h2load (``--h1``, HTTP/1.1 keep-alive) to another, rounds alternating
-between the stacks so that a shared machine's drift falls on all alike.
+between the stacks so that a shared machine's drift falls on all alike. Besides req/s it reports
+the server process's CPU time per request (medians of the rounds), which other jobs on a shared
+machine change far less than req/s.
 
     python -m bench.http_stacks --python out/stacks-venv/bin/python
 
@@ -213,18 +215,32 @@ def _wait(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("server did not answer in 30 s")
 
 
-def h2load(port: int, path: str, body: Path | None, args: argparse.Namespace) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def h2load(port: int, path: str, body: Path | None, args: argparse.Namespace, pid: int) -> dict[str, Any]:
+    """A warm-up of 1,000 requests, then ``--duration`` seconds of load; req/s and the server's CPU
+    time per request over the measured part (which other jobs on the machine barely change, where
+    they change req/s a lot)."""
     from bench.h2load import ms, parse
 
-    argv = ["taskset", "-c", args.load_cpu, "h2load", "--h1", "-c", str(args.connections), "-t", "1",
-            "-D", ms(args.duration), f"--warm-up-time={ms(1.0)}"]
+    argv = ["taskset", "-c", args.load_cpu, "h2load", "--h1", "-c", str(args.connections), "-t", "1"]
     if body is not None:
         argv += ["-d", str(body), "-H", "content-type: application/json"]
-    done = subprocess.run([*argv, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
+    url = f"http://127.0.0.1:{port}{path}"
+    subprocess.run([*argv, "-n", "1000", url], capture_output=True, check=False, timeout=120)
+    before = cpu_seconds(pid)
+    done = subprocess.run([*argv, "-D", ms(args.duration), url], capture_output=True, text=True,
                           check=False, timeout=args.duration + 60)
+    spent = cpu_seconds(pid) - before
     if done.returncode != 0:
         raise RuntimeError(f"h2load failed: {done.stderr[-500:]}")
-    return parse(done.stdout)
+    result = parse(done.stdout)
+    result["cpu_us"] = spent / max(result["requests"], 1) * 1e6
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not stacks:
         print(f"{args.python} has none of the stacks", file=sys.stderr)
         return 2
-    results: dict[str, dict[str, list[float]]] = {s: {"infer": [], "ready": []} for s in stacks}
+    results: dict[str, dict[str, list[float]]] = {
+        s: {"infer": [], "ready": [], "infer_cpu": [], "ready_cpu": []} for s in stacks}
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="http-stacks-") as tmp:
         body = Path(tmp) / "infer.json"
@@ -265,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "--serve", stack, str(port)], cwd=root, env=env)
                 try:
                     _wait(port, proc)
-                    infer = h2load(port, INFER, body, args)
-                    ready = h2load(port, READY, None, args)
+                    infer = h2load(port, INFER, body, args, proc.pid)
+                    ready = h2load(port, READY, None, args, proc.pid)
                 finally:
                     proc.terminate()
                     proc.wait(10)
@@ -274,18 +291,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if result["failed"] or result["succeeded"] != result["requests"]:
                         raise RuntimeError(f"{stack} {name}: {result}")
                     results[stack][name].append(result["rps"])
-                print(f"round {index + 1} {stack:>18}: infer {infer['rps']:8.0f} req/s, "
-                      f"ready {ready['rps']:8.0f} req/s", flush=True)
+                    results[stack][f"{name}_cpu"].append(result["cpu_us"])
+                print(f"round {index + 1} {stack:>18}: infer {infer['rps']:8.0f} req/s "
+                      f"{infer['cpu_us']:6.0f} us CPU/req, ready {ready['rps']:8.0f} req/s "
+                      f"{ready['cpu_us']:6.0f} us CPU/req", flush=True)
     print(f"\nh2load --h1, {args.connections} connections, server on CPU {args.server_cpu}, load on "
           f"CPU {args.load_cpu}, {args.rounds} rounds of {args.duration:g} s per route; "
           f"{_versions(args.python)}; infer body {body_of_one_image().__len__():,} bytes (1 image)")
-    base = statistics.median(results[stacks[0]]["infer"])
-    print("| stack | infer: req/s (median) | × first | ready: req/s (median) |")
-    print("|---|---|---|---|")
+    print("| stack | infer: server CPU µs/request | req/s | ready: server CPU µs/request | req/s |")
+    print("|---|---|---|---|---|")
     for stack in stacks:
-        infer_rps = statistics.median(results[stack]["infer"])
-        ready_rps = statistics.median(results[stack]["ready"])
-        print(f"| {stack} | {infer_rps:,.0f} | {infer_rps / base:.2f}× | {ready_rps:,.0f} |")
+        figures = {k: statistics.median(v) for k, v in results[stack].items()}
+        print(f"| {stack} | {figures['infer_cpu']:,.0f} | {figures['infer']:,.0f} | "
+              f"{figures['ready_cpu']:,.0f} | {figures['ready']:,.0f} |")
     return 0
 
 
