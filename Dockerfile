@@ -70,10 +70,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     MNIST_MODEL_NAME=mnist \
     MNIST_HOST=0.0.0.0 \
     MNIST_PORT=50051 \
+    MNIST_HTTP_PORT=8080 \
     MNIST_METRICS_PORT=9090
 USER 10001:10001
 WORKDIR /home/app
-EXPOSE 50051 9090
+EXPOSE 50051 8080 9090
 # The gRPC health service (grpc.health.v1) of the server in this container; the trainer and
 # client containers of the compose stack turn this off.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

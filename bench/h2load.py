@@ -45,7 +45,7 @@ def run(binary: str, target: str, payload: bytes, *, streams: int, duration: flo
     body.write_bytes(grpc_frame(payload))
     argv = [
         binary, "-c", str(connections), "-m", str(streams), "-t", "1",
-        "-D", _ms(duration), f"--warm-up-time={_ms(warmup)}", "-d", str(body),
+        "-D", ms(duration), f"--warm-up-time={ms(warmup)}", "-d", str(body),
         "-H", "content-type: application/grpc", "-H", "te: trailers",
         f"http://{target}{PREDICT_PATH}",
     ]
@@ -55,7 +55,7 @@ def run(binary: str, target: str, payload: bytes, *, streams: int, duration: flo
     return parse(done.stdout)
 
 
-def _ms(seconds: float) -> str:
+def ms(seconds: float) -> str:
     """h2load's <DURATION>: an integer with a unit."""
     return f"{max(1, round(seconds * 1000))}ms"
 

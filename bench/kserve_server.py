@@ -15,8 +15,9 @@ server's V2 edge does, so the same load tester drives both. ``--model-call``: ``
 concrete function of a ``tf.function`` over ``model.keras`` (how issue 3's table measured the
 alternatives, "a tf.function model call"), or ``litert``, the LiteRT flatbuffer our server serves
 (XNNPACK, one thread), so that only the serving stacks differ. KServe binds gRPC on all interfaces
-("[::]:PORT", its own choice); the benchmark calls it on 127.0.0.1. Its REST server takes a free
-port of its own.
+("[::]:PORT", its own choice); the benchmark calls it on 127.0.0.1. Its REST server (FastAPI on
+uvicorn) listens on ``--http-port`` (a free port by default), where ``bench/rest.py`` calls it:
+JSON in, JSON out, or binary data when the request asks for it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True, help="a published model version")
     parser.add_argument("--port", type=int, required=True, help="gRPC port")
+    parser.add_argument("--http-port", type=int, default=0,
+                        help="REST port (the V2 protocol's REST binding; 0, the default: a free one)")
     parser.add_argument("--model-call", choices=["tensorflow", "litert"], default="tensorflow",
                         help="how the model is called (default: %(default)s)")
     args, _ = parser.parse_known_args(argv)
@@ -125,15 +128,17 @@ def main(argv: list[str] | None = None) -> int:
             images = (images.astype(np.float32) / np.float32(255) if images.dtype == np.uint8
                       else images.astype(np.float32, copy=False))
             probabilities = run(np.ascontiguousarray(images))
+            # Raw bytes over gRPC; over REST, JSON unless the request asked for binary data.
+            binary = bool(payload.from_grpc or payload.use_binary_outputs)
             output = InferOutput("probabilities", list(probabilities.shape), "FP32")
-            output.set_data_from_numpy(probabilities, binary_data=True)
-            return InferResponse(model_name=name, infer_outputs=[output], response_id=payload.id,
-                                 use_binary_outputs=True)
+            output.set_data_from_numpy(probabilities, binary_data=binary)
+            return InferResponse(model_name=name, infer_outputs=[output], response_id=payload.id or "",
+                                 use_binary_outputs=binary)
 
     model = Digits()
     model.load()
     logging.getLogger("kserve").info("serving %s from %s through %s", name, path, args.model_call)
-    kserve.ModelServer(grpc_port=args.port, http_port=_free_port(), workers=1,
+    kserve.ModelServer(grpc_port=args.port, http_port=args.http_port or _free_port(), workers=1,
                        enable_latency_logging=False).start([model])
     return 0
 

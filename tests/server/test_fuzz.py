@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import re
 import struct
@@ -546,3 +547,280 @@ def test_undecodable_bytes_are_invalid_argument_naming_the_message(
             assert info.value.code() == INVALID, info.value.details()
             assert re.match(re.escape(message), info.value.details())
         assert evaluate(iter([good]), timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTTP edge (--http-port): 10,000+ malformed (and some good) requests over keep-alive
+# connections, raw HTTP included. Never a 500, never a traceback, always JSON; healthy after.
+
+HTTP_CALLS = 10_000
+HTTP_CONCURRENCY = 16
+HTTP_PATH = "/v2/models/tiny/infer"
+
+
+@dataclass
+class HttpCase:
+    """One request as bytes on the wire, the statuses it may get, and the answer it must carry."""
+
+    kind: str
+    wire: bytes
+    allowed: set[int]
+    expected_probs: npt.NDArray[np.float32] | None = None
+
+
+def http_request(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class HttpFuzzer:
+    """Malformed V2 REST requests from a seeded generator; the answers of good ones from ``model``."""
+
+    def __init__(self, seed: int, model: Any) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.model = model
+
+    def pixels(self, n: int) -> npt.NDArray[np.float32]:
+        values = self.rng.random((n, SIZE), dtype=np.float32)
+        values[:, 0] = 0.0
+        return values
+
+    def tensor(self, n: int = 1, datatype: str = "FP32") -> dict[str, Any]:
+        pixels = self.pixels(n)
+        data: list[Any] = (pixels.ravel().tolist() if datatype == "FP32"
+                           else (pixels * 255).astype(np.uint8).ravel().tolist())
+        return {"name": "images", "shape": [n, SIZE], "datatype": datatype, "data": data}
+
+    def post(self, document: Any, path: str = HTTP_PATH, headers: dict[str, str] | None = None) -> bytes:
+        return http_request("POST", path, json.dumps(document).encode(), headers)
+
+    def case(self) -> HttpCase:
+        kinds: dict[str, tuple[float, Callable[[], HttpCase]]] = {
+            "good": (0.10, self.good),
+            "mutated-json": (0.16, self.mutated_json),
+            "random-json": (0.10, self.random_json),
+            "wrong-tensor": (0.16, self.wrong_tensor),
+            "bad-values": (0.10, self.bad_values),
+            "binary": (0.10, self.binary),
+            "routes": (0.10, self.routes),
+            "raw-http": (0.04, self.raw_http),
+            "too-large": (0.02, lambda: HttpCase("too-large", http_request(
+                "POST", HTTP_PATH, b"[" * (MAX_BYTES + 1)), {413})),
+            "models": (0.12, self.models),
+        }
+        names = list(kinds)
+        weights = np.array([kinds[n][0] for n in names])
+        return kinds[names[int(self.rng.choice(len(names), p=weights / weights.sum()))]][1]()
+
+    def good(self) -> HttpCase:
+        n = int(self.rng.integers(1, 5))
+        tensor = self.tensor(n)
+        expected = self.model.predict(np.asarray(tensor["data"], np.float32).reshape(n, SIZE))
+        return HttpCase("good", self.post({"inputs": [tensor]}), {200}, expected)
+
+    def mutated_json(self) -> HttpCase:
+        data = bytearray(json.dumps({"inputs": [self.tensor(1)]}).encode())
+        for _ in range(int(self.rng.integers(1, 6))):
+            i = int(self.rng.integers(0, len(data)))
+            how = int(self.rng.integers(0, 3))
+            if how == 0:
+                data[i] = int(self.rng.integers(0, 256))
+            elif how == 1:
+                del data[i:i + int(self.rng.integers(1, 40))]
+            else:
+                count = int(self.rng.integers(1, 5))
+                data[i:i] = bytes(self.rng.choice(list(b'{}[]",:0e-.9nulltrue'), count))
+        return HttpCase("mutated-json", http_request("POST", HTTP_PATH, bytes(data)), {200, 400})
+
+    def random_value(self, depth: int = 0) -> Any:
+        kind = int(self.rng.integers(0, 7 if depth < 3 else 5))
+        if kind == 0:
+            return None
+        if kind == 1:
+            return bool(self.rng.integers(0, 2))
+        if kind == 2:
+            return float(self.rng.choice([0.5, -1.0, 1e308, 2**63, -(2**64), 3]))
+        if kind == 3:
+            return str(self.rng.choice(["images", "FP32", "UINT8", "", "x" * 50, "\u00e9\u4e2d"]))
+        if kind == 4:
+            return int(self.rng.choice([0, 1, -1, 784, 2**70]))
+        if kind == 5:
+            return [self.random_value(depth + 1) for _ in range(int(self.rng.integers(0, 4)))]
+        keys = ["inputs", "outputs", "name", "shape", "datatype", "data", "parameters", "id",
+                "binary_data_size", "binary_data_output"]
+        return {str(self.rng.choice(keys)): self.random_value(depth + 1)
+                for _ in range(int(self.rng.integers(0, 4)))}
+
+    def random_json(self) -> HttpCase:
+        document: Any = {"inputs": [self.random_value(1) for _ in range(int(self.rng.integers(0, 3)))]}
+        if self.rng.random() < 0.3:
+            document = self.random_value()
+        return HttpCase("random-json", self.post(document), {400})
+
+    def wrong_tensor(self) -> HttpCase:
+        tensor = self.tensor(int(self.rng.integers(1, 3)), str(self.rng.choice(["FP32", "UINT8"])))
+        change = int(self.rng.integers(0, 8))
+        if change == 0:
+            tensor["shape"] = [int(self.rng.integers(1, 3)), int(self.rng.choice([783, 785, 28, 1]))]
+        elif change == 1:
+            tensor["datatype"] = str(self.rng.choice(["INT32", "FP64", "FP16", "fp32", "", "BOOL"]))
+        elif change == 2:
+            tensor["name"] = str(self.rng.choice(["image", "", "IMAGES"]))
+        elif change == 3:
+            tensor["data"] = tensor["data"][: int(self.rng.integers(0, len(tensor["data"])))]
+        elif change == 4:
+            tensor["shape"] = [MAX_IMAGES + int(self.rng.integers(1, 50)), SIZE]
+        elif change == 5:
+            tensor["data"][int(self.rng.integers(0, len(tensor["data"])))] = self.random_value()
+            if tensor["datatype"] == "FP32" and isinstance(tensor["data"][0], bool):
+                tensor["data"][0] = "x"
+        elif change == 6:
+            tensor["parameters"] = {"shared_memory_region": "r0"}
+        else:
+            return HttpCase("wrong-tensor", self.post({"inputs": [tensor, tensor]}), {400})
+        allowed = {400, 200} if change == 5 else {400}
+        return HttpCase("wrong-tensor", self.post({"inputs": [tensor]}), allowed)
+
+    def bad_values(self) -> HttpCase:
+        tensor = self.tensor(1)
+        j = int(self.rng.integers(0, SIZE))
+        value = self.rng.choice(["NaN", "Infinity", "-Infinity", "1.0000001", "-1e-30", "255", "1e39"])
+        body = json.dumps({"inputs": [tensor]}).replace(
+            json.dumps(tensor["data"]), json.dumps(tensor["data"][:j])[:-1] + (", " if j else "")
+            + str(value) + ", " + json.dumps(tensor["data"][j + 1:])[1:])
+        return HttpCase("bad-values", http_request("POST", HTTP_PATH, body.encode()), {400})
+
+    def binary(self) -> HttpCase:
+        pixels = self.pixels(1).astype("<f4").tobytes()
+        size = int(self.rng.choice([len(pixels), len(pixels) - 4, len(pixels) + 4, -1, 0]))
+        header = json.dumps({"inputs": [{"name": "images", "shape": [1, SIZE], "datatype": "FP32",
+                                          "parameters": {"binary_data_size": size}}]}).encode()
+        length = int(self.rng.choice([len(header), len(header) + 3, -5, 10**9]))
+        if size == len(pixels) and length == len(header):
+            length += 1  # always one fault
+        wire = http_request("POST", HTTP_PATH, header + pixels,
+                            {"Inference-Header-Content-Length": str(length)})
+        return HttpCase("binary", wire, {400})
+
+    def routes(self) -> HttpCase:
+        method = str(self.rng.choice(["GET", "POST", "PUT", "DELETE", "PATCH", "FOO"]))
+        path = str(self.rng.choice(["/", "/v2/", "/v2/models", "/v2/models/tiny/infer/x", "/v1/models/tiny",
+                                    "/v2/models/tiny/versions/1/infer", "/v2/health/ready", "/metrics",
+                                    "/v2/repository/index", "/%00", "/v2/models/%2F/ready"]))
+        body = self.rng.bytes(int(self.rng.integers(0, 30)))
+        return HttpCase("routes", http_request(method, path, body), {200, 400, 404, 405, 503})
+
+    def raw_http(self) -> HttpCase:
+        garbage = [self.rng.bytes(int(self.rng.integers(1, 200))) + b"\r\n\r\n",
+                   b"GET / HTTP/9.9\r\n\r\n", b"GET /v2 HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+                   b"POST /v2/repository/index HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                   b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+                   b"GET /v2 HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(100)) + b"\r\n"]
+        return HttpCase("raw-http", garbage[int(self.rng.integers(0, len(garbage)))], {400, 431, 0})
+
+    def models(self) -> HttpCase:
+        path = str(self.rng.choice(["/v2/models/nope/infer", "/v2/models/tiny/versions/7/infer",
+                                    "/v2/models/tiny/versions/canary/infer",
+                                    "/v2/models/tiny/versions/x!/infer",
+                                    "/v2/models//infer", "/v2/models/tiny/versions/1/infer"]))
+        tensor = self.tensor(1)
+        if path.endswith("/1/infer"):
+            expected = self.model.predict(np.asarray(tensor["data"], np.float32).reshape(1, SIZE))
+            return HttpCase("models", self.post({"inputs": [tensor]}, path), {200}, expected)
+        return HttpCase("models", self.post({"inputs": [tensor]}, path), {400, 404})
+
+
+async def http_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    version, status = lines[0].split(" ")[:2]
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    if version == "HTTP/1.0":  # no keep-alive: the server closes the connection after it
+        headers["connection"] = "close"
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status), headers, body
+
+
+async def run_http_fuzz(port: int, cases: Iterator[HttpCase], tally: Tally) -> None:
+    async def worker() -> None:
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        for case in cases:
+            if connection is None:
+                connection = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = connection
+            writer.write(case.wire)
+            try:
+                status, headers, body = await asyncio.wait_for(http_answer(reader), 30)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                status, headers, body = 0, {"connection": "close"}, b""
+            tally.codes[str(status)] += 1
+            tally.kinds[(case.kind, str(status))] += 1
+            if status not in case.allowed:
+                tally.failures.append(f"{case.kind}: got {status}, allowed {sorted(case.allowed)}: "
+                                      f"{body[:200]!r} for {case.wire[:120]!r}")
+            if status:
+                document = json.loads(body) if status != 200 or case.expected_probs is not None else None
+                is_error = isinstance(document, dict) and isinstance(document.get("error"), str)
+                if status >= 400 and not is_error:
+                    tally.failures.append(f"{case.kind}: {status} without a JSON error: {body[:200]!r}")
+                if status == 200 and case.expected_probs is not None:
+                    got = np.asarray(document["outputs"][0]["data"], np.float32)
+                    got = got.reshape(case.expected_probs.shape)
+                    np.testing.assert_allclose(got, case.expected_probs, rtol=1e-5, atol=1e-7)
+                    tally.answers_checked += 1
+            if status == 0 or headers.get("connection", "").lower() == "close":
+                writer.close()
+                connection = None
+        if connection is not None:
+            connection[1].close()
+
+    await asyncio.gather(*(worker() for _ in range(HTTP_CONCURRENCY)))
+
+
+@pytest.mark.timeout(600)
+def test_fuzz_http_ten_thousand_malformed_requests_never_500(
+    start_server: Callable[..., ServerThread], tiny_repo: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str], record_property: Callable[[str, object], None],
+) -> None:
+    caplog.set_level(logging.WARNING)
+    server = start_server(http_port=0, max_images_per_request=MAX_IMAGES, max_message_bytes=MAX_BYTES,
+                          max_queued_images=16 * MAX_IMAGES)
+    port = server.app.http_port
+    assert port
+    model = tiny_litert(tiny_repo)
+    fuzzer = HttpFuzzer(seed=20261129, model=model)
+    cases = (fuzzer.case() for _ in range(HTTP_CALLS))
+    tally = Tally()
+    started = time.perf_counter()
+    asyncio.run(run_http_fuzz(port, cases, tally))
+    elapsed = time.perf_counter() - started
+    sent = sum(tally.codes.values())
+    line = (f"HTTP fuzz: {sent} requests in {elapsed:.1f}s ({sent / elapsed:.0f}/s), by status: "
+            + ", ".join(f"{c} {n}" for c, n in tally.codes.most_common())
+            + f" (0: closed without an answer); answers checked {tally.answers_checked}")
+    record_property("http_fuzz", line)
+    with capsys.disabled():
+        print("\n" + line)
+        for (kind, code), n in sorted(tally.kinds.items()):
+            print(f"  {kind:<14} {code:<5} {n}")
+    assert sent == HTTP_CALLS
+    assert not tally.failures, tally.failures[:20]
+    assert "500" not in tally.codes
+    assert tally.codes["400"] > HTTP_CALLS // 3 and tally.codes["200"] > 0 and tally.answers_checked > 0
+    assert tally.codes["404"] > 0 and tally.codes["413"] > 0 and tally.codes["431"] > 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors[:5]]
+    assert server.app.plane.batcher.queued_images == 0
+    assert server.app.http is not None and server.app.http.in_flight == 0
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5) as ready:
+        assert json.loads(ready.read()) == {"ready": True}
+    good = HttpFuzzer(seed=1, model=model).tensor(3)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{HTTP_PATH}",
+                                     data=json.dumps({"inputs": [good]}).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        got = np.asarray(json.loads(answer.read())["outputs"][0]["data"], np.float32).reshape(3, 10)
+    np.testing.assert_allclose(got, model.predict(np.asarray(good["data"], np.float32).reshape(3, SIZE)),
+                               rtol=1e-5, atol=1e-7)

@@ -724,3 +724,34 @@ def test_no_code_loads_untrusted_data_unsafely() -> None:
                 line = text.count("\n", 0, match.start()) + 1
                 found.append(f"{path.relative_to(REPO_ROOT)}:{line}: {why}")
     assert not found, found
+
+
+def test_the_http_port_speaks_tls_and_requires_client_certificates_like_grpc(
+    start_fake: Callable[..., ServerThread], pki: Pki
+) -> None:
+    import http.client
+    import json
+    import ssl
+
+    server = start_fake(http_port=0, tls_cert=pki.server_cert, tls_key=pki.server_key,
+                        tls_client_ca=pki.ca)
+    port = server.app.http_port
+    assert port
+
+    def ready(context: ssl.SSLContext | None) -> int:
+        connection = (http.client.HTTPConnection("127.0.0.1", port, timeout=10) if context is None
+                      else http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context))
+        try:
+            connection.request("GET", "/v2/health/ready")
+            response = connection.getresponse()
+            assert json.loads(response.read()) == {"ready": True}
+            return response.status
+        finally:
+            connection.close()
+
+    trusting = ssl.create_default_context(cafile=str(pki.ca))
+    for context in (None, trusting):  # plaintext; TLS without a client certificate
+        with pytest.raises((OSError, http.client.HTTPException)):
+            ready(context)
+    trusting.load_cert_chain(pki.client_cert, pki.client_key)
+    assert ready(trusting) == 200

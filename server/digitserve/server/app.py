@@ -23,6 +23,7 @@ from digitserve.server.dataplane import DataPlane
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.errors import ModelNotFoundError as NotServedError
 from digitserve.server.health import HealthServicer
+from digitserve.server.httpserver import HttpEdge, exposition
 from digitserve.server.logs import access_log
 from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_settings
 from digitserve.server.modelconfig import read as read_config
@@ -38,8 +39,9 @@ from digitserve.server.models import (
 )
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
-from digitserve.server.ports import ListenError, grpc_bind_error, metrics_port_error
+from digitserve.server.ports import ListenError, grpc_bind_error, listen_error, metrics_port_error
 from digitserve.server.reflection import add_reflection
+from digitserve.server.rest import RestApi
 from digitserve.server.security import SecurityConfigError, ServerSecurity
 from digitserve.server.servicer import DigitServicer, add_to_server
 from digitserve.server.settings import Settings
@@ -184,11 +186,14 @@ class App:
         self._fatal: asyncio.Future[None] | None = None  # a first load failed (load_or_wait)
         self.telemetry.watch_queue(
             lambda: float(sum(m.plane.batcher.queued_images for m in list(self.models.values()))))
+        self.draining = False  # stop() began: readiness is false over every protocol from now on
+        self.reuse_port = reuse_port
         self.server = grpc.aio.server(options=server_options(settings, reuse_port))
+        self.oip = InferenceServicer(self)  # the V2 protocol, over gRPC and over HTTP
         # Every method of every service wrapped once: request id, token check, metrics, access line.
         services = Services(self.server, CallWrapper(self.telemetry, self.security.auth))
         add_to_server(DigitServicer(self), services)  # bytes that do not parse: INVALID_ARGUMENT
-        add_to_server(InferenceServicer(self), services, OIP_SERVICE)
+        add_to_server(self.oip, services, OIP_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         add_reflection(services, (  # v1 and v1alpha
             SERVICE_NAME,
@@ -198,6 +203,12 @@ class App:
         services.close()
         self.port = 0
         self.metrics_port: int | None = None
+        # --http-port: the V2 protocol's REST binding, on this loop, through the same data planes.
+        self.http: HttpEdge | None = None
+        self.http_port: int | None = None
+        if settings.http_port >= 0:
+            api = RestApi(self, self.oip, lambda: self.draining, partial(exposition, self.telemetry.registry))
+            self.http = HttpEdge(settings, api, self.telemetry, self.security.auth)
 
     # --- the models -----------------------------------------------------------------------------
 
@@ -450,6 +461,14 @@ class App:
         if not self.port:
             raise grpc_bind_error("--port", host, self.settings.port, native)
         await self.server.start()
+        if self.http is not None:
+            try:
+                self.http_port = await self.http.start(host, self.settings.http_port, self.reuse_port)
+            except OSError as error:
+                raise listen_error("--http-port", host, self.settings.http_port, error) from None
+            scheme = "https" if self.http.ssl is not None else "http"
+            logger.info("HTTP/JSON (Open Inference Protocol REST) on %s://%s:%d/v2", scheme, host,
+                        self.http_port)
         served = ", ".join(sorted(self.models)) if self.static or self.config.models is not None \
             else f"every model in {self.settings.model_repo}"
         logger.info("listening on %s:%d (model %s; %s)", self.settings.host, self.port, served,
@@ -529,13 +548,17 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, refuse new calls, let in-flight ones finish within the grace."""
         grace = self.settings.grace_period if grace is None else grace
+        self.draining = True
         if self._watch_task is not None:
             self._watch_task.cancel()
         for task in list(self._model_tasks):
             task.cancel()
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
-        await self.server.stop(grace)
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace), self.http.drain(grace))
+        else:
+            await self.server.stop(grace)
         for server in list(self.models.values()):
             await server.close()
         await self.telemetry.close()

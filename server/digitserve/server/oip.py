@@ -148,7 +148,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             raise ModelNotFoundError(f"model '' is not served; this server serves {names}")
         return self._router.model(name).plane
 
-    def _resolve(self, name: str, version: str, version_field: str,
+    def resolve(self, name: str, version: str, version_field: str,
                  split: bool = False) -> tuple[DataPlane, Model]:
         """The data plane and the model that answer for (name, version) (``split``: an unpinned
         inference call, which the canary weight may send to the canary); NOT_FOUND /
@@ -180,15 +180,19 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> oip.ServerReadyResponse:
         return oip.ServerReadyResponse(ready=self._router.ready)
 
+    def model_ready(self, name: str, version: str) -> bool:
+        """Whether (name, version) answers now; NOT_FOUND / INVALID_ARGUMENT as domain errors."""
+        try:
+            self.resolve(name, version, "version")
+        except ModelNotReadyError:
+            return False
+        return True
+
     @mapped_errors
     async def ModelReady(
         self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelReadyResponse:
-        try:
-            self._resolve(request.name, request.version, "version")
-        except ModelNotReadyError:
-            return oip.ModelReadyResponse(ready=False)
-        return oip.ModelReadyResponse(ready=True)
+        return oip.ModelReadyResponse(ready=self.model_ready(request.name, request.version))
 
     @mapped_errors
     async def ServerMetadata(
@@ -200,7 +204,11 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        plane, model = self._resolve(request.name, request.version, "version")
+        return self.model_metadata(request.name, request.version)
+
+    def model_metadata(self, name: str, version: str) -> oip.ModelMetadataResponse:
+        """ModelMetadata of (name, version), for both bindings of the protocol."""
+        plane, model = self.resolve(name, version, "version")
         spec = model.spec
         tensor = oip.ModelMetadataResponse.TensorMetadata
         versions = Metadata.from_json(model.metadata).versions or {}
@@ -216,15 +224,23 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
+    async def infer(self, request: oip.ModelInferRequest,
+                    until: float | None) -> tuple[Model, npt.NDArray[np.float32], list[str], bool]:
+        """One inference request of either binding (the REST edge builds the same message from
+        its JSON): the model that answered, its probabilities, the outputs asked for, and whether
+        the input came as raw bytes."""
+        plane, model = self.resolve(request.model_name, request.model_version, "model_version",
+                                    split=True)
+        names = requested_outputs(request, model)
+        images, raw = decode_input(request, model, plane)
+        probabilities = await plane.predict(model, images, until)
+        return model, probabilities, names, raw
+
     @mapped_errors
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
-        plane, model = self._resolve(request.model_name, request.model_version, "model_version",
-                                     split=True)
-        names = requested_outputs(request, model)
-        images, raw = decode_input(request, model, plane)
-        probabilities = await plane.predict(model, images, deadline(context))
+        model, probabilities, names, raw = await self.infer(request, deadline(context))
         outputs, raw_contents = encode_outputs(model, probabilities, names, raw)
         return oip.ModelInferResponse(
             model_name=model.spec.name,

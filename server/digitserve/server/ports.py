@@ -77,17 +77,18 @@ def grpc_bind_error(flag: str, host: str, port: int, native: list[str]) -> Liste
     return listen_error(flag, host, port, cause)
 
 
-def reserve_shared_port(host: str, port: int) -> socket.socket:
-    """The ``--workers`` pool's port: a socket bound (not listening) that fixes the port number
-    when it is 0 and is held open while the workers bind the same port with SO_REUSEPORT. It is
-    bound before SO_REUSEPORT is set on it, so a port another process listens on (another
-    ``mnist-serve --workers`` pool included, whose sockets share with any of the same user that
-    set SO_REUSEPORT first) is refused here instead of silently shared. Raises ListenError."""
+def reserve_shared_port(host: str, port: int, flag: str = "--port") -> socket.socket:
+    """The ``--workers`` pool's port (``--port``; ``--http-port`` as ``flag``): a socket bound (not
+    listening) that fixes the port number when it is 0 and is held open while the workers bind the
+    same port with SO_REUSEPORT. It is bound before SO_REUSEPORT is set on it, so a port another
+    process listens on (another ``mnist-serve --workers`` pool included, whose sockets share with
+    any of the same user that set SO_REUSEPORT first) is refused here instead of silently shared.
+    Raises ListenError."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as error:
-        raise listen_error("--port", host, port, error) from None
+        raise listen_error(flag, host, port, error) from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, never a listener
@@ -95,7 +96,7 @@ def reserve_shared_port(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # the workers may join it now
     except OSError as error:
         sock.close()
-        raise listen_error("--port", host, port, error) from None
+        raise listen_error(flag, host, port, error) from None
     return sock
 
 

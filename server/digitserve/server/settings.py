@@ -54,7 +54,8 @@ class Settings:
         default=1024, metadata={"help": "Most images in one Predict request or one Evaluate message."}
     )
     max_message_bytes: int = field(
-        default=16 * 1024 * 1024, metadata={"help": "Largest gRPC message accepted or sent."}
+        default=16 * 1024 * 1024,
+        metadata={"help": "Largest gRPC message accepted or sent, and largest HTTP request body."}
     )
     max_connection_age: float = field(
         default=0.0,
@@ -235,6 +236,31 @@ class Settings:
             "picks a free one (logged). With --workers N, worker i serves on PORT+i."
         },
     )
+    http_port: int = field(
+        default=-1,
+        metadata={
+            "help": "Port of the HTTP/JSON edge (the Open Inference Protocol's REST binding: "
+            "/v2/health/ready, /v2/models/NAME/infer, ...; /metrics too), served by the same "
+            "process, data plane and token check as gRPC; -1 turns it off, 0 picks a free one "
+            "(logged). With --workers N, the workers share it (SO_REUSEPORT), as they share --port."
+        },
+    )
+    http_max_connections: int = field(
+        default=512,
+        metadata={
+            "help": "Most HTTP connections open at once (per worker); one more is answered 503 and "
+            "closed at once."
+        },
+    )
+    http_read_timeout: float = field(
+        default=10.0,
+        metadata={
+            "help": "Seconds an HTTP client may take to send a request's headers (from their first "
+            "byte, or from the connection's start), and again its body; a slower one is closed "
+            "(headers) or answered 408 (body). Idle keep-alive connections are closed after "
+            "--max-connection-idle."
+        },
+    )
     low_confidence: float = field(
         default=0.5,
         metadata={
@@ -345,6 +371,12 @@ class Settings:
             problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
         elif self.metrics_port > 0 and self.metrics_port + self.workers - 1 > 65535:
             problems.append(f"metrics ports {self.metrics_port}+0..{self.workers - 1} exceed 65535")
+        if not -1 <= self.http_port <= 65535:
+            problems.append(f"http port {self.http_port} is not in -1..65535")
+        if self.http_max_connections < 1:
+            problems.append(f"http max connections {self.http_max_connections} is below 1")
+        if not 0 < self.http_read_timeout <= 3600:
+            problems.append(f"http read timeout {self.http_read_timeout} is not in (0, 3600] seconds")
         if not 0 <= self.low_confidence <= 1:
             problems.append(f"low confidence {self.low_confidence} is not in [0, 1]")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -1,6 +1,7 @@
-"""The one error mapping of both gRPC edges (``digitserve.v1`` and the V2 protocol): domain errors
-to status codes and details, undecodable requests to INVALID_ARGUMENT, anything else to INTERNAL
-with a fixed message; and a call's deadline on the monotonic clock."""
+"""The one error mapping of every edge (``digitserve.v1`` and the V2 protocol on gRPC, the V2
+protocol's REST binding on HTTP): domain errors to status codes and details, undecodable requests
+to INVALID_ARGUMENT, anything else to INTERNAL with a fixed message; and a call's deadline on the
+monotonic clock."""
 
 from __future__ import annotations
 
@@ -25,14 +26,22 @@ from digitserve.server.errors import (
 
 R = TypeVar("R")
 
-_STATUS: dict[type[ServerError], grpc.StatusCode] = {
-    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
-    ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
-    OverloadedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
+# Each domain error's gRPC status code and HTTP status (the HTTP/JSON edge, digitserve.server.rest):
+# one table, so that both transports refuse the same fault the same way, with the same message.
+_STATUS: dict[type[ServerError], tuple[grpc.StatusCode, int]] = {
+    InvalidInputError: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    ModelNotFoundError: (grpc.StatusCode.NOT_FOUND, 404),
+    ModelNotReadyError: (grpc.StatusCode.UNAVAILABLE, 503),
+    OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    DeadlineExpiredError: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
+HTTP_INTERNAL = 500
+
+
+def http_status(error: ServerError) -> int:
+    """The HTTP status of a domain error (its message is the same as over gRPC)."""
+    return next(s for t, (_, s) in _STATUS.items() if isinstance(error, t))
 
 
 def _status(code: grpc.StatusCode, error: ServerError) -> grpc.Status:
@@ -91,7 +100,7 @@ def mapped_errors(
                 request = _decoded(request)
             return await method(self, request, context)
         except ServerError as exc:
-            code = next(c for t, c in _STATUS.items() if isinstance(exc, t))
+            code = next(c for t, (c, _) in _STATUS.items() if isinstance(exc, t))
             error: ServerError = exc
         except Exception:
             method_logger.exception("unexpected error in %s", method.__name__)

@@ -97,7 +97,17 @@ class Arbiter:
         self.context = multiprocessing.get_context("spawn")  # never fork a process that may hold TF state
         self.reserved = reserve_shared_port(settings.host, settings.port)  # ListenError: taken
         self.port = self.reserved.getsockname()[1]
-        self.worker_settings = replace(settings, port=self.port, workers=1)
+        # --http-port is shared the same way: one address for clients, probes and Services.
+        self.reserved_http = None
+        http_port = settings.http_port
+        if settings.http_port >= 0:
+            try:
+                self.reserved_http = reserve_shared_port(settings.host, settings.http_port, "--http-port")
+            except ListenError:
+                self.reserved.close()
+                raise
+            http_port = self.reserved_http.getsockname()[1]
+        self.worker_settings = replace(settings, port=self.port, http_port=http_port, workers=1)
         self.states = self.context.RawArray("b", settings.workers)
         self.workers = [_Worker(i) for i in range(settings.workers)]
         self.stop_signals = 0
@@ -191,7 +201,9 @@ class Arbiter:
                         worker.index, worker.proc.pid, now - worker.died_at)
 
     def run(self) -> int:
-        logger.info("starting %d workers on %s:%d", self.settings.workers, self.settings.host, self.port)
+        logger.info("starting %d workers on %s:%d%s", self.settings.workers, self.settings.host, self.port,
+                    "" if self.reserved_http is None else
+                    f" (HTTP on port {self.worker_settings.http_port}, shared too)")
         handlers = {signal.SIGTERM: self._on_stop, signal.SIGINT: self._on_stop, signal.SIGHUP: self._on_hup}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
@@ -215,6 +227,8 @@ class Arbiter:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.reserved.close()
+            if self.reserved_http is not None:
+                self.reserved_http.close()
         codes = [w.exits[-1] if w.exits else None for w in self.workers]
         logger.info("all workers stopped: exit codes %s", codes)
         return 0 if not self.halted and all(code == 0 for code in codes) else 1
