@@ -17,7 +17,8 @@ import importlib.util
 # The top-level modules each extra provides, as pyproject.toml's [project.optional-dependencies]
 # lists them (tests/core/test_extras.py keeps the two in step).
 MODULES: dict[str, tuple[str, ...]] = {
-    "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography"),
+    "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography", "aiohttp",
+               "orjson"),
     "trainer": ("tensorflow", "sklearn", "matplotlib"),
     "plot": ("matplotlib",),
     "loadtest": ("hpack",),

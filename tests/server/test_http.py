@@ -140,7 +140,7 @@ def test_every_route_answers_json(server: ServerThread, tiny_repo: Path) -> None
     assert 'http_server_requests_total{code="200",method="POST",route="/v2/models/{name}/infer"} 2.0' in text
     assert ('http_server_requests_total{code="200",method="POST",route="/v2/models/{name}/versions/{version}/'
             'infer"} 1.0') in text
-    assert 'digitserve_model_requests_total{model_name="tiny",model_version="1"} 3.0' in text
+    assert 'digitserve_model_request_seconds_count{model_name="tiny",model_version="1"} 3.0' in text
 
 
 def test_the_answers_equal_digitclient_and_the_v2_grpc_edge(server: ServerThread) -> None:
