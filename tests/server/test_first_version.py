@@ -1,21 +1,28 @@
 """Waiting for a first version (issue 15, item 5): a server started before anything servable is
 published stays up, health NOT_SERVING, logs one line saying what it waits for, and serves the
-first version that is published without a restart; --exit-if-no-model exits instead."""
+first version that is published without a restart; --exit-if-no-model exits instead. Each model
+found is started once."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelRepository
 from digitserve.server.app import SERVICE_NAME
+from digitserve.server.models import ModelServer
 from tests.server.test_gate import publish_copy as publish_damaged
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, ServerThread
 from tests.support import publish_copy, wait_for
 
 
@@ -81,3 +88,24 @@ def test_a_path_that_is_not_a_repository_is_still_an_error(
     server = spawn("--model-repo", str(tmp_path / "missing"), "--model-name", "tiny")
     assert server.wait(60) == 2
     assert "no such directory" in server.log and not waiting_lines(server)
+
+
+def test_serving_every_model_starts_each_model_once(
+    tiny_repo: Path, tmp_path: Path, start_server: Callable[..., ServerThread],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The serve image's mode (no --model-name): the models are found by load_or_wait itself,
+    # which once started each of them twice (two loads of the same version at every start).
+    starts: collections.Counter[str] = collections.Counter()
+    start = ModelServer.load_or_wait
+
+    def counted(self: ModelServer, *args: Any, **kwargs: Any) -> Any:
+        starts[self.name] += 1
+        return start(self, *args, **kwargs)
+
+    monkeypatch.setattr(ModelServer, "load_or_wait", counted)
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    server = start_server(model_repo=repo, model_name=(), load=False)
+    server.call(server.app.load_or_wait())
+    assert starts == {"tiny": 1}

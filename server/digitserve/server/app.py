@@ -497,9 +497,8 @@ class App:
         once health "" is SERVING. A model whose first load fails (a hung read; with
         --exit-if-no-model, no servable version) fails it."""
         self._fatal = asyncio.get_running_loop().create_future()
-        self._loading = True
         try:
-            await self._discover()
+            await self._discover()  # what it finds is started below, once
         except RepositoryTimeoutError:
             raise
         except RepositoryError as error:
@@ -513,6 +512,7 @@ class App:
                 self.settings.reload_interval or WAIT_INTERVAL, why or "no model directory yet")
         for server in list(self.models.values()):
             self._start_model(server)
+        self._loading = True  # models found from now on start loading at once
         self._start_watch()
         serving = asyncio.ensure_future(self._serving.wait())
         waiters: set[asyncio.Future[Any]] = {serving, self._fatal}
