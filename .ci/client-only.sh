@@ -37,8 +37,8 @@ expect_extra() {  # expect_extra EXTRA COMMAND...: exit 2, one line on stderr na
   case $err in *"pip install 'digitserve[$extra]'"*) ;; *) fail "'$*' does not name the $extra extra: $err" ;; esac
   echo "$*: $err"
 }
-expect_extra server "$V/mnist-serve" --model-repo models
-expect_extra server "$V/mnist-serve" --help
+expect_extra serve "$V/mnist-serve" --model-repo models
+expect_extra serve "$V/mnist-serve" --help
 expect_extra trainer "$V/mnist-train" train --data-dir data --model-repo models --model-name mnist
 expect_extra loadtest "$V/mnist-client" loadtest --data-dir data --duration 1
 "$V/mnist-train" --help > /dev/null || fail "mnist-train --help failed"

@@ -16,7 +16,10 @@ import importlib.util
 
 # The top-level modules each extra provides, as pyproject.toml's [project.optional-dependencies]
 # lists them (tests/core/test_extras.py keeps the two in step).
+# ``mnist-serve`` needs ``serve`` (no TensorFlow: it serves LiteRT flatbuffers, and refuses a
+# version that needs TensorFlow with a line naming ``server``, which adds it).
 MODULES: dict[str, tuple[str, ...]] = {
+    "serve": ("grpc_reflection", "prometheus_client", "cryptography", "aiohttp", "orjson"),
     "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography", "aiohttp",
                "orjson"),
     "trainer": ("tensorflow", "sklearn", "matplotlib"),
@@ -25,9 +28,22 @@ MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Where a version that needs TensorFlow can be served, for the lines of a server without it.
+WITH_TENSORFLOW = ("the digitserve-train image (docker build --target train .), or an install of "
+                   "digitserve[server]")
+
+
+def available(module: str) -> bool:
+    """Whether ``module`` (a top-level name) can be imported here, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a finder that refuses it; a module half-imported
+        return False
+
+
 def missing(extra: str) -> list[str]:
     """The modules of ``extra`` that cannot be imported here (found, not imported: no cost)."""
-    return [name for name in MODULES[extra] if importlib.util.find_spec(name) is None]
+    return [name for name in MODULES[extra] if not available(name)]
 
 
 def requirement_error(prog: str, extra: str, what: str) -> str | None:

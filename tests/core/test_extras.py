@@ -54,15 +54,16 @@ def test_mnist_serve_and_mnist_train_check_their_extra_before_anything_else(
     from digitserve.server.cli import main as serve
     from digitserve.trainer.cli import main as train
 
-    monkeypatch.setitem(extras.MODULES, "server", ("no_such_module_here",))
+    monkeypatch.setitem(extras.MODULES, "serve", ("no_such_module_here",))
     monkeypatch.setitem(extras.MODULES, "trainer", ("no_such_module_here",))
     assert serve(["--help"]) == 2
     assert train(["train", "--data-dir", "d", "--model-repo", "m", "--model-name", "x"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" needs ")[0] for line in err] == ["mnist-serve: error: mnist-serve",
                                                           "mnist-train: error: train"]
-    assert all(line.endswith("pip install 'digitserve[server]' (from a checkout: pip install -e "
-                             "'.[server]')") for line in err[:1])
+    # the server needs the `serve` extra (no TensorFlow: tests/server/test_slim.py)
+    assert all(line.endswith("pip install 'digitserve[serve]' (from a checkout: pip install -e "
+                             "'.[serve]')") for line in err[:1])
     assert err[1].endswith("pip install 'digitserve[trainer]' (from a checkout: pip install -e "
                            "'.[trainer]')")
 

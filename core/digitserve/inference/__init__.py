@@ -11,7 +11,8 @@
 - ``keras``: ``KerasModel``, a saved Keras model served through the fastest path that agrees with
   ``model.predict`` — the trainer computes its published figures through it, so they are the
   server's;
-- ``loading``: ``load_version``, a version as the server serves it.
+- ``loading``: ``load_version``, a version as the server serves it; ``NeedsTensorFlowError``, its
+  refusal of a version only TensorFlow could serve where TensorFlow is not installed.
 
 It needs numpy and, only when a model is made, ``ai_edge_litert`` or TensorFlow/Keras (imported
 lazily, inside the functions that need them: importing this package imports neither). The client
@@ -31,7 +32,7 @@ from digitserve.inference.agreement import (
 from digitserve.inference.checkset import CheckSet, check_consistency, read_check_set
 from digitserve.inference.keras import KerasModel
 from digitserve.inference.litert import LiteRTModel, LiteRTRunner, litert_difference
-from digitserve.inference.loading import load_version
+from digitserve.inference.loading import NeedsTensorFlowError, load_version
 from digitserve.inference.spec import Model, ModelSpec, check_outputs, runs_inline
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "LiteRTRunner",
     "Model",
     "ModelSpec",
+    "NeedsTensorFlowError",
     "check_consistency",
     "check_outputs",
     "litert_difference",

@@ -8,8 +8,14 @@ from dataclasses import dataclass
 from digitserve.repository import CorruptVersionError
 
 INFERENCE_CHOICES = ("auto", "litert", "tensorflow")
-AGREEMENT_FLOOR = 1e-6
-"""The fast path must agree with ``model.predict`` to this, or to TensorFlow's own batch-1 spread."""
+AGREEMENT_FLOOR = 1e-5
+"""The fast path must agree with ``model.predict`` to this, or to TensorFlow's own batch-1 spread.
+Two float32 kernels of the same network round differently by about 1e-6 (LiteRT against
+``model.predict``: 1.01e-6 and 1.82e-6 for the seed and default presets on this machine, 1.46e-6
+for a one-epoch default model trained in the train image, where TensorFlow's own batch-1 spread
+was 1.04e-6): a floor of 1e-6 refused such a flatbuffer about as often as it kept it, and a
+server without TensorFlow could then serve nothing. 1e-5 keeps a margin above that rounding and
+stays a hundred times below what a path computing something else is off by (1e-3 in the tests)."""
 PROBE_IMAGES = 500
 """At most this many probe images are compared (the trainer's check set holds 500)."""
 

@@ -1,6 +1,8 @@
 """Loading a published version as the server serves it (``load_version``): everything that can
 refuse the version without running it first, then its LiteRT flatbuffer without TensorFlow when
-it agrees with the trainer's reference, else the Keras model."""
+it agrees with the trainer's reference, else the Keras model, which needs TensorFlow: where it is
+not installed (the slim ``serve`` image), such a version is refused (``NeedsTensorFlowError``)
+with a line saying what can serve it."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import logging
 import time
 from pathlib import Path
 
+from digitserve.errors import RepositoryError
+from digitserve.extras import WITH_TENSORFLOW, available
 from digitserve.inference.agreement import INFERENCE_CHOICES
 from digitserve.inference.checkset import CheckSet, check_consistency
 from digitserve.inference.keras import KerasModel
@@ -17,6 +21,11 @@ from digitserve.metadata import Metadata
 from digitserve.repository import CHECK_SET_FILE, LITERT_FILE, MODEL_FILE
 
 logger = logging.getLogger(__name__)
+
+
+class NeedsTensorFlowError(RepositoryError):
+    """A version that only TensorFlow can serve (no flatbuffer, or one that does not agree with
+    the trainer's reference), where TensorFlow is not installed: refused, never a crash."""
 
 
 def load_version(version_dir: Path, *, inference: str = "auto",
@@ -37,8 +46,9 @@ def load_version(version_dir: Path, *, inference: str = "auto",
     if check_set is not None:
         check_consistency(spec, check_set, version_dir / CHECK_SET_FILE)
     metadata.verify_files(version_dir, only=[MODEL_FILE])
+    reason = "--inference tensorflow"
     if inference != "tensorflow":
-        model, reason = LiteRTModel.load(version_dir, metadata, check_set)
+        model, why = LiteRTModel.load(version_dir, metadata, check_set)
         if model is not None:
             logger.info(
                 "loaded model %s version %d from %s in %.2fs without TensorFlow; %s",
@@ -46,6 +56,10 @@ def load_version(version_dir: Path, *, inference: str = "auto",
                 time.perf_counter() - started, model.agreement.describe(),
             )
             return model
-        logger.info("%s: %s; loading %s", version_dir, reason, MODEL_FILE)
+        reason = f"LiteRT cannot serve it: {why}"
+    if not available("tensorflow"):
+        raise NeedsTensorFlowError(f"{version_dir}: {reason}, and TensorFlow is not installed here: "
+                                   f"serve it with {WITH_TENSORFLOW}")
+    logger.info("%s: %s; loading %s", version_dir, reason, MODEL_FILE)
     return KerasModel.load(version_dir, inference=inference,
                            probe=None if check_set is None else check_set.images)

@@ -1,4 +1,6 @@
-"""``mnist-serve``: parse settings, configure logging, run the server."""
+"""``mnist-serve``: parse settings, configure logging, run the server. It needs the ``serve``
+extra; TensorFlow (the ``server`` extra) only for ``--inference tensorflow`` and for versions that
+LiteRT cannot serve, which a server without it refuses (``digitserve.inference.loading``)."""
 
 from __future__ import annotations
 
@@ -7,13 +9,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from digitserve.extras import requirement_error
+from digitserve.extras import WITH_TENSORFLOW, available, requirement_error
 
 PROG = "mnist-serve"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    unmet = requirement_error(PROG, "server", PROG)  # before anything imports what it names
+    unmet = requirement_error(PROG, "serve", PROG)  # before anything imports what it names
     if unmet:
         print(unmet, file=sys.stderr)
         return 2
@@ -24,6 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(argv)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if settings.inference == "tensorflow" and not available("tensorflow"):
+        print(f"{PROG}: error: --inference tensorflow needs TensorFlow, which is not installed here: "
+              f"serve with --inference auto (LiteRT), or run mnist-serve in {WITH_TENSORFLOW}",
+              file=sys.stderr)
         return 2
     # The parent of --workers serves nothing: each worker bridges its own native stderr.
     configure_logging(settings.log_level, settings.log_format, native_stderr=settings.workers == 1,
