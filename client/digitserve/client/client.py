@@ -15,7 +15,16 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.client.connect import ConnectError, Connectivity
-from digitserve.client.images import as_batch, pixel_values
+from digitserve.client.images import (
+    PREPROCESS,
+    Picture,
+    Preprocess,
+    as_batch,
+    load_picture,
+    pictures_of,
+    pixel_values,
+    read_pictures,
+)
 from digitserve.client.security import secure_channel
 from digitserve.metadata import stamp_version
 from digitserve.v1 import digit_service_pb2 as pb
@@ -178,6 +187,7 @@ class DigitClient:
         self.stub = pb_grpc.DigitServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._connectivity = Connectivity(self.channel, target)
         self._input_shape: tuple[int, ...] | None = None
+        self._info: pb.GetModelInfoResponse | None = None
 
     def __enter__(self) -> DigitClient:
         return self
@@ -223,16 +233,29 @@ class DigitClient:
                     raise ConnectError(self.target, error.reason, exc.code(), waited) from exc
             raise
 
+    def _served_info(self) -> pb.GetModelInfoResponse:
+        """The served model's GetModelInfo, asked once per client."""
+        if self._info is None:
+            self._info = self.get_model_info()
+        return self._info
+
     def _model_input_shape(self) -> tuple[int, ...]:
         """The served model's input shape, asked once (GetModelInfo): what tells one rows×cols
         image from a batch of flat ones, and what an image that fits neither is told it needs."""
         if self._input_shape is None:
-            response = self.get_model_info()
+            response = self._served_info()
             self._input_shape = tuple(response.input_shape) or (response.input_size,)
         return self._input_shape
 
+    def low_confidence_threshold(self) -> float:
+        """The top-1 probability below which the server counts an answer as low-confidence
+        (``mnist-serve --low-confidence``; GetModelInfo, asked once per client); 0 from a server
+        that does not say."""
+        return float(self._served_info().low_confidence_threshold)
+
     def predict(
-        self, images: npt.ArrayLike, *, model_version: int = 0, timeout: float | None = None
+        self, images: npt.ArrayLike | Picture | Sequence[Picture], *, model_version: int = 0,
+        timeout: float | None = None, preprocess: Preprocess = "client",
     ) -> PredictResult:
         """Probabilities for each image. ``images``: one image (rows×cols, or a flat vector of
         rows*cols pixels) or a batch (N×rows×cols or N×pixels), a numpy array or nested lists.
@@ -240,9 +263,26 @@ class DigitClient:
         integers of any dtype are 0..255; floats all within [0, 1] are 0..1; floats above 1 (up to
         255) are 0..255. Anything else raises ``images.ImageError`` (a ValueError) saying what was
         passed and what is expected. The model's rows×cols come from the server (GetModelInfo,
-        asked once per client)."""
-        batch = as_batch(images, self._model_input_shape())
-        request = pb.PredictRequest(images=encode_images(batch), model_version=model_version)
+        asked once per client).
+
+        Or pictures: the bytes of a PNG or JPEG file, or its path (``str`` or ``os.PathLike``),
+        or a list of them. ``preprocess="client"`` (the default) turns each into the model's
+        pixels here with ``digitserve.pictures`` and sends those (784 bytes, not the picture's
+        megabytes; any server version takes them; a bad file fails here, named);
+        ``preprocess="server"`` sends the pictures as they are (``Image.encoded``) for the server
+        to preprocess with the same code. Both give the same probabilities."""
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess={preprocess!r}: expected one of {', '.join(PREPROCESS)}")
+        found = pictures_of(images)
+        if found is None:
+            batch = as_batch(images, self._model_input_shape())  # type: ignore[arg-type]
+            encoded = encode_images(batch)
+        elif preprocess == "server":
+            encoded = [pb.Image(encoded=data) for data in read_pictures(found)]
+        else:
+            shape = self._model_input_shape()
+            encoded = encode_images(np.stack([load_picture(p, shape) for p in found]))
+        request = pb.PredictRequest(images=encoded, model_version=model_version)
         seconds = self._timeout(timeout)
         response = self._call(seconds, lambda wait: self.stub.Predict(
             request, timeout=seconds, wait_for_ready=wait))
