@@ -265,8 +265,8 @@ class DigitClient:
         passed and what is expected. The model's rows×cols come from the server (GetModelInfo,
         asked once per client).
 
-        Or pictures: the bytes of a PNG or JPEG file, or its path (``str`` or ``os.PathLike``),
-        or a list of them. ``preprocess="client"`` (the default) turns each into the model's
+        Or pictures: the bytes of a PNG or JPEG file, or its path (a ``pathlib.Path``), or a
+        list of them. ``preprocess="client"`` (the default) turns each into the model's
         pixels here with ``digitserve.pictures`` and sends those (784 bytes, not the picture's
         megabytes; any server version takes them; a bad file fails here, named);
         ``preprocess="server"`` sends the pictures as they are (``Image.encoded``) for the server

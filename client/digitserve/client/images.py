@@ -18,8 +18,10 @@ from digitserve.pictures import ImageError
 __all__ = ["PREPROCESS", "ImageError", "Picture", "Preprocess", "as_batch", "is_picture",
            "load_image", "load_picture", "pictures_of", "pixel_values", "read_pictures"]
 
-Picture = bytes | str | os.PathLike[str]
-"""A picture as DigitClient.predict takes it: a PNG or JPEG file's bytes, or its path."""
+Picture = bytes | os.PathLike[str]
+"""A picture as DigitClient.predict takes it: a PNG or JPEG file's bytes, or its path (a
+``pathlib.Path``; a ``str`` is not taken for a path: strings were never pixels either, and are
+refused as such)."""
 Preprocess = Literal["client", "server"]
 PREPROCESS: tuple[str, ...] = get_args(Preprocess)
 
@@ -36,7 +38,7 @@ def pictures_of(images: object) -> list[bytes | Path] | None:
     def one(item: object) -> bytes | Path | None:
         if isinstance(item, bytes | bytearray | memoryview):
             return bytes(item)
-        if isinstance(item, str | os.PathLike):
+        if isinstance(item, os.PathLike):
             return Path(item)
         return None
 
