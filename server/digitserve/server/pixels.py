@@ -138,7 +138,7 @@ def packed_pixels(
     rows: npt.NDArray[np.uint8], encoding: str, input_size: int, field: str = "images"
 ) -> npt.NDArray[np.float32] | None:
     """Images of one packed encoding, one row of pixel bytes each (a PackedPredictRequest's, or
-    joined by _decode_uniform), as float32 pixels validated as decode_images would: float32
+    joined by uniform_pixels), as float32 pixels validated as decode_images would: float32
     checked pixel by pixel, uint8 in [0, 1] once scaled. None when the rows are not of
     ``input_size`` pixels: decode_images then names the first, from the parsed message."""
     dtype = PACKED[encoding]
@@ -151,8 +151,8 @@ def packed_pixels(
     return pixels
 
 
-def _decode_uniform(
-    images: Sequence[pb.Image], input_size: int, field: str
+def uniform_pixels(
+    images: Sequence[pb.Image], input_size: int, field: str = "images"
 ) -> npt.NDArray[np.float32] | None:
     """The common case in one numpy call: every image packed (float32 or uint8) the same way and
     of the right length. None otherwise (decode_images then finds and names the bad image)."""
@@ -185,7 +185,7 @@ def decode_images(
     without pixels or of the wrong length, else the first pixel not finite or not in [0, 1].
     Pictures (``encoded``) are preprocessed for a model of ``input_shape`` within ``limits``: an
     edge calls this on a PictureDecoder's thread when the request holds any."""
-    fast = _decode_uniform(images, input_size, field)
+    fast = uniform_pixels(images, input_size, field)
     if fast is not None:
         return fast
     out = np.empty((len(images), input_size), dtype=np.float32)

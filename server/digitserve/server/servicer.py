@@ -27,6 +27,7 @@ from digitserve.server.pixels import (
     decode_images,
     encoded_images,
     packed_pixels,
+    uniform_pixels,
 )
 from digitserve.server.status import Undecodable, deadline, mapped_errors
 from digitserve.server.wire import PackedPredictRequest, PredictionEncoder, parse_predict_request
@@ -111,17 +112,19 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
 
     async def _decode(self, images: Sequence[pb.Image], model: Model, plane: DataPlane, field: str,
                       until: float | None) -> npt.NDArray[np.float32]:
-        """The images' pixels, admitted by the model's queue first; pictures among them (Images
-        that set ``encoded``) are sized up here and the whole message decoded on the picture
-        decoder's threads (server.decoding), never on the event loop."""
-        found = encoded_images(images, field)
-        decoder = self._router.pictures
-        if found:
-            check_picture_sizes(found, decoder.limits, field)
-            decoder.admit(len(found))
+        """The images' pixels, admitted by the model's queue first. Uniformly packed pixels (what
+        clients send) are read at once; otherwise pictures among them (Images that set
+        ``encoded``) are sized up here and the whole message is decoded on the picture decoder's
+        threads (server.decoding), never on the event loop."""
         plane.admit(model, len(images))
+        uniform = uniform_pixels(images, model.spec.input_size, field)
+        if uniform is not None:
+            return uniform
+        found = encoded_images(images, field)
         if not found:
             return decode_images(images, model.spec.input_size, field)
+        decoder = self._router.pictures
+        check_picture_sizes(found, decoder.limits, field)
         return await decoder.run(len(found), partial(
             decode_images, images, model.spec.input_size, field, input_shape=model.spec.input_shape,
             limits=decoder.limits, deadline=until))
