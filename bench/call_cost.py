@@ -71,6 +71,7 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     from digitserve.inference import load_version, read_check_set
     from digitserve.server.calls import CallWrapper
     from digitserve.server.dataplane import DataPlane
+    from digitserve.server.decoding import PictureDecoder
     from digitserve.server.logs import access_log
     from digitserve.server.servicer import DigitServicer, tolerant_deserializer
     from digitserve.server.telemetry import Telemetry
@@ -89,6 +90,7 @@ def server(model_dir: Path, calls: int, images: int) -> None:
         config_path = ""
         default_model = served_name
         ready = True
+        pictures = PictureDecoder()
 
         def model(self, name: str) -> Any:
             return SimpleNamespace(plane=plane)

@@ -263,3 +263,28 @@ def noisy_bars(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     shuffled = rng.random(n) < 0.4
     labels[shuffled] = rng.integers(0, 10, size=int(shuffled.sum())).astype(np.uint8)
     return images, labels
+
+
+def digit_photo(fmt: str = "PNG", seed: int = 0, size: tuple[int, int] = (400, 300)) -> bytes:
+    """A photo of a pen-drawn '2' as the photo set draws its digits (bench/photoset.py): dark ink
+    on paper lit by a linear gradient from 140 to 230 grey, Gaussian noise σ = 8; RGB, saved as
+    PNG or JPEG (quality 70)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    cols, rows = size
+    paper = Image.new("L", size, 255)
+    stroke = [(0.15, 0.25), (0.3, 0.08), (0.6, 0.05), (0.82, 0.2), (0.8, 0.42), (0.5, 0.65),
+              (0.15, 0.95), (0.9, 0.93)]
+    x0, y0, x1, y1 = 0.35 * cols, 0.1 * rows, 0.8 * cols, 0.9 * rows
+    ImageDraw.Draw(paper).line([(x0 + x * (x1 - x0), y0 + y * (y1 - y0)) for x, y in stroke],
+                               fill=0, width=max(2, rows // 14), joint="curve")
+    y, x = np.mgrid[0:rows, 0:cols]
+    light = 140 + 90 * (0.7 * x / (cols - 1) + 0.3 * y / (rows - 1))
+    grey = light * np.asarray(paper, dtype=np.float64) / 255
+    grey += np.random.default_rng(seed).normal(0, 8, grey.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB").save(
+        out, format=fmt, **({"quality": 70} if fmt == "JPEG" else {}))
+    return out.getvalue()

@@ -11,6 +11,7 @@ import logging
 import re
 import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from digitserve import pictures
+from digitserve.idx import scale_pixels
 from digitserve.server.dataplane import check_labels
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.pixels import check_pixels, decode_images
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.servers import ServerThread
-from tests.support import tiny_litert
+from tests.support import digit_photo, tiny_litert
 
 # ---------------------------------------------------------------------------------------------
 # Properties of the decoding (no server): any Image content either decodes to float32 pixels in
@@ -65,6 +68,7 @@ def image_strategy(size: int) -> st.SearchStrategy[pb.Image]:
         st.binary(max_size=4 * size + 5).map(lambda b: pb.Image(float32=b)),
         values.map(lambda v: pb.Image(floats=pb.FloatPixels(values=v))),
         st.just(pb.Image()),
+        st.binary(max_size=20).map(lambda b: pb.Image(encoded=b)),  # never a picture
     )
 
 
@@ -85,6 +89,8 @@ def expected_field(images: list[pb.Image], size: int, prefix: str) -> str | None
         kind = image.WhichOneof("pixels")
         if kind is None:
             return f"{prefix}[{i}]"
+        if kind == "encoded":  # decoded in turn: bytes that are no picture fail there
+            return f"{prefix}[{i}].encoded"
         n = {"uint8": len(image.uint8), "float32": len(image.float32),
              "floats": len(image.floats.values)}[kind]
         if n != (4 * size if kind == "float32" else size):
@@ -105,14 +111,14 @@ def test_any_image_decodes_to_unit_pixels_or_names_the_bad_one(
     images = data.draw(st.lists(image_strategy(size), max_size=5))
     expected = expected_field(images, size, prefix)
     if expected is None:
-        out = decode_images(images, size, prefix)
+        out = decode_images(images, size, prefix, input_shape=(1, size))
         assert out.dtype == np.float32 and out.shape == (len(images), size)
         assert np.all((out >= 0) & (out <= 1))
         for row, image in zip(out, images, strict=True):
             np.testing.assert_array_equal(row, pixels_of(image))
     else:
         with pytest.raises(InvalidInputError) as info:
-            decode_images(images, size, prefix)
+            decode_images(images, size, prefix, input_shape=(1, size))
         assert info.value.field == expected, (info.value, expected)
         assert str(info.value) == f"{expected}: {info.value.description}"
 
@@ -197,6 +203,10 @@ class Fuzzer:
     def __init__(self, seed: int, model: Any) -> None:
         self.rng = np.random.default_rng(seed)
         self.model = model
+        # Good pictures (small, so that thousands decode quickly) and their pixels, once.
+        self.photos = [digit_photo(fmt, seed=k, size=(120 + 20 * k, 90 + 10 * k))
+                       for k, fmt in enumerate(["PNG", "JPEG", "PNG", "JPEG"])]
+        self.photo_pixels = [scale_pixels(pictures.from_bytes(p)) for p in self.photos]
 
     # -- images --------------------------------------------------------------------------------
     def good_pixels(self, n: int) -> tuple[list[pb.Image], npt.NDArray[np.float32]]:
@@ -266,6 +276,11 @@ class Fuzzer:
             "evaluate-bytes": (0.05, self.evaluate_bytes),
             "evaluate-version": (0.02, self.evaluate_version),
             "info": (0.02, lambda: Case("info", "info", pb.GetModelInfoRequest(), {OK})),
+            "picture-good": (0.03, self.picture_good),
+            "picture-garbage": (0.03, self.picture_garbage),
+            "picture-truncated": (0.03, self.picture_truncated),
+            "picture-mutated": (0.03, self.picture_mutated),
+            "picture-huge": (0.02, self.picture_huge),
         }
         names = list(kinds)
         weights = np.array([kinds[n][0] for n in names])
@@ -337,6 +352,51 @@ class Fuzzer:
         images, _ = self.good_pixels(4)
         return Case("short-deadline", "predict", pb.PredictRequest(images=images),
                     {OK, grpc.StatusCode.DEADLINE_EXCEEDED}, timeout=float(self.rng.choice([1e-4, 1e-3])))
+
+    # -- pictures (Image.encoded): at most 2 a call, so 32 callers never fill the decoder's 64 --
+    def with_picture(self, picture: bytes) -> tuple[list[pb.Image], int]:
+        images, _ = self.good_pixels(int(self.rng.integers(0, 3)))
+        if self.rng.random() < 0.3:  # and a good picture beside it
+            images.append(pb.Image(encoded=self.photos[int(self.rng.integers(0, len(self.photos)))]))
+        k = int(self.rng.integers(0, len(images) + 1))
+        images.insert(k, pb.Image(encoded=picture))
+        return images, k
+
+    def picture_good(self) -> Case:
+        images, rows = self.good_pixels(int(self.rng.integers(0, 3)))
+        k = int(self.rng.integers(0, len(self.photos)))
+        images.append(pb.Image(encoded=self.photos[k]))
+        rows = np.concatenate([rows, self.photo_pixels[k][np.newaxis]])
+        return Case("picture-good", "predict", pb.PredictRequest(images=images), {OK},
+                    expected_probs=self.model.predict(rows))
+
+    def picture_garbage(self) -> Case:
+        images, k = self.with_picture(self.rng.bytes(int(self.rng.choice([1, 8, 100, 5000]))))
+        return Case("picture-garbage", "predict", pb.PredictRequest(images=images), {INVALID},
+                    f"images[{k}].encoded")
+
+    def picture_truncated(self) -> Case:
+        photo = self.photos[int(self.rng.integers(0, len(self.photos)))]
+        images, k = self.with_picture(photo[: int(self.rng.integers(0, len(photo)))])
+        # A cut in a PNG's last chunk (IEND) still decodes: OK is right then.
+        return Case("picture-truncated", "predict", pb.PredictRequest(images=images), {INVALID, OK},
+                    f"images[{k}].encoded")
+
+    def picture_mutated(self) -> Case:
+        photo = bytearray(self.photos[int(self.rng.integers(0, len(self.photos)))])
+        for _ in range(int(self.rng.integers(1, 20))):
+            photo[int(self.rng.integers(0, len(photo)))] = int(self.rng.integers(0, 256))
+        images, k = self.with_picture(bytes(photo))
+        return Case("picture-mutated", "predict", pb.PredictRequest(images=images), {INVALID, OK},
+                    f"images[{k}].encoded")
+
+    def picture_huge(self) -> Case:
+        width, height = (int(v) for v in self.rng.integers(1001, 2**31 - 1, size=2))
+        header = struct.pack(">IIBBBBB", width, height, 8, int(self.rng.choice([0, 2, 6])), 0, 0, 0)
+        chunk = struct.pack(">I", 13) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+        images, k = self.with_picture(b"\x89PNG\r\n\x1a\n" + chunk + self.rng.bytes(100))
+        return Case("picture-huge", "predict", pb.PredictRequest(images=images), {INVALID},
+                    f"images[{k}].encoded")
 
     def evaluate_batches(self, n: int) -> list[pb.EvaluateRequest]:
         batches = []
@@ -484,7 +544,7 @@ def test_fuzz_ten_thousand_malformed_requests_never_internal(
 ) -> None:
     caplog.set_level(logging.WARNING)
     server = start_server(max_images_per_request=MAX_IMAGES, max_message_bytes=MAX_BYTES,
-                          max_queued_images=16 * MAX_IMAGES)
+                          max_queued_images=16 * MAX_IMAGES, max_picture_pixels=1_000_000)
     assert server.app.plane.model is not None and server.app.plane.model.inference_path == "litert"
     model = tiny_litert(tiny_repo)  # the served model's answers, computed in this thread
     fuzzer = Fuzzer(seed=20260101, model=model)
@@ -516,6 +576,7 @@ def test_fuzz_ten_thousand_malformed_requests_never_internal(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors[:5]]
     assert server.app.plane.batcher.queued_images == 0
+    assert server.app.pictures.queued == 0
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING

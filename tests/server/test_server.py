@@ -94,7 +94,7 @@ def bad_requests() -> list[tuple[str, pb.PredictRequest, str]]:
         ("floats count", pb.PredictRequest(images=[pb.Image(floats=pb.FloatPixels(values=[0.5] * 10))]),
          "images[0].floats.values: got 10 pixels, expected 784"),
         ("no pixels", pb.PredictRequest(images=[ok, ok, pb.Image()]),
-         "images[2]: no pixels; set one of floats, uint8 or float32"),
+         "images[2]: no pixels; set one of floats, uint8, float32 or encoded"),
         ("nan", pb.PredictRequest(images=[ok, pb.Image(floats=pb.FloatPixels(values=nan.tolist()))]),
          "images[1].floats.values[17]: nan is not a finite number"),
         ("inf", pb.PredictRequest(images=[pb.Image(float32=inf.tobytes())]),

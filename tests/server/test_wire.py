@@ -68,7 +68,8 @@ def test_many_random_batches_round_trip() -> None:
 
 def packed_images() -> st.SearchStrategy[list[pb.Image]]:
     """Mostly uniform batches (the fast path), with now and then an image of another encoding or
-    length, one without pixels, or repeated floats."""
+    length, one without pixels, repeated floats, or a picture (``encoded``: never the fast path,
+    protobuf reads it); and batches of pictures only."""
     def uniform(kind: str, length: int, n: int) -> st.SearchStrategy[list[pb.Image]]:
         return st.lists(st.binary(min_size=length, max_size=length), min_size=n, max_size=n).map(
             lambda blobs: [pb.Image(**{kind: b}) for b in blobs])
@@ -79,9 +80,10 @@ def packed_images() -> st.SearchStrategy[list[pb.Image]]:
         st.just(pb.Image()),
         st.lists(st.floats(0, 1, width=32), max_size=3).map(
             lambda v: pb.Image(floats=pb.FloatPixels(values=v))),
+        st.binary(max_size=9).map(lambda b: pb.Image(encoded=b)),
     )
-    batch = st.builds(uniform, st.sampled_from(["uint8", "float32"]), st.integers(0, 200),
-                      st.integers(1, 40)).flatmap(lambda s: s)
+    batch = st.builds(uniform, st.sampled_from(["uint8", "float32", "uint8", "float32", "encoded"]),
+                      st.integers(0, 200), st.integers(1, 40)).flatmap(lambda s: s)
     return st.tuples(batch, st.lists(odd, max_size=2), st.integers(0, 40)).map(
         lambda t: t[0][: t[2]] + t[1] + t[0][t[2] :] if t[1] else t[0])
 

@@ -6,7 +6,8 @@ server's default model) and its version with ``--model-version`` or ``--label``.
 Exit codes: 0 success; 1 an error the command could not get past, printed as one line (the server
 cannot be reached, the server refused a call, a file is missing or unreadable, the accuracy is
 below --min-accuracy, health is not SERVING); 2 a usage error (argparse's, or an extra the options
-need is not installed).
+need is not installed); 3 ``predict --fail-below P``: the answer came, but its top probability is
+below P (a guess a script should not trust).
 """
 
 from __future__ import annotations
@@ -22,9 +23,15 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from digitserve.client.client import DEFAULT_TIMEOUT, EVALUATE_BATCH, DigitClient, EvaluateResult
+from digitserve.client.client import (
+    DEFAULT_TIMEOUT,
+    EVALUATE_BATCH,
+    DigitClient,
+    EvaluateResult,
+    PredictResult,
+)
 from digitserve.client.connect import ConnectError
-from digitserve.client.images import ImageError, load_image
+from digitserve.client.images import PREPROCESS, ImageError, is_picture, load_image
 from digitserve.client.messages import message_dict
 from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
 from digitserve.config import Parser
@@ -33,6 +40,7 @@ from digitserve.metadata import Metadata
 from digitserve.v1 import digit_service_pb2 as pb
 
 PROG = "mnist-client"
+EXIT_UNSURE = 3  # predict --fail-below: an answer, but below the probability asked for
 WAIT_HELP = ("wait up to this many seconds for the server to accept connections (health: to "
              "report SERVING); 0: fail at once when it cannot be reached")
 # The client's own variables for the model and label it asks for: MNIST_MODEL_NAME is the
@@ -86,13 +94,23 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     p = sub.add_parser("predict", help="predict one image and print the class probabilities")
     src = p.add_mutually_exclusive_group(required=True)
     p.add_option("--image", to=src, type=Path, default_text="required, or --data-dir",
-                 help="a PNG/JPEG picture of a digit or a .npy array")
+                 help="a PNG/JPEG picture of a digit (a photo, a scan, a drawing) or a .npy array")
     p.add_option("--data-dir", to=src, type=Path, default_text="required, or --image",
                  help="a directory of IDX files; with --index")
     p.add_option("--index", type=int, default=0, help="image index in the IDX set")
     split(p)
     model(p)
     version(p)
+    p.add_option("--preprocess", default="client", choices=list(PREPROCESS),
+                 help="who turns a --image picture into the model's pixels, with the same code "
+                 "(digitserve.pictures): client (here: 784 bytes travel instead of the picture, any "
+                 "server version takes them, a bad file fails before any call) or server (the "
+                 "picture's bytes are sent as Image.encoded)")
+    p.add_option("--low-confidence", type=float, default_text="the server's --low-confidence",
+                 help="warn on stderr when the top probability is below this")
+    p.add_option("--fail-below", type=float, default=0.0, default_text="0 (never)",
+                 help=f"exit {EXIT_UNSURE} when the top probability is below this (one line on "
+                 "stderr), so that a script does not trust a guess")
     p.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
     e = sub.add_parser("evaluate", help="stream a labelled IDX test set and print the metrics")
@@ -202,27 +220,52 @@ def _load_split(data_dir: Path, split: str) -> Any:
         raise CliError(str(exc)) from exc
 
 
+def _probability(name: str, value: float | None) -> None:
+    if value is not None and not 0 <= value <= 1:
+        raise CliError(f"{name} {value} is not a probability; expected a value in [0, 1]")
+
+
 def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
-    true_label: int | None = None
+    _probability("--low-confidence", args.low_confidence)
+    _probability("--fail-below", args.fail_below)
     if args.image is not None:
         try:
-            pixels = load_image(args.image)
+            if is_picture(args.image):
+                if not args.image.is_file():
+                    raise ImageError(f"{args.image}: no such file")
+                result = client.predict(args.image, model_version=args.model_version,
+                                        model_name=args.model_name, label=args.label,
+                                        preprocess=args.preprocess)
+            else:
+                result = client.predict(load_image(args.image), model_version=args.model_version,
+                                        model_name=args.model_name, label=args.label)
         except ImageError as exc:
             raise CliError(str(exc)) from exc
-        source = str(args.image)
-    else:
-        split = _load_split(args.data_dir, args.split)
-        if not 0 <= args.index < split.images.shape[0]:
-            raise CliError(
-                f"--index {args.index} is out of range: {split.images_path} holds "
-                f"{split.images.shape[0]} images"
-            )
-        pixels = split.images[args.index].reshape(-1)
-        true_label = int(split.labels[args.index])
-        source = f"{split.images_path}[{args.index}]"
-    result = client.predict(pixels, model_version=args.model_version, model_name=args.model_name,
-                            label=args.label)
+        return _report(client, args, result, str(args.image), None)
+    split = _load_split(args.data_dir, args.split)
+    if not 0 <= args.index < split.images.shape[0]:
+        raise CliError(
+            f"--index {args.index} is out of range: {split.images_path} holds "
+            f"{split.images.shape[0]} images"
+        )
+    result = client.predict(split.images[args.index].reshape(-1), model_version=args.model_version,
+                            model_name=args.model_name, label=args.label)
+    return _report(client, args, result, f"{split.images_path}[{args.index}]",
+                   int(split.labels[args.index]))
+
+
+def _report(client: DigitClient, args: argparse.Namespace, result: PredictResult, source: str,
+            true_label: int | None) -> int:
+    """Prints one prediction; a low-confidence answer gets a warning line on stderr, and one
+    below --fail-below an error line and exit EXIT_UNSURE."""
     probs = result.probabilities[0]
+    top = float(probs[result.class_indices[0]])
+    if args.low_confidence is not None:
+        threshold, whose = float(args.low_confidence), "--low-confidence"
+    else:
+        threshold, whose = (client.low_confidence_threshold(args.model_name),
+                            "the server's --low-confidence")
+    low = top < threshold
     if args.json:
         print(json.dumps({
             "source": source,
@@ -232,14 +275,23 @@ def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
             "true_label": true_label,
             "model_name": result.model_name,
             "model_version": result.model_version,
+            "low_confidence": low,
+            "low_confidence_threshold": threshold,
         }))
-        return 0
-    print(f"{source} → model {result.model_name} v{result.model_version}")
-    for k, p in enumerate(probs):
-        bar = "█" * round(float(p) * 40)
-        print(f"  class {k:>2} {float(p):9.6f} {bar}")
-    print(f"predicted: {result.labels[0]} (p={float(probs[result.class_indices[0]]):.4f})"
-          + ("" if true_label is None else f", true label: {true_label}"))
+    else:
+        print(f"{source} → model {result.model_name} v{result.model_version}")
+        for k, p in enumerate(probs):
+            bar = "█" * round(float(p) * 40)
+            print(f"  class {k:>2} {float(p):9.6f} {bar}")
+        print(f"predicted: {result.labels[0]} (p={top:.4f})"
+              + ("" if true_label is None else f", true label: {true_label}"))
+    answer = f"top probability {top:.4f} (label {result.labels[0]})"
+    if top < args.fail_below:
+        print(f"{PROG}: error: {answer} is below --fail-below {args.fail_below:g}", file=sys.stderr)
+        return EXIT_UNSURE
+    if low:
+        print(f"{PROG}: warning: low confidence: {answer} is below {threshold:g} ({whose}); the "
+              "answer may be a guess", file=sys.stderr)
     return 0
 
 

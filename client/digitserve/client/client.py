@@ -16,7 +16,16 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.client.connect import ConnectError, Connectivity
-from digitserve.client.images import as_batch, pixel_values
+from digitserve.client.images import (
+    PREPROCESS,
+    Picture,
+    Preprocess,
+    as_batch,
+    load_picture,
+    pictures_of,
+    pixel_values,
+    read_pictures,
+)
 from digitserve.client.messages import message_dict
 from digitserve.client.security import secure_channel
 from digitserve.metadata import stamp_version
@@ -182,7 +191,7 @@ class DigitClient:
         self.channel = secure_channel(target, channel_options(options), credentials, token)
         self.stub = pb_grpc.DigitServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._connectivity = Connectivity(self.channel, target)
-        self._input_shapes: dict[str, tuple[int, ...]] = {}  # by model name ("": the default)
+        self._infos: dict[str, pb.GetModelInfoResponse] = {}  # by model name ("": the default)
 
     def __enter__(self) -> DigitClient:
         return self
@@ -239,25 +248,37 @@ class DigitClient:
         """The model a call asks: its own ``model_name``, else the client's."""
         return model_name or self.model_name
 
-    def _model_input_shape(self, model_name: str) -> tuple[int, ...]:
+    def _served_info(self, model_name: str = "") -> pb.GetModelInfoResponse:
+        """GetModelInfo of ``model_name`` ("": the client's model, else the server's default),
+        asked once per model."""
+        name = self._model(model_name)
+        info = self._infos.get(name)
+        if info is None:
+            info = self._infos[name] = self.get_model_info(model_name=name)
+        return info
+
+    def _model_input_shape(self, model_name: str = "") -> tuple[int, ...]:
         """The input shape of ``model_name`` (GetModelInfo, asked once per model): what tells one
         rows×cols image from a batch of flat ones, and what an image that fits neither is told it
         needs."""
-        shape = self._input_shapes.get(model_name)
-        if shape is None:
-            response = self.get_model_info(model_name=model_name)
-            shape = self._input_shapes[model_name] = (tuple(response.input_shape)
-                                                      or (response.input_size,))
-        return shape
+        response = self._served_info(model_name)
+        return tuple(response.input_shape) or (response.input_size,)
+
+    def low_confidence_threshold(self, model_name: str = "") -> float:
+        """The top-1 probability below which the server counts an answer as low-confidence
+        (``mnist-serve --low-confidence``; GetModelInfo, asked once per client); 0 from a server
+        that does not say."""
+        return float(self._served_info(model_name).low_confidence_threshold)
 
     def predict(
         self,
-        images: npt.ArrayLike,
+        images: npt.ArrayLike | Picture | Sequence[Picture],
         *,
         model_version: int = 0,
         model_name: str = "",
         label: str = "",
         timeout: float | None = None,
+        preprocess: Preprocess = "client",
     ) -> PredictResult:
         """Probabilities for each image. ``images``: one image (rows×cols, or a flat vector of
         rows*cols pixels) or a batch (N×rows×cols or N×pixels), a numpy array or nested lists.
@@ -268,10 +289,27 @@ class DigitClient:
         asked once per model). ``model_name``: the model to ask ("": the client's, else the
         server's default); ``model_version`` pins a version, or ``label`` names a version label
         ("stable", "canary"): the server refuses both at once (INVALID_ARGUMENT). Unpinned, the
-        server may answer with a canary version: the result says which model and version did."""
+        server may answer with a canary version: the result says which model and version did.
+
+        Or pictures: the bytes of a PNG or JPEG file, or its path (a ``pathlib.Path``), or a
+        list of them. ``preprocess="client"`` (the default) turns each into the model's
+        pixels here with ``digitserve.pictures`` and sends those (784 bytes, not the picture's
+        megabytes; any server version takes them; a bad file fails here, named);
+        ``preprocess="server"`` sends the pictures as they are (``Image.encoded``) for the server
+        to preprocess with the same code. Both give the same probabilities."""
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess={preprocess!r}: expected one of {', '.join(PREPROCESS)}")
         name = self._model(model_name)
-        batch = as_batch(images, self._model_input_shape(name))
-        request = pb.PredictRequest(images=encode_images(batch), model_version=model_version,
+        found = pictures_of(images)
+        if found is None:
+            batch = as_batch(images, self._model_input_shape(name))  # type: ignore[arg-type]
+            encoded = encode_images(batch)
+        elif preprocess == "server":
+            encoded = [pb.Image(encoded=data) for data in read_pictures(found)]
+        else:
+            shape = self._model_input_shape(name)
+            encoded = encode_images(np.stack([load_picture(p, shape) for p in found]))
+        request = pb.PredictRequest(images=encoded, model_version=model_version,
                                     model_name=name, version_label=label)
         seconds = self._timeout(timeout)
         response = self._call(seconds, lambda wait: self.stub.Predict(

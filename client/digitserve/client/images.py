@@ -1,26 +1,91 @@
-"""Turning images into model inputs: PNG/JPEG photos of a digit or .npy arrays (files), and the
-arrays or lists a caller of ``DigitClient`` passes (``as_batch``)."""
+"""Turning images into model inputs: PNG/JPEG pictures of a digit (preprocessed by
+``digitserve.pictures``, the server's own code) or .npy arrays (files), and the arrays or lists a
+caller of ``DigitClient`` passes (``as_batch``)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
+from digitserve import pictures
+from digitserve.pictures import ImageError
 
-class ImageError(ValueError):
-    """Raised when an image file cannot be read or does not fit the model's input."""
+__all__ = ["PREPROCESS", "ImageError", "Picture", "Preprocess", "as_batch", "is_picture",
+           "load_image", "load_picture", "pictures_of", "pixel_values", "read_pictures"]
+
+Picture = bytes | os.PathLike[str]
+"""A picture as DigitClient.predict takes it: a PNG or JPEG file's bytes, or its path (a
+``pathlib.Path``; a ``str`` is not taken for a path: strings were never pixels either, and are
+refused as such)."""
+Preprocess = Literal["client", "server"]
+PREPROCESS: tuple[str, ...] = get_args(Preprocess)
+
+
+def is_picture(path: Path) -> bool:
+    """Whether ``path`` names a picture (PNG or JPEG) rather than a .npy array."""
+    return path.suffix.lower() != ".npy"
+
+
+def pictures_of(images: object) -> list[bytes | Path] | None:
+    """``images`` as pictures (bytes, or paths) when it is one picture or a list or tuple of
+    them; None when it is pixels (an array, nested lists of numbers). ImageError for a list that
+    mixes pictures with anything else."""
+    def one(item: object) -> bytes | Path | None:
+        if isinstance(item, bytes | bytearray | memoryview):
+            return bytes(item)
+        if isinstance(item, os.PathLike):
+            return Path(item)
+        return None
+
+    single = one(images)
+    if single is not None:
+        return [single]
+    if not isinstance(images, list | tuple) or not images:
+        return None
+    found = [one(item) for item in images]
+    if all(f is None for f in found):
+        return None
+    if any(f is None for f in found):
+        k = found.index(None)
+        raise ImageError(f"images[{k}]: {type(images[k]).__name__} among pictures; expected a "
+                         "list of pictures only (bytes of a PNG or JPEG file, or paths) or pixels only")
+    return [f for f in found if f is not None]
+
+
+def read_pictures(items: Sequence[bytes | Path]) -> list[bytes]:
+    """The bytes of each picture: as given, or read from its path (ImageError naming it)."""
+    out = []
+    for item in items:
+        if isinstance(item, bytes):
+            out.append(item)
+            continue
+        try:
+            out.append(item.read_bytes())
+        except OSError as exc:
+            raise ImageError(f"{item}: cannot be read ({exc.strerror or exc})") from None
+    return out
+
+
+def load_picture(item: bytes | Path, shape: Sequence[int]) -> npt.NDArray[np.uint8]:
+    """The model's pixels (flat uint8) of one picture, preprocessed here (``digitserve.pictures``)."""
+    if isinstance(item, bytes):
+        return pictures.from_bytes(item, shape)
+    return pictures.from_file(item, shape)
 
 
 def load_image(path: Path, shape: tuple[int, int] = (28, 28)) -> npt.NDArray[np.uint8]:
-    """A flat uint8 vector (rows*cols) from a .npy array or a PNG/JPEG picture."""
+    """A flat uint8 vector (rows*cols) from a .npy array or a PNG/JPEG picture (preprocessed as
+    MNIST's images were: ``digitserve.pictures``)."""
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    if path.suffix.lower() == ".npy":
+    if not is_picture(path):
         return _load_npy(path, shape)
-    return _load_picture(path, shape)
+    return pictures.from_file(path, shape)
 
 
 def _load_npy(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
@@ -44,44 +109,6 @@ def _load_npy(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
     if values.min() >= 0 and values.max() <= 255:
         return np.asarray(np.rint(values), dtype=np.uint8)
     raise ImageError(f"{path}: values span {values.min()}..{values.max()}; expected 0..1 or 0..255")
-
-
-def _load_picture(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
-    """MNIST-style preprocessing: grey, white ink on black, the digit fitted into a 20×20 box and
-    centred by its centre of mass in the 28×28 frame (as the MNIST images were made)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("L")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ImageError(f"{path}: not a readable image ({exc})") from exc
-    grey = np.asarray(image, dtype=np.float64)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if border.mean() > 127:  # dark ink on a light background: invert to MNIST's convention
-        grey = 255.0 - grey
-    grey -= np.median(border if border.mean() <= 127 else 255.0 - border)
-    grey = np.clip(grey, 0, 255)
-    if grey.max() <= 0:
-        raise ImageError(f"{path}: the picture is blank; expected a digit")
-    grey *= 255.0 / grey.max()
-    ink = np.argwhere(grey > 0.1 * 255)
-    (top, left), (bottom, right) = ink.min(axis=0), ink.max(axis=0) + 1
-    crop = Image.fromarray(grey[top:bottom, left:right].astype(np.uint8))
-    rows, cols = shape
-    box = max(1, round(min(rows, cols) * 20 / 28))
-    scale = box / max(crop.size)
-    new_size = (max(1, round(crop.size[0] * scale)), max(1, round(crop.size[1] * scale)))
-    digit = np.asarray(crop.resize(new_size, Image.Resampling.LANCZOS), dtype=np.float64)
-    digit = np.clip(digit, 0, 255)
-    frame = np.zeros((rows, cols), dtype=np.float64)
-    total = digit.sum()
-    cy = (digit.sum(axis=1) * np.arange(digit.shape[0])).sum() / total
-    cx = (digit.sum(axis=0) * np.arange(digit.shape[1])).sum() / total
-    y0 = int(np.clip(round(rows / 2 - cy), 0, rows - digit.shape[0]))
-    x0 = int(np.clip(round(cols / 2 - cx), 0, cols - digit.shape[1]))
-    frame[y0 : y0 + digit.shape[0], x0 : x0 + digit.shape[1]] = digit
-    return np.rint(frame).astype(np.uint8).reshape(rows * cols)
 
 
 def _dims(shape: Sequence[int]) -> str:

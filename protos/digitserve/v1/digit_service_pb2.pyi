@@ -28,14 +28,16 @@ VERSION_STATE_SERVING: VersionState
 VERSION_STATE_REFUSED: VersionState
 
 class Image(_message.Message):
-    __slots__ = ("floats", "uint8", "float32")
+    __slots__ = ("floats", "uint8", "float32", "encoded")
     FLOATS_FIELD_NUMBER: _ClassVar[int]
     UINT8_FIELD_NUMBER: _ClassVar[int]
     FLOAT32_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
     floats: FloatPixels
     uint8: bytes
     float32: bytes
-    def __init__(self, floats: _Optional[_Union[FloatPixels, _Mapping]] = ..., uint8: _Optional[bytes] = ..., float32: _Optional[bytes] = ...) -> None: ...
+    encoded: bytes
+    def __init__(self, floats: _Optional[_Union[FloatPixels, _Mapping]] = ..., uint8: _Optional[bytes] = ..., float32: _Optional[bytes] = ..., encoded: _Optional[bytes] = ...) -> None: ...
 
 class FloatPixels(_message.Message):
     __slots__ = ("values",)
@@ -142,7 +144,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model_version: _Optional[int] = ..., model_name: _Optional[str] = ..., version_label: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "input_size", "input_shape", "input_scale", "labels", "preset", "test_accuracy", "created_at", "metadata_json", "max_images_per_request", "loaded_versions", "refused_versions", "inference_path", "version_labels")
+    __slots__ = ("model_name", "model_version", "input_size", "input_shape", "input_scale", "labels", "preset", "test_accuracy", "created_at", "metadata_json", "max_images_per_request", "loaded_versions", "refused_versions", "inference_path", "version_labels", "low_confidence_threshold")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +160,7 @@ class GetModelInfoResponse(_message.Message):
     REFUSED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_LABELS_FIELD_NUMBER: _ClassVar[int]
+    LOW_CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: int
     input_size: int
@@ -173,7 +176,8 @@ class GetModelInfoResponse(_message.Message):
     refused_versions: _containers.RepeatedCompositeFieldContainer[RefusedVersion]
     inference_path: str
     version_labels: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., input_size: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_scale: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., preset: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., created_at: _Optional[str] = ..., metadata_json: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., refused_versions: _Optional[_Iterable[_Union[RefusedVersion, _Mapping]]] = ..., inference_path: _Optional[str] = ..., version_labels: _Optional[_Iterable[str]] = ...) -> None: ...
+    low_confidence_threshold: float
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., input_size: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_scale: _Optional[float] = ..., labels: _Optional[_Iterable[str]] = ..., preset: _Optional[str] = ..., test_accuracy: _Optional[float] = ..., created_at: _Optional[str] = ..., metadata_json: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., refused_versions: _Optional[_Iterable[_Union[RefusedVersion, _Mapping]]] = ..., inference_path: _Optional[str] = ..., version_labels: _Optional[_Iterable[str]] = ..., low_confidence_threshold: _Optional[float] = ...) -> None: ...
 
 class RefusedVersion(_message.Message):
     __slots__ = ("version", "reason")

@@ -20,6 +20,7 @@ from digitserve.nativelog import native_stderr_logged
 from digitserve.repository import ModelNotFoundError, ModelRepository, RepositoryError
 from digitserve.server.calls import CallWrapper, Services
 from digitserve.server.dataplane import DataPlane
+from digitserve.server.decoding import PictureDecoder, PictureLimits
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.errors import ModelNotFoundError as NotServedError
 from digitserve.server.health import HealthServicer
@@ -188,6 +189,10 @@ class App:
             lambda: float(sum(m.plane.batcher.queued_images for m in list(self.models.values()))))
         self.draining = False  # stop() began: readiness is false over every protocol from now on
         self.reuse_port = reuse_port
+        # Pictures (Image.encoded, V2 BYTES) are decoded on threads of their own, never the loop.
+        self.pictures = PictureDecoder(settings.picture_threads, PictureLimits(
+            settings.max_picture_bytes, settings.max_picture_request_bytes,
+            settings.max_picture_pixels, settings.max_queued_pictures))
         self.server = grpc.aio.server(options=server_options(settings, reuse_port))
         self.oip = InferenceServicer(self)  # the V2 protocol, over gRPC and over HTTP
         # Every method of every service wrapped once: request id, token check, metrics, access line.
@@ -561,6 +566,7 @@ class App:
             await self.server.stop(grace)
         for server in list(self.models.values()):
             await server.close()
+        self.pictures.close()
         await self.telemetry.close()
         access_log.flush()
         if self.port:  # not after a start that failed before it listened

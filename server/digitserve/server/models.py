@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 from digitserve.inference import Model
 from digitserve.repository import ModelNotFoundError, ModelRepository, RepositoryError
 from digitserve.server.dataplane import CANARY, DataPlane
+from digitserve.server.decoding import PictureDecoder
 from digitserve.server.health import HealthServicer
 from digitserve.server.modelconfig import ModelPolicy, ServingConfig
 from digitserve.server.settings import Settings
@@ -70,7 +71,10 @@ class ModelInfo:
 
 
 class Router(Protocol):
-    """What the edges (servicer, oip) ask of the server: the model a request names."""
+    """What the edges (servicer, oip) ask of the server: the model a request names, and the
+    decoder of the pictures requests carry."""
+
+    pictures: PictureDecoder
 
     def model(self, name: str) -> ModelServer:
         """The served model ``name`` ("": the default model); ModelNotFoundError naming those

@@ -7,6 +7,7 @@ import logging
 import re
 import struct
 from collections.abc import Iterable
+from functools import partial
 from importlib import metadata as importlib_metadata
 
 import grpc
@@ -18,9 +19,18 @@ from digitserve.metadata import Metadata
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.server.dataplane import DataPlane
+from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
 from digitserve.server.models import Router
-from digitserve.server.pixels import check_count, decode_tensor, tensor_count
+from digitserve.server.pixels import (
+    V2_PICTURES,
+    check_count,
+    check_picture_sizes,
+    decode_pictures,
+    decode_tensor,
+    tensor_count,
+    tensor_pictures,
+)
 from digitserve.server.status import deadline, mapped_errors
 
 logger = logging.getLogger(__name__)
@@ -52,12 +62,14 @@ def _check_parameters(parameters: Iterable[str], field: str) -> None:
             raise InvalidInputError(f"{field}[{key!r}]", "is not supported by this server")
 
 
-def decode_input(
-    request: oip.ModelInferRequest, model: Model, plane: DataPlane
+async def decode_input(
+    request: oip.ModelInferRequest, model: Model, plane: DataPlane, pictures: PictureDecoder,
+    until: float | None = None,
 ) -> tuple[npt.NDArray[np.float32], bool]:
     """The request's images as float32 (N, input_size) in [0, 1], and whether they came as raw
     bytes. InvalidInputError names the input, the field and the element that is wrong; the
-    tensor itself is read by server.pixels, the codec our own API's images go through too."""
+    tensor itself is read by server.pixels, the codec our own API's images go through too. A
+    BYTES tensor holds pictures (PNG or JPEG), decoded on ``pictures``' threads."""
     spec = model.spec
     if len(request.inputs) != 1:
         raise InvalidInputError(
@@ -73,8 +85,16 @@ def decode_input(
     _check_parameters(tensor.parameters, f"{field}.parameters")
     count = tensor_count(tensor, spec.input_shape, field)
     check_count(count, plane.max_images_per_request, f"{field}.shape")
-    plane.admit(model, count)  # refused before any pixel is converted
-    return decode_tensor(request, count, spec.input_size)
+    if tensor.datatype != V2_PICTURES:
+        plane.admit(model, count)  # refused before any pixel is converted
+        return decode_tensor(request, count, spec.input_size)
+    items = tensor_pictures(request, count)
+    check_picture_sizes(items, pictures.limits, field)
+    pictures.admit(count)
+    plane.admit(model, count)
+    images = await pictures.run(count, partial(
+        decode_pictures, items, spec.input_shape, pictures.limits, until))
+    return images, len(request.raw_input_contents) > 0
 
 
 def requested_outputs(request: oip.ModelInferRequest, model: Model) -> list[str]:
@@ -232,7 +252,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         plane, model = self.resolve(request.model_name, request.model_version, "model_version",
                                     split=True)
         names = requested_outputs(request, model)
-        images, raw = decode_input(request, model, plane)
+        images, raw = await decode_input(request, model, plane, self._router.pictures, until)
         probabilities = await plane.predict(model, images, until)
         return model, probabilities, names, raw
 

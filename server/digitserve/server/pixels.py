@@ -4,26 +4,89 @@ the V2 protocol's FP32/UINT8 input tensors of shape [N, size] or [N, *input_shap
 or raw bytes) — decoded into float32 (N, input_size) pixels in [0, 1] and validated here, so that
 both protocols refuse the same faults with one message naming the field and the element.
 
+Pictures (``Image.encoded``, a V2 ``BYTES`` tensor: PNG or JPEG bytes) are preprocessed by
+``digitserve.pictures``, the code ``mnist-client`` runs too, within the limits of PictureLimits,
+on the threads of a ``server.decoding.PictureDecoder``, never the event loop (one picture costs
+milliseconds).
+
 Pixels sent as bytes are ``uint8 / 255`` through ``digitserve.idx.scale_pixels``, the trainer's
 division, so results match bit for bit."""
 
 from __future__ import annotations
 
+import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from digitserve import pictures
 from digitserve.idx import scale_pixels
 from digitserve.oip import grpc_predict_v2_pb2 as oip
-from digitserve.server.errors import InvalidInputError
+from digitserve.server.decoding import PictureLimits
+from digitserve.server.errors import DeadlineExpiredError, InvalidInputError
 from digitserve.v1 import digit_service_pb2 as pb
 
 # An Image's packed encodings (its bytes fields) and the numpy type of their bytes.
 PACKED: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtype(np.uint8)}
 # The V2 protocol's input datatypes accepted, and the numpy type of their raw bytes.
 V2_DATATYPES: dict[str, np.dtype[Any]] = {"FP32": np.dtype("<f4"), "UINT8": np.dtype(np.uint8)}
+V2_PICTURES = "BYTES"  # a tensor of shape [N] (or [N, 1]) whose elements are PNG or JPEG pictures
+
+
+# Pictures -----------------------------------------------------------------------------------
+
+
+def check_picture_sizes(items: Sequence[tuple[str, bytes]], limits: PictureLimits,
+                        field: str) -> None:
+    """InvalidInputError naming ``field`` for more than ``limits.max_pictures`` pictures, the
+    first picture (``items``: its field and bytes) over ``limits.max_bytes``, or ``field`` when
+    together they exceed ``limits.max_request_bytes``."""
+    if len(items) > limits.max_pictures:
+        raise InvalidInputError(
+            field, f"{len(items)} pictures exceed the limit of {limits.max_pictures} per request")
+    total = 0
+    for where, data in items:
+        if len(data) > limits.max_bytes:
+            raise InvalidInputError(
+                where, f"{len(data)} bytes exceed the limit of {limits.max_bytes} bytes per picture")
+        total += len(data)
+    if total > limits.max_request_bytes:
+        raise InvalidInputError(
+            field, f"{len(items)} pictures of {total} bytes exceed the limit of "
+            f"{limits.max_request_bytes} bytes of pictures per request")
+
+
+def picture_pixels(data: bytes, where: str, input_shape: Sequence[int], limits: PictureLimits,
+                   deadline: float | None = None) -> npt.NDArray[np.float32]:
+    """One picture preprocessed into a model's float32 pixels in [0, 1] (``digitserve.pictures``,
+    then the bytes' scale); InvalidInputError at ``where`` when it is not a PNG or JPEG picture of a
+    digit within the limits, or the model does not take pictures; DeadlineExpiredError when the
+    call's ``deadline`` passed before it was decoded."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExpiredError("deadline passed while decoding pictures; the call was not computed")
+    if len(input_shape) != 2:
+        raise InvalidInputError(where, f"this model takes inputs of shape {list(input_shape)}, not "
+                                "pictures (they need a rows×cols input); send its pixels instead")
+    try:
+        flat = pictures.from_bytes(data, input_shape, max_bytes=limits.max_bytes,
+                                   max_pixels=limits.max_pixels)
+    except pictures.ImageError as exc:
+        raise InvalidInputError(where, str(exc)) from None
+    return scale_pixels(flat)
+
+
+def decode_pictures(items: Sequence[tuple[str, bytes]], input_shape: Sequence[int],
+                    limits: PictureLimits, deadline: float | None = None) -> npt.NDArray[np.float32]:
+    """float32 (N, input_size) pixels of N pictures (``items``: each one's field and bytes), in
+    order; the first that fails raises (see picture_pixels)."""
+    size = int(np.prod(input_shape))
+    out = np.empty((len(items), size), dtype=np.float32)
+    for i, (where, data) in enumerate(items):
+        out[i] = picture_pixels(data, where, input_shape, limits, deadline)
+    return out
 
 
 def check_count(count: int, limit: int, field: str = "images") -> None:
@@ -75,7 +138,7 @@ def packed_pixels(
     rows: npt.NDArray[np.uint8], encoding: str, input_size: int, field: str = "images"
 ) -> npt.NDArray[np.float32] | None:
     """Images of one packed encoding, one row of pixel bytes each (a PackedPredictRequest's, or
-    joined by _decode_uniform), as float32 pixels validated as decode_images would: float32
+    joined by uniform_pixels), as float32 pixels validated as decode_images would: float32
     checked pixel by pixel, uint8 in [0, 1] once scaled. None when the rows are not of
     ``input_size`` pixels: decode_images then names the first, from the parsed message."""
     dtype = PACKED[encoding]
@@ -88,8 +151,8 @@ def packed_pixels(
     return pixels
 
 
-def _decode_uniform(
-    images: Sequence[pb.Image], input_size: int, field: str
+def uniform_pixels(
+    images: Sequence[pb.Image], input_size: int, field: str = "images"
 ) -> npt.NDArray[np.float32] | None:
     """The common case in one numpy call: every image packed (float32 or uint8) the same way and
     of the right length. None otherwise (decode_images then finds and names the bad image)."""
@@ -107,12 +170,22 @@ def _decode_uniform(
                          input_size, field)
 
 
+def encoded_images(images: Sequence[pb.Image], field: str = "images") -> list[tuple[str, bytes]]:
+    """The pictures among ``images`` (those that set ``encoded``): each one's field and bytes."""
+    return [(f"{field}[{i}].encoded", image.encoded) for i, image in enumerate(images)
+            if image.WhichOneof("pixels") == "encoded"]
+
+
 def decode_images(
-    images: Sequence[pb.Image], input_size: int, field: str = "images"
+    images: Sequence[pb.Image], input_size: int, field: str = "images", *,
+    input_shape: Sequence[int] = (), limits: PictureLimits | None = None,
+    deadline: float | None = None,
 ) -> npt.NDArray[np.float32]:
     """float32 array (N, input_size) scaled to [0, 1]. InvalidInputError names the first image
-    without pixels or of the wrong length, else the first pixel not finite or not in [0, 1]."""
-    fast = _decode_uniform(images, input_size, field)
+    without pixels or of the wrong length, else the first pixel not finite or not in [0, 1].
+    Pictures (``encoded``) are preprocessed for a model of ``input_shape`` within ``limits``: an
+    edge calls this on a PictureDecoder's thread when the request holds any."""
+    fast = uniform_pixels(images, input_size, field)
     if fast is not None:
         return fast
     out = np.empty((len(images), input_size), dtype=np.float32)
@@ -120,7 +193,10 @@ def decode_images(
     for i, image in enumerate(images):
         kind = image.WhichOneof("pixels")
         encodings.append(kind or "")
-        if kind == "float32":
+        if kind == "encoded":
+            out[i] = picture_pixels(image.encoded, f"{field}[{i}].encoded", input_shape,
+                                    limits or PictureLimits(), deadline)
+        elif kind == "float32":
             data = image.float32
             if len(data) != 4 * input_size:
                 raise InvalidInputError(
@@ -147,7 +223,7 @@ def decode_images(
             out[i] = np.asarray(values, dtype=np.float32)
         else:
             raise InvalidInputError(
-                f"{field}[{i}]", "no pixels; set one of floats, uint8 or float32"
+                f"{field}[{i}]", "no pixels; set one of floats, uint8, float32 or encoded"
             )
     check_pixels(out, [e if e != "floats" else "floats.values" for e in encodings], field)
     return out
@@ -161,18 +237,69 @@ def tensor_count(
 ) -> int:
     """The number of images N of an input tensor of an accepted datatype shaped [N, size] or
     [N, *input_shape]; InvalidInputError names ``field``'s datatype or shape otherwise."""
-    if tensor.datatype not in V2_DATATYPES:
+    if tensor.datatype not in V2_DATATYPES and tensor.datatype != V2_PICTURES:
         raise InvalidInputError(
             f"{field}.datatype",
-            f"{tensor.datatype!r} is not accepted; expected one of {list(V2_DATATYPES)}",
+            f"{tensor.datatype!r} is not accepted; expected one of {[*V2_DATATYPES, V2_PICTURES]}",
         )
     shape = list(tensor.shape)
+    if tensor.datatype == V2_PICTURES:
+        if len(shape) not in (1, 2) or shape[1:] not in ([], [1]) or shape[0] < 0:
+            raise InvalidInputError(
+                f"{field}.shape", f"{shape} is not accepted for BYTES (one PNG or JPEG picture per "
+                "element); expected [N] or [N, 1]")
+        return int(shape[0])
     size = int(np.prod(input_shape))
     accepted = [[size], list(input_shape)]
     if len(shape) < 2 or shape[1:] not in accepted or shape[0] < 0:
         forms = " or ".join(f"[N, {', '.join(str(d) for d in dims)}]" for dims in accepted)
         raise InvalidInputError(f"{field}.shape", f"{shape} is not accepted; expected {forms}")
     return int(shape[0])
+
+
+def tensor_pictures(request: oip.ModelInferRequest, count: int) -> list[tuple[str, bytes]]:
+    """The ``count`` pictures of the request's BYTES tensor ``inputs[0]`` (shape checked by
+    tensor_count), each with its field for messages: ``inputs[0].contents.bytes_contents[k]``, or
+    ``raw_input_contents[0].element[k]`` when sent raw (each element a 4-byte little-endian length,
+    then its bytes, as the protocol lays BYTES out)."""
+    tensor = request.inputs[0]
+    if len(request.raw_input_contents) == 0:
+        items = list(tensor.contents.bytes_contents)
+        if len(items) != count:
+            raise InvalidInputError(
+                "inputs[0].contents.bytes_contents",
+                f"got {len(items)} elements, expected {count} (one picture per element of shape "
+                f"{list(tensor.shape)})")
+        return [(f"inputs[0].contents.bytes_contents[{k}]", item) for k, item in enumerate(items)]
+    if len(request.raw_input_contents) != len(request.inputs):
+        raise InvalidInputError(
+            "raw_input_contents",
+            f"got {len(request.raw_input_contents)} entries for {len(request.inputs)} inputs; "
+            "expected one per input")
+    if tensor.HasField("contents"):
+        raise InvalidInputError(
+            "inputs[0].contents", "set together with raw_input_contents; expected one or the other")
+    data = request.raw_input_contents[0]
+    out: list[tuple[str, bytes]] = []
+    pos = 0
+    while pos < len(data) and len(out) < count:
+        where = f"raw_input_contents[0].element[{len(out)}]"
+        if pos + 4 > len(data):
+            raise InvalidInputError(where, f"{len(data) - pos} bytes left where a 4-byte length was "
+                                    "expected (BYTES elements: a little-endian uint32 length, then "
+                                    "the bytes)")
+        (length,) = struct.unpack_from("<I", data, pos)
+        if pos + 4 + length > len(data):
+            raise InvalidInputError(where, f"its length {length} runs past the end of the tensor's "
+                                    f"{len(data)} bytes")
+        out.append((where, data[pos + 4 : pos + 4 + length]))
+        pos += 4 + length
+    if len(out) != count or pos != len(data):
+        raise InvalidInputError(
+            "raw_input_contents[0]",
+            f"holds {len(out)} elements{' and more bytes' if pos != len(data) else ''}, expected "
+            f"{count} (one picture per element of shape {list(tensor.shape)})")
+    return out
 
 
 def decode_tensor(

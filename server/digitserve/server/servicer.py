@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 
 from digitserve.inference import Model
 from digitserve.metadata import Metadata
-from digitserve.server.dataplane import Evaluation, check_labels
+from digitserve.server.dataplane import DataPlane, Evaluation, check_labels
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.models import ModelInfo, Router
-from digitserve.server.pixels import check_count, decode_images, packed_pixels
+from digitserve.server.pixels import (
+    check_count,
+    check_picture_sizes,
+    decode_images,
+    encoded_images,
+    packed_pixels,
+    uniform_pixels,
+)
 from digitserve.server.status import Undecodable, deadline, mapped_errors
 from digitserve.server.wire import PackedPredictRequest, PredictionEncoder, parse_predict_request
 from digitserve.v1 import digit_service_pb2 as pb
@@ -101,6 +110,25 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
                 spec.name, spec.version, spec.labels)
         return encoder
 
+    async def _decode(self, images: Sequence[pb.Image], model: Model, plane: DataPlane, field: str,
+                      until: float | None) -> npt.NDArray[np.float32]:
+        """The images' pixels, admitted by the model's queue first. Uniformly packed pixels (what
+        clients send) are read at once; otherwise pictures among them (Images that set
+        ``encoded``) are sized up here and the whole message is decoded on the picture decoder's
+        threads (server.decoding), never on the event loop."""
+        plane.admit(model, len(images))
+        uniform = uniform_pixels(images, model.spec.input_size, field)
+        if uniform is not None:
+            return uniform
+        found = encoded_images(images, field)
+        if not found:
+            return decode_images(images, model.spec.input_size, field)
+        decoder = self._router.pictures
+        check_picture_sizes(found, decoder.limits, field)
+        return await decoder.run(len(found), partial(
+            decode_images, images, model.spec.input_size, field, input_shape=model.spec.input_shape,
+            limits=decoder.limits, deadline=until))
+
     @mapped_errors
     async def Predict(
         self, request: pb.PredictRequest | PackedPredictRequest, context: grpc.aio.ServicerContext
@@ -116,12 +144,12 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             images = packed_pixels(request.rows, request.encoding, model.spec.input_size)
             if images is None:
                 request = request.message()
+        until = deadline(context)
         if images is None:
             assert isinstance(request, pb.PredictRequest)
             check_count(len(request.images), plane.max_images_per_request)
-            plane.admit(model, len(request.images))
-            images = decode_images(request.images, model.spec.input_size)
-        probabilities = await plane.predict(model, images, deadline(context))
+            images = await self._decode(request.images, model, plane, "images", until)
+        probabilities = await plane.predict(model, images, until)
         return self._encoder(model).encode(probabilities)
 
     @mapped_errors
@@ -146,8 +174,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
                 plane = evaluation.plane
                 model = evaluation.model_for(request.model_version, request.version_label)
                 check_count(len(request.images), plane.max_images_per_request, field)
-                plane.admit(model, len(request.images))
-                images = decode_images(request.images, model.spec.input_size, field)
+                images = await self._decode(request.images, model, plane, field, until)
                 labels = np.asarray(request.labels, dtype=np.int64)
                 try:
                     check_labels(labels, images.shape[0], len(model.spec.labels))
@@ -182,7 +209,8 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        plane = self._router.model(request.model_name).plane
+        server = self._router.model(request.model_name)
+        plane = server.plane
         model = plane.resolve(request.model_version, request.version_label)
         metadata = Metadata.from_json(model.metadata)
         return pb.GetModelInfoResponse(
@@ -203,6 +231,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
                 pb.RefusedVersion(version=v, reason=r) for v, r in sorted(plane.refused.items())
             ],
             version_labels=sorted(k for k, v in plane.labels.items() if v == model.spec.version),
+            low_confidence_threshold=server.settings.low_confidence,
         )
 
     @mapped_errors

@@ -127,6 +127,41 @@ class Settings:
         default=8192,
         metadata={"help": "Images allowed to wait for the model; beyond that calls get RESOURCE_EXHAUSTED."},
     )
+    max_picture_bytes: int = field(
+        default=8 * 1024 * 1024,
+        metadata={
+            "help": "Largest picture accepted (Image.encoded, an element of a V2 BYTES input: PNG or "
+            "JPEG bytes); a larger one is INVALID_ARGUMENT, refused before any picture of the call "
+            "is decoded."
+        },
+    )
+    max_picture_request_bytes: int = field(
+        default=16 * 1024 * 1024,
+        metadata={"help": "Most bytes of pictures in one request, all its pictures together."},
+    )
+    max_picture_pixels: int = field(
+        default=4096 * 4096,
+        metadata={
+            "help": "Most pixels (width × height) of one picture, read from its header before it "
+            "is decoded: a decompression bomb is refused unread. The default takes a 12-megapixel "
+            "photo."
+        },
+    )
+    picture_threads: int = field(
+        default=2,
+        metadata={
+            "help": "Threads that decode and preprocess pictures, shared by every model (never the "
+            "event loop: a 640×480 JPEG takes milliseconds)."
+        },
+    )
+    max_queued_pictures: int = field(
+        default=64,
+        metadata={
+            "help": "Pictures allowed to wait for (or be in) decoding, all calls together; beyond "
+            "that calls get RESOURCE_EXHAUSTED before any of their pictures is decoded. Also the "
+            "most pictures in one request (more: INVALID_ARGUMENT)."
+        },
+    )
     inline_max_images: int = field(
         default=64,
         metadata={
@@ -343,6 +378,18 @@ class Settings:
                 f"max queued images {self.max_queued_images} is below max images per request "
                 f"{self.max_images_per_request}"
             )
+        if self.max_picture_bytes < 1024:
+            problems.append(f"max picture bytes {self.max_picture_bytes} is below 1024")
+        if self.max_picture_request_bytes < self.max_picture_bytes:
+            problems.append(
+                f"max picture request bytes {self.max_picture_request_bytes} is below max picture "
+                f"bytes {self.max_picture_bytes}")
+        if self.max_picture_pixels < 28 * 28:
+            problems.append(f"max picture pixels {self.max_picture_pixels} is below 784")
+        if not 1 <= self.picture_threads <= 64:
+            problems.append(f"picture threads {self.picture_threads} is not in 1..64")
+        if self.max_queued_pictures < 1:
+            problems.append(f"max queued pictures {self.max_queued_pictures} is below 1")
         if self.inline_max_images < 0:
             problems.append(f"inline max images {self.inline_max_images} is negative")
         if self.reload_interval < 0:

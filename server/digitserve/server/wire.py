@@ -24,7 +24,8 @@ each is a record of fixed size,
 so their pixels are columns of one (N, size) view of the request's bytes (``parse_predict_request``)
 where protobuf would build N Image objects and the server copy each one's bytes out of them and
 join them; ``server.pixels.packed_pixels`` decodes and checks those rows as it does any Image's.
-Anything else is parsed by protobuf.
+Anything else is parsed by protobuf: repeated floats, mixed encodings, and pictures (``encoded``,
+tag 0x22), which are decoded on the picture threads anyway.
 """
 
 from __future__ import annotations

@@ -1,0 +1,543 @@
+"""Pictures of a digit (PNG or JPEG bytes: a photo, a scan, a drawing) turned into a model's
+pixels the way the MNIST images were made: the one preprocessing of the server, ``mnist-client``
+and ``DigitClient``, so every caller gets the same pixels from the same picture. numpy and Pillow
+only (the client installs nothing else).
+
+The steps (``preprocess``):
+
+1. Decode (``read_grey``): PNG or JPEG only, at most ``max_bytes`` encoded and ``max_pixels``
+   decoded (checked from the header, before decoding: a decompression bomb is refused unread);
+   EXIF orientation applied; alpha composed onto a background opposite to the ink; grey. A large
+   JPEG decodes at a reduced scale (libjpeg's DCT scaling) and any picture is reduced by area
+   averaging to at most ``WORK_SIDE`` pixels a side: the digit needs no more, and the cost stays
+   bounded.
+2. Lighting (``ink_contrast``): the paper's brightness is a smooth surface, a quadratic in x and
+   y, fitted by least median of squares to the medians of 16×16 cells (right while the ink
+   leaves half of the cells), then to the pixels without the ink; a lighting gradient or
+   vignetting becomes part of the paper, not of the digit. Where the picture closed over a window
+   wider than the strokes lies well towards the ink (a shadow's edge, which no smooth surface
+   follows), that closing is the paper. The ink is the side of the paper with the larger far
+   outliers around each 3×3 cells' median (``ink_is_dark``): darker (ink on paper) or lighter
+   (chalk on a board, MNIST's own white on black). Each pixel's contrast is its difference from
+   the paper relative to the room there is (the paper's brightness for dark ink, so that ink under
+   dim light counts as much as under bright light).
+3. Ink (``digit_mask``): Otsu's threshold on the contrast; the 8-connected pieces of ink, of which
+   those below 5 % of the largest (noise, dust, JPEG speckles) are dropped; a picture whose ink
+   does not stand out of its noise is refused as blank. The digit keeps its soft edges (pixels
+   next to the pieces that reach a fifth of the strokes' contrast), as MNIST's anti-aliased ones.
+4. MNIST's normalisation (``normalise``): the digit's bounding box, strokes thickened when they
+   would be thinner than MNIST's once scaled (a pen's line), scaled with its aspect ratio kept so
+   that its longer side fills a 20×20 box (anti-aliased), intensities stretched so that the
+   strokes reach 255, and placed in the 28×28 frame so that its centre of mass is at (14, 14), as
+   MNIST's are (an MNIST image itself comes back within a few grey levels).
+
+Measured on the photo set (``python -m bench.photoset``; docs/interoperability.md): see there.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("PNG", "JPEG")
+MAX_BYTES = 8 * 1024 * 1024
+"""Encoded bytes of one picture, by default (a 12-megapixel phone JPEG is 2–5 MB)."""
+MAX_PIXELS = 4096 * 4096
+"""Decoded width × height of one picture, by default: a 12-megapixel photo (4032×3024) fits; a
+decompression bomb (a few kilobytes of PNG that would decode to gigabytes) is refused from its
+header."""
+WORK_SIDE = 320
+"""Longest side, in pixels, of the picture the preprocessing works on: enough for a digit that
+ends up 20 pixels tall."""
+BOX = 20 / 28  # MNIST: the digit's longer side fills 20 of the frame's 28 pixels
+MIN_CONTRAST = 0.1  # the ink must differ from the paper by 10 % at least
+MIN_PIECE = 0.05  # pieces of ink below this fraction of the largest one are noise
+EDGE = 0.2  # a digit's soft edge: down to this fraction of its strokes' contrast
+THINNEST = 0.08  # MNIST's thinnest strokes (its 10th percentile), a fraction of the 20-pixel box
+
+
+class ImageError(ValueError):
+    """A picture or an array that cannot be turned into a model's pixels: one line saying what is
+    wrong and what is expected."""
+
+
+def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+              work_side: int = WORK_SIDE) -> npt.NDArray[np.float64]:
+    """The picture in ``data`` (PNG or JPEG) as grey levels 0..255, reduced to at most
+    ``work_side`` pixels a side. ImageError: too many bytes or pixels, not a PNG or JPEG, corrupt
+    or truncated."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > max_bytes:
+        raise ImageError(f"{len(data)} bytes exceed the limit of {max_bytes} bytes per picture")
+    if not data:
+        raise ImageError("empty; expected the bytes of a PNG or JPEG picture")
+    try:
+        with warnings.catch_warnings():  # our own bound (below) is lower than Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as exc:  # beyond twice Pillow's own bound (~179 MP)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = found.group(1) if found else "more than 178956970"
+        raise ImageError(f"{pixels} pixels exceed the limit of {max_pixels} pixels per picture"
+                         ) from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not a PNG or JPEG image (it starts with {data[:8]!r})") from None
+    except Exception as exc:  # a PNG or JPEG header that does not parse
+        raise ImageError(f"not a readable PNG or JPEG image ({_reason(exc)})") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{width}×{height} pixels exceed the limit of {max_pixels} pixels per "
+                             "picture")
+        try:
+            return _decoded(image, work_side)
+        except Exception as exc:  # Pillow's decoders raise many types for corrupt data
+            raise ImageError(f"corrupt or truncated {image.format} data ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception of Pillow's as a short phrase (its first line, no object addresses)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    text = re.sub(r" ?<[^>]* at 0x[0-9a-f]+>", "", text)
+    return text[:120] or type(exc).__name__
+
+
+_OPAQUE_MODES = ("1", "L", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "P")  # Pillow's "L" is right for them
+
+
+def _decoded(image: Any, work_side: int) -> npt.NDArray[np.float64]:
+    from PIL import Image, ImageOps
+
+    width, height = image.size
+    if image.format == "JPEG" and max(width, height) > work_side:  # libjpeg decodes at 1/2, 1/4
+        scale = work_side / max(width, height)                     # or 1/8 of the size at once
+        image.draft("L", (max(1, int(width * scale)), max(1, int(height * scale))))
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _OPAQUE_MODES and "transparency" not in image.info:
+        image = image.convert("L")
+        factor = -(-max(image.size) // work_side)  # an area average of factor² pixels, in C
+        if factor > 1:
+            image = image.reduce(factor)
+        return np.asarray(image, dtype=np.float64)
+    grey = _grey(image)  # transparency, 16 bits: in numpy, then reduced the same way
+    factor = -(-max(grey.shape) // work_side)
+    if factor > 1:
+        reduced = Image.fromarray(grey.astype(np.float32), mode="F").reduce(factor)
+        grey = np.asarray(reduced, dtype=np.float64)
+    return grey
+
+
+def _grey(image: Any) -> npt.NDArray[np.float64]:
+    """Grey levels 0..255 of a decoded picture with transparency or 16 bits: transparency is
+    composed onto a background opposite to the ink (the mean of the opaque pixels tells which),
+    so a digit drawn on a transparent canvas keeps its strokes; 16 bits are scaled to 8."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":  # 16-bit PNG: Pillow's "L" would clip at 255
+        sixteen: npt.NDArray[np.float64] = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        return np.clip(sixteen, 0, 255)
+    if mode == "F":
+        return np.clip(np.asarray(image, dtype=np.float64), 0, 255)
+    la = np.asarray(image.convert("LA"), dtype=np.float64)
+    grey, alpha = la[..., 0], la[..., 1] / 255.0
+    opaque = alpha > 0.5
+    ink_is_dark = not opaque.any() or grey[opaque].mean() < 128
+    background = 255.0 if ink_is_dark else 0.0
+    composed: npt.NDArray[np.float64] = grey * alpha + background * (1 - alpha)
+    return composed
+
+
+# Lighting -----------------------------------------------------------------------------------
+
+
+def _axes(rows: int, cols: int, step: int = 1) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Row and column coordinates scaled to [0, 1], every ``step``-th."""
+    y = np.arange(0, rows, step, dtype=np.float64) / max(rows - 1, 1)
+    x = np.arange(0, cols, step, dtype=np.float64) / max(cols - 1, 1)
+    return y, x
+
+
+def _surface(coef: npt.NDArray[np.float64], y: npt.NDArray[np.float64],
+             x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """c0 + c1·x + c2·y + c3·x² + c4·x·y + c5·y² on the grid y × x, in three array operations."""
+    c0, c1, c2, c3, c4, c5 = coef.tolist()
+    surface: npt.NDArray[np.float64] = ((c0 + c2 * y + c5 * y * y)[:, None] + (c1 * x + c3 * x * x)[None, :]
+                                        + np.outer(c4 * y, x))
+    return surface
+
+
+def _design(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The quadratic surface's terms (1, x, y, x², xy, y²) at points (y, x), one row each."""
+    design: npt.NDArray[np.float64] = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
+    return design
+
+
+def _fit(design: npt.NDArray[np.float64], values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Least-squares coefficients by the normal equations (a 6×6 solve: numpy's lstsq costs ~50×
+    more for the same fit)."""
+    coef = np.linalg.solve(design.T @ design + 1e-9 * np.eye(6), design.T @ values)
+    return np.asarray(coef, dtype=np.float64)
+
+
+def _least_median(design: npt.NDArray[np.float64], values: npt.NDArray[np.float64],
+                  trials: int = 96) -> npt.NDArray[np.float64]:
+    """The surface with the least median of absolute residuals (Rousseeuw's LMedS) among exact
+    fits to ``trials`` random sets of 8 points, drawn from a fixed seed (the same picture always
+    gives the same pixels): right as long as the ink leaves half of the points."""
+    if values.size < 16:
+        return _fit(design, values)
+    picks = np.random.default_rng(0).integers(0, values.size, size=(trials, 8))
+    a = design[picks]  # (trials, 8, 6)
+    gram = np.einsum("tki,tkj->tij", a, a) + 1e-6 * np.eye(6)
+    rhs = np.einsum("tki,tk->ti", a, values[picks])
+    coefs = np.linalg.solve(gram, rhs[..., None])[..., 0]  # (trials, 6)
+    residuals = np.abs(values[None, :] - coefs @ design.T)
+    best: npt.NDArray[np.float64] = coefs[int(np.argmin(np.median(residuals, axis=1)))]
+    return best
+
+
+def _mad(values: npt.NDArray[np.float64]) -> float:
+    return 1.4826 * float(np.median(np.abs(values))) + 1e-6
+
+
+def ink_is_dark(small: npt.NDArray[np.float64], medians: npt.NDArray[np.float64]) -> bool:
+    """Whether the ink is darker than the paper, from the picture reduced to ~64 px a side
+    (``small``) and the medians of its cells (``medians``, a grid of 4×4-pixel cells): the paper's
+    local level is the median of each 3×3 cells (the paper wherever most of the neighbourhood is
+    paper, under a lighting gradient as across a shadow's edge), and the ink is the side of it with
+    the larger far outliers."""
+    padded = np.pad(medians, 1, mode="edge")
+    nr, nc = medians.shape
+    level = np.median(np.stack([padded[i : i + nr, j : j + nc] for i in range(3) for j in range(3)]),
+                      axis=0)
+    residual = small - np.kron(level, np.ones((small.shape[0] // nr, small.shape[1] // nc)))
+    spread = _mad(residual)
+    far = np.abs(residual) > 3 * spread
+    return float(-residual[far & (residual < 0)].sum()) >= float(residual[far & (residual > 0)].sum())
+
+
+def paper(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float, bool]:
+    """The paper's brightness under its lighting, a quadratic surface in x and y; the spread of
+    the paper's pixels around it (a robust standard deviation: the noise); and whether the ink is
+    darker than the paper.
+
+    First fitted to the medians of up to 16×16 cells (most cells are paper even where the ink is
+    thick) by least median of squares, then trimmed of the cells it does not explain; then
+    refitted to ~4,000 pixels without the ink (those more than 2.5 spreads from it on the ink's
+    side, ``ink_is_dark``)."""
+    from PIL import Image
+
+    rows, cols = grey.shape
+    sub = 4  # each cell: the median of 4×4 area means of the picture reduced to 64 px a side
+    scale = min(1.0, 16 * sub / max(rows, cols))
+    nr, nc = max(1, round(rows * scale / sub)), max(1, round(cols * scale / sub))
+    small = np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize(
+        (nc * sub, nr * sub), Image.Resampling.BOX), dtype=np.float64)
+    grid = np.median(small.reshape(nr, sub, nc, sub).transpose(0, 2, 1, 3).reshape(nr, nc, -1),
+                     axis=-1)
+    medians = grid.ravel()
+    by, bx = (a.ravel() for a in np.meshgrid((np.arange(nr) + 0.5) / nr * rows / max(rows - 1, 1),
+                                             (np.arange(nc) + 0.5) / nc * cols / max(cols - 1, 1),
+                                             indexing="ij"))
+    cells = _design(by, bx)
+    coef = _least_median(cells, medians)
+    residual = medians - cells @ coef
+    keep = np.abs(residual) < 2.5 * _mad(residual)
+    if keep.sum() >= 12:
+        coef = _fit(cells[keep], medians[keep])
+    step = max(1, int(np.sqrt(rows * cols / 4000)))
+    y, x = _axes(rows, cols, step)
+    design = _design(*(a.ravel() for a in np.meshgrid(y, x, indexing="ij")))
+    sample = grey[::step, ::step].ravel()
+    residual = sample - design @ coef
+    spread = _mad(residual)
+    dark = ink_is_dark(small, grid)
+    sign = -1.0 if dark else 1.0
+    for _ in range(3):
+        keep = (sign * residual < 2.5 * spread) & (sign * residual > -5 * spread)
+        if keep.sum() < 24:
+            break
+        coef = _fit(design[keep], sample[keep])
+        residual = sample - design @ coef
+        spread = _mad(residual[keep])
+    return _surface(coef, *_axes(rows, cols)), spread, dark
+
+
+def _relative(grey: npt.NDArray[np.float64], level: npt.NDArray[np.float64],
+              dark: bool) -> npt.NDArray[np.float64]:
+    """Contrast of each pixel against the paper's ``level``: the difference over the room there
+    is (the paper's brightness for dark ink, so that ink under dim light counts as much as under
+    bright light; what is left to white for light ink)."""
+    if dark:
+        out: npt.NDArray[np.float64] = (level - grey) / np.maximum(level, 32.0)
+    else:
+        out = (grey - level) / np.maximum(255.0 - level, 32.0)
+    return out
+
+
+def _closing(values: npt.NDArray[np.float64], radius: int, dark: bool) -> npt.NDArray[np.float64]:
+    """A grey closing over a (2r+1)-square (``dark``: a maximum, then a minimum: dark features
+    narrower than the window vanish) or an opening (light ones vanish). The picture is extended by
+    its edge values first, so that a lighting gradient running into the border is kept as it is."""
+    padded = np.pad(values, radius, mode="edge")
+    sign = 1.0 if dark else -1.0
+    out = -_grow(-_grow(sign * padded, radius), radius) * sign
+    return out[radius:-radius, radius:-radius] if radius > 0 else out
+
+
+def closed_paper(grey: npt.NDArray[np.float64], dark: bool, radius: int) -> npt.NDArray[np.float64]:
+    """The paper's brightness where a smooth surface cannot follow the lighting (a shadow's
+    edge): the picture closed (dark ink: a maximum, then a minimum, over (2r+1)² pixels), which
+    removes strokes narrower than the window and keeps a step of the lighting where it is. At half
+    the size, smoothed first, for speed and against noise."""
+    from PIL import Image
+
+    rows, cols = grey.shape
+    scale = 0.5 if min(rows, cols) >= 64 else 1.0
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    small = Image.fromarray(grey.astype(np.float32), mode="F").resize(size, Image.Resampling.BOX)
+    padded = np.pad(np.asarray(small, dtype=np.float64), 1, mode="edge")
+    values: npt.NDArray[np.float64] = np.mean(
+        [padded[i : i + size[1], j : j + size[0]] for i in range(3) for j in range(3)], axis=0)
+    r = max(1, int(np.ceil(radius * scale)))
+    out = _closing(values, r, dark)
+    full = Image.fromarray(out.astype(np.float32), mode="F").resize((cols, rows), Image.Resampling.BILINEAR)
+    return np.asarray(full, dtype=np.float64)
+
+
+def ink_contrast(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
+    """Each pixel's contrast against the paper (0: paper; 1: as far from it as can be), ink
+    darker or lighter than the paper as ``paper`` found; and the noise in the same units.
+
+    The paper is the smooth surface of ``paper``, except where the picture closed over a window
+    wider than the strokes (``closed_paper``) says it is nearer the ink (in a shadow): the closing
+    follows a lighting step the surface cannot, the surface is not biased by noise as a closing
+    is."""
+    surface, spread, dark = paper(grey)
+    contrast = _relative(grey, surface, dark)
+    noise = spread / float(np.median(np.maximum(surface if dark else 255.0 - surface, 32.0)))
+    first = contrast > max(otsu(np.clip(contrast, 0, None)), 3 * noise, MIN_CONTRAST / 2)
+    if first.any():
+        # Wider than the strokes (those of the first look at the ink, unless a shadow took part
+        # in it: no stroke is wider than a tenth of the picture).
+        radius = min(int(2 * stroke_width(first)) + 2, max(2, round(0.1 * min(grey.shape))))
+        local = closed_paper(grey, dark, radius)
+        # The closing where it lies towards the ink by 10 % or more (a shadow), the surface where
+        # they agree within 5 % (the closing's own bias: noise raises a maximum), blended between.
+        toward_ink = _relative(local, surface, dark)
+        weight = np.clip((toward_ink - 0.05) / 0.05, 0.0, 1.0)
+        level = weight * local + (1 - weight) * surface
+        contrast = _relative(grey, level, dark)
+        step = max(1, int(np.sqrt(contrast.size / 4000)))
+        noise = _mad(contrast[::step, ::step])
+    return np.clip(contrast, 0.0, None), noise
+
+
+def otsu(values: npt.NDArray[np.float64], bins: int = 256) -> float:
+    """Otsu's threshold: the cut that maximises the between-class variance of ``values`` (a
+    histogram of ``bins`` bins from 0 to the largest value)."""
+    high = float(values.max())
+    if high <= 0:
+        return 0.0
+    index = np.minimum((values.ravel() * (bins / high)).astype(np.intp), bins - 1)
+    counts = np.bincount(index, minlength=bins).astype(np.float64)
+    centres = (np.arange(bins) + 0.5) * (high / bins)
+    weight = np.cumsum(counts)
+    mass = np.cumsum(counts * centres)
+    total, total_mass = weight[-1], mass[-1]
+    upper = total - weight
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_low = mass / weight
+        mean_high = (total_mass - mass) / upper
+        between = weight * upper * (mean_low - mean_high) ** 2
+    between = np.nan_to_num(between[:-1], nan=0.0)
+    return float((int(np.argmax(between)) + 1) * (high / bins))
+
+
+# Ink ----------------------------------------------------------------------------------------
+
+
+def components(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
+    """8-connected components of ``mask``: a label per pixel (0: none, 1..K) and each label's
+    pixel count (index 0 unused). Runs of each row are joined to the runs they touch on the row
+    above (union-find over runs: a digit is a few hundred)."""
+    rows, cols = mask.shape
+    padded = np.zeros((rows, cols + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)
+    starts_r, starts_c = np.nonzero(edges == 1)
+    _, ends_c = np.nonzero(edges == -1)
+    count = starts_r.size
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    if count == 0:
+        return labels, np.zeros(1, dtype=np.int64)
+    parent = list(range(count))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    row_first = np.searchsorted(starts_r, np.arange(rows + 1))
+    s_list, e_list = starts_c.tolist(), ends_c.tolist()  # run k covers columns [s, e)
+    for row in range(1, rows):
+        a0, a1 = int(row_first[row - 1]), int(row_first[row])
+        b0, b1 = a1, int(row_first[row + 1])
+        i = a0
+        for j in range(b0, b1):
+            s, e = s_list[j], e_list[j]
+            while i < a1 and e_list[i] < s:  # runs above that end before this one's reach
+                i += 1
+            k = i
+            while k < a1 and s_list[k] <= e:  # 8-connected: touching diagonally counts
+                ri, rj = find(k), find(j)
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+                k += 1
+    roots = np.array([find(k) for k in range(count)])
+    _, run_label = np.unique(roots, return_inverse=True)
+    run_label = run_label + 1
+    lengths = ends_c - starts_c
+    sizes = np.bincount(run_label, weights=lengths).astype(np.int64)
+    for k in range(count):  # paint the runs
+        labels[starts_r[k], s_list[k] : e_list[k]] = run_label[k]
+    return labels, sizes
+
+
+def digit_mask(contrast: npt.NDArray[np.float64], noise: float
+               ) -> tuple[npt.NDArray[np.bool_], float]:
+    """The pixels of the digit (the pieces of ink kept) and the threshold; ImageError when no ink
+    stands out of the paper."""
+    threshold = max(otsu(contrast), MIN_CONTRAST / 2, 3 * noise)
+    mask = contrast > threshold
+    if not mask.any() or float(np.percentile(contrast[mask], 90)) < max(MIN_CONTRAST, 6 * noise):
+        raise ImageError("the picture is blank (no ink stands out of the background); expected a "
+                         "digit")
+    labels, sizes = components(mask)
+    keep = sizes >= MIN_PIECE * sizes[1:].max()
+    keep[0] = False
+    return keep[labels], threshold
+
+
+# MNIST's normalisation ------------------------------------------------------------------------
+
+
+def _window_max(values: npt.NDArray[np.float64], width: int, axis: int) -> npt.NDArray[np.float64]:
+    """The maximum of each run of ``width`` values along ``axis`` (the valid ones: the axis
+    shrinks by width - 1), in log2(width) + 1 array operations: maxima of runs of 1, 2, 4, ...
+    pixels, then two overlapping runs of the largest power of two."""
+    m = np.moveaxis(values, axis, 0)
+    span = 1
+    while span * 2 <= width:
+        m = np.maximum(m[:-span], m[span:])
+        span *= 2
+    if span < width:
+        m = np.maximum(m[: m.shape[0] - (width - span)], m[width - span :])
+    return np.moveaxis(m, 0, axis)
+
+
+def _grow(values: npt.NDArray[np.float64], radius: int) -> npt.NDArray[np.float64]:
+    """Grey dilation by a (2r+1)-square: each pixel the maximum of its neighbourhood (the window
+    cut at the border, as the picture's edge values extended would give)."""
+    if radius <= 0:
+        return values
+    padded = np.pad(values, radius, mode="edge")
+    width = 2 * radius + 1
+    return _window_max(_window_max(padded, width, 0), width, 1)
+
+
+def stroke_width(mask: npt.NDArray[np.bool_]) -> float:
+    """A stroke's typical width in pixels: twice the area over the perimeter (a long stroke of
+    width w and length L has area wL and perimeter ~2L)."""
+    area = float(mask.sum())
+    edges = int(np.count_nonzero(mask[1:] != mask[:-1]) + np.count_nonzero(mask[:, 1:] != mask[:, :-1])
+                + np.count_nonzero(mask[0]) + np.count_nonzero(mask[-1])
+                + np.count_nonzero(mask[:, 0]) + np.count_nonzero(mask[:, -1]))
+    return 2 * area / max(edges, 1)
+
+
+def normalise(ink: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_],
+              shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """The digit (``ink``: 0..1 intensities, ``mask``: its pixels) fitted as MNIST's were into a
+    ``shape`` frame: its longer side scaled to 20/28 of the frame, centred by centre of mass."""
+    from PIL import Image
+
+    rows, cols = shape
+    where = np.argwhere(mask)
+    (top, left), (bottom, right) = where.min(axis=0), where.max(axis=0) + 1
+    crop = ink[top:bottom, left:right]
+    box = max(1, round(min(rows, cols) * BOX))
+    scale = box / max(crop.shape)
+    width = stroke_width(mask[top:bottom, left:right])
+    thinnest = THINNEST * box / scale  # MNIST's thinnest strokes, in the picture's pixels
+    if width < thinnest:  # a pen's line on a large digit: thickened to MNIST's thinnest
+        radius = int(np.ceil((thinnest - width) / 2))
+        crop = _grow(np.pad(crop, radius), radius)
+        scale = box / max(crop.shape)
+    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+    resized = Image.fromarray(crop.astype(np.float32), mode="F").resize(size, Image.Resampling.LANCZOS)
+    digit = np.clip(np.asarray(resized, dtype=np.float64), 0, None)
+    peak = float(digit.max())
+    if peak <= 0:
+        raise ImageError("the picture is blank (no ink stands out of the background); expected a "
+                         "digit")
+    digit = digit * (255.0 / peak)
+    frame = np.zeros((rows, cols), dtype=np.float64)
+    total = digit.sum()
+    cy = float((digit.sum(axis=1) * np.arange(digit.shape[0])).sum() / total)
+    cx = float((digit.sum(axis=0) * np.arange(digit.shape[1])).sum() / total)
+    y0 = int(np.clip(round(rows / 2 - cy), 0, rows - digit.shape[0]))
+    x0 = int(np.clip(round(cols / 2 - cx), 0, cols - digit.shape[1]))
+    frame[y0 : y0 + digit.shape[0], x0 : x0 + digit.shape[1]] = digit
+    return np.rint(np.clip(frame, 0, 255)).astype(np.uint8).reshape(rows * cols)
+
+
+def preprocess(grey: npt.NDArray[np.float64], shape: Sequence[int] = (28, 28)
+               ) -> npt.NDArray[np.uint8]:
+    """A grey picture (0..255, any size) as a flat uint8 vector of ``shape``'s pixels, white
+    digit on black as MNIST's. ImageError when it holds no digit."""
+    rows, cols = (int(d) for d in shape)
+    contrast, noise = ink_contrast(grey)
+    mask, _ = digit_mask(contrast, noise)
+    # The digit with its soft edges (as MNIST's anti-aliased ones): pixels within 2 of a piece
+    # kept that reach a fifth of the strokes' contrast; intensities relative to the strokes'.
+    strong = float(np.percentile(contrast[mask], 90))
+    kept = (_grow(mask.astype(np.float64), 2) > 0) & (contrast > EDGE * strong)
+    ink = np.where(kept, np.clip(contrast / strong, 0.0, 1.0), 0.0)
+    return normalise(ink, kept, (rows, cols))
+
+
+def from_bytes(data: bytes, shape: Sequence[int] = (28, 28), *, max_bytes: int = MAX_BYTES,
+               max_pixels: int = MAX_PIXELS) -> npt.NDArray[np.uint8]:
+    """The model's pixels (flat uint8, ``shape``) of a PNG or JPEG picture; ImageError saying
+    what is wrong otherwise."""
+    return preprocess(read_grey(data, max_bytes=max_bytes, max_pixels=max_pixels), shape)
+
+
+def from_file(path: Path, shape: Sequence[int] = (28, 28), *, max_bytes: int = MAX_BYTES,
+              max_pixels: int = MAX_PIXELS) -> npt.NDArray[np.uint8]:
+    """As from_bytes, of a file; ImageError messages start with the path."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ImageError(f"{size} bytes exceed the limit of {max_bytes} bytes per picture")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None
+    try:
+        return from_bytes(data, shape, max_bytes=max_bytes, max_pixels=max_pixels)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from None

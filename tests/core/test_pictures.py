@@ -1,0 +1,217 @@
+"""digitserve.pictures: a picture of a digit becomes the pixels MNIST would have made of it, whatever
+the photo did to it (lighting, polarity, noise, JPEG, placement, aspect, stroke width, dust, a
+shadow), and every picture that cannot be used is one precise ImageError."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image, ImageDraw
+
+from digitserve import pictures
+from digitserve.pictures import ImageError
+
+# Digits as pen strokes: polylines in a unit box (x right, y down).
+STROKES = {
+    "2": [(0.15, 0.25), (0.3, 0.08), (0.6, 0.05), (0.82, 0.2), (0.8, 0.42), (0.5, 0.65),
+          (0.15, 0.95), (0.9, 0.93)],
+    "4": [(0.65, 0.95), (0.65, 0.05), (0.1, 0.65), (0.92, 0.65)],
+    "7": [(0.1, 0.08), (0.9, 0.08), (0.45, 0.95)],
+}
+Grey = npt.NDArray[np.float64]
+
+
+def drawing(digit: str, size: tuple[int, int] = (400, 300),
+            box: tuple[int, int, int, int] = (150, 40, 330, 260), width: int = 22) -> Grey:
+    """Black ink on white paper, the digit's strokes filling ``box`` (x0, y0, x1, y1)."""
+    image = Image.new("L", size, 255)
+    x0, y0, x1, y1 = box
+    points = [(x0 + x * (x1 - x0), y0 + y * (y1 - y0)) for x, y in STROKES[digit]]
+    ImageDraw.Draw(image).line(points, fill=0, width=width, joint="curve")
+    return np.asarray(image, dtype=np.float64)
+
+
+def encode(grey: Grey, fmt: str = "PNG", mode: str = "L") -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert(mode).save(
+        out, format=fmt, **({"quality": 70} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+def photographed(grey: Grey, seed: int = 0) -> Grey:
+    """As the photo set draws it: paper lit by a linear gradient from 140 to 230, noise σ = 8."""
+    rows, cols = grey.shape
+    y, x = np.mgrid[0:rows, 0:cols]
+    light = 140 + 90 * (0.7 * x / (cols - 1) + 0.3 * y / (rows - 1))
+    return light * grey / 255 + np.random.default_rng(seed).normal(0, 8, grey.shape)
+
+
+def distance(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> float:
+    """Mean absolute difference of two 28×28 images, the better of shifts by up to one pixel."""
+    x, y = a.reshape(28, 28).astype(np.float64), b.reshape(28, 28).astype(np.float64)
+    return min(float(np.abs(np.roll(x, (dy, dx), axis=(0, 1)) - y).mean())
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+@pytest.fixture(scope="module", params=sorted(STROKES))
+def digit(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def clean(digit: str) -> npt.NDArray[np.uint8]:
+    """The pixels of the digit drawn cleanly: what every photo of it should come back as."""
+    return pictures.from_bytes(encode(drawing(digit)))
+
+
+def test_a_clean_drawing_is_normalised_as_mnist_s_digits(clean: npt.NDArray[np.uint8]) -> None:
+    image = clean.reshape(28, 28).astype(np.float64)
+    rows, cols = np.nonzero(image)
+    assert max(np.ptp(rows), np.ptp(cols)) + 1 in (20, 21)  # the 20×20 box, anti-aliased edges
+    total = image.sum()
+    centre = ((image.sum(axis=1) * np.arange(28)).sum() / total,
+              (image.sum(axis=0) * np.arange(28)).sum() / total)
+    assert np.allclose(centre, (14, 14), atol=0.5)  # MNIST's centre of mass, (14.0, 14.0) on average
+    assert clean.max() == 255 and image[:, :2].max() == 0 and image[:, -2:].max() == 0
+
+
+def test_an_mnist_image_comes_back_as_it_is(clean: npt.NDArray[np.uint8]) -> None:
+    again = pictures.from_bytes(encode(clean.reshape(28, 28).astype(np.float64)))
+    assert np.abs(again.astype(np.int64) - clean).mean() < 3
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_photo_on_a_lighting_gradient_with_noise_gives_the_clean_pixels(
+    digit: str, clean: npt.NDArray[np.uint8], fmt: str
+) -> None:
+    """The issue's failure: the old preprocessing took the gradient for ink (a '3' read as 4 and 9)."""
+    photo = pictures.from_bytes(encode(photographed(drawing(digit)), fmt, "RGB"))
+    assert distance(photo, clean) < 2
+
+
+def test_light_ink_on_dark_paper_gives_the_same_pixels(digit: str, clean: npt.NDArray[np.uint8]) -> None:
+    assert distance(pictures.from_bytes(encode(255 - photographed(drawing(digit)))), clean) < 2
+
+
+def test_an_off_centre_digit_on_a_long_picture_gives_the_same_pixels(
+    digit: str, clean: npt.NDArray[np.uint8]
+) -> None:
+    # The same digit (same aspect ratio, 130×159 px) at the right end of a 640×200 picture.
+    far = drawing(digit, size=(640, 200), box=(490, 20, 620, 179), width=16)
+    assert distance(pictures.from_bytes(encode(photographed(far))), clean) < 4
+
+
+def test_a_pen_s_thin_line_is_thickened_as_mnist_s_strokes(
+    digit: str, clean: npt.NDArray[np.uint8], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Strokes of 1 % of the digit's height instead of 10 %: scaled down as they are, a faint line
+    # of a third of the ink (measured: 0.33-0.38 of the clean drawing's); thickened, most of it.
+    data = encode(drawing(digit, size=(600, 640), box=(110, 20, 490, 610), width=6))
+    assert pictures.from_bytes(data).sum() > 0.7 * clean.sum()
+    monkeypatch.setattr(pictures, "THINNEST", 0.0)
+    assert pictures.from_bytes(data).sum() < 0.5 * clean.sum()
+
+
+def test_dust_and_specks_are_not_part_of_the_digit(digit: str, clean: npt.NDArray[np.uint8]) -> None:
+    dusty = drawing(digit)
+    for y, x in ((10, 10), (280, 20), (150, 60), (20, 380), (290, 390)):
+        dusty[y : y + 3, x : x + 3] = 0
+    assert distance(pictures.from_bytes(encode(dusty)), clean) < 1
+
+
+def test_a_shadow_s_edge_is_not_taken_for_ink(digit: str, clean: npt.NDArray[np.uint8]) -> None:
+    shadowed = photographed(drawing(digit))
+    shadowed[:, :110] *= 0.55  # the left third in the shade: a step no smooth surface follows
+    assert distance(pictures.from_bytes(encode(shadowed)), clean) < 4
+
+
+def test_transparent_16_bit_and_palette_pictures_give_the_same_pixels(
+    digit: str, clean: npt.NDArray[np.uint8]
+) -> None:
+    ink = (255 - drawing(digit)).astype(np.uint8)
+    rgba = Image.fromarray(np.dstack([np.zeros_like(ink)] * 3 + [ink]), "RGBA")  # ink on nothing
+    sixteen = Image.fromarray(drawing(digit).astype(np.uint16) * 257)
+    palette = Image.fromarray(drawing(digit).astype(np.uint8)).convert("P")
+    for image in (rgba, sixteen, palette):
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        assert distance(pictures.from_bytes(out.getvalue()), clean) < 1, image.mode
+
+
+def test_a_twelve_megapixel_jpeg_is_decoded_reduced(digit: str, clean: npt.NDArray[np.uint8]) -> None:
+    big = Image.fromarray(drawing(digit).astype(np.uint8)).resize((4000, 3000))
+    grey = pictures.read_grey(encode(np.asarray(big, dtype=np.float64), "JPEG"))
+    assert max(grey.shape) <= pictures.WORK_SIDE
+    assert distance(pictures.preprocess(grey), clean) < 2
+
+
+def test_the_same_bytes_give_the_same_pixels() -> None:
+    data = encode(photographed(drawing("2"), seed=3), "JPEG", "RGB")
+    np.testing.assert_array_equal(pictures.from_bytes(data), pictures.from_bytes(data))
+
+
+def test_another_input_shape_gets_its_frame() -> None:
+    pixels = pictures.from_bytes(encode(drawing("7")), (14, 14))
+    assert pixels.shape == (196,) and pixels.max() == 255
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width``×``height`` pixels and holds a few kilobytes: a decompression
+    bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(4096)))
+            + chunk(b"IEND", b""))
+
+
+GIF = encode(drawing("7"), "GIF")
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"", "empty; expected the bytes of a PNG or JPEG picture"),
+    (bytes(9000), "9000 bytes exceed the limit of 8192 bytes per picture"),
+    (GIF, f"not a PNG or JPEG image (it starts with {GIF[:8]!r})"),
+    (b"hello, world", "not a PNG or JPEG image (it starts with b'hello, w')"),
+    (png_header(5000, 4000), "5000×4000 pixels exceed the limit of 16777216 pixels per picture"),
+    (png_header(100_000, 100_000),  # beyond Pillow's own bound: refused by Pillow, said as ours
+     "10000000000 pixels exceed the limit of 16777216 pixels per picture"),
+    (encode(np.full((50, 60), 200.0)),
+     "the picture is blank (no ink stands out of the background); expected a digit"),
+    (encode(np.random.default_rng(1).normal(180, 8, (200, 200))),
+     "the picture is blank (no ink stands out of the background); expected a digit"),
+    (encode(np.full((1, 1), 3.0)),
+     "the picture is blank (no ink stands out of the background); expected a digit"),
+], ids=["empty", "too-many-bytes", "gif", "text", "too-many-pixels", "bomb", "uniform", "noise",
+        "one-pixel"])
+def test_pictures_that_cannot_be_used_are_one_line(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError) as info:
+        pictures.from_bytes(data, max_bytes=8192 if len(data) == 9000 else pictures.MAX_BYTES)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_truncated_picture_is_one_line(fmt: str) -> None:
+    data = encode(photographed(drawing("4")), fmt)
+    with pytest.raises(ImageError) as info:
+        pictures.from_bytes(data[: len(data) // 3])
+    assert re.fullmatch(r"corrupt or truncated (PNG|JPEG) data \([^\n]+\)|not a readable PNG or "
+                        r"JPEG image \([^\n]+\)", str(info.value)), info.value
+    assert " at 0x" not in str(info.value)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageError) as info:
+        pictures.from_file(tmp_path / "none.png")
+    assert str(info.value) == f"{tmp_path / 'none.png'}: cannot be read (No such file or directory)"
+    (tmp_path / "big.png").write_bytes(bytes(2048))
+    with pytest.raises(ImageError) as info:
+        pictures.from_file(tmp_path / "big.png", max_bytes=1024)
+    assert str(info.value) == f"{tmp_path / 'big.png'}: 2048 bytes exceed the limit of 1024 bytes per picture"
