@@ -6,6 +6,8 @@ decoding runs on the picture threads, bounded, never on the event loop."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import http.client
 import json
 import threading
 from collections.abc import Callable
@@ -59,8 +61,9 @@ def probabilities(response: pb.PredictResponse) -> npt.NDArray[np.float32]:
 
 
 def test_a_png_and_a_jpeg_get_the_cli_s_answer_over_every_path(
-    tiny_server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    start_server: Callable[..., ServerThread], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    tiny_server = start_server(http_port=0)
     photos = {fmt: digit_photo(fmt) for fmt in ("PNG", "JPEG")}
     expected = {}
     for fmt, data in photos.items():  # the CLI, preprocessing the file here (its default)
@@ -88,6 +91,22 @@ def test_a_png_and_a_jpeg_get_the_cli_s_answer_over_every_path(
             np.testing.assert_allclose(v2_probabilities(answer), both, rtol=0, atol=1e-6)
         answer = v2.ModelInfer(v2_request([photos["JPEG"]], raw=False, shape=[1, 1]), timeout=30)
         np.testing.assert_allclose(v2_probabilities(answer), both[1:], rtol=0, atol=1e-6)
+    # The V2 protocol's REST binding: a BYTES input whose JSON elements are base64 strings.
+    body = json.dumps({"inputs": [{
+        "name": "images", "datatype": "BYTES", "shape": [2],
+        "data": [base64.b64encode(photos[fmt]).decode() for fmt in ("PNG", "JPEG")]}]}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", tiny_server.app.http_port, timeout=30)
+    try:
+        connection.request("POST", "/v2/models/tiny/infer", body=body,
+                           headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        status, document = answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+    assert status == 200, document
+    output = next(o for o in document["outputs"] if o["name"] == "probabilities")
+    np.testing.assert_allclose(np.asarray(output["data"], np.float32).reshape(output["shape"]), both,
+                               rtol=0, atol=1e-6)
     with DigitClient(tiny_server.target) as client:  # the library: bytes or paths, either side
         for preprocess in ("client", "server"):
             result = client.predict([photos["PNG"], tmp_path / "two.jpeg"], preprocess=preprocess)
