@@ -335,14 +335,17 @@ host_models() {
 # Cold start: from `docker run` to health SERVING, with the default-preset model published.
 oneline() {
   host_models
-  local port http_port name started serving cold out
+  local port http_port name started serving cold out logs exposed
   port=$(free_port) http_port=$(free_port) name=containers-check-$$-oneline
   started=$(now)
   start "$name" -p "127.0.0.1:$port:50051" -p "127.0.0.1:$http_port:8080" \
     -v "$scratch/models:/models:ro" "$MNIST_IMAGE"
   serving=$(probe serving "127.0.0.1:$port" 60)
   cold=$(seconds_since "$started" "$serving")
-  docker logs "$name" 2>&1 | grep -q "every model in /models" ||
+  # (the logs in a variable first: `grep -q` stops reading at its match, and pipefail would
+  # count the SIGPIPE of `docker logs` as a failure)
+  logs=$(docker logs "$name" 2>&1)
+  grep -q "every model in /models" <<<"$logs" ||
     { log "the one-line run does not serve every model of /models"; return 1; }
   out=$(run_image --network host "$MNIST_IMAGE" client --target "127.0.0.1:$port" --timeout 10 info)
   echo "$out"
@@ -352,7 +355,8 @@ oneline() {
     --min-accuracy "$MNIST_MIN_ACCURACY" 2>&1) || { echo "$out"; return 1; }
   head -1 <<<"$out"
   # The HTTP edge, once the image has one (EXPOSE 8080): its readiness answers on the published port.
-  if docker image inspect --format '{{json .Config.ExposedPorts}}' "$MNIST_IMAGE" | grep -q '"8080/tcp"'; then
+  exposed=$(docker image inspect --format '{{json .Config.ExposedPorts}}' "$MNIST_IMAGE")
+  if grep -q '"8080/tcp"' <<<"$exposed"; then
     probe http-ready "http://127.0.0.1:$http_port/v2/health/ready"
   fi
   figure "serve image: $(image_mb "$MNIST_IMAGE") MB, cold start: $cold s (docker run -> health SERVING, default preset; bound $COLD_START_MAX_S s)"
@@ -366,11 +370,12 @@ oneline() {
 # The same line on an empty model directory: up, NOT_SERVING, waiting; a version published into
 # the directory (staged, then renamed into place, as the trainer publishes) serves without a restart.
 first_version() {
-  local port name published serving version
+  local port name published serving version logs
   port=$(free_port) name=containers-check-$$-waiting
   start "$name" -p "127.0.0.1:$port:50051" -v "$scratch/empty:/models:ro" "$MNIST_IMAGE"
   for _ in $(seq 300); do
-    docker logs "$name" 2>&1 | grep -q "waiting for a model in /models" && break
+    logs=$(docker logs "$name" 2>&1)
+    grep -q "waiting for a model in /models" <<<"$logs" && break
     sleep 0.1
   done
   docker logs "$name" 2>&1 | grep "waiting for a model in /models" | cut -c1-240
