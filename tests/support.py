@@ -98,8 +98,8 @@ def real_data_dir() -> Path | None:
 
 def publish_copy(repo: ModelRepository, source_dir: Path, name: str = "tiny") -> int:
     """Publishes every file of ``source_dir`` (model.tflite included, so it loads without
-    TensorFlow) as the next version of ``name``; the repository writes the metadata with its
-    checksums. Returns the version."""
+    TensorFlow) as the next version of ``name`` (its metadata renamed to it); the repository
+    writes the metadata with its checksums. Returns the version."""
 
     def build(staging: Path, version: int) -> dict[str, Any]:
         for path in source_dir.iterdir():
@@ -107,6 +107,7 @@ def publish_copy(repo: ModelRepository, source_dir: Path, name: str = "tiny") ->
                 shutil.copy(path, staging / path.name)
         metadata: dict[str, Any] = json.loads((source_dir / METADATA_FILE).read_text())
         metadata.pop("files", None)
+        metadata["name"] = name
         return metadata
 
     version, _ = repo.publish(name, build)

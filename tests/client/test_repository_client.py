@@ -6,10 +6,8 @@ config file; ``--model-name`` and ``--label`` pick what answers and the output s
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -18,11 +16,11 @@ import pytest
 from digitserve.client import DigitClient
 from digitserve.client.cli import format_models, main
 from digitserve.client.messages import message_dict
-from digitserve.metadata import METADATA_FILE
 from digitserve.repository import ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.servers import ServerThread
+from tests.support import publish_copy
 
 CANARY_WEIGHT = 0.25
 CONFIG = f"""\
@@ -37,20 +35,9 @@ canary_weight = {CANARY_WEIGHT}
 
 
 def publish_as(root: Path, source_dir: Path, name: str) -> int:
-    """Publishes the files of the version in ``source_dir`` as the next version of model
-    ``name`` in the repository ``root`` (its metadata renamed); returns the version."""
-
-    def build(staging: Path, version: int) -> dict[str, Any]:
-        for path in source_dir.iterdir():
-            if path.is_file() and not path.name.startswith(METADATA_FILE):
-                shutil.copy(path, staging / path.name)
-        metadata: dict[str, Any] = json.loads((source_dir / METADATA_FILE).read_text())
-        metadata.pop("files", None)
-        metadata["name"] = name
-        return metadata
-
-    version, _ = ModelRepository(root).publish(name, build)
-    return version
+    """Publishes the version in ``source_dir`` as the next version of model ``name`` in the
+    repository ``root``; returns the version."""
+    return publish_copy(ModelRepository(root), source_dir, name)
 
 
 def labelled_repository(tiny_repo: Path, root: Path) -> tuple[Path, Path]:

@@ -6,7 +6,6 @@ the previous config and says why). Real models over a real channel on 127.0.0.1.
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -21,30 +20,18 @@ import pytest
 
 from digitserve.client.client import encode_images
 from digitserve.inference import load_version, read_check_set
-from digitserve.metadata import METADATA_FILE
 from digitserve.repository import ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.server.test_server import images_u8
 from tests.servers import ServerThread
-from tests.support import expect_error, scrape, wait_for
+from tests.support import expect_error, publish_copy, scrape, wait_for
 
 
 def publish_as(root: Path, source_dir: Path, name: str) -> int:
-    """Publishes the files of the version in ``source_dir`` as the next version of model
-    ``name`` in the repository ``root`` (its metadata renamed); returns the version."""
-
-    def build(staging: Path, version: int) -> dict[str, Any]:
-        for path in source_dir.iterdir():
-            if path.is_file() and not path.name.startswith(METADATA_FILE):
-                shutil.copy(path, staging / path.name)
-        metadata: dict[str, Any] = json.loads((source_dir / METADATA_FILE).read_text())
-        metadata.pop("files", None)
-        metadata["name"] = name
-        return metadata
-
-    version, _ = ModelRepository(root).publish(name, build)
-    return version
+    """Publishes the version in ``source_dir`` as the next version of model ``name`` in the
+    repository ``root``; returns the version."""
+    return publish_copy(ModelRepository(root), source_dir, name)
 
 
 @pytest.fixture

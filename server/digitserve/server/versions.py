@@ -183,15 +183,12 @@ def describe_missing(root: Path, name: str) -> str:
     return str(missing_error(root, name))
 
 
-def missing_error(root: Path, name: str) -> ModelNotFoundError:
-    """Why model ``name`` has no published version in the repository ``root`` (given by
-    ``--model-repo``), what is there instead and what to do, in one line: the directory is
-    missing, is empty, is a model's own directory (TF Serving's ``--model_base_path`` habit),
-    holds other models, or holds the model without a version yet. NothingPublishedError where
-    publishing into ``root`` is what it lacks (a server may wait for that), ModelNotFoundError
-    where the flag names the wrong thing (a missing path, a file, a model's own directory)."""
+def _not_a_repository(root: Path, publish: str, name: str | None = None) -> ModelNotFoundError | None:
+    """Where ``--model-repo`` names the wrong thing, the one line saying so: a missing path, a
+    file, a model's own directory (TF Serving's ``--model_base_path`` habit; ``name``: the model
+    asked for, so the line adds ``--model-name`` when the directory is another's). None when
+    ``root`` is a directory that may be a repository. ``publish``: the command that publishes."""
     flag = f"--model-repo {root}"
-    publish = f"mnist-train train --model-repo {root} --model-name {name}"
     if not root.exists():
         shown = "" if root.is_absolute() else f" ({root.absolute()})"
         return ModelNotFoundError(
@@ -201,14 +198,29 @@ def missing_error(root: Path, name: str) -> ModelNotFoundError:
         return ModelNotFoundError(
             f"{flag}: not a directory; give the model repository (the directory of NAME/VERSION/)")
     own = _version_dirs(root, published=True)
-    if own:
-        base = root.name or root.resolve().name
-        parent = root.parent if root.name else root.resolve().parent
-        also = "" if base == name else f" --model-name {base}"
-        return ModelNotFoundError(
-            f"{flag} looks like the directory of model {base!r} (it holds "
-            f"{_versions_text(own)} of it), not a repository of models: use "
-            f"--model-repo {parent}{also}")
+    if not own:
+        return None
+    base = root.name or root.resolve().name
+    parent = root.parent if root.name else root.resolve().parent
+    also = "" if name is None or base == name else f" --model-name {base}"
+    return ModelNotFoundError(
+        f"{flag} looks like the directory of model {base!r} (it holds "
+        f"{_versions_text(own)} of it), not a repository of models: use "
+        f"--model-repo {parent}{also}")
+
+
+def missing_error(root: Path, name: str) -> ModelNotFoundError:
+    """Why model ``name`` has no published version in the repository ``root`` (given by
+    ``--model-repo``), what is there instead and what to do, in one line: the directory is
+    missing, is empty, is a model's own directory (TF Serving's ``--model_base_path`` habit),
+    holds other models, or holds the model without a version yet. NothingPublishedError where
+    publishing into ``root`` is what it lacks (a server may wait for that), ModelNotFoundError
+    where the flag names the wrong thing (a missing path, a file, a model's own directory)."""
+    flag = f"--model-repo {root}"
+    publish = f"mnist-train train --model-repo {root} --model-name {name}"
+    wrong = _not_a_repository(root, publish, name)
+    if wrong is not None:
+        return wrong
     try:
         with os.scandir(root) as entries:
             everything = list(entries)
@@ -240,22 +252,9 @@ def repository_error(root: Path) -> ModelNotFoundError | None:
     where publishing into ``root`` is what it lacks: a server waits for that)."""
     flag = f"--model-repo {root}"
     publish = f"mnist-train train --model-repo {root} --model-name NAME"
-    if not root.exists():
-        shown = "" if root.is_absolute() else f" ({root.absolute()})"
-        return ModelNotFoundError(
-            f"{flag}: no such directory{shown}; give the model repository the trainer "
-            f"publishes to, or publish into it ({publish})")
-    if not root.is_dir():
-        return ModelNotFoundError(
-            f"{flag}: not a directory; give the model repository (the directory of NAME/VERSION/)")
-    own = _version_dirs(root, published=True)
-    if own:
-        base = root.name or root.resolve().name
-        parent = root.parent if root.name else root.resolve().parent
-        return ModelNotFoundError(
-            f"{flag} looks like the directory of model {base!r} (it holds "
-            f"{_versions_text(own)} of it), not a repository of models: use "
-            f"--model-repo {parent}")
+    wrong = _not_a_repository(root, publish)
+    if wrong is not None:
+        return wrong
     try:
         if ModelRepository(root).models():
             return None
