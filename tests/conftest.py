@@ -18,6 +18,15 @@ from tests.servers import ServerProcess, ServerThread, make_settings
 from tests.support import FakeModel, noisy_bars, synthetic_digits
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Every process a test starts (``python -m digitserve.server``, the CLIs) imports this
+    checkout's source roots, as pytest itself does (``pythonpath``), not whatever checkout the
+    venv was installed from in editable mode (a git worktree beside it, say)."""
+    roots = [str(path) for path in config.getini("pythonpath")]  # absolute, from pyproject.toml
+    earlier = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([*roots, *([earlier] if earlier else [])])
+
+
 @pytest.fixture
 def start_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., ServerThread]]:
     """Starts in-process servers; stops them afterwards.
