@@ -118,7 +118,10 @@ def noisy_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def spawn() -> Iterator[type[ServerProcess]]:
-    """Starts ``python -m digitserve.server`` processes (ServerProcess); kills them afterwards."""
+    """Starts ``python -m digitserve.server`` processes (ServerProcess). Afterwards each must have
+    ended as its test meant (``ServerProcess.check_ended_well``: one still running drains on
+    SIGTERM and exits 0; none died of a signal the test did not send, or with an exit code the
+    test did not read; no crash in its log), else the test fails: a crash is never green."""
     procs: list[ServerProcess] = []
 
     class Tracked(ServerProcess):
@@ -127,8 +130,9 @@ def spawn() -> Iterator[type[ServerProcess]]:
             procs.append(self)
 
     yield Tracked
-    for proc in procs:
-        proc.kill()
+    problems = [problem for proc in procs if (problem := proc.check_ended_well()) is not None]
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
 
 
 @pytest.hookimpl(trylast=True)

@@ -8,6 +8,7 @@ import asyncio
 import collections
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -114,8 +115,27 @@ class ServerThread:
             self.loop.close()
 
 
+# Signals that mean a crash (the faulthandler dumps the stack for these).
+FATAL_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGFPE, signal.SIGILL})
+FAULT_LINE = "Fatal Python error"
+_DIED = re.compile(r"killed by signal (\w+)")
+
+
+def describe_code(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    return f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
 class ServerProcess:
-    """``python -m digitserve.server`` on 127.0.0.1:0; the bound port is read from its log."""
+    """``python -m digitserve.server`` on 127.0.0.1:0; the bound port is read from its log.
+
+    A crash never passes silently: ``check_ended_well`` (the ``spawn`` fixture calls it after every
+    test) stops a server still running with SIGTERM and requires exit code 0, and fails a server
+    that ended by a signal the test did not send, with an exit code the test did not read
+    (``wait``), or with a crash in its log (a faulthandler dump, a worker killed by a signal). A
+    test that kills on purpose says so: ``send_signal`` (this process) or ``signal_worker`` (a
+    worker of ``--workers``), never ``proc.send_signal`` or ``os.kill``."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
@@ -125,6 +145,9 @@ class ServerProcess:
         )
         self.lines: list[str] = []
         self.port: int | None = None
+        self.sent: set[signal.Signals] = set()  # signals the test sent this process
+        self.sent_workers: set[signal.Signals] = set()  # ... and its workers
+        self.read_code = False  # the test read the exit code (wait), so it asserted it
         self._bound = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -148,6 +171,16 @@ class ServerProcess:
             raise AssertionError(f"server did not bind:\n{self.log}")
         return f"127.0.0.1:{self.port}"
 
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Sends this process ``signum``: the way a test stops, reloads or kills it."""
+        self.sent.add(signum)
+        self.proc.send_signal(signum)
+
+    def signal_worker(self, pid: int, signum: signal.Signals) -> None:
+        """Sends a worker (of ``--workers``) ``signum``: its death by it is then expected."""
+        self.sent_workers.add(signum)
+        os.kill(pid, signum)
+
     def metrics_port(self) -> int:
         """The port of its metrics endpoint (started with ``--metrics-port 0``), from its log."""
         match = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", self.log)
@@ -156,12 +189,48 @@ class ServerProcess:
         return int(match.group(1))
 
     def wait(self, timeout: float) -> int:
+        """Its exit code, once it has exited: the caller asserts it."""
         code = self.proc.wait(timeout)
         self._reader.join(5)
+        self.read_code = True
         return code
 
     def kill(self) -> None:
+        """SIGKILL, on purpose (a test that stops it without a drain)."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            self.send_signal(signal.SIGKILL)
         self.proc.wait()
         self._reader.join(5)
+        self.read_code = True
+
+    def check_ended_well(self, grace: float = 60) -> str | None:
+        """None if this server ended as the test meant it to; else what went wrong, with its log.
+        One still running is drained (SIGTERM) and must exit 0 within ``grace`` seconds."""
+        problems = []
+        if self.proc.poll() is None:
+            self.send_signal(signal.SIGTERM)
+            try:
+                code = self.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                problems.append(f"did not exit within {grace:.0f}s of SIGTERM at the end of the test")
+            else:
+                if code != 0:
+                    problems.append(f"SIGTERM at the end of the test: {describe_code(code)}, not 0")
+        else:
+            self._reader.join(5)
+            code = self.proc.returncode
+            if code < 0:
+                if signal.Signals(-code) not in self.sent:
+                    problems.append(f"{describe_code(code)}, a signal the test did not send")
+            elif code != 0 and not self.read_code:
+                problems.append(f"ended with {describe_code(code)}, which the test never read")
+        log = self.log
+        if FAULT_LINE in log and not (self.sent | self.sent_workers) & FATAL_SIGNALS:
+            problems.append("a crash in its log (a faulthandler dump)")
+        for name in _DIED.findall(log):
+            if name not in {s.name for s in self.sent_workers}:
+                problems.append(f"a worker killed by signal {name}, which the test did not send")
+        if not problems:
+            return None
+        return "server process: " + "; ".join(problems) + f"\n--- its log ---\n{log}"

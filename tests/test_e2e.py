@@ -66,5 +66,5 @@ def test_train_serve_evaluate_on_real_mnist(
     if metadata["inference"]["path"] == "litert":  # served from model.tflite, TensorFlow unloaded
         assert "tensorflow" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
 
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0

@@ -104,6 +104,8 @@ def native_stderr_logged(logger: logging.Logger, level: int | None = None) -> It
 
 
 NATIVE_LOGGER = "native"
+FAULT_LOGGER = "faulthandler"  # the logger of the lines of a crash's dump (faulthandler)
+FAULT_LINE = b"Fatal Python error: "
 
 
 _BRIDGE_MAIN = ("import sys; from digitserve.nativelog import run_bridge; "
@@ -112,7 +114,9 @@ _BRIDGE_MAIN = ("import sys; from digitserve.nativelog import run_bridge; "
 
 def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = None) -> TextIO | None:
     """Makes everything native code writes to file descriptor 2 for the rest of the process's life
-    (grpc core's absl lines, such as ``File descriptor limit reached``; TensorFlow's) a JSON line:
+    (grpc core's absl lines, such as ``File descriptor limit reached``; TensorFlow's; the
+    faulthandler's dump of a crash, whose lines are CRITICAL records of logger ``faulthandler``) a
+    JSON line:
     file descriptor 2 becomes a pipe read by a small process of its own that writes each line as a
     JSON record (logger ``native``, ``source`` = absl's file:line) to the real stderr, and JSON
     lines as they are; native records below ``level`` are dropped. With ``text_format`` (a
@@ -120,7 +124,9 @@ def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = N
     and other lines pass as they are. A process, not a thread: it reads the pipe to its end, so
     the last lines of a process that dies (a fatal absl CHECK, a fault) are kept. Returns a
     stream on the real stderr for Python's own lines (which never go through the pipe), or None
-    if there is no file descriptor 2 or no bridge could be started, leaving stderr as it was."""
+    if there is no file descriptor 2 or no bridge could be started, leaving stderr as it was. In
+    JSON mode ``sys.stderr`` stays on the pipe, so Python's writes that bypass logging are JSON
+    lines too; with ``text_format`` it is the returned stream."""
     import subprocess
 
     with contextlib.suppress(OSError, ValueError):
@@ -147,7 +153,11 @@ def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = N
     os.dup2(write_end, 2)
     os.close(write_end)
     stream = open(real, "w", buffering=1, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-    sys.stderr = stream  # Python's own writes (tracebacks at exit included) skip the pipe
+    if text_format is not None:
+        # Python's own writes skip the pipe: a progress bar's carriage returns reach the terminal.
+        sys.stderr = stream
+    # Else sys.stderr stays on the pipe: what Python code writes there without logging (a
+    # library's print_exc(), the faulthandler's dump of a crash) becomes JSON lines too.
     return stream
 
 
@@ -161,7 +171,9 @@ def run_bridge(level: int = logging.DEBUG, text_format: str | None = None) -> No
         signal.signal(signum, signal.SIG_IGN)  # it ends when the server does, at end of input
     out = sys.stdout.buffer
     text = None if text_format is None else logging.Formatter(text_format)
+    fault = False  # after "Fatal Python error": the faulthandler's dump, to the end of input
     for line in sys.stdin.buffer:
+        fault = fault or line.startswith(FAULT_LINE)
         if text is not None:
             native = native_record(line)
             if native is None:
@@ -175,15 +187,16 @@ def run_bridge(level: int = logging.DEBUG, text_format: str | None = None) -> No
         elif line.startswith(b"{"):  # a JSON line (a library writing our own records): as it is
             out.write(line if line.endswith(b"\n") else line + b"\n")
         else:
-            native = native_record(line)
+            native = None if fault else native_record(line)
             severity, message, source = native if native is not None else (
-                logging.WARNING, shorten(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS),
-                None)
+                logging.CRITICAL if fault else logging.WARNING,
+                shorten(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS), None)
             if severity < level or (not message and native is None):
                 continue
             entry: dict[str, Any] = {
                 "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "level": logging.getLevelName(severity), "logger": NATIVE_LOGGER, "message": message,
+                "level": logging.getLevelName(severity), "logger": FAULT_LOGGER if fault else NATIVE_LOGGER,
+                "message": message,
             }
             if source is not None:
                 entry["source"] = source

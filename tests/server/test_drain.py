@@ -73,7 +73,7 @@ def test_calls_racing_sigterm_are_never_lost(
                 # Calls race the signal (without them nothing could be lost).
                 wait_for(lambda n=flowing: len(calls) >= n + 50, 60, "calls before the signal")
                 signalled = time.monotonic()
-                replicas[victim].proc.send_signal(signal.SIGTERM)
+                replicas[victim].send_signal(signal.SIGTERM)
                 assert replicas[victim].wait(30) == 0
                 exited = time.monotonic()
                 time.sleep(0.3)
@@ -113,7 +113,7 @@ def test_a_single_server_reloads_on_sighup_and_a_second_signal_stops_it_at_once(
         assert client.wait_until_serving(90) == "SERVING"
         repository = ModelRepository(repo)
         assert publish_copy(repository, repository.version_dir("tiny", 1)) == 2
-        server.proc.send_signal(signal.SIGHUP)  # on main: killed at once, no drain
+        server.send_signal(signal.SIGHUP)  # on main: killed at once, no drain
         deadline = time.monotonic() + 60
         while "hot reload: serving model tiny version 2" not in server.log:
             assert server.proc.poll() is None, server.log
@@ -135,13 +135,13 @@ def test_a_single_server_reloads_on_sighup_and_a_second_signal_stops_it_at_once(
         future = pb_grpc.DigitServiceStub(channel).Evaluate.future(stream(), timeout=90)
         assert first_sent.wait(30)
         wait_for(lambda: in_flight(metrics_port, "Evaluate") == 1, 30, "the call to be in flight")
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while "signal received: draining for up to 60.0s (SIGTERM)" not in server.log:
             assert time.monotonic() < deadline, server.log
             time.sleep(0.05)
         second = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         code = server.wait(30)
         stopped = time.monotonic() - second
         resume.set()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import shutil
 import signal
 from collections.abc import Callable
@@ -67,7 +66,7 @@ def test_a_server_whose_versions_are_all_refused_waits_for_a_servable_one(
         assert "no servable version of model 'tiny' (version 1: " in waiting_lines(server)[0]
         assert client.health() == "NOT_SERVING"
         publish_damaged(tiny_repo, tmp_path, 2)
-        os.kill(server.proc.pid, signal.SIGHUP)
+        server.send_signal(signal.SIGHUP)
         assert client.wait_until_serving(30) == "SERVING"
         assert client.model_info()["version"] == 2
 

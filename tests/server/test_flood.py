@@ -142,7 +142,7 @@ def start(spawn: Any, tiny_repo: Path, *args: str, env: dict[str, str] | None = 
 
 
 def stop(server: ServerProcess) -> None:
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(30) == 0, server.log
 
 
@@ -347,7 +347,7 @@ def test_undecodable_headers_cost_a_bounded_log_and_the_server_keeps_serving(
     connection.close()
     # grpc's records of the calls are written before their answers; the server's own lines come
     # out in order after them: wait for SIGHUP's, and count what came before.
-    server.proc.send_signal(signal.SIGHUP)
+    server.send_signal(signal.SIGHUP)
     wait_for(lambda: "SIGHUP reload: still serving version 1" in server.log, 30, "SIGHUP's lines")
     marker = next(i for i, line in enumerate(server.lines) if "SIGHUP received" in line)
     added = grpc_records(server.lines[before_lines:marker])

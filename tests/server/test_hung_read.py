@@ -165,7 +165,7 @@ def test_a_hung_newest_version_at_start_up_serves_the_next_and_sigterm_still_exi
     assert f"loading {root}/tiny version 2 did not return within {TIMEOUT:g}s" in server.log
     assert "version 1 is served although newer version(s) 2 exist" in server.log
     signalled = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     code = server.wait(1 + 10)  # grace + margin, with the read of version 2 still hung
     exited = time.monotonic() - signalled
     assert code == 0, server.log
@@ -187,7 +187,7 @@ def test_sigterm_during_a_hung_reload_exits_within_the_grace_period(
     wait_for(lambda: "trying model tiny version 2 (reload)" in server.log, 30, "the reload to start")
     wait_for(lambda: blocked_on_a_fifo(server.proc.pid), 30, "the reload's read to block")
     signalled = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     code = server.wait(1 + 10)  # grace + margin
     exited = time.monotonic() - signalled
     assert code == 0, server.log

@@ -88,7 +88,7 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(
         future = stub.Evaluate.future(slow_stream(), timeout=60)
         assert first_sent.wait(30)
         wait_for(lambda: in_flight(metrics_port, "Evaluate") == 1, 30, "the call to be in flight")
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         started = time.monotonic()
         assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
         # A new call on a new connection is refused while the old call drains.
@@ -119,7 +119,7 @@ def test_unlabelled_predict_through_the_process(
         result = client.predict(np.zeros((3, 784), dtype=np.uint8))
     assert result.probabilities.shape == (3, 10) and result.model_version == 1
     assert "loaded model tiny version 1 from" in server.log
-    server.proc.send_signal(signal.SIGINT)
+    server.send_signal(signal.SIGINT)
     assert server.wait(30) == 0
     # The process writes its access lines itself, in batches, flushed at the latest on stop.
     access = [json.loads(line) for line in server.lines if '"logger": "digitserve.server.access"' in line]
@@ -147,7 +147,7 @@ def test_several_workers_share_the_port_and_drain_on_sigterm(
             pids.add(line.split("(pid ")[1].split(")")[0])
     assert len(pids) == 2
     assert server.log.count("serving model tiny version 1") == 2
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
     assert server.log.count("stopped after draining") == 2
     assert "all workers stopped: exit codes [0, 0]" in server.log

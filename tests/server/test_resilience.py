@@ -179,7 +179,7 @@ def test_sigterm_under_load_fails_no_in_flight_call(
         wait_for(lambda: in_flight(metrics_port, "Evaluate") == 4, 30, "4 Evaluate calls in flight")
         wait_for(lambda: sum(1 for c in calls if c[2] == "OK") >= 100, 60, "100 Predict calls")
         sigterm = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         # The streams send the rest of their messages once the drain has begun (new calls are
         # refused meanwhile).
         wait_for(lambda: "signal received: draining" in server.log, 30, "the drain to begin")
@@ -242,8 +242,7 @@ def test_round_robin_over_three_replicas_survives_a_killed_one(
         served_before = [predicts_served(r) for r in replicas]
         assert all(n > 50 for n in served_before), served_before
         killed_at = time.monotonic()
-        replicas[1].proc.kill()  # SIGKILL: no GOAWAY, its connections are cut by the kernel
-        replicas[1].proc.wait()
+        replicas[1].kill()  # SIGKILL: no GOAWAY, its connections are cut by the kernel
         recovered_at = None
         for i in range(600):
             try:

@@ -149,7 +149,7 @@ def test_a_killed_worker_is_logged_and_restarted_and_health_tells(
         before = calls.codes["OK"]
         watch = WorkersWatch(target)
         killed = time.monotonic()
-        os.kill(old, signal.SIGKILL)
+        server.signal_worker(old, signal.SIGKILL)
         died = wait_for(lambda i=index, p=old: re.search(  # type: ignore[misc]
             rf"worker {i} \(pid {p}\) died after serving for [\d.]+s: killed by signal SIGKILL; "
             rf"restarting it in 0.0s", server.log), 10, f"worker {index}'s death logged")
@@ -170,10 +170,34 @@ def test_a_killed_worker_is_logged_and_restarted_and_health_tells(
     codes = calls.stop()
     assert server.proc.poll() is None  # the parent never gave up
     assert set(codes) == {"OK"} and codes["OK"] > 100, codes
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
     assert "all workers stopped: exit codes [0, 0]" in server.log
     report(capsys, "worker kill/restart: " + "; ".join(figures) + f"; calls {dict(codes)}")
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_a_worker_that_crashes_leaves_its_stack_and_the_signal_in_the_log_and_is_restarted(
+    spawn: type[ServerProcess], tiny_repo: Path, log_format: str,
+) -> None:
+    """A worker dead of SIGSEGV: its faulthandler dump reaches the log (JSON records in JSON mode,
+    through the worker's own bridge), the arbiter names the signal and restarts it, the pool
+    serves on."""
+    server, target = start_pool(spawn, tiny_repo, "--log-format", log_format)
+    old = worker_pids(server)[1][-1]
+    server.signal_worker(old, signal.SIGSEGV)
+    wait_for(lambda: re.search(
+        rf"worker 1 \(pid {old}\) died after serving for [\d.]+s: killed by signal SIGSEGV; "
+        rf"restarting it in 0.0s", server.log), 30, "the arbiter's line naming SIGSEGV")
+    wait_for(lambda: re.search(r"worker 1 \(pid (\d+)\) restarted: serving", server.log), 90,
+             "worker 1 restarted")
+    assert "Fatal Python error: Segmentation fault" in server.log
+    if log_format == "json":
+        assert '"logger": "faulthandler", "message": "Fatal Python error: Segmentation fault"' in server.log
+    wait_for(lambda: health(target, WORKERS) == "SERVING", 30, "Workers SERVING")
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    assert "all workers stopped: exit codes [0, 0]" in server.log
 
 
 def test_workers_die_with_the_parent_and_free_the_port(
@@ -185,8 +209,7 @@ def test_workers_die_with_the_parent_and_free_the_port(
     calls = load(target, timeout=2)  # its calls after the kill wait for a server that never comes
     wait_for(lambda: calls.codes["OK"] > 50, 30, "calls")
     killed = time.monotonic()
-    server.proc.kill()
-    server.proc.wait()
+    server.kill()
 
     def alive(pid: int) -> bool:
         try:
@@ -222,7 +245,7 @@ def test_sighup_makes_the_workers_reload_and_kills_nothing(
     repository = ModelRepository(repo)
     assert publish_copy(repository, repository.version_dir("tiny", 1)) == 2
     sent = time.monotonic()
-    server.proc.send_signal(signal.SIGHUP)
+    server.send_signal(signal.SIGHUP)
     wait_for(lambda: server.log.count("hot reload: serving model tiny version 2") == 2, 90,
              "both workers reloading")
     reloaded = time.monotonic() - sent
@@ -234,7 +257,7 @@ def test_sighup_makes_the_workers_reload_and_kills_nothing(
         with DigitClient(target) as client:
             assert client.predict(np.zeros(784, np.uint8)).model_version == 2
     assert set(codes) == {"OK"}, codes
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
     report(capsys, f"SIGHUP: both workers serve version 2 {reloaded:.2f}s later, same pids, "
                    f"calls {dict(codes)}")
@@ -284,7 +307,7 @@ def test_a_worker_that_cannot_start_is_retried_with_backoff(
                                            server.log), 90, "worker 1 serving")
     wait_for(lambda: health(target, WORKERS) == "SERVING", 10, "Workers SERVING")
     failed = len(re.findall(r"worker 1 \(pid \d+\) died before serving", server.log))
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
     report(capsys, f"metrics port taken: worker 1 failed {failed} starts (backoff 0.5 s, 1 s, ...), "
                    f"serving {float(restarted.group(1)):.2f}s after its last failure once the port "

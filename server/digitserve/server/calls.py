@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from digitserve.server.security import TokenAuth
-from digitserve.server.telemetry import Call, MethodMetrics, Telemetry, request_id_of
+from digitserve.server.telemetry import Call, CallGone, MethodMetrics, Telemetry, outcome, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,11 @@ def _wrap(
                 async for response in behavior(request, context):
                     yield response
             except BaseException as exc:
-                call.finish(exc)
+                # GeneratorExit: the stream was closed, maybe long after grpc ended the call
+                # (an abandoned stream, collected later): outcome() does not touch the context.
+                call.finish(outcome(exc, context))
                 raise
-            call.finish(None)
+            call.finish(outcome(None, context))
 
         return stream
 
@@ -95,10 +97,16 @@ def _wrap(
             if auth is not None and (problem := auth.check(metadata)) is not None:
                 await _refuse(context, method, problem)
             response = await behavior(request, context)
+        except CallGone as exc:
+            # The answer (an abort's status) could not be sent: the call ended on the client's
+            # side first. Cancelled, as grpc would have cancelled it: without this, grpc tries
+            # to send a status once more and prints the failure's traceback on stderr.
+            call.finish(grpc.StatusCode.CANCELLED)
+            raise asyncio.CancelledError from exc
         except BaseException as exc:
-            call.finish(exc)
+            call.finish(outcome(exc, context))
             raise
-        call.finish(None)
+        call.finish(outcome(None, context))
         return response
 
     return unary

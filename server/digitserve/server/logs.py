@@ -4,6 +4,9 @@ request id of the call being served (a context variable the formatters add to ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
+import io
 import json
 import logging
 import re
@@ -230,7 +233,8 @@ def configure_logging(level: str, log_format: str = "auto", native_stderr: bool 
     JSON mode with ``native_stderr`` (a process that serves), what native code writes to stderr
     (grpc core, TensorFlow) becomes JSON lines too (``bridge_native_stderr``). grpc's own Python
     records are cut to one line and rate-limited (``GrpcRecordFilter``). ``access``: whether calls
-    get access lines (``resolve_access_log``; they also need ``level`` INFO or below)."""
+    get access lines (``resolve_access_log``; they also need ``level`` INFO or below). The
+    faulthandler is on (``enable_fault_traces``)."""
     is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     json_lines = resolve_format(log_format, is_terminal) == "json"
     # Off: the access logger's own level is above INFO, whatever the root's (AccessLog.enabled).
@@ -243,3 +247,13 @@ def configure_logging(level: str, log_format: str = "auto", native_stderr: bool 
     handler.addFilter(GrpcRecordFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
     access_log.direct(stream, json_lines)  # the same lines, written in batches
+    enable_fault_traces()
+
+
+def enable_fault_traces() -> None:
+    """A crash (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) leaves the Python stack of every thread
+    in the log: the faulthandler writes it to file descriptor 2, which in JSON mode the bridge
+    turns into CRITICAL records of logger ``faulthandler``. Without it a server that dies of a
+    signal writes nothing at all."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        faulthandler.enable(file=sys.stderr, all_threads=True)

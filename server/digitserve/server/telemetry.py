@@ -362,40 +362,76 @@ class Call:
     """One call being observed: in flight while it runs, then counted, timed and logged. Its
     request id goes into the trailing metadata at once: it travels with the status at no extra
     cost, where initial metadata would be one more operation per call; an abort keeps it
-    (status.mapped_errors adds its details after it)."""
+    (status.mapped_errors adds its details after it).
 
-    __slots__ = ("context", "metrics", "request_id", "started", "token")
+    It keeps no reference to the call's ``ServicerContext``: what the access line needs (the peer)
+    is read here, while the call is alive, and ``finish`` takes the status code its caller read
+    while it still was (``outcome``). A streaming handler can be finished long after grpc ended
+    the call (an abandoned stream's generator is closed when it is collected), and a context
+    touched then reads a freed grpc call: the SIGSEGV of issue 21."""
+
+    __slots__ = ("metrics", "peer", "request_id", "started", "token")
 
     def __init__(self, metrics: MethodMetrics, request_id: str,
                  context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.metrics = metrics
         self.request_id = request_id
-        self.context = context
+        self.peer = context.peer() if access_log.enabled() else ""
         self.token = current_request_id.set(request_id)
         self.started = time.perf_counter()
         metrics.in_flight.inc()
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
 
-    def finish(self, error: BaseException | None) -> None:
+    def finish(self, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - self.started
-        if error is None or isinstance(error, grpc.aio.AbortError):
-            code = self.context.code() or grpc.StatusCode.OK
-        elif isinstance(error, asyncio.CancelledError | GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
-        else:  # grpc answers an exception that escapes the handler with UNKNOWN
-            code = grpc.StatusCode.UNKNOWN
-        code_name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        code_name = code.name
         metrics = self.metrics
         metrics.in_flight.dec()
         metrics.count(code_name)
         metrics.seconds.observe(seconds)
         if access_log.enabled():
-            access_log.write(metrics.method, code_name, round(seconds * 1000, 3),
-                             self.context.peer(), self.request_id)
+            access_log.write(metrics.method, code_name, round(seconds * 1000, 3), self.peer,
+                             self.request_id)
         try:  # noqa: SIM105  (contextlib.suppress costs more, on every call)
             current_request_id.reset(self.token)
         except ValueError:  # finished in another context (a stream closed elsewhere); harmless
             pass
+
+
+def outcome(error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status code of a call that ended with ``error`` (None: its handler returned). The
+    context is read only when the handler itself ended the call (it returned, or aborted): the
+    call is alive then. A cancelled call, a closed stream (``CancelledError``, ``GeneratorExit``:
+    grpc may have finished the call already) and an answer that could not be sent (``CallGone``:
+    the client cancelled or its deadline passed first) are CANCELLED without touching it."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit | CallGone):
+        return grpc.StatusCode.CANCELLED
+    if error is None or isinstance(error, grpc.aio.AbortError):
+        code = context.code()
+        if code is None:
+            return grpc.StatusCode.OK
+        if isinstance(code, grpc.StatusCode):
+            return code
+        return _STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.UNKNOWN  # grpc answers an exception that escapes the handler with UNKNOWN
+
+
+def _call_gone() -> type[Exception]:
+    """grpc's own error for an operation (an abort's status, a write) on a call its peer already
+    ended; a class nothing raises if a grpc release renames it (such calls then count UNKNOWN)."""
+    try:
+        from grpc._cython.cygrpc import ExecuteBatchError
+    except ImportError:  # pragma: no cover
+        return type("CallGone", (Exception,), {})
+    error: type[Exception] = ExecuteBatchError
+    return error
+
+
+CallGone = _call_gone()
+
+
+# context.code() is what the handler set: a StatusCode, or the integer a handler may pass.
+_STATUS_BY_VALUE: dict[Any, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 
 # --- --workers N (digitserve.server.workers) -----------------------------------------------------------
