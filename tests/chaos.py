@@ -36,7 +36,7 @@ UNARY: dict[str, bytes] = {
         name="tiny").SerializeToString(),
     "/inference.GRPCInferenceService/ModelInfer": oip_pb.ModelInferRequest(
         model_name="tiny", inputs=[oip_pb.ModelInferRequest.InferInputTensor(
-            name="images", datatype="FP32", shape=[1, 28, 28],
+            name="images", datatype="FP32", shape=[1, 784],
             contents=oip_pb.InferTensorContents(fp32_contents=[0.0] * 784))]).SerializeToString(),
     "/grpc.health.v1.Health/Check": health_pb2.HealthCheckRequest(service="").SerializeToString(),
 }
