@@ -1,6 +1,9 @@
 """The quality gate's gaps (issue 12): a version without a check set, metadata that was edited
 after publishing (its checksum file, its labels bound to the check set's), clear refusals for
-versions whose files do not belong together, and refusals that never import TensorFlow."""
+versions whose files do not belong together, and refusals that never import TensorFlow. Every
+file the gate reads checked against its SHA-256 (issue 21, item 4): one byte flipped in each
+file of a version, a check set rewritten under a running server, a file swapped right after its
+check, and a check set the metadata records no digest for."""
 
 from __future__ import annotations
 
