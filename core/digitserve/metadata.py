@@ -11,9 +11,13 @@ introduced; a document without it is read as format 1, one with a newer format i
 
 The file itself is read and written here too: :func:`read_metadata` checks it against
 ``metadata.json.sha256``, :func:`write_metadata` stamps every other file's checksum into it (as
-:func:`stamp_version` stamps the version) before writing it and then its own checksum, and
-:meth:`Metadata.verify_files` / :func:`verify_files` check the files against it. No other module
-indexes the document by its keys (``tests/test_architecture.py`` checks).
+:func:`stamp_version` stamps the version) before writing it and then its own checksum,
+:meth:`Metadata.read_file` reads a file the server uses once and checks those very bytes against
+it (what is hashed is what is used: no window between the check and the use), and
+:meth:`Metadata.verify_files` / :func:`verify_files` check files on disk against it. Every format-1
+document the trainer ever wrote records ``files``: the SHA-256 of every file of its version, the
+check set included. No other module indexes the document by its keys
+(``tests/test_architecture.py`` checks).
 """
 
 from __future__ import annotations
@@ -497,6 +501,35 @@ class Metadata:
         out.update(self.extra)
         return out
 
+    def digest(self, rel: str) -> str | None:
+        """The SHA-256 ``files`` records for the file ``rel`` of the version (None: not recorded)."""
+        entry = None if self.files is None else self.files.get(rel)
+        return None if entry is None else entry.sha256
+
+    def read_file(self, version_dir: Path, rel: str, *, required: bool = True) -> bytes:
+        """The bytes of the version's file ``rel``, read once and checked against the SHA-256
+        ``files`` records for it: the caller uses these bytes, never the file again, so what was
+        checked is what is used. CorruptVersionError when the file is missing or unreadable, when
+        its digest differs (the one line of :func:`changed_error`), or, ``required``, when
+        ``files`` records none for it; not ``required``, such a file is returned unchecked (the
+        caller says so)."""
+        path = version_dir / rel
+        expected = self.digest(rel)
+        if expected is None and required:
+            missing = "no 'files' checksums" if self.files is None else f"no checksum for {rel}"
+            raise CorruptVersionError(f"{version_dir / METADATA_FILE}: {missing}")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise CorruptVersionError(f"{path}: missing") from exc
+        except OSError as exc:
+            raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
+        if expected is not None:
+            actual = sha256_bytes(data)
+            if actual != expected:
+                raise changed_error(path, actual, expected, METADATA_FILE)
+        return data
+
     def verify_files(self, version_dir: Path, only: list[str] | None = None) -> None:
         """Checks the version's files against ``files`` (all of them, or those in ``only``);
         CorruptVersionError names the first file that is missing or differs."""
@@ -513,6 +546,19 @@ class Metadata:
 
 
 # metadata.json as a file: read with its checksum checked, written with every file's.
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def changed_error(path: Path, actual: str, expected: str, recorded_in: str) -> CorruptVersionError:
+    """The one line refusing a version whose file ``path`` has the SHA-256 ``actual`` where
+    ``recorded_in`` (metadata.json, or metadata.json.sha256 for metadata.json itself) records
+    ``expected``."""
+    return CorruptVersionError(f"{path}: sha256 is {actual}, {recorded_in} says {expected}; the "
+                               "file changed after publishing: republish the version")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -578,12 +624,9 @@ def read_metadata(version_dir: Path) -> dict[str, Any]:
         raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
     expected = _recorded_metadata_checksum(version_dir)
     if expected is not None:
-        actual = hashlib.sha256(data).hexdigest()
+        actual = sha256_bytes(data)  # the bytes parsed below: what is checked is what is used
         if actual != expected:
-            raise CorruptVersionError(
-                f"{path}: sha256 {actual} differs from {expected} recorded in "
-                f"{METADATA_CHECKSUM_FILE} (the metadata was changed after publishing)"
-            )
+            raise changed_error(path, actual, expected, METADATA_CHECKSUM_FILE)
     try:
         metadata = json.loads(data.decode("utf-8"))
     except ValueError as exc:
@@ -642,6 +685,4 @@ def verify_checksums(version_dir: Path, recorded: Mapping[str, str | None] | Non
             raise CorruptVersionError(f"{path}: missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise CorruptVersionError(
-                f"{path}: sha256 {actual} differs from {expected} recorded in metadata"
-            )
+            raise changed_error(path, actual, expected, METADATA_FILE)

@@ -140,3 +140,42 @@ def test_the_metadata_has_a_checksum_file_written_with_it(tmp_path: Path) -> Non
     assert sorted(json.loads(data)["files"]) == ["model.bin"]
     assert subprocess.run(["sha256sum", "--check", "--quiet", "metadata.json.sha256"], cwd=path,
                           check=False).returncode == 0
+
+
+def test_every_published_file_is_recorded_and_read_back_checked(tmp_path: Path) -> None:
+    # What the gate relies on: the publisher records the SHA-256 and size of every file (nested
+    # ones included), and Metadata.read_file gives back exactly the bytes it checked.
+    from digitserve.errors import CorruptVersionError
+    from digitserve.metadata import Metadata
+
+    contents = {"model.keras": b"keras archive", "check_set.npz": b"check set",
+                "model.tflite": b"flatbuffer", "report/summary.md": b"# report"}
+
+    def build(staging: Path, version: int) -> dict[str, Any]:
+        for rel, data in contents.items():
+            (staging / rel).parent.mkdir(exist_ok=True)
+            (staging / rel).write_bytes(data)
+        return {"name": "m"}
+
+    _, path = ModelRepository(tmp_path).publish("m", build)
+    metadata = Metadata.read(path)
+    assert metadata.files is not None
+    assert {rel: (e.sha256, e.bytes) for rel, e in metadata.files.items()} == {
+        rel: (hashlib.sha256(data).hexdigest(), len(data)) for rel, data in contents.items()}
+    assert {rel: metadata.read_file(path, rel) for rel in contents} == contents
+    (path / "check_set.npz").write_bytes(b"check seT")
+    with pytest.raises(CorruptVersionError) as info:
+        metadata.read_file(path, "check_set.npz")
+    assert str(info.value) == (
+        f"{path}/check_set.npz: sha256 is {hashlib.sha256(b'check seT').hexdigest()}, "
+        f"metadata.json says {hashlib.sha256(b'check set').hexdigest()}; the file changed after "
+        "publishing: republish the version")
+    (path / "extra.bin").write_bytes(b"not published")
+    with pytest.raises(CorruptVersionError) as info:
+        metadata.read_file(path, "extra.bin")
+    assert str(info.value) == f"{path}/metadata.json: no checksum for extra.bin"
+    assert metadata.read_file(path, "extra.bin", required=False) == b"not published"
+    (path / "model.tflite").unlink()
+    with pytest.raises(CorruptVersionError) as info:
+        metadata.read_file(path, "model.tflite")
+    assert str(info.value) == f"{path}/model.tflite: missing"

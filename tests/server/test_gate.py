@@ -1,6 +1,9 @@
 """The quality gate's gaps (issue 12): a version without a check set, metadata that was edited
 after publishing (its checksum file, its labels bound to the check set's), clear refusals for
-versions whose files do not belong together, and refusals that never import TensorFlow."""
+versions whose files do not belong together, and refusals that never import TensorFlow. Every
+file the gate reads checked against its SHA-256 (issue 21, item 4): one byte flipped in each
+file of a version, a check set rewritten under a running server, a file swapped right after its
+check, and a check set the metadata records no digest for."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ import io
 import json
 import logging
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,8 +140,8 @@ def test_metadata_edited_after_publishing_is_refused(tiny_repo: Path, tmp_path: 
     with pytest.raises(CorruptVersionError) as info:
         source(tmp_path).load(1)
     assert str(info.value) == (
-        f"{directory}/metadata.json: sha256 {actual} differs from {published} recorded in "
-        "metadata.json.sha256 (the metadata was changed after publishing)"
+        f"{directory}/metadata.json: sha256 is {actual}, metadata.json.sha256 says {published}; "
+        "the file changed after publishing: republish the version"
     )
 
 
@@ -280,3 +285,181 @@ def test_a_server_refusing_a_newer_version_maps_no_tensorflow(
     with capsys.disabled():
         print(f"\nserver serving version 1 after refusing version 2 (3 labels): RSS {rss / 1024:.0f} MB")
     assert "tensorflow" not in maps
+
+
+# --- every file the gate reads is checked against its SHA-256 (issue 21, item 4) -----------------
+
+CHANGED = "the file changed after publishing: republish the version"
+
+VERSION_FILES = ("metadata.json", "metadata.json.sha256", "model.keras", "model.tflite",
+                 "check_set.npz")
+"""Every file of a version the trainer publishes (tiny_repo's has no report: the server never
+reads report/, which the gate does not check)."""
+
+
+def test_the_cases_cover_every_file_of_a_published_version(tiny_repo: Path) -> None:
+    version_dir = ModelRepository(tiny_repo).version_dir("tiny", 1)
+    assert sorted(p.name for p in version_dir.iterdir()) == sorted(VERSION_FILES)
+
+
+def flip_one_byte(path: Path) -> bytes:
+    """Flips one bit of one byte of the file (in the middle; in metadata.json.sha256, the first
+    hex digit of the digest that stays a hex digit, so the line still parses); its new bytes."""
+    data = bytearray(path.read_bytes())
+    if path.name == "metadata.json.sha256":
+        offset = next(i for i, c in enumerate(data) if chr(c ^ 1) in "0123456789abcdef")
+    else:
+        offset = len(data) // 2
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def expected_refusal(directory: Path, name: str, flipped: bytes) -> str:
+    """The one line refusing a version whose file ``name`` now holds ``flipped``."""
+    if name.startswith("metadata.json"):  # metadata.json checked against metadata.json.sha256
+        recorded = (directory / "metadata.json.sha256").read_text().split()[0]
+        actual = sha256((directory / "metadata.json").read_bytes())
+        return (f"{directory}/metadata.json: sha256 is {actual}, metadata.json.sha256 says "
+                f"{recorded}; {CHANGED}")
+    recorded = json.loads((directory / "metadata.json").read_text())["files"][name]["sha256"]
+    return f"{directory}/{name}: sha256 is {sha256(flipped)}, metadata.json says {recorded}; {CHANGED}"
+
+
+@pytest.mark.parametrize(("name", "inference", "served_by"), [
+    *((name, "auto", "LiteRTModel") for name in VERSION_FILES),
+    ("model.keras", "tensorflow", "KerasModel"),  # the Keras path reads it to load it
+])
+def test_one_byte_flipped_in_any_file_refuses_the_version(
+    tiny_repo: Path, tmp_path: Path, name: str, inference: str, served_by: str
+) -> None:
+    directory = publish_copy(tiny_repo, tmp_path, 1)
+    assert type(source(tmp_path, inference=inference).load(1)).__name__ == served_by  # untouched
+    flipped = flip_one_byte(directory / name)
+    with pytest.raises(CorruptVersionError) as info:
+        source(tmp_path, inference=inference).load(1)
+    assert str(info.value) == expected_refusal(directory, name, flipped)
+
+
+def relabel_one_image(arrays: dict[str, np.ndarray]) -> None:
+    """One check-set label changed and an array added: the check-set accuracy moves by one image,
+    which the reproduction check allows."""
+    arrays["labels"] = arrays["labels"].copy()
+    arrays["labels"][0] = (arrays["labels"][0] + 1) % 10
+    arrays["extra"] = np.arange(3)
+
+
+def test_a_rewritten_check_set_is_refused_by_a_serving_server(
+    tiny_repo: Path, tmp_path: Path, spawn: type[ServerProcess]
+) -> None:
+    # The attack of issue 21: version 2's check set rewritten after publishing (its metadata and
+    # metadata.json.sha256 as published), one label changed and an array added. Main served it.
+    publish_copy(tiny_repo, tmp_path, 1)
+    server = spawn("--model-repo", str(tmp_path), "--model-name", "tiny", "--metrics-port", "-1",
+                   "--log-format", "text", "--reload-interval", "0.2")
+    with DigitClient(server.target(), timeout=30) as client:
+        assert client.wait_until_serving(60) == "SERVING"
+        staged = publish_copy(tiny_repo, tmp_path / "staging", 2)
+        path = staged / "check_set.npz"
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        relabel_one_image(arrays)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        path.write_bytes(buffer.getvalue())
+        published = tmp_path / "tiny" / "2"
+        staged.rename(published)
+        expected = expected_refusal(published, "check_set.npz", buffer.getvalue())
+        deadline = time.monotonic() + 60  # generous: the server looks every 0.2 s
+        while "2" not in (info := client.model_info())["refused_versions"] \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert info["refused_versions"] == {"2": expected}
+        assert info["version"] == 1
+        assert client.predict(np.zeros((1, 28, 28), np.uint8)).model_version == 1
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    assert f"refused model tiny version 2: {expected}" in server.log
+
+
+def test_a_check_set_the_metadata_records_no_checksum_for_loads_with_one_warning(
+    tiny_repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A check set put into a version after publishing (the operator's, for a version published
+    # without one) or by a publisher that recorded no checksum for it: not refused, said once.
+    def unlisted(meta: dict[str, Any]) -> None:
+        del meta["files"]["check_set.npz"]
+
+    directory = publish_copy(tiny_repo, tmp_path, 1, metadata=unlisted)
+    with caplog.at_level(logging.WARNING):
+        model = source(tmp_path).load(1)
+    assert model.spec.version == 1 and type(model).__name__ == "LiteRTModel"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"{directory}/check_set.npz: metadata.json records no sha256 for it "
+                        "(added after publishing, or published without one): the check set is "
+                        "used unverified"]
+
+
+def test_a_model_file_the_metadata_records_no_checksum_for_is_refused(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    # Model files have always been checked: one without a recorded checksum stays refused.
+    def unlisted(meta: dict[str, Any]) -> None:
+        del meta["files"]["model.keras"]
+
+    directory = publish_copy(tiny_repo, tmp_path, 1, metadata=unlisted)
+    with pytest.raises(CorruptVersionError) as info:
+        source(tmp_path).load(1)
+    assert str(info.value) == f"{directory}/metadata.json: no checksum for model.keras"
+
+
+def swap_after_check(monkeypatch: pytest.MonkeyPatch, path: Path,
+                     swap: Callable[[], None]) -> list[str]:
+    """Calls ``swap`` (which rewrites ``path`` and perhaps more) right after the gate hashed the
+    bytes ``path`` holds now: a writer racing the gate between its check and its use. Returns
+    the list the swap's name is appended to when it ran."""
+    import digitserve.metadata
+
+    original, hashed = path.read_bytes(), digitserve.metadata.sha256_bytes
+    ran: list[str] = []
+
+    def racing(data: bytes) -> str:
+        digest = hashed(data)
+        if data == original and not ran:
+            swap()
+            ran.append(path.name)
+        return digest
+
+    monkeypatch.setattr(digitserve.metadata, "sha256_bytes", racing)
+    return ran
+
+
+@pytest.mark.parametrize(("name", "inference", "served_by"), [
+    ("metadata.json", "auto", "LiteRTModel"),
+    ("check_set.npz", "auto", "LiteRTModel"),
+    ("model.tflite", "auto", "LiteRTModel"),
+    ("model.keras", "tensorflow", "KerasModel"),
+])
+def test_a_file_swapped_after_its_check_is_not_what_the_gate_uses(
+    tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    name: str, inference: str, served_by: str
+) -> None:
+    # Read once, hashed and used from the same bytes: a swap after the check changes nothing.
+    directory = publish_copy(tiny_repo, tmp_path, 1)
+    path = directory / name
+
+    def swap() -> None:
+        if name == "metadata.json":  # a consistent pair, labels reversed: it would serve wrongly
+            meta = json.loads(path.read_text())
+            reverse_labels(meta)
+            data = json.dumps(meta).encode()
+            path.write_bytes(data)
+            (directory / "metadata.json.sha256").write_text(f"{sha256(data)}  metadata.json\n")
+        else:
+            path.write_bytes(b"PK\x03\x04 swapped after the check")
+
+    ran = swap_after_check(monkeypatch, path, swap)
+    model = source(tmp_path, inference=inference).load(1)
+    assert ran == [name]
+    assert type(model).__name__ == served_by
+    assert model.spec.labels == tuple(str(d) for d in range(10))

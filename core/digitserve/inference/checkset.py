@@ -1,8 +1,11 @@
 """A version's check set (``check_set.npz``): the images, labels and reference probabilities the
-trainer published with it, read and checked against what the version's metadata declares."""
+trainer published with it, read once, checked against the SHA-256 its metadata records, and
+checked against what the metadata declares."""
 
 from __future__ import annotations
 
+import io
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -12,7 +15,10 @@ import numpy.typing as npt
 
 from digitserve.idx import scale_pixels
 from digitserve.inference.spec import ModelSpec
+from digitserve.metadata import METADATA_FILE, Metadata
 from digitserve.repository import CHECK_SET_FILE, CorruptVersionError
+
+logger = logging.getLogger(__name__)
 
 
 class CheckSet(NamedTuple):
@@ -55,15 +61,25 @@ def check_consistency(spec: ModelSpec, check_set: CheckSet, path: Path) -> None:
         )
 
 
-def read_check_set(version_dir: Path) -> CheckSet | None:
+def read_check_set(version_dir: Path, metadata: Metadata | None = None) -> CheckSet | None:
     """The version's check set (``check_set.npz``): images, labels and, when the trainer saved
     them, model.predict's probabilities on the images. None when the version has none;
-    CorruptVersionError when it cannot be read."""
+    CorruptVersionError when its SHA-256 differs from the one ``metadata`` (the version's, read
+    from ``version_dir`` when not given) records, or when it cannot be read. The file is read
+    once and the arrays come from the bytes that were hashed. A check set whose SHA-256 the
+    metadata does not record (added after publishing, or by a publisher that did not record it;
+    every trainer did) is read unchecked, with one warning."""
     path = version_dir / CHECK_SET_FILE
     if not path.is_file():
         return None
+    if metadata is None:
+        metadata = Metadata.read(version_dir)
+    if metadata.digest(CHECK_SET_FILE) is None:
+        logger.warning("%s: %s records no sha256 for it (added after publishing, or published "
+                       "without one): the check set is used unverified", path, METADATA_FILE)
+    buffer = io.BytesIO(metadata.read_file(version_dir, CHECK_SET_FILE, required=False))
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(buffer, allow_pickle=False) as data:
             images, labels = data["images"], data["labels"]
             reference = (np.asarray(data["reference"], dtype=np.float32)
                          if "reference" in data.files else None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -110,25 +111,20 @@ class KerasModel:
     @classmethod
     def load(
         cls, version_dir: Path, *, inference: str = "auto",
-        probe: npt.NDArray[np.float32] | None = None,
+        probe: npt.NDArray[np.float32] | None = None, metadata: Metadata | None = None,
     ) -> KerasModel:
-        """Loads a published version after checking its files against the metadata checksums;
-        the paths are compared on ``probe``, by default the version's check set when it has a
-        readable one (the quality gate reports one that is not)."""
-        import keras
-
+        """Loads a published version's ``model.keras``, the bytes Keras opens being the bytes
+        checked against the SHA-256 ``metadata`` records (the version's, read when not given:
+        :func:`load_archive`); the paths are compared on ``probe``, by default the version's check
+        set when it has a readable one (the quality gate reports one that is not)."""
         started = time.perf_counter()
-        metadata = Metadata.read(version_dir)
-        metadata.verify_files(version_dir, only=[MODEL_FILE])
-        try:
-            keras_model = keras.saving.load_model(
-                version_dir / MODEL_FILE, compile=False, safe_mode=True
-            )
-        except Exception as exc:  # Keras raises many types for a bad archive.
-            raise CorruptVersionError(f"{version_dir / MODEL_FILE}: cannot load ({exc})") from exc
+        if metadata is None:
+            metadata = Metadata.read(version_dir)
+        keras_model = load_archive(metadata.read_file(version_dir, MODEL_FILE),
+                                   version_dir / MODEL_FILE)
         if probe is None:
             with contextlib.suppress(CorruptVersionError):
-                check_set = read_check_set(version_dir)
+                check_set = read_check_set(version_dir, metadata)
                 probe = None if check_set is None else check_set.images
         model = cls(keras_model, metadata, inference=inference, probe=probe)
         model.warm_up()
@@ -149,3 +145,22 @@ class KerasModel:
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         result: npt.NDArray[np.float32] = self._run(images)
         return result
+
+
+def load_archive(data: bytes, path: Path) -> Any:
+    """The Keras model in ``data``, the bytes of ``path`` (a ``model.keras``) already checked,
+    with ``safe_mode`` (no arbitrary Python in Lambda layers). ``keras.saving.load_model`` opens
+    a model only by its path, so the bytes are written to a private temporary directory (mode
+    0700, removed at once) and loaded from there: Keras reads the archive whose checksum held,
+    whatever happens to ``path`` meanwhile. CorruptVersionError, naming ``path``, when Keras
+    cannot load it."""
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="digitserve-model-") as private:
+        copy = Path(private) / MODEL_FILE
+        copy.write_bytes(data)
+        try:
+            return keras.saving.load_model(copy, compile=False, safe_mode=True)
+        except Exception as exc:  # Keras raises many types for a bad archive.
+            reason = str(exc).replace(str(copy), str(path))
+            raise CorruptVersionError(f"{path}: cannot load ({reason})") from exc

@@ -121,9 +121,10 @@ class LiteRTModel:
     def load(cls, version_dir: Path, metadata: Metadata,
              check_set: CheckSet | None) -> tuple[LiteRTModel | None, str]:
         """The version served from its flatbuffer, or None and why not. A flatbuffer whose
-        checksum does not match, or whose input or output shape differs from the metadata's, is a
-        corrupt version (CorruptVersionError): the Keras model it was converted from could not
-        serve it either."""
+        checksum does not match (or that ``metadata`` records none for), or whose input or output
+        shape differs from the metadata's, is a corrupt version (CorruptVersionError): the Keras
+        model it was converted from could not serve it either. The interpreter runs the very
+        bytes whose checksum was checked."""
         info = metadata.inference
         if info is None or info.litert_file != LITERT_FILE:
             return None, "no published LiteRT model"
@@ -131,10 +132,11 @@ class LiteRTModel:
             return None, f"{LITERT_FILE} is missing"
         if info.tolerance is None:
             return None, f"{LITERT_FILE} cannot serve: no recorded tolerance"
-        metadata.verify_files(version_dir, only=[LITERT_FILE])
+        # Read once: the bytes checked against the metadata's SHA-256 are the bytes run.
+        flatbuffer = metadata.read_file(version_dir, LITERT_FILE)
         spec = ModelSpec.from_metadata(metadata)
         try:
-            runner = LiteRTRunner((version_dir / LITERT_FILE).read_bytes())
+            runner = LiteRTRunner(flatbuffer)
         except Exception as exc:  # no LiteRT here, a flatbuffer it rejects
             return None, f"{LITERT_FILE} cannot serve: {exc}"
         # The flatbuffer is the Keras model converted (and checksummed with it): shapes it cannot

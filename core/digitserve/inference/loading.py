@@ -29,19 +29,27 @@ class NeedsTensorFlowError(RepositoryError):
 
 
 def load_version(version_dir: Path, *, inference: str = "auto",
-                 check_set: CheckSet | None = None) -> LiteRTModel | KerasModel:
+                 check_set: CheckSet | None = None,
+                 metadata: Metadata | None = None) -> LiteRTModel | KerasModel:
     """A published version as the server serves it: from its LiteRT flatbuffer without
     TensorFlow when it has one that agrees with the trainer's reference (``--inference auto`` or
     ``litert``), else through :class:`KerasModel`, which imports TensorFlow and chooses its path
-    itself. ``check_set`` is the version's (read_check_set), if it has one. What refuses the
-    version without running its model (metadata, checksums, the check set against the metadata,
-    the flatbuffer's input and output shapes) refuses it before TensorFlow is imported: a refused
-    version costs a slim server no memory."""
+    itself. ``check_set`` is the version's (read_check_set), if it has one; ``metadata`` the
+    version's as the caller read it (read again when not given), which every file is checked
+    against. What refuses the version without running its model (metadata, checksums, the check
+    set against the metadata, the flatbuffer's input and output shapes) refuses it before
+    TensorFlow is imported: a refused version costs a slim server no memory.
+
+    ``model.keras`` is checked against its SHA-256 even where the flatbuffer serves: the
+    flatbuffer was converted from it, and a version whose model file changed is not the version
+    that was published. The file is hashed here without being used; the path that does use it
+    (:meth:`KerasModel.load`) reads it once more and loads the bytes it checked."""
     if inference not in INFERENCE_CHOICES:
         raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
     # Whatever refuses the version without running it does so before TensorFlow is imported.
     started = time.perf_counter()
-    metadata = Metadata.read(version_dir)
+    if metadata is None:
+        metadata = Metadata.read(version_dir)
     spec = ModelSpec.from_metadata(metadata)
     if check_set is not None:
         check_consistency(spec, check_set, version_dir / CHECK_SET_FILE)
@@ -61,5 +69,5 @@ def load_version(version_dir: Path, *, inference: str = "auto",
         raise NeedsTensorFlowError(f"{version_dir}: {reason}, and TensorFlow is not installed here: "
                                    f"serve it with {WITH_TENSORFLOW}")
     logger.info("%s: %s; loading %s", version_dir, reason, MODEL_FILE)
-    return KerasModel.load(version_dir, inference=inference,
+    return KerasModel.load(version_dir, inference=inference, metadata=metadata,
                            probe=None if check_set is None else check_set.images)

@@ -1,7 +1,8 @@
 """Where served models come from: the repository's versions, each loaded only after it passes the
-quality gate (metadata checksum, a check set that fits the metadata, loads, declared output shape,
-outputs are probabilities, check-set accuracy reproduces the trainer's recorded figure; the
-operator's optional rules: a floor, a largest regression from the version serving)."""
+quality gate (the SHA-256 of every file it reads: metadata, check set, model; a check set that
+fits the metadata, loads, declared output shape, outputs are probabilities, check-set accuracy
+reproduces the trainer's recorded figure; the operator's optional rules: a floor, a largest
+regression from the version serving)."""
 
 from __future__ import annotations
 
@@ -333,10 +334,12 @@ class RepositorySource:
         """The version, loaded and past the gate (``serving``: the version now serving, for
         --max-regression); RepositoryError says why it is refused. The
         checks that need no model run first (metadata and its checksum, name and version, the
-        check set and its agreement with the metadata), so a refused version never costs a
-        TensorFlow import where the LiteRT path serves."""
+        check set, its checksum and its agreement with the metadata), so a refused version never
+        costs a TensorFlow import where the LiteRT path serves. The metadata is read once, and
+        each file is checked against it from the bytes that are then used (the check set, the
+        flatbuffer, the Keras archive: see ``Metadata.read_file``)."""
         version_dir = self.repository.version_dir(self.name, version)
-        # checked against metadata.json.sha256 if present
+        # checked against metadata.json.sha256 if present; every other file against this
         metadata = Metadata.read(version_dir)
         spec = ModelSpec.from_metadata(metadata)
         if spec.name != self.name or spec.version != version:
@@ -346,7 +349,8 @@ class RepositorySource:
         if not metadata_checksummed(version_dir):
             logger.warning("%s has no %s (published before metadata was checksummed): its "
                            "metadata is served unverified", version_dir, METADATA_CHECKSUM_FILE)
-        check_set = read_check_set(version_dir)  # read once: the inference path's probe, the gate
+        # read once and checked: the inference path's probe, the gate
+        check_set = read_check_set(version_dir, metadata)
         if check_set is None:
             if not self.allow_missing_check_set:
                 raise QualityGateError(
@@ -364,7 +368,8 @@ class RepositorySource:
                 f"metadata.json records the check set's figures on {recorded.count}: the "
                 "version's files do not belong together"
             )
-        model = load_version(version_dir, inference=self.inference, check_set=check_set)
+        model = load_version(version_dir, inference=self.inference, check_set=check_set,
+                             metadata=metadata)
         if model.spec != spec:
             raise CorruptVersionError(f"{version_dir / METADATA_FILE}: changed while loading")
         if check_set is None:
