@@ -11,7 +11,7 @@ The steps (``preprocess``):
    alpha composed onto a background opposite to the ink; grey. A large JPEG decodes at a reduced
    scale (libjpeg's DCT scaling) and any picture is reduced by area averaging to at most
    ``WORK_SIDE`` pixels a side: the digit needs no more. Beyond the decoded picture itself, the
-   work holds one byte a pixel (the grey copy) or bands of ~256 K pixels (alpha, 16 bits), so a
+   work holds one byte a pixel (the grey copy) or bands of ~64 K pixels (alpha, 16 bits), so a
    picture's peak memory is about its decoded bytes.
 2. Lighting (``ink_contrast``): the paper's brightness is a smooth surface, a quadratic in x and
    y, fitted by least median of squares to the medians of 16×16 cells (right while the ink
@@ -58,11 +58,12 @@ MAX_PIXELS = 4096 * 4096
 """Decoded width × height of one picture, by default: a 12-megapixel photo (4032×3024) fits; a
 decompression bomb (a few kilobytes of PNG that would decode to gigabytes) is refused from its
 header."""
-MAX_DECODED_BYTES = 64 * 1024 * 1024
-"""Bytes one picture may decode to, by default (``decoded_bytes``): a 4096×4096 RGBA PNG, a
-12-megapixel photo (baseline or progressive 4:2:0 JPEG, 8-bit PNG) fit; a 16-bit RGBA one of the
-same pixels, a few kilobytes that would take 128 MiB, does not."""
-BAND_PIXELS = 1 << 18
+MAX_DECODED_BYTES = 48 * 1024 * 1024
+"""Bytes one picture may decode to, by default (``decoded_bytes``): a 12-megapixel photo fits
+(baseline or progressive 4:2:0 JPEG, 8-bit RGB or RGBA PNG: 4032×3024 held as 4 bytes a pixel),
+and any grey or 16-bit grey picture within MAX_PIXELS; a 4096×4096 RGBA PNG (64 MiB, 75 KB when
+transparent) does not, nor a 16-bit RGBA one (128 MiB)."""
+BAND_PIXELS = 1 << 16
 """Pixels of the bands in which a picture with alpha or 16 bits is turned grey: its float64 work
 arrays stay a few megabytes whatever its size."""
 WORK_SIDE = 320
