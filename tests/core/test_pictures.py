@@ -196,12 +196,13 @@ DECODED = "decoded bytes per picture"
 BLANK = "the picture is blank (no ink stands out of the background); expected a digit"
 
 
-def past_the_header(data: bytes, max_decoded_bytes: int = pictures.MAX_DECODED_BYTES) -> bool:
-    """Whether from_bytes gets past the header's checks: its answer is pixels, or an error from
-    decoding the picture (a bomb's header holds little of one: its data is truncated, blank, or
-    what libjpeg makes of the rest)."""
+def past_the_header(data: bytes, max_decoded_bytes: int | None = None) -> bool:
+    """Whether from_bytes (with ``max_decoded_bytes``, else its default) gets past the header's
+    checks: its answer is pixels, or an error from decoding the picture (a bomb's header holds
+    little of one: its data is truncated, blank, or what libjpeg makes of the rest)."""
+    limits = {} if max_decoded_bytes is None else {"max_decoded_bytes": max_decoded_bytes}
     try:
-        pictures.from_bytes(data, max_decoded_bytes=max_decoded_bytes)
+        pictures.from_bytes(data, **limits)
     except ImageError as error:
         return str(error).startswith("corrupt or truncated ") or str(error) == BLANK
     return True
