@@ -5,12 +5,14 @@ only (the client installs nothing else).
 
 The steps (``preprocess``):
 
-1. Decode (``read_grey``): PNG or JPEG only, at most ``max_bytes`` encoded and ``max_pixels``
-   decoded (checked from the header, before decoding: a decompression bomb is refused unread);
-   EXIF orientation applied; alpha composed onto a background opposite to the ink; grey. A large
-   JPEG decodes at a reduced scale (libjpeg's DCT scaling) and any picture is reduced by area
-   averaging to at most ``WORK_SIDE`` pixels a side: the digit needs no more, and the cost stays
-   bounded.
+1. Decode (``read_grey``): PNG or JPEG only, at most ``max_bytes`` encoded, ``max_pixels``
+   decoded and ``max_decoded_bytes`` held by the decoder (``decoded_bytes``; both checked from the
+   header, before decoding: a decompression bomb is refused unread); EXIF orientation applied;
+   alpha composed onto a background opposite to the ink; grey. A large JPEG decodes at a reduced
+   scale (libjpeg's DCT scaling) and any picture is reduced by area averaging to at most
+   ``WORK_SIDE`` pixels a side: the digit needs no more. Beyond the decoded picture itself, the
+   work holds one byte a pixel (the grey copy) or bands of ~64 K pixels (alpha, 16 bits), so a
+   picture's peak memory is about its decoded bytes.
 2. Lighting (``ink_contrast``): the paper's brightness is a smooth surface, a quadratic in x and
    y, fitted by least median of squares to the medians of 16×16 cells (right while the ink
    leaves half of the cells), then to the pixels without the ink; a lighting gradient or
@@ -56,6 +58,14 @@ MAX_PIXELS = 4096 * 4096
 """Decoded width × height of one picture, by default: a 12-megapixel photo (4032×3024) fits; a
 decompression bomb (a few kilobytes of PNG that would decode to gigabytes) is refused from its
 header."""
+MAX_DECODED_BYTES = 48 * 1024 * 1024
+"""Bytes one picture may decode to, by default (``decoded_bytes``): a 12-megapixel photo fits
+(baseline or progressive 4:2:0 JPEG, 8-bit RGB or RGBA PNG: 4032×3024 held as 4 bytes a pixel),
+and any grey or 16-bit grey picture within MAX_PIXELS; a 4096×4096 RGBA PNG (64 MiB, 75 KB when
+transparent) does not, nor a 16-bit RGBA one (128 MiB)."""
+BAND_PIXELS = 1 << 16
+"""Pixels of the bands in which a picture with alpha or 16 bits is turned grey: its float64 work
+arrays stay a few megabytes whatever its size."""
 WORK_SIDE = 320
 """Longest side, in pixels, of the picture the preprocessing works on: enough for a digit that
 ends up 20 pixels tall."""
@@ -72,10 +82,11 @@ class ImageError(ValueError):
 
 
 def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+              max_decoded_bytes: int = MAX_DECODED_BYTES,
               work_side: int = WORK_SIDE) -> npt.NDArray[np.float64]:
     """The picture in ``data`` (PNG or JPEG) as grey levels 0..255, reduced to at most
-    ``work_side`` pixels a side. ImageError: too many bytes or pixels, not a PNG or JPEG, corrupt
-    or truncated."""
+    ``work_side`` pixels a side. ImageError: too many bytes, pixels or decoded bytes (the last two
+    read from the header, before decoding), not a PNG or JPEG, corrupt or truncated."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > max_bytes:
@@ -100,6 +111,14 @@ def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_
         if width * height > max_pixels:
             raise ImageError(f"{width}×{height} pixels exceed the limit of {max_pixels} pixels per "
                              "picture")
+        if image.format == "JPEG" and max(width, height) > work_side:  # libjpeg decodes at 1/2,
+            scale = work_side / max(width, height)                     # 1/4 or 1/8 of the size
+            image.draft("L", (max(1, int(width * scale)), max(1, int(height * scale))))
+        held, kind, advice = decoded_bytes(image, data, (width, height))
+        if held > max_decoded_bytes:
+            raise ImageError(f"{width}×{height} pixels of {kind} decode to {held} bytes, over the "
+                             f"limit of {max_decoded_bytes} decoded bytes per picture; send "
+                             f"{advice}")
         try:
             return _decoded(image, work_side)
         except Exception as exc:  # Pillow's decoders raise many types for corrupt data
@@ -113,35 +132,129 @@ def _reason(exc: BaseException) -> str:
     return text[:120] or type(exc).__name__
 
 
+# Decoded bytes -------------------------------------------------------------------------------
+
+_PNG_COLOURS = {0: ("grey", 1), 2: ("RGB", 3), 3: ("palette", 1), 4: ("grey and alpha", 2),
+                6: ("RGBA", 4)}  # a PNG's colour type: its name and samples per pixel
+
+
+def _held_per_pixel(mode: str) -> int:
+    """Bytes per pixel of Pillow's image of ``mode`` in memory (RGB takes 4, as RGBA)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decoded_bytes(image: Any, data: bytes, size: tuple[int, int]) -> tuple[int, str, str]:
+    """What decoding the opened (not yet loaded) ``image`` of ``data``, ``size`` pixels, would
+    hold, read from its header: its bytes, what kind of picture it is, and what to send instead
+    when that is too much.
+
+    A PNG: width × height × the larger of its samples' bytes per pixel (channels × 2 at 16 bits)
+    and Pillow's in memory (4 for colour or alpha). A JPEG: its pixels at the scale it is decoded
+    (``draft``) × Pillow's bytes per pixel, plus, when libjpeg must buffer the whole picture
+    (progressive, or its first scan holds fewer components than the frame), 2 bytes per DCT
+    coefficient of every component."""
+    width, height = size
+    if image.format == "PNG" and data[12:16] == b"IHDR" and data[25] in _PNG_COLOURS:
+        depth, (colour, channels) = data[24], _PNG_COLOURS[data[25]]
+        per_pixel = max(channels * (2 if depth > 8 else 1), _held_per_pixel(image.mode))
+        return (width * height * per_pixel, f"{depth}-bit {colour}",
+                "fewer pixels or 8 bits per sample")
+    if image.format != "JPEG":  # a PNG header Pillow read but this does not: count the most
+        return width * height * 8, f"{image.format} {image.mode}", "fewer pixels"
+    drafted_w, drafted_h = image.size
+    held = drafted_w * drafted_h * _held_per_pixel(image.mode)
+    layers = getattr(image, "layer", None) or [(1, 1, 1, 0)] * len(image.getbands())
+    progressive = bool(image.info.get("progressive"))
+    scan = _first_scan_components(data)
+    if progressive or scan is None or scan < len(layers):
+        h_max = max(layer[1] for layer in layers)
+        v_max = max(layer[2] for layer in layers)
+        for _, h, v, _ in layers:  # libjpeg's coefficient arrays: whole 8×8 blocks of int16
+            held += -(-width * h // (8 * h_max)) * -(-height * v // (8 * v_max)) * 64 * 2
+        kind = "progressive JPEG" if progressive else "multi-scan JPEG"
+        return held, kind, "fewer pixels or a baseline (sequential) JPEG"
+    return held, "JPEG", "fewer pixels"
+
+
+def _first_scan_components(data: bytes) -> int | None:
+    """The number of components in a JPEG's first scan (its first SOS segment), None when the
+    markers up to it do not parse."""
+    pos = 2  # after SOI
+    while pos + 4 < len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # SOS: length (2 bytes), then Ns
+            return data[pos + 4]
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
+# Decoding ------------------------------------------------------------------------------------
+
 _OPAQUE_MODES = ("1", "L", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "P")  # Pillow's "L" is right for them
 
 
 def _decoded(image: Any, work_side: int) -> npt.NDArray[np.float64]:
+    """The opened ``image`` decoded and turned grey, reduced to at most ``work_side`` pixels a
+    side, holding beyond the decoded picture one byte a pixel (opaque) or a band (see _grey)."""
     from PIL import Image, ImageOps
 
-    width, height = image.size
-    if image.format == "JPEG" and max(width, height) > work_side:  # libjpeg decodes at 1/2, 1/4
-        scale = work_side / max(width, height)                     # or 1/8 of the size at once
-        image.draft("L", (max(1, int(width * scale)), max(1, int(height * scale))))
-    image = ImageOps.exif_transpose(image)
     if image.mode in _OPAQUE_MODES and "transparency" not in image.info:
-        image = image.convert("L")
-        factor = -(-max(image.size) // work_side)  # an area average of factor² pixels, in C
+        grey = image if image.mode == "L" else image.convert("L")
+        if grey is not image:
+            image.close()  # the decoded colours are not needed any more: free them now
+        ImageOps.exif_transpose(grey, in_place=True)  # grey levels commute with a rotation
+        factor = -(-max(grey.size) // work_side)  # an area average of factor² pixels, in C
         if factor > 1:
-            image = image.reduce(factor)
-        return np.asarray(image, dtype=np.float64)
-    grey = _grey(image)  # transparency, 16 bits: in numpy, then reduced the same way
-    factor = -(-max(grey.shape) // work_side)
-    if factor > 1:
+            grey = grey.reduce(factor)
+        return np.asarray(grey, dtype=np.float64)
+    ImageOps.exif_transpose(image, in_place=True)  # a copy only when the picture is rotated
+    width, height = image.size
+    factor = -(-max(width, height) // work_side)
+    if factor == 1:
+        return _grey(image)
+    # transparency, 16 bits: in numpy, by bands of whole rows of factor×factor boxes, reduced the
+    # same way as a whole (a box never straddles two bands)
+    band = factor * max(1, BAND_PIXELS // (width * factor))
+    dark = _opaque_is_dark(image, band) if _has_alpha(image) else True
+    parts = []
+    for top in range(0, height, band):
+        grey = _grey(image.crop((0, top, width, min(height, top + band))), dark)
         reduced = Image.fromarray(grey.astype(np.float32), mode="F").reduce(factor)
-        grey = np.asarray(reduced, dtype=np.float64)
-    return grey
+        parts.append(np.asarray(reduced, dtype=np.float64))
+    return np.concatenate(parts)
 
 
-def _grey(image: Any) -> npt.NDArray[np.float64]:
+def _has_alpha(image: Any) -> bool:
+    """Whether _grey composes ``image``'s alpha (it is not 16-bit or float grey)."""
+    return not (image.mode.startswith("I;16") or image.mode in ("I", "F"))
+
+
+def _opaque_is_dark(image: Any, band: int) -> bool:
+    """Whether the opaque pixels (alpha above half) of ``image`` are dark on average (mean grey
+    below 128), or there is none; read by bands of ``band`` rows. The sums are integers, so the
+    answer is that of the mean of the whole."""
+    width, height = image.size
+    total = count = 0
+    for top in range(0, height, band):
+        la = np.asarray(image.crop((0, top, width, min(height, top + band))).convert("LA"))
+        opaque = la[..., 1] / 255.0 > 0.5
+        total += int(la[..., 0][opaque].sum(dtype=np.int64))
+        count += int(opaque.sum())
+    return count == 0 or total < 128 * count
+
+
+def _grey(image: Any, dark: bool | None = None) -> npt.NDArray[np.float64]:
     """Grey levels 0..255 of a decoded picture with transparency or 16 bits: transparency is
-    composed onto a background opposite to the ink (the mean of the opaque pixels tells which),
-    so a digit drawn on a transparent canvas keeps its strokes; 16 bits are scaled to 8."""
+    composed onto a background opposite to the ink (``dark``: the opaque pixels are dark; by
+    default their mean here tells), so a digit drawn on a transparent canvas keeps its strokes;
+    16 bits are scaled to 8."""
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":  # 16-bit PNG: Pillow's "L" would clip at 255
         sixteen: npt.NDArray[np.float64] = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
@@ -150,9 +263,10 @@ def _grey(image: Any) -> npt.NDArray[np.float64]:
         return np.clip(np.asarray(image, dtype=np.float64), 0, 255)
     la = np.asarray(image.convert("LA"), dtype=np.float64)
     grey, alpha = la[..., 0], la[..., 1] / 255.0
-    opaque = alpha > 0.5
-    ink_is_dark = not opaque.any() or grey[opaque].mean() < 128
-    background = 255.0 if ink_is_dark else 0.0
+    if dark is None:
+        opaque = alpha > 0.5
+        dark = not opaque.any() or grey[opaque].mean() < 128
+    background = 255.0 if dark else 0.0
     composed: npt.NDArray[np.float64] = grey * alpha + background * (1 - alpha)
     return composed
 
@@ -519,14 +633,17 @@ def preprocess(grey: npt.NDArray[np.float64], shape: Sequence[int] = (28, 28)
 
 
 def from_bytes(data: bytes, shape: Sequence[int] = (28, 28), *, max_bytes: int = MAX_BYTES,
-               max_pixels: int = MAX_PIXELS) -> npt.NDArray[np.uint8]:
+               max_pixels: int = MAX_PIXELS, max_decoded_bytes: int = MAX_DECODED_BYTES
+               ) -> npt.NDArray[np.uint8]:
     """The model's pixels (flat uint8, ``shape``) of a PNG or JPEG picture; ImageError saying
     what is wrong otherwise."""
-    return preprocess(read_grey(data, max_bytes=max_bytes, max_pixels=max_pixels), shape)
+    return preprocess(read_grey(data, max_bytes=max_bytes, max_pixels=max_pixels,
+                                max_decoded_bytes=max_decoded_bytes), shape)
 
 
 def from_file(path: Path, shape: Sequence[int] = (28, 28), *, max_bytes: int = MAX_BYTES,
-              max_pixels: int = MAX_PIXELS) -> npt.NDArray[np.uint8]:
+              max_pixels: int = MAX_PIXELS, max_decoded_bytes: int = MAX_DECODED_BYTES
+              ) -> npt.NDArray[np.uint8]:
     """As from_bytes, of a file; ImageError messages start with the path."""
     try:
         size = path.stat().st_size
@@ -538,6 +655,7 @@ def from_file(path: Path, shape: Sequence[int] = (28, 28), *, max_bytes: int = M
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
     try:
-        return from_bytes(data, shape, max_bytes=max_bytes, max_pixels=max_pixels)
+        return from_bytes(data, shape, max_bytes=max_bytes, max_pixels=max_pixels,
+                          max_decoded_bytes=max_decoded_bytes)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None

@@ -192,7 +192,8 @@ class App:
         # Pictures (Image.encoded, V2 BYTES) are decoded on threads of their own, never the loop.
         self.pictures = PictureDecoder(settings.picture_threads, PictureLimits(
             settings.max_picture_bytes, settings.max_picture_request_bytes,
-            settings.max_picture_pixels, settings.max_queued_pictures))
+            settings.max_picture_pixels, settings.max_queued_pictures,
+            settings.max_picture_decoded_bytes))
         self.server = grpc.aio.server(options=server_options(settings, reuse_port))
         self.oip = InferenceServicer(self)  # the V2 protocol, over gRPC and over HTTP
         # Every method of every service wrapped once: request id, token check, metrics, access line.

@@ -26,12 +26,14 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class PictureLimits:
     """What one request's pictures may be: how many, bytes per picture and per request (checked
-    before any is decoded), pixels per picture (checked from its header, before it is decoded)."""
+    before any is decoded), pixels and decoded bytes per picture (checked from its header, before
+    it is decoded: each decoding thread holds about ``max_decoded_bytes`` at most)."""
 
     max_bytes: int = pictures.MAX_BYTES
     max_request_bytes: int = 16 * 1024 * 1024
     max_pixels: int = pictures.MAX_PIXELS
     max_pictures: int = 64
+    max_decoded_bytes: int = pictures.MAX_DECODED_BYTES
 
 
 class PictureDecoder:
@@ -39,7 +41,8 @@ class PictureDecoder:
     the event loop never does (a 640×480 JPEG costs milliseconds; the loop's rule is microseconds).
     At most ``limits.max_pictures`` pictures wait or are being decoded (a request may hold as many);
     a call that would exceed that is refused at once (OverloadedError) before anything of it is
-    decoded."""
+    decoded. Only ``threads`` pictures are decoded at once, so the decoded pictures hold about
+    ``threads`` × ``limits.max_decoded_bytes`` at most; those waiting hold their encoded bytes."""
 
     def __init__(self, threads: int = 2, limits: PictureLimits | None = None) -> None:
         self.limits = limits or PictureLimits()

@@ -72,7 +72,8 @@ def picture_pixels(data: bytes, where: str, input_shape: Sequence[int], limits: 
                                 "pictures (they need a rows×cols input); send its pixels instead")
     try:
         flat = pictures.from_bytes(data, input_shape, max_bytes=limits.max_bytes,
-                                   max_pixels=limits.max_pixels)
+                                   max_pixels=limits.max_pixels,
+                                   max_decoded_bytes=limits.max_decoded_bytes)
     except pictures.ImageError as exc:
         raise InvalidInputError(where, str(exc)) from None
     return scale_pixels(flat)

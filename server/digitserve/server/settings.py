@@ -147,6 +147,18 @@ class Settings:
             "photo."
         },
     )
+    max_picture_decoded_bytes: int = field(
+        default=48 * 1024 * 1024,
+        metadata={
+            "help": "Most bytes one picture may decode to (width × height × bytes per pixel: 1 "
+            "grey or palette, 2 16-bit grey, 4 colour or alpha, 6 or 8 16-bit colour; a JPEG at "
+            "the reduced scale it is decoded at, plus 2 bytes per coefficient when progressive or "
+            "multi-scan), read from its header before it is decoded: INVALID_ARGUMENT beyond. "
+            "Each picture thread holds about this much at most. The default takes a 12-megapixel "
+            "photo (JPEG, or PNG up to 4096×3072 RGBA) and any 8- or 16-bit grey picture within "
+            "--max-picture-pixels."
+        },
+    )
     picture_threads: int = field(
         default=2,
         metadata={
@@ -386,6 +398,9 @@ class Settings:
                 f"bytes {self.max_picture_bytes}")
         if self.max_picture_pixels < 28 * 28:
             problems.append(f"max picture pixels {self.max_picture_pixels} is below 784")
+        if self.max_picture_decoded_bytes < 28 * 28 * 4:
+            problems.append(f"max picture decoded bytes {self.max_picture_decoded_bytes} is below "
+                            "3136 (a 28×28 picture in colour)")
         if not 1 <= self.picture_threads <= 64:
             problems.append(f"picture threads {self.picture_threads} is not in 1..64")
         if self.max_queued_pictures < 1:
