@@ -584,6 +584,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     """Runs until SIGTERM or SIGINT (a drain; a second one stops at once); SIGHUP looks for a new
     model version now. Returns the process exit code. ``worker``: this process is one of
     ``--workers N`` (digitserve.server.workers), whose state it shares."""
+    if worker is not None:  # from the start: the arbiter kills a worker whose loop stops
+        worker.start_heartbeat()
     try:
         app = App(settings, reuse_port=reuse_port, freeze_gc=True,
                   worker_index=0 if worker is None else worker.index)
