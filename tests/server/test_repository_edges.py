@@ -199,6 +199,7 @@ def test_a_config_rewritten_in_place_is_never_applied_half_written_nor_empty(
             # previous config in force); once the writer stops, it does.
             wait_for(lambda: client.list_models().config_error == "", 60, "the file to settle")
             during = dict(answers)
+            assert set(during) == {"tiny 1", "other 1"}, during  # never the half: v2, NOT_FOUND
             errors = scrape(metrics)[("digitserve_model_config_errors_total", frozenset())]
             config.write_text("")  # in place, and left empty
             expected = (f"--model-config {config}: the file is empty (or holds only comments): a file "
@@ -218,7 +219,6 @@ def test_a_config_rewritten_in_place_is_never_applied_half_written_nor_empty(
         stop.set()
         for caller in callers:
             caller.join(30)
-    assert set(during) == {"tiny 1", "other 1"}, during
     assert server.log.count("the file is empty") == 1, server.log  # one line, not one per look
     server.proc.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
