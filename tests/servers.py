@@ -181,6 +181,11 @@ class ServerProcess:
         self.sent_workers.add(signum)
         os.kill(pid, signum)
 
+    def expect_worker_signal(self, signum: signal.Signals) -> None:
+        """A worker's death by ``signum`` that the test causes some other way (the arbiter's
+        SIGKILL of a worker the test stopped) is expected."""
+        self.sent_workers.add(signum)
+
     def metrics_port(self) -> int:
         """The port of its metrics endpoint (started with ``--metrics-port 0``), from its log."""
         match = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", self.log)

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +38,17 @@ for a killed publisher's and removed by the next publish. A live publisher holds
 flock on its staging directory (the guarantee on one host) and writes into it at each step of its
 build; the age also covers publishers that take no lock (older trainers, other hosts over NFS)."""
 _VERSION_NAME = re.compile(r"[1-9][0-9]*")  # ASCII digits only, no leading zero: str(int(name))
+
+
+_warned: set[str] = set()  # paths warn_once has warned about, in this process
+
+
+def warn_once(path: str, message: str) -> None:
+    """Logs ``message`` as a warning the first time it is said of ``path`` in this process (a
+    repository entry skipped at every look is one line, not one per look)."""
+    if path not in _warned:
+        _warned.add(path)
+        logger.warning("%s", message)
 
 
 def _check_name(name: str) -> None:
@@ -65,34 +77,92 @@ class ModelRepository:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
-        self._ignored: set[Path] = set()  # entries already reported as not versions
+        self._ignored: set[str] = set()  # entries already reported as not versions
 
     def models(self) -> list[str]:
         """The model directories in the repository, by name (those without a version yet
-        included); [] when the repository is missing."""
+        included); [] when the repository is missing. Symlinks are followed only to directories
+        inside the repository (followed_dir)."""
+        return sorted(self.model_dirs())
+
+    def model_dirs(self) -> dict[str, bool]:
+        """Each model directory's name, and whether it holds a version directory (a published
+        version, or one being checked): one listing of the root and one of each model directory,
+        nothing read inside a version. {} when the repository is missing."""
         try:
             with os.scandir(self.root) as entries:
-                return sorted(e.name for e in entries if is_model_name(e.name) and e.is_dir())
+                found = [e for e in entries if is_model_name(e.name) and self.followed_dir(e)]
         except (FileNotFoundError, NotADirectoryError):
-            return []
+            return {}
+        return {e.name: self._holds_a_version(Path(e.path)) for e in found}
+
+    def _holds_a_version(self, model_dir: Path) -> bool:
+        try:
+            with os.scandir(model_dir) as entries:
+                return any(is_version_name(e.name) and self.followed_dir(e) for e in entries)
+        except OSError:  # gone meanwhile, unreadable: nothing to serve from it
+            return False
+
+    def followed_dir(self, entry: os.DirEntry[str]) -> bool:
+        """Whether a directory entry of the repository is a directory to serve from: a
+        directory, or a symlink to a directory inside the repository root (a model or version
+        kept on a volume mounted there). A symlink loop, a dangling symlink and a symlink out of
+        the repository root (to ``/``, to another tree) are skipped, each with one warning line
+        per process (warn_once), never an error: the rest of the repository serves on."""
+        try:
+            if not entry.is_symlink():
+                return entry.is_dir(follow_symlinks=False)
+        except OSError:
+            return False
+        return self._link_followed(entry.path)
+
+    def _link_followed(self, link: str) -> bool:
+        try:
+            target = Path(os.path.realpath(link, strict=True))  # OSError: a loop, dangling
+        except OSError as error:
+            warn_once(link, f"ignoring {link}: a symlink that cannot be followed "
+                      f"({error.strerror or error}); fix or remove it")
+            return False
+        root = Path(os.path.realpath(self.root))
+        if target == root or root not in target.parents:
+            where = "the repository itself" if target == root else "outside the repository"
+            warn_once(link, f"ignoring {link}: a symlink to {target}, {where} {root}; only "
+                      "symlinks to directories inside the repository are followed")
+            return False
+        return target.is_dir()
+
+    def _model_dir_followed(self, model_dir: Path) -> bool:
+        """Whether ``model_dir`` (ROOT/NAME) is a directory to list, as followed_dir says."""
+        try:
+            mode = os.lstat(model_dir).st_mode
+        except OSError:
+            return False
+        return self._link_followed(str(model_dir)) if stat.S_ISLNK(mode) else stat.S_ISDIR(mode)
 
     def versions(self, name: str) -> list[int]:
         """Published versions of ``name``, ascending; [] if there are none. Only directories
         named as canonical integers are versions; anything else but hidden entries (staging) is
-        ignored with a warning, once per entry."""
+        ignored with a warning, once per entry. A model directory or version that is a symlink
+        is followed only inside the repository (followed_dir)."""
         _check_name(name)
         model_dir = self.root / name
-        if not model_dir.is_dir():
+        if not self._model_dir_followed(model_dir):
             return []
         found = []
-        for entry in model_dir.iterdir():
-            if is_version_name(entry.name) and entry.is_dir():
+        try:
+            with os.scandir(model_dir) as entries:
+                listed = list(entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        for entry in listed:
+            if is_version_name(entry.name) and self.followed_dir(entry):
                 found.append(int(entry.name))
-            elif not entry.name.startswith(".") and entry not in self._ignored:
-                self._ignored.add(entry)
+            elif not entry.name.startswith(".") and entry.path not in self._ignored \
+                    and not (is_version_name(entry.name) and entry.is_symlink()):  # warned
+                self._ignored.add(entry.path)
                 logger.warning(
                     "ignoring %s: not a version directory (versions are directories named "
-                    "1, 2, 3, ... without leading zeros)", entry,
+                    "1, 2, 3, ... without leading zeros)", entry.path,
                 )
         return sorted(found)
 

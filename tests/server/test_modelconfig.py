@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from digitserve.server.modelconfig import (
+    SETTLE_READS,
     ModelConfigError,
     ModelPolicy,
     ServingConfig,
     from_flags,
     parse,
     read,
+    read_settled,
 )
 from digitserve.server.settings import load_settings
 from digitserve.server.versions import GateRules
@@ -49,6 +51,10 @@ def test_without_a_models_table_every_model_is_served_with_the_flags_rules() -> 
     assert parse("[models.one]\n").default_model == "one"  # the only model listed
 
 
+EMPTY = ("the file is empty (or holds only comments): a file being rewritten in place, or truncated; "
+         "write default_model = \"\" to serve every model with the flags' policy")
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("models = 3", "models: expected tables [models.NAME]"),
     ("[model.mnist]", "model: unknown key; expected one of default_model, models"),
@@ -72,11 +78,48 @@ def test_without_a_models_table_every_model_is_served_with_the_flags_rules() -> 
     ('default_model = "digits"\n[models.mnist]',
      "default_model: 'digits' is not one of the models listed (mnist)"),
     ("[models.mnist", "not valid TOML: Expected ']' at the end of a table declaration (at end of document)"),
+    ("", EMPTY),
+    ("# the models\n\n   \n", EMPTY),
 ])
 def test_each_mistake_is_one_line_naming_the_key(text: str, message: str) -> None:
     with pytest.raises(ModelConfigError) as info:
         parse(text)
     assert str(info.value) == message
+
+
+def test_a_changed_file_is_taken_only_once_two_reads_agree(tmp_path: Path) -> None:
+    """read_settled reads until the file holds still: a writer that rewrites it in place
+    between the reads (first half, then the rest) never has its first half taken, and a file
+    that keeps changing is an error naming the path, not a config."""
+    path = tmp_path / "models.toml"
+    whole = '[models.mnist]\nlabels = { stable = 1 }\n\n[models.fashion]\n'
+    steps = iter([whole[:15], whole, None])  # what the file holds after each pause (None: as is)
+    half = whole[:whole.index("[models.fashion]")]
+    path.write_text(half)  # the first read: half of it, and it parses
+    assert parse(half).models == {"mnist": ModelPolicy(labels={"stable": 1})}
+    naps: list[float] = []
+
+    def writer(seconds: float) -> None:  # the pause between two reads: the file is rewritten
+        naps.append(seconds)
+        text = next(steps)
+        if text is not None:
+            with path.open("r+") as file:
+                file.truncate(0)
+                file.write(text)
+
+    config, (mtime, size) = read_settled(path, interval=0.25, sleep=writer)
+    assert config == parse(whole) and size == len(whole) and mtime == path.stat().st_mtime_ns
+    assert naps == [0.25, 0.25, 0.25]
+    counter = iter(range(100))
+
+    def busy(seconds: float) -> None:
+        path.write_text(f'default_model = "m{next(counter)}"\n[models.m{next(counter)}]\n')
+
+    with pytest.raises(ModelConfigError) as info:
+        read_settled(path, interval=0.25, sleep=busy)
+    assert str(info.value) == (f"--model-config {path}: still changing after {SETTLE_READS} reads "
+                               "0.25s apart; applied once it holds still (write the new file "
+                               "beside it and rename it into place)")
 
 
 def test_a_file_that_cannot_be_read_names_the_flag_and_the_path(tmp_path: Path) -> None:

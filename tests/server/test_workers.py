@@ -4,6 +4,7 @@ backoff, then the server halts; the workers die with the parent; SIGHUP reloads,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -198,6 +199,46 @@ def test_a_worker_that_crashes_leaves_its_stack_and_the_signal_in_the_log_and_is
     server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
     assert "all workers stopped: exit codes [0, 0]" in server.log
+
+
+def test_a_stopped_worker_is_found_by_its_heartbeat_killed_and_restarted(
+    spawn: type[ServerProcess], tiny_repo: Path, load: Callable[..., Load],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SIGSTOP leaves a worker alive to waitpid while the connections the kernel hands it hang:
+    the arbiter finds it by its silent heartbeat (the default --worker-heartbeat-timeout, 10 s),
+    says so naming it, kills it and restarts it; new connections are answered again."""
+    server, target = start_pool(spawn, tiny_repo)
+    calls = load(target)
+    stopped = worker_pids(server)[1][-1]
+    server.expect_worker_signal(signal.SIGKILL)  # the arbiter's, once it finds the worker silent
+    server.signal_worker(stopped, signal.SIGSTOP)
+    try:
+        silent = wait_for(lambda: re.search(
+            rf"worker 1 \(pid {stopped}\) has been silent for ([\d.]+)s \(no heartbeat from its event "
+            r"loop within --worker-heartbeat-timeout 10s: stopped or hung\); killing it with SIGKILL",
+            server.log), 90, "the arbiter's line on the silent worker")
+        assert 10 <= float(silent.group(1)) < 60
+        wait_for(lambda: re.search(
+            rf"worker 1 \(pid {stopped}\) died after serving for [\d.]+s: killed by signal SIGKILL; "
+            r"restarting it in 0.0s", server.log), 30, "its death logged")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # never leave a stopped process behind
+            os.kill(stopped, signal.SIGCONT)
+    restarted = wait_for(lambda: re.search(
+        r"worker 1 \(pid (\d+)\) restarted: serving ([\d.]+)s after", server.log), 90, "worker 1 restarted")
+    assert int(restarted.group(1)) not in (stopped, worker_pids(server)[0][-1])
+    wait_for(lambda: health(target, WORKERS) == "SERVING", 30, "Workers SERVING")
+    checks = Counter(health(target) for _ in range(20))  # new connections: both workers answer
+    assert checks == {"SERVING": 20}, checks
+    codes = calls.stop()
+    assert codes["OK"] > 100, codes
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(60) == 0
+    assert server.log.count("has been silent") == 1
+    report(capsys, f"stopped worker: killed after {float(silent.group(1)):.1f}s of silence, serving "
+                   f"again {float(restarted.group(2)):.2f}s later; health {dict(checks)}; "
+                   f"calls {dict(codes)}")
 
 
 def test_workers_die_with_the_parent_and_free_the_port(

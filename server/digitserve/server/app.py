@@ -26,8 +26,7 @@ from digitserve.server.errors import ModelNotFoundError as NotServedError
 from digitserve.server.health import HealthServicer
 from digitserve.server.httpserver import HttpEdge, exposition
 from digitserve.server.logs import access_log
-from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_settings
-from digitserve.server.modelconfig import read as read_config
+from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_settings, read_settled
 from digitserve.server.models import (
     MODEL_SERVICE,
     MODEL_UPDATES_SERVICE,
@@ -180,6 +179,8 @@ class App:
             for name in self._configured():
                 self._add(name)
         self.removed: dict[str, float] = {}  # discovered models whose directory is gone: since when
+        self.repository = ModelRepository(settings.model_repo)  # discovery's listing (_discover)
+        self.unpublished = 0  # model directories found without a version, not served (yet)
         self._watch_task: asyncio.Task[None] | None = None
         self._model_tasks: set[asyncio.Task[Model]] = set()
         self._loading = False  # load_or_wait() started: models found later start loading at once
@@ -341,7 +342,9 @@ class App:
         self._config_seen = stamp
         rules = GateRules(self.settings.min_check_accuracy, self.settings.max_regression)
         try:
-            config = await self.reads.run("load config", f"reading {path}", partial(read_config, path, rules))
+            # Only once it holds still: a file rewritten in place is half-written for a moment.
+            config, self._config_seen = await self.reads.run(
+                "load config", f"reading {path}", partial(read_settled, path, rules))
         except ModelConfigError as error:
             if str(error) != self.config_error:
                 logger.error("model config not applied, the previous one stays in force: %s", error)
@@ -370,8 +373,12 @@ class App:
         if self.config.models is None:
             root = self.settings.model_repo
             found = await self.reads.run("list models", f"listing the models in {root}",
-                                         ModelRepository(root).models)
-            names.update(found)
+                                         self.repository.model_dirs)
+            # A directory without a version costs this one listing per look and nothing else: no
+            # ModelServer (batcher, watch, health services, metrics series) until a version
+            # appears in it. One served already stays while its directory is there.
+            names.update(n for n, published in found.items() if published or n in self.models)
+            self.unpublished = sum(1 for n, published in found.items() if not published and n not in names)
         now = time.monotonic()
         grace = self.settings.removed_version_grace
         for name in sorted(names - set(self.models)):
@@ -531,10 +538,12 @@ class App:
         if not self.models:
             root = self.settings.model_repo
             why = await self.reads.run("list", f"listing {root}", partial(repository_error, root))
+            unpublished = (f"{self.unpublished} model directories, none with a version yet"
+                           if self.unpublished else "no model directory yet")
             logger.warning(
                 "waiting for a model in %s (health NOT_SERVING; looking every %gs and at SIGHUP; "
                 "--exit-if-no-model exits instead): %s", root,
-                self.settings.reload_interval or WAIT_INTERVAL, why or "no model directory yet")
+                self.settings.reload_interval or WAIT_INTERVAL, why or unpublished)
         for server in list(self.models.values()):
             self._start_model(server)
         self._loading = True  # models found from now on start loading at once
@@ -585,6 +594,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     """Runs until SIGTERM or SIGINT (a drain; a second one stops at once); SIGHUP looks for a new
     model version now. Returns the process exit code. ``worker``: this process is one of
     ``--workers N`` (digitserve.server.workers), whose state it shares."""
+    if worker is not None:  # from the start: the arbiter kills a worker whose loop stops
+        worker.start_heartbeat()
     try:
         app = App(settings, reuse_port=reuse_port, freeze_gc=True,
                   worker_index=0 if worker is None else worker.index)

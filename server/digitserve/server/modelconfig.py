@@ -18,14 +18,16 @@ A config file, for operators who prefer one to flags (TF Serving's model config,
 
 Every value is checked; one line names the key, the value and what is allowed. A change that
 does not parse keeps the previous config in force (the server logs and counts it, and ListModels
-reports it).
+reports it). So does an empty file (or one of comments only: what a file being rewritten in
+place is for a moment), and a change is applied only once the file holds still (read_settled).
 """
 
 from __future__ import annotations
 
 import re
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,10 @@ def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ModelConfigError(f"not valid TOML: {error}") from None
+    if not data:
+        raise ModelConfigError(
+            "the file is empty (or holds only comments): a file being rewritten in place, or "
+            "truncated; write default_model = \"\" to serve every model with the flags' policy")
     _unknown("", data, _TOP_KEYS)
     default_model = data.get("default_model", "")
     if not isinstance(default_model, str):
@@ -170,12 +176,56 @@ def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
 def read(path: Path, rules: GateRules = NO_RULES) -> ServingConfig:
     """The config file at ``path``; ModelConfigError (its message starts with the path) when it
     cannot be read or used."""
+    return _parse_file(path, _text(path), rules)
+
+
+def _text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise ModelConfigError(f"--model-config {path}: cannot read it ({reason})") from None
+
+
+def _parse_file(path: Path, text: str, rules: GateRules) -> ServingConfig:
     try:
         return parse(text, rules)
     except ModelConfigError as error:
         raise ModelConfigError(f"--model-config {path}: {error}") from None
+
+
+# A changed config file is applied once two reads this many seconds apart find the same text and
+# modification time (read_settled), trying at most SETTLE_READS times.
+SETTLE_INTERVAL = 0.5
+SETTLE_READS = 10
+
+Snapshot = tuple[str, int, int]  # the text, the size and the modification time (ns) after reading it
+
+
+def _snapshot(path: Path) -> Snapshot:
+    text = _text(path)
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise ModelConfigError(f"--model-config {path}: cannot read it ({error.strerror})") from None
+    return text, stat.st_size, stat.st_mtime_ns
+
+
+def read_settled(path: Path, rules: GateRules = NO_RULES, interval: float = SETTLE_INTERVAL,
+                 sleep: Callable[[float], None] = time.sleep) -> tuple[ServingConfig, tuple[int, int]]:
+    """The config file at ``path`` once it holds still, and its (mtime_ns, size) then: it is
+    read until two reads ``interval`` seconds apart find the same text, size and modification
+    time (a file rewritten in place is read half-written in between: its first half may parse,
+    dropping a model or a label). ModelConfigError when it cannot be used, or when it is still
+    changing after SETTLE_READS reads (the next look tries again). Blocks: run it in a thread."""
+    previous = _snapshot(path)
+    for _ in range(SETTLE_READS):
+        sleep(interval)
+        current = _snapshot(path)
+        if current == previous:
+            text, size, mtime = current
+            return _parse_file(path, text, rules), (mtime, size)
+        previous = current
+    raise ModelConfigError(
+        f"--model-config {path}: still changing after {SETTLE_READS} reads {interval:g}s apart; "
+        "applied once it holds still (write the new file beside it and rename it into place)")

@@ -570,13 +570,12 @@ async def check_repository(settings: Settings, reads: RepositoryReads, config: S
         error = await reads.run("list", f"listing {root}", partial(repository_error, root))
         if error is not None:
             raise error
-        found = await reads.run("list models", f"listing the models in {root}", ModelRepository(root).models)
-        published = []
-        for name in found:
-            published += await reads.run(f"list {name}", f"listing {root}/{name}",
-                                         partial(ModelRepository(root).versions, name))
-        if not published:  # model directories without a version yet: say the first one's
-            raise missing_error(root, config.default_model or found[0])
+        # One listing of each model directory, in one thread: a repository of many empty
+        # directories costs one read, not one thread per directory.
+        found = await reads.run("list models", f"listing the models in {root}",
+                                ModelRepository(root).model_dirs)
+        if not any(found.values()):  # model directories without a version yet: say the first one's
+            raise missing_error(root, config.default_model or min(found, default="NAME"))
         if not config.default_model:
             return
     waiting: NothingPublishedError | None = None

@@ -194,6 +194,14 @@ class Settings:
             "(no model, a taken metrics port) halts the server (exit 1), as gunicorn does."
         },
     )
+    worker_heartbeat_timeout: float = field(
+        default=10.0,
+        metadata={
+            "help": "With --workers N: each worker's event loop beats a heartbeat every second; "
+            "one silent this many seconds (stopped, deadlocked, stuck on the loop) is logged, "
+            "killed with SIGKILL and restarted. 0 turns the check off."
+        },
+    )
     reload_interval: float = field(
         default=5.0,
         metadata={
@@ -423,6 +431,9 @@ class Settings:
             problems.append(f"workers {self.workers} is below 1")
         if self.worker_start_retries < 0:
             problems.append(f"worker start retries {self.worker_start_retries} is negative")
+        if self.worker_heartbeat_timeout != 0 and not 2 <= self.worker_heartbeat_timeout <= 86400:
+            problems.append(f"worker heartbeat timeout {self.worker_heartbeat_timeout} is not 0 (off) "
+                            "or in [2, 86400] seconds")
         if self.inference not in INFERENCE_CHOICES:
             problems.append(f"inference {self.inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
         if self.log_format not in FORMATS:

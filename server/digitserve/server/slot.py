@@ -3,12 +3,15 @@ worker's server (digitserve.server.app) share, so neither module imports the oth
 
 from __future__ import annotations
 
+import asyncio
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # A worker's slot in the shared array: written by the worker, cleared by the parent when it dies.
 STARTING, SERVING = 0, 1
+# Seconds between a worker's heartbeats (WorkerSlot.beat).
+HEARTBEAT_INTERVAL = 1.0
 
 
 @dataclass
@@ -19,6 +22,26 @@ class WorkerSlot:
     index: int
     states: Any  # multiprocessing RawArray of STARTING/SERVING, one per worker
     parent_pid: int
+    # multiprocessing RawArray of counters, one per worker: each worker's event loop bumps its own
+    # every HEARTBEAT_INTERVAL seconds; the arbiter kills a worker whose counter stops moving.
+    heartbeats: Any = None
+    _beating: asyncio.Task[None] | None = field(default=None, repr=False, compare=False)
+
+    def beat(self) -> None:
+        """Tells the arbiter this worker's event loop still runs."""
+        if self.heartbeats is not None:
+            self.heartbeats[self.index] += 1
+
+    def start_heartbeat(self) -> None:
+        """Beats every HEARTBEAT_INTERVAL seconds on the running event loop for as long as it
+        runs (asyncio.run cancels it at the end), so the beats stop when the loop stops or is
+        blocked."""
+        async def beating() -> None:
+            while True:
+                self.beat()
+                await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+        self._beating = asyncio.get_running_loop().create_task(beating(), name="heartbeat")
 
     def set_serving(self, serving: bool) -> None:
         self.states[self.index] = SERVING if serving else STARTING

@@ -166,12 +166,21 @@ def _versions_text(versions: list[int]) -> str:
     return f"versions {', '.join(map(str, versions[:3]))}, …, {versions[-1]} ({len(versions)} in all)"
 
 
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a directory, following symlinks; False for a symlink loop (which
+    the repository's listing skips with a warning) rather than an error."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def _version_dirs(directory: Path, published: bool = False) -> list[int]:
     """The version directories in ``directory`` (``published``: those holding a metadata.json),
     ascending; nothing is logged about other entries."""
     try:
         with os.scandir(directory) as entries:
-            found = [int(e.name) for e in entries if is_version_name(e.name) and e.is_dir()]
+            found = [int(e.name) for e in entries if is_version_name(e.name) and _is_dir(e)]
     except OSError:
         return []
     if published:
@@ -227,7 +236,7 @@ def missing_error(root: Path, name: str) -> ModelNotFoundError:
             everything = list(entries)
     except OSError as error:
         return ModelNotFoundError(f"{flag}: cannot list it ({error.strerror or error})")
-    children = sorted(e.name for e in everything if not e.name.startswith(".") and e.is_dir())
+    children = sorted(e.name for e in everything if not e.name.startswith(".") and _is_dir(e))
     if name in children:
         return NothingPublishedError(
             f"{flag}: model {name!r} has no published version in {root} ({root / name} holds "

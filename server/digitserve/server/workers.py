@@ -6,6 +6,7 @@ workers die with it (PR_SET_PDEATHSIG)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -87,6 +88,9 @@ class _Worker:
     restart_at: float | None = None
     died_at: float | None = None
     exits: list[int | None] = field(default_factory=list)
+    beats: int = 0  # its heartbeat counter when the arbiter last saw it move
+    beat_at: float = 0.0  # when that was (time.monotonic())
+    silenced: bool = False  # killed for a silent heartbeat, not yet reaped
 
 
 class Arbiter:
@@ -109,6 +113,7 @@ class Arbiter:
             http_port = self.reserved_http.getsockname()[1]
         self.worker_settings = replace(settings, port=self.port, http_port=http_port, workers=1)
         self.states = self.context.RawArray("b", settings.workers)
+        self.heartbeats = self.context.RawArray("Q", settings.workers)  # WorkerSlot.beat
         self.workers = [_Worker(i) for i in range(settings.workers)]
         self.stop_signals = 0
         self.halted = False
@@ -146,7 +151,9 @@ class Arbiter:
 
     def _spawn(self, worker: _Worker) -> None:
         self.states[worker.index] = STARTING
-        slot = WorkerSlot(worker.index, self.states, os.getpid())
+        self.heartbeats[worker.index] = 0
+        worker.beats, worker.silenced = 0, False
+        slot = WorkerSlot(worker.index, self.states, os.getpid(), self.heartbeats)
         worker.proc = self.context.Process(
             target=_worker,
             args=(_with_metrics_port(self.worker_settings, worker.index), slot, self.settings.log_level),
@@ -191,6 +198,29 @@ class Arbiter:
                      worker.index, proc.pid, what, describe_exit(code), delay)
         worker.restart_at = now + delay
 
+    def _check_heartbeat(self, worker: _Worker, now: float) -> None:
+        """SIGKILLs a worker whose event loop has not beaten its heartbeat (WorkerSlot.beat) for
+        --worker-heartbeat-timeout seconds: stopped (SIGSTOP), deadlocked or stuck on the loop,
+        it holds its share of the port's connections without answering them, and waitpid alone
+        never notices. Its exit is then reaped, logged and restarted like any other death. A
+        worker whose loop has not started yet (importing, before its first beat) is not judged."""
+        timeout = self.settings.worker_heartbeat_timeout
+        proc = worker.proc
+        if timeout <= 0 or proc is None or proc.pid is None or worker.silenced:
+            return
+        beats = self.heartbeats[worker.index]
+        if beats != worker.beats:
+            worker.beats, worker.beat_at = beats, now
+            return
+        if beats == 0 or now - worker.beat_at < timeout:
+            return
+        logger.error("worker %d (pid %d) has been silent for %.1fs (no heartbeat from its event "
+                     "loop within --worker-heartbeat-timeout %gs: stopped or hung); killing it "
+                     "with SIGKILL", worker.index, proc.pid, now - worker.beat_at, timeout)
+        worker.silenced = True
+        with contextlib.suppress(ProcessLookupError):  # it died meanwhile: reaped as usual
+            os.kill(proc.pid, signal.SIGKILL)
+
     def _notice_serving(self, worker: _Worker, now: float) -> None:
         if worker.serving or worker.proc is None or self.states[worker.index] != SERVING:
             return
@@ -214,6 +244,7 @@ class Arbiter:
                 for worker in self.workers:
                     if worker.proc is not None and worker.proc.exitcode is not None:
                         self._reap(worker, now)
+                    self._check_heartbeat(worker, now)
                     self._notice_serving(worker, now)
                     if (worker.proc is None and worker.restart_at is not None
                             and worker.restart_at <= now and not (self.stop_signals or self.halted)):
