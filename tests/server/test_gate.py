@@ -377,7 +377,7 @@ def test_a_rewritten_check_set_is_refused_by_a_serving_server(
         assert info["refused_versions"] == {"2": expected}
         assert info["version"] == 1
         assert client.predict(np.zeros((1, 28, 28), np.uint8)).model_version == 1
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
     assert f"refused model tiny version 2: {expected}" in server.log
 

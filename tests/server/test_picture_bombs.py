@@ -141,7 +141,7 @@ def test_decompression_bombs_are_refused_or_decoded_in_bounded_memory(
         for data, answer in zip(photos, answers, strict=True):  # the same answers after them
             np.testing.assert_allclose(probabilities(predict(pb.Image(encoded=data))), answer,
                                        rtol=0, atol=1e-6)
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0, server.log
 
 

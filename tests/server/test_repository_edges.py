@@ -84,7 +84,7 @@ def test_empty_model_directories_cost_no_served_model_each(
                          60, "the published directory served")
                 answer = client.predict(np.zeros(784, np.uint8), model_name="empty0007")
                 assert (answer.model_name, answer.model_version) == ("empty0007", 1)
-        server.proc.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0
     (series, plain_threads), (crowded_series, crowded_threads) = found["plain"], found["crowded"]
     assert crowded_series == series, (series, crowded_series)
@@ -139,7 +139,7 @@ def test_symlinks_are_followed_inside_the_repository_only_and_a_loop_is_never_fa
         f"the repository {real}; only symlinks to directories inside the repository are followed",
     ]), ignored
     assert "Traceback" not in server.log and "failed; trying again" not in server.log
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
 
 
@@ -220,6 +220,6 @@ def test_a_config_rewritten_in_place_is_never_applied_half_written_nor_empty(
         for caller in callers:
             caller.join(30)
     assert server.log.count("the file is empty") == 1, server.log  # one line, not one per look
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0
     report(capsys, f"30 in-place rewrites of the model config under calls: {during}")
