@@ -5,7 +5,7 @@ SERVING and answers faster than the calls that do model work (measured from a ch
 own), the work beyond the bound is refused with RESOURCE_EXHAUSTED faster than work is served,
 and the queued-images gauge tells the truth (non-zero while work waits, never above the bound, 0
 afterwards). Prints the figures: latencies and the event loop's timer lag are reported, never
-asserted against a clock."""
+asserted against a clock (``python -m bench.big_calls`` measures them on a server process)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -25,66 +25,13 @@ import numpy.typing as npt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from digitserve.client.client import encode_images
-from digitserve.v1 import digit_service_pb2 as pb
-from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
+from bench.big_calls import load
 from tests.servers import ServerThread
 
 CALLERS = 64
 IMAGES = 1024
 MAX_QUEUED = 8192  # the server's default --max-queued-images: 8 calls of 1,024 images
 DURATION = 4.0
-
-
-def load(target: str, kind: str, callers: int, duration: float) -> list[tuple[str, float]]:
-    """``callers`` closed-loop callers for ``duration`` seconds, each sending 1,024-image Predicts
-    or Evaluate streams of one 1,024-image message, backing off after a refusal: (code,
-    seconds) per call. On a machine too busy to reach ``callers`` answers and ``callers``
-    refusals in that time, it goes on until it has (at most 8 times as long), so the figures
-    below always rest on as many calls."""
-    rng = np.random.default_rng(0)
-    images = encode_images(rng.integers(0, 256, size=(IMAGES, 784), dtype=np.uint8))
-    labels = rng.integers(0, 10, size=IMAGES).tolist()
-    predict = pb.PredictRequest(images=images)
-    message = pb.EvaluateRequest(images=images, labels=labels)
-    outcomes: list[tuple[str, float]] = []
-
-    async def run() -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = pb_grpc.DigitServiceStub(channel)
-            end = time.perf_counter() + duration
-
-            async def messages() -> AsyncIterator[pb.EvaluateRequest]:
-                yield message
-
-            def enough() -> bool:
-                codes = collections.Counter(code for code, _ in outcomes)
-                return codes["OK"] >= callers and codes["RESOURCE_EXHAUSTED"] >= callers
-
-            async def caller() -> None:
-                refusals = 0
-                while time.perf_counter() < end or (
-                        time.perf_counter() < end + 7 * duration and not enough()):
-                    started = time.perf_counter()
-                    try:
-                        if kind == "predict":
-                            await stub.Predict(predict, timeout=60)
-                        else:
-                            await stub.Evaluate(messages(), timeout=60)
-                        code = "OK"
-                    except grpc.aio.AioRpcError as exc:
-                        code = exc.code().name
-                    outcomes.append((code, time.perf_counter() - started))
-                    # Retry with backoff, as the refusal asks: exponential from 0.1 s to 2 s,
-                    # as mnist-client's retry policy does for UNAVAILABLE.
-                    refusals = 0 if code == "OK" else refusals + 1
-                    if refusals:
-                        await asyncio.sleep(min(2.0, 0.1 * 2 ** (refusals - 1)))
-
-            await asyncio.gather(*(caller() for _ in range(callers)))
-
-    asyncio.run(run())
-    return outcomes
 
 
 def queued_images(metrics_port: int) -> float:
