@@ -609,7 +609,8 @@ print(json.dumps(report))
 def test_tritonclient_http_gets_the_probabilities_of_our_client(
     server: ServerThread, synthetic_data_dir: Path, tmp_path: Path
 ) -> None:
-    require_module("tritonclient.http", "tritonclient[http] is in the dev extra: pip install -e '.[dev]'")
+    for module in ("tritonclient.http", "geventhttpclient"):
+        require_module(module, "tritonclient[http] is in the dev extra: pip install -e '.[dev]'")
     from digitserve.idx import read_idx
 
     pixels = read_idx(synthetic_data_dir / "t10k-images-idx3-ubyte.gz")[:8].reshape(8, -1)
