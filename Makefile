@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DATA ?= data
 
-.PHONY: venv data demo test lint protos check-protos bench containers client-only clean
+.PHONY: venv data demo test tools lint protos check-protos bench containers client-only clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,8 @@ data: venv
 demo:
 	bash .ci/demo.sh
 
-# The test command: unit and server tests plus one end-to-end run on real MNIST.
+# The test command: unit and server tests plus one end-to-end run on real MNIST. Every test must run
+# (MNIST_REQUIRE_E2E=1): one whose tool is missing fails; `make tools` installs curl, node and npm.
 test: data
 	MNIST_DATA_DIR=$(DATA) MNIST_REQUIRE_E2E=1 $(BIN)/pytest
 
@@ -38,6 +39,10 @@ bench: data
 
 protos: venv
 	PYTHON=$(BIN)/python .ci/gen-protos.sh
+
+# curl, node and npm for the tests (apt-get, as root), or a line naming what is missing.
+tools:
+	bash .ci/tools.sh
 
 containers:
 	bash .ci/containers.sh

@@ -22,8 +22,11 @@
 # MNIST_LOADTEST_DURATION=5 s when the client has a loadtest command; 0 skips it, 1 requires it),
 # KEEP_ENGINE=1 (leave the engine running afterwards). Bounds, each a failure when broken:
 # SERVE_IMAGE_MAX_MB (350, MB = 10^6 bytes, uncompressed), COLD_START_MAX_S (3: `docker run` to
-# health SERVING), KILL_MAX_FAILED_PCT (1: failed calls of the kill test), KILL_DURATION (20 s of
-# load in the kill test).
+# health SERVING, on a quiet machine) scaled by the machine's pace in the same run: the bound is
+# the larger of it and COLD_START_FACTOR (4) times a bare start (`docker run` of the serve image
+# running `python -c pass`, measured just before), so a busy machine does not fail it and a server
+# that starts slowly still does; KILL_MAX_FAILED_PCT (1: failed calls of the kill test),
+# KILL_DURATION (20 s of load in the kill test).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -41,6 +44,7 @@ export MNIST_TRAIN_IMAGE=${MNIST_TRAIN_IMAGE:-digitserve-train:ci}
 export BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}
 SERVE_IMAGE_MAX_MB=${SERVE_IMAGE_MAX_MB:-350}
 COLD_START_MAX_S=${COLD_START_MAX_S:-3}
+COLD_START_FACTOR=${COLD_START_FACTOR:-4}
 KILL_MAX_FAILED_PCT=${KILL_MAX_FAILED_PCT:-1}
 KILL_DURATION=${KILL_DURATION:-20}
 export MNIST_PRESET=${MNIST_PRESET:-default}
@@ -332,10 +336,12 @@ host_models() {
 
 # The line docs/containers.md starts with, on free loopback ports and in the background:
 #   docker run -p 50051:50051 -p 8080:8080 -v "$PWD/models:/models:ro" digitserve
-# Cold start: from `docker run` to health SERVING, with the default-preset model published.
+# Cold start: from `docker run` to health SERVING, with the default-preset model published; its
+# bound (cold_start_bound) scaled by a bare start of the same image measured just before.
 oneline() {
   host_models
-  local port http_port name started serving cold out logs exposed
+  local port http_port name started serving cold out logs exposed bare bound
+  bare=$(bare_start)
   port=$(free_port) http_port=$(free_port) name=containers-check-$$-oneline
   started=$(now)
   start "$name" -p "127.0.0.1:$port:50051" -p "127.0.0.1:$http_port:8080" \
@@ -359,12 +365,28 @@ oneline() {
   if grep -q '"8080/tcp"' <<<"$exposed"; then
     probe http-ready "http://127.0.0.1:$http_port/v2/health/ready"
   fi
-  figure "serve image: $(image_mb "$MNIST_IMAGE") MB, cold start: $cold s (docker run -> health SERVING, default preset; bound $COLD_START_MAX_S s)"
-  if awk -v c="$cold" -v max="$COLD_START_MAX_S" 'BEGIN { exit !(c > max) }'; then
-    log "cold start $cold s is above the bound of $COLD_START_MAX_S s"
+  bound=$(cold_start_bound "$bare")
+  figure "serve image: $(image_mb "$MNIST_IMAGE") MB, cold start: $cold s (docker run -> health SERVING, default preset; bound $bound s: the larger of $COLD_START_MAX_S s and $COLD_START_FACTOR x a bare start of $bare s)"
+  if awk -v c="$cold" -v max="$bound" 'BEGIN { exit !(c > max) }'; then
+    log "cold start $cold s is above the bound of $bound s"
     return 1
   fi
   docker rm -f "$name" >/dev/null
+}
+
+# bare_start: seconds from `docker run` of the serve image running `python -c pass` to its exit:
+# a container's and an interpreter's start on this machine as busy as it is now.
+bare_start() {
+  local t0
+  t0=$(now)
+  run_image --network none --entrypoint python "$MNIST_IMAGE" -c pass >&2
+  seconds_since "$t0" "$(now)"
+}
+
+# cold_start_bound BARE: the larger of COLD_START_MAX_S and COLD_START_FACTOR x BARE seconds.
+cold_start_bound() {
+  awk -v bare="$1" -v factor="$COLD_START_FACTOR" -v floor="$COLD_START_MAX_S" \
+    'BEGIN { b = factor * bare; printf "%.2f", (b > floor ? b : floor) }'
 }
 
 # The same line on an empty model directory: up, NOT_SERVING, waiting; a version published into

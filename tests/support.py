@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -174,12 +175,51 @@ def assert_metrics_match(actual: dict[str, Any], y_true: npt.NDArray[Any],
     assert [c["support"] for c in per_class] == want["support"]
 
 
-def skip_or_fail(reason: str) -> None:
+def assert_mnist_geometry(pixels: npt.NDArray[np.uint8], shape: tuple[int, int] = (28, 28)) -> None:
+    """MNIST's geometry, from its definition and not from digitserve.pictures: the centre of mass
+    (the intensity-weighted mean of the row and column indices) within 0.5 px of the frame's
+    centre, (14, 14) in 28×28, in y and in x; the bounding box of the digit's pixels within the
+    20×20 box (20/28 of the frame) and filling it along its longer side (anti-aliasing may leave
+    the last row of it at 0)."""
+    image = pixels.reshape(shape).astype(np.float64)
+    assert image.sum() > 0
+    rows, cols = np.indices(shape)
+    centre = (np.average(rows, weights=image), np.average(cols, weights=image))
+    want = (shape[0] / 2, shape[1] / 2)
+    assert abs(centre[0] - want[0]) <= 0.5 and abs(centre[1] - want[1]) <= 0.5, (centre, want)
+    box = round(min(shape) * 20 / 28)
+    ink_rows, ink_cols = np.nonzero(image)
+    height, width = np.ptp(ink_rows) + 1, np.ptp(ink_cols) + 1
+    assert height <= box and width <= box and max(height, width) >= box - 1, (height, width, box)
+
+
+def skip_or_fail(reason: str, *, allow_module_level: bool = False) -> NoReturn:
     """Skips the test, or fails it when MNIST_REQUIRE_E2E is set (`make test`, CI), where every
-    test must really run: a missing tool or a failed install there is an error, not a skip."""
+    test must really run: a missing tool or a failed install there is an error, not a skip.
+    ``allow_module_level``: called while a test module is imported (its whole module)."""
     if os.environ.get("MNIST_REQUIRE_E2E"):
         pytest.fail(f"{reason}; MNIST_REQUIRE_E2E is set, so this test must run", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=allow_module_level)
+
+
+def require_module(name: str, install: str, *, allow_module_level: bool = False) -> None:
+    """skip_or_fail unless ``name`` (a module, dotted or not) is installed; ``install`` says where
+    it comes from (an extra of pyproject.toml, say). Found, not imported (its parent packages
+    are): tritonclient.grpc's protos would clash in this process's descriptor pool with ours."""
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package missing
+        found = False
+    if not found:
+        skip_or_fail(f"{name} is not installed ({install})", allow_module_level=allow_module_level)
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of the program ``name`` on PATH; skip_or_fail when there is none."""
+    path = shutil.which(name)
+    if path is None:
+        skip_or_fail(f"{name} is not installed ({install})")
+    return path
 
 
 def _status_kb(key: str) -> int:

@@ -1,12 +1,16 @@
-"""The benchmark's own logic: the median run, reading h2load's summary, and the targets' lines."""
+"""The benchmark's own logic: the median run, reading h2load's summary, the targets' lines, and the
+big-calls figures."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from bench.big_calls import measure
 from bench.h2load import parse
 from bench.report import targets
 from bench.run import median_run
+from tests.servers import ServerThread
 
 H2LOAD_SUMMARY = """
 finished in 5.00s, 4521.60 req/s, 1.20MB/s
@@ -61,3 +65,18 @@ def test_targets_compare_our_server_with_null_and_kserve_rows() -> None:
     assert lines[9] == "  - both over the V2 protocol (`ours, 2, V2`): **1.667**"
     # Without KServe rows, no KServe lines.
     assert not any("KServe" in line for line in targets(rows[:4]))
+
+
+def test_big_calls_reports_served_calls_refusals_and_health(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    # 100-image calls go through the queue (the tiny LiteRT model runs up to 64 on the loop);
+    # 8 callers against a bound of 200 queued images: some served, some refused.
+    server = start_server(max_queued_images=200, max_images_per_request=100)
+    result = measure(server.target, "predict", 8, 1.0, 100)
+    assert set(result["calls"]) == {"OK", "RESOURCE_EXHAUSTED"}, result
+    assert result["calls"]["OK"] >= 8 and result["calls"]["RESOURCE_EXHAUSTED"] >= 8
+    assert server.app.plane.batcher.stats.rejected == result["calls"]["RESOURCE_EXHAUSTED"]
+    assert set(result["health"]["checks"]) == {"SERVING"}
+    for figures in (result["served"], result["refused"], result["health"]):
+        assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]

@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bench import photoset
+from digitserve.client.client import DigitClient
+from digitserve.idx import load_split
 from tests.servers import ServerProcess
 from tests.support import real_data_dir
 
@@ -65,6 +69,22 @@ def test_train_serve_evaluate_on_real_mnist(
     assert evaluated["model_version"] == 1
     if metadata["inference"]["path"] == "litert":  # served from model.tflite, TensorFlow unloaded
         assert "tensorflow" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
+
+    # Photos: the first 10 test digits drawn as the photo set draws them (dark ink on paper under
+    # a lighting gradient, noise, PNG and JPEG), and each photo's light-on-dark inverse (chalk on
+    # a board), sent as pictures for the server to read: each read as its digit.
+    split = load_split(data, "t10k")
+    rng = np.random.default_rng(0)
+    photos, inverses = [], []
+    for i in range(10):
+        drawn = photoset.draw(split.images[i], rng)
+        photos.append(photoset.encode(drawn, jpeg=i % 2 == 1))
+        inverses.append(photoset.encode(255 - drawn, jpeg=i % 2 == 1))
+    truth = [str(label) for label in split.labels[:10]]
+    with DigitClient(target, timeout=60) as digits:
+        read = digits.predict(photos, preprocess="server").labels
+        read_inverse = digits.predict(inverses, preprocess="server").labels
+    assert (list(read), list(read_inverse)) == (truth, truth)
 
     server.send_signal(signal.SIGTERM)
     assert server.wait(60) == 0

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from digitserve import pictures
 from digitserve.pictures import ImageError
+from tests.support import assert_mnist_geometry
 
 # Digits as pen strokes: polylines in a unit box (x right, y down).
 STROKES = {
@@ -60,6 +61,13 @@ def distance(a: npt.NDArray[np.uint8], b: npt.NDArray[np.uint8]) -> float:
                for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
 
+def read(data: bytes, shape: tuple[int, int] = (28, 28)) -> npt.NDArray[np.uint8]:
+    """pictures.from_bytes, its result checked against MNIST's geometry."""
+    pixels = pictures.from_bytes(data, shape)
+    assert_mnist_geometry(pixels, shape)
+    return pixels
+
+
 @pytest.fixture(scope="module", params=sorted(STROKES))
 def digit(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -68,7 +76,7 @@ def digit(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def clean(digit: str) -> npt.NDArray[np.uint8]:
     """The pixels of the digit drawn cleanly: what every photo of it should come back as."""
-    return pictures.from_bytes(encode(drawing(digit)))
+    return read(encode(drawing(digit)))
 
 
 def test_a_clean_drawing_is_normalised_as_mnist_s_digits(clean: npt.NDArray[np.uint8]) -> None:
@@ -83,7 +91,7 @@ def test_a_clean_drawing_is_normalised_as_mnist_s_digits(clean: npt.NDArray[np.u
 
 
 def test_an_mnist_image_comes_back_as_it_is(clean: npt.NDArray[np.uint8]) -> None:
-    again = pictures.from_bytes(encode(clean.reshape(28, 28).astype(np.float64)))
+    again = read(encode(clean.reshape(28, 28).astype(np.float64)))
     assert np.abs(again.astype(np.int64) - clean).mean() < 3
 
 
@@ -92,12 +100,12 @@ def test_a_photo_on_a_lighting_gradient_with_noise_gives_the_clean_pixels(
     digit: str, clean: npt.NDArray[np.uint8], fmt: str
 ) -> None:
     """The issue's failure: the old preprocessing took the gradient for ink (a '3' read as 4 and 9)."""
-    photo = pictures.from_bytes(encode(photographed(drawing(digit)), fmt, "RGB"))
+    photo = read(encode(photographed(drawing(digit)), fmt, "RGB"))
     assert distance(photo, clean) < 2
 
 
 def test_light_ink_on_dark_paper_gives_the_same_pixels(digit: str, clean: npt.NDArray[np.uint8]) -> None:
-    assert distance(pictures.from_bytes(encode(255 - photographed(drawing(digit)))), clean) < 2
+    assert distance(read(encode(255 - photographed(drawing(digit)))), clean) < 2
 
 
 def test_an_off_centre_digit_on_a_long_picture_gives_the_same_pixels(
@@ -105,7 +113,7 @@ def test_an_off_centre_digit_on_a_long_picture_gives_the_same_pixels(
 ) -> None:
     # The same digit (same aspect ratio, 130×159 px) at the right end of a 640×200 picture.
     far = drawing(digit, size=(640, 200), box=(490, 20, 620, 179), width=16)
-    assert distance(pictures.from_bytes(encode(photographed(far))), clean) < 4
+    assert distance(read(encode(photographed(far))), clean) < 4
 
 
 def test_a_pen_s_thin_line_is_thickened_as_mnist_s_strokes(
@@ -114,22 +122,22 @@ def test_a_pen_s_thin_line_is_thickened_as_mnist_s_strokes(
     # Strokes of 1 % of the digit's height instead of 10 %: scaled down as they are, a faint line
     # of a third of the ink (measured: 0.33-0.38 of the clean drawing's); thickened, most of it.
     data = encode(drawing(digit, size=(600, 640), box=(110, 20, 490, 610), width=6))
-    assert pictures.from_bytes(data).sum() > 0.7 * clean.sum()
+    assert read(data).sum() > 0.7 * clean.sum()
     monkeypatch.setattr(pictures, "THINNEST", 0.0)
-    assert pictures.from_bytes(data).sum() < 0.5 * clean.sum()
+    assert read(data).sum() < 0.5 * clean.sum()
 
 
 def test_dust_and_specks_are_not_part_of_the_digit(digit: str, clean: npt.NDArray[np.uint8]) -> None:
     dusty = drawing(digit)
     for y, x in ((10, 10), (280, 20), (150, 60), (20, 380), (290, 390)):
         dusty[y : y + 3, x : x + 3] = 0
-    assert distance(pictures.from_bytes(encode(dusty)), clean) < 1
+    assert distance(read(encode(dusty)), clean) < 1
 
 
 def test_a_shadow_s_edge_is_not_taken_for_ink(digit: str, clean: npt.NDArray[np.uint8]) -> None:
     shadowed = photographed(drawing(digit))
     shadowed[:, :110] *= 0.55  # the left third in the shade: a step no smooth surface follows
-    assert distance(pictures.from_bytes(encode(shadowed)), clean) < 4
+    assert distance(read(encode(shadowed)), clean) < 4
 
 
 def test_transparent_16_bit_and_palette_pictures_give_the_same_pixels(
@@ -142,23 +150,25 @@ def test_transparent_16_bit_and_palette_pictures_give_the_same_pixels(
     for image in (rgba, sixteen, palette):
         out = io.BytesIO()
         image.save(out, format="PNG")
-        assert distance(pictures.from_bytes(out.getvalue()), clean) < 1, image.mode
+        assert distance(read(out.getvalue()), clean) < 1, image.mode
 
 
 def test_a_twelve_megapixel_jpeg_is_decoded_reduced(digit: str, clean: npt.NDArray[np.uint8]) -> None:
     big = Image.fromarray(drawing(digit).astype(np.uint8)).resize((4000, 3000))
     grey = pictures.read_grey(encode(np.asarray(big, dtype=np.float64), "JPEG"))
     assert max(grey.shape) <= pictures.WORK_SIDE
-    assert distance(pictures.preprocess(grey), clean) < 2
+    pixels = pictures.preprocess(grey)
+    assert_mnist_geometry(pixels)
+    assert distance(pixels, clean) < 2
 
 
 def test_the_same_bytes_give_the_same_pixels() -> None:
     data = encode(photographed(drawing("2"), seed=3), "JPEG", "RGB")
-    np.testing.assert_array_equal(pictures.from_bytes(data), pictures.from_bytes(data))
+    np.testing.assert_array_equal(read(data), read(data))
 
 
 def test_another_input_shape_gets_its_frame() -> None:
-    pixels = pictures.from_bytes(encode(drawing("7")), (14, 14))
+    pixels = read(encode(drawing("7")), (14, 14))
     assert pixels.shape == (196,) and pixels.max() == 255
 
 

@@ -25,7 +25,7 @@ from digitserve.loadtest import generator as loadtest
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.servers import ServerProcess, ServerThread
-from tests.support import FakeModel
+from tests.support import FakeModel, require_module
 
 
 def fake_accuracy(images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]) -> float:
@@ -270,7 +270,7 @@ def test_plot_draws_the_run(
     fake_server: ServerThread, synthetic_data_dir: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    pytest.importorskip("matplotlib")
+    require_module("matplotlib", "the plot extra: pip install -e '.[plot]'")
     from PIL import Image
 
     plot = tmp_path / "load.png"

@@ -4,6 +4,7 @@ caller under heavy concurrency, a full queue refuses at once, expired calls are 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from digitserve.server.errors import DeadlineExpiredError, OverloadedError
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.servers import ServerThread
-from tests.support import FakeModel, tiny_litert, wait_for
+from tests.support import FakeModel, tiny_litert, wait_for, wait_for_async
 
 D = 784
 
@@ -182,10 +183,11 @@ def test_full_queue_is_refused_at_once_and_expired_calls_are_not_computed(
         expiring = asyncio.ensure_future(
             batcher.predict(model, x[:u], time.monotonic() + 0.05))  # type: ignore[arg-type]
         await asyncio.sleep(0)
-        started = time.monotonic()
+        # Refused at once: while the model is still held (a refusal that waited for room in the
+        # queue would wait for a release that comes only after it, and time out).
         with pytest.raises(OverloadedError, match=f"{9 * u} images queued, limit {9 * u}"):
-            await batcher.predict(model, x[:1])  # type: ignore[arg-type] # 9 + 1 would not fit
-        assert time.monotonic() - started < 0.05
+            await asyncio.wait_for(batcher.predict(model, x[:1]), 20)  # type: ignore[arg-type] # 9 + 1 would not fit
+        assert not model.release.is_set() and batcher.queued_images == 9 * u
         await asyncio.sleep(0.1)  # the expiring call's deadline passes while it waits
         model.release.set()
         assert (await first).shape == (4 * u, 10)
@@ -233,3 +235,65 @@ def test_overload_is_resource_exhausted_over_grpc(
         model.release.set()
         assert len(busy.result(30).predictions) == 4 * u
         assert len(waiting.result(30).predictions) == 4 * u
+
+
+@pytest.mark.parametrize(("queued", "expected"), [
+    (4, [8]),  # exactly max_batch_size images: one model call of that size
+    (5, [8, 2]),  # one call more: it waits for the next model call
+    (3, [6]),
+])
+def test_exactly_max_batch_size_queued_images_are_one_model_call(
+    queued: int, expected: list[int],
+) -> None:
+    """Calls of 2 images queue behind a held model call (max_batch_size 8): once it ends, what is
+    queued is taken in as few model calls as max_batch_size allows (a ``>=`` where the batcher
+    compares a batch with max_batch_size would split 8 images into 6 and 2)."""
+    model = SlowModel()  # a fake on purpose: it holds the first call, so the others queue
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def run(model: Any, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return await loop.run_in_executor(None, model.predict, images)
+
+        batcher = Batcher(run, max_batch_size=8, max_queue_delay=0, max_queued_images=64)
+        images = np.random.default_rng(3).random((2 * queued + 1, D), dtype=np.float32)
+        first = asyncio.ensure_future(batcher.predict(model, images[:1]))  # type: ignore[arg-type]
+        await loop.run_in_executor(None, model.entered.wait, 10)  # the model is now busy
+        calls = [asyncio.ensure_future(batcher.predict(model, images[1 + 2 * i:3 + 2 * i]))  # type: ignore[arg-type]
+                 for i in range(queued)]
+        await wait_for_async(lambda: batcher.queued_images == 2 * queued, 30, "the calls to queue")
+        model.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, *calls), 60)
+        expected_rows = FakeModel().predict(images)
+        np.testing.assert_allclose(np.concatenate(answers), expected_rows, rtol=0, atol=1e-6)
+        assert model.calls == [1, *expected]
+        assert batcher.stats.batch_sizes == collections.Counter([1, *expected])
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_exactly_max_batch_size_queued_images_do_not_wait_the_queue_delay() -> None:
+    """With a queue delay, the batcher waits for more only while fewer than max_batch_size images
+    are queued: 8 queued images of max_batch_size 8 are computed at once, in one model call, not
+    after the delay (an hour: a ``<=`` there would hold them past the test's 60 s)."""
+    model = FakeModel()  # a fake on purpose: it records the size of each model call
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def run(model: Any, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            return await loop.run_in_executor(None, model.predict, images)
+
+        batcher = Batcher(run, max_batch_size=8, max_queue_delay=3600, max_queued_images=64)
+        images = np.random.default_rng(4).random((8, D), dtype=np.float32)
+        # Queued in one step of the event loop, before the batcher's task first looks.
+        calls = [batcher.predict(model, images[2 * i:2 * i + 2]) for i in range(4)]  # type: ignore[arg-type]
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 60)
+        np.testing.assert_allclose(np.concatenate(answers), FakeModel().predict(images),
+                                   rtol=0, atol=1e-6)
+        assert model.calls == [8]
+        await batcher.close()
+
+    asyncio.run(scenario())

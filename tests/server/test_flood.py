@@ -27,7 +27,7 @@ from digitserve.server.telemetry import Telemetry
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.servers import ServerProcess
-from tests.support import expect_error, wait_for
+from tests.support import expect_error, skip_or_fail, wait_for
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY, CONTINUATION = 0, 1, 3, 4, 7, 9
@@ -277,7 +277,8 @@ def test_idle_connections_past_the_fd_limit_keep_a_new_client_out_no_longer_than
     wanted = IDLE_CONNECTIONS + 200
     if soft < wanted:
         if hard != resource.RLIM_INFINITY and hard < wanted:
-            pytest.skip(f"this process may open {hard} files, the test needs {wanted}")
+            skip_or_fail(f"this process may open {hard} files, the test needs {wanted} "
+                         f"(raise the hard limit: ulimit -Hn {wanted})")
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     server, target = start(spawn, tiny_repo, env={"MNIST_MAX_CONNECTION_IDLE": str(IDLE_LIMIT)})
     # systemd's default soft limit, for the server process only (as `prlimit --nofile=1024`).

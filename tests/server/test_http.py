@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import http.client
-import importlib.util
 import json
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -33,7 +31,7 @@ from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.server.security import INVALID_TOKEN, MISSING_TOKEN
 from tests.servers import ServerThread
-from tests.support import tiny_litert, wait_for
+from tests.support import require_module, require_tool, tiny_litert, wait_for
 
 D = 784
 INFER = "/v2/models/tiny/infer"
@@ -608,12 +606,11 @@ print(json.dumps(report))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tritonclient.http") is None
-                    or importlib.util.find_spec("geventhttpclient") is None,
-                    reason="tritonclient[http] is not installed (it is in the dev extra)")
 def test_tritonclient_http_gets_the_probabilities_of_our_client(
     server: ServerThread, synthetic_data_dir: Path, tmp_path: Path
 ) -> None:
+    for module in ("tritonclient.http", "geventhttpclient"):
+        require_module(module, "tritonclient[http] is in the dev extra: pip install -e '.[dev]'")
     from digitserve.idx import read_idx
 
     pixels = read_idx(synthetic_data_dir / "t10k-images-idx3-ubyte.gz")[:8].reshape(8, -1)
@@ -647,11 +644,11 @@ def curl_blocks(path: Path) -> list[str]:
     return [b for b in blocks if "curl -s localhost:8080/v2" in b]
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 @pytest.mark.parametrize("doc", ["README.md", "docs/interoperability.md"])
 def test_the_curl_lines_of_the_docs_work_as_written(
     start_server: Callable[..., ServerThread], tiny_repo: Path, tmp_path: Path, doc: str
 ) -> None:
+    require_tool("curl", "a system package: apt-get install curl")
     from tests.support import REPO_ROOT
 
     server = start_server(http_port=0)

@@ -4,7 +4,6 @@ served from its repository, as mnist-serve serves it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 import subprocess
@@ -26,7 +25,7 @@ from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.server.status import INTERNAL_MESSAGE
 from tests.servers import ServerThread
-from tests.support import FakeModel, expect_error
+from tests.support import FakeModel, expect_error, require_module
 
 D = 784
 Request = oip.ModelInferRequest
@@ -394,13 +393,10 @@ print(json.dumps(report))
 """
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("tritonclient") is None,
-    reason="tritonclient is not installed (it is in the dev extra: pip install -e '.[dev]')",
-)
 def test_tritonclient_gets_the_probabilities_of_our_client(
     tiny_server: ServerThread, synthetic_data_dir: Path, tmp_path: Path
 ) -> None:
+    require_module("tritonclient.grpc", "it is in the dev extra: pip install -e '.[dev]'")
     from digitserve.idx import read_idx
 
     server = tiny_server

@@ -30,7 +30,7 @@ from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.servers import ServerThread
-from tests.support import digit_photo, wait_for
+from tests.support import assert_mnist_geometry, digit_photo, wait_for
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 BLANK = "the picture is blank (no ink stands out of the background); expected a digit"
@@ -77,6 +77,8 @@ def test_a_png_and_a_jpeg_get_the_cli_s_answer_over_every_path(
         np.testing.assert_allclose(by_server, expected[fmt], rtol=0, atol=1e-6)
     both = np.stack([expected["PNG"], expected["JPEG"]])
     pixels = pictures.from_bytes(photos["PNG"])
+    for data in photos.values():
+        assert_mnist_geometry(pictures.from_bytes(data))
     with grpc.insecure_channel(tiny_server.target) as channel:
         stub = pb_grpc.DigitServiceStub(channel)  # type: ignore[no-untyped-call]
         # Our API: the two pictures as Image.encoded, with the PNG's pixels beside them.

@@ -11,10 +11,14 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
+from tests.support import require_module
 
-from digitserve.client.plots import plot_loadtest
-from digitserve.trainer.report import HTML_FILE, most_confused_pairs, write_report
+# The report and the plots draw with matplotlib (the trainer's and the plot extras).
+require_module("matplotlib", "the plot and trainer extras: pip install -e '.[plot,trainer]'",
+               allow_module_level=True)
+
+from digitserve.client.plots import plot_loadtest  # noqa: E402  (matplotlib checked above)
+from digitserve.trainer.report import HTML_FILE, most_confused_pairs, write_report  # noqa: E402
 
 LABELS = [str(d) for d in range(10)]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -371,3 +371,50 @@ def test_cli_json_prints_one_object_with_the_baseline(
     assert meta["metrics"]["baseline"]["accuracy"] == summary["baseline_accuracy"]
     assert meta["metrics"]["baseline"]["name"] == "random-forest"
     assert meta["report"] == []
+
+
+def test_the_recorded_test_and_hold_out_figures_equal_scikit_learn_s_on_a_model_that_makes_mistakes(
+    noisy_repo: Path, tmp_path: Path,
+) -> None:
+    """The noisy model (the seed preset, whose 75/25 split of the training images sets a hold-out
+    aside, trained on noisy_bars): far from 100 %, so a figure computed on the wrong images, or
+    the wrong way, shows. The hold-out is drawn again here as the preset documents it
+    (scikit-learn's train_test_split, random_state = the recorded seed) from the very training
+    images (their recorded checksum), and read by the published model as a server loads it."""
+    from sklearn.metrics import accuracy_score
+    from sklearn.model_selection import train_test_split
+
+    from digitserve.inference import load_version, read_check_set
+    from tests.support import noisy_bars
+
+    repository = ModelRepository(noisy_repo)
+    version_dir = repository.version_dir("tiny", 1)
+    meta = repository.read_metadata("tiny", 1)
+    images, labels = noisy_bars(600, 11)  # the noisy_repo fixture's training images
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    assert md5_uncompressed(tmp_path / "train-images-idx3-ubyte.gz") == \
+        meta["data"]["files"]["train-images-idx3-ubyte.gz"]["md5_uncompressed"]
+    fraction = meta["hyperparameters"]["holdout_fraction"]
+    assert fraction == 0.25
+    _, held = train_test_split(np.arange(len(labels)), test_size=fraction, random_state=meta["seed"])
+    assert len(held) == meta["data"]["holdout_size"] == 150
+    model = load_version(version_dir, check_set=read_check_set(version_dir))
+    assert model.inference_path == meta["inference"]["path"]
+    probs = model.predict(scale_images(images[held]))
+    oracle = oracle_metrics(labels[held], probs)
+    metrics = meta["metrics"]
+    assert metrics["holdout_accuracy"] == pytest.approx(
+        accuracy_score(labels[held], probs.argmax(axis=1)), rel=1e-12)
+    assert metrics["holdout_accuracy"] < 0.9  # the model makes mistakes on it
+    assert metrics["holdout_loss"] == pytest.approx(oracle["mean_cross_entropy"], rel=1e-6)
+
+    # The test-set figures too: its 200 images are all in the check set.
+    with np.load(version_dir / CHECK_SET_FILE, allow_pickle=False) as check:
+        test_images, test_labels = check["images"], check["labels"]
+    assert len(test_labels) == meta["data"]["test_size"] == 200
+    test_probs = model.predict(scale_images(test_images))
+    assert_metrics_match({"count": len(test_labels), "accuracy": metrics["test_accuracy"],
+                          "mean_cross_entropy": metrics["test_loss"],
+                          "confusion_matrix": metrics["confusion_matrix"],
+                          "per_class": metrics["per_class"]}, test_labels, test_probs)
+    assert metrics["test_accuracy"] < 0.9
