@@ -591,7 +591,7 @@ class App:
             task.cancel()
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
-        stop_grpc = self.drain.run(partial(self.server.stop, grace))
+        stop_grpc = self.drain.run(partial(self.server.stop, grace), gather=grace > 0)
         if self.http is not None:
             await asyncio.gather(stop_grpc, self.http.drain(grace))
         else:

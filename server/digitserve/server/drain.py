@@ -39,15 +39,16 @@ class Drain:
         self._last_arrival = time.monotonic()
         await self._released.wait()
 
-    async def run(self, stop: Callable[[], Awaitable[None]]) -> None:
-        """Begins the drain, lets the held calls gather, starts ``stop`` (grpc.aio's server.stop
-        with the grace period), releases the held calls once grpc has stopped taking calls, and
-        returns when ``stop`` does."""
+    async def run(self, stop: Callable[[], Awaitable[None]], gather: bool = True) -> None:
+        """Begins the drain, lets the held calls gather (unless not ``gather``: a stop without
+        grace cuts every call anyway), starts ``stop`` (grpc.aio's server.stop with the grace
+        period), releases the held calls once grpc has stopped taking calls, and returns when
+        ``stop`` does."""
         if self._released is None:
             self._released = asyncio.Event()
         self.started = True
         began = self._last_arrival = time.monotonic()
-        while True:
+        while gather:
             now = time.monotonic()
             if now - self._last_arrival >= QUIET or now - began >= MOST:
                 break
