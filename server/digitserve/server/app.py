@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from digitserve.repository import ModelNotFoundError, ModelRepository, Repositor
 from digitserve.server.calls import CallWrapper, Services
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder, PictureLimits
+from digitserve.server.drain import Drain
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.errors import ModelNotFoundError as NotServedError
 from digitserve.server.health import HealthServicer
@@ -83,12 +85,19 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
         # Advertised as SETTINGS_MAX_CONCURRENT_STREAMS: a connection's streams beyond it are
         # refused by grpc core, before any Python runs for them.
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-        # grpc's "overload protection" also counts streams that have ended but whose calls Python
-        # has not yet released, so a grpc client that keeps to the limit (200 calls in flight on
-        # one channel) had some of its calls refused: UNAVAILABLE "RST_STREAM with error code 7"
-        # (tests/server/test_resilience.py). Without it the limit holds against the flood all the same
-        # (tests/server/test_flood.py, with the flood's SETTINGS acknowledged or not).
-        ("grpc.http.overload_protection", 0),
+        # grpc's "overload protection": a connection's streams that have ended but whose calls
+        # Python has not yet released count against the stream limit too, beyond a headroom of
+        # --max-deallocating-streams. Without it an HTTP/2 rapid reset (HEADERS then RST_STREAM
+        # at once) hands Python dead calls faster than it releases them, and the calls of other
+        # clients wait behind them until CANCELLED; without the headroom a grpc client keeping to
+        # the limit (200 calls in flight on one channel) had about 4 in 10 of its calls refused
+        # UNAVAILABLE "RST_STREAM with error code 7" (tests/server/test_flood.py,
+        # tests/server/test_resilience.py).
+        ("grpc.http.overload_protection", 1),
+        ("grpc.http2.max_deallocating_streams", settings.max_deallocating_streams),
+        # A connection that has not sent the HTTP/2 preface and SETTINGS by then is closed: an
+        # idle socket holds a file only this long (grpc's default is 120 s).
+        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout * 1000)),
         # Soft and hard limit alike: grpc refuses header blocks between its soft limit and its
         # hard one at random.
         ("grpc.max_metadata_size", settings.max_metadata_bytes),
@@ -98,6 +107,9 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval * 1000)),
         ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
     ]
+    cap = connection_cap(settings)
+    if cap is not None:  # beyond it grpc closes a new connection at once, before it costs more
+        options.append(("grpc.max_allowed_incoming_connections", cap))
     # 0: never (grpc's own server default is a ping every 2 hours).
     options.append(("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000) or 2**31 - 1))
     if settings.max_connection_idle > 0:
@@ -108,6 +120,24 @@ def server_options(settings: Settings, reuse_port: bool = False) -> list[tuple[s
             ("grpc.max_connection_age_grace_ms", int(settings.grace_period * 1000)),
         ]
     return options
+
+
+FILES_RESERVED = 128  # files a server opens besides connections: models, logs, threads, metrics
+
+
+def connection_cap(settings: Settings) -> int | None:
+    """The most gRPC connections a process holds at once: --max-connections, or (0) its file limit
+    less FILES_RESERVED and the HTTP edge's connections, at least 16; None when the file limit is
+    unlimited. Past the file limit grpc's accept loop only logs "File descriptor limit reached.
+    Retrying." and new clients wait for an idle connection to go; under the cap it closes the extra
+    connection at once and the files a reload, the HTTP edge and the metrics need stay free."""
+    if settings.max_connections:
+        return settings.max_connections
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    http = settings.http_max_connections if settings.http_port >= 0 else 0
+    return max(16, soft - FILES_RESERVED - http)
 
 
 def settle_memory() -> None:
@@ -198,7 +228,8 @@ class App:
         self.server = grpc.aio.server(options=server_options(settings, reuse_port))
         self.oip = InferenceServicer(self)  # the V2 protocol, over gRPC and over HTTP
         # Every method of every service wrapped once: request id, token check, metrics, access line.
-        services = Services(self.server, CallWrapper(self.telemetry, self.security.auth))
+        self.drain = Drain()  # SIGTERM: calls that arrive are held, then refused UNAVAILABLE
+        services = Services(self.server, CallWrapper(self.telemetry, self.security.auth, self.drain))
         add_to_server(DigitServicer(self), services)  # bytes that do not parse: INVALID_ARGUMENT
         add_to_server(self.oip, services, OIP_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
@@ -570,10 +601,11 @@ class App:
             task.cancel()
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
+        stop_grpc = self.drain.run(partial(self.server.stop, grace), gather=grace > 0)
         if self.http is not None:
-            await asyncio.gather(self.server.stop(grace), self.http.drain(grace))
+            await asyncio.gather(stop_grpc, self.http.drain(grace))
         else:
-            await self.server.stop(grace)
+            await stop_grpc
         for server in list(self.models.values()):
             await server.close()
         self.pictures.close()

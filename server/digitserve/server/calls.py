@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from digitserve.server.drain import REFUSED, Drain
 from digitserve.server.security import TokenAuth
 from digitserve.server.telemetry import Call, CallGone, MethodMetrics, Telemetry, outcome, request_id_of
 
@@ -33,11 +34,14 @@ class CallWrapper:
     refused UNAUTHENTICATED without an accepted token (when ``auth`` is set; health stays open),
     and is counted, timed and logged whatever its outcome. Every behavior is wrapped, synchronous
     ones too (they then run in a thread, as grpc.aio would run them): none escapes the token
-    check (tests/server/test_auth_coverage.py)."""
+    check (tests/server/test_auth_coverage.py). Once ``drain`` has started, a call that arrives
+    is held, then refused UNAVAILABLE (digitserve.server.drain); health checks are not held."""
 
-    def __init__(self, telemetry: Telemetry, auth: TokenAuth | None = None) -> None:
+    def __init__(self, telemetry: Telemetry, auth: TokenAuth | None = None,
+                 drain: Drain | None = None) -> None:
         self._telemetry = telemetry
         self._auth = auth
+        self._drain = drain
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         for kind, attribute, make in _KINDS:
@@ -45,14 +49,18 @@ class CallWrapper:
             if behavior is None:
                 continue
             auth = self._auth if self._auth is not None and not self._auth.is_open(method) else None
+            drain = None if method.startswith(_HEALTH) else self._drain
             wrapped = _wrap(behavior, MethodMetrics(self._telemetry, kind, method), auth,
-                            (handler.request_streaming, handler.response_streaming))
+                            (handler.request_streaming, handler.response_streaming), drain)
             return make(
                 wrapped,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+_HEALTH = "/grpc.health.v1.Health/"
 
 
 async def _refuse(context: grpc.aio.ServicerContext[Any, Any], method: str, problem: str) -> None:
@@ -62,7 +70,7 @@ async def _refuse(context: grpc.aio.ServicerContext[Any, Any], method: str, prob
 
 def _wrap(
     behavior: Callable[..., Any], metrics: MethodMetrics, auth: TokenAuth | None,
-    streaming: tuple[bool, bool] = (False, False),
+    streaming: tuple[bool, bool] = (False, False), drain: Drain | None = None,
 ) -> Callable[..., Any]:
     """The behavior inside a Call, keeping its flavour (coroutine or async generator), which
     grpc.aio inspects to decide how to run it. A synchronous behavior becomes one of those too,
@@ -79,6 +87,9 @@ def _wrap(
             try:
                 if auth is not None and (problem := auth.check(metadata)) is not None:
                     await _refuse(context, method, problem)
+                if drain is not None and drain.started:
+                    await drain.hold()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
                 async for response in behavior(request, context):
                     yield response
             except BaseException as exc:
@@ -96,6 +107,9 @@ def _wrap(
         try:
             if auth is not None and (problem := auth.check(metadata)) is not None:
                 await _refuse(context, method, problem)
+            if drain is not None and drain.started:
+                await drain.hold()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
             response = await behavior(request, context)
         except CallGone as exc:
             # The answer (an abort's status) could not be sent: the call ended on the client's

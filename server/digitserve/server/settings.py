@@ -73,6 +73,33 @@ class Settings:
             "clients queue. Bounds what a flood of data-less streams can hold."
         },
     )
+    max_deallocating_streams: int = field(
+        default=100,
+        metadata={
+            "help": "Streams of one connection that have ended but whose calls the server has not "
+            "yet released, allowed beyond --max-concurrent-streams before its new streams are "
+            "refused (REFUSED_STREAM). Bounds an HTTP/2 rapid reset (HEADERS then RST_STREAM at "
+            "once); 0 also refuses well-behaved clients that keep to the stream limit."
+        },
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata={
+            "help": "Seconds a new connection may take to send the HTTP/2 preface and SETTINGS "
+            "(and finish TLS) before the server closes it; idle sockets that never speak are "
+            "closed after it."
+        },
+    )
+    max_connections: int = field(
+        default=0,
+        metadata={
+            "help": "Most gRPC connections open at once (per worker); one more is closed at once "
+            "(the client sees UNAVAILABLE). 0: the file-descriptor limit (RLIMIT_NOFILE) less "
+            "128 files and --http-max-connections when --http-port is on, so that accepting "
+            "connections never exhausts the files the server needs.",
+            "default_text": "from the file limit"
+        },
+    )
     max_connection_idle: float = field(
         default=60.0,
         metadata={
@@ -382,6 +409,12 @@ class Settings:
             problems.append(f"max connection age {self.max_connection_age} is negative")
         if self.max_concurrent_streams < 1:
             problems.append(f"max concurrent streams {self.max_concurrent_streams} is below 1")
+        if self.max_deallocating_streams < 0:
+            problems.append(f"max deallocating streams {self.max_deallocating_streams} is negative")
+        if self.handshake_timeout <= 0:
+            problems.append(f"handshake timeout {self.handshake_timeout} is not positive")
+        if self.max_connections < 0:
+            problems.append(f"max connections {self.max_connections} is negative")
         for name in ("max_connection_idle", "keepalive_time", "min_ping_interval", "max_ping_strikes"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', ' ')} {getattr(self, name)} is negative")
