@@ -191,7 +191,7 @@ def test_a_sigterm_under_load_ends_every_call_ok_or_unavailable_never_cancelled(
         thread.start()
     wait_for(lambda: len(calls) >= 500, 60, "calls before the signal")
     signalled = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     code = server.wait(60)
     exited = time.monotonic()
     stop.set()
