@@ -1,7 +1,8 @@
 """Before/after in one run, server-bound: each checkout's server pinned to CPU 0 and the load tester
 to CPU 1 (``taskset``), rounds alternating between the checkouts so that a shared machine's drift
 falls on both alike; prints each round, the median req/s of each checkout and the ratio to the
-first one.
+first one. ``--http``: the HTTP/JSON edge instead (V2 infer of ``--batch`` images as JSON, h2load
+``--h1`` with ``--concurrency`` keep-alive connections, as bench.rest loads it).
 
     python -m bench.pinned --tree before=/tmp/main-f2f0df1 --tree after=. \\
         --model-repo out/bench-repo --model-name mnist --data-dir data
@@ -16,6 +17,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
     parser.add_argument("--server-cpu", default="0", help="taskset CPU list of the server (default: 0)")
     parser.add_argument("--load-cpu", default="1", help="taskset CPU list of the tester (default: 1)")
+    parser.add_argument("--http", action="store_true",
+                        help="load the HTTP/JSON edge (V2 infer, h2load --h1) instead of gRPC Predict")
     parser.add_argument("--json-out", type=Path, help="also write every round as JSON")
     return parser
 
@@ -75,6 +80,8 @@ def _server(label: str, root: Path, args: argparse.Namespace, log_dir: Path) -> 
     argv = ["taskset", "-c", args.server_cpu, sys.executable, "-m", module, "--port", str(port),
             "--model-repo", str(args.model_repo.resolve()), "--model-name", args.model_name,
             "--reload-interval", "0", "--log-format", "json", "--log-level", "WARNING"]
+    if args.http:
+        argv += ["--http-port", str(free_port())]
     env = {"PYTHONPATH": os.pathsep.join(map(str, path))}
     spec = ServerSpec(name=label, kind="ours", argv=["env", "-C", str(root), *argv], env=env)
     server = RunningServer(spec, port, log_dir / f"{label}.log")
@@ -94,30 +101,65 @@ def _load(target: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _http_port(server: RunningServer) -> int:
+    """The HTTP port a server was given (--http-port N of its command line)."""
+    argv = server.spec.argv
+    return int(argv[argv.index("--http-port") + 1])
+
+
+def _http_load(server: RunningServer, args: argparse.Namespace, body_file: Path) -> dict[str, Any]:
+    from bench.rest import h2load
+
+    port = _http_port(server)
+    until = time.monotonic() + 60
+    while True:  # gRPC health serves before the HTTP edge may have bound
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2):
+                break
+        except OSError:
+            if time.monotonic() > until:
+                raise
+            time.sleep(0.2)
+    load = argparse.Namespace(load_cpu=args.load_cpu, connections=args.concurrency, duration=args.duration)
+    result = h2load(port, f"/v2/models/{args.model_name}/infer", body_file,
+                    {"Content-Type": "application/json"}, load)
+    # h2load reports the mean latency, not percentiles: both columns show it.
+    return {"rps": result["rps"], "p50_ms": result.get("mean_ms", 0.0),
+            "p99_ms": result.get("max_ms", 0.0), "errors": {}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     trees: list[tuple[str, Path]] = args.tree
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-pinned-") as tmp:
+        body_file = Path(tmp) / "body.json"
+        if args.http:
+            from bench.rest import as_json, mnist_pixels
+
+            body_file.write_bytes(as_json(mnist_pixels(args.data_dir, args.batch)))
         for round_index in range(args.rounds):
             order = trees if round_index % 2 == 0 else trees[::-1]
             for label, root in order:
                 server = _server(label, root, args, Path(tmp))
                 try:
-                    result = _load(server.target, args)
+                    result = (_http_load(server, args, body_file) if args.http
+                              else _load(server.target, args))
                 finally:
                     server.stop()
                 row = {"round": round_index + 1, "tree": label, "rps": result["rps"],
                        "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
                        "errors": result["errors"]}
                 rows.append(row)
+                low, high = ("mean", "max") if args.http else ("p50", "p99")  # what h2load reports
                 print(f"round {row['round']} {label:>10}: {row['rps']:9.1f} req/s  "
-                      f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors {row['errors']}",
+                      f"{low} {row['p50_ms']:.2f} ms  {high} {row['p99_ms']:.2f} ms  errors {row['errors']}",
                       flush=True)
     medians = {label: statistics.median(r["rps"] for r in rows if r["tree"] == label)
                for label, _ in trees}
     base_label = trees[0][0]
-    print(f"\n{args.concurrency} in flight, {args.batch} image(s) per call, server on CPU "
+    edge = "HTTP/JSON V2 infer" if args.http else "gRPC Predict"
+    print(f"\n{edge}: {args.concurrency} in flight, {args.batch} image(s) per call, server on CPU "
           f"{args.server_cpu}, tester on CPU {args.load_cpu}, {args.rounds} rounds of {args.duration:g} s")
     for label, _ in trees:
         print(f"  {label:>10}: median {medians[label]:9.1f} req/s  "

@@ -40,19 +40,22 @@ LABELS = {"json-1": "1 image, JSON", "binary-1": "1 image, binary data extension
 BEGIN, END = "<!-- rest:begin (written by `python -m bench.rest --write`) -->", "<!-- rest:end -->"
 
 
-def _pixels(data_dir: Path, count: int) -> np.ndarray:
+def mnist_pixels(data_dir: Path, count: int) -> np.ndarray:
     from digitserve.idx import read_idx, scale_pixels
 
     images = read_idx(data_dir / "t10k-images-idx3-ubyte.gz")[:count].reshape(count, -1)
     return scale_pixels(images)
 
 
+def as_json(rows: np.ndarray) -> bytes:
+    """A V2 infer request of ``rows`` (N × pixels) as JSON, asking for the probabilities only."""
+    return json.dumps({"inputs": [{"name": "images", "shape": list(rows.shape), "datatype": "FP32",
+                                   "data": rows.ravel().tolist()}],
+                       "outputs": [{"name": "probabilities"}]}).encode()
+
+
 def bodies(pixels: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
     """Each point's request body and headers."""
-    def as_json(rows: np.ndarray) -> bytes:
-        return json.dumps({"inputs": [{"name": "images", "shape": list(rows.shape), "datatype": "FP32",
-                                       "data": rows.ravel().tolist()}],
-                           "outputs": [{"name": "probabilities"}]}).encode()
 
     raw = pixels[:1].astype("<f4").tobytes()
     header = json.dumps({
@@ -178,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.kserve_python}: no KServe environment (bench/kserve-venv.sh makes one)",
               file=sys.stderr)
         return 2
-    pixels = _pixels(args.data_dir, 64)
+    pixels = mnist_pixels(args.data_dir, 64)
     points = bodies(pixels)
     path = f"/v2/models/{args.model_name}/infer"
     rps: dict[tuple[str, str], list[float]] = {}
