@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from digitserve.server import rest
-from digitserve.server.rest import ROUTES, Route, RestApi
+from digitserve.server.rest import ROUTES, RestApi, Route
 from digitserve.server.security import INVALID_TOKEN, MISSING_TOKEN
 from tests.server.test_http import call, fp32_body, images_u8, scaled
 from tests.servers import ServerThread
