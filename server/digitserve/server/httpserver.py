@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 import time
 import zlib
@@ -39,7 +41,7 @@ from prometheus_client import (
 )
 
 from digitserve.server.errors import ServerError
-from digitserve.server.httpconnections import Connection, ConnectionTable, Gate
+from digitserve.server.httpconnections import MIN_IDLE, Connection, ConnectionTable, Gate
 from digitserve.server.logs import access_log, current_request_id
 from digitserve.server.rest import JSON, NoRoute, Reply, RestApi, Route, error_reply, match
 from digitserve.server.security import TokenAuth
@@ -201,6 +203,7 @@ class HttpEdge:
         self.metrics = HttpMetrics(telemetry, lambda: float(len(self.connections.opened)))
         self._server: web.Server | None = None
         self._listener: asyncio.AbstractServer | None = None
+        self._late: set[asyncio.Task[Any]] = set()  # connections taken from the backlog at the end
 
     @property
     def opened(self) -> set[Connection]:
@@ -230,26 +233,64 @@ class HttpEdge:
 
     async def drain(self, grace: float) -> None:
         """From now on every answer says ``Connection: close`` (a client sends its next request
-        elsewhere; readiness answers 503: RestApi's ``draining``). Waits up to ``grace`` seconds
-        for the requests being answered, and up to DRAIN_IDLE more (within the grace) for the
-        connections to close after their answer; then stops listening and closes the rest: idle
-        ones, which had no request to answer."""
+        elsewhere; readiness answers 503: RestApi's ``draining``). Within ``grace`` seconds: waits
+        for the requests being answered, then DRAIN_IDLE for the clients to see their answers
+        and leave, stops listening (a client that comes back is refused at connect, before it
+        sends anything; one already in the backlog is taken and answered), waits for the
+        connections accepted to be answered or idle for MIN_IDLE (a request on its way is not
+        cut), and closes the rest."""
         self.draining = True
-        until = time.monotonic() + grace
-        while self.in_flight and time.monotonic() < until:
-            await asyncio.sleep(0.01)
-        quiet = min(until, time.monotonic() + DRAIN_IDLE)
-        while self.connections.opened and time.monotonic() < quiet:
-            if any(not c.idle for c in self.connections.opened):
-                quiet = min(until, max(quiet, time.monotonic() + 0.05))
-            await asyncio.sleep(0.01)
-        if self._listener is not None:
-            self._listener.close()
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+
+        async def wait(done: Callable[[], bool], most: float = _NEVER) -> None:
+            end = min(until, loop.time() + most)
+            while not done() and loop.time() < end:
+                await asyncio.sleep(0.01)
+
+        await wait(lambda: not self.in_flight)
+        await wait(lambda: not self.connections.opened, DRAIN_IDLE)
+        self._stop_listening()
+        if self._late:  # each connection taken from the backlog is in the table once it is done
+            await asyncio.wait(self._late, timeout=max(0.001, until - loop.time()))
+        # asyncio may have accepted sockets whose connections are not made yet: they get as long
+        # as an idle connection has before it may be closed.
+        await asyncio.sleep(max(0.0, min(MIN_IDLE, until - loop.time())))
+        await wait(lambda: not self.in_flight and all(
+            c.idle and time.monotonic() - c.idle_since >= MIN_IDLE for c in self.connections.opened))
         for connection in self.connections.idle_ones():
             connection.force_close()
         if self._server is not None:
-            await self._server.shutdown(max(0.0, until - time.monotonic()))
+            await self._server.shutdown(max(0.0, until - loop.time()))
         self._listener = None
+
+    def _stop_listening(self) -> None:
+        """Closes the listener without resetting the connections the kernel already accepted for
+        it (clients that sent a request into the backlog): those are taken first, from a copy of
+        the socket that keeps it listening until the last one is out, and served as any other
+        (a 503 and Connection: close, while draining)."""
+        if self._listener is None:
+            return
+        listener = self._listener
+        assert isinstance(listener, asyncio.Server)
+        copies = [socket.socket(fileno=os.dup(s.fileno())) for s in listener.sockets]
+        self._listener.close()
+        loop = asyncio.get_running_loop()
+        for copy in copies:
+            with copy:
+                copy.setblocking(False)
+                while True:
+                    try:
+                        accepted, _ = copy.accept()
+                    except OSError:  # BlockingIOError: none left
+                        break
+                    task = loop.create_task(loop.connect_accepted_socket(
+                        lambda: Gate(self.connections, self._connection), accepted, ssl=self.ssl,
+                        ssl_handshake_timeout=self.read_timeout if self.ssl else None))
+                    self._late.add(task)
+                    task.add_done_callback(self._late.discard)
+        logger.debug("HTTP: stopped listening; %d connections taken from the backlog, %d open",
+                     len(self._late), len(self.connections.opened))
 
     # --- one request ------------------------------------------------------------------------------
 
