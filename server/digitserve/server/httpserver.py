@@ -412,7 +412,7 @@ class HttpEdge:
             response.headers["Server"] = "digitserve"
             if allowed:
                 response.headers["Allow"] = ", ".join(allowed)
-            if close or self.draining:
+            if close or self.draining or self.api.draining:  # the server's stop began
                 response.force_close()
             return response
         finally:

@@ -475,6 +475,11 @@ class RestApi:
         self._metrics = metrics
         self._version = server_version()
 
+    @property
+    def draining(self) -> bool:
+        """True from the first moment of the server's stop."""
+        return self._draining()
+
     def handler(self, route: Route) -> Callable[..., Awaitable[Reply]]:
         method: Callable[..., Awaitable[Reply]] = getattr(self, route.handler)
         return method
