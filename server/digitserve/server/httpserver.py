@@ -2,12 +2,14 @@
 on, serving the REST routes (server.rest) with what every gRPC call gets from server.calls — a
 request id, the bearer-token check (health and /metrics open, as gRPC health is), metrics and an
 access line — and the limits that keep it from being the easy way to take the server down: a
-bounded number of connections (one more is answered 503 and closed), a deadline for a request's
-headers and for its body, the largest header line and header block (--max-metadata-bytes), the
-largest body (--max-message-bytes; gzip and deflate bodies are inflated no further than that),
-idle keep-alive connections closed after --max-connection-idle, and malformed HTTP answered in
-JSON without a traceback in the log. It drains with the server: readiness answers 503 from the
-first moment, requests in flight finish within the grace period.
+bounded number of connections, in all and from one address (server.httpconnections: idle ones
+closed to make room, then 503), a deadline for a request's headers and for its body, the largest
+header line and header block (--max-metadata-bytes), the largest body (--max-message-bytes; gzip
+and deflate bodies are inflated no further than that, on a thread), idle keep-alive connections
+closed after --max-connection-idle, malformed HTTP answered in JSON and a body the client
+abandoned counted as 499, both without a traceback in the log. It drains with the server:
+readiness answers 503 and every answer says ``Connection: close`` from the first moment,
+requests in flight finish within the grace period.
 
 Why aiohttp (python -m bench.http_stacks, figures in docs/interoperability.md): its server is made
 to run on an event loop someone else owns and its protocol can be extended for the limits; it cost
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 import time
 import zlib
@@ -27,7 +31,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -38,8 +41,9 @@ from prometheus_client import (
 )
 
 from digitserve.server.errors import ServerError
+from digitserve.server.httpconnections import MIN_IDLE, Connection, ConnectionTable, Gate
 from digitserve.server.logs import access_log, current_request_id
-from digitserve.server.rest import JSON, NoRoute, Reply, RestApi, error_reply, match
+from digitserve.server.rest import JSON, NoRoute, Reply, RestApi, Route, error_reply, match
 from digitserve.server.security import TokenAuth
 from digitserve.server.settings import Settings
 from digitserve.server.status import HTTP_INTERNAL, INTERNAL_MESSAGE, http_status
@@ -52,6 +56,21 @@ _NEVER = 365 * 86400.0
 _ENCODINGS = {"gzip", "deflate", "x-gzip"}
 # Methods counted under their own name in metrics; any other is "other" (labels stay bounded).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# A request whose client closed the connection before its body was in: counted with nginx's
+# "client closed request" status, which no answer carries (the client is gone).
+CLIENT_CLOSED = 499
+# Once the requests in flight are answered, how long a drain waits for keep-alive connections to
+# close after their Connection: close answer before it closes the idle ones (within the grace).
+DRAIN_IDLE = 1.0
+
+
+class ClientAborted(Exception):
+    """The client closed its connection before its request's body was all in (``received``
+    bytes of it came): nothing to answer, nobody to answer; counted as CLIENT_CLOSED."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"the client closed the connection after {received:,} bytes of its body")
+        self.received = received
 
 
 class HttpError(Exception):
@@ -84,10 +103,16 @@ class HttpMetrics:
               registry=registry).set_function(connections)
         self.refused = Counter(
             "http_server_refused_connections",
-            "HTTP connections closed at once, by reason: over --http-max-connections (limit), or "
-            "headers not received within --http-read-timeout (slow).", ("reason",), registry=registry)
-        for reason in ("limit", "slow"):
+            "HTTP connections closed at once, by reason: over --http-max-connections (limit), "
+            "over --http-max-connections-per-peer (peer), or headers not received within "
+            "--http-read-timeout (slow).", ("reason",), registry=registry)
+        for reason in ("limit", "peer", "slow"):
             self.refused.labels(reason)
+        self.reclaimed = Counter(
+            "http_server_reclaimed_connections",
+            "Idle HTTP keep-alive connections closed to make room for a new one (above three "
+            "quarters of --http-max-connections, or at --http-max-connections-per-peer).",
+            registry=registry)
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -102,64 +127,32 @@ class HttpMetrics:
         children[1].observe(seconds)
 
 
-def _peer(transport: asyncio.BaseTransport) -> str:
-    """``ipv4:127.0.0.1:5555`` as grpc writes peers, so access lines read alike."""
-    address = transport.get_extra_info("peername")
-    if not address:
-        return "unknown"
-    host, port = address[0], address[1]
-    return f"ipv6:[{host}]:{port}" if ":" in str(host) else f"ipv4:{host}:{port}"
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """``/metrics`` on the HTTP port: the registry in Prometheus' text format."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-class _Connection(RequestHandler):
-    """One HTTP connection: aiohttp's protocol, plus the deadline of a request's headers (from
-    their first byte, while no request is being answered), and malformed HTTP answered in JSON
-    (aiohttp's own answer is text, and it logs a traceback for each)."""
+def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS for the HTTP port from --tls-cert/--tls-key (the gRPC port's certificate, already
+    checked at start-up), client certificates required with --tls-client-ca; None without."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca is not None:
+        context.load_verify_locations(settings.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _EdgeConnection(Connection):
+    """A connection of the edge: malformed HTTP answered in JSON (aiohttp's own answer is text,
+    and it logs a traceback for each)."""
 
     def __init__(self, manager: web.Server, edge: HttpEdge, loop: asyncio.AbstractEventLoop,
                  **kwargs: Any) -> None:
-        super().__init__(manager, loop=loop, **kwargs)
+        super().__init__(manager, edge.connections, loop, edge.read_timeout, edge.too_slow, **kwargs)
         self.edge = edge
-        self.event_loop = loop
-        self.busy = False
-        self.peer = "unknown"
-        self.header_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.peer = _peer(transport)
-        self.edge.opened.add(self)
-        super().connection_made(transport)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_timer()
-        self.edge.opened.discard(self)
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        if data and not self.busy and self.header_timer is None:
-            self.header_timer = self.event_loop.call_later(self.edge.read_timeout, self._too_slow)
-        super().data_received(data)
-
-    def _stop_timer(self) -> None:
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
-
-    def _too_slow(self) -> None:
-        self.header_timer = None
-        if not self.busy:
-            logger.debug("HTTP connection from %s closed: no complete request headers within %gs "
-                         "(--http-read-timeout)", self.peer, self.edge.read_timeout)
-            self.edge.metrics.refused.labels("slow").inc()
-            self.force_close()
-
-    def begin(self) -> None:
-        """A request's headers are in: it is being answered."""
-        self.busy = True
-        self._stop_timer()
-
-    def end(self) -> None:
-        self.busy = False
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
@@ -184,77 +177,46 @@ class _Connection(RequestHandler):
         return response
 
 
-class _Refused(asyncio.Protocol):
-    """A connection over --http-max-connections: answered 503 and closed."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(self.body)
-        transport.close()
-
-    def data_received(self, data: bytes) -> None:
-        pass
-
-
-def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
-    """``/metrics`` on the HTTP port: the registry in Prometheus' text format."""
-    return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """TLS for the HTTP port from --tls-cert/--tls-key (the gRPC port's certificate, already
-    checked at start-up), client certificates required with --tls-client-ca; None without."""
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    if settings.tls_client_ca is not None:
-        context.load_verify_locations(settings.tls_client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 class HttpEdge:
-    """The HTTP listener of one App: start() binds (SO_REUSEPORT only for --workers), drain()
-    waits for the requests in flight (within the grace period), then closes every connection."""
+    """The HTTP listener of one App: start() binds (SO_REUSEPORT only for --workers); drain()
+    answers every request from its first moment with ``Connection: close``, waits for the
+    requests in flight (within the grace period) and for the clients to see that, then closes
+    every connection."""
 
     def __init__(self, settings: Settings, api: RestApi, telemetry: Telemetry,
                  auth: TokenAuth | None) -> None:
         self.api = api
         self.auth = auth
         self.max_body = settings.max_message_bytes
-        self.max_connections = settings.http_max_connections
         self.read_timeout = settings.http_read_timeout
         self.idle_timeout = settings.max_connection_idle or _NEVER
         self.max_line = settings.max_metadata_bytes
         self.max_header_bytes = settings.max_metadata_bytes
         self.max_headers = 64
         self.ssl = http_ssl_context(settings)
-        self.opened: set[_Connection] = set()
         self.in_flight = 0
-        self.metrics = HttpMetrics(telemetry, lambda: float(len(self.opened)))
+        self.draining = False
+        self.connections = ConnectionTable(
+            settings.http_max_connections, settings.http_max_connections_per_peer,
+            lambda reason: self.metrics.refused.labels(reason).inc(),
+            lambda: self.metrics.reclaimed.inc())
+        self.metrics = HttpMetrics(telemetry, lambda: float(len(self.connections.opened)))
         self._server: web.Server | None = None
         self._listener: asyncio.AbstractServer | None = None
-        self._refusal = self._refusal_bytes()
+        self._late: set[asyncio.Task[Any]] = set()  # connections taken from the backlog at the end
 
-    def _refusal_bytes(self) -> bytes:
-        body = orjson.dumps({"error": f"too many connections: this server answers at most "
-                             f"{self.max_connections} at once (--http-max-connections); retry "
-                             "later"}) + b"\n"
-        return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Connection: close\r\nRetry-After: 1\r\nContent-Length: " + str(len(body)).encode()
-                + b"\r\n\r\n" + body)
+    @property
+    def opened(self) -> set[Connection]:
+        return self.connections.opened
 
-    def _protocol(self) -> asyncio.BaseProtocol:
+    def too_slow(self, connection: Connection) -> None:
+        logger.debug("HTTP connection from %s closed: no complete request headers within %gs "
+                     "(--http-read-timeout)", connection.peer, self.read_timeout)
+        self.metrics.refused.labels("slow").inc()
+
+    def _connection(self) -> Connection:
         assert self._server is not None
-        if len(self.opened) >= self.max_connections:
-            self.metrics.refused.labels("limit").inc()
-            logger.debug("HTTP connection refused: %d open (--http-max-connections)", len(self.opened))
-            return _Refused(self._refusal)
-        return _Connection(
+        return _EdgeConnection(
             self._server, self, asyncio.get_running_loop(), keepalive_timeout=self.idle_timeout,
             max_line_size=self.max_line, max_field_size=self.max_line, max_headers=self.max_headers,
             access_log=None, auto_decompress=False, lingering_time=1.0)
@@ -263,22 +225,72 @@ class HttpEdge:
         """Listens on host:port (0: a free port); returns the port. OSError if it cannot."""
         self._server = web.Server(self._handle, handler_cancellation=False)
         self._listener = await asyncio.get_running_loop().create_server(
-            self._protocol, host.strip("[]") or None, port, reuse_port=reuse_port or None,
-            ssl=self.ssl, ssl_handshake_timeout=self.read_timeout if self.ssl else None, backlog=1024)
+            lambda: Gate(self.connections, self._connection), host.strip("[]") or None, port,
+            reuse_port=reuse_port or None, ssl=self.ssl,
+            ssl_handshake_timeout=self.read_timeout if self.ssl else None, backlog=1024)
         sockets = self._listener.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
 
     async def drain(self, grace: float) -> None:
-        """Waits up to ``grace`` seconds for the requests being answered, then stops listening and
-        closes every connection (readiness answers 503 meanwhile: RestApi's ``draining``)."""
-        until = time.monotonic() + grace
-        while self.in_flight and time.monotonic() < until:
-            await asyncio.sleep(0.01)
-        if self._listener is not None:
-            self._listener.close()
+        """From now on every answer says ``Connection: close`` (a client sends its next request
+        elsewhere; readiness answers 503: RestApi's ``draining``). Within ``grace`` seconds: waits
+        for the requests being answered, then DRAIN_IDLE for the clients to see their answers
+        and leave, stops listening (a client that comes back is refused at connect, before it
+        sends anything; one already in the backlog is taken and answered), waits for the
+        connections accepted to be answered or idle for MIN_IDLE (a request on its way is not
+        cut), and closes the rest."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+
+        async def wait(done: Callable[[], bool], most: float = _NEVER) -> None:
+            end = min(until, loop.time() + most)
+            while not done() and loop.time() < end:
+                await asyncio.sleep(0.01)
+
+        await wait(lambda: not self.in_flight)
+        await wait(lambda: not self.connections.opened, DRAIN_IDLE)
+        self._stop_listening()
+        if self._late:  # each connection taken from the backlog is in the table once it is done
+            await asyncio.wait(self._late, timeout=max(0.001, until - loop.time()))
+        # asyncio may have accepted sockets whose connections are not made yet: they get as long
+        # as an idle connection has before it may be closed.
+        await asyncio.sleep(max(0.0, min(MIN_IDLE, until - loop.time())))
+        await wait(lambda: not self.in_flight and all(
+            c.idle and time.monotonic() - c.idle_since >= MIN_IDLE for c in self.connections.opened))
+        for connection in self.connections.idle_ones():
+            connection.force_close()
         if self._server is not None:
-            await self._server.shutdown(max(0.0, until - time.monotonic()))
+            await self._server.shutdown(max(0.0, until - loop.time()))
         self._listener = None
+
+    def _stop_listening(self) -> None:
+        """Closes the listener without resetting the connections the kernel already accepted for
+        it (clients that sent a request into the backlog): those are taken first, from a copy of
+        the socket that keeps it listening until the last one is out, and served as any other
+        (a 503 and Connection: close, while draining)."""
+        if self._listener is None:
+            return
+        listener = self._listener
+        assert isinstance(listener, asyncio.Server)
+        copies = [socket.socket(fileno=os.dup(s.fileno())) for s in listener.sockets]
+        self._listener.close()
+        loop = asyncio.get_running_loop()
+        for copy in copies:
+            with copy:
+                copy.setblocking(False)
+                while True:
+                    try:
+                        accepted, _ = copy.accept()
+                    except OSError:  # BlockingIOError: none left
+                        break
+                    task = loop.create_task(loop.connect_accepted_socket(
+                        lambda: Gate(self.connections, self._connection), accepted, ssl=self.ssl,
+                        ssl_handshake_timeout=self.read_timeout if self.ssl else None))
+                    self._late.add(task)
+                    task.add_done_callback(self._late.discard)
+        logger.debug("HTTP: stopped listening; %d connections taken from the backlog, %d open",
+                     len(self._late), len(self.connections.opened))
 
     # --- one request ------------------------------------------------------------------------------
 
@@ -291,17 +303,18 @@ class HttpEdge:
 
     async def _body(self, request: web.BaseRequest) -> bytes:
         """The request's body, read within --http-read-timeout, at most --max-message-bytes
-        (inflated, for gzip and deflate)."""
+        (inflated, for gzip and deflate, on a thread: zlib lets the event loop run meanwhile).
+        ClientAborted if the client closes the connection before it is all in."""
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in _ENCODINGS | {"identity", ""}:
             raise HttpError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
                             "as is, or gzip or deflate it")
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
         chunks: list[bytes] = []
         size = 0
         try:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                request.writer.output_size = 0
             async with asyncio.timeout(self.read_timeout):
                 while chunk := await request.content.readany():
                     size += len(chunk)
@@ -311,17 +324,23 @@ class HttpEdge:
         except TimeoutError:
             raise HttpError(408, f"request body: not received within {self.read_timeout:g}s "
                             f"(--http-read-timeout; {size:,} bytes came)") from None
+        except ConnectionError:
+            raise ClientAborted(size) from None
         data = b"".join(chunks)
         if encoding in _ENCODINGS:
-            inflater = zlib.decompressobj(47)  # gzip or zlib header, told apart by the data
-            try:
-                data = inflater.decompress(data, self.max_body + 1)
-            except zlib.error as exc:
-                raise HttpError(400, f"request body: not valid {encoding} data ({exc})",
-                                close=False) from None
-            if len(data) > self.max_body or inflater.unconsumed_tail:
-                raise HttpError(413, self._too_large(f"inflated to more than {self.max_body:,}"),
-                                close=False)
+            data = await asyncio.to_thread(self._inflate, data, encoding)
+        return data
+
+    def _inflate(self, data: bytes, encoding: str) -> bytes:
+        inflater = zlib.decompressobj(47)  # gzip or zlib header, told apart by the data
+        try:
+            data = inflater.decompress(data, self.max_body + 1)
+        except zlib.error as exc:
+            raise HttpError(400, f"request body: not valid {encoding} data ({exc})",
+                            close=False) from None
+        if len(data) > self.max_body or inflater.unconsumed_tail:
+            raise HttpError(413, self._too_large(f"inflated to more than {self.max_body:,}"),
+                            close=False)
         return data
 
     def _too_large(self, size: str) -> str:
@@ -338,27 +357,28 @@ class HttpEdge:
             raise HttpError(431, f"request headers: {header_bytes:,} bytes exceed the limit of "
                             f"{self.max_header_bytes:,} (--max-metadata-bytes)")
 
-    async def _dispatch(self, request: web.BaseRequest) -> tuple[str, Reply]:
-        route, params = match(request.method, request.path)
+    async def _dispatch(self, request: web.BaseRequest, route: Route, params: dict[str, str],
+                        peer: str) -> Reply:
         self._check_headers(request)
         if self.auth is not None and not route.open:
             problem = self.auth.check((("authorization", request.headers.get("Authorization", "")),)
                                       if "Authorization" in request.headers else ())
             if problem is not None:
                 logger.info("unauthenticated HTTP request %s %s from %s: %s", request.method,
-                            route.label, _peer(request.transport) if request.transport else "?", problem)
+                            route.label, peer, problem)
                 reply = error_reply(401, problem)
                 reply.headers["WWW-Authenticate"] = "Bearer"
-                return route.label, reply
+                return reply
         headers: Mapping[str, str] = request.headers
-        reply = await self.api.handler(route)(lambda: self._body(request), headers, **params)
-        return route.label, reply
+        return await self.api.handler(route)(lambda: self._body(request), headers, **params)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         connection = request.protocol
-        if isinstance(connection, _Connection):
+        peer = "unknown"
+        if isinstance(connection, Connection):
             connection.begin()
+            peer = connection.peer
         request_id = request_id_of(((REQUEST_ID_KEY, request.headers.get("X-Request-Id", "")),))
         token = current_request_id.set(request_id)
         self.in_flight += 1
@@ -367,13 +387,21 @@ class HttpEdge:
         allowed: tuple[str, ...] = ()
         try:
             try:
-                label, reply = await self._dispatch(request)
+                route, params = match(request.method, request.path)
+                label = route.label
+                reply = await self._dispatch(request, route, params, peer)
             except NoRoute as exc:
                 reply, allowed = error_reply(exc.status, str(exc)), exc.allowed
             except HttpError as exc:
                 reply, close = error_reply(exc.status, str(exc)), exc.close
             except ServerError as exc:
                 reply = error_reply(http_status(exc), str(exc))
+            except ClientAborted as exc:
+                logger.debug("HTTP request %s %s from %s: the client closed the connection after "
+                            "%s bytes of its body; nothing answered", request.method, label, peer,
+                            f"{exc.received:,}")
+                status = CLIENT_CLOSED
+                return web.Response(status=CLIENT_CLOSED)  # written nowhere: the transport is gone
             except Exception:
                 logger.exception("unexpected error in %s %s", request.method, label)
                 reply = error_reply(HTTP_INTERNAL, INTERNAL_MESSAGE)
@@ -384,16 +412,14 @@ class HttpEdge:
             response.headers["Server"] = "digitserve"
             if allowed:
                 response.headers["Allow"] = ", ".join(allowed)
-            if close:
+            if close or self.draining or self.api.draining:  # the server's stop began
                 response.force_close()
             return response
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
-            peer = "unknown"
-            if isinstance(connection, _Connection):
+            if isinstance(connection, Connection):
                 connection.end()
-                peer = connection.peer
             method = request.method if request.method in _METHODS else "other"
             self.observe(method, label, status, time.perf_counter() - started, peer, request_id,
                          request.raw_path[:200])

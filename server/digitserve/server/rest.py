@@ -8,6 +8,7 @@ The HTTP plumbing (listener, limits, token, metrics, access lines) is server.htt
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -16,6 +17,7 @@ import re
 import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -197,6 +199,34 @@ def _parameters(value: Any, field: str, target: Any, skip: Iterable[str] = ()) -
     return parameters
 
 
+# Values a request holds besides its pixels (names, shape, outputs, parameters): room for them.
+VALUE_SLACK = 4096
+# A JSON body longer than this is read on a thread: the event loop runs between its steps.
+THREAD_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ValueLimit:
+    """The most values an inference request's JSON may hold: the pixels of ``images`` images of
+    ``size`` elements each (the model's input, --max-images-per-request) and VALUE_SLACK more.
+    Parsing costs time and memory per value, on the event loop (orjson holds the GIL even on a
+    thread), and a few kilobytes of gzip can inflate to millions of values: they are counted first
+    (commas, at memory speed: each value but the first of an array or object follows one)."""
+
+    images: int
+    size: int
+
+    def check(self, body: bytes) -> None:
+        most = self.images * self.size + VALUE_SLACK
+        commas = body.count(b",")
+        if commas >= most:
+            raise InvalidInputError(
+                "request body", f"up to {commas + 1:,} JSON values ({commas:,} commas), more "
+                f"than the {most:,} that {self.images} images of {self.size} elements "
+                "(--max-images-per-request) need; send fewer images per request, or pixels as the "
+                "binary data extension")
+
+
 @dataclass
 class InferCall:
     """An inference request read from HTTP: the gRPC message it amounts to, and how its outputs
@@ -206,9 +236,11 @@ class InferCall:
     binary: set[str]
 
 
-def read_infer(body: bytes, header_length: str | None, name: str, version: str) -> InferCall:
+def read_infer(body: bytes, header_length: str | None, name: str, version: str,
+               limit: ValueLimit | None = None) -> InferCall:
     """Reads an inference request body (JSON; with ``header_length``, the binary-data extension:
-    that many bytes of JSON, then the binary tensors); InvalidInputError names what is wrong."""
+    that many bytes of JSON, then the binary tensors); InvalidInputError names what is wrong.
+    With ``limit``, JSON that holds more values than it allows is refused before it is parsed."""
     binary = b""
     if header_length is not None:
         try:
@@ -220,6 +252,8 @@ def read_infer(body: bytes, header_length: str | None, name: str, version: str) 
                 HEADER_LENGTH, f"{header_length[:40]!r} is not a length within the body's "
                 f"{len(body)} bytes; expected the JSON header's length in bytes")
         body, binary = body[:length], body[length:]
+    if limit is not None:
+        limit.check(body)
     try:
         document = orjson.loads(body)  # faster than json.loads on arrays of numbers
     except orjson.JSONDecodeError as exc:
@@ -441,6 +475,11 @@ class RestApi:
         self._metrics = metrics
         self._version = server_version()
 
+    @property
+    def draining(self) -> bool:
+        """True from the first moment of the server's stop."""
+        return self._draining()
+
     def handler(self, route: Route) -> Callable[..., Awaitable[Reply]]:
         method: Callable[..., Awaitable[Reply]] = getattr(self, route.handler)
         return method
@@ -485,9 +524,12 @@ class RestApi:
                     name: str, version: str = "") -> Reply:
         if self._draining():
             raise ModelNotReadyError(SHUTTING_DOWN)
+        plane, model = self._servicer.resolve(name, version, "model_version")
+        limit = ValueLimit(plane.max_images_per_request, model.spec.input_size)
         data = await body()
+        read = partial(read_infer, data, headers.get(HEADER_LENGTH), name, version, limit)
         try:
-            call = read_infer(data, headers.get(HEADER_LENGTH), name, version)
+            call = await asyncio.to_thread(read) if len(data) > THREAD_BYTES else read()
             model, probabilities, names, _ = await self._servicer.infer(call.request, None)
         except InvalidInputError as error:
             raise rest_error(error) from None

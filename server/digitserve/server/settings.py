@@ -330,8 +330,18 @@ class Settings:
     http_max_connections: int = field(
         default=512,
         metadata={
-            "help": "Most HTTP connections open at once (per worker); one more is answered 503 and "
-            "closed at once."
+            "help": "Most HTTP connections open at once (per worker). Above three quarters of it, "
+            "each new connection closes the oldest idle keep-alive one; with none idle, one more "
+            "is answered 503 (Connection: close) and closed."
+        },
+    )
+    http_max_connections_per_peer: int = field(
+        default=128,
+        metadata={
+            "help": "Most HTTP connections open at once from one client address (per worker); "
+            "one more closes that address's oldest idle connection, or with none idle is answered "
+            "503 and closed, so that one client cannot hold every connection. Raise it (or 0: no "
+            "limit) behind a proxy that sends every client's requests from one address."
         },
     )
     http_read_timeout: float = field(
@@ -481,6 +491,9 @@ class Settings:
             problems.append(f"http port {self.http_port} is not in -1..65535")
         if self.http_max_connections < 1:
             problems.append(f"http max connections {self.http_max_connections} is below 1")
+        if self.http_max_connections_per_peer < 0:
+            problems.append(f"http max connections per peer {self.http_max_connections_per_peer} "
+                            "is negative")
         if not 0 < self.http_read_timeout <= 3600:
             problems.append(f"http read timeout {self.http_read_timeout} is not in (0, 3600] seconds")
         if not 0 <= self.low_confidence <= 1:
