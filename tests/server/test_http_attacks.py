@@ -264,7 +264,7 @@ def test_every_request_sent_during_a_drain_gets_an_answer(spawn: Any, tiny_repo:
     for thread in threads:
         thread.start()
     wait_for(lambda: len(results) == 8 and all(len(r) >= 5 for r in results), 60, "load")
-    server.proc.send_signal(signal.SIGTERM)
+    server.send_signal(signal.SIGTERM)
     for thread in threads:
         thread.join(60)
     assert server.wait(60) == 0
