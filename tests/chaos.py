@@ -131,13 +131,21 @@ class Chaos:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    def run(self, seconds: float, alive: Callable[[], bool] = lambda: True) -> None:
-        """Rounds for ``seconds``, or until ``alive()`` turns False (the server died)."""
+    def run(self, seconds: float, alive: Callable[[], bool] = lambda: True, steps: int = 1,
+            between: Callable[[int], None] | None = None) -> None:
+        """``steps`` spans of rounds of ``seconds`` each, ``between(step)`` run in a thread after
+        each (a publish, a reload), or until ``alive()`` turns False (the server died). One event
+        loop for all of it: grpc.aio's poller still delivers a finished channel's last events to
+        the loop it ran on, and a loop closed under it fails them."""
 
         async def rounds() -> None:
-            until = time.monotonic() + seconds
-            while time.monotonic() < until and alive():
-                await self.round()
-                self.counts["rounds"] += 1
+            for step in range(steps):
+                until = time.monotonic() + seconds
+                while time.monotonic() < until and alive():
+                    await self.round()
+                    self.counts["rounds"] += 1
+                if between is not None and alive():
+                    await asyncio.to_thread(between, step)
+            await asyncio.sleep(0.5)  # the closed channels' last events
 
         asyncio.run(rounds())

@@ -518,12 +518,7 @@ class Metadata:
         if expected is None and required:
             missing = "no 'files' checksums" if self.files is None else f"no checksum for {rel}"
             raise CorruptVersionError(f"{version_dir / METADATA_FILE}: {missing}")
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise CorruptVersionError(f"{path}: missing") from exc
-        except OSError as exc:
-            raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
+        data = _read_bytes(path)
         if expected is not None:
             actual = sha256_bytes(data)
             if actual != expected:
@@ -611,17 +606,22 @@ def write_metadata_checksum(directory: Path) -> None:
                       f"{digest}  {METADATA_FILE}\n".encode("ascii"))
 
 
+def _read_bytes(path: Path) -> bytes:
+    """A version file's bytes; CorruptVersionError naming it when it is missing or unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise CorruptVersionError(f"{path}: missing") from exc
+    except OSError as exc:
+        raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
+
+
 def read_metadata(version_dir: Path) -> dict[str, Any]:
     """The parsed metadata.json of a version directory, checked against ``metadata.json.sha256``
     when the version has one (versions published before it have none: see
     :func:`metadata_checksummed`); CorruptVersionError if unreadable or if it differs."""
     path = version_dir / METADATA_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise CorruptVersionError(f"{path}: missing") from exc
-    except OSError as exc:
-        raise CorruptVersionError(f"{path}: unreadable ({exc})") from exc
+    data = _read_bytes(path)
     expected = _recorded_metadata_checksum(version_dir)
     if expected is not None:
         actual = sha256_bytes(data)  # the bytes parsed below: what is checked is what is used

@@ -67,14 +67,15 @@ def test_calls_that_end_early_never_crash_the_server(
     wait_for(lambda: serving(target), 60, "the server to serve")
     source = root / "tiny" / "1"
     chaos = Chaos(target, seed=21)
-    alive = lambda: server.proc.poll() is None  # noqa: E731
-    for step in range(6):
-        chaos.run(5, alive)
-        assert alive(), f"the server died during step {step}: {chaos.counts}\n{server.log[-6000:]}"
+
+    def between(step: int) -> None:
         if step == 1:
             publish_copy(repo, source)  # hot reload to version 2
         elif step == 3:
             corrupt_version(repo, source)  # refused by the gate
+
+    chaos.run(5, lambda: server.proc.poll() is None, steps=6, between=between)
+    assert server.proc.poll() is None, f"the server died: {chaos.counts}\n{server.log[-6000:]}"
     assert chaos.counts["reflection abandoned"] > 50 and chaos.counts["evaluate"] > 50, chaos.counts
     assert serving(target)
     assert "serving model tiny version 2" in server.log
