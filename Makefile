@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DATA ?= data
 
-.PHONY: venv data demo test tools lint protos check-protos bench containers client-only clean
+.PHONY: venv data demo test soak tools lint protos check-protos bench containers client-only clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo:
 # (MNIST_REQUIRE_E2E=1): one whose tool is missing fails; `make tools` installs curl, node and npm.
 test: data
 	MNIST_DATA_DIR=$(DATA) MNIST_REQUIRE_E2E=1 $(BIN)/pytest
+
+# The crash soak of tests/server/test_crash.py SOAK_RUNS times in a row (issue 21: 20), stopping at
+# the first failure: `make soak SOAK_RUNS=20`.
+SOAK_RUNS ?= 20
+soak: venv
+	@for i in $$(seq 1 $(SOAK_RUNS)); do \
+	  echo "soak run $$i of $(SOAK_RUNS)"; \
+	  $(BIN)/pytest -q -p no:cacheprovider tests/server/test_crash.py -k soak -s || exit 1; \
+	done
 
 # buf lint and buf breaking (against the previous commit) on protos/; .ci/buf.sh installs buf.
 lint: venv
