@@ -130,6 +130,7 @@ def test_big_calls_leave_health_responsive_and_excess_is_refused_fast(
     control.cancel()
     control_loop.call_soon_threadsafe(control_loop.stop)
     control_thread.join(10)
+    control_loop.close()  # else collected later, in whichever test runs then: unraisable warnings
     big = [sec * 1000 for n, sec in model.seconds if n == IMAGES]
     ctl = np.array(control_ms)
     on_loop = [n for thread, n in model.calls if thread == server.thread.ident]
