@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,10 +224,17 @@ def flood(port: int, stop_at: float, token: str | None, ack: bool, sent: list[in
     """HEADERS frames opening new Predict streams, 100 per write, never any DATA."""
     connection = RawConnection(port, ack)
     headers = connection.request_headers(PREDICT, token)
-    stream, count = 1, 0
+    send_bursts(connection, stop_at, sent, 1, 0, lambda stream: b"".join(
+        connection.headers_frames(stream + 2 * i, headers) for i in range(100)))
+
+
+def send_bursts(connection: RawConnection, stop_at: float, sent: list[int], stream: int, count: int,
+                burst: Callable[[int], bytes]) -> None:
+    """Writes ``burst(first stream id)`` (100 streams' frames) until ``stop_at`` or the server
+    closes the connection; appends how many streams were opened to ``sent``, then closes."""
     try:
         while time.monotonic() < stop_at and not connection.closed.is_set():
-            connection.send(b"".join(connection.headers_frames(stream + 2 * i, headers) for i in range(100)))
+            connection.send(burst(stream))
             stream += 200
             count += 100
     except OSError:
@@ -300,19 +307,9 @@ def rapid_reset(port: int, stop_at: float, sent: list[int]) -> None:
     first = connection.encoder.encode(headers, huffman=False)
     block = connection.encoder.encode(headers, huffman=False)  # indexed: the same bytes each time
     connection.send(frame(HEADERS, END_HEADERS, 1, first) + frame(RST_STREAM, 0, 1, CANCEL))
-    stream, count = 3, 1
-    try:
-        while time.monotonic() < stop_at and not connection.closed.is_set():
-            connection.send(b"".join(
-                frame(HEADERS, END_HEADERS, s, block) + frame(RST_STREAM, 0, s, CANCEL)
-                for s in range(stream, stream + 200, 2)))
-            stream += 200
-            count += 100
-    except OSError:
-        pass
-    finally:
-        sent.append(count)
-        connection.close()
+    send_bursts(connection, stop_at, sent, 3, 1, lambda stream: b"".join(
+        frame(HEADERS, END_HEADERS, s, block) + frame(RST_STREAM, 0, s, CANCEL)
+        for s in range(stream, stream + 200, 2)))
 
 
 def test_a_rapid_reset_leaves_every_well_behaved_call_ok(spawn: Any, tiny_repo: Path) -> None:
