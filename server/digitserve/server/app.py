@@ -23,8 +23,7 @@ from digitserve.server.calls import CallWrapper, Services
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder, PictureLimits
 from digitserve.server.drain import Drain
-from digitserve.server.errors import InvalidInputError
-from digitserve.server.errors import ModelNotFoundError as NotServedError
+from digitserve.server.errors import InvalidInputError, NotServedError
 from digitserve.server.health import HealthServicer
 from digitserve.server.httpserver import HttpEdge, exposition
 from digitserve.server.logs import access_log

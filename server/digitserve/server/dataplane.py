@@ -18,7 +18,7 @@ import numpy.typing as npt
 from digitserve.inference import Model, runs_inline
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.server.batcher import Batcher
-from digitserve.server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class DataPlane:
             labelled = self._labels.get(label)
             if labelled is None:
                 known = ", ".join(f"{k} -> {v}" for k, v in sorted(self._labels.items())) or "none"
-                raise ModelNotFoundError(
+                raise NotServedError(
                     f"model {model.spec.name!r} has no version label {label!r} (labels: {known})")
             return self._loaded[labelled]
         if version == 0:
@@ -226,7 +226,7 @@ class DataPlane:
         if pinned is None:
             loaded = ", ".join(str(v) for v in self.loaded_versions)
             reason = f"; it was refused: {self._refused[version]}" if version in self._refused else ""
-            raise ModelNotFoundError(
+            raise NotServedError(
                 f"model {model.spec.name!r} version {version} is not served "
                 f"(serving version {model.spec.version}; loaded: {loaded}){reason}"
             )

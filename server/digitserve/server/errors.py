@@ -1,4 +1,5 @@
-"""Domain errors of the server; they know nothing of gRPC (servicer.py maps them to status codes)."""
+"""The server's domain errors, under one root, ServerError: what a caller did wrong or cannot have
+now. They know nothing of gRPC or HTTP; server.status maps each to its status on both."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ class InvalidInputError(ServerError):
         self.description = description
 
 
-class ModelNotFoundError(ServerError):
-    """Raised when a request pins a model version that the server does not serve."""
+class NotServedError(ServerError):
+    """Raised when a request names a model, version or label that the server does not serve
+    (the repository's own ModelNotFoundError is digitserve.errors')."""
 
 
 class ModelNotReadyError(ServerError):

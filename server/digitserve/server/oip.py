@@ -20,7 +20,7 @@ from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder
-from digitserve.server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
+from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
 from digitserve.server.models import Router
 from digitserve.server.pixels import (
     V2_PICTURES,
@@ -165,7 +165,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     def _plane(self, name: str) -> DataPlane:
         if not name:  # the protocol names the model in every request (its URL, in REST)
             names = ", ".join(repr(info.name) for info in self._router.model_infos()) or "no model yet"
-            raise ModelNotFoundError(f"model '' is not served; this server serves {names}")
+            raise NotServedError(f"model '' is not served; this server serves {names}")
         return self._router.model(name).plane
 
     def resolve(self, name: str, version: str, version_field: str,
@@ -185,7 +185,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             )
         number = int(version)
         if number < 1:
-            raise ModelNotFoundError(f"model {name!r} version {version} is not served")
+            raise NotServedError(f"model {name!r} version {version} is not served")
         return plane, plane.resolve(number)
 
     @mapped_errors

@@ -18,8 +18,8 @@ from grpc_status import rpc_status
 from digitserve.server.errors import (
     DeadlineExpiredError,
     InvalidInputError,
-    ModelNotFoundError,
     ModelNotReadyError,
+    NotServedError,
     OverloadedError,
     ServerError,
 )
@@ -30,7 +30,7 @@ R = TypeVar("R")
 # one table, so that both transports refuse the same fault the same way, with the same message.
 _STATUS: dict[type[ServerError], tuple[grpc.StatusCode, int]] = {
     InvalidInputError: (grpc.StatusCode.INVALID_ARGUMENT, 400),
-    ModelNotFoundError: (grpc.StatusCode.NOT_FOUND, 404),
+    NotServedError: (grpc.StatusCode.NOT_FOUND, 404),
     ModelNotReadyError: (grpc.StatusCode.UNAVAILABLE, 503),
     OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     DeadlineExpiredError: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),

@@ -1,0 +1,132 @@
+"""The transport-neutral inference request and response (after MLServer's ``types.InferenceRequest``
+and KServe's ``InferRequest``): what each edge's converter (server.v1codec, server.oipcodec,
+server.restcodec) reads its caller's message into, and what server.infer takes and returns.
+
+An input records where it came from (``Where``), so that every error names the field as that edge's
+caller wrote it (``inputs[0].data[3]`` in JSON, ``inputs[0].contents.fp32_contents[3]`` over V2
+gRPC, ``images[0].float32[3]`` over digitserve.v1) from one InvalidInputError, built once."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.inference import Model
+from digitserve.server.errors import InvalidInputError
+
+INPUT_NAME = "images"
+# Output name -> datatype; all three are returned when the request names none.
+OUTPUTS = {"probabilities": "FP32", "class_index": "INT64", "label": "BYTES"}
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """How the caller's message names one input: ``tensor`` the input itself (``inputs[0]``,
+    ``images``), ``count`` the field that sets its number of images (``inputs[0].shape``),
+    ``data`` its elements as a whole (``raw_input_contents[0]``) and ``element`` one element, a
+    format of its flat index ``k``, row ``i``, column ``j`` and row i's entry of ``rows`` as ``e``
+    (``images[{i}].{e}[{j}]``: digitserve.v1 names each image's encoding)."""
+
+    tensor: str
+    count: str
+    data: str
+    element: str
+    rows: Sequence[str] = ()
+
+    def at(self, k: int, width: int = 1) -> str:
+        """The name of flat element ``k`` of rows ``width`` elements wide."""
+        i, j = divmod(k, max(width, 1))
+        return self.element.format(k=k, i=i, j=j, e=self.rows[i] if self.rows else "")
+
+
+@dataclass(slots=True)
+class InferInput:
+    """One input tensor. ``data``: the elements as values (a sequence or array: typed contents,
+    JSON data), as little-endian bytes (``raw``: raw_input_contents, binary data, packed rows; for
+    BYTES each element a 4-byte length, then its bytes), or for BYTES a list of the elements.
+    ``pictures``: rows given as PNG or JPEG bytes (row, its field, the bytes), decoded into ``data``
+    (digitserve.v1 mixes them with pixels). ``fault``: what the converter found wrong in how the
+    elements were sent, raised when they are read (after the checks of name, datatype and shape;
+    with ``fault_row``, when the pictures before that row are decoded)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: Any
+    where: Where
+    raw: bool = False
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    pictures: list[tuple[int, str, bytes]] = field(default_factory=list)
+    fault: InvalidInputError | None = None
+    fault_row: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    """An output the caller asks for by name, with its parameters (refused ones are named)."""
+
+    name: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """An inference request: the model (``version`` 0 and no ``label``: the default version),
+    its inputs, the outputs asked for (none: all of OUTPUTS) and the caller's request id."""
+
+    model_name: str
+    inputs: list[InferInput]
+    version: int = 0
+    label: str = ""
+    id: str = ""
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    """One output: name, datatype, shape and its elements (an array, or a list of bytes)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: Any
+
+
+@dataclass(slots=True)
+class InferResponse:
+    """The answer: the model version that computed it, its probabilities (rows = images), the
+    outputs asked for in order (``tensors`` builds them) and the request id."""
+
+    model: Model
+    probabilities: npt.NDArray[np.float32]
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    id: str = ""
+
+    @property
+    def model_name(self) -> str:
+        return self.model.spec.name
+
+    @property
+    def model_version(self) -> int:
+        return self.model.spec.version
+
+    def tensors(self) -> list[OutputTensor]:
+        """The outputs asked for: probabilities (FP32 [N, classes]), class_index (INT64 [N]) and
+        label (BYTES [N], UTF-8)."""
+        count, classes = self.probabilities.shape
+        indices = np.argmax(self.probabilities, axis=1).astype(np.int64)
+        tensors = []
+        for name in self.outputs:
+            if name == "probabilities":
+                tensors.append(OutputTensor(name, "FP32", [count, classes], self.probabilities))
+            elif name == "class_index":
+                tensors.append(OutputTensor(name, "INT64", [count], indices))
+            else:
+                labels = [self.model.spec.labels[i].encode() for i in indices.tolist()]
+                tensors.append(OutputTensor(name, "BYTES", [count], labels))
+        return tensors
