@@ -329,3 +329,18 @@ def digit_photo(fmt: str = "PNG", seed: int = 0, size: tuple[int, int] = (400, 3
     Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB").save(
         out, format=fmt, **({"quality": 70} if fmt == "JPEG" else {}))
     return out.getvalue()
+
+
+def decode_v1_images(images: Any, size: int, field: str = "images", *,
+                     input_shape: tuple[int, ...] = ()) -> npt.NDArray[np.float32]:
+    """digitserve.v1 Images read as the server reads them, on this thread: server.v1codec's
+    input, then server.pixels (its pictures decoded in turn, within the default limits)."""
+    from digitserve.server.decoding import PictureLimits
+    from digitserve.server.pixels import decode_pictures, tensor_pixels
+    from digitserve.server.v1codec import images_input
+
+    tensor = images_input(images, size, field)
+    count = len(images) if isinstance(images, list | tuple) else tensor.shape[0]
+    if tensor.pictures:
+        return decode_pictures(tensor, tensor.pictures, count, size, input_shape, PictureLimits())
+    return tensor_pixels(tensor, count, size)

@@ -31,9 +31,11 @@ from digitserve import pictures
 from digitserve.idx import scale_pixels
 from digitserve.server.dataplane import check_labels
 from digitserve.server.errors import InvalidInputError
-from digitserve.server.pixels import check_pixels, decode_images
+from digitserve.server.infertypes import Where
+from digitserve.server.pixels import check_pixels
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.servers import ServerThread
+from tests.support import decode_v1_images as decode_images
 from tests.support import digit_photo, tiny_litert
 
 # ---------------------------------------------------------------------------------------------
@@ -130,11 +132,11 @@ def test_check_pixels_names_the_first_bad_pixel(images: npt.NDArray[np.float32])
     encodings = ["float32"] * images.shape[0]
     bad = ~np.isfinite(images) | (images < 0) | (images > 1)
     if not bad.any():
-        check_pixels(images, encodings)
+        check_pixels(images, Where("images", "images", "images", "images[{i}].{e}[{j}]", encodings))
         return
     i, j = np.argwhere(bad)[0]
     with pytest.raises(InvalidInputError) as info:
-        check_pixels(images, encodings)
+        check_pixels(images, Where("images", "images", "images", "images[{i}].{e}[{j}]", encodings))
     assert info.value.field == f"images[{i}].float32[{j}]"
 
 

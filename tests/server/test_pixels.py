@@ -1,6 +1,6 @@
-"""digitserve.server.pixels, the codec of both edges: every way the same pixels arrive decodes to the same
-float32 array bit for bit, and the same bad pixel is named the same way by each path of an edge;
-digitserve.server.status is the one error mapping, and neither edge imports the other."""
+"""digitserve.server.pixels, the codec of every edge: every way the same pixels arrive decodes to the
+same float32 array bit for bit, and the same bad pixel is named the same way by each path of an
+edge; the converters share the one inference path, not each other."""
 
 from __future__ import annotations
 
@@ -15,9 +15,12 @@ from hypothesis import strategies as st
 
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.server.errors import InvalidInputError
-from digitserve.server.pixels import decode_images, decode_tensor, packed_pixels, tensor_count
+from digitserve.server.oipcodec import to_request
+from digitserve.server.pixels import tensor_count, tensor_pixels
+from digitserve.server.v1codec import images_input
 from digitserve.server.wire import PackedPredictRequest, parse_predict_request
 from digitserve.v1 import digit_service_pb2 as pb
+from tests.support import decode_v1_images as decode_images
 
 SIZE = 12  # pixels per image; the codec hard-codes no size
 SERVER = Path(__file__).resolve().parents[2] / "server" / "digitserve" / "server"
@@ -48,7 +51,7 @@ def test_packed_rows_and_parsed_images_decode_alike(kind: str, n: int, data: st.
         images = [pb.Image(float32=raw[i * 4 * SIZE:(i + 1) * 4 * SIZE]) for i in range(n)]
     request = parse_predict_request(pb.PredictRequest(images=images).SerializeToString())
     assert isinstance(request, PackedPredictRequest)
-    fast = _outcome(lambda: packed_pixels(request.rows, request.encoding, SIZE))
+    fast = _outcome(lambda: tensor_pixels(images_input(request, SIZE), n, SIZE))
     assert fast == _outcome(lambda: decode_images(images, SIZE))
     # One image at a time, through protobuf's message: the same pixels, row by row.
     if fast[0] == "ok":
@@ -81,10 +84,10 @@ def test_both_protocols_decode_the_same_pixels_bit_for_bit(shape: list[int]) -> 
         ("UINT8", None, oip.InferTensorContents(uint_contents=data.ravel().tolist())),
         ("FP32", None, oip.InferTensorContents(fp32_contents=floats.ravel().tolist())),
     ]:
-        request = _v2(datatype, shape, raw, contents)
-        count = tensor_count(request.inputs[0], (3, 4), "inputs[0]")
-        images, was_raw = decode_tensor(request, count, SIZE)
-        assert was_raw == (raw is not None)
+        tensor = to_request(_v2(datatype, shape, raw, contents)).inputs[0]
+        count = tensor_count(tensor, (3, 4))
+        images = tensor_pixels(tensor, count, SIZE)
+        assert tensor.raw == (raw is not None)
         arrivals[f"v2 {datatype} {'raw' if raw else 'contents'}"] = images
     for name, images in arrivals.items():
         assert images.dtype == np.float32 and images.tobytes() == ours.tobytes(), name
@@ -94,11 +97,11 @@ def test_v2_tensor_faults_name_the_flat_element() -> None:
     bad = np.zeros(2 * SIZE, "<f4")
     bad[SIZE + 5] = np.float32(1.5)
     with pytest.raises(InvalidInputError) as raw:
-        decode_tensor(_v2("FP32", [2, SIZE], bad.tobytes()), 2, SIZE)
+        tensor_pixels(to_request(_v2("FP32", [2, SIZE], bad.tobytes())).inputs[0], 2, SIZE)
     assert raw.value.field == f"raw_input_contents[0].element[{SIZE + 5}]"
     big = oip.InferTensorContents(uint_contents=[0] * (2 * SIZE - 1) + [256])
     with pytest.raises(InvalidInputError) as typed:
-        decode_tensor(_v2("UINT8", [2, SIZE], contents=big), 2, SIZE)
+        tensor_pixels(to_request(_v2("UINT8", [2, SIZE], contents=big)).inputs[0], 2, SIZE)
     assert typed.value.field == f"inputs[0].contents.uint_contents[{2 * SIZE - 1}]"
     assert typed.value.description == "256 does not fit UINT8; expected 0..255"
 
@@ -111,8 +114,13 @@ def _imports(module: str) -> set[str]:
 
 
 def test_the_edges_share_the_codec_and_the_error_mapping_not_each_other() -> None:
-    servicer, oip_edge = _imports("servicer"), _imports("oip")
-    assert "digitserve.server.oip" not in servicer and "digitserve.server.servicer" not in oip_edge
-    for imports in (servicer, oip_edge):
-        assert {"digitserve.server.pixels", "digitserve.server.status"} <= imports
-    assert "digitserve.server.pixels" in _imports("wire")  # the Predict fast path reads the codec's encodings
+    converters = {name: _imports(name) for name in ("v1codec", "oipcodec", "restcodec")}
+    for name, imports in converters.items():
+        assert not {f"digitserve.server.{other}" for other in converters} & imports, name
+        assert "digitserve.server.infertypes" in imports, name
+    assert "digitserve.server.infer" in converters["v1codec"] & converters["oipcodec"]
+    assert "digitserve.server.pixels" in _imports("infer")  # the one path reads the one codec
+    for servicer in (_imports("servicer"), _imports("oip")):
+        assert "digitserve.server.status" in servicer
+    assert "digitserve.server.oip" not in _imports("servicer")
+    assert "digitserve.server.servicer" not in _imports("oip")

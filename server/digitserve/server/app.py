@@ -244,7 +244,7 @@ class App:
         self.http: HttpEdge | None = None
         self.http_port: int | None = None
         if settings.http_port >= 0:
-            api = RestApi(self, self.oip, lambda: self.draining, partial(exposition, self.telemetry.registry))
+            api = RestApi(self, lambda: self.draining, partial(exposition, self.telemetry.registry))
             self.http = HttpEdge(settings, api, self.telemetry, self.security.auth)
 
     # --- the models -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ gRPC, ``images[0].float32[3]`` over digitserve.v1) from one InvalidInputError, b
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,13 @@ class OutputTensor:
     datatype: str
     shape: list[int]
     data: Any
+
+    def raw(self) -> bytes:
+        """The elements as the V2 protocol's raw bytes: little-endian; BYTES each a 4-byte
+        length, then the bytes."""
+        if isinstance(self.data, np.ndarray):
+            return self.data.astype("<f4" if self.datatype == "FP32" else "<i8").tobytes()
+        return b"".join(struct.pack("<I", len(item)) + item for item in self.data)
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ each is a record of fixed size,
 
 so their pixels are columns of one (N, size) view of the request's bytes (``parse_predict_request``)
 where protobuf would build N Image objects and the server copy each one's bytes out of them and
-join them; ``server.pixels.packed_pixels`` decodes and checks those rows as it does any Image's.
+join them; server.v1codec hands those rows to server.pixels, which decodes and checks them.
 Anything else is parsed by protobuf: repeated floats, mixed encodings, and pictures (``encoded``,
 tag 0x22), which are decoded on the picture threads anyway.
 """
@@ -32,13 +32,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.server.pixels import PACKED
 from digitserve.v1 import digit_service_pb2 as pb
 
+# An Image's packed encodings (its bytes fields) and the numpy type of their bytes.
+PACKED: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtype(np.uint8)}
 # Image's packed encodings (server.pixels decodes them) by their tag byte (field number << 3 | 2,
 # length-delimited): 0x12 uint8, 0x1A float32.
 _PACKED_TAGS = {(pb.Image.DESCRIPTOR.fields_by_name[name].number << 3) | 2: name for name in PACKED}

@@ -1,0 +1,149 @@
+"""The one inference path of every edge: a neutral request (server.infertypes) checked, its pixels
+read (server.pixels) and admitted, the data plane's answer returned as a neutral response; and the
+V2 protocol's model addressing (a version as text: an integer, a label or "") and metadata, which
+both of its bindings (server.oip over gRPC, server.rest over HTTP) serve."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import partial
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from digitserve.inference import Model
+from digitserve.metadata import Metadata
+from digitserve.server.dataplane import DataPlane
+from digitserve.server.decoding import PictureDecoder
+from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
+from digitserve.server.infertypes import INPUT_NAME, OUTPUTS, InferInput, InferRequest, InferResponse
+from digitserve.server.models import Router
+from digitserve.server.pixels import (
+    PICTURES,
+    check_count,
+    check_picture_sizes,
+    decode_pictures,
+    tensor_count,
+    tensor_pictures,
+    tensor_pixels,
+)
+
+SERVER_NAME = "digitserve"
+# Triton features this server does not implement; refused rather than silently ignored.
+_UNSUPPORTED_PARAMETER = re.compile(r"classification|shared_memory_.*")
+_VERSION = re.compile(r"[0-9]+")
+_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+
+
+def server_version() -> str:
+    try:
+        return importlib_metadata.version("digitserve")
+    except importlib_metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "0+unknown"
+
+
+def resolve(router: Router, name: str, version: str, field: str,
+            split: bool = False) -> tuple[DataPlane, Model]:
+    """The V2 protocol's (name, version): the data plane and the model that answer for it
+    (``split``: an unpinned inference call, which the canary weight may send to the canary).
+    The protocol names the model in every request; ``version`` is ours as text, a version label
+    or "" (the default), and ``field`` names it in errors."""
+    if not name:
+        names = ", ".join(repr(info.name) for info in router.model_infos()) or "no model yet"
+        raise NotServedError(f"model '' is not served; this server serves {names}")
+    plane = router.model(name).plane
+    if version == "":
+        return plane, plane.resolve(0, split=split)
+    if _LABEL.fullmatch(version):
+        return plane, plane.resolve(0, version)
+    if not _VERSION.fullmatch(version):
+        raise InvalidInputError(field, f"{version!r} is not a version; expected an integer such as "
+                                "'1', a version label such as 'stable', or ''")
+    if int(version) < 1:
+        raise NotServedError(f"model {name!r} version {version} is not served")
+    return plane, plane.resolve(int(version))
+
+
+def model_ready(router: Router, name: str, version: str) -> bool:
+    """Whether (name, version) answers now; NotServedError / InvalidInputError as resolve."""
+    try:
+        resolve(router, name, version, "version")
+    except ModelNotReadyError:
+        return False
+    return True
+
+
+def model_metadata(router: Router, name: str, version: str) -> dict[str, Any]:
+    """The V2 protocol's model metadata of (name, version), as its JSON spells it."""
+    plane, model = resolve(router, name, version, "version")
+    spec = model.spec
+    versions = Metadata.from_json(model.metadata).versions or {}
+    return {
+        "name": spec.name, "versions": [str(v) for v in plane.loaded_versions],
+        "platform": "tensorflow_keras" if "keras" in versions else "",
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, spec.input_size]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(spec.labels)]},
+                    {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+                    {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+    }
+
+
+def _check_parameters(parameters: Iterable[str], field: str) -> None:
+    """Refuses parameters asking for Triton features this server lacks."""
+    for key in parameters:
+        if _UNSUPPORTED_PARAMETER.fullmatch(key):
+            raise InvalidInputError(f"{field}[{key!r}]", "is not supported by this server")
+
+
+def requested_outputs(request: InferRequest, model: Model) -> list[str]:
+    """Names of the outputs to return, in request order (all of them when none is named)."""
+    names: list[str] = []
+    for i, output in enumerate(request.outputs):
+        if output.name not in OUTPUTS:
+            raise InvalidInputError(
+                f"outputs[{i}].name", f"{output.name!r} is not an output of model "
+                f"{model.spec.name!r}; expected one of {list(OUTPUTS)}")
+        _check_parameters(output.parameters, f"outputs[{i}].parameters")
+        if output.name not in names:
+            names.append(output.name)
+    return names or list(OUTPUTS)
+
+
+async def pixels(plane: DataPlane, model: Model, tensor: InferInput, decoder: PictureDecoder,
+                 until: float | None = None) -> npt.NDArray[np.float32]:
+    """The input's images as float32 (N, input_size) in [0, 1], admitted by the model's queue
+    before any pixel is converted; pictures decoded on ``decoder``'s threads, admitted there."""
+    spec = model.spec
+    count = tensor_count(tensor, spec.input_shape)
+    check_count(count, plane.max_images_per_request, tensor.where.count)
+    if tensor.datatype != PICTURES and not tensor.pictures:
+        plane.admit(model, count)
+        return tensor_pixels(tensor, count, spec.input_size)
+    items = tensor_pictures(tensor, count)
+    check_picture_sizes(items, decoder.limits, tensor.where.tensor)
+    decoder.admit(len(items))
+    plane.admit(model, count)
+    return await decoder.run(len(items), partial(
+        decode_pictures, tensor, items, count, spec.input_size, spec.input_shape, decoder.limits,
+        until))
+
+
+async def infer(plane: DataPlane, model: Model, request: InferRequest, decoder: PictureDecoder,
+                until: float | None = None) -> InferResponse:
+    """One inference call of any edge on ``model`` (which the edge resolved): the outputs asked
+    for, the one input (named INPUT_NAME, no parameter refused) read and predicted."""
+    names = requested_outputs(request, model)
+    if len(request.inputs) != 1:
+        raise InvalidInputError("inputs", f"got {len(request.inputs)} inputs; model "
+                                f"{model.spec.name!r} takes one, {INPUT_NAME!r}")
+    tensor = request.inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise InvalidInputError(f"{tensor.where.tensor}.name", f"{tensor.name!r} is not an input "
+                                f"of model {model.spec.name!r}; expected {INPUT_NAME!r}")
+    _check_parameters(tensor.parameters, f"{tensor.where.tensor}.parameters")
+    images = await pixels(plane, model, tensor, decoder, until)
+    probabilities = await plane.predict(model, images, until)
+    return InferResponse(model, probabilities, names, request.id)

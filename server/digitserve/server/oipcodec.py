@@ -1,0 +1,81 @@
+"""The converter of the V2 protocol's gRPC binding (inference.GRPCInferenceService): a
+ModelInferRequest into the neutral request of server.infertypes, each input naming its fields as
+the message does (``inputs[0].contents.fp32_contents[3]``, ``raw_input_contents[0].element[3]``),
+and the neutral answer and metadata back into the protocol's messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from digitserve.oip import grpc_predict_v2_pb2 as oip
+from digitserve.server.errors import InvalidInputError
+from digitserve.server.infer import infer, resolve
+from digitserve.server.infertypes import InferInput, InferRequest, InferResponse, RequestedOutput, Where
+from digitserve.server.models import Router
+
+# A datatype's typed contents field.
+_CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents", "INT64": "int64_contents",
+             "BYTES": "bytes_contents"}
+
+
+def _input(message: oip.ModelInferRequest, i: int) -> InferInput:
+    """Input ``i``: its raw_input_contents entry when the message sends its inputs raw (a fault
+    when those do not pair with the inputs), else its typed contents."""
+    tensor, raw, field = message.inputs[i], message.raw_input_contents, f"inputs[{i}]"
+    fault = None
+    if raw:
+        if len(raw) != len(message.inputs):
+            fault = InvalidInputError("raw_input_contents", f"got {len(raw)} entries for "
+                                      f"{len(message.inputs)} inputs; expected one per input")
+        elif tensor.HasField("contents"):
+            fault = InvalidInputError(f"{field}.contents", "set together with raw_input_contents; "
+                                      "expected one or the other")
+        data: Any = raw[i] if i < len(raw) else b""
+        where = Where(field, f"{field}.shape", f"raw_input_contents[{i}]",
+                      f"raw_input_contents[{i}].element[{{k}}]")
+    else:
+        name = _CONTENTS.get(tensor.datatype, "fp32_contents")
+        data = getattr(tensor.contents, name)
+        where = Where(field, f"{field}.shape", f"{field}.contents.{name}",
+                      f"{field}.contents.{name}[{{k}}]")
+    return InferInput(tensor.name, tensor.datatype, list(tensor.shape), data, where, raw=bool(raw),
+                      parameters=tensor.parameters, fault=fault)
+
+
+def to_request(message: oip.ModelInferRequest) -> InferRequest:
+    return InferRequest(
+        message.model_name, [_input(message, i) for i in range(len(message.inputs))],
+        id=message.id,
+        outputs=[RequestedOutput(o.name, o.parameters) for o in message.outputs])
+
+
+def to_response(response: InferResponse, raw: bool) -> oip.ModelInferResponse:
+    """The answer; its outputs' elements in raw_output_contents when the inputs came raw."""
+    message = oip.ModelInferResponse(model_name=response.model_name, id=response.id,
+                                     model_version=str(response.model_version))
+    for output in response.tensors():
+        tensor = message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        if raw:
+            message.raw_output_contents.append(output.raw())
+        elif isinstance(output.data, np.ndarray):
+            getattr(tensor.contents, _CONTENTS[output.datatype]).extend(output.data.ravel().tolist())
+        else:
+            tensor.contents.bytes_contents.extend(output.data)
+    return message
+
+
+def metadata(value: dict[str, Any]) -> oip.ModelMetadataResponse:
+    tensor = oip.ModelMetadataResponse.TensorMetadata
+    return oip.ModelMetadataResponse(
+        name=value["name"], versions=value["versions"], platform=value["platform"],
+        inputs=[tensor(**t) for t in value["inputs"]], outputs=[tensor(**t) for t in value["outputs"]])
+
+
+async def model_infer(router: Router, message: oip.ModelInferRequest,
+                      until: float | None) -> oip.ModelInferResponse:
+    plane, model = resolve(router, message.model_name, message.model_version, "model_version",
+                           split=True)
+    response = await infer(plane, model, to_request(message), router.pictures, until)
+    return to_response(response, raw=len(message.raw_input_contents) > 0)
