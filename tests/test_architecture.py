@@ -229,6 +229,28 @@ def test_forbidden_imports_are_found_through_other_modules() -> None:
     assert forbidden_imports(graph, "core", ("a",)) == []
 
 
+# (an edge's modules, the protobuf packages of the other edges): each edge converts its own messages
+# to server.infertypes' neutral request and back, never another edge's (directly or through others).
+EDGES = [
+    (("digitserve.server.rest", "digitserve.server.restcodec"), ("digitserve.oip", "digitserve.v1")),
+    (("digitserve.server.servicer", "digitserve.server.v1codec", "digitserve.server.wire"),
+     ("digitserve.oip",)),
+    (("digitserve.server.oip", "digitserve.server.oipcodec"), ("digitserve.v1",)),
+    (("digitserve.server.infer", "digitserve.server.infertypes", "digitserve.server.pixels"),
+     ("digitserve.oip", "digitserve.v1")),
+]
+
+
+@pytest.mark.parametrize(("modules", "forbidden"), EDGES, ids=[m[0] for m, _ in EDGES])
+def test_no_edge_imports_another_edge_s_messages(modules: tuple[str, ...],
+                                                 forbidden: tuple[str, ...]) -> None:
+    graph = import_graph()
+    for module in modules:
+        assert module in graph, f"{module} not found"
+        found = forbidden_imports(graph, module, forbidden)
+        assert found == [], f"{module} imports {' or '.join(forbidden)}: " + "; ".join(found)
+
+
 def metadata_keys() -> set[str]:
     """The keys of ``metadata.json`` at every level, as ``digitserve.metadata`` reads and writes
     them (its ``f.get``/``f.req``/``f.section`` reads, ``_put`` and ``out[...]`` writes, dict

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
-from digitserve.server import rest
+from digitserve.server import rest, restcodec
 from tests.server.test_http import INFER, call, fp32_body, images_u8, scaled
 from tests.servers import ServerThread
 from tests.support import scrape, wait_for
@@ -83,6 +83,7 @@ def parsed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
         OPT_APPEND_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
     monkeypatch.setattr(rest, "orjson", Counting)
+    monkeypatch.setattr(restcodec, "orjson", Counting)  # the inference requests' reader
     return seen
 
 

@@ -32,10 +32,8 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 VALUE_SLACK = 4096
 # A JSON body longer than this is read on a thread: the event loop runs between its steps.
 THREAD_BYTES = 256 * 1024
-# The range of an integer datatype's gRPC contents (uint_contents: uint32, ...).
-_U32, _I32, _I64 = (0, 2**32 - 1), (-(2**31), 2**31 - 1), (-(2**63), 2**63 - 1)
-_INTEGERS = {"UINT8": _U32, "UINT16": _U32, "UINT32": _U32, "UINT64": (0, 2**64 - 1),
-             "INT8": _I32, "INT16": _I32, "INT32": _I32, "INT64": _I64}
+_INTEGERS = ("UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64")
+_DATATYPES = (*_INTEGERS, "FP32", "FP64", "BOOL", "BYTES")  # those the protocol's contents carry
 
 
 def _type(value: Any) -> str:
@@ -73,7 +71,7 @@ def _flatten(data: list[Any]) -> list[Any]:
 
 
 def _bad_element(values: list[Any], datatype: str, field: str) -> InvalidInputError:
-    """The first element of ``values`` that the datatype's contents refuse, named."""
+    """The first element of ``values`` that is not of the datatype, named."""
     for k, value in enumerate(values):
         where = f"{field}[{k}]"
         if datatype in ("FP32", "FP64"):
@@ -84,40 +82,39 @@ def _bad_element(values: list[Any], datatype: str, field: str) -> InvalidInputEr
                 return InvalidInputError(where, f"{_type(value)}, expected true or false (BOOL)")
         elif not isinstance(value, int) or isinstance(value, bool):
             return InvalidInputError(where, f"{_type(value)}, expected an integer ({datatype})")
-        else:
-            signed = datatype.startswith("INT")
-            bits = int(datatype.removeprefix("U").removeprefix("INT"))
-            low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-            if not low <= value <= high:
-                return InvalidInputError(where, f"{value} does not fit {datatype}; expected {low}..{high}")
+        elif not (info := np.iinfo(datatype.lower())).min <= value <= info.max:
+            return InvalidInputError(where, f"{value} does not fit {datatype}; expected "
+                                     f"{info.min}..{info.max}")
     return InvalidInputError(field, f"cannot be read as {datatype} elements")
 
 
 def _elements(data: Any, datatype: str, field: str) -> Any:
-    """A tensor's JSON ``data`` as its elements: an array (numbers), or the bytes of base64
+    """A tensor's JSON ``data`` as its elements: an array of numbers, or the bytes of base64
     strings (BYTES: an encoded picture is not text). A datatype the protocol's contents cannot
     carry (FP16, say) is left empty: server.pixels refuses the datatype itself."""
-    if datatype not in _INTEGERS and datatype not in ("FP32", "FP64", "BOOL", "BYTES"):
+    if datatype not in _DATATYPES:
         return []
     values: list[Any] = expect(data, list, field, "an array of the tensor's elements")
     if datatype == "BYTES":
         return [_base64(value, f"{field}[{k}]") for k, value in enumerate(_flatten(values))]
     try:
-        array = np.asarray(values).ravel()
+        array = np.asarray(values)
+        flat = values if array.ndim == 1 else _flatten(values)
     except ValueError:  # arrays nested unevenly
-        array = np.asarray(_flatten(values))
-    kind, bounds = array.dtype.kind, _INTEGERS.get(datatype)
-    if bounds is not None:
-        fits = kind in "iu" and bool not in set(map(type, _flatten(values)))
-        fits = fits and (array.size == 0 or (bounds[0] <= array.min() and array.max() <= bounds[1]))
+        array = np.asarray(flat := _flatten(values))
+    kind = array.dtype.kind
+    if not array.size:
+        fits = True
+    elif datatype in _INTEGERS:
+        info = np.iinfo(datatype.lower())
+        fits = kind in "iu" and bool not in set(map(type, flat)) and (
+            info.min <= array.min() and array.max() <= info.max)
     else:
-        fits = kind in ("iufb" if datatype != "BOOL" else "b")
+        fits = kind in ("b" if datatype == "BOOL" else "iufb")
     if not fits:
-        raise _bad_element(_flatten(values), datatype, field)
-    if datatype == "FP32":
-        with np.errstate(over="ignore"):  # as protobuf's float: beyond float32, infinite
-            return array.astype(np.float32)
-    return array
+        raise _bad_element(flat, datatype, field)
+    with np.errstate(over="ignore"):  # as protobuf's float: beyond float32, infinite
+        return array.ravel().astype(np.float32) if datatype == "FP32" else array.ravel()
 
 
 def _base64(value: Any, field: str) -> bytes:

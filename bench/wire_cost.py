@@ -1,0 +1,94 @@
+"""Instructions per Predict call spent reading the request and writing the answer, by
+digitserve.server.wire (``--path wire``) or by protobuf alone (``--path protobuf``): the request's
+bytes parsed, its pixels read into float32 by server.v1codec and server.pixels as the server reads
+them, and the PredictResponse serialized. Counted by valgrind, which a noisy machine cannot move;
+run twice with different ``--calls`` and divide the difference, so start-up cancels out:
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        python -m bench.wire_cost --path wire --images 64 --calls 20
+    (again with --calls 220; per call = (I_220 - I_20) / 200)
+
+``python -m bench.wire_cost --measure`` runs all of it (both paths, 1 and 64 images) and prints
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+
+DIGITS = tuple(str(d) for d in range(10))
+SIZE = 784
+
+
+def run(path: str, images: int, calls: int) -> None:
+    import numpy as np
+
+    from digitserve.server.pixels import tensor_pixels
+    from digitserve.server.v1codec import images_input
+    from digitserve.server.wire import (
+        PackedPredictRequest,
+        PredictionEncoder,
+        encode_predictions_protobuf,
+        parse_predict_request,
+    )
+    from digitserve.v1 import digit_service_pb2 as pb
+
+    rng = np.random.default_rng(0)
+    pixels = rng.random((images, SIZE), dtype=np.float32)
+    data = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels],
+                             model_name="mnist").SerializeToString()
+    logits = rng.normal(0, 4, (images, len(DIGITS)))
+    probabilities = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
+    encoder = PredictionEncoder("mnist", 1, DIGITS)
+    for _ in range(calls):
+        if path == "wire":
+            request = parse_predict_request(data)
+            assert isinstance(request, PackedPredictRequest)
+            tensor = images_input(request, SIZE)
+            tensor_pixels(tensor, images, SIZE)
+            encoder.encode(probabilities)
+        else:
+            message = pb.PredictRequest.FromString(data)
+            tensor = images_input(message.images, SIZE)
+            tensor_pixels(tensor, images, SIZE)
+            encode_predictions_protobuf("mnist", 1, DIGITS, probabilities).SerializeToString()
+
+
+def instructions(path: str, images: int, calls: int) -> int:
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
+         "bench.wire_cost", "--path", path, "--images", str(images), "--calls", str(calls)],
+        capture_output=True, text=True, check=True)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    assert found, done.stderr[-2000:]
+    return int(found.group(1))
+
+
+def measure(low: int, high: int) -> None:
+    for images in (1, 64):
+        per = {}
+        for path in ("protobuf", "wire"):
+            per[path] = (instructions(path, images, high) - instructions(path, images, low)) / (high - low)
+        print(f"{images:>3} image(s): protobuf {per['protobuf']:,.0f}, wire {per['wire']:,.0f} "
+              f"instructions per call ({per['wire'] / per['protobuf']:.2f}×)", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--path", choices=("wire", "protobuf"), default="wire")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--measure", action="store_true", help="both paths under valgrind")
+    args = parser.parse_args(argv)
+    if args.measure:
+        measure(20, 220)
+    else:
+        run(args.path, args.images, args.calls)
+
+
+if __name__ == "__main__":
+    main()
