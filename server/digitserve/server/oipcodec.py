@@ -47,7 +47,7 @@ def _input(message: oip.ModelInferRequest, i: int) -> InferInput:
 def to_request(message: oip.ModelInferRequest) -> InferRequest:
     return InferRequest(
         message.model_name, [_input(message, i) for i in range(len(message.inputs))],
-        id=message.id,
+        id=message.id, parameters=message.parameters,
         outputs=[RequestedOutput(o.name, o.parameters) for o in message.outputs])
 
 

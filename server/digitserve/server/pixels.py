@@ -14,6 +14,7 @@ division, so results match bit for bit."""
 
 from __future__ import annotations
 
+import math
 import struct
 import time
 from collections.abc import Sequence
@@ -58,7 +59,7 @@ def tensor_count(tensor: InferInput, input_shape: tuple[int, ...]) -> int:
                 f"{field}.shape", f"{shape} is not accepted for BYTES (one PNG or JPEG picture per "
                 "element); expected [N] or [N, 1]")
         return int(shape[0])
-    size = int(np.prod(input_shape))
+    size = math.prod(input_shape)
     accepted = [[size], list(input_shape)]
     if len(shape) < 2 or shape[1:] not in accepted or shape[0] < 0:
         forms = " or ".join(f"[N, {', '.join(str(d) for d in dims)}]" for dims in accepted)

@@ -242,7 +242,7 @@ def read_infer(body: bytes, header_length: str | None, name: str,
         request.id = expect(top["id"], str, "id", "a string")
     binary_output = False
     if "parameters" in top:
-        parameters = _object(top["parameters"], "parameters")
+        parameters = request.parameters = _object(top["parameters"], "parameters")
         if "binary_data_output" in parameters:
             binary_output = expect(parameters["binary_data_output"], bool,
                                    "parameters['binary_data_output']", "true or false")

@@ -83,14 +83,13 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
 
     def __init__(self, router: Router) -> None:
         self._router = router
-        self._encoders = v1codec.Encoders()
 
     @mapped_errors
     async def Predict(self, request: pb.PredictRequest | PackedPredictRequest,
                       context: grpc.aio.ServicerContext) -> bytes:
         """Answers a serialized PredictResponse (see add_to_server's serializer). The request
         comes as server.wire read it when its images are uniformly packed."""
-        return await v1codec.predict(self._router, request, self._encoders, deadline(context))
+        return await v1codec.predict(self._router, request, deadline(context))
 
     @mapped_errors
     async def Evaluate(self, request_iterator: AsyncIterator[pb.EvaluateRequest],

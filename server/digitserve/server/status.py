@@ -39,9 +39,13 @@ INTERNAL_MESSAGE = "internal error; the server log has the details"
 HTTP_INTERNAL = 500
 
 
+def _codes(error: ServerError) -> tuple[grpc.StatusCode, int]:
+    return next(codes for kind, codes in _STATUS.items() if isinstance(error, kind))
+
+
 def http_status(error: ServerError) -> int:
     """The HTTP status of a domain error (its message is the same as over gRPC)."""
-    return next(s for t, (_, s) in _STATUS.items() if isinstance(error, t))
+    return _codes(error)[1]
 
 
 def _status(code: grpc.StatusCode, error: ServerError) -> grpc.Status:
@@ -50,14 +54,9 @@ def _status(code: grpc.StatusCode, error: ServerError) -> grpc.Status:
     programs can read which field failed (grpc_status.rpc_status.from_call)."""
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(error))
     if isinstance(error, InvalidInputError):
-        detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=error.field, description=error.description
-                )
-            ]
-        )
-        status.details.add().Pack(detail)
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field,
+                                                                 description=error.description)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     return rpc_status.to_status(status)
 
 
@@ -69,9 +68,8 @@ class Undecodable:
         self.type_name = type_name
 
     def error(self, field: str) -> InvalidInputError:
-        return InvalidInputError(
-            field, f"not a valid {self.type_name} message (corrupt protobuf wire format)"
-        )
+        return InvalidInputError(field, f"not a valid {self.type_name} message (corrupt protobuf "
+                                 "wire format)")
 
 
 async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -83,9 +81,7 @@ async def _decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         index += 1
 
 
-def mapped_errors(
-    method: Callable[..., Awaitable[R]],
-) -> Callable[..., Awaitable[R]]:
+def mapped_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """Maps ServerError subclasses to their status code; anything else becomes INTERNAL with a
     fixed message, its traceback logged by the logger of the method's module (``server.servicer``
     or ``server.oip``). A request that did not decode is INVALID_ARGUMENT."""
@@ -100,19 +96,15 @@ def mapped_errors(
                 request = _decoded(request)
             return await method(self, request, context)
         except ServerError as exc:
-            code = next(c for t, (c, _) in _STATUS.items() if isinstance(exc, t))
-            error: ServerError = exc
+            code, error = _codes(exc)[0], exc
         except Exception:
             method_logger.exception("unexpected error in %s", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
         # Keep trailing metadata set before (the request id of digitserve.server.telemetry).
         earlier = tuple(context.trailing_metadata() or ())
         status = _status(code, error)
-        await context.abort(
-            status.code,
-            status.details,
-            trailing_metadata=(*earlier, *status.trailing_metadata),
-        )
+        await context.abort(status.code, status.details,
+                            trailing_metadata=(*earlier, *status.trailing_metadata))
         raise AssertionError("context.abort() returned")  # it always raises
 
     return wrapper

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from digitserve.idx import scale_pixels
-from digitserve.inference import Model
 from digitserve.metadata import Metadata
 from digitserve.server.dataplane import Evaluation, check_labels
 from digitserve.server.errors import InvalidInputError
@@ -86,25 +86,13 @@ def images_input(images: Sequence[pb.Image] | PackedPredictRequest, size: int,
                       fault=fault, fault_row=fault_row)
 
 
-class Encoders:
-    """PredictionEncoders by model version, remade when its labels change."""
-
-    def __init__(self) -> None:
-        self._encoders: dict[tuple[str, int], PredictionEncoder] = {}
-
-    def __call__(self, model: Model) -> PredictionEncoder:
-        spec = model.spec
-        encoder = self._encoders.get((spec.name, spec.version))
-        if encoder is None or encoder.labels != spec.labels:
-            if len(self._encoders) > 16:  # versions come and go with hot reloads
-                self._encoders.clear()
-            encoder = self._encoders[spec.name, spec.version] = PredictionEncoder(
-                spec.name, spec.version, spec.labels)
-        return encoder
+@lru_cache(maxsize=16)  # versions come and go with hot reloads
+def _encoder(name: str, version: int, labels: tuple[str, ...]) -> PredictionEncoder:
+    return PredictionEncoder(name, version, labels)
 
 
 async def predict(router: Router, request: pb.PredictRequest | PackedPredictRequest,
-                  encoders: Encoders, until: float | None) -> bytes:
+                  until: float | None) -> bytes:
     """A serialized PredictResponse (see servicer.add_to_server's serializer)."""
     plane = router.model(request.model_name).plane
     model = plane.resolve(request.model_version, request.version_label, split=True)
@@ -112,7 +100,8 @@ async def predict(router: Router, request: pb.PredictRequest | PackedPredictRequ
                            model.spec.input_size)]
     call = InferRequest(request.model_name, inputs, request.model_version, request.version_label)
     response = await infer(plane, model, call, router.pictures, until)
-    return encoders(model).encode(response.probabilities)
+    spec = model.spec
+    return _encoder(spec.name, spec.version, spec.labels).encode(response.probabilities)
 
 
 async def evaluate(router: Router, requests: AsyncIterator[pb.EvaluateRequest],
