@@ -115,14 +115,6 @@ class InferResponse:
     outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
     id: str = ""
 
-    @property
-    def model_name(self) -> str:
-        return self.model.spec.name
-
-    @property
-    def model_version(self) -> int:
-        return self.model.spec.version
-
     def tensors(self) -> list[OutputTensor]:
         """The outputs asked for: probabilities (FP32 [N, classes]), class_index (INT64 [N]) and
         label (BYTES [N], UTF-8)."""

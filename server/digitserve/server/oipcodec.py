@@ -53,8 +53,8 @@ def to_request(message: oip.ModelInferRequest) -> InferRequest:
 
 def to_response(response: InferResponse, raw: bool) -> oip.ModelInferResponse:
     """The answer; its outputs' elements in raw_output_contents when the inputs came raw."""
-    message = oip.ModelInferResponse(model_name=response.model_name, id=response.id,
-                                     model_version=str(response.model_version))
+    message = oip.ModelInferResponse(model_name=response.model.spec.name, id=response.id,
+                                     model_version=str(response.model.spec.version))
     for output in response.tensors():
         tensor = message.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         if raw:

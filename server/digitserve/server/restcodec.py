@@ -289,8 +289,8 @@ def infer_body(response: InferResponse, binary: set[str]) -> tuple[bytes, int | 
         else:
             entry["data"] = output.data.ravel()  # orjson writes numpy arrays itself
         outputs.append(entry)
-    answer: dict[str, Any] = {"model_name": response.model_name,
-                              "model_version": str(response.model_version)}
+    answer: dict[str, Any] = {"model_name": response.model.spec.name,
+                              "model_version": str(response.model.spec.version)}
     if response.id:
         answer["id"] = response.id
     answer["outputs"] = outputs
