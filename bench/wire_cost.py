@@ -8,8 +8,8 @@ run twice with different ``--calls`` and divide the difference, so start-up canc
         python -m bench.wire_cost --path wire --images 64 --calls 20
     (again with --calls 220; per call = (I_220 - I_20) / 200)
 
-``python -m bench.wire_cost --measure`` runs all of it (both paths, 1 and 64 images) and prints
-the table.
+``python -m bench.wire_cost --measure [--part request|response]`` runs all of it (both paths, 1
+and 64 images) and prints the table.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ DIGITS = tuple(str(d) for d in range(10))
 SIZE = 784
 
 
-def run(path: str, images: int, calls: int) -> None:
+def run(path: str, images: int, calls: int, part: str = "both") -> None:
     import numpy as np
 
     from digitserve.server.pixels import tensor_pixels
@@ -44,37 +44,42 @@ def run(path: str, images: int, calls: int) -> None:
     logits = rng.normal(0, 4, (images, len(DIGITS)))
     probabilities = (np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)).astype(np.float32)
     encoder = PredictionEncoder("mnist", 1, DIGITS)
+    request, response = part in ("both", "request"), part in ("both", "response")
     for _ in range(calls):
         if path == "wire":
-            request = parse_predict_request(data)
-            assert isinstance(request, PackedPredictRequest)
-            tensor = images_input(request, SIZE)
-            tensor_pixels(tensor, images, SIZE)
-            encoder.encode(probabilities)
+            if request:
+                packed = parse_predict_request(data)
+                assert isinstance(packed, PackedPredictRequest)
+                tensor_pixels(images_input(packed, SIZE), images, SIZE)
+            if response:
+                encoder.encode(probabilities)
         else:
-            message = pb.PredictRequest.FromString(data)
-            tensor = images_input(message.images, SIZE)
-            tensor_pixels(tensor, images, SIZE)
-            encode_predictions_protobuf("mnist", 1, DIGITS, probabilities).SerializeToString()
+            if request:
+                tensor_pixels(images_input(pb.PredictRequest.FromString(data).images, SIZE), images, SIZE)
+            if response:
+                encode_predictions_protobuf("mnist", 1, DIGITS, probabilities).SerializeToString()
 
 
-def instructions(path: str, images: int, calls: int) -> int:
+def instructions(path: str, images: int, calls: int, part: str) -> int:
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
-         "bench.wire_cost", "--path", path, "--images", str(images), "--calls", str(calls)],
+         "bench.wire_cost", "--path", path, "--images", str(images), "--calls", str(calls),
+         "--part", part],
         capture_output=True, text=True, check=True)
     found = re.search(r"Collected : (\d+)", done.stderr)
     assert found, done.stderr[-2000:]
     return int(found.group(1))
 
 
-def measure(low: int, high: int) -> None:
-    for images in (1, 64):
+def measure(low: int, high: int, part: str, sizes: Sequence[int]) -> None:
+    for images in sizes:
         per = {}
         for path in ("protobuf", "wire"):
-            per[path] = (instructions(path, images, high) - instructions(path, images, low)) / (high - low)
-        print(f"{images:>3} image(s): protobuf {per['protobuf']:,.0f}, wire {per['wire']:,.0f} "
-              f"instructions per call ({per['wire'] / per['protobuf']:.2f}×)", flush=True)
+            per[path] = (instructions(path, images, high, part)
+                         - instructions(path, images, low, part)) / (high - low)
+        print(f"{images:>3} image(s), {part}: protobuf {per['protobuf']:,.0f}, wire "
+              f"{per['wire']:,.0f} instructions per call ({per['wire'] / per['protobuf']:.2f}×)",
+              flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -82,12 +87,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--path", choices=("wire", "protobuf"), default="wire")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--part", choices=("both", "request", "response"), default="both",
+                        help="the request's reading, the answer's writing, or both")
     parser.add_argument("--measure", action="store_true", help="both paths under valgrind")
+    parser.add_argument("--sizes", default="1,64", help="--measure: images per call, listed")
     args = parser.parse_args(argv)
     if args.measure:
-        measure(20, 220)
+        measure(20, 220, args.part, [int(n) for n in args.sizes.split(",")])
     else:
-        run(args.path, args.images, args.calls)
+        run(args.path, args.images, args.calls, args.part)
 
 
 if __name__ == "__main__":
