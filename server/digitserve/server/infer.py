@@ -6,7 +6,7 @@ both of its bindings (server.oip over gRPC, server.rest over HTTP) serve."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
 from importlib import metadata as importlib_metadata
 from typing import Any
@@ -36,6 +36,7 @@ SERVER_NAME = "digitserve"
 _UNSUPPORTED_PARAMETER = re.compile(r"classification|shared_memory_.*")
 _VERSION = re.compile(r"[0-9]+")
 _LABEL = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+ALL_OUTPUTS = tuple(OUTPUTS)
 
 
 def server_version() -> str:
@@ -98,8 +99,10 @@ def _check_parameters(parameters: Iterable[str], field: str) -> None:
             raise InvalidInputError(f"{field}[{key!r}]", "is not supported by this server")
 
 
-def requested_outputs(request: InferRequest, model: Model) -> list[str]:
+def requested_outputs(request: InferRequest, model: Model) -> Sequence[str]:
     """Names of the outputs to return, in request order (all of them when none is named)."""
+    if not request.outputs:
+        return ALL_OUTPUTS
     names: list[str] = []
     for i, output in enumerate(request.outputs):
         if output.name not in OUTPUTS:
@@ -109,7 +112,7 @@ def requested_outputs(request: InferRequest, model: Model) -> list[str]:
         _check_parameters(output.parameters, f"outputs[{i}].parameters")
         if output.name not in names:
             names.append(output.name)
-    return names or list(OUTPUTS)
+    return names
 
 
 async def pixels(plane: DataPlane, model: Model, tensor: InferInput, decoder: PictureDecoder,
@@ -143,7 +146,8 @@ async def infer(plane: DataPlane, model: Model, request: InferRequest, decoder: 
     if tensor.name != INPUT_NAME:
         raise InvalidInputError(f"{tensor.where.tensor}.name", f"{tensor.name!r} is not an input "
                                 f"of model {model.spec.name!r}; expected {INPUT_NAME!r}")
-    _check_parameters(tensor.parameters, f"{tensor.where.tensor}.parameters")
+    if tensor.parameters:
+        _check_parameters(tensor.parameters, f"{tensor.where.tensor}.parameters")
     images = await pixels(plane, model, tensor, decoder, until)
     probabilities = await plane.predict(model, images, until)
     return InferResponse(model, probabilities, names, request.id)

@@ -24,7 +24,7 @@ INPUT_NAME = "images"
 OUTPUTS = {"probabilities": "FP32", "class_index": "INT64", "label": "BYTES"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Where:
     """How the caller's message names one input: ``tensor`` the input itself (``inputs[0]``,
     ``images``), ``count`` the field that sets its number of images (``inputs[0].shape``),
@@ -61,7 +61,7 @@ class InferInput:
     where: Where
     raw: bool = False
     parameters: Mapping[str, Any] = field(default_factory=dict)
-    pictures: list[tuple[int, str, bytes]] = field(default_factory=list)
+    pictures: Sequence[tuple[int, str, bytes]] = ()
     fault: InvalidInputError | None = None
     fault_row: int = -1
 
@@ -84,7 +84,7 @@ class InferRequest:
     version: int = 0
     label: str = ""
     id: str = ""
-    outputs: list[RequestedOutput] = field(default_factory=list)
+    outputs: Sequence[RequestedOutput] = ()
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -112,7 +112,7 @@ class InferResponse:
 
     model: Model
     probabilities: npt.NDArray[np.float32]
-    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
+    outputs: Sequence[str] = tuple(OUTPUTS)
     id: str = ""
 
     def tensors(self) -> list[OutputTensor]:

@@ -46,20 +46,22 @@ def check_count(count: int, limit: int, field: str = "images") -> None:
 def tensor_count(tensor: InferInput, input_shape: tuple[int, ...]) -> int:
     """The number of images N of an input of an accepted datatype shaped [N, size] or
     [N, *input_shape]; InvalidInputError names its datatype or shape otherwise."""
+    shape, size = tensor.shape, math.prod(input_shape)
+    if len(shape) == 2 and shape[1] == size and shape[0] >= 0 and tensor.datatype in DATATYPES:
+        return int(shape[0])  # what clients send
     field = tensor.where.tensor
     if tensor.datatype not in DATATYPES and tensor.datatype != PICTURES:
         raise InvalidInputError(
             f"{field}.datatype",
             f"{tensor.datatype!r} is not accepted; expected one of {[*DATATYPES, PICTURES]}",
         )
-    shape = list(tensor.shape)
+    shape = list(shape)
     if tensor.datatype == PICTURES:
         if len(shape) not in (1, 2) or shape[1:] not in ([], [1]) or shape[0] < 0:
             raise InvalidInputError(
                 f"{field}.shape", f"{shape} is not accepted for BYTES (one PNG or JPEG picture per "
                 "element); expected [N] or [N, 1]")
         return int(shape[0])
-    size = math.prod(input_shape)
     accepted = [[size], list(input_shape)]
     if len(shape) < 2 or shape[1:] not in accepted or shape[0] < 0:
         forms = " or ".join(f"[N, {', '.join(str(d) for d in dims)}]" for dims in accepted)
@@ -134,7 +136,7 @@ def tensor_pixels(tensor: InferInput, count: int, size: int) -> npt.NDArray[np.f
 # Pictures -----------------------------------------------------------------------------------
 
 
-def tensor_pictures(tensor: InferInput, count: int) -> list[Picture]:
+def tensor_pictures(tensor: InferInput, count: int) -> Sequence[Picture]:
     """The ``count`` pictures of a BYTES input (its shape checked by tensor_count), or the
     pictures among digitserve.v1's images, each with its row and field. Raw BYTES are laid out as
     the V2 protocol lays them: each element a 4-byte little-endian length, then its bytes."""

@@ -258,13 +258,14 @@ def read_infer(body: bytes, header_length: str | None, name: str,
     names: set[str] = set()
     if "outputs" in top:
         outputs = expect(top["outputs"], list, "outputs", "an array of requested outputs")
+        request.outputs = requested = []
         for i, item in enumerate(outputs):
             field = f"outputs[{i}]"
             output = _object(item, field)
             output_name = expect(output.get("name"), str, f"{field}.name", "a string")
             parameters = _parameters(output.get("parameters", {}), f"{field}.parameters",
                                      "binary_data")
-            request.outputs.append(RequestedOutput(output_name, parameters))
+            requested.append(RequestedOutput(output_name, parameters))
             wanted = output.get("parameters", {}).get("binary_data", binary_output)
             if expect(wanted, bool, f"{field}.parameters['binary_data']", "true or false"):
                 names.add(output_name)

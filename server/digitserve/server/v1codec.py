@@ -25,9 +25,14 @@ from digitserve.v1 import digit_service_pb2 as pb
 _DATATYPES = {"uint8": "UINT8", "float32": "FP32"}
 
 
+@lru_cache(maxsize=64)
+def _where(field: str, kind: str) -> Where:
+    return Where(field, field, field, f"{field}[{{i}}].{kind}[{{j}}]")
+
+
 def _rows(rows: np.ndarray, kind: str, size: int, field: str) -> InferInput:
-    where = Where(field, field, field, f"{field}[{{i}}].{kind}[{{j}}]")
-    return InferInput(INPUT_NAME, _DATATYPES[kind], [rows.shape[0], size], rows, where, raw=True)
+    return InferInput(INPUT_NAME, _DATATYPES[kind], [rows.shape[0], size], rows, _where(field, kind),
+                      raw=True)
 
 
 def _pixels(image: pb.Image, kind: str | None, size: int, field: str) -> Any:
