@@ -100,9 +100,7 @@ def _check_parameters(parameters: Iterable[str], field: str) -> None:
 
 
 def requested_outputs(request: InferRequest, model: Model) -> Sequence[str]:
-    """Names of the outputs to return, in request order (all of them when none is named)."""
-    if not request.outputs:
-        return ALL_OUTPUTS
+    """Names of the outputs to return, in request order."""
     names: list[str] = []
     for i, output in enumerate(request.outputs):
         if output.name not in OUTPUTS:
@@ -115,16 +113,24 @@ def requested_outputs(request: InferRequest, model: Model) -> Sequence[str]:
     return names
 
 
-async def pixels(plane: DataPlane, model: Model, tensor: InferInput, decoder: PictureDecoder,
-                 until: float | None = None) -> npt.NDArray[np.float32]:
-    """The input's images as float32 (N, input_size) in [0, 1], admitted by the model's queue
-    before any pixel is converted; pictures decoded on ``decoder``'s threads, admitted there."""
+def read(plane: DataPlane, model: Model, tensor: InferInput) -> tuple[int, npt.NDArray[np.float32] | None]:
+    """The input's number of images and, unless they are pictures (then None: ``decode``), its
+    pixels as float32 (N, input_size) in [0, 1], admitted by the model's queue before any pixel
+    is converted."""
     spec = model.spec
     count = tensor_count(tensor, spec.input_shape)
     check_count(count, plane.max_images_per_request, tensor.where.count)
-    if tensor.datatype != PICTURES and not tensor.pictures:
-        plane.admit(model, count)
-        return tensor_pixels(tensor, count, spec.input_size)
+    if tensor.datatype == PICTURES or tensor.pictures:
+        return count, None
+    plane.admit(model, count)
+    return count, tensor_pixels(tensor, count, spec.input_size)
+
+
+async def decode(plane: DataPlane, model: Model, tensor: InferInput, count: int,
+                 decoder: PictureDecoder, until: float | None) -> npt.NDArray[np.float32]:
+    """The pixels of an input holding pictures, decoded on ``decoder``'s threads (admitted there
+    and by the model's queue first)."""
+    spec = model.spec
     items = tensor_pictures(tensor, count)
     check_picture_sizes(items, decoder.limits, tensor.where.tensor)
     decoder.admit(len(items))
@@ -134,11 +140,18 @@ async def pixels(plane: DataPlane, model: Model, tensor: InferInput, decoder: Pi
         until))
 
 
+async def pixels(plane: DataPlane, model: Model, tensor: InferInput, decoder: PictureDecoder,
+                 until: float | None = None) -> npt.NDArray[np.float32]:
+    """The input's images as float32 (N, input_size) in [0, 1] (read, or decode its pictures)."""
+    count, images = read(plane, model, tensor)
+    return images if images is not None else await decode(plane, model, tensor, count, decoder, until)
+
+
 async def infer(plane: DataPlane, model: Model, request: InferRequest, decoder: PictureDecoder,
                 until: float | None = None) -> InferResponse:
     """One inference call of any edge on ``model`` (which the edge resolved): the outputs asked
     for, the one input (named INPUT_NAME, no parameter refused) read and predicted."""
-    names = requested_outputs(request, model)
+    names = requested_outputs(request, model) if request.outputs else ALL_OUTPUTS
     if len(request.inputs) != 1:
         raise InvalidInputError("inputs", f"got {len(request.inputs)} inputs; model "
                                 f"{model.spec.name!r} takes one, {INPUT_NAME!r}")
@@ -148,6 +161,8 @@ async def infer(plane: DataPlane, model: Model, request: InferRequest, decoder: 
                                 f"of model {model.spec.name!r}; expected {INPUT_NAME!r}")
     if tensor.parameters:
         _check_parameters(tensor.parameters, f"{tensor.where.tensor}.parameters")
-    images = await pixels(plane, model, tensor, decoder, until)
+    count, images = read(plane, model, tensor)
+    if images is None:
+        images = await decode(plane, model, tensor, count, decoder, until)
     probabilities = await plane.predict(model, images, until)
     return InferResponse(model, probabilities, names, request.id)

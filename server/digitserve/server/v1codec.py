@@ -30,11 +30,6 @@ def _where(field: str, kind: str) -> Where:
     return Where(field, field, field, f"{field}[{{i}}].{kind}[{{j}}]")
 
 
-def _rows(rows: np.ndarray, kind: str, size: int, field: str) -> InferInput:
-    return InferInput(INPUT_NAME, _DATATYPES[kind], [rows.shape[0], size], rows, _where(field, kind),
-                      raw=True)
-
-
 def _pixels(image: pb.Image, kind: str | None, size: int, field: str) -> Any:
     """One image's pixels (not yet checked); InvalidInputError for none or the wrong number."""
     if kind == "float32":
@@ -61,8 +56,10 @@ def images_input(images: Sequence[pb.Image] | PackedPredictRequest, size: int,
     their rows of bytes; others decoded image by image, the first image without pixels or of the
     wrong length kept as the input's fault, raised in its turn among the pictures."""
     if isinstance(images, PackedPredictRequest):
-        if images.rows.shape[1] == PACKED[images.encoding].itemsize * size:
-            return _rows(images.rows, images.encoding, size, field)
+        rows, encoding = images.rows, images.encoding
+        if rows.shape[1] == PACKED[encoding].itemsize * size:
+            return InferInput(INPUT_NAME, _DATATYPES[encoding], [rows.shape[0], size], rows,
+                              _where(field, encoding), raw=True)
         return images_input(images.message().images, size, field)
     kind = images[0].WhichOneof("pixels") if images else None
     if kind in PACKED:
@@ -70,7 +67,9 @@ def images_input(images: Sequence[pb.Image] | PackedPredictRequest, size: int,
         # An image that set another field reads as b"" here, so equal lengths mean all of this kind.
         if set(map(len, parts)) == {PACKED[kind].itemsize * size}:
             data = parts[0] if len(parts) == 1 else b"".join(parts)
-            return _rows(np.frombuffer(data, np.uint8).reshape(len(parts), -1), kind, size, field)
+            rows = np.frombuffer(data, np.uint8).reshape(len(parts), -1)
+            return InferInput(INPUT_NAME, _DATATYPES[kind], [len(parts), size], rows,
+                              _where(field, kind), raw=True)
     out = np.empty((len(images), size), np.float32)
     encodings: list[str] = []
     pictures: list[tuple[int, str, bytes]] = []
