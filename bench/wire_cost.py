@@ -4,9 +4,9 @@ bytes parsed, its pixels read into float32 by server.v1codec and server.pixels a
 them, and the PredictResponse serialized. Counted by valgrind, which a noisy machine cannot move;
 run twice with different ``--calls`` and divide the difference, so start-up cancels out:
 
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         python -m bench.wire_cost --path wire --images 64 --calls 20
-    (again with --calls 220; per call = (I_220 - I_20) / 200)
+    (again with --calls 220; per call = (I_220 - I_20) / 200; 1 image: 20 and 2020 calls)
 
 ``python -m bench.wire_cost --measure [--part request|response]`` runs all of it (both paths, 1
 and 64 images) and prints the table.
@@ -15,6 +15,7 @@ and 64 images) and prints the table.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -47,10 +48,10 @@ def run(path: str, images: int, calls: int, part: str = "both") -> None:
     request, response = part in ("both", "request"), part in ("both", "response")
     for _ in range(calls):
         if path == "wire":
-            if request:
+            if request:  # below FEWEST_PACKED images, as protobuf parses it
                 packed = parse_predict_request(data)
-                assert isinstance(packed, PackedPredictRequest)
-                tensor_pixels(images_input(packed, SIZE), images, SIZE)
+                read = packed if isinstance(packed, PackedPredictRequest) else packed.images
+                tensor_pixels(images_input(read, SIZE), images, SIZE)
             if response:
                 encoder.encode(probabilities)
         else:
@@ -61,18 +62,20 @@ def run(path: str, images: int, calls: int, part: str = "both") -> None:
 
 
 def instructions(path: str, images: int, calls: int, part: str) -> int:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same start-up every run
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
          "bench.wire_cost", "--path", path, "--images", str(images), "--calls", str(calls),
          "--part", part],
-        capture_output=True, text=True, check=True)
+        capture_output=True, text=True, check=True, env=env)
     found = re.search(r"Collected : (\d+)", done.stderr)
     assert found, done.stderr[-2000:]
     return int(found.group(1))
 
 
-def measure(low: int, high: int, part: str, sizes: Sequence[int]) -> None:
+def measure(part: str, sizes: Sequence[int]) -> None:
     for images in sizes:
+        low, high = 20, 20 + max(200, 2000 // images)  # start-up's own variation: far below a call
         per = {}
         for path in ("protobuf", "wire"):
             per[path] = (instructions(path, images, high, part)
@@ -93,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1,64", help="--measure: images per call, listed")
     args = parser.parse_args(argv)
     if args.measure:
-        measure(20, 220, args.part, [int(n) for n in args.sizes.split(",")])
+        measure(args.part, [int(n) for n in args.sizes.split(",")])
     else:
         run(args.path, args.images, args.calls, args.part)
 

@@ -18,7 +18,7 @@ from digitserve.server.oipcodec import to_request
 from digitserve.server.pixels import tensor_count, tensor_pictures, tensor_pixels
 from digitserve.server.restcodec import read_infer
 from digitserve.server.v1codec import images_input
-from digitserve.server.wire import parse_predict_request
+from digitserve.server.wire import FEWEST_PACKED, PackedPredictRequest, parse_predict_request
 from digitserve.v1 import digit_service_pb2 as pb
 
 SIZE = 6
@@ -26,7 +26,7 @@ BAD = 4  # the flat element that is wrong: image 0's pixel 4
 
 
 def _pixels(bad: float) -> np.ndarray:
-    pixels = np.full((2, SIZE), 0.5, "<f4")
+    pixels = np.full((FEWEST_PACKED, SIZE), 0.5, "<f4")  # enough for wire.py's packed rows
     pixels[0, BAD] = bad
     return pixels
 
@@ -57,6 +57,7 @@ def _v1(pixels: np.ndarray, kind: str) -> InferInput:
         return images_input(images, SIZE)
     data = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels]).SerializeToString()
     request = parse_predict_request(data)
+    assert isinstance(request, PackedPredictRequest)
     return images_input(request if kind == "packed" else request.message().images, SIZE)
 
 
@@ -86,7 +87,7 @@ def test_every_edge_names_the_same_bad_pixel_its_own_way(
         if field.endswith(f"data[{BAD}]") and np.isnan(bad):
             continue  # JSON has no NaN (test_http: the body is refused as not JSON)
         with pytest.raises(InvalidInputError) as info:
-            tensor_pixels(convert(_pixels(bad)), 2, SIZE)
+            tensor_pixels(convert(_pixels(bad)), FEWEST_PACKED, SIZE)
         assert (info.value.field, info.value.description) == (field, description)
 
 

@@ -18,7 +18,7 @@ from digitserve.server.errors import InvalidInputError
 from digitserve.server.oipcodec import to_request
 from digitserve.server.pixels import tensor_count, tensor_pixels
 from digitserve.server.v1codec import images_input
-from digitserve.server.wire import PackedPredictRequest, parse_predict_request
+from digitserve.server.wire import FEWEST_PACKED, PackedPredictRequest, parse_predict_request
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.support import decode_v1_images as decode_images
 
@@ -36,7 +36,7 @@ def _outcome(decode: Callable[[], object]) -> tuple[str, object]:
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(kind=st.sampled_from(["uint8", "float32"]), n=st.integers(1, 20),
+@given(kind=st.sampled_from(["uint8", "float32"]), n=st.integers(FEWEST_PACKED, 24),
        data=st.data())
 def test_packed_rows_and_parsed_images_decode_alike(kind: str, n: int, data: st.DataObject) -> None:
     """wire.py's packed rows (the Predict fast path) and protobuf's Images give the same pixels,

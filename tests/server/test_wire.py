@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from digitserve.server.wire import (
+    FEWEST_PACKED,
     PackedPredictRequest,
     PredictionEncoder,
     encode_predictions_protobuf,
@@ -126,8 +127,12 @@ def test_any_request_reads_as_protobuf_reads_it(
     (kind, length), *others = shapes
     uniform = not others and kind in ("uint8", "float32") and length > 0
     first_is_images = not (version_first and version)
+    # Enough images (the bytes of FEWEST_PACKED records of the first image's size, at least).
+    many = bool(images) and len(data) // len(pb.PredictRequest(images=images[:1]).SerializeToString()) \
+        >= FEWEST_PACKED
     # The fast path is taken for what clients send, so the properties above cover it.
-    assert isinstance(parse_predict_request(data), PackedPredictRequest) == (uniform and first_is_images)
+    assert isinstance(parse_predict_request(data), PackedPredictRequest) == (
+        uniform and first_is_images and many)
 
 
 @settings(max_examples=500, deadline=None, database=None)
@@ -152,8 +157,8 @@ def test_damaged_requests_fail_or_read_as_protobuf_reads_them(
 def test_varints_of_more_bytes_than_needed_read_as_protobuf_reads_them() -> None:
     # An image of 3 uint8 pixels whose lengths are written in two bytes each (0x86 0x00 is 6).
     record = bytes([0x0A, 0x86, 0x00, 0x12, 0x83, 0x00, 1, 2, 3])
-    data = record * 4 + bytes([0x10, 0x09])
+    data = record * FEWEST_PACKED + bytes([0x10, 0x09])
     assert_reads_as_protobuf(data)
     got = parse_predict_request(data)
-    assert isinstance(got, PackedPredictRequest) and got.rows.tolist() == [[1, 2, 3]] * 4
+    assert isinstance(got, PackedPredictRequest) and got.rows.tolist() == [[1, 2, 3]] * FEWEST_PACKED
     assert got.model_version == 9

@@ -53,6 +53,9 @@ PACKED: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtyp
 # length-delimited): 0x12 uint8, 0x1A float32.
 _PACKED_TAGS = {(pb.Image.DESCRIPTOR.fields_by_name[name].number << 3) | 2: name for name in PACKED}
 _IMAGES_TAG = (1 << 3) | 2  # PredictRequest.images
+# Below this many images protobuf reads a request in fewer instructions (numpy's calls cost more
+# than protobuf's Image objects; measured with bench.wire_cost, see above).
+FEWEST_PACKED = 8
 
 
 def _varint(value: int) -> bytes:
@@ -102,9 +105,10 @@ class PackedPredictRequest:
 
 
 def parse_predict_request(data: bytes) -> PackedPredictRequest | pb.PredictRequest:
-    """``data`` as a PackedPredictRequest when its images are uniformly packed (what every client
-    of this project sends), else as protobuf parses it. Raises protobuf's DecodeError for bytes
-    that are not a PredictRequest, as ``PredictRequest.FromString`` would."""
+    """``data`` as a PackedPredictRequest when it holds FEWEST_PACKED or more images uniformly
+    packed (what every client of this project sends), else as protobuf parses it. Raises
+    protobuf's DecodeError for bytes that are not a PredictRequest, as ``PredictRequest.FromString``
+    would."""
     packed = _packed(data)
     if packed is not None:
         return packed
@@ -129,6 +133,8 @@ def _packed(data: bytes) -> PackedPredictRequest | None:
     # Records after the first are images of the same encoding and length exactly when their
     # header bytes equal the first one's; the run ends at the first record that differs.
     count = len(data) // record
+    if count < FEWEST_PACKED:
+        return None
     rows = np.frombuffer(data, np.uint8, count=count * record).reshape(count, record)
     if count > 1:
         differ = np.flatnonzero((rows[1:, :start] != rows[0, :start]).any(axis=1))
