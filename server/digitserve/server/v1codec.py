@@ -25,9 +25,13 @@ from digitserve.v1 import digit_service_pb2 as pb
 _DATATYPES = {"uint8": "UINT8", "float32": "FP32"}
 
 
-@lru_cache(maxsize=64)
+_PREDICT = {kind: Where("images", "images", "images", f"images[{{i}}].{kind}[{{j}}]") for kind in PACKED}
+
+
 def _where(field: str, kind: str) -> Where:
-    return Where(field, field, field, f"{field}[{{i}}].{kind}[{{j}}]")
+    """How v1 names packed rows: ``images[3].float32[17]`` (``field``: ``images`` of a Predict)."""
+    return _PREDICT[kind] if field == "images" else Where(field, field, field,
+                                                           f"{field}[{{i}}].{kind}[{{j}}]")
 
 
 def _pixels(image: pb.Image, kind: str | None, size: int, field: str) -> Any:
