@@ -14,12 +14,14 @@ from functools import partial
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digitserve.inference import Model
 from digitserve.nativelog import native_stderr_logged
+from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.repository import ModelNotFoundError, ModelRepository, RepositoryError
-from digitserve.server.calls import CallWrapper, Services
+from digitserve.server.calls import CallInterceptor
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder, PictureLimits
 from digitserve.server.drain import Drain
@@ -42,10 +44,11 @@ from digitserve.server.models import (
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
 from digitserve.server.ports import ListenError, grpc_bind_error, listen_error, metrics_port_error
+from digitserve.server.reflection import SERVICES as REFLECTION_SERVICES
 from digitserve.server.reflection import add_reflection
 from digitserve.server.rest import RestApi
 from digitserve.server.security import SecurityConfigError, ServerSecurity
-from digitserve.server.servicer import DigitServicer, add_to_server
+from digitserve.server.servicer import DigitServicer
 from digitserve.server.settings import Settings
 from digitserve.server.slot import WorkerSlot
 from digitserve.server.telemetry import (
@@ -66,6 +69,7 @@ from digitserve.server.versions import (
     repository_error,
 )
 from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +160,21 @@ def settle_memory() -> None:
 Router = Callable[[str], ModelServer]
 
 
+def grpc_server(options: list[tuple[str, int]], interceptor: CallInterceptor, digit: DigitServicer,
+                oip: InferenceServicer, health: HealthServicer) -> grpc.aio.Server:
+    """The grpc.aio server: every call through ``interceptor``; DigitService, the V2 protocol,
+    health and reflection (v1 and v1alpha) added by their generated registration."""
+    server = grpc.aio.server(options=options, interceptors=(interceptor,))
+    pb_grpc.add_DigitServiceServicer_to_server(digit, server)  # type: ignore[no-untyped-call]
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    served = (SERVICE_NAME, OIP_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    add_reflection(server, served)
+    pool = descriptor_pool.Default()
+    interceptor.touch(pool.FindServiceByName(name) for name in (*served, *REFLECTION_SERVICES))
+    return server
+
+
 def _names(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names) if names else "no model yet"
 
@@ -225,20 +244,14 @@ class App:
             settings.max_picture_bytes, settings.max_picture_request_bytes,
             settings.max_picture_pixels, settings.max_queued_pictures,
             settings.max_picture_decoded_bytes))
-        self.server = grpc.aio.server(options=server_options(settings, reuse_port))
         self.oip = InferenceServicer(self)  # the V2 protocol, over gRPC and over HTTP
-        # Every method of every service wrapped once: request id, token check, metrics, access line.
         self.drain = Drain()  # SIGTERM: calls that arrive are held, then refused UNAVAILABLE
-        services = Services(self.server, CallWrapper(self.telemetry, self.security.auth, self.drain))
-        add_to_server(DigitServicer(self), services)  # bytes that do not parse: INVALID_ARGUMENT
-        add_to_server(self.oip, services, OIP_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
-        add_reflection(services, (  # v1 and v1alpha
-            SERVICE_NAME,
-            OIP_SERVICE.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        ))
-        services.close()
+        # Every call: request id, token check, metrics, access line; bytes that do not parse of
+        # DigitService and the V2 protocol: INVALID_ARGUMENT.
+        interceptor = CallInterceptor(self.telemetry, self.security.auth, self.drain,
+                                      tolerant=(pb.DESCRIPTOR.services_by_name["DigitService"], OIP_SERVICE))
+        self.server = grpc_server(server_options(settings, reuse_port), interceptor,
+                                  DigitServicer(self), self.oip, self.health)
         self.port = 0
         self.metrics_port: int | None = None
         # --http-port: the V2 protocol's REST binding, on this loop, through the same data planes.
