@@ -21,7 +21,7 @@ from digitserve.inference import Model
 from digitserve.nativelog import native_stderr_logged
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.repository import ModelNotFoundError, ModelRepository, RepositoryError
-from digitserve.server.calls import CallInterceptor
+from digitserve.server.calls import CallInterceptor, GenericOnly
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder, PictureLimits
 from digitserve.server.drain import Drain
@@ -165,11 +165,12 @@ def grpc_server(options: list[tuple[str, int]], interceptor: CallInterceptor, di
     """The grpc.aio server: every call through ``interceptor``; DigitService, the V2 protocol,
     health and reflection (v1 and v1alpha) added by their generated registration."""
     server = grpc.aio.server(options=options, interceptors=(interceptor,))
-    pb_grpc.add_DigitServiceServicer_to_server(digit, server)  # type: ignore[no-untyped-call]
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, server)  # type: ignore[no-untyped-call]
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    services = GenericOnly(server)  # every method through its service's generic handler
+    pb_grpc.add_DigitServiceServicer_to_server(digit, services)  # type: ignore[no-untyped-call]
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, services)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health, services)
     served = (SERVICE_NAME, OIP_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-    add_reflection(server, served)
+    add_reflection(services, served)
     pool = descriptor_pool.Default()
     interceptor.touch(pool.FindServiceByName(name) for name in (*served, *REFLECTION_SERVICES))
     return server

@@ -10,6 +10,7 @@ the package renamed, added to the descriptor pool, so that reflection describes 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -41,10 +42,11 @@ def v1_file() -> descriptor_pb2.FileDescriptorProto:
     return proto
 
 
-def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
-    """Serves reflection, v1 and v1alpha, on ``server`` for ``service_names`` (both reflection
-    services are added to them): v1alpha by its generated registration, v1 as the same servicer
-    under v1's name, with v1's file added to the default descriptor pool."""
+def add_reflection(server: Any, service_names: Iterable[str]) -> None:
+    """Serves reflection, v1 and v1alpha, on ``server`` (a grpc.aio.Server or calls.GenericOnly)
+    for ``service_names`` (both reflection services are added to them): v1alpha by its generated
+    registration, v1 as the same servicer registered the same way under v1's name, with v1's file
+    added to the default descriptor pool."""
     pool = descriptor_pool.Default()
     try:
         pool.FindFileByName(V1_FILE)
@@ -52,8 +54,9 @@ def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> Non
         pool.Add(v1_file())
     servicer = reflection.aio.ReflectionServicer((*service_names, *SERVICES), pool=pool)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    server.add_registered_method_handlers(V1_SERVICE, {
-        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-            servicer.ServerReflectionInfo,
-            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)})
+    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(V1_SERVICE, handlers),))
+    server.add_registered_method_handlers(V1_SERVICE, handlers)
