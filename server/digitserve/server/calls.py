@@ -22,6 +22,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
+from grpc._cython.cygrpc import ExecuteBatchError as CallGone  # an operation on a call already ended
 
 from digitserve.server.drain import REFUSED, Drain
 from digitserve.server.logs import access_log, current_request_id
@@ -134,16 +135,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
                               f"/{service.full_name}/{m.name}")
 
 
-async def _refuse(context: grpc.aio.ServicerContext[Any, Any], method: str, problem: str) -> None:
-    logger.info("unauthenticated call to %s from %s: %s", method, context.peer(), problem)
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-
-
 async def _admit(context: grpc.aio.ServicerContext[Any, Any], metadata: Any, method: str,
                  auth: TokenAuth | None, drain: Drain | None) -> None:
     """Aborts a call without an accepted token, and holds then refuses one that came during a drain."""
     if auth is not None and (problem := auth.check(metadata)) is not None:
-        await _refuse(context, method, problem)
+        logger.info("unauthenticated call to %s from %s: %s", method, context.peer(), problem)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
     if drain is not None and drain.started:
         await drain.hold()
         await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
@@ -317,17 +314,5 @@ def outcome(error: BaseException | None, context: grpc.aio.ServicerContext[Any, 
     return grpc.StatusCode.UNKNOWN  # grpc answers an exception that escapes the handler with UNKNOWN
 
 
-def _call_gone() -> type[Exception]:
-    """grpc's own error for an operation (an abort's status, a write) on a call its peer already
-    ended; a class nothing raises if a grpc release renames it (such calls then count UNKNOWN)."""
-    try:
-        from grpc._cython.cygrpc import ExecuteBatchError
-    except ImportError:  # pragma: no cover
-        return type("CallGone", (Exception,), {})
-    error: type[Exception] = ExecuteBatchError
-    return error
-
-
-CallGone = _call_gone()
 _STATUS_BY_VALUE: dict[Any, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
