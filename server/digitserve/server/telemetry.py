@@ -112,7 +112,6 @@ class Telemetry:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.low_confidence = low_confidence
         self._http: WSGIServer | None = None
-        self._quality: dict[tuple[str, str], _QualitySeries] = {}
         self._by_model: dict[Model, _QualitySeries] = {}
         r = self.registry
         call_labels = ("grpc_type", "grpc_service", "grpc_method")
@@ -186,31 +185,22 @@ class Telemetry:
 
     def on_answered(self, model: Model, seconds: float) -> None:
         """A Predict call answered by ``model``, after ``seconds`` in the data plane."""
-        series = self._by_model.get(model)
-        if series is None:
-            series = self._quality_series(model)
-        self.model_request_seconds.observe_one(series.key, seconds)
+        self.model_request_seconds.observe_one(self._quality_series(model).key, seconds)
 
     def _quality_series(self, model: Model) -> _QualitySeries:
-        """The quality metrics' children of a model version, looked up once (it makes them
-        appear at zero), then found by the model object itself (a few versions at most: the
-        cache is emptied when it grows, as hot reloads replace them)."""
+        """The quality metrics' children of a model version (looking them up makes them appear
+        at zero), kept by the model object itself (a few versions at most: the cache is emptied
+        when it grows, as hot reloads replace them)."""
         series = self._by_model.get(model)
-        if series is not None:
-            return series
-        key = (model.spec.name, str(model.spec.version))
-        series = self._quality.get(key)
         if series is None:
-            series = self._quality[key] = _QualitySeries(
-                key,
-                [self.predictions.labels(*key, label) for label in model.spec.labels],
-                self.low_confidence_predictions.labels(*key),
-            )
+            key = (model.spec.name, str(model.spec.version))
+            series = _QualitySeries(key, [self.predictions.labels(*key, c) for c in model.spec.labels],
+                                    self.low_confidence_predictions.labels(*key))
             self.confidence.touch(key)
             self.model_request_seconds.touch(key)
-        if len(self._by_model) >= 16:
-            self._by_model.clear()
-        self._by_model[model] = series
+            if len(self._by_model) >= 16:
+                self._by_model.clear()
+            self._by_model[model] = series
         return series
 
     def on_predictions(self, model: Model, probabilities: npt.NDArray[np.float32]) -> None:
