@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Server instructions per Predict call, counted by callgrind: repeatable to a fraction of a percent
-# on a busy machine, where req/s is not. The checkout TREE's mnist-serve runs under valgrind with
-# instrumentation off; after 100 warm-up calls it is on while CALLS sequential Predict calls of
+# Server instructions per Predict call, counted by callgrind: steadier than req/s on a busy machine
+# (runs differ by about 2% here: gRPC's threads wake on timers). The checkout TREE's mnist-serve runs under valgrind with
+# instrumentation off; after WARMUP (100) warm-up calls it is on while CALLS sequential Predict calls of
 # BATCH images each run, then off. Every thread of the server counts (gRPC's included).
 #
-#   bench/callgrind.sh TREE MODEL_REPO MODEL_NAME [CALLS] [BATCH]
+#   [WARMUP=N] bench/callgrind.sh TREE MODEL_REPO MODEL_NAME [CALLS] [BATCH]
 #   bench/callgrind.sh /tmp/main-6feecb6 out/bench-repo mnist 300 1
 set -euo pipefail
 tree=$(cd "$1" && pwd) repo=$2 name=$3 calls=${4:-300} batch=${5:-1}
@@ -32,7 +32,7 @@ with grpc.insecure_channel(target) as channel:
 PYTHON
 }
 "$PY" -m digitserve.client --target "127.0.0.1:$port" --wait 600 health >/dev/null
-load 100
+load "${WARMUP:-100}"
 callgrind_control -i on "$pid" >/dev/null 2>&1
 load "$calls"
 callgrind_control -i off "$pid" >/dev/null 2>&1

@@ -185,7 +185,8 @@ class Telemetry:
 
     def on_answered(self, model: Model, seconds: float) -> None:
         """A Predict call answered by ``model``, after ``seconds`` in the data plane."""
-        self.model_request_seconds.observe_one(self._quality_series(model).key, seconds)
+        series = self._by_model.get(model) or self._quality_series(model)
+        self.model_request_seconds.observe_one(series.key, seconds)
 
     def _quality_series(self, model: Model) -> _QualitySeries:
         """The quality metrics' children of a model version (looking them up makes them appear
