@@ -35,9 +35,13 @@ from digitserve.v1 import digit_service_pb2 as pb
 logger = logging.getLogger(__name__)
 
 HEALTH = "/grpc.health.v1.Health/"  # never held by the drain (it answers NOT_SERVING)
-# (handler.request_streaming, handler.response_streaming) -> grpc_type label, handler attribute
-_KINDS = {(False, False): ("unary", "unary_unary"), (True, False): ("client_stream", "stream_unary"),
-          (False, True): ("server_stream", "unary_stream"), (True, True): ("bidi_stream", "stream_stream")}
+# (handler.request_streaming, handler.response_streaming) -> grpc_type label, handler attribute, constructor
+_KINDS = {
+    (False, False): ("unary", "unary_unary", grpc.unary_unary_rpc_method_handler),
+    (True, False): ("client_stream", "stream_unary", grpc.stream_unary_rpc_method_handler),
+    (False, True): ("server_stream", "unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, True): ("bidi_stream", "stream_stream", grpc.stream_stream_rpc_method_handler),
+}
 # Requests read by something faster than protobuf (digitserve.server.wire), by message type.
 _PARSERS: dict[str, Callable[[bytes], Any]] = {pb.PredictRequest.DESCRIPTOR.full_name: parse_predict_request}
 
@@ -117,14 +121,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         streaming = (handler.request_streaming, handler.response_streaming)
-        kind, attribute = _KINDS[streaming]
+        kind, attribute, make = _KINDS[streaming]
         auth = self._auth if self._auth is not None and not self._auth.is_open(method) else None
         drain = None if method.startswith(HEALTH) else self._drain
-        metrics = MethodMetrics(self._telemetry, kind, method)
-        changes = {attribute: _wrap(getattr(handler, attribute), metrics, auth, streaming, drain)}
-        if method in self._coders:
-            changes["request_deserializer"], changes["response_serializer"] = self._coders[method]
-        wrapped: grpc.RpcMethodHandler = handler._replace(**changes)
+        behavior = _wrap(getattr(handler, attribute), MethodMetrics(self._telemetry, kind, method),
+                         auth, streaming, drain)
+        parse, write = self._coders.get(method, (handler.request_deserializer, handler.response_serializer))
+        wrapped: grpc.RpcMethodHandler = make(behavior, request_deserializer=parse, response_serializer=write)
         return wrapped
 
     def touch(self, services: Iterable[ServiceDescriptor]) -> None:
