@@ -1,9 +1,7 @@
-"""The model registry: every served model's versions and their states (loading, serving, refused
-with its reason, gone from disk, unloading), its labels and canary weight and the gate's verdicts,
-and the decisions that take a published version to serving. It alone changes them; health,
-metrics, ListModels, GetModelInfo and the V2 metadata, ready and repository routes read them here,
-and a request gets its model version from ``resolve``. ARCHITECTURE.md ("A version's life")
-follows one version through it."""
+"""The model registry: every served model's versions and their states, labels, canary weight and
+the gate's verdicts, and the decisions that take a published version to serving (ARCHITECTURE.md,
+"A version's life"). It alone changes them; health, metrics, ListModels, GetModelInfo and the V2
+routes read them here, and a request gets its model version from ``resolve``."""
 
 from __future__ import annotations
 
@@ -50,8 +48,6 @@ STABLE = "stable"  # the label whose version unpinned calls get, when set
 
 
 class State(Enum):
-    """Where a version the registry knows stands."""
-
     LOADING = "loading"  # being read and gated, in a thread, off the model thread
     SERVING = "serving"  # loaded past the gate: answers the calls that pin it or its labels
     REFUSED = "refused"  # the gate or a read refused it (``reason``); tried again when its files change
@@ -61,13 +57,11 @@ class State(Enum):
 
 @dataclass
 class Version:
-    """One version's state and the gate's verdict on it."""
-
     number: int
     state: State = State.LOADING
     reason: str = ""
     model: Model | None = None
-    accuracy: float | None = None  # its check-set accuracy, as the gate measured it
+    accuracy: float | None = None  # the gate's verdict: its check-set accuracy
     refused_at: Fingerprint | None = None  # its files when refused
     timed_out: bool = False  # refused by a read's timeout: tried again once that read returns
     gone_since: float = 0.0  # time.monotonic() when its directory was first seen gone
@@ -111,10 +105,9 @@ async def watch(interval: Callable[[], float], look: Callable[[], Awaitable[Any]
 
 
 class ModelVersions:
-    """One model: its versions and their states, its labels and canary weight, its data plane,
-    and its watch, which serves a newer version once it passes the gate (the pinned one, when
-    pinned), loads the versions the policy's labels name and replaces versions gone from disk.
-    ``on_change`` (the registry's) is called whenever what it serves may have changed."""
+    """One model: its versions, labels, canary weight and data plane, and its watch, which serves
+    a newer version once it passes the gate (the pinned one, when pinned), loads the versions the
+    labels name and replaces versions gone from disk. ``on_change``: what it serves may have changed."""
 
     def __init__(self, name: str, source: ModelSource, settings: Settings, policy: ModelPolicy, *,
                  reads: RepositoryReads, telemetry: Telemetry,
@@ -154,8 +147,6 @@ class ModelVersions:
     def __str__(self) -> str:
         return f"model {self.name}"
 
-    # --- what the edges, health and metrics read ------------------------------------------------
-
     @property
     def serving(self) -> bool:
         return self.served is not None
@@ -187,18 +178,13 @@ class ModelVersions:
     @property
     def missing(self) -> bool:
         """The served version's directory is gone."""
-        return self.served is not None and self._state(self.served.spec.version) is State.GONE
+        return self.served is not None and self.versions[self.served.spec.version].state is State.GONE
 
     @property
     def stale(self) -> bool:
         """A newer version than the served one is refused, or the served one's files are gone."""
         served = self.served
-        return served is not None and (
-            any(v > served.spec.version for v in self.refused) or self.missing)
-
-    def _state(self, version: int) -> State | None:
-        record = self.versions.get(version)
-        return None if record is None else record.state
+        return served is not None and (any(v > served.spec.version for v in self.refused) or self.missing)
 
     def _loaded(self, version: int) -> bool:
         record = self.versions.get(version)
@@ -254,11 +240,8 @@ class ModelVersions:
         return ModelInfo(self.name, "serving" if self.serving else "loading", reason,
                          self.default_version, dict(self._labels), self.canary_weight, listed)
 
-    # --- the only changes of state --------------------------------------------------------------
-
     def _serve(self, model: Model) -> None:
-        """Unpinned calls get ``model`` (loaded) from now on: one assignment, so calls already
-        holding the previous one finish on it."""
+        """Unpinned calls get ``model`` (loaded) from now on: one assignment."""
         self.served = model
         self._evict()
         self._settle()
@@ -274,8 +257,7 @@ class ModelVersions:
                 del self.versions[version]
 
     def _unload(self, version: int) -> None:
-        """Forgets a loaded version other than the served one (its files are gone): pinned
-        requests for it are answered NOT_FOUND from now on."""
+        """Forgets a loaded version other than the served one (its files are gone)."""
         self.versions.pop(version, None)
         self._labels = {k: v for k, v in self._labels.items() if v != version}
         self._on_unload()
@@ -286,8 +268,6 @@ class ModelVersions:
 
     def _event(self, kind: str, version: int, outcome: str) -> None:
         self.telemetry.on_model_event(self.name, kind, version, outcome)
-
-    # --- a version's way from published to serving ----------------------------------------------
 
     async def _list(self) -> list[int]:
         """The published versions, listed in a thread with the repository timeout."""
@@ -301,9 +281,8 @@ class ModelVersions:
                                     partial(self.source.fingerprint, version))
 
     async def _try_load(self, kind: str, version: int) -> Model | None:
-        """Loads a version past the gate in a thread of its own, with the repository timeout (not
-        on the model thread, so serving goes on meanwhile): loaded (SERVING) and returned, or
-        REFUSED with the reason, logged and counted, and None."""
+        """Loads a version past the gate in a thread of its own, with the repository timeout, so
+        serving goes on meanwhile: SERVING and returned, or REFUSED (logged, counted) and None."""
         served = self.served
         baseline = None
         if served is not None and served.spec.version != version:
@@ -357,10 +336,8 @@ class ModelVersions:
         return True
 
     async def load(self) -> Model:
-        """Serves the newest version that passes the gate (an older one when newer ones fail or
-        their reads hang; the pinned one if pinned), loads the versions its labels name, then
-        starts watching. RepositoryError (ModelNotFoundError when none is published) when none
-        is servable."""
+        """Serves the newest version that passes the gate (the pinned one if pinned), then starts
+        watching; RepositoryError (ModelNotFoundError: none is published) when none can serve."""
         async with self._lock:
             await self._serve_first(strict=True)
         self.start_watch()
@@ -368,9 +345,8 @@ class ModelVersions:
         return self.served
 
     async def load_or_wait(self, exit_if_no_model: bool) -> Model:
-        """load(); when no version is servable yet (none is published, or every one is refused)
-        and ``exit_if_no_model`` is off, logs once what it waits for and returns the first version
-        the watch serves (health NOT_SERVING meanwhile). A hung listing still fails it."""
+        """load(); when no version can serve yet, unless ``exit_if_no_model``, logs once what it
+        waits for and returns the first version the watch serves. A hung listing fails it."""
         try:
             return await self.load()
         except RepositoryTimeoutError:
@@ -390,24 +366,21 @@ class ModelVersions:
         return self.served
 
     def watch_interval(self) -> float:
-        """--reload-interval; while waiting for a first version with hot reload off, the default
-        (that first look is not a reload)."""
+        """--reload-interval, or the default while waiting for a first version with it 0."""
         return self.settings.reload_interval or WAIT_INTERVAL
 
-    def _reloads(self) -> bool:
-        """Whether the watch goes on once a version serves (hot reload, labels, gone versions)."""
-        return self.settings.reload_interval > 0 and self.source.watchable
+    def _watching(self) -> bool:
+        """While waiting for a first version, and with hot reload once one serves."""
+        return self.served is None or (self.settings.reload_interval > 0 and self.source.watchable)
 
     def start_watch(self) -> None:
-        if self._watch_task is None and (self.served is None or self._reloads()):
-            self._watch_task = asyncio.get_running_loop().create_task(watch(
-                self.watch_interval, self.reload_once, self.source,
-                lambda: self.served is None or self._reloads()), name=f"watch {self.name}")
+        if self._watch_task is None and self._watching():
+            look = watch(self.watch_interval, self.reload_once, self.source, self._watching)
+            self._watch_task = asyncio.get_running_loop().create_task(look, name=f"watch {self.name}")
 
     async def _serve_first(self, strict: bool = False) -> bool:
-        """Serves the newest published version that passes the gate (the pinned one, if pinned),
-        skipping those refused before whose files did not change; True once one serves. With
-        ``strict`` (the first load), raises when none can (see load)."""
+        """Serves the newest version that passes the gate (the pinned one, if pinned), skipping
+        those refused whose files did not change; True once one serves. ``strict``: see load."""
         if not strict and self.reads.busy(f"list {self.name}"):
             return False
         try:
@@ -424,8 +397,9 @@ class ModelVersions:
             if (not pinned or version == pinned) and await self._worth_trying(version):
                 model = await self._try_load("load", version)
                 if model is not None:
+                    self._serve(model)
+                    await self._sync_labels(set(versions))  # in force before health says SERVING
                     await self._start_serving(model)
-                    await self._sync_labels(set(versions))
                     return True
         reasons = "; ".join(f"version {v}: {r}" for v, r in self.refused.items())
         if strict:
@@ -435,8 +409,7 @@ class ModelVersions:
         return False
 
     async def _start_serving(self, model: Model) -> None:
-        """Serves the first version: health SERVING, the line that says so."""
-        self._serve(model)
+        """The first version serves: health SERVING, the line that says so."""
         self.reason = ""
         self.first_served.set()
         await self._on_change(self)
@@ -450,8 +423,7 @@ class ModelVersions:
                 model.spec.name, model.spec.version, ", ".join(map(str, newer)))
 
     def _note_gone(self, on_disk: set[int]) -> set[int]:
-        """Marks loaded versions missing from disk GONE (and back, when they return); returns
-        those gone for the grace period or longer."""
+        """Marks loaded versions missing from disk GONE (or back); returns those gone past the grace."""
         now = time.monotonic()
         grace = self.settings.removed_version_grace
         for version in self.loaded_versions:
@@ -472,9 +444,8 @@ class ModelVersions:
         return {v for v, r in self.versions.items() if r.state is State.GONE and now - r.gone_since >= grace}
 
     async def _sync_labels(self, on_disk: set[int]) -> None:
-        """Puts the policy's labels in force: a label whose version is loaded takes it at once;
-        one whose version is not is loaded (past the gate) first; a label whose new version cannot
-        be loaded keeps its previous version, and ListModels says why."""
+        """Puts the policy's labels in force, each once its version is loaded past the gate; one
+        whose version cannot be loaded keeps its previous version, and ListModels says why."""
         wanted = self.policy.labels
         before = dict(self._labels)
         labels: dict[str, int] = {}
@@ -510,9 +481,8 @@ class ModelVersions:
         self.label_problems = problems
 
     async def apply(self, policy: ModelPolicy) -> None:
-        """A new policy (the model config changed): the gate rules apply to versions loaded from
-        now on; a new pin, new labels or canary weight take effect at once where their versions
-        are loaded (else after loading them: a label moves only once its new version passed)."""
+        """A new policy: gate rules for the versions loaded from now on; a pin, labels and canary
+        weight at once where their versions are loaded, else once they passed the gate."""
         if policy == self.policy:
             return
         self.policy = policy
@@ -522,11 +492,9 @@ class ModelVersions:
             await self.reload_once()
 
     async def reload_once(self) -> bool:
-        """One look: serves the newest published version that passes the gate when it is newer
-        than the served one (the pinned one, when pinned; the first one, while waiting); puts the
-        labels in force; when the served version's directory has been gone for
-        --removed-version-grace, serves the newest remaining version that passes, as a fresh
-        start would. True if the served model changed."""
+        """One look: serves a newer version that passes the gate (the pinned one; the first one,
+        while waiting), puts the labels in force, and replaces a served version gone for
+        --removed-version-grace as a fresh start would. True if the served model changed."""
         async with self._lock:
             changed = await (self._serve_first() if self.served is None else self._reload())
         await self._on_change(self)
@@ -589,8 +557,8 @@ class ModelVersions:
         return model is not None
 
     async def close(self, grace: float = 0.0) -> None:
-        """Stops the watch; its versions are UNLOADING: waits up to ``grace`` seconds for the calls
-        that hold one of them (Predict calls, Evaluate streams) to finish, then stops its batcher."""
+        """Stops the watch; its versions are UNLOADING for up to ``grace`` seconds, while calls
+        hold one (Predict calls, Evaluate streams); then stops its batcher."""
         if self._watch_task is not None:
             self._watch_task.cancel()
         for record in self.versions.values():
@@ -607,9 +575,8 @@ def _names(names: list[str]) -> str:
 
 
 class Registry:
-    """Every served model by name, the model config in force, and the server's health as the
-    models' state makes it. Discovery adds and removes models, the config watcher applies a new
-    config, and everything else reads."""
+    """Every served model by name, the model config in force, and health as the models' state
+    makes it. Discovery adds and removes models, the config watcher applies a config."""
 
     def __init__(self, settings: Settings, config: ServingConfig, *, reads: RepositoryReads,
                  telemetry: Telemetry, health: HealthServicer, static: bool = False,
@@ -653,8 +620,7 @@ class Registry:
         await model.close(self.settings.grace_period)
 
     def start(self, model: ModelVersions) -> None:
-        """Starts ``model``'s first load (load_or_wait) in a task; a failure fails ``fatal``
-        while load_or_wait waits for it, else it is logged."""
+        """``model``'s first load (load_or_wait) in a task; its failure fails ``fatal``, or is logged."""
         task = asyncio.get_running_loop().create_task(
             model.load_or_wait(self.settings.exit_if_no_model), name=f"load {model.name}")
         self._tasks.add(task)
@@ -671,13 +637,9 @@ class Registry:
                 logger.error("cannot serve model %s: %s", model.name, error)
         task.add_done_callback(done)
 
-    # --- what requests, health and ListModels read ----------------------------------------------
-
     @property
     def default_model(self) -> str:
-        """The model a request without a name gets: --default-model (or the config file's, or the
-        first --model-name), else the only model served; "" when there are several and none is
-        named."""
+        """The model a request without a name gets: the configured one, else the only one, else ""."""
         if self.config.default_model:
             return self.config.default_model
         return next(iter(self.models)) if len(self.models) == 1 else ""
@@ -729,10 +691,8 @@ class Registry:
         return float(sum(m.plane.batcher.queued_images for m in list(self.models.values())))
 
     async def changed(self, model: ModelVersions | None = None) -> None:
-        """Health from the models' state: ``model``'s own services, then "" and DigitService
-        (SERVING while ready) and ModelUpdates (NOT_SERVING while a model has a newer version
-        refused or its served version gone). A loader's model is known by its own name once
-        loaded."""
+        """Health from the models' state: ``model``'s services, "" and DigitService (ready), and
+        ModelUpdates (NOT_SERVING while a model is stale)."""
         if model is not None:
             await self.health.set(MODEL_SERVICE.format(model.name), SERVING if model.serving else NOT_SERVING)
             await self.health.set(f"{MODEL_UPDATES_SERVICE}/{model.name}",
@@ -749,8 +709,6 @@ class Registry:
             await self.health.set(MODEL_UPDATES_SERVICE, NOT_SERVING if stale else SERVING)
         if status == SERVING:
             self.became_ready.set()
-
-    # --- changes from outside: the config, a look, the stop -------------------------------------
 
     async def apply(self, config: ServingConfig) -> None:
         """Puts a new model config in force: each model served that it names gets its policy."""
