@@ -63,7 +63,7 @@ class Version:
     model: Model | None = None
     accuracy: float | None = None  # the gate's verdict: its check-set accuracy
     refused_at: Fingerprint | None = None  # its files when refused
-    timed_out: bool = False  # refused by a read's timeout: tried again once that read returns
+    read_hung: bool = False  # refused by a read's timeout: tried again once that read returns
     gone_since: float = 0.0  # time.monotonic() when its directory was first seen gone
 
 
@@ -149,7 +149,8 @@ class ModelVersions:
 
     @property
     def serving(self) -> bool:
-        return self.served is not None
+        """A version serves, with the labels it starts with in force."""
+        return self.first_served.is_set()
 
     @property
     def loaded_versions(self) -> list[int]:
@@ -195,7 +196,7 @@ class ModelVersions:
         default version; with ``split``, as for a Predict call, the canary for a ``canary_weight``
         fraction of calls)."""
         served = self.served
-        if served is None:
+        if served is None or not self.first_served.is_set():
             raise ModelNotReadyError("no model is loaded yet; retry when health reports SERVING")
         if label:
             if version:
@@ -300,7 +301,7 @@ class ModelVersions:
                 partial(self.source.load, version, rules, baseline), tag=(fingerprint, baseline, rules))
         except Exception as exc:  # any failure to load or check refuses the version
             record.state, record.reason, record.refused_at = State.REFUSED, str(exc), fingerprint
-            record.timed_out = isinstance(exc, RepositoryTimeoutError)
+            record.read_hung = isinstance(exc, RepositoryTimeoutError)
             logger.error("refused model %s version %d: %s", self.name, version, exc)
             self._event(kind, version, "refused")
             return None
@@ -322,12 +323,12 @@ class ModelVersions:
         if self.reads.busy(f"load {key}") or self.reads.busy(f"fingerprint {key}"):
             return False  # no second thread on a hung read
         record = self.versions.get(version)
-        if record is None or record.state is not State.REFUSED or record.timed_out:
+        if record is None or record.state is not State.REFUSED or record.read_hung:
             return True  # new, or refused by a timeout whose read has returned since
         try:
             now = await self._fingerprint(version)
         except RepositoryTimeoutError:
-            record.timed_out = True
+            record.read_hung = True
             return False
         if now is None or now == record.refused_at:
             return False
