@@ -388,35 +388,33 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     try:
         app = App(settings, reuse_port=reuse_port, freeze_gc=True,
                   worker_index=0 if worker is None else worker.index)
-    except SecurityConfigError as error:
+    except (SecurityConfigError, ModelConfigError) as error:  # TLS or token files; the model config
         logger.error("cannot start: %s", error)
-        return 1
-    except ModelConfigError as error:  # the model config file cannot be read or used
-        logger.error("cannot start: %s", error)
-        return EXIT_USAGE
+        return 1 if isinstance(error, SecurityConfigError) else EXIT_USAGE
     # Before listening: the repository holds something to serve (one line saying what is missing
     # and what is there instead, exit 2), read in a thread with the repository timeout.
+    code: int | None = None
     try:
         await app.check_repository()
     except RepositoryTimeoutError as error:  # a hung volume: logged where it timed out
         logger.error("cannot load model %s: %s", ", ".join(app.models) or "(any)", error)
-        await app.stop(0)
-        return 1
+        code = 1
     except NothingPublishedError as error:  # a repository to publish into: wait, unless told not to
         if settings.exit_if_no_model:
             logger.error("cannot start: %s", error)
-            await app.stop(0)
-            return EXIT_USAGE
+            code = EXIT_USAGE
     except RepositoryError as error:  # ModelNotFoundError, an invalid model name
         logger.error("cannot start: %s", error)
+        code = EXIT_USAGE
+    if code is None:
+        try:
+            await app.start()
+        except ListenError as error:  # a port taken: one line naming its flag
+            logger.error("cannot start: %s", error)
+            code = EXIT_USAGE
+    if code is not None:
         await app.stop(0)
-        return EXIT_USAGE
-    try:
-        await app.start()
-    except ListenError as error:  # a port taken: one line naming its flag
-        logger.error("cannot start: %s", error)
-        await app.stop(0)
-        return EXIT_USAGE
+        return code
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()

@@ -109,23 +109,21 @@ class ModelVersions:
     a newer version once it passes the gate (the pinned one, when pinned), loads the versions the
     labels name and replaces versions gone from disk. ``on_change``: what it serves may have changed."""
 
-    def __init__(self, name: str, source: ModelSource, settings: Settings, policy: ModelPolicy, *,
-                 reads: RepositoryReads, telemetry: Telemetry,
-                 on_change: Callable[[ModelVersions], Awaitable[None]],
-                 on_unload: Callable[[], None], settle: Callable[[], None]) -> None:
+    def __init__(self, name: str, source: ModelSource, policy: ModelPolicy, registry: Registry) -> None:
         self.name = name
         self.source = source
-        self.settings = settings
         self.policy = policy
-        self.reads = reads
-        self.telemetry = telemetry
+        self.registry = registry
+        self.settings = settings = registry.settings
+        self.reads = registry.reads
+        self.telemetry = registry.telemetry
         self.plane = DataPlane(
             settings.max_images_per_request,
             max_batch_size=settings.max_batch_size,
             max_queue_delay=settings.max_queue_delay_ms / 1000,
             max_queued_images=settings.max_queued_images,
             inline_max_images=settings.inline_max_images,
-            observer=telemetry,
+            observer=registry.telemetry,
         )
         self.versions: dict[int, Version] = {}
         self.served: Model | None = None  # what unpinned calls get, labels aside
@@ -138,9 +136,6 @@ class ModelVersions:
         self.failed: BaseException | None = None  # why its first load failed (load_or_wait)
         self.first_served = asyncio.Event()
         self._orphaned = False  # the served version is gone past the grace and nothing replaced it
-        self._on_change = on_change
-        self._on_unload = on_unload
-        self._settle = settle
         self._watch_task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one look at a time (watch, SIGHUP, a config change)
 
@@ -245,7 +240,7 @@ class ModelVersions:
         """Unpinned calls get ``model`` (loaded) from now on: one assignment."""
         self.served = model
         self._evict()
-        self._settle()
+        self.registry.settle()
 
     def _evict(self) -> None:
         """Unloads the versions neither served, labelled nor among the newest --keep-versions."""
@@ -261,14 +256,11 @@ class ModelVersions:
         """Forgets a loaded version other than the served one (its files are gone)."""
         self.versions.pop(version, None)
         self._labels = {k: v for k, v in self._labels.items() if v != version}
-        self._on_unload()
+        self.registry.on_unload()
 
     def _forget_missing(self, on_disk: set[int]) -> None:
         for version in [v for v in self.refused if v not in on_disk]:
             del self.versions[version]  # ListModels lists the refusals of what is there
-
-    def _event(self, kind: str, version: int, outcome: str) -> None:
-        self.telemetry.on_model_event(self.name, kind, version, outcome)
 
     async def _list(self) -> list[int]:
         """The published versions, listed in a thread with the repository timeout."""
@@ -303,7 +295,7 @@ class ModelVersions:
             record.state, record.reason, record.refused_at = State.REFUSED, str(exc), fingerprint
             record.read_hung = isinstance(exc, RepositoryTimeoutError)
             logger.error("refused model %s version %d: %s", self.name, version, exc)
-            self._event(kind, version, "refused")
+            self.telemetry.on_model_event(self.name, kind, version, "refused")
             return None
         if not self.source.watchable and model.spec.name != self.name:
             # A loader's model (tests, embedding) is known by its own name from now on.
@@ -313,7 +305,7 @@ class ModelVersions:
         self.versions[model.spec.version] = Version(model.spec.version, State.SERVING, model=model,
                                                     accuracy=accuracy)
         self.plane.prepare(model)
-        self._event(kind, version, "served")
+        self.telemetry.on_model_event(self.name, kind, version, "served")
         return model
 
     async def _worth_trying(self, version: int) -> bool:
@@ -360,7 +352,7 @@ class ModelVersions:
                 "waiting for a servable version of model %s (health NOT_SERVING; looking every %gs "
                 "and at SIGHUP; --exit-if-no-model exits instead): %s",
                 self.name, self.watch_interval(), error)
-        await self._on_change(self)
+        await self.registry.changed(self)
         self.start_watch()
         await self.first_served.wait()
         assert self.served is not None
@@ -413,7 +405,7 @@ class ModelVersions:
         """The first version serves: health SERVING, the line that says so."""
         self.reason = ""
         self.first_served.set()
-        await self._on_change(self)
+        await self.registry.changed(self)
         logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
         newer = sorted(v for v in self.refused if v > model.spec.version)
         if newer:
@@ -498,7 +490,7 @@ class ModelVersions:
         --removed-version-grace as a fresh start would. True if the served model changed."""
         async with self._lock:
             changed = await (self._serve_first() if self.served is None else self._reload())
-        await self._on_change(self)
+        await self.registry.changed(self)
         return changed
 
     async def _reload(self) -> bool:
@@ -591,8 +583,8 @@ class Registry:
         self.reads = reads
         self.telemetry = telemetry
         self.health = health
-        self._on_unload = on_unload
-        self._settle = settle
+        self.on_unload = on_unload  # a version unloaded (its files gone): counted
+        self.settle = settle  # after each swap: settle_memory in mnist-serve
         self.became_ready = asyncio.Event()  # health "" became SERVING
         self.starting = False  # load_or_wait began: a model added from now on starts loading at once
         self.fatal: asyncio.Future[None] | None = None  # a first load failed (load_or_wait)
@@ -603,10 +595,7 @@ class Registry:
             settings = self.settings
             source = RepositorySource(settings.model_repo, name, inference=settings.inference,
                                       allow_missing_check_set=settings.allow_missing_check_set)
-        model = self.models[name] = ModelVersions(
-            name, source, self.settings, self.config.policy_of(name), reads=self.reads,
-            telemetry=self.telemetry, on_change=self.changed, on_unload=self._on_unload,
-            settle=self._settle)
+        model = self.models[name] = ModelVersions(name, source, self.config.policy_of(name), self)
         if not self.static:  # a loader's model is counted under its own name, once loaded
             self.telemetry.touch_model(name)
         if self.starting:

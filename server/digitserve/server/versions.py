@@ -69,12 +69,10 @@ class Gated(NamedTuple):
 
 
 class ModelSource(Protocol):
-    """Published versions and a way to load one, checked and warmed up; it keeps no state (the
-    registry holds each version's state and hands the gate its rules and baseline)."""
+    """Published versions and a way to load one past the gate; it keeps no state (the registry
+    holds each version's and hands the gate its rules and baseline)."""
 
-    # True when new versions can appear (the server watches it for them: hot reload); False for a
-    # source whose versions are fixed once it is made.
-    watchable: bool
+    watchable: bool  # new versions can appear: the server watches for them (hot reload)
 
     def versions(self) -> list[int]: ...
 
@@ -247,7 +245,11 @@ def missing_error(root: Path, name: str) -> ModelNotFoundError:
         return NothingPublishedError(
             f"{flag}: no model {name!r} in it; models there: {listed}{more}; choose one with "
             f"--model-name, or publish {name!r} ({publish})")
-    if not everything:
+    return _nothing_published(flag, publish, empty=not everything)
+
+
+def _nothing_published(flag: str, publish: str, empty: bool) -> NothingPublishedError:
+    if empty:
         return NothingPublishedError(
             f"{flag}: the directory is empty: no model is published there yet; publish one ({publish})")
     return NothingPublishedError(
@@ -270,12 +272,7 @@ def repository_error(root: Path) -> ModelNotFoundError | None:
         empty = not any(True for _ in os.scandir(root))
     except OSError as error:
         return ModelNotFoundError(f"{flag}: cannot list it ({error.strerror or error})")
-    if empty:
-        return NothingPublishedError(
-            f"{flag}: the directory is empty: no model is published there yet; publish one ({publish})")
-    return NothingPublishedError(
-        f"{flag}: no model is published there (no NAME/VERSION/ directories); give the model "
-        f"repository the trainer publishes to, or publish into it ({publish})")
+    return _nothing_published(flag, publish, empty)
 
 
 def describe_pinned(root: Path, name: str, version: int, versions: list[int]) -> str:
@@ -297,8 +294,7 @@ class RepositorySource:
         self.allow_missing_check_set = allow_missing_check_set
 
     def versions(self) -> list[int]:
-        """Published versions; ModelNotFoundError, saying what the repository holds instead
-        (describe_missing), when there are none."""
+        """Published versions; ModelNotFoundError (missing_error) when there are none."""
         versions = self.repository.versions(self.name)
         if not versions:
             raise missing_error(self.repository.root, self.name)
