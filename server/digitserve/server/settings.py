@@ -101,8 +101,8 @@ class Settings:
     max_connections: int = opt(0, LIMITS, shown="from the file limit", ge=0, help=(
         "Most gRPC connections open at once (per worker); one more is closed at once (the client sees "
         "UNAVAILABLE). 0: the file-descriptor limit (RLIMIT_NOFILE) less 128 files and "
-        "--http-max-connections when --http-port is on, so that accepting connections never exhausts the "
-        "files the server needs."))
+        "--http-max-connections when --http-port is on (at least 16; no cap when unlimited), so that "
+        "accepting connections never exhausts the files the server needs."))
     max_connection_idle: float = opt(60.0, NET, ge=0, help=(
         "Seconds a connection may stay without any call before the server closes it (GOAWAY; grpc clients "
         "reconnect at their next call); 0 never closes idle connections."))
@@ -209,7 +209,7 @@ class Settings:
         "Port of the HTTP/JSON edge (the Open Inference Protocol's REST binding: /v2/health/ready, "
         "/v2/models/NAME/infer, ...; /metrics too), served by the same process, data plane and token "
         "check as gRPC; -1 turns it off, 0 picks a free one (logged). With --workers N, the workers share "
-        "it (SO_REUSEPORT), as they share --port."))
+        "it (SO_REUSEPORT), as they share --port. The container image sets 8080."))
     http_max_connections: int = opt(512, LIMITS, ge=1, help=(
         "Most HTTP connections open at once (per worker). Above three quarters of it, each new connection "
         "closes the oldest idle keep-alive one; with none idle, one more is answered 503 (Connection: "
@@ -419,7 +419,9 @@ def markdown() -> str:
                 f"`{flag}`, `--no-{flag[2:]}`" if field.annotation is bool else f"`{flag}`"
             text = (field.description or "").replace("|", "\\|")
             if extra["group"] == title:
-                lines.append(f"| {flags} | `{env_name(name)}` | {_default_text(field)} | {text} |")
+                default = _default_text(field) if field.is_required() or extra["shown"] else \
+                    f"`{_default_text(field)}`"
+                lines.append(f"| {flags} | `{env_name(name)}` | {default} | {text} |")
         lines.append("")
     return "\n".join(lines)
 
