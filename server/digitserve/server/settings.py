@@ -59,7 +59,7 @@ def opt(default: Any, group: str, help: str, *, shown: str | None = None, label:
 MiB = 1024 * 1024
 
 
-@dataclass(frozen=True, config=ConfigDict(hide_input_in_errors=True))
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", hide_input_in_errors=True))
 class Settings:
     """Everything the server can be told; each field is also the variable MNIST_<FIELD>."""
 
@@ -314,10 +314,14 @@ def _extra(field: FieldInfo) -> dict[str, Any]:
 
 def _problem(error: ErrorDetails) -> str:
     """One of pydantic's errors as one line: the field in words, its value, what is wrong."""
-    field = FIELDS.get(str(error["loc"][0]) if error["loc"] else "")
-    if field is None or error["type"] == "value_error":
-        return str(error.get("ctx", {}).get("error", error["msg"]))
-    name, extra = str(error["loc"][0]).replace("_", " "), _extra(field)
+    name = str(error["loc"][0]) if error["loc"] else ""
+    field = FIELDS.get(name)
+    if error["type"] == "value_error":
+        return str(error.get("ctx", {}).get("error"))
+    name = name.replace("_", " ")
+    if field is None or error["type"] == "missing" or _extra(field)["env_only"]:
+        return f"{name}: {error['msg'].lower()}"  # not the input: a secret's, or every field's
+    extra = _extra(field)
     shown = (extra["label"] or name + " {}").format(error["input"])
     if error["type"] == "literal_error":
         return f"{name} {error['input']!r} is not one of {', '.join(get_args(field.annotation))}"
