@@ -82,7 +82,7 @@ class Settings:
     max_images_per_request: int = opt(1024, LIMITS, ge=1, help=(
         "Most images in one Predict request or one Evaluate message."))
     max_message_bytes: int = opt(16 * MiB, LIMITS, ge=1024, help=(
-        "Largest gRPC message accepted or sent, and largest HTTP request body."))
+        "Largest gRPC message accepted or sent, and largest HTTP request body (413 beyond)."))
     max_connection_age: float = opt(0.0, NET, ge=0, help=(
         "Seconds after which a client connection is closed (gracefully) so clients rebalance over new "
         "replicas; 0 keeps connections open."))
@@ -119,7 +119,8 @@ class Settings:
         "'too_many_pings'); 0 tolerates any number."))
     max_metadata_bytes: int = opt(8192, LIMITS, ge=1024, help=(
         "Largest header block (request metadata, HPACK-decoded) of a call; larger ones are refused with "
-        "RESOURCE_EXHAUSTED before the call reaches the server's code."))
+        "RESOURCE_EXHAUSTED before the call reaches the server's code (HTTP: 431, and no header line "
+        "longer)."))
     max_batch_size: int = opt(256, BATCH, "Most images the dynamic batcher puts into one model call.", ge=1)
     max_queue_delay_ms: float = opt(0.0, BATCH, label="max queue delay {} ms", ge=0, help=(
         "Milliseconds the batcher waits for more calls before running a batch that is not full; 0 runs at "
@@ -212,8 +213,8 @@ class Settings:
         "it (SO_REUSEPORT), as they share --port. The container image sets 8080."))
     http_max_connections: int = opt(512, LIMITS, ge=1, help=(
         "Most HTTP connections open at once (per worker). Above three quarters of it, each new connection "
-        "closes the oldest idle keep-alive one; with none idle, one more is answered 503 (Connection: "
-        "close) and closed."))
+        "closes the oldest idle keep-alive one (idle at least 0.25 s); with none idle, one more is "
+        "answered 503 (Connection: close) and closed."))
     http_max_connections_per_peer: int = opt(128, LIMITS, ge=0, help=(
         "Most HTTP connections open at once from one client address (per worker); one more closes that "
         "address's oldest idle connection, or with none idle is answered 503 and closed, so that one "
