@@ -41,11 +41,11 @@ class Connection(RequestHandler):
     """One HTTP connection: aiohttp's protocol, plus what the edge needs to know of it: its peer,
     whether a request is being answered (``busy``) or arriving, and since when it is idle."""
 
-    def __init__(self, manager: web.Server, table: ConnectionTable, loop: asyncio.AbstractEventLoop,
-                 read_timeout: float, on_slow: Callable[[Connection], None], **kwargs: Any) -> None:
-        super().__init__(manager, loop=loop, **kwargs)
+    def __init__(self, manager: web.Server, table: ConnectionTable, read_timeout: float,
+                 on_slow: Callable[[Connection], None], **kwargs: Any) -> None:
+        self.event_loop = asyncio.get_running_loop()
+        super().__init__(manager, loop=self.event_loop, **kwargs)
         self.table = table
-        self.event_loop = loop
         self.read_timeout = read_timeout
         self.on_slow = on_slow
         self.busy = False

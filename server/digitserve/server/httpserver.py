@@ -1,15 +1,19 @@
-"""The HTTP listener of ``--http-port``: aiohttp's low-level server on the event loop grpc.aio runs
-on, serving the REST routes (server.rest) with what every gRPC call gets from server.calls — a
-request id, the bearer-token check (health and /metrics open, as gRPC health is), metrics and an
-access line — and the limits that keep it from being the easy way to take the server down: a
-bounded number of connections, in all and from one address (server.httpconnections: idle ones
-closed to make room, then 503), a deadline for a request's headers and for its body, the largest
-header line and header block (--max-metadata-bytes), the largest body (--max-message-bytes; gzip
-and deflate bodies are inflated no further than that, on a thread), idle keep-alive connections
-closed after --max-connection-idle, malformed HTTP answered in JSON and a body the client
-abandoned counted as 499, both without a traceback in the log. It drains with the server:
-readiness answers 503 and every answer says ``Connection: close`` from the first moment,
-requests in flight finish within the grace period.
+"""The HTTP listener of ``--http-port``: an aiohttp ``web.Application`` on the event loop grpc.aio
+runs on, its router holding server.rest's routes (aiohttp inflates gzip and deflate bodies no
+further than --max-message-bytes, answers ``Expect: 100-continue``, bounds a header line and the
+number of headers). One middleware gives each request what every gRPC call gets from server.calls
+— a request id, the bearer-token check (health and /metrics open, as gRPC health is), errors
+answered in JSON, metrics and an access line — and refuses a header block or a declared body over
+its limit (--max-metadata-bytes, --max-message-bytes); a body the client abandoned is counted 499.
+
+Hand-made, as aiohttp has no equivalent: the listener (``loop.create_server``, not ``TCPSite``,
+whose protocol factory cannot be wrapped) whose connections pass server.httpconnections' gate (a
+bounded number in all and from one address, idle ones closed to make room, then a 503 that
+arrives; a deadline for a request's headers); malformed HTTP answered in JSON without a traceback
+(the protocol's ``handle_error``, which no middleware sees); and the drain: readiness answers 503
+and every answer says ``Connection: close`` from the first moment, requests in flight finish
+within the grace period, and clients already in the listen backlog are answered rather than reset
+(closing the socket, as ``TCPSite.stop`` does, resets them).
 
 Why aiohttp (python -m bench.http_stacks, figures in docs/interoperability.md): its server is made
 to run on an event loop someone else owns and its protocol can be extended for the limits; it cost
@@ -24,13 +28,13 @@ import os
 import socket
 import ssl
 import time
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.typedefs import Handler
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -43,7 +47,19 @@ from prometheus_client import (
 from digitserve.server.errors import ServerError
 from digitserve.server.httpconnections import MIN_IDLE, Connection, ConnectionTable, Gate
 from digitserve.server.logs import access_log, current_request_id
-from digitserve.server.rest import JSON, NoRoute, Reply, RestApi, Route, error_reply, match
+from digitserve.server.rest import (
+    JSON,
+    NO_ROUTE,
+    READ_TIMEOUT,
+    ROUTES,
+    ClientAborted,
+    HttpError,
+    Reply,
+    RestApi,
+    add_routes,
+    error_reply,
+    too_large,
+)
 from digitserve.server.security import TokenAuth
 from digitserve.server.settings import Settings
 from digitserve.server.status import HTTP_INTERNAL, INTERNAL_MESSAGE, http_status
@@ -53,7 +69,6 @@ logger = logging.getLogger(__name__)
 
 # An idle-connection limit of 0 means "never": aiohttp's timer then gets a year.
 _NEVER = 365 * 86400.0
-_ENCODINGS = {"gzip", "deflate", "x-gzip"}
 # Methods counted under their own name in metrics; any other is "other" (labels stay bounded).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 # A request whose client closed the connection before its body was in: counted with nginx's
@@ -62,26 +77,6 @@ CLIENT_CLOSED = 499
 # Once the requests in flight are answered, how long a drain waits for keep-alive connections to
 # close after their Connection: close answer before it closes the idle ones (within the grace).
 DRAIN_IDLE = 1.0
-
-
-class ClientAborted(Exception):
-    """The client closed its connection before its request's body was all in (``received``
-    bytes of it came): nothing to answer, nobody to answer; counted as CLIENT_CLOSED."""
-
-    def __init__(self, received: int) -> None:
-        super().__init__(f"the client closed the connection after {received:,} bytes of its body")
-        self.received = received
-
-
-class HttpError(Exception):
-    """A request refused by the HTTP layer itself (a body too large, too slow, of an encoding not
-    supported, headers too large): its status and message; ``close`` closes the connection (its
-    body was not read)."""
-
-    def __init__(self, status: int, message: str, close: bool = True) -> None:
-        super().__init__(message)
-        self.status = status
-        self.close = close
 
 
 class HttpMetrics:
@@ -145,13 +140,14 @@ def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+
+
 class _EdgeConnection(Connection):
     """A connection of the edge: malformed HTTP answered in JSON (aiohttp's own answer is text,
     and it logs a traceback for each)."""
 
-    def __init__(self, manager: web.Server, edge: HttpEdge, loop: asyncio.AbstractEventLoop,
-                 **kwargs: Any) -> None:
-        super().__init__(manager, edge.connections, loop, edge.read_timeout, edge.too_slow, **kwargs)
+    def __init__(self, manager: web.Server, edge: HttpEdge, **kwargs: Any) -> None:
+        super().__init__(manager, edge.connections, edge.read_timeout, edge.too_slow, **kwargs)
         self.edge = edge
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
@@ -189,19 +185,25 @@ class HttpEdge:
         self.auth = auth
         self.max_body = settings.max_message_bytes
         self.read_timeout = settings.http_read_timeout
-        self.idle_timeout = settings.max_connection_idle or _NEVER
-        self.max_line = settings.max_metadata_bytes
-        self.max_header_bytes = settings.max_metadata_bytes
+        self.max_line = self.max_header_bytes = settings.max_metadata_bytes
         self.max_headers = 64
         self.ssl = http_ssl_context(settings)
         self.in_flight = 0
         self.draining = False
+        self.open_routes = {(r.method, r.label) for r in ROUTES if r.open}
         self.connections = ConnectionTable(
             settings.http_max_connections, settings.http_max_connections_per_peer,
             lambda reason: self.metrics.refused.labels(reason).inc(),
             lambda: self.metrics.reclaimed.inc())
         self.metrics = HttpMetrics(telemetry, lambda: float(len(self.connections.opened)))
-        self._server: web.Server | None = None
+        self.app = web.Application(middlewares=[self._edge], client_max_size=self.max_body)
+        self.app[READ_TIMEOUT] = self.read_timeout
+        add_routes(self.app, api)
+        self._runner = web.AppRunner(self.app, handle_signals=False)
+        self._protocol: dict[str, Any] = {
+            "keepalive_timeout": settings.max_connection_idle or _NEVER, "access_log": None,
+            "max_line_size": self.max_line, "max_field_size": self.max_line,
+            "max_headers": self.max_headers, "lingering_time": 1.0}
         self._listener: asyncio.AbstractServer | None = None
         self._late: set[asyncio.Task[Any]] = set()  # connections taken from the backlog at the end
 
@@ -214,19 +216,16 @@ class HttpEdge:
                      "(--http-read-timeout)", connection.peer, self.read_timeout)
         self.metrics.refused.labels("slow").inc()
 
-    def _connection(self) -> Connection:
-        assert self._server is not None
-        return _EdgeConnection(
-            self._server, self, asyncio.get_running_loop(), keepalive_timeout=self.idle_timeout,
-            max_line_size=self.max_line, max_field_size=self.max_line, max_headers=self.max_headers,
-            access_log=None, auto_decompress=False, lingering_time=1.0)
+    def _gate(self) -> Gate:
+        assert self._runner.server is not None
+        server = self._runner.server
+        return Gate(self.connections, lambda: _EdgeConnection(server, self, **self._protocol))
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listens on host:port (0: a free port); returns the port. OSError if it cannot."""
-        self._server = web.Server(self._handle, handler_cancellation=False)
+        await self._runner.setup()
         self._listener = await asyncio.get_running_loop().create_server(
-            lambda: Gate(self.connections, self._connection), host.strip("[]") or None, port,
-            reuse_port=reuse_port or None, ssl=self.ssl,
+            self._gate, host.strip("[]") or None, port, reuse_port=reuse_port or None, ssl=self.ssl,
             ssl_handshake_timeout=self.read_timeout if self.ssl else None, backlog=1024)
         sockets = self._listener.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
@@ -260,8 +259,9 @@ class HttpEdge:
             c.idle and time.monotonic() - c.idle_since >= MIN_IDLE for c in self.connections.opened))
         for connection in self.connections.idle_ones():
             connection.force_close()
-        if self._server is not None:
-            await self._server.shutdown(max(0.0, until - loop.time()))
+        if self._runner.server is not None:
+            await self._runner.server.shutdown(max(0.0, until - loop.time()))
+            await self._runner.cleanup()
         self._listener = None
 
     def _stop_listening(self) -> None:
@@ -285,7 +285,7 @@ class HttpEdge:
                     except OSError:  # BlockingIOError: none left
                         break
                     task = loop.create_task(loop.connect_accepted_socket(
-                        lambda: Gate(self.connections, self._connection), accepted, ssl=self.ssl,
+                        self._gate, accepted, ssl=self.ssl,
                         ssl_handshake_timeout=self.read_timeout if self.ssl else None))
                     self._late.add(task)
                     task.add_done_callback(self._late.discard)
@@ -301,78 +301,29 @@ class HttpEdge:
             access_log.write(f"{method} {target or route}", str(status), round(seconds * 1000, 3),
                              peer, request_id)
 
-    async def _body(self, request: web.BaseRequest) -> bytes:
-        """The request's body, read within --http-read-timeout, at most --max-message-bytes
-        (inflated, for gzip and deflate, on a thread: zlib lets the event loop run meanwhile).
-        ClientAborted if the client closes the connection before it is all in."""
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in _ENCODINGS | {"identity", ""}:
-            raise HttpError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
-                            "as is, or gzip or deflate it")
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                request.writer.output_size = 0
-            async with asyncio.timeout(self.read_timeout):
-                while chunk := await request.content.readany():
-                    size += len(chunk)
-                    if size > self.max_body and encoding in ("identity", ""):
-                        raise HttpError(413, self._too_large(f"more than {self.max_body:,}"))
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise HttpError(408, f"request body: not received within {self.read_timeout:g}s "
-                            f"(--http-read-timeout; {size:,} bytes came)") from None
-        except ConnectionError:
-            raise ClientAborted(size) from None
-        data = b"".join(chunks)
-        if encoding in _ENCODINGS:
-            data = await asyncio.to_thread(self._inflate, data, encoding)
-        return data
-
-    def _inflate(self, data: bytes, encoding: str) -> bytes:
-        inflater = zlib.decompressobj(47)  # gzip or zlib header, told apart by the data
-        try:
-            data = inflater.decompress(data, self.max_body + 1)
-        except zlib.error as exc:
-            raise HttpError(400, f"request body: not valid {encoding} data ({exc})",
-                            close=False) from None
-        if len(data) > self.max_body or inflater.unconsumed_tail:
-            raise HttpError(413, self._too_large(f"inflated to more than {self.max_body:,}"),
-                            close=False)
-        return data
-
-    def _too_large(self, size: str) -> str:
-        return (f"request body: {size} bytes exceed the limit of {self.max_body:,} "
-                "(--max-message-bytes); send fewer images per request, or pixels as the binary "
-                "data extension")
-
-    def _check_headers(self, request: web.BaseRequest) -> None:
+    def _check(self, request: web.Request, label: str, peer: str) -> None:
+        """The limits a matched request's headers must keep, and its token (not for the open
+        routes); HttpError otherwise."""
         length = request.content_length
         if length is not None and length > self.max_body:
-            raise HttpError(413, self._too_large(f"{length:,}"))
+            raise too_large(f"{length:,}", self.max_body)
         header_bytes = sum(len(k) + len(v) for k, v in request.raw_headers)
         if header_bytes > self.max_header_bytes:
             raise HttpError(431, f"request headers: {header_bytes:,} bytes exceed the limit of "
                             f"{self.max_header_bytes:,} (--max-metadata-bytes)")
-
-    async def _dispatch(self, request: web.BaseRequest, route: Route, params: dict[str, str],
-                        peer: str) -> Reply:
-        self._check_headers(request)
-        if self.auth is not None and not route.open:
-            problem = self.auth.check((("authorization", request.headers.get("Authorization", "")),)
+        method = "GET" if request.method == "HEAD" else request.method
+        if self.auth is not None and (method, label) not in self.open_routes:
+            problem = self.auth.check((("authorization", request.headers["Authorization"]),)
                                       if "Authorization" in request.headers else ())
             if problem is not None:
                 logger.info("unauthenticated HTTP request %s %s from %s: %s", request.method,
-                            route.label, peer, problem)
-                reply = error_reply(401, problem)
-                reply.headers["WWW-Authenticate"] = "Bearer"
-                return reply
-        headers: Mapping[str, str] = request.headers
-        return await self.api.handler(route)(lambda: self._body(request), headers, **params)
+                            label, peer, problem)
+                raise HttpError(401, problem, close=False, headers={"WWW-Authenticate": "Bearer"})
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    @web.middleware
+    async def _edge(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """One request: its id, the limits and the token, the answer (errors in JSON, headers,
+        ``Connection: close`` while draining), metrics and its access line."""
         started = time.perf_counter()
         connection = request.protocol
         peer = "unknown"
@@ -383,35 +334,42 @@ class HttpEdge:
         token = current_request_id.set(request_id)
         self.in_flight += 1
         self.metrics.in_flight.inc()
-        label, close, status = "(unmatched)", False, HTTP_INTERNAL
-        allowed: tuple[str, ...] = ()
+        resource = request.match_info.route.resource
+        label = "(unmatched)" if resource is None else resource.canonical
+        status, close = HTTP_INTERNAL, False
         try:
+            reply: Reply | None = None
             try:
-                route, params = match(request.method, request.path)
-                label = route.label
-                reply = await self._dispatch(request, route, params, peer)
-            except NoRoute as exc:
-                reply, allowed = error_reply(exc.status, str(exc)), exc.allowed
+                if resource is not None:
+                    self._check(request, label, peer)
+                response = await handler(request)
+            except web.HTTPMethodNotAllowed as exc:
+                allowed = sorted(exc.allowed_methods - {"HEAD"})
+                reply = error_reply(405, f"{request.method} is not allowed on {request.path[:200]}; "
+                                         f"use {' or '.join(allowed)}")
+                reply.headers["Allow"] = ", ".join(allowed)
+            except web.HTTPNotFound:
+                reply = error_reply(404, f"no route {request.method} {request.path[:200]}; {NO_ROUTE}")
             except HttpError as exc:
                 reply, close = error_reply(exc.status, str(exc)), exc.close
+                reply.headers.update(exc.headers)
             except ServerError as exc:
                 reply = error_reply(http_status(exc), str(exc))
             except ClientAborted as exc:
                 logger.debug("HTTP request %s %s from %s: the client closed the connection after "
-                            "%s bytes of its body; nothing answered", request.method, label, peer,
-                            f"{exc.received:,}")
+                             "%s bytes of its body; nothing answered", request.method, label, peer,
+                             f"{exc.received:,}")
                 status = CLIENT_CLOSED
                 return web.Response(status=CLIENT_CLOSED)  # written nowhere: the transport is gone
             except Exception:
                 logger.exception("unexpected error in %s %s", request.method, label)
                 reply = error_reply(HTTP_INTERNAL, INTERNAL_MESSAGE)
-            status = reply.status
-            response = web.Response(body=reply.body, status=status, headers=reply.headers)
-            response.headers["Content-Type"] = reply.content_type
+            if reply is not None:
+                response = web.Response(body=reply.body, status=reply.status, headers=reply.headers,
+                                        content_type=reply.content_type)
+            status = response.status
             response.headers["X-Request-Id"] = request_id
             response.headers["Server"] = "digitserve"
-            if allowed:
-                response.headers["Allow"] = ", ".join(allowed)
             if close or self.draining or self.api.draining:  # the server's stop began
                 response.force_close()
             return response
