@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import ssl
 import time
@@ -33,7 +34,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, LineTooLong
 from aiohttp.typedefs import Handler
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -44,22 +45,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from digitserve.server import rest
 from digitserve.server.errors import ServerError
 from digitserve.server.httpconnections import MIN_IDLE, Connection, ConnectionTable, Gate
 from digitserve.server.logs import access_log, current_request_id
-from digitserve.server.rest import (
-    JSON,
-    NO_ROUTE,
-    READ_TIMEOUT,
-    ROUTES,
-    ClientAborted,
-    HttpError,
-    Reply,
-    RestApi,
-    add_routes,
-    error_reply,
-    too_large,
-)
 from digitserve.server.security import TokenAuth
 from digitserve.server.settings import Settings
 from digitserve.server.status import HTTP_INTERNAL, INTERNAL_MESSAGE, http_status
@@ -67,12 +56,13 @@ from digitserve.server.telemetry import CALL_BUCKETS, REQUEST_ID_KEY, Telemetry,
 
 logger = logging.getLogger(__name__)
 
-# An idle-connection limit of 0 means "never": aiohttp's timer then gets a year.
-_NEVER = 365 * 86400.0
+_NEVER = 365 * 86400.0  # an idle-connection limit of 0 means "never": aiohttp's timer gets a year
 # Methods counted under their own name in metrics; any other is "other" (labels stay bounded).
+UNMATCHED = "(unmatched)"  # the route label of a request no route matched
+MAX_HEADERS = 64  # headers in a request, at most
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-# A request whose client closed the connection before its body was in: counted with nginx's
-# "client closed request" status, which no answer carries (the client is gone).
+# A request whose client closed the connection before its body was in: nginx's "client closed
+# request", counted, never sent (the client is gone).
 CLIENT_CLOSED = 499
 # Once the requests in flight are answered, how long a drain waits for keep-alive connections to
 # close after their Connection: close answer before it closes the idle ones (within the grace).
@@ -108,18 +98,6 @@ class HttpMetrics:
             "Idle HTTP keep-alive connections closed to make room for a new one (above three "
             "quarters of --http-max-connections, or at --http-max-connections-per-peer).",
             registry=registry)
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
-        children = self._children.get(key)
-        if children is None:
-            if len(self._children) > 1024:  # methods are the client's: keep the cache bounded
-                self._children.clear()
-            children = self._children[key] = (self.requests.labels(method, route, str(status)),
-                                              self.seconds.labels(method, route))
-        children[0].inc()
-        children[1].observe(seconds)
 
 
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
@@ -140,6 +118,13 @@ def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def json_error(status: int, message: str, close: bool = False) -> web.Response:
+    """``{"error": message}`` with ``status``; ``close``: and the connection closed after it."""
+    response = web.Response(body=orjson.dumps({"error": message}) + b"\n", status=status,
+                            content_type=rest.JSON)
+    if close:
+        response.force_close()
+    return response
 
 
 class _EdgeConnection(Connection):
@@ -154,9 +139,12 @@ class _EdgeConnection(Connection):
                      exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("the answer was sent already; cannot send an error after it")
-        if isinstance(exc, LineTooLong) or "Too many headers" in str(message or ""):
+        if isinstance(exc, ContentEncodingError):  # one aiohttp cannot inflate: zstd, say
+            found = re.search(r"\((\w+)\)", str(exc))
+            status, text = 415, rest.unsupported(found.group(1) if found else "?").text or ""
+        elif isinstance(exc, LineTooLong) or "Too many headers" in str(message or ""):
             status, text = 431, (f"request headers: a line longer than {self.edge.max_line} bytes or "
-                                 f"more than {self.edge.max_headers} headers (--max-metadata-bytes)")
+                                 f"more than {MAX_HEADERS} headers (--max-metadata-bytes)")
         elif isinstance(exc, BadHttpMessage) or status == 400:
             kind = type(exc).__name__ if exc is not None else "bad request"
             status, text = 400, f"request: not valid HTTP/1.1 ({kind})"
@@ -167,10 +155,7 @@ class _EdgeConnection(Connection):
             text = f"request: {message or 'refused'}"
         logger.debug("HTTP request from %s refused with %d: %s", self.peer, status, text)
         self.edge.observe("-", "(invalid)", status, 0.0, self.peer, "")
-        response = web.Response(body=orjson.dumps({"error": text}) + b"\n", status=status,
-                                content_type=JSON)
-        response.force_close()
-        return response
+        return json_error(status, text, close=True)
 
 
 class HttpEdge:
@@ -179,31 +164,30 @@ class HttpEdge:
     requests in flight (within the grace period) and for the clients to see that, then closes
     every connection."""
 
-    def __init__(self, settings: Settings, api: RestApi, telemetry: Telemetry,
+    def __init__(self, settings: Settings, api: rest.RestApi, telemetry: Telemetry,
                  auth: TokenAuth | None) -> None:
         self.api = api
         self.auth = auth
         self.max_body = settings.max_message_bytes
         self.read_timeout = settings.http_read_timeout
-        self.max_line = self.max_header_bytes = settings.max_metadata_bytes
-        self.max_headers = 64
+        self.max_line = settings.max_metadata_bytes
         self.ssl = http_ssl_context(settings)
         self.in_flight = 0
         self.draining = False
-        self.open_routes = {(r.method, r.label) for r in ROUTES if r.open}
+        self.open_routes = {(r.method, r.label) for r in rest.ROUTES if r.open}
         self.connections = ConnectionTable(
             settings.http_max_connections, settings.http_max_connections_per_peer,
             lambda reason: self.metrics.refused.labels(reason).inc(),
             lambda: self.metrics.reclaimed.inc())
         self.metrics = HttpMetrics(telemetry, lambda: float(len(self.connections.opened)))
-        self.app = web.Application(middlewares=[self._edge], client_max_size=self.max_body)
-        self.app[READ_TIMEOUT] = self.read_timeout
-        add_routes(self.app, api)
-        self._runner = web.AppRunner(self.app, handle_signals=False)
+        app = web.Application(middlewares=[self._edge], client_max_size=self.max_body)
+        app[rest.READ_TIMEOUT] = self.read_timeout
+        rest.add_routes(app, api, self._expect)
+        self._runner = web.AppRunner(app)
         self._protocol: dict[str, Any] = {
             "keepalive_timeout": settings.max_connection_idle or _NEVER, "access_log": None,
             "max_line_size": self.max_line, "max_field_size": self.max_line,
-            "max_headers": self.max_headers, "lingering_time": 1.0}
+            "max_headers": MAX_HEADERS, "lingering_time": 1.0}
         self._listener: asyncio.AbstractServer | None = None
         self._late: set[asyncio.Task[Any]] = set()  # connections taken from the backlog at the end
 
@@ -217,8 +201,9 @@ class HttpEdge:
         self.metrics.refused.labels("slow").inc()
 
     def _gate(self) -> Gate:
-        assert self._runner.server is not None
+        """A new connection's protocol: the gate, then an _EdgeConnection of the app's server."""
         server = self._runner.server
+        assert server is not None
         return Gate(self.connections, lambda: _EdgeConnection(server, self, **self._protocol))
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
@@ -269,11 +254,9 @@ class HttpEdge:
         it (clients that sent a request into the backlog): those are taken first, from a copy of
         the socket that keeps it listening until the last one is out, and served as any other
         (a 503 and Connection: close, while draining)."""
-        if self._listener is None:
+        if not isinstance(self._listener, asyncio.Server):
             return
-        listener = self._listener
-        assert isinstance(listener, asyncio.Server)
-        copies = [socket.socket(fileno=os.dup(s.fileno())) for s in listener.sockets]
+        copies = [socket.socket(fileno=os.dup(s.fileno())) for s in self._listener.sockets]
         self._listener.close()
         loop = asyncio.get_running_loop()
         for copy in copies:
@@ -296,34 +279,80 @@ class HttpEdge:
 
     def observe(self, method: str, route: str, status: int, seconds: float, peer: str,
                 request_id: str, target: str = "") -> None:
-        self.metrics.observe(method, route, status, seconds)
+        self.metrics.requests.labels(method, route, str(status)).inc()
+        self.metrics.seconds.labels(method, route).observe(seconds)
         if access_log.enabled():
             access_log.write(f"{method} {target or route}", str(status), round(seconds * 1000, 3),
                              peer, request_id)
 
-    def _check(self, request: web.Request, label: str, peer: str) -> None:
-        """The limits a matched request's headers must keep, and its token (not for the open
-        routes); HttpError otherwise."""
+    def _refusal(self, request: web.Request, label: str) -> web.HTTPException | None:
+        """Why a request for a route is refused before its body is read: headers over their
+        limit, a body declared over its limit, no valid token (but for the open routes)."""
         length = request.content_length
         if length is not None and length > self.max_body:
-            raise too_large(f"{length:,}", self.max_body)
+            return rest.too_large(f"{length:,}", self.max_body)
         header_bytes = sum(len(k) + len(v) for k, v in request.raw_headers)
-        if header_bytes > self.max_header_bytes:
-            raise HttpError(431, f"request headers: {header_bytes:,} bytes exceed the limit of "
-                            f"{self.max_header_bytes:,} (--max-metadata-bytes)")
+        if header_bytes > self.max_line:
+            return web.HTTPRequestHeaderFieldsTooLarge(text=(
+                f"request headers: {header_bytes:,} bytes exceed the limit of {self.max_line:,} "
+                "(--max-metadata-bytes)"))
         method = "GET" if request.method == "HEAD" else request.method
         if self.auth is not None and (method, label) not in self.open_routes:
             problem = self.auth.check((("authorization", request.headers["Authorization"]),)
                                       if "Authorization" in request.headers else ())
             if problem is not None:
-                logger.info("unauthenticated HTTP request %s %s from %s: %s", request.method,
-                            label, peer, problem)
-                raise HttpError(401, problem, close=False, headers={"WWW-Authenticate": "Bearer"})
+                return web.HTTPUnauthorized(text=problem)
+        return None
+
+    async def _expect(self, request: web.Request) -> None:
+        """``Expect: 100-continue`` answered (as aiohttp does) only for a body that will be read:
+        a POST's, not refused first; any other ``Expect`` is ignored."""
+        resource = request.match_info.route.resource
+        if request.method == "POST" and resource is not None and request.version >= (1, 1) \
+                and request.headers.get("Expect", "").lower() == "100-continue" \
+                and self._refusal(request, resource.canonical) is None:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+
+    async def _answer(self, request: web.Request, handler: Handler, label: str,
+                      peer: str) -> web.StreamResponse:
+        """The route's answer, or the error's in JSON."""
+        try:
+            refusal = None if label == UNMATCHED else self._refusal(request, label)
+            if refusal is not None:
+                raise refusal
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as exc:  # the router's
+            allowed = sorted(exc.allowed_methods - {"HEAD"})
+            response = json_error(405, f"{request.method} is not allowed on {request.path[:200]}; "
+                                       f"use {' or '.join(allowed)}")
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        except web.HTTPNotFound:  # the router's
+            return json_error(404, f"no route {request.method} {request.path[:200]}; {rest.NO_ROUTE}")
+        except web.HTTPUnauthorized as exc:
+            logger.info("unauthenticated HTTP request %s %s from %s: %s", request.method, label,
+                        peer, exc.text)
+            response = json_error(401, exc.text or "")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        except web.HTTPException as exc:  # the limits: the body is left unread, the connection closed
+            return json_error(exc.status, exc.text or "", close=True)
+        except ServerError as exc:
+            return json_error(http_status(exc), str(exc))
+        except ConnectionError:
+            logger.debug("HTTP request %s %s from %s: the client closed the connection after %s "
+                         "bytes of its body; nothing answered", request.method, label, peer,
+                         f"{request.content.total_bytes:,}")
+            return web.Response(status=CLIENT_CLOSED)  # written nowhere: the transport is gone
+        except Exception:
+            logger.exception("unexpected error in %s %s", request.method, label)
+            return json_error(HTTP_INTERNAL, INTERNAL_MESSAGE)
 
     @web.middleware
     async def _edge(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """One request: its id, the limits and the token, the answer (errors in JSON, headers,
-        ``Connection: close`` while draining), metrics and its access line."""
+        """One request: its id, the answer (``Connection: close`` while draining), metrics and
+        its access line."""
         started = time.perf_counter()
         connection = request.protocol
         peer = "unknown"
@@ -335,42 +364,14 @@ class HttpEdge:
         self.in_flight += 1
         self.metrics.in_flight.inc()
         resource = request.match_info.route.resource
-        label = "(unmatched)" if resource is None else resource.canonical
-        status, close = HTTP_INTERNAL, False
+        label = UNMATCHED if resource is None else resource.canonical
+        status = HTTP_INTERNAL
         try:
-            reply: Reply | None = None
-            try:
-                if resource is not None:
-                    self._check(request, label, peer)
-                response = await handler(request)
-            except web.HTTPMethodNotAllowed as exc:
-                allowed = sorted(exc.allowed_methods - {"HEAD"})
-                reply = error_reply(405, f"{request.method} is not allowed on {request.path[:200]}; "
-                                         f"use {' or '.join(allowed)}")
-                reply.headers["Allow"] = ", ".join(allowed)
-            except web.HTTPNotFound:
-                reply = error_reply(404, f"no route {request.method} {request.path[:200]}; {NO_ROUTE}")
-            except HttpError as exc:
-                reply, close = error_reply(exc.status, str(exc)), exc.close
-                reply.headers.update(exc.headers)
-            except ServerError as exc:
-                reply = error_reply(http_status(exc), str(exc))
-            except ClientAborted as exc:
-                logger.debug("HTTP request %s %s from %s: the client closed the connection after "
-                             "%s bytes of its body; nothing answered", request.method, label, peer,
-                             f"{exc.received:,}")
-                status = CLIENT_CLOSED
-                return web.Response(status=CLIENT_CLOSED)  # written nowhere: the transport is gone
-            except Exception:
-                logger.exception("unexpected error in %s %s", request.method, label)
-                reply = error_reply(HTTP_INTERNAL, INTERNAL_MESSAGE)
-            if reply is not None:
-                response = web.Response(body=reply.body, status=reply.status, headers=reply.headers,
-                                        content_type=reply.content_type)
+            response = await self._answer(request, handler, label, peer)
             status = response.status
             response.headers["X-Request-Id"] = request_id
             response.headers["Server"] = "digitserve"
-            if close or self.draining or self.api.draining:  # the server's stop began
+            if self.draining or self.api.draining:  # the server's stop began
                 response.force_close()
             return response
         finally:

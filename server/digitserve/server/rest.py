@@ -17,7 +17,8 @@ import json
 import logging
 import re
 import struct
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from digitserve.inference import Model
 from digitserve.oip import grpc_predict_v2_pb2 as oip
@@ -406,59 +407,53 @@ def repository_index(infos: Iterable[ModelInfo], ready_only: bool) -> list[dict[
 
 # --- the body ----------------------------------------------------------------------------------
 
+ExpectHandler = Callable[[web.Request], Awaitable[None]]
 READ_TIMEOUT = web.AppKey("read_timeout", float)  # --http-read-timeout, for a request's body
-_ENCODINGS = ("gzip", "deflate", "identity", "")
+_ENCODINGS = ("gzip", "deflate", "x-gzip", "identity", "")
 
 
-class HttpError(Exception):
-    """A request refused by the HTTP layer itself (a body too large, too slow, of an encoding not
-    supported; headers too large; no token): its status, message and extra headers; ``close``
-    closes the connection (its body was not read)."""
-
-    def __init__(self, status: int, message: str, close: bool = True,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.close, self.headers = status, close, headers or {}
+def too_large(size: str, limit: int) -> web.HTTPException:
+    return web.HTTPRequestEntityTooLarge(
+        limit, 0, text=f"request body: {size} bytes exceed the limit of {limit:,} (--max-message-"
+        "bytes); send fewer images per request, or pixels as the binary data extension")
 
 
-class ClientAborted(Exception):
-    """The client closed its connection before its request's body was all in (``received``
-    bytes of it came): nothing to answer, nobody to answer; counted as 499."""
-
-    def __init__(self, received: int) -> None:
-        super().__init__(f"the client closed the connection after {received:,} bytes of its body")
-        self.received = received
-
-
-def too_large(size: str, limit: int) -> HttpError:
-    return HttpError(413, f"request body: {size} bytes exceed the limit of {limit:,} "
-                     "(--max-message-bytes); send fewer images per request, or pixels as the binary "
-                     "data extension")
+def unsupported(encoding: str) -> web.HTTPException:
+    return web.HTTPUnsupportedMediaType(text=f"Content-Encoding {encoding[:40]!r} is not supported;"
+                                        " send the body as is, or gzip or deflate it")
 
 
 async def read_body(request: web.Request) -> bytes:
     """The request's body, read within --http-read-timeout, at most --max-message-bytes (the
-    app's ``client_max_size``; gzip and deflate are inflated by aiohttp as they arrive, no further
-    than that). ClientAborted if the client closes the connection before it is all in."""
+    app's ``client_max_size``; aiohttp inflates gzip and deflate as they arrive, no further than
+    that); an HTTPException says why not. ConnectionError: the client left before it was in."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in _ENCODINGS:
-        raise HttpError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
-                        "as is, or gzip or deflate it")
-    timeout = request.app[READ_TIMEOUT]
+        raise unsupported(encoding)
+    timeout, limit = request.app[READ_TIMEOUT], request.client_max_size
     try:
         async with asyncio.timeout(timeout):
-            return await request.read()
+            data = await request.read()
     except TimeoutError:
-        raise HttpError(408, f"request body: not received within {timeout:g}s (--http-read-timeout;"
-                        f" {request.content.total_bytes:,} bytes came)") from None
+        raise web.HTTPRequestTimeout(text=f"request body: not received within {timeout:g}s (--http-"
+                                     f"read-timeout; {request.content.total_bytes:,} bytes came)") from None
     except web.HTTPRequestEntityTooLarge:
-        inflated = "inflated to " if encoding in ("gzip", "deflate") else ""
-        limit = request.client_max_size
-        raise too_large(f"{inflated}more than {limit:,}", limit) from None
-    except ContentEncodingError:
-        raise HttpError(400, f"request body: not valid {encoding} data") from None
-    except ConnectionError:
-        raise ClientAborted(request.content.total_bytes) from None
+        raise too_large(f"{'inflated to ' if encoding != 'identity' else ''}more than {limit:,}",
+                        limit) from None
+    except RequestPayloadError as exc:  # data gzip or deflate cannot read
+        request.content.feed_eof()  # nothing more to read (aiohttp would try, and log the error)
+        cause = exc.__cause__.__context__ if exc.__cause__ else None
+        raise web.HTTPBadRequest(text=f"request body: not valid {encoding} data"
+                                 + (f" ({cause})" if isinstance(cause, zlib.error) else "")) from None
+    if encoding == "x-gzip":  # gzip by its old name, which aiohttp leaves as it is
+        inflater = zlib.decompressobj(31)
+        try:
+            data = inflater.decompress(data, limit + 1)
+        except zlib.error as exc:
+            raise web.HTTPBadRequest(text=f"request body: not valid x-gzip data ({exc})") from None
+        if len(data) > limit or inflater.unconsumed_tail:
+            raise too_large(f"inflated to more than {limit:,}", limit)
+    return data
 
 
 # --- the routes --------------------------------------------------------------------------------
@@ -493,9 +488,9 @@ NO_ROUTE = ("the Open Inference Protocol's routes are /v2/health/live, /v2/healt
             "POST /v2/repository/index and /metrics")
 
 
-def add_routes(app: web.Application, api: RestApi) -> None:
-    """ROUTES into the app's router (a GET route answers HEAD too); a parameter may be empty, as
-    the protocol's paths do not forbid it."""
+def add_routes(app: web.Application, api: RestApi, expect: ExpectHandler | None = None) -> None:
+    """ROUTES into the app's router (a GET route answers HEAD too; ``expect`` answers their
+    ``Expect`` headers); a parameter may be empty, as the protocol's paths do not forbid it."""
     for route in ROUTES:
         method: Callable[..., Any] = getattr(api, route.handler)
 
@@ -506,9 +501,9 @@ def add_routes(app: web.Application, api: RestApi) -> None:
 
         path = re.sub(r"\{(\w+)\}", r"{\1:[^/]*}", route.label)
         if route.method == "GET":
-            app.router.add_get(path, handle)
+            app.router.add_get(path, handle, expect_handler=expect)
         else:
-            app.router.add_route(route.method, path, handle)
+            app.router.add_route(route.method, path, handle, expect_handler=expect)
 
 
 class RestApi:
