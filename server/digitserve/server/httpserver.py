@@ -1,19 +1,15 @@
 """The HTTP listener of ``--http-port``: an aiohttp ``web.Application`` on the event loop grpc.aio
-runs on, its router holding server.rest's routes (aiohttp inflates gzip and deflate bodies no
-further than --max-message-bytes, answers ``Expect: 100-continue``, bounds a header line and the
-number of headers). One middleware gives each request what every gRPC call gets from server.calls
-— a request id, the bearer-token check (health and /metrics open, as gRPC health is), errors
-answered in JSON, metrics and an access line — and refuses a header block or a declared body over
-its limit (--max-metadata-bytes, --max-message-bytes); a body the client abandoned is counted 499.
+runs on. Its router holds server.rest's routes; aiohttp inflates gzip and deflate bodies (no
+further than --max-message-bytes), answers ``Expect: 100-continue`` and bounds a header line and
+the number of headers. One middleware gives each request what server.calls gives a gRPC call (a
+request id, the bearer-token check with health and /metrics open, metrics, an access line), its
+errors in JSON, and the limits on its header block and declared body; an abandoned body is a 499.
 
-Hand-made, as aiohttp has no equivalent: the listener (``loop.create_server``, not ``TCPSite``,
-whose protocol factory cannot be wrapped) whose connections pass server.httpconnections' gate (a
-bounded number in all and from one address, idle ones closed to make room, then a 503 that
-arrives; a deadline for a request's headers); malformed HTTP answered in JSON without a traceback
-(the protocol's ``handle_error``, which no middleware sees); and the drain: readiness answers 503
-and every answer says ``Connection: close`` from the first moment, requests in flight finish
-within the grace period, and clients already in the listen backlog are answered rather than reset
-(closing the socket, as ``TCPSite.stop`` does, resets them).
+Hand-made where aiohttp has no equivalent: the listener (``loop.create_server``: ``TCPSite`` takes
+no protocol factory) whose connections pass server.httpconnections' gate; malformed HTTP answered
+in JSON without a traceback (``handle_error``, which no middleware sees); the drain, which answers
+``Connection: close`` from its first moment and takes the clients already in the listen backlog
+(``TCPSite.stop`` resets them).
 
 Why aiohttp (python -m bench.http_stacks, figures in docs/interoperability.md): its server is made
 to run on an event loop someone else owns and its protocol can be extended for the limits; it cost
