@@ -1,7 +1,8 @@
 """Every route of the HTTP edge needs the bearer token, but the open set that docs/security.md
 names; refused requests are counted 401 under their route. The routes come from the edge's own
-table (rest.ROUTES, from which ``add_routes`` fills the app's router), as test_auth_coverage takes gRPC methods from
-the handlers the server was given, so a route added or opened later cannot slip through."""
+table (rest.ROUTES, from which ``add_routes`` fills the app's router), as test_auth_coverage takes
+gRPC methods from the handlers the server was given, so a route added or opened later cannot slip
+through."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ the same ``inference.ModelInferRequest`` the V2 gRPC edge decodes, and answered 
 ``InferenceServicer.infer`` (server.oip, its pixels read by server.pixels), so both bindings refuse
 the same faults with the same messages — fields named as the JSON names them (``inputs[0].data[3]``
 where gRPC says ``inputs[0].contents.fp32_contents[3]``) — and run through the same data plane.
-The routes are an aiohttp router's (``add_routes``), their bodies read by aiohttp (inflated, bounded by
-``client_max_size``) within --http-read-timeout (``read_body``); the listener, limits, token, metrics
-and access lines are server.httpserver's."""
+The routes go into an aiohttp router (``add_routes``); aiohttp reads their bodies, inflated and
+bounded by ``client_max_size``, within --http-read-timeout (``read_body``). The listener, limits,
+token, metrics and access lines are server.httpserver's."""
 
 from __future__ import annotations
 
@@ -438,8 +438,8 @@ async def read_body(request: web.Request) -> bytes:
         raise web.HTTPRequestTimeout(text=f"request body: not received within {timeout:g}s (--http-"
                                      f"read-timeout; {request.content.total_bytes:,} bytes came)") from None
     except web.HTTPRequestEntityTooLarge:
-        raise too_large(f"{'inflated to ' if encoding != 'identity' else ''}more than {limit:,}",
-                        limit) from None
+        raise too_large(f"{'inflated to ' if encoding not in ('identity', '') else ''}more than "
+                        f"{limit:,}", limit) from None
     except RequestPayloadError as exc:  # data gzip or deflate cannot read
         request.content.feed_eof()  # nothing more to read (aiohttp would try, and log the error)
         cause = exc.__cause__.__context__ if exc.__cause__ else None
