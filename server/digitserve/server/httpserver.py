@@ -94,6 +94,17 @@ class HttpMetrics:
             "Idle HTTP keep-alive connections closed to make room for a new one (above three "
             "quarters of --http-max-connections, or at --http-max-connections-per-peer).",
             registry=registry)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        children = self._children.get((method, route, status))
+        if children is None:  # labels() costs a dozen calls: its children are kept (1,024 at most)
+            if len(self._children) > 1024:
+                self._children.clear()
+            children = self._children[method, route, status] = (
+                self.requests.labels(method, route, str(status)), self.seconds.labels(method, route))
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
@@ -275,8 +286,7 @@ class HttpEdge:
 
     def observe(self, method: str, route: str, status: int, seconds: float, peer: str,
                 request_id: str, target: str = "") -> None:
-        self.metrics.requests.labels(method, route, str(status)).inc()
-        self.metrics.seconds.labels(method, route).observe(seconds)
+        self.metrics.observe(method, route, status, seconds)
         if access_log.enabled():
             access_log.write(f"{method} {target or route}", str(status), round(seconds * 1000, 3),
                              peer, request_id)

@@ -470,7 +470,9 @@ class Route:
     open: bool = False
 
 
-ROUTES = (
+ROUTES = (  # the router tries the paths of /v2/models in this order: inference first
+    Route("POST", "/v2/models/{name}/infer", "infer"),
+    Route("POST", "/v2/models/{name}/versions/{version}/infer", "infer"),
     Route("GET", "/v2/health/live", "live", True),
     Route("GET", "/v2/health/ready", "ready", True),
     Route("GET", "/v2", "server_metadata"),
@@ -478,8 +480,6 @@ ROUTES = (
     Route("GET", "/v2/models/{name}/versions/{version}", "model_metadata"),
     Route("GET", "/v2/models/{name}/ready", "model_ready", True),
     Route("GET", "/v2/models/{name}/versions/{version}/ready", "model_ready", True),
-    Route("POST", "/v2/models/{name}/infer", "infer"),
-    Route("POST", "/v2/models/{name}/versions/{version}/infer", "infer"),
     Route("POST", "/v2/repository/index", "repository_index"),
     Route("GET", "/metrics", "metrics", True),
 )
