@@ -53,9 +53,9 @@ from digitserve.server.telemetry import CALL_BUCKETS, REQUEST_ID_KEY, Telemetry,
 logger = logging.getLogger(__name__)
 
 _NEVER = 365 * 86400.0  # an idle-connection limit of 0 means "never": aiohttp's timer gets a year
-# Methods counted under their own name in metrics; any other is "other" (labels stay bounded).
 UNMATCHED = "(unmatched)"  # the route label of a request no route matched
 MAX_HEADERS = 64  # headers in a request, at most
+# Methods counted under their own name in metrics; any other is "other" (labels stay bounded).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 # A request whose client closed the connection before its body was in: nginx's "client closed
 # request", counted, never sent (the client is gone).
