@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -258,16 +258,16 @@ def run(config: TrainConfig) -> dict[str, Any]:
         model.save(staging / MODEL_FILE)
         draft = _draft_metadata(config, preset, data, version, input_shape)
         evaluation = _evaluate_saved(staging, draft, data)
-        metrics = replace(evaluation.metrics, baseline=baseline)
-        metadata = replace(
-            draft, inference=evaluation.inference, metrics=metrics,
-            check_set=evaluation.check_set,
-            history={key: tuple(values) for key, values in history.items()},
-            train_seconds=train_seconds, report=(),
-        )
+        metrics = evaluation.metrics.model_copy(update={"baseline": baseline})
+        metadata = draft.model_copy(update={
+            "inference": evaluation.inference, "metrics": metrics,
+            "check_set": evaluation.check_set,
+            "history": {key: tuple(values) for key, values in history.items()},
+            "train_seconds": train_seconds, "report": (),
+        })
         outcome["evaluation"] = evaluation
         if config.report:
-            metadata = replace(metadata, report=write(staging, metadata))
+            metadata = metadata.model_copy(update={"report": write(staging, metadata)})
         outcome["metrics"] = metrics
         outcome["metadata"] = metadata
         return metadata.to_json()
@@ -276,8 +276,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         """Rewrites the report titled with ``version`` when another publisher took the version
         first and this one is published as the next; ``document`` (the repository's, written
         after this) gets the renumbered metadata."""
-        metadata = replace(outcome["metadata"], version=version)
-        metadata = replace(metadata, report=write(staging, metadata))
+        metadata = outcome["metadata"].model_copy(update={"version": version})
+        metadata = metadata.model_copy(update={"report": write(staging, metadata)})
         outcome["metadata"] = metadata
         document.update(metadata.to_json())
 
@@ -392,8 +392,8 @@ def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluati
         # check it against model.predict's probabilities on the check set (saved with it below)
         # within the tolerance it met here.
         (staging / LITERT_FILE).write_bytes(served.litert.flatbuffer)
-        inference = replace(inference, litert_file=LITERT_FILE,
-                            tolerance=served.agreement.tolerance)
+        inference = inference.model_copy(update={"litert_file": LITERT_FILE,
+                                                 "tolerance": served.agreement.tolerance})
     test_metrics, test_probs = evaluate(served, data.x_test, data.test.labels)
     metrics = Metrics(
         test_accuracy=test_metrics.accuracy,
@@ -408,8 +408,8 @@ def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluati
     )
     if data.x_holdout is not None and data.y_holdout is not None:
         holdout_metrics, _ = evaluate(served, data.x_holdout, data.y_holdout)
-        metrics = replace(metrics, holdout_accuracy=holdout_metrics.accuracy,
-                          holdout_loss=holdout_metrics.mean_cross_entropy)
+        metrics = metrics.model_copy(update={"holdout_accuracy": holdout_metrics.accuracy,
+                                             "holdout_loss": holdout_metrics.mean_cross_entropy})
 
     # The server's hot-reload gate predicts these images in one call and compares the figures.
     check_images = data.test.images[:count].reshape(count, -1)
