@@ -18,10 +18,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = [
-    "IMAGES_MAGIC", "LABELS_MAGIC", "SPLITS", "IdxError", "Split", "load_split", "md5_uncompressed",
-    "read_idx", "read_images", "read_labels", "scale_pixels", "split_file_names", "write_idx",
-]
+__all__ = ["IMAGES_MAGIC", "LABELS_MAGIC", "SPLITS", "IdxError", "Split", "load_split", "md5_uncompressed",
+           "read_idx", "read_images", "read_labels", "scale_pixels", "split_file_names", "write_idx"]
 
 IMAGES_MAGIC: Final = 0x00000803  # 2051: unsigned bytes, 3 dimensions
 LABELS_MAGIC: Final = 0x00000801  # 2049: unsigned bytes, 1 dimension

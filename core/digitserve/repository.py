@@ -148,10 +148,8 @@ class ModelRepository:
             elif not entry.name.startswith(".") and entry.path not in self._ignored \
                     and not (is_version_name(entry.name) and entry.is_symlink()):  # warned
                 self._ignored.add(entry.path)
-                logger.warning(
-                    "ignoring %s: not a version directory (versions are directories named "
-                    "1, 2, 3, ... without leading zeros)", entry.path,
-                )
+                logger.warning("ignoring %s: not a version directory (versions are directories named "
+                               "1, 2, 3, ... without leading zeros)", entry.path)
         return sorted(found)
 
     def latest(self, name: str) -> int:

@@ -205,12 +205,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     except ImportError:  # numpy < 2
         multiarray = importlib.import_module("numpy.core.multiarray")
     reconstruct = multiarray._reconstruct
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
+    return {("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype}
 
 
 class _LimitedReader:
