@@ -125,8 +125,7 @@ def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = N
     try:
         subprocess.Popen(
             [sys.executable, "-c", _BRIDGE_MAIN, str(level), *([text_format] if text_format else [])],
-            stdin=read_end, stdout=real, stderr=real, close_fds=True,
-        )
+            stdin=read_end, stdout=real, stderr=real, close_fds=True)
     except OSError:
         for fd in (real, read_end, write_end):
             os.close(fd)

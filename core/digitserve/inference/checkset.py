@@ -40,18 +40,15 @@ def check_consistency(spec: ModelSpec, check_set: CheckSet, path: Path) -> None:
         raise CorruptVersionError(
             f"{path}: the check set's images have {images.shape[1]} values{stored} but "
             f"metadata.json declares input shape {list(spec.input_shape)} ({spec.input_size} "
-            "values): the version's files do not belong together"
-        )
+            "values): the version's files do not belong together")
     if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < len(spec.labels):
         raise CorruptVersionError(
             f"{path}: check-set labels range over {int(labels.min())}..{int(labels.max())} but "
-            f"metadata.json declares {len(spec.labels)} labels"
-        )
+            f"metadata.json declares {len(spec.labels)} labels")
     if check_set.label_names is not None and check_set.label_names != spec.labels:
         raise CorruptVersionError(
             f"{path}: metadata.json labels {list(spec.labels)} differ from the label names the "
-            f"check set was published with {list(check_set.label_names)}"
-        )
+            f"check set was published with {list(check_set.label_names)}")
 
 
 def read_check_set(version_dir: Path, metadata: Metadata | None = None) -> CheckSet | None:
@@ -78,18 +75,15 @@ def read_check_set(version_dir: Path, metadata: Metadata | None = None) -> Check
     if images.ndim < 2 or images.dtype != np.uint8:
         raise CorruptVersionError(
             f"{path}: check-set images of shape {images.shape} and type {images.dtype}, expected "
-            "uint8 images of shape (N, ...)"
-        )
+            "uint8 images of shape (N, ...)")
     if labels.shape != images.shape[:1] or labels.dtype.kind not in "iu":
         raise CorruptVersionError(
             f"{path}: check-set labels of shape {labels.shape} and type {labels.dtype}, expected "
-            f"{images.shape[0]} integers (one per image)"
-        )
+            f"{images.shape[0]} integers (one per image)")
     if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
         raise CorruptVersionError(
             f"{path}: check-set label names of shape {names.shape} and type {names.dtype}, "
-            "expected a list of strings"
-        )
+            "expected a list of strings")
     return CheckSet(scale_pixels(images.reshape(images.shape[0], -1)), labels, reference,
                     None if names is None else tuple(str(n) for n in names),
                     tuple(int(d) for d in images.shape[1:]))

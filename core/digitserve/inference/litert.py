@@ -49,13 +49,11 @@ class LiteRTRunner:
             raise CorruptVersionError(
                 f"{path}: the model takes inputs of shape {self._row_shape} ({size} values) but "
                 f"metadata.json declares input shape {list(spec.input_shape)} "
-                f"({spec.input_size} values)"
-            )
+                f"({spec.input_size} values)")
         if self._classes > 0 and self._classes != len(spec.labels):
             raise CorruptVersionError(
                 f"{path}: the model outputs {self._classes} classes but metadata.json declares "
-                f"{len(spec.labels)} labels"
-            )
+                f"{len(spec.labels)} labels")
 
     @classmethod
     def convert(cls, keras_model: Any) -> LiteRTRunner:

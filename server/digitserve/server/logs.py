@@ -134,8 +134,7 @@ class AccessLog:
                 lines.append(
                     f'{{"time": "{self._time(when)}", "level": "INFO", "logger": "digitserve.server.access", '
                     f'"message": "{message}", "request_id": "{request_id}", "method": "{method}", '
-                    f'"code": "{code}", "latency_ms": {latency_ms!r}, "peer": "{peer}"}}\n'
-                )
+                    f'"code": "{code}", "latency_ms": {latency_ms!r}, "peer": "{peer}"}}\n')
             else:
                 entry = {"time": self._time(when), "level": "INFO", "logger": "digitserve.server.access",
                          "message": message, "request_id": request_id, "method": method,

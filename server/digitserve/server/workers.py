@@ -151,8 +151,7 @@ class Arbiter:
         worker.proc = self.context.Process(
             target=_worker,
             args=(_with_metrics_port(self.worker_settings, worker.index), slot, self.settings.log_level),
-            name=f"worker-{worker.index}",
-        )
+            name=f"worker-{worker.index}")
         worker.proc.start()
         worker.started_at, worker.serving, worker.restart_at = time.monotonic(), False, None
 
@@ -180,8 +179,7 @@ class Arbiter:
             logger.error(
                 "worker %d (pid %s) died %s: %s; halting: a worker that cannot start after %d "
                 "retries needs an operator (see its log lines above)",
-                worker.index, proc.pid, what, describe_exit(code), self.settings.worker_start_retries,
-            )
+                worker.index, proc.pid, what, describe_exit(code), self.settings.worker_start_retries)
             self.halted = True
             self._send(signal.SIGTERM)
             return

@@ -256,8 +256,7 @@ def _draft_metadata(config: TrainConfig, preset: Preset, data: _Data, version: i
                       files={name: dict(entry) for name, entry in data.files.items()},
                       train_size=int(data.x_train.shape[0]), test_size=int(data.x_test.shape[0]),
                       holdout_size=None if data.x_holdout is None else int(data.x_holdout.shape[0])),
-        versions=_versions(), created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    )
+        versions=_versions(), created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 @dataclass
@@ -299,8 +298,7 @@ def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluati
         per_class=tuple(ClassFigures(label=label, precision=p, recall=r, f1=f, support=n)
                         for label, p, r, f, n in zip(test_metrics.labels, test_metrics.precision,
                                                      test_metrics.recall, test_metrics.f1,
-                                                     test_metrics.support, strict=True)),
-    )
+                                                     test_metrics.support, strict=True)))
     if data.x_holdout is not None and data.y_holdout is not None:
         holdout_metrics, _ = evaluate(served, data.x_holdout, data.y_holdout)
         metrics = replace(metrics, holdout_accuracy=holdout_metrics.accuracy,
