@@ -83,9 +83,7 @@ def _reading(path: str | os.PathLike[str]) -> Iterator[io.BufferedIOBase]:
 
 
 def _describe_dims(dims: tuple[int, ...], size: int) -> str:
-    if len(dims) == 1:
-        return f"{size} bytes of data"
-    return f"{'×'.join(str(d) for d in dims)} = {size} bytes of data"
+    return ("" if len(dims) == 1 else f"{'×'.join(str(d) for d in dims)} = ") + f"{size} bytes of data"
 
 
 def _read(path: str | os.PathLike[str], expected_magic: int | None, kind: str) -> npt.NDArray[np.uint8]:

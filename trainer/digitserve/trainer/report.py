@@ -155,8 +155,7 @@ def render_html(*, title: str, labels: Sequence[str], confusion_matrix: Sequence
     data = meta.data or DataInfo()
     cm = np.asarray(confusion_matrix, dtype=np.int64)
     total, correct = int(cm.sum()), int(np.trace(cm))
-    accuracy = metrics.test_accuracy if metrics.test_accuracy is not None \
-        else correct / total if total else 0.0
+    accuracy = (correct / total if total else 0.0) if metrics.test_accuracy is None else metrics.test_accuracy
     trained = f"{meta.train_seconds:.1f} s" if meta.train_seconds is not None else ""
     facts = [f"created {meta.created_at}" if meta.created_at is not None else "",
              f"preset {meta.preset}" if meta.preset is not None else "",
@@ -174,19 +173,16 @@ def render_html(*, title: str, labels: Sequence[str], confusion_matrix: Sequence
     check = meta.check_set
     if check is not None and check.accuracy is not None:
         count = "?" if check.count is None else check.count
-        summary.append((f"check-set accuracy ({count} images, the server's gate)",
-                        _pct(check.accuracy)))
+        summary.append((f"check-set accuracy ({count} images, the server's gate)", _pct(check.accuracy)))
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">{html.escape(" · ".join(f for f in facts if f))}</p>',
-             "<h2>Summary</h2>",
-             _table(("", "value"), summary)]
-    baseline = metrics.baseline
-    if baseline is not None:
+             "<h2>Summary</h2>", _table(("", "value"), summary)]
+    if (baseline := metrics.baseline) is not None:
         name = baseline.name
         trees = "?" if baseline.n_estimators is None else baseline.n_estimators
         rows = [(f"network ({meta.preset or ''})", _pct(accuracy), total - correct, trained),
-                (name, _pct(baseline.accuracy),
-                 round(total * (1 - baseline.accuracy)), f"{baseline.seconds or 0.0:.1f} s")]
+                (name, _pct(baseline.accuracy), round(total * (1 - baseline.accuracy)),
+                 f"{baseline.seconds or 0.0:.1f} s")]
         better = 0 if accuracy >= baseline.accuracy else 1
         parts += [f"<h2>Compared with the baseline: {html.escape(name)}</h2>",
                   "<p>The tutorial's take-home exercise: a scikit-learn random forest "
@@ -197,24 +193,18 @@ def render_html(*, title: str, labels: Sequence[str], confusion_matrix: Sequence
     parts += ["<h2>Training curves</h2>", _figure(figures.get(TRAINING_CURVES_FILE), "training curves")]
     pairs = most_confused_pairs(cm, labels, top_pairs)
     pair_rows = [(f"{t} → {p}", count, _pct(share)) for t, p, count, share in pairs]
-    parts += ["<h2>Confusion matrix</h2>",
-              '<div class="cols">',
+    parts += ["<h2>Confusion matrix</h2>", '<div class="cols">',
               _figure(figures.get(CONFUSION_MATRIX_FILE), "confusion matrix"),
               "<div><h3>Most confused pairs</h3>",
               _table(("true → predicted", "images", "of the true class"), pair_rows)
               if pair_rows else "<p>No test image was misclassified.</p>",
               "</div></div>"]
-    per_class = metrics.per_class
-    if per_class:
-        parts += ["<h2>Per class</h2>",
-                  _table(("class", "precision", "recall", "F1", "support"), [
-                      (c.label, f"{c.precision:.4f}", f"{c.recall:.4f}", f"{c.f1:.4f}", c.support)
-                      for c in per_class
-                  ])]
+    if per_class := metrics.per_class:
+        parts += ["<h2>Per class</h2>", _table(("class", "precision", "recall", "F1", "support"), [
+            (c.label, f"{c.precision:.4f}", f"{c.recall:.4f}", f"{c.f1:.4f}", c.support) for c in per_class])]
     parts += ["<h2>Sample predictions</h2>", _figure(figures.get(SAMPLES_FILE), "sample predictions")]
-    details: list[tuple[str, Mapping[str, Any] | None]] = [
-        ("hyper-parameters", meta.hyperparameters), ("libraries", meta.versions),
-    ]
+    details: list[tuple[str, Mapping[str, Any] | None]] = [("hyper-parameters", meta.hyperparameters),
+                                                           ("libraries", meta.versions)]
     for heading, mapping in details:
         if mapping:
             parts += [f"<h2>{heading.capitalize()}</h2>", _table(("", "value"), sorted(mapping.items()))]
