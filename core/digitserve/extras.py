@@ -39,8 +39,7 @@ def missing(extra: str) -> list[str]:
 
 def requirement_error(prog: str, extra: str, what: str) -> str | None:
     """The one line ``prog`` prints when ``extra`` is not installed, else None."""
-    absent = missing(extra)
-    if not absent:
+    if not (absent := missing(extra)):
         return None
     return (f"{prog}: error: {what} needs the '{extra}' extra, which is not installed (missing: "
             f"{', '.join(absent)}); install it with: pip install 'digitserve[{extra}]' (from a "

@@ -82,8 +82,7 @@ def native_stderr_logged(logger: logging.Logger, level: int | None = None) -> It
         capture.seek(0)
         other = []
         for line in capture.read().splitlines(keepends=True):
-            native = native_record(line)
-            if native is None:
+            if (native := native_record(line)) is None:
                 other.append(line)
             else:
                 messages.append(native[1])

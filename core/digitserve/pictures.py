@@ -113,9 +113,7 @@ _PNG_COLOURS = {0: ("grey", 1), 2: ("RGB", 3), 3: ("palette", 1), 4: ("grey and 
 
 def _held_per_pixel(mode: str) -> int:
     """Bytes per pixel of Pillow's image of ``mode`` in memory (RGB takes 4, as RGBA)."""
-    if mode in ("1", "L", "P"):
-        return 1
-    return 2 if mode.startswith("I;16") else 4
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
 
 
 def decoded_bytes(image: Any, data: bytes, size: tuple[int, int]) -> tuple[int, str, str]:

@@ -25,10 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 class KerasModel:
-    """A saved Keras model served through the fastest path that agrees with ``model.predict``
-    (``bench/inference_paths.py`` measures them): ``litert`` (converted, XNNPACK on one thread) or
-    ``tensorflow`` (a concrete ``tf.function``, equal to ``model.predict`` for batches above one).
-    ``auto`` serves LiteRT when, on the probe images, it agrees within ``Agreement.tolerance``."""
+    """A saved Keras model served through ``litert`` (converted, XNNPACK on one thread) when it agrees
+    with ``model.predict`` on the probe images within ``Agreement.tolerance``, else ``tensorflow`` (a
+    concrete ``tf.function``); ``bench/inference_paths.py`` measures them."""
 
     def __init__(self, keras_model: Any, metadata: Metadata, *, inference: str = "auto",
                  probe: npt.NDArray[np.float32] | None = None) -> None:

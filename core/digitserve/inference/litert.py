@@ -33,12 +33,9 @@ class LiteRTRunner:
         with native_stderr_logged(logging.getLogger("litert")):
             self._interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
             self._interpreter.allocate_tensors()
-        inp = self._interpreter.get_input_details()[0]
-        self._input = int(inp["index"])
-        self._row_shape = [int(d) for d in inp["shape_signature"][1:]]
-        output = self._interpreter.get_output_details()[0]
-        self._output = int(output["index"])
-        self._classes = int(output["shape_signature"][-1])
+        inp, output = self._interpreter.get_input_details()[0], self._interpreter.get_output_details()[0]
+        self._input, self._row_shape = int(inp["index"]), [int(d) for d in inp["shape_signature"][1:]]
+        self._output, self._classes = int(output["index"]), int(output["shape_signature"][-1])
         self._rows = -1
 
     def check_fits(self, spec: ModelSpec, path: Path) -> None:
@@ -96,10 +93,7 @@ class LiteRTModel:
 
     def __init__(self, runner: LiteRTRunner, spec: ModelSpec, metadata: Metadata,
                  agreement: Agreement) -> None:
-        self.spec = spec
-        self.metadata = metadata.to_json()
-        self.litert = runner
-        self.agreement = agreement
+        self.spec, self.metadata, self.litert, self.agreement = spec, metadata.to_json(), runner, agreement
 
     @property
     def inference_path(self) -> str:
@@ -138,8 +132,7 @@ class LiteRTModel:
         if reference.shape[1:] != expected[1:] or reference.shape[0] < expected[0]:
             return None, f"reference probabilities of shape {reference.shape}, expected {expected}"
         try:
-            tolerance = info.tolerance
-            spread = info.tensorflow_batch1_max_diff
+            tolerance, spread = info.tolerance, info.tensorflow_batch1_max_diff
             diff = litert_difference(runner, x, reference[: x.shape[0]])
         except Exception as exc:  # a recorded figure that is not a number
             return None, f"{LITERT_FILE} cannot serve: {exc}"

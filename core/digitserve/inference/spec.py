@@ -49,15 +49,10 @@ class Model(Protocol):
     metadata: dict[str, Any]
 
     @property
-    def inline(self) -> bool:
-        """Cheap enough to call on the event loop (see DataPlane.inline_limit): the LiteRT path."""
-        ...
+    def inline(self) -> bool: ...  # cheap enough for the event loop (DataPlane.inline_limit): LiteRT
 
     @property
-    def inference_path(self) -> str:
-        """What computes ``predict`` (``litert``, ``tensorflow``): GetModelInfo and the
-        ``model_info`` metric report it."""
-        ...
+    def inference_path(self) -> str: ...  # ``litert`` or ``tensorflow``, for GetModelInfo and metrics
 
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
 

@@ -39,16 +39,14 @@ class PictureDecoder:
 
     def __init__(self, threads: int = 2, limits: PictureLimits | None = None) -> None:
         self.limits = limits or PictureLimits()
-        self.max_queued = self.limits.max_pictures
-        self.queued = 0
+        self.max_queued, self.queued = self.limits.max_pictures, 0
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pictures")
 
     def admit(self, count: int) -> None:
         """OverloadedError when ``count`` more pictures would not fit."""
         if self.queued + count > self.max_queued:
-            raise OverloadedError(
-                f"server overloaded: {self.queued} pictures are waiting to be decoded, limit "
-                f"{self.max_queued}; retry with backoff")
+            raise OverloadedError(f"server overloaded: {self.queued} pictures are waiting to be decoded, "
+                                  f"limit {self.max_queued}; retry with backoff")
 
     async def run(self, count: int, work: Callable[[], T]) -> T:
         """``work()`` (decoding ``count`` pictures) on the decoder's threads, admitted first; they

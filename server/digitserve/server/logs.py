@@ -26,9 +26,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD_ATTRIBUTES = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__
-) | {"message", "asctime", "taskName"}
+_STANDARD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,12 +40,10 @@ class JsonFormatter(logging.Formatter):
             .replace("+00:00", "Z"),
             "level": record.levelname, "logger": record.name, "message": record.getMessage(),
         }
-        request_id = current_request_id.get()
-        if request_id is not None:
+        if (request_id := current_request_id.get()) is not None:
             entry["request_id"] = request_id
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
-                entry[key] = value
+        entry.update((key, value) for key, value in record.__dict__.items()
+                     if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -58,9 +55,7 @@ def resolve_format(log_format: str, is_terminal: bool) -> str:
     """``json`` or ``text``: ``auto`` is text on a terminal and JSON anywhere else."""
     if log_format not in FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {', '.join(FORMATS)}")
-    if log_format == "auto":
-        return "text" if is_terminal else "json"
-    return log_format
+    return ("text" if is_terminal else "json") if log_format == "auto" else log_format
 
 
 access_logger = logging.getLogger("digitserve.server.access")
@@ -196,9 +191,7 @@ def resolve_access_log(mode: str, json_lines: bool, is_terminal: bool) -> bool:
     terminal (a person, whom a line per call would flood)."""
     if mode not in ACCESS_LOG_MODES:
         raise ValueError(f"access log {mode!r} is not one of {', '.join(ACCESS_LOG_MODES)}")
-    if mode == "auto":
-        return json_lines or not is_terminal
-    return mode == "on"
+    return json_lines or not is_terminal if mode == "auto" else mode == "on"
 
 
 def configure_logging(level: str, log_format: str = "auto", native_stderr: bool = True,

@@ -60,8 +60,7 @@ _GRPC_BIND_REASON = re.compile(r"Error in bind for address '[^']*': ([^()]+)\)")
 def grpc_bind_error(flag: str, host: str, port: int, native: list[str]) -> ListenError:
     """The one line for a port grpc could not bind: the probe's reason, else the one in grpc core's
     ``native`` log lines."""
-    cause = probe(host, port)
-    if cause is None:
+    if (cause := probe(host, port)) is None:
         reasons = [m.group(1).strip() for line in native if (m := _GRPC_BIND_REASON.search(line))]
         detail = reasons[0] if reasons else (native[0] if native else "grpc bound no address")
         return ListenError(f"{flag} {port}: cannot listen on {host}:{port} ({detail}); choose another {flag}")
@@ -94,8 +93,7 @@ def check_worker_metrics_ports(host: str, first: int, workers: int) -> None:
     if first <= 0:
         return  # off (-1), or a free port each (0)
     for index in range(workers):
-        cause = probe(host, first + index)
-        if cause is not None:
+        if (cause := probe(host, first + index)) is not None:
             raise metrics_port_error(host, first, index, cause)
 
 

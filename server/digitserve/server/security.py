@@ -178,8 +178,7 @@ def load_tokens(settings: Settings) -> list[bytes]:
             raise SecurityConfigError(f"token file {settings.auth_token_file}: not ASCII text") from None
     else:
         return []
-    tokens = [line.strip() for line in lines if line.strip()]
-    if not tokens:
+    if not (tokens := [line.strip() for line in lines if line.strip()]):
         raise SecurityConfigError(f"{source}: holds no token")
     for number, token in enumerate(tokens, 1):
         if not _TOKEN_SYNTAX.fullmatch(token):
@@ -204,8 +203,7 @@ class TokenAuth:
 
     def check(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
         """None if the metadata carries an accepted token, else the UNAUTHENTICATED message."""
-        values = [v for k, v in metadata or () if k == "authorization"]
-        if not values:
+        if not (values := [v for k, v in metadata or () if k == "authorization"]):
             return MISSING_TOKEN
         value = values[0]
         raw = value.encode("utf-8", "replace") if isinstance(value, str) else value

@@ -136,10 +136,9 @@ class Arbiter:
             self._send(signum)
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        if self.stop_signals:
-            return
-        logger.info("SIGHUP received: %d workers look for a new model version now",
-                    self._send(signal.SIGHUP))
+        if not self.stop_signals:
+            sent = self._send(signal.SIGHUP)
+            logger.info("SIGHUP received: %d workers look for a new model version now", sent)
 
     # --- the pool ---------------------------------------------------------------------------------
 
@@ -188,10 +187,9 @@ class Arbiter:
         worker.restart_at = now + delay
 
     def _check_heartbeat(self, worker: _Worker, now: float) -> None:
-        """SIGKILLs a worker whose event loop has not beaten (WorkerSlot.beat) for
-        --worker-heartbeat-timeout seconds: stopped or hung, it holds its share of the port's
-        connections unanswered, and waitpid never notices. Its exit is reaped like any other. A
-        worker before its first beat (importing) is not judged."""
+        """SIGKILLs a worker whose loop has not beaten (WorkerSlot.beat) for --worker-heartbeat-timeout
+        seconds (stopped or hung, it holds its share of connections unanswered, unseen by waitpid);
+        one before its first beat (importing) is not judged."""
         timeout = self.settings.worker_heartbeat_timeout
         proc = worker.proc
         if timeout <= 0 or proc is None or proc.pid is None or worker.silenced:
@@ -285,8 +283,7 @@ def check_before_start(settings: Settings) -> tuple[int, str] | None:
 def run_workers(settings: Settings) -> int:
     """Runs the supervised pool until SIGTERM/SIGINT; exits 0 only if every worker drained cleanly;
     2 (one line) when the repository holds nothing to serve or a port is taken."""
-    problem = check_before_start(settings)
-    if problem is None:
+    if (problem := check_before_start(settings)) is None:
         try:
             arbiter = Arbiter(settings)
         except ListenError as error:

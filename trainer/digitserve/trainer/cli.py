@@ -139,11 +139,9 @@ NATIVE_THRESHOLDS = {"0": logging.DEBUG, "1": logging.WARNING, "2": logging.ERRO
 
 
 def quiet_native_logs() -> None:
-    """TensorFlow's C++ log lines (``I0000 … loader.cc:236] Restoring SavedModel bundle.``) become
-    records in the trainer's format, errors only: TF_CPP_MIN_LOG_LEVEL 2 unless set, and a bridge
-    of file descriptor 2 (``bridge_native_stderr``) for the lines TensorFlow writes regardless;
-    Python's ``tensorflow`` logger keeps to warnings. Called before TensorFlow is imported, by a
-    process whose stderr is its own (main without argv)."""
+    """TensorFlow's C++ log lines become records in the trainer's format, errors only
+    (TF_CPP_MIN_LOG_LEVEL 2 unless set, and ``bridge_native_stderr``); its Python logger keeps to
+    warnings. Called before TensorFlow is imported, by a process whose stderr is its own."""
     from digitserve.nativelog import bridge_native_stderr
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

