@@ -45,8 +45,7 @@ class MetricsAccumulator:
     _count: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        n = len(self.labels)
-        self._confusion = np.zeros((n, n), dtype=np.int64)
+        self._confusion = np.zeros((len(self.labels),) * 2, dtype=np.int64)
 
     @property
     def count(self) -> int:

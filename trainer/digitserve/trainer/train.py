@@ -93,8 +93,7 @@ def _describe_files(splits: list[Split]) -> dict[str, dict[str, str]]:
 
 
 def _load_data(config: TrainConfig, preset: Preset) -> _Data:
-    train = load_split(config.data_dir, "train")
-    test = load_split(config.data_dir, "t10k")
+    train, test = (load_split(config.data_dir, split) for split in ("train", "t10k"))
     if train.images.shape[1:] != test.images.shape[1:]:
         raise TrainerError(f"training images are {train.images.shape[1:]} but test images are "
                            f"{test.images.shape[1:]}")
