@@ -10,9 +10,9 @@ import importlib.util
 # The top-level modules of each extra in pyproject.toml (tests/core/test_extras.py keeps them in
 # step). ``serve`` has no TensorFlow: it serves LiteRT flatbuffers; ``server`` adds TensorFlow.
 MODULES: dict[str, tuple[str, ...]] = {
-    "serve": ("grpc_reflection", "prometheus_client", "cryptography", "aiohttp", "orjson"),
+    "serve": ("grpc_reflection", "prometheus_client", "cryptography", "aiohttp", "orjson", "pydantic"),
     "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography", "aiohttp",
-               "orjson"),
+               "orjson", "pydantic"),
     "trainer": ("tensorflow", "sklearn", "matplotlib"),
     "plot": ("matplotlib",),
     "loadtest": ("hpack",),

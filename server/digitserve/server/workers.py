@@ -257,8 +257,8 @@ def check_before_start(settings: Settings) -> tuple[int, str] | None:
     """What a lone server checks before it listens, checked once for the pool (one line, not one per
     worker and restart): None, or the exit code and the line. Arbiter reserves the gRPC port."""
     from digitserve.repository import RepositoryError
+    from digitserve.server.discovery import check_repository
     from digitserve.server.modelconfig import ModelConfigError, from_settings
-    from digitserve.server.models import check_repository
     from digitserve.server.versions import NothingPublishedError, RepositoryReads, RepositoryTimeoutError
 
     reads = RepositoryReads(settings.repository_timeout)
