@@ -6,8 +6,10 @@ One interceptor rather than one per concern: grpc.aio runs each as one more coro
 a call refused by the token or the drain must still be counted and logged like any other, by the
 same wrapper. The interceptor wraps a method's handler the first time the method is called and keeps
 it (grpc resolves a method to the same handler for the server's life), so a call costs grpc's
-interceptor chain and one dict lookup (``python -m bench.pinned``: within noise of the hand-wrapped
-handlers it replaces, BENCHMARKS.md)."""
+interceptor chain and one dict lookup: within noise of the hand-wrapped handlers it replaced
+(``bench/callgrind.sh TREE REPO mnist 300 1``, means of three runs: 1,092,196 instructions per 1-image
+Predict against 1,091,503 on 6feecb6; ``WARMUP=10 ... 30 64``, of two: 3,958,477 per 64-image
+Predict against 3,963,385)."""
 
 from __future__ import annotations
 
@@ -76,8 +78,9 @@ class GenericOnly:
     service's generic handler, then its registered methods, which this drops, so that the generic
     handler serves them. grpc.aio's main loop waits on one pending request per registered method
     (``asyncio.wait`` over all of them for every call): with the ~17 methods served here that
-    cost 7% more instructions per 1-image Predict (1,175,000 against 1,097,000, ``bench/callgrind.sh
-    . REPO mnist 300 1``). tests/server/test_calls.py checks both ways answer alike."""
+    costs 7.6% more instructions per 1-image Predict (``bench/callgrind.sh TREE REPO mnist 300 1``
+    on this tree with ``services = server`` in app.grpc_server, means of two runs: 1,171,998
+    against 1,089,656). tests/server/test_calls.py checks both ways answer alike."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self.add_generic_rpc_handlers = server.add_generic_rpc_handlers
