@@ -1,6 +1,7 @@
 """DigitClient: owns a channel and stub; deadlines on every call, retries on UNAVAILABLE and
 CANCELLED (every method is idempotent); fails at once with ``ConnectError`` when it cannot reach
-its server, unless told to wait (``wait_for_ready``)."""
+its server, unless told to wait (``wait_for_ready``). Every failure is a ``DigitServeError``
+(``digitserve.client.errors``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.client.connect import ConnectError, Connectivity
+from digitserve.client.connect import Connectivity
+from digitserve.client.errors import CallError, ConnectError, from_grpc
 from digitserve.client.images import (
     PREPROCESS,
     Picture,
@@ -41,7 +43,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # up to two minutes late. A client of one service retries every few seconds at most instead.
 MAX_RECONNECT_BACKOFF_MS = 2000
 
-__all__ = ["ConnectError", "DigitClient", "EvaluateResult", "PredictResult"]
+__all__ = ["DigitClient", "EvaluateResult", "PredictResult"]
 T = TypeVar("T")
 
 # gRPC's own retry machinery (service config): retried with exponential backoff on UNAVAILABLE
@@ -160,8 +162,10 @@ class DigitClient:
     """A client of one target (``host:port``, or ``dns:///name:port`` / ``ipv4:a:p,b:p`` to spread
     calls round_robin over several servers).
 
-    Until it has reached its server once, a call fails at once with ``ConnectError`` (a
-    ``grpc.RpcError``, code UNAVAILABLE) when the connection fails — ``cannot connect to
+    A call the server refuses raises the ``errors.CallError`` subclass of its status code
+    (``InvalidInputError``, ``NotServedError``, ``OverloadedError``, ...; ``code()`` and
+    ``details()`` as on grpc's errors). Until it has reached its server once, a call fails at once
+    with ``ConnectError`` (code UNAVAILABLE) when the connection fails — ``cannot connect to
     127.0.0.1:50051: connection refused (is mnist-serve running?)`` — instead of waiting out its
     deadline; with ``wait_for_ready=True`` it waits for the server within each call's deadline,
     and ``wait_for_server(seconds)`` waits explicitly. Once connected, calls ride out a restart or
@@ -228,21 +232,18 @@ class DigitClient:
     def _call(self, timeout: float, call: Callable[[bool], T]) -> T:
         """``call(wait_for_ready)``: checked first while the server was never reached (fails at
         once when the connection fails); a deadline or UNAVAILABLE while the channel cannot
-        connect becomes ConnectError."""
-        wait = self.wait_for_ready or self._connectivity.connected_once
-        if not wait:
+        connect becomes ConnectError; any other failure the CallError of its status code."""
+        if not (self.wait_for_ready or self._connectivity.connected_once):
             self._connectivity.check(timeout)
         try:
             return call(True)
-        except ConnectError:
-            raise
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                error = self._connectivity.failure()
-                if error is not None:
-                    waited = timeout if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED else None
-                    raise ConnectError(self.target, error.reason, exc.code(), waited) from exc
-            raise
+            code = exc.code()
+            if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE) and (
+                    error := self._connectivity.failure()) is not None:
+                waited = timeout if code is grpc.StatusCode.DEADLINE_EXCEEDED else None
+                raise ConnectError(self.target, error.reason, code, waited) from exc
+            raise from_grpc(exc) from exc
 
     def _model(self, model_name: str) -> str:
         """The model a call asks: its own ``model_name``, else the client's."""
@@ -416,7 +417,7 @@ class DigitClient:
         while True:
             try:
                 status = self.health(service, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-            except grpc.RpcError as exc:
+            except CallError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
             if status == "SERVING" or time.monotonic() >= deadline:

@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.client.errors import DigitServeError
 from digitserve.idx import scale_pixels
 from digitserve.loadtest import answers, http2
 from digitserve.oip import grpc_predict_v2_pb2 as oip
@@ -62,7 +63,7 @@ ERROR_KINDS = 5
 ExpectedFn = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 
-class LoadTestError(Exception):
+class LoadTestError(DigitServeError):
     """Raised when a load test cannot run: settings out of range, no connection to the target
     within the connect timeout, or a load process that failed or overran."""
 

@@ -37,6 +37,8 @@ from collections.abc import Iterable
 import grpc
 import hpack
 
+from digitserve.client import errors
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types and flags (RFC 9113 section 6).
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
@@ -75,22 +77,14 @@ STATUS_BY_HTTP = {400: grpc.StatusCode.INTERNAL, 401: grpc.StatusCode.UNAUTHENTI
                   503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.UNAVAILABLE}
 
 
-class CallError(Exception):
-    """A call that did not end with status OK; ``code()`` and ``details()`` as on grpc's errors.
-    ``unsent``: the server never processed the call (it was not sent, or GOAWAY said it was not
-    taken), so it may be sent again on another connection."""
+class CallError(errors.CallError):
+    """A call that did not end with status OK (``code()`` and ``details()``). ``unsent``: the
+    server never processed the call (it was not sent, or GOAWAY said it was not taken), so it
+    may be sent again on another connection."""
 
     def __init__(self, code: grpc.StatusCode, details: str, *, unsent: bool = False) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
+        super().__init__(code, details)
         self.unsent = unsent
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
