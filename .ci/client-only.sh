@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The client-only install (`pip install .`, no extra) in a fresh virtual environment: only the
-# `digitserve` namespace is installed, the client imports without TensorFlow, hpack (the loadtest
+# `digitserve` package is installed, the client imports without TensorFlow, hpack (the loadtest
 # extra) is not installed, and the commands whose extra is missing (mnist-serve, mnist-train train,
 # mnist-client loadtest) exit 2 with one line naming it instead of a traceback.
 set -euo pipefail
