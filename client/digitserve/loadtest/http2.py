@@ -12,8 +12,9 @@ trailers. Frames are HTTP/2 (RFC 9113) packed with ``struct``; header blocks are
 Plaintext with prior knowledge (h2c), unary calls only, both flow-control directions honoured
 (a 64-image float32 request is larger than the 64 KiB window a server starts with).
 
-Why not python-hyper's ``h2`` (hpack's sister project): measured against the same calls made
-through it (``bench/h2lib.py``: ``h2.H2Connection``, header validation and normalization off),
+Why not python-hyper's ``h2`` (hpack's sister project): measured against the same calls framed
+by it (``bench/h2lib.py``: this Connection with ``h2.H2Connection`` framing, header validation
+and normalization off),
 alternating, one load process with 64 calls in flight on 8 connections to one ``mnist-serve`` on
 this shared 2-core machine (load average 3.5-8.7), 5 runs of 5 s each, twice::
 
@@ -51,8 +52,7 @@ PRIORITY_FLAG = 0x20
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = range(1, 6)
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME_SIZE = 16_384
-MAX_WINDOW = 2**31 - 1
-MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = MAX_STREAM_ID = 2**31 - 1
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
 # A stream the server refused (its stream limit; gRPC servers count a finished stream a little
@@ -104,15 +104,21 @@ def split_target(target: str) -> tuple[str, int]:
     return parsed.hostname, port
 
 
-def header_block(path: str, authority: str, timeout: float | None,
-                 metadata: Iterable[tuple[str, str]] = ()) -> bytes:
-    """A request's header block with no dynamic-table entries: valid for every call."""
+def request_headers(path: str, authority: str, timeout: float | None,
+                    metadata: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """A gRPC request's header fields."""
     fields = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", authority),
               ("content-type", "application/grpc"), ("te", "trailers"),
               ("user-agent", "mnist-client-loadtest")]
     if timeout is not None:
         fields.append(("grpc-timeout", f"{max(1, min(99_999_999, round(timeout * 1000)))}m"))
-    fields.extend(metadata)
+    return [*fields, *metadata]
+
+
+def header_block(path: str, authority: str, timeout: float | None,
+                 metadata: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A request's header block with no dynamic-table entries: valid for every call."""
+    fields = request_headers(path, authority, timeout, metadata)
     block: bytes = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in fields])
     return block
 
@@ -155,33 +161,26 @@ def keeps_table(block: bytes) -> bool:
 
 
 class _Stream:
-    __slots__ = (
-        "answered",
-        "body",
-        "deadline",
-        "future",
-        "http_status",
-        "message",
-        "pending",
-        "refused",
-        "send_window",
-    )
+    __slots__ = ("answered", "body", "deadline", "future", "http_status", "message", "pending",
+                 "refused", "send_window")
 
     def __init__(self, future: asyncio.Future[bytes], message: bytes, refused: int,
                  send_window: int, deadline: float) -> None:
-        self.future = future
-        self.message = message
-        self.refused = refused
+        self.future, self.message, self.refused, self.deadline = future, message, refused, deadline
         self.body: list[bytes] = []
         self.answered = False  # response headers seen
         self.http_status = 0
         self.send_window = send_window
         self.pending: memoryview | None = None
-        self.deadline = deadline
 
 
 class Connection(asyncio.Protocol):
-    """One HTTP/2 connection carrying unary calls to one method; see :func:`connect`."""
+    """One HTTP/2 connection carrying unary calls to one method; see :func:`connect`.
+
+    The calls (streams, their queue above the server's stream limit, deadlines, outcomes, resets,
+    GOAWAY) are kept here once; the framing is the ``_send_*`` methods and ``data_received``,
+    which ``bench/h2lib.py`` overrides to measure the ``h2`` library's framing under the same
+    calls."""
 
     def __init__(self, path: str, authority: str, timeout: float,
                  metadata: Iterable[tuple[str, str]] = ()) -> None:
@@ -198,8 +197,7 @@ class Connection(asyncio.Protocol):
         self._blocked: dict[int, _Stream] = {}
         self._queued: deque[tuple[asyncio.Future[bytes], bytes, int, float]] = deque()
         self._next_id = 1
-        self._send_window = DEFAULT_WINDOW
-        self._stream_window = DEFAULT_WINDOW
+        self._send_window = self._stream_window = DEFAULT_WINDOW
         self._max_frame = DEFAULT_FRAME_SIZE
         self._max_streams = 2**31
         self._received = 0
@@ -244,8 +242,7 @@ class Connection(asyncio.Protocol):
         self._next_id = sid + 2
         stream = _Stream(future, message, refused, self._stream_window, deadline)
         self._streams[sid] = stream
-        n = len(self._block)
-        self._write(_FRAME.pack(n >> 16, n & 0xFFFF, HEADERS, END_HEADERS, sid) + self._block)
+        self._send_headers(sid)
         stream.pending = memoryview(b"\x00" + len(message).to_bytes(4, "big") + message)
         self._pump(sid, stream)
 
@@ -253,19 +250,20 @@ class Connection(asyncio.Protocol):
         """Sends as much of the stream's message as the flow-control windows allow."""
         data = stream.pending
         while data is not None:
-            n = min(len(data), self._send_window, stream.send_window, self._max_frame)
+            n = min(len(data), self._send_room(sid, stream))
             if n <= 0:
                 self._blocked[sid] = stream
                 break
             last = n == len(data)
-            self._write(_FRAME.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if last else 0, sid)
-                        + data[:n])
-            self._send_window -= n
-            stream.send_window -= n
+            self._send_data(sid, stream, data[:n], last)
             data = None if last else data[n:]
         stream.pending = data
         if data is None:
             self._blocked.pop(sid, None)
+
+    def _pump_blocked(self) -> None:
+        for sid, stream in list(self._blocked.items()):
+            self._pump(sid, stream)
 
     def _write(self, data: bytes) -> None:
         """Queues bytes; everything queued in one turn of the event loop goes out in one write."""
@@ -283,20 +281,45 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         """Says goodbye (GOAWAY, no error) and closes; calls still open end CANCELLED."""
         if self._transport is not None and not self._transport.is_closing():
-            self._write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, 0)))
+            self._send_goaway()
             self._flush()
             self._transport.close()
         self._shut("connection closed by the client")
         self._fail_all(grpc.StatusCode.CANCELLED, "connection closed by the client")
+
+    # --- the framing: what goes out -------------------------------------------------------------
+
+    def _send_preface(self) -> None:
+        settings = _SETTING.pack(ENABLE_PUSH, 0) + _SETTING.pack(INITIAL_WINDOW_SIZE, MAX_WINDOW)
+        self._write(PREFACE + frame(SETTINGS, 0, 0, settings)
+                    + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW)))
+
+    def _send_headers(self, sid: int) -> None:
+        n = len(self._block)
+        self._write(_FRAME.pack(n >> 16, n & 0xFFFF, HEADERS, END_HEADERS, sid) + self._block)
+
+    def _send_room(self, sid: int, stream: _Stream) -> int:
+        """How many bytes of the stream's message may go in its next DATA frame."""
+        return min(self._send_window, stream.send_window, self._max_frame)
+
+    def _send_data(self, sid: int, stream: _Stream, data: memoryview, last: bool) -> None:
+        n = len(data)
+        self._write(_FRAME.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if last else 0, sid) + data)
+        self._send_window -= n
+        stream.send_window -= n
+
+    def _send_reset(self, sid: int) -> None:
+        self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)))
+
+    def _send_goaway(self) -> None:
+        self._write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, 0)))
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        settings = _SETTING.pack(ENABLE_PUSH, 0) + _SETTING.pack(INITIAL_WINDOW_SIZE, MAX_WINDOW)
-        self._write(PREFACE + frame(SETTINGS, 0, 0, settings)
-                    + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW)))
+        self._send_preface()
         self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -307,6 +330,8 @@ class Connection(asyncio.Protocol):
             self._sweeper.cancel()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(reason))
+
+    # --- the framing: what comes in -------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -326,20 +351,24 @@ class Connection(asyncio.Protocol):
             return
         del buffer[:pos]
 
-    # --- frames -------------------------------------------------------------------------------
-
     def _on_frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
         if self._continued is not None and kind != CONTINUATION:
             raise ValueError("a header block was interrupted")
         if kind == DATA:
-            self._on_data(flags, sid, payload)
+            self._received += len(payload)
+            if self._received >= MAX_WINDOW // 2:  # give the connection window back in large steps
+                self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
+                self._received = 0
+            if flags & PADDED:
+                payload = payload[1:len(payload) - payload[0]]
+            self._on_data(sid, payload, bool(flags & END_STREAM))
         elif kind == HEADERS:
             if flags & PADDED:
                 payload = payload[1:len(payload) - payload[0]]
             if flags & PRIORITY_FLAG:
                 payload = payload[5:]
             if flags & END_HEADERS:
-                self._on_header_block(sid, flags, payload)
+                self._on_headers(sid, self._decode(payload), bool(flags & END_STREAM))
             else:
                 self._continued = (sid, flags, bytearray(payload))
         elif kind == CONTINUATION:
@@ -349,9 +378,16 @@ class Connection(asyncio.Protocol):
             if flags & END_HEADERS:
                 sid, first_flags, block = self._continued
                 self._continued = None
-                self._on_header_block(sid, first_flags, bytes(block))
+                self._on_headers(sid, self._decode(bytes(block)), bool(first_flags & END_STREAM))
         elif kind == WINDOW_UPDATE:
-            self._on_window_update(sid, int.from_bytes(payload[:4], "big") & MAX_WINDOW)
+            increment = int.from_bytes(payload[:4], "big") & MAX_WINDOW
+            if sid == 0:
+                self._send_window += increment
+                self._pump_blocked()
+            elif (stream := self._streams.get(sid)) is not None:
+                stream.send_window += increment
+                if stream.pending is not None:
+                    self._pump(sid, stream)
         elif kind == SETTINGS:
             if not flags & ACK:
                 self._on_settings(payload)
@@ -365,24 +401,10 @@ class Connection(asyncio.Protocol):
             self._on_goaway(last & MAX_STREAM_ID, error)
         # PRIORITY, PUSH_PROMISE (disabled by our settings) and unknown types are ignored.
 
-    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
-        self._received += len(payload)
-        if self._received >= MAX_WINDOW // 2:  # give the connection window back in large steps
-            self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
-            self._received = 0
-        stream = self._streams.get(sid)
-        if stream is None:
-            return
-        if flags & PADDED:
-            payload = payload[1:len(payload) - payload[0]]
-        stream.body.append(payload)
-        if flags & END_STREAM:
-            self._end(sid, CallError(grpc.StatusCode.INTERNAL, "the server ended the stream "
-                                     "without trailers"))
-
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        # A block that leaves the dynamic table as it was decodes to the same headers until a
-        # block that may change it arrives: gRPC's repeated replies and trailers are such blocks.
+        """Always decoded (the decoder's table must follow every block), but a block that leaves
+        the table as it was decodes to the same headers until one that may change it arrives:
+        gRPC's repeated replies and trailers are such blocks."""
         headers = self._decoded.get(block)
         if headers is None:
             headers = [(bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True)]
@@ -394,8 +416,38 @@ class Connection(asyncio.Protocol):
                 self._decoded.clear()
         return headers
 
-    def _on_header_block(self, sid: int, flags: int, block: bytes) -> None:
-        headers = self._decode(block)  # always: the decoder's table must follow every block
+    def _on_settings(self, payload: bytes) -> None:
+        for offset in range(0, len(payload) - len(payload) % 6, 6):
+            key, value = _SETTING.unpack_from(payload, offset)
+            if key == INITIAL_WINDOW_SIZE:
+                delta, self._stream_window = value - self._stream_window, value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+            elif key == MAX_FRAME_SIZE:
+                self._max_frame = value
+            elif key == MAX_CONCURRENT_STREAMS:
+                self._max_streams = value
+        self._write(frame(SETTINGS, ACK, 0))
+        self._settled()
+
+    # --- what the frames mean to the calls --------------------------------------------------------
+
+    def _settled(self) -> None:
+        """The server's settings arrived (or changed): the connection is ready."""
+        self._pump_blocked()
+        self._start_queued()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _on_data(self, sid: int, payload: bytes, ended: bool) -> None:
+        stream = self._streams.get(sid)
+        if stream is not None:
+            stream.body.append(payload)
+            if ended:
+                self._end(sid, CallError(grpc.StatusCode.INTERNAL, "the server ended the stream "
+                                         "without trailers"))
+
+    def _on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         stream = self._streams.get(sid)
         if stream is None:
             return
@@ -404,9 +456,9 @@ class Connection(asyncio.Protocol):
             for name, value in headers:
                 if name == b":status":
                     stream.http_status = int(value)
-            if not flags & END_STREAM:
+            if not ended:
                 return
-        elif not flags & END_STREAM:
+        elif not ended:
             raise ValueError("trailers without END_STREAM")
         self._end(sid, self._outcome(stream, headers))
 
@@ -435,7 +487,7 @@ class Connection(asyncio.Protocol):
         if stream is None:
             return
         if self._blocked.pop(sid, None) is not None or stream.pending is not None or reset:
-            self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)))
+            self._send_reset(sid)
         if not stream.future.done():
             if isinstance(outcome, CallError):
                 stream.future.set_exception(outcome)
@@ -465,33 +517,6 @@ class Connection(asyncio.Protocol):
         self._end(sid, CallError(STATUS_BY_RESET.get(error, grpc.StatusCode.INTERNAL),
                                  f"stream reset by the server (HTTP/2 error {error:#x})"))
 
-    def _on_window_update(self, sid: int, increment: int) -> None:
-        if sid == 0:
-            self._send_window += increment
-            for blocked_sid, blocked in list(self._blocked.items()):
-                self._pump(blocked_sid, blocked)
-        elif (stream := self._streams.get(sid)) is not None:
-            stream.send_window += increment
-            if stream.pending is not None:
-                self._pump(sid, stream)
-
-    def _on_settings(self, payload: bytes) -> None:
-        for offset in range(0, len(payload) - len(payload) % 6, 6):
-            key, value = _SETTING.unpack_from(payload, offset)
-            if key == INITIAL_WINDOW_SIZE:
-                delta, self._stream_window = value - self._stream_window, value
-                for stream in self._streams.values():
-                    stream.send_window += delta
-            elif key == MAX_FRAME_SIZE:
-                self._max_frame = value
-            elif key == MAX_CONCURRENT_STREAMS:
-                self._max_streams = value
-        self._write(frame(SETTINGS, ACK, 0))
-        for sid, stream in list(self._blocked.items()):
-            self._pump(sid, stream)
-        if not self.ready.done():
-            self.ready.set_result(None)
-
     def _on_goaway(self, last: int, error: int) -> None:
         self._shut(f"the server is going away (GOAWAY, HTTP/2 error {error:#x})")
         for sid in [s for s in self._streams if s > last]:  # not processed: may go elsewhere
@@ -520,21 +545,20 @@ class Connection(asyncio.Protocol):
 
     def _sweep(self) -> None:
         """Ends calls past their deadline (the server should have, from grpc-timeout)."""
-        now = self._loop.time()
+        now, late = self._loop.time(), f"no answer within {self._timeout:g}s"
         for future, _, _, deadline in self._queued:
             if deadline <= now and not future.done():
-                future.set_exception(CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                               f"no answer within {self._timeout:g}s"))
+                future.set_exception(CallError(grpc.StatusCode.DEADLINE_EXCEEDED, late))
         for sid, stream in list(self._streams.items()):
             if stream.deadline <= now:
-                self._end(sid, CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         f"no answer within {self._timeout:g}s"), reset=True)
+                self._end(sid, CallError(grpc.StatusCode.DEADLINE_EXCEEDED, late), reset=True)
         if self._closed is None or self._streams:
             self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
 
 async def connect(target: str, path: str, *, timeout: float, connect_timeout: float,
-                  metadata: Iterable[tuple[str, str]] = ()) -> Connection:
+                  metadata: Iterable[tuple[str, str]] = (),
+                  connection: type[Connection] = Connection) -> Connection:
     """Opens a connection to ``host:port`` for calls to ``path`` with ``timeout`` seconds each;
     returns once the server's settings have arrived. Raises OSError or TimeoutError."""
     host, port = split_target(target)
@@ -542,7 +566,7 @@ async def connect(target: str, path: str, *, timeout: float, connect_timeout: fl
 
     async def opened() -> Connection:
         _, conn = await loop.create_connection(
-            lambda: Connection(path, target, timeout, metadata), host, port)
+            lambda: connection(path, target, timeout, metadata), host, port)
         await conn.ready
         return conn
 
@@ -555,6 +579,9 @@ class Channel:
     the server never processed is sent again on the new connection, once. While the server cannot
     be reached, calls fail UNAVAILABLE at once and a new connection is tried at most every
     ``RECONNECT_PAUSE`` seconds."""
+
+    connection: type[Connection] = Connection
+    """What each connection is (``bench/h2lib.py`` sets another framing)."""
 
     def __init__(self, target: str, path: str, *, timeout: float, connect_timeout: float,
                  metadata: Iterable[tuple[str, str]] = ()) -> None:
@@ -575,7 +602,8 @@ class Channel:
 
     async def _connect(self) -> Connection:
         conn = await connect(self._target, self._path, timeout=self._timeout,
-                             connect_timeout=self._connect_timeout, metadata=self._metadata)
+                             connect_timeout=self._connect_timeout, metadata=self._metadata,
+                             connection=self.connection)
         self.connections += 1
         return conn
 
