@@ -30,6 +30,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 
 from digitserve.loadtest import http2
 
@@ -49,8 +50,7 @@ class Connection(http2.Connection):
         self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: http2.MAX_WINDOW})
-        self._headers = [(k.encode(), v.encode())
-                         for k, v in http2.request_headers(path, authority, timeout, metadata)]
+        self._headers = hpack.Decoder().decode(self._block, raw=True)  # the same fields
 
     def _flush(self) -> None:  # what h2 has to send goes out with the rest of this turn
         self._out.append(self._h2.data_to_send())

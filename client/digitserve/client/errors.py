@@ -30,18 +30,15 @@ class CallError(DigitServeError, grpc.RpcError):  # type: ignore[misc]  # grpc i
 
 
 class InvalidInputError(CallError):
-    """INVALID_ARGUMENT: the server refused what the request holds; the details name the field
-    and what was expected."""
+    """INVALID_ARGUMENT: the server refused the request; the details name the field and why."""
 
 
 class NotServedError(CallError):
-    """NOT_FOUND: the server serves no such model, version, label or health service; the details
-    name the ones it has."""
+    """NOT_FOUND: no such model, version, label or health service; the details name the served."""
 
 
 class UnavailableError(CallError):
-    """UNAVAILABLE from a server that was reached (after gRPC's retries): it is starting,
-    draining, or has no version of the model to serve yet."""
+    """UNAVAILABLE after gRPC's retries: the server is starting, draining, or has no version yet."""
 
 
 class OverloadedError(CallError):
@@ -61,8 +58,7 @@ class PermissionDeniedError(CallError):
 
 
 class UnimplementedError(CallError):
-    """UNIMPLEMENTED: the server does not implement the method (another implementation of the
-    API, or an older server)."""
+    """UNIMPLEMENTED: the server does not have the method (an older server, another API's)."""
 
 
 class ConnectError(CallError):

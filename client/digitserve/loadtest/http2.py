@@ -104,21 +104,15 @@ def split_target(target: str) -> tuple[str, int]:
     return parsed.hostname, port
 
 
-def request_headers(path: str, authority: str, timeout: float | None,
-                    metadata: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
-    """A gRPC request's header fields."""
+def header_block(path: str, authority: str, timeout: float | None,
+                 metadata: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A request's header block with no dynamic-table entries: valid for every call."""
     fields = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", authority),
               ("content-type", "application/grpc"), ("te", "trailers"),
               ("user-agent", "mnist-client-loadtest")]
     if timeout is not None:
         fields.append(("grpc-timeout", f"{max(1, min(99_999_999, round(timeout * 1000)))}m"))
-    return [*fields, *metadata]
-
-
-def header_block(path: str, authority: str, timeout: float | None,
-                 metadata: Iterable[tuple[str, str]] = ()) -> bytes:
-    """A request's header block with no dynamic-table entries: valid for every call."""
-    fields = request_headers(path, authority, timeout, metadata)
+    fields.extend(metadata)
     block: bytes = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in fields])
     return block
 
