@@ -267,21 +267,15 @@ def _report(client: DigitClient, args: argparse.Namespace, result: PredictResult
     low = top < threshold
     if args.json:
         print(json.dumps({
-            "source": source,
-            "probabilities": [float(p) for p in probs],
-            "class_index": result.class_indices[0],
-            "label": result.labels[0],
-            "true_label": true_label,
-            "model_name": result.model_name,
-            "model_version": result.model_version,
-            "low_confidence": low,
-            "low_confidence_threshold": threshold,
-        }))
+            "source": source, "probabilities": [float(p) for p in probs],
+            "class_index": result.class_indices[0], "label": result.labels[0],
+            "true_label": true_label, "model_name": result.model_name,
+            "model_version": result.model_version, "low_confidence": low,
+            "low_confidence_threshold": threshold}))
     else:
         print(f"{source} → model {result.model_name} v{result.model_version}")
         for k, p in enumerate(probs):
-            bar = "█" * round(float(p) * 40)
-            print(f"  class {k:>2} {float(p):9.6f} {bar}")
+            print(f"  class {k:>2} {float(p):9.6f} {'█' * round(float(p) * 40)}")
         print(f"predicted: {result.labels[0]} (p={top:.4f})"
               + ("" if true_label is None else f", true label: {true_label}"))
     answer = f"top probability {top:.4f} (label {result.labels[0]})"
@@ -335,11 +329,15 @@ def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
                   f"{c['support']:7d}")
         if args.plot is not None:
             print(f"confusion matrix plot: {args.plot}")
-    if result.accuracy < args.min_accuracy:
-        print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
-              f"{args.min_accuracy}", file=sys.stderr)
-        return 1
-    return 0
+    return _below_min_accuracy(result.accuracy, args.min_accuracy)
+
+
+def _below_min_accuracy(accuracy: float | None, minimum: float) -> int:
+    """1, after a line saying so, when ``accuracy`` is below ``--min-accuracy``; else 0."""
+    if accuracy is None or accuracy >= minimum:
+        return 0
+    print(f"{PROG}: error: accuracy {accuracy:.4f} is below --min-accuracy {minimum}", file=sys.stderr)
+    return 1
 
 
 def info_json(response: Message) -> dict[str, Any]:
@@ -516,10 +514,8 @@ def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
     except NotServedError as exc:
         # The server names the services it knows; one that does not still gets a line.
         raise CliError(exc.details() or f"no such health service {args.service!r}") from exc
-    if args.json:
-        print(json.dumps({"target": client.target, "service": args.service, "status": status}))
-    else:
-        print(status)
+    print(json.dumps({"target": client.target, "service": args.service, "status": status})
+          if args.json else status)
     return 0 if status == "SERVING" else 1
 
 
@@ -571,11 +567,7 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
     if failures is not None:
         print(f"{PROG}: error: {failures}", file=sys.stderr)
         return 1
-    if result.accuracy is not None and result.accuracy < args.min_accuracy:
-        print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
-              f"{args.min_accuracy}", file=sys.stderr)
-        return 1
-    return 0
+    return _below_min_accuracy(result.accuracy, args.min_accuracy)
 
 
 COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
@@ -594,14 +586,13 @@ def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "loadtest":  # before anything imports what the extra provides
-        unmet = requirement_error(PROG, "loadtest", "loadtest")
-        if unmet:
-            print(unmet, file=sys.stderr)
-            return 2
-    if getattr(args, "plot", None) is not None:  # before any work: not after evaluating 10,000
-        unmet = requirement_error(PROG, "plot", "--plot")
-        if unmet is not None:
+    # Extras the command needs: before anything imports what they provide, before any work (not
+    # after evaluating 10,000 images).
+    needs = [("loadtest", "loadtest")] if args.command == "loadtest" else []
+    if getattr(args, "plot", None) is not None:
+        needs.append(("plot", "--plot"))
+    for extra, what in needs:
+        if (unmet := requirement_error(PROG, extra, what)) is not None:
             print(unmet, file=sys.stderr)
             return 2
     try:
