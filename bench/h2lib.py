@@ -52,9 +52,9 @@ class Connection(http2.Connection):
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: http2.MAX_WINDOW})
         self._headers = hpack.Decoder().decode(self._block, raw=True)  # the same fields
 
-    def _flush(self) -> None:  # what h2 has to send goes out with the rest of this turn
+    def flush(self) -> None:  # what h2 has to send goes out with the rest of this turn
         self._out.append(self._h2.data_to_send())
-        super()._flush()
+        super().flush()
 
     def _send_preface(self) -> None:
         self._h2.initiate_connection()

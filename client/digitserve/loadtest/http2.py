@@ -264,9 +264,10 @@ class Connection(asyncio.Protocol):
         self._out.append(data)
         if not self._flushing:
             self._flushing = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Writes what is queued now."""
         self._flushing = False
         if self._out and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(self._out))
@@ -276,7 +277,7 @@ class Connection(asyncio.Protocol):
         """Says goodbye (GOAWAY, no error) and closes; calls still open end CANCELLED."""
         if self._transport is not None and not self._transport.is_closing():
             self._send_goaway()
-            self._flush()
+            self.flush()
             self._transport.close()
         self._shut("connection closed by the client")
         self._fail_all(grpc.StatusCode.CANCELLED, "connection closed by the client")
