@@ -123,17 +123,10 @@ def test_what_the_library_refuses_itself_is_under_the_same_root(
     assert str(load.value) == "concurrency 0 must be at least 1"
 
 
-def test_a_caller_handles_every_failure_without_importing_grpc(tmp_path: Path) -> None:
+def test_a_caller_catches_every_failure_without_importing_grpc(tmp_path: Path) -> None:
     script = tmp_path / "caller.py"
-    script.write_text(
-        "import builtins\n"
+    script.write_text(  # a caller that imports digitserve.client and nothing else
         "from digitserve.client import DigitClient, DigitServeError\n"
-        "real = builtins.__import__\n"
-        "def guarded(name, *args, **kwargs):\n"  # from here on, this script may not import grpc
-        "    if name == 'grpc' and args and args[0] is not None and args[0].get('__name__') == '__main__':\n"
-        "        raise AssertionError('the caller imported grpc')\n"
-        "    return real(name, *args, **kwargs)\n"
-        "builtins.__import__ = guarded\n"
         "with DigitClient('127.0.0.1:1') as client:\n"
         "    try:\n"
         "        client.health()\n"
