@@ -19,9 +19,9 @@ import importlib.util
 # ``mnist-serve`` needs ``serve`` (no TensorFlow: it serves LiteRT flatbuffers, and refuses a
 # version that needs TensorFlow with a line naming ``server``, which adds it).
 MODULES: dict[str, tuple[str, ...]] = {
-    "serve": ("grpc_reflection", "prometheus_client", "cryptography", "aiohttp", "orjson"),
+    "serve": ("grpc_reflection", "prometheus_client", "cryptography", "aiohttp", "orjson", "pydantic"),
     "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography", "aiohttp",
-               "orjson"),
+               "orjson", "pydantic"),
     "trainer": ("tensorflow", "sklearn", "matplotlib"),
     "plot": ("matplotlib",),
     "loadtest": ("hpack",),
