@@ -287,3 +287,45 @@ def test_only_the_metadata_module_indexes_metadata_json_by_its_keys() -> None:
     found = metadata_key_reads()
     assert found == [], ("metadata.json indexed by its keys outside digitserve.metadata (use "
                          "Metadata's fields, or a helper there): " + "; ".join(found))
+
+
+# What the data plane and the sources kept of a version's state before the model registry owned it.
+VERSION_STATE = {"model", "refused", "refuse", "forgive", "labels", "set_labels", "loaded_versions",
+                 "add_version", "set_model", "unload", "resolve", "canary_weight", "default_version"}
+# The registry's state of a version, which only digitserve.server.registry assigns.
+REGISTRY_STATE = {"served", "versions", "_labels", "_canary_weight", "state", "reason", "accuracy",
+                  "refused_at", "gone_since", "read_hung"}
+
+
+def state_assignments() -> list[str]:
+    """Every assignment in the server outside the registry to an attribute (or an item of one)
+    named as the registry's version state, on anything but ``self``."""
+    found = []
+    for name, path in _modules().items():
+        if not _in(name, "digitserve.server") or name == "digitserve.server.registry":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            else:
+                continue
+            for target in targets:
+                attribute = target.value if isinstance(target, ast.Subscript) else target
+                if (isinstance(attribute, ast.Attribute) and attribute.attr in REGISTRY_STATE
+                        and ast.unparse(attribute.value) != "self"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(target)}")
+    return found
+
+
+def test_the_registry_alone_holds_and_changes_a_version_s_state() -> None:
+    from digitserve.server.dataplane import DataPlane
+    from digitserve.server.versions import RepositorySource
+
+    # The data plane runs what it is handed; the gate's verdicts and rules are not the source's.
+    assert sorted(VERSION_STATE & set(dir(DataPlane))) == []
+    source = RepositorySource(ROOT, "tiny")
+    assert [a for a in ("accuracies", "rules") if hasattr(source, a)] == []
+    found = state_assignments()
+    assert found == [], "version state changed outside digitserve.server.registry: " + "; ".join(found)

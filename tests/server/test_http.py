@@ -461,7 +461,7 @@ def test_readiness_is_false_from_the_first_moment_of_a_drain(
     start_server: Callable[..., ServerThread],
 ) -> None:
     server = start_server(http_port=0, wrap=Held)
-    model = server.app.plane.model
+    model = server.model
     assert isinstance(model, Held)
     port = port_of(server)
     try:
@@ -486,14 +486,14 @@ def test_readiness_is_false_from_the_first_moment_of_a_drain(
 
 def test_a_full_queue_is_429(start_server: Callable[..., ServerThread]) -> None:
     server = start_server(http_port=0, wrap=Held, max_images_per_request=1, max_queued_images=1)
-    model = server.app.plane.model
+    model = server.model
     assert isinstance(model, Held)
     port = port_of(server)
     try:
         first, _ = in_background(lambda: call(port, "POST", INFER, held_body()))
         assert model.entered.wait(30)
         second, _ = in_background(lambda: call(port, "POST", INFER, held_body()))
-        wait_for(lambda: server.app.plane.batcher.queued_images == 1, 10, "one call queued")
+        wait_for(lambda: server.plane.batcher.queued_images == 1, 10, "one call queued")
         answer = call(port, "POST", INFER, held_body())
         assert (answer.status, answer.json) == (429, {"error": "server overloaded: 1 images queued, "
                                                                "limit 1; retry with backoff"})

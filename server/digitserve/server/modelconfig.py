@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from digitserve.repository import is_model_name
-from digitserve.server.dataplane import CANARY
 from digitserve.server.settings import Settings
 from digitserve.server.versions import GateRules
 
@@ -41,6 +40,7 @@ from digitserve.server.versions import GateRules
 LABEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 
 NO_RULES = GateRules()
+CANARY = "canary"  # the label that canary_weight sends a share of unpinned calls to
 _TOP_KEYS = ("default_model", "models")
 _MODEL_KEYS = ("version", "labels", "canary_weight", "min_check_accuracy", "max_regression")
 

@@ -21,7 +21,6 @@ from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError, ModelNotFoundError, ModelNotReadyError
-from digitserve.server.models import Router
 from digitserve.server.pixels import (
     V2_PICTURES,
     check_count,
@@ -31,6 +30,7 @@ from digitserve.server.pixels import (
     tensor_count,
     tensor_pictures,
 )
+from digitserve.server.registry import ModelVersions, Registry
 from digitserve.server.status import deadline, mapped_errors
 
 logger = logging.getLogger(__name__)
@@ -158,26 +158,27 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     its model (the protocol has no default model); its versions are our integer versions as text,
     or a version label ("stable"), "" meaning the default version."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Registry, pictures: PictureDecoder) -> None:
         self._router = router
+        self._pictures = pictures
         self._version = server_version()
 
-    def _plane(self, name: str) -> DataPlane:
+    def _versions(self, name: str) -> ModelVersions:
         if not name:  # the protocol names the model in every request (its URL, in REST)
             names = ", ".join(repr(info.name) for info in self._router.model_infos()) or "no model yet"
             raise ModelNotFoundError(f"model '' is not served; this server serves {names}")
-        return self._router.model(name).plane
+        return self._router.model(name)
 
     def resolve(self, name: str, version: str, version_field: str,
                  split: bool = False) -> tuple[DataPlane, Model]:
         """The data plane and the model that answer for (name, version) (``split``: an unpinned
         inference call, which the canary weight may send to the canary); NOT_FOUND /
         UNAVAILABLE / INVALID_ARGUMENT as domain errors."""
-        plane = self._plane(name)
+        versions = self._versions(name)
         if version == "":
-            return plane, plane.resolve(0, split=split)
+            return versions.plane, versions.resolve(0, split=split)
         if _LABEL.fullmatch(version):
-            return plane, plane.resolve(0, version)
+            return versions.plane, versions.resolve(0, version)
         if not _VERSION.fullmatch(version):
             raise InvalidInputError(
                 version_field, f"{version!r} is not a version; expected an integer such as '1', a "
@@ -186,7 +187,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         number = int(version)
         if number < 1:
             raise ModelNotFoundError(f"model {name!r} version {version} is not served")
-        return plane, plane.resolve(number)
+        return versions.plane, versions.resolve(number)
 
     @mapped_errors
     async def ServerLive(
@@ -228,13 +229,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     def model_metadata(self, name: str, version: str) -> oip.ModelMetadataResponse:
         """ModelMetadata of (name, version), for both bindings of the protocol."""
-        plane, model = self.resolve(name, version, "version")
+        _, model = self.resolve(name, version, "version")
         spec = model.spec
         tensor = oip.ModelMetadataResponse.TensorMetadata
         versions = Metadata.from_json(model.metadata).versions or {}
         return oip.ModelMetadataResponse(
             name=spec.name,
-            versions=[str(v) for v in plane.loaded_versions],
+            versions=[str(v) for v in self._router.model(name).loaded_versions],
             platform="tensorflow_keras" if "keras" in versions else "",
             inputs=[tensor(name=INPUT_NAME, datatype="FP32", shape=[-1, spec.input_size])],
             outputs=[
@@ -252,7 +253,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         plane, model = self.resolve(request.model_name, request.model_version, "model_version",
                                     split=True)
         names = requested_outputs(request, model)
-        images, raw = await decode_input(request, model, plane, self._router.pictures, until)
+        images, raw = await decode_input(request, model, plane, self._pictures, until)
         probabilities = await plane.predict(model, images, until)
         return model, probabilities, names, raw
 

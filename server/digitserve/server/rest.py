@@ -27,8 +27,8 @@ import orjson
 from digitserve.inference import Model
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.server.errors import InvalidInputError, ModelNotReadyError
-from digitserve.server.models import ModelInfo, Router
 from digitserve.server.oip import OUTPUTS, SERVER_NAME, InferenceServicer, server_version
+from digitserve.server.registry import ModelInfo, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -467,7 +467,7 @@ class RestApi:
     """The routes' handlers over the server's models (``router``) and the V2 servicer the gRPC
     edge serves too; ``draining()`` is true from the first moment of shutdown."""
 
-    def __init__(self, router: Router, servicer: InferenceServicer, draining: Callable[[], bool],
+    def __init__(self, router: Registry, servicer: InferenceServicer, draining: Callable[[], bool],
                  metrics: Callable[[], tuple[bytes, str]]) -> None:
         self._router = router
         self._servicer = servicer

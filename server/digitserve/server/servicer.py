@@ -19,8 +19,8 @@ from google.protobuf.message import DecodeError
 from digitserve.inference import Model
 from digitserve.metadata import Metadata
 from digitserve.server.dataplane import DataPlane, Evaluation, check_labels
+from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError
-from digitserve.server.models import ModelInfo, Router
 from digitserve.server.pixels import (
     check_count,
     check_picture_sizes,
@@ -29,6 +29,7 @@ from digitserve.server.pixels import (
     packed_pixels,
     uniform_pixels,
 )
+from digitserve.server.registry import ModelInfo, Registry
 from digitserve.server.status import Undecodable, deadline, mapped_errors
 from digitserve.server.wire import PackedPredictRequest, PredictionEncoder, parse_predict_request
 from digitserve.v1 import digit_service_pb2 as pb
@@ -96,8 +97,9 @@ def add_to_server(servicer: Any, server: Any, service: ServiceDescriptor | None 
 class DigitServicer(pb_grpc.DigitServiceServicer):
     """digitserve.v1.DigitService over the data planes of the models served."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Registry, pictures: PictureDecoder) -> None:
         self._router = router
+        self._pictures = pictures
         self._encoders: dict[tuple[str, int], PredictionEncoder] = {}
 
     def _encoder(self, model: Model) -> PredictionEncoder:
@@ -123,7 +125,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
         found = encoded_images(images, field)
         if not found:
             return decode_images(images, model.spec.input_size, field)
-        decoder = self._router.pictures
+        decoder = self._pictures
         check_picture_sizes(found, decoder.limits, field)
         return await decoder.run(len(found), partial(
             decode_images, images, model.spec.input_size, field, input_shape=model.spec.input_shape,
@@ -135,8 +137,8 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
     ) -> bytes:
         """Answers a serialized PredictResponse (see add_to_server's serializer). The request
         comes as server.wire read it when its images are uniformly packed."""
-        plane = self._router.model(request.model_name).plane
-        model = plane.resolve(request.model_version, request.version_label, split=True)
+        plane, model = self._router.resolve(request.model_name, request.model_version,
+                                            request.version_label, split=True)
         images = None
         if isinstance(request, PackedPredictRequest):
             check_count(request.rows.shape[0], plane.max_images_per_request)
@@ -165,7 +167,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
                 field = f"requests[{index}].images"
                 if evaluation is None:
                     name = request.model_name
-                    evaluation = Evaluation(self._router.model(name).plane)
+                    evaluation = Evaluation(self._router.model(name))
                 elif request.model_name not in ("", name):
                     raise InvalidInputError(
                         f"requests[{index}].model_name",
@@ -211,7 +213,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
     ) -> pb.GetModelInfoResponse:
         server = self._router.model(request.model_name)
         plane = server.plane
-        model = plane.resolve(request.model_version, request.version_label)
+        model = server.resolve(request.model_version, request.version_label)
         metadata = Metadata.from_json(model.metadata)
         return pb.GetModelInfoResponse(
             model_name=model.spec.name,
@@ -225,12 +227,12 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
             created_at=metadata.created_at or "",
             metadata_json=json.dumps(model.metadata, sort_keys=True),
             max_images_per_request=plane.max_images_per_request,
-            loaded_versions=plane.loaded_versions,
+            loaded_versions=server.loaded_versions,
             inference_path=model.inference_path,
             refused_versions=[
-                pb.RefusedVersion(version=v, reason=r) for v, r in sorted(plane.refused.items())
+                pb.RefusedVersion(version=v, reason=r) for v, r in sorted(server.refused.items())
             ],
-            version_labels=sorted(k for k, v in plane.labels.items() if v == model.spec.version),
+            version_labels=sorted(k for k, v in server.labels.items() if v == model.spec.version),
             low_confidence_threshold=server.settings.low_confidence,
         )
 

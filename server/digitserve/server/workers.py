@@ -274,8 +274,8 @@ def check_before_start(settings: Settings) -> tuple[int, str] | None:
     restart: None, or the exit code and the line. The gRPC port is checked by reserving it
     (Arbiter)."""
     from digitserve.repository import RepositoryError
+    from digitserve.server.discovery import check_repository
     from digitserve.server.modelconfig import ModelConfigError, from_settings
-    from digitserve.server.models import check_repository
     from digitserve.server.versions import NothingPublishedError, RepositoryReads, RepositoryTimeoutError
 
     reads = RepositoryReads(settings.repository_timeout)
