@@ -231,18 +231,16 @@ def test_forbidden_imports_are_found_through_other_modules() -> None:
 
 def metadata_keys() -> set[str]:
     """The keys of ``metadata.json`` at every level, as ``digitserve.metadata`` reads and writes
-    them (its ``f.get``/``f.req``/``f.section`` reads, ``_put`` and ``out[...]`` writes, dict
-    literals)."""
+    them (the fields of its ``Section`` models, ``.get`` reads, ``x[...]`` writes, dict literals)."""
     path = ROOT / "core" / "digitserve" / "metadata.py"
     keys: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Call):
-            args = node.args
-            if isinstance(node.func, ast.Attribute) and node.func.attr in (
-                    "get", "req", "section", "nullable_float") and args:
-                keys |= _strings(args[:1])
-            elif isinstance(node.func, ast.Name) and node.func.id == "_put" and len(args) > 1:
-                keys |= _strings(args[1:2])
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args:
+                keys |= _strings(node.args[:1])
+        elif isinstance(node, ast.ClassDef) and "Section" in {ast.unparse(b) for b in node.bases}:
+            keys |= {n.target.id for n in node.body
+                     if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
         elif isinstance(node, ast.Dict):
             keys |= _strings([k for k in node.keys if k is not None])
         elif isinstance(node, ast.Subscript):
