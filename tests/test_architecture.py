@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# (source root, top-level package) for every package of the project: the namespace package
+# (source root, top-level package) for every package of the project: the package
 # `digitserve` has one source root per top-level folder (pyproject.toml's package-dir).
 SOURCE_ROOTS = ("core", "protos", "server", "client", "trainer")
 PACKAGES = (*((ROOT / root, "digitserve") for root in SOURCE_ROOTS), (ROOT, "bench"))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from digitserve.client import ConnectError, DigitClient, ImageError
+from digitserve.client import ConnectError, DigitClient, DigitServeError, ImageError
 from digitserve.client.cli import main
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
@@ -110,7 +110,7 @@ def test_the_library_raises_connect_error_at_once(closed_port: int) -> None:
             elapsed = time.monotonic() - started
         error = info.value
         assert str(error) == error.details() == refused_line(target)
-        assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+        assert isinstance(error, DigitServeError) and error.code() == grpc.StatusCode.UNAVAILABLE
         assert (error.target, error.reason) == (target, "connection refused (is mnist-serve running?)")
         assert elapsed < FAST, f"{elapsed:.1f} s"
 
