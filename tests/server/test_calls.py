@@ -168,3 +168,32 @@ def test_generic_only_answers_as_the_registered_methods_do(
     assert handled(generic.app.metrics_port or 0) == handled(stock.app.metrics_port or 0)
     assert handled(generic.app.metrics_port or 0)[("Watch", "CANCELLED")] == 1
     print(f"\n{len(outcomes)} kinds of call answered alike both ways: {codes}")
+
+
+def test_calls_to_methods_that_do_not_exist_leave_nothing_behind(
+    start_server: Callable[..., ServerThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interceptor keeps a wrapped handler per method served, never per method asked for: 2,000
+    calls to made-up methods are UNIMPLEMENTED, counted nowhere, and keep nothing; the server then
+    answers as before."""
+    from digitserve.server.calls import CallInterceptor
+
+    made: list[CallInterceptor] = []
+    init = CallInterceptor.__init__
+
+    def record(self: CallInterceptor, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(CallInterceptor, "__init__", record)
+    server = start_server(metrics_port=0)
+    (interceptor,) = made
+    with grpc.insecure_channel(server.target) as channel:
+        for i in range(2000):
+            code = unary(f"/junk.S{i % 7}/M{i}", b"", ())(channel)[0]
+            assert code == grpc.StatusCode.UNIMPLEMENTED
+        assert unary(DIGIT + "Predict", pb.PredictRequest(images=[pb.Image(uint8=bytes(784))])
+                     .SerializeToString(), ())(channel)[0] == grpc.StatusCode.OK
+    assert list(interceptor._handlers) == [DIGIT + "Predict"]
+    counted = handled(server.app.metrics_port or 0)
+    assert counted == {("Predict", "OK"): 1}, counted
