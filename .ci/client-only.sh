@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The client-only install (`pip install .`, no extra) in a fresh virtual environment: only the
-# `digitserve` namespace is installed, the client imports without TensorFlow, hpack (the loadtest
+# `digitserve` package is installed, the client imports without TensorFlow, hpack (the loadtest
 # extra) is not installed, and the commands whose extra is missing (mnist-serve, mnist-train train,
 # mnist-client loadtest) exit 2 with one line naming it instead of a traceback.
 set -euo pipefail
@@ -20,6 +20,10 @@ for name in server client trainer; do
 done
 "$V/python" -c "import digitserve.client, digitserve.repository, digitserve.v1.digit_service_pb2" \
   || fail "the client does not import"
+mkdir -p digitserve/client  # a folder of the package's name beside the script (a clone) does not shadow it
+"$V/python" -c "import digitserve, sys; from digitserve.client import DigitClient; sys.exit(digitserve.__file__ is None)" \
+  || fail "digitserve is not a regular package, or a folder named digitserve shadows it"
+rmdir digitserve/client digitserve
 "$V/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('tensorflow') is not None)" \
   || fail "TensorFlow is installed without an extra"
 "$V/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('hpack') is not None)" \

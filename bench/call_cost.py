@@ -26,8 +26,7 @@ import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -69,11 +68,11 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     import grpc
 
     from digitserve.inference import load_version, read_check_set
-    from digitserve.server.calls import CallWrapper
+    from digitserve.server.calls import CallInterceptor, tolerant_deserializer
     from digitserve.server.dataplane import DataPlane
     from digitserve.server.decoding import PictureDecoder
     from digitserve.server.logs import access_log
-    from digitserve.server.servicer import DigitServicer, tolerant_deserializer
+    from digitserve.server.servicer import DigitServicer
     from digitserve.server.telemetry import Telemetry
     from digitserve.v1 import digit_service_pb2 as pb
 
@@ -82,24 +81,16 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     model = load_version(model_dir, check_set=read_check_set(model_dir))
     telemetry = Telemetry()
     plane = DataPlane(1024, observer=telemetry)
-    plane.set_model(model)
-    served_name = model.spec.name
+    plane.prepare(model)
 
-    class OneModel:  # the router of one data plane (digitserve.server.models.Router)
-        config_error = ""
-        config_path = ""
-        default_model = served_name
-        ready = True
-        pictures = PictureDecoder()
+    class OneModel:  # the registry of one served version (digitserve.server.registry.Registry)
+        def resolve(self, name: str, version: int = 0, label: str = "", *,
+                    split: bool = False) -> tuple[DataPlane, Any]:
+            return plane, model
 
-        def model(self, name: str) -> Any:
-            return SimpleNamespace(plane=plane)
-
-        def model_infos(self, name: str = "") -> list[Any]:
-            return []
-
-    handler = grpc.unary_unary_rpc_method_handler(DigitServicer(OneModel()).Predict)
-    predict = CallWrapper(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
+    handler = grpc.unary_unary_rpc_method_handler(
+        DigitServicer(cast(Any, OneModel()), PictureDecoder()).Predict)
+    predict = CallInterceptor(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
     pixels = np.random.default_rng(0).random((images, model.spec.input_size), dtype=np.float32)
     data = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels]).SerializeToString()
     parse = tolerant_deserializer(pb.PredictRequest)

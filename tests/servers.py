@@ -42,14 +42,6 @@ class ObservedSource:
         self.watchable: bool = source.watchable
         self.calls: collections.Counter[str] = collections.Counter()
 
-    @property
-    def rules(self) -> Any:  # the gate rules are the observed source's
-        return self.source.rules
-
-    @rules.setter
-    def rules(self, rules: Any) -> None:
-        self.source.rules = rules
-
     def __str__(self) -> str:
         return str(self.source)  # log lines and messages name the repository, as in production
 
@@ -62,10 +54,10 @@ class ObservedSource:
         self.calls[f"fingerprint {version}"] += 1
         return self.source.fingerprint(version)
 
-    def load(self, version: int, serving: int | None = None) -> Any:
+    def load(self, version: int, rules: Any, baseline: Any = None) -> Any:
         self.calls[f"load {version}"] += 1
-        model = self.source.load(version, serving)
-        return model if self.wrap is None else self.wrap(model)
+        gated = self.source.load(version, rules, baseline)
+        return gated if self.wrap is None else gated._replace(model=self.wrap(gated.model))
 
 
 class ServerThread:
@@ -92,8 +84,8 @@ class ServerThread:
             app = App(settings, loader)
             if loader is None and len(app.models) == 1:  # one model named: observe its source
                 # Observed, not rebuilt: whatever App builds from the settings is what is served.
-                self.source = ObservedSource(app.source, wrap)
-                app.source = self.source
+                (model,) = app.models.values()
+                model.source = self.source = ObservedSource(model.source, wrap)
             return app
 
         self.app = self.call(make())
@@ -105,6 +97,16 @@ class ServerThread:
 
     def load(self) -> None:
         self.call(self.app.load())
+
+    @property
+    def plane(self) -> Any:
+        """The default model's data plane (its batcher, its statistics)."""
+        return self.app.registry.model("").plane
+
+    @property
+    def model(self) -> Any:
+        """The default model's served version (None while nothing serves)."""
+        return self.app.registry.model("").served
 
     def stop(self, grace: float = 0) -> None:
         if self.loop.is_running():

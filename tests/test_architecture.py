@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# (source root, top-level package) for every package of the project: the namespace package
+# (source root, top-level package) for every package of the project: the package
 # `digitserve` has one source root per top-level folder (pyproject.toml's package-dir).
 SOURCE_ROOTS = ("core", "protos", "server", "client", "trainer")
 PACKAGES = (*((ROOT / root, "digitserve") for root in SOURCE_ROOTS), (ROOT, "bench"))
@@ -253,18 +253,16 @@ def test_no_edge_imports_another_edge_s_messages(modules: tuple[str, ...],
 
 def metadata_keys() -> set[str]:
     """The keys of ``metadata.json`` at every level, as ``digitserve.metadata`` reads and writes
-    them (its ``f.get``/``f.req``/``f.section`` reads, ``_put`` and ``out[...]`` writes, dict
-    literals)."""
+    them (the fields of its ``Section`` models, ``.get`` reads, ``x[...]`` writes, dict literals)."""
     path = ROOT / "core" / "digitserve" / "metadata.py"
     keys: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Call):
-            args = node.args
-            if isinstance(node.func, ast.Attribute) and node.func.attr in (
-                    "get", "req", "section", "nullable_float") and args:
-                keys |= _strings(args[:1])
-            elif isinstance(node.func, ast.Name) and node.func.id == "_put" and len(args) > 1:
-                keys |= _strings(args[1:2])
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args:
+                keys |= _strings(node.args[:1])
+        elif isinstance(node, ast.ClassDef) and "Section" in {ast.unparse(b) for b in node.bases}:
+            keys |= {n.target.id for n in node.body
+                     if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
         elif isinstance(node, ast.Dict):
             keys |= _strings([k for k in node.keys if k is not None])
         elif isinstance(node, ast.Subscript):
@@ -309,3 +307,45 @@ def test_only_the_metadata_module_indexes_metadata_json_by_its_keys() -> None:
     found = metadata_key_reads()
     assert found == [], ("metadata.json indexed by its keys outside digitserve.metadata (use "
                          "Metadata's fields, or a helper there): " + "; ".join(found))
+
+
+# What the data plane and the sources kept of a version's state before the model registry owned it.
+VERSION_STATE = {"model", "refused", "refuse", "forgive", "labels", "set_labels", "loaded_versions",
+                 "add_version", "set_model", "unload", "resolve", "canary_weight", "default_version"}
+# The registry's state of a version, which only digitserve.server.registry assigns.
+REGISTRY_STATE = {"served", "versions", "_labels", "_canary_weight", "state", "reason", "accuracy",
+                  "refused_at", "gone_since", "read_hung"}
+
+
+def state_assignments() -> list[str]:
+    """Every assignment in the server outside the registry to an attribute (or an item of one)
+    named as the registry's version state, on anything but ``self``."""
+    found = []
+    for name, path in _modules().items():
+        if not _in(name, "digitserve.server") or name == "digitserve.server.registry":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            else:
+                continue
+            for target in targets:
+                attribute = target.value if isinstance(target, ast.Subscript) else target
+                if (isinstance(attribute, ast.Attribute) and attribute.attr in REGISTRY_STATE
+                        and ast.unparse(attribute.value) != "self"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(target)}")
+    return found
+
+
+def test_the_registry_alone_holds_and_changes_a_version_s_state() -> None:
+    from digitserve.server.dataplane import DataPlane
+    from digitserve.server.versions import RepositorySource
+
+    # The data plane runs what it is handed; the gate's verdicts and rules are not the source's.
+    assert sorted(VERSION_STATE & set(dir(DataPlane))) == []
+    source = RepositorySource(ROOT, "tiny")
+    assert [a for a in ("accuracies", "rules") if hasattr(source, a)] == []
+    found = state_assignments()
+    assert found == [], "version state changed outside digitserve.server.registry: " + "; ".join(found)

@@ -76,7 +76,7 @@ def test_big_calls_reports_served_calls_refusals_and_health(
     result = measure(server.target, "predict", 8, 1.0, 100)
     assert set(result["calls"]) == {"OK", "RESOURCE_EXHAUSTED"}, result
     assert result["calls"]["OK"] >= 8 and result["calls"]["RESOURCE_EXHAUSTED"] >= 8
-    assert server.app.plane.batcher.stats.rejected == result["calls"]["RESOURCE_EXHAUSTED"]
+    assert server.plane.batcher.stats.rejected == result["calls"]["RESOURCE_EXHAUSTED"]
     assert set(result["health"]["checks"]) == {"SERVING"}
     for figures in (result["served"], result["refused"], result["health"]):
         assert 0 < figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]

@@ -1,6 +1,5 @@
-"""The errors of the model repository: a model or version that does not exist, and a version
-whose files are not what its metadata says. Below both ``digitserve.repository`` and
-``digitserve.metadata``, which raise them (``digitserve.repository`` exports them too)."""
+"""The model repository's errors, below ``digitserve.repository`` and ``digitserve.metadata``, which
+raise them (``digitserve.repository`` exports them too)."""
 
 from __future__ import annotations
 

@@ -1,27 +1,18 @@
-"""Which optional dependencies ("extras" of ``pyproject.toml``) a command needs, and the one line a
-command prints when they are not installed.
-
-``pip install digitserve`` installs the client; its three console scripts are always installed
-(a wheel cannot make a script depend on an extra), so ``mnist-serve``, ``mnist-train train`` and
-``mnist-client loadtest`` check their extra before importing anything from it, and exit 2 with one
-line naming what to install instead of a ``ModuleNotFoundError`` traceback (so does
-``mnist-client`` for ``--plot``, before it loads or evaluates anything). The line names both
-installs: from the package index, and from a checkout (``make venv``'s editable install), where
-``digitserve[extra]`` would not find this project.
-"""
+"""Which optional dependencies ("extras" of ``pyproject.toml``) a command needs, and the one line it
+prints (exit 2) when they are not installed: the console scripts are always installed (a wheel
+cannot make a script depend on an extra), so each checks its extra before importing from it, and
+names both installs (the package index's, and a checkout's editable one)."""
 
 from __future__ import annotations
 
 import importlib.util
 
-# The top-level modules each extra provides, as pyproject.toml's [project.optional-dependencies]
-# lists them (tests/core/test_extras.py keeps the two in step).
-# ``mnist-serve`` needs ``serve`` (no TensorFlow: it serves LiteRT flatbuffers, and refuses a
-# version that needs TensorFlow with a line naming ``server``, which adds it).
+# The top-level modules of each extra in pyproject.toml (tests/core/test_extras.py keeps them in
+# step). ``serve`` has no TensorFlow: it serves LiteRT flatbuffers; ``server`` adds TensorFlow.
 MODULES: dict[str, tuple[str, ...]] = {
-    "serve": ("grpc_reflection", "prometheus_client", "cryptography", "aiohttp", "orjson"),
+    "serve": ("grpc_reflection", "prometheus_client", "cryptography", "aiohttp", "orjson", "pydantic"),
     "server": ("tensorflow", "grpc_reflection", "prometheus_client", "cryptography", "aiohttp",
-               "orjson"),
+               "orjson", "pydantic"),
     "trainer": ("tensorflow", "sklearn", "matplotlib"),
     "plot": ("matplotlib",),
     "loadtest": ("hpack",),
@@ -48,8 +39,7 @@ def missing(extra: str) -> list[str]:
 
 def requirement_error(prog: str, extra: str, what: str) -> str | None:
     """The one line ``prog`` prints when ``extra`` is not installed, else None."""
-    absent = missing(extra)
-    if not absent:
+    if not (absent := missing(extra)):
         return None
     return (f"{prog}: error: {what} needs the '{extra}' extra, which is not installed (missing: "
             f"{', '.join(absent)}); install it with: pip install 'digitserve[{extra}]' (from a "

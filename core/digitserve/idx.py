@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
+import math
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -15,36 +18,16 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = [
-    "IMAGES_MAGIC",
-    "LABELS_MAGIC",
-    "SPLITS",
-    "IdxError",
-    "Split",
-    "load_split",
-    "md5_uncompressed",
-    "read_idx",
-    "read_images",
-    "read_labels",
-    "scale_pixels",
-    "split_file_names",
-    "write_idx",
-]
+__all__ = ["IMAGES_MAGIC", "LABELS_MAGIC", "SPLITS", "IdxError", "Split", "load_split", "md5_uncompressed",
+           "read_idx", "read_images", "read_labels", "scale_pixels", "split_file_names", "write_idx"]
 
 IMAGES_MAGIC: Final = 0x00000803  # 2051: unsigned bytes, 3 dimensions
 LABELS_MAGIC: Final = 0x00000801  # 2049: unsigned bytes, 1 dimension
 SPLITS: Final = ("train", "t10k")
 
 _UBYTE: Final = 0x08
-_TYPE_NAMES: Final = {
-    0x08: "unsigned byte",
-    0x09: "signed byte",
-    0x0B: "short",
-    0x0C: "int",
-    0x0D: "float",
-    0x0E: "double",
-}
-_GZIP_MAGIC: Final = b"\x1f\x8b"
+_TYPE_NAMES: Final = {0x08: "unsigned byte", 0x09: "signed byte", 0x0B: "short", 0x0C: "int",
+                      0x0D: "float", 0x0E: "double"}
 _CHUNK: Final = 1 << 20
 
 
@@ -74,114 +57,69 @@ def split_file_names(split: str) -> tuple[str, str]:
     return f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
 
 
-def _is_gzip(path: str | os.PathLike[str]) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(2) == _GZIP_MAGIC
-
-
-def _open(path: str | os.PathLike[str]) -> io.BufferedIOBase:
-    """Opens a file for reading, through gzip when it starts with the gzip magic bytes."""
+@contextlib.contextmanager
+def _reading(path: str | os.PathLike[str]) -> Iterator[io.BufferedIOBase]:
+    """The file open for reading (through gzip when it starts with gzip's magic bytes), its read
+    errors turned into IdxError lines."""
     try:
-        gz = _is_gzip(path)
-        size = os.path.getsize(path)
+        with open(path, "rb") as probe:
+            gz = probe.read(2) == b"\x1f\x8b"
+        if os.path.getsize(path) == 0:
+            raise IdxError(f"{path}: empty file")
     except FileNotFoundError:
         raise IdxError(f"{path}: no such file") from None
     except OSError as exc:
         raise IdxError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if size == 0:
-        raise IdxError(f"{path}: empty file")
-    if gz:
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def _gzip_error(path: str | os.PathLike[str], exc: Exception) -> IdxError:
-    detail = str(exc).strip().replace("\n", " ") or type(exc).__name__
-    return IdxError(f"{path}: corrupt gzip data: {detail}")
-
-
-def _read_exact(fh: io.BufferedIOBase, buf: memoryview) -> int:
-    """Fills ``buf`` from ``fh``; returns how many bytes were read (fewer only at end of file)."""
-    filled = 0
-    while filled < len(buf):
-        n = fh.readinto(buf[filled:])
-        if not n:
-            break
-        filled += n
-    return filled
-
-
-def _count_rest(fh: io.BufferedIOBase) -> int:
-    total = 0
-    while block := fh.read(_CHUNK):
-        total += len(block)
-    return total
-
-
-def _describe_dims(dims: tuple[int, ...], size: int) -> str:
-    if len(dims) == 1:
-        return f"{size} bytes of data"
-    return f"{'×'.join(str(d) for d in dims)} = {size} bytes of data"
-
-
-def _read(
-    path: str | os.PathLike[str], expected_magic: int | None, kind: str
-) -> npt.NDArray[np.uint8]:
     try:
-        with _open(path) as fh:
-            head = fh.read(4)
-            if len(head) < 4:
-                raise IdxError(f"{path}: truncated header: {len(head)} of 4 magic bytes")
-            if head[0] != 0 or head[1] != 0:
-                raise IdxError(
-                    f"{path}: not an IDX file: magic bytes {head.hex(' ')} do not start with 00 00"
-                )
-            type_code, ndim = head[2], head[3]
-            if type_code != _UBYTE:
-                name = _TYPE_NAMES.get(type_code, "unknown")
-                raise IdxError(
-                    f"{path}: unsupported data type 0x{type_code:02X} ({name}); "
-                    "only 0x08 (unsigned byte) is supported"
-                )
-            magic = int.from_bytes(head, "big")
-            if expected_magic is not None and magic != expected_magic:
-                hint = {IMAGES_MAGIC: " (an images file?)", LABELS_MAGIC: " (a labels file?)"}
-                raise IdxError(
-                    f"{path}: not {kind} file: magic {magic} (0x{magic:08X}) with {ndim} "
-                    f"dimension(s){hint.get(magic, '')}, expected {expected_magic} "
-                    f"(0x{expected_magic:08X}) with {expected_magic & 0xFF} dimension(s)"
-                )
-            if ndim == 0:
-                raise IdxError(f"{path}: header declares 0 dimensions")
-            raw_dims = fh.read(4 * ndim)
-            if len(raw_dims) < 4 * ndim:
-                raise IdxError(
-                    f"{path}: truncated header: {ndim} dimensions need {4 * ndim} bytes "
-                    f"of sizes, file has {len(raw_dims)}"
-                )
-            dims = struct.unpack(f">{ndim}I", raw_dims)
-            size = 1
-            for d in dims:
-                size *= d
-            data = np.empty(size, dtype=np.uint8)
-            got = _read_exact(fh, data.data)
-            if got < size:
-                raise IdxError(
-                    f"{path}: truncated: header declares {_describe_dims(dims, size)}, "
-                    f"file has {got}"
-                )
-            extra = _count_rest(fh)
-            if extra:
-                raise IdxError(
-                    f"{path}: {extra} trailing bytes: header declares "
-                    f"{_describe_dims(dims, size)}, file has {size + extra}"
-                )
+        with gzip.open(path, "rb") if gz else open(path, "rb") as fh:
+            yield fh
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise _gzip_error(path, exc) from None
+        detail = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        raise IdxError(f"{path}: corrupt gzip data: {detail}") from None
     except IdxError:
         raise
     except OSError as exc:
         raise IdxError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _describe_dims(dims: tuple[int, ...], size: int) -> str:
+    return ("" if len(dims) == 1 else f"{'×'.join(str(d) for d in dims)} = ") + f"{size} bytes of data"
+
+
+def _read(path: str | os.PathLike[str], expected_magic: int | None, kind: str) -> npt.NDArray[np.uint8]:
+    with _reading(path) as fh:
+        head = fh.read(4)
+        if len(head) < 4:
+            raise IdxError(f"{path}: truncated header: {len(head)} of 4 magic bytes")
+        if head[0] != 0 or head[1] != 0:
+            raise IdxError(f"{path}: not an IDX file: magic bytes {head.hex(' ')} do not start with 00 00")
+        type_code, ndim = head[2], head[3]
+        if type_code != _UBYTE:
+            name = _TYPE_NAMES.get(type_code, "unknown")
+            raise IdxError(f"{path}: unsupported data type 0x{type_code:02X} ({name}); "
+                           "only 0x08 (unsigned byte) is supported")
+        magic = int.from_bytes(head, "big")
+        if expected_magic is not None and magic != expected_magic:
+            hint = {IMAGES_MAGIC: " (an images file?)", LABELS_MAGIC: " (a labels file?)"}.get(magic, "")
+            raise IdxError(
+                f"{path}: not {kind} file: magic {magic} (0x{magic:08X}) with {ndim} dimension(s){hint}, "
+                f"expected {expected_magic} (0x{expected_magic:08X}) with {expected_magic & 0xFF} "
+                "dimension(s)")
+        if ndim == 0:
+            raise IdxError(f"{path}: header declares 0 dimensions")
+        raw_dims = fh.read(4 * ndim)
+        if len(raw_dims) < 4 * ndim:
+            raise IdxError(f"{path}: truncated header: {ndim} dimensions need {4 * ndim} bytes of sizes, "
+                           f"file has {len(raw_dims)}")
+        dims = struct.unpack(f">{ndim}I", raw_dims)
+        size = math.prod(dims)
+        data = np.empty(size, dtype=np.uint8)
+        got = fh.readinto(data.data)  # a buffered reader fills the buffer unless the file ends
+        if got < size:
+            raise IdxError(f"{path}: truncated: header declares {_describe_dims(dims, size)}, file has {got}")
+        if extra := sum(len(block) for block in iter(lambda: fh.read(_CHUNK), b"")):
+            raise IdxError(f"{path}: {extra} trailing bytes: header declares {_describe_dims(dims, size)}, "
+                           f"file has {size + extra}")
     return data.reshape(dims)
 
 
@@ -202,10 +140,8 @@ def read_labels(path: str | os.PathLike[str], num_classes: int = 10) -> npt.NDAr
     bad = np.flatnonzero(labels >= num_classes)
     if bad.size:
         i = int(bad[0])
-        raise IdxError(
-            f"{path}: label {int(labels[i])} at index {i} is out of range 0..{num_classes - 1}"
-            f" ({bad.size} bad label(s) in all)"
-        )
+        raise IdxError(f"{path}: label {int(labels[i])} at index {i} is out of range 0..{num_classes - 1}"
+                       f" ({bad.size} bad label(s) in all)")
     return labels
 
 
@@ -213,26 +149,18 @@ def _find(data_dir: Path, name: str) -> Path:
     for candidate in (data_dir / f"{name}.gz", data_dir / name):
         if candidate.is_file():
             return candidate
-    raise IdxError(
-        f"{data_dir / (name + '.gz')}: no such file (nor {name}); "
-        f"run `mnist-train fetch --data-dir {data_dir}`"
-    )
+    raise IdxError(f"{data_dir / (name + '.gz')}: no such file (nor {name}); "
+                   f"run `mnist-train fetch --data-dir {data_dir}`")
 
 
 def load_split(data_dir: str | os.PathLike[str], split: str) -> Split:
     """Loads the "train" or "t10k" split from ``data_dir`` (``.gz`` files preferred over plain
     ones); IdxError if a file is missing or malformed or the image and label counts differ."""
-    images_name, labels_name = split_file_names(split)
-    directory = Path(data_dir)
-    images_path = _find(directory, images_name)
-    labels_path = _find(directory, labels_name)
-    images = read_images(images_path)
-    labels = read_labels(labels_path)
+    images_path, labels_path = (_find(Path(data_dir), name) for name in split_file_names(split))
+    images, labels = read_images(images_path), read_labels(labels_path)
     if images.shape[0] != labels.shape[0]:
-        raise IdxError(
-            f"{images_path}: has {images.shape[0]} images but {labels_path} has "
-            f"{labels.shape[0]} labels"
-        )
+        raise IdxError(f"{images_path}: has {images.shape[0]} images but {labels_path} has "
+                       f"{labels.shape[0]} labels")
     return Split(images=images, labels=labels, images_path=images_path, labels_path=labels_path)
 
 
@@ -248,32 +176,21 @@ def write_idx(path: str | os.PathLike[str], array: npt.NDArray[np.uint8]) -> Non
     if any(d >= 1 << 32 for d in arr.shape):
         raise IdxError(f"{path}: dimension {arr.shape} too large for IDX")
     header = bytes([0, 0, _UBYTE, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    data = np.ascontiguousarray(arr)
-    with open(path, "wb") as raw:
-        if os.fspath(path).endswith(".gz"):
-            # Level 6 (zlib's default): 15x faster than 9 on MNIST for 2% more bytes.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz:
-                gz.write(header)
-                gz.write(data.reshape(-1).data)
-        else:
-            raw.write(header)
-            raw.write(data.reshape(-1).data)
+    # Level 6 (zlib's default): 15x faster than 9 on MNIST for 2% more bytes.
+    with (open(path, "wb") as raw,
+          gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0)
+          if os.fspath(path).endswith(".gz") else contextlib.nullcontext(raw) as out):
+        out.write(header)
+        out.write(np.ascontiguousarray(arr).reshape(-1).data)
 
 
 def md5_uncompressed(path: str | os.PathLike[str]) -> str:
     """Hex MD5 of a file's content after gzip decompression (of its bytes if it is not gzip'd);
     IdxError if it is missing or its gzip data is corrupt."""
     digest = hashlib.md5()
-    try:
-        with _open(path) as fh:
-            while block := fh.read(_CHUNK):
-                digest.update(block)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise _gzip_error(path, exc) from None
-    except IdxError:
-        raise
-    except OSError as exc:
-        raise IdxError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with _reading(path) as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
     return digest.hexdigest()
 
 

@@ -28,18 +28,11 @@ class ClassificationMetrics:
     support: list[int]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "count": self.count,
-            "accuracy": self.accuracy,
-            "mean_cross_entropy": self.mean_cross_entropy,
-            "confusion_matrix": self.confusion_matrix,
-            "per_class": [
-                {"label": lab, "precision": p, "recall": r, "f1": f, "support": s}
-                for lab, p, r, f, s in zip(
-                    self.labels, self.precision, self.recall, self.f1, self.support, strict=True
-                )
-            ],
-        }
+        per_class = zip(self.labels, self.precision, self.recall, self.f1, self.support, strict=True)
+        return {"count": self.count, "accuracy": self.accuracy, "mean_cross_entropy": self.mean_cross_entropy,
+                "confusion_matrix": self.confusion_matrix,
+                "per_class": [{"label": lab, "precision": p, "recall": r, "f1": f, "support": s}
+                              for lab, p, r, f, s in per_class]}
 
 
 @dataclass
@@ -52,8 +45,7 @@ class MetricsAccumulator:
     _count: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        n = len(self.labels)
-        self._confusion = np.zeros((n, n), dtype=np.int64)
+        self._confusion = np.zeros((len(self.labels),) * 2, dtype=np.int64)
 
     @property
     def count(self) -> int:
@@ -63,10 +55,8 @@ class MetricsAccumulator:
         """Adds a batch: ``y_true`` has shape (N,), ``probs`` (N, classes)."""
         n_classes = len(self.labels)
         if probs.ndim != 2 or probs.shape[1] != n_classes or probs.shape[0] != y_true.shape[0]:
-            raise ValueError(
-                f"probabilities of shape {probs.shape} do not match {y_true.shape[0]} labels "
-                f"and {n_classes} classes"
-            )
+            raise ValueError(f"probabilities of shape {probs.shape} do not match {y_true.shape[0]} labels "
+                             f"and {n_classes} classes")
         y = y_true.astype(np.int64, copy=False)
         pred = np.argmax(probs, axis=1)
         np.add.at(self._confusion, (y, pred), 1)
@@ -86,23 +76,14 @@ class MetricsAccumulator:
         f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
         count = self._count
         return ClassificationMetrics(
-            labels=list(self.labels),
-            count=count,
-            accuracy=float(tp.sum() / count) if count else 0.0,
-            mean_cross_entropy=self._loss_sum / count if count else 0.0,
-            confusion_matrix=cm.tolist(),
-            precision=precision.tolist(),
-            recall=recall.tolist(),
-            f1=f1.tolist(),
-            support=actual.astype(np.int64).tolist(),
-        )
+            labels=list(self.labels), count=count, accuracy=float(tp.sum() / count) if count else 0.0,
+            mean_cross_entropy=self._loss_sum / count if count else 0.0, confusion_matrix=cm.tolist(),
+            precision=precision.tolist(), recall=recall.tolist(), f1=f1.tolist(),
+            support=actual.astype(np.int64).tolist())
 
 
-def classification_metrics(
-    labels: list[str],
-    y_true: npt.NDArray[np.integer[Any]],
-    probs: npt.NDArray[np.floating[Any]],
-) -> ClassificationMetrics:
+def classification_metrics(labels: list[str], y_true: npt.NDArray[np.integer[Any]],
+                           probs: npt.NDArray[np.floating[Any]]) -> ClassificationMetrics:
     """Metrics of one whole set at once."""
     acc = MetricsAccumulator(labels)
     acc.update(y_true, probs)

@@ -1,14 +1,9 @@
-"""Lines native libraries write straight to file descriptor 2, made log records.
-
-LiteRT prints ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` when an interpreter first
-allocates; grpc core and TensorFlow write absl lines (``E0000 00:00:1795916047.597076    9767
-tcp_server_posix.cc:220] File descriptor limit reached. Retrying.``). :func:`native_record` reads
-one such line; :func:`native_stderr_logged` turns the lines written while a block runs into
-records of a logger; :func:`bridge_native_stderr` makes everything native code writes to file
-descriptor 2 for the rest of a process's life a JSON line (``mnist-serve``) or a text record
-(``mnist-train``). Standard library only: the inference package (which loads LiteRT), the
-server's logging and the trainer import it, so none of them imports another.
-"""
+"""Lines native libraries write straight to file descriptor 2 (LiteRT's ``INFO: Created TensorFlow
+Lite XNNPACK delegate``, absl's ``E0000 00:00:1795916047.597076 9767 tcp_server_posix.cc:220] ...``
+of grpc core and TensorFlow), made log records: ``native_record`` reads one line,
+``native_stderr_logged`` logs those written while a block runs, ``bridge_native_stderr`` turns
+all of a process's into JSON lines (``mnist-serve``) or text records (``mnist-train``). Standard
+library only, so the inference package, the server's logging and the trainer share it."""
 
 from __future__ import annotations
 
@@ -41,9 +36,8 @@ _BENIGN = (
 
 
 def native_record(line: bytes) -> tuple[int, str, str | None] | None:
-    """(level, message, source) of one line in a native library's format (LiteRT's or absl's;
-    LiteRT's INFO is DEBUG here, and so are the lines ``_BENIGN`` knows), or None for any other
-    line. ``source`` is absl's ``file:line``."""
+    """(level, message, absl's ``file:line`` or None) of a LiteRT or absl line (LiteRT's INFO and
+    ``_BENIGN`` lines are DEBUG), or None for any other line."""
     line = line.rstrip(b"\r\n")
     if (absl := _ABSL_LINE.fullmatch(line)) is not None:
         level, source, message = _ABSL_LEVELS[absl.group(1)], absl.group(2).decode(errors="replace"), \
@@ -65,14 +59,10 @@ def shorten(text: str, limit: int) -> str:
 
 @contextlib.contextmanager
 def native_stderr_logged(logger: logging.Logger, level: int | None = None) -> Iterator[list[str]]:
-    """Turns the lines a native library writes to file descriptor 2 while the block runs (LiteRT's
-    delegate notice, when an interpreter first allocates its tensors; grpc core's line on a port
-    it could not bind) into records of ``logger``, so that a stream of JSON lines stays JSON; its
-    INFO lines become DEBUG records, and every record is at ``level`` when one is given (a failure
-    the caller reports in its own words). Yields a list that holds the native lines' messages
-    once the block is over. Anything else written to stderr meanwhile (another thread's log
-    lines) is written back unchanged after the block. Without a file descriptor 2 to redirect,
-    the block runs as it is."""
+    """Turns the native lines written to file descriptor 2 while the block runs (LiteRT's delegate
+    notice, grpc core's line on a port it could not bind) into records of ``logger`` (all at
+    ``level`` when given), so JSON output stays JSON; yields a list that holds their messages after
+    the block. Other lines written meanwhile are written back unchanged after it."""
     messages: list[str] = []
     sys.stderr.flush()
     try:
@@ -92,8 +82,7 @@ def native_stderr_logged(logger: logging.Logger, level: int | None = None) -> It
         capture.seek(0)
         other = []
         for line in capture.read().splitlines(keepends=True):
-            native = native_record(line)
-            if native is None:
+            if (native := native_record(line)) is None:
                 other.append(line)
             else:
                 messages.append(native[1])
@@ -113,40 +102,26 @@ _BRIDGE_MAIN = ("import sys; from digitserve.nativelog import run_bridge; "
 
 
 def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = None) -> TextIO | None:
-    """Makes everything native code writes to file descriptor 2 for the rest of the process's life
-    (grpc core's absl lines, such as ``File descriptor limit reached``; TensorFlow's; the
-    faulthandler's dump of a crash, whose lines are CRITICAL records of logger ``faulthandler``) a
-    JSON line:
-    file descriptor 2 becomes a pipe read by a small process of its own that writes each line as a
-    JSON record (logger ``native``, ``source`` = absl's file:line) to the real stderr, and JSON
-    lines as they are; native records below ``level`` are dropped. With ``text_format`` (a
-    logging format: ``mnist-train``'s) native lines become text records in that format instead,
-    and other lines pass as they are. A process, not a thread: it reads the pipe to its end, so
-    the last lines of a process that dies (a fatal absl CHECK, a fault) are kept. Returns a
-    stream on the real stderr for Python's own lines (which never go through the pipe), or None
-    if there is no file descriptor 2 or no bridge could be started, leaving stderr as it was. In
-    JSON mode ``sys.stderr`` stays on the pipe, so Python's writes that bypass logging are JSON
-    lines too; with ``text_format`` it is the returned stream."""
+    """Makes file descriptor 2 a pipe to a bridge process (``run_bridge``) that writes each native
+    line to the real stderr as a JSON record (logger ``native``, or ``faulthandler``, CRITICAL,
+    for a crash's dump; below ``level`` dropped), or with ``text_format`` as a text record. A
+    process, not a thread: it reads the pipe to its end, so a dying process's last lines are kept.
+    Returns a stream on the real stderr for Python's logging (with ``text_format`` also
+    ``sys.stderr``), or None, stderr untouched, when no bridge could be started."""
     import subprocess
 
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
+    fds: list[int] = []  # the real stderr, then the pipe's ends
     try:
-        real = os.dup(2)
-    except OSError:
-        return None
-    try:
-        read_end, write_end = os.pipe()
-    except OSError:
-        os.close(real)
-        return None
-    try:
+        fds.append(os.dup(2))
+        fds.extend(os.pipe())
+        real, read_end, write_end = fds
         subprocess.Popen(
             [sys.executable, "-c", _BRIDGE_MAIN, str(level), *([text_format] if text_format else [])],
-            stdin=read_end, stdout=real, stderr=real, close_fds=True,
-        )
+            stdin=read_end, stdout=real, stderr=real, close_fds=True)
     except OSError:
-        for fd in (real, read_end, write_end):
+        for fd in fds:
             os.close(fd)
         return None
     os.close(read_end)
@@ -163,8 +138,7 @@ def bridge_native_stderr(level: int = logging.DEBUG, text_format: str | None = N
 
 def run_bridge(level: int = logging.DEBUG, text_format: str | None = None) -> None:
     """The bridge process: standard input (the server's file descriptor 2) to standard output (the
-    real stderr), a JSON line per line (``text_format``: native lines as text records, others as
-    they are); ends at the end of its input (when every writer closed)."""
+    real stderr) line by line, until every writer closed."""
     import signal
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the server's group's signals
@@ -174,20 +148,17 @@ def run_bridge(level: int = logging.DEBUG, text_format: str | None = None) -> No
     fault = False  # after "Fatal Python error": the faulthandler's dump, to the end of input
     for line in sys.stdin.buffer:
         fault = fault or line.startswith(FAULT_LINE)
-        if text is not None:
-            native = native_record(line)
-            if native is None:
-                out.write(line if line.endswith(b"\n") else line + b"\n")
-            elif native[0] >= level:
+        native = None if fault and text is None else native_record(line)
+        if (text is not None and native is None) or (text is None and line.startswith(b"{")):
+            out.write(line if line.endswith(b"\n") else line + b"\n")  # as it is
+        elif text is not None:
+            if native is not None and native[0] >= level:
                 severity, message, source = native
                 record = logging.makeLogRecord({
                     "name": NATIVE_LOGGER, "levelno": severity, "levelname": logging.getLevelName(severity),
                     "msg": message if source is None else f"{message} [{source}]"})
                 out.write(text.format(record).encode("utf-8", "backslashreplace") + b"\n")
-        elif line.startswith(b"{"):  # a JSON line (a library writing our own records): as it is
-            out.write(line if line.endswith(b"\n") else line + b"\n")
         else:
-            native = None if fault else native_record(line)
             severity, message, source = native if native is not None else (
                 logging.CRITICAL if fault else logging.WARNING,
                 shorten(line.rstrip(b"\r\n").decode("utf-8", "replace"), MAX_NATIVE_CHARS), None)

@@ -1,37 +1,20 @@
-"""Pictures of a digit (PNG or JPEG bytes: a photo, a scan, a drawing) turned into a model's
-pixels the way the MNIST images were made: the one preprocessing of the server, ``mnist-client``
-and ``DigitClient``, so every caller gets the same pixels from the same picture. numpy and Pillow
-only (the client installs nothing else).
+"""Pictures of a digit (PNG or JPEG: a photo, a scan, a drawing) turned into a model's pixels the
+way the MNIST images were made: the one preprocessing of the server, ``mnist-client`` and
+``DigitClient``, with numpy and Pillow only (the client installs nothing else).
 
-The steps (``preprocess``):
-
-1. Decode (``read_grey``): PNG or JPEG only, at most ``max_bytes`` encoded, ``max_pixels``
-   decoded and ``max_decoded_bytes`` held by the decoder (``decoded_bytes``; both checked from the
-   header, before decoding: a decompression bomb is refused unread); EXIF orientation applied;
-   alpha composed onto a background opposite to the ink; grey. A large JPEG decodes at a reduced
-   scale (libjpeg's DCT scaling) and any picture is reduced by area averaging to at most
-   ``WORK_SIDE`` pixels a side: the digit needs no more. Beyond the decoded picture itself, the
-   work holds one byte a pixel (the grey copy) or bands of ~64 K pixels (alpha, 16 bits), so a
-   picture's peak memory is about its decoded bytes.
-2. Lighting (``ink_contrast``): the paper's brightness is a smooth surface, a quadratic in x and
-   y, fitted by least median of squares to the medians of 16×16 cells (right while the ink
-   leaves half of the cells), then to the pixels without the ink; a lighting gradient or
-   vignetting becomes part of the paper, not of the digit. Where the picture closed over a window
-   wider than the strokes lies well towards the ink (a shadow's edge, which no smooth surface
-   follows), that closing is the paper. The ink is the side of the paper with the larger far
-   outliers around each 3×3 cells' median (``ink_is_dark``): darker (ink on paper) or lighter
-   (chalk on a board, MNIST's own white on black). Each pixel's contrast is its difference from
-   the paper relative to the room there is (the paper's brightness for dark ink, so that ink under
-   dim light counts as much as under bright light).
-3. Ink (``digit_mask``): Otsu's threshold on the contrast; the 8-connected pieces of ink, of which
-   those below 5 % of the largest (noise, dust, JPEG speckles) are dropped; a picture whose ink
-   does not stand out of its noise is refused as blank. The digit keeps its soft edges (pixels
-   next to the pieces that reach a fifth of the strokes' contrast), as MNIST's anti-aliased ones.
-4. MNIST's normalisation (``normalise``): the digit's bounding box, strokes thickened when they
-   would be thinner than MNIST's once scaled (a pen's line), scaled with its aspect ratio kept so
-   that its longer side fills a 20×20 box (anti-aliased), intensities stretched so that the
-   strokes reach 255, and placed in the 28×28 frame so that its centre of mass is at (14, 14), as
-   MNIST's are (an MNIST image itself comes back within a few grey levels).
+1. ``read_grey``: PNG or JPEG only, bounded in encoded bytes, pixels and decoded bytes (the last
+   two read from the header: a decompression bomb is refused unread); EXIF orientation applied,
+   alpha composed onto a background opposite to the ink, reduced to ``WORK_SIDE`` pixels a side
+   (a large JPEG by libjpeg's DCT scaling). Peak memory is about the decoded bytes.
+2. ``ink_contrast``: the paper's lighting is a quadratic surface fitted robustly (least median of
+   squares on cell medians, then the paper's pixels), or a closing where a shadow's edge lies
+   towards the ink; the ink is the side of the paper with the larger far outliers (dark ink or
+   chalk on a board); contrast is relative to the room the paper leaves.
+3. ``digit_mask``: Otsu's threshold, 8-connected pieces below 5 % of the largest dropped, a blank
+   picture refused; soft edges kept as MNIST's anti-aliased ones.
+4. ``normalise``: MNIST's own: thin strokes thickened, the longer side scaled to 20 of 28 pixels,
+   intensities stretched to 255, centre of mass at (14, 14) (an MNIST image comes back within a
+   few grey levels).
 
 Measured on the photo set (``python -m bench.photoset``; docs/interoperability.md): see there.
 """
@@ -50,25 +33,17 @@ import numpy as np
 import numpy.typing as npt
 
 logger = logging.getLogger(__name__)
+_F64 = npt.NDArray[np.float64]
 
 FORMATS = ("PNG", "JPEG")
-MAX_BYTES = 8 * 1024 * 1024
-"""Encoded bytes of one picture, by default (a 12-megapixel phone JPEG is 2–5 MB)."""
-MAX_PIXELS = 4096 * 4096
-"""Decoded width × height of one picture, by default: a 12-megapixel photo (4032×3024) fits; a
-decompression bomb (a few kilobytes of PNG that would decode to gigabytes) is refused from its
-header."""
+MAX_BYTES = 8 * 1024 * 1024  # encoded bytes of one picture (a 12-megapixel phone JPEG is 2–5 MB)
+MAX_PIXELS = 4096 * 4096  # decoded width × height: a 12-megapixel photo (4032×3024) fits
 MAX_DECODED_BYTES = 48 * 1024 * 1024
-"""Bytes one picture may decode to, by default (``decoded_bytes``): a 12-megapixel photo fits
-(baseline or progressive 4:2:0 JPEG, 8-bit RGB or RGBA PNG: 4032×3024 held as 4 bytes a pixel),
-and any grey or 16-bit grey picture within MAX_PIXELS; a 4096×4096 RGBA PNG (64 MiB, 75 KB when
-transparent) does not, nor a 16-bit RGBA one (128 MiB)."""
-BAND_PIXELS = 1 << 16
-"""Pixels of the bands in which a picture with alpha or 16 bits is turned grey: its float64 work
-arrays stay a few megabytes whatever its size."""
-WORK_SIDE = 320
-"""Longest side, in pixels, of the picture the preprocessing works on: enough for a digit that
-ends up 20 pixels tall."""
+"""Bytes one picture may decode to (``decoded_bytes``): a 12-megapixel photo fits (4:2:0 JPEG, 8-bit
+RGB(A) PNG held as 4 bytes a pixel), as any grey picture within MAX_PIXELS; a 4096×4096 RGBA PNG
+(64 MiB, 75 KB when transparent) does not."""
+BAND_PIXELS = 1 << 16  # bands in which alpha or 16 bits is turned grey: float64 work stays small
+WORK_SIDE = 320  # longest side worked on: enough for a digit that ends up 20 pixels tall
 BOX = 20 / 28  # MNIST: the digit's longer side fills 20 of the frame's 28 pixels
 MIN_CONTRAST = 0.1  # the ink must differ from the paper by 10 % at least
 MIN_PIECE = 0.05  # pieces of ink below this fraction of the largest one are noise
@@ -83,10 +58,10 @@ class ImageError(ValueError):
 
 def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
               max_decoded_bytes: int = MAX_DECODED_BYTES,
-              work_side: int = WORK_SIDE) -> npt.NDArray[np.float64]:
-    """The picture in ``data`` (PNG or JPEG) as grey levels 0..255, reduced to at most
-    ``work_side`` pixels a side. ImageError: too many bytes, pixels or decoded bytes (the last two
-    read from the header, before decoding), not a PNG or JPEG, corrupt or truncated."""
+              work_side: int = WORK_SIDE) -> _F64:
+    """The picture in ``data`` (PNG or JPEG) as grey levels 0..255, at most ``work_side`` pixels a
+    side. ImageError: too large (pixels and decoded bytes read from the header), not a PNG or
+    JPEG, corrupt or truncated."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > max_bytes:
@@ -100,8 +75,7 @@ def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_
     except Image.DecompressionBombError as exc:  # beyond twice Pillow's own bound (~179 MP)
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = found.group(1) if found else "more than 178956970"
-        raise ImageError(f"{pixels} pixels exceed the limit of {max_pixels} pixels per picture"
-                         ) from None
+        raise ImageError(f"{pixels} pixels exceed the limit of {max_pixels} pixels per picture") from None
     except UnidentifiedImageError:
         raise ImageError(f"not a PNG or JPEG image (it starts with {data[:8]!r})") from None
     except Exception as exc:  # a PNG or JPEG header that does not parse
@@ -116,9 +90,8 @@ def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_
             image.draft("L", (max(1, int(width * scale)), max(1, int(height * scale))))
         held, kind, advice = decoded_bytes(image, data, (width, height))
         if held > max_decoded_bytes:
-            raise ImageError(f"{width}×{height} pixels of {kind} decode to {held} bytes, over the "
-                             f"limit of {max_decoded_bytes} decoded bytes per picture; send "
-                             f"{advice}")
+            raise ImageError(f"{width}×{height} pixels of {kind} decode to {held} bytes, over the limit of "
+                             f"{max_decoded_bytes} decoded bytes per picture; send {advice}")
         try:
             return _decoded(image, work_side)
         except Exception as exc:  # Pillow's decoders raise many types for corrupt data
@@ -140,27 +113,19 @@ _PNG_COLOURS = {0: ("grey", 1), 2: ("RGB", 3), 3: ("palette", 1), 4: ("grey and 
 
 def _held_per_pixel(mode: str) -> int:
     """Bytes per pixel of Pillow's image of ``mode`` in memory (RGB takes 4, as RGBA)."""
-    if mode in ("1", "L", "P"):
-        return 1
-    return 2 if mode.startswith("I;16") else 4
+    return 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
 
 
 def decoded_bytes(image: Any, data: bytes, size: tuple[int, int]) -> tuple[int, str, str]:
-    """What decoding the opened (not yet loaded) ``image`` of ``data``, ``size`` pixels, would
-    hold, read from its header: its bytes, what kind of picture it is, and what to send instead
-    when that is too much.
-
-    A PNG: width × height × the larger of its samples' bytes per pixel (channels × 2 at 16 bits)
-    and Pillow's in memory (4 for colour or alpha). A JPEG: its pixels at the scale it is decoded
-    (``draft``) × Pillow's bytes per pixel, plus, when libjpeg must buffer the whole picture
-    (progressive, or its first scan holds fewer components than the frame), 2 bytes per DCT
-    coefficient of every component."""
+    """What decoding the opened ``image`` of ``data`` (``size`` pixels) would hold, read from its
+    header: bytes, the kind of picture, and what to send instead. A PNG: pixels × the larger of
+    its samples' bytes and Pillow's; a JPEG: its drafted pixels × Pillow's bytes, plus 2 bytes per
+    DCT coefficient when libjpeg buffers the whole picture (progressive or multi-scan)."""
     width, height = size
     if image.format == "PNG" and data[12:16] == b"IHDR" and data[25] in _PNG_COLOURS:
         depth, (colour, channels) = data[24], _PNG_COLOURS[data[25]]
         per_pixel = max(channels * (2 if depth > 8 else 1), _held_per_pixel(image.mode))
-        return (width * height * per_pixel, f"{depth}-bit {colour}",
-                "fewer pixels or 8 bits per sample")
+        return width * height * per_pixel, f"{depth}-bit {colour}", "fewer pixels or 8 bits per sample"
     if image.format != "JPEG":  # a PNG header Pillow read but this does not: count the most
         return width * height * 8, f"{image.format} {image.mode}", "fewer pixels"
     drafted_w, drafted_h = image.size
@@ -179,8 +144,7 @@ def decoded_bytes(image: Any, data: bytes, size: tuple[int, int]) -> tuple[int, 
 
 
 def _first_scan_components(data: bytes) -> int | None:
-    """The number of components in a JPEG's first scan (its first SOS segment), None when the
-    markers up to it do not parse."""
+    """The number of components in a JPEG's first scan (SOS), None when the markers do not parse."""
     pos = 2  # after SOI
     while pos + 4 < len(data):
         if data[pos] != 0xFF:
@@ -200,9 +164,8 @@ def _first_scan_components(data: bytes) -> int | None:
 _OPAQUE_MODES = ("1", "L", "RGB", "CMYK", "YCbCr", "LAB", "HSV", "P")  # Pillow's "L" is right for them
 
 
-def _decoded(image: Any, work_side: int) -> npt.NDArray[np.float64]:
-    """The opened ``image`` decoded and turned grey, reduced to at most ``work_side`` pixels a
-    side, holding beyond the decoded picture one byte a pixel (opaque) or a band (see _grey)."""
+def _decoded(image: Any, work_side: int) -> _F64:
+    """The opened ``image`` decoded, grey and reduced to at most ``work_side`` pixels a side."""
     from PIL import Image, ImageOps
 
     if image.mode in _OPAQUE_MODES and "transparency" not in image.info:
@@ -222,7 +185,8 @@ def _decoded(image: Any, work_side: int) -> npt.NDArray[np.float64]:
     # transparency, 16 bits: in numpy, by bands of whole rows of factor×factor boxes, reduced the
     # same way as a whole (a box never straddles two bands)
     band = factor * max(1, BAND_PIXELS // (width * factor))
-    dark = _opaque_is_dark(image, band) if _has_alpha(image) else True
+    alpha = not (image.mode.startswith("I;16") or image.mode in ("I", "F"))  # what _grey composes
+    dark = _opaque_is_dark(image, band) if alpha else True
     parts = []
     for top in range(0, height, band):
         grey = _grey(image.crop((0, top, width, min(height, top + band))), dark)
@@ -231,15 +195,9 @@ def _decoded(image: Any, work_side: int) -> npt.NDArray[np.float64]:
     return np.concatenate(parts)
 
 
-def _has_alpha(image: Any) -> bool:
-    """Whether _grey composes ``image``'s alpha (it is not 16-bit or float grey)."""
-    return not (image.mode.startswith("I;16") or image.mode in ("I", "F"))
-
-
 def _opaque_is_dark(image: Any, band: int) -> bool:
-    """Whether the opaque pixels (alpha above half) of ``image`` are dark on average (mean grey
-    below 128), or there is none; read by bands of ``band`` rows. The sums are integers, so the
-    answer is that of the mean of the whole."""
+    """Whether the opaque pixels (alpha above half) are dark on average (or there is none), read
+    by bands of ``band`` rows with integer sums: the answer of the whole picture's mean."""
     width, height = image.size
     total = count = 0
     for top in range(0, height, band):
@@ -250,14 +208,12 @@ def _opaque_is_dark(image: Any, band: int) -> bool:
     return count == 0 or total < 128 * count
 
 
-def _grey(image: Any, dark: bool | None = None) -> npt.NDArray[np.float64]:
-    """Grey levels 0..255 of a decoded picture with transparency or 16 bits: transparency is
-    composed onto a background opposite to the ink (``dark``: the opaque pixels are dark; by
-    default their mean here tells), so a digit drawn on a transparent canvas keeps its strokes;
-    16 bits are scaled to 8."""
+def _grey(image: Any, dark: bool | None = None) -> _F64:
+    """Grey levels 0..255 of a picture with transparency (composed onto a background opposite to
+    the ink, ``dark`` or the opaque pixels' mean) or 16 bits (scaled to 8)."""
     mode = image.mode
     if mode.startswith("I;16") or mode == "I":  # 16-bit PNG: Pillow's "L" would clip at 255
-        sixteen: npt.NDArray[np.float64] = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        sixteen: _F64 = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
         return np.clip(sixteen, 0, 255)
     if mode == "F":
         return np.clip(np.asarray(image, dtype=np.float64), 0, 255)
@@ -267,47 +223,43 @@ def _grey(image: Any, dark: bool | None = None) -> npt.NDArray[np.float64]:
         opaque = alpha > 0.5
         dark = not opaque.any() or grey[opaque].mean() < 128
     background = 255.0 if dark else 0.0
-    composed: npt.NDArray[np.float64] = grey * alpha + background * (1 - alpha)
+    composed: _F64 = grey * alpha + background * (1 - alpha)
     return composed
 
 
 # Lighting -----------------------------------------------------------------------------------
 
 
-def _axes(rows: int, cols: int, step: int = 1) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def _axes(rows: int, cols: int, step: int = 1) -> tuple[_F64, _F64]:
     """Row and column coordinates scaled to [0, 1], every ``step``-th."""
     y = np.arange(0, rows, step, dtype=np.float64) / max(rows - 1, 1)
     x = np.arange(0, cols, step, dtype=np.float64) / max(cols - 1, 1)
     return y, x
 
 
-def _surface(coef: npt.NDArray[np.float64], y: npt.NDArray[np.float64],
-             x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _surface(coef: _F64, y: _F64, x: _F64) -> _F64:
     """c0 + c1·x + c2·y + c3·x² + c4·x·y + c5·y² on the grid y × x, in three array operations."""
     c0, c1, c2, c3, c4, c5 = coef.tolist()
-    surface: npt.NDArray[np.float64] = ((c0 + c2 * y + c5 * y * y)[:, None] + (c1 * x + c3 * x * x)[None, :]
-                                        + np.outer(c4 * y, x))
+    surface: _F64 = (c0 + c2 * y + c5 * y * y)[:, None] + (c1 * x + c3 * x * x)[None, :] + np.outer(c4 * y, x)
     return surface
 
 
-def _design(y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _design(y: _F64, x: _F64) -> _F64:
     """The quadratic surface's terms (1, x, y, x², xy, y²) at points (y, x), one row each."""
-    design: npt.NDArray[np.float64] = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
+    design: _F64 = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
     return design
 
 
-def _fit(design: npt.NDArray[np.float64], values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+def _fit(design: _F64, values: _F64) -> _F64:
     """Least-squares coefficients by the normal equations (a 6×6 solve: numpy's lstsq costs ~50×
     more for the same fit)."""
     coef = np.linalg.solve(design.T @ design + 1e-9 * np.eye(6), design.T @ values)
     return np.asarray(coef, dtype=np.float64)
 
 
-def _least_median(design: npt.NDArray[np.float64], values: npt.NDArray[np.float64],
-                  trials: int = 96) -> npt.NDArray[np.float64]:
-    """The surface with the least median of absolute residuals (Rousseeuw's LMedS) among exact
-    fits to ``trials`` random sets of 8 points, drawn from a fixed seed (the same picture always
-    gives the same pixels): right as long as the ink leaves half of the points."""
+def _least_median(design: _F64, values: _F64, trials: int = 96) -> _F64:
+    """Rousseeuw's least median of squares among fits to ``trials`` random sets of 8 points (a fixed
+    seed: the same picture gives the same pixels); right while the ink leaves half of the points."""
     if values.size < 16:
         return _fit(design, values)
     picks = np.random.default_rng(0).integers(0, values.size, size=(trials, 8))
@@ -316,20 +268,18 @@ def _least_median(design: npt.NDArray[np.float64], values: npt.NDArray[np.float6
     rhs = np.einsum("tki,tk->ti", a, values[picks])
     coefs = np.linalg.solve(gram, rhs[..., None])[..., 0]  # (trials, 6)
     residuals = np.abs(values[None, :] - coefs @ design.T)
-    best: npt.NDArray[np.float64] = coefs[int(np.argmin(np.median(residuals, axis=1)))]
+    best: _F64 = coefs[int(np.argmin(np.median(residuals, axis=1)))]
     return best
 
 
-def _mad(values: npt.NDArray[np.float64]) -> float:
+def _mad(values: _F64) -> float:
     return 1.4826 * float(np.median(np.abs(values))) + 1e-6
 
 
-def ink_is_dark(small: npt.NDArray[np.float64], medians: npt.NDArray[np.float64]) -> bool:
-    """Whether the ink is darker than the paper, from the picture reduced to ~64 px a side
-    (``small``) and the medians of its cells (``medians``, a grid of 4×4-pixel cells): the paper's
-    local level is the median of each 3×3 cells (the paper wherever most of the neighbourhood is
-    paper, under a lighting gradient as across a shadow's edge), and the ink is the side of it with
-    the larger far outliers."""
+def ink_is_dark(small: _F64, medians: _F64) -> bool:
+    """Whether the ink is darker than the paper, from the picture at ~64 px a side (``small``) and
+    its 4×4-pixel cells' ``medians``: the paper's level is each 3×3 cells' median, and the ink is
+    the side of it with the larger far outliers."""
     padded = np.pad(medians, 1, mode="edge")
     nr, nc = medians.shape
     level = np.median(np.stack([padded[i : i + nr, j : j + nc] for i in range(3) for j in range(3)]),
@@ -340,15 +290,10 @@ def ink_is_dark(small: npt.NDArray[np.float64], medians: npt.NDArray[np.float64]
     return float(-residual[far & (residual < 0)].sum()) >= float(residual[far & (residual > 0)].sum())
 
 
-def paper(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float, bool]:
-    """The paper's brightness under its lighting, a quadratic surface in x and y; the spread of
-    the paper's pixels around it (a robust standard deviation: the noise); and whether the ink is
-    darker than the paper.
-
-    First fitted to the medians of up to 16×16 cells (most cells are paper even where the ink is
-    thick) by least median of squares, then trimmed of the cells it does not explain; then
-    refitted to ~4,000 pixels without the ink (those more than 2.5 spreads from it on the ink's
-    side, ``ink_is_dark``)."""
+def paper(grey: _F64) -> tuple[_F64, float, bool]:
+    """The paper's brightness (a quadratic surface in x and y), the paper's noise (a robust spread)
+    and whether the ink is darker. Fitted by least median of squares to up to 16×16 cell medians,
+    trimmed, then refitted to ~4,000 pixels without the ink (2.5 spreads on the ink's side)."""
     from PIL import Image
 
     rows, cols = grey.shape
@@ -357,8 +302,7 @@ def paper(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float
     nr, nc = max(1, round(rows * scale / sub)), max(1, round(cols * scale / sub))
     small = np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize(
         (nc * sub, nr * sub), Image.Resampling.BOX), dtype=np.float64)
-    grid = np.median(small.reshape(nr, sub, nc, sub).transpose(0, 2, 1, 3).reshape(nr, nc, -1),
-                     axis=-1)
+    grid = np.median(small.reshape(nr, sub, nc, sub).transpose(0, 2, 1, 3).reshape(nr, nc, -1), axis=-1)
     medians = grid.ravel()
     by, bx = (a.ravel() for a in np.meshgrid((np.arange(nr) + 0.5) / nr * rows / max(rows - 1, 1),
                                              (np.arange(nc) + 0.5) / nc * cols / max(cols - 1, 1),
@@ -387,33 +331,28 @@ def paper(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float
     return _surface(coef, *_axes(rows, cols)), spread, dark
 
 
-def _relative(grey: npt.NDArray[np.float64], level: npt.NDArray[np.float64],
-              dark: bool) -> npt.NDArray[np.float64]:
-    """Contrast of each pixel against the paper's ``level``: the difference over the room there
-    is (the paper's brightness for dark ink, so that ink under dim light counts as much as under
-    bright light; what is left to white for light ink)."""
+def _relative(grey: _F64, level: _F64, dark: bool) -> _F64:
+    """Contrast against the paper's ``level``: the difference over the room there is (the paper's
+    brightness for dark ink, so dim light counts as bright; what is left to white for light ink)."""
     if dark:
-        out: npt.NDArray[np.float64] = (level - grey) / np.maximum(level, 32.0)
+        out: _F64 = (level - grey) / np.maximum(level, 32.0)
     else:
         out = (grey - level) / np.maximum(255.0 - level, 32.0)
     return out
 
 
-def _closing(values: npt.NDArray[np.float64], radius: int, dark: bool) -> npt.NDArray[np.float64]:
-    """A grey closing over a (2r+1)-square (``dark``: a maximum, then a minimum: dark features
-    narrower than the window vanish) or an opening (light ones vanish). The picture is extended by
-    its edge values first, so that a lighting gradient running into the border is kept as it is."""
+def _closing(values: _F64, radius: int, dark: bool) -> _F64:
+    """A grey closing over a (2r+1)-square (``dark``; else an opening), the picture extended by its
+    edge values first so that a lighting gradient into the border is kept."""
     padded = np.pad(values, radius, mode="edge")
     sign = 1.0 if dark else -1.0
     out = -_grow(-_grow(sign * padded, radius), radius) * sign
     return out[radius:-radius, radius:-radius] if radius > 0 else out
 
 
-def closed_paper(grey: npt.NDArray[np.float64], dark: bool, radius: int) -> npt.NDArray[np.float64]:
-    """The paper's brightness where a smooth surface cannot follow the lighting (a shadow's
-    edge): the picture closed (dark ink: a maximum, then a minimum, over (2r+1)² pixels), which
-    removes strokes narrower than the window and keeps a step of the lighting where it is. At half
-    the size, smoothed first, for speed and against noise."""
+def closed_paper(grey: _F64, dark: bool, radius: int) -> _F64:
+    """The paper's brightness where a smooth surface cannot follow the lighting (a shadow's edge):
+    the picture closed over (2r+1)² pixels, at half size and smoothed (speed, noise)."""
     from PIL import Image
 
     rows, cols = grey.shape
@@ -421,7 +360,7 @@ def closed_paper(grey: npt.NDArray[np.float64], dark: bool, radius: int) -> npt.
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     small = Image.fromarray(grey.astype(np.float32), mode="F").resize(size, Image.Resampling.BOX)
     padded = np.pad(np.asarray(small, dtype=np.float64), 1, mode="edge")
-    values: npt.NDArray[np.float64] = np.mean(
+    values: _F64 = np.mean(
         [padded[i : i + size[1], j : j + size[0]] for i in range(3) for j in range(3)], axis=0)
     r = max(1, int(np.ceil(radius * scale)))
     out = _closing(values, r, dark)
@@ -429,14 +368,10 @@ def closed_paper(grey: npt.NDArray[np.float64], dark: bool, radius: int) -> npt.
     return np.asarray(full, dtype=np.float64)
 
 
-def ink_contrast(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64], float]:
-    """Each pixel's contrast against the paper (0: paper; 1: as far from it as can be), ink
-    darker or lighter than the paper as ``paper`` found; and the noise in the same units.
-
-    The paper is the smooth surface of ``paper``, except where the picture closed over a window
-    wider than the strokes (``closed_paper``) says it is nearer the ink (in a shadow): the closing
-    follows a lighting step the surface cannot, the surface is not biased by noise as a closing
-    is."""
+def ink_contrast(grey: _F64) -> tuple[_F64, float]:
+    """Each pixel's contrast against the paper (0: paper; 1: as far as can be) and the noise in the
+    same units. The paper is ``paper``'s surface, except where ``closed_paper`` lies nearer the
+    ink (a shadow: the closing follows a step the surface cannot; the surface is unbiased by noise)."""
     surface, spread, dark = paper(grey)
     contrast = _relative(grey, surface, dark)
     noise = spread / float(np.median(np.maximum(surface if dark else 255.0 - surface, 32.0)))
@@ -457,9 +392,8 @@ def ink_contrast(grey: npt.NDArray[np.float64]) -> tuple[npt.NDArray[np.float64]
     return np.clip(contrast, 0.0, None), noise
 
 
-def otsu(values: npt.NDArray[np.float64], bins: int = 256) -> float:
-    """Otsu's threshold: the cut that maximises the between-class variance of ``values`` (a
-    histogram of ``bins`` bins from 0 to the largest value)."""
+def otsu(values: _F64, bins: int = 256) -> float:
+    """Otsu's threshold: the cut of a ``bins``-bin histogram maximising between-class variance."""
     high = float(values.max())
     if high <= 0:
         return 0.0
@@ -482,9 +416,8 @@ def otsu(values: npt.NDArray[np.float64], bins: int = 256) -> float:
 
 
 def components(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
-    """8-connected components of ``mask``: a label per pixel (0: none, 1..K) and each label's
-    pixel count (index 0 unused). Runs of each row are joined to the runs they touch on the row
-    above (union-find over runs: a digit is a few hundred)."""
+    """8-connected components of ``mask``: a label per pixel (0: none) and each label's pixel count,
+    by union-find over each row's runs (a digit is a few hundred)."""
     rows, cols = mask.shape
     padded = np.zeros((rows, cols + 2), dtype=np.int8)
     padded[:, 1:-1] = mask
@@ -529,8 +462,7 @@ def components(mask: npt.NDArray[np.bool_]) -> tuple[npt.NDArray[np.int32], npt.
     return labels, sizes
 
 
-def digit_mask(contrast: npt.NDArray[np.float64], noise: float
-               ) -> tuple[npt.NDArray[np.bool_], float]:
+def digit_mask(contrast: _F64, noise: float) -> tuple[npt.NDArray[np.bool_], float]:
     """The pixels of the digit (the pieces of ink kept) and the threshold; ImageError when no ink
     stands out of the paper."""
     threshold = max(otsu(contrast), MIN_CONTRAST / 2, 3 * noise)
@@ -547,10 +479,9 @@ def digit_mask(contrast: npt.NDArray[np.float64], noise: float
 # MNIST's normalisation ------------------------------------------------------------------------
 
 
-def _window_max(values: npt.NDArray[np.float64], width: int, axis: int) -> npt.NDArray[np.float64]:
-    """The maximum of each run of ``width`` values along ``axis`` (the valid ones: the axis
-    shrinks by width - 1), in log2(width) + 1 array operations: maxima of runs of 1, 2, 4, ...
-    pixels, then two overlapping runs of the largest power of two."""
+def _window_max(values: _F64, width: int, axis: int) -> _F64:
+    """The maximum of each run of ``width`` values along ``axis`` (the axis shrinks by width - 1),
+    in log2(width) + 1 array operations (runs of 1, 2, 4, ..., then two overlapping)."""
     m = np.moveaxis(values, axis, 0)
     span = 1
     while span * 2 <= width:
@@ -561,9 +492,8 @@ def _window_max(values: npt.NDArray[np.float64], width: int, axis: int) -> npt.N
     return np.moveaxis(m, 0, axis)
 
 
-def _grow(values: npt.NDArray[np.float64], radius: int) -> npt.NDArray[np.float64]:
-    """Grey dilation by a (2r+1)-square: each pixel the maximum of its neighbourhood (the window
-    cut at the border, as the picture's edge values extended would give)."""
+def _grow(values: _F64, radius: int) -> _F64:
+    """Grey dilation by a (2r+1)-square, the picture's edge values extended."""
     if radius <= 0:
         return values
     padded = np.pad(values, radius, mode="edge")
@@ -572,8 +502,8 @@ def _grow(values: npt.NDArray[np.float64], radius: int) -> npt.NDArray[np.float6
 
 
 def stroke_width(mask: npt.NDArray[np.bool_]) -> float:
-    """A stroke's typical width in pixels: twice the area over the perimeter (a long stroke of
-    width w and length L has area wL and perimeter ~2L)."""
+    """A stroke's typical width: twice the area over the perimeter (a stroke w × L: area wL,
+    perimeter ~2L)."""
     area = float(mask.sum())
     edges = int(np.count_nonzero(mask[1:] != mask[:-1]) + np.count_nonzero(mask[:, 1:] != mask[:, :-1])
                 + np.count_nonzero(mask[0]) + np.count_nonzero(mask[-1])
@@ -581,10 +511,8 @@ def stroke_width(mask: npt.NDArray[np.bool_]) -> float:
     return 2 * area / max(edges, 1)
 
 
-def normalise(ink: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_],
-              shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
-    """The digit (``ink``: 0..1 intensities, ``mask``: its pixels) fitted as MNIST's were into a
-    ``shape`` frame: its longer side scaled to 20/28 of the frame, centred by centre of mass."""
+def normalise(ink: _F64, mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """The digit (``ink`` 0..1, ``mask`` its pixels) fitted into ``shape`` as MNIST's were."""
     from PIL import Image
 
     rows, cols = shape
@@ -617,7 +545,7 @@ def normalise(ink: npt.NDArray[np.float64], mask: npt.NDArray[np.bool_],
     return np.rint(np.clip(frame, 0, 255)).astype(np.uint8).reshape(rows * cols)
 
 
-def preprocess(grey: npt.NDArray[np.float64], shape: Sequence[int] = (28, 28)
+def preprocess(grey: _F64, shape: Sequence[int] = (28, 28)
                ) -> npt.NDArray[np.uint8]:
     """A grey picture (0..255, any size) as a flat uint8 vector of ``shape``'s pixels, white
     digit on black as MNIST's. ImageError when it holds no digit."""
@@ -632,18 +560,14 @@ def preprocess(grey: npt.NDArray[np.float64], shape: Sequence[int] = (28, 28)
     return normalise(ink, kept, (rows, cols))
 
 
-def from_bytes(data: bytes, shape: Sequence[int] = (28, 28), *, max_bytes: int = MAX_BYTES,
-               max_pixels: int = MAX_PIXELS, max_decoded_bytes: int = MAX_DECODED_BYTES
-               ) -> npt.NDArray[np.uint8]:
-    """The model's pixels (flat uint8, ``shape``) of a PNG or JPEG picture; ImageError saying
-    what is wrong otherwise."""
-    return preprocess(read_grey(data, max_bytes=max_bytes, max_pixels=max_pixels,
-                                max_decoded_bytes=max_decoded_bytes), shape)
+def from_bytes(data: bytes, shape: Sequence[int] = (28, 28), **limits: int) -> npt.NDArray[np.uint8]:
+    """The model's pixels (flat uint8, ``shape``) of a PNG or JPEG picture, within read_grey's
+    ``limits``; ImageError saying what is wrong otherwise."""
+    return preprocess(read_grey(data, **limits), shape)
 
 
 def from_file(path: Path, shape: Sequence[int] = (28, 28), *, max_bytes: int = MAX_BYTES,
-              max_pixels: int = MAX_PIXELS, max_decoded_bytes: int = MAX_DECODED_BYTES
-              ) -> npt.NDArray[np.uint8]:
+              **limits: int) -> npt.NDArray[np.uint8]:
     """As from_bytes, of a file; ImageError messages start with the path."""
     try:
         size = path.stat().st_size
@@ -655,7 +579,6 @@ def from_file(path: Path, shape: Sequence[int] = (28, 28), *, max_bytes: int = M
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None
     try:
-        return from_bytes(data, shape, max_bytes=max_bytes, max_pixels=max_pixels,
-                          max_decoded_bytes=max_decoded_bytes)
+        return from_bytes(data, shape, max_bytes=max_bytes, **limits)
     except ImageError as exc:
         raise ImageError(f"{path}: {exc}") from None

@@ -12,13 +12,8 @@ import numpy.typing as npt
 _DPI = 100
 
 
-def plot_confusion_matrix(
-    path: Path,
-    cm: npt.NDArray[np.integer[Any]] | Sequence[Sequence[int]],
-    labels: Sequence[str],
-    *,
-    title: str,
-) -> None:
+def plot_confusion_matrix(path: Path, cm: npt.NDArray[np.integer[Any]] | Sequence[Sequence[int]],
+                          labels: Sequence[str], *, title: str) -> None:
     """The tutorial's plot (scikit-learn's example): counts in the cells, true label down the side,
     predicted label along the bottom."""
     try:
@@ -32,8 +27,7 @@ def plot_confusion_matrix(
     ax = fig.add_subplot()
     image = ax.imshow(cm, interpolation="nearest", cmap="Blues")
     fig.colorbar(image, ax=ax)
-    total = int(cm.sum())
-    correct = int(np.trace(cm))
+    total, correct = int(cm.sum()), int(np.trace(cm))
     accuracy = correct / total if total else 0.0
     ax.set_title(f"{title}\nconfusion matrix: {correct}/{total} correct ({accuracy:.2%})")
     ticks = np.arange(len(labels))
@@ -42,11 +36,8 @@ def plot_confusion_matrix(
     threshold = cm.max() / 2.0 if cm.size else 0.0
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(
-                j, i, format(int(cm[i, j]), "d"),
-                ha="center", va="center", fontsize=8,
-                color="white" if cm[i, j] > threshold else "black",
-            )
+            ax.text(j, i, format(int(cm[i, j]), "d"), ha="center", va="center", fontsize=8,
+                    color="white" if cm[i, j] > threshold else "black")
     ax.set_ylabel("True label")
     ax.set_xlabel("Predicted label")
     fig.tight_layout()

@@ -1,8 +1,6 @@
 """The versioned model repository: ``ROOT/NAME/VERSION/`` with ``model.keras``, ``metadata.json``
-(and its checksum, ``metadata.json.sha256``) and ``report/``. Publishing is atomic (a staged
-directory renamed into place); reading needs no TensorFlow. ``metadata.json`` is read and written
-through ``digitserve.metadata`` (the publisher stamps the version and every file's checksum
-there); its errors are defined in ``digitserve.errors`` and exported here too."""
+(and ``metadata.json.sha256``) and ``report/``. Publishing is atomic (a staged directory renamed
+into place); reading needs no TensorFlow. Its errors (``digitserve.errors``) are exported here."""
 
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# The repository's errors, exported from here (defined below this module and digitserve.metadata).
 from digitserve.errors import CorruptVersionError as CorruptVersionError
 from digitserve.errors import ModelNotFoundError as ModelNotFoundError
 from digitserve.errors import RepositoryError as RepositoryError
@@ -33,10 +30,9 @@ CHECK_SET_FILE = "check_set.npz"  # uint8 images and labels the server checks a 
 REPORT_DIR = "report"
 _STAGING_PREFIX = ".staging-"
 STAGING_MAX_AGE = 3600.0
-"""Seconds after its last write a ``.staging-*`` directory that no publisher holds locked is taken
-for a killed publisher's and removed by the next publish. A live publisher holds an exclusive
-flock on its staging directory (the guarantee on one host) and writes into it at each step of its
-build; the age also covers publishers that take no lock (older trainers, other hosts over NFS)."""
+"""Seconds after its last write an unlocked ``.staging-*`` directory is taken for a killed
+publisher's and removed by the next publish. A live publisher holds a flock on it (one host); the
+age covers publishers that take no lock (older trainers, other hosts over NFS)."""
 _VERSION_NAME = re.compile(r"[1-9][0-9]*")  # ASCII digits only, no leading zero: str(int(name))
 
 
@@ -44,8 +40,7 @@ _warned: set[str] = set()  # paths warn_once has warned about, in this process
 
 
 def warn_once(path: str, message: str) -> None:
-    """Logs ``message`` as a warning the first time it is said of ``path`` in this process (a
-    repository entry skipped at every look is one line, not one per look)."""
+    """Logs ``message`` as a warning the first time it is said of ``path`` in this process."""
     if path not in _warned:
         _warned.add(path)
         logger.warning("%s", message)
@@ -56,8 +51,7 @@ def _check_name(name: str) -> None:
         raise RepositoryError(f"invalid model name {name!r}: use letters, digits, '-', '_' or '.'")
 
 
-# A model the server finds in a repository: a directory named like this (not hidden, not a
-# version number, not ``lost+found``).
+# A model's directory is named like this (not hidden, not a version number, not ``lost+found``).
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -67,8 +61,8 @@ def is_model_name(name: str) -> bool:
 
 
 def is_version_name(name: str) -> bool:
-    """Whether ``name`` is a version directory's name: a canonical positive integer (``1``,
-    ``12``; not ``012``, ``+1`` or ``²``), so each version has exactly one directory."""
+    """Whether ``name`` is a version directory's: a canonical positive integer (not ``012``, ``+1``
+    or ``²``), so each version has exactly one directory."""
     return _VERSION_NAME.fullmatch(name) is not None
 
 
@@ -80,15 +74,13 @@ class ModelRepository:
         self._ignored: set[str] = set()  # entries already reported as not versions
 
     def models(self) -> list[str]:
-        """The model directories in the repository, by name (those without a version yet
-        included); [] when the repository is missing. Symlinks are followed only to directories
-        inside the repository (followed_dir)."""
+        """The model directories' names, sorted (those without a version too); [] when the
+        repository is missing."""
         return sorted(self.model_dirs())
 
     def model_dirs(self) -> dict[str, bool]:
-        """Each model directory's name, and whether it holds a version directory (a published
-        version, or one being checked): one listing of the root and one of each model directory,
-        nothing read inside a version. {} when the repository is missing."""
+        """Each model directory's name and whether it holds a version directory, from one listing
+        of the root and of each model directory; {} when the repository is missing."""
         try:
             with os.scandir(self.root) as entries:
                 found = [e for e in entries if is_model_name(e.name) and self.followed_dir(e)]
@@ -104,11 +96,9 @@ class ModelRepository:
             return False
 
     def followed_dir(self, entry: os.DirEntry[str]) -> bool:
-        """Whether a directory entry of the repository is a directory to serve from: a
-        directory, or a symlink to a directory inside the repository root (a model or version
-        kept on a volume mounted there). A symlink loop, a dangling symlink and a symlink out of
-        the repository root (to ``/``, to another tree) are skipped, each with one warning line
-        per process (warn_once), never an error: the rest of the repository serves on."""
+        """Whether an entry is a directory to serve from: a directory, or a symlink to one inside
+        the repository root (a volume mounted there). A loop, a dangling symlink or one out of the
+        root is skipped with one warning per process (warn_once); the rest serves on."""
         try:
             if not entry.is_symlink():
                 return entry.is_dir(follow_symlinks=False)
@@ -140,36 +130,31 @@ class ModelRepository:
         return self._link_followed(str(model_dir)) if stat.S_ISLNK(mode) else stat.S_ISDIR(mode)
 
     def versions(self, name: str) -> list[int]:
-        """Published versions of ``name``, ascending; [] if there are none. Only directories
-        named as canonical integers are versions; anything else but hidden entries (staging) is
-        ignored with a warning, once per entry. A model directory or version that is a symlink
-        is followed only inside the repository (followed_dir)."""
+        """Published versions of ``name``, ascending; [] if there are none. Entries not named as
+        canonical integers (hidden ones apart) are ignored with one warning each."""
         _check_name(name)
         model_dir = self.root / name
         if not self._model_dir_followed(model_dir):
             return []
-        found = []
         try:
             with os.scandir(model_dir) as entries:
                 listed = list(entries)
         except (FileNotFoundError, NotADirectoryError):
             return []
+        found = []
         for entry in listed:
             if is_version_name(entry.name) and self.followed_dir(entry):
                 found.append(int(entry.name))
             elif not entry.name.startswith(".") and entry.path not in self._ignored \
                     and not (is_version_name(entry.name) and entry.is_symlink()):  # warned
                 self._ignored.add(entry.path)
-                logger.warning(
-                    "ignoring %s: not a version directory (versions are directories named "
-                    "1, 2, 3, ... without leading zeros)", entry.path,
-                )
+                logger.warning("ignoring %s: not a version directory (versions are directories named "
+                               "1, 2, 3, ... without leading zeros)", entry.path)
         return sorted(found)
 
     def latest(self, name: str) -> int:
         """The newest version of ``name``; ModelNotFoundError if none is published."""
-        versions = self.versions(name)
-        if not versions:
+        if not (versions := self.versions(name)):
             raise ModelNotFoundError(f"model {name!r} has no published version in {self.root}")
         return versions[-1]
 
@@ -191,17 +176,11 @@ class ModelRepository:
         build: Callable[[Path, int], dict[str, Any]],
         renumber: Callable[[Path, int, dict[str, Any]], None] | None = None,
     ) -> tuple[int, Path]:
-        """Publishes a new version of ``name``.
-
-        ``build(staging_dir, version)`` writes the version's files into ``staging_dir`` and returns
-        its metadata; the metadata gets the checksums of every file and is written last (then its
-        own checksum), then the directory is renamed into place, so readers see a complete version
-        or none. Concurrent publishers each get their own version number: one that loses the race
-        for ``version`` publishes as the next free one, after ``renumber(staging_dir, version,
-        metadata)`` (when given) has rewritten whatever of its files names the version.
-        Staging directories that killed publishers left behind are removed first
-        (:meth:`remove_stale_staging`).
-        """
+        """Publishes a new version of ``name``: ``build(staging_dir, version)`` writes its files and
+        returns its metadata, which gets every file's checksum and is written last; the directory
+        is then renamed into place, so readers see a complete version or none. A publisher that
+        loses the race for ``version`` publishes as the next free one, after ``renumber(staging_dir,
+        version, metadata)`` rewrote what names the version. Stale staging directories go first."""
         _check_name(name)
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -237,9 +216,8 @@ class ModelRepository:
             raise
 
     def remove_stale_staging(self, name: str, max_age: float = STAGING_MAX_AGE) -> list[Path]:
-        """Removes the ``.staging-*`` directories of ``name`` that no publisher holds locked and
-        whose newest entry is older than ``max_age`` seconds (left by killed publishers); returns
-        them."""
+        """Removes and returns ``name``'s unlocked ``.staging-*`` directories whose newest entry is
+        older than ``max_age`` seconds (left by killed publishers)."""
         _check_name(name)
         model_dir = self.root / name
         if not model_dir.is_dir():
@@ -268,8 +246,7 @@ class ModelRepository:
 
 @contextlib.contextmanager
 def _locked(directory: Path, wait: bool = True) -> Iterator[None]:
-    """Holds an exclusive flock on ``directory`` (released when the holder dies);
-    BlockingIOError at once when ``wait`` is False and another holds it."""
+    """Holds an exclusive flock on ``directory``; BlockingIOError at once unless ``wait``."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

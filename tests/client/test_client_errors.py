@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from digitserve.client import ConnectError, DigitClient, ImageError
+from digitserve.client import ConnectError, DigitClient, DigitServeError, ImageError
 from digitserve.client.cli import main
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
@@ -110,7 +110,7 @@ def test_the_library_raises_connect_error_at_once(closed_port: int) -> None:
             elapsed = time.monotonic() - started
         error = info.value
         assert str(error) == error.details() == refused_line(target)
-        assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+        assert isinstance(error, DigitServeError) and error.code() == grpc.StatusCode.UNAVAILABLE
         assert (error.target, error.reason) == (target, "connection refused (is mnist-serve running?)")
         assert elapsed < FAST, f"{elapsed:.1f} s"
 
@@ -223,7 +223,7 @@ def test_predict_takes_images_as_the_cli_does(fake_server: ServerThread) -> None
         "float-negative", "nan", "bool", "strings", "ragged", "empty"])
 def test_predict_refuses_other_images_in_the_callers_terms(
         fake_server: ServerThread, images: Any, message: str | None) -> None:
-    model = fake_server.app.plane.model
+    model = fake_server.model
     assert isinstance(model, FakeModel)
     calls = len(model.calls)
     with DigitClient(fake_server.target) as client, pytest.raises(ImageError) as info:
@@ -316,7 +316,7 @@ def test_info_json_is_the_response(fake_server: ServerThread,
 
 def test_plot_without_matplotlib_is_refused_before_any_work(
         fake_server: ServerThread, synthetic_data_dir: Path, tmp_path: Path) -> None:
-    model = fake_server.app.plane.model
+    model = fake_server.model
     assert isinstance(model, FakeModel)
     calls = len(model.calls)
     block = "import sys; sys.modules['matplotlib'] = None  # matplotlib is not installed"

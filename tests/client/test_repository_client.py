@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from digitserve.client import DigitClient
+from digitserve.client import DigitClient, InvalidInputError
 from digitserve.client.cli import format_models, main
 from digitserve.client.messages import message_dict
 from digitserve.repository import ModelRepository
@@ -139,7 +139,7 @@ def test_the_library_names_the_model_and_label(repo_server: ServerThread) -> Non
         assert (result.model_name, result.model_version) == ("tiny", 2)
         assert client.model_info(model_name="tiny", label="stable")["version_labels"] == ["stable"]
         assert client.model_info()["name"] == "other"
-        with pytest.raises(grpc.RpcError) as error:
+        with pytest.raises(InvalidInputError) as error:
             client.predict(image, model_version=1, label="stable")
         assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         listed = client.list_models()

@@ -222,3 +222,47 @@ def test_server_choices_are_the_models_and_the_logs() -> None:
 
     assert SETTINGS_INFERENCE == INFERENCE_CHOICES and SETTINGS_FORMATS == FORMATS
     assert SETTINGS_ACCESS_LOG_MODES == ACCESS_LOG_MODES
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"max_queue_delay_ms": -1.0}, "max queue delay -1.0 ms is negative"),
+    ({"max_picture_decoded_bytes": 100},
+     "max picture decoded bytes 100 is below 3136 (a 28×28 picture in colour)"),
+    ({"picture_threads": 65}, "picture threads 65 is not in 1..64"),
+    ({"repository_timeout": 0.0}, "repository timeout 0.0 is not in (0, 86400] seconds"),
+    ({"http_read_timeout": 3601.0}, "http read timeout 3601.0 is not in (0, 3600] seconds"),
+    ({"worker_heartbeat_timeout": 1.0},
+     "worker heartbeat timeout 1.0 is not 0 (off) or in [2, 86400] seconds"),
+    ({"min_check_accuracy": 1.5}, "min check accuracy 1.5 is not in [0, 1]"),
+    ({"max_queued_images": 10}, "max queued images 10 is below max images per request 1024"),
+    ({"max_picture_request_bytes": 2048, "max_picture_bytes": 4096},
+     "max picture request bytes 2048 is below max picture bytes 4096"),
+    ({"keep_versions": 0, "workers": 0}, "workers 0 is below 1; keep versions 0 is below 1"),
+])
+def test_each_check_is_one_line_naming_the_option(overrides: dict[str, Any], message: str) -> None:
+    """The server's checks, from flags (load_settings) or in code (Settings), each one line that names
+    the option in words, its value and the range it must be in; several problems in one line."""
+    from digitserve.server.settings import Settings, load_settings
+
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]
+    with pytest.raises(ValueError) as info:
+        load_settings(["--model-repo", "r", *argv], env={})
+    assert str(info.value) == message
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Settings(model_repo=Path("r"), **overrides)
+
+
+def test_settings_errors_never_show_the_token_and_refuse_unknown_fields() -> None:
+    """A missing or mistyped field names the field, never the input (which holds every field, the
+    token included); a field Settings does not have is an error, not silently dropped."""
+    from digitserve.server.settings import Settings
+
+    secret = "tok-3f9c1e"
+    for kwargs, message in [({"auth_token": secret}, "model repo: field required"),
+                            ({"model_repo": Path("r"), "auth_token": secret, "prot": 1},
+                             "prot: unexpected keyword argument"),
+                            ({"model_repo": Path("r"), "auth_token": secret, "inference": "gpu"},
+                             "inference 'gpu' is not one of auto, litert, tensorflow")]:
+        with pytest.raises(ValueError) as info:
+            Settings(**kwargs)
+        assert message in str(info.value) and secret not in str(info.value)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from digitserve.metadata import FORMAT_VERSION, METADATA_FILE, Metadata
+from digitserve.metadata import FORMAT_VERSION, METADATA_FILE, DataInfo, Metadata
 from digitserve.repository import CorruptVersionError, ModelRepository
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "format1" / "mnist" / "1"
@@ -76,10 +76,11 @@ def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, last = dotted.split("/")
     for key in parents:
         doc = doc[int(key)] if isinstance(doc, list) else doc[key]
+    at = int(last) if isinstance(doc, list) else last
     if value is _DELETE:
-        del doc[last]
+        del doc[at]
     else:
-        doc[last] = value
+        doc[at] = value
 
 
 _DELETE = object()
@@ -103,6 +104,16 @@ _DELETE = object()
     ("inference/path", _DELETE, "field 'inference.path': missing"),
     ("files/model.keras/sha256", _DELETE, "field 'files.model.keras.sha256': missing"),
     ("check_set", [500], "field 'check_set': expected a JSON object, got [500]"),
+    # A field that may be left out is left out: null is not its type.
+    ("preset", None, "field 'preset': expected a string, got null"),
+    ("metrics/per_class/3", 5, "field 'metrics.per_class[3]': expected a JSON object, got 5"),
+    ("metrics/confusion_matrix/1/2", -1, "field 'metrics.confusion_matrix': expected a list of lists "
+     "of counts, got [[929, 0, 4, 2, 1, 11, 27, 1, 5, 0], [0, 1080, -1, 4, 0, 1, 5, 0, 42, 0], [27..."),
+    ("hyperparameters/epochs", [1], "field 'hyperparameters': expected an object of scalars, got "
+     "{\"name\": \"seed\", \"description\": \"the tutorial: Dense(128, relu) -> Dense(10, ..."),
+    ("files/model.keras", "x", "field 'files.model.keras': expected a JSON object, got \"x\""),
+    ("data/train_size", -1, "field 'data.train_size': expected a count, got -1"),
+    ("metrics/test_loss", float("inf"), "field 'metrics.test_loss': expected a number, got Infinity"),
 ])
 def test_a_missing_or_mistyped_field_is_one_error_naming_the_file_and_the_field(
     field: str, value: Any, error: str
@@ -113,6 +124,19 @@ def test_a_missing_or_mistyped_field_is_one_error_naming_the_file_and_the_field(
     with pytest.raises(CorruptVersionError) as caught:
         Metadata.from_json(doc, path)
     assert str(caught.value) == f"{path}: {error}"
+
+
+def test_what_the_trainer_may_write_as_null_or_leave_out_reads_back_as_written() -> None:
+    """``inference.litert_max_diff`` is null when there was no flatbuffer; NaN and booleans in
+    ``hyperparameters`` stay what they are; a section built without a figure leaves it out."""
+    doc = copy.deepcopy(_fixture())
+    doc["inference"]["litert_max_diff"] = None
+    doc["hyperparameters"].update(dropout=float("nan"), augment=True, epochs=1)
+    written = Metadata.from_json(doc).to_json()
+    assert written["inference"]["litert_max_diff"] is None
+    assert json.dumps(written) == json.dumps(doc)  # NaN == NaN as text; True stays true, 1 stays 1
+    built = Metadata(name="m", version=1, data=DataInfo(train_size=10, holdout_size=None))
+    assert built.to_json() == {"name": "m", "version": 1, "data": {"train_size": 10}}
 
 
 def test_a_document_that_is_not_an_object_is_refused() -> None:

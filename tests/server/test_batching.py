@@ -68,7 +68,7 @@ def test_concurrent_calls_batch_and_each_gets_its_own_answer(
     assert sorted(results) == list(range(512))
     for i, probs in results.items():
         np.testing.assert_allclose(probs, expected[i], rtol=0, atol=1e-6, err_msg=f"call {i}")
-    stats = server.app.plane.batcher.stats
+    stats = server.plane.batcher.stats
     assert stats.images == sum(model.calls) == 384 + 3 * 128
     assert stats.batches < 512 and max(stats.batch_sizes) > 1  # calls really were coalesced
     assert max(stats.batch_sizes) <= 256
@@ -91,10 +91,10 @@ def test_batched_answers_equal_unbatched_ones_on_the_trained_model(
             pb.PredictRequest(images=encode_images(images))).predictions]
     np.testing.assert_allclose(np.array(together), np.array(alone), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.array(one_request), np.array(alone), rtol=0, atol=1e-6)
-    model = server.app.plane.model
+    model = server.model
     assert model is not None and model.inference_path == inference  # type: ignore[attr-defined]
     if inference == "tensorflow":  # on the model thread: concurrent calls are coalesced
-        assert max(server.app.plane.batcher.stats.batch_sizes) > 1
+        assert max(server.plane.batcher.stats.batch_sizes) > 1
     else:  # on the event loop, each call computed at once; LiteRT rows do not depend on the batch
         np.testing.assert_array_equal(np.array(one_request), np.array(alone))
 
@@ -172,7 +172,7 @@ def test_full_queue_is_refused_at_once_and_expired_calls_are_not_computed(
         else:  # the data plane's own batcher and model thread, as the server builds them
             model = HeldLiteRT(request.getfixturevalue("litert_model"))
             plane = DataPlane(4 * u, max_batch_size=4 * u, max_queued_images=9 * u)
-            plane.set_model(model)  # type: ignore[arg-type]
+            plane.prepare(model)  # type: ignore[arg-type]
             assert plane.batcher.inline_limits[model] < u  # type: ignore[index]
             model.hold.set()
             batcher = plane.batcher
@@ -216,8 +216,8 @@ def test_overload_is_resource_exhausted_over_grpc(
         model.release.clear()
     else:  # the tiny model from its repository, past the gate, then held
         server = start_server(wrap=HeldLiteRT, **limits)
-        assert isinstance(server.app.plane.model, HeldLiteRT)
-        model = server.app.plane.model
+        assert isinstance(server.model, HeldLiteRT)
+        model = server.model
         model.hold.set()
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.DigitServiceStub(channel)
@@ -225,7 +225,7 @@ def test_overload_is_resource_exhausted_over_grpc(
         busy = stub.Predict.future(request_, timeout=30)
         assert model.entered.wait(10)
         waiting = stub.Predict.future(request_, timeout=30)  # fills the queue
-        batcher = server.app.plane.batcher
+        batcher = server.plane.batcher
         wait_for(lambda: batcher.queued_images == 4 * u, 10, "the second call to fill the queue",
                  poll=0.005)
         with pytest.raises(grpc.RpcError) as refused:

@@ -66,13 +66,13 @@ def test_big_calls_leave_health_responsive_and_excess_is_refused_fast(
     start_server: Callable[..., ServerThread], kind: str, capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = start_server(wrap=Recorded, metrics_port=0, max_queued_images=MAX_QUEUED)
-    model = server.app.plane.model
+    model = server.model
     assert isinstance(model, Recorded) and model.inference_path == "litert"
     target = server.target
     metrics_port = server.app.metrics_port
     assert metrics_port
     # The most images of a call run on the event loop (f2f0df1 has no such limit: every call).
-    limit = getattr(server.app.plane.batcher, "inline_limits", {}).get(model, 0)
+    limit = getattr(server.plane.batcher, "inline_limits", {}).get(model, 0)
     model.calls.clear()
     lag_ms: list[float] = []
 
@@ -163,7 +163,7 @@ def test_big_calls_leave_health_responsive_and_excess_is_refused_fast(
     assert set(health_codes) == {"SERVING"}, health_codes
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert codes["OK"] >= CALLERS and codes["RESOURCE_EXHAUSTED"] >= CALLERS, codes
-    assert server.app.plane.batcher.stats.rejected == codes["RESOURCE_EXHAUSTED"]
+    assert server.plane.batcher.stats.rejected == codes["RESOURCE_EXHAUSTED"]
     # No clock in pass/fail (the machine is shared: at a load average of 7-15 the event loop's
     # timer lag p99 reached 51 ms and a refusal's p99 1.5 s with nothing wrong), only figures of
     # the same run against each other. A refusal waits for no model work, so it takes less than

@@ -18,8 +18,8 @@ import pytest
 
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelRepository
-from digitserve.server.app import SERVICE_NAME
-from digitserve.server.models import ModelServer
+from digitserve.server.health import SERVICE_NAME
+from digitserve.server.registry import ModelVersions
 from tests.server.test_gate import publish_copy as publish_damaged
 from tests.servers import ServerProcess, ServerThread
 from tests.support import publish_copy, wait_for
@@ -96,13 +96,13 @@ def test_serving_every_model_starts_each_model_once(
     # The serve image's mode (no --model-name): the models are found by load_or_wait itself,
     # which once started each of them twice (two loads of the same version at every start).
     starts: collections.Counter[str] = collections.Counter()
-    start = ModelServer.load_or_wait
+    start = ModelVersions.load_or_wait
 
-    def counted(self: ModelServer, *args: Any, **kwargs: Any) -> Any:
+    def counted(self: ModelVersions, *args: Any, **kwargs: Any) -> Any:
         starts[self.name] += 1
         return start(self, *args, **kwargs)
 
-    monkeypatch.setattr(ModelServer, "load_or_wait", counted)
+    monkeypatch.setattr(ModelVersions, "load_or_wait", counted)
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo, repo)
     server = start_server(model_repo=repo, model_name=(), load=False)

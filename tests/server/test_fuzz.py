@@ -547,7 +547,7 @@ def test_fuzz_ten_thousand_malformed_requests_never_internal(
     caplog.set_level(logging.WARNING)
     server = start_server(max_images_per_request=MAX_IMAGES, max_message_bytes=MAX_BYTES,
                           max_queued_images=16 * MAX_IMAGES, max_picture_pixels=1_000_000)
-    assert server.app.plane.model is not None and server.app.plane.model.inference_path == "litert"
+    assert server.model is not None and server.model.inference_path == "litert"
     model = tiny_litert(tiny_repo)  # the served model's answers, computed in this thread
     fuzzer = Fuzzer(seed=20260101, model=model)
     cases = (fuzzer.case() for _ in range(FUZZ_CALLS))
@@ -577,7 +577,7 @@ def test_fuzz_ten_thousand_malformed_requests_never_internal(
     assert server.thread.is_alive() and server.loop.is_running()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors[:5]]
-    assert server.app.plane.batcher.queued_images == 0
+    assert server.plane.batcher.queued_images == 0
     assert server.app.pictures.queued == 0
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -874,7 +874,7 @@ def test_fuzz_http_ten_thousand_malformed_requests_never_500(
     assert tally.codes["404"] > 0 and tally.codes["413"] > 0 and tally.codes["431"] > 0
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors[:5]]
-    assert server.app.plane.batcher.queued_images == 0
+    assert server.plane.batcher.queued_images == 0
     assert server.app.http is not None and server.app.http.in_flight == 0
     import urllib.request
 

@@ -101,7 +101,7 @@ def test_a_version_without_a_check_set_is_refused_unless_the_operator_allows_it(
         "serve it unchecked"
     )
     with caplog.at_level(logging.WARNING, logger="digitserve.server.versions"):
-        model = source(tmp_path, allow_missing_check_set=True).load(1)
+        model = source(tmp_path, allow_missing_check_set=True).load(1).model
     assert model.spec.version == 1
     assert f"{directory} has no check_set.npz: serving it unchecked (--allow-missing-check-set)" \
         in caplog.text
@@ -174,7 +174,7 @@ def test_a_version_without_a_metadata_checksum_loads_with_a_warning(
     # Versions published before the checksum file (main's format 1) still load.
     directory = publish_copy(tiny_repo, tmp_path, 1, metadata_checksum="absent")
     with caplog.at_level(logging.WARNING, logger="digitserve.server.versions"):
-        model = source(tmp_path).load(1)
+        model = source(tmp_path).load(1).model
     assert model.spec.version == 1 and type(model).__name__ == "LiteRTModel"
     assert (f"{directory} has no metadata.json.sha256 (published before metadata was "
             "checksummed): its metadata is served unverified") in caplog.text
@@ -334,7 +334,7 @@ def test_one_byte_flipped_in_any_file_refuses_the_version(
     tiny_repo: Path, tmp_path: Path, name: str, inference: str, served_by: str
 ) -> None:
     directory = publish_copy(tiny_repo, tmp_path, 1)
-    assert type(source(tmp_path, inference=inference).load(1)).__name__ == served_by  # untouched
+    assert type(source(tmp_path, inference=inference).load(1).model).__name__ == served_by  # untouched
     flipped = flip_one_byte(directory / name)
     with pytest.raises(CorruptVersionError) as info:
         source(tmp_path, inference=inference).load(1)
@@ -392,7 +392,7 @@ def test_a_check_set_the_metadata_records_no_checksum_for_loads_with_one_warning
 
     directory = publish_copy(tiny_repo, tmp_path, 1, metadata=unlisted)
     with caplog.at_level(logging.WARNING):
-        model = source(tmp_path).load(1)
+        model = source(tmp_path).load(1).model
     assert model.spec.version == 1 and type(model).__name__ == "LiteRTModel"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [f"{directory}/check_set.npz: metadata.json records no sha256 for it "
@@ -459,7 +459,7 @@ def test_a_file_swapped_after_its_check_is_not_what_the_gate_uses(
             path.write_bytes(b"PK\x03\x04 swapped after the check")
 
     ran = swap_after_check(monkeypatch, path, swap)
-    model = source(tmp_path, inference=inference).load(1)
+    model = source(tmp_path, inference=inference).load(1).model
     assert ran == [name]
     assert type(model).__name__ == served_by
     assert model.spec.labels == tuple(str(d) for d in range(10))

@@ -46,7 +46,7 @@ def test_a_seed_model_of_non_mnist_data_serves_with_the_default_gate(
 def test_the_floor_is_an_operator_rule_and_its_refusal_names_the_flag(noisy_repo: Path) -> None:
     accuracy = recorded_accuracy(noisy_repo)
     with pytest.raises(QualityGateError) as info:
-        RepositorySource(noisy_repo, "tiny", GateRules(min_accuracy=0.9)).load(1)
+        RepositorySource(noisy_repo, "tiny").load(1, GateRules(min_accuracy=0.9))
     correct = round(accuracy * 200)
     assert str(info.value) == (f"check-set accuracy {accuracy:.4f} ({correct} of 200 images) is "
                                "below the floor 0.9000 set by --min-check-accuracy")
@@ -105,7 +105,7 @@ def test_a_figure_that_does_not_reproduce_is_refused(tiny_repo: Path, tmp_path: 
         source.load(2)
     assert str(info.value).startswith(
         "check-set accuracy 0.9000 (180 of 200 images) does not reproduce the 1.0000 (200 of 200)")
-    assert source.load(3).spec.version == 3
+    assert source.load(3).model.spec.version == 3
     assert figure.exists() and labels.exists() and within.exists()
 
 
@@ -117,12 +117,12 @@ def test_a_version_without_a_recorded_figure_gets_the_other_checks(
 
     directory = publish_copy(tiny_repo, tmp_path, 1, metadata=drop)
     with caplog.at_level(logging.WARNING, logger="digitserve.server.versions"):
-        assert RepositorySource(tmp_path, "tiny").load(1).spec.version == 1
+        assert RepositorySource(tmp_path, "tiny").load(1).model.spec.version == 1
     assert (f"{directory} records no check-set accuracy (published before the trainer recorded "
             "it): the gate cannot check that it reproduces") in caplog.text
     with pytest.raises(QualityGateError, match="set by --min-check-accuracy"):
         publish_copy(tiny_repo, tmp_path, 2, metadata=drop, check_set=wrong_labels)
-        RepositorySource(tmp_path, "tiny", GateRules(min_accuracy=0.95)).load(2)
+        RepositorySource(tmp_path, "tiny").load(2, GateRules(min_accuracy=0.95))
 
 
 def test_the_rules_are_settings_off_by_default() -> None:

@@ -7,9 +7,11 @@ tritonclient.http (in a subprocess) against the tiny model served from its repos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import http.client
 import json
+import logging
 import re
 import socket
 import struct
@@ -461,7 +463,7 @@ def test_readiness_is_false_from_the_first_moment_of_a_drain(
     start_server: Callable[..., ServerThread],
 ) -> None:
     server = start_server(http_port=0, wrap=Held)
-    model = server.app.plane.model
+    model = server.model
     assert isinstance(model, Held)
     port = port_of(server)
     try:
@@ -486,14 +488,14 @@ def test_readiness_is_false_from_the_first_moment_of_a_drain(
 
 def test_a_full_queue_is_429(start_server: Callable[..., ServerThread]) -> None:
     server = start_server(http_port=0, wrap=Held, max_images_per_request=1, max_queued_images=1)
-    model = server.app.plane.model
+    model = server.model
     assert isinstance(model, Held)
     port = port_of(server)
     try:
         first, _ = in_background(lambda: call(port, "POST", INFER, held_body()))
         assert model.entered.wait(30)
         second, _ = in_background(lambda: call(port, "POST", INFER, held_body()))
-        wait_for(lambda: server.app.plane.batcher.queued_images == 1, 10, "one call queued")
+        wait_for(lambda: server.plane.batcher.queued_images == 1, 10, "one call queued")
         answer = call(port, "POST", INFER, held_body())
         assert (answer.status, answer.json) == (429, {"error": "server overloaded: 1 images queued, "
                                                                "limit 1; retry with backoff"})
@@ -501,6 +503,55 @@ def test_a_full_queue_is_429(start_server: Callable[..., ServerThread]) -> None:
         model.release.set()
     first.join(30)
     second.join(30)
+
+
+# --- encodings and Expect, as the edge answered them before aiohttp's own paths ---------------------
+
+def raw_exchange(port: int, head: str, body: bytes, wait: float = 0.0) -> bytes:
+    """``head`` (request line and headers, ``Connection: close`` added), ``wait`` seconds, then
+    ``body`` on a connection of its own: everything the server sent, until it closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"{head}Host: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+                     .encode())
+        time.sleep(wait)
+        with contextlib.suppress(OSError):  # a refusal may close the connection before the body
+            sock.sendall(body)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_encodings_and_expect_are_answered_as_before(
+    start_server: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Data that is not gzip is 400 naming zlib's error, x-gzip is gzip, zstd is 415 like any
+    encoding not supported; ``Expect: 100-continue`` gets its 100 only for a body that will be read
+    (not before a 401 or a 413), and another Expect is ignored. No traceback logged."""
+    server = start_server(http_port=0, auth_token="tok", max_message_bytes=64 * 1024)
+    port = port_of(server)
+    caplog.set_level(logging.INFO)
+    body = json.dumps(fp32_body(scaled(images_u8(1)))).encode()
+    token = "Authorization: Bearer tok\r\n"
+    infer = f"POST {INFER} HTTP/1.1\r\n"
+    answer = raw_exchange(port, infer + token + "Content-Encoding: gzip\r\n", b"not gzip at all")
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(
+        b'{"error":"request body: not valid gzip data (Error -3 while decompressing data: incorrect '
+        b'header check)"}\n'), answer
+    answer = raw_exchange(port, infer + token + "Content-Encoding: x-gzip\r\n", gzip.compress(body))
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"model_name":"tiny"' in answer, answer
+    answer = raw_exchange(port, infer + token + "Content-Encoding: zstd\r\n", b"xx")
+    assert b" 415 " in answer.split(b"\r\n")[0] and answer.endswith(
+        b'{"error":"Content-Encoding \'zstd\' is not supported; send the body as is, or gzip or '
+        b'deflate it"}\n'), answer
+    expect = "Expect: 100-continue\r\n"
+    for head, data, status in ((infer + expect, body, b"401"),
+                               (infer + token + expect, b"x" * (64 * 1024 + 1), b"413"),
+                               (infer + token + expect, body, b"200")):
+        answer = raw_exchange(port, head, data, wait=0.5)
+        continued = answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        final = answer.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert (continued, final.split(b" ")[1]) == (status == b"200", status), (head, answer[:300])
+    answer = raw_exchange(port, infer + token + "Expect: something\r\n", body)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING] == []
 
 
 # --- slow and too many connections ---------------------------------------------------------------

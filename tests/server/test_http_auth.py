@@ -1,16 +1,20 @@
 """Every route of the HTTP edge needs the bearer token, but the open set that docs/security.md
 names; refused requests are counted 401 under their route. The routes come from the edge's own
-table (rest.ROUTES, which ``match`` dispatches from), as test_auth_coverage takes gRPC methods from
-the handlers the server was given, so a route added or opened later cannot slip through."""
+table (rest.ROUTES, from which ``add_routes`` fills the app's router), as test_auth_coverage takes
+gRPC methods from the handlers the server was given, so a route added or opened later cannot slip
+through."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from pathlib import Path
 
-from digitserve.server import rest
-from digitserve.server.rest import ROUTES, RestApi, Route
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
+from digitserve.server.rest import ROUTES, RestApi, Route, add_routes
 from digitserve.server.security import INVALID_TOKEN, MISSING_TOKEN
 from tests.server.test_http import call, fp32_body, images_u8, scaled
 from tests.servers import ServerThread
@@ -37,17 +41,25 @@ def concrete(route: Route) -> str:
     path = route.label
     for key, value in VALUES.items():
         path = path.replace("{" + key + "}", value)
-    assert route.pattern.match(path), (route.label, path)
     return path
 
 
 def test_the_route_table_is_what_the_edge_dispatches() -> None:
-    """Each route's path matches that route (no earlier one shadows it) and names a handler of
-    RestApi: the table the test walks is the one requests go through."""
-    for route in ROUTES:
-        found, params = rest.match(route.method, concrete(route))
-        assert found is route and set(params) <= set(VALUES), route.label
-        assert callable(getattr(RestApi, route.handler, None)), route.handler
+    """Each route's path resolves, in the router add_routes fills, to that route (no earlier one
+    shadows it), and names a handler of RestApi: the table the test walks is the one requests go
+    through."""
+    async def resolve() -> None:
+        app = web.Application()
+        add_routes(app, RestApi.__new__(RestApi))
+        for route in ROUTES:
+            found = await app.router.resolve(make_mocked_request(route.method, concrete(route)))
+            assert found.http_exception is None, route.label
+            resource = found.route.resource
+            assert resource is not None and resource.canonical == route.label, route.label
+            assert found.route.method == route.method and set(found) <= set(VALUES), route.label
+            assert callable(getattr(RestApi, route.handler, None)), route.handler
+
+    asyncio.run(resolve())
 
 
 def test_every_route_but_the_documented_open_ones_needs_the_token(

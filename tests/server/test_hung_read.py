@@ -19,7 +19,7 @@ import pytest
 
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelRepository
-from digitserve.server.app import MODEL_UPDATES_SERVICE
+from digitserve.server.health import MODEL_UPDATES_SERVICE
 from tests.servers import ServerProcess, ServerThread, make_settings
 from tests.support import publish_copy, wait_for
 

@@ -78,6 +78,16 @@ EMPTY = ("the file is empty (or holds only comments): a file being rewritten in 
     ('default_model = "digits"\n[models.mnist]',
      "default_model: 'digits' is not one of the models listed (mnist)"),
     ("[models.mnist", "not valid TOML: Expected ']' at the end of a table declaration (at end of document)"),
+    # Several mistakes: the first a reader meets (a table's name, then its unknown keys, then
+    # its values in order, model by model).
+    ("[models.mnist]\nversion = -1\nbogus = 1",
+     "models.mnist.bogus: unknown key; expected one of version, labels, canary_weight, "
+     "min_check_accuracy, max_regression"),
+    ('[models."../x"]\nbogus = 1', "models.../x: '../x' is not a model name (letters, digits, '.', "
+                                   "'_', '-', starting with a letter or digit)"),
+    ("[models.a]\ncanary_weight = 0.5\n[models.b]\nversion = -1",
+     "models.a.canary_weight: 0.5 needs a 'canary' label naming the canary version (models.a.labels)"),
+    ("x = 1\n[models.a]\nversion = -1", "x: unknown key; expected one of default_model, models"),
     ("", EMPTY),
     ("# the models\n\n   \n", EMPTY),
 ])

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digitserve.client.client import DigitClient
 from digitserve.repository import ModelNotFoundError, ModelRepository
-from digitserve.server.app import MODEL_UPDATES_SERVICE
+from digitserve.server.health import MODEL_UPDATES_SERVICE
 from tests.servers import ServerThread, make_settings
 from tests.support import expect_error, publish_copy, wait_for
 

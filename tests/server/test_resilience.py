@@ -106,7 +106,7 @@ def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
         server = start_server(CostlyModel, **limits)  # a fake on purpose: see CostlyModel
     else:
         server = start_server(wrap=CostlyLiteRT, **limits)
-        assert isinstance(server.app.plane.model, CostlyLiteRT)
+        assert isinstance(server.model, CostlyLiteRT)
     callers, duration = 200, 3.0
     memory = PeakMemory()  # the server runs in this process, its callers in another
     # The callers run in another process, so they don't compete with the server for this GIL.
@@ -125,7 +125,7 @@ def test_overload_far_above_capacity_is_refused_fast_and_the_rest_stay_bounded(
     # then its own: 6 model calls at most, besides what a call costs without model work (a
     # refusal's). Scaled by the model calls and refusals of this run, not by a clock (on a busy
     # machine every figure grows), with a margin of 2 for the noise of a percentile.
-    model = server.app.plane.model
+    model = server.model
     assert isinstance(model, CostlyModel | CostlyLiteRT)
     model_ms = np.percentile(model.seconds, 99) * 1000
     bound_ms = 2 * (np.percentile(refused, 99) + 6 * model_ms)

@@ -219,7 +219,7 @@ def test_mtls_requires_a_client_certificate_from_the_client_ca(
     start_fake: Callable[..., ServerThread], pki: Pki
 ) -> None:
     server = start_fake(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
-    model = server.app.plane.model
+    model = server.model
     assert isinstance(model, FakeModel)
     calls_before = len(model.calls)
     for credentials in (
@@ -241,7 +241,7 @@ def test_mtls_requires_a_client_certificate_from_the_client_ca(
 
 def test_token_required_on_every_method_but_health(start_fake: Callable[..., ServerThread]) -> None:
     server = start_fake(auth_token=TOKEN)
-    model = server.app.plane.model
+    model = server.model
     assert isinstance(model, FakeModel)
     calls_before = len(model.calls)
     request = pb.PredictRequest(images=encode_images(images_u8(1)))

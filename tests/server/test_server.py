@@ -180,7 +180,7 @@ def test_evaluate_streams_batches_and_matches_local_metrics(
     }, labels, probs)
     assert list(response.labels) == [str(d) for d in range(10)]
     assert response.model_version == 1
-    assert fake_server.app.plane.model.calls[-3:] == [100, 100, 50]  # type: ignore[union-attr]
+    assert fake_server.model.calls[-3:] == [100, 100, 50]  # type: ignore[union-attr]
 
 
 def test_metrics_of_a_tiny_set_by_hand() -> None:

@@ -30,10 +30,16 @@ from digitserve.client.client import (
     EvaluateResult,
     PredictResult,
 )
-from digitserve.client.connect import ConnectError
+from digitserve.client.errors import (
+    CallError,
+    ConnectError,
+    DigitServeError,
+    NotServedError,
+    UnimplementedError,
+)
 from digitserve.client.images import PREPROCESS, ImageError, is_picture, load_image
 from digitserve.client.messages import message_dict
-from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
+from digitserve.client.security import read_token, tls_credentials
 from digitserve.config import Parser
 from digitserve.extras import requirement_error
 from digitserve.metadata import Metadata
@@ -207,7 +213,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     return parser
 
 
-class CliError(Exception):
+class CliError(DigitServeError):
     """An error to print as one line, exit 1."""
 
 
@@ -229,18 +235,11 @@ def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
     _probability("--low-confidence", args.low_confidence)
     _probability("--fail-below", args.fail_below)
     if args.image is not None:
-        try:
-            if is_picture(args.image):
-                if not args.image.is_file():
-                    raise ImageError(f"{args.image}: no such file")
-                result = client.predict(args.image, model_version=args.model_version,
-                                        model_name=args.model_name, label=args.label,
-                                        preprocess=args.preprocess)
-            else:
-                result = client.predict(load_image(args.image), model_version=args.model_version,
-                                        model_name=args.model_name, label=args.label)
-        except ImageError as exc:
-            raise CliError(str(exc)) from exc
+        if is_picture(args.image) and not args.image.is_file():
+            raise ImageError(f"{args.image}: no such file")
+        image = args.image if is_picture(args.image) else load_image(args.image)
+        result = client.predict(image, model_version=args.model_version, model_name=args.model_name,
+                                label=args.label, preprocess=args.preprocess)
         return _report(client, args, result, str(args.image), None)
     split = _load_split(args.data_dir, args.split)
     if not 0 <= args.index < split.images.shape[0]:
@@ -268,21 +267,15 @@ def _report(client: DigitClient, args: argparse.Namespace, result: PredictResult
     low = top < threshold
     if args.json:
         print(json.dumps({
-            "source": source,
-            "probabilities": [float(p) for p in probs],
-            "class_index": result.class_indices[0],
-            "label": result.labels[0],
-            "true_label": true_label,
-            "model_name": result.model_name,
-            "model_version": result.model_version,
-            "low_confidence": low,
-            "low_confidence_threshold": threshold,
-        }))
+            "source": source, "probabilities": [float(p) for p in probs],
+            "class_index": result.class_indices[0], "label": result.labels[0],
+            "true_label": true_label, "model_name": result.model_name,
+            "model_version": result.model_version, "low_confidence": low,
+            "low_confidence_threshold": threshold}))
     else:
         print(f"{source} → model {result.model_name} v{result.model_version}")
         for k, p in enumerate(probs):
-            bar = "█" * round(float(p) * 40)
-            print(f"  class {k:>2} {float(p):9.6f} {bar}")
+            print(f"  class {k:>2} {float(p):9.6f} {'█' * round(float(p) * 40)}")
         print(f"predicted: {result.labels[0]} (p={top:.4f})"
               + ("" if true_label is None else f", true label: {true_label}"))
     answer = f"top probability {top:.4f} (label {result.labels[0]})"
@@ -336,11 +329,15 @@ def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
                   f"{c['support']:7d}")
         if args.plot is not None:
             print(f"confusion matrix plot: {args.plot}")
-    if result.accuracy < args.min_accuracy:
-        print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
-              f"{args.min_accuracy}", file=sys.stderr)
-        return 1
-    return 0
+    return _below_min_accuracy(result.accuracy, args.min_accuracy)
+
+
+def _below_min_accuracy(accuracy: float | None, minimum: float) -> int:
+    """1, after a line saying so, when ``accuracy`` is below ``--min-accuracy``; else 0."""
+    if accuracy is None or accuracy >= minimum:
+        return 0
+    print(f"{PROG}: error: accuracy {accuracy:.4f} is below --min-accuracy {minimum}", file=sys.stderr)
+    return 1
 
 
 def info_json(response: Message) -> dict[str, Any]:
@@ -443,10 +440,8 @@ def _list_models(client: DigitClient, model_name: str) -> pb.ListModelsResponse 
     repository server, or another implementation of the API)."""
     try:
         return client.list_models(model_name)
-    except grpc.RpcError as exc:
-        if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-            return None
-        raise
+    except UnimplementedError:
+        return None
 
 
 def cmd_info(client: DigitClient, args: argparse.Namespace) -> int:
@@ -516,15 +511,11 @@ def cmd_health(client: DigitClient, args: argparse.Namespace) -> int:
                                                args.service)
         else:
             status = client.health(args.service)
-    except grpc.RpcError as exc:
-        if exc.code() is not grpc.StatusCode.NOT_FOUND:
-            raise
+    except NotServedError as exc:
         # The server names the services it knows; one that does not still gets a line.
         raise CliError(exc.details() or f"no such health service {args.service!r}") from exc
-    if args.json:
-        print(json.dumps({"target": client.target, "service": args.service, "status": status}))
-    else:
-        print(status)
+    print(json.dumps({"target": client.target, "service": args.service, "status": status})
+          if args.json else status)
     return 0 if status == "SERVING" else 1
 
 
@@ -549,26 +540,20 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
 
     split = _load_split(args.data_dir, args.split)
     requests_cap = 3600.0  # a count-limited closed loop still ends within an hour
-    try:
-        config = loadtest.LoadConfig(
-            target=client.target, concurrency=args.concurrency, rate=args.rate,
-            duration=args.duration or (requests_cap if args.requests else 10.0),
-            requests=args.requests, timeout=args.timeout, connect_timeout=args.timeout,
-            processes=args.processes or loadtest.default_processes(args.concurrency, args.rate),
-            connections=(loadtest.DEFAULT_CONNECTIONS if args.connections is None
-                         else args.connections),
-            max_outstanding=args.max_outstanding, verify=args.verify,
-            engine=args.engine,
-        )
-        workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,
-                                           encoding=args.encoding, model_version=args.model_version,
-                                           protocol=args.protocol,
-                                           model_name=_v2_model_name(client, args), label=args.label)
-        if args.wait <= 0:  # as every other command: nothing listening is one line at once
-            client.check_server()
-        result = loadtest.run(config, workload, progress=not args.json)
-    except loadtest.LoadTestError as exc:
-        raise CliError(str(exc)) from exc
+    config = loadtest.LoadConfig(
+        target=client.target, concurrency=args.concurrency, rate=args.rate,
+        duration=args.duration or (requests_cap if args.requests else 10.0),
+        requests=args.requests, timeout=args.timeout, connect_timeout=args.timeout,
+        processes=args.processes or loadtest.default_processes(args.concurrency, args.rate),
+        connections=loadtest.DEFAULT_CONNECTIONS if args.connections is None else args.connections,
+        max_outstanding=args.max_outstanding, verify=args.verify, engine=args.engine)
+    workload = loadtest.build_workload(split.images, split.labels, batch=args.batch,
+                                       encoding=args.encoding, model_version=args.model_version,
+                                       protocol=args.protocol,
+                                       model_name=_v2_model_name(client, args), label=args.label)
+    if args.wait <= 0:  # as every other command: nothing listening is one line at once
+        client.check_server()
+    result = loadtest.run(config, workload, progress=not args.json)
     if args.plot is not None:
         from digitserve.client.plots import plot_loadtest
 
@@ -582,11 +567,7 @@ def cmd_loadtest(client: DigitClient, args: argparse.Namespace) -> int:
     if failures is not None:
         print(f"{PROG}: error: {failures}", file=sys.stderr)
         return 1
-    if result.accuracy is not None and result.accuracy < args.min_accuracy:
-        print(f"{PROG}: error: accuracy {result.accuracy:.4f} is below --min-accuracy "
-              f"{args.min_accuracy}", file=sys.stderr)
-        return 1
-    return 0
+    return _below_min_accuracy(result.accuracy, args.min_accuracy)
 
 
 COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
@@ -595,11 +576,8 @@ COMMANDS = {"predict": cmd_predict, "evaluate": cmd_evaluate, "info": cmd_info,
 
 def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
     use_tls = args.tls or any(p is not None for p in (args.tls_ca, args.tls_cert, args.tls_key))
-    try:
-        credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
-        token = None if args.token_file is None else read_token(args.token_file)
-    except ClientSecurityError as exc:
-        raise CliError(str(exc)) from exc
+    credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if use_tls else None
+    token = None if args.token_file is None else read_token(args.token_file)
     if args.command == "loadtest" and (credentials is not None or token is not None):
         raise CliError("loadtest opens its own plaintext channels: it does not take --tls* or "
                        "--token-file yet")
@@ -608,14 +586,13 @@ def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "loadtest":  # before anything imports what the extra provides
-        unmet = requirement_error(PROG, "loadtest", "loadtest")
-        if unmet:
-            print(unmet, file=sys.stderr)
-            return 2
-    if getattr(args, "plot", None) is not None:  # before any work: not after evaluating 10,000
-        unmet = requirement_error(PROG, "plot", "--plot")
-        if unmet is not None:
+    # Extras the command needs: before anything imports what they provide, before any work (not
+    # after evaluating 10,000 images).
+    needs = [("loadtest", "loadtest")] if args.command == "loadtest" else []
+    if getattr(args, "plot", None) is not None:
+        needs.append(("plot", "--plot"))
+    for extra, what in needs:
+        if (unmet := requirement_error(PROG, extra, what)) is not None:
             print(unmet, file=sys.stderr)
             return 2
     try:
@@ -625,15 +602,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.wait > 0 and args.command != "health":  # health waits for SERVING itself
                 client.wait_for_server(args.wait)
             return COMMANDS[args.command](client, args)
-    except (CliError, ConnectError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except grpc.RpcError as exc:
-        code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        name = code.name if code is not None else "UNKNOWN"
-        print(f"{PROG}: error: {args.target}: {name}: {details}", file=sys.stderr)
-        return 1
+    except ConnectError as exc:
+        line = str(exc)
+    except CallError as exc:  # the server refused a call
+        line = f"{args.target}: {exc.code().name}: {exc.details()}"
+    except DigitServeError as exc:  # CliError, ImageError, ClientSecurityError, LoadTestError
+        line = str(exc)
+    print(f"{PROG}: error: {line}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

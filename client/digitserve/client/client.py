@@ -1,6 +1,7 @@
 """DigitClient: owns a channel and stub; deadlines on every call, retries on UNAVAILABLE and
 CANCELLED (every method is idempotent); fails at once with ``ConnectError`` when it cannot reach
-its server, unless told to wait (``wait_for_ready``)."""
+its server, unless told to wait (``wait_for_ready``). Every failure is a ``DigitServeError``
+(``digitserve.client.errors``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.client.connect import ConnectError, Connectivity
+from digitserve.client.connect import Connectivity
+from digitserve.client.errors import CallError, ConnectError, from_grpc
 from digitserve.client.images import (
     PREPROCESS,
     Picture,
@@ -41,7 +43,7 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # up to two minutes late. A client of one service retries every few seconds at most instead.
 MAX_RECONNECT_BACKOFF_MS = 2000
 
-__all__ = ["ConnectError", "DigitClient", "EvaluateResult", "PredictResult"]
+__all__ = ["DigitClient", "EvaluateResult", "PredictResult"]
 T = TypeVar("T")
 
 # gRPC's own retry machinery (service config): retried with exponential backoff on UNAVAILABLE
@@ -52,34 +54,20 @@ T = TypeVar("T")
 # (tests/server/test_drain.py). Every method here is idempotent (Predict, Evaluate and GetModelInfo
 # compute, health reads), so such a call is safe to send again, to another replica under
 # round_robin. A cancel by this client itself is never retried by gRPC.
-RETRY_SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [
-        {
-            "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
-            "retryPolicy": {
-                "maxAttempts": 5,
-                "initialBackoff": "0.1s",
-                "maxBackoff": "2s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
-            },
-        }
-    ],
-}
+RETRY_SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [{
+    "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}}]}
 
 
 def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
     """The defaults, each replaced by an ``extra`` option of the same name (gRPC itself would take
     the first of two and silently ignore the override)."""
     options: dict[str, Any] = {
-        "grpc.enable_retries": 1,
-        "grpc.service_config": json.dumps(RETRY_SERVICE_CONFIG),
+        "grpc.enable_retries": 1, "grpc.service_config": json.dumps(RETRY_SERVICE_CONFIG),
         "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
         "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
-        "grpc.max_reconnect_backoff_ms": MAX_RECONNECT_BACKOFF_MS,
-    }
-    options.update(extra)
+        "grpc.max_reconnect_backoff_ms": MAX_RECONNECT_BACKOFF_MS, **dict(extra)}
     return list(options.items())
 
 
@@ -95,10 +83,7 @@ def encode_image(image: npt.ArrayLike) -> pb.Image:
 def encode_images(images: npt.ArrayLike) -> list[pb.Image]:
     """One Image per row of a (N, pixels) array (or per image of a (N, rows, cols) array)."""
     array = np.asarray(images)
-    if array.ndim == 1:
-        array = array[np.newaxis]
-    array = array.reshape(array.shape[0], -1)
-    return [encode_image(row) for row in array]
+    return [encode_image(row) for row in array.reshape(array.shape[0] if array.ndim > 1 else 1, -1)]
 
 
 @dataclass(frozen=True)
@@ -113,13 +98,10 @@ class PredictResult:
 
     @classmethod
     def from_proto(cls, response: pb.PredictResponse) -> PredictResult:
-        return cls(
-            probabilities=np.array([p.probabilities for p in response.predictions], dtype=np.float32),
-            class_indices=[p.class_index for p in response.predictions],
-            labels=[p.label for p in response.predictions],
-            model_name=response.model_name,
-            model_version=response.model_version,
-        )
+        found = response.predictions
+        return cls(np.array([p.probabilities for p in found], dtype=np.float32),
+                   [p.class_index for p in found], [p.label for p in found], response.model_name,
+                   response.model_version)
 
 
 @dataclass(frozen=True)
@@ -137,20 +119,11 @@ class EvaluateResult:
 
     @classmethod
     def from_proto(cls, response: pb.EvaluateResponse) -> EvaluateResult:
-        return cls(
-            count=response.count,
-            accuracy=response.accuracy,
-            mean_cross_entropy=response.mean_cross_entropy,
-            confusion_matrix=[list(row.counts) for row in response.confusion_matrix],
-            labels=list(response.labels),
-            per_class=[
-                {"label": c.label, "precision": c.precision, "recall": c.recall, "f1": c.f1,
-                 "support": c.support}
-                for c in response.per_class
-            ],
-            model_name=response.model_name,
-            model_version=response.model_version,
-        )
+        per_class = [{"label": c.label, "precision": c.precision, "recall": c.recall, "f1": c.f1,
+                      "support": c.support} for c in response.per_class]
+        return cls(response.count, response.accuracy, response.mean_cross_entropy,
+                   [list(row.counts) for row in response.confusion_matrix], list(response.labels),
+                   per_class, response.model_name, response.model_version)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -160,8 +133,10 @@ class DigitClient:
     """A client of one target (``host:port``, or ``dns:///name:port`` / ``ipv4:a:p,b:p`` to spread
     calls round_robin over several servers).
 
-    Until it has reached its server once, a call fails at once with ``ConnectError`` (a
-    ``grpc.RpcError``, code UNAVAILABLE) when the connection fails — ``cannot connect to
+    A call the server refuses raises the ``errors.CallError`` subclass of its status code
+    (``InvalidInputError``, ``NotServedError``, ``OverloadedError``, ...; ``code()`` and
+    ``details()`` as on grpc's errors). Until it has reached its server once, a call fails at once
+    with ``ConnectError`` (code UNAVAILABLE) when the connection fails — ``cannot connect to
     127.0.0.1:50051: connection refused (is mnist-serve running?)`` — instead of waiting out its
     deadline; with ``wait_for_ready=True`` it waits for the server within each call's deadline,
     and ``wait_for_server(seconds)`` waits explicitly. Once connected, calls ride out a restart or
@@ -225,24 +200,24 @@ class DigitClient:
         to the server by other means (the load tester) and wants this client's quick answer."""
         self._connectivity.check(self._timeout(timeout))
 
-    def _call(self, timeout: float, call: Callable[[bool], T]) -> T:
-        """``call(wait_for_ready)``: checked first while the server was never reached (fails at
-        once when the connection fails); a deadline or UNAVAILABLE while the channel cannot
-        connect becomes ConnectError."""
-        wait = self.wait_for_ready or self._connectivity.connected_once
-        if not wait:
+    def _call(self, method: Callable[..., T], request: Any, timeout: float | None,
+              scale: float = 1.0) -> T:
+        """``method(request)`` within the client's ``timeout`` (times ``scale``), checked first
+        while the server was never reached (fails at once when the connection fails); a deadline
+        or UNAVAILABLE while the channel cannot connect becomes ConnectError; any other failure
+        the CallError of its status code."""
+        timeout = self._timeout(timeout) * scale
+        if not (self.wait_for_ready or self._connectivity.connected_once):
             self._connectivity.check(timeout)
         try:
-            return call(True)
-        except ConnectError:
-            raise
+            return method(request, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-                error = self._connectivity.failure()
-                if error is not None:
-                    waited = timeout if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED else None
-                    raise ConnectError(self.target, error.reason, exc.code(), waited) from exc
-            raise
+            code = exc.code()
+            if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE) and (
+                    error := self._connectivity.failure()) is not None:
+                waited = timeout if code is grpc.StatusCode.DEADLINE_EXCEEDED else None
+                raise ConnectError(self.target, error.reason, code, waited) from exc
+            raise from_grpc(exc) from exc
 
     def _model(self, model_name: str) -> str:
         """The model a call asks: its own ``model_name``, else the client's."""
@@ -311,10 +286,7 @@ class DigitClient:
             encoded = encode_images(np.stack([load_picture(p, shape) for p in found]))
         request = pb.PredictRequest(images=encoded, model_version=model_version,
                                     model_name=name, version_label=label)
-        seconds = self._timeout(timeout)
-        response = self._call(seconds, lambda wait: self.stub.Predict(
-            request, timeout=seconds, wait_for_ready=wait))
-        return PredictResult.from_proto(response)
+        return PredictResult.from_proto(self._call(self.stub.Predict, request, timeout))
 
     def evaluate(
         self,
@@ -331,38 +303,28 @@ class DigitClient:
         """Streams the labelled set in batches; ``progress(n)`` is called as each batch is sent.
         ``images``: N×rows×cols or N×pixels, pixels as ``predict`` takes them; the model and its
         version as ``predict`` names them (one version answers the whole stream)."""
-        name = self._model(model_name)
-        array = pixel_values(images)
-        array = array.reshape(array.shape[0], -1)
-        y = np.asarray(labels, dtype=np.int64)
+        name, array = self._model(model_name), pixel_values(images)
+        array, y = array.reshape(array.shape[0], -1), np.asarray(labels, dtype=np.int64)
 
         def requests() -> Iterator[pb.EvaluateRequest]:
             for start in range(0, array.shape[0], batch_size):
                 chunk = array[start : start + batch_size]
-                yield pb.EvaluateRequest(
-                    images=encode_images(chunk),
-                    labels=y[start : start + batch_size].tolist(),
-                    model_version=model_version,
-                    model_name=name,
-                    version_label=label,
-                )
+                yield pb.EvaluateRequest(images=encode_images(chunk),
+                                         labels=y[start : start + batch_size].tolist(),
+                                         model_version=model_version, model_name=name,
+                                         version_label=label)
                 if progress is not None:
                     progress(chunk.shape[0])
 
-        seconds = self._timeout(timeout) * 6
-        response = self._call(seconds, lambda wait: self.stub.Evaluate(
-            requests(), timeout=seconds, wait_for_ready=wait))
-        return EvaluateResult.from_proto(response)
+        return EvaluateResult.from_proto(self._call(self.stub.Evaluate, requests(), timeout, 6))
 
     def get_model_info(self, *, model_version: int = 0, model_name: str = "", label: str = "",
                        timeout: float | None = None) -> pb.GetModelInfoResponse:
         """GetModelInfo's response as it is (``model_info`` is it as a dict); the model and
         version as ``predict`` names them."""
-        seconds = self._timeout(timeout)
         request = pb.GetModelInfoRequest(model_version=model_version,
                                          model_name=self._model(model_name), version_label=label)
-        response: pb.GetModelInfoResponse = self._call(seconds, lambda wait: self.stub.GetModelInfo(
-            request, timeout=seconds, wait_for_ready=wait))
+        response: pb.GetModelInfoResponse = self._call(self.stub.GetModelInfo, request, timeout)
         return response
 
     def model_info(self, *, model_version: int = 0, model_name: str = "", label: str = "",
@@ -374,11 +336,11 @@ class DigitClient:
                                        label=label, timeout=timeout)
         info: dict[str, Any] = json.loads(response.metadata_json)
         stamp_version(info, response.model_version)
-        info["max_images_per_request"] = response.max_images_per_request
-        info["loaded_versions"] = list(response.loaded_versions)
-        info["refused_versions"] = {str(r.version): r.reason for r in response.refused_versions}
-        info["inference_path"] = response.inference_path
-        info["version_labels"] = list(response.version_labels)
+        info.update(max_images_per_request=response.max_images_per_request,
+                    loaded_versions=list(response.loaded_versions),
+                    refused_versions={str(r.version): r.reason for r in response.refused_versions},
+                    inference_path=response.inference_path,
+                    version_labels=list(response.version_labels))
         return info
 
     def list_models(self, model_name: str = "", *,
@@ -388,9 +350,8 @@ class DigitClient:
         versions (published, serving, refused with the reason); only ``model_name`` if given
         (NOT_FOUND naming the served ones if the server has no such model). Not the client's
         default model: "" lists them all."""
-        seconds = self._timeout(timeout)
-        response: pb.ListModelsResponse = self._call(seconds, lambda wait: self.stub.ListModels(
-            pb.ListModelsRequest(model_name=model_name), timeout=seconds, wait_for_ready=wait))
+        response: pb.ListModelsResponse = self._call(
+            self.stub.ListModels, pb.ListModelsRequest(model_name=model_name), timeout)
         return response
 
     def models(self, model_name: str = "", *, timeout: float | None = None) -> dict[str, Any]:
@@ -402,10 +363,8 @@ class DigitClient:
         """The health service's status name for ``service`` ("" = the whole server)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        stub = health_pb2_grpc.HealthStub(self.channel)
-        seconds = self._timeout(timeout)
-        response = self._call(seconds, lambda wait: stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=seconds, wait_for_ready=wait))
+        response = self._call(health_pb2_grpc.HealthStub(self.channel).Check,
+                              health_pb2.HealthCheckRequest(service=service), timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     def wait_until_serving(self, timeout: float, service: str = "") -> str:
@@ -416,7 +375,7 @@ class DigitClient:
         while True:
             try:
                 status = self.health(service, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-            except grpc.RpcError as exc:
+            except CallError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
             if status == "SERVING" or time.monotonic() >= deadline:

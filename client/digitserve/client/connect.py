@@ -16,39 +16,14 @@ import threading
 
 import grpc
 
+from digitserve.client.errors import ConnectError
+
 # A method no server has: called only while the channel is in TRANSIENT_FAILURE, where gRPC fails
 # it without sending anything. Its service is outside the retry policy, so it fails at once.
 PROBE_METHOD = "/digitserve.client.Connectivity/Probe"
 PROBE_TIMEOUT = 1.0
 
 _REFUSED = "connection refused (is mnist-serve running?)"
-
-
-class ConnectError(grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
-    """The client could not connect to ``target`` (nothing listens there, the name does not
-    resolve, the TLS handshake failed, or nothing answered in time). A ``grpc.RpcError`` whose
-    ``code()`` is UNAVAILABLE (DEADLINE_EXCEEDED when nothing answered in time), so code written
-    for gRPC's errors handles it too; ``str()`` and ``details()`` are the one line to show."""
-
-    def __init__(self, target: str, reason: str,
-                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
-                 waited: float | None = None) -> None:
-        self.target = target
-        self.reason = reason
-        self.waited = waited
-        within = "" if waited is None else f" within {waited:.3g} s"
-        self.message = f"cannot connect to {target}{within}: {reason}"
-        self._code = code
-        super().__init__(self.message)
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self.message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def failure_reason(details: str) -> str:
@@ -73,14 +48,14 @@ def failure_reason(details: str) -> str:
 # grpc's connectivity polling thread watches a channel in 0.2 s steps (grpc/_channel.py,
 # _poll_connectivity); a little more than one step.
 POLL_LINGER = 0.3
+_READY, _FAILED = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
 
 class Connectivity:
     """Follows one channel's connectivity state (``channel.subscribe``) from the first call on."""
 
     def __init__(self, channel: grpc.Channel, target: str) -> None:
-        self._channel = channel
-        self._target = target
+        self._channel, self._target = channel, target
         self._changed = threading.Condition()
         self._state: grpc.ChannelConnectivity | None = None
         self._subscribed = False
@@ -89,16 +64,8 @@ class Connectivity:
     def _update(self, state: grpc.ChannelConnectivity) -> None:
         with self._changed:
             self._state = state
-            if state is grpc.ChannelConnectivity.READY:
-                self.connected_once = True
+            self.connected_once |= state is _READY
             self._changed.notify_all()
-
-    def _subscribe(self) -> None:
-        with self._changed:
-            if self._subscribed:
-                return
-            self._subscribed = True
-        self._channel.subscribe(self._update, try_to_connect=True)
 
     def close(self) -> float:
         """Stops following the channel. Returns for how many seconds grpc's polling thread may
@@ -112,12 +79,11 @@ class Connectivity:
         self._channel.unsubscribe(self._update)
         return POLL_LINGER
 
-    @property
-    def state(self) -> grpc.ChannelConnectivity | None:
-        return self._state
-
     def _wait(self, states: tuple[grpc.ChannelConnectivity, ...], timeout: float) -> bool:
-        self._subscribe()
+        with self._changed:
+            subscribe, self._subscribed = not self._subscribed, True
+        if subscribe:
+            self._channel.subscribe(self._update, try_to_connect=True)
         with self._changed:
             return self._changed.wait_for(lambda: self._state in states, max(0.0, timeout))
 
@@ -125,31 +91,27 @@ class Connectivity:
         """Before a call of a client that has not reached its server yet: connects, and returns
         once the channel is READY; raises ConnectError at once when the attempt failed, or when
         nothing answered within ``timeout`` seconds."""
-        ready, failed = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE
-        if not self._wait((ready, failed), timeout):
+        if not self._wait((_READY, _FAILED), timeout):
             raise ConnectError(self._target, "no answer", grpc.StatusCode.DEADLINE_EXCEEDED, timeout)
-        if self._state is failed:
-            error = self.failure()
-            if error is not None:
-                raise error
+        error = self.failure()
+        if error is not None:
+            raise error
 
     def wait_ready(self, timeout: float) -> None:
         """Waits up to ``timeout`` seconds for the channel to connect (gRPC reconnects with
         backoff meanwhile); raises ConnectError naming the last failure if it did not."""
-        if self._wait((grpc.ChannelConnectivity.READY,), timeout):
-            return
-        error = self.failure()
-        raise ConnectError(self._target, "no answer" if error is None else error.reason,
-                           grpc.StatusCode.DEADLINE_EXCEEDED, timeout)
+        if not self._wait((_READY,), timeout):
+            error = self.failure()
+            raise ConnectError(self._target, "no answer" if error is None else error.reason,
+                               grpc.StatusCode.DEADLINE_EXCEEDED, timeout)
 
     def failure(self) -> ConnectError | None:
         """Why the channel is not connected, while it is in TRANSIENT_FAILURE (else None): the
         status of a probe call that gRPC fails without sending it."""
-        if self._state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+        if self._state is not _FAILED:
             return None
-        probe = self._channel.unary_unary(PROBE_METHOD)
         try:
-            probe(b"", timeout=PROBE_TIMEOUT, wait_for_ready=False)
+            self._channel.unary_unary(PROBE_METHOD)(b"", timeout=PROBE_TIMEOUT, wait_for_ready=False)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.UNAVAILABLE:
                 return ConnectError(self._target, failure_reason(exc.details() or ""))

@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve import pictures
-from digitserve.pictures import ImageError
+from digitserve.client.errors import DigitServeError
 
 __all__ = ["PREPROCESS", "ImageError", "Picture", "Preprocess", "as_batch", "is_picture",
            "load_image", "load_picture", "pictures_of", "pixel_values", "read_pictures"]
@@ -24,6 +24,20 @@ Picture = bytes | os.PathLike[str]
 refused as such)."""
 Preprocess = Literal["client", "server"]
 PREPROCESS: tuple[str, ...] = get_args(Preprocess)
+
+
+class ImageError(DigitServeError, pictures.ImageError):
+    """Images the client will not send: one line saying what was passed and what is expected. A
+    ``ValueError``, and the ``digitserve.pictures.ImageError`` of a picture that does not decode."""
+
+
+def load_picture(item: bytes | Path, shape: Sequence[int]) -> npt.NDArray[np.uint8]:
+    """The model's pixels (flat uint8) of one picture, preprocessed here (``digitserve.pictures``)."""
+    try:
+        return pictures.from_bytes(item, shape) if isinstance(item, bytes) else \
+            pictures.from_file(item, shape)
+    except pictures.ImageError as exc:
+        raise ImageError(str(exc)) from None
 
 
 def is_picture(path: Path) -> bool:
@@ -71,21 +85,12 @@ def read_pictures(items: Sequence[bytes | Path]) -> list[bytes]:
     return out
 
 
-def load_picture(item: bytes | Path, shape: Sequence[int]) -> npt.NDArray[np.uint8]:
-    """The model's pixels (flat uint8) of one picture, preprocessed here (``digitserve.pictures``)."""
-    if isinstance(item, bytes):
-        return pictures.from_bytes(item, shape)
-    return pictures.from_file(item, shape)
-
-
 def load_image(path: Path, shape: tuple[int, int] = (28, 28)) -> npt.NDArray[np.uint8]:
     """A flat uint8 vector (rows*cols) from a .npy array or a PNG/JPEG picture (preprocessed as
     MNIST's images were: ``digitserve.pictures``)."""
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
-    if not is_picture(path):
-        return _load_npy(path, shape)
-    return pictures.from_file(path, shape)
+    return load_picture(path, shape) if is_picture(path) else _load_npy(path, shape)
 
 
 def _load_npy(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:

@@ -8,8 +8,10 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from digitserve.client.errors import DigitServeError
 
-class ClientSecurityError(Exception):
+
+class ClientSecurityError(DigitServeError):
     """Raised when a CA, certificate, key or token file cannot be read or is unusable."""
 
 
@@ -57,11 +59,10 @@ class _CallDetails(NamedTuple):
 
 class BearerTokenInterceptor(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]  # grpc is untyped
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
     grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
 ):
-    """Adds ``authorization: Bearer <token>`` to every call. gRPC's own
+    """Adds ``authorization: Bearer <token>`` to every call (the client's methods are unary, and
+    Evaluate streams its requests only). gRPC's own
     ``access_token_call_credentials`` does this too but only over TLS; this interceptor is for a
     plaintext channel (loopback, or a mesh sidecar that adds TLS)."""
 
@@ -76,13 +77,7 @@ class BearerTokenInterceptor(
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         return continuation(self._details(details), request)
 
-    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
     def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
         return continuation(self._details(details), requests)
 
 

@@ -29,21 +29,6 @@ from digitserve.loadtest.generator import (
     run,
 )
 
-__all__ = [
-    "DEFAULT_CONNECTIONS",
-    "ENCODINGS",
-    "ENGINES",
-    "METHODS",
-    "PREDICT_METHOD",
-    "PROTOCOLS",
-    "LoadConfig",
-    "LoadResult",
-    "LoadTestError",
-    "Workload",
-    "build_workload",
-    "default_processes",
-    "error_summary",
-    "format_result",
-    "format_versions",
-    "run",
-]
+__all__ = ["DEFAULT_CONNECTIONS", "ENCODINGS", "ENGINES", "METHODS", "PREDICT_METHOD", "PROTOCOLS",
+           "LoadConfig", "LoadResult", "LoadTestError", "Workload", "build_workload",
+           "default_processes", "error_summary", "format_result", "format_versions", "run"]

@@ -17,12 +17,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.client.errors import DigitServeError
 from digitserve.idx import scale_pixels
 from digitserve.loadtest import answers, http2
 from digitserve.oip import grpc_predict_v2_pb2 as oip
@@ -62,15 +63,15 @@ ERROR_KINDS = 5
 ExpectedFn = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 
-class LoadTestError(Exception):
-    """Raised when a load test cannot run: settings out of range, no connection to the target
-    within the connect timeout, or a load process that failed or overran."""
+class LoadTestError(DigitServeError):
+    """A load test that cannot run: settings out of range, no connection to the target within the
+    connect timeout, or a load process that failed or overran."""
 
 
 @dataclass(frozen=True)
 class Workload:
-    """Predict requests serialized once, the true labels of each request's images and, optionally,
-    the exact probabilities expected for each request (to prove every answer is its own)."""
+    """Requests serialized once, the true labels of each request's images and, optionally, the
+    exact probabilities expected for each request (to prove every answer is its own)."""
 
     payloads: tuple[bytes, ...]
     labels: tuple[npt.NDArray[np.int64], ...]
@@ -88,18 +89,14 @@ class Workload:
         return METHODS[self.protocol]
 
 
-def build_workload(
-    images: npt.NDArray[np.uint8],
-    labels: npt.ArrayLike,
-    *,
-    batch: int = 1,
-    encoding: str = "uint8",
-    model_version: int = 0,
-    expected: ExpectedFn | None = None,
-    protocol: str = "digitserve",
-    model_name: str = "",
-    label: str = "",
-) -> Workload:
+def _one_of(what: str, value: str, allowed: Sequence[str]) -> str | None:
+    return None if value in allowed else f"{what} {value!r} is not one of {', '.join(allowed)}"
+
+
+def build_workload(images: npt.NDArray[np.uint8], labels: npt.ArrayLike, *, batch: int = 1,
+                   encoding: str = "uint8", model_version: int = 0,
+                   expected: ExpectedFn | None = None, protocol: str = "digitserve",
+                   model_name: str = "", label: str = "") -> Workload:
     """Cuts (N, ...) uint8 images into requests of ``batch`` consecutive images (wrapping round when
     N < batch) and serializes each once, as ``protocol``'s requests. ``model_name``: the model the
     requests name ("": the server's default model); ``model_version`` pins a version, ``label``
@@ -108,41 +105,33 @@ def build_workload(
     if model_version and label:
         raise LoadTestError(f"model version {model_version} and label {label!r} both given: pin a "
                             "version or name a label, not both")
-    if batch < 1:
-        raise LoadTestError(f"batch {batch} must be at least 1")
-    if encoding not in ENCODINGS:
-        raise LoadTestError(f"encoding {encoding!r} is not one of {', '.join(ENCODINGS)}")
-    if protocol not in PROTOCOLS:
-        raise LoadTestError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    problem = (f"batch {batch} must be at least 1" if batch < 1 else None) or \
+        _one_of("encoding", encoding, ENCODINGS) or _one_of("protocol", protocol, PROTOCOLS)
+    if problem:
+        raise LoadTestError(problem)
     flat = np.asarray(images, dtype=np.uint8)
     flat = flat.reshape(flat.shape[0], -1)
     y = np.asarray(labels, dtype=np.int64)
     if flat.shape[0] == 0 or flat.shape[0] != y.shape[0]:
         raise LoadTestError(f"{flat.shape[0]} images and {y.shape[0]} labels; expected the same, > 0")
-    count = max(1, flat.shape[0] // batch)
-    payloads: list[bytes] = []
-    request_labels: list[npt.NDArray[np.int64]] = []
-    answers: list[npt.NDArray[np.float32]] = []
-    for r in range(count):
+    payloads, request_labels, answers_ = [], [], []
+    for r in range(max(1, flat.shape[0] // batch)):
         index = (r * batch + np.arange(batch)) % flat.shape[0]
         chunk = flat[index]
         if protocol == "oip":
             version = label or (str(model_version) if model_version else "")
             payloads.append(_infer_request(chunk, encoding, model_name, version))
         else:
-            if encoding == "uint8":
-                encoded = [pb.Image(uint8=row.tobytes()) for row in chunk]
-            else:
-                encoded = [pb.Image(float32=row.astype("<f4").tobytes())
-                           for row in scale_pixels(chunk)]
-            request = pb.PredictRequest(images=encoded, model_version=model_version,
-                                        model_name=model_name, version_label=label)
-            payloads.append(request.SerializeToString())
+            encoded = [pb.Image(uint8=row.tobytes()) for row in chunk] if encoding == "uint8" else \
+                [pb.Image(float32=row.astype("<f4").tobytes()) for row in scale_pixels(chunk)]
+            payloads.append(pb.PredictRequest(images=encoded, model_version=model_version,
+                                              model_name=model_name,
+                                              version_label=label).SerializeToString())
         request_labels.append(y[index])
         if expected is not None:
-            answers.append(np.asarray(expected(scale_pixels(chunk)), dtype=np.float32))
+            answers_.append(np.asarray(expected(scale_pixels(chunk)), dtype=np.float32))
     return Workload(tuple(payloads), tuple(request_labels), batch, encoding,
-                    tuple(answers) if expected is not None else None, protocol)
+                    tuple(answers_) if expected is not None else None, protocol)
 
 
 def _infer_request(chunk: npt.NDArray[np.uint8], encoding: str, model_name: str,
@@ -150,15 +139,13 @@ def _infer_request(chunk: npt.NDArray[np.uint8], encoding: str, model_name: str,
     """A serialized V2 ModelInferRequest of (N, size) images: raw little-endian pixels, FP32 in
     [0, 1] or UINT8, asking for the probabilities only."""
     pixels = chunk.tobytes() if encoding == "uint8" else scale_pixels(chunk).astype("<f4").tobytes()
-    request = oip.ModelInferRequest(
+    data: bytes = oip.ModelInferRequest(
         model_name=model_name, model_version=model_version,
         inputs=[oip.ModelInferRequest.InferInputTensor(
             name=OIP_INPUT, datatype="UINT8" if encoding == "uint8" else "FP32",
             shape=list(chunk.shape))],
         outputs=[oip.ModelInferRequest.InferRequestedOutputTensor(name=OIP_OUTPUT)],
-        raw_input_contents=[pixels],
-    )
-    data: bytes = request.SerializeToString()
+        raw_input_contents=[pixels]).SerializeToString()
     return data
 
 
@@ -199,25 +186,18 @@ class LoadConfig:
     engine: str = "h2"
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.concurrency < 1:
-            problems.append(f"concurrency {self.concurrency} must be at least 1")
-        if self.rate < 0:
-            problems.append(f"rate {self.rate} must not be negative")
-        if self.duration <= 0:
-            problems.append(f"duration {self.duration} must be positive")
-        if self.requests < 0:
-            problems.append(f"requests {self.requests} must not be negative")
-        if self.processes < 1:
-            problems.append(f"processes {self.processes} must be at least 1")
-        if self.connections < 1:
-            problems.append(f"connections {self.connections} must be at least 1")
-        if self.timeout <= 0 or self.connect_timeout <= 0:
-            problems.append("timeouts must be positive")
-        if self.max_outstanding < 1:
-            problems.append(f"max outstanding {self.max_outstanding} must be at least 1")
-        if self.engine not in ENGINES:
-            problems.append(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        checks = [(self.concurrency < 1, f"concurrency {self.concurrency} must be at least 1"),
+                  (self.rate < 0, f"rate {self.rate} must not be negative"),
+                  (self.duration <= 0, f"duration {self.duration} must be positive"),
+                  (self.requests < 0, f"requests {self.requests} must not be negative"),
+                  (self.processes < 1, f"processes {self.processes} must be at least 1"),
+                  (self.connections < 1, f"connections {self.connections} must be at least 1"),
+                  (self.timeout <= 0 or self.connect_timeout <= 0, "timeouts must be positive"),
+                  (self.max_outstanding < 1,
+                   f"max outstanding {self.max_outstanding} must be at least 1")]
+        problems = [problem for failed, problem in checks if failed]
+        if engine := _one_of("engine", self.engine, ENGINES):
+            problems.append(engine)
         elif self.engine == "h2":
             try:
                 http2.split_target(self.target)
@@ -241,9 +221,8 @@ def default_processes(concurrency: int, rate: float) -> int:
     left to the server under test, which usually shares the machine (on 2 cores one process with
     two connections drives a Python server harder than two processes do). ``--processes`` sets
     more for a remote server."""
-    cpus = os.cpu_count() or 1
     wanted = math.ceil(rate / RATE_PER_PROCESS) if rate > 0 else math.ceil(concurrency / CALLS_PER_PROCESS)
-    return max(1, min(cpus // 2, wanted))
+    return max(1, min((os.cpu_count() or 1) // 2, wanted))
 
 
 @dataclass(frozen=True)
@@ -262,27 +241,24 @@ def split(config: LoadConfig, workload_size: int) -> list[Plan]:
     """Shares the load between processes. With a request count the processes take consecutive
     stretches of the workload, so together they send requests 0..N-1 (cyclically) exactly once."""
     n = config.effective_processes()
-    plans = []
-    offset = 0
+    plans, offset = [], 0
     for p in range(n):
         share = config.requests // n + (p < config.requests % n) if config.requests else 0
         start = offset if config.requests else p * workload_size // n
         offset += share
-        plans.append(Plan(
-            index=p,
-            concurrency=config.concurrency // n + (p < config.concurrency % n),
-            rate=config.rate / n,
-            requests=share,
-            start=start % workload_size,
-            phase=p / config.rate if config.open_loop else 0.0,
-        ))
+        plans.append(Plan(index=p, concurrency=config.concurrency // n + (p < config.concurrency % n),
+                          rate=config.rate / n, requests=share, start=start % workload_size,
+                          phase=p / config.rate if config.open_loop else 0.0))
     return plans
 
 
 @dataclass
 class ProcessResult:
-    """What one load process measured; latencies in seconds of the successful calls, and when each
-    finished (time.monotonic(), the same clock in every process)."""
+    """What one load process measured: latencies in seconds of the successful calls and when each
+    finished (time.monotonic(), the same clock in every process); ``messages``, the first
+    ``ERROR_KINDS`` distinct (code, message) pairs of failed calls with counts; ``versions``, the
+    answers by the (model name, version) that gave them; ``stopped``, stopped early because every
+    call failed (``FAIL_FAST_CALLS``, ``FAIL_FAST_SECONDS``)."""
 
     latencies: npt.NDArray[np.float64]
     errors: dict[str, int]
@@ -294,39 +270,28 @@ class ProcessResult:
     mismatches: int = 0
     finished: float = 0.0
     messages: dict[tuple[str, str], int] = field(default_factory=dict)
-    """The first ``ERROR_KINDS`` distinct (code, message) pairs of failed calls, with counts."""
     versions: dict[answers.Answer, int] = field(default_factory=dict)
-    """Answers by the (model name, version) that gave them."""
     stopped: bool = False
-    """Stopped early: every call failed (``FAIL_FAST_CALLS``, ``FAIL_FAST_SECONDS``)."""
-
-
-class _Counter(Protocol):
-    value: int
 
 
 class _LocalCounter:
-    def __init__(self) -> None:
-        self.value = 0
+    """The calls made so far, for the progress bar (a shared RawValue across processes)."""
+
+    value = 0
 
 
 class _Recorder:
     """Counts calls and checks every answer against its own request's labels (and probabilities)."""
 
-    def __init__(self, workload: Workload, verify: bool, counter: _Counter) -> None:
-        self.workload = workload
-        self.verify = verify
-        self.counter = counter
+    def __init__(self, workload: Workload, verify: bool, counter: Any) -> None:
+        self.workload, self.verify, self.counter = workload, verify, counter
         self.latencies: list[float] = []
         self.completions: list[float] = []
         self.errors: Counter[str] = Counter()
         self.messages: Counter[tuple[str, str]] = Counter()
         self.failed = 0
-        self.begin = time.monotonic()
-        """When the run began (set by the driver); the fail-fast clock starts here."""
-        self.stopped = False
-        """Every call failed, the first ``FAIL_FAST_CALLS`` or ``FAIL_FAST_SECONDS`` of them: the
-        loops send no more."""
+        self.begin = time.monotonic()  # when the run began (set by the driver): the fail-fast clock
+        self.stopped = False  # every call failed (FAIL_FAST_*): the loops send no more
         self.result = ProcessResult(np.empty(0), {})
         self.versions: dict[answers.Answer, int] = {}  # get/set: cheaper than a Counter's +=
         self._parse_version = answers.parser(workload.protocol)
@@ -371,56 +336,45 @@ class _Recorder:
     def _check(self, index: int, answer: bytes) -> None:
         """Parses the answer once: the version that gave it, its classes against the labels, and
         its probabilities against the expected ones when the workload has them."""
-        labels = self._labels[index]
-        expected = self.workload.expected
-        if self.workload.protocol == "digitserve":
-            try:
-                response = pb.PredictResponse.FromString(answer)
-            except Exception:  # protobuf's DecodeError: an answer that is not a PredictResponse
-                self.result.mismatches += 1
-                return
-            key: answers.Answer = response.model_name, response.model_version
-            self.versions[key] = self.versions.get(key, 0) + 1
-            predictions = response.predictions
-            if len(predictions) != len(labels):
-                self.result.mismatches += 1
-                return
-            classes: Sequence[int] = [p.class_index for p in predictions]
-            probabilities = None if expected is None else np.array(
-                [p.probabilities for p in predictions], dtype=np.float32)
-        else:
-            try:
-                v2 = oip.ModelInferResponse.FromString(answer)
-            except Exception:  # protobuf's DecodeError: an answer that is not a ModelInferResponse
-                self.result.mismatches += 1
-                return
-            key = v2.model_name, v2.model_version
-            self.versions[key] = self.versions.get(key, 0) + 1
-            try:
-                probabilities = _v2_probabilities(v2)
-            except ValueError:  # no probabilities of the right shape
-                self.result.mismatches += 1
-                return
-            if probabilities.shape[0] != len(labels):
-                self.result.mismatches += 1
-                return
-            classes = probabilities.argmax(axis=1).tolist()
-        self.result.checked += len(labels)
-        self.result.correct += sum(c == k for c, k in zip(classes, labels, strict=True))
+        labels, expected, result = self._labels[index], self.workload.expected, self.result
+        digitserve = self.workload.protocol == "digitserve"
+        try:
+            response: Any = (pb.PredictResponse if digitserve else oip.ModelInferResponse
+                             ).FromString(answer)
+        except Exception:  # protobuf's DecodeError: not an answer of the workload's protocol
+            result.mismatches += 1
+            return
+        key: answers.Answer = response.model_name, response.model_version
+        self.versions[key] = self.versions.get(key, 0) + 1
+        try:
+            if digitserve:
+                predictions = response.predictions
+                classes: Sequence[int] = [p.class_index for p in predictions]
+                probabilities = None if expected is None or len(classes) != len(labels) else \
+                    np.array([p.probabilities for p in predictions], dtype=np.float32)
+            else:
+                probabilities = _v2_probabilities(response)
+                classes = probabilities.argmax(axis=1).tolist()
+        except ValueError:  # no probabilities of the right shape
+            classes = ()
+        if len(classes) != len(labels):
+            result.mismatches += 1
+            return
+        result.checked += len(labels)
+        result.correct += sum(c == k for c, k in zip(classes, labels, strict=True))
         if expected is not None and probabilities is not None:
             want = expected[index]
             if probabilities.shape != want.shape or not np.allclose(probabilities, want, rtol=0,
                                                                     atol=1e-6):
-                self.result.mismatches += 1
+                result.mismatches += 1
 
     def finish(self) -> ProcessResult:
-        self.result.latencies = np.asarray(self.latencies, dtype=np.float64)
-        self.result.completions = np.asarray(self.completions, dtype=np.float64)
-        self.result.errors = dict(self.errors)
-        self.result.messages = dict(self.messages)
-        self.result.versions = dict(self.versions)
-        self.result.stopped = self.stopped
-        return self.result
+        result = self.result
+        result.latencies = np.asarray(self.latencies, dtype=np.float64)
+        result.completions = np.asarray(self.completions, dtype=np.float64)
+        result.errors, result.messages = dict(self.errors), dict(self.messages)
+        result.versions, result.stopped = dict(self.versions), self.stopped
+        return result
 
 
 def _channel_options(index: int) -> list[tuple[str, Any]]:
@@ -472,12 +426,11 @@ async def _open_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _Rec
                      end: float, max_outstanding: int) -> None:
     """Sends call k at begin + phase + k / rate whatever the answers; latency runs from the planned
     time, so a stalled server (or a full outstanding cap) shows in it (no coordinated omission)."""
-    size = len(workload)
     slots = asyncio.Semaphore(max_outstanding)
     pending: set[asyncio.Task[None]] = set()
 
     async def one(k: int, due: float) -> None:
-        index = (plan.start + k) % size
+        index = (plan.start + k) % len(workload)
         try:
             answer = await calls[k % len(calls)](workload.payloads[index])
         except CALL_ERRORS as exc:
@@ -492,8 +445,7 @@ async def _open_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _Rec
         due = begin + plan.phase + k / plan.rate
         if due >= end or rec.stopped:
             break
-        wait = due - time.monotonic()
-        if wait > 0:
+        if (wait := due - time.monotonic()) > 0:
             await asyncio.sleep(wait)
         await slots.acquire()
         if rec.stopped:  # while this one waited
@@ -503,11 +455,10 @@ async def _open_loop(plan: Plan, calls: list[Any], workload: Workload, rec: _Rec
         pending.add(task)
         task.add_done_callback(pending.discard)
         k += 1
-    if pending:
-        await asyncio.gather(*pending)
+    await asyncio.gather(*pending)
 
 
-async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: _Counter,
+async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: Any,
                  ready: Callable[[], None], begin_at: Callable[[], float]) -> ProcessResult:
     """Connects, reports ready, waits for the common start time, then runs this process's share."""
     async with _connections(config, workload.method) as calls:
@@ -516,13 +467,12 @@ async def _drive(plan: Plan, config: LoadConfig, workload: Workload, counter: _C
         begin = await asyncio.get_running_loop().run_in_executor(None, begin_at)
         if (wait := begin - time.monotonic()) > 0:
             await asyncio.sleep(wait)
-        end = begin + config.duration
         rec.begin = begin
         if config.open_loop:
             outstanding = max(1, config.max_outstanding // config.effective_processes())
-            await _open_loop(plan, calls, workload, rec, begin, end, outstanding)
+            await _open_loop(plan, calls, workload, rec, begin, begin + config.duration, outstanding)
         else:
-            await _closed_loop(plan, calls, workload, rec, end)
+            await _closed_loop(plan, calls, workload, rec, begin + config.duration)
         return rec.finish()
 
 
@@ -546,13 +496,11 @@ async def _connections(
                 for i in range(config.connections)]
     try:
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(ch.channel_ready() for ch in channels)), config.connect_timeout
-            )
+            await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)),
+                                   config.connect_timeout)
         except TimeoutError:
-            raise LoadTestError(
-                f"{config.target}: no connection within {config.connect_timeout:g}s"
-            ) from None
+            raise LoadTestError(f"{config.target}: no connection within "
+                                f"{config.connect_timeout:g}s") from None
         # request_serializer/response_deserializer None: the payloads are bytes already.
         # Registered, as generated stubs do: the method is interned once, not per call (~13 %
         # less CPU per call here).
@@ -583,13 +531,10 @@ async def _h2_connect(config: LoadConfig, method: str) -> http2.Channel:
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
 
 
-def _child(plan: Plan, config: LoadConfig, workload: Workload, counter: _Counter, results: Any,
+def _child(plan: Plan, config: LoadConfig, workload: Workload, counter: Any, results: Any,
            go: Any, begin: Any) -> None:
     """A load process: runs its plan, puts ("done", index, result) or ("error", index, message)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-    def ready() -> None:
-        results.put(("ready", plan.index, None))
 
     def begin_at() -> float:
         if not go.wait(SPAWN_TIMEOUT + config.connect_timeout):
@@ -597,7 +542,8 @@ def _child(plan: Plan, config: LoadConfig, workload: Workload, counter: _Counter
         return float(begin.value)
 
     try:
-        result = asyncio.run(_drive(plan, config, workload, counter, ready, begin_at))
+        result = asyncio.run(_drive(plan, config, workload, counter,
+                                    lambda: results.put(("ready", plan.index, None)), begin_at))
     except LoadTestError as exc:
         results.put(("error", plan.index, str(exc)))
     except Exception as exc:  # reported by the parent as one line
@@ -608,7 +554,11 @@ def _child(plan: Plan, config: LoadConfig, workload: Workload, counter: _Counter
 
 @dataclass(frozen=True)
 class LoadResult:
-    """The merged measurements of a run."""
+    """The merged measurements of a run: ``completion_times_s``, when each successful call
+    finished in seconds since the run began; ``error_messages``, (code, the server's message,
+    count) of the first few distinct errors, most frequent first; ``stopped_early``, the run
+    stopped before its end because every call failed; ``versions``, (model name, version,
+    answers) for each version that answered, by name, then version."""
 
     config: LoadConfig
     batch: int
@@ -623,15 +573,10 @@ class LoadResult:
     mismatches: int
     latencies_ms: npt.NDArray[np.float64] = field(repr=False)
     completion_times_s: npt.NDArray[np.float64] = field(repr=False)
-    """When each successful call finished, in seconds since the run began."""
     protocol: str = "digitserve"
     error_messages: tuple[tuple[str, str, int], ...] = ()
-    """(code, the server's message, count) of the first few distinct errors, most frequent first."""
     stopped_early: bool = False
-    """The run stopped before its end because every call failed (``FAIL_FAST_CALLS``,
-    ``FAIL_FAST_SECONDS``)."""
     versions: tuple[tuple[str, int | str, int], ...] = ()
-    """(model name, version, answers) for each version that answered, by name, then version."""
 
     @property
     def requests(self) -> int:
@@ -642,43 +587,31 @@ class LoadResult:
         return self.correct / self.checked if self.checked else None
 
     def percentile(self, q: float) -> float | None:
-        if self.latencies_ms.size == 0:
-            return None
-        return float(np.percentile(self.latencies_ms, q))
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms.size else None
 
     def to_dict(self) -> dict[str, Any]:
         elapsed = self.duration_s or float("nan")
         answered = sum(count for *_, count in self.versions)
+        latencies, open_loop = self.latencies_ms, self.config.open_loop
         return {
-            "target": self.config.target,
-            "mode": "open" if self.config.open_loop else "closed",
-            "concurrency": None if self.config.open_loop else self.config.concurrency,
-            "rate": self.config.rate if self.config.open_loop else None,
-            "batch": self.batch,
-            "encoding": self.encoding,
-            "protocol": self.protocol,
-            "processes": self.processes,
-            "connections": self.config.connections * self.processes,
-            "duration_s": round(self.duration_s, 4),
-            "requests": self.requests,
-            "ok": self.ok,
-            "rps": round(self.ok / elapsed, 2),
-            "images_per_s": round(self.images / elapsed, 2),
-            "mean_ms": None if self.latencies_ms.size == 0 else float(self.latencies_ms.mean()),
-            "p50_ms": self.percentile(50),
-            "p90_ms": self.percentile(90),
+            "target": self.config.target, "mode": "open" if open_loop else "closed",
+            "concurrency": None if open_loop else self.config.concurrency,
+            "rate": self.config.rate if open_loop else None,
+            "batch": self.batch, "encoding": self.encoding, "protocol": self.protocol,
+            "processes": self.processes, "connections": self.config.connections * self.processes,
+            "duration_s": round(self.duration_s, 4), "requests": self.requests, "ok": self.ok,
+            "rps": round(self.ok / elapsed, 2), "images_per_s": round(self.images / elapsed, 2),
+            "mean_ms": float(latencies.mean()) if latencies.size else None,
+            "p50_ms": self.percentile(50), "p90_ms": self.percentile(90),
             "p99_ms": self.percentile(99),
-            "max_ms": None if self.latencies_ms.size == 0 else float(self.latencies_ms.max()),
+            "max_ms": float(latencies.max()) if latencies.size else None,
             "errors": dict(sorted(self.errors.items())),
             "error_messages": [{"code": code, "message": message, "count": count}
                                for code, message, count in self.error_messages],
-            "stopped_early": self.stopped_early,
-            "accuracy": self.accuracy,
-            "checked": self.checked,
-            "mismatches": self.mismatches,
+            "stopped_early": self.stopped_early, "accuracy": self.accuracy,
+            "checked": self.checked, "mismatches": self.mismatches,
             "versions": [{"model_name": name, "model_version": version, "count": count,
-                          "fraction": count / answered}
-                         for name, version, count in self.versions],
+                          "fraction": count / answered} for name, version, count in self.versions],
         }
 
 
@@ -691,13 +624,15 @@ def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult
         errors.update(part.errors)
         messages.update(part.messages)
         versions.update(part.versions)
-    finished = max((p.finished for p in parts), default=begin)
+
+    def total(name: str) -> int:
+        return sum(getattr(p, name) for p in parts)
+
     return LoadResult(
         config=config, batch=workload.batch, encoding=workload.encoding, processes=len(parts),
-        duration_s=max(finished - begin, 1e-9),
-        ok=sum(p.ok for p in parts), errors=dict(errors), images=sum(p.images for p in parts),
-        checked=sum(p.checked for p in parts), correct=sum(p.correct for p in parts),
-        mismatches=sum(p.mismatches for p in parts),
+        duration_s=max(max((p.finished for p in parts), default=begin) - begin, 1e-9),
+        ok=total("ok"), errors=dict(errors), images=total("images"), checked=total("checked"),
+        correct=total("correct"), mismatches=total("mismatches"),
         latencies_ms=np.concatenate([p.latencies for p in parts] or [np.empty(0)]) * 1000.0,
         completion_times_s=np.concatenate([p.completions for p in parts] or [np.empty(0)]) - begin,
         protocol=workload.protocol,
@@ -741,9 +676,6 @@ class _Progress:
                                  refresh=False)
         self.bar.refresh()
 
-    def close(self) -> None:
-        self.bar.close()
-
 
 def run(config: LoadConfig, workload: Workload, *, progress: bool = False) -> LoadResult:
     """Runs the load test and merges what every load process measured. Raises LoadTestError."""
@@ -758,17 +690,15 @@ def run(config: LoadConfig, workload: Workload, *, progress: bool = False) -> Lo
     except KeyboardInterrupt:
         raise LoadTestError("interrupted") from None
     finally:
-        bar.close()
+        bar.bar.close()
 
 
 def _run_here(plan: Plan, config: LoadConfig, workload: Workload, bar: _Progress) -> LoadResult:
     counter = _LocalCounter()
-    begin = 0.0
 
     def start_now() -> float:
-        nonlocal begin
-        begin = bar.begin = time.monotonic()
-        return begin
+        bar.begin = time.monotonic()
+        return bar.begin
 
     async def main() -> ProcessResult:
         async def tick() -> None:
@@ -784,34 +714,27 @@ def _run_here(plan: Plan, config: LoadConfig, workload: Workload, bar: _Progress
 
     part = asyncio.run(main())
     bar.update(counter.value)
-    return _merge(config, workload, [part], begin)
+    return _merge(config, workload, [part], bar.begin or 0.0)
 
 
 def _run_processes(plans: list[Plan], config: LoadConfig, workload: Workload,
                    bar: _Progress) -> LoadResult:
     ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC threads
-    results = ctx.Queue()
-    go = ctx.Event()
-    begin = ctx.RawValue("d", 0.0)
+    results, go, begin = ctx.Queue(), ctx.Event(), ctx.RawValue("d", 0.0)
     counters = [ctx.RawValue("q", 0) for _ in plans]
-    procs = [
-        ctx.Process(target=_child, args=(plan, config, workload, counters[plan.index], results, go,
-                                         begin), name=f"loadtest-{plan.index}", daemon=True)
-        for plan in plans
-    ]
+    procs = [ctx.Process(target=_child, args=(plan, config, workload, counters[plan.index], results,
+                                              go, begin), name=f"loadtest-{plan.index}", daemon=True)
+             for plan in plans]
     parts: dict[int, ProcessResult] = {}
     try:
         for proc in procs:
             proc.start()
-        ready = 0
         deadline = time.monotonic() + SPAWN_TIMEOUT + config.connect_timeout
-        while ready < len(procs):
+        for _ in procs:
             kind, index, payload = _next(results, procs, deadline)
             if kind != "ready":
                 raise LoadTestError(str(payload))
-            ready += 1
-        begin.value = time.monotonic() + 0.05
-        bar.begin = begin.value
+        begin.value = bar.begin = time.monotonic() + 0.05
         go.set()
         deadline = begin.value + config.duration + config.timeout + 30
         while len(parts) < len(procs):
@@ -826,15 +749,10 @@ def _run_processes(plans: list[Plan], config: LoadConfig, workload: Workload,
                 raise LoadTestError(str(payload))
             parts[index] = payload
         bar.update(sum(c.value for c in counters))
-    except BaseException:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        raise
     finally:
         go.set()
-        for proc in procs:
-            proc.join(5)
+        for proc in procs:  # after an error or Ctrl-C, the others are stopped
+            proc.join(0 if len(parts) < len(procs) else 5)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
@@ -874,8 +792,7 @@ def format_result(result: LoadResult) -> str:
         lines.append(f"mismatches  {d['mismatches']} answers did not fit their request")
     if result.versions:
         lines.append(f"versions    {format_versions(result)}")
-    errors = ", ".join(f"{k} {v}" for k, v in d["errors"].items()) or "none"
-    lines.append(f"errors      {errors}")
+    lines.append(f"errors      {', '.join(f'{k} {v}' for k, v in d['errors'].items()) or 'none'}")
     lines += [f"{count:>11} × {code}: {_shorten(message)}" for code, message, count in result.error_messages]
     if result.stopped_early:
         lines.append(f"stopped     early: all of the first {d['requests']} calls failed")
@@ -900,11 +817,8 @@ def error_summary(result: LoadResult) -> str | None:
         return None
     failed = sum(result.errors.values())
     by_code = ", ".join(f"{k} {v}" for k, v in sorted(result.errors.items()))
-    if result.stopped_early:
-        head = (f"stopped after {result.duration_s:.2f} s: all {failed} requests failed "
-                f"({by_code})")
-    else:
-        head = f"{failed} of {result.requests} requests failed ({by_code})"
+    head = (f"stopped after {result.duration_s:.2f} s: all {failed} requests failed ({by_code})"
+            if result.stopped_early else f"{failed} of {result.requests} requests failed ({by_code})")
     if not result.error_messages:
         return head
     code, message, _ = result.error_messages[0]

@@ -12,8 +12,9 @@ trailers. Frames are HTTP/2 (RFC 9113) packed with ``struct``; header blocks are
 Plaintext with prior knowledge (h2c), unary calls only, both flow-control directions honoured
 (a 64-image float32 request is larger than the 64 KiB window a server starts with).
 
-Why not python-hyper's ``h2`` (hpack's sister project): measured against the same calls made
-through it (``bench/h2lib.py``: ``h2.H2Connection``, header validation and normalization off),
+Why not python-hyper's ``h2`` (hpack's sister project): measured against the same calls framed
+by it (``bench/h2lib.py``: this Connection with ``h2.H2Connection`` framing, header validation
+and normalization off),
 alternating, one load process with 64 calls in flight on 8 connections to one ``mnist-serve`` on
 this shared 2-core machine (load average 3.5-8.7), 5 runs of 5 s each, twice::
 
@@ -21,6 +22,9 @@ this shared 2-core machine (load average 3.5-8.7), 5 runs of 5 s each, twice::
 
 this framing spent 152-275 µs of CPU per call (medians 173 and 180), ``h2`` 334-523 (medians 372
 and 484): 2.1-2.7 times as much, in its frame objects, state machines and per-call HPACK coding.
+With ``bench/h2lib.py`` this Connection with only the framing swapped (issue 22), against ``python
+-m bench.null_server``, load average 12-17, 8 alternating runs of 5 s each: this framing 135-177 µs
+(median 164), ``h2`` 320-592 (median 357), 2.2 times as much.
 ``h2`` also closes its connection state at GOAWAY (python-hyper/h2 issue 1181): when a gRPC server
 stops gracefully, ``python -m bench.h2lib`` sees 0 of 5 calls in flight answered through ``h2``
 (``ProtocolError`` on the frames that follow the GOAWAY), 5 of 5 through this framing.
@@ -37,6 +41,8 @@ from collections.abc import Iterable
 import grpc
 import hpack
 
+from digitserve.client import errors
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # Frame types and flags (RFC 9113 section 6).
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
@@ -49,8 +55,7 @@ PRIORITY_FLAG = 0x20
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = range(1, 6)
 DEFAULT_WINDOW = 65_535
 DEFAULT_FRAME_SIZE = 16_384
-MAX_WINDOW = 2**31 - 1
-MAX_STREAM_ID = 2**31 - 1
+MAX_WINDOW = MAX_STREAM_ID = 2**31 - 1
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
 # A stream the server refused (its stream limit; gRPC servers count a finished stream a little
@@ -75,22 +80,14 @@ STATUS_BY_HTTP = {400: grpc.StatusCode.INTERNAL, 401: grpc.StatusCode.UNAUTHENTI
                   503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.UNAVAILABLE}
 
 
-class CallError(Exception):
-    """A call that did not end with status OK; ``code()`` and ``details()`` as on grpc's errors.
-    ``unsent``: the server never processed the call (it was not sent, or GOAWAY said it was not
-    taken), so it may be sent again on another connection."""
+class CallError(errors.CallError):
+    """A call that did not end with status OK (``code()`` and ``details()``). ``unsent``: the
+    server never processed the call (it was not sent, or GOAWAY said it was not taken), so it
+    may be sent again on another connection."""
 
     def __init__(self, code: grpc.StatusCode, details: str, *, unsent: bool = False) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
+        super().__init__(code, details)
         self.unsent = unsent
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -161,33 +158,26 @@ def keeps_table(block: bytes) -> bool:
 
 
 class _Stream:
-    __slots__ = (
-        "answered",
-        "body",
-        "deadline",
-        "future",
-        "http_status",
-        "message",
-        "pending",
-        "refused",
-        "send_window",
-    )
+    __slots__ = ("answered", "body", "deadline", "future", "http_status", "message", "pending",
+                 "refused", "send_window")
 
     def __init__(self, future: asyncio.Future[bytes], message: bytes, refused: int,
                  send_window: int, deadline: float) -> None:
-        self.future = future
-        self.message = message
-        self.refused = refused
+        self.future, self.message, self.refused, self.deadline = future, message, refused, deadline
         self.body: list[bytes] = []
         self.answered = False  # response headers seen
         self.http_status = 0
         self.send_window = send_window
         self.pending: memoryview | None = None
-        self.deadline = deadline
 
 
 class Connection(asyncio.Protocol):
-    """One HTTP/2 connection carrying unary calls to one method; see :func:`connect`."""
+    """One HTTP/2 connection carrying unary calls to one method; see :func:`connect`.
+
+    The calls (streams, their queue above the server's stream limit, deadlines, outcomes, resets,
+    GOAWAY) are kept here once; the framing is the ``_send_*`` methods and ``data_received``,
+    which ``bench/h2lib.py`` overrides to measure the ``h2`` library's framing under the same
+    calls."""
 
     def __init__(self, path: str, authority: str, timeout: float,
                  metadata: Iterable[tuple[str, str]] = ()) -> None:
@@ -204,8 +194,7 @@ class Connection(asyncio.Protocol):
         self._blocked: dict[int, _Stream] = {}
         self._queued: deque[tuple[asyncio.Future[bytes], bytes, int, float]] = deque()
         self._next_id = 1
-        self._send_window = DEFAULT_WINDOW
-        self._stream_window = DEFAULT_WINDOW
+        self._send_window = self._stream_window = DEFAULT_WINDOW
         self._max_frame = DEFAULT_FRAME_SIZE
         self._max_streams = 2**31
         self._received = 0
@@ -250,8 +239,7 @@ class Connection(asyncio.Protocol):
         self._next_id = sid + 2
         stream = _Stream(future, message, refused, self._stream_window, deadline)
         self._streams[sid] = stream
-        n = len(self._block)
-        self._write(_FRAME.pack(n >> 16, n & 0xFFFF, HEADERS, END_HEADERS, sid) + self._block)
+        self._send_headers(sid)
         stream.pending = memoryview(b"\x00" + len(message).to_bytes(4, "big") + message)
         self._pump(sid, stream)
 
@@ -259,28 +247,30 @@ class Connection(asyncio.Protocol):
         """Sends as much of the stream's message as the flow-control windows allow."""
         data = stream.pending
         while data is not None:
-            n = min(len(data), self._send_window, stream.send_window, self._max_frame)
+            n = min(len(data), self._send_room(sid, stream))
             if n <= 0:
                 self._blocked[sid] = stream
                 break
             last = n == len(data)
-            self._write(_FRAME.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if last else 0, sid)
-                        + data[:n])
-            self._send_window -= n
-            stream.send_window -= n
+            self._send_data(sid, stream, data[:n], last)
             data = None if last else data[n:]
         stream.pending = data
         if data is None:
             self._blocked.pop(sid, None)
+
+    def _pump_blocked(self) -> None:
+        for sid, stream in list(self._blocked.items()):
+            self._pump(sid, stream)
 
     def _write(self, data: bytes) -> None:
         """Queues bytes; everything queued in one turn of the event loop goes out in one write."""
         self._out.append(data)
         if not self._flushing:
             self._flushing = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Writes what is queued now."""
         self._flushing = False
         if self._out and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(self._out))
@@ -289,20 +279,45 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         """Says goodbye (GOAWAY, no error) and closes; calls still open end CANCELLED."""
         if self._transport is not None and not self._transport.is_closing():
-            self._write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, 0)))
-            self._flush()
+            self._send_goaway()
+            self.flush()
             self._transport.close()
         self._shut("connection closed by the client")
         self._fail_all(grpc.StatusCode.CANCELLED, "connection closed by the client")
+
+    # --- the framing: what goes out -------------------------------------------------------------
+
+    def _send_preface(self) -> None:
+        settings = _SETTING.pack(ENABLE_PUSH, 0) + _SETTING.pack(INITIAL_WINDOW_SIZE, MAX_WINDOW)
+        self._write(PREFACE + frame(SETTINGS, 0, 0, settings)
+                    + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW)))
+
+    def _send_headers(self, sid: int) -> None:
+        n = len(self._block)
+        self._write(_FRAME.pack(n >> 16, n & 0xFFFF, HEADERS, END_HEADERS, sid) + self._block)
+
+    def _send_room(self, sid: int, stream: _Stream) -> int:
+        """How many bytes of the stream's message may go in its next DATA frame."""
+        return min(self._send_window, stream.send_window, self._max_frame)
+
+    def _send_data(self, sid: int, stream: _Stream, data: memoryview, last: bool) -> None:
+        n = len(data)
+        self._write(_FRAME.pack(n >> 16, n & 0xFFFF, DATA, END_STREAM if last else 0, sid) + data)
+        self._send_window -= n
+        stream.send_window -= n
+
+    def _send_reset(self, sid: int) -> None:
+        self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)))
+
+    def _send_goaway(self) -> None:
+        self._write(frame(GOAWAY, 0, 0, struct.pack(">II", 0, 0)))
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        settings = _SETTING.pack(ENABLE_PUSH, 0) + _SETTING.pack(INITIAL_WINDOW_SIZE, MAX_WINDOW)
-        self._write(PREFACE + frame(SETTINGS, 0, 0, settings)
-                    + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW)))
+        self._send_preface()
         self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -313,6 +328,8 @@ class Connection(asyncio.Protocol):
             self._sweeper.cancel()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(reason))
+
+    # --- the framing: what comes in -------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -332,20 +349,24 @@ class Connection(asyncio.Protocol):
             return
         del buffer[:pos]
 
-    # --- frames -------------------------------------------------------------------------------
-
     def _on_frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
         if self._continued is not None and kind != CONTINUATION:
             raise ValueError("a header block was interrupted")
         if kind == DATA:
-            self._on_data(flags, sid, payload)
+            self._received += len(payload)
+            if self._received >= MAX_WINDOW // 2:  # give the connection window back in large steps
+                self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
+                self._received = 0
+            if flags & PADDED:
+                payload = payload[1:len(payload) - payload[0]]
+            self._on_data(sid, payload, bool(flags & END_STREAM))
         elif kind == HEADERS:
             if flags & PADDED:
                 payload = payload[1:len(payload) - payload[0]]
             if flags & PRIORITY_FLAG:
                 payload = payload[5:]
             if flags & END_HEADERS:
-                self._on_header_block(sid, flags, payload)
+                self._on_headers(sid, self._decode(payload), bool(flags & END_STREAM))
             else:
                 self._continued = (sid, flags, bytearray(payload))
         elif kind == CONTINUATION:
@@ -355,9 +376,16 @@ class Connection(asyncio.Protocol):
             if flags & END_HEADERS:
                 sid, first_flags, block = self._continued
                 self._continued = None
-                self._on_header_block(sid, first_flags, bytes(block))
+                self._on_headers(sid, self._decode(bytes(block)), bool(first_flags & END_STREAM))
         elif kind == WINDOW_UPDATE:
-            self._on_window_update(sid, int.from_bytes(payload[:4], "big") & MAX_WINDOW)
+            increment = int.from_bytes(payload[:4], "big") & MAX_WINDOW
+            if sid == 0:
+                self._send_window += increment
+                self._pump_blocked()
+            elif (stream := self._streams.get(sid)) is not None:
+                stream.send_window += increment
+                if stream.pending is not None:
+                    self._pump(sid, stream)
         elif kind == SETTINGS:
             if not flags & ACK:
                 self._on_settings(payload)
@@ -371,24 +399,10 @@ class Connection(asyncio.Protocol):
             self._on_goaway(last & MAX_STREAM_ID, error)
         # PRIORITY, PUSH_PROMISE (disabled by our settings) and unknown types are ignored.
 
-    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
-        self._received += len(payload)
-        if self._received >= MAX_WINDOW // 2:  # give the connection window back in large steps
-            self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
-            self._received = 0
-        stream = self._streams.get(sid)
-        if stream is None:
-            return
-        if flags & PADDED:
-            payload = payload[1:len(payload) - payload[0]]
-        stream.body.append(payload)
-        if flags & END_STREAM:
-            self._end(sid, CallError(grpc.StatusCode.INTERNAL, "the server ended the stream "
-                                     "without trailers"))
-
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        # A block that leaves the dynamic table as it was decodes to the same headers until a
-        # block that may change it arrives: gRPC's repeated replies and trailers are such blocks.
+        """Always decoded (the decoder's table must follow every block), but a block that leaves
+        the table as it was decodes to the same headers until one that may change it arrives:
+        gRPC's repeated replies and trailers are such blocks."""
         headers = self._decoded.get(block)
         if headers is None:
             headers = [(bytes(k), bytes(v)) for k, v in self._decoder.decode(block, raw=True)]
@@ -400,8 +414,38 @@ class Connection(asyncio.Protocol):
                 self._decoded.clear()
         return headers
 
-    def _on_header_block(self, sid: int, flags: int, block: bytes) -> None:
-        headers = self._decode(block)  # always: the decoder's table must follow every block
+    def _on_settings(self, payload: bytes) -> None:
+        for offset in range(0, len(payload) - len(payload) % 6, 6):
+            key, value = _SETTING.unpack_from(payload, offset)
+            if key == INITIAL_WINDOW_SIZE:
+                delta, self._stream_window = value - self._stream_window, value
+                for stream in self._streams.values():
+                    stream.send_window += delta
+            elif key == MAX_FRAME_SIZE:
+                self._max_frame = value
+            elif key == MAX_CONCURRENT_STREAMS:
+                self._max_streams = value
+        self._write(frame(SETTINGS, ACK, 0))
+        self._settled()
+
+    # --- what the frames mean to the calls --------------------------------------------------------
+
+    def _settled(self) -> None:
+        """The server's settings arrived (or changed): the connection is ready."""
+        self._pump_blocked()
+        self._start_queued()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _on_data(self, sid: int, payload: bytes, ended: bool) -> None:
+        stream = self._streams.get(sid)
+        if stream is not None:
+            stream.body.append(payload)
+            if ended:
+                self._end(sid, CallError(grpc.StatusCode.INTERNAL, "the server ended the stream "
+                                         "without trailers"))
+
+    def _on_headers(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         stream = self._streams.get(sid)
         if stream is None:
             return
@@ -410,9 +454,9 @@ class Connection(asyncio.Protocol):
             for name, value in headers:
                 if name == b":status":
                     stream.http_status = int(value)
-            if not flags & END_STREAM:
+            if not ended:
                 return
-        elif not flags & END_STREAM:
+        elif not ended:
             raise ValueError("trailers without END_STREAM")
         self._end(sid, self._outcome(stream, headers))
 
@@ -441,7 +485,7 @@ class Connection(asyncio.Protocol):
         if stream is None:
             return
         if self._blocked.pop(sid, None) is not None or stream.pending is not None or reset:
-            self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", CANCEL)))
+            self._send_reset(sid)
         if not stream.future.done():
             if isinstance(outcome, CallError):
                 stream.future.set_exception(outcome)
@@ -471,33 +515,6 @@ class Connection(asyncio.Protocol):
         self._end(sid, CallError(STATUS_BY_RESET.get(error, grpc.StatusCode.INTERNAL),
                                  f"stream reset by the server (HTTP/2 error {error:#x})"))
 
-    def _on_window_update(self, sid: int, increment: int) -> None:
-        if sid == 0:
-            self._send_window += increment
-            for blocked_sid, blocked in list(self._blocked.items()):
-                self._pump(blocked_sid, blocked)
-        elif (stream := self._streams.get(sid)) is not None:
-            stream.send_window += increment
-            if stream.pending is not None:
-                self._pump(sid, stream)
-
-    def _on_settings(self, payload: bytes) -> None:
-        for offset in range(0, len(payload) - len(payload) % 6, 6):
-            key, value = _SETTING.unpack_from(payload, offset)
-            if key == INITIAL_WINDOW_SIZE:
-                delta, self._stream_window = value - self._stream_window, value
-                for stream in self._streams.values():
-                    stream.send_window += delta
-            elif key == MAX_FRAME_SIZE:
-                self._max_frame = value
-            elif key == MAX_CONCURRENT_STREAMS:
-                self._max_streams = value
-        self._write(frame(SETTINGS, ACK, 0))
-        for sid, stream in list(self._blocked.items()):
-            self._pump(sid, stream)
-        if not self.ready.done():
-            self.ready.set_result(None)
-
     def _on_goaway(self, last: int, error: int) -> None:
         self._shut(f"the server is going away (GOAWAY, HTTP/2 error {error:#x})")
         for sid in [s for s in self._streams if s > last]:  # not processed: may go elsewhere
@@ -526,21 +543,20 @@ class Connection(asyncio.Protocol):
 
     def _sweep(self) -> None:
         """Ends calls past their deadline (the server should have, from grpc-timeout)."""
-        now = self._loop.time()
+        now, late = self._loop.time(), f"no answer within {self._timeout:g}s"
         for future, _, _, deadline in self._queued:
             if deadline <= now and not future.done():
-                future.set_exception(CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                               f"no answer within {self._timeout:g}s"))
+                future.set_exception(CallError(grpc.StatusCode.DEADLINE_EXCEEDED, late))
         for sid, stream in list(self._streams.items()):
             if stream.deadline <= now:
-                self._end(sid, CallError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                         f"no answer within {self._timeout:g}s"), reset=True)
+                self._end(sid, CallError(grpc.StatusCode.DEADLINE_EXCEEDED, late), reset=True)
         if self._closed is None or self._streams:
             self._sweeper = self._loop.call_later(SWEEP_SECONDS, self._sweep)
 
 
 async def connect(target: str, path: str, *, timeout: float, connect_timeout: float,
-                  metadata: Iterable[tuple[str, str]] = ()) -> Connection:
+                  metadata: Iterable[tuple[str, str]] = (),
+                  connection: type[Connection] = Connection) -> Connection:
     """Opens a connection to ``host:port`` for calls to ``path`` with ``timeout`` seconds each;
     returns once the server's settings have arrived. Raises OSError or TimeoutError."""
     host, port = split_target(target)
@@ -548,7 +564,7 @@ async def connect(target: str, path: str, *, timeout: float, connect_timeout: fl
 
     async def opened() -> Connection:
         _, conn = await loop.create_connection(
-            lambda: Connection(path, target, timeout, metadata), host, port)
+            lambda: connection(path, target, timeout, metadata), host, port)
         await conn.ready
         return conn
 
@@ -561,6 +577,9 @@ class Channel:
     the server never processed is sent again on the new connection, once. While the server cannot
     be reached, calls fail UNAVAILABLE at once and a new connection is tried at most every
     ``RECONNECT_PAUSE`` seconds."""
+
+    connection: type[Connection] = Connection
+    """What each connection is (``bench/h2lib.py`` sets another framing)."""
 
     def __init__(self, target: str, path: str, *, timeout: float, connect_timeout: float,
                  metadata: Iterable[tuple[str, str]] = ()) -> None:
@@ -581,7 +600,8 @@ class Channel:
 
     async def _connect(self) -> Connection:
         conn = await connect(self._target, self._path, timeout=self._timeout,
-                             connect_timeout=self._connect_timeout, metadata=self._metadata)
+                             connect_timeout=self._connect_timeout, metadata=self._metadata,
+                             connection=self.connection)
         self.connections += 1
         return conn
 

@@ -1,24 +1,9 @@
-"""Running a published model, for the trainer and the server alike (``digitserve.inference``).
-
-- ``spec``: the model contract — ``ModelSpec`` (what a version's metadata declares), the ``Model``
-  protocol (what callers may use of a loaded model), ``check_outputs``, ``runs_inline``;
-- ``agreement``: the inference paths (``INFERENCE_CHOICES``) and how one is compared with
-  ``model.predict`` (``Agreement``, ``InferencePathError``);
-- ``checkset``: a version's ``check_set.npz`` (``read_check_set``, ``CheckSet``) and its
-  agreement with the metadata (``check_consistency``);
-- ``litert``: ``LiteRTRunner`` and ``LiteRTModel``, a version served from its flatbuffer without
-  TensorFlow; ``litert_difference``;
-- ``keras``: ``KerasModel``, a saved Keras model served through the fastest path that agrees with
-  ``model.predict`` — the trainer computes its published figures through it, so they are the
-  server's;
-- ``loading``: ``load_version``, a version as the server serves it; ``NeedsTensorFlowError``, its
-  refusal of a version only TensorFlow could serve where TensorFlow is not installed.
-
-It needs numpy and, only when a model is made, ``ai_edge_litert`` or TensorFlow/Keras (imported
-lazily, inside the functions that need them: importing this package imports neither). The client
-never imports it, nor anything of the server; the rest of the core (``digitserve.idx``,
-``.metrics``, ``.repository``, ``.metadata``, ...) stays framework-free.
-"""
+"""Running a published model, for the trainer and the server alike: the model contract (``spec``),
+the inference paths and their agreement with ``model.predict`` (``agreement``), a version's check
+set (``checkset``), LiteRT without TensorFlow (``litert``), a saved Keras model on its fastest
+agreeing path (``keras``, through which the trainer computes its published figures) and a version
+as the server loads it (``loading``). ``ai_edge_litert`` and TensorFlow are imported only when a
+model is made; the client never imports this package."""
 
 from __future__ import annotations
 
@@ -36,22 +21,8 @@ from digitserve.inference.loading import NeedsTensorFlowError, load_version
 from digitserve.inference.spec import Model, ModelSpec, check_outputs, runs_inline
 
 __all__ = [
-    "AGREEMENT_FLOOR",
-    "INFERENCE_CHOICES",
-    "PROBE_IMAGES",
-    "Agreement",
-    "CheckSet",
-    "InferencePathError",
-    "KerasModel",
-    "LiteRTModel",
-    "LiteRTRunner",
-    "Model",
-    "ModelSpec",
-    "NeedsTensorFlowError",
-    "check_consistency",
-    "check_outputs",
-    "litert_difference",
-    "load_version",
-    "read_check_set",
+    "AGREEMENT_FLOOR", "INFERENCE_CHOICES", "PROBE_IMAGES", "Agreement", "CheckSet", "InferencePathError",
+    "KerasModel", "LiteRTModel", "LiteRTRunner", "Model", "ModelSpec", "NeedsTensorFlowError",
+    "check_consistency", "check_outputs", "litert_difference", "load_version", "read_check_set",
     "runs_inline",
 ]

@@ -30,11 +30,10 @@ class Agreement:
 
     path: str
     images: int
-    litert_diff: float | None
-    """Largest |p - model.predict| of the LiteRT path, in one batch and image by image."""
+    litert_diff: float | None  # largest |p - model.predict| of LiteRT, in one batch and image by image
+    # Largest |p - model.predict| of TensorFlow's own function image by image: how much the reference
+    # moves with the batch size (a batch-1 matrix-vector kernel rounds differently).
     tensorflow_spread: float
-    """Largest |p - model.predict| of TensorFlow's own function called image by image: how much the
-    reference moves with the batch size (a batch-1 matrix-vector kernel rounds differently)."""
     reason: str = ""
 
     @property

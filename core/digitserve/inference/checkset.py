@@ -1,6 +1,5 @@
 """A version's check set (``check_set.npz``): the images, labels and reference probabilities the
-trainer published with it, read once, checked against the SHA-256 its metadata records, and
-checked against what the metadata declares."""
+trainer published with it, read once and checked against its metadata (SHA-256, shapes, labels)."""
 
 from __future__ import annotations
 
@@ -24,17 +23,11 @@ logger = logging.getLogger(__name__)
 class CheckSet(NamedTuple):
     """A version's ``check_set.npz``, as read_check_set returns it."""
 
-    images: npt.NDArray[np.float32]
-    """Flattened and scaled to [0, 1]."""
+    images: npt.NDArray[np.float32]  # flattened and scaled to [0, 1]
     labels: npt.NDArray[np.integer[Any]]
-    reference: npt.NDArray[np.float32] | None
-    """``model.predict``'s probabilities on the images, as the trainer computed them (None in
-    versions published before the trainer saved them)."""
-    label_names: tuple[str, ...] | None = None
-    """The class names the labels index, as the trainer published them (None in versions
-    published before the trainer saved them)."""
-    image_shape: tuple[int, ...] = ()
-    """The shape of one image as stored (before flattening)."""
+    reference: npt.NDArray[np.float32] | None  # the trainer's model.predict (None: older versions)
+    label_names: tuple[str, ...] | None = None  # the names the labels index (None: older versions)
+    image_shape: tuple[int, ...] = ()  # one image's shape as stored
 
 
 def check_consistency(spec: ModelSpec, check_set: CheckSet, path: Path) -> None:
@@ -47,28 +40,21 @@ def check_consistency(spec: ModelSpec, check_set: CheckSet, path: Path) -> None:
         raise CorruptVersionError(
             f"{path}: the check set's images have {images.shape[1]} values{stored} but "
             f"metadata.json declares input shape {list(spec.input_shape)} ({spec.input_size} "
-            "values): the version's files do not belong together"
-        )
+            "values): the version's files do not belong together")
     if labels.size and not 0 <= int(labels.min()) <= int(labels.max()) < len(spec.labels):
         raise CorruptVersionError(
             f"{path}: check-set labels range over {int(labels.min())}..{int(labels.max())} but "
-            f"metadata.json declares {len(spec.labels)} labels"
-        )
+            f"metadata.json declares {len(spec.labels)} labels")
     if check_set.label_names is not None and check_set.label_names != spec.labels:
         raise CorruptVersionError(
             f"{path}: metadata.json labels {list(spec.labels)} differ from the label names the "
-            f"check set was published with {list(check_set.label_names)}"
-        )
+            f"check set was published with {list(check_set.label_names)}")
 
 
 def read_check_set(version_dir: Path, metadata: Metadata | None = None) -> CheckSet | None:
-    """The version's check set (``check_set.npz``): images, labels and, when the trainer saved
-    them, model.predict's probabilities on the images. None when the version has none;
-    CorruptVersionError when its SHA-256 differs from the one ``metadata`` (the version's, read
-    from ``version_dir`` when not given) records, or when it cannot be read. The file is read
-    once and the arrays come from the bytes that were hashed. A check set whose SHA-256 the
-    metadata does not record (added after publishing, or by a publisher that did not record it;
-    every trainer did) is read unchecked, with one warning."""
+    """The version's check set, None when it has none; CorruptVersionError when it is unreadable or
+    its SHA-256 differs from ``metadata``'s (read from ``version_dir`` when not given). The arrays
+    come from the very bytes hashed; one the metadata records no SHA-256 for is read with a warning."""
     path = version_dir / CHECK_SET_FILE
     if not path.is_file():
         return None
@@ -89,18 +75,15 @@ def read_check_set(version_dir: Path, metadata: Metadata | None = None) -> Check
     if images.ndim < 2 or images.dtype != np.uint8:
         raise CorruptVersionError(
             f"{path}: check-set images of shape {images.shape} and type {images.dtype}, expected "
-            "uint8 images of shape (N, ...)"
-        )
+            "uint8 images of shape (N, ...)")
     if labels.shape != images.shape[:1] or labels.dtype.kind not in "iu":
         raise CorruptVersionError(
             f"{path}: check-set labels of shape {labels.shape} and type {labels.dtype}, expected "
-            f"{images.shape[0]} integers (one per image)"
-        )
+            f"{images.shape[0]} integers (one per image)")
     if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
         raise CorruptVersionError(
             f"{path}: check-set label names of shape {names.shape} and type {names.dtype}, "
-            "expected a list of strings"
-        )
+            "expected a list of strings")
     return CheckSet(scale_pixels(images.reshape(images.shape[0], -1)), labels, reference,
                     None if names is None else tuple(str(n) for n in names),
                     tuple(int(d) for d in images.shape[1:]))

@@ -1,7 +1,6 @@
-"""The Keras path: ``KerasModel``, a saved ``model.keras`` served through the fastest path that
-agrees with ``model.predict`` (LiteRT, else a ``tf.function``). The trainer evaluates every model
-it publishes through it, so its figures are the server's. TensorFlow and Keras are imported only
-when a ``KerasModel`` is made or loaded."""
+"""``KerasModel``: a saved ``model.keras`` served through the fastest path that agrees with
+``model.predict``; the trainer evaluates what it publishes through it, so its figures are the
+server's. TensorFlow and Keras are imported only when one is made or loaded."""
 
 from __future__ import annotations
 
@@ -15,12 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from digitserve.inference.agreement import (
-    INFERENCE_CHOICES,
-    PROBE_IMAGES,
-    Agreement,
-    InferencePathError,
-)
+from digitserve.inference.agreement import INFERENCE_CHOICES, PROBE_IMAGES, Agreement, InferencePathError
 from digitserve.inference.checkset import read_check_set
 from digitserve.inference.litert import LiteRTRunner, litert_difference
 from digitserve.inference.spec import ModelSpec, check_outputs
@@ -31,25 +25,12 @@ logger = logging.getLogger(__name__)
 
 
 class KerasModel:
-    """A saved Keras model (``model.keras``), served through the fastest path that agrees with
-    ``model.predict`` (``bench/inference_paths.py`` measures them all):
+    """A saved Keras model served through ``litert`` (converted, XNNPACK on one thread) when it agrees
+    with ``model.predict`` on the probe images within ``Agreement.tolerance``, else ``tensorflow`` (a
+    concrete ``tf.function``); ``bench/inference_paths.py`` measures them."""
 
-    - ``litert``: the model converted to LiteRT, run by XNNPACK on one thread;
-    - ``tensorflow``: the concrete function of a ``tf.function`` with a fixed signature (the
-      fastest TensorFlow path; it equals ``model.predict`` exactly for batches above one).
-
-    ``auto`` (the default) serves LiteRT when, on the probe images (the version's check set), its
-    probabilities differ from ``model.predict``'s by no more than 1e-6 or than TensorFlow's own
-    function does when called image by image, whichever is larger; else TensorFlow."""
-
-    def __init__(
-        self,
-        keras_model: Any,
-        metadata: Metadata,
-        *,
-        inference: str = "auto",
-        probe: npt.NDArray[np.float32] | None = None,
-    ) -> None:
+    def __init__(self, keras_model: Any, metadata: Metadata, *, inference: str = "auto",
+                 probe: npt.NDArray[np.float32] | None = None) -> None:
         import tensorflow as tf
 
         if inference not in INFERENCE_CHOICES:
@@ -59,14 +40,11 @@ class KerasModel:
         self._keras_model = keras_model
         signature = [tf.TensorSpec(shape=(None, self.spec.input_size), dtype=tf.float32)]
         self._tf = tf
-        self._fn = tf.function(
-            lambda x: keras_model(x, training=False), input_signature=signature
-        ).get_concrete_function()
+        self._fn = tf.function(lambda x: keras_model(x, training=False),
+                               input_signature=signature).get_concrete_function()
         self._run: Any = self.tensorflow_predict
-        self.litert: LiteRTRunner | None = None
-        """The LiteRT runner when it is the path served (the trainer publishes its flatbuffer)."""
-        self.inline = False
-        """Cheap enough to run on the event loop (see DataPlane.compute): the LiteRT path."""
+        self.litert: LiteRTRunner | None = None  # when LiteRT serves (the trainer publishes it)
+        self.inline = False  # cheap enough for the event loop (DataPlane.compute): LiteRT
         self.agreement = Agreement("tensorflow", 0, None, 0.0, "chosen by --inference tensorflow")
         if inference != "tensorflow":
             self.agreement = self._choose_path(probe, required=inference == "litert")
@@ -77,8 +55,7 @@ class KerasModel:
 
     @property
     def keras_model(self) -> Any:
-        """The loaded Keras model the served path was compared with (``bench/inference_paths.py``
-        times its other paths)."""
+        """The Keras model the served path was compared with (bench/inference_paths.py times it)."""
         return self._keras_model
 
     def _probe(self) -> npt.NDArray[np.float32]:
@@ -88,11 +65,11 @@ class KerasModel:
 
     def _choose_path(self, probe: npt.NDArray[np.float32] | None, required: bool) -> Agreement:
         x = self._probe() if probe is None else np.ascontiguousarray(probe[:PROBE_IMAGES], np.float32)
-        reference = np.asarray(self._keras_model.predict(x, verbose=0), dtype=np.float32)
+        reference = np.asarray(self.keras_model.predict(x, verbose=0), dtype=np.float32)
         single = np.concatenate([self.tensorflow_predict(x[i : i + 1]) for i in range(x.shape[0])])
         spread = float(np.abs(single - reference).max())
         try:
-            runner = LiteRTRunner.convert(self._keras_model)
+            runner = LiteRTRunner.convert(self.keras_model)
             diff = litert_difference(runner, x, reference)
         except Exception as exc:  # no LiteRT for this platform, or an op it cannot convert
             if required:
@@ -109,14 +86,10 @@ class KerasModel:
         return agreement
 
     @classmethod
-    def load(
-        cls, version_dir: Path, *, inference: str = "auto",
-        probe: npt.NDArray[np.float32] | None = None, metadata: Metadata | None = None,
-    ) -> KerasModel:
-        """Loads a published version's ``model.keras``, the bytes Keras opens being the bytes
-        checked against the SHA-256 ``metadata`` records (the version's, read when not given:
-        :func:`load_archive`); the paths are compared on ``probe``, by default the version's check
-        set when it has a readable one (the quality gate reports one that is not)."""
+    def load(cls, version_dir: Path, *, inference: str = "auto", probe: npt.NDArray[np.float32] | None = None,
+             metadata: Metadata | None = None) -> KerasModel:
+        """Loads a version's ``model.keras`` from the bytes checked against ``metadata``'s SHA-256
+        (``load_archive``), its paths compared on ``probe`` (default: its readable check set)."""
         started = time.perf_counter()
         if metadata is None:
             metadata = Metadata.read(version_dir)
@@ -128,11 +101,8 @@ class KerasModel:
                 probe = None if check_set is None else check_set.images
         model = cls(keras_model, metadata, inference=inference, probe=probe)
         model.warm_up()
-        logger.info(
-            "loaded model %s version %d from %s in %.2fs; %s",
-            model.spec.name, model.spec.version, version_dir, time.perf_counter() - started,
-            model.agreement.describe(),
-        )
+        logger.info("loaded model %s version %d from %s in %.2fs; %s", model.spec.name, model.spec.version,
+                    version_dir, time.perf_counter() - started, model.agreement.describe())
         return model
 
     def warm_up(self) -> None:
@@ -148,12 +118,9 @@ class KerasModel:
 
 
 def load_archive(data: bytes, path: Path) -> Any:
-    """The Keras model in ``data``, the bytes of ``path`` (a ``model.keras``) already checked,
-    with ``safe_mode`` (no arbitrary Python in Lambda layers). ``keras.saving.load_model`` opens
-    a model only by its path, so the bytes are written to a private temporary directory (mode
-    0700, removed at once) and loaded from there: Keras reads the archive whose checksum held,
-    whatever happens to ``path`` meanwhile. CorruptVersionError, naming ``path``, when Keras
-    cannot load it."""
+    """The Keras model in ``data`` (the checked bytes of ``path``) with ``safe_mode``, loaded from a
+    private temporary copy (Keras opens only paths): it reads the archive whose checksum held,
+    whatever happens to ``path`` meanwhile. CorruptVersionError naming ``path`` when it cannot."""
     import keras
 
     with tempfile.TemporaryDirectory(prefix="digitserve-model-") as private:

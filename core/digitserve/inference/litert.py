@@ -1,7 +1,5 @@
-"""The LiteRT path: ``LiteRTRunner`` (an interpreter of a flatbuffer, XNNPACK on one thread) and
-``LiteRTModel``, a version served from its published ``model.tflite`` without importing
-TensorFlow. ``ai_edge_litert`` (and, to convert a Keras model, TensorFlow) are imported only when
-a runner is made."""
+"""The LiteRT path: ``LiteRTRunner`` (a flatbuffer's interpreter) and ``LiteRTModel`` (a version
+served from its ``model.tflite`` without TensorFlow); ``ai_edge_litert`` is imported lazily."""
 
 from __future__ import annotations
 
@@ -23,26 +21,21 @@ from digitserve.repository import CHECK_SET_FILE, LITERT_FILE, CorruptVersionErr
 
 
 class LiteRTRunner:
-    """A LiteRT (TensorFlow Lite) interpreter of the model, XNNPACK on one thread: a call costs
-    microseconds where a TensorFlow function call costs hundreds, and each image's probabilities do
-    not depend on the batch it travels in. Not thread-safe: the data plane calls it from its one
-    model thread."""
+    """A LiteRT interpreter of the model, XNNPACK on one thread: a call costs microseconds where a
+    TensorFlow function costs hundreds, and an image's probabilities do not depend on its batch.
+    Not thread-safe: the data plane calls it from one thread."""
 
     def __init__(self, flatbuffer: bytes) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         self.flatbuffer = flatbuffer
-        # LiteRT prints a notice to stderr when it first allocates (its XNNPACK delegate): a
-        # record of our log instead of a bare line among the JSON ones.
+        # LiteRT's notice on stderr when it first allocates: a log record, not a bare line.
         with native_stderr_logged(logging.getLogger("litert")):
             self._interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
             self._interpreter.allocate_tensors()
-        inp = self._interpreter.get_input_details()[0]
-        self._input = int(inp["index"])
-        self._row_shape = [int(d) for d in inp["shape_signature"][1:]]
-        output = self._interpreter.get_output_details()[0]
-        self._output = int(output["index"])
-        self._classes = int(output["shape_signature"][-1])
+        inp, output = self._interpreter.get_input_details()[0], self._interpreter.get_output_details()[0]
+        self._input, self._row_shape = int(inp["index"]), [int(d) for d in inp["shape_signature"][1:]]
+        self._output, self._classes = int(output["index"]), int(output["shape_signature"][-1])
         self._rows = -1
 
     def check_fits(self, spec: ModelSpec, path: Path) -> None:
@@ -53,13 +46,11 @@ class LiteRTRunner:
             raise CorruptVersionError(
                 f"{path}: the model takes inputs of shape {self._row_shape} ({size} values) but "
                 f"metadata.json declares input shape {list(spec.input_shape)} "
-                f"({spec.input_size} values)"
-            )
+                f"({spec.input_size} values)")
         if self._classes > 0 and self._classes != len(spec.labels):
             raise CorruptVersionError(
                 f"{path}: the model outputs {self._classes} classes but metadata.json declares "
-                f"{len(spec.labels)} labels"
-            )
+                f"{len(spec.labels)} labels")
 
     @classmethod
     def convert(cls, keras_model: Any) -> LiteRTRunner:
@@ -94,21 +85,15 @@ def litert_difference(runner: LiteRTRunner, x: npt.NDArray[np.float32],
 
 
 class LiteRTModel:
-    """A version's published LiteRT flatbuffer (``model.tflite``), served without importing
-    TensorFlow: a worker's memory is its interpreter's, not TensorFlow's, and it starts in about a
-    second. It serves only while, on the version's check set, it agrees with the probabilities
-    the trainer computed with ``model.predict`` (``reference`` in ``check_set.npz``) within the
-    tolerance the trainer found for the same comparison; ``load_version`` falls back to
-    ``KerasModel`` otherwise."""
+    """A version's ``model.tflite`` served without TensorFlow (a worker starts in about a second and
+    holds only its interpreter), while it agrees on the check set with the trainer's
+    ``model.predict`` within the recorded tolerance; else ``load_version`` falls back to Keras."""
 
     inline = True
 
     def __init__(self, runner: LiteRTRunner, spec: ModelSpec, metadata: Metadata,
                  agreement: Agreement) -> None:
-        self.spec = spec
-        self.metadata = metadata.to_json()
-        self.litert = runner
-        self.agreement = agreement
+        self.spec, self.metadata, self.litert, self.agreement = spec, metadata.to_json(), runner, agreement
 
     @property
     def inference_path(self) -> str:
@@ -120,11 +105,9 @@ class LiteRTModel:
     @classmethod
     def load(cls, version_dir: Path, metadata: Metadata,
              check_set: CheckSet | None) -> tuple[LiteRTModel | None, str]:
-        """The version served from its flatbuffer, or None and why not. A flatbuffer whose
-        checksum does not match (or that ``metadata`` records none for), or whose input or output
-        shape differs from the metadata's, is a corrupt version (CorruptVersionError): the Keras
-        model it was converted from could not serve it either. The interpreter runs the very
-        bytes whose checksum was checked."""
+        """The version served from its flatbuffer, or None and why not. A checksum or shape that
+        differs from the metadata's is a corrupt version (CorruptVersionError): the Keras model it
+        was converted from could not serve either. The bytes checked are the bytes run."""
         info = metadata.inference
         if info is None or info.litert_file != LITERT_FILE:
             return None, "no published LiteRT model"
@@ -132,7 +115,6 @@ class LiteRTModel:
             return None, f"{LITERT_FILE} is missing"
         if info.tolerance is None:
             return None, f"{LITERT_FILE} cannot serve: no recorded tolerance"
-        # Read once: the bytes checked against the metadata's SHA-256 are the bytes run.
         flatbuffer = metadata.read_file(version_dir, LITERT_FILE)
         spec = ModelSpec.from_metadata(metadata)
         try:
@@ -150,8 +132,7 @@ class LiteRTModel:
         if reference.shape[1:] != expected[1:] or reference.shape[0] < expected[0]:
             return None, f"reference probabilities of shape {reference.shape}, expected {expected}"
         try:
-            tolerance = info.tolerance
-            spread = info.tensorflow_batch1_max_diff
+            tolerance, spread = info.tolerance, info.tensorflow_batch1_max_diff
             diff = litert_difference(runner, x, reference[: x.shape[0]])
         except Exception as exc:  # a recorded figure that is not a number
             return None, f"{LITERT_FILE} cannot serve: {exc}"

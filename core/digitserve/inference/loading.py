@@ -1,8 +1,6 @@
-"""Loading a published version as the server serves it (``load_version``): everything that can
-refuse the version without running it first, then its LiteRT flatbuffer without TensorFlow when
-it agrees with the trainer's reference, else the Keras model, which needs TensorFlow: where it is
-not installed (the slim ``serve`` image), such a version is refused (``NeedsTensorFlowError``)
-with a line saying what can serve it."""
+"""``load_version``: a published version as the server serves it, from its LiteRT flatbuffer when
+it agrees with the trainer's reference, else its Keras model (refused with NeedsTensorFlowError
+where TensorFlow is not installed)."""
 
 from __future__ import annotations
 
@@ -31,19 +29,11 @@ class NeedsTensorFlowError(RepositoryError):
 def load_version(version_dir: Path, *, inference: str = "auto",
                  check_set: CheckSet | None = None,
                  metadata: Metadata | None = None) -> LiteRTModel | KerasModel:
-    """A published version as the server serves it: from its LiteRT flatbuffer without
-    TensorFlow when it has one that agrees with the trainer's reference (``--inference auto`` or
-    ``litert``), else through :class:`KerasModel`, which imports TensorFlow and chooses its path
-    itself. ``check_set`` is the version's (read_check_set), if it has one; ``metadata`` the
-    version's as the caller read it (read again when not given), which every file is checked
-    against. What refuses the version without running its model (metadata, checksums, the check
-    set against the metadata, the flatbuffer's input and output shapes) refuses it before
-    TensorFlow is imported: a refused version costs a slim server no memory.
-
-    ``model.keras`` is checked against its SHA-256 even where the flatbuffer serves: the
-    flatbuffer was converted from it, and a version whose model file changed is not the version
-    that was published. The file is hashed here without being used; the path that does use it
-    (:meth:`KerasModel.load`) reads it once more and loads the bytes it checked."""
+    """A published version as the server serves it: its LiteRT flatbuffer when it agrees with the
+    trainer's reference (``--inference auto`` or ``litert``), else ``KerasModel``. Whatever refuses
+    the version without running it (metadata, checksums, ``check_set`` against the metadata,
+    shapes) does so before TensorFlow is imported. ``model.keras`` is checked even where the
+    flatbuffer serves: a version whose model file changed is not the one published."""
     if inference not in INFERENCE_CHOICES:
         raise ValueError(f"inference {inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
     # Whatever refuses the version without running it does so before TensorFlow is imported.
@@ -58,16 +48,14 @@ def load_version(version_dir: Path, *, inference: str = "auto",
     if inference != "tensorflow":
         model, why = LiteRTModel.load(version_dir, metadata, check_set)
         if model is not None:
-            logger.info(
-                "loaded model %s version %d from %s in %.2fs without TensorFlow; %s",
-                model.spec.name, model.spec.version, version_dir / LITERT_FILE,
-                time.perf_counter() - started, model.agreement.describe(),
-            )
+            logger.info("loaded model %s version %d from %s in %.2fs without TensorFlow; %s",
+                        model.spec.name, model.spec.version, version_dir / LITERT_FILE,
+                        time.perf_counter() - started, model.agreement.describe())
             return model
         reason = f"LiteRT cannot serve it: {why}"
     if not available("tensorflow"):
-        raise NeedsTensorFlowError(f"{version_dir}: {reason}, and TensorFlow is not installed here: "
-                                   f"serve it with {WITH_TENSORFLOW}")
+        raise NeedsTensorFlowError(
+            f"{version_dir}: {reason}, and TensorFlow is not installed here: serve it with {WITH_TENSORFLOW}")
     logger.info("%s: %s; loading %s", version_dir, reason, MODEL_FILE)
     return KerasModel.load(version_dir, inference=inference, metadata=metadata,
                            probe=None if check_set is None else check_set.images)

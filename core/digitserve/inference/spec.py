@@ -36,9 +36,8 @@ class ModelSpec:
         spec = cls(name=metadata.name, version=metadata.version, input_shape=inp.shape,
                    input_scale=inp.scale, labels=labels)
         if spec.input_size <= 0 or len(spec.labels) < 2:
-            raise CorruptVersionError(
-                f"metadata declares input shape {spec.input_shape} and {len(spec.labels)} labels"
-            )
+            raise CorruptVersionError(f"metadata declares input shape {spec.input_shape} and "
+                                      f"{len(spec.labels)} labels")
         return spec
 
 
@@ -50,15 +49,10 @@ class Model(Protocol):
     metadata: dict[str, Any]
 
     @property
-    def inline(self) -> bool:
-        """Cheap enough to call on the event loop (see DataPlane.inline_limit): the LiteRT path."""
-        ...
+    def inline(self) -> bool: ...  # cheap enough for the event loop (DataPlane.inline_limit): LiteRT
 
     @property
-    def inference_path(self) -> str:
-        """What computes ``predict`` (``litert``, ``tensorflow``): GetModelInfo and the
-        ``model_info`` metric report it."""
-        ...
+    def inference_path(self) -> str: ...  # ``litert`` or ``tensorflow``, for GetModelInfo and metrics
 
     def predict(self, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]: ...
 
@@ -70,15 +64,13 @@ def check_outputs(model: Model) -> None:
         probe = np.zeros((rows, model.spec.input_size), dtype=np.float32)
         out = model.predict(probe)
         if out.shape != (rows, len(model.spec.labels)):
-            raise CorruptVersionError(
-                f"model outputs shape {out.shape[1:]}, metadata declares "
-                f"{len(model.spec.labels)} labels"
-            )
+            raise CorruptVersionError(f"model outputs shape {out.shape[1:]}, metadata declares "
+                                      f"{len(model.spec.labels)} labels")
         if not np.allclose(out.sum(axis=1), 1.0, atol=1e-3):
             raise CorruptVersionError("model outputs do not sum to 1: not a softmax classifier")
 
 
 def runs_inline(model: Model) -> bool:
-    """Whether ``model`` is cheap enough to call on the event loop (``Model.inline``: LiteRTModel,
-    and KerasModel on its LiteRT path). Others run on the data plane's model thread."""
+    """Whether ``model`` is cheap enough for the event loop (``Model.inline``: the LiteRT path);
+    others run on the data plane's model thread."""
     return model.inline

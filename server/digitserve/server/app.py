@@ -1,4 +1,5 @@
-"""Server lifecycle: build the grpc.aio server, load the model, report health, drain on signals."""
+"""The server's composition root and lifecycle: build the parts, bind, load or wait for the models,
+drain on SIGTERM, reload on SIGHUP."""
 
 from __future__ import annotations
 
@@ -11,40 +12,33 @@ import signal
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digitserve.inference import Model
 from digitserve.nativelog import native_stderr_logged
-from digitserve.repository import ModelNotFoundError, ModelRepository, RepositoryError
-from digitserve.server.calls import CallWrapper, Services
-from digitserve.server.dataplane import DataPlane
+from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
+from digitserve.repository import ModelNotFoundError, RepositoryError
+from digitserve.server.calls import CallInterceptor, GenericOnly
+from digitserve.server.configwatch import ConfigWatcher
 from digitserve.server.decoding import PictureDecoder, PictureLimits
+from digitserve.server.discovery import Discovery, check_repository, configured
 from digitserve.server.drain import Drain
-from digitserve.server.errors import InvalidInputError, NotServedError
-from digitserve.server.health import HealthServicer
+from digitserve.server.health import SERVICE_NAME, HealthServicer
 from digitserve.server.httpserver import HttpEdge, exposition
 from digitserve.server.logs import access_log
-from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_settings, read_settled
-from digitserve.server.models import (
-    MODEL_SERVICE,
-    MODEL_UPDATES_SERVICE,
-    NOT_SERVING,
-    SERVING,
-    WAIT_INTERVAL,
-    ModelInfo,
-    ModelServer,
-    check_repository,
-)
+from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_settings
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
 from digitserve.server.ports import ListenError, grpc_bind_error, listen_error, metrics_port_error
+from digitserve.server.reflection import SERVICES as REFLECTION_SERVICES
 from digitserve.server.reflection import add_reflection
+from digitserve.server.registry import WAIT_INTERVAL, ModelVersions, Registry, watch
 from digitserve.server.rest import RestApi
 from digitserve.server.security import SecurityConfigError, ServerSecurity
-from digitserve.server.servicer import DigitServicer, add_to_server
+from digitserve.server.servicer import DigitServicer
 from digitserve.server.settings import Settings
 from digitserve.server.slot import WorkerSlot
 from digitserve.server.telemetry import (
@@ -59,16 +53,15 @@ from digitserve.server.versions import (
     ModelSource,
     NothingPublishedError,
     RepositoryReads,
-    RepositorySource,
     RepositoryTimeoutError,
     StaticSource,
     repository_error,
 )
 from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DigitService"].full_name
 ModelLoader = Callable[[], Model]
 
 
@@ -152,19 +145,26 @@ def settle_memory() -> None:
     gc.freeze()
 
 
-Router = Callable[[str], ModelServer]
-
-
-def _names(names: list[str]) -> str:
-    return ", ".join(repr(n) for n in names) if names else "no model yet"
+def grpc_server(options: list[tuple[str, int]], interceptor: CallInterceptor, digit: DigitServicer,
+                oip: InferenceServicer, health: HealthServicer) -> grpc.aio.Server:
+    """The grpc.aio server: every call through ``interceptor``; DigitService, the V2 protocol,
+    health and reflection (v1 and v1alpha) added by their generated registration."""
+    server = grpc.aio.server(options=options, interceptors=(interceptor,))
+    services = GenericOnly(server)  # every method through its service's generic handler
+    pb_grpc.add_DigitServiceServicer_to_server(digit, services)  # type: ignore[no-untyped-call]
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, services)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health, services)
+    served = (SERVICE_NAME, OIP_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    add_reflection(services, served)
+    pool = descriptor_pool.Default()
+    interceptor.touch(pool.FindServiceByName(name) for name in (*served, *REFLECTION_SERVICES))
+    return server
 
 
 class App:
-    """One server: start() binds and serves (health NOT_SERVING), load() or load_or_wait() makes
-    it SERVING, stop() drains. It serves every model of the repository (or those the flags or the
-    model config file name), each a ModelServer with its own versions, gate, batcher and watch;
-    its own watch finds models that appear or disappear and reads the model config again when it
-    changes."""
+    """The composition root of one server: __init__ builds the parts (security, telemetry, the
+    registry, discovery, the config watcher, the gRPC server and the HTTP edge), start() binds
+    and serves (health NOT_SERVING), load() or load_or_wait() makes it SERVING, stop() drains."""
 
     def __init__(
         self,
@@ -178,45 +178,35 @@ class App:
     ) -> None:
         self.settings = settings
         self.worker_index = worker_index  # --workers N: this process's index (its ports' lines say it)
-        self.freeze_gc = freeze_gc  # settle_memory() after each (re)load: the mnist-serve process
         self.security = ServerSecurity.from_settings(settings)  # reads TLS and token files: fails first
         self.telemetry = Telemetry(low_confidence=settings.low_confidence)
         certificate = self.security.certificate  # TLS: its expiry as a metric
         export_certificate_expiry(self.telemetry, None if certificate is None else certificate.expires)
-        self.models: dict[str, ModelServer] = {}
         # Every repository read in a daemon thread with a timeout (digitserve.server.versions).
-        self.repository_metrics = RepositoryMetrics(
-            self.telemetry.registry,
-            hung_reads=lambda: self.reads.hung,
-            served_missing=lambda: any(
-                m.model is not None and m.model.spec.version in m.gone for m in self.models.values()),
-        )
-        self.reads = RepositoryReads(settings.repository_timeout, self.repository_metrics.on_timeout)
+        repository_metrics = RepositoryMetrics(self.telemetry.registry, hung_reads=lambda: self.reads.hung,
+                                               served_missing=lambda: self.registry.served_missing())
+        self.reads = RepositoryReads(settings.repository_timeout, repository_metrics.on_timeout)
         self.health = HealthServicer()  # NOT_FOUND names the services it knows
-        self.static = source is not None or loader is not None  # one model, no repository
-        self.config_error = ""
-        self._config_seen: tuple[int, int] | None = None  # the config file's (mtime_ns, size)
-        self.config_metrics = ConfigMetrics(self.telemetry.registry) if settings.model_config else None
-        if self.static:
-            self.config = ServingConfig(None)
+        static = source is not None or loader is not None  # one model, no repository
+        # from_settings: ModelConfigError when the file cannot be used
+        config = ServingConfig(None) if static else from_settings(settings)
+        self.registry = Registry(settings, config, reads=self.reads, telemetry=self.telemetry,
+                                 health=self.health, static=static, on_unload=repository_metrics.on_unload,
+                                 settle=settle_memory if freeze_gc else lambda: None)
+        self.discovery = Discovery(settings, self.registry, self.reads)
+        self.config_watcher: ConfigWatcher | None = None
+        if static:
             name = settings.model_name[0] if settings.model_name else "mnist"
-            self._add(name, source if source is not None else StaticSource(loader))  # type: ignore[arg-type]
+            self.registry.add(name, source if source is not None else StaticSource(loader))  # type: ignore[arg-type]
         else:
-            self.config = from_settings(settings)  # ModelConfigError: the file cannot be used
             if settings.model_config is not None:
-                self._config_seen = self._config_stamp()
-            for name in self._configured():
-                self._add(name)
-        self.removed: dict[str, float] = {}  # discovered models whose directory is gone: since when
-        self.repository = ModelRepository(settings.model_repo)  # discovery's listing (_discover)
-        self.unpublished = 0  # model directories found without a version, not served (yet)
+                self.config_watcher = ConfigWatcher(
+                    settings.model_config, GateRules(settings.min_check_accuracy, settings.max_regression),
+                    self.registry, self.reads, ConfigMetrics(self.telemetry.registry))
+            for name in configured(config):
+                self.registry.add(name)
         self._watch_task: asyncio.Task[None] | None = None
-        self._model_tasks: set[asyncio.Task[Model]] = set()
-        self._loading = False  # load_or_wait() started: models found later start loading at once
-        self._serving = asyncio.Event()  # health "" became SERVING
-        self._fatal: asyncio.Future[None] | None = None  # a first load failed (load_or_wait)
-        self.telemetry.watch_queue(
-            lambda: float(sum(m.plane.batcher.queued_images for m in list(self.models.values()))))
+        self.telemetry.watch_queue(self.registry.queued_images)
         self.draining = False  # stop() began: readiness is false over every protocol from now on
         self.reuse_port = reuse_port
         # Pictures (Image.encoded, V2 BYTES) are decoded on threads of their own, never the loop.
@@ -224,262 +214,64 @@ class App:
             settings.max_picture_bytes, settings.max_picture_request_bytes,
             settings.max_picture_pixels, settings.max_queued_pictures,
             settings.max_picture_decoded_bytes))
-        self.server = grpc.aio.server(options=server_options(settings, reuse_port))
-        self.oip = InferenceServicer(self)  # the V2 protocol, over gRPC and over HTTP
-        # Every method of every service wrapped once: request id, token check, metrics, access line.
+        self.oip = InferenceServicer(self.registry, self.pictures)  # the V2 protocol, over gRPC and HTTP
         self.drain = Drain()  # SIGTERM: calls that arrive are held, then refused UNAVAILABLE
-        services = Services(self.server, CallWrapper(self.telemetry, self.security.auth, self.drain))
-        add_to_server(DigitServicer(self), services)  # bytes that do not parse: INVALID_ARGUMENT
-        add_to_server(self.oip, services, OIP_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
-        add_reflection(services, (  # v1 and v1alpha
-            SERVICE_NAME,
-            OIP_SERVICE.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        ))
-        services.close()
+        # Every call: request id, token check, metrics, access line; bytes that do not parse of
+        # DigitService and the V2 protocol: INVALID_ARGUMENT.
+        interceptor = CallInterceptor(self.telemetry, self.security.auth, self.drain,
+                                      tolerant=(pb.DESCRIPTOR.services_by_name["DigitService"], OIP_SERVICE))
+        self.server = grpc_server(server_options(settings, reuse_port), interceptor,
+                                  DigitServicer(self.registry, self.pictures), self.oip, self.health)
         self.port = 0
         self.metrics_port: int | None = None
         # --http-port: the V2 protocol's REST binding, on this loop, through the same data planes.
         self.http: HttpEdge | None = None
         self.http_port: int | None = None
         if settings.http_port >= 0:
-            api = RestApi(self, lambda: self.draining, partial(exposition, self.telemetry.registry))
+            api = RestApi(self.registry, self.pictures, lambda: self.draining,
+                          partial(exposition, self.telemetry.registry))
             self.http = HttpEdge(settings, api, self.telemetry, self.security.auth)
 
-    # --- the models -----------------------------------------------------------------------------
-
-    def _configured(self) -> list[str]:
-        """The models the config names (the default model included), without looking at disk."""
-        names = list(self.config.models or ())
-        if self.config.default_model and self.config.default_model not in names:
-            names.append(self.config.default_model)
-        return names
-
-    def _add(self, name: str, source: ModelSource | None = None) -> ModelServer:
-        if source is None:
-            settings = self.settings
-            source = RepositorySource(settings.model_repo, name, inference=settings.inference,
-                                      allow_missing_check_set=settings.allow_missing_check_set)
-        server = ModelServer(
-            name, source, self.settings, self.config.policy_of(name), reads=self.reads,
-            telemetry=self.telemetry, health=self.health, on_change=self._update_health,
-            on_unload=self.repository_metrics.on_unload, freeze_gc=self.freeze_gc,
-            settle=settle_memory)
-        self.models[name] = server
-        if not self.static:  # a loader's model is counted under its own name, once loaded
-            self.telemetry.touch_model(name)
-        return server
-
     @property
-    def default_model(self) -> str:
-        """The model a request without a name gets: --default-model (or the config file's, or the
-        first --model-name), else the only model served; "" when there are several and none is
-        named."""
-        if self.config.default_model:
-            return self.config.default_model
-        if len(self.models) == 1:
-            return next(iter(self.models))
-        return ""
-
-    def model(self, name: str) -> ModelServer:
-        """The served model ``name`` ("" : the default model); NOT_FOUND naming those served."""
-        if not name:
-            name = self.default_model
-            if not name:
-                raise InvalidInputError(
-                    "model_name", f"empty, and this server serves {len(self.models)} models "
-                    f"({_names(sorted(self.models))}) and has no default model; name one, or start "
-                    "the server with --default-model")
-        server = self.models.get(name)
-        if server is None:
-            raise NotServedError(f"model {name!r} is not served; this server serves "
-                                     f"{_names(sorted(self.models))}")
-        return server
-
-    def model_infos(self, name: str = "") -> list[ModelInfo]:
-        """ListModels: every model (or ``name``'s), by name."""
-        if name:
-            return [self.model(name).info()]
-        return [self.models[n].info() for n in sorted(self.models)]
-
-    @property
-    def config_path(self) -> str:
-        return "" if self.settings.model_config is None else str(self.settings.model_config)
+    def models(self) -> dict[str, ModelVersions]:
+        return self.registry.models
 
     @property
     def ready(self) -> bool:
-        """What health "" says: the default model serves (with no default model, any one)."""
-        default = self.default_model
-        if default:
-            server = self.models.get(default)
-            return server is not None and server.serving
-        return any(m.serving for m in self.models.values())
+        return self.registry.ready
 
-    # Compatibility with one-model callers (tests, embedding): the default model's parts.
-    @property
-    def plane(self) -> DataPlane:
-        return self.model("").plane
-
-    @property
-    def source(self) -> ModelSource:
-        return self.model("").source
-
-    @source.setter
-    def source(self, source: ModelSource) -> None:
-        server = self.model("")
-        server.source = source
-        server.source.rules = server.policy.rules
-
-    async def _update_health(self) -> None:
-        """Health "" and DigitService from the models' state; ModelUpdates NOT_SERVING while any
-        model has a newer version refused or its served version gone. A model whose loaded
-        model has another name (a loader's) is known by that name from then on."""
-        if self.static:
-            for name, server in list(self.models.items()):
-                if server.name != name:
-                    del self.models[name]
-                    self.models[server.name] = server
-        status = SERVING if self.ready else NOT_SERVING
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, status)
-        if any(m.serving for m in self.models.values()):
-            stale = any(m.stale for m in self.models.values())
-            await self.health.set(MODEL_UPDATES_SERVICE, NOT_SERVING if stale else SERVING)
-        if status == SERVING:
-            self._serving.set()
-
-    # --- the repository and the config file -----------------------------------------------------
-
-    def _config_stamp(self) -> tuple[int, int] | None:
-        assert self.settings.model_config is not None
-        try:
-            stat = self.settings.model_config.stat()
-        except OSError:
-            return None
-        return stat.st_mtime_ns, stat.st_size
-
-    async def _check_config(self) -> bool:
-        """Reads the model config file again if it changed; True when a new config is in force.
-        A config that cannot be used keeps the previous one (logged once, counted, and reported
-        by ListModels)."""
-        path = self.settings.model_config
-        if path is None or self.config_metrics is None:
-            return False
-        stamp = await self.reads.run("list config", f"looking at {path}", self._config_stamp)
-        if stamp == self._config_seen:
-            return False
-        self._config_seen = stamp
-        rules = GateRules(self.settings.min_check_accuracy, self.settings.max_regression)
-        try:
-            # Only once it holds still: a file rewritten in place is half-written for a moment.
-            config, self._config_seen = await self.reads.run(
-                "load config", f"reading {path}", partial(read_settled, path, rules))
-        except ModelConfigError as error:
-            if str(error) != self.config_error:
-                logger.error("model config not applied, the previous one stays in force: %s", error)
-            self.config_error = str(error)
-            self.config_metrics.on_error()
-            return False
-        self.config_error = ""
-        self.config_metrics.on_applied()
-        if config == self.config:
-            return False
-        self.config = config
-        logger.info("model config %s applied: %s", path, ", ".join(sorted(config.models or ())) or
-                    "every model in the repository")
-        for name, server in list(self.models.items()):
-            if config.serves(name):
-                await server.apply(config.policy_of(name))
-        return True
-
-    async def _discover(self) -> None:
-        """Adds the models the config names or the repository holds that are not served yet,
-        and removes those no longer named (at once) or whose directory has been gone for
-        --removed-version-grace (after their in-flight calls)."""
-        if self.static:
-            return
-        names = set(self._configured())
-        if self.config.models is None:
-            root = self.settings.model_repo
-            found = await self.reads.run("list models", f"listing the models in {root}",
-                                         self.repository.model_dirs)
-            # A directory without a version costs this one listing per look and nothing else: no
-            # ModelServer (batcher, watch, health services, metrics series) until a version
-            # appears in it. One served already stays while its directory is there.
-            names.update(n for n, published in found.items() if published or n in self.models)
-            self.unpublished = sum(1 for n, published in found.items() if not published and n not in names)
-        now = time.monotonic()
-        grace = self.settings.removed_version_grace
-        for name in sorted(names - set(self.models)):
-            logger.info("model %s found in %s: serving it once a version passes the gate",
-                        name, self.settings.model_repo)
-            server = self._add(name)
-            if self._loading:
-                self._start_model(server)
-        for name in sorted(set(self.models) - names):
-            if self.config.models is None and name not in self.removed:
-                self.removed[name] = now
-                logger.warning("model %s is gone from %s; it is served for up to %gs more, then "
-                               "removed", name, self.settings.model_repo,
-                               self.settings.removed_version_grace)
-            if self.config.models is not None or now - self.removed[name] >= grace:
-                await self._remove(name)
-        for name in [n for n in self.removed if n in names]:
-            del self.removed[name]
-            logger.info("model %s is back in %s", name, self.settings.model_repo)
-        await self._update_health()
-
-    async def _remove(self, name: str) -> None:
-        server = self.models.pop(name)
-        self.removed.pop(name, None)
-        logger.warning("model %s is no longer served (%s); its calls in flight finish first", name,
-                       "not in the model config" if self.config.models is not None
-                       else "its directory is gone")
-        await self.health.set(MODEL_SERVICE.format(name), NOT_SERVING)
-        await server.close(self.settings.grace_period)
+    async def check_repository(self) -> None:
+        """Before listening: what the repository must hold (discovery.check_repository)."""
+        if not self.registry.static:
+            await check_repository(self.settings, self.reads, self.registry.config)
 
     async def refresh(self) -> None:
-        """One look at the config file and the repository's models (the App's watch, SIGHUP)."""
-        await self._check_config()
-        await self._discover()
+        """One look at the config file and the repository's models (the watch, SIGHUP)."""
+        if self.config_watcher is not None:
+            await self.config_watcher.look()
+        await self.discovery.look()
 
     async def reload_once(self) -> bool:
         """refresh(), then one look at each model's versions; True if a served version changed."""
         await self.refresh()
-        changed = False
-        for server in list(self.models.values()):
-            changed |= await server.reload_once()
-        return changed
+        return await self.registry.reload_once()
 
     def _start_watch(self) -> None:
-        watched = self.settings.model_config is not None or (self.config.models is None and not self.static)
-        if self._watch_task is None and watched:
-            self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="watch")
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reload_interval or WAIT_INTERVAL)
-            try:
-                await self.refresh()
-            except RepositoryTimeoutError:
-                pass  # logged and counted where it timed out; the next look tries again
-            except Exception:  # a listing error must not end the watch
-                logger.exception("watching %s failed; trying again", self.settings.model_repo)
-
-    async def check_repository(self) -> None:
-        """Before listening: what the repository must hold (check_repository)."""
-        if not self.static:
-            await check_repository(self.settings, self.reads, self.config)
+        config = self.registry.config
+        if self._watch_task is None and (self.config_watcher is not None or (
+                config.models is None and not self.registry.static)):
+            self._watch_task = asyncio.get_running_loop().create_task(watch(
+                lambda: self.settings.reload_interval or WAIT_INTERVAL, self.refresh,
+                self.settings.model_repo), name="watch")
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port."""
-        await self._update_health()
-        for server in self.models.values():
-            if not self.static:  # a loader's model is known by its own name once loaded
-                await server.set_health()
+        for model in list(self.registry.models.values()):
+            if not self.registry.static:  # a loader's model is known by its own name once loaded
+                await self.registry.changed(model)
+        await self.registry.changed()
         host = self.settings.host
         if self.settings.metrics_port >= 0:
             try:
@@ -512,7 +304,8 @@ class App:
             scheme = "https" if self.http.ssl is not None else "http"
             logger.info("HTTP/JSON (Open Inference Protocol REST) on %s://%s:%d/v2", scheme, host,
                         self.http_port)
-        served = ", ".join(sorted(self.models)) if self.static or self.config.models is not None \
+        served = ", ".join(sorted(self.models)) \
+            if self.registry.static or self.registry.config.models is not None \
             else f"every model in {self.settings.model_repo}"
         logger.info("listening on %s:%d (model %s; %s)", self.settings.host, self.port, served,
                     self.security.description)
@@ -522,45 +315,27 @@ class App:
         """Serves every model (each its newest version that passes the checks), then starts the
         watches; returns the default model's version (or the first model's). RepositoryError
         when a model has no servable version."""
-        await self._discover()
+        await self.discovery.look()
         if not self.models:
             error = repository_error(self.settings.model_repo)
             raise error if error is not None else ModelNotFoundError("no model to serve")
         for name in sorted(self.models):
             await self.models[name].load()
-        self._loading = True  # models found from now on start loading at once
+        self.registry.starting = True  # models found from now on start loading at once
         self._start_watch()
-        await self._update_health()
-        served = self.models.get(self.default_model) or self.models[min(self.models)]
-        assert served.model is not None
-        return served.model
-
-    def _start_model(self, server: ModelServer) -> None:
-        task = asyncio.get_running_loop().create_task(
-            server.load_or_wait(self.settings.exit_if_no_model), name=f"load {server.name}")
-        self._model_tasks.add(task)
-
-        def done(task: asyncio.Task[Model]) -> None:
-            self._model_tasks.discard(task)
-            if task.cancelled():
-                return
-            error = task.exception()
-            if error is None:
-                return
-            server.failed = error
-            if self._fatal is not None and not self._fatal.done():
-                self._fatal.set_exception(error)
-            else:
-                logger.error("cannot serve model %s: %s", server.name, error)
-        task.add_done_callback(done)
+        await self.registry.changed()
+        served = self.models.get(self.registry.default_model) or self.models[min(self.models)]
+        assert served.served is not None
+        return served.served
 
     async def load_or_wait(self) -> None:
         """Starts every model (each serves its first version or waits for one), then returns
         once health "" is SERVING. A model whose first load fails (a hung read; with
         --exit-if-no-model, no servable version) fails it."""
-        self._fatal = asyncio.get_running_loop().create_future()
+        registry = self.registry
+        fatal = registry.fatal = asyncio.get_running_loop().create_future()
         try:
-            await self._discover()  # what it finds is started below, once
+            await self.discovery.look()  # what it finds is started below, once
         except RepositoryTimeoutError:
             raise
         except RepositoryError as error:
@@ -568,23 +343,23 @@ class App:
         if not self.models:
             root = self.settings.model_repo
             why = await self.reads.run("list", f"listing {root}", partial(repository_error, root))
-            unpublished = (f"{self.unpublished} model directories, none with a version yet"
-                           if self.unpublished else "no model directory yet")
+            unpublished = self.discovery.unpublished
             logger.warning(
                 "waiting for a model in %s (health NOT_SERVING; looking every %gs and at SIGHUP; "
                 "--exit-if-no-model exits instead): %s", root,
-                self.settings.reload_interval or WAIT_INTERVAL, why or unpublished)
-        for server in list(self.models.values()):
-            self._start_model(server)
-        self._loading = True  # models found from now on start loading at once
+                self.settings.reload_interval or WAIT_INTERVAL, why or (
+                    f"{unpublished} model directories, none with a version yet" if unpublished
+                    else "no model directory yet"))
+        for model in list(self.models.values()):
+            registry.start(model)
+        registry.starting = True  # models found from now on start loading at once
         self._start_watch()
-        serving = asyncio.ensure_future(self._serving.wait())
-        waiters: set[asyncio.Future[Any]] = {serving, self._fatal}
+        serving = asyncio.ensure_future(registry.became_ready.wait())
         try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({serving, fatal}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             serving.cancel()
-        fatal, self._fatal = self._fatal, None
+        registry.fatal = None
         if fatal.done():
             fatal.result()  # raises the first load's error
         else:
@@ -596,8 +371,6 @@ class App:
         self.draining = True
         if self._watch_task is not None:
             self._watch_task.cancel()
-        for task in list(self._model_tasks):
-            task.cancel()
         await self.health.enter_graceful_shutdown()
         started = time.perf_counter()
         stop_grpc = self.drain.run(partial(self.server.stop, grace), gather=grace > 0)
@@ -605,8 +378,7 @@ class App:
             await asyncio.gather(stop_grpc, self.http.drain(grace))
         else:
             await stop_grpc
-        for server in list(self.models.values()):
-            await server.close()
+        await self.registry.close()
         self.pictures.close()
         await self.telemetry.close()
         access_log.flush()
@@ -630,35 +402,33 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     try:
         app = App(settings, reuse_port=reuse_port, freeze_gc=True,
                   worker_index=0 if worker is None else worker.index)
-    except SecurityConfigError as error:
+    except (SecurityConfigError, ModelConfigError) as error:  # TLS or token files; the model config
         logger.error("cannot start: %s", error)
-        return 1
-    except ModelConfigError as error:  # the model config file cannot be read or used
-        logger.error("cannot start: %s", error)
-        return EXIT_USAGE
+        return 1 if isinstance(error, SecurityConfigError) else EXIT_USAGE
     # Before listening: the repository holds something to serve (one line saying what is missing
     # and what is there instead, exit 2), read in a thread with the repository timeout.
+    code: int | None = None
     try:
         await app.check_repository()
     except RepositoryTimeoutError as error:  # a hung volume: logged where it timed out
         logger.error("cannot load model %s: %s", ", ".join(app.models) or "(any)", error)
-        await app.stop(0)
-        return 1
+        code = 1
     except NothingPublishedError as error:  # a repository to publish into: wait, unless told not to
         if settings.exit_if_no_model:
             logger.error("cannot start: %s", error)
-            await app.stop(0)
-            return EXIT_USAGE
+            code = EXIT_USAGE
     except RepositoryError as error:  # ModelNotFoundError, an invalid model name
         logger.error("cannot start: %s", error)
+        code = EXIT_USAGE
+    if code is None:
+        try:
+            await app.start()
+        except ListenError as error:  # a port taken: one line naming its flag
+            logger.error("cannot start: %s", error)
+            code = EXIT_USAGE
+    if code is not None:
         await app.stop(0)
-        return EXIT_USAGE
-    try:
-        await app.start()
-    except ListenError as error:  # a port taken: one line naming its flag
-        logger.error("cannot start: %s", error)
-        await app.stop(0)
-        return EXIT_USAGE
+        return code
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task[None]] = set()
@@ -727,9 +497,9 @@ async def _reload_now(app: App) -> None:
                          app.settings.model_repo)
         return
     if not changed:
-        served = ", ".join(f"{m.name} version {m.model.spec.version}" if len(app.models) > 1
-                           else f"version {m.model.spec.version}"
-                           for m in app.models.values() if m.model is not None)
+        served = ", ".join(f"{m.name} version {m.served.spec.version}" if len(app.models) > 1
+                           else f"version {m.served.spec.version}"
+                           for m in app.models.values() if m.served is not None)
         logger.info("SIGHUP reload: still serving %s", served or "nothing")
 
 

@@ -1,15 +1,13 @@
-"""The transport-neutral core: validates numpy inputs, picks the model, runs it and computes
-metrics. Knows nothing of protobuf or gRPC."""
+"""The transport-neutral core: validates numpy inputs, runs the model version the registry picked
+and computes metrics. Knows nothing of protobuf or gRPC."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from types import MappingProxyType
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,7 +16,7 @@ import numpy.typing as npt
 from digitserve.inference import Model, runs_inline
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.server.batcher import Batcher
-from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
+from digitserve.server.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -58,43 +56,24 @@ INLINE_BUDGET_S = 0.001
 until its measured call fits in it."""
 
 
-CANARY = "canary"
-STABLE = "stable"
-
-
 class DataPlane:
-    """Holds one model's loaded versions and runs them one model call at a time: Predict calls
-    through the dynamic batcher, Evaluate messages through the same queue, each alone. Only small
-    calls on a model that runs inline are computed on the event loop (see inline_limit); the rest
-    on the model thread.
-
-    Which version answers: a pinned version, or a label's (``set_labels``: label -> loaded
-    version); else the default version (the ``stable`` label's when set, else the served one:
-    newest past the gate, or pinned), except that a ``canary_weight`` fraction of those unpinned
-    calls go to the ``canary`` label's version, drawn at random per call."""
+    """Runs one model's versions, as the registry hands them over, one model call at a time:
+    Predict calls through the dynamic batcher, Evaluate messages through the same queue, each
+    alone. Only small calls on a model that runs inline are computed on the event loop (see
+    inline_limit); the rest on the model thread. Which version answers is the registry's choice."""
 
     def __init__(
         self,
         max_images_per_request: int,
         *,
-        name: str = "",
         max_batch_size: int = 256,
         max_queue_delay: float = 0.0,
         max_queued_images: int = 8192,
         inline_max_images: int = 64,
-        keep_versions: int = 2,
         observer: PlaneObserver | None = None,
     ) -> None:
         self.max_images_per_request = max_images_per_request
-        self.name = name  # the model's, for messages before a version is loaded
-        self.keep_versions = keep_versions
         self.inline_max_images = inline_max_images
-        self._model: Model | None = None
-        self._loaded: dict[int, Model] = {}
-        self._refused: dict[int, str] = {}  # version -> why the gate refused it
-        self._labels: dict[str, int] = {}  # version labels in force (their versions are loaded)
-        self._canary_weight = 0.0
-        self._random = random.Random()
         self.in_use = 0  # calls holding one of this plane's versions (Predict, Evaluate streams)
         self._observer = observer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -107,130 +86,11 @@ class DataPlane:
             on_answers=None if observer is None else observer.on_predictions,
         )
 
-    @property
-    def model(self) -> Model | None:
-        return self._model
-
-    @property
-    def refused(self) -> Mapping[int, str]:
-        """Versions refused by the gate and why (a read-only view: refuse() and forgive() change
-        it)."""
-        return MappingProxyType(self._refused)
-
-    def refuse(self, version: int, reason: str) -> None:
-        """Records that ``version`` was refused and why: a request pinning it is told the reason,
-        GetModelInfo lists it."""
-        self._refused[version] = reason
-
-    def forgive(self, version: int) -> None:
-        """Forgets a refusal (the version now serves, or its files are gone)."""
-        self._refused.pop(version, None)
-
-    @property
-    def loaded_versions(self) -> list[int]:
-        """Versions that answer pinned requests, newest first."""
-        return sorted(self._loaded, reverse=True)
-
-    @property
-    def labels(self) -> Mapping[str, int]:
-        """Version labels in force: label -> version (read-only: set_labels changes them)."""
-        return MappingProxyType(self._labels)
-
-    @property
-    def canary_weight(self) -> float:
-        return self._canary_weight if CANARY in self._labels else 0.0
-
-    @property
-    def default_version(self) -> int:
-        """The version unpinned calls get (canary aside); 0 while nothing serves."""
-        if STABLE in self._labels:
-            return self._labels[STABLE]
-        return 0 if self._model is None else self._model.spec.version
-
-    def add_version(self, model: Model) -> None:
-        """Loads ``model`` for pinned and labelled requests without serving it to unpinned ones
-        (a version a label is about to name)."""
+    def prepare(self, model: Model) -> None:
+        """Readies a version the registry loaded: its inline limit, its metrics series."""
         self.batcher.set_inline_limit(model, self.inline_limit(model))
-        self._loaded[model.spec.version] = model
         if self._observer is not None:
             self._observer.on_model(model)
-
-    def set_labels(self, labels: Mapping[str, int], canary_weight: float) -> None:
-        """Puts version labels in force, all at once (every version named must be loaded:
-        add_version); ``canary_weight``: the fraction of unpinned calls the ``canary`` label's
-        version answers. Versions neither labelled nor among the newest ``keep_versions`` are
-        unloaded."""
-        missing = sorted(v for v in labels.values() if v not in self._loaded)
-        if missing:
-            raise ValueError(f"versions {missing} are not loaded; add_version them first")
-        self._labels = dict(labels)
-        self._canary_weight = canary_weight
-        self._evict()
-
-    def _evict(self) -> None:
-        keep = set(self.loaded_versions[: self.keep_versions]) | set(self._labels.values())
-        if self._model is not None:
-            keep.add(self._model.spec.version)
-        for version in [v for v in self._loaded if v not in keep]:
-            del self._loaded[version]
-
-    def set_model(self, model: Model) -> None:
-        """Serves ``model`` from now on (one assignment: calls already holding the previous model
-        finish on it); the newest ``keep_versions`` and the labelled versions stay loaded for
-        pinned and labelled requests."""
-        self.batcher.set_inline_limit(model, self.inline_limit(model))
-        self._loaded[model.spec.version] = model
-        self._model = model
-        self._evict()
-        if self._observer is not None:
-            self._observer.on_model(model)
-
-    def unload(self, version: int) -> None:
-        """Forgets a loaded version that is not the served one (its files are gone): pinned
-        requests for it are answered NOT_FOUND from now on."""
-        if self._model is not None and self._model.spec.version == version:
-            raise ValueError(f"version {version} is the served one; serve another first")
-        if version in self._labels.values():
-            self._labels = {k: v for k, v in self._labels.items() if v != version}
-        self._loaded.pop(version, None)
-
-    def resolve(self, version: int, label: str = "", *, split: bool = False) -> Model:
-        """The model that answers a request pinning ``version`` or naming ``label`` (neither: the
-        default version; with ``split``, as for a Predict call, the canary for a
-        ``canary_weight`` fraction of calls)."""
-        model = self._model
-        if model is None:
-            raise ModelNotReadyError("no model is loaded yet; retry when health reports SERVING")
-        if label:
-            if version:
-                raise InvalidInputError(
-                    "version_label", f"{label!r} and model_version {version} both name a version; "
-                    "set one of them")
-            labelled = self._labels.get(label)
-            if labelled is None:
-                known = ", ".join(f"{k} -> {v}" for k, v in sorted(self._labels.items())) or "none"
-                raise NotServedError(
-                    f"model {model.spec.name!r} has no version label {label!r} (labels: {known})")
-            return self._loaded[labelled]
-        if version == 0:
-            if self._labels:
-                canary = self._labels.get(CANARY)
-                if split and canary is not None and self._canary_weight > 0 \
-                        and self._random.random() < self._canary_weight:
-                    return self._loaded[canary]
-                stable = self._labels.get(STABLE)
-                if stable is not None:
-                    return self._loaded[stable]
-            return model
-        pinned = self._loaded.get(version)
-        if pinned is None:
-            loaded = ", ".join(str(v) for v in self.loaded_versions)
-            reason = f"; it was refused: {self._refused[version]}" if version in self._refused else ""
-            raise NotServedError(
-                f"model {model.spec.name!r} version {version} is not served "
-                f"(serving version {model.spec.version}; loaded: {loaded}){reason}"
-            )
-        return pinned
 
     def inline_limit(self, model: Model) -> int:
         """The most images of one call of ``model`` computed on the event loop: 0 for a model
@@ -300,11 +160,23 @@ class DataPlane:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+class Versions(Protocol):
+    """What an Evaluate stream asks of the registry about its model (registry.ModelVersions)."""
+
+    plane: DataPlane
+
+    @property
+    def labels(self) -> Mapping[str, int]: ...
+
+    def resolve(self, version: int = 0, label: str = "", *, split: bool = False) -> Model: ...
+
+
 class Evaluation:
     """One Evaluate call: batches accumulate into metrics against one model version."""
 
-    def __init__(self, plane: DataPlane) -> None:
-        self.plane = self._plane = plane
+    def __init__(self, versions: Versions) -> None:
+        self._versions = versions
+        self.plane = self._plane = versions.plane
         self._model: Model | None = None
         self._accumulator: MetricsAccumulator | None = None
         self._holding = False
@@ -318,11 +190,11 @@ class Evaluation:
     def model_for(self, version: int, label: str = "") -> Model:
         """The model of this evaluation; every batch must agree with the first on the version."""
         if self._model is None:
-            self._model = self._plane.resolve(version, label)
+            self._model = self._versions.resolve(version, label)
             self._accumulator = MetricsAccumulator(list(self._model.spec.labels))
             self._plane.in_use += 1
             self._holding = True
-        elif label and self._plane.labels.get(label) != self._model.spec.version:
+        elif label and self._versions.labels.get(label) != self._model.spec.version:
             raise InvalidInputError(
                 "version_label",
                 f"{label!r} does not name version {self._model.spec.version}, "

@@ -1,10 +1,7 @@
-"""The threads that decode pictures (``Image.encoded``, V2 BYTES inputs) off the event loop, and
-the limits a request's pictures must keep. Knows nothing of protobuf: ``server.pixels`` reads the
-pictures out of the messages and decodes them (``digitserve.pictures``) in the work it hands here.
-
-Measured (``python -m bench.photoset cost``, docs/interoperability.md): a 200–640 px photo costs
-milliseconds of CPU to decode and preprocess; the event loop's rule is that only work of about a
-millisecond or less runs on it (ARCHITECTURE.md), so pictures never do."""
+"""The threads that decode pictures (``Image.encoded``, V2 BYTES inputs) off the event loop, and the
+limits a request's pictures keep. Measured (``python -m bench.photoset cost``,
+docs/interoperability.md): a 200–640 px photo costs milliseconds of CPU, over the event loop's
+rule of about a millisecond (ARCHITECTURE.md), so pictures never run on it."""
 
 from __future__ import annotations
 
@@ -25,9 +22,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class PictureLimits:
-    """What one request's pictures may be: how many, bytes per picture and per request (checked
-    before any is decoded), pixels and decoded bytes per picture (checked from its header, before
-    it is decoded: each decoding thread holds about ``max_decoded_bytes`` at most)."""
+    """What one request's pictures may be: how many, bytes per picture and per request, pixels and
+    decoded bytes per picture (from its header: a decoding thread holds ``max_decoded_bytes``)."""
 
     max_bytes: int = pictures.MAX_BYTES
     max_request_bytes: int = 16 * 1024 * 1024
@@ -37,30 +33,24 @@ class PictureLimits:
 
 
 class PictureDecoder:
-    """Decodes pictures on ``threads`` threads of its own, shared by every model of the server, so
-    the event loop never does (a 640×480 JPEG costs milliseconds; the loop's rule is microseconds).
-    At most ``limits.max_pictures`` pictures wait or are being decoded (a request may hold as many);
-    a call that would exceed that is refused at once (OverloadedError) before anything of it is
-    decoded. Only ``threads`` pictures are decoded at once, so the decoded pictures hold about
-    ``threads`` × ``limits.max_decoded_bytes`` at most; those waiting hold their encoded bytes."""
+    """Decodes pictures on ``threads`` threads of its own, shared by every model. At most
+    ``limits.max_pictures`` wait or are being decoded; a call beyond is refused at once
+    (OverloadedError). Decoded pictures hold about ``threads`` × ``max_decoded_bytes`` at most."""
 
     def __init__(self, threads: int = 2, limits: PictureLimits | None = None) -> None:
         self.limits = limits or PictureLimits()
-        self.max_queued = self.limits.max_pictures
-        self.queued = 0
+        self.max_queued, self.queued = self.limits.max_pictures, 0
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pictures")
 
     def admit(self, count: int) -> None:
         """OverloadedError when ``count`` more pictures would not fit."""
         if self.queued + count > self.max_queued:
-            raise OverloadedError(
-                f"server overloaded: {self.queued} pictures are waiting to be decoded, limit "
-                f"{self.max_queued}; retry with backoff")
+            raise OverloadedError(f"server overloaded: {self.queued} pictures are waiting to be decoded, "
+                                  f"limit {self.max_queued}; retry with backoff")
 
     async def run(self, count: int, work: Callable[[], T]) -> T:
-        """``work()`` (decoding ``count`` pictures) on the decoder's threads, admitted first. The
-        pictures count as queued until the work has finished on its thread, even when the caller
-        went away before (its deadline stops the work between pictures)."""
+        """``work()`` (decoding ``count`` pictures) on the decoder's threads, admitted first; they
+        count as queued until it finished, even when the caller went away before."""
         self.admit(count)
         self.queued += count
         loop = asyncio.get_running_loop()

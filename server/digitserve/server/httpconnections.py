@@ -41,11 +41,11 @@ class Connection(RequestHandler):
     """One HTTP connection: aiohttp's protocol, plus what the edge needs to know of it: its peer,
     whether a request is being answered (``busy``) or arriving, and since when it is idle."""
 
-    def __init__(self, manager: web.Server, table: ConnectionTable, loop: asyncio.AbstractEventLoop,
-                 read_timeout: float, on_slow: Callable[[Connection], None], **kwargs: Any) -> None:
-        super().__init__(manager, loop=loop, **kwargs)
+    def __init__(self, manager: web.Server, table: ConnectionTable, read_timeout: float,
+                 on_slow: Callable[[Connection], None], **kwargs: Any) -> None:
+        self.event_loop = asyncio.get_running_loop()
+        super().__init__(manager, loop=self.event_loop, **kwargs)
         self.table = table
-        self.event_loop = loop
         self.read_timeout = read_timeout
         self.on_slow = on_slow
         self.busy = False
@@ -92,42 +92,6 @@ class Connection(RequestHandler):
     def end(self) -> None:
         self.busy = False
         self.idle_since = time.monotonic()
-
-
-class Refused(asyncio.Protocol):
-    """A connection that may not be served: answered ``response`` (a 503), its write side closed,
-    what it sends read and dropped until it closes or REFUSAL_LINGER passes, then closed. Closing
-    at once, with the client's request unread, makes the kernel send a reset that can reach the
-    client before it reads the 503."""
-
-    def __init__(self, response: bytes, table: ConnectionTable) -> None:
-        self.response = response
-        self.table = table
-        self.transport: asyncio.Transport | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(self.response)
-        if self.table.lingering >= MAX_LINGERING or not transport.can_write_eof():
-            transport.close()
-            return
-        transport.write_eof()
-        self.table.lingering += 1
-        self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass  # the request that will not be answered: dropped
-
-    def eof_received(self) -> bool:
-        return False  # the client read the answer and closed: close our side too
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-            self.table.lingering -= 1
 
 
 def refusal(message: str) -> bytes:
@@ -210,19 +174,40 @@ class ConnectionTable:
 
 class Gate(asyncio.Protocol):
     """What a new connection first meets: once its peer is known, the table admits it (then
-    ``make`` builds its Connection, which takes the transport over) or it is Refused."""
+    ``make`` builds its Connection, which takes the transport over) or it is refused: answered a
+    503, its write side closed, what it sends read and dropped until it closes or REFUSAL_LINGER
+    passes (closing at once, its request unread, makes the kernel send a reset that can reach the
+    client before it reads the 503)."""
 
     def __init__(self, table: ConnectionTable, make: Callable[[], Connection]) -> None:
         self.table = table
         self.make = make
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        host, _ = peer_of(transport)
-        answer = self.table.admit(host)
-        protocol: asyncio.Protocol = Refused(answer, self.table) if answer is not None else self.make()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+        answer = self.table.admit(peer_of(transport)[0])
+        if answer is None:
+            protocol = self.make()
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            return
+        transport.write(answer)
+        if self.table.lingering >= MAX_LINGERING or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self.table.lingering += 1
+        self.timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.close)
 
-    def data_received(self, data: bytes) -> None:  # never called: the transport was handed over
-        raise AssertionError("data for a connection not handed over")
+    def data_received(self, data: bytes) -> None:
+        pass  # the request of a refused connection, which will not be answered: dropped
+
+    def eof_received(self) -> bool:
+        return False  # the client read the answer and closed: close our side too
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.table.lingering -= 1

@@ -1,15 +1,15 @@
-"""The HTTP listener of ``--http-port``: aiohttp's low-level server on the event loop grpc.aio runs
-on, serving the REST routes (server.rest) with what every gRPC call gets from server.calls — a
-request id, the bearer-token check (health and /metrics open, as gRPC health is), metrics and an
-access line — and the limits that keep it from being the easy way to take the server down: a
-bounded number of connections, in all and from one address (server.httpconnections: idle ones
-closed to make room, then 503), a deadline for a request's headers and for its body, the largest
-header line and header block (--max-metadata-bytes), the largest body (--max-message-bytes; gzip
-and deflate bodies are inflated no further than that, on a thread), idle keep-alive connections
-closed after --max-connection-idle, malformed HTTP answered in JSON and a body the client
-abandoned counted as 499, both without a traceback in the log. It drains with the server:
-readiness answers 503 and every answer says ``Connection: close`` from the first moment,
-requests in flight finish within the grace period.
+"""The HTTP listener of ``--http-port``: an aiohttp ``web.Application`` on the event loop grpc.aio
+runs on. Its router holds server.rest's routes; aiohttp inflates gzip and deflate bodies (no
+further than --max-message-bytes), answers ``Expect: 100-continue`` and bounds a header line and
+the number of headers. One middleware gives each request what server.calls gives a gRPC call (a
+request id, the bearer-token check with health and /metrics open, metrics, an access line), its
+errors in JSON, and the limits on its header block and declared body; an abandoned body is a 499.
+
+Hand-made where aiohttp has no equivalent: the listener (``loop.create_server``: ``TCPSite`` takes
+no protocol factory) whose connections pass server.httpconnections' gate; malformed HTTP answered
+in JSON without a traceback (``handle_error``, which no middleware sees); the drain, which answers
+``Connection: close`` from its first moment and takes the clients already in the listen backlog
+(``TCPSite.stop`` resets them).
 
 Why aiohttp (python -m bench.http_stacks, figures in docs/interoperability.md): its server is made
 to run on an event loop someone else owns and its protocol can be extended for the limits; it cost
@@ -21,16 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import ssl
 import time
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, LineTooLong
+from aiohttp.typedefs import Handler
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -40,10 +41,10 @@ from prometheus_client import (
     generate_latest,
 )
 
+from digitserve.server import rest
 from digitserve.server.errors import ServerError
 from digitserve.server.httpconnections import MIN_IDLE, Connection, ConnectionTable, Gate
 from digitserve.server.logs import access_log, current_request_id
-from digitserve.server.rest import JSON, NoRoute, Reply, RestApi, Route, error_reply, match
 from digitserve.server.security import TokenAuth
 from digitserve.server.settings import Settings
 from digitserve.server.status import HTTP_INTERNAL, INTERNAL_MESSAGE, http_status
@@ -51,37 +52,17 @@ from digitserve.server.telemetry import CALL_BUCKETS, REQUEST_ID_KEY, Telemetry,
 
 logger = logging.getLogger(__name__)
 
-# An idle-connection limit of 0 means "never": aiohttp's timer then gets a year.
-_NEVER = 365 * 86400.0
-_ENCODINGS = {"gzip", "deflate", "x-gzip"}
+_NEVER = 365 * 86400.0  # an idle-connection limit of 0 means "never": aiohttp's timer gets a year
+UNMATCHED = "(unmatched)"  # the route label of a request no route matched
+MAX_HEADERS = 64  # headers in a request, at most
 # Methods counted under their own name in metrics; any other is "other" (labels stay bounded).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-# A request whose client closed the connection before its body was in: counted with nginx's
-# "client closed request" status, which no answer carries (the client is gone).
+# A request whose client closed the connection before its body was in: nginx's "client closed
+# request", counted, never sent (the client is gone).
 CLIENT_CLOSED = 499
 # Once the requests in flight are answered, how long a drain waits for keep-alive connections to
 # close after their Connection: close answer before it closes the idle ones (within the grace).
 DRAIN_IDLE = 1.0
-
-
-class ClientAborted(Exception):
-    """The client closed its connection before its request's body was all in (``received``
-    bytes of it came): nothing to answer, nobody to answer; counted as CLIENT_CLOSED."""
-
-    def __init__(self, received: int) -> None:
-        super().__init__(f"the client closed the connection after {received:,} bytes of its body")
-        self.received = received
-
-
-class HttpError(Exception):
-    """A request refused by the HTTP layer itself (a body too large, too slow, of an encoding not
-    supported, headers too large): its status and message; ``close`` closes the connection (its
-    body was not read)."""
-
-    def __init__(self, status: int, message: str, close: bool = True) -> None:
-        super().__init__(message)
-        self.status = status
-        self.close = close
 
 
 class HttpMetrics:
@@ -116,13 +97,12 @@ class HttpMetrics:
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
-        children = self._children.get(key)
-        if children is None:
-            if len(self._children) > 1024:  # methods are the client's: keep the cache bounded
+        children = self._children.get((method, route, status))
+        if children is None:  # labels() costs a dozen calls: its children are kept (1,024 at most)
+            if len(self._children) > 1024:
                 self._children.clear()
-            children = self._children[key] = (self.requests.labels(method, route, str(status)),
-                                              self.seconds.labels(method, route))
+            children = self._children[method, route, status] = (
+                self.requests.labels(method, route, str(status)), self.seconds.labels(method, route))
         children[0].inc()
         children[1].observe(seconds)
 
@@ -145,22 +125,33 @@ def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def json_error(status: int, message: str, close: bool = False) -> web.Response:
+    """``{"error": message}`` with ``status``; ``close``: and the connection closed after it."""
+    response = web.Response(body=orjson.dumps({"error": message}) + b"\n", status=status,
+                            content_type=rest.JSON)
+    if close:
+        response.force_close()
+    return response
+
+
 class _EdgeConnection(Connection):
     """A connection of the edge: malformed HTTP answered in JSON (aiohttp's own answer is text,
     and it logs a traceback for each)."""
 
-    def __init__(self, manager: web.Server, edge: HttpEdge, loop: asyncio.AbstractEventLoop,
-                 **kwargs: Any) -> None:
-        super().__init__(manager, edge.connections, loop, edge.read_timeout, edge.too_slow, **kwargs)
+    def __init__(self, manager: web.Server, edge: HttpEdge, **kwargs: Any) -> None:
+        super().__init__(manager, edge.connections, edge.read_timeout, edge.too_slow, **kwargs)
         self.edge = edge
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("the answer was sent already; cannot send an error after it")
-        if isinstance(exc, LineTooLong) or "Too many headers" in str(message or ""):
+        if isinstance(exc, ContentEncodingError):  # one aiohttp cannot inflate: zstd, say
+            found = re.search(r"\((\w+)\)", str(exc))
+            status, text = 415, rest.unsupported(found.group(1) if found else "?").text or ""
+        elif isinstance(exc, LineTooLong) or "Too many headers" in str(message or ""):
             status, text = 431, (f"request headers: a line longer than {self.edge.max_line} bytes or "
-                                 f"more than {self.edge.max_headers} headers (--max-metadata-bytes)")
+                                 f"more than {MAX_HEADERS} headers (--max-metadata-bytes)")
         elif isinstance(exc, BadHttpMessage) or status == 400:
             kind = type(exc).__name__ if exc is not None else "bad request"
             status, text = 400, f"request: not valid HTTP/1.1 ({kind})"
@@ -171,10 +162,7 @@ class _EdgeConnection(Connection):
             text = f"request: {message or 'refused'}"
         logger.debug("HTTP request from %s refused with %d: %s", self.peer, status, text)
         self.edge.observe("-", "(invalid)", status, 0.0, self.peer, "")
-        response = web.Response(body=orjson.dumps({"error": text}) + b"\n", status=status,
-                                content_type=JSON)
-        response.force_close()
-        return response
+        return json_error(status, text, close=True)
 
 
 class HttpEdge:
@@ -183,25 +171,30 @@ class HttpEdge:
     requests in flight (within the grace period) and for the clients to see that, then closes
     every connection."""
 
-    def __init__(self, settings: Settings, api: RestApi, telemetry: Telemetry,
+    def __init__(self, settings: Settings, api: rest.RestApi, telemetry: Telemetry,
                  auth: TokenAuth | None) -> None:
         self.api = api
         self.auth = auth
         self.max_body = settings.max_message_bytes
         self.read_timeout = settings.http_read_timeout
-        self.idle_timeout = settings.max_connection_idle or _NEVER
         self.max_line = settings.max_metadata_bytes
-        self.max_header_bytes = settings.max_metadata_bytes
-        self.max_headers = 64
         self.ssl = http_ssl_context(settings)
         self.in_flight = 0
         self.draining = False
+        self.open_routes = {(r.method, r.label) for r in rest.ROUTES if r.open}
         self.connections = ConnectionTable(
             settings.http_max_connections, settings.http_max_connections_per_peer,
             lambda reason: self.metrics.refused.labels(reason).inc(),
             lambda: self.metrics.reclaimed.inc())
         self.metrics = HttpMetrics(telemetry, lambda: float(len(self.connections.opened)))
-        self._server: web.Server | None = None
+        app = web.Application(middlewares=[self._edge], client_max_size=self.max_body)
+        app[rest.READ_TIMEOUT] = self.read_timeout
+        rest.add_routes(app, api, self._expect)
+        self._runner = web.AppRunner(app)
+        self._protocol: dict[str, Any] = {
+            "keepalive_timeout": settings.max_connection_idle or _NEVER, "access_log": None,
+            "max_line_size": self.max_line, "max_field_size": self.max_line,
+            "max_headers": MAX_HEADERS, "lingering_time": 1.0}
         self._listener: asyncio.AbstractServer | None = None
         self._late: set[asyncio.Task[Any]] = set()  # connections taken from the backlog at the end
 
@@ -214,19 +207,17 @@ class HttpEdge:
                      "(--http-read-timeout)", connection.peer, self.read_timeout)
         self.metrics.refused.labels("slow").inc()
 
-    def _connection(self) -> Connection:
-        assert self._server is not None
-        return _EdgeConnection(
-            self._server, self, asyncio.get_running_loop(), keepalive_timeout=self.idle_timeout,
-            max_line_size=self.max_line, max_field_size=self.max_line, max_headers=self.max_headers,
-            access_log=None, auto_decompress=False, lingering_time=1.0)
+    def _gate(self) -> Gate:
+        """A new connection's protocol: the gate, then an _EdgeConnection of the app's server."""
+        server = self._runner.server
+        assert server is not None
+        return Gate(self.connections, lambda: _EdgeConnection(server, self, **self._protocol))
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listens on host:port (0: a free port); returns the port. OSError if it cannot."""
-        self._server = web.Server(self._handle, handler_cancellation=False)
+        await self._runner.setup()
         self._listener = await asyncio.get_running_loop().create_server(
-            lambda: Gate(self.connections, self._connection), host.strip("[]") or None, port,
-            reuse_port=reuse_port or None, ssl=self.ssl,
+            self._gate, host.strip("[]") or None, port, reuse_port=reuse_port or None, ssl=self.ssl,
             ssl_handshake_timeout=self.read_timeout if self.ssl else None, backlog=1024)
         sockets = self._listener.sockets
         return int(sockets[0].getsockname()[1]) if sockets else port
@@ -260,8 +251,9 @@ class HttpEdge:
             c.idle and time.monotonic() - c.idle_since >= MIN_IDLE for c in self.connections.opened))
         for connection in self.connections.idle_ones():
             connection.force_close()
-        if self._server is not None:
-            await self._server.shutdown(max(0.0, until - loop.time()))
+        if self._runner.server is not None:
+            await self._runner.server.shutdown(max(0.0, until - loop.time()))
+            await self._runner.cleanup()
         self._listener = None
 
     def _stop_listening(self) -> None:
@@ -269,11 +261,9 @@ class HttpEdge:
         it (clients that sent a request into the backlog): those are taken first, from a copy of
         the socket that keeps it listening until the last one is out, and served as any other
         (a 503 and Connection: close, while draining)."""
-        if self._listener is None:
+        if not isinstance(self._listener, asyncio.Server):
             return
-        listener = self._listener
-        assert isinstance(listener, asyncio.Server)
-        copies = [socket.socket(fileno=os.dup(s.fileno())) for s in listener.sockets]
+        copies = [socket.socket(fileno=os.dup(s.fileno())) for s in self._listener.sockets]
         self._listener.close()
         loop = asyncio.get_running_loop()
         for copy in copies:
@@ -285,7 +275,7 @@ class HttpEdge:
                     except OSError:  # BlockingIOError: none left
                         break
                     task = loop.create_task(loop.connect_accepted_socket(
-                        lambda: Gate(self.connections, self._connection), accepted, ssl=self.ssl,
+                        self._gate, accepted, ssl=self.ssl,
                         ssl_handshake_timeout=self.read_timeout if self.ssl else None))
                     self._late.add(task)
                     task.add_done_callback(self._late.discard)
@@ -301,78 +291,74 @@ class HttpEdge:
             access_log.write(f"{method} {target or route}", str(status), round(seconds * 1000, 3),
                              peer, request_id)
 
-    async def _body(self, request: web.BaseRequest) -> bytes:
-        """The request's body, read within --http-read-timeout, at most --max-message-bytes
-        (inflated, for gzip and deflate, on a thread: zlib lets the event loop run meanwhile).
-        ClientAborted if the client closes the connection before it is all in."""
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in _ENCODINGS | {"identity", ""}:
-            raise HttpError(415, f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
-                            "as is, or gzip or deflate it")
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            if request.headers.get("Expect", "").lower() == "100-continue":
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                request.writer.output_size = 0
-            async with asyncio.timeout(self.read_timeout):
-                while chunk := await request.content.readany():
-                    size += len(chunk)
-                    if size > self.max_body and encoding in ("identity", ""):
-                        raise HttpError(413, self._too_large(f"more than {self.max_body:,}"))
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise HttpError(408, f"request body: not received within {self.read_timeout:g}s "
-                            f"(--http-read-timeout; {size:,} bytes came)") from None
-        except ConnectionError:
-            raise ClientAborted(size) from None
-        data = b"".join(chunks)
-        if encoding in _ENCODINGS:
-            data = await asyncio.to_thread(self._inflate, data, encoding)
-        return data
-
-    def _inflate(self, data: bytes, encoding: str) -> bytes:
-        inflater = zlib.decompressobj(47)  # gzip or zlib header, told apart by the data
-        try:
-            data = inflater.decompress(data, self.max_body + 1)
-        except zlib.error as exc:
-            raise HttpError(400, f"request body: not valid {encoding} data ({exc})",
-                            close=False) from None
-        if len(data) > self.max_body or inflater.unconsumed_tail:
-            raise HttpError(413, self._too_large(f"inflated to more than {self.max_body:,}"),
-                            close=False)
-        return data
-
-    def _too_large(self, size: str) -> str:
-        return (f"request body: {size} bytes exceed the limit of {self.max_body:,} "
-                "(--max-message-bytes); send fewer images per request, or pixels as the binary "
-                "data extension")
-
-    def _check_headers(self, request: web.BaseRequest) -> None:
+    def _refusal(self, request: web.Request, label: str) -> web.HTTPException | None:
+        """Why a request for a route is refused before its body is read: headers over their
+        limit, a body declared over its limit, no valid token (but for the open routes)."""
         length = request.content_length
         if length is not None and length > self.max_body:
-            raise HttpError(413, self._too_large(f"{length:,}"))
+            return rest.too_large(f"{length:,}", self.max_body)
         header_bytes = sum(len(k) + len(v) for k, v in request.raw_headers)
-        if header_bytes > self.max_header_bytes:
-            raise HttpError(431, f"request headers: {header_bytes:,} bytes exceed the limit of "
-                            f"{self.max_header_bytes:,} (--max-metadata-bytes)")
-
-    async def _dispatch(self, request: web.BaseRequest, route: Route, params: dict[str, str],
-                        peer: str) -> Reply:
-        self._check_headers(request)
-        if self.auth is not None and not route.open:
-            problem = self.auth.check((("authorization", request.headers.get("Authorization", "")),)
+        if header_bytes > self.max_line:
+            return web.HTTPRequestHeaderFieldsTooLarge(text=(
+                f"request headers: {header_bytes:,} bytes exceed the limit of {self.max_line:,} "
+                "(--max-metadata-bytes)"))
+        method = "GET" if request.method == "HEAD" else request.method
+        if self.auth is not None and (method, label) not in self.open_routes:
+            problem = self.auth.check((("authorization", request.headers["Authorization"]),)
                                       if "Authorization" in request.headers else ())
             if problem is not None:
-                logger.info("unauthenticated HTTP request %s %s from %s: %s", request.method,
-                            route.label, peer, problem)
-                reply = error_reply(401, problem)
-                reply.headers["WWW-Authenticate"] = "Bearer"
-                return reply
-        headers: Mapping[str, str] = request.headers
-        return await self.api.handler(route)(lambda: self._body(request), headers, **params)
+                return web.HTTPUnauthorized(text=problem)
+        return None
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _expect(self, request: web.Request) -> None:
+        """``Expect: 100-continue`` answered (as aiohttp does) only for a body that will be read:
+        a POST's, not refused first; any other ``Expect`` is ignored."""
+        resource = request.match_info.route.resource
+        if request.method == "POST" and resource is not None and request.version >= (1, 1) \
+                and request.headers.get("Expect", "").lower() == "100-continue" \
+                and self._refusal(request, resource.canonical) is None:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+
+    async def _answer(self, request: web.Request, handler: Handler, label: str,
+                      peer: str) -> web.StreamResponse:
+        """The route's answer, or the error's in JSON."""
+        try:
+            refusal = None if label == UNMATCHED else self._refusal(request, label)
+            if refusal is not None:
+                raise refusal
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as exc:  # the router's
+            allowed = sorted(exc.allowed_methods - {"HEAD"})
+            response = json_error(405, f"{request.method} is not allowed on {request.path[:200]}; "
+                                       f"use {' or '.join(allowed)}")
+            response.headers["Allow"] = ", ".join(allowed)
+            return response
+        except web.HTTPNotFound:  # the router's
+            return json_error(404, f"no route {request.method} {request.path[:200]}; {rest.NO_ROUTE}")
+        except web.HTTPUnauthorized as exc:
+            logger.info("unauthenticated HTTP request %s %s from %s: %s", request.method, label,
+                        peer, exc.text)
+            response = json_error(401, exc.text or "")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        except web.HTTPException as exc:  # the limits: the body is left unread, the connection closed
+            return json_error(exc.status, exc.text or "", close=True)
+        except ServerError as exc:
+            return json_error(http_status(exc), str(exc))
+        except ConnectionError:
+            logger.debug("HTTP request %s %s from %s: the client closed the connection after %s "
+                         "bytes of its body; nothing answered", request.method, label, peer,
+                         f"{request.content.total_bytes:,}")
+            return web.Response(status=CLIENT_CLOSED)  # written nowhere: the transport is gone
+        except Exception:
+            logger.exception("unexpected error in %s %s", request.method, label)
+            return json_error(HTTP_INTERNAL, INTERNAL_MESSAGE)
+
+    @web.middleware
+    async def _edge(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """One request: its id, the answer (``Connection: close`` while draining), metrics and
+        its access line."""
         started = time.perf_counter()
         connection = request.protocol
         peer = "unknown"
@@ -383,36 +369,15 @@ class HttpEdge:
         token = current_request_id.set(request_id)
         self.in_flight += 1
         self.metrics.in_flight.inc()
-        label, close, status = "(unmatched)", False, HTTP_INTERNAL
-        allowed: tuple[str, ...] = ()
+        resource = request.match_info.route.resource
+        label = UNMATCHED if resource is None else resource.canonical
+        status = HTTP_INTERNAL
         try:
-            try:
-                route, params = match(request.method, request.path)
-                label = route.label
-                reply = await self._dispatch(request, route, params, peer)
-            except NoRoute as exc:
-                reply, allowed = error_reply(exc.status, str(exc)), exc.allowed
-            except HttpError as exc:
-                reply, close = error_reply(exc.status, str(exc)), exc.close
-            except ServerError as exc:
-                reply = error_reply(http_status(exc), str(exc))
-            except ClientAborted as exc:
-                logger.debug("HTTP request %s %s from %s: the client closed the connection after "
-                            "%s bytes of its body; nothing answered", request.method, label, peer,
-                            f"{exc.received:,}")
-                status = CLIENT_CLOSED
-                return web.Response(status=CLIENT_CLOSED)  # written nowhere: the transport is gone
-            except Exception:
-                logger.exception("unexpected error in %s %s", request.method, label)
-                reply = error_reply(HTTP_INTERNAL, INTERNAL_MESSAGE)
-            status = reply.status
-            response = web.Response(body=reply.body, status=status, headers=reply.headers)
-            response.headers["Content-Type"] = reply.content_type
+            response = await self._answer(request, handler, label, peer)
+            status = response.status
             response.headers["X-Request-Id"] = request_id
             response.headers["Server"] = "digitserve"
-            if allowed:
-                response.headers["Allow"] = ", ".join(allowed)
-            if close or self.draining or self.api.draining:  # the server's stop began
+            if self.draining or self.api.draining:  # the server's stop began
                 response.force_close()
             return response
         finally:

@@ -20,7 +20,6 @@ from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
 from digitserve.server.infertypes import INPUT_NAME, OUTPUTS, InferInput, InferRequest, InferResponse
-from digitserve.server.models import Router
 from digitserve.server.pixels import (
     PICTURES,
     check_count,
@@ -30,6 +29,7 @@ from digitserve.server.pixels import (
     tensor_pictures,
     tensor_pixels,
 )
+from digitserve.server.registry import Registry
 
 SERVER_NAME = "digitserve"
 # Triton features this server does not implement; refused rather than silently ignored.
@@ -46,7 +46,7 @@ def server_version() -> str:
         return "0+unknown"
 
 
-def resolve(router: Router, name: str, version: str, field: str,
+def resolve(router: Registry, name: str, version: str, field: str,
             split: bool = False) -> tuple[DataPlane, Model]:
     """The V2 protocol's (name, version): the data plane and the model that answer for it
     (``split``: an unpinned inference call, which the canary weight may send to the canary).
@@ -55,20 +55,20 @@ def resolve(router: Router, name: str, version: str, field: str,
     if not name:
         names = ", ".join(repr(info.name) for info in router.model_infos()) or "no model yet"
         raise NotServedError(f"model '' is not served; this server serves {names}")
-    plane = router.model(name).plane
+    versions = router.model(name)
     if version == "":
-        return plane, plane.resolve(0, split=split)
+        return versions.plane, versions.resolve(0, split=split)
     if _LABEL.fullmatch(version):
-        return plane, plane.resolve(0, version)
+        return versions.plane, versions.resolve(0, version)
     if not _VERSION.fullmatch(version):
         raise InvalidInputError(field, f"{version!r} is not a version; expected an integer such as "
                                 "'1', a version label such as 'stable', or ''")
     if int(version) < 1:
         raise NotServedError(f"model {name!r} version {version} is not served")
-    return plane, plane.resolve(int(version))
+    return versions.plane, versions.resolve(int(version))
 
 
-def model_ready(router: Router, name: str, version: str) -> bool:
+def model_ready(router: Registry, name: str, version: str) -> bool:
     """Whether (name, version) answers now; NotServedError / InvalidInputError as resolve."""
     try:
         resolve(router, name, version, "version")
@@ -77,13 +77,13 @@ def model_ready(router: Router, name: str, version: str) -> bool:
     return True
 
 
-def model_metadata(router: Router, name: str, version: str) -> dict[str, Any]:
+def model_metadata(router: Registry, name: str, version: str) -> dict[str, Any]:
     """The V2 protocol's model metadata of (name, version), as its JSON spells it."""
-    plane, model = resolve(router, name, version, "version")
+    _, model = resolve(router, name, version, "version")
     spec = model.spec
     versions = Metadata.from_json(model.metadata).versions or {}
     return {
-        "name": spec.name, "versions": [str(v) for v in plane.loaded_versions],
+        "name": spec.name, "versions": [str(v) for v in router.model(name).loaded_versions],
         "platform": "tensorflow_keras" if "keras" in versions else "",
         "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, spec.input_size]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(spec.labels)]},

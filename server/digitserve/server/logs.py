@@ -26,31 +26,24 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 current_request_id: ContextVar[str | None] = ContextVar("current_request_id", default=None)
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD_ATTRIBUTES = frozenset(
-    logging.LogRecord("", 0, "", 0, "", None, None).__dict__
-) | {"message", "asctime", "taskName"}
+_STANDARD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
-    ``request_id`` when the record was made while serving a call, the fields passed as
-    ``extra=``, and ``exception`` (the formatted traceback) when there is one."""
+    ``request_id`` while serving a call, the ``extra=`` fields, and ``exception`` or ``stack``."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC)
-            .isoformat(timespec="milliseconds")
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
         }
-        request_id = current_request_id.get()
-        if request_id is not None:
+        if (request_id := current_request_id.get()) is not None:
             entry["request_id"] = request_id
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"):
-                entry[key] = value
+        entry.update((key, value) for key, value in record.__dict__.items()
+                     if key not in _STANDARD_ATTRIBUTES and not key.startswith("_"))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:
@@ -58,18 +51,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def text_formatter() -> logging.Formatter:
-    """``2026-01-01 12:00:00,123 INFO server.app listening on 127.0.0.1:50051 (model mnist)``."""
-    return logging.Formatter(TEXT_FORMAT)
-
-
 def resolve_format(log_format: str, is_terminal: bool) -> str:
     """``json`` or ``text``: ``auto`` is text on a terminal and JSON anywhere else."""
     if log_format not in FORMATS:
         raise ValueError(f"log format {log_format!r} is not one of {', '.join(FORMATS)}")
-    if log_format == "auto":
-        return "text" if is_terminal else "json"
-    return log_format
+    return ("text" if is_terminal else "json") if log_format == "auto" else log_format
 
 
 access_logger = logging.getLogger("digitserve.server.access")
@@ -77,14 +63,11 @@ _PLAIN = re.compile(r"[A-Za-z0-9._:/+=\[\]-]*")  # needs no JSON escaping (peers
 
 
 class AccessLog:
-    """One line per call (method, status code, latency, peer, request id) on the ``digitserve.server.access``
-    logger; off below INFO.
-
-    By default each line is a logging record. ``direct()`` (the mnist-serve process) formats the
-    lines itself, exactly as the configured handler would, and writes them in batches: a call then
-    costs a tuple appended to a list instead of a logging record, a formatter and a write (a tenth
-    of a Predict's CPU). Lines are written at most ``flush_interval`` seconds after their call,
-    like nginx's ``access_log ... buffer= flush=``; App.stop() writes what is left."""
+    """One line per call (method, code, latency, peer, request id) on the access logger; off below
+    INFO. After ``direct()`` (mnist-serve) it formats the lines itself, exactly as the handler
+    would, and writes them in batches at most ``flush_interval`` seconds late (nginx's ``buffer=
+    flush=``): a call costs a tuple appended instead of a record, a formatter and a write (a tenth
+    of a Predict's CPU). App.stop() writes what is left."""
 
     def __init__(self) -> None:
         self._stream: TextIO | None = None
@@ -106,11 +89,10 @@ class AccessLog:
 
     def write(self, method: str, code: str, latency_ms: float, peer: str, request_id: str) -> None:
         if self._stream is None:
-            access_logger.info(
-                "%s %s %.2f ms peer=%s request_id=%s", method, code, latency_ms, peer, request_id,
-                extra={"method": method, "code": code, "latency_ms": latency_ms, "peer": peer,
-                       "request_id": request_id},
-            )
+            fields = {"method": method, "code": code, "latency_ms": latency_ms, "peer": peer,
+                      "request_id": request_id}
+            access_logger.info("%s %s %.2f ms peer=%s request_id=%s", method, code, latency_ms, peer,
+                               request_id, extra=fields)
             return
         self._buffer.append((time.time(), method, code, latency_ms, peer, request_id))
         if len(self._buffer) >= self.max_buffered:
@@ -126,10 +108,8 @@ class AccessLog:
         if second != self._second:
             self._second = second
             stamp = datetime.fromtimestamp(second, UTC)
-            self._second_text = (
-                stamp.strftime("%Y-%m-%dT%H:%M:%S") if self._json else stamp.astimezone().strftime(
-                    "%Y-%m-%d %H:%M:%S")
-            )
+            self._second_text = (stamp.strftime("%Y-%m-%dT%H:%M:%S") if self._json
+                                 else stamp.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
         millis = int((when - second) * 1000)
         return f"{self._second_text}.{millis:03d}Z" if self._json else f"{self._second_text},{millis:03d}"
 
@@ -149,39 +129,31 @@ class AccessLog:
                 lines.append(
                     f'{{"time": "{self._time(when)}", "level": "INFO", "logger": "digitserve.server.access", '
                     f'"message": "{message}", "request_id": "{request_id}", "method": "{method}", '
-                    f'"code": "{code}", "latency_ms": {latency_ms!r}, "peer": "{peer}"}}\n'
-                )
+                    f'"code": "{code}", "latency_ms": {latency_ms!r}, "peer": "{peer}"}}\n')
             else:
                 entry = {"time": self._time(when), "level": "INFO", "logger": "digitserve.server.access",
                          "message": message, "request_id": request_id, "method": method,
                          "code": code, "latency_ms": latency_ms, "peer": peer}
                 lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
         self._buffer.clear()
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed stderr must not fail calls
             self._stream.write("".join(lines))
             self._stream.flush()
-        except (OSError, ValueError):  # a closed stderr must not fail calls
-            pass
 
 
 access_log = AccessLog()
 
 
-# The logger of the records the bridge makes of native lines.
 class GrpcRecordFilter(logging.Filter):
-    """grpc's own Python records (loggers ``grpc.*``) made safe to write when a client controls
-    what they say: one line of at most ``max_chars`` characters (a traceback becomes its last
-    line), and at most ``burst`` records per ``interval`` seconds from each place in grpc's code
-    (the next one let through says how many were dropped, field ``suppressed``). Before this, one
-    call with a 4 KB header value that is not UTF-8 made grpc write 40 KB of records."""
+    """grpc's own Python records (``grpc.*``), which a client controls, cut to one line of at most
+    ``max_chars`` and to ``burst`` per ``interval`` seconds from each place in grpc's code (the next
+    says how many were dropped, field ``suppressed``). Before, one call with a 4 KB non-UTF-8 header
+    value made grpc write 40 KB of records."""
 
     def __init__(self, max_chars: int = 300, interval: float = 10.0, burst: int = 5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
-        self.clock = clock
-        self.max_chars = max_chars
-        self.interval = interval
-        self.burst = burst
+        self.clock, self.max_chars, self.interval, self.burst = clock, max_chars, interval, burst
         self._windows: dict[tuple[str, str, int], list[float]] = {}  # [window start, count, dropped]
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -204,9 +176,7 @@ class GrpcRecordFilter(logging.Filter):
             exc = record.exc_info[1]
             message = f"{message}: {type(exc).__name__}: {exc}"
         record.msg = shorten(" ".join(message.split()), self.max_chars)
-        record.args = None
-        record.exc_info = record.exc_text = None
-        record.stack_info = None
+        record.args = record.exc_info = record.exc_text = record.stack_info = None
         if dropped:
             record.suppressed = dropped
             record.msg += f" ({dropped} like it suppressed)"
@@ -217,24 +187,18 @@ ACCESS_LOG_MODES = ("auto", "on", "off")
 
 
 def resolve_access_log(mode: str, json_lines: bool, is_terminal: bool) -> bool:
-    """Whether calls get access lines: ``on``, ``off``, or ``auto``: on, except for text lines
-    written to a terminal (a person reading, whom a line per call would flood; JSON lines go to
-    machines, and text redirected to a file or a pipe is kept, as an access log file would be)."""
+    """Whether calls get access lines: ``on``, ``off``, or ``auto``: on, except for text lines on a
+    terminal (a person, whom a line per call would flood)."""
     if mode not in ACCESS_LOG_MODES:
         raise ValueError(f"access log {mode!r} is not one of {', '.join(ACCESS_LOG_MODES)}")
-    if mode == "auto":
-        return json_lines or not is_terminal
-    return mode == "on"
+    return json_lines or not is_terminal if mode == "auto" else mode == "on"
 
 
 def configure_logging(level: str, log_format: str = "auto", native_stderr: bool = True,
                       access: str = "auto") -> None:
-    """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal, else JSON). In
-    JSON mode with ``native_stderr`` (a process that serves), what native code writes to stderr
-    (grpc core, TensorFlow) becomes JSON lines too (``bridge_native_stderr``). grpc's own Python
-    records are cut to one line and rate-limited (``GrpcRecordFilter``). ``access``: whether calls
-    get access lines (``resolve_access_log``; they also need ``level`` INFO or below). The
-    faulthandler is on (``enable_fault_traces``)."""
+    """Root logging to stderr: JSON lines, or text (``auto``: text on a terminal). In JSON mode with
+    ``native_stderr`` native code's lines become JSON too (``bridge_native_stderr``); grpc's records
+    are filtered (``GrpcRecordFilter``); ``access`` as ``resolve_access_log``; faulthandler on."""
     is_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
     json_lines = resolve_format(log_format, is_terminal) == "json"
     # Off: the access logger's own level is above INFO, whatever the root's (AccessLog.enabled).
@@ -243,7 +207,7 @@ def configure_logging(level: str, log_format: str = "auto", native_stderr: bool 
     threshold = logging.getLevelNamesMapping().get(level.upper(), logging.DEBUG)
     stream = (bridge_native_stderr(threshold) if json_lines and native_stderr else None) or sys.stderr
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if json_lines else text_formatter())
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     handler.addFilter(GrpcRecordFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
     access_log.direct(stream, json_lines)  # the same lines, written in batches
@@ -251,9 +215,7 @@ def configure_logging(level: str, log_format: str = "auto", native_stderr: bool 
 
 
 def enable_fault_traces() -> None:
-    """A crash (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) leaves the Python stack of every thread
-    in the log: the faulthandler writes it to file descriptor 2, which in JSON mode the bridge
-    turns into CRITICAL records of logger ``faulthandler``. Without it a server that dies of a
-    signal writes nothing at all."""
+    """A crash (SIGSEGV, SIGBUS, SIGFPE, SIGABRT, SIGILL) leaves every thread's Python stack in the
+    log (in JSON mode the bridge makes it CRITICAL records of logger ``faulthandler``)."""
     with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
         faulthandler.enable(file=sys.stderr, all_threads=True)

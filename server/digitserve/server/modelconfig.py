@@ -1,7 +1,8 @@
 """What the server serves: which models, each one's version policy (newest or pinned), version
 labels, canary weight and gate rules — from flags, or from a model config file
-(``--model-config``, TOML, read with the standard library's ``tomllib``) that the server reads
-again when it changes.
+(``--model-config``, TOML, read with the standard library's ``tomllib`` and checked by the
+pydantic models :class:`ConfigFile` and :class:`ModelTable`) that the server reads again when it
+changes.
 
 A config file, for operators who prefer one to flags (TF Serving's model config, in TOML)::
 
@@ -16,7 +17,8 @@ A config file, for operators who prefer one to flags (TF Serving's model config,
 
     [models.fashion]
 
-Every value is checked; one line names the key, the value and what is allowed. A change that
+Every value is checked; one line names the key, the value and what is allowed (:func:`_line`
+words pydantic's first error so). A change that
 does not parse keeps the previous config in force (the server logs and counts it, and ListModels
 reports it). So does an empty file (or one of comments only: what a file being rewritten in
 place is for a moment), and a change is applied only once the file holds still (read_settled).
@@ -30,10 +32,12 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from digitserve.repository import is_model_name
-from digitserve.server.dataplane import CANARY
 from digitserve.server.settings import Settings
 from digitserve.server.versions import GateRules
 
@@ -41,8 +45,7 @@ from digitserve.server.versions import GateRules
 LABEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 
 NO_RULES = GateRules()
-_TOP_KEYS = ("default_model", "models")
-_MODEL_KEYS = ("version", "labels", "canary_weight", "min_check_accuracy", "max_regression")
+CANARY = "canary"  # the label that canary_weight sends a share of unpinned calls to
 
 
 class ModelConfigError(ValueError):
@@ -71,9 +74,7 @@ class ServingConfig:
     default_model: str = ""
 
     def policy_of(self, name: str) -> ModelPolicy:
-        if self.models is not None and name in self.models:
-            return self.models[name]
-        return self.policy
+        return (self.models or {}).get(name, self.policy)
 
     def serves(self, name: str) -> bool:
         """Whether a model directory of this name is served."""
@@ -97,52 +98,94 @@ def from_settings(settings: Settings) -> ServingConfig:
     return from_flags(settings.model_name, settings.model_version, rules, settings.default_model)
 
 
-def _number(where: str, value: Any, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ModelConfigError(f"{where}: {value!r} is not a number in [{low:g}, {high:g}]")
-    return float(value)
-
-
-def _version(where: str, value: Any, allow_zero: bool) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        what = "0 (the newest) or a version number" if allow_zero else "a version number (1, 2, ...)"
-        raise ModelConfigError(f"{where}: {value!r} is not {what}")
-    return value
-
-
-def _unknown(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ModelConfigError(f"{where}{key}: unknown key; expected one of {', '.join(allowed)}")
-
-
-def _policy(name: str, table: Any, rules: GateRules) -> ModelPolicy:
-    where = f"models.{name}"
+def _model_name(name: str) -> str:
     if not is_model_name(name):
-        raise ModelConfigError(f"{where}: {name!r} is not a model name (letters, digits, '.', '_', "
-                               "'-', starting with a letter or digit)")
-    if not isinstance(table, dict):
-        raise ModelConfigError(f"{where}: expected a table ([models.{name}])")
-    _unknown(f"{where}.", table, _MODEL_KEYS)
-    version = _version(f"{where}.version", table.get("version", 0), allow_zero=True)
-    labels_table = table.get("labels", {})
-    if not isinstance(labels_table, dict):
-        raise ModelConfigError(f"{where}.labels: expected a table of label = version")
-    labels: dict[str, int] = {}
-    for label, value in labels_table.items():
-        if not LABEL_NAME.fullmatch(label):
-            raise ModelConfigError(f"{where}.labels.{label}: not a label name (a letter, then "
-                                   "letters, digits, '.', '_', '-')")
-        labels[label] = _version(f"{where}.labels.{label}", value, allow_zero=False)
-    weight = _number(f"{where}.canary_weight", table.get("canary_weight", 0.0), 0.0, 1.0)
-    if weight > 0 and CANARY not in labels:
-        raise ModelConfigError(f"{where}.canary_weight: {weight:g} needs a {CANARY!r} label "
-                               f"naming the canary version ({where}.labels)")
-    minimum = _number(f"{where}.min_check_accuracy",
-                      table.get("min_check_accuracy", rules.min_accuracy), 0.0, 1.0)
-    regression = _number(f"{where}.max_regression",
-                         table.get("max_regression", rules.max_regression), 0.0, 1.0)
-    return ModelPolicy(version, labels, weight, GateRules(minimum, regression))
+        raise ValueError(f"{name!r} is not a model name (letters, digits, '.', '_', '-', starting "
+                         "with a letter or digit)")
+    return name
+
+
+def _label_name(label: str) -> str:
+    if not LABEL_NAME.fullmatch(label):
+        raise ValueError("not a label name (a letter, then letters, digits, '.', '_', '-')")
+    return label
+
+
+Label = Annotated[str, AfterValidator(_label_name)]
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
+
+
+class ModelTable(BaseModel):
+    """A ``[models.NAME]`` table of the file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Annotated[int, Strict(), Field(ge=0)] = 0
+    labels: dict[Label, Annotated[int, Strict(), Field(ge=1)]] = Field(default_factory=dict)
+    canary_weight: Fraction = 0.0
+    min_check_accuracy: Fraction | None = None  # absent: the --min-check-accuracy flag's
+    max_regression: Fraction | None = None
+
+    @model_validator(mode="after")
+    def _canary_labelled(self) -> ModelTable:
+        if self.canary_weight > 0 and CANARY not in self.labels:
+            raise PydanticCustomError("canary", "no canary label", {"weight": self.canary_weight})
+        return self
+
+    def policy(self, rules: GateRules) -> ModelPolicy:
+        """The policy the table gives, ``rules`` (the flags') filling in the gate rules it lacks."""
+        return ModelPolicy(self.version, self.labels, self.canary_weight, GateRules(
+            rules.min_accuracy if self.min_check_accuracy is None else self.min_check_accuracy,
+            rules.max_regression if self.max_regression is None else self.max_regression))
+
+
+class ConfigFile(BaseModel):
+    """The model config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default_model: Annotated[str, Strict()] = ""
+    models: dict[Annotated[str, AfterValidator(_model_name)], ModelTable] | None = None
+
+
+# What a wrong value at each place of the file is told, by its key path (* : a model's or a
+# label's name); {where}: the path, {value}: the value.
+_WRONG: dict[tuple[str, ...], str] = {
+    ("default_model",): "{value!r} is not a model name",
+    ("models",): "expected tables [models.NAME]",
+    ("models", "*"): "expected a table ([{where}])",
+    ("models", "*", "version"): "{value!r} is not 0 (the newest) or a version number",
+    ("models", "*", "labels"): "expected a table of label = version",
+    ("models", "*", "labels", "*"): "{value!r} is not a version number (1, 2, ...)",
+    **{("models", "*", key): "{value!r} is not a number in [0, 1]"
+       for key in ("canary_weight", "min_check_accuracy", "max_regression")},
+}
+
+
+def _line(error: ErrorDetails) -> str:
+    """Pydantic's ``error`` as the one line naming the key (``models.mnist.labels.stable``)."""
+    loc = [str(part) for part in error["loc"] if part != "[key]"]
+    where = ".".join(loc)
+    if error["type"] == "canary":
+        return (f"{where}.canary_weight: {error['ctx']['weight']:g} needs a {CANARY!r} label naming "
+                f"the canary version ({where}.labels)")
+    if error["type"] == "extra_forbidden":
+        allowed = ModelTable.model_fields if len(loc) == 3 else ConfigFile.model_fields
+        return f"{where}: unknown key; expected one of {', '.join(allowed)}"
+    if error["type"] == "value_error":  # a name's own line
+        return f"{where}: {error['ctx']['error']}"
+    wrong = _WRONG[tuple("*" if i % 2 else part for i, part in enumerate(loc))]
+    return f"{where}: {wrong.format(where=where, value=error['input'])}"
+
+
+def _first(errors: list[ErrorDetails]) -> ErrorDetails:
+    """The error a reader meets first: in the file's order, a table's name, then its unknown
+    keys, then its values (pydantic lists unknown keys last)."""
+    first = errors[0]
+    at = [part for part in first["loc"] if part != "[key]"]
+    extras = [e for e in errors if e["type"] == "extra_forbidden"
+              and len(e["loc"]) - 1 < len(at) and list(e["loc"][:-1]) == at[:len(e["loc"]) - 1]]
+    return min(extras, key=lambda e: len(e["loc"]), default=first)
 
 
 def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
@@ -156,21 +199,19 @@ def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
         raise ModelConfigError(
             "the file is empty (or holds only comments): a file being rewritten in place, or "
             "truncated; write default_model = \"\" to serve every model with the flags' policy")
-    _unknown("", data, _TOP_KEYS)
-    default_model = data.get("default_model", "")
-    if not isinstance(default_model, str):
-        raise ModelConfigError(f"default_model: {default_model!r} is not a model name")
+    try:
+        file = ConfigFile.model_validate(data)
+    except ValidationError as error:
+        raise ModelConfigError(_line(_first(error.errors()))) from None
     policy = ModelPolicy(rules=rules)
-    if "models" not in data:
-        return ServingConfig(None, policy, default_model)
-    models_table = data["models"]
-    if not isinstance(models_table, dict):
-        raise ModelConfigError("models: expected tables [models.NAME]")
-    models = {name: _policy(name, table, rules) for name, table in models_table.items()}
-    if default_model and default_model not in models:
-        raise ModelConfigError(f"default_model: {default_model!r} is not one of the models listed "
+    if file.models is None:
+        return ServingConfig(None, policy, file.default_model)
+    models = {name: table.policy(rules) for name, table in file.models.items()}
+    if file.default_model and file.default_model not in models:
+        raise ModelConfigError(f"default_model: {file.default_model!r} is not one of the models listed "
                                f"({', '.join(sorted(models)) or 'none'})")
-    return ServingConfig(models, policy, default_model or (next(iter(models)) if len(models) == 1 else ""))
+    return ServingConfig(models, policy,
+                         file.default_model or (next(iter(models)) if len(models) == 1 else ""))
 
 
 def read(path: Path, rules: GateRules = NO_RULES) -> ServingConfig:

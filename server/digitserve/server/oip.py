@@ -10,8 +10,9 @@ import grpc
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.server import oipcodec
+from digitserve.server.decoding import PictureDecoder
 from digitserve.server.infer import SERVER_NAME, model_metadata, model_ready, server_version
-from digitserve.server.models import Router
+from digitserve.server.registry import Registry
 from digitserve.server.status import deadline, mapped_errors
 
 SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -20,8 +21,9 @@ SERVICE = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over the data planes of the models served."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Registry, pictures: PictureDecoder) -> None:
         self._router = router
+        self._pictures = pictures
         self._version = server_version()
 
     @mapped_errors
@@ -52,4 +54,4 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     @mapped_errors
     async def ModelInfer(self, request: oip.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> oip.ModelInferResponse:
-        return await oipcodec.model_infer(self._router, request, deadline(context))
+        return await oipcodec.model_infer(self._router, self._pictures, request, deadline(context))

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 
 from digitserve.oip import grpc_predict_v2_pb2 as oip
+from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.infer import infer, resolve
 from digitserve.server.infertypes import InferInput, InferRequest, InferResponse, RequestedOutput, Where
-from digitserve.server.models import Router
+from digitserve.server.registry import Registry
 
 # A datatype's typed contents field.
 _CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents", "INT64": "int64_contents",
@@ -73,9 +74,9 @@ def metadata(value: dict[str, Any]) -> oip.ModelMetadataResponse:
         inputs=[tensor(**t) for t in value["inputs"]], outputs=[tensor(**t) for t in value["outputs"]])
 
 
-async def model_infer(router: Router, message: oip.ModelInferRequest,
+async def model_infer(router: Registry, pictures: PictureDecoder, message: oip.ModelInferRequest,
                       until: float | None) -> oip.ModelInferResponse:
     plane, model = resolve(router, message.model_name, message.model_version, "model_version",
                            split=True)
-    response = await infer(plane, model, to_request(message), router.pictures, until)
+    response = await infer(plane, model, to_request(message), pictures, until)
     return to_response(response, raw=len(message.raw_input_contents) > 0)

@@ -1,7 +1,6 @@
 """The ports ``mnist-serve`` listens on: why one cannot be bound, as one line naming its flag
 (``--port 51100: 127.0.0.1:51100 is in use (another mnist-serve?); choose another --port``), and
-the ``--workers`` pool's shared port, reserved so that the pool never joins a port someone else
-listens on."""
+the ``--workers`` pool's shared port, reserved so the pool never joins someone else's."""
 
 from __future__ import annotations
 
@@ -14,17 +13,12 @@ class ListenError(Exception):
     """A port the flags name cannot be listened on; the message is the one line to show (exit 2)."""
 
 
-def _address(host: str, port: int) -> str:
-    return f"{host}:{port}"
-
-
 def listen_error(flag: str, host: str, port: int, cause: OSError | None, *, flag_value: int | None = None,
                  whose: str = "") -> ListenError:
     """The one line for ``host:port`` (given by ``flag``, whose value is ``flag_value`` when it
-    differs from ``port``: a worker's metrics port) that could not be bound because of ``cause``;
-    ``whose`` says whose port it is (``worker 1's``)."""
+    differs: a worker's metrics port; ``whose`` port it is) that ``cause`` kept from binding."""
     value = port if flag_value is None else flag_value
-    where = _address(host, port) + (f" ({whose})" if whose else "")
+    where = f"{host}:{port}" + (f" ({whose})" if whose else "")
     choose = f"choose another {flag}"
     code = getattr(cause, "errno", None)
     if isinstance(cause, socket.gaierror):
@@ -43,9 +37,8 @@ def listen_error(flag: str, host: str, port: int, cause: OSError | None, *, flag
 
 
 def probe(host: str, port: int) -> OSError | None:
-    """Why ``host:port`` cannot be bound now (a plain socket with SO_REUSEADDR, as grpc and the
-    metrics endpoint bind theirs), or None if it can. Only explains a failure grpc reported
-    without its reason (it says it in a native log line): the port is bound for real by grpc."""
+    """Why ``host:port`` cannot be bound now (with SO_REUSEADDR, as grpc binds), or None: explains
+    a failure grpc reported without its reason."""
     try:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
@@ -65,25 +58,19 @@ _GRPC_BIND_REASON = re.compile(r"Error in bind for address '[^']*': ([^()]+)\)")
 
 
 def grpc_bind_error(flag: str, host: str, port: int, native: list[str]) -> ListenError:
-    """The one line for a port grpc could not bind (``add_insecure_port`` raised RuntimeError,
-    its reason only in grpc core's native log line, given in ``native``): the probe's reason, else
-    the reason in grpc's line."""
-    cause = probe(host, port)
-    if cause is None:
+    """The one line for a port grpc could not bind: the probe's reason, else the one in grpc core's
+    ``native`` log lines."""
+    if (cause := probe(host, port)) is None:
         reasons = [m.group(1).strip() for line in native if (m := _GRPC_BIND_REASON.search(line))]
         detail = reasons[0] if reasons else (native[0] if native else "grpc bound no address")
-        return ListenError(f"{flag} {port}: cannot listen on {_address(host, port)} ({detail}); "
-                           f"choose another {flag}")
+        return ListenError(f"{flag} {port}: cannot listen on {host}:{port} ({detail}); choose another {flag}")
     return listen_error(flag, host, port, cause)
 
 
 def reserve_shared_port(host: str, port: int, flag: str = "--port") -> socket.socket:
-    """The ``--workers`` pool's port (``--port``; ``--http-port`` as ``flag``): a socket bound (not
-    listening) that fixes the port number when it is 0 and is held open while the workers bind the
-    same port with SO_REUSEPORT. It is bound before SO_REUSEPORT is set on it, so a port another
-    process listens on (another ``mnist-serve --workers`` pool included, whose sockets share with
-    any of the same user that set SO_REUSEPORT first) is refused here instead of silently shared.
-    Raises ListenError."""
+    """The ``--workers`` pool's port (``flag``): a socket bound, not listening, held while the workers
+    bind it with SO_REUSEPORT. It is bound before SO_REUSEPORT is set, so a port another process
+    listens on (another pool included) is refused (ListenError) instead of silently shared."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
@@ -101,20 +88,17 @@ def reserve_shared_port(host: str, port: int, flag: str = "--port") -> socket.so
 
 
 def check_worker_metrics_ports(host: str, first: int, workers: int) -> None:
-    """Before the pool starts: worker i serves its metrics on ``first + i``; each must be free
-    (ListenError names the first that is not). A check only: each worker binds its own, and one
-    that finds its port taken later logs the same line and is restarted with backoff."""
+    """Before the pool starts: worker i's metrics port ``first + i`` must be free (ListenError names
+    the first that is not); a check only, each worker binds its own."""
     if first <= 0:
         return  # off (-1), or a free port each (0)
     for index in range(workers):
-        cause = probe(host, first + index)
-        if cause is not None:
+        if (cause := probe(host, first + index)) is not None:
             raise metrics_port_error(host, first, index, cause)
 
 
 def metrics_port_error(host: str, first: int, index: int, cause: OSError) -> ListenError:
-    """The line for worker ``index``'s metrics port (``first + index``; ``--metrics-port`` is
-    ``first``, which is the port itself for a lone server, index 0, or 0: a free one)."""
+    """The line for worker ``index``'s metrics port (``first + index``; ``--metrics-port`` is ``first``)."""
     if index == 0 or first <= 0:
         return listen_error("--metrics-port", host, first, cause)
     return listen_error("--metrics-port", host, first + index, cause, flag_value=first,

@@ -3,24 +3,30 @@ answers. An inference request's JSON (or JSON plus Triton's binary-data extensio
 server.restcodec into the neutral request every edge converts to, and answered by server.infer,
 so both bindings refuse the same faults with the same messages — fields named as the JSON names
 them (``inputs[0].data[3]`` where gRPC says ``inputs[0].contents.fp32_contents[3]``) — and run
-through the same data plane. The HTTP plumbing (listener, limits, token, metrics, access lines)
-is server.httpserver's."""
+through the same data plane.
+The routes go into an aiohttp router (``add_routes``); aiohttp reads their bodies, inflated and
+bounded by ``client_max_size``, within --http-read-timeout (``read_body``). The listener, limits,
+token, metrics and access lines are server.httpserver's."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from digitserve.server import infer
+from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError, ModelNotReadyError
-from digitserve.server.models import ModelInfo, Router
+from digitserve.server.registry import ModelInfo, Registry
 from digitserve.server.restcodec import (
     HEADER_LENGTH,
     THREAD_BYTES,
@@ -78,76 +84,115 @@ def repository_index(infos: Iterable[ModelInfo], ready_only: bool) -> list[dict[
     return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
 
+# --- the body ----------------------------------------------------------------------------------
+
+ExpectHandler = Callable[[web.Request], Awaitable[None]]
+READ_TIMEOUT = web.AppKey("read_timeout", float)  # --http-read-timeout, for a request's body
+_ENCODINGS = ("gzip", "deflate", "x-gzip", "identity", "")
+
+
+def too_large(size: str, limit: int) -> web.HTTPException:
+    return web.HTTPRequestEntityTooLarge(
+        limit, 0, text=f"request body: {size} bytes exceed the limit of {limit:,} (--max-message-"
+        "bytes); send fewer images per request, or pixels as the binary data extension")
+
+
+def unsupported(encoding: str) -> web.HTTPException:
+    return web.HTTPUnsupportedMediaType(text=f"Content-Encoding {encoding[:40]!r} is not supported;"
+                                        " send the body as is, or gzip or deflate it")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, read within --http-read-timeout, at most --max-message-bytes (the
+    app's ``client_max_size``; aiohttp inflates gzip and deflate as they arrive, no further than
+    that); an HTTPException says why not. ConnectionError: the client left before it was in."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in _ENCODINGS:
+        raise unsupported(encoding)
+    timeout, limit = request.app[READ_TIMEOUT], request.client_max_size
+    try:
+        async with asyncio.timeout(timeout):
+            data = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=f"request body: not received within {timeout:g}s (--http-"
+                                     f"read-timeout; {request.content.total_bytes:,} bytes came)") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(f"{'inflated to ' if encoding not in ('identity', '') else ''}more than "
+                        f"{limit:,}", limit) from None
+    except RequestPayloadError as exc:  # data gzip or deflate cannot read
+        request.content.feed_eof()  # nothing more to read (aiohttp would try, and log the error)
+        cause = exc.__cause__.__context__ if exc.__cause__ else None
+        raise web.HTTPBadRequest(text=f"request body: not valid {encoding} data"
+                                 + (f" ({cause})" if isinstance(cause, zlib.error) else "")) from None
+    if encoding == "x-gzip":  # gzip by its old name, which aiohttp leaves as it is
+        inflater = zlib.decompressobj(31)
+        try:
+            data = inflater.decompress(data, limit + 1)
+        except zlib.error as exc:
+            raise web.HTTPBadRequest(text=f"request body: not valid x-gzip data ({exc})") from None
+        if len(data) > limit or inflater.unconsumed_tail:
+            raise too_large(f"inflated to more than {limit:,}", limit)
+    return data
+
+
 # --- the routes --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Route:
-    """A route: its method, path pattern, the handler's name on RestApi, its label in metrics,
-    and whether it needs the bearer token (health and metrics do not, as gRPC health does not)."""
+    """A route: its method, path (``{name}`` a parameter; the route's label in metrics), the
+    handler's name on RestApi, and whether it needs the bearer token (health and metrics do not,
+    as gRPC health does not)."""
 
     method: str
-    pattern: re.Pattern[str]
-    handler: str
     label: str
+    handler: str
     open: bool = False
 
 
-def _route(method: str, path: str, handler: str, open_: bool = False) -> Route:
-    regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]*)", path)
-    return Route(method, re.compile(regex + "$"), handler, path, open_)
-
-
-ROUTES = (
-    _route("GET", "/v2/health/live", "live", True),
-    _route("GET", "/v2/health/ready", "ready", True),
-    _route("GET", "/v2", "server_metadata"),
-    _route("GET", "/v2/models/{name}", "model_metadata"),
-    _route("GET", "/v2/models/{name}/versions/{version}", "model_metadata"),
-    _route("GET", "/v2/models/{name}/ready", "model_ready", True),
-    _route("GET", "/v2/models/{name}/versions/{version}/ready", "model_ready", True),
-    _route("POST", "/v2/models/{name}/infer", "infer"),
-    _route("POST", "/v2/models/{name}/versions/{version}/infer", "infer"),
-    _route("POST", "/v2/repository/index", "repository_index"),
-    _route("GET", "/metrics", "metrics", True),
+ROUTES = (  # the router tries the paths of /v2/models in this order: inference first
+    Route("POST", "/v2/models/{name}/infer", "infer"),
+    Route("POST", "/v2/models/{name}/versions/{version}/infer", "infer"),
+    Route("GET", "/v2/health/live", "live", True),
+    Route("GET", "/v2/health/ready", "ready", True),
+    Route("GET", "/v2", "server_metadata"),
+    Route("GET", "/v2/models/{name}", "model_metadata"),
+    Route("GET", "/v2/models/{name}/versions/{version}", "model_metadata"),
+    Route("GET", "/v2/models/{name}/ready", "model_ready", True),
+    Route("GET", "/v2/models/{name}/versions/{version}/ready", "model_ready", True),
+    Route("POST", "/v2/repository/index", "repository_index"),
+    Route("GET", "/metrics", "metrics", True),
 )
+NO_ROUTE = ("the Open Inference Protocol's routes are /v2/health/live, /v2/health/ready, /v2, "
+            "/v2/models/NAME[/versions/V][/ready], POST /v2/models/NAME[/versions/V]/infer, "
+            "POST /v2/repository/index and /metrics")
 
 
-class NoRoute(Exception):
-    """No route for the path (404), or none for the method (405; ``allowed`` lists those)."""
-
-    def __init__(self, message: str, status: int, allowed: tuple[str, ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.allowed = allowed
-
-
-def match(method: str, path: str) -> tuple[Route, dict[str, str]]:
-    """The route of ``method path`` and its parameters; NoRoute otherwise. HEAD is GET without
-    the body."""
-    wanted = "GET" if method == "HEAD" else method
-    allowed: list[str] = []
+def add_routes(app: web.Application, api: RestApi, expect: ExpectHandler | None = None) -> None:
+    """ROUTES into the app's router (a GET route answers HEAD too; ``expect`` answers their
+    ``Expect`` headers); a parameter may be empty, as the protocol's paths do not forbid it."""
     for route in ROUTES:
-        found = route.pattern.match(path)
-        if found is None:
-            continue
-        if route.method == wanted:
-            return route, found.groupdict()
-        allowed.append(route.method)
-    if allowed:
-        methods = tuple(sorted(set(allowed)))
-        raise NoRoute(f"{method} is not allowed on {path[:200]}; use {' or '.join(methods)}", 405, methods)
-    raise NoRoute(f"no route {method} {path[:200]}; the Open Inference Protocol's routes are "
-                  "/v2/health/live, /v2/health/ready, /v2, /v2/models/NAME[/versions/V][/ready], "
-                  "POST /v2/models/NAME[/versions/V]/infer, POST /v2/repository/index and /metrics", 404)
+        method: Callable[..., Any] = getattr(api, route.handler)
+
+        async def handle(request: web.Request, method: Callable[..., Any] = method) -> web.Response:
+            reply: Reply = await method(request, **request.match_info)
+            return web.Response(body=reply.body, status=reply.status,
+                                headers={**reply.headers, "Content-Type": reply.content_type})
+
+        path = re.sub(r"\{(\w+)\}", r"{\1:[^/]*}", route.label)
+        if route.method == "GET":
+            app.router.add_get(path, handle, expect_handler=expect)
+        else:
+            app.router.add_route(route.method, path, handle, expect_handler=expect)
 
 
 class RestApi:
-    """The routes' handlers over the server's models (``router``); ``draining()`` is true from
-    the first moment of shutdown."""
+    """The routes' handlers over the server's models (``router``) and the V2 servicer the gRPC
+    edge serves too; ``draining()`` is true from the first moment of shutdown."""
 
-    def __init__(self, router: Router, draining: Callable[[], bool],
+    def __init__(self, router: Registry, pictures: PictureDecoder, draining: Callable[[], bool],
                  metrics: Callable[[], tuple[bytes, str]]) -> None:
         self._router = router
+        self._pictures = pictures
         self._draining = draining
         self._metrics = metrics
         self._version = infer.server_version()
@@ -157,14 +202,10 @@ class RestApi:
         """True from the first moment of the server's stop."""
         return self._draining()
 
-    def handler(self, route: Route) -> Callable[..., Awaitable[Reply]]:
-        method: Callable[..., Awaitable[Reply]] = getattr(self, route.handler)
-        return method
-
-    async def live(self, body: Callable[[], Awaitable[bytes]], headers: Mapping[str, str]) -> Reply:
+    async def live(self, request: web.Request) -> Reply:
         return json_reply({"live": True})
 
-    async def ready(self, body: Callable[[], Awaitable[bytes]], headers: Mapping[str, str]) -> Reply:
+    async def ready(self, request: web.Request) -> Reply:
         """200 while the server serves (its default model, or with none, a model: health "");
         503 before the first version is loaded and warmed, and from the first moment of a drain."""
         if self._draining():
@@ -175,17 +216,14 @@ class RestApi:
             return error_reply(503, f"not ready: {why}", ready=False)
         return json_reply({"ready": True})
 
-    async def server_metadata(self, body: Callable[[], Awaitable[bytes]],
-                              headers: Mapping[str, str]) -> Reply:
+    async def server_metadata(self, request: web.Request) -> Reply:
         return json_reply({"name": infer.SERVER_NAME, "version": self._version,
                            "extensions": list(EXTENSIONS)})
 
-    async def model_metadata(self, body: Callable[[], Awaitable[bytes]], headers: Mapping[str, str],
-                             name: str, version: str = "") -> Reply:
+    async def model_metadata(self, request: web.Request, name: str, version: str = "") -> Reply:
         return json_reply(infer.model_metadata(self._router, name, version))
 
-    async def model_ready(self, body: Callable[[], Awaitable[bytes]], headers: Mapping[str, str],
-                          name: str, version: str = "") -> Reply:
+    async def model_ready(self, request: web.Request, name: str, version: str = "") -> Reply:
         """200 {"ready": true} when the model (version, label) answers; 503 while it is not
         loaded yet or the server drains; 404 for one that is not served."""
         ready = infer.model_ready(self._router, name, version) and not self._draining()
@@ -194,24 +232,22 @@ class RestApi:
             answer["version"] = version
         return json_reply(answer, 200 if ready else 503)
 
-    async def infer(self, body: Callable[[], Awaitable[bytes]], headers: Mapping[str, str],
-                    name: str, version: str = "") -> Reply:
+    async def infer(self, request: web.Request, name: str, version: str = "") -> Reply:
         if self._draining():
             raise ModelNotReadyError(SHUTTING_DOWN)
         plane, model = infer.resolve(self._router, name, version, "model_version", split=True)
         limit = ValueLimit(plane.max_images_per_request, model.spec.input_size)
-        data = await body()
-        read = partial(read_infer, data, headers.get(HEADER_LENGTH), name, limit)
+        data = await read_body(request)
+        read = partial(read_infer, data, request.headers.get(HEADER_LENGTH), name, limit)
         call = await asyncio.to_thread(read) if len(data) > THREAD_BYTES else read()
-        response = await infer.infer(plane, model, call.request, self._router.pictures, None)
+        response = await infer.infer(plane, model, call.request, self._pictures, None)
         answer, length = infer_body(response, call.binary)
         if length is None:
             return Reply(answer)
         return Reply(answer, content_type=OCTETS, headers={HEADER_LENGTH: str(length)})
 
-    async def repository_index(self, body: Callable[[], Awaitable[bytes]],
-                               headers: Mapping[str, str]) -> Reply:
-        data = await body()
+    async def repository_index(self, request: web.Request) -> Reply:
+        data = await read_body(request)
         ready_only = False
         if data.strip():
             try:
@@ -223,6 +259,6 @@ class RestApi:
                                  "ready", "true or false")
         return json_reply(repository_index(self._router.model_infos(), ready_only))
 
-    async def metrics(self, body: Callable[[], Awaitable[bytes]], headers: Mapping[str, str]) -> Reply:
+    async def metrics(self, request: web.Request) -> Reply:
         text, content_type = self._metrics()
         return Reply(text, content_type=content_type)

@@ -1,8 +1,9 @@
 """Transport security and caller authentication: TLS / mTLS server credentials and a bearer-token
-check (applied by digitserve.server.calls) that leaves the health service open to probes."""
+check that leaves the health service open to probes."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hmac
 import ipaddress
@@ -29,8 +30,8 @@ _TOKEN_SYNTAX = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class SecurityConfigError(Exception):
-    """Raised at start-up when a certificate, key or token cannot be read or is unusable; the
-    server then exits 1 with this one line (it is never reported to callers)."""
+    """A certificate, key or token that cannot be read or used, at start-up: the server exits 1
+    with this one line (never reported to callers)."""
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -53,15 +54,13 @@ _ANY_HOST = frozenset({"", "0.0.0.0", "::", "*"})
 
 @dataclass(frozen=True)
 class Certificate:
-    """What start-up learnt of the served certificate chain: when the first of its certificates
-    expires, and the names the server's own certificate covers."""
+    """The served chain's first expiry and the names the server's own certificate covers."""
 
     not_after: datetime.datetime
     names: tuple[str, ...]
 
     @property
-    def expires(self) -> float:
-        """``not_after`` as a Unix time."""
+    def expires(self) -> float:  # Unix time
         return self.not_after.timestamp()
 
 
@@ -69,13 +68,11 @@ def _utc(moment: datetime.datetime) -> str:
     return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def check_certificate(
-    settings: Settings, cert_pem: bytes, key_pem: bytes, now: datetime.datetime | None = None
-) -> Certificate:
-    """Refuses (SecurityConfigError, one line) a certificate chain that cannot be parsed, one of
-    whose certificates is expired or not yet valid, or a key that is not the certificate's; warns
-    when the chain expires within --tls-expiry-warning-days or the certificate's names do not
-    cover --host."""
+def check_certificate(settings: Settings, cert_pem: bytes, key_pem: bytes,
+                      now: datetime.datetime | None = None) -> Certificate:
+    """Refuses (SecurityConfigError) a chain that does not parse or holds a certificate not valid
+    now, or a key not the certificate's; warns when the chain expires within
+    --tls-expiry-warning-days or its names do not cover --host."""
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
@@ -84,8 +81,8 @@ def check_certificate(
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
-        raise SecurityConfigError(
-            f"TLS certificate {cert_path}: not a readable PEM certificate chain") from None
+        raise SecurityConfigError(f"TLS certificate {cert_path}: not a readable PEM certificate chain"
+                                  ) from None
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:  # encrypted; never say more about a key
@@ -101,9 +98,8 @@ def check_certificate(
             "differ); give the key the certificate was issued for")
     now = now or datetime.datetime.now(datetime.UTC)
     for position, cert in enumerate(chain):
-        which = f"TLS certificate {cert_path}" + (
-            "" if position == 0 else f" (certificate {position + 1} of the chain, "
-                                     f"{cert.subject.rfc4514_string()})")
+        which = f"TLS certificate {cert_path}" + ("" if position == 0 else (
+            f" (certificate {position + 1} of the chain, {cert.subject.rfc4514_string()})"))
         if now < cert.not_valid_before_utc:
             raise SecurityConfigError(
                 f"{which}: not valid before {_utc(cert.not_valid_before_utc)} (now {_utc(now)}); "
@@ -114,21 +110,18 @@ def check_certificate(
     not_after = min(cert.not_valid_after_utc for cert in chain)
     days_left = (not_after - now).total_seconds() / 86400
     if days_left < settings.tls_expiry_warning_days:
-        logger.warning(
-            "TLS certificate %s expires at %s, in %.1f days (--tls-expiry-warning-days %g); renew it",
-            cert_path, _utc(not_after), days_left, settings.tls_expiry_warning_days)
+        logger.warning("TLS certificate %s expires at %s, in %.1f days (--tls-expiry-warning-days %g); "
+                       "renew it", cert_path, _utc(not_after), days_left, settings.tls_expiry_warning_days)
     names = _names(chain[0])
     host = settings.host.strip("[]")
     if host not in _ANY_HOST and not _covers(names, host):
-        logger.warning(
-            "TLS certificate %s is for %s, not --host %s: clients that connect to %s will refuse it",
-            cert_path, ", ".join(names) or "no name", host, host)
+        logger.warning("TLS certificate %s is for %s, not --host %s: clients that connect to %s will "
+                       "refuse it", cert_path, ", ".join(names) or "no name", host, host)
     return Certificate(not_after, names)
 
 
 def _names(cert: Any) -> tuple[str, ...]:
-    """The subject alternative names (DNS names and IP addresses) of a certificate; its common
-    name when it has none (as grpc's own host check does)."""
+    """A certificate's subject alternative names (DNS, IP); its common name without them (as grpc)."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
@@ -147,45 +140,34 @@ def _covers(names: Sequence[str], host: str) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         host = host.lower().rstrip(".")
-        for name in names:
-            name = name.lower().rstrip(".")
-            if name == host or (name.startswith("*.") and "." in host
-                                and host.split(".", 1)[1] == name[2:]):
-                return True
-        return False
+        parent = host.split(".", 1)[1] if "." in host else None
+        return any(name == host or (name.startswith("*.") and parent == name[2:])
+                   for name in (n.lower().rstrip(".") for n in names))
     for name in names:
-        try:
+        with contextlib.suppress(ValueError):
             if ipaddress.ip_address(name) == address:
                 return True
-        except ValueError:
-            continue
     return False
 
 
-def server_credentials(
-    settings: Settings, now: datetime.datetime | None = None
-) -> tuple[grpc.ServerCredentials, Certificate] | None:
-    """TLS credentials from --tls-cert/--tls-key (None without them) and what check_certificate
-    found in the certificate; with --tls-client-ca the server requires a client certificate
-    signed by that CA (mTLS)."""
+def server_credentials(settings: Settings, now: datetime.datetime | None = None
+                       ) -> tuple[grpc.ServerCredentials, Certificate] | None:
+    """TLS credentials from --tls-cert/--tls-key (None without them) and check_certificate's
+    findings; with --tls-client-ca, client certificates signed by that CA are required (mTLS)."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
     cert = _read_pem(settings.tls_cert, "TLS certificate")
     key = _read_pem(settings.tls_key, "TLS key")
-    client_ca = (
-        None if settings.tls_client_ca is None else _read_pem(settings.tls_client_ca, "TLS client CA")
-    )
+    client_ca = None if settings.tls_client_ca is None else _read_pem(settings.tls_client_ca, "TLS client CA")
     certificate = check_certificate(settings, cert, key, now)
-    credentials = grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
-    )
+    credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                              require_client_auth=client_ca is not None)
     return credentials, certificate
 
 
 def load_tokens(settings: Settings) -> list[bytes]:
-    """The accepted bearer tokens: MNIST_AUTH_TOKEN, or one per non-blank line of
-    --auth-token-file (several let clients move to a new token before the old one is dropped).
-    Empty when neither is set: no token is required."""
+    """The accepted bearer tokens: MNIST_AUTH_TOKEN, or one per non-blank line of --auth-token-file
+    (several let clients move to a new one); empty when neither is set (no token required)."""
     if settings.auth_token is not None:
         lines, source = [settings.auth_token], "MNIST_AUTH_TOKEN"
     elif settings.auth_token_file is not None:
@@ -193,28 +175,22 @@ def load_tokens(settings: Settings) -> list[bytes]:
         try:
             lines, source = data.decode("ascii").splitlines(), f"token file {settings.auth_token_file}"
         except UnicodeDecodeError:
-            raise SecurityConfigError(
-                f"token file {settings.auth_token_file}: not ASCII text"
-            ) from None
+            raise SecurityConfigError(f"token file {settings.auth_token_file}: not ASCII text") from None
     else:
         return []
-    tokens = [line.strip() for line in lines if line.strip()]
-    if not tokens:
+    if not (tokens := [line.strip() for line in lines if line.strip()]):
         raise SecurityConfigError(f"{source}: holds no token")
     for number, token in enumerate(tokens, 1):
         if not _TOKEN_SYNTAX.fullmatch(token):
-            # Never echo the token itself.
-            raise SecurityConfigError(
+            raise SecurityConfigError(  # never echo the token itself
                 f"{source}: token {number} is not a bearer token (letters, digits and -._~+/ only; "
-                "e.g. `openssl rand -hex 32`)"
-            )
+                "e.g. `openssl rand -hex 32`)")
     return [token.encode("ascii") for token in tokens]
 
 
 class TokenAuth:
     """Lets a call through only with ``authorization: Bearer <token>`` naming an accepted token
-    (compared in constant time); digitserve.server.calls answers others UNAUTHENTICATED before the method
-    runs. Methods under ``open_prefixes`` (health) need no token."""
+    (compared in constant time); methods under ``open_prefixes`` (health) need none."""
 
     def __init__(self, tokens: Sequence[bytes], open_prefixes: Sequence[str] = OPEN_METHOD_PREFIXES) -> None:
         if not tokens:
@@ -227,8 +203,7 @@ class TokenAuth:
 
     def check(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
         """None if the metadata carries an accepted token, else the UNAUTHENTICATED message."""
-        values = [v for k, v in metadata or () if k == "authorization"]
-        if not values:
+        if not (values := [v for k, v in metadata or () if k == "authorization"]):
             return MISSING_TOKEN
         value = values[0]
         raw = value.encode("utf-8", "replace") if isinstance(value, str) else value
@@ -244,8 +219,7 @@ class TokenAuth:
 
 @dataclass(frozen=True)
 class ServerSecurity:
-    """What App needs: credentials for add_secure_port (None: plaintext) and the token check
-    (None: calls need no token)."""
+    """Credentials for add_secure_port (None: plaintext) and the token check (None: no token)."""
 
     credentials: grpc.ServerCredentials | None = None
     auth: TokenAuth | None = None
@@ -258,16 +232,9 @@ class ServerSecurity:
         tls = server_credentials(settings)
         credentials, certificate = (None, None) if tls is None else tls
         tokens = load_tokens(settings)
-        parts = [
-            "plaintext" if credentials is None
-            else "mTLS (client certificates required)" if settings.tls_client_ca is not None
-            else "TLS"
-        ]
+        parts = ["plaintext" if credentials is None else "mTLS (client certificates required)"
+                 if settings.tls_client_ca is not None else "TLS"]
         if tokens:
             parts.append(f"bearer token ({len(tokens)} accepted; health open)")
-        return cls(
-            credentials=credentials,
-            auth=TokenAuth(tokens) if tokens else None,
-            description=", ".join(parts),
-            certificate=certificate,
-        )
+        return cls(credentials=credentials, auth=TokenAuth(tokens) if tokens else None,
+                   description=", ".join(parts), certificate=certificate)

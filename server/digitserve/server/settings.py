@@ -1,18 +1,27 @@
-"""Server settings: built once in main() from flags and MNIST_* environment variables."""
+"""Server settings: one declaration per option (type, default, help, group, checks), a pydantic
+dataclass. From it come the flags and their ``MNIST_*`` variables (``build_parser``, through
+``digitserve.config.Parser``, grouped in ``--help``), the checks and their one-line errors
+(pydantic), and the flag reference of docs/configuration.md (``python -m digitserve.server.settings``)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from digitserve.config import ENV_PREFIX, Parser, add_fields, env_name, env_only
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+
+from digitserve.config import ENV_PREFIX, Parser, env_name, show_default
 from digitserve.repository import is_model_name
 
-__all__ = ["ENV_PREFIX", "Settings", "build_parser", "load_settings"]
+__all__ = ["ENV_PREFIX", "Settings", "build_parser", "load_settings", "markdown"]
 
 # The allowed values are the fields' types: flags, variables and --help take them from there.
 # (digitserve.inference.INFERENCE_CHOICES, digitserve.server.logs.FORMATS and
@@ -24,551 +33,403 @@ INFERENCE_CHOICES: tuple[str, ...] = get_args(Inference)
 FORMATS: tuple[str, ...] = get_args(LogFormat)
 ACCESS_LOG_MODES: tuple[str, ...] = get_args(AccessLogMode)
 
+# --help's groups and the reference's sections, in this order: title -> what the group holds.
+GROUPS = {
+    "model repository": "what is served, and the gate a version passes first",
+    "network": "listeners, connections and shutdown",
+    "limits": "the most one call, connection or picture may take",
+    "batching": "how the model runs: batcher, threads and worker processes",
+    "security": "TLS and bearer tokens (docs/security.md)",
+    "observability": "logs and metrics (docs/observability.md)",
+}
+REPO, NET, LIMITS, BATCH, SECURITY, OBS = GROUPS
 
-@dataclass(frozen=True)
+
+def opt(default: Any, group: str, help: str, *, shown: str | None = None, label: str | None = None,
+        after: str = "", env_only: bool = False, **checks: Any) -> Any:
+    """One option: its default (``...``: required), --help group and text, the default as help
+    shows it, and its bounds (``ge``, ``gt``, ``le``). An error names it ``label`` (``{}`` is the
+    value; default: the field's name in words) with ``after`` appended. ``env_only``: a secret,
+    from its variable only (a flag would show in ``ps``), never in repr()."""
+    extra = {"group": group, "shown": shown, "label": label, "after": after, "env_only": env_only}
+    return Field(default, description=help, repr=not env_only, json_schema_extra=typing.cast(Any, extra),
+                 **checks)
+
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid", hide_input_in_errors=True))
 class Settings:
-    """Everything the server can be told. Each field is also read from MNIST_<FIELD> (upper case)."""
+    """Everything the server can be told; each field is also the variable MNIST_<FIELD>."""
 
-    model_repo: Path = field(metadata={"help": "Root of the model repository (``REPO/NAME/VERSION/``)."})
-    model_name: tuple[str, ...] = field(default=(), metadata={
-        "help": "A model of the repository to serve (repeat the flag for several; comma-separated "
-                "in the variable); none serves every model in the repository, and models that "
-                "appear later.", "default_text": "every model"})
-    model_version: int = field(default=0, metadata={
-        "help": "Version to serve (with one --model-name); 0 serves the newest that passes the gate."})
-    default_model: str = field(default="", metadata={
-        "help": "The model a request without model_name gets; empty: the first --model-name, or "
-                "the only model served.", "default_text": "the only model"})
-    model_config: Path | None = field(default=None, metadata={
-        "help": "A model config file (TOML: models, version policy, labels, canary weight, gate "
-                "rules; docs/models.md), read again when it changes; instead of --model-name, "
-                "--model-version and --default-model."})
-    host: str = field(
-        default="127.0.0.1", metadata={"help": "Address to listen on; use 0.0.0.0 or [::] in a container."}
-    )
-    port: int = field(default=50051, metadata={"help": "Port to listen on; 0 picks a free one (logged)."})
-    grace_period: float = field(
-        default=10.0, metadata={"help": "Seconds in-flight calls get to finish after SIGTERM/SIGINT."}
-    )
-    max_images_per_request: int = field(
-        default=1024, metadata={"help": "Most images in one Predict request or one Evaluate message."}
-    )
-    max_message_bytes: int = field(
-        default=16 * 1024 * 1024,
-        metadata={"help": "Largest gRPC message accepted or sent, and largest HTTP request body."}
-    )
-    max_connection_age: float = field(
-        default=0.0,
-        metadata={
-            "help": "Seconds after which a client connection is closed (gracefully) so clients "
-            "rebalance over new replicas; 0 keeps connections open."
-        },
-    )
-    # HTTP/2 limits of every listener (grpc core channel arguments; see server_options).
-    max_concurrent_streams: int = field(
-        default=100,
-        metadata={
-            "help": "Most streams (calls) one client connection may have open at once "
-            "(SETTINGS_MAX_CONCURRENT_STREAMS); more are refused with REFUSED_STREAM, which grpc "
-            "clients queue. Bounds what a flood of data-less streams can hold."
-        },
-    )
-    max_deallocating_streams: int = field(
-        default=100,
-        metadata={
-            "help": "Streams of one connection that have ended but whose calls the server has not "
-            "yet released, allowed beyond --max-concurrent-streams before its new streams are "
-            "refused (REFUSED_STREAM). Bounds an HTTP/2 rapid reset (HEADERS then RST_STREAM at "
-            "once); 0 also refuses well-behaved clients that keep to the stream limit."
-        },
-    )
-    handshake_timeout: float = field(
-        default=10.0,
-        metadata={
-            "help": "Seconds a new connection may take to send the HTTP/2 preface and SETTINGS "
-            "(and finish TLS) before the server closes it; idle sockets that never speak are "
-            "closed after it."
-        },
-    )
-    max_connections: int = field(
-        default=0,
-        metadata={
-            "help": "Most gRPC connections open at once (per worker); one more is closed at once "
-            "(the client sees UNAVAILABLE). 0: the file-descriptor limit (RLIMIT_NOFILE) less "
-            "128 files and --http-max-connections when --http-port is on, so that accepting "
-            "connections never exhausts the files the server needs.",
-            "default_text": "from the file limit"
-        },
-    )
-    max_connection_idle: float = field(
-        default=60.0,
-        metadata={
-            "help": "Seconds a connection may stay without any call before the server closes it "
-            "(GOAWAY; grpc clients reconnect at their next call); 0 never closes idle connections."
-        },
-    )
-    keepalive_time: float = field(
-        default=60.0,
-        metadata={
-            "help": "Seconds between the server's keepalive pings on a connection, to find peers "
-            "that vanished without closing it; 0 sends none."
-        },
-    )
-    keepalive_timeout: float = field(
-        default=20.0,
-        metadata={"help": "Seconds a keepalive ping may wait for its answer before the connection closes."},
-    )
-    min_ping_interval: float = field(
-        default=10.0,
-        metadata={
-            "help": "Shortest interval (seconds) allowed between a client's pings while the server "
-            "sends nothing; each faster ping is a strike (client keepalive must not be shorter)."
-        },
-    )
-    max_ping_strikes: int = field(
-        default=2,
-        metadata={
-            "help": "Pings too early tolerated before the connection is closed (GOAWAY "
-            "ENHANCE_YOUR_CALM 'too_many_pings'); 0 tolerates any number."
-        },
-    )
-    max_metadata_bytes: int = field(
-        default=8192,
-        metadata={
-            "help": "Largest header block (request metadata, HPACK-decoded) of a call; larger "
-            "ones are refused with RESOURCE_EXHAUSTED before the call reaches the server's code."
-        },
-    )
-    max_batch_size: int = field(
-        default=256,
-        metadata={"help": "Most images the dynamic batcher puts into one model call."},
-    )
-    max_queue_delay_ms: float = field(
-        default=0.0,
-        metadata={
-            "help": "Milliseconds the batcher waits for more calls before running a batch that is "
-            "not full; 0 runs at once (calls that arrive while the model is busy still batch)."
-        },
-    )
-    max_queued_images: int = field(
-        default=8192,
-        metadata={"help": "Images allowed to wait for the model; beyond that calls get RESOURCE_EXHAUSTED."},
-    )
-    max_picture_bytes: int = field(
-        default=8 * 1024 * 1024,
-        metadata={
-            "help": "Largest picture accepted (Image.encoded, an element of a V2 BYTES input: PNG or "
-            "JPEG bytes); a larger one is INVALID_ARGUMENT, refused before any picture of the call "
-            "is decoded."
-        },
-    )
-    max_picture_request_bytes: int = field(
-        default=16 * 1024 * 1024,
-        metadata={"help": "Most bytes of pictures in one request, all its pictures together."},
-    )
-    max_picture_pixels: int = field(
-        default=4096 * 4096,
-        metadata={
-            "help": "Most pixels (width × height) of one picture, read from its header before it "
-            "is decoded: a decompression bomb is refused unread. The default takes a 12-megapixel "
-            "photo."
-        },
-    )
-    max_picture_decoded_bytes: int = field(
-        default=48 * 1024 * 1024,
-        metadata={
-            "help": "Most bytes one picture may decode to (width × height × bytes per pixel: 1 "
-            "grey or palette, 2 16-bit grey, 4 colour or alpha, 6 or 8 16-bit colour; a JPEG at "
-            "the reduced scale it is decoded at, plus 2 bytes per coefficient when progressive or "
-            "multi-scan), read from its header before it is decoded: INVALID_ARGUMENT beyond. "
-            "Each picture thread holds about this much at most. The default takes a 12-megapixel "
-            "photo (JPEG, or PNG up to 4096×3072 RGBA) and any 8- or 16-bit grey picture within "
-            "--max-picture-pixels."
-        },
-    )
-    picture_threads: int = field(
-        default=2,
-        metadata={
-            "help": "Threads that decode and preprocess pictures, shared by every model (never the "
-            "event loop: a 640×480 JPEG takes milliseconds)."
-        },
-    )
-    max_queued_pictures: int = field(
-        default=64,
-        metadata={
-            "help": "Pictures allowed to wait for (or be in) decoding, all calls together; beyond "
-            "that calls get RESOURCE_EXHAUSTED before any of their pictures is decoded. Also the "
-            "most pictures in one request (more: INVALID_ARGUMENT)."
-        },
-    )
-    inline_max_images: int = field(
-        default=64,
-        metadata={
-            "help": "Most images of a call computed on the event loop, for a model that runs "
-            "inline (LiteRT) and only while it is idle; lowered per model at load until such a call "
-            "takes at most 1 ms. Larger calls queue for the model thread. 0: never on the loop."
-        },
-    )
-    workers: int = field(
-        default=1,
-        metadata={"help": "Server processes sharing the port (SO_REUSEPORT), each with its own model."},
-    )
-    worker_start_retries: int = field(
-        default=5,
-        metadata={
-            "help": "With --workers N: a worker that dies is restarted with exponential backoff "
-            "(0.5 s doubling to 30 s); one that fails this many times in a row before serving "
-            "(no model, a taken metrics port) halts the server (exit 1), as gunicorn does."
-        },
-    )
-    worker_heartbeat_timeout: float = field(
-        default=10.0,
-        metadata={
-            "help": "With --workers N: each worker's event loop beats a heartbeat every second; "
-            "one silent this many seconds (stopped, deadlocked, stuck on the loop) is logged, "
-            "killed with SIGKILL and restarted. 0 turns the check off."
-        },
-    )
-    reload_interval: float = field(
-        default=5.0,
-        metadata={
-            "help": "Seconds between looks for a newer published version (hot reload); 0 turns it "
-            "off. A pinned --model-version is never replaced."
-        },
-    )
-    repository_timeout: float = field(
-        default=30.0,
-        metadata={
-            "help": "Seconds a repository read (listing the versions, loading and checking one "
-            "version) may take before it counts as hung: it is logged and counted "
-            "(digitserve_repository_timeouts_total), the version is skipped for now and retried "
-            "later once the hung read returns; other versions still load."
-        },
-    )
-    removed_version_grace: float = field(
-        default=30.0,
-        metadata={
-            "help": "Seconds the served version keeps serving from memory after its directory "
-            "vanished from the repository; then the newest remaining version that passes the "
-            "checks is served, as a fresh start would."
-        },
-    )
-    min_check_accuracy: float = field(
-        default=0.0,
-        metadata={
-            "help": "A floor on a version's accuracy on its check set (check_set.npz), on top of "
-            "the gate's own checks (its accuracy reproduces the trainer's figure); 0 turns it off."
-        },
-    )
-    max_regression: float = field(
-        default=1.0,
-        metadata={
-            "help": "A new version is served only if its check-set accuracy is at most this much "
-            "below the version now serving (0.01: one point); 1 turns it off."
-        },
-    )
-    exit_if_no_model: bool = field(
-        default=False,
-        metadata={
-            "help": "Exit at start when the repository has no servable version of the model "
-            "(exit 2 when none is published, 1 when all are refused), instead of waiting, health "
-            "NOT_SERVING, for one to be published."
-        },
-    )
-    allow_missing_check_set: bool = field(
-        default=False,
-        metadata={
-            "help": "Serve versions that have no check set (check_set.npz), their answers "
-            "unchecked; without it they are refused."
-        },
-    )
-    inference: Inference = field(
-        default="auto",
-        metadata={
-            "help": "How the model runs: 'litert' (LiteRT/XNNPACK, one thread: microseconds per "
-            "call), 'tensorflow' (a tf.function), or 'auto': LiteRT when its probabilities agree "
-            "with model.predict on the version's check set to 1e-6 or to TensorFlow's own "
-            "batch-1 spread, else TensorFlow."
-        },
-    )
-    keep_versions: int = field(
-        default=2,
-        metadata={"help": "Newest versions kept loaded, so requests can pin the previous one."},
-    )
-    log_level: str = field(default="INFO", metadata={"help": "Python logging level."})
-    log_format: LogFormat = field(
-        default="auto",
-        metadata={
-            "help": "Log lines as 'json' (one object per line), 'text', or 'auto': text when stderr "
-            "is a terminal, JSON otherwise."
-        },
-    )
-    access_log: AccessLogMode = field(
-        default="auto",
-        metadata={
-            "help": "One line per call (method, status, latency, peer, request id): 'on', 'off', or "
-            "'auto': on, except for text lines on a terminal, where a line per call would flood "
-            "the screen (JSON lines, files and pipes get them). --log-level WARNING turns them off."
-        },
-    )
-    metrics_port: int = field(
-        default=-1,
-        metadata={
-            "help": "Port of the Prometheus endpoint (http://HOST:PORT/metrics); -1 turns it off, 0 "
-            "picks a free one (logged). With --workers N, worker i serves on PORT+i."
-        },
-    )
-    http_port: int = field(
-        default=-1,
-        metadata={
-            "help": "Port of the HTTP/JSON edge (the Open Inference Protocol's REST binding: "
-            "/v2/health/ready, /v2/models/NAME/infer, ...; /metrics too), served by the same "
-            "process, data plane and token check as gRPC; -1 turns it off, 0 picks a free one "
-            "(logged). With --workers N, the workers share it (SO_REUSEPORT), as they share --port."
-        },
-    )
-    http_max_connections: int = field(
-        default=512,
-        metadata={
-            "help": "Most HTTP connections open at once (per worker). Above three quarters of it, "
-            "each new connection closes the oldest idle keep-alive one; with none idle, one more "
-            "is answered 503 (Connection: close) and closed."
-        },
-    )
-    http_max_connections_per_peer: int = field(
-        default=128,
-        metadata={
-            "help": "Most HTTP connections open at once from one client address (per worker); "
-            "one more closes that address's oldest idle connection, or with none idle is answered "
-            "503 and closed, so that one client cannot hold every connection. Raise it (or 0: no "
-            "limit) behind a proxy that sends every client's requests from one address."
-        },
-    )
-    http_read_timeout: float = field(
-        default=10.0,
-        metadata={
-            "help": "Seconds an HTTP client may take to send a request's headers (from their first "
-            "byte, or from the connection's start), and again its body; a slower one is closed "
-            "(headers) or answered 408 (body). Idle keep-alive connections are closed after "
-            "--max-connection-idle."
-        },
-    )
-    low_confidence: float = field(
-        default=0.5,
-        metadata={
-            "help": "Top-1 probability below which a Predict answer counts as low-confidence "
-            "(metric digitserve_low_confidence_predictions_total)."
-        },
-    )
-    tls_cert: Path | None = field(
-        default=None,
-        metadata={"help": "PEM certificate chain of the server; with --tls-key the port speaks TLS only."},
-    )
-    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert."})
-    tls_client_ca: Path | None = field(
-        default=None,
-        metadata={
-            "help": "PEM CA certificate(s): clients must present a certificate signed by one (mTLS); "
-            "needs --tls-cert."
-        },
-    )
-    tls_expiry_warning_days: float = field(
-        default=14.0,
-        metadata={
-            "help": "Start-up warns when the TLS certificate expires within this many days (its "
-            "expiry is also the metric digitserve_tls_certificate_expiry_timestamp_seconds); an "
-            "expired or not yet valid certificate stops start-up. 0: no warning."
-        },
-    )
-    auth_token_file: Path | None = field(
-        default=None,
-        metadata={
-            "help": "File of accepted bearer tokens, one per line: every call but health must send "
-            "'authorization: Bearer <token>'. MNIST_AUTH_TOKEN (no flag) may hold one token instead."
-        },
-    )
-    # A secret: from the environment only (a flag would show in `ps`), never printed by repr().
-    auth_token: str | None = field(
-        default=None, repr=False, metadata={"help": "Accepted bearer token.", "env_only": True}
-    )
+    model_repo: Path = opt(..., REPO, "Root of the model repository (REPO/NAME/VERSION/).")
+    model_name: tuple[str, ...] = opt((), REPO, shown="every model", help=(
+        "A model of the repository to serve (repeat the flag for several; comma-separated in the "
+        "variable); none serves every model in the repository, and models that appear later."))
+    model_version: int = opt(0, REPO, ge=0, help=(
+        "Version to serve (with one --model-name); 0 serves the newest that passes the gate."))
+    default_model: str = opt("", REPO, shown="the only model", help=(
+        "The model a request without model_name gets; empty: the first --model-name, or the only model "
+        "served."))
+    model_config: Path | None = opt(None, REPO, help=(
+        "A model config file (TOML: models, version policy, labels, canary weight, gate rules; "
+        "docs/models.md), read again when it changes; instead of --model-name, --model-version and "
+        "--default-model."))
+    host: str = opt("127.0.0.1", NET, "Address to listen on; use 0.0.0.0 or [::] in a container.")
+    port: int = opt(50051, NET, "Port to listen on; 0 picks a free one (logged).", ge=0, le=65535)
+    grace_period: float = opt(10.0, NET, "Seconds in-flight calls get to finish after SIGTERM/SIGINT.", ge=0)
+    max_images_per_request: int = opt(1024, LIMITS, ge=1, help=(
+        "Most images in one Predict request or one Evaluate message."))
+    max_message_bytes: int = opt(16 * MiB, LIMITS, ge=1024, help=(
+        "Largest gRPC message accepted or sent, and largest HTTP request body (413 beyond)."))
+    max_connection_age: float = opt(0.0, NET, ge=0, help=(
+        "Seconds after which a client connection is closed (gracefully) so clients rebalance over new "
+        "replicas; 0 keeps connections open."))
+    max_concurrent_streams: int = opt(100, LIMITS, ge=1, help=(
+        "Most streams (calls) one client connection may have open at once "
+        "(SETTINGS_MAX_CONCURRENT_STREAMS); more are refused with REFUSED_STREAM, which grpc clients "
+        "queue. Bounds what a flood of data-less streams can hold."))
+    max_deallocating_streams: int = opt(100, LIMITS, ge=0, help=(
+        "Streams of one connection that have ended but whose calls the server has not yet released, "
+        "allowed beyond --max-concurrent-streams before its new streams are refused (REFUSED_STREAM). "
+        "Bounds an HTTP/2 rapid reset (HEADERS then RST_STREAM at once); 0 also refuses well-behaved "
+        "clients that keep to the stream limit."))
+    handshake_timeout: float = opt(10.0, LIMITS, gt=0, help=(
+        "Seconds a new connection may take to send the HTTP/2 preface and SETTINGS (and finish TLS) "
+        "before the server closes it; idle sockets that never speak are closed after it."))
+    max_connections: int = opt(0, LIMITS, shown="from the file limit", ge=0, help=(
+        "Most gRPC connections open at once (per worker); one more is closed at once (the client sees "
+        "UNAVAILABLE). 0: the file-descriptor limit (RLIMIT_NOFILE) less 128 files and "
+        "--http-max-connections when --http-port is on (at least 16; no cap when unlimited), so that "
+        "accepting connections never exhausts the files the server needs."))
+    max_connection_idle: float = opt(60.0, NET, ge=0, help=(
+        "Seconds a connection may stay without any call before the server closes it (GOAWAY; grpc clients "
+        "reconnect at their next call); 0 never closes idle connections."))
+    keepalive_time: float = opt(60.0, NET, ge=0, help=(
+        "Seconds between the server's keepalive pings on a connection, to find peers that vanished "
+        "without closing it; 0 sends none."))
+    keepalive_timeout: float = opt(20.0, NET, gt=0, help=(
+        "Seconds a keepalive ping may wait for its answer before the connection closes."))
+    min_ping_interval: float = opt(10.0, NET, ge=0, help=(
+        "Shortest interval (seconds) allowed between a client's pings while the server sends nothing; "
+        "each faster ping is a strike (client keepalive must not be shorter)."))
+    max_ping_strikes: int = opt(2, NET, ge=0, help=(
+        "Pings too early tolerated before the connection is closed (GOAWAY ENHANCE_YOUR_CALM "
+        "'too_many_pings'); 0 tolerates any number."))
+    max_metadata_bytes: int = opt(8192, LIMITS, ge=1024, help=(
+        "Largest header block (request metadata, HPACK-decoded) of a call; larger ones are refused with "
+        "RESOURCE_EXHAUSTED before the call reaches the server's code (HTTP: 431, and no header line "
+        "longer)."))
+    max_batch_size: int = opt(256, BATCH, "Most images the dynamic batcher puts into one model call.", ge=1)
+    max_queue_delay_ms: float = opt(0.0, BATCH, label="max queue delay {} ms", ge=0, help=(
+        "Milliseconds the batcher waits for more calls before running a batch that is not full; 0 runs at "
+        "once (calls that arrive while the model is busy still batch)."))
+    max_queued_images: int = opt(8192, BATCH, help=(
+        "Images allowed to wait for the model; beyond that calls get RESOURCE_EXHAUSTED."))
+    max_picture_bytes: int = opt(8 * MiB, LIMITS, ge=1024, help=(
+        "Largest picture accepted (Image.encoded, an element of a V2 BYTES input: PNG or JPEG bytes); a "
+        "larger one is INVALID_ARGUMENT, refused before any picture of the call is decoded."))
+    max_picture_request_bytes: int = opt(16 * MiB, LIMITS, help=(
+        "Most bytes of pictures in one request, all its pictures together."))
+    max_picture_pixels: int = opt(4096 * 4096, LIMITS, ge=28 * 28, help=(
+        "Most pixels (width × height) of one picture, read from its header before it is decoded: a "
+        "decompression bomb is refused unread. The default takes a 12-megapixel photo."))
+    max_picture_decoded_bytes: int = opt(48 * MiB, LIMITS, ge=28 * 28 * 4,
+                                         after=" (a 28×28 picture in colour)", help=(
+        "Most bytes one picture may decode to (width × height × bytes per pixel: 1 grey or palette, 2 "
+        "16-bit grey, 4 colour or alpha, 6 or 8 16-bit colour; a JPEG at the reduced scale it is decoded "
+        "at, plus 2 bytes per coefficient when progressive or multi-scan), read from its header before it "
+        "is decoded: INVALID_ARGUMENT beyond. Each picture thread holds about this much at most. The "
+        "default takes a 12-megapixel photo (JPEG, or PNG up to 4096×3072 RGBA) and any 8- or 16-bit grey "
+        "picture within --max-picture-pixels."))
+    picture_threads: int = opt(2, BATCH, ge=1, le=64, help=(
+        "Threads that decode and preprocess pictures, shared by every model (never the event loop: a "
+        "640×480 JPEG takes milliseconds)."))
+    max_queued_pictures: int = opt(64, LIMITS, ge=1, help=(
+        "Pictures allowed to wait for (or be in) decoding, all calls together; beyond that calls get "
+        "RESOURCE_EXHAUSTED before any of their pictures is decoded. Also the most pictures in one "
+        "request (more: INVALID_ARGUMENT)."))
+    inline_max_images: int = opt(64, BATCH, ge=0, help=(
+        "Most images of a call computed on the event loop, for a model that runs inline (LiteRT) and only "
+        "while it is idle; lowered per model at load until such a call takes at most 1 ms. Larger calls "
+        "queue for the model thread. 0: never on the loop."))
+    workers: int = opt(1, BATCH, ge=1, help=(
+        "Server processes sharing the port (SO_REUSEPORT), each with its own model."))
+    worker_start_retries: int = opt(5, BATCH, ge=0, help=(
+        "With --workers N: a worker that dies is restarted with exponential backoff (0.5 s doubling to 30 "
+        "s); one that fails this many times in a row before serving (no model, a taken metrics port) "
+        "halts the server (exit 1), as gunicorn does."))
+    worker_heartbeat_timeout: float = opt(10.0, BATCH, help=(
+        "With --workers N: each worker's event loop beats a heartbeat every second; one silent this many "
+        "seconds (stopped, deadlocked, stuck on the loop) is logged, killed with SIGKILL and restarted. 0 "
+        "turns the check off."))
+    reload_interval: float = opt(5.0, REPO, ge=0, help=(
+        "Seconds between looks for a newer published version (hot reload); 0 turns it off. A pinned "
+        "--model-version is never replaced."))
+    repository_timeout: float = opt(30.0, REPO, after=" seconds", gt=0, le=86400, help=(
+        "Seconds a repository read (listing the versions, loading and checking one version) may take "
+        "before it counts as hung: it is logged and counted (digitserve_repository_timeouts_total), the "
+        "version is skipped for now and retried later once the hung read returns; other versions still "
+        "load."))
+    removed_version_grace: float = opt(30.0, REPO, ge=0, help=(
+        "Seconds the served version keeps serving from memory after its directory vanished from the "
+        "repository; then the newest remaining version that passes the checks is served, as a fresh start "
+        "would."))
+    min_check_accuracy: float = opt(0.0, REPO, ge=0, le=1, help=(
+        "A floor on a version's accuracy on its check set (check_set.npz), on top of the gate's own "
+        "checks (its accuracy reproduces the trainer's figure); 0 turns it off."))
+    max_regression: float = opt(1.0, REPO, ge=0, le=1, help=(
+        "A new version is served only if its check-set accuracy is at most this much below the version "
+        "now serving (0.01: one point); 1 turns it off."))
+    exit_if_no_model: bool = opt(False, REPO, help=(
+        "Exit at start when the repository has no servable version of the model (exit 2 when none is "
+        "published, 1 when all are refused), instead of waiting, health NOT_SERVING, for one to be "
+        "published."))
+    allow_missing_check_set: bool = opt(False, REPO, help=(
+        "Serve versions that have no check set (check_set.npz), their answers unchecked; without it they "
+        "are refused."))
+    inference: Inference = opt("auto", BATCH, help=(
+        "How the model runs: 'litert' (LiteRT/XNNPACK, one thread: microseconds per call), 'tensorflow' "
+        "(a tf.function), or 'auto': LiteRT when its probabilities agree with model.predict on the "
+        "version's check set to 1e-6 or to TensorFlow's own batch-1 spread, else TensorFlow."))
+    keep_versions: int = opt(2, REPO, ge=1, help=(
+        "Newest versions kept loaded, so requests can pin the previous one."))
+    log_level: str = opt("INFO", OBS, "Python logging level.")
+    log_format: LogFormat = opt("auto", OBS, help=(
+        "Log lines as 'json' (one object per line), 'text', or 'auto': text when stderr is a terminal, "
+        "JSON otherwise."))
+    access_log: AccessLogMode = opt("auto", OBS, help=(
+        "One line per call (method, status, latency, peer, request id): 'on', 'off', or 'auto': on, "
+        "except for text lines on a terminal, where a line per call would flood the screen (JSON lines, "
+        "files and pipes get them). --log-level WARNING turns them off."))
+    metrics_port: int = opt(-1, OBS, ge=-1, le=65535, help=(
+        "Port of the Prometheus endpoint (http://HOST:PORT/metrics); -1 turns it off, 0 picks a free one "
+        "(logged). With --workers N, worker i serves on PORT+i."))
+    http_port: int = opt(-1, NET, ge=-1, le=65535, help=(
+        "Port of the HTTP/JSON edge (the Open Inference Protocol's REST binding: /v2/health/ready, "
+        "/v2/models/NAME/infer, ...; /metrics too), served by the same process, data plane and token "
+        "check as gRPC; -1 turns it off, 0 picks a free one (logged). With --workers N, the workers share "
+        "it (SO_REUSEPORT), as they share --port. The container image sets 8080."))
+    http_max_connections: int = opt(512, LIMITS, ge=1, help=(
+        "Most HTTP connections open at once (per worker). Above three quarters of it, each new connection "
+        "closes the oldest idle keep-alive one (idle at least 0.25 s); with none idle, one more is "
+        "answered 503 (Connection: close) and closed."))
+    http_max_connections_per_peer: int = opt(128, LIMITS, ge=0, help=(
+        "Most HTTP connections open at once from one client address (per worker); one more closes that "
+        "address's oldest idle connection, or with none idle is answered 503 and closed, so that one "
+        "client cannot hold every connection. Raise it (or 0: no limit) behind a proxy that sends every "
+        "client's requests from one address."))
+    http_read_timeout: float = opt(10.0, LIMITS, after=" seconds", gt=0, le=3600, help=(
+        "Seconds an HTTP client may take to send a request's headers (from their first byte, or from the "
+        "connection's start), and again its body; a slower one is closed (headers) or answered 408 "
+        "(body). Idle keep-alive connections are closed after --max-connection-idle."))
+    low_confidence: float = opt(0.5, OBS, ge=0, le=1, help=(
+        "Top-1 probability below which a Predict answer counts as low-confidence (metric "
+        "digitserve_low_confidence_predictions_total)."))
+    tls_cert: Path | None = opt(None, SECURITY, help=(
+        "PEM certificate chain of the server; with --tls-key the port speaks TLS only."))
+    tls_key: Path | None = opt(None, SECURITY, "PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = opt(None, SECURITY, help=(
+        "PEM CA certificate(s): clients must present a certificate signed by one (mTLS); needs "
+        "--tls-cert."))
+    tls_expiry_warning_days: float = opt(14.0, SECURITY, ge=0, le=3650, help=(
+        "Start-up warns when the TLS certificate expires within this many days (its expiry is also the "
+        "metric digitserve_tls_certificate_expiry_timestamp_seconds); an expired or not yet valid "
+        "certificate stops start-up. 0: no warning."))
+    auth_token_file: Path | None = opt(None, SECURITY, help=(
+        "File of accepted bearer tokens, one per line: every call but health must send 'authorization: "
+        "Bearer <token>'. MNIST_AUTH_TOKEN (no flag) may hold one token instead."))
+    auth_token: str | None = opt(None, SECURITY, env_only=True, help=(
+        "One accepted bearer token (instead of --auth-token-file)."))
 
-    def __post_init__(self) -> None:
-        problems = []
-        names = (self.model_name,) if isinstance(self.model_name, str) else tuple(self.model_name or ())
-        object.__setattr__(self, "model_name", tuple(dict.fromkeys(n for n in names if n)))
-        for name in self.model_name:
-            if not is_model_name(name):
-                problems.append(f"model name {name!r} is not a model directory's name (letters, "
-                                "digits, '.', '_', '-', starting with a letter or digit)")
-        if self.model_version and len(self.model_name) != 1:
-            problems.append("--model-version pins a version of one model: give exactly one --model-name")
-        if self.model_config is not None and (self.model_name or self.model_version or self.default_model):
-            problems.append("--model-config lists the models, their versions and the default model: "
-                            "leave out --model-name, --model-version and --default-model")
-        if not 0 <= self.port <= 65535:
-            problems.append(f"port {self.port} is not in 0..65535")
-        if self.grace_period < 0:
-            problems.append(f"grace period {self.grace_period} is negative")
-        if self.max_images_per_request < 1:
-            problems.append(f"max images per request {self.max_images_per_request} is below 1")
-        if self.max_message_bytes < 1024:
-            problems.append(f"max message bytes {self.max_message_bytes} is below 1024")
-        if self.model_version < 0:
-            problems.append(f"model version {self.model_version} is negative")
-        if self.max_connection_age < 0:
-            problems.append(f"max connection age {self.max_connection_age} is negative")
-        if self.max_concurrent_streams < 1:
-            problems.append(f"max concurrent streams {self.max_concurrent_streams} is below 1")
-        if self.max_deallocating_streams < 0:
-            problems.append(f"max deallocating streams {self.max_deallocating_streams} is negative")
-        if self.handshake_timeout <= 0:
-            problems.append(f"handshake timeout {self.handshake_timeout} is not positive")
-        if self.max_connections < 0:
-            problems.append(f"max connections {self.max_connections} is negative")
-        for name in ("max_connection_idle", "keepalive_time", "min_ping_interval", "max_ping_strikes"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name.replace('_', ' ')} {getattr(self, name)} is negative")
-        if self.keepalive_timeout <= 0:
-            problems.append(f"keepalive timeout {self.keepalive_timeout} is not positive")
-        if self.max_metadata_bytes < 1024:
-            problems.append(f"max metadata bytes {self.max_metadata_bytes} is below 1024")
-        if self.max_batch_size < 1:
-            problems.append(f"max batch size {self.max_batch_size} is below 1")
-        if self.max_queue_delay_ms < 0:
-            problems.append(f"max queue delay {self.max_queue_delay_ms} ms is negative")
-        if self.max_queued_images < self.max_images_per_request:
-            problems.append(
-                f"max queued images {self.max_queued_images} is below max images per request "
-                f"{self.max_images_per_request}"
-            )
-        if self.max_picture_bytes < 1024:
-            problems.append(f"max picture bytes {self.max_picture_bytes} is below 1024")
-        if self.max_picture_request_bytes < self.max_picture_bytes:
-            problems.append(
-                f"max picture request bytes {self.max_picture_request_bytes} is below max picture "
-                f"bytes {self.max_picture_bytes}")
-        if self.max_picture_pixels < 28 * 28:
-            problems.append(f"max picture pixels {self.max_picture_pixels} is below 784")
-        if self.max_picture_decoded_bytes < 28 * 28 * 4:
-            problems.append(f"max picture decoded bytes {self.max_picture_decoded_bytes} is below "
-                            "3136 (a 28×28 picture in colour)")
-        if not 1 <= self.picture_threads <= 64:
-            problems.append(f"picture threads {self.picture_threads} is not in 1..64")
-        if self.max_queued_pictures < 1:
-            problems.append(f"max queued pictures {self.max_queued_pictures} is below 1")
-        if self.inline_max_images < 0:
-            problems.append(f"inline max images {self.inline_max_images} is negative")
-        if self.reload_interval < 0:
-            problems.append(f"reload interval {self.reload_interval} is negative")
-        if not 0 < self.repository_timeout <= 86400:
-            problems.append(f"repository timeout {self.repository_timeout} is not in (0, 86400] seconds")
-        if self.removed_version_grace < 0:
-            problems.append(f"removed version grace {self.removed_version_grace} is negative")
-        if not 0 <= self.min_check_accuracy <= 1:
-            problems.append(f"min check accuracy {self.min_check_accuracy} is not in [0, 1]")
-        if not 0 <= self.max_regression <= 1:
-            problems.append(f"max regression {self.max_regression} is not in [0, 1]")
-        if self.keep_versions < 1:
-            problems.append(f"keep versions {self.keep_versions} is below 1")
-        if self.workers < 1:
-            problems.append(f"workers {self.workers} is below 1")
-        if self.worker_start_retries < 0:
-            problems.append(f"worker start retries {self.worker_start_retries} is negative")
-        if self.worker_heartbeat_timeout != 0 and not 2 <= self.worker_heartbeat_timeout <= 86400:
-            problems.append(f"worker heartbeat timeout {self.worker_heartbeat_timeout} is not 0 (off) "
-                            "or in [2, 86400] seconds")
-        if self.inference not in INFERENCE_CHOICES:
-            problems.append(f"inference {self.inference!r} is not one of {', '.join(INFERENCE_CHOICES)}")
-        if self.log_format not in FORMATS:
-            problems.append(f"log format {self.log_format!r} is not one of {', '.join(FORMATS)}")
-        if self.access_log not in ACCESS_LOG_MODES:
-            problems.append(f"access log {self.access_log!r} is not one of {', '.join(ACCESS_LOG_MODES)}")
-        if not -1 <= self.metrics_port <= 65535:
-            problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
-        elif self.metrics_port > 0 and self.metrics_port + self.workers - 1 > 65535:
-            problems.append(f"metrics ports {self.metrics_port}+0..{self.workers - 1} exceed 65535")
-        if not -1 <= self.http_port <= 65535:
-            problems.append(f"http port {self.http_port} is not in -1..65535")
-        if self.http_max_connections < 1:
-            problems.append(f"http max connections {self.http_max_connections} is below 1")
-        if self.http_max_connections_per_peer < 0:
-            problems.append(f"http max connections per peer {self.http_max_connections_per_peer} "
-                            "is negative")
-        if not 0 < self.http_read_timeout <= 3600:
-            problems.append(f"http read timeout {self.http_read_timeout} is not in (0, 3600] seconds")
-        if not 0 <= self.low_confidence <= 1:
-            problems.append(f"low confidence {self.low_confidence} is not in [0, 1]")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            problems.append("--tls-cert and --tls-key go together")
-        if self.tls_client_ca is not None and self.tls_cert is None:
-            problems.append("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certs)")
-        if not 0 <= self.tls_expiry_warning_days <= 3650:
-            problems.append(f"tls expiry warning days {self.tls_expiry_warning_days} is not in [0, 3650]")
-        if self.auth_token is not None and self.auth_token_file is not None:
-            problems.append("set MNIST_AUTH_TOKEN or --auth-token-file, not both")
-        elif self.auth_token is not None and not self.auth_token.strip():
-            problems.append("MNIST_AUTH_TOKEN is set but empty")  # fail closed, never open
+    @field_validator("model_name", mode="before")
+    @classmethod
+    def _model_names(cls, value: Any) -> tuple[str, ...]:
+        """One name or several (repeated flags, the comma-separated variable), once each."""
+        names = tuple(dict.fromkeys(n for n in ((value,) if isinstance(value, str) else value or ()) if n))
+        bad = [f"model name {n!r} is not a model directory's name (letters, digits, '.', '_', '-', "
+               "starting with a letter or digit)" for n in names if not is_model_name(n)]
+        if bad:
+            raise ValueError("; ".join(bad))
+        return names
+
+    @field_validator("worker_heartbeat_timeout")
+    @classmethod
+    def _heartbeat(cls, value: float) -> float:
+        if value != 0 and not 2 <= value <= 86400:
+            raise ValueError(f"worker heartbeat timeout {value} is not 0 (off) or in [2, 86400] seconds")
+        return value
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("MNIST_AUTH_TOKEN is set but empty")  # fail closed, never open
+        return value
+
+    @model_validator(mode="after")
+    def _together(self) -> Settings:
+        """The checks of options against each other, once each option passed its own."""
+        problems = [message for bad, message in [
+            (self.model_version and len(self.model_name) != 1,
+             "--model-version pins a version of one model: give exactly one --model-name"),
+            (self.model_config and (self.model_name or self.model_version or self.default_model),
+             "--model-config lists the models, their versions and the default model: leave out "
+             "--model-name, --model-version and --default-model"),
+            (self.max_queued_images < self.max_images_per_request,
+             f"max queued images {self.max_queued_images} is below max images per request "
+             f"{self.max_images_per_request}"),
+            (self.max_picture_request_bytes < self.max_picture_bytes,
+             f"max picture request bytes {self.max_picture_request_bytes} is below max picture bytes "
+             f"{self.max_picture_bytes}"),
+            (self.metrics_port > 0 and self.metrics_port + self.workers - 1 > 65535,
+             f"metrics ports {self.metrics_port}+0..{self.workers - 1} exceed 65535"),
+            ((self.tls_cert is None) != (self.tls_key is None), "--tls-cert and --tls-key go together"),
+            (self.tls_client_ca is not None and self.tls_cert is None,
+             "--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certs)"),
+            (self.auth_token is not None and self.auth_token_file is not None,
+             "set MNIST_AUTH_TOKEN or --auth-token-file, not both"),
+        ] if bad]
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_line(cls, values: Any, handler: Any) -> Settings:
+        """Every problem in one line, as the operator names it (``port 70000 is not in 0..65535``);
+        never the values of other fields (the token): the errors hide their input."""
+        try:
+            return typing.cast(Settings, handler(values))
+        except ValidationError as error:
+            raise ValueError("; ".join(_problem(e) for e in error.errors())) from None
 
 
-SECRET_FLAG = "--auth-token"  # not a flag (the token is env- or file-only), but people try it
+FIELDS: dict[str, FieldInfo] = getattr(Settings, "__pydantic_fields__")  # noqa: B009  # pydantic's
 
 
-def unrecognized(words: Sequence[str]) -> str:
+def _extra(field: FieldInfo) -> dict[str, Any]:
+    return typing.cast(dict[str, Any], field.json_schema_extra)
+
+
+def _problem(error: ErrorDetails) -> str:
+    """One of pydantic's errors as one line: the field in words, its value, what is wrong."""
+    name = str(error["loc"][0]) if error["loc"] else ""
+    field = FIELDS.get(name)
+    if error["type"] == "value_error":
+        return str(error.get("ctx", {}).get("error"))
+    name = name.replace("_", " ")
+    if field is None or error["type"] == "missing" or _extra(field)["env_only"]:
+        return f"{name}: {error['msg'].lower()}"  # not the input: a secret's, or every field's
+    extra = _extra(field)
+    shown = (extra["label"] or name + " {}").format(error["input"])
+    if error["type"] == "literal_error":
+        return f"{name} {error['input']!r} is not one of {', '.join(get_args(field.annotation))}"
+    if error["type"] not in ("greater_than", "greater_than_equal", "less_than_equal"):
+        return f"{shown}: {error['msg']}"
+    ge, gt, le = (next((getattr(m, k) for m in field.metadata if hasattr(m, k)), None)
+                  for k in ("ge", "gt", "le"))
+    if le is not None:
+        shown += f" is not in ({gt}, {le}]" if gt is not None else f" is not in {ge}..{le}" \
+            if field.annotation is int else f" is not in [{ge}, {le}]"
+    else:
+        shown += " is not positive" if gt is not None else " is negative" if ge == 0 else f" is below {ge}"
+    return f"{shown}{extra['after']}"
+
+
+def _default_text(field: FieldInfo) -> str:
+    return "required" if field.is_required() else _extra(field)["shown"] or show_default(field.default)
+
+
+def unrecognized(words: Sequence[str], secret: str = "--auth-token") -> str:
     """The usage error for words no flag took, without echoing a value: a value may be a secret
     (``--auth-token SECRET``), so only option names are shown and other words are counted."""
     names: list[str] = []
-    values = 0
-    after_secret = False
+    values, after_secret = 0, False
     for word in words:
         if word.startswith("--") and not after_secret:
-            name = word.split("=", 1)[0]
-            names.append(name)
+            names.append(word.split("=", 1)[0])
             values += "=" in word
-            after_secret = name == SECRET_FLAG and "=" not in word
+            after_secret = names[-1] == secret and "=" not in word
         else:
-            values += 1
-            after_secret = False
+            values, after_secret = values + 1, False
     parts = [" ".join(names)] if names else []
     if values:
         parts.append(f"{values} value{'s' if values > 1 else ''} (not shown: values may be secrets)")
-    message = "unrecognized arguments: " + " and ".join(parts)
-    if SECRET_FLAG in names:
-        message += (f"; the bearer token is never a flag (it would show in `ps`): set "
-                    f"{env_name('auth_token')} or --auth-token-file")
-    return message
+    return "unrecognized arguments: " + " and ".join(parts) + (
+        f"; the bearer token is never a flag (it would show in `ps`): set {env_name('auth_token')} or "
+        "--auth-token-file" if secret in names else "")
 
 
 class _Parser(Parser):
-    """A config Parser, except that words no flag took are not echoed (argparse prints them all)."""
+    """A config Parser whose usage errors never echo the words no flag took (argparse prints them)."""
 
-    def parse_args(  # type: ignore[override]  # only the (argv, namespace) form is used
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> argparse.Namespace:
-        parsed, extras = self.parse_known_args(args, namespace)
-        if extras:
-            self.error(unrecognized(extras))
-        return parsed
+    def _unrecognized(self, words: Sequence[str]) -> str:
+        return unrecognized(words)
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    """The mnist-serve argument parser; defaults come from ``env`` (MNIST_*). No abbreviations:
-    else `--auth-token SECRET` would pass as --auth-token-file (and be logged)."""
-    parser = _Parser(
-        prog="mnist-serve",
-        env=env,
-        description="Serve a published MNIST model over gRPC (Predict, Evaluate, GetModelInfo, "
-        "health, reflection). Every flag can also be set by the environment variable shown.",
-    )
-    add_fields(parser, Settings)
+    """The mnist-serve argument parser, each field an option in its group; defaults come from
+    ``env`` (MNIST_*). No abbreviations: else `--auth-token SECRET` would pass as
+    --auth-token-file (and be logged)."""
+    parser = _Parser(prog="mnist-serve", env=env, usage="%(prog)s --model-repo DIR [OPTION ...]",
+                     description="Serve published MNIST models over gRPC (Predict, Evaluate, "
+                     "GetModelInfo, health, reflection) and HTTP. Every flag can also be set by the "
+                     "environment variable shown.")
+    groups = {title: parser.add_argument_group(title, about) for title, about in GROUPS.items()}
+    for name, field in FIELDS.items():
+        flag, extra = "--" + name.replace("_", "-"), _extra(field)
+        common: dict[str, Any] = {"to": groups[extra["group"]], "help": field.description}
+        hint = typing.get_args(field.annotation)[0] if type(None) in get_args(field.annotation) \
+            else field.annotation  # X | None is X
+        if extra["env_only"]:
+            continue
+        if hint is bool:  # --flag / --no-flag; the variable takes 1|0|true|false|yes|no|on|off
+            parser.add_option(flag, action=argparse.BooleanOptionalAction, default=field.default, **common)
+        elif typing.get_origin(hint) is tuple:  # repeatable; the variable is comma-separated
+            parser.repeatable.add(parser.add_option(flag, action="append", default_text=_default_text(
+                field), **common).dest)
+        else:
+            choices = get_args(hint) if typing.get_origin(hint) is Literal else None
+            required = field.is_required()
+            parser.add_option(flag, type=str if choices else hint, choices=choices, required=required,
+                              default=None if required else field.default,
+                              default_text=_default_text(field), **common)
     return parser
 
 
 def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Parses flags (falling back to MNIST_* variables). Raises SystemExit(2) on a usage error and
-    ValueError for values out of range."""
+    """Flags, falling back to MNIST_* variables. Raises SystemExit(2) on a usage error and
+    ValueError (one line) for values the checks refuse."""
     env = os.environ if env is None else env
-    parser = build_parser(env)
-    args = parser.parse_args(argv)
-    return Settings(**vars(args), **env_only(Settings, env))
+    args = vars(build_parser(env).parse_args(argv))
+    values: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
+    values.update({n: env.get(env_name(n)) for n, f in FIELDS.items() if _extra(f)["env_only"]})
+    try:
+        return Settings(**values)
+    except ValidationError as error:  # the one line _one_line made
+        raise ValueError(str(error.errors()[0].get("ctx", {}).get("error"))) from None
+
+
+def markdown() -> str:
+    """docs/configuration.md's flag reference: a table per --help group, in the declaration's words."""
+    lines = []
+    for title, about in GROUPS.items():
+        lines += [f"**{title[0].upper()}{title[1:]}** ({about}):", "",
+                  "| flag | variable | default | meaning |", "|---|---|---|---|"]
+        for name, field in FIELDS.items():
+            flag, extra = "--" + name.replace("_", "-"), _extra(field)
+            flags = "(none: the variable only)" if extra["env_only"] else \
+                f"`{flag}`, `--no-{flag[2:]}`" if field.annotation is bool else f"`{flag}`"
+            text = (field.description or "").replace("|", "\\|")
+            if extra["group"] == title:
+                default = _default_text(field) if field.is_required() or extra["shown"] else \
+                    f"`{_default_text(field)}`"
+                lines.append(f"| {flags} | `{env_name(name)}` | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m digitserve.server.settings: the reference docs/configuration.md holds
+    sys.stdout.write(markdown())

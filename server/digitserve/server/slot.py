@@ -1,5 +1,5 @@
-"""A worker's slot in the ``--workers`` pool: the one thing the arbiter (digitserve.server.workers) and a
-worker's server (digitserve.server.app) share, so neither module imports the other."""
+"""A worker's slot in the ``--workers`` pool: what the arbiter (``workers``) and a worker's server
+(``app``) share, so neither module imports the other."""
 
 from __future__ import annotations
 
@@ -8,16 +8,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-# A worker's slot in the shared array: written by the worker, cleared by the parent when it dies.
-STARTING, SERVING = 0, 1
-# Seconds between a worker's heartbeats (WorkerSlot.beat).
-HEARTBEAT_INTERVAL = 1.0
+STARTING, SERVING = 0, 1  # written by the worker, cleared by the parent when it dies
+HEARTBEAT_INTERVAL = 1.0  # seconds between a worker's heartbeats (WorkerSlot.beat)
 
 
 @dataclass
 class WorkerSlot:
-    """What a worker process knows of the pool: its index, the shared state of every worker and
-    the pid of the parent that started it."""
+    """What a worker knows of the pool: its index, every worker's shared state, its parent's pid."""
 
     index: int
     states: Any  # multiprocessing RawArray of STARTING/SERVING, one per worker
@@ -33,9 +30,8 @@ class WorkerSlot:
             self.heartbeats[self.index] += 1
 
     def start_heartbeat(self) -> None:
-        """Beats every HEARTBEAT_INTERVAL seconds on the running event loop for as long as it
-        runs (asyncio.run cancels it at the end), so the beats stop when the loop stops or is
-        blocked."""
+        """Beats every HEARTBEAT_INTERVAL seconds on the running loop, so beats stop when it is
+        blocked or stops."""
         async def beating() -> None:
             while True:
                 self.beat()

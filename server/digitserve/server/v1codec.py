@@ -15,10 +15,11 @@ import numpy as np
 from digitserve.idx import scale_pixels
 from digitserve.metadata import Metadata
 from digitserve.server.dataplane import Evaluation, check_labels
+from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError
 from digitserve.server.infer import infer, pixels
 from digitserve.server.infertypes import INPUT_NAME, InferInput, InferRequest, Where
-from digitserve.server.models import ModelInfo, Router
+from digitserve.server.registry import ModelInfo, Registry
 from digitserve.server.wire import PACKED, PackedPredictRequest, PredictionEncoder
 from digitserve.v1 import digit_service_pb2 as pb
 
@@ -99,21 +100,21 @@ def _encoder(name: str, version: int, labels: tuple[str, ...]) -> PredictionEnco
     return PredictionEncoder(name, version, labels)
 
 
-async def predict(router: Router, request: pb.PredictRequest | PackedPredictRequest,
-                  until: float | None) -> bytes:
+async def predict(router: Registry, pictures: PictureDecoder,
+                  request: pb.PredictRequest | PackedPredictRequest, until: float | None) -> bytes:
     """A serialized PredictResponse (see servicer.add_to_server's serializer)."""
-    plane = router.model(request.model_name).plane
-    model = plane.resolve(request.model_version, request.version_label, split=True)
+    plane, model = router.resolve(request.model_name, request.model_version, request.version_label,
+                                  split=True)
     inputs = [images_input(request if isinstance(request, PackedPredictRequest) else request.images,
                            model.spec.input_size)]
     call = InferRequest(request.model_name, inputs, request.model_version, request.version_label)
-    response = await infer(plane, model, call, router.pictures, until)
+    response = await infer(plane, model, call, pictures, until)
     spec = model.spec
     return _encoder(spec.name, spec.version, spec.labels).encode(response.probabilities)
 
 
-async def evaluate(router: Router, requests: AsyncIterator[pb.EvaluateRequest],
-                   until: float | None) -> pb.EvaluateResponse:
+async def evaluate(router: Registry, pictures: PictureDecoder,
+                   requests: AsyncIterator[pb.EvaluateRequest], until: float | None) -> pb.EvaluateResponse:
     """Metrics of one model version over the stream's labelled images."""
     evaluation: Evaluation | None = None
     name = ""
@@ -122,14 +123,14 @@ async def evaluate(router: Router, requests: AsyncIterator[pb.EvaluateRequest],
         async for request in requests:
             if evaluation is None:
                 name = request.model_name
-                evaluation = Evaluation(router.model(name).plane)
+                evaluation = Evaluation(router.model(name))
             elif request.model_name not in ("", name):
                 raise InvalidInputError(
                     f"requests[{index}].model_name", f"{request.model_name!r} differs from "
                     f"{name or 'the default model'!r} named at the start of this stream")
             model = evaluation.model_for(request.model_version, request.version_label)
             tensor = images_input(request.images, model.spec.input_size, f"requests[{index}].images")
-            images = await pixels(evaluation.plane, model, tensor, router.pictures, until)
+            images = await pixels(evaluation.plane, model, tensor, pictures, until)
             labels = np.asarray(request.labels, dtype=np.int64)
             try:
                 check_labels(labels, images.shape[0], len(model.spec.labels))
@@ -154,10 +155,10 @@ async def evaluate(router: Router, requests: AsyncIterator[pb.EvaluateRequest],
     )
 
 
-def model_info(router: Router, request: pb.GetModelInfoRequest) -> pb.GetModelInfoResponse:
+def model_info(router: Registry, request: pb.GetModelInfoRequest) -> pb.GetModelInfoResponse:
     server = router.model(request.model_name)
     plane = server.plane
-    model = plane.resolve(request.model_version, request.version_label)
+    model = server.resolve(request.model_version, request.version_label)
     spec, metadata = model.spec, Metadata.from_json(model.metadata)
     return pb.GetModelInfoResponse(
         model_name=spec.name, model_version=spec.version, input_size=spec.input_size,
@@ -167,9 +168,9 @@ def model_info(router: Router, request: pb.GetModelInfoRequest) -> pb.GetModelIn
         created_at=metadata.created_at or "",
         metadata_json=json.dumps(model.metadata, sort_keys=True),
         max_images_per_request=plane.max_images_per_request,
-        loaded_versions=plane.loaded_versions, inference_path=model.inference_path,
-        refused_versions=[pb.RefusedVersion(version=v, reason=r) for v, r in sorted(plane.refused.items())],
-        version_labels=sorted(k for k, v in plane.labels.items() if v == spec.version),
+        loaded_versions=server.loaded_versions, inference_path=model.inference_path,
+        refused_versions=[pb.RefusedVersion(version=v, reason=r) for v, r in sorted(server.refused.items())],
+        version_labels=sorted(k for k, v in server.labels.items() if v == spec.version),
         low_confidence_threshold=server.settings.low_confidence,
     )
 
@@ -189,7 +190,7 @@ def _model_status(info: ModelInfo) -> pb.ModelStatus:
     )
 
 
-def list_models(router: Router, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
+def list_models(router: Registry, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
     return pb.ListModelsResponse(
         models=[_model_status(info) for info in router.model_infos(request.model_name)],
         default_model=router.default_model, config_path=router.config_path,

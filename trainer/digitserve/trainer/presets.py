@@ -18,36 +18,25 @@ if TYPE_CHECKING:
 class Preset:
     """The hyper-parameters of one training recipe (all recorded in the model's metadata)."""
 
-    name: str
-    """The preset's name, as given to ``mnist-train train --preset``."""
-    description: str
-    """One line for ``--help`` and the metadata."""
+    name: str  # as given to ``mnist-train train --preset``
+    description: str  # one line for ``--help`` and the metadata
+    # ``mlp`` (one hidden dense layer), ``small-cnn`` (two convolutions) or ``cnn`` (two convolution
+    # blocks with batch normalisation, dropout and augmentation).
     architecture: str
-    """``mlp`` (one hidden dense layer), ``small-cnn`` (two convolutions) or ``cnn`` (two
-    convolution blocks with batch normalisation, dropout and augmentation)."""
-    optimizer: str
-    """``sgd`` or ``adam``."""
-    learning_rate: float
-    """Initial learning rate."""
-    lr_schedule: str
-    """``constant``, or ``cosine`` (decays to ``lr_final_fraction`` of it over all the steps)."""
+    optimizer: str  # ``sgd`` or ``adam``
+    learning_rate: float  # initial
+    lr_schedule: str  # ``constant``, or ``cosine`` (to ``lr_final_fraction`` of it over all the steps)
     epochs: int
     batch_size: int
-    loss: str = "categorical_crossentropy"
-    """Keras loss on one-hot labels (encoded with scikit-learn's OneHotEncoder, as the tutorial)."""
+    loss: str = "categorical_crossentropy"  # on one-hot labels (scikit-learn's OneHotEncoder)
+    # Share of the training images set aside by ``train_test_split`` for the hold-out accuracy (the
+    # tutorial's 75/25 split); 0 trains on all of them.
     holdout_fraction: float = 0.0
-    """Share of the training images set aside by ``train_test_split`` and reported as the
-    hold-out accuracy (the tutorial's 75/25 split); 0 trains on all of them."""
     lr_final_fraction: float = 0.0
-    """For the cosine schedule: the final learning rate as a fraction of the initial one."""
-    hidden_units: int = 128
-    """Units of the dense hidden layer."""
-    dropout: float = 0.0
-    """Dropout before the output layer (and, for ``cnn``, a quarter less after each block)."""
-    augment_translation: float = 0.0
-    """Random shift as a fraction of height and width, in training only (0 = none)."""
-    augment_rotation: float = 0.0
-    """Random rotation as a fraction of a full turn, in training only (0 = none)."""
+    hidden_units: int = 128  # of the dense hidden layer
+    dropout: float = 0.0  # before the output layer (for ``cnn``, a quarter less after each block)
+    augment_translation: float = 0.0  # random shift, a fraction of height and width, training only
+    augment_rotation: float = 0.0  # random rotation, a fraction of a full turn, training only
 
     def with_overrides(self, *, epochs: int | None = None, batch_size: int | None = None) -> Preset:
         """This preset with the epochs and/or batch size replaced (``None`` keeps the preset's)."""
@@ -55,61 +44,27 @@ class Preset:
             raise TrainerError(f"epochs must be at least 1, got {epochs}")
         if batch_size is not None and batch_size < 1:
             raise TrainerError(f"batch size must be at least 1, got {batch_size}")
-        return dataclasses.replace(
-            self,
-            epochs=self.epochs if epochs is None else epochs,
-            batch_size=self.batch_size if batch_size is None else batch_size,
-        )
+        return dataclasses.replace(self, epochs=self.epochs if epochs is None else epochs,
+                                   batch_size=self.batch_size if batch_size is None else batch_size)
 
     def hyperparameters(self) -> dict[str, Any]:
         """All fields as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
 
-PRESETS: dict[str, Preset] = {
-    preset.name: preset
-    for preset in (
-        Preset(
-            name="seed",
-            description="the tutorial: Dense(128, relu) -> Dense(10, softmax), SGD, 20 epochs, "
-            "75/25 split of the training images",
-            architecture="mlp",
-            optimizer="sgd",
-            learning_rate=0.01,  # Keras' default for the tutorial's compile(optimizer='sgd')
-            lr_schedule="constant",
-            epochs=20,
-            batch_size=128,
-            holdout_fraction=0.25,
-        ),
-        Preset(
-            name="default",
-            description="a small two-convolution network, Adam with cosine decay, 3 epochs",
-            architecture="small-cnn",
-            optimizer="adam",
-            learning_rate=1e-3,
-            lr_schedule="cosine",
-            lr_final_fraction=0.05,
-            epochs=3,
-            batch_size=128,
-        ),
-        Preset(
-            name="cnn",
-            description="two convolution blocks with batch normalisation and dropout, light "
-            "augmentation, Adam with cosine decay, 15 epochs",
-            architecture="cnn",
-            optimizer="adam",
-            learning_rate=2e-3,
-            lr_schedule="cosine",
-            lr_final_fraction=0.01,
-            epochs=15,
-            batch_size=128,
-            hidden_units=256,
-            dropout=0.4,
-            augment_translation=0.08,
-            augment_rotation=0.03,
-        ),
-    )
-}
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
+    Preset(name="seed", description="the tutorial: Dense(128, relu) -> Dense(10, softmax), SGD, 20 epochs, "
+           "75/25 split of the training images", architecture="mlp", optimizer="sgd",
+           learning_rate=0.01,  # Keras' default for the tutorial's compile(optimizer='sgd')
+           lr_schedule="constant", epochs=20, batch_size=128, holdout_fraction=0.25),
+    Preset(name="default", description="a small two-convolution network, Adam with cosine decay, 3 epochs",
+           architecture="small-cnn", optimizer="adam", learning_rate=1e-3, lr_schedule="cosine",
+           lr_final_fraction=0.05, epochs=3, batch_size=128),
+    Preset(name="cnn", description="two convolution blocks with batch normalisation and dropout, light "
+           "augmentation, Adam with cosine decay, 15 epochs", architecture="cnn", optimizer="adam",
+           learning_rate=2e-3, lr_schedule="cosine", lr_final_fraction=0.01, epochs=15, batch_size=128,
+           hidden_units=256, dropout=0.4, augment_translation=0.08, augment_rotation=0.03),
+)}
 
 
 def get_preset(name: str) -> Preset:
@@ -117,15 +72,11 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        known = ", ".join(sorted(PRESETS))
-        raise TrainerError(f"unknown preset {name!r} (known: {known})") from None
+        raise TrainerError(f"unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})") from None
 
 
-def build_model(
-    preset: str | Preset,
-    input_shape: Sequence[int] = (28, 28),
-    num_classes: int = 10,
-) -> keras.Model:
+def build_model(preset: str | Preset, input_shape: Sequence[int] = (28, 28), num_classes: int = 10
+                ) -> keras.Model:
     """The preset's uncompiled model. It takes the flat input (``prod(input_shape)`` floats in
     [0, 1]) and ends in a softmax over ``num_classes``; it uses only built-in layers, so the saved
     ``model.keras`` loads with ``safe_mode=True``."""
@@ -160,9 +111,7 @@ def build_model(
             t = preset.augment_translation
             x = layers.RandomTranslation(t, t, fill_mode="constant", name="shift")(x)
         if preset.augment_rotation > 0:
-            x = layers.RandomRotation(
-                preset.augment_rotation, fill_mode="constant", name="rotate"
-            )(x)
+            x = layers.RandomRotation(preset.augment_rotation, fill_mode="constant", name="rotate")(x)
         for block, filters in enumerate((32, 64), start=1):
             for conv in (1, 2):
                 name = f"block{block}_conv{conv}"
@@ -176,9 +125,7 @@ def build_model(
         x = layers.BatchNormalization(name="hidden_bn")(x)
         x = layers.Activation("relu", name="hidden_relu")(x)
     else:
-        raise TrainerError(
-            f"preset {preset.name!r} has unknown architecture {preset.architecture!r}"
-        )
+        raise TrainerError(f"preset {preset.name!r} has unknown architecture {preset.architecture!r}")
     if preset.dropout > 0:
         x = layers.Dropout(preset.dropout, name="dropout")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
@@ -195,14 +142,11 @@ def build_optimizer(preset: Preset, steps_per_epoch: int) -> keras.optimizers.Op
         learning_rate = preset.learning_rate
     elif preset.lr_schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(
-            preset.learning_rate,
-            decay_steps=max(1, steps_per_epoch * preset.epochs),
-            alpha=preset.lr_final_fraction,
-        )
+            preset.learning_rate, decay_steps=max(1, steps_per_epoch * preset.epochs),
+            alpha=preset.lr_final_fraction)
     else:
         raise TrainerError(f"preset {preset.name!r} has unknown schedule {preset.lr_schedule!r}")
-    if preset.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate)
-    if preset.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate)
-    raise TrainerError(f"preset {preset.name!r} has unknown optimizer {preset.optimizer!r}")
+    optimizers = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}
+    if preset.optimizer not in optimizers:
+        raise TrainerError(f"preset {preset.name!r} has unknown optimizer {preset.optimizer!r}")
+    return optimizers[preset.optimizer](learning_rate=learning_rate)

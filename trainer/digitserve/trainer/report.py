@@ -24,38 +24,25 @@ HTML_FILE = "index.html"
 _DPI = 100
 
 
-def write_report(
-    report_dir: Path,
-    *,
-    title: str,
-    labels: Sequence[str],
-    confusion_matrix: Sequence[Sequence[int]],
-    history: Mapping[str, Sequence[float]],
-    images: npt.NDArray[np.uint8],
-    y_true: npt.NDArray[np.integer[Any]],
-    y_pred: npt.NDArray[np.integer[Any]],
-    metadata: Metadata | Mapping[str, Any] | None = None,
-) -> list[Path]:
+def write_report(report_dir: Path, *, title: str, labels: Sequence[str],
+                 confusion_matrix: Sequence[Sequence[int]], history: Mapping[str, Sequence[float]],
+                 images: npt.NDArray[np.uint8], y_true: npt.NDArray[np.integer[Any]],
+                 y_pred: npt.NDArray[np.integer[Any]], metadata: Metadata | Mapping[str, Any] | None = None,
+                 ) -> list[Path]:
     """Writes the three report figures and the HTML page that shows them with the figures of
-    ``metadata`` (the version's metadata.json: metrics, baseline, hyper-parameters) into
-    ``report_dir`` (created); returns their paths, the page last."""
+    ``metadata`` (metrics, baseline, hyper-parameters) into ``report_dir``; returns their paths,
+    the page last."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    paths = [
-        report_dir / CONFUSION_MATRIX_FILE,
-        report_dir / TRAINING_CURVES_FILE,
-        report_dir / SAMPLES_FILE,
-    ]
+    paths = [report_dir / name for name in (CONFUSION_MATRIX_FILE, TRAINING_CURVES_FILE, SAMPLES_FILE)]
     plot_confusion_matrix(paths[0], np.asarray(confusion_matrix), labels, title=title)
     plot_training_curves(paths[1], history, title=title)
     plot_samples(paths[2], images, y_true, y_pred, labels, title=title)
     if metadata is not None and not isinstance(metadata, Metadata):
         metadata = Metadata.from_json(metadata, "the report's metadata")
     page = report_dir / HTML_FILE
-    page.write_text(
-        render_html(title=title, labels=labels, confusion_matrix=confusion_matrix,
-                    figures={p.name: p.read_bytes() for p in paths}, metadata=metadata),
-        encoding="utf-8",
-    )
+    page.write_text(render_html(title=title, labels=labels, confusion_matrix=confusion_matrix,
+                                figures={p.name: p.read_bytes() for p in paths}, metadata=metadata),
+                    encoding="utf-8")
     return [*paths, page]
 
 
@@ -65,10 +52,8 @@ def plot_training_curves(path: Path, history: Mapping[str, Sequence[float]], *, 
     for position, metric in enumerate(("loss", "accuracy"), start=1):
         ax = fig.add_subplot(1, 2, position)
         for key, label, style in ((metric, "train", "o-"), (f"val_{metric}", "validation", "s--")):
-            values = history.get(key)
-            if values:
-                epochs = np.arange(1, len(values) + 1)
-                ax.plot(epochs, values, style, label=label)
+            if values := history.get(key):
+                ax.plot(np.arange(1, len(values) + 1), values, style, label=label)
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
@@ -80,17 +65,9 @@ def plot_training_curves(path: Path, history: Mapping[str, Sequence[float]], *, 
     fig.savefig(path, dpi=_DPI)
 
 
-def plot_samples(
-    path: Path,
-    images: npt.NDArray[np.uint8],
-    y_true: npt.NDArray[np.integer[Any]],
-    y_pred: npt.NDArray[np.integer[Any]],
-    labels: Sequence[str],
-    *,
-    title: str,
-    rows: int = 5,
-    cols: int = 8,
-) -> None:
+def plot_samples(path: Path, images: npt.NDArray[np.uint8], y_true: npt.NDArray[np.integer[Any]],
+                 y_pred: npt.NDArray[np.integer[Any]], labels: Sequence[str], *, title: str, rows: int = 5,
+                 cols: int = 8) -> None:
     """A grid of test images (``images`` of shape (N, rows, cols)) with predicted and true labels:
     the first mistakes (in red, at most half the grid), then the first correctly classified ones."""
     cells = rows * cols
@@ -106,40 +83,32 @@ def plot_samples(
         ax = fig.add_subplot(rows, cols, cell + 1)
         ax.imshow(images[index], cmap="gray_r", vmin=0, vmax=255)
         mistake = y_true[index] != y_pred[index]
-        ax.set_title(
-            f"#{index}: {labels[y_pred[index]]} (true {labels[y_true[index]]})",
-            fontsize=7, color="red" if mistake else "black",
-        )
+        ax.set_title(f"#{index}: {labels[y_pred[index]]} (true {labels[y_true[index]]})", fontsize=7,
+                     color="red" if mistake else "black")
         if mistake:
             for spine in ax.spines.values():
                 spine.set_edgecolor("red")
                 spine.set_linewidth(2)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(
-        f"{title}: predicted (true) label; {len(wrong)} of {len(y_true)} misclassified, "
-        f"first {len(shown_wrong)} in red"
-    )
+    fig.suptitle(f"{title}: predicted (true) label; {len(wrong)} of {len(y_true)} misclassified, "
+                 f"first {len(shown_wrong)} in red")
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
 
 
-def most_confused_pairs(
-    cm: npt.NDArray[np.integer[Any]] | Sequence[Sequence[int]], labels: Sequence[str], k: int = 10
-) -> list[tuple[str, str, int, float]]:
-    """The ``k`` largest off-diagonal cells of a confusion matrix (rows = true class) as
-    (true label, predicted label, count, share of the true class's images), largest first;
-    cells with no mistakes are left out."""
+def most_confused_pairs(cm: npt.NDArray[np.integer[Any]] | Sequence[Sequence[int]], labels: Sequence[str],
+                        k: int = 10) -> list[tuple[str, str, int, float]]:
+    """The ``k`` largest non-zero off-diagonal cells (rows = true class) as (true label, predicted
+    label, count, share of the true class's images), largest first."""
     matrix = np.asarray(cm, dtype=np.int64)
     off = matrix.copy()
     np.fill_diagonal(off, 0)
     rows, cols = np.nonzero(off)
     order = sorted(zip(rows.tolist(), cols.tolist(), strict=True), key=lambda rc: (-off[rc], rc))
     support = matrix.sum(axis=1)
-    return [
-        (labels[i], labels[j], int(off[i, j]), float(off[i, j] / support[i]) if support[i] else 0.0)
-        for i, j in order[:k]
-    ]
+    return [(labels[i], labels[j], int(off[i, j]), float(off[i, j] / support[i]) if support[i] else 0.0)
+            for i, j in order[:k]]
 
 
 _STYLE = """
@@ -178,35 +147,23 @@ def _pct(x: Any) -> str:
     return f"{100 * float(x):.2f} %"
 
 
-def render_html(
-    *,
-    title: str,
-    labels: Sequence[str],
-    confusion_matrix: Sequence[Sequence[int]],
-    figures: Mapping[str, bytes],
-    metadata: Metadata | None,
-    top_pairs: int = 10,
-) -> str:
+def render_html(*, title: str, labels: Sequence[str], confusion_matrix: Sequence[Sequence[int]],
+                figures: Mapping[str, bytes], metadata: Metadata | None, top_pairs: int = 10) -> str:
     """The report as one HTML page, the PNG ``figures`` (by file name) embedded as data URIs."""
     meta = metadata or Metadata(name="", version=0)
     metrics = meta.metrics or Metrics()
     data = meta.data or DataInfo()
     cm = np.asarray(confusion_matrix, dtype=np.int64)
     total, correct = int(cm.sum()), int(np.trace(cm))
-    accuracy = metrics.test_accuracy if metrics.test_accuracy is not None \
-        else correct / total if total else 0.0
+    accuracy = (correct / total if total else 0.0) if metrics.test_accuracy is None else metrics.test_accuracy
     trained = f"{meta.train_seconds:.1f} s" if meta.train_seconds is not None else ""
-    facts = [
-        f"created {meta.created_at}" if meta.created_at is not None else "",
-        f"preset {meta.preset}" if meta.preset is not None else "",
-        f"seed {meta.seed}" if meta.seed is not None else "",
-        f"{data.train_size} training images" if data.train_size is not None else "",
-        f"trained in {trained}" if trained else "",
-    ]
-    summary: list[tuple[str, str]] = [
-        ("test accuracy", _pct(accuracy)),
-        ("test images misclassified", f"{total - correct} of {total}"),
-    ]
+    facts = [f"created {meta.created_at}" if meta.created_at is not None else "",
+             f"preset {meta.preset}" if meta.preset is not None else "",
+             f"seed {meta.seed}" if meta.seed is not None else "",
+             f"{data.train_size} training images" if data.train_size is not None else "",
+             f"trained in {trained}" if trained else ""]
+    summary: list[tuple[str, str]] = [("test accuracy", _pct(accuracy)),
+                                      ("test images misclassified", f"{total - correct} of {total}")]
     if metrics.test_loss is not None:
         summary.append(("test loss (mean cross-entropy)", f"{metrics.test_loss:.4f}"))
     if metrics.holdout_accuracy is not None:
@@ -216,63 +173,42 @@ def render_html(
     check = meta.check_set
     if check is not None and check.accuracy is not None:
         count = "?" if check.count is None else check.count
-        summary.append((f"check-set accuracy ({count} images, the server's gate)",
-                        _pct(check.accuracy)))
-    parts = [
-        f"<h1>{html.escape(title)}</h1>",
-        f'<p class="meta">{html.escape(" · ".join(f for f in facts if f))}</p>',
-        "<h2>Summary</h2>",
-        _table(("", "value"), summary),
-    ]
-    baseline = metrics.baseline
-    if baseline is not None:
+        summary.append((f"check-set accuracy ({count} images, the server's gate)", _pct(check.accuracy)))
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="meta">{html.escape(" · ".join(f for f in facts if f))}</p>',
+             "<h2>Summary</h2>", _table(("", "value"), summary)]
+    if (baseline := metrics.baseline) is not None:
         name = baseline.name
         trees = "?" if baseline.n_estimators is None else baseline.n_estimators
-        rows = [
-            (f"network ({meta.preset or ''})", _pct(accuracy), total - correct, trained),
-            (name, _pct(baseline.accuracy),
-             round(total * (1 - baseline.accuracy)), f"{baseline.seconds or 0.0:.1f} s"),
-        ]
+        rows = [(f"network ({meta.preset or ''})", _pct(accuracy), total - correct, trained),
+                (name, _pct(baseline.accuracy), round(total * (1 - baseline.accuracy)),
+                 f"{baseline.seconds or 0.0:.1f} s")]
         better = 0 if accuracy >= baseline.accuracy else 1
-        parts += [
-            f"<h2>Compared with the baseline: {html.escape(name)}</h2>",
-            "<p>The tutorial's take-home exercise: a scikit-learn random forest "
-            f"({trees} trees) fitted on the same training pixels and scored "
-            "on the same test images.</p>" if name == "random-forest" else "",
-            _table(("model", "test accuracy", "test errors", "fit time"), rows,
-                   ["best" if i == better else "" for i in range(2)]),
-        ]
+        parts += [f"<h2>Compared with the baseline: {html.escape(name)}</h2>",
+                  "<p>The tutorial's take-home exercise: a scikit-learn random forest "
+                  f"({trees} trees) fitted on the same training pixels and scored "
+                  "on the same test images.</p>" if name == "random-forest" else "",
+                  _table(("model", "test accuracy", "test errors", "fit time"), rows,
+                         ["best" if i == better else "" for i in range(2)])]
     parts += ["<h2>Training curves</h2>", _figure(figures.get(TRAINING_CURVES_FILE), "training curves")]
     pairs = most_confused_pairs(cm, labels, top_pairs)
     pair_rows = [(f"{t} → {p}", count, _pct(share)) for t, p, count, share in pairs]
-    parts += [
-        "<h2>Confusion matrix</h2>",
-        '<div class="cols">',
-        _figure(figures.get(CONFUSION_MATRIX_FILE), "confusion matrix"),
-        "<div><h3>Most confused pairs</h3>",
-        _table(("true → predicted", "images", "of the true class"), pair_rows)
-        if pair_rows else "<p>No test image was misclassified.</p>",
-        "</div></div>",
-    ]
-    per_class = metrics.per_class
-    if per_class:
-        parts += [
-            "<h2>Per class</h2>",
-            _table(("class", "precision", "recall", "F1", "support"), [
-                (c.label, f"{c.precision:.4f}", f"{c.recall:.4f}", f"{c.f1:.4f}", c.support)
-                for c in per_class
-            ]),
-        ]
+    parts += ["<h2>Confusion matrix</h2>", '<div class="cols">',
+              _figure(figures.get(CONFUSION_MATRIX_FILE), "confusion matrix"),
+              "<div><h3>Most confused pairs</h3>",
+              _table(("true → predicted", "images", "of the true class"), pair_rows)
+              if pair_rows else "<p>No test image was misclassified.</p>",
+              "</div></div>"]
+    if per_class := metrics.per_class:
+        parts += ["<h2>Per class</h2>", _table(("class", "precision", "recall", "F1", "support"), [
+            (c.label, f"{c.precision:.4f}", f"{c.recall:.4f}", f"{c.f1:.4f}", c.support) for c in per_class])]
     parts += ["<h2>Sample predictions</h2>", _figure(figures.get(SAMPLES_FILE), "sample predictions")]
-    details: list[tuple[str, Mapping[str, Any] | None]] = [
-        ("hyper-parameters", meta.hyperparameters), ("libraries", meta.versions),
-    ]
+    details: list[tuple[str, Mapping[str, Any] | None]] = [("hyper-parameters", meta.hyperparameters),
+                                                           ("libraries", meta.versions)]
     for heading, mapping in details:
         if mapping:
             parts += [f"<h2>{heading.capitalize()}</h2>", _table(("", "value"), sorted(mapping.items()))]
     body = "\n".join(parts)
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}: training report</title><style>{_STYLE}</style></head>"
-        f"<body>\n{body}\n</body></html>\n"
-    )
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}: training report</title><style>{_STYLE}</style></head>"
+            f"<body>\n{body}\n</body></html>\n")

@@ -3,10 +3,11 @@ evaluates it the way the server does and publishes it as a new model version."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,24 +28,16 @@ from digitserve.metadata import (
     Metrics,
     sha256_file,
 )
-from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
-from digitserve.repository import (
-    CHECK_SET_FILE,
-    LITERT_FILE,
-    MODEL_FILE,
-    REPORT_DIR,
-    ModelRepository,
-)
+from digitserve.metrics import ClassificationMetrics, MetricsAccumulator, classification_metrics
+from digitserve.repository import CHECK_SET_FILE, LITERT_FILE, MODEL_FILE, REPORT_DIR, ModelRepository
 from digitserve.trainer.errors import TrainerError
 from digitserve.trainer.presets import Preset, build_model, build_optimizer, get_preset
 
 logger = logging.getLogger(__name__)
 
+# Test images per prediction call, the batches the client streams Evaluate in: identical figures.
 EVALUATE_BATCH = 1000
-"""Test images per prediction call: the client streams Evaluate in batches of this size, and the
-server predicts each batch in one call, so both compute identical figures."""
-CHECK_SET_SIZE = 500
-"""The first this many official test images go into ``check_set.npz`` for the server's gate."""
+CHECK_SET_SIZE = 500  # the first official test images, into ``check_set.npz`` for the server's gate
 LABELS = [str(digit) for digit in range(10)]
 BASELINES = ("random-forest",)
 
@@ -53,27 +46,16 @@ BASELINES = ("random-forest",)
 class TrainConfig:
     """What to train and where to publish it."""
 
-    data_dir: str | Path
-    """Directory holding the four MNIST IDX files (``.gz`` or plain)."""
-    model_repo: str | Path
-    """Root of the model repository to publish into."""
-    name: str
-    """Model name in the repository; each run publishes its next version."""
-    preset: str = "default"
-    """Training recipe: a key of ``trainer.presets.PRESETS``."""
-    epochs: int | None = None
-    """Overrides the preset's number of epochs."""
-    batch_size: int | None = None
-    """Overrides the preset's batch size."""
-    seed: int = 42
-    """Seeds Python, NumPy, TensorFlow and Keras (and the seed preset's train/hold-out split)."""
-    baseline: str | None = None
-    """Also fit a baseline on the same data and report it beside the network: ``random-forest``."""
-    report: bool = True
-    """Write the PNG figures into the version's ``report/`` directory."""
-    verbose: int = 2
-    """Keras verbosity for ``fit`` (0 silent, 1 progress bar, 2 one line per epoch); the model
-    summary is printed unless 0."""
+    data_dir: str | Path  # the four MNIST IDX files (``.gz`` or plain)
+    model_repo: str | Path  # the model repository's root
+    name: str  # the model's name; each run publishes its next version
+    preset: str = "default"  # a key of ``trainer.presets.PRESETS``
+    epochs: int | None = None  # overrides the preset's
+    batch_size: int | None = None  # overrides the preset's
+    seed: int = 42  # Python, NumPy, TensorFlow and Keras (and the seed preset's hold-out split)
+    baseline: str | None = None  # ``random-forest``: fitted on the same data, reported beside
+    report: bool = True  # the PNG figures in the version's ``report/``
+    verbose: int = 2  # Keras ``fit``'s (0 silent, 1 progress bar, 2 a line per epoch; summary unless 0)
 
 
 @dataclass
@@ -100,36 +82,23 @@ def one_hot(labels: npt.NDArray[np.integer[Any]], num_classes: int) -> npt.NDArr
     categories fixed, so a sample lacking a class still gets ``num_classes`` columns)."""
     from sklearn.preprocessing import OneHotEncoder
 
-    encoder = OneHotEncoder(
-        categories=[np.arange(num_classes)], sparse_output=False, dtype=np.float32
-    )
+    encoder = OneHotEncoder(categories=[np.arange(num_classes)], sparse_output=False, dtype=np.float32)
     encoded: npt.NDArray[np.float32] = encoder.fit_transform(labels.reshape(-1, 1).astype(np.int64))
     return encoded
 
 
 def _describe_files(splits: list[Split]) -> dict[str, dict[str, str]]:
-    files = {}
-    for split in splits:
-        for path in (split.images_path, split.labels_path):
-            files[path.name] = {
-                "md5_uncompressed": md5_uncompressed(path),
-                "sha256": sha256_file(path),
-            }
-    return files
+    return {path.name: {"md5_uncompressed": md5_uncompressed(path), "sha256": sha256_file(path)}
+            for split in splits for path in (split.images_path, split.labels_path)}
 
 
 def _load_data(config: TrainConfig, preset: Preset) -> _Data:
-    train = load_split(config.data_dir, "train")
-    test = load_split(config.data_dir, "t10k")
+    train, test = (load_split(config.data_dir, split) for split in ("train", "t10k"))
     if train.images.shape[1:] != test.images.shape[1:]:
-        raise TrainerError(
-            f"training images are {train.images.shape[1:]} but test images are "
-            f"{test.images.shape[1:]}"
-        )
-    logger.info(
-        "loaded %d training and %d test images of %s from %s",
-        len(train), len(test), "×".join(map(str, train.images.shape[1:])), config.data_dir,
-    )
+        raise TrainerError(f"training images are {train.images.shape[1:]} but test images are "
+                           f"{test.images.shape[1:]}")
+    logger.info("loaded %d training and %d test images of %s from %s", len(train), len(test),
+                "×".join(map(str, train.images.shape[1:])), config.data_dir)
     x_all = scale_images(train.images)
     x_holdout: npt.NDArray[np.float32] | None = None
     y_holdout: npt.NDArray[np.uint8] | None = None
@@ -137,24 +106,15 @@ def _load_data(config: TrainConfig, preset: Preset) -> _Data:
         from sklearn.model_selection import train_test_split
 
         x_train, x_holdout, y_train, y_holdout = train_test_split(
-            x_all, train.labels, test_size=preset.holdout_fraction, random_state=config.seed
-        )
+            x_all, train.labels, test_size=preset.holdout_fraction, random_state=config.seed)
     else:
         x_train, y_train = x_all, train.labels
-    return _Data(
-        x_train=x_train,
-        y_train=y_train,
-        x_holdout=x_holdout,
-        y_holdout=y_holdout,
-        test=test,
-        x_test=scale_images(test.images),
-        files=_describe_files([train, test]),
-    )
+    return _Data(x_train, y_train, x_holdout, y_holdout, test, scale_images(test.images),
+                 _describe_files([train, test]))
 
 
-def evaluate(
-    model: Any, x: npt.NDArray[np.float32], y: npt.NDArray[np.integer[Any]]
-) -> tuple[ClassificationMetrics, npt.NDArray[np.float32]]:
+def evaluate(model: Any, x: npt.NDArray[np.float32], y: npt.NDArray[np.integer[Any]]
+             ) -> tuple[ClassificationMetrics, npt.NDArray[np.float32]]:
     """Metrics and probabilities of ``model`` (a ``digitserve.inference.Model``) on a labelled set,
     predicted in consecutive chunks of ``EVALUATE_BATCH`` images as the server's Evaluate does."""
     accumulator = MetricsAccumulator(LABELS)
@@ -182,32 +142,18 @@ def _random_forest(data: _Data, seed: int) -> Baseline:
 
 
 def _versions() -> dict[str, str]:
-    import keras
-    import matplotlib
-    import sklearn
-    import tensorflow as tf
-
-    return {
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__,
-        "matplotlib": matplotlib.__version__,
-    }
+    modules = {"tensorflow": "tensorflow", "keras": "keras", "numpy": "numpy", "scikit-learn": "sklearn",
+               "matplotlib": "matplotlib"}
+    return {"python": platform.python_version(),
+            **{name: str(importlib.import_module(module).__version__) for name, module in modules.items()}}
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
-    """Trains ``config.preset`` on the training images (all of them, or the preset's train part
-    of a train/hold-out split), evaluates the saved and reloaded model on the official test
-    images and publishes it with its metadata, check set and report. Returns the summary.
-
-    Raises IdxError for missing or malformed data, TrainerError for a bad configuration and
-    RepositoryError if the model cannot be published. The same seed gives the same metrics.
-    """
-    preset = get_preset(config.preset).with_overrides(
-        epochs=config.epochs, batch_size=config.batch_size
-    )
+    """Trains ``config.preset`` on the training images (or the preset's train part), evaluates the
+    saved and reloaded model on the official test images and publishes it with its metadata,
+    check set and report; returns the summary. IdxError (data), TrainerError (configuration),
+    RepositoryError (publishing). The same seed gives the same metrics."""
+    preset = get_preset(config.preset).with_overrides(epochs=config.epochs, batch_size=config.batch_size)
     if config.baseline is not None and config.baseline not in BASELINES:
         raise TrainerError(f"unknown baseline {config.baseline!r} (known: {', '.join(BASELINES)})")
     repository = ModelRepository(config.model_repo)
@@ -223,30 +169,18 @@ def run(config: TrainConfig) -> dict[str, Any]:
     input_shape = tuple(int(d) for d in data.test.images.shape[1:])
     model = build_model(preset, input_shape=input_shape, num_classes=len(LABELS))
     steps_per_epoch = -(-data.x_train.shape[0] // preset.batch_size)
-    model.compile(
-        optimizer=build_optimizer(preset, steps_per_epoch),
-        loss=preset.loss,
-        metrics=["accuracy"],
-    )
+    model.compile(optimizer=build_optimizer(preset, steps_per_epoch), loss=preset.loss, metrics=["accuracy"])
     if config.verbose:
         model.summary()
     validation = None
     if data.x_holdout is not None and data.y_holdout is not None:
         validation = (data.x_holdout, one_hot(data.y_holdout, len(LABELS)))
-    logger.info(
-        "training preset %s for %d epoch(s) of %d batches of %d, seed %d",
-        preset.name, preset.epochs, steps_per_epoch, preset.batch_size, config.seed,
-    )
+    logger.info("training preset %s for %d epoch(s) of %d batches of %d, seed %d", preset.name, preset.epochs,
+                steps_per_epoch, preset.batch_size, config.seed)
     started = time.perf_counter()
-    fitted = model.fit(
-        data.x_train,
-        one_hot(data.y_train, len(LABELS)),
-        epochs=preset.epochs,
-        batch_size=preset.batch_size,
-        validation_data=validation,
-        shuffle=True,
-        verbose=config.verbose,
-    )
+    fitted = model.fit(data.x_train, one_hot(data.y_train, len(LABELS)), epochs=preset.epochs,
+                       batch_size=preset.batch_size, validation_data=validation, shuffle=True,
+                       verbose=config.verbose)
     train_seconds = time.perf_counter() - started
     history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
     logger.info("trained in %.1fs", train_seconds)
@@ -258,26 +192,25 @@ def run(config: TrainConfig) -> dict[str, Any]:
         model.save(staging / MODEL_FILE)
         draft = _draft_metadata(config, preset, data, version, input_shape)
         evaluation = _evaluate_saved(staging, draft, data)
-        metrics = replace(evaluation.metrics, baseline=baseline)
-        metadata = replace(
-            draft, inference=evaluation.inference, metrics=metrics,
-            check_set=evaluation.check_set,
-            history={key: tuple(values) for key, values in history.items()},
-            train_seconds=train_seconds, report=(),
-        )
+        metrics = evaluation.metrics.model_copy(update={"baseline": baseline})
+        metadata = draft.model_copy(update={
+            "inference": evaluation.inference, "metrics": metrics,
+            "check_set": evaluation.check_set,
+            "history": {key: tuple(values) for key, values in history.items()},
+            "train_seconds": train_seconds, "report": (),
+        })
         outcome["evaluation"] = evaluation
         if config.report:
-            metadata = replace(metadata, report=write(staging, metadata))
+            metadata = metadata.model_copy(update={"report": write(staging, metadata)})
         outcome["metrics"] = metrics
         outcome["metadata"] = metadata
         return metadata.to_json()
 
     def report(staging: Path, version: int, document: dict[str, Any]) -> None:
-        """Rewrites the report titled with ``version`` when another publisher took the version
-        first and this one is published as the next; ``document`` (the repository's, written
-        after this) gets the renumbered metadata."""
-        metadata = replace(outcome["metadata"], version=version)
-        metadata = replace(metadata, report=write(staging, metadata))
+        """Rewrites the report titled with ``version`` when another publisher took the one before;
+        ``document`` (the repository's) gets the renumbered metadata."""
+        metadata = outcome["metadata"].model_copy(update={"version": version})
+        metadata = metadata.model_copy(update={"report": write(staging, metadata)})
         outcome["metadata"] = metadata
         document.update(metadata.to_json())
 
@@ -287,84 +220,52 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
         evaluation: _Evaluation = outcome["evaluation"]
         written = write_report(
-            staging / REPORT_DIR,
-            title=f"{config.name} v{metadata.version} ({preset.name})",
-            labels=LABELS,
-            confusion_matrix=evaluation.test.confusion_matrix,
-            history=history,
-            images=data.test.images,
-            y_true=data.test.labels,
-            y_pred=np.argmax(evaluation.test_probs, axis=1),
-            metadata=metadata,
-        )
+            staging / REPORT_DIR, title=f"{config.name} v{metadata.version} ({preset.name})", labels=LABELS,
+            confusion_matrix=evaluation.test.confusion_matrix, history=history, images=data.test.images,
+            y_true=data.test.labels, y_pred=np.argmax(evaluation.test_probs, axis=1), metadata=metadata)
         return tuple(path.relative_to(staging).as_posix() for path in written)
 
-    version, path = repository.publish(config.name, build,
-                                       renumber=report if config.report else None)
+    version, path = repository.publish(config.name, build, renumber=report if config.report else None)
     metrics: Metrics = outcome["metrics"]
     summary: dict[str, Any] = {
-        "name": config.name,
-        "version": version,
-        "path": str(path),
-        "preset": preset.name,
-        "seed": config.seed,
-        "epochs": preset.epochs,
-        "batch_size": preset.batch_size,
-        "test_accuracy": metrics.test_accuracy,
-        "test_loss": metrics.test_loss,
-        "test_size": int(data.x_test.shape[0]),
-        "train_size": int(data.x_train.shape[0]),
+        "name": config.name, "version": version, "path": str(path), "preset": preset.name,
+        "seed": config.seed, "epochs": preset.epochs, "batch_size": preset.batch_size,
+        "test_accuracy": metrics.test_accuracy, "test_loss": metrics.test_loss,
+        "test_size": int(data.x_test.shape[0]), "train_size": int(data.x_train.shape[0]),
         "train_seconds": train_seconds,
     }
     if metrics.holdout_accuracy is not None:
-        summary["holdout_accuracy"] = metrics.holdout_accuracy
-        summary["holdout_loss"] = metrics.holdout_loss
+        summary.update(holdout_accuracy=metrics.holdout_accuracy, holdout_loss=metrics.holdout_loss)
     if baseline is not None:
-        summary["baseline"] = baseline.name
-        summary["baseline_accuracy"] = baseline.accuracy
-        summary["baseline_seconds"] = baseline.seconds
+        summary.update(baseline=baseline.name, baseline_accuracy=baseline.accuracy,
+                       baseline_seconds=baseline.seconds)
     summary["report"] = str(path / REPORT_DIR) if config.report else None
-    logger.info(
-        "model %s version %d: test accuracy %.4f, loss %.4f",
-        config.name, version, summary["test_accuracy"], summary["test_loss"],
-    )
+    logger.info("model %s version %d: test accuracy %.4f, loss %.4f", config.name, version,
+                summary["test_accuracy"], summary["test_loss"])
     return summary
 
 
-def _draft_metadata(
-    config: TrainConfig, preset: Preset, data: _Data, version: int, input_shape: tuple[int, ...]
-) -> Metadata:
+def _draft_metadata(config: TrainConfig, preset: Preset, data: _Data, version: int,
+                    input_shape: tuple[int, ...]) -> Metadata:
     """The metadata known before the saved model is evaluated."""
     return Metadata(
-        format=FORMAT_VERSION,
-        name=config.name,
-        version=version,
-        preset=preset.name,
-        hyperparameters=preset.hyperparameters(),
-        seed=config.seed,
-        input=InputSpec(shape=tuple(input_shape), size=int(np.prod(input_shape)),
-                        scale=1.0 / 255.0, dtype="float32"),
+        format=FORMAT_VERSION, name=config.name, version=version, preset=preset.name,
+        hyperparameters=preset.hyperparameters(), seed=config.seed,
+        input=InputSpec(shape=tuple(input_shape), size=int(np.prod(input_shape)), scale=1.0 / 255.0,
+                        dtype="float32"),
         labels=tuple(LABELS),
-        data=DataInfo(
-            dir=str(Path(config.data_dir).resolve()),
-            files={name: dict(entry) for name, entry in data.files.items()},
-            train_size=int(data.x_train.shape[0]),
-            test_size=int(data.x_test.shape[0]),
-            holdout_size=None if data.x_holdout is None else int(data.x_holdout.shape[0]),
-        ),
-        versions=_versions(),
-        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    )
+        data=DataInfo(dir=str(Path(config.data_dir).resolve()),
+                      files={name: dict(entry) for name, entry in data.files.items()},
+                      train_size=int(data.x_train.shape[0]), test_size=int(data.x_test.shape[0]),
+                      holdout_size=None if data.x_holdout is None else int(data.x_holdout.shape[0])),
+        versions=_versions(), created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 @dataclass
 class _Evaluation:
-    metrics: Metrics
-    """The metadata's ``metrics``."""
+    metrics: Metrics  # the metadata's ``metrics``, ``check_set`` (what the gate should find), ``inference``
     check_set: CheckSetInfo
-    """The metadata's ``check_set``: file, count and the figures the server's gate should find."""
     inference: Inference
-    """The metadata's ``inference``: the path chosen and the figures it was chosen on."""
     test: ClassificationMetrics
     test_probs: npt.NDArray[np.float32]
 
@@ -381,35 +282,27 @@ def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluati
     # give the same choice, so these figures are the ones the server's Evaluate will compute.
     probe = scale_images(data.test.images[:count])
     served = KerasModel(reloaded, metadata, probe=probe)
-    inference = Inference(
-        path=served.agreement.path,
-        probe_images=served.agreement.images,
-        litert_max_diff=served.agreement.litert_diff,
-        tensorflow_batch1_max_diff=served.agreement.tensorflow_spread,
-    )
+    agreement = served.agreement
+    inference = Inference(path=agreement.path, probe_images=agreement.images,
+                          litert_max_diff=agreement.litert_diff,
+                          tensorflow_batch1_max_diff=agreement.tensorflow_spread)
     if served.litert is not None:
         # The flatbuffer these metrics are computed with, for servers without TensorFlow; they
         # check it against model.predict's probabilities on the check set (saved with it below)
         # within the tolerance it met here.
         (staging / LITERT_FILE).write_bytes(served.litert.flatbuffer)
-        inference = replace(inference, litert_file=LITERT_FILE,
-                            tolerance=served.agreement.tolerance)
+        inference = inference.model_copy(
+            update={"litert_file": LITERT_FILE, "tolerance": agreement.tolerance})
     test_metrics, test_probs = evaluate(served, data.x_test, data.test.labels)
     metrics = Metrics(
         test_accuracy=test_metrics.accuracy,
         test_loss=test_metrics.mean_cross_entropy,
         confusion_matrix=tuple(tuple(row) for row in test_metrics.confusion_matrix),
-        per_class=tuple(
-            ClassFigures(label=label, precision=p, recall=r, f1=f, support=n)
-            for label, p, r, f, n in zip(test_metrics.labels, test_metrics.precision,
-                                         test_metrics.recall, test_metrics.f1,
-                                         test_metrics.support, strict=True)
-        ),
-    )
+        per_class=tuple(ClassFigures(**entry) for entry in test_metrics.to_dict()["per_class"]))
     if data.x_holdout is not None and data.y_holdout is not None:
         holdout_metrics, _ = evaluate(served, data.x_holdout, data.y_holdout)
-        metrics = replace(metrics, holdout_accuracy=holdout_metrics.accuracy,
-                          holdout_loss=holdout_metrics.mean_cross_entropy)
+        metrics = metrics.model_copy(update={"holdout_accuracy": holdout_metrics.accuracy,
+                                             "holdout_loss": holdout_metrics.mean_cross_entropy})
 
     # The server's hot-reload gate predicts these images in one call and compares the figures.
     check_images = data.test.images[:count].reshape(count, -1)
@@ -418,9 +311,7 @@ def _evaluate_saved(staging: Path, metadata: Metadata, data: _Data) -> _Evaluati
     # The label names too: the server refuses metadata whose labels differ from them.
     np.savez_compressed(staging / CHECK_SET_FILE, images=check_images, labels=check_labels,
                         reference=reference, label_names=np.array(LABELS))
-    check = MetricsAccumulator(LABELS)
-    check.update(check_labels, served.predict(probe))
-    check_metrics = check.result()
+    check_metrics = classification_metrics(LABELS, check_labels, served.predict(probe))
     check_set = CheckSetInfo(file=CHECK_SET_FILE, count=count, accuracy=check_metrics.accuracy,
                              mean_cross_entropy=check_metrics.mean_cross_entropy)
     return _Evaluation(metrics, check_set, inference, test_metrics, test_probs)
