@@ -27,13 +27,15 @@ join them; server.v1codec hands those rows to server.pixels, which decodes and c
 Anything else is parsed by protobuf: repeated floats, mixed encodings, and pictures (``encoded``,
 tag 0x22), which are decoded on the picture threads anyway.
 
-It pays: ``python -m bench.wire_cost --measure`` counts, under valgrind, the instructions of a
-Predict's request read into float32 pixels and its answer written, by protobuf alone and by this
-module: 1 image 116,711 and 54,750 per call (0.47×), 64 images 1,261,777 and 264,355 (0.21×) —
-where the server's whole path of a 1-image call (``bench.call_cost server`` under valgrind) is
-about 465,000. ``tests/server/test_wire.py`` checks it against protobuf with hypothesis: any
-request, whole or damaged, reads as protobuf reads it or fails as protobuf fails (DecodeError),
-and every answer parses into the message protobuf builds.
+It pays from 8 images up: ``python -m bench.wire_cost --measure [--part request]`` counts, under
+valgrind, the instructions of a Predict's request read into float32 pixels and its answer written,
+by protobuf alone and as served. Reading only: 1 image 54,327 by protobuf, 80,540 by this module;
+64 images 364,786 and 146,845 — so requests of fewer than FEWEST_PACKED images are left to
+protobuf. Reading and writing as served: 1 image 103,582 and 81,776 per call (0.79×), 64 images
+1,283,629 and 205,422 (0.16×), where the server's whole path of a 1-image call (``bench.call_cost
+server`` under valgrind) is about 465,000. ``tests/server/test_wire.py`` checks it against protobuf
+with hypothesis: any request, whole or damaged, reads as protobuf reads it or fails as protobuf
+fails (DecodeError), and every answer parses into the message protobuf builds.
 """
 
 from __future__ import annotations
