@@ -18,10 +18,10 @@ from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from digitserve.config import ENV_PREFIX, Parser, env_name, show_default
+from digitserve.config import Parser, env_name, show_default
 from digitserve.repository import is_model_name
 
-__all__ = ["ENV_PREFIX", "Settings", "build_parser", "load_settings", "markdown"]
+__all__ = ["Settings", "build_parser", "load_settings", "markdown"]
 
 # The allowed values are the fields' types: flags, variables and --help take them from there.
 # (digitserve.inference.INFERENCE_CHOICES, digitserve.server.logs.FORMATS and
@@ -342,31 +342,27 @@ def _default_text(field: FieldInfo) -> str:
     return "required" if field.is_required() else _extra(field)["shown"] or show_default(field.default)
 
 
-def unrecognized(words: Sequence[str], secret: str = "--auth-token") -> str:
-    """The usage error for words no flag took, without echoing a value: a value may be a secret
-    (``--auth-token SECRET``), so only option names are shown and other words are counted."""
-    names: list[str] = []
-    values, after_secret = 0, False
-    for word in words:
-        if word.startswith("--") and not after_secret:
-            names.append(word.split("=", 1)[0])
-            values += "=" in word
-            after_secret = names[-1] == secret and "=" not in word
-        else:
-            values, after_secret = values + 1, False
-    parts = [" ".join(names)] if names else []
-    if values:
-        parts.append(f"{values} value{'s' if values > 1 else ''} (not shown: values may be secrets)")
-    return "unrecognized arguments: " + " and ".join(parts) + (
-        f"; the bearer token is never a flag (it would show in `ps`): set {env_name('auth_token')} or "
-        "--auth-token-file" if secret in names else "")
-
-
 class _Parser(Parser):
     """A config Parser whose usage errors never echo the words no flag took (argparse prints them)."""
 
-    def _unrecognized(self, words: Sequence[str]) -> str:
-        return unrecognized(words)
+    def _unrecognized(self, words: Sequence[str], secret: str = "--auth-token") -> str:
+        """Only option names are shown and other words are counted: a value may be a secret
+        (``--auth-token SECRET``)."""
+        names: list[str] = []
+        values, after_secret = 0, False
+        for word in words:
+            if word.startswith("--") and not after_secret:
+                names.append(word.split("=", 1)[0])
+                values += "=" in word
+                after_secret = names[-1] == secret and "=" not in word
+            else:
+                values, after_secret = values + 1, False
+        parts = [" ".join(names)] if names else []
+        if values:
+            parts.append(f"{values} value{'s' if values > 1 else ''} (not shown: values may be secrets)")
+        return "unrecognized arguments: " + " and ".join(parts) + (
+            f"; the bearer token is never a flag (it would show in `ps`): set {env_name('auth_token')} or "
+            "--auth-token-file" if secret in names else "")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -388,8 +384,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         if hint is bool:  # --flag / --no-flag; the variable takes 1|0|true|false|yes|no|on|off
             parser.add_option(flag, action=argparse.BooleanOptionalAction, default=field.default, **common)
         elif typing.get_origin(hint) is tuple:  # repeatable; the variable is comma-separated
-            parser.repeatable.add(parser.add_option(flag, action="append", default_text=_default_text(
-                field), **common).dest)
+            parser.add_option(flag, action="append", default_text=_default_text(field), **common)
         else:
             choices = get_args(hint) if typing.get_origin(hint) is Literal else None
             required = field.is_required()
