@@ -1,14 +1,11 @@
-"""One command-line mechanism for mnist-serve, mnist-client and mnist-train: each option is a flag
-and an ``MNIST_*`` variable.
+"""One command-line mechanism for mnist-serve, mnist-client and mnist-train: ``Parser``, argparse
+where each option added by ``add_option`` is also an ``MNIST_*`` variable, shown in --help with its
+default and choices, and where abbreviations are refused (the error names the option abbreviated).
 
-``Parser`` is argparse with three rules added: abbreviations are refused (sub-parsers included;
-the error names the unknown option, and the option it abbreviates); every option added through
-``Parser.add_option`` is also read from an environment variable, and its help ends with that
-variable, its default and its choices; a variable is converted and checked only when its command
-runs, by argparse's own type and choice checks, so a bad value is the same one-line usage error
-(exit 2) as a bad flag, naming the variable. An empty variable counts as unset. A flag given on the
-command line wins over the environment, also over a variable of another member of its mutually
-exclusive group. The server declares its options once, in ``digitserve.server.settings``.
+A variable is converted and checked only when its command runs, by argparse's own type and choice
+checks, so a bad one is the same one-line usage error (exit 2) as a bad flag, naming the variable.
+An empty variable is unset; a flag beats the environment, also the variable of another member of
+its mutually exclusive group. The server declares its options in ``digitserve.server.settings``.
 """
 
 from __future__ import annotations
@@ -36,15 +33,18 @@ def show_default(default: Any) -> str:
         else str(default)
 
 
-class _DeprecatedStore(argparse.Action):
-    """``store``, with one warning line when the option is spelt by a deprecated alias."""
+class _DeprecatedStore(argparse._StoreAction):
+    """``store``, with one warning line when the option is spelt by one of its ``deprecated`` aliases."""
+
+    def __init__(self, *args: Any, deprecated: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deprecated = deprecated
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        deprecated: Mapping[str, str] = getattr(parser, "deprecated_flags", {})
-        if option_string is not None and option_string in deprecated:
+        if option_string in self.deprecated:
             print(f"{parser.prog}: warning: {option_string} is deprecated and will be removed; "
-                  f"use {deprecated[option_string]}", file=sys.stderr)
+                  f"use {self.option_strings[0]}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
@@ -57,7 +57,6 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.env_prefix = env_prefix
-        self.deprecated_flags: dict[str, str] = {}
         self._variables: dict[str, tuple[argparse.Action, str, Any]] = {}  # dest -> its variable, default
         self._exclusive: list[tuple[Any, list[argparse.Action]]] = []  # groups and their options
         self._commands: Any = None  # the sub-parsers action, if any
@@ -122,8 +121,7 @@ class Parser(argparse.ArgumentParser):
         variable = env or env_name(flags[0], self.env_prefix)
         from_env = bool(self.env.get(variable))
         if deprecated:
-            kwargs["action"] = _DeprecatedStore
-            self.deprecated_flags.update(dict.fromkeys(deprecated, flags[0]))
+            kwargs.update(action=_DeprecatedStore, deprecated=deprecated)
         container: Any = self if to is None else to
         members = next((m for group, m in self._exclusive if group is container), None)
         if from_env and members is not None:
@@ -135,7 +133,9 @@ class Parser(argparse.ArgumentParser):
         self._variables[action.dest] = (action, variable, default)
         if members is not None:
             members.append(action)
-        suffix = f"[{variable}; default: {show_default(default) if default_text is None else default_text}"
+        if default_text is None:
+            default_text = "required" if required else show_default(default)
+        suffix = f"[{variable}; default: {default_text}"
         if action.choices is not None:
             suffix += f"; choices: {', '.join(str(c) for c in action.choices)}"
         action.help = f"{help} {suffix.replace('%', '%%')}]"
