@@ -33,7 +33,7 @@ def show_default(default: Any) -> str:
         else str(default)
 
 
-class _DeprecatedStore(argparse._StoreAction):
+class _DeprecatedStore(argparse.Action):
     """``store``, with one warning line when the option is spelt by one of its ``deprecated`` aliases."""
 
     def __init__(self, *args: Any, deprecated: Sequence[str], **kwargs: Any) -> None:
@@ -58,6 +58,7 @@ class Parser(argparse.ArgumentParser):
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.env_prefix = env_prefix
         self._variables: dict[str, tuple[argparse.Action, str, Any]] = {}  # dest -> its variable, default
+        self._repeatable: set[str] = set()  # dests of action="append": the variable is comma-separated
         self._exclusive: list[tuple[Any, list[argparse.Action]]] = []  # groups and their options
         self._commands: Any = None  # the sub-parsers action, if any
 
@@ -131,6 +132,8 @@ class Parser(argparse.ArgumentParser):
             *flags, default=default if default is argparse.SUPPRESS else None,
             required=required and not from_env, help=help, **kwargs)
         self._variables[action.dest] = (action, variable, default)
+        if kwargs.get("action") == "append":
+            self._repeatable.add(action.dest)
         if members is not None:
             members.append(action)
         if default_text is None:
@@ -170,10 +173,10 @@ class Parser(argparse.ArgumentParser):
                 self.error(f"argument {action.option_strings[0]}: invalid boolean value: {text!r}, "
                            f"not one of {', '.join(_BOOLS)} (from {variable})")
             return _BOOLS[text.strip().lower()]
-        repeatable = isinstance(action, argparse._AppendAction)
+        repeatable = action.dest in self._repeatable
         items = []
         for item in filter(None, [t.strip() for t in text.split(",")] if repeatable else [text]):
-            try:  # a repeatable option's variable is comma-separated
+            try:
                 items.append(self._get_value(action, item))
                 self._check_value(action, items[-1])
             except argparse.ArgumentError as exc:
