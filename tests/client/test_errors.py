@@ -146,12 +146,11 @@ def test_the_clients_errors_are_its_own_not_grpcs(tiny_server: ServerThread) -> 
     from digitserve.client import ConnectError
 
     assert [c for c in ConnectError.__mro__ if c.__module__.startswith("grpc")] == []
-    with DigitClient(tiny_server.target) as client:
-        with pytest.raises(CallError) as info:
-            try:
-                client.predict(IMAGE, model_version=7)
-            except grpc.RpcError:  # never taken: not grpc's error
-                pytest.fail("a DigitClient refusal was caught as grpc.RpcError")
+    with DigitClient(tiny_server.target) as client, pytest.raises(CallError) as info:
+        try:
+            client.predict(IMAGE, model_version=7)
+        except grpc.RpcError:  # never taken: not grpc's error
+            pytest.fail("a DigitClient refusal was caught as grpc.RpcError")
     raw = raw_refusal(tiny_server.target, pb.PredictRequest(images=[pb.Image(uint8=IMAGE.tobytes())],
                                                              model_version=7))
     assert (info.value.code(), info.value.details()) == (raw.code(), raw.details())

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.client.client import encode_images
 from digitserve.client.errors import DigitServeError
 from digitserve.idx import scale_pixels
 from digitserve.loadtest import answers, http2
@@ -123,8 +124,7 @@ def build_workload(images: npt.NDArray[np.uint8], labels: npt.ArrayLike, *, batc
             version = label or (str(model_version) if model_version else "")
             payloads.append(_infer_request(chunk, encoding, model_name, version))
         else:
-            encoded = [pb.Image(uint8=row.tobytes()) for row in chunk] if encoding == "uint8" else \
-                [pb.Image(float32=row.astype("<f4").tobytes()) for row in scale_pixels(chunk)]
+            encoded = encode_images(chunk if encoding == "uint8" else scale_pixels(chunk))
             payloads.append(pb.PredictRequest(images=encoded, model_version=model_version,
                                               model_name=model_name,
                                               version_label=label).SerializeToString())
