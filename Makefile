@@ -9,7 +9,7 @@ DATA ?= data
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[server,trainer,plot,loadtest,dev]'
+	$(BIN)/python -m pip install -q -e '.[server,trainer,plot,loadtest,dev]' --config-settings editable_mode=strict
 	touch $@
 
 venv: $(BIN)/.installed

@@ -313,9 +313,10 @@ def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
             model_name=args.model_name, label=args.label, progress=bar.update,
         )
     if args.plot is not None:
-        from digitserve.client.plots import plot_confusion_matrix
+        from digitserve.plots import plot_confusion_matrix
 
-        plot_confusion_matrix(result, args.plot)
+        plot_confusion_matrix(args.plot, result.confusion_matrix, result.labels,
+                              title=f"{result.model_name} v{result.model_version}, evaluated by mnist-client")
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
