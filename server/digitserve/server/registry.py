@@ -258,16 +258,6 @@ class ModelVersions:
         self._labels = {k: v for k, v in self._labels.items() if v != version}
         self.registry.on_unload()
 
-    def _forget_missing(self, on_disk: set[int]) -> None:
-        for version in [v for v in self.refused if v not in on_disk]:
-            del self.versions[version]  # ListModels lists the refusals of what is there
-
-    async def _list(self) -> list[int]:
-        """The published versions, listed in a thread with the repository timeout."""
-        versions = await self.reads.run(f"list {self.name}", f"listing {self.source}", self.source.versions)
-        self.published = list(versions)
-        return versions
-
     async def _fingerprint(self, version: int) -> Fingerprint | None:
         return await self.reads.run(f"fingerprint {self.name} {version}",
                                     f"listing the files of {self.source} version {version}",
@@ -332,7 +322,7 @@ class ModelVersions:
         """Serves the newest version that passes the gate (the pinned one if pinned), then starts
         watching; RepositoryError (ModelNotFoundError: none is published) when none can serve."""
         async with self._lock:
-            await self._serve_first(strict=True)
+            await self._look(strict=True)
         self.start_watch()
         assert self.served is not None
         return self.served
@@ -370,50 +360,6 @@ class ModelVersions:
         if self._watch_task is None and self._watching():
             look = watch(self.watch_interval, self.reload_once, self.source, self._watching)
             self._watch_task = asyncio.get_running_loop().create_task(look, name=f"watch {self.name}")
-
-    async def _serve_first(self, strict: bool = False) -> bool:
-        """Serves the newest version that passes the gate (the pinned one, if pinned), skipping
-        those refused whose files did not change; True once one serves. ``strict``: see load."""
-        if not strict and self.reads.busy(f"list {self.name}"):
-            return False
-        try:
-            versions = await self._list()
-        except ModelNotFoundError:
-            if strict:
-                raise
-            self.published = versions = []
-        pinned = self.policy.version
-        if strict and pinned and pinned not in versions:
-            raise ModelNotFoundError(f"model {self.name!r} has no version {pinned} (pinned)")
-        self._forget_missing(set(versions))
-        for version in sorted(versions, reverse=True):
-            if (not pinned or version == pinned) and await self._worth_trying(version):
-                model = await self._try_load("load", version)
-                if model is not None:
-                    self._serve(model)
-                    await self._sync_labels(set(versions))  # in force before health says SERVING
-                    await self._start_serving(model)
-                    return True
-        reasons = "; ".join(f"version {v}: {r}" for v, r in self.refused.items())
-        if strict:
-            raise RepositoryError(f"no servable version of model {self.name!r} ({reasons})")
-        if reasons:
-            self.reason = f"waiting for a servable version: {reasons}"
-        return False
-
-    async def _start_serving(self, model: Model) -> None:
-        """The first version serves: health SERVING, the line that says so."""
-        self.reason = ""
-        self.first_served.set()
-        await self.registry.changed(self)
-        logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
-        newer = sorted(v for v in self.refused if v > model.spec.version)
-        if newer:
-            logger.warning(
-                "model %s version %d is served although newer version(s) %s exist: they were "
-                "refused (ListModels and GetModelInfo say why); the watch tries them again "
-                "when their files change or their hung reads return",
-                model.spec.name, model.spec.version, ", ".join(map(str, newer)))
 
     def _note_gone(self, on_disk: set[int]) -> set[int]:
         """Marks loaded versions missing from disk GONE (or back); returns those gone past the grace."""
@@ -489,56 +435,70 @@ class ModelVersions:
         while waiting), puts the labels in force, and replaces a served version gone for
         --removed-version-grace as a fresh start would. True if the served model changed."""
         async with self._lock:
-            changed = await (self._serve_first() if self.served is None else self._reload())
+            changed = await self._look()
         await self.registry.changed(self)
         return changed
 
-    async def _reload(self) -> bool:
+    async def _look(self, strict: bool = False) -> bool:
+        """One look at the published versions (reload_once); ``strict``: load's first one, which
+        raises where nothing can serve."""
         current = self.served
-        assert current is not None
-        if self.reads.busy(f"list {self.name}"):
+        if not strict and self.reads.busy(f"list {self.name}"):
             return False  # the last listing is still hung (logged and counted when it timed out)
         try:
-            versions = await self._list()
+            versions = await self.reads.run(f"list {self.name}", f"listing {self.source}",
+                                            self.source.versions)
         except ModelNotFoundError:
-            self.published = versions = []
+            if strict:
+                raise
+            versions = []
+        self.published = list(versions)
         on_disk = set(versions)
-        self._forget_missing(on_disk)
-        served = current.spec.version
-        expired = self._note_gone(on_disk)
-        grace = self.settings.removed_version_grace
-        for version in sorted(expired - {served}):
-            self._unload(version)
-            logger.warning("unloaded model %s version %d: its directory has been gone for %gs or more",
-                           self.name, version, grace)
-        replacing = served in expired
         pinned = self.policy.version
-        if pinned:
-            candidates = [pinned] if pinned in on_disk and (pinned != served or replacing) else []
+        if strict and pinned and pinned not in on_disk:
+            raise ModelNotFoundError(f"model {self.name!r} has no version {pinned} (pinned)")
+        for version in [v for v in self.refused if v not in on_disk]:
+            del self.versions[version]  # ListModels lists the refusals of what is there
+        if current is None:
+            served, replacing = 0, False
+            candidates = [v for v in sorted(versions, reverse=True) if not pinned or v == pinned]
         else:
-            candidates = sorted((v for v in versions if v != served and (replacing or v > served)),
-                                reverse=True)
+            served = current.spec.version
+            expired = self._note_gone(on_disk)
+            for version in sorted(expired - {served}):
+                self._unload(version)
+                logger.warning("unloaded model %s version %d: its directory has been gone for %gs "
+                               "or more", self.name, version, self.settings.removed_version_grace)
+            replacing = served in expired
+            if pinned:
+                candidates = [pinned] if pinned in on_disk and (pinned != served or replacing) else []
+            else:
+                candidates = sorted((v for v in versions if v != served and (replacing or v > served)),
+                                    reverse=True)
         model: Model | None = None
         for version in candidates:
             if self._loaded(version):  # passed the gate when it was loaded
                 model = self.versions[version].model
                 break
             if await self._worth_trying(version):
-                model = await self._try_load("reload", version)
+                model = await self._try_load("load" if current is None else "reload", version)
                 if model is not None:
                     break
         if model is not None:
             self._serve(model)
-            if replacing:
-                self._unload(served)
-                self._orphaned = False
-                logger.warning(
-                    "model %s version %d has been gone from %s for %gs or more: unloaded it and "
-                    "serving version %d, the newest remaining version that passes the checks",
-                    model.spec.name, served, self.source, grace, model.spec.version)
-            else:
-                logger.info("hot reload: serving model %s version %d (was version %d)",
-                            model.spec.name, model.spec.version, served)
+        if current is None:
+            return await self._first(model, on_disk, strict)
+        grace = self.settings.removed_version_grace
+        if model is not None and replacing:
+            self._unload(served)
+            self._orphaned = False
+            logger.warning(
+                "model %s version %d has been gone from %s for %gs or more: unloaded it and "
+                "serving version %d, the newest remaining version that passes the checks",
+                model.spec.name, served, self.source, grace, model.spec.version)
+        elif model is not None:
+            logger.info("hot reload: serving model %s version %d (was version %d)",
+                        model.spec.name, model.spec.version, served)
         elif replacing and not self._orphaned:
             self._orphaned = True
             logger.error(
@@ -548,6 +508,30 @@ class ModelVersions:
                 "the directory", current.spec.name, served, self.source, grace)
         await self._sync_labels(on_disk)
         return model is not None
+
+    async def _first(self, model: Model | None, on_disk: set[int], strict: bool) -> bool:
+        """After a look while nothing served: health SERVING and the line that says so once
+        ``model`` serves with its labels in force; else why nothing serves (``strict``: raised)."""
+        if model is None:
+            reasons = "; ".join(f"version {v}: {r}" for v, r in self.refused.items())
+            if strict:
+                raise RepositoryError(f"no servable version of model {self.name!r} ({reasons})")
+            if reasons:
+                self.reason = f"waiting for a servable version: {reasons}"
+            return False
+        await self._sync_labels(on_disk)  # in force before health says SERVING
+        self.reason = ""
+        self.first_served.set()
+        await self.registry.changed(self)
+        logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
+        newer = sorted(v for v in self.refused if v > model.spec.version)
+        if newer:
+            logger.warning(
+                "model %s version %d is served although newer version(s) %s exist: they were "
+                "refused (ListModels and GetModelInfo say why); the watch tries them again "
+                "when their files change or their hung reads return",
+                model.spec.name, model.spec.version, ", ".join(map(str, newer)))
+        return True
 
     async def close(self, grace: float = 0.0) -> None:
         """Stops the watch; its versions are UNLOADING for up to ``grace`` seconds, while calls
