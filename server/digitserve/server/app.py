@@ -222,27 +222,16 @@ class App:
     def models(self) -> dict[str, ModelVersions]:
         return self.registry.models
 
-    @property
-    def ready(self) -> bool:
-        return self.registry.ready
-
-    async def check_repository(self) -> None:
-        """Before listening: what the repository must hold (discovery.check_repository)."""
-        if not self.registry.static:
-            await check_repository(self.settings, self.reads, self.registry.config)
-
     async def refresh(self) -> None:
         """One look at the config file and the repository's models (the watch, SIGHUP)."""
         if self.config_watcher is not None:
             await self.config_watcher.look()
         await self.discovery.look()
 
-    async def reload_once(self) -> bool:
-        """refresh(), then one look at each model's versions; True if a served version changed."""
-        await self.refresh()
-        return await self.registry.reload_once()
-
     def _start_watch(self) -> None:
+        """Models found from now on start loading at once; the watch of the config file and the
+        repository's models starts."""
+        self.registry.starting = True
         config = self.registry.config
         if self._watch_task is None and (self.config_watcher is not None or (
                 config.models is None and not self.registry.static)):
@@ -254,8 +243,8 @@ class App:
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port."""
-        for model in list(self.registry.models.values()):
-            if not self.registry.static:  # a loader's model is known by its own name once loaded
+        if not self.registry.static:  # a loader's model is known by its own name once loaded
+            for model in list(self.registry.models.values()):
                 await self.registry.changed(model)
         await self.registry.changed()
         host = self.settings.host
@@ -307,7 +296,6 @@ class App:
             raise error if error is not None else ModelNotFoundError("no model to serve")
         for name in sorted(self.models):
             await self.models[name].load()
-        self.registry.starting = True  # models found from now on start loading at once
         self._start_watch()
         await self.registry.changed()
         served = self.models.get(self.registry.default_model) or self.models[min(self.models)]
@@ -338,7 +326,6 @@ class App:
                     else "no model directory yet"))
         for model in list(self.models.values()):
             registry.start(model)
-        registry.starting = True  # models found from now on start loading at once
         self._start_watch()
         serving = asyncio.ensure_future(registry.became_ready.wait())
         try:
@@ -395,17 +382,16 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     # and what is there instead, exit 2), read in a thread with the repository timeout.
     code: int | None = None
     try:
-        await app.check_repository()
+        if not app.registry.static:
+            await check_repository(settings, app.reads, app.registry.config)
     except RepositoryTimeoutError as error:  # a hung volume: logged where it timed out
         logger.error("cannot load model %s: %s", ", ".join(app.models) or "(any)", error)
         code = 1
-    except NothingPublishedError as error:  # a repository to publish into: wait, unless told not to
-        if settings.exit_if_no_model:
+    except RepositoryError as error:  # ModelNotFoundError, an invalid model name
+        # NothingPublishedError: a repository to publish into; the server waits, unless told not to
+        if settings.exit_if_no_model or not isinstance(error, NothingPublishedError):
             logger.error("cannot start: %s", error)
             code = EXIT_USAGE
-    except RepositoryError as error:  # ModelNotFoundError, an invalid model name
-        logger.error("cannot start: %s", error)
-        code = EXIT_USAGE
     if code is None:
         try:
             await app.start()
@@ -472,12 +458,13 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
 async def _reload_now(app: App) -> None:
     """SIGHUP: one look at the model config, the repository's models and each model's versions
     at once (the watches look again at their interval)."""
-    if not app.ready and not app.models:
+    if not app.registry.ready and not app.models:
         logger.info("SIGHUP received: looking for a first model now")
     else:
         logger.info("SIGHUP received: looking for a new model version now")
     try:
-        changed = await app.reload_once()
+        await app.refresh()
+        changed = await app.registry.reload_once()
     except Exception:
         logger.exception("SIGHUP reload of %s failed; still serving what was served",
                          app.settings.model_repo)

@@ -107,7 +107,7 @@ async def watch(interval: Callable[[], float], look: Callable[[], Awaitable[Any]
 class ModelVersions:
     """One model: its versions, labels, canary weight and data plane, and its watch, which serves
     a newer version once it passes the gate (the pinned one, when pinned), loads the versions the
-    labels name and replaces versions gone from disk. ``on_change``: what it serves may have changed."""
+    labels name and replaces versions gone from disk."""
 
     def __init__(self, name: str, source: ModelSource, policy: ModelPolicy, registry: Registry) -> None:
         self.name = name
@@ -327,30 +327,26 @@ class ModelVersions:
         assert self.served is not None
         return self.served
 
-    async def load_or_wait(self, exit_if_no_model: bool) -> Model:
-        """load(); when no version can serve yet, unless ``exit_if_no_model``, logs once what it
+    async def load_or_wait(self) -> Model:
+        """load(); when no version can serve yet, unless --exit-if-no-model, logs once what it
         waits for and returns the first version the watch serves. A hung listing fails it."""
         try:
             return await self.load()
         except RepositoryTimeoutError:
             raise
         except RepositoryError as error:  # ModelNotFoundError (none published) or all refused
-            if exit_if_no_model or not self.source.watchable:
+            if self.settings.exit_if_no_model or not self.source.watchable:
                 raise
             self.reason = f"waiting for a servable version: {error}"
             logger.warning(
                 "waiting for a servable version of model %s (health NOT_SERVING; looking every %gs "
                 "and at SIGHUP; --exit-if-no-model exits instead): %s",
-                self.name, self.watch_interval(), error)
+                self.name, self.settings.reload_interval or WAIT_INTERVAL, error)
         await self.registry.changed(self)
         self.start_watch()
         await self.first_served.wait()
         assert self.served is not None
         return self.served
-
-    def watch_interval(self) -> float:
-        """--reload-interval, or the default while waiting for a first version with it 0."""
-        return self.settings.reload_interval or WAIT_INTERVAL
 
     def _watching(self) -> bool:
         """While waiting for a first version, and with hot reload once one serves."""
@@ -358,7 +354,9 @@ class ModelVersions:
 
     def start_watch(self) -> None:
         if self._watch_task is None and self._watching():
-            look = watch(self.watch_interval, self.reload_once, self.source, self._watching)
+            # --reload-interval, or the default while waiting for a first version with it 0
+            look = watch(lambda: self.settings.reload_interval or WAIT_INTERVAL, self.reload_once,
+                         self.source, self._watching)
             self._watch_task = asyncio.get_running_loop().create_task(look, name=f"watch {self.name}")
 
     def _note_gone(self, on_disk: set[int]) -> set[int]:
@@ -395,12 +393,10 @@ class ModelVersions:
                 continue
             if version not in on_disk:
                 problems[label] = f"version {version} is not published"
-            elif await self._worth_trying(version):
-                if await self._try_load("label", version) is not None:
-                    labels[label] = version
-                    continue
-                problems[label] = f"version {version} was refused: {self.refused.get(version, '')}"
-            elif version in self.refused:
+            elif await self._worth_trying(version) and await self._try_load("label", version) is not None:
+                labels[label] = version
+                continue
+            elif version in self.refused:  # just now, or before and its files did not change
                 problems[label] = f"version {version} was refused: {self.refused[version]}"
             else:
                 problems[label] = f"version {version} is still loading (a slow read)"
@@ -595,8 +591,7 @@ class Registry:
 
     def start(self, model: ModelVersions) -> None:
         """``model``'s first load (load_or_wait) in a task; its failure fails ``fatal``, or is logged."""
-        task = asyncio.get_running_loop().create_task(
-            model.load_or_wait(self.settings.exit_if_no_model), name=f"load {model.name}")
+        task = asyncio.get_running_loop().create_task(model.load_or_wait(), name=f"load {model.name}")
         self._tasks.add(task)
 
         def done(task: asyncio.Task[Model]) -> None:

@@ -233,7 +233,8 @@ def repository_error(root: Path, name: str | None = None) -> ModelNotFoundError 
                 f"no version directory 1, 2, …); publish one ({publish})")
         models = [(child, versions) for child in children if (versions := _version_dirs(root / child))]
         if models:
-            listed = ", ".join(f"{child} ({_versions_text(versions)})" for child, versions in models[:MAX_LISTED])
+            listed = ", ".join(f"{child} ({_versions_text(versions)})"
+                               for child, versions in models[:MAX_LISTED])
             more = f" and {len(models) - MAX_LISTED} more" if len(models) > MAX_LISTED else ""
             return NothingPublishedError(
                 f"{flag}: no model {name!r} in it; models there: {listed}{more}; choose one with "
