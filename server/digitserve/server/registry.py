@@ -56,8 +56,7 @@ class State(Enum):
 
 
 @dataclass
-class Version:
-    number: int
+class Version:  # in ModelVersions.versions under its number
     state: State = State.LOADING
     reason: str = ""
     model: Model | None = None
@@ -271,7 +270,7 @@ class ModelVersions:
         if served is not None and served.spec.version != version:
             accuracy = self.versions[served.spec.version].accuracy
             baseline = None if accuracy is None else Baseline(served.spec.version, accuracy)
-        record = self.versions.setdefault(version, Version(version))
+        record = self.versions.setdefault(version, Version())
         record.state = State.LOADING
         rules = self.policy.rules
         logger.info("trying model %s version %d (%s)", self.name, version, kind)
@@ -292,8 +291,7 @@ class ModelVersions:
             self.name = model.spec.name
             self.telemetry.touch_model(self.name)
         del self.versions[version]  # a loader's model is known by its own version
-        self.versions[model.spec.version] = Version(model.spec.version, State.SERVING, model=model,
-                                                    accuracy=accuracy)
+        self.versions[model.spec.version] = Version(State.SERVING, model=model, accuracy=accuracy)
         self.plane.prepare(model)
         self.telemetry.on_model_event(self.name, kind, version, "served")
         return model
