@@ -68,11 +68,11 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     import grpc
 
     from digitserve.inference import load_version, read_check_set
-    from digitserve.server.calls import CallWrapper
+    from digitserve.server.calls import CallInterceptor, tolerant_deserializer
     from digitserve.server.dataplane import DataPlane
     from digitserve.server.decoding import PictureDecoder
     from digitserve.server.logs import access_log
-    from digitserve.server.servicer import DigitServicer, tolerant_deserializer
+    from digitserve.server.servicer import DigitServicer
     from digitserve.server.telemetry import Telemetry
     from digitserve.v1 import digit_service_pb2 as pb
 
@@ -90,7 +90,7 @@ def server(model_dir: Path, calls: int, images: int) -> None:
 
     handler = grpc.unary_unary_rpc_method_handler(
         DigitServicer(cast(Any, OneModel()), PictureDecoder()).Predict)
-    predict = CallWrapper(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
+    predict = CallInterceptor(telemetry).wrap("/digitserve.v1.DigitService/Predict", handler).unary_unary
     pixels = np.random.default_rng(0).random((images, model.spec.input_size), dtype=np.float32)
     data = pb.PredictRequest(images=[pb.Image(float32=row.tobytes()) for row in pixels]).SerializeToString()
     parse = tolerant_deserializer(pb.PredictRequest)

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from digitserve.server.calls import CallWrapper, Services
+from digitserve.server.calls import CallInterceptor
 from digitserve.server.security import INVALID_TOKEN, MISSING_TOKEN, TokenAuth
 from digitserve.server.telemetry import Telemetry
 from tests.servers import ServerThread
@@ -203,8 +203,8 @@ def _sync_service(ran: list[str]) -> dict[str, grpc.RpcMethodHandler]:
 
 
 def test_synchronous_handlers_need_the_token_and_are_counted() -> None:
-    """grpc.aio runs a plain function in a thread; registered through Services (by name, or in a
-    generic handler of no registered service) it must still need the token and be counted."""
+    """grpc.aio runs a plain function in a thread; registered by name, or in a generic handler of
+    no registered service, it must still need the token and be counted (the server's interceptor)."""
     ran: list[str] = []
     telemetry = Telemetry()
     loop = asyncio.new_event_loop()
@@ -212,12 +212,10 @@ def test_synchronous_handlers_need_the_token_and_are_counted() -> None:
     thread.start()
 
     async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        services = Services(server, CallWrapper(telemetry, TokenAuth([TOKEN.encode()])))
-        services.add_registered_method_handlers("test.Sync", _sync_service(ran))
-        services.add_generic_rpc_handlers(
+        server = grpc.aio.server(interceptors=(CallInterceptor(telemetry, TokenAuth([TOKEN.encode()])),))
+        server.add_registered_method_handlers("test.Sync", _sync_service(ran))
+        server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("test.Generic", _sync_service(ran)),))
-        services.close()
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port

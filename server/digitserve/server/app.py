@@ -14,12 +14,14 @@ from collections.abc import Callable
 from functools import partial
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digitserve.inference import Model
 from digitserve.nativelog import native_stderr_logged
+from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.repository import ModelNotFoundError, RepositoryError
-from digitserve.server.calls import CallWrapper, Services
+from digitserve.server.calls import CallInterceptor, GenericOnly
 from digitserve.server.configwatch import ConfigWatcher
 from digitserve.server.decoding import PictureDecoder, PictureLimits
 from digitserve.server.discovery import Discovery, check_repository, configured
@@ -31,11 +33,12 @@ from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
 from digitserve.server.ports import ListenError, grpc_bind_error, listen_error, metrics_port_error
+from digitserve.server.reflection import SERVICES as REFLECTION_SERVICES
 from digitserve.server.reflection import add_reflection
 from digitserve.server.registry import WAIT_INTERVAL, ModelVersions, Registry, watch
 from digitserve.server.rest import RestApi
 from digitserve.server.security import SecurityConfigError, ServerSecurity
-from digitserve.server.servicer import DigitServicer, add_to_server
+from digitserve.server.servicer import DigitServicer
 from digitserve.server.settings import Settings
 from digitserve.server.slot import WorkerSlot
 from digitserve.server.telemetry import (
@@ -54,6 +57,8 @@ from digitserve.server.versions import (
     StaticSource,
     repository_error,
 )
+from digitserve.v1 import digit_service_pb2 as pb
+from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +145,22 @@ def settle_memory() -> None:
     gc.freeze()
 
 
+def grpc_server(options: list[tuple[str, int]], interceptor: CallInterceptor, digit: DigitServicer,
+                oip: InferenceServicer, health: HealthServicer) -> grpc.aio.Server:
+    """The grpc.aio server: every call through ``interceptor``; DigitService, the V2 protocol,
+    health and reflection (v1 and v1alpha) added by their generated registration."""
+    server = grpc.aio.server(options=options, interceptors=(interceptor,))
+    services = GenericOnly(server)  # every method through its service's generic handler
+    pb_grpc.add_DigitServiceServicer_to_server(digit, services)  # type: ignore[no-untyped-call]
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(oip, services)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health, services)
+    served = (SERVICE_NAME, OIP_SERVICE.full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+    add_reflection(services, served)
+    pool = descriptor_pool.Default()
+    interceptor.touch(pool.FindServiceByName(name) for name in (*served, *REFLECTION_SERVICES))
+    return server
+
+
 class App:
     """The composition root of one server: __init__ builds the parts (security, telemetry, the
     registry, discovery, the config watcher, the gRPC server and the HTTP edge), start() binds
@@ -193,21 +214,14 @@ class App:
             settings.max_picture_bytes, settings.max_picture_request_bytes,
             settings.max_picture_pixels, settings.max_queued_pictures,
             settings.max_picture_decoded_bytes))
-        self.server = grpc.aio.server(options=server_options(settings, reuse_port))
         self.oip = InferenceServicer(self.registry, self.pictures)  # the V2 protocol, over gRPC and HTTP
-        # Every method of every service wrapped once: request id, token check, metrics, access line.
         self.drain = Drain()  # SIGTERM: calls that arrive are held, then refused UNAVAILABLE
-        services = Services(self.server, CallWrapper(self.telemetry, self.security.auth, self.drain))
-        # bytes that do not parse: INVALID_ARGUMENT
-        add_to_server(DigitServicer(self.registry, self.pictures), services)
-        add_to_server(self.oip, services, OIP_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
-        add_reflection(services, (  # v1 and v1alpha
-            SERVICE_NAME,
-            OIP_SERVICE.full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        ))
-        services.close()
+        # Every call: request id, token check, metrics, access line; bytes that do not parse of
+        # DigitService and the V2 protocol: INVALID_ARGUMENT.
+        interceptor = CallInterceptor(self.telemetry, self.security.auth, self.drain,
+                                      tolerant=(pb.DESCRIPTOR.services_by_name["DigitService"], OIP_SERVICE))
+        self.server = grpc_server(server_options(settings, reuse_port), interceptor,
+                                  DigitServicer(self.registry, self.pictures), self.oip, self.health)
         self.port = 0
         self.metrics_port: int | None = None
         # --http-port: the V2 protocol's REST binding, on this loop, through the same data planes.

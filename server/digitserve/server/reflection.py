@@ -10,12 +10,11 @@ the package renamed, added to the descriptor pool, so that reflection describes 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
-
-from digitserve.server.calls import Services
 
 V1ALPHA_SERVICE: str = reflection.SERVICE_NAME  # grpc.reflection.v1alpha.ServerReflection
 V1_PACKAGE = "grpc.reflection.v1"
@@ -43,27 +42,21 @@ def v1_file() -> descriptor_pb2.FileDescriptorProto:
     return proto
 
 
-def _add_v1_file(pool: descriptor_pool.DescriptorPool) -> None:
+def add_reflection(server: Any, service_names: Iterable[str]) -> None:
+    """Serves reflection, v1 and v1alpha, on ``server`` (a grpc.aio.Server or calls.GenericOnly)
+    for ``service_names`` (both reflection services are added to them): v1alpha by its generated
+    registration, v1 as the same servicer registered the same way under v1's name, with v1's file
+    added to the default descriptor pool."""
+    pool = descriptor_pool.Default()
     try:
         pool.FindFileByName(V1_FILE)
     except KeyError:
         pool.Add(v1_file())
-
-
-def add_reflection(services: Services, service_names: Iterable[str]) -> None:
-    """Serves reflection, v1 and v1alpha, on ``services`` for ``service_names`` (both reflection
-    services are added to them): what ``reflection.enable_server_reflection`` does for v1alpha
-    alone (and only for a grpc.aio.Server, which it tells by isinstance)."""
-    pool = descriptor_pool.Default()
-    _add_v1_file(pool)
     servicer = reflection.aio.ReflectionServicer((*service_names, *SERVICES), pool=pool)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, services)
-    handlers = {
-        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-            servicer.ServerReflectionInfo,
-            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
-        )
-    }
-    services.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(V1_SERVICE, handlers),))
-    services.add_registered_method_handlers(V1_SERVICE, handlers)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(V1_SERVICE, handlers),))
+    server.add_registered_method_handlers(V1_SERVICE, handlers)

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
-from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
-from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError
 
 from digitserve.inference import Model
 from digitserve.metadata import Metadata
@@ -30,69 +26,12 @@ from digitserve.server.pixels import (
     uniform_pixels,
 )
 from digitserve.server.registry import ModelInfo, Registry
-from digitserve.server.status import Undecodable, deadline, mapped_errors
-from digitserve.server.wire import PackedPredictRequest, PredictionEncoder, parse_predict_request
+from digitserve.server.status import deadline, mapped_errors
+from digitserve.server.wire import PackedPredictRequest, PredictionEncoder
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
-
-# Requests read by something faster than protobuf (digitserve.server.wire), by message type.
-_PARSERS: dict[str, Callable[[bytes], Any]] = {
-    pb.PredictRequest.DESCRIPTOR.full_name: parse_predict_request,
-}
-
-
-def tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
-    """A request deserializer that never raises: gRPC would answer UNKNOWN (unary) or the method
-    would see an unexpected exception (streams) for bytes that do not parse."""
-    type_name = message_class.DESCRIPTOR.full_name
-    from_string = _PARSERS.get(type_name, message_class.FromString)
-
-    def parse(data: bytes) -> Any:
-        try:
-            return from_string(data)
-        except DecodeError:
-            return Undecodable(type_name)
-
-    return parse
-
-
-def _serializer(message_class: Any) -> Callable[[Any], bytes]:
-    """Serializes a response message; a method may also answer bytes it serialized itself."""
-
-    def serialize(response: Any) -> bytes:
-        if isinstance(response, bytes):
-            return response
-        data: bytes = message_class.SerializeToString(response)
-        return data
-
-    return serialize
-
-
-def add_to_server(servicer: Any, server: Any, service: ServiceDescriptor | None = None) -> None:
-    """Registers ``servicer``'s methods for ``service`` (DigitService by default) like the generated
-    ``add_*Servicer_to_server``, but with request deserializers that never raise, so that
-    undecodable bytes become INVALID_ARGUMENT in server.status.mapped_errors. ``server``: a grpc.aio.Server or
-    server.calls.Services."""
-    service = service or pb.DESCRIPTOR.services_by_name["DigitService"]
-    factories = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    handlers = {
-        method.name: factories[(method.client_streaming, method.server_streaming)](
-            getattr(servicer, method.name),
-            request_deserializer=tolerant_deserializer(message_factory.GetMessageClass(method.input_type)),
-            response_serializer=_serializer(message_factory.GetMessageClass(method.output_type)),
-        )
-        for method in service.methods
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
-
 
 class DigitServicer(pb_grpc.DigitServiceServicer):
     """digitserve.v1.DigitService over the data planes of the models served."""
@@ -135,7 +74,7 @@ class DigitServicer(pb_grpc.DigitServiceServicer):
     async def Predict(
         self, request: pb.PredictRequest | PackedPredictRequest, context: grpc.aio.ServicerContext
     ) -> bytes:
-        """Answers a serialized PredictResponse (see add_to_server's serializer). The request
+        """Answers a serialized PredictResponse (see calls.CallInterceptor's serializer). The request
         comes as server.wire read it when its images are uniformly packed."""
         plane, model = self._router.resolve(request.model_name, request.model_version,
                                             request.version_label, split=True)

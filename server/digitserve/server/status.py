@@ -63,7 +63,7 @@ def _status(code: grpc.StatusCode, error: ServerError) -> grpc.Status:
 
 class Undecodable:
     """Handed to a method instead of a request whose bytes are not a valid message (see
-    server.servicer.add_to_server); mapped_errors turns it into INVALID_ARGUMENT."""
+    server.calls.tolerant_deserializer); mapped_errors turns it into INVALID_ARGUMENT."""
 
     def __init__(self, type_name: str) -> None:
         self.type_name = type_name

@@ -10,7 +10,6 @@ import logging
 import re
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
@@ -27,7 +25,6 @@ from prometheus_client.registry import Collector
 
 from digitserve.inference import Model
 from digitserve.metadata import Metadata
-from digitserve.server.logs import access_log, current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +112,6 @@ class Telemetry:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.low_confidence = low_confidence
         self._http: WSGIServer | None = None
-        self._quality: dict[tuple[str, str], _QualitySeries] = {}
         self._by_model: dict[Model, _QualitySeries] = {}
         r = self.registry
         call_labels = ("grpc_type", "grpc_service", "grpc_method")
@@ -189,31 +185,23 @@ class Telemetry:
 
     def on_answered(self, model: Model, seconds: float) -> None:
         """A Predict call answered by ``model``, after ``seconds`` in the data plane."""
-        series = self._by_model.get(model)
-        if series is None:
-            series = self._quality_series(model)
+        series = self._by_model.get(model) or self._quality_series(model)
         self.model_request_seconds.observe_one(series.key, seconds)
 
     def _quality_series(self, model: Model) -> _QualitySeries:
-        """The quality metrics' children of a model version, looked up once (it makes them
-        appear at zero), then found by the model object itself (a few versions at most: the
-        cache is emptied when it grows, as hot reloads replace them)."""
+        """The quality metrics' children of a model version (looking them up makes them appear
+        at zero), kept by the model object itself (a few versions at most: the cache is emptied
+        when it grows, as hot reloads replace them)."""
         series = self._by_model.get(model)
-        if series is not None:
-            return series
-        key = (model.spec.name, str(model.spec.version))
-        series = self._quality.get(key)
         if series is None:
-            series = self._quality[key] = _QualitySeries(
-                key,
-                [self.predictions.labels(*key, label) for label in model.spec.labels],
-                self.low_confidence_predictions.labels(*key),
-            )
+            key = (model.spec.name, str(model.spec.version))
+            series = _QualitySeries(key, [self.predictions.labels(*key, c) for c in model.spec.labels],
+                                    self.low_confidence_predictions.labels(*key))
             self.confidence.touch(key)
             self.model_request_seconds.touch(key)
-        if len(self._by_model) >= 16:
-            self._by_model.clear()
-        self._by_model[model] = series
+            if len(self._by_model) >= 16:
+                self._by_model.clear()
+            self._by_model[model] = series
         return series
 
     def on_predictions(self, model: Model, probabilities: npt.NDArray[np.float32]) -> None:
@@ -332,106 +320,6 @@ def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
             return value
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
-
-
-def _split_method(method: str) -> tuple[str, str]:
-    """``/pkg.Service/Method`` → (``pkg.Service``, ``Method``)."""
-    service, _, name = method.lstrip("/").rpartition("/")
-    return service, name
-
-
-class MethodMetrics:
-    """The labelled children of one method's call metrics, looked up once, not per call."""
-
-    def __init__(self, telemetry: Telemetry, kind: str, method: str) -> None:
-        self.method = method
-        self._labels = (kind, *_split_method(method))
-        self._handled = telemetry.handled
-        self.in_flight = telemetry.in_flight.labels(*self._labels)
-        self.seconds = telemetry.handling_seconds.labels(*self._labels)
-        self.handled: dict[str, Any] = {}
-
-    def count(self, code: str) -> None:
-        child = self.handled.get(code)
-        if child is None:
-            child = self.handled[code] = self._handled.labels(*self._labels, code)
-        child.inc()
-
-
-class Call:
-    """One call being observed: in flight while it runs, then counted, timed and logged. Its
-    request id goes into the trailing metadata at once: it travels with the status at no extra
-    cost, where initial metadata would be one more operation per call; an abort keeps it
-    (status.mapped_errors adds its details after it).
-
-    It keeps no reference to the call's ``ServicerContext``: what the access line needs (the peer)
-    is read here, while the call is alive, and ``finish`` takes the status code its caller read
-    while it still was (``outcome``). A streaming handler can be finished long after grpc ended
-    the call (an abandoned stream's generator is closed when it is collected), and a context
-    touched then reads a freed grpc call: the SIGSEGV of issue 21."""
-
-    __slots__ = ("metrics", "peer", "request_id", "started", "token")
-
-    def __init__(self, metrics: MethodMetrics, request_id: str,
-                 context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.metrics = metrics
-        self.request_id = request_id
-        self.peer = context.peer() if access_log.enabled() else ""
-        self.token = current_request_id.set(request_id)
-        self.started = time.perf_counter()
-        metrics.in_flight.inc()
-        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-
-    def finish(self, code: grpc.StatusCode) -> None:
-        seconds = time.perf_counter() - self.started
-        code_name = code.name
-        metrics = self.metrics
-        metrics.in_flight.dec()
-        metrics.count(code_name)
-        metrics.seconds.observe(seconds)
-        if access_log.enabled():
-            access_log.write(metrics.method, code_name, round(seconds * 1000, 3), self.peer,
-                             self.request_id)
-        try:  # noqa: SIM105  (contextlib.suppress costs more, on every call)
-            current_request_id.reset(self.token)
-        except ValueError:  # finished in another context (a stream closed elsewhere); harmless
-            pass
-
-
-def outcome(error: BaseException | None, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    """The status code of a call that ended with ``error`` (None: its handler returned). The
-    context is read only when the handler itself ended the call (it returned, or aborted): the
-    call is alive then. A cancelled call, a closed stream (``CancelledError``, ``GeneratorExit``:
-    grpc may have finished the call already) and an answer that could not be sent (``CallGone``:
-    the client cancelled or its deadline passed first) are CANCELLED without touching it."""
-    if isinstance(error, asyncio.CancelledError | GeneratorExit | CallGone):
-        return grpc.StatusCode.CANCELLED
-    if error is None or isinstance(error, grpc.aio.AbortError):
-        code = context.code()
-        if code is None:
-            return grpc.StatusCode.OK
-        if isinstance(code, grpc.StatusCode):
-            return code
-        return _STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
-    return grpc.StatusCode.UNKNOWN  # grpc answers an exception that escapes the handler with UNKNOWN
-
-
-def _call_gone() -> type[Exception]:
-    """grpc's own error for an operation (an abort's status, a write) on a call its peer already
-    ended; a class nothing raises if a grpc release renames it (such calls then count UNKNOWN)."""
-    try:
-        from grpc._cython.cygrpc import ExecuteBatchError
-    except ImportError:  # pragma: no cover
-        return type("CallGone", (Exception,), {})
-    error: type[Exception] = ExecuteBatchError
-    return error
-
-
-CallGone = _call_gone()
-
-
-# context.code() is what the handler set: a StatusCode, or the integer a handler may pass.
-_STATUS_BY_VALUE: dict[Any, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 
 # --- --workers N (digitserve.server.workers) -----------------------------------------------------------
