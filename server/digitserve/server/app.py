@@ -49,7 +49,6 @@ from digitserve.server.telemetry import (
     watch_workers,
 )
 from digitserve.server.versions import (
-    GateRules,
     ModelSource,
     NothingPublishedError,
     RepositoryReads,
@@ -200,9 +199,8 @@ class App:
             self.registry.add(name, source if source is not None else StaticSource(loader))  # type: ignore[arg-type]
         else:
             if settings.model_config is not None:
-                self.config_watcher = ConfigWatcher(
-                    settings.model_config, GateRules(settings.min_check_accuracy, settings.max_regression),
-                    self.registry, self.reads, ConfigMetrics(self.telemetry.registry))
+                self.config_watcher = ConfigWatcher(settings.model_config, self.registry, self.reads,
+                                                    ConfigMetrics(self.telemetry.registry))
             for name in configured(config):
                 self.registry.add(name)
         self._watch_task: asyncio.Task[None] | None = None
