@@ -322,9 +322,9 @@ class App:
         fatal = registry.fatal = asyncio.get_running_loop().create_future()
         try:
             await self.discovery.look()  # what it finds is started below, once
-        except RepositoryTimeoutError:
-            raise
         except RepositoryError as error:
+            if isinstance(error, RepositoryTimeoutError):
+                raise
             logger.warning("cannot list the models of %s yet: %s", self.settings.model_repo, error)
         if not self.models:
             root = self.settings.model_repo
@@ -470,10 +470,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
 async def _reload_now(app: App) -> None:
     """SIGHUP: one look at the model config, the repository's models and each model's versions
     at once (the watches look again at their interval)."""
-    if not app.registry.ready and not app.models:
-        logger.info("SIGHUP received: looking for a first model now")
-    else:
-        logger.info("SIGHUP received: looking for a new model version now")
+    logger.info("SIGHUP received: looking for %s now",
+                "a first model" if not app.registry.ready and not app.models else "a new model version")
     try:
         await app.refresh()
         changed = await app.registry.reload_once()

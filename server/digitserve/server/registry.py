@@ -330,10 +330,9 @@ class ModelVersions:
         waits for and returns the first version the watch serves. A hung listing fails it."""
         try:
             return await self.load()
-        except RepositoryTimeoutError:
-            raise
         except RepositoryError as error:  # ModelNotFoundError (none published) or all refused
-            if self.settings.exit_if_no_model or not self.source.watchable:
+            if isinstance(error, RepositoryTimeoutError) or self.settings.exit_if_no_model \
+                    or not self.source.watchable:
                 raise
             self.reason = f"waiting for a servable version: {error}"
             logger.warning(
