@@ -6,10 +6,16 @@ DATA ?= data
 
 .PHONY: venv data demo test soak tools lint protos check-protos bench containers client-only clean
 
-$(BIN)/.installed: pyproject.toml
+# A strict editable install (a tree of links to the checkout's files, so that a folder named
+# digitserve beside a script cannot shadow the package): edits are live, a module added or removed
+# needs the install again, hence the package folders (their times change when a file comes or goes).
+PACKAGE_DIRS := $(wildcard core/digitserve core/digitserve/inference protos/digitserve/* \
+                  server/digitserve/server client/digitserve/* trainer/digitserve/trainer)
+
+$(BIN)/.installed: pyproject.toml $(PACKAGE_DIRS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[server,trainer,plot,loadtest,dev]'
+	$(BIN)/python -m pip install -q -e '.[server,trainer,plot,loadtest,dev]' --config-settings editable_mode=strict
 	touch $@
 
 venv: $(BIN)/.installed

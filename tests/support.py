@@ -65,11 +65,13 @@ class FakeModel:
 
 
 def expect_error(call: Callable[[], object], code: Any, *fragments: str) -> Any:
-    """Runs ``call``, asserts it fails with gRPC status ``code`` and details holding each fragment;
-    returns the error."""
+    """Runs ``call`` (a grpc stub's or a DigitClient's), asserts it fails with gRPC status ``code``
+    and details holding each fragment; returns the error."""
     import grpc
 
-    with pytest.raises(grpc.RpcError) as info:
+    from digitserve.client.errors import CallError
+
+    with pytest.raises((grpc.RpcError, CallError)) as info:
         call()
     err = info.value
     assert err.code() == code, (err.code(), err.details())

@@ -1,13 +1,15 @@
 """``digitserve`` is a regular package (issue 22): a script that sits beside a folder named
 ``digitserve`` (a clone of this repository, as ``git clone`` names it) imports the real package,
 and nothing from that folder, both from the checkout's source roots (as pytest and the server
-processes import it) and from a real install (pip through setuptools' package-dir). A namespace
-package took the folder as one of its portions."""
+processes import it), from a real install (pip through setuptools' package-dir) and from the
+editable install ``make venv`` makes. A namespace package took the folder as one of its portions."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -39,9 +41,17 @@ def clone_beside_a_script(where: Path) -> Path:
     return script
 
 
-def installed(site: Path) -> None:
-    """This checkout's sources installed into ``site`` by pip (a wheel's layout), from a copy:
-    pip builds in the source tree."""
+def make_venv_options() -> list[str]:
+    """The options ``make venv`` gives ``pip install -e '.[extras]'`` (its editable mode)."""
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    line = re.search(r"pip install -q -e '\.\[[^\]]*\]'(.*)$", makefile, re.MULTILINE)
+    assert line is not None, "make venv's install line"
+    return shlex.split(line.group(1))
+
+
+def installed(site: Path, editable: bool = False) -> Path:
+    """This checkout's sources installed into ``site`` by pip from a copy (pip builds in the source
+    tree): a wheel's layout, or ``editable`` as ``make venv`` installs them. Returns the copy."""
     source = site.parent / "source"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "pyproject.toml",
                             "README.md", "core", "protos", "server", "client", "trainer"],
@@ -50,9 +60,11 @@ def installed(site: Path) -> None:
         if (REPO_ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             (source / name).write_bytes((REPO_ROOT / name).read_bytes())
+    how = ["-e", str(source), *make_venv_options()] if editable else [str(source)]
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-compile", "--target", str(site), str(source)],
+                    "--no-compile", "--target", str(site), *how],
                    capture_output=True, text=True, check=True, timeout=300)
+    return source
 
 
 @pytest.mark.parametrize("mode", ["checkout", "installed"])
@@ -79,3 +91,32 @@ def test_a_folder_named_digitserve_beside_a_script_does_not_shadow_the_package(
     else:  # the checkout's other source roots, and only those
         assert found["path"][1:] == [str(REPO_ROOT / root / "digitserve")
                                      for root in ("protos", "server", "client", "trainer")]
+
+
+def test_make_venvs_editable_install_is_not_shadowed_and_keeps_edits_live(tmp_path: Path) -> None:
+    """``make venv``'s ``pip install -e``: setuptools' default (lenient) editable finder comes after
+    ``sys.path``, where a clone beside the script is found first (``cannot import name
+    'DigitClient' from 'digitserve.client' (unknown location)``); strict mode puts a tree of links
+    to the checkout's files on ``sys.path``, so the package is a regular one there and an edit of
+    a source file is live."""
+    script = clone_beside_a_script(tmp_path / "work")
+    site = tmp_path / "site"
+    source = installed(site, editable=True)
+    # A venv's site-packages: after the script's own directory, its .pth files processed.
+    run = ["-c", f"import runpy, site; site.addsitedir({str(site)!r}); "
+           f"runpy.run_path({str(script)!r}, run_name='__main__')"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, *run], cwd=script.parent, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["client"] == "digitserve.client.client"
+    assert not [p for p in found["path"] if p.startswith(str(script.parent))], found["path"]
+    assert not found["clone_tests"]
+    assert Path(found["file"]).resolve() == source / "core" / "digitserve" / "__init__.py"
+    with (source / "client" / "digitserve" / "client" / "errors.py").open("a") as edited:
+        edited.write("\nEDITED_AFTER_THE_INSTALL = 1\n")
+    script.write_text("from digitserve.client import errors\nprint(errors.EDITED_AFTER_THE_INSTALL)\n")
+    edit = subprocess.run([sys.executable, *run], cwd=script.parent, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert (edit.returncode, edit.stdout) == (0, "1\n"), edit.stderr

@@ -1,14 +1,11 @@
-"""One command-line mechanism for mnist-serve, mnist-client and mnist-train: each option is a flag
-and an ``MNIST_*`` variable.
+"""One command-line mechanism for mnist-serve, mnist-client and mnist-train: ``Parser``, argparse
+where each option added by ``add_option`` is also an ``MNIST_*`` variable, shown in --help with its
+default and choices, and where abbreviations are refused (the error names the option abbreviated).
 
-``Parser`` is argparse with three rules added: abbreviations are refused (sub-parsers included;
-the error names the unknown option, and the option it abbreviates); every option added through
-``Parser.add_option`` is also read from an environment variable, and its help ends with that
-variable, its default and its choices; a variable is converted and checked only when its command
-runs, by argparse's own type and choice checks, so a bad value is the same one-line usage error
-(exit 2) as a bad flag, naming the variable. An empty variable counts as unset. A flag given on the
-command line wins over the environment, also over a variable of another member of its mutually
-exclusive group. The server declares its options once, in ``digitserve.server.settings``.
+A variable is converted and checked only when its command runs, by argparse's own type and choice
+checks, so a bad one is the same one-line usage error (exit 2) as a bad flag, naming the variable.
+An empty variable is unset; a flag beats the environment, also the variable of another member of
+its mutually exclusive group. The server declares its options in ``digitserve.server.settings``.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import functools
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 ENV_PREFIX = "MNIST_"
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True,
@@ -36,23 +33,18 @@ def show_default(default: Any) -> str:
         else str(default)
 
 
-class _FromEnv(NamedTuple):
-    """A default read from the variable ``name``, still text (not a str, which argparse would
-    convert itself): converted after parsing, if still used."""
-
-    name: str
-    text: str
-
-
 class _DeprecatedStore(argparse.Action):
-    """``store``, with one warning line when the option is spelt by a deprecated alias."""
+    """``store``, with one warning line when the option is spelt by one of its ``deprecated`` aliases."""
+
+    def __init__(self, *args: Any, deprecated: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deprecated = deprecated
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: str | None = None) -> None:
-        deprecated: Mapping[str, str] = getattr(parser, "deprecated_flags", {})
-        if option_string is not None and option_string in deprecated:
+        if option_string in self.deprecated:
             print(f"{parser.prog}: warning: {option_string} is deprecated and will be removed; "
-                  f"use {deprecated[option_string]}", file=sys.stderr)
+                  f"use {self.option_strings[0]}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
@@ -65,9 +57,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.env: Mapping[str, str] = os.environ if env is None else env
         self.env_prefix = env_prefix
-        self.deprecated_flags: dict[str, str] = {}
-        self.repeatable: set[str] = set()  # dests of options that may be given several times
-        self._builtin: dict[str, Any] = {}  # dest -> the default when its variable is not used
+        self._variables: dict[str, tuple[argparse.Action, str, Any]] = {}  # dest -> its variable, default
+        self._repeatable: set[str] = set()  # dests of action="append": the variable is comma-separated
         self._exclusive: list[tuple[Any, list[argparse.Action]]] = []  # groups and their options
         self._commands: Any = None  # the sub-parsers action, if any
 
@@ -129,21 +120,25 @@ class Parser(argparse.ArgumentParser):
         prefix plus the first flag's name). ``to`` is a group to add it to; ``deprecated`` names
         aliases among ``flags`` that print a warning when used."""
         variable = env or env_name(flags[0], self.env_prefix)
-        from_env = _FromEnv(variable, self.env[variable]) if self.env.get(variable) else None
+        from_env = bool(self.env.get(variable))
         if deprecated:
-            kwargs["action"] = _DeprecatedStore
-            self.deprecated_flags.update(dict.fromkeys(deprecated, flags[0]))
+            kwargs.update(action=_DeprecatedStore, deprecated=deprecated)
         container: Any = self if to is None else to
         members = next((m for group, m in self._exclusive if group is container), None)
-        if from_env is not None and members is not None:
+        if from_env and members is not None:
             container.required = False  # the variable answers a required mutually exclusive group
+        # None stands for "not given" until parse_known_args puts the variable or the default there.
         action: argparse.Action = container.add_argument(
-            *flags, default=default if from_env is None else from_env,
-            required=required and from_env is None, help=help, **kwargs)
-        self._builtin[action.dest] = default
+            *flags, default=default if default is argparse.SUPPRESS else None,
+            required=required and not from_env, help=help, **kwargs)
+        self._variables[action.dest] = (action, variable, default)
+        if kwargs.get("action") == "append":
+            self._repeatable.add(action.dest)
         if members is not None:
             members.append(action)
-        suffix = f"[{variable}; default: {show_default(default) if default_text is None else default_text}"
+        if default_text is None:
+            default_text = "required" if required else show_default(default)
+        suffix = f"[{variable}; default: {default_text}"
         if action.choices is not None:
             suffix += f"; choices: {', '.join(str(c) for c in action.choices)}"
         action.help = f"{help} {suffix.replace('%', '%%')}]"
@@ -161,27 +156,29 @@ class Parser(argparse.ArgumentParser):
         overruled = {a.dest for _, members in self._exclusive  # another member given as a flag
                      if any(set(m.option_strings) & given for m in members)
                      for a in members if not set(a.option_strings) & given}
-        for action in self._actions:
-            value = getattr(parsed, action.dest, None)
-            if isinstance(value, _FromEnv):
-                setattr(parsed, action.dest, self._builtin.get(action.dest) if action.dest in overruled
-                        else self._convert(action, value))
+        for dest, (action, variable, default) in self._variables.items():
+            if getattr(parsed, dest, None) is not None:
+                continue  # given as a flag
+            text = self.env.get(variable)
+            if text and dest not in overruled:
+                setattr(parsed, dest, self._convert(action, variable, text))
+            elif default is not argparse.SUPPRESS:
+                setattr(parsed, dest, default)
         return parsed, extras
 
-    def _convert(self, action: argparse.Action, value: _FromEnv) -> Any:
+    def _convert(self, action: argparse.Action, variable: str, text: str) -> Any:
         """A variable's text, converted and checked as the flag's would be."""
         if action.nargs == 0:  # a switch: MNIST_LOADTEST_VERIFY=0 is --no-verify
-            if value.text.strip().lower() not in _BOOLS:
-                self.error(f"argument {action.option_strings[0]}: invalid boolean value: {value.text!r}, "
-                           f"not one of {', '.join(_BOOLS)} (from {value.name})")
-            return _BOOLS[value.text.strip().lower()]
-        texts = [t.strip() for t in value.text.split(",")] if action.dest in self.repeatable else [value.text]
+            if text.strip().lower() not in _BOOLS:
+                self.error(f"argument {action.option_strings[0]}: invalid boolean value: {text!r}, "
+                           f"not one of {', '.join(_BOOLS)} (from {variable})")
+            return _BOOLS[text.strip().lower()]
+        repeatable = action.dest in self._repeatable
         items = []
-        for text in filter(None, texts):  # a repeatable option's variable is comma-separated
+        for item in filter(None, [t.strip() for t in text.split(",")] if repeatable else [text]):
             try:
-                item = self._get_value(action, text)
-                self._check_value(action, item)
+                items.append(self._get_value(action, item))
+                self._check_value(action, items[-1])
             except argparse.ArgumentError as exc:
-                self.error(f"{exc} (from {value.name})")
-            items.append(item)
-        return items if action.dest in self.repeatable else items[0]
+                self.error(f"{exc} (from {variable})")
+        return items if repeatable else items[0]

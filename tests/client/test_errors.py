@@ -137,3 +137,20 @@ def test_a_caller_catches_every_failure_without_importing_grpc(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert done.stdout == ("ConnectError UNAVAILABLE cannot connect to 127.0.0.1:1: connection "
                            "refused (is mnist-serve running?)\n")
+
+
+def test_the_clients_errors_are_its_own_not_grpcs(tiny_server: ServerThread) -> None:
+    """Not ``grpc.RpcError``s (the issue names that as a fault): ``except grpc.RpcError`` around a
+    DigitClient call does not catch its refusal, ``except CallError`` does, with grpc's code and
+    message."""
+    from digitserve.client import ConnectError
+
+    assert [c for c in ConnectError.__mro__ if c.__module__.startswith("grpc")] == []
+    with DigitClient(tiny_server.target) as client, pytest.raises(CallError) as info:
+        try:
+            client.predict(IMAGE, model_version=7)
+        except grpc.RpcError:  # never taken: not grpc's error
+            pytest.fail("a DigitClient refusal was caught as grpc.RpcError")
+    raw = raw_refusal(tiny_server.target, pb.PredictRequest(images=[pb.Image(uint8=IMAGE.tobytes())],
+                                                             model_version=7))
+    assert (info.value.code(), info.value.details()) == (raw.code(), raw.details())

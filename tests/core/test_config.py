@@ -211,6 +211,18 @@ def test_a_flag_beats_the_variable_of_another_member_of_its_group() -> None:
     assert (args.image, args.data_dir) == (Path("x.png"), None)
 
 
+def test_a_repeated_flag_replaces_its_comma_separated_variable() -> None:
+    """--model-name given as flags replaces MNIST_MODEL_NAME (the image may set it) instead of
+    crashing argparse's append with the variable's default; without flags the variable is the list."""
+    from digitserve.server.settings import load_settings
+
+    env = {"MNIST_MODEL_REPO": "/r", "MNIST_MODEL_NAME": "a, b"}
+    parsed = server_parser(env).parse_args(["--model-name", "x", "--model-name", "y"])
+    assert parsed.model_name == ["x", "y"]
+    assert server_parser(env).parse_args([]).model_name == ["a", "b"]
+    assert load_settings(["--model-name", "x"], env).model_name == ("x",)
+
+
 def test_server_choices_are_the_models_and_the_logs() -> None:
     """Settings' Literal types (the flags' choices) name what digitserve.inference and
     digitserve.server.logs accept."""

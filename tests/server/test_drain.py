@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from digitserve.client.client import DigitClient, encode_images
+from digitserve.client.errors import CallError
 from digitserve.repository import ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
@@ -57,7 +58,7 @@ def test_calls_racing_sigterm_are_never_lost(
                 try:
                     client.predict(image)
                     code = "OK"
-                except grpc.RpcError as exc:
+                except CallError as exc:
                     code = exc.code().name
                 calls.append((started, time.monotonic(), code))
 

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digitserve.client.client import DigitClient
+from digitserve.client.errors import CallError
 from digitserve.repository import ModelNotFoundError, ModelRepository
 from digitserve.server.health import MODEL_UPDATES_SERVICE
 from tests.servers import ServerThread, make_settings
@@ -76,7 +77,7 @@ def test_hot_reload_swaps_good_versions_and_refuses_bad_ones_under_load(
                         version = client.predict(images[i % 32 : i % 32 + 2]).model_version
                         by_thread[k].append(version)
                         seen.append(version)
-                    except grpc.RpcError as exc:
+                    except CallError as exc:
                         failures[exc.code().name] += 1
                     i += 1
 
@@ -109,7 +110,7 @@ def test_hot_reload_swaps_good_versions_and_refuses_bad_ones_under_load(
             # the classes rotated: its answers do not reproduce the figure v1's metadata records
             assert "does not reproduce the 1.0000" in info["refused_versions"]["4"]
             assert client.predict(images[:1], model_version=1).model_version == 1
-            with pytest.raises(grpc.RpcError) as pinned:
+            with pytest.raises(CallError) as pinned:
                 client.predict(images[:1], model_version=4)
             assert pinned.value.code() == grpc.StatusCode.NOT_FOUND
             assert "it was refused: check-set accuracy" in pinned.value.details()

@@ -15,11 +15,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 
 from digitserve.client.client import DigitClient
+from digitserve.client.errors import CallError
 from digitserve.repository import ModelRepository
 from tests.servers import ServerProcess
 from tests.support import publish_copy, scrape, wait_for
@@ -44,7 +44,7 @@ def serving(server: ServerProcess, timeout: float = 120) -> tuple[str, int]:
 def health(client: DigitClient, service: str = "") -> str:
     try:
         return client.health(service)
-    except grpc.RpcError as error:
+    except CallError as error:
         return str(error.code().name)
 
 
@@ -184,7 +184,7 @@ def test_a_config_rewritten_in_place_is_never_applied_half_written_nor_empty(
                     try:
                         answer = client.predict(np.zeros(784, np.uint8), model_name=name)
                         answers[f"{name} {answer.model_version}"] += 1
-                    except grpc.RpcError as error:
+                    except CallError as error:
                         answers[f"{name} {error.code().name}"] += 1
 
     callers = [threading.Thread(target=calls, daemon=True) for _ in range(2)]

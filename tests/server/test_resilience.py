@@ -21,6 +21,7 @@ import numpy.typing as npt
 import pytest
 
 from digitserve.client.client import DigitClient, encode_images
+from digitserve.client.errors import CallError
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.servers import ServerProcess, ServerThread
@@ -268,7 +269,7 @@ def test_round_robin_over_three_replicas_survives_a_killed_one(
                 codes["OK"] += 1
                 if recovered_at is None:
                     recovered_at = time.monotonic()
-            except grpc.RpcError as exc:
+            except CallError as exc:
                 codes[exc.code().name] += 1
                 failures_after_kill.append(time.monotonic() - killed_at)
     survivors = [predicts_served(replicas[k]) - served_before[k] for k in (0, 2)]

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from digitserve.client.cli import main as client_main
 from digitserve.client.client import DigitClient, encode_images
+from digitserve.client.errors import CallError
 from digitserve.client.security import ClientSecurityError, read_token, tls_credentials
 from digitserve.repository import MODEL_FILE, CorruptVersionError, ModelRepository
 from digitserve.server.app import serve
@@ -176,8 +177,9 @@ def predict_code(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = 
     return grpc.StatusCode.OK
 
 
-def refused(call: Callable[[], object]) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
+def refused(call: Callable[[], object]) -> grpc.RpcError | CallError:
+    """The error of a refused call: grpc's from a stub, the client's from a DigitClient."""
+    with pytest.raises((grpc.RpcError, CallError)) as info:
         call()
     return info.value
 

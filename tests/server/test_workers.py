@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from digitserve.client.client import DigitClient
+from digitserve.client.errors import CallError
 from digitserve.repository import ModelRepository
 from tests.servers import ServerProcess
 from tests.support import publish_copy, wait_for
@@ -48,7 +49,7 @@ def health(target: str, service: str = "") -> str:
     with DigitClient(target, timeout=5) as client:
         try:
             return client.health(service)
-        except grpc.RpcError as exc:
+        except CallError as exc:
             return str(exc.code().name)
 
 
@@ -81,7 +82,7 @@ class Load:
                 try:
                     client.predict(image)
                     self.codes["OK"] += 1
-                except grpc.RpcError as exc:
+                except CallError as exc:
                     self.codes[exc.code().name] += 1
 
     def stop(self) -> Counter[str]:

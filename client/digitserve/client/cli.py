@@ -120,8 +120,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     p.add_option("--json", action="store_true", default=False, help="print a JSON object")
 
     e = sub.add_parser("evaluate", help="stream a labelled IDX test set and print the metrics")
-    e.add_option("--data-dir", type=Path, required=True, default_text="required",
-                 help="directory with t10k-* IDX files")
+    e.add_option("--data-dir", type=Path, required=True, help="directory with t10k-* IDX files")
     split(e)
     e.add_option("--batch-size", type=int, default=EVALUATE_BATCH, env="MNIST_EVALUATE_BATCH_SIZE",
                  help="images per message")  # MNIST_BATCH_SIZE is the trainer's
@@ -173,7 +172,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
     lt.add_option("--requests", to=stop, type=int, default=0,
                   help="number of requests to send (0: run for --duration)")
     lt.add_option("--data-dir", env="MNIST_DATA_DIR", type=Path, required=True,
-                  default_text="required", help="directory with t10k-* IDX files")
+                  help="directory with t10k-* IDX files")
     lt.add_option("--split", env="MNIST_SPLIT", default="t10k", choices=["t10k", "train"],
                   help="IDX set")
     lt.add_option("--batch", type=int, default=1, help="images per request")
@@ -314,9 +313,10 @@ def cmd_evaluate(client: DigitClient, args: argparse.Namespace) -> int:
             model_name=args.model_name, label=args.label, progress=bar.update,
         )
     if args.plot is not None:
-        from digitserve.client.plots import plot_confusion_matrix
+        from digitserve.plots import plot_confusion_matrix
 
-        plot_confusion_matrix(result, args.plot)
+        plot_confusion_matrix(args.plot, result.confusion_matrix, result.labels,
+                              title=f"{result.model_name} v{result.model_version}, evaluated by mnist-client")
     if args.json:
         print(json.dumps(result.to_dict()))
     else:

@@ -29,7 +29,7 @@ from digitserve.client.images import (
     read_pictures,
 )
 from digitserve.client.messages import message_dict
-from digitserve.client.security import secure_channel
+from digitserve.client.security import secure_channel, token_metadata
 from digitserve.metadata import stamp_version
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
@@ -71,19 +71,15 @@ def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, An
     return list(options.items())
 
 
-def encode_image(image: npt.ArrayLike) -> pb.Image:
-    """uint8 pixels travel as raw bytes; anything else as packed float32 in [0, 1] (as given:
-    ``images.pixel_values`` decides what a caller's array means)."""
-    array = np.asarray(image)
-    if array.dtype == np.uint8:
-        return pb.Image(uint8=array.tobytes())
-    return pb.Image(float32=np.ascontiguousarray(array, dtype="<f4").tobytes())
-
-
 def encode_images(images: npt.ArrayLike) -> list[pb.Image]:
-    """One Image per row of a (N, pixels) array (or per image of a (N, rows, cols) array)."""
+    """One Image per row of a (N, pixels) array (or per image of a (N, rows, cols) array): uint8
+    pixels as raw bytes, anything else as packed float32 in [0, 1] (as given:
+    ``images.pixel_values`` decides what a caller's array means)."""
     array = np.asarray(images)
-    return [encode_image(row) for row in array.reshape(array.shape[0] if array.ndim > 1 else 1, -1)]
+    rows = array.reshape(array.shape[0] if array.ndim > 1 else 1, -1)
+    if array.dtype == np.uint8:
+        return [pb.Image(uint8=row.tobytes()) for row in rows]
+    return [pb.Image(float32=row.tobytes()) for row in np.ascontiguousarray(rows, dtype="<f4")]
 
 
 @dataclass(frozen=True)
@@ -131,18 +127,10 @@ class EvaluateResult:
 
 class DigitClient:
     """A client of one target (``host:port``, or ``dns:///name:port`` / ``ipv4:a:p,b:p`` to spread
-    calls round_robin over several servers).
-
-    A call the server refuses raises the ``errors.CallError`` subclass of its status code
-    (``InvalidInputError``, ``NotServedError``, ``OverloadedError``, ...; ``code()`` and
-    ``details()`` as on grpc's errors). Until it has reached its server once, a call fails at once
-    with ``ConnectError`` (code UNAVAILABLE) when the connection fails — ``cannot connect to
-    127.0.0.1:50051: connection refused (is mnist-serve running?)`` — instead of waiting out its
-    deadline; with ``wait_for_ready=True`` it waits for the server within each call's deadline,
-    and ``wait_for_server(seconds)`` waits explicitly. Once connected, calls ride out a restart or
-    a drain of the server (they wait for the reconnect within their deadline, and gRPC retries
-    UNAVAILABLE and CANCELLED); a call whose deadline passes while the server is unreachable raises
-    ``ConnectError`` too (code DEADLINE_EXCEEDED)."""
+    calls round_robin over several servers). A refused call raises the ``errors.CallError``
+    subclass of its status code. Until it has reached its server once, a call fails at once with
+    ``ConnectError`` when the connection fails, unless ``wait_for_ready``; once connected, calls
+    ride out a restart or a drain (they wait for the reconnect within their deadline)."""
 
     def __init__(
         self,
@@ -163,7 +151,8 @@ class DigitClient:
         self.timeout = timeout
         self.wait_for_ready = wait_for_ready
         self.model_name = model_name
-        self.channel = secure_channel(target, channel_options(options), credentials, token)
+        self.channel = secure_channel(target, channel_options(options), credentials)
+        self._metadata = token_metadata(token)
         self.stub = pb_grpc.DigitServiceStub(self.channel)  # type: ignore[no-untyped-call]
         self._connectivity = Connectivity(self.channel, target)
         self._infos: dict[str, pb.GetModelInfoResponse] = {}  # by model name ("": the default)
@@ -202,15 +191,14 @@ class DigitClient:
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None,
               scale: float = 1.0) -> T:
-        """``method(request)`` within the client's ``timeout`` (times ``scale``), checked first
-        while the server was never reached (fails at once when the connection fails); a deadline
-        or UNAVAILABLE while the channel cannot connect becomes ConnectError; any other failure
-        the CallError of its status code."""
+        """``method(request)`` within the client's ``timeout`` (times ``scale``), the connection
+        checked first while the server was never reached; a deadline or UNAVAILABLE while the
+        channel cannot connect becomes ConnectError, any other failure its code's CallError."""
         timeout = self._timeout(timeout) * scale
         if not (self.wait_for_ready or self._connectivity.connected_once):
             self._connectivity.check(timeout)
         try:
-            return method(request, timeout=timeout, wait_for_ready=True)
+            return method(request, timeout=timeout, wait_for_ready=True, metadata=self._metadata)
         except grpc.RpcError as exc:
             code = exc.code()
             if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE) and (
@@ -255,23 +243,14 @@ class DigitClient:
         timeout: float | None = None,
         preprocess: Preprocess = "client",
     ) -> PredictResult:
-        """Probabilities for each image. ``images``: one image (rows×cols, or a flat vector of
-        rows*cols pixels) or a batch (N×rows×cols or N×pixels), a numpy array or nested lists.
-        Pixels are decided for the whole array by dtype and range (``images.pixel_values``):
-        integers of any dtype are 0..255; floats all within [0, 1] are 0..1; floats above 1 (up to
-        255) are 0..255. Anything else raises ``images.ImageError`` (a ValueError) saying what was
-        passed and what is expected. The model's rows×cols come from the server (GetModelInfo,
-        asked once per model). ``model_name``: the model to ask ("": the client's, else the
-        server's default); ``model_version`` pins a version, or ``label`` names a version label
-        ("stable", "canary"): the server refuses both at once (INVALID_ARGUMENT). Unpinned, the
-        server may answer with a canary version: the result says which model and version did.
-
-        Or pictures: the bytes of a PNG or JPEG file, or its path (a ``pathlib.Path``), or a
-        list of them. ``preprocess="client"`` (the default) turns each into the model's
-        pixels here with ``digitserve.pictures`` and sends those (784 bytes, not the picture's
-        megabytes; any server version takes them; a bad file fails here, named);
-        ``preprocess="server"`` sends the pictures as they are (``Image.encoded``) for the server
-        to preprocess with the same code. Both give the same probabilities."""
+        """Probabilities for each image. ``images``: pixels of one image or a batch, as
+        ``images.as_batch`` takes them for the model's rows×cols (GetModelInfo, asked once per
+        model), or pictures: a PNG or JPEG file's bytes, its ``pathlib.Path``, or a list of them,
+        turned into pixels here (``preprocess="client"``: 784 bytes travel, a bad file fails here)
+        or by the server (``"server"``: the picture as ``Image.encoded``) with the same code.
+        ``model_name``: the model to ask ("": the client's, else the server's default);
+        ``model_version`` pins a version, or ``label`` names a version label ("stable",
+        "canary"), not both. The result names the model and version that answered."""
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess={preprocess!r}: expected one of {', '.join(PREPROCESS)}")
         name = self._model(model_name)
@@ -345,11 +324,9 @@ class DigitClient:
 
     def list_models(self, model_name: str = "", *,
                     timeout: float | None = None) -> pb.ListModelsResponse:
-        """ListModels's response as it is (``models`` is it as a dict): every model the server
-        serves or waits for, with its state, default version, version labels, canary weight and
-        versions (published, serving, refused with the reason); only ``model_name`` if given
-        (NOT_FOUND naming the served ones if the server has no such model). Not the client's
-        default model: "" lists them all."""
+        """ListModels's response as it is (``models`` is it as a dict): every model's state, default
+        version, version labels, canary weight and versions; only ``model_name`` if given ("": all
+        of them, not the client's default model)."""
         response: pb.ListModelsResponse = self._call(
             self.stub.ListModels, pb.ListModelsRequest(model_name=model_name), timeout)
         return response

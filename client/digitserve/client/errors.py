@@ -10,12 +10,11 @@ class DigitServeError(Exception):
     """The root of every error the client library and the load tester raise."""
 
 
-class CallError(DigitServeError, grpc.RpcError):  # type: ignore[misc]  # grpc is untyped
+class CallError(DigitServeError):
     """A call ended without an answer: the server refused it, or it could not be made. ``code()``
-    is its gRPC status (``grpc.StatusCode``), ``details()`` the server's message; ``str()`` is
-    ``CODE: details``. Also a ``grpc.RpcError``, so code written for grpc's errors handles it
-    too. The subclasses below name the codes a caller handles differently; any other code
-    (INTERNAL, CANCELLED, ...) raises this class itself."""
+    is its gRPC status (``grpc.StatusCode``), ``details()`` the server's message, as on grpc's
+    errors; ``str()`` is ``CODE: details``. The subclasses below name the codes a caller handles
+    differently; any other code (INTERNAL, CANCELLED, ...) raises this class itself."""
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{code.name}: {details}")
@@ -97,8 +96,6 @@ def call_error(code: grpc.StatusCode, details: str) -> CallError:
 
 def from_grpc(error: grpc.RpcError) -> CallError:
     """grpc's error of a finished call as the client's (its code and details kept)."""
-    if isinstance(error, CallError):
-        return error
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     details = error.details() if callable(getattr(error, "details", None)) else str(error)
     return call_error(code, details or "")

@@ -1,4 +1,4 @@
-"""Client-side plots: the evaluated confusion matrix and a load test's latencies and throughput."""
+"""A load test's latencies and throughput as a plot (the confusion matrix is ``digitserve.plots``')."""
 
 from __future__ import annotations
 
@@ -7,15 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-
-from digitserve.client.client import EvaluateResult
-from digitserve.plots import plot_confusion_matrix as _plot_matrix
-
-
-def plot_confusion_matrix(result: EvaluateResult, path: Path) -> Path:
-    _plot_matrix(path, result.confusion_matrix, result.labels,
-                 title=f"{result.model_name} v{result.model_version}, evaluated by mnist-client")
-    return path
 
 
 def plot_loadtest(

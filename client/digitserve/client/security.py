@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 
@@ -48,54 +47,16 @@ def tls_credentials(
     )
 
 
-class _CallDetails(NamedTuple):
-    method: str
-    timeout: float | None
-    metadata: Any
-    credentials: Any
-    wait_for_ready: bool | None
-    compression: Any
-
-
-class BearerTokenInterceptor(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]  # grpc is untyped
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
-):
-    """Adds ``authorization: Bearer <token>`` to every call (the client's methods are unary, and
-    Evaluate streams its requests only). gRPC's own
-    ``access_token_call_credentials`` does this too but only over TLS; this interceptor is for a
-    plaintext channel (loopback, or a mesh sidecar that adds TLS)."""
-
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _details(self, details: Any) -> _CallDetails:
-        metadata = [*(details.metadata or ()), self._header]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            details.wait_for_ready, details.compression)
-
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-
-def secure_channel(
-    target: str,
-    options: list[tuple[str, Any]],
-    credentials: grpc.ChannelCredentials | None = None,
-    token: str | None = None,
-) -> grpc.Channel:
-    """A channel to ``target``: TLS when ``credentials`` are given, the token on every call when
-    ``token`` is (as call credentials over TLS, by the interceptor over plaintext)."""
+def secure_channel(target: str, options: list[tuple[str, Any]],
+                   credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    """A channel to ``target``: TLS when ``credentials`` are given, else plaintext."""
     if credentials is not None:
-        if token is not None:
-            credentials = grpc.composite_channel_credentials(
-                credentials, grpc.access_token_call_credentials(token)
-            )
         return grpc.secure_channel(target, credentials, options=options)
-    channel = grpc.insecure_channel(target, options=options)
-    if token is not None:
-        channel = grpc.intercept_channel(channel, BearerTokenInterceptor(token))
-    return channel
+    return grpc.insecure_channel(target, options=options)
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries a bearer token (none without one): DigitClient sends it
+    with every call, over TLS or plaintext (loopback, or a mesh sidecar that adds TLS); gRPC's
+    own ``access_token_call_credentials`` would send it over TLS only."""
+    return () if token is None else (("authorization", f"Bearer {token}"),)

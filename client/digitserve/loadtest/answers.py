@@ -1,15 +1,11 @@
 """Which model and version gave an answer, read from its serialized bytes for the load tester's
 version mix (a canary split read off a run).
 
-A call whose answer is not otherwise decoded (``--no-verify``) must not pay for decoding it: the
-answer is parsed by protobuf (upb, in C) into a message that declares only the two fields wanted,
-so everything else (the predictions, the V2 outputs) is skipped as unknown fields without a Python
-object per prediction. That is correct for any field order (protobuf allows any; a field that
-occurs twice takes its last value, as in the full message) and costs the same wherever the fields
-are: our server writes model_name and model_version after the predictions
-(``digitserve.server.wire``). It builds no Prediction, so a 64-image answer costs little more
-than a 1-image one, where ``PredictResponse.FromString`` builds every Prediction and a Python walk
-over the fields pays per field (``tests/loadtest/test_answers.py`` checks every field order).
+A call whose answer is not otherwise decoded (``--no-verify``) must not pay for decoding it: protobuf
+(upb, in C) parses the answer into a message that declares only the two fields wanted, skipping
+the predictions or V2 outputs as unknown fields, for any field order, without a Python object per
+prediction (``PredictResponse.FromString`` builds every one): a 64-image answer costs little more
+than a 1-image one (``tests/loadtest/test_answers.py`` checks every field order).
 """
 
 from __future__ import annotations

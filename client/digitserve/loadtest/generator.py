@@ -17,12 +17,14 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Any
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.client.client import encode_images
 from digitserve.client.errors import DigitServeError
 from digitserve.idx import scale_pixels
 from digitserve.loadtest import answers, http2
@@ -122,8 +124,7 @@ def build_workload(images: npt.NDArray[np.uint8], labels: npt.ArrayLike, *, batc
             version = label or (str(model_version) if model_version else "")
             payloads.append(_infer_request(chunk, encoding, model_name, version))
         else:
-            encoded = [pb.Image(uint8=row.tobytes()) for row in chunk] if encoding == "uint8" else \
-                [pb.Image(float32=row.astype("<f4").tobytes()) for row in scale_pixels(chunk)]
+            encoded = encode_images(chunk if encoding == "uint8" else scale_pixels(chunk))
             payloads.append(pb.PredictRequest(images=encoded, model_version=model_version,
                                               model_name=model_name,
                                               version_label=label).SerializeToString())
@@ -260,9 +261,9 @@ class ProcessResult:
     answers by the (model name, version) that gave them; ``stopped``, stopped early because every
     call failed (``FAIL_FAST_CALLS``, ``FAIL_FAST_SECONDS``)."""
 
-    latencies: npt.NDArray[np.float64]
+    latencies: Sequence[float]
     errors: dict[str, int]
-    completions: npt.NDArray[np.float64] = field(default_factory=lambda: np.empty(0))
+    completions: Sequence[float] = ()
     ok: int = 0
     images: int = 0
     checked: int = 0
@@ -292,8 +293,9 @@ class _Recorder:
         self.failed = 0
         self.begin = time.monotonic()  # when the run began (set by the driver): the fail-fast clock
         self.stopped = False  # every call failed (FAIL_FAST_*): the loops send no more
-        self.result = ProcessResult(np.empty(0), {})
         self.versions: dict[answers.Answer, int] = {}  # get/set: cheaper than a Counter's +=
+        self.result = ProcessResult(self.latencies, self.errors, self.completions,
+                                    messages=self.messages, versions=self.versions)
         self._parse_version = answers.parser(workload.protocol)
         # Plain ints: numpy calls cost microseconds each, a comparison of ints tens of nanoseconds.
         self._labels = [tuple(int(k) for k in labels) for labels in workload.labels]
@@ -369,12 +371,8 @@ class _Recorder:
                 result.mismatches += 1
 
     def finish(self) -> ProcessResult:
-        result = self.result
-        result.latencies = np.asarray(self.latencies, dtype=np.float64)
-        result.completions = np.asarray(self.completions, dtype=np.float64)
-        result.errors, result.messages = dict(self.errors), dict(self.messages)
-        result.versions, result.stopped = dict(self.versions), self.stopped
-        return result
+        self.result.stopped = self.stopped
+        return self.result
 
 
 def _channel_options(index: int) -> list[tuple[str, Any]]:
@@ -633,8 +631,8 @@ def _merge(config: LoadConfig, workload: Workload, parts: Sequence[ProcessResult
         duration_s=max(max((p.finished for p in parts), default=begin) - begin, 1e-9),
         ok=total("ok"), errors=dict(errors), images=total("images"), checked=total("checked"),
         correct=total("correct"), mismatches=total("mismatches"),
-        latencies_ms=np.concatenate([p.latencies for p in parts] or [np.empty(0)]) * 1000.0,
-        completion_times_s=np.concatenate([p.completions for p in parts] or [np.empty(0)]) - begin,
+        latencies_ms=np.fromiter(chain(*(p.latencies for p in parts)), np.float64) * 1000.0,
+        completion_times_s=np.fromiter(chain(*(p.completions for p in parts)), np.float64) - begin,
         protocol=workload.protocol,
         error_messages=tuple((code, message, count) for (code, message), count
                              in messages.most_common(ERROR_KINDS)),
@@ -731,22 +729,13 @@ def _run_processes(plans: list[Plan], config: LoadConfig, workload: Workload,
             proc.start()
         deadline = time.monotonic() + SPAWN_TIMEOUT + config.connect_timeout
         for _ in procs:
-            kind, index, payload = _next(results, procs, deadline)
-            if kind != "ready":
-                raise LoadTestError(str(payload))
+            _next(results, procs, deadline, "the load processes did not connect in time")
         begin.value = bar.begin = time.monotonic() + 0.05
         go.set()
         deadline = begin.value + config.duration + config.timeout + 30
         while len(parts) < len(procs):
-            try:
-                kind, index, payload = results.get(timeout=0.2)
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise LoadTestError("a load process overran its time limit") from None
-                bar.update(sum(c.value for c in counters))
-                continue
-            if kind == "error":
-                raise LoadTestError(str(payload))
+            index, payload = _next(results, [], deadline, "a load process overran its time limit",
+                                   lambda: bar.update(sum(c.value for c in counters)))
             parts[index] = payload
         bar.update(sum(c.value for c in counters))
     finally:
@@ -759,17 +748,25 @@ def _run_processes(plans: list[Plan], config: LoadConfig, workload: Workload,
     return _merge(config, workload, [parts[i] for i in sorted(parts)], begin.value)
 
 
-def _next(results: Any, procs: list[Any], deadline: float) -> tuple[str, int, Any]:
+def _next(results: Any, starting: list[Any], deadline: float, late: str,
+          waiting: Callable[[], None] = lambda: None) -> tuple[int, Any]:
+    """The next (index, result) a load process puts ("ready" or "done"), calling ``waiting`` every
+    0.2 s meanwhile; LoadTestError with the message of one that failed, when one of ``starting``
+    died, or ``late`` past ``deadline``."""
     while True:
         try:
-            item: tuple[str, int, Any] = results.get(timeout=0.2)
-            return item
+            kind, index, payload = results.get(timeout=0.2)
         except queue.Empty:
-            dead = [p.name for p in procs if p.exitcode not in (None, 0)]
+            dead = [p.name for p in starting if p.exitcode not in (None, 0)]
             if dead:
                 raise LoadTestError(f"load process {dead[0]} died before starting") from None
             if time.monotonic() > deadline:
-                raise LoadTestError("the load processes did not connect in time") from None
+                raise LoadTestError(late) from None
+            waiting()
+            continue
+        if kind == "error":
+            raise LoadTestError(str(payload))
+        return index, payload
 
 
 def format_result(result: LoadResult) -> str:

@@ -18,10 +18,10 @@ from pydantic.dataclasses import dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from digitserve.config import ENV_PREFIX, Parser, env_name, show_default
+from digitserve.config import Parser, env_name, show_default
 from digitserve.repository import is_model_name
 
-__all__ = ["ENV_PREFIX", "Settings", "build_parser", "load_settings", "markdown"]
+__all__ = ["Settings", "build_parser", "load_settings", "markdown"]
 
 # The allowed values are the fields' types: flags, variables and --help take them from there.
 # (digitserve.inference.INFERENCE_CHOICES, digitserve.server.logs.FORMATS and
@@ -342,31 +342,27 @@ def _default_text(field: FieldInfo) -> str:
     return "required" if field.is_required() else _extra(field)["shown"] or show_default(field.default)
 
 
-def unrecognized(words: Sequence[str], secret: str = "--auth-token") -> str:
-    """The usage error for words no flag took, without echoing a value: a value may be a secret
-    (``--auth-token SECRET``), so only option names are shown and other words are counted."""
-    names: list[str] = []
-    values, after_secret = 0, False
-    for word in words:
-        if word.startswith("--") and not after_secret:
-            names.append(word.split("=", 1)[0])
-            values += "=" in word
-            after_secret = names[-1] == secret and "=" not in word
-        else:
-            values, after_secret = values + 1, False
-    parts = [" ".join(names)] if names else []
-    if values:
-        parts.append(f"{values} value{'s' if values > 1 else ''} (not shown: values may be secrets)")
-    return "unrecognized arguments: " + " and ".join(parts) + (
-        f"; the bearer token is never a flag (it would show in `ps`): set {env_name('auth_token')} or "
-        "--auth-token-file" if secret in names else "")
-
-
 class _Parser(Parser):
     """A config Parser whose usage errors never echo the words no flag took (argparse prints them)."""
 
-    def _unrecognized(self, words: Sequence[str]) -> str:
-        return unrecognized(words)
+    def _unrecognized(self, words: Sequence[str], secret: str = "--auth-token") -> str:
+        """Only option names are shown and other words are counted: a value may be a secret
+        (``--auth-token SECRET``)."""
+        names: list[str] = []
+        values, after_secret = 0, False
+        for word in words:
+            if word.startswith("--") and not after_secret:
+                names.append(word.split("=", 1)[0])
+                values += "=" in word
+                after_secret = names[-1] == secret and "=" not in word
+            else:
+                values, after_secret = values + 1, False
+        parts = [" ".join(names)] if names else []
+        if values:
+            parts.append(f"{values} value{'s' if values > 1 else ''} (not shown: values may be secrets)")
+        return "unrecognized arguments: " + " and ".join(parts) + (
+            f"; the bearer token is never a flag (it would show in `ps`): set {env_name('auth_token')} or "
+            "--auth-token-file" if secret in names else "")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -379,23 +375,19 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                      "environment variable shown.")
     groups = {title: parser.add_argument_group(title, about) for title, about in GROUPS.items()}
     for name, field in FIELDS.items():
-        flag, extra = "--" + name.replace("_", "-"), _extra(field)
-        common: dict[str, Any] = {"to": groups[extra["group"]], "help": field.description}
-        hint = typing.get_args(field.annotation)[0] if type(None) in get_args(field.annotation) \
-            else field.annotation  # X | None is X
-        if extra["env_only"]:
+        if _extra(field)["env_only"]:
             continue
-        if hint is bool:  # --flag / --no-flag; the variable takes 1|0|true|false|yes|no|on|off
-            parser.add_option(flag, action=argparse.BooleanOptionalAction, default=field.default, **common)
-        elif typing.get_origin(hint) is tuple:  # repeatable; the variable is comma-separated
-            parser.repeatable.add(parser.add_option(flag, action="append", default_text=_default_text(
-                field), **common).dest)
-        else:
-            choices = get_args(hint) if typing.get_origin(hint) is Literal else None
-            required = field.is_required()
-            parser.add_option(flag, type=str if choices else hint, choices=choices, required=required,
-                              default=None if required else field.default,
-                              default_text=_default_text(field), **common)
+        hint = get_args(field.annotation)[0] if type(None) in get_args(field.annotation) \
+            else field.annotation  # X | None is X
+        how: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction} if hint is bool  # variable: 1|0|true|false|...
+            else {"action": "append"} if typing.get_origin(hint) is tuple  # variable: comma-separated
+            else {"type": str, "choices": get_args(hint)} if typing.get_origin(hint) is Literal
+            else {"type": hint})
+        parser.add_option("--" + name.replace("_", "-"), to=groups[_extra(field)["group"]],
+                          help=field.description or "", required=field.is_required(),
+                          default=None if field.is_required() else field.default,
+                          default_text=_default_text(field), **how)
     return parser
 
 
@@ -403,8 +395,7 @@ def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | No
     """Flags, falling back to MNIST_* variables. Raises SystemExit(2) on a usage error and
     ValueError (one line) for values the checks refuse."""
     env = os.environ if env is None else env
-    args = vars(build_parser(env).parse_args(argv))
-    values: dict[str, Any] = {k: v for k, v in args.items() if v is not None}
+    values = vars(build_parser(env).parse_args(argv))
     values.update({n: env.get(env_name(n)) for n, f in FIELDS.items() if _extra(f)["env_only"]})
     try:
         return Settings(**values)
@@ -420,13 +411,14 @@ def markdown() -> str:
                   "| flag | variable | default | meaning |", "|---|---|---|---|"]
         for name, field in FIELDS.items():
             flag, extra = "--" + name.replace("_", "-"), _extra(field)
+            if extra["group"] != title:
+                continue
             flags = "(none: the variable only)" if extra["env_only"] else \
                 f"`{flag}`, `--no-{flag[2:]}`" if field.annotation is bool else f"`{flag}`"
+            default = _default_text(field) if field.is_required() or extra["shown"] else \
+                f"`{_default_text(field)}`"
             text = (field.description or "").replace("|", "\\|")
-            if extra["group"] == title:
-                default = _default_text(field) if field.is_required() or extra["shown"] else \
-                    f"`{_default_text(field)}`"
-                lines.append(f"| {flags} | `{env_name(name)}` | {default} | {text} |")
+            lines.append(f"| {flags} | `{env_name(name)}` | {default} | {text} |")
         lines.append("")
     return "\n".join(lines)
 

