@@ -3,22 +3,29 @@ naming the key; the flags' --model-name repeatable (a comma-separated variable).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from digitserve.server.configwatch import ConfigWatcher
+from digitserve.server.health import HealthServicer
 from digitserve.server.modelconfig import (
     SETTLE_READS,
     ModelConfigError,
     ModelPolicy,
     ServingConfig,
     from_flags,
+    from_settings,
     parse,
     read,
     read_settled,
 )
+from digitserve.server.registry import Registry
 from digitserve.server.settings import load_settings
-from digitserve.server.versions import GateRules
+from digitserve.server.telemetry import ConfigMetrics, Telemetry
+from digitserve.server.versions import GateRules, RepositoryReads
+from tests.servers import make_settings
 
 FULL = """
 default_model = "mnist"
@@ -168,3 +175,20 @@ def test_flags_that_do_not_go_together_are_refused(argv: list[str], message: str
     with pytest.raises(ValueError) as info:
         load_settings(["--model-repo", "r", *argv], env={})
     assert str(info.value) == message
+
+
+def test_a_changed_config_file_keeps_the_flags_gate_rules_for_models_that_set_none(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text("[models.a]\nmin_check_accuracy = 0.9\n")
+    settings = make_settings(tmp_path, model_config=path, min_check_accuracy=0.5, max_regression=0.1)
+
+    async def scenario() -> None:
+        registry = Registry(settings, from_settings(settings), reads=RepositoryReads(60),
+                            telemetry=Telemetry(), health=HealthServicer())
+        watcher = ConfigWatcher(path, registry, registry.reads, ConfigMetrics(registry.telemetry.registry))
+        path.write_text("[models.a]\nmin_check_accuracy = 0.9\n\n[models.b]\n")
+        assert await watcher.look() and registry.config_error == ""
+        assert registry.config.policy_of("a").rules == GateRules(0.9, 0.1)
+        assert registry.config.policy_of("b").rules == GateRules(0.5, 0.1)  # the flags'
+
+    asyncio.run(scenario())

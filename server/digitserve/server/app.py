@@ -49,7 +49,6 @@ from digitserve.server.telemetry import (
     watch_workers,
 )
 from digitserve.server.versions import (
-    GateRules,
     ModelSource,
     NothingPublishedError,
     RepositoryReads,
@@ -200,9 +199,8 @@ class App:
             self.registry.add(name, source if source is not None else StaticSource(loader))  # type: ignore[arg-type]
         else:
             if settings.model_config is not None:
-                self.config_watcher = ConfigWatcher(
-                    settings.model_config, GateRules(settings.min_check_accuracy, settings.max_regression),
-                    self.registry, self.reads, ConfigMetrics(self.telemetry.registry))
+                self.config_watcher = ConfigWatcher(settings.model_config, self.registry, self.reads,
+                                                    ConfigMetrics(self.telemetry.registry))
             for name in configured(config):
                 self.registry.add(name)
         self._watch_task: asyncio.Task[None] | None = None
@@ -236,27 +234,16 @@ class App:
     def models(self) -> dict[str, ModelVersions]:
         return self.registry.models
 
-    @property
-    def ready(self) -> bool:
-        return self.registry.ready
-
-    async def check_repository(self) -> None:
-        """Before listening: what the repository must hold (discovery.check_repository)."""
-        if not self.registry.static:
-            await check_repository(self.settings, self.reads, self.registry.config)
-
     async def refresh(self) -> None:
         """One look at the config file and the repository's models (the watch, SIGHUP)."""
         if self.config_watcher is not None:
             await self.config_watcher.look()
         await self.discovery.look()
 
-    async def reload_once(self) -> bool:
-        """refresh(), then one look at each model's versions; True if a served version changed."""
-        await self.refresh()
-        return await self.registry.reload_once()
-
     def _start_watch(self) -> None:
+        """Models found from now on start loading at once; the watch of the config file and the
+        repository's models starts."""
+        self.registry.starting = True
         config = self.registry.config
         if self._watch_task is None and (self.config_watcher is not None or (
                 config.models is None and not self.registry.static)):
@@ -268,8 +255,8 @@ class App:
 
     async def start(self) -> int:
         """Binds and starts serving; returns the bound port."""
-        for model in list(self.registry.models.values()):
-            if not self.registry.static:  # a loader's model is known by its own name once loaded
+        if not self.registry.static:  # a loader's model is known by its own name once loaded
+            for model in list(self.registry.models.values()):
                 await self.registry.changed(model)
         await self.registry.changed()
         host = self.settings.host
@@ -321,7 +308,6 @@ class App:
             raise error if error is not None else ModelNotFoundError("no model to serve")
         for name in sorted(self.models):
             await self.models[name].load()
-        self.registry.starting = True  # models found from now on start loading at once
         self._start_watch()
         await self.registry.changed()
         served = self.models.get(self.registry.default_model) or self.models[min(self.models)]
@@ -336,9 +322,9 @@ class App:
         fatal = registry.fatal = asyncio.get_running_loop().create_future()
         try:
             await self.discovery.look()  # what it finds is started below, once
-        except RepositoryTimeoutError:
-            raise
         except RepositoryError as error:
+            if isinstance(error, RepositoryTimeoutError):
+                raise
             logger.warning("cannot list the models of %s yet: %s", self.settings.model_repo, error)
         if not self.models:
             root = self.settings.model_repo
@@ -352,7 +338,6 @@ class App:
                     else "no model directory yet"))
         for model in list(self.models.values()):
             registry.start(model)
-        registry.starting = True  # models found from now on start loading at once
         self._start_watch()
         serving = asyncio.ensure_future(registry.became_ready.wait())
         try:
@@ -409,17 +394,16 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     # and what is there instead, exit 2), read in a thread with the repository timeout.
     code: int | None = None
     try:
-        await app.check_repository()
+        if not app.registry.static:
+            await check_repository(settings, app.reads, app.registry.config)
     except RepositoryTimeoutError as error:  # a hung volume: logged where it timed out
         logger.error("cannot load model %s: %s", ", ".join(app.models) or "(any)", error)
         code = 1
-    except NothingPublishedError as error:  # a repository to publish into: wait, unless told not to
-        if settings.exit_if_no_model:
+    except RepositoryError as error:  # ModelNotFoundError, an invalid model name
+        # NothingPublishedError: a repository to publish into; the server waits, unless told not to
+        if settings.exit_if_no_model or not isinstance(error, NothingPublishedError):
             logger.error("cannot start: %s", error)
             code = EXIT_USAGE
-    except RepositoryError as error:  # ModelNotFoundError, an invalid model name
-        logger.error("cannot start: %s", error)
-        code = EXIT_USAGE
     if code is None:
         try:
             await app.start()
@@ -486,12 +470,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
 async def _reload_now(app: App) -> None:
     """SIGHUP: one look at the model config, the repository's models and each model's versions
     at once (the watches look again at their interval)."""
-    if not app.ready and not app.models:
-        logger.info("SIGHUP received: looking for a first model now")
-    else:
-        logger.info("SIGHUP received: looking for a new model version now")
+    logger.info("SIGHUP received: looking for %s now",
+                "a first model" if not app.registry.ready and not app.models else "a new model version")
     try:
-        changed = await app.reload_once()
+        await app.refresh()
+        changed = await app.registry.reload_once()
     except Exception:
         logger.exception("SIGHUP reload of %s failed; still serving what was served",
                          app.settings.model_repo)

@@ -23,9 +23,8 @@ import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -84,19 +83,10 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._busy = False  # a model call is running off the loop
-        self._inline_limits: weakref.WeakKeyDictionary[Model, int] = weakref.WeakKeyDictionary()
+        # Per model (while it lives), the most images of a call computed on the event loop
+        # (absent: 0, never): DataPlane.prepare sets it.
+        self.inline_limits: weakref.WeakKeyDictionary[Model, int] = weakref.WeakKeyDictionary()
         self.stats = BatchStats()
-
-    @property
-    def inline_limits(self) -> Mapping[Model, int]:
-        """Per model, the most images of a call computed on the event loop (absent: 0, never); a
-        read-only view, set_inline_limit() changes it."""
-        return MappingProxyType(self._inline_limits)
-
-    def set_inline_limit(self, model: Model, limit: int) -> None:
-        """Calls of ``model`` of at most ``limit`` images run on the event loop (kept while the
-        model lives)."""
-        self._inline_limits[model] = limit
 
     @property
     def queued_images(self) -> int:
@@ -104,14 +94,18 @@ class Batcher:
         return self._queued_images
 
     def _inline(self, model: Model, n: int) -> bool:
-        limit = self._inline_limits.get(model, 0) if runs_inline(model) else 0
+        limit = self.inline_limits.get(model, 0) if runs_inline(model) else 0
         return n <= limit
+
+    def _now(self, model: Model, n: int) -> bool:
+        """A call computed at once in its caller's task: small, on an inline model, the model idle
+        and nothing queued (a future and a wake-up of the batcher task would cost more)."""
+        return not self._queue and not self._busy and self.max_queue_delay == 0 and self._inline(model, n)
 
     def admit(self, model: Model, n: int) -> None:
         """Raises OverloadedError when a call of ``n`` images on ``model`` would have to queue and
         does not fit; an edge calls it before converting the call's pixels (predict checks again)."""
-        if (not self._queue and not self._busy and self.max_queue_delay == 0
-                and self._inline(model, n)):
+        if self._now(model, n):
             return
         if self._queued_images + n > self.max_queued_images:
             self.stats.rejected += 1
@@ -133,9 +127,11 @@ class Batcher:
         """Probabilities for ``images`` (already validated), computed in some batch (``alone``:
         in a model call of their own, as Evaluate needs)."""
         n = images.shape[0]
-        if (not self._queue and not self._busy and self.max_queue_delay == 0
-                and self._inline(model, n)):
-            return self._compute_now(model, images, alone)
+        if self._now(model, n):
+            probs = model.predict(images)
+            if not alone:
+                self._account(model, n, 0.0, probs)
+            return probs
         wakeup = self._ensure_started()
         self.admit(model, n)
         future: asyncio.Future[npt.NDArray[np.float32]] = asyncio.get_running_loop().create_future()
@@ -143,16 +139,6 @@ class Batcher:
         self._queued_images += n
         wakeup.set()
         return await future
-
-    def _compute_now(self, model: Model, images: npt.NDArray[np.float32],
-                     alone: bool) -> npt.NDArray[np.float32]:
-        """A small call on a model that runs on the event loop, the model idle and nothing queued:
-        computed at once in the caller's task. A future and a wake-up of the batcher task would
-        cost more than the call itself."""
-        probs = model.predict(images)
-        if not alone:
-            self._account(model, images.shape[0], 0.0, probs)
-        return probs
 
     def _account(self, model: Model, size: int, queue_seconds: float,
                  answered: npt.NDArray[np.float32] | None) -> None:
@@ -173,25 +159,22 @@ class Batcher:
         now = time.monotonic()
         while self._queue:
             head = self._queue[0]
-            if head.future.done():  # the caller went away
-                self._queue.popleft()
-                self._queued_images -= head.images.shape[0]
-                continue
-            if head.deadline is not None and head.deadline <= now:
-                self._queue.popleft()
-                self._queued_images -= head.images.shape[0]
-                self.stats.expired += 1
-                head.future.set_exception(DeadlineExpiredError(
-                    "deadline passed while queued; the call was not computed"))
-                continue
             n = head.images.shape[0]
-            if batch and (head.alone or batch[0].alone or head.model is not batch[0].model
-                          or total + n > self.max_batch_size):
+            gone = head.future.done()  # the caller went away
+            expired = not gone and head.deadline is not None and head.deadline <= now
+            if batch and not gone and not expired and (
+                    head.alone or batch[0].alone or head.model is not batch[0].model
+                    or total + n > self.max_batch_size):
                 break
             self._queue.popleft()
             self._queued_images -= n
-            batch.append(head)
-            total += n
+            if expired:
+                self.stats.expired += 1
+                head.future.set_exception(DeadlineExpiredError(
+                    "deadline passed while queued; the call was not computed"))
+            elif not gone:
+                batch.append(head)
+                total += n
         return batch
 
     async def _loop(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from digitserve.server.modelconfig import ModelConfigError, read_settled
 from digitserve.server.registry import Registry
 from digitserve.server.telemetry import ConfigMetrics
-from digitserve.server.versions import GateRules, RepositoryReads
+from digitserve.server.versions import RepositoryReads
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,9 @@ def stamp(path: Path) -> tuple[int, int] | None:
 class ConfigWatcher:
     """Watches ``path`` for the registry (the server read it once at start)."""
 
-    def __init__(self, path: Path, rules: GateRules, registry: Registry, reads: RepositoryReads,
+    def __init__(self, path: Path, registry: Registry, reads: RepositoryReads,
                  metrics: ConfigMetrics) -> None:
         self.path = path
-        self.rules = rules  # the flags' gate rules, for models the file gives none
         self.registry = registry
         self.reads = reads
         self.metrics = metrics
@@ -47,8 +46,9 @@ class ConfigWatcher:
         self.seen = now
         try:
             # Only once it holds still: a file rewritten in place is half-written for a moment.
-            config, self.seen = await self.reads.run(
-                "load config", f"reading {path}", partial(read_settled, path, self.rules))
+            # The flags' gate rules, for models the file gives none: every config's default policy.
+            config, self.seen = await self.reads.run("load config", f"reading {path}", partial(
+                read_settled, path, registry.config.policy.rules))
         except ModelConfigError as error:
             if str(error) != registry.config_error:
                 logger.error("model config not applied, the previous one stays in force: %s", error)

@@ -88,7 +88,7 @@ class DataPlane:
 
     def prepare(self, model: Model) -> None:
         """Readies a version the registry loaded: its inline limit, its metrics series."""
-        self.batcher.set_inline_limit(model, self.inline_limit(model))
+        self.batcher.inline_limits[model] = self.inline_limit(model)
         if self._observer is not None:
             self._observer.on_model(model)
 
@@ -176,7 +176,7 @@ class Evaluation:
 
     def __init__(self, versions: Versions) -> None:
         self._versions = versions
-        self.plane = self._plane = versions.plane
+        self.plane = versions.plane
         self._model: Model | None = None
         self._accumulator: MetricsAccumulator | None = None
         self._holding = False
@@ -185,14 +185,14 @@ class Evaluation:
         """The stream is over: the plane's version is no longer held by it."""
         if self._holding:
             self._holding = False
-            self._plane.in_use -= 1
+            self.plane.in_use -= 1
 
     def model_for(self, version: int, label: str = "") -> Model:
         """The model of this evaluation; every batch must agree with the first on the version."""
         if self._model is None:
             self._model = self._versions.resolve(version, label)
             self._accumulator = MetricsAccumulator(list(self._model.spec.labels))
-            self._plane.in_use += 1
+            self.plane.in_use += 1
             self._holding = True
         elif label and self._versions.labels.get(label) != self._model.spec.version:
             raise InvalidInputError(
@@ -213,7 +213,7 @@ class Evaluation:
         # Each message is one model call, never merged with other calls: the figures then equal
         # the trainer's, which predicts the test set in the same batches. It waits in the
         # batcher's queue like a Predict call, so it counts against the same bound.
-        probabilities = await self._plane.batcher.predict(model, images, deadline, alone=True)
+        probabilities = await self.plane.batcher.predict(model, images, deadline, alone=True)
         assert self._accumulator is not None
         self._accumulator.update(labels, probabilities)
 

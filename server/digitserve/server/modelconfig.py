@@ -1,27 +1,14 @@
 """What the server serves: which models, each one's version policy (newest or pinned), version
-labels, canary weight and gate rules — from flags, or from a model config file
-(``--model-config``, TOML, read with the standard library's ``tomllib`` and checked by the
-pydantic models :class:`ConfigFile` and :class:`ModelTable`) that the server reads again when it
-changes.
-
-A config file, for operators who prefer one to flags (TF Serving's model config, in TOML)::
-
-    default_model = "mnist"          # what a request without model_name gets
-
-    [models.mnist]                   # without a [models] table: every model in the repository
-    version = 0                      # 0: the newest version that passes the gate; N: pin N
-    labels = { stable = 3, canary = 4 }
-    canary_weight = 0.1              # unpinned calls answered by the canary version
-    min_check_accuracy = 0.0         # gate rules; absent: the --min-check-accuracy flag's
-    max_regression = 1.0
-
-    [models.fashion]
+labels, canary weight and gate rules — from flags, or from a model config file (``--model-config``,
+TOML: docs/models.md, "The model config file") read with the standard library's ``tomllib`` and
+checked by the pydantic models :class:`ConfigFile` and :class:`ModelTable`, which the server reads
+again when it changes.
 
 Every value is checked; one line names the key, the value and what is allowed (:func:`_line`
-words pydantic's first error so). A change that
-does not parse keeps the previous config in force (the server logs and counts it, and ListModels
-reports it). So does an empty file (or one of comments only: what a file being rewritten in
-place is for a moment), and a change is applied only once the file holds still (read_settled).
+words pydantic's first error so). A change that does not parse keeps the previous config in force
+(the server logs and counts it, and ListModels reports it). So does an empty file (or one of
+comments only: what a file being rewritten in place is for a moment), and a change is applied only
+once the file holds still (read_settled).
 """
 
 from __future__ import annotations
@@ -217,15 +204,7 @@ def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
 def read(path: Path, rules: GateRules = NO_RULES) -> ServingConfig:
     """The config file at ``path``; ModelConfigError (its message starts with the path) when it
     cannot be read or used."""
-    return _parse_file(path, _text(path), rules)
-
-
-def _text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        raise ModelConfigError(f"--model-config {path}: cannot read it ({reason})") from None
+    return _parse_file(path, _snapshot(path)[0], rules)
 
 
 def _parse_file(path: Path, text: str, rules: GateRules) -> ServingConfig:
@@ -244,11 +223,12 @@ Snapshot = tuple[str, int, int]  # the text, the size and the modification time 
 
 
 def _snapshot(path: Path) -> Snapshot:
-    text = _text(path)
     try:
+        text = path.read_text(encoding="utf-8")
         stat = path.stat()
-    except OSError as error:
-        raise ModelConfigError(f"--model-config {path}: cannot read it ({error.strerror})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ModelConfigError(f"--model-config {path}: cannot read it ({reason})") from None
     return text, stat.st_size, stat.st_mtime_ns
 
 

@@ -55,8 +55,7 @@ class State(Enum):
 
 
 @dataclass
-class Version:
-    number: int
+class Version:  # in ModelVersions.versions under its number
     state: State = State.LOADING
     reason: str = ""
     model: Model | None = None
@@ -106,7 +105,7 @@ async def watch(interval: Callable[[], float], look: Callable[[], Awaitable[Any]
 class ModelVersions:
     """One model: its versions, labels, canary weight and data plane, and its watch, which serves
     a newer version once it passes the gate (the pinned one, when pinned), loads the versions the
-    labels name and replaces versions gone from disk. ``on_change``: what it serves may have changed."""
+    labels name and replaces versions gone from disk."""
 
     def __init__(self, name: str, source: ModelSource, policy: ModelPolicy, registry: Registry) -> None:
         self.name = name
@@ -257,16 +256,6 @@ class ModelVersions:
         self._labels = {k: v for k, v in self._labels.items() if v != version}
         self.registry.on_unload()
 
-    def _forget_missing(self, on_disk: set[int]) -> None:
-        for version in [v for v in self.refused if v not in on_disk]:
-            del self.versions[version]  # ListModels lists the refusals of what is there
-
-    async def _list(self) -> list[int]:
-        """The published versions, listed in a thread with the repository timeout."""
-        versions = await self.reads.run(f"list {self.name}", f"listing {self.source}", self.source.versions)
-        self.published = list(versions)
-        return versions
-
     async def _fingerprint(self, version: int) -> Fingerprint | None:
         return await self.reads.run(f"fingerprint {self.name} {version}",
                                     f"listing the files of {self.source} version {version}",
@@ -280,7 +269,7 @@ class ModelVersions:
         if served is not None and served.spec.version != version:
             accuracy = self.versions[served.spec.version].accuracy
             baseline = None if accuracy is None else Baseline(served.spec.version, accuracy)
-        record = self.versions.setdefault(version, Version(version))
+        record = self.versions.setdefault(version, Version())
         record.state = State.LOADING
         rules = self.policy.rules
         logger.info("trying model %s version %d (%s)", self.name, version, kind)
@@ -301,8 +290,7 @@ class ModelVersions:
             self.name = model.spec.name
             self.telemetry.touch_model(self.name)
         del self.versions[version]  # a loader's model is known by its own version
-        self.versions[model.spec.version] = Version(model.spec.version, State.SERVING, model=model,
-                                                    accuracy=accuracy)
+        self.versions[model.spec.version] = Version(State.SERVING, model=model, accuracy=accuracy)
         self.plane.prepare(model)
         self.telemetry.on_model_event(self.name, kind, version, "served")
         return model
@@ -331,35 +319,30 @@ class ModelVersions:
         """Serves the newest version that passes the gate (the pinned one if pinned), then starts
         watching; RepositoryError (ModelNotFoundError: none is published) when none can serve."""
         async with self._lock:
-            await self._serve_first(strict=True)
+            await self._look(strict=True)
         self.start_watch()
         assert self.served is not None
         return self.served
 
-    async def load_or_wait(self, exit_if_no_model: bool) -> Model:
-        """load(); when no version can serve yet, unless ``exit_if_no_model``, logs once what it
+    async def load_or_wait(self) -> Model:
+        """load(); when no version can serve yet, unless --exit-if-no-model, logs once what it
         waits for and returns the first version the watch serves. A hung listing fails it."""
         try:
             return await self.load()
-        except RepositoryTimeoutError:
-            raise
         except RepositoryError as error:  # ModelNotFoundError (none published) or all refused
-            if exit_if_no_model or not self.source.watchable:
+            if isinstance(error, RepositoryTimeoutError) or self.settings.exit_if_no_model \
+                    or not self.source.watchable:
                 raise
             self.reason = f"waiting for a servable version: {error}"
             logger.warning(
                 "waiting for a servable version of model %s (health NOT_SERVING; looking every %gs "
                 "and at SIGHUP; --exit-if-no-model exits instead): %s",
-                self.name, self.watch_interval(), error)
+                self.name, self.settings.reload_interval or WAIT_INTERVAL, error)
         await self.registry.changed(self)
         self.start_watch()
         await self.first_served.wait()
         assert self.served is not None
         return self.served
-
-    def watch_interval(self) -> float:
-        """--reload-interval, or the default while waiting for a first version with it 0."""
-        return self.settings.reload_interval or WAIT_INTERVAL
 
     def _watching(self) -> bool:
         """While waiting for a first version, and with hot reload once one serves."""
@@ -367,52 +350,10 @@ class ModelVersions:
 
     def start_watch(self) -> None:
         if self._watch_task is None and self._watching():
-            look = watch(self.watch_interval, self.reload_once, self.source, self._watching)
+            # --reload-interval, or the default while waiting for a first version with it 0
+            look = watch(lambda: self.settings.reload_interval or WAIT_INTERVAL, self.reload_once,
+                         self.source, self._watching)
             self._watch_task = asyncio.get_running_loop().create_task(look, name=f"watch {self.name}")
-
-    async def _serve_first(self, strict: bool = False) -> bool:
-        """Serves the newest version that passes the gate (the pinned one, if pinned), skipping
-        those refused whose files did not change; True once one serves. ``strict``: see load."""
-        if not strict and self.reads.busy(f"list {self.name}"):
-            return False
-        try:
-            versions = await self._list()
-        except ModelNotFoundError:
-            if strict:
-                raise
-            self.published = versions = []
-        pinned = self.policy.version
-        if strict and pinned and pinned not in versions:
-            raise ModelNotFoundError(f"model {self.name!r} has no version {pinned} (pinned)")
-        self._forget_missing(set(versions))
-        for version in sorted(versions, reverse=True):
-            if (not pinned or version == pinned) and await self._worth_trying(version):
-                model = await self._try_load("load", version)
-                if model is not None:
-                    self._serve(model)
-                    await self._sync_labels(set(versions))  # in force before health says SERVING
-                    await self._start_serving(model)
-                    return True
-        reasons = "; ".join(f"version {v}: {r}" for v, r in self.refused.items())
-        if strict:
-            raise RepositoryError(f"no servable version of model {self.name!r} ({reasons})")
-        if reasons:
-            self.reason = f"waiting for a servable version: {reasons}"
-        return False
-
-    async def _start_serving(self, model: Model) -> None:
-        """The first version serves: health SERVING, the line that says so."""
-        self.reason = ""
-        self.first_served.set()
-        await self.registry.changed(self)
-        logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
-        newer = sorted(v for v in self.refused if v > model.spec.version)
-        if newer:
-            logger.warning(
-                "model %s version %d is served although newer version(s) %s exist: they were "
-                "refused (ListModels and GetModelInfo say why); the watch tries them again "
-                "when their files change or their hung reads return",
-                model.spec.name, model.spec.version, ", ".join(map(str, newer)))
 
     def _note_gone(self, on_disk: set[int]) -> set[int]:
         """Marks loaded versions missing from disk GONE (or back); returns those gone past the grace."""
@@ -448,12 +389,10 @@ class ModelVersions:
                 continue
             if version not in on_disk:
                 problems[label] = f"version {version} is not published"
-            elif await self._worth_trying(version):
-                if await self._try_load("label", version) is not None:
-                    labels[label] = version
-                    continue
-                problems[label] = f"version {version} was refused: {self.refused.get(version, '')}"
-            elif version in self.refused:
+            elif await self._worth_trying(version) and await self._try_load("label", version) is not None:
+                labels[label] = version
+                continue
+            elif version in self.refused:  # just now, or before and its files did not change
                 problems[label] = f"version {version} was refused: {self.refused[version]}"
             else:
                 problems[label] = f"version {version} is still loading (a slow read)"
@@ -488,56 +427,70 @@ class ModelVersions:
         while waiting), puts the labels in force, and replaces a served version gone for
         --removed-version-grace as a fresh start would. True if the served model changed."""
         async with self._lock:
-            changed = await (self._serve_first() if self.served is None else self._reload())
+            changed = await self._look()
         await self.registry.changed(self)
         return changed
 
-    async def _reload(self) -> bool:
+    async def _look(self, strict: bool = False) -> bool:
+        """One look at the published versions (reload_once); ``strict``: load's first one, which
+        raises where nothing can serve."""
         current = self.served
-        assert current is not None
-        if self.reads.busy(f"list {self.name}"):
+        if not strict and self.reads.busy(f"list {self.name}"):
             return False  # the last listing is still hung (logged and counted when it timed out)
         try:
-            versions = await self._list()
+            versions = await self.reads.run(f"list {self.name}", f"listing {self.source}",
+                                            self.source.versions)
         except ModelNotFoundError:
-            self.published = versions = []
+            if strict:
+                raise
+            versions = []
+        self.published = list(versions)
         on_disk = set(versions)
-        self._forget_missing(on_disk)
-        served = current.spec.version
-        expired = self._note_gone(on_disk)
-        grace = self.settings.removed_version_grace
-        for version in sorted(expired - {served}):
-            self._unload(version)
-            logger.warning("unloaded model %s version %d: its directory has been gone for %gs or more",
-                           self.name, version, grace)
-        replacing = served in expired
         pinned = self.policy.version
-        if pinned:
-            candidates = [pinned] if pinned in on_disk and (pinned != served or replacing) else []
+        if strict and pinned and pinned not in on_disk:
+            raise ModelNotFoundError(f"model {self.name!r} has no version {pinned} (pinned)")
+        for version in [v for v in self.refused if v not in on_disk]:
+            del self.versions[version]  # ListModels lists the refusals of what is there
+        if current is None:
+            served, replacing = 0, False
+            candidates = [v for v in sorted(versions, reverse=True) if not pinned or v == pinned]
         else:
-            candidates = sorted((v for v in versions if v != served and (replacing or v > served)),
-                                reverse=True)
+            served = current.spec.version
+            expired = self._note_gone(on_disk)
+            for version in sorted(expired - {served}):
+                self._unload(version)
+                logger.warning("unloaded model %s version %d: its directory has been gone for %gs "
+                               "or more", self.name, version, self.settings.removed_version_grace)
+            replacing = served in expired
+            if pinned:
+                candidates = [pinned] if pinned in on_disk and (pinned != served or replacing) else []
+            else:
+                candidates = sorted((v for v in versions if v != served and (replacing or v > served)),
+                                    reverse=True)
         model: Model | None = None
         for version in candidates:
             if self._loaded(version):  # passed the gate when it was loaded
                 model = self.versions[version].model
                 break
             if await self._worth_trying(version):
-                model = await self._try_load("reload", version)
+                model = await self._try_load("load" if current is None else "reload", version)
                 if model is not None:
                     break
         if model is not None:
             self._serve(model)
-            if replacing:
-                self._unload(served)
-                self._orphaned = False
-                logger.warning(
-                    "model %s version %d has been gone from %s for %gs or more: unloaded it and "
-                    "serving version %d, the newest remaining version that passes the checks",
-                    model.spec.name, served, self.source, grace, model.spec.version)
-            else:
-                logger.info("hot reload: serving model %s version %d (was version %d)",
-                            model.spec.name, model.spec.version, served)
+        if current is None:
+            return await self._first(model, on_disk, strict)
+        grace = self.settings.removed_version_grace
+        if model is not None and replacing:
+            self._unload(served)
+            self._orphaned = False
+            logger.warning(
+                "model %s version %d has been gone from %s for %gs or more: unloaded it and "
+                "serving version %d, the newest remaining version that passes the checks",
+                model.spec.name, served, self.source, grace, model.spec.version)
+        elif model is not None:
+            logger.info("hot reload: serving model %s version %d (was version %d)",
+                        model.spec.name, model.spec.version, served)
         elif replacing and not self._orphaned:
             self._orphaned = True
             logger.error(
@@ -547,6 +500,30 @@ class ModelVersions:
                 "the directory", current.spec.name, served, self.source, grace)
         await self._sync_labels(on_disk)
         return model is not None
+
+    async def _first(self, model: Model | None, on_disk: set[int], strict: bool) -> bool:
+        """After a look while nothing served: health SERVING and the line that says so once
+        ``model`` serves with its labels in force; else why nothing serves (``strict``: raised)."""
+        if model is None:
+            reasons = "; ".join(f"version {v}: {r}" for v, r in self.refused.items())
+            if strict:
+                raise RepositoryError(f"no servable version of model {self.name!r} ({reasons})")
+            if reasons:
+                self.reason = f"waiting for a servable version: {reasons}"
+            return False
+        await self._sync_labels(on_disk)  # in force before health says SERVING
+        self.reason = ""
+        self.first_served.set()
+        await self.registry.changed(self)
+        logger.info("serving model %s version %d from %s", model.spec.name, model.spec.version, self.source)
+        newer = sorted(v for v in self.refused if v > model.spec.version)
+        if newer:
+            logger.warning(
+                "model %s version %d is served although newer version(s) %s exist: they were "
+                "refused (ListModels and GetModelInfo say why); the watch tries them again "
+                "when their files change or their hung reads return",
+                model.spec.name, model.spec.version, ", ".join(map(str, newer)))
+        return True
 
     async def close(self, grace: float = 0.0) -> None:
         """Stops the watch; its versions are UNLOADING for up to ``grace`` seconds, while calls
@@ -610,8 +587,7 @@ class Registry:
 
     def start(self, model: ModelVersions) -> None:
         """``model``'s first load (load_or_wait) in a task; its failure fails ``fatal``, or is logged."""
-        task = asyncio.get_running_loop().create_task(
-            model.load_or_wait(self.settings.exit_if_no_model), name=f"load {model.name}")
+        task = asyncio.get_running_loop().create_task(model.load_or_wait(), name=f"load {model.name}")
         self._tasks.add(task)
 
         def done(task: asyncio.Task[Model]) -> None:

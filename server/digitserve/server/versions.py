@@ -7,13 +7,14 @@ regression from the version serving)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Protocol, TypeVar
 
@@ -190,12 +191,16 @@ def _version_dirs(directory: Path, published: bool = False) -> list[int]:
     return sorted(found)
 
 
-def _not_a_repository(root: Path, publish: str, name: str | None = None) -> ModelNotFoundError | None:
-    """Where ``--model-repo`` names the wrong thing, the one line saying so: a missing path, a
-    file, a model's own directory (TF Serving's ``--model_base_path`` habit; ``name``: the model
-    asked for, so the line adds ``--model-name`` when the directory is another's). None when
-    ``root`` is a directory that may be a repository. ``publish``: the command that publishes."""
+def repository_error(root: Path, name: str | None = None) -> ModelNotFoundError | None:
+    """Why the repository ``root`` (given by ``--model-repo``) has no published version of model
+    ``name`` (None: of any model), what is there instead and what to do, in one line; None when
+    it has one. The directory is missing, a file, a model's own directory (TF Serving's
+    ``--model_base_path`` habit; the line adds ``--model-name`` when it is another model's), empty,
+    holds other models, or holds the model without a version yet. NothingPublishedError where
+    publishing into ``root`` is what it lacks (a server may wait for that), ModelNotFoundError
+    where the flag names the wrong thing."""
     flag = f"--model-repo {root}"
+    publish = f"mnist-train train --model-repo {root} --model-name {name or 'NAME'}"
     if not root.exists():
         shown = "" if root.is_absolute() else f" ({root.absolute()})"
         return ModelNotFoundError(
@@ -205,51 +210,36 @@ def _not_a_repository(root: Path, publish: str, name: str | None = None) -> Mode
         return ModelNotFoundError(
             f"{flag}: not a directory; give the model repository (the directory of NAME/VERSION/)")
     own = _version_dirs(root, published=True)
-    if not own:
-        return None
-    base = root.name or root.resolve().name
-    parent = root.parent if root.name else root.resolve().parent
-    also = "" if name is None or base == name else f" --model-name {base}"
-    return ModelNotFoundError(
-        f"{flag} looks like the directory of model {base!r} (it holds "
-        f"{_versions_text(own)} of it), not a repository of models: use "
-        f"--model-repo {parent}{also}")
-
-
-def missing_error(root: Path, name: str) -> ModelNotFoundError:
-    """Why model ``name`` has no published version in the repository ``root`` (given by
-    ``--model-repo``), what is there instead and what to do, in one line: the directory is
-    missing, is empty, is a model's own directory (TF Serving's ``--model_base_path`` habit),
-    holds other models, or holds the model without a version yet. NothingPublishedError where
-    publishing into ``root`` is what it lacks (a server may wait for that), ModelNotFoundError
-    where the flag names the wrong thing (a missing path, a file, a model's own directory)."""
-    flag = f"--model-repo {root}"
-    publish = f"mnist-train train --model-repo {root} --model-name {name}"
-    wrong = _not_a_repository(root, publish, name)
-    if wrong is not None:
-        return wrong
+    if own:
+        base = root.name or root.resolve().name
+        parent = root.parent if root.name else root.resolve().parent
+        also = "" if name is None or base == name else f" --model-name {base}"
+        return ModelNotFoundError(
+            f"{flag} looks like the directory of model {base!r} (it holds "
+            f"{_versions_text(own)} of it), not a repository of models: use "
+            f"--model-repo {parent}{also}")
     try:
         with os.scandir(root) as entries:
             everything = list(entries)
+        if name is None and ModelRepository(root).models():
+            return None
     except OSError as error:
         return ModelNotFoundError(f"{flag}: cannot list it ({error.strerror or error})")
-    children = sorted(e.name for e in everything if not e.name.startswith(".") and _is_dir(e))
-    if name in children:
-        return NothingPublishedError(
-            f"{flag}: model {name!r} has no published version in {root} ({root / name} holds "
-            f"no version directory 1, 2, …); publish one ({publish})")
-    models = [(child, versions) for child in children if (versions := _version_dirs(root / child))]
-    if models:
-        listed = ", ".join(f"{child} ({_versions_text(versions)})" for child, versions in models[:MAX_LISTED])
-        more = f" and {len(models) - MAX_LISTED} more" if len(models) > MAX_LISTED else ""
-        return NothingPublishedError(
-            f"{flag}: no model {name!r} in it; models there: {listed}{more}; choose one with "
-            f"--model-name, or publish {name!r} ({publish})")
-    return _nothing_published(flag, publish, empty=not everything)
-
-
-def _nothing_published(flag: str, publish: str, empty: bool) -> NothingPublishedError:
-    if empty:
+    if name is not None:
+        children = sorted(e.name for e in everything if not e.name.startswith(".") and _is_dir(e))
+        if name in children:
+            return NothingPublishedError(
+                f"{flag}: model {name!r} has no published version in {root} ({root / name} holds "
+                f"no version directory 1, 2, …); publish one ({publish})")
+        models = [(child, versions) for child in children if (versions := _version_dirs(root / child))]
+        if models:
+            listed = ", ".join(f"{child} ({_versions_text(versions)})"
+                               for child, versions in models[:MAX_LISTED])
+            more = f" and {len(models) - MAX_LISTED} more" if len(models) > MAX_LISTED else ""
+            return NothingPublishedError(
+                f"{flag}: no model {name!r} in it; models there: {listed}{more}; choose one with "
+                f"--model-name, or publish {name!r} ({publish})")
+    if not everything:
         return NothingPublishedError(
             f"{flag}: the directory is empty: no model is published there yet; publish one ({publish})")
     return NothingPublishedError(
@@ -257,28 +247,11 @@ def _nothing_published(flag: str, publish: str, empty: bool) -> NothingPublished
         f"repository the trainer publishes to, or publish into it ({publish})")
 
 
-def repository_error(root: Path) -> ModelNotFoundError | None:
-    """Serving every model of the repository ``root``: None when it holds a model directory;
-    else why not, in one line, as missing_error says it for one model (NothingPublishedError
-    where publishing into ``root`` is what it lacks: a server waits for that)."""
-    flag = f"--model-repo {root}"
-    publish = f"mnist-train train --model-repo {root} --model-name NAME"
-    wrong = _not_a_repository(root, publish)
-    if wrong is not None:
-        return wrong
-    try:
-        if ModelRepository(root).models():
-            return None
-        empty = not any(True for _ in os.scandir(root))
-    except OSError as error:
-        return ModelNotFoundError(f"{flag}: cannot list it ({error.strerror or error})")
-    return _nothing_published(flag, publish, empty)
-
-
-def describe_pinned(root: Path, name: str, version: int, versions: list[int]) -> str:
-    """The line for ``--model-version`` naming a version that is not published."""
-    return (f"--model-version {version}: model {name!r} has no version {version} in {root} "
-            f"(published: {_versions_text(versions)}); pin one of those, or 0 for the newest")
+def missing_error(root: Path, name: str) -> ModelNotFoundError:
+    """repository_error for model ``name``, which the caller found no version of."""
+    error = repository_error(root, name)
+    assert error is not None  # with a name, never None
+    return error
 
 
 class RepositorySource:
@@ -311,7 +284,10 @@ class RepositorySource:
             raise RepositoryError(f"--model-repo {self.repository.root}: cannot list {where} "
                                   f"({error.strerror or error})") from None
         if pinned and pinned not in versions:
-            raise ModelNotFoundError(describe_pinned(self.repository.root, self.name, pinned, versions))
+            raise ModelNotFoundError(
+                f"--model-version {pinned}: model {self.name!r} has no version {pinned} in "
+                f"{self.repository.root} (published: {_versions_text(versions)}); pin one of "
+                "those, or 0 for the newest")
         return versions
 
     def __str__(self) -> str:
@@ -416,15 +392,7 @@ class RepositoryTimeoutError(RepositoryError):
 class _Attempt:
     what: str
     started: float  # time.monotonic()
-    tag: object = None  # what the caller read against (a fingerprint): a late result is kept for it
     timed_out: bool = False
-
-
-@dataclass
-class _Late:
-    tag: object
-    result: object
-    error: BaseException | None
 
 
 class RepositoryReads:
@@ -445,7 +413,7 @@ class RepositoryReads:
         self.timeout = timeout
         self._on_timeout = on_timeout
         self._running: dict[str, _Attempt] = {}
-        self._late: dict[str, _Late] = {}
+        self._late: dict[str, tuple[object, asyncio.Future[object]]] = {}  # key: (tag, outcome)
 
     def busy(self, key: str) -> bool:
         """Whether a read of ``key`` is still running (one that timed out and has not returned)."""
@@ -466,53 +434,45 @@ class RepositoryReads:
                 f"it started (timeout {self.timeout:g}s); not retried until it returns"
             )
         late = self._late.pop(key, None)
-        if late is not None and late.tag == tag:
-            if late.error is not None:
-                raise late.error
-            return late.result  # type: ignore[return-value]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        attempt = self._running[key] = _Attempt(what, time.monotonic(), tag)
+        if late is not None and late[0] == tag:
+            return late[1].result()  # type: ignore[return-value]
+        attempt = self._running[key] = _Attempt(what, time.monotonic())
+        outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
 
-        def settle(result: T | None, error: BaseException | None) -> None:
-            if self._running.get(key) is attempt:
-                del self._running[key]
-            if future.done():  # timed out, or the awaiting task was cancelled (shutdown)
-                if attempt.timed_out:
-                    if tag is not None:  # untagged reads (listings) are simply read again
-                        self._late[key] = _Late(tag, result, error)
-                    logger.warning("%s returned %.1fs after it started, past the %gs timeout (%s); "
-                                   "the next look %s",
-                                   what, time.monotonic() - attempt.started, self.timeout,
-                                   "failed" if error is not None else "succeeded",
-                                   "reads again" if tag is None else "takes this outcome")
-            elif error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
         def target() -> None:
             try:
-                outcome: tuple[T | None, BaseException | None] = (read(), None)
+                outcome.set_result(read())
             except BaseException as exc:  # handed to the awaiting task
-                outcome = (None, exc)
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(settle, *outcome)
+                outcome.set_exception(exc)
 
+        # Set on the loop when the thread returns (not at all once the loop is closed).
+        returned = asyncio.wrap_future(outcome)
+        returned.add_done_callback(partial(self._returned, key, attempt, tag))
         threading.Thread(target=target, name=f"repository {key}", daemon=True).start()
-        try:
-            await asyncio.wait((future,), timeout=self.timeout)
-        finally:
-            if not future.done():  # timed out, or cancelled: the thread goes on alone
-                future.cancel()
-        if future.cancelled():
+        done, _ = await asyncio.wait((returned,), timeout=self.timeout)  # cancelled: the thread goes on
+        if not done:
             attempt.timed_out = True
-            seconds = time.monotonic() - attempt.started
             logger.error("repository read timed out: %s did not return within %gs (%.1fs); "
-                         "skipped for now, retried once it returns", what, self.timeout, seconds)
+                         "skipped for now, retried once it returns", what, self.timeout,
+                         time.monotonic() - attempt.started)
             if self._on_timeout is not None:
                 self._on_timeout(key.split(" ", 1)[0])
             raise RepositoryTimeoutError(
                 f"{what} did not return within the {self.timeout:g}s repository timeout "
                 "(a hung read?); retried once it returns"
             )
-        return future.result()
+        return returned.result()
+
+    def _returned(self, key: str, attempt: _Attempt, tag: object, returned: asyncio.Future[T]) -> None:
+        """A read's thread returned: its key may run again. One past its timeout is logged and,
+        tagged, its outcome kept for the next run with the same tag (listings are read again)."""
+        del self._running[key]
+        error = returned.exception()  # retrieved, also where nobody awaits it any more
+        if attempt.timed_out:
+            if tag is not None:
+                self._late[key] = (tag, returned)  # type: ignore[assignment]
+            logger.warning("%s returned %.1fs after it started, past the %gs timeout (%s); "
+                           "the next look %s",
+                           attempt.what, time.monotonic() - attempt.started, self.timeout,
+                           "failed" if error is not None else "succeeded",
+                           "reads again" if tag is None else "takes this outcome")
