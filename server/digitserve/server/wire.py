@@ -27,13 +27,16 @@ join them; server.v1codec hands those rows to server.pixels, which decodes and c
 Anything else is parsed by protobuf: repeated floats, mixed encodings, and pictures (``encoded``,
 tag 0x22), which are decoded on the picture threads anyway.
 
-It pays from 8 images up: ``python -m bench.wire_cost --measure [--part request]`` counts, under
+It pays at every size. ``python -m bench.wire_cost --measure [--part request]`` counts, under
 valgrind, the instructions of a Predict's request read into float32 pixels and its answer written,
 by protobuf alone and as served. Reading only: 1 image 54,327 by protobuf, 80,540 by this module;
-64 images 364,786 and 146,845 — so requests of fewer than FEWEST_PACKED images are left to
-protobuf. Reading and writing as served: 1 image 103,582 and 81,776 per call (0.79×), 64 images
-1,283,629 and 205,422 (0.16×), where the server's whole path of a 1-image call (``bench.call_cost
-server`` under valgrind) is about 465,000. ``tests/server/test_wire.py`` checks it against protobuf
+64 images 364,786 and 146,845. Reading alone favours protobuf at 1 image, but the server's whole
+path does not: protobuf's Image objects are then read into one input by server.v1codec, and
+``python -m bench.call_cost server`` (CPU per 1-image call, 1 in flight, three alternating runs)
+gave 116.9/124.8/107.6 µs with requests below 8 images left to protobuf against 96.6/97.4/97.1 µs
+with every uniformly packed request read here (FEWEST_PACKED 1). Reading and writing as served:
+1 image 103,582 and 81,776 instructions per call (0.79×), 64 images 1,283,629 and 205,422 (0.16×).
+``tests/server/test_wire.py`` checks it against protobuf
 with hypothesis: any request, whole or damaged, reads as protobuf reads it or fails as protobuf
 fails (DecodeError), and every answer parses into the message protobuf builds.
 """
@@ -55,9 +58,9 @@ PACKED: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "uint8": np.dtyp
 # length-delimited): 0x12 uint8, 0x1A float32.
 _PACKED_TAGS = {(pb.Image.DESCRIPTOR.fields_by_name[name].number << 3) | 2: name for name in PACKED}
 _IMAGES_TAG = (1 << 3) | 2  # PredictRequest.images
-# Below this many images protobuf reads a request in fewer instructions (numpy's calls cost more
-# than protobuf's Image objects; measured with bench.wire_cost, see above).
-FEWEST_PACKED = 8
+# The fewest images read as packed rows: every request (protobuf reads a 1-image request in fewer
+# instructions, but the server's whole 1-image path is ~17 % cheaper from packed rows: see above).
+FEWEST_PACKED = 1
 
 
 def _varint(value: int) -> bytes:
