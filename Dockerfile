@@ -55,18 +55,21 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends binutils \
  && rm -rf /var/lib/apt/lists/*
 # A venv without pip or setuptools (the base image's pip installs into it). Then what serving
-# never loads: numpy's tests, f2py and distutils; LiteRT's GPU accelerator, NPU vendor plugins,
-# ahead-of-time compiler and tools (the server runs its CPU interpreter, XNNPACK); and the
-# symbol tables of the extension modules (not of the *.libs folders: their libraries are
-# patched by auditwheel, and strip breaks them). The container check runs the server and
-# client from the result.
+# never loads: numpy's tests, f2py, distutils and C headers; type stubs (*.pyi); LiteRT's GPU
+# accelerator, NPU vendor plugins, ahead-of-time compiler, tools and libLiteRt.so (its
+# CompiledModel API: the interpreter the server runs, XNNPACK on the CPU, never opens it, checked
+# with strace); and the symbol tables of the extension modules (not of the *.libs folders: their
+# libraries are patched by auditwheel, and strip breaks them). The container check runs the server
+# and client from the result.
 RUN python -m venv --without-pip /opt/venv \
  && python -m pip --python /opt/venv/bin/python install --no-cache-dir --requirement requirements-serve.txt \
  && site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
  && rm -rf "$site"/numpy/f2py "$site"/numpy/distutils "$site"/numpy/_pyinstaller \
       "$site"/ai_edge_litert/libLiteRtWebGpuAccelerator.so "$site"/ai_edge_litert/vendors \
-      "$site"/ai_edge_litert/aot "$site"/ai_edge_litert/tools \
+      "$site"/ai_edge_litert/aot "$site"/ai_edge_litert/tools "$site"/ai_edge_litert/libLiteRt.so \
+      "$site"/numpy/_core/include \
  && find "$site"/numpy -depth -type d -name tests -exec rm -rf {} + \
+ && find "$site" -name '*.pyi' -type f -delete \
  && find "$site" -name '*.so*' -type f -not -path '*.libs/*' -exec strip --strip-unneeded {} +
 
 # --- the train image ---------------------------------------------------------------------------
