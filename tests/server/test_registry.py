@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from digitserve.server.errors import ModelNotFoundError, ModelNotReadyError
+from digitserve.server.errors import ModelNotReadyError, NotServedError
 from digitserve.server.health import HealthServicer
 from digitserve.server.modelconfig import from_settings
 from digitserve.server.registry import Registry, State
@@ -75,7 +75,7 @@ def test_a_version_s_states_from_published_to_unloading(tiny_repo: Path, tmp_pat
         (info,) = registry.model_infos("tiny")
         assert [(v.version, v.state, v.reason) for v in info.versions] == [
             (2, "refused", refused.reason), (1, "serving", "")]
-        with pytest.raises(ModelNotFoundError, match=r"version 2 is not served .*it was refused: check-set"):
+        with pytest.raises(NotServedError, match=r"version 2 is not served .*it was refused: check-set"):
             registry.resolve("tiny", 2)
         assert model.stale and registry.resolve("tiny")[1].spec.version == 1
         await model.reload_once()
