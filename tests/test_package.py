@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,11 @@ def test_make_venvs_editable_install_is_not_shadowed_and_keeps_edits_live(tmp_pa
     script = clone_beside_a_script(tmp_path / "work")
     site = tmp_path / "site"
     source = installed(site, editable=True)
-    # A venv's site-packages: after the script's own directory, its .pth files processed.
-    run = ["-c", f"import runpy, site; site.addsitedir({str(site)!r}); "
+    # A venv's site-packages: after the script's own directory, its .pth files processed. Then the
+    # running venv's, for the dependencies; -S keeps that one from coming first, since it may
+    # hold this checkout's own install (make venv's link tree, which would be found instead).
+    venv = sysconfig.get_paths()["purelib"]
+    run = ["-S", "-c", f"import runpy, site; site.addsitedir({str(site)!r}); site.addsitedir({venv!r}); "
            f"runpy.run_path({str(script)!r}, run_name='__main__')"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, *run], cwd=script.parent, capture_output=True, text=True,
