@@ -161,6 +161,8 @@ async def infer(plane: DataPlane, model: Model, request: InferRequest, decoder: 
                                 f"of model {model.spec.name!r}; expected {INPUT_NAME!r}")
     if tensor.parameters:
         _check_parameters(tensor.parameters, f"{tensor.where.tensor}.parameters")
+    # pixels() inlined: awaiting it would make a coroutine per call even when no picture needs
+    # decoding (Predict's hot path).
     count, images = read(plane, model, tensor)
     if images is None:
         images = await decode(plane, model, tensor, count, decoder, until)
