@@ -27,7 +27,7 @@ from digitserve.server.decoding import PictureDecoder, PictureLimits
 from digitserve.server.discovery import Discovery, check_repository, configured
 from digitserve.server.drain import Drain
 from digitserve.server.health import SERVICE_NAME, HealthServicer
-from digitserve.server.httpserver import HttpEdge, exposition
+from digitserve.server.httpserver import HttpEdge
 from digitserve.server.logs import access_log
 from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_settings
 from digitserve.server.oip import SERVICE as OIP_SERVICE
@@ -226,8 +226,7 @@ class App:
         self.http: HttpEdge | None = None
         self.http_port: int | None = None
         if settings.http_port >= 0:
-            api = RestApi(self.registry, self.pictures, lambda: self.draining,
-                          partial(exposition, self.telemetry.registry))
+            api = RestApi(self.registry, self.pictures, lambda: self.draining, self.telemetry.exposition)
             self.http = HttpEdge(settings, api, self.telemetry, self.security.auth)
 
     @property

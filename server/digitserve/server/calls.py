@@ -30,7 +30,7 @@ from digitserve.server.drain import REFUSED, Drain
 from digitserve.server.logs import access_log, current_request_id
 from digitserve.server.security import TokenAuth
 from digitserve.server.status import Undecodable
-from digitserve.server.telemetry import REQUEST_ID_KEY, Telemetry, request_id_of
+from digitserve.server.telemetry import REQUEST_ID_KEY, CallCounts, Telemetry, request_id_of
 from digitserve.server.wire import parse_predict_request
 from digitserve.v1 import digit_service_pb2 as pb
 
@@ -161,6 +161,8 @@ def _wrap(
     run in a thread as grpc.aio itself would run it, so that it is observed and needs the token
     like every other."""
     method = metrics.method
+    counts = metrics.counts
+    request_streaming, response_streaming = streaming
     if not (inspect.isasyncgenfunction(behavior) or inspect.iscoroutinefunction(behavior)):
         behavior = _threaded(behavior, *streaming)
     if inspect.isasyncgenfunction(behavior):
@@ -168,11 +170,16 @@ def _wrap(
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             metadata = context.invocation_metadata()
             call = Call(metrics, request_id_of(metadata), context)
+            if request_streaming:
+                request = _counted(request, counts)
+            else:
+                counts.received += 1
             try:
                 if auth is not None or (drain is not None and drain.started):
                     await _admit(context, metadata, method, auth, drain)
-                async for response in behavior(request, context):
+                async for response in behavior(request, _CountingContext(context, counts)):
                     yield response
+                    counts.sent += 1  # grpc.aio asks for the next one once this one is written
             except BaseException as exc:
                 # GeneratorExit: the stream was closed, maybe long after grpc ended the call
                 # (an abandoned stream, collected later): outcome() does not touch the context.
@@ -183,12 +190,20 @@ def _wrap(
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        # A unary response, or a stream the behavior writes with context.write (grpc_health's Watch).
         metadata = context.invocation_metadata()
         call = Call(metrics, request_id_of(metadata), context)
+        if request_streaming:
+            request = _counted(request, counts)
+        else:
+            counts.received += 1
         try:
             if auth is not None or (drain is not None and drain.started):
                 await _admit(context, metadata, method, auth, drain)
-            response = await behavior(request, context)
+            if request_streaming or response_streaming:
+                response = await behavior(request, _CountingContext(context, counts))
+            else:
+                response = await behavior(request, context)
         except CallGone as exc:
             # The answer (an abort's status) could not be sent: the call ended on the client's
             # side first. Cancelled, as grpc would have cancelled it: without this, grpc tries
@@ -198,10 +213,47 @@ def _wrap(
         except BaseException as exc:
             call.finish(outcome(exc, context))
             raise
-        call.finish(outcome(None, context))
+        code = outcome(None, context)
+        call.finish(code)
+        if code is OK and not response_streaming:  # go-grpc-prometheus: a message sent when no error
+            counts.sent += 1
         return response
 
     return unary
+
+
+OK = grpc.StatusCode.OK
+
+
+async def _counted(requests: AsyncIterator[Any], counts: CallCounts) -> AsyncIterator[Any]:
+    """A call's request stream, each message counted as it is read."""
+    async for request in requests:
+        counts.received += 1
+        yield request
+
+
+class _CountingContext:
+    """A streaming call's servicer context as its behavior sees it: the messages it reads with
+    ``read`` and writes with ``write`` are counted; everything else is the context's own."""
+
+    __slots__ = ("_context", "_counts")
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], counts: CallCounts) -> None:
+        self._context = context
+        self._counts = counts
+
+    async def read(self) -> Any:
+        request = await self._context.read()
+        if request is not grpc.aio.EOF:
+            self._counts.received += 1
+        return request
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._counts.sent += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 _END = object()
@@ -255,6 +307,7 @@ class MethodMetrics:
         self._handled = telemetry.handled
         self.in_flight = telemetry.in_flight.labels(*self._labels)
         self.seconds = telemetry.handling_seconds.labels(*self._labels)
+        self.counts = telemetry.messages.of(*self._labels)
         self.handled: dict[str, Any] = {}
 
     def count(self, code: str) -> None:
@@ -285,6 +338,7 @@ class Call:
         self.peer = context.peer() if access_log.enabled() else ""
         self.token = current_request_id.set(request_id)
         self.started = time.perf_counter()
+        metrics.counts.started += 1
         metrics.in_flight.inc()
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
 

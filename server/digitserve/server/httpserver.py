@@ -32,14 +32,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, ContentEncodingError, LineTooLong
 from aiohttp.typedefs import Handler
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge, Histogram
 
 from digitserve.server import rest
 from digitserve.server.errors import ServerError
@@ -105,11 +98,6 @@ class HttpMetrics:
                 self.requests.labels(method, route, str(status)), self.seconds.labels(method, route))
         children[0].inc()
         children[1].observe(seconds)
-
-
-def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
-    """``/metrics`` on the HTTP port: the registry in Prometheus' text format."""
-    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -190,7 +190,7 @@ class RestApi:
     edge serves too; ``draining()`` is true from the first moment of shutdown."""
 
     def __init__(self, router: Registry, pictures: PictureDecoder, draining: Callable[[], bool],
-                 metrics: Callable[[], tuple[bytes, str]]) -> None:
+                 metrics: Callable[[str, Mapping[str, str]], tuple[bytes, dict[str, str]]]) -> None:
         self._router = router
         self._pictures = pictures
         self._draining = draining
@@ -260,5 +260,8 @@ class RestApi:
         return json_reply(repository_index(self._router.model_infos(), ready_only))
 
     async def metrics(self, request: web.Request) -> Reply:
-        text, content_type = self._metrics()
-        return Reply(text, content_type=content_type)
+        """The metrics as the metrics port answers them (its format and compression negotiated
+        from ``Accept`` and ``Accept-Encoding``)."""
+        body, headers = self._metrics(request.query_string, request.headers)
+        content_type = headers.pop("Content-Type")
+        return Reply(body, content_type=content_type, headers=headers)
