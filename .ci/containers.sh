@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The container path end to end: lint the Dockerfile, entrypoint, compose file and Kubernetes
-# manifests (every kustomize overlay rendered and validated); build both images (train, and
+# manifests (every kustomize overlay rendered and validated; k8s/kserve against KServe's CRD
+# schemas, .ci/kserve-validate.py); build both images (train, and
 # serve, the default target) and hold the serve image to its bounds (size, no TensorFlow); run
 # the compose stack (train image: train -> serve image: serve -> evaluate through the server) to
 # a passing client; call the published gRPC and metrics ports from the host; load-test; serve the
@@ -168,6 +169,11 @@ lint() {
     fi
     log "$k: $(grep -c '^INFO - passed' <<<"$out") resources valid"
   done
+  # KServe's kinds (k8s/kserve), which kubernetes-validate has no schema for: KServe's CRD schemas
+  # (strict: undeclared fields refused) and KServe's rules
+  out=$("$VENV/bin/kubectl" kustomize k8s/kserve | "$VENV/bin/python" .ci/kserve-validate.py - 2>&1) ||
+    { echo "$out"; log "k8s/kserve does not validate"; return 1; }
+  log "k8s/kserve: $out"
 }
 
 engine() {

@@ -87,7 +87,8 @@ def test_unary_calls_count_one_message_in_and_one_out_when_ok(server: ServerThre
     assert ok == 5 and infer_codes == [grpc.StatusCode.OK] * 3, (codes, infer_codes)
     assert counts(port, DIGIT, "Predict") == {
         "started": 9, "received": 9, "sent": ok, "handled": 9, "in_flight": 0}
-    assert counts(port, V2, "ModelInfer") == {"started": 3, "received": 3, "sent": 3, "handled": 3, "in_flight": 0}
+    assert counts(port, V2, "ModelInfer") == {
+        "started": 3, "received": 3, "sent": 3, "handled": 3, "in_flight": 0}
     # Every method served appears at zero before its first call (as go-grpc-prometheus'
     # InitializeMetrics does), with its kind.
     samples = scrape(port)
