@@ -4,6 +4,7 @@
     python -m bench.call_cost client --target 127.0.0.1:50051 --data-dir data
     python -m bench.call_cost client --target 127.0.0.1:50051 --data-dir data --framing h2lib
     python -m bench.call_cost gc --model-dir out/bench-repo/mnist/1
+    python -m bench.call_cost interceptor --calls 20000
 
 ``server``: the whole per-call path of mnist-serve in-process — request id, metrics, access line
 (formatted and buffered as in the server, written to /dev/null), parsing the request's bytes with
@@ -14,7 +15,9 @@ h2 or grpc) against a running server; the client's whole transport included; ``-
 runs engine h2's calls over python-hyper's ``h2`` library instead of the tester's own framing
 (``bench/h2lib.py``; ``pip install h2``). ``gc``: the objects
 the cyclic garbage collector tracks once a model is loaded as the server loads it (or, with
-``--keras``, through TensorFlow), and what a full collection of them costs.
+``--keras``, through TensorFlow), and what a full collection of them costs. ``interceptor``: the
+call interceptor (digitserve.server.calls) alone around a behavior that returns at once; under
+``valgrind --tool=callgrind``, two runs of different ``--calls`` give its instructions per call.
 """
 
 from __future__ import annotations
@@ -116,6 +119,31 @@ def server(model_dir: Path, calls: int, images: int) -> None:
     asyncio.run(main())
 
 
+def interceptor(calls: int) -> None:
+    """The call interceptor alone: its unary wrapper (request id, metrics, access line) around a
+    behavior that returns at once, ``calls`` times. Under callgrind, the difference of two runs'
+    instruction counts divided by the difference of their calls is its cost per call."""
+    import grpc
+
+    from digitserve.server.calls import CallInterceptor
+    from digitserve.server.telemetry import Telemetry
+
+    async def behavior(request: Any, context: Any) -> bytes:
+        return b""
+
+    wrapped = CallInterceptor(Telemetry()).wrap(
+        "/bench.Bench/Call", grpc.unary_unary_rpc_method_handler(behavior)).unary_unary
+
+    async def main() -> float:
+        context = _Context()
+        started = _cpu()
+        for _ in range(calls):
+            await wrapped(b"", context)
+        return (_cpu() - started) / max(calls, 1) * 1e6
+
+    print(f"interceptor, unary, empty behavior: {asyncio.run(main()):.2f} µs CPU per call ({calls} calls)")
+
+
 def client(target: str, data_dir: Path, seconds: float, engine: str, framing: str) -> None:
     from digitserve import loadtest
     from digitserve.idx import load_split
@@ -172,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--engine", default="h2", choices=["h2", "grpc"], help="loadtest --engine")
     c.add_argument("--framing", default="own", choices=["own", "h2lib"],
                    help="engine h2's HTTP/2 framing: the load tester's own, or the h2 library's")
+    i = sub.add_parser("interceptor", help="the call interceptor's own cost per unary call")
+    i.add_argument("--calls", type=int, default=20_000)
     g = sub.add_parser("gc", help="what a full garbage collection costs with a model loaded")
     g.add_argument("--model-dir", type=Path, required=True, help="a published version directory")
     g.add_argument("--keras", action="store_true",
@@ -179,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.side == "server":
         server(args.model_dir, args.calls, args.images)
+    elif args.side == "interceptor":
+        interceptor(args.calls)
     elif args.side == "gc":
         collector(args.model_dir, args.keras)
     else:
