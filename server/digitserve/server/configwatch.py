@@ -46,7 +46,8 @@ class ConfigWatcher:
         self.seen = now
         try:
             # Only once it holds still: a file rewritten in place is half-written for a moment.
-            # The flags' gate rules and version policy, for models the file gives none: every config's default policy.
+            # The flags' gate rules and version policy, for models the file gives none: every
+            # config's default policy.
             config, self.seen = await self.reads.run("load config", f"reading {path}", partial(
                 read_settled, path, registry.config.policy.rules,
                 versions=registry.config.policy.version_policy))

@@ -1,8 +1,8 @@
-"""What the server serves: which models, each one's version policy (the newest N, all, the versions
-listed, or a pin: ``digitserve.server.versionpolicy``), version labels, canary weight and gate rules — from flags, or from a model config file (``--model-config``,
-TOML: docs/models.md, "The model config file") read with the standard library's ``tomllib`` and
-checked by the pydantic models :class:`ConfigFile` and :class:`ModelTable`, which the server reads
-again when it changes.
+"""What the server serves: which models, each one's version policy (the newest N, all, the
+versions listed, or a pin: ``digitserve.server.versionpolicy``), version labels, canary weight and
+gate rules — from flags, or from a model config file (``--model-config``, TOML: docs/models.md,
+"The model config file") read with the standard library's ``tomllib`` and checked by the pydantic
+models :class:`ConfigFile` and :class:`ModelTable`, which the server reads again when it changes.
 
 Every value is checked; one line names the key, the value and what is allowed (:func:`_line`
 words pydantic's first error so). A change that does not parse keeps the previous config in force

@@ -200,7 +200,8 @@ class Settings:
         "(a tf.function), or 'auto': LiteRT when its probabilities agree with model.predict on the "
         "version's check set to 1e-6 or to TensorFlow's own batch-1 spread, else TensorFlow."))
     keep_versions: int = opt(2, REPO, ge=1, help=(
-        "Newest versions kept loaded, so requests can pin the previous one."))
+        "Newest versions kept loaded, so requests can pin the previous one (with a latest version "
+        "policy; until a restart: --version-policy latest:N keeps N loaded across one)."))
     log_level: str = opt("INFO", OBS, "Python logging level.")
     log_format: LogFormat = opt("auto", OBS, help=(
         "Log lines as 'json' (one object per line), 'text', or 'auto': text when stderr is a terminal, "

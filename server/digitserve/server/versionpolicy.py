@@ -6,6 +6,7 @@ file's table, in Triton's shape (``version_policy = { latest = { num_versions = 
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,10 +87,11 @@ def from_table(value: object) -> VersionPolicy:
             raise ValueError(f"all takes no keys ({body!r}): write {{ all = {{}} }}")
         return VersionPolicy("all")
     if kind == "latest":
-        if not isinstance(body, dict) or set(body) != {"num_versions"} or _count(body["num_versions"]) is None:
+        count = body.get("num_versions") if isinstance(body, dict) and set(body) == {"num_versions"} else None
+        if _count(count) is None:
             raise ValueError(f"latest {body!r}: expected {{ num_versions = N }} with N a whole number "
                              "from 1 (how many of the newest versions that pass the gate serve)")
-        return VersionPolicy("latest", num_versions=body["num_versions"])
+        return VersionPolicy("latest", num_versions=typing.cast(int, count))
     if kind == "specific":
         versions = body.get("versions") if isinstance(body, dict) and set(body) == {"versions"} else None
         if not isinstance(versions, list) or not versions or any(_count(v) is None for v in versions):
