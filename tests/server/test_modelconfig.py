@@ -212,7 +212,8 @@ def test_a_version_policy_reads_in_tritons_shape_and_a_pin_is_specific() -> None
                         "c": VersionPolicy("specific", versions=(1, 3)),
                         "d": VersionPolicy("specific", versions=(4,)),
                         "e": VersionPolicy("latest", num_versions=3)}  # the flag's, for a table without
-    assert [str(p) for p in policies.values()] == ["latest:2", "all", "specific:1,3", "specific:4", "latest:3"]
+    assert [str(p) for p in policies.values()] == ["latest:2", "all", "specific:1,3", "specific:4",
+                                                   "latest:3"]
     assert parse("[models.a]\n").models == {"a": ModelPolicy()}  # the default: the newest
     assert ModelPolicy().versions == VersionPolicy("latest", num_versions=1) == NEWEST
     every = parse('default_model = ""\n', versions=VersionPolicy("all"))  # no tables: the flag's
@@ -314,6 +315,7 @@ def test_a_changed_config_file_keeps_the_flags_version_policy_for_models_that_se
         path.write_text("[models.a]\nversion_policy = { all = {} }\n\n[models.b]\n")
         assert await watcher.look() and registry.config_error == ""
         assert registry.config.policy_of("a").versions == VersionPolicy("all")
-        assert registry.config.policy_of("b").versions == VersionPolicy("latest", num_versions=3)  # the flag's
+        flags = VersionPolicy("latest", num_versions=3)
+        assert registry.config.policy_of("b").versions == flags  # the flag's
 
     asyncio.run(scenario())
