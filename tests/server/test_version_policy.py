@@ -110,6 +110,7 @@ def test_latest_2_keeps_the_good_version_pinnable_across_a_restart(
         assert (code, err) == (0, "")
         lines = out.splitlines()
         assert lines[1].split()[:3] == ["digits", "SERVING", str(WORSE)]
+        assert "  version policy: latest:2 (loaded: 2, 1)" in lines, out
         assert "  version 2  SERVING" in lines and "  version 1  SERVING" in lines, out
         with capsys.disabled():
             print(f"\n{start}: pinned versions answer as themselves; accuracy on the digits "
@@ -239,6 +240,8 @@ def test_each_policy_loads_its_versions_that_pass_the_gate(
     server = start_server(model_repo=with_refused, model_name=("digits",), version_policy=policy)
     stub = stub_of(server)
     assert loaded(stub) == states
+    listed = stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0]
+    assert listed.version_policy == (policy or "latest:1") and listed.default_version == default
     assert predict(stub, IMAGES[:1]).model_version == default  # unpinned: the newest loaded
     for version, state in states:
         if state == "SERVING":

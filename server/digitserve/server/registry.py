@@ -87,6 +87,7 @@ class ModelInfo:
     labels: Mapping[str, int]
     canary_weight: float
     versions: tuple[VersionInfo, ...] = field(default=())
+    version_policy: str = "latest:1"  # which versions stay loaded (VersionPolicy's spelling)
 
 
 async def watch(interval: Callable[[], float], look: Callable[[], Awaitable[Any]], what: object,
@@ -234,7 +235,8 @@ class ModelVersions:
         problems = "; ".join(f"label {label}: {why}" for label, why in sorted(self.label_problems.items()))
         reason = problems if self.serving else "; ".join(filter(None, (self.reason, problems)))
         return ModelInfo(self.name, "serving" if self.serving else "loading", reason,
-                         self.default_version, dict(self._labels), self.canary_weight, listed)
+                         self.default_version, dict(self._labels), self.canary_weight, listed,
+                         str(self.policy.versions))
 
     def _serve(self, model: Model) -> None:
         """Unpinned calls get ``model`` (loaded) from now on: one assignment."""
