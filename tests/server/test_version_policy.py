@@ -9,6 +9,7 @@ own check set, and is far worse on digits)."""
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -124,14 +125,14 @@ def test_stable_pointed_back_at_version_1_is_followed_within_the_watch_interval_
     good_then_worse: Path, tmp_path: Path, start_server: Callable[..., ServerThread],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Rollback without retraining: one edit of the config file points ``stable`` at version 1;
-    unpinned calls follow within the watch interval (plus the half second the file must hold
-    still), while callers run throughout and every call is answered. Then the policy itself is
+    """Rollback without retraining: one command (docs/models.md's ``sed``) points ``stable`` at
+    version 1 in the config file; unpinned calls follow within the watch interval (plus the half
+    second the file must hold still), while callers run throughout and every call is answered. Then the policy itself is
     pointed at version 1: version 2 leaves it and is unloaded, its pinned calls in flight
     answered first, later ones NOT_FOUND."""
     config = tmp_path / "models.toml"
-    policy = "[models.digits]\nversion_policy = { latest = { num_versions = 2 } }\n"
-    write_config(config, policy)
+    write_config(config, "[models.digits]\nversion_policy = { latest = { num_versions = 2 } }\n"
+                         "labels = { stable = 2 }\n")
     interval = 1.0
     server = start_server(model_repo=good_then_worse, model_name=(), model_config=config,
                           reload_interval=interval)
@@ -169,7 +170,8 @@ def test_stable_pointed_back_at_version_1_is_followed_within_the_watch_interval_
     try:
         wait_for(lambda: min(len(u) for u in unpinned) >= 20, 60, "calls running")
         written = time.monotonic()
-        write_config(config, policy + "labels = { stable = 1 }\n")  # the rollback: one edit
+        rollback = subprocess.run(["sed", "-i", "s/stable = 2/stable = 1/", str(config)], check=False)
+        assert rollback.returncode == 0 and "stable = 1" in config.read_text()
         wait_for(lambda: any(o == str(GOOD) for u in unpinned for _, _, o in u), 30,
                  "unpinned calls answered by version 1")
         followed = min(done for u in unpinned for _, done, o in u if o == str(GOOD)) - written
