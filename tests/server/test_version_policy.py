@@ -127,9 +127,9 @@ def test_stable_pointed_back_at_version_1_is_followed_within_the_watch_interval_
 ) -> None:
     """Rollback without retraining: one command (docs/models.md's ``sed``) points ``stable`` at
     version 1 in the config file; unpinned calls follow within the watch interval (plus the half
-    second the file must hold still), while callers run throughout and every call is answered. Then the policy itself is
-    pointed at version 1: version 2 leaves it and is unloaded, its pinned calls in flight
-    answered first, later ones NOT_FOUND."""
+    second the file must hold still), while callers run throughout and every call is answered.
+    Then the policy itself is pointed at version 1: version 2 leaves it and is unloaded, its
+    pinned calls in flight answered first, later ones NOT_FOUND."""
     config = tmp_path / "models.toml"
     write_config(config, "[models.digits]\nversion_policy = { latest = { num_versions = 2 } }\n"
                          "labels = { stable = 2 }\n")
