@@ -23,7 +23,7 @@ from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.oip import model_config_pb2 as mc
 from tests.servers import ServerThread
-from tests.support import expect_error, require_module
+from tests.support import expect_error, require_module, wait_for
 
 D = 784
 EXTENSIONS = ["binary_tensor_data", "model_configuration"]
@@ -248,3 +248,14 @@ def test_tritonclient_sends_what_the_metadata_and_the_configuration_declare(
         for key in ("config", "28x28"):
             ours = client.predict(out[key].reshape(len(out[key]), D))
             np.testing.assert_allclose(out[key + "-probabilities"], ours.probabilities, rtol=0, atol=1e-6)
+
+
+def test_the_instance_count_is_the_number_of_workers(spawn: Any, tiny_repo: Path) -> None:
+    server = spawn("--model-repo", str(tiny_repo), "--workers", "2", "--log-format", "text")
+    target = server.target()
+    wait_for(lambda: server.log.count("serving model tiny version 1 from") == 2, 120, "both serving")
+    with grpc.insecure_channel(target) as channel:
+        stub = stub_of(channel)
+        for _ in range(4):  # whichever worker answers: the two of them
+            [group] = stub.ModelConfig(oip.ModelConfigRequest(name="tiny"), timeout=30).config.instance_group
+            assert (group.count, group.kind) == (2, mc.ModelInstanceGroup.KIND_CPU)
