@@ -17,11 +17,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.json_format import MessageToDict
 
 from digitserve.client.client import DigitClient
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.oip import model_config_pb2 as mc
+from digitserve.repository import ModelRepository
+from tests.server.test_repository_server import publish_as
 from tests.servers import ServerThread
 from tests.support import expect_error, require_module, wait_for
 
@@ -259,3 +262,27 @@ def test_the_instance_count_is_the_number_of_workers(spawn: Any, tiny_repo: Path
         for _ in range(4):  # whichever worker answers: the two of them
             [group] = stub.ModelConfig(oip.ModelConfigRequest(name="tiny"), timeout=30).config.instance_group
             assert (group.count, group.kind) == (2, mc.ModelInstanceGroup.KIND_CPU)
+
+
+@pytest.mark.parametrize(("flag", "expected"), [
+    ("latest:2", {"latest": {"num_versions": 2}}),
+    ("all", {"all": {}}),
+    ("specific:1,3", {"specific": {"versions": [1, 3]}}),
+])
+def test_the_model_configuration_says_the_version_policy(
+    tiny_repo: Path, tmp_path: Path, start_server: Callable[..., ServerThread], flag: str,
+    expected: dict[str, object],
+) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    for _ in range(3):
+        publish_as(root, ModelRepository(tiny_repo).version_dir("tiny", 1), "digits")
+    server = start_server(model_repo=root, model_name=("digits",), version_policy=flag, http_port=0)
+    status, body = get(server.app.http_port, "/v2/models/digits/config")
+    assert (status, body["version_policy"]) == (200, expected)
+    with grpc.insecure_channel(server.target) as channel:
+        config = stub_of(channel).ModelConfig(oip.ModelConfigRequest(name="digits")).config
+    policy = MessageToDict(config.version_policy, preserving_proto_field_name=True)
+    if "specific" in policy:  # protobuf's JSON writes int64 as strings
+        policy["specific"]["versions"] = [int(v) for v in policy["specific"]["versions"]]
+    assert policy == expected

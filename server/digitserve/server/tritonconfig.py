@@ -30,12 +30,15 @@ def output_dims(output: str, classes: int) -> list[int]:
 
 
 def version_policy(policy: ModelPolicy) -> dict[str, Any]:
-    """The model's version policy as Triton's ``version_policy``: the newest version past the gate
-    (``version`` 0) is ``latest`` 1; a pinned version N is ``specific`` [N]. (Versions that labels
-    name are loaded too; Triton's policy has no labels.)"""
-    if policy.version:
-        return {"specific": {"versions": [policy.version]}}
-    return {"latest": {"num_versions": 1}}
+    """The model's version policy (``policy.versions``: --version-policy or the config file's
+    version_policy; a pinned version N is ``specific`` [N]) as Triton's ``version_policy``.
+    (Versions that labels name are loaded too; Triton's policy has no labels.)"""
+    versions = policy.versions
+    if versions.kind == "latest":
+        return {"latest": {"num_versions": versions.num_versions}}
+    if versions.kind == "specific":
+        return {"specific": {"versions": list(versions.versions)}}
+    return {"all": {}}
 
 
 def model_config(router: Registry, name: str, version: str, instances: int = 1) -> dict[str, Any]:
