@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.server.decoding import PictureDecoder
@@ -74,9 +75,27 @@ def metadata(value: dict[str, Any]) -> oip.ModelMetadataResponse:
         inputs=[tensor(**t) for t in value["inputs"]], outputs=[tensor(**t) for t in value["outputs"]])
 
 
+def statistics(value: dict[str, Any]) -> oip.ModelStatisticsResponse:
+    """Triton's statistics (server.statistics' JSON) as the protocol's message."""
+    message = oip.ModelStatisticsResponse()
+    json_format.ParseDict(value, message)
+    return message
+
+
+def repository_index(entries: list[dict[str, Any]]) -> oip.RepositoryIndexResponse:
+    """The repository index (server.modelcontrol's entries) as Triton's message, whose ModelIndex
+    has no field for the version labels: they are on the HTTP edge's entries only."""
+    index = oip.RepositoryIndexResponse.ModelIndex
+    return oip.RepositoryIndexResponse(models=[
+        index(name=e["name"], version=e.get("version", ""), state=e["state"], reason=e["reason"])
+        for e in entries])
+
+
 async def model_infer(router: Registry, pictures: PictureDecoder, message: oip.ModelInferRequest,
                       until: float | None) -> oip.ModelInferResponse:
     plane, model = resolve(router, message.model_name, message.model_version, "model_version",
                            split=True)
     response = await infer(plane, model, to_request(message), pictures, until)
-    return to_response(response, raw=len(message.raw_input_contents) > 0)
+    answer = to_response(response, raw=len(message.raw_input_contents) > 0)
+    response.answered()
+    return answer
