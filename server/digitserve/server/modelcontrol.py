@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 EXPLICIT = "explicit"
 REFUSED = ("model control is off: this server serves the models its repository and config name; "
            "start it with --model-control explicit (and a bearer token) to load and unload models")
+WAITING = "waiting for a servable version: "  # registry.ModelVersions.reason once its first load gave up
 _INDEX_STATES = {"serving": "READY", "refused": "UNAVAILABLE"}
 
 
@@ -94,7 +95,7 @@ class ModelControl:
         while not model.serving and model.failed is None and model.reason == "loading":
             await asyncio.sleep(0.02)
         if not model.serving:
-            why = model.reason if model.failed is None else str(model.failed)
+            why = model.reason.removeprefix(WAITING) if model.failed is None else str(model.failed)
             discovery.loaded.discard(name)
             discovery.unloaded.add(name)
             if registry.models.get(name) is model:
