@@ -5,6 +5,8 @@ going on; the token is required; a client abandoning a stream leaves the server 
 from __future__ import annotations
 
 import json
+import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -166,3 +168,38 @@ def test_streams_abandoned_mid_way_leave_the_server_serving(process: ServerProce
                                                          timeout=60))
         assert [a.infer_response.id for a in answers] == ["s"]
     assert "Traceback" not in process.log, process.log
+
+
+def test_a_request_that_comes_on_a_stream_during_the_drain_is_refused_and_the_stream_ends_well(
+    process: ServerProcess,
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from digitserve.server.drain import REFUSED
+
+    target = process.target()
+    pixels = np.random.default_rng(3).random((2, 784), dtype=np.float32)
+    outbox: queue.Queue[oip.ModelInferRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[oip.ModelInferRequest]:
+        while (message := outbox.get(timeout=60)) is not None:
+            yield message
+
+    with grpc.insecure_channel(target) as channel:
+        ready = oip.ModelReadyRequest(name="tiny")
+        wait_for(lambda: stub_of(channel).ModelReady(ready, timeout=10).ready, what="model ready")
+        stream = stub_of(channel).ModelStreamInfer(requests(), timeout=60)
+        outbox.put(request("tiny", pixels, "before"))
+        before = next(stream)
+        assert (before.error_message, before.infer_response.id) == ("", "before")
+        process.send_signal(signal.SIGTERM)
+        health = health_pb2_grpc.HealthStub(channel)
+        wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+                 == health_pb2.HealthCheckResponse.NOT_SERVING, what="the drain")
+        outbox.put(request("tiny", pixels, "during"))
+        during = next(stream)
+        assert (during.error_message, during.infer_response.id) == (REFUSED, "during")
+        outbox.put(None)  # half-closed: the stream ends, OK
+        assert list(stream) == []
+        assert stream.code() == grpc.StatusCode.OK
+    assert process.wait(60) == 0

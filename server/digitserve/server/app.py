@@ -215,7 +215,8 @@ class App:
             settings.max_picture_decoded_bytes))
         # --model-control explicit: RepositoryModelLoad/Unload and their HTTP routes.
         self.control = ModelControl(settings.model_control, self.registry, None if static else self.discovery)
-        self.oip = InferenceServicer(self.registry, self.pictures, self.control)  # the V2 protocol
+        self.oip = InferenceServicer(self.registry, self.pictures, self.control,  # the V2 protocol
+                                     lambda: self.draining)
         self.drain = Drain()  # SIGTERM: calls that arrive are held, then refused UNAVAILABLE
         # Every call: request id, token check, metrics, access line; bytes that do not parse of
         # DigitService and the V2 protocol: INVALID_ARGUMENT.

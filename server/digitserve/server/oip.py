@@ -5,7 +5,7 @@ version label ("stable"), "" meaning the default version. server.oipcodec conver
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -33,8 +33,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over the data planes of the models served."""
 
     def __init__(self, router: Registry, pictures: PictureDecoder,
-                 control: ModelControl | None = None) -> None:
+                 control: ModelControl | None = None,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self._router = router
+        self._draining = draining  # from the first moment of the server's stop
         self._pictures = pictures
         self._control = control if control is not None else ModelControl("none", router, None)
         self._version = server_version()
@@ -75,7 +77,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[oip.ModelStreamInferResponse]:
         """Each request answered as ModelInfer answers it, its error in the answer (oipstream)."""
         async for response in model_stream_infer(self._router, self._pictures, request_iterator,
-                                                 deadline(context)):
+                                                 deadline(context), self._draining):
             yield response
 
     @mapped_errors

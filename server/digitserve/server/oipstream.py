@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.server import oipcodec
 from digitserve.server.decoding import PictureDecoder
+from digitserve.server.drain import REFUSED
 from digitserve.server.errors import ServerError
 from digitserve.server.registry import Registry
 from digitserve.server.status import INTERNAL_MESSAGE, Undecodable
@@ -46,11 +47,22 @@ async def _answer(router: Registry, pictures: PictureDecoder, message: oip.Model
         model_name=message.model_name, model_version=message.model_version, id=message.id))
 
 
+def _refused(message: oip.ModelInferRequest | Undecodable) -> oip.ModelStreamInferResponse:
+    """The answer of a request that came during the drain."""
+    if isinstance(message, Undecodable):
+        return oip.ModelStreamInferResponse(error_message=REFUSED)
+    return oip.ModelStreamInferResponse(error_message=REFUSED, infer_response=oip.ModelInferResponse(
+        model_name=message.model_name, model_version=message.model_version, id=message.id))
+
+
 async def model_stream_infer(
     router: Registry, pictures: PictureDecoder,
     requests: AsyncIterator[oip.ModelInferRequest | Undecodable], until: float | None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> AsyncIterator[oip.ModelStreamInferResponse]:
-    """The answers of the stream's requests, as each is ready (until: the call's deadline)."""
+    """The answers of the stream's requests, as each is ready (until: the call's deadline). Once
+    the server drains, a request that comes is not run: it is answered the drain's UNAVAILABLE
+    message (retry elsewhere), as a call that arrives then is; those read before finish."""
     answers: asyncio.Queue[oip.ModelStreamInferResponse | Exception] = asyncio.Queue()
     window = asyncio.Semaphore(STREAM_WINDOW)
     running: set[asyncio.Task[None]] = set()
@@ -64,6 +76,9 @@ async def model_stream_infer(
     async def read() -> None:
         try:
             async for message in requests:
+                if draining():
+                    answers.put_nowait(_refused(message))
+                    continue
                 await window.acquire()
                 task = asyncio.ensure_future(answer(message))
                 running.add(task)
