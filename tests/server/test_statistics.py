@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tests.servers import ServerThread
 from tests.support import require_module
 
@@ -154,3 +156,12 @@ def test_tritonclient_reads_statistics_that_count_the_calls_made(
     assert 1 <= executions <= 8
     assert sum(n for _, n in after["batches"]) == after["execution_count"]
     assert after["success.ns"] - http_stats["success.ns"] <= 8 * report["concurrent"]["wall_ns"]
+
+    # Our own API's Predict is an inference call of the same version: counted too.
+    from digitserve.client.client import DigitClient
+
+    with DigitClient(server.target, timeout=30) as client:
+        client.predict(np.random.default_rng(1).random((4, 784), dtype=np.float32))
+    version = server.plane.statistics.versions[1]
+    assert version.success_count == after["success.count"] + 1
+    assert version.inference_count == after["inference_count"] + 4

@@ -203,3 +203,24 @@ def test_a_request_that_comes_on_a_stream_during_the_drain_is_refused_and_the_st
         assert list(stream) == []
         assert stream.code() == grpc.StatusCode.OK
     assert process.wait(60) == 0
+
+
+def test_a_flooding_stream_gets_each_request_answered_or_refused_overloaded(
+    start_server: Callable[..., ServerThread],
+) -> None:
+    # A queue of 400 images: the stream's 64 requests at once, 200 images each, overflow it.
+    server = start_server(max_queued_images=400, max_images_per_request=200)
+    pixels = np.random.default_rng(4).random((200, 784), dtype=np.float32)
+    requests = [request("tiny", pixels, f"f{i}") for i in range(150)]
+    with grpc.insecure_channel(server.target) as channel:
+        answers = list(stub_of(channel).ModelStreamInfer(iter(requests), timeout=120))
+        after = stub_of(channel).ModelInfer(request("tiny", pixels[:1], "after"), timeout=60)
+    assert sorted(a.infer_response.id for a in answers) == sorted(f"f{i}" for i in range(150))
+    refused = [a.error_message for a in answers if a.error_message]
+    assert refused and all(m.startswith("server overloaded: ") and m.endswith("limit 400; retry with backoff")
+               for m in refused), set(refused)
+    served = [a for a in answers if not a.error_message]
+    assert served and all(len(a.infer_response.raw_output_contents) == 3 for a in served)
+    assert after.id == "after"
+    stats = server.plane.statistics.versions[1]
+    assert stats.success_count == len(served) + 1 and stats.fail_count == len(refused)
