@@ -27,7 +27,7 @@ class VersionStatistics:
         "infer_ns",
         "inference_count",
         "input_ns",
-        "last_inference",
+        "last_answered",
         "output_ns",
         "queue_count",
         "queue_ns",
@@ -43,7 +43,7 @@ class VersionStatistics:
         self.input_ns = self.output_ns = 0  # counted by success_count: only answered calls have both
         self.inference_count = 0  # images answered
         self.execution_count = 0  # model calls (a batch of several requests counts once)
-        self.last_inference = 0  # milliseconds since the epoch
+        self.last_answered = 0  # time.perf_counter_ns() of the last answer (0: none yet)
         self.batches: dict[int, list[int]] = {}  # batch size -> [model calls, their ns]
 
     def executed(self, size: int, requests: int, queue_ns: int, infer_ns: int) -> None:
@@ -69,12 +69,19 @@ class VersionStatistics:
         self.input_ns += input_ns
         self.output_ns += now - predicted_ns
         self.inference_count += images
-        self.last_inference = time.time_ns() // 1_000_000
+        self.last_answered = now
 
     def failed(self, started_ns: int) -> None:
         """A call refused or failed after its model version was chosen."""
         self.fail_count += 1
         self.fail_ns += time.perf_counter_ns() - started_ns
+
+    def last_inference(self) -> int:
+        """Milliseconds since the epoch of the last answer; 0 if none (the clock read once here,
+        not per call)."""
+        if not self.last_answered:
+            return 0
+        return (time.time_ns() - (time.perf_counter_ns() - self.last_answered)) // 1_000_000
 
     def as_json(self, name: str, version: int) -> dict[str, Any]:
         """Triton's ModelStatistics as its JSON spells it."""
@@ -83,7 +90,7 @@ class VersionStatistics:
 
         success = self.success_count
         return {
-            "name": name, "version": str(version), "last_inference": self.last_inference,
+            "name": name, "version": str(version), "last_inference": self.last_inference(),
             "inference_count": self.inference_count, "execution_count": self.execution_count,
             "inference_stats": {
                 "success": duration(success, self.success_ns),
