@@ -23,9 +23,10 @@ from digitserve.server.status import INTERNAL_MESSAGE, Undecodable
 logger = logging.getLogger(__name__)
 
 STREAM_WINDOW = 64
-"""Requests of one stream computed at once; while that many are, the stream's next request is
-not read (HTTP/2's flow control then holds the client back). Each one's images still wait in the
-model's bounded queue like any call's (--max-queued-images)."""
+"""Requests of one stream read and not yet answered (computing, or their answers waiting to be
+sent); while that many are, the stream's next request is not read (HTTP/2's flow control then
+holds the client back), so a client that sends without reading answers holds no more than that.
+Each one's images still wait in the model's bounded queue like any call's (--max-queued-images)."""
 
 _END = oip.ModelStreamInferResponse()  # the reader's mark: every request read has been answered
 
@@ -68,18 +69,15 @@ async def model_stream_infer(
     running: set[asyncio.Task[None]] = set()
 
     async def answer(message: oip.ModelInferRequest | Undecodable) -> None:
-        try:
-            answers.put_nowait(await _answer(router, pictures, message, until))
-        finally:
-            window.release()
+        answers.put_nowait(await _answer(router, pictures, message, until))
 
     async def read() -> None:
         try:
             async for message in requests:
+                await window.acquire()  # released once its answer is sent
                 if draining():
                     answers.put_nowait(_refused(message))
                     continue
-                await window.acquire()
                 task = asyncio.ensure_future(answer(message))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -94,7 +92,8 @@ async def model_stream_infer(
         while (response := await answers.get()) is not _END:
             if isinstance(response, Exception):
                 raise response
-            yield response
+            yield response  # returns once grpc sent it: a client that does not read holds the window
+            window.release()
     finally:  # ended, or abandoned by the client (cancelled): nothing of it goes on running
         reader.cancel()
         for task in list(running):
