@@ -75,6 +75,14 @@ def metadata(value: dict[str, Any]) -> oip.ModelMetadataResponse:
         inputs=[tensor(**t) for t in value["inputs"]], outputs=[tensor(**t) for t in value["outputs"]])
 
 
+def model_config(value: dict[str, Any]) -> oip.ModelConfigResponse:
+    """server.tritonconfig's configuration (Triton's JSON shape) as the protobuf ModelConfig; a key
+    the message lacks is a bug, raised (ParseError)."""
+    response = oip.ModelConfigResponse()
+    json_format.ParseDict(value, response.config)
+    return response
+
+
 def statistics(value: dict[str, Any]) -> oip.ModelStatisticsResponse:
     """Triton's statistics (server.statistics' JSON) as the protocol's message."""
     message = oip.ModelStatisticsResponse()
