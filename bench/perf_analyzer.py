@@ -71,12 +71,14 @@ def input_data(images: npt.NDArray[np.uint8], metadata: dict[str, Any]) -> dict[
 @dataclass
 class Run:
     """One perf_analyzer run: its exit code and output, and per concurrency the client's figures
-    from its CSV (``-f``) and its request count from the output."""
+    from its CSV (``-f``), and the requests the client counted and those the server's statistics
+    say succeeded (both over the same measurement windows) from its report."""
 
     returncode: int
     output: str
     rows: list[dict[str, float]]  # concurrency, rps, p50_ms, p99_ms, avg_ms
     requests: dict[int, int]
+    served: dict[int, int]
 
     def check(self) -> None:
         """Raises BenchError unless the run exited 0 with a throughput at every concurrency."""
@@ -108,31 +110,36 @@ def run(target: str, *, protocol: str, model: str, concurrency: Sequence[int], w
     table.unlink(missing_ok=True)
     wanted = set(concurrency)
     return Run(done.returncode, output, [r for r in rows if r["concurrency"] in wanted],
-               _request_counts(output))
+               *_report_counts(output))
 
 
 def _rows(table: Path, output: str) -> list[dict[str, float]]:
-    """The client's figures per concurrency: throughput and percentiles from perf_analyzer's CSV
+    """The client's figures per concurrency, in its order: throughput and percentiles from perf_analyzer's CSV
     (latencies in µs there), the average from its summary lines (the CSV splits it into parts, and
     which parts depends on whether the server reports statistics)."""
     average = {int(level): float(us) / 1000 for level, us in re.findall(
         r"^Concurrency: (\d+), throughput: [\d.]+ infer/sec, latency (\d+) usec", output, flags=re.M)}
     with table.open(newline="") as f:
-        return [{"concurrency": float(row["Concurrency"]), "rps": float(row["Inferences/Second"]),
+        rows = [{"concurrency": float(row["Concurrency"]), "rps": float(row["Inferences/Second"]),
                  "p50_ms": float(row["p50 latency"]) / 1000, "p99_ms": float(row["p99 latency"]) / 1000,
                  "avg_ms": average.get(int(row["Concurrency"]), float("nan"))}
                 for row in csv.DictReader(f)]
+    return sorted(rows, key=lambda row: row["concurrency"])  # the CSV is in order of throughput
 
 
-def _request_counts(output: str) -> dict[int, int]:
-    """The client's request count of each concurrency's measurement, from perf_analyzer's report."""
-    counts: dict[int, int] = {}
+def _report_counts(output: str) -> tuple[dict[int, int], dict[int, int]]:
+    """Per concurrency, from perf_analyzer's report: the client's ``Request count`` and the
+    server's ``Successful request count`` (printed only when the server lists the statistics
+    extension and answers ModelStatistics)."""
+    client: dict[int, int] = {}
+    server: dict[int, int] = {}
     for block in re.split(r"^Request concurrency: ", output, flags=re.M)[1:]:
         level = int(block.split(None, 1)[0])
-        found = re.search(r"Request count: (\d+)", block)
-        if found:
-            counts[level] = int(found.group(1))
-    return counts
+        if found := re.search(r"^    Request count: (\d+)", block, flags=re.M):
+            client[level] = int(found.group(1))
+        if found := re.search(r"^    Successful request count: (\d+)", block, flags=re.M):
+            server[level] = int(found.group(1))
+    return client, server
 
 
 # --- the benchmark --------------------------------------------------------------------------------

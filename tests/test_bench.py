@@ -3,6 +3,7 @@ big-calls figures, and perf_analyzer's input data and report."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -100,19 +101,27 @@ Request concurrency: 1
     Throughput: 571.725 infer/sec
     Avg latency: 1747 usec (standard deviation 1885 usec)
     p50 latency: 1069 usec
+  Server:
+    Inference count: 1717
+    Execution count: 1717
+    Successful request count: 1715
 Request concurrency: 2
   Client:
     Request count: 2463
     Throughput: 820.756 infer/sec
     Avg latency: 2405 usec (standard deviation 3843 usec)
+  Server:
+    Inference count: 2462
+    Execution count: 2462
+    Successful request count: 2462
 Inferences/Second vs. Client Average Batch Latency
 Concurrency: 1, throughput: 571.725 infer/sec, latency 1747 usec
 Concurrency: 2, throughput: 820.756 infer/sec, latency 2405 usec
 """
 PERF_CSV = """\
 Concurrency,Inferences/Second,Client Send,Client Recv,p50 latency,p90 latency,p95 latency,p99 latency
-1,571.725,4,2,1069,4023,6770,8893
 2,820.756,3,2,1680,3594,6247,11779
+1,571.725,4,2,1069,4023,6770,8893
 """
 
 
@@ -124,7 +133,10 @@ def test_perf_analyzer_report_is_read(tmp_path: Path) -> None:
         {"concurrency": 1, "rps": 571.725, "p50_ms": 1.069, "p99_ms": 8.893, "avg_ms": 1.747},
         {"concurrency": 2, "rps": 820.756, "p50_ms": 1.68, "p99_ms": 11.779, "avg_ms": 2.405},
     ]
-    assert perf_analyzer._request_counts(PERF_OUTPUT) == {1: 1716, 2: 2463}
+    assert perf_analyzer._report_counts(PERF_OUTPUT) == ({1: 1716, 2: 2463}, {1: 1715, 2: 2462})
+    # Without the statistics extension perf_analyzer prints no server block.
+    without = re.sub(r"  Server:\n(    .*\n)+", "", PERF_OUTPUT)
+    assert perf_analyzer._report_counts(without) == ({1: 1716, 2: 2463}, {})
 
 
 def _metadata(datatype: str, shape: list[int]) -> dict[str, Any]:
