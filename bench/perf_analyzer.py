@@ -49,12 +49,12 @@ def binary() -> Path:
     return venv / "bin" / "perf_analyzer"
 
 
-def input_data(images: npt.NDArray[np.uint8], metadata: dict[str, Any]) -> dict[str, Any]:
+def input_data(images: npt.NDArray[np.uint8], described: dict[str, Any]) -> dict[str, Any]:
     """perf_analyzer's ``--input-data`` JSON of ``images`` (N × H × W pixels, 0–255) for the model
-    whose V2 metadata is ``metadata``: one entry per image, the pixels in the input's declared
+    whose V2 model metadata is ``described``: one entry per image, the pixels in the input's declared
     datatype (UINT8 as they are, FP32 scaled to [0, 1]) and in its shape without the batch
     dimension."""
-    (tensor,) = metadata["inputs"]
+    (tensor,) = described["inputs"]
     shape = [int(d) for d in tensor["shape"]]
     dims = shape[1:] if shape[0] == -1 else shape
     if int(np.prod(dims)) != images[0].size:
@@ -182,15 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _http_body(images: npt.NDArray[np.uint8], metadata: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+def _http_body(images: npt.NDArray[np.uint8], described: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
     """What perf_analyzer sends over HTTP (read off the wire): one image's UINT8 pixels with the
     binary data extension, every output of the metadata asked for as binary data."""
     raw = images[0].ravel().tobytes()
     header = json.dumps({
-        "id": "", "inputs": [{"name": metadata["inputs"][0]["name"], "datatype": "UINT8",
+        "id": "", "inputs": [{"name": described["inputs"][0]["name"], "datatype": "UINT8",
                               "shape": [1, len(raw)], "parameters": {"binary_data_size": len(raw)}}],
         "outputs": [{"name": output["name"], "parameters": {"binary_data": True}}
-                    for output in sorted(metadata["outputs"], key=lambda o: str(o["name"]))],
+                    for output in sorted(described["outputs"], key=lambda o: str(o["name"]))],
     }, separators=(",", ":")).encode()
     return header + raw, {"Content-Type": "application/octet-stream",
                           "Inference-Header-Content-Length": str(len(header))}
@@ -242,8 +242,8 @@ def _wait_http(port: int, model: str, timeout: float = 60) -> dict[str, Any]:
     while True:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}", timeout=2) as r:
-                metadata: dict[str, Any] = json.loads(r.read())
-                return metadata
+                described: dict[str, Any] = json.loads(r.read())
+                return described
         except OSError:
             if time.monotonic() > until:
                 raise
@@ -300,10 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = start_server("ours", args.tree.resolve(), options, workdir)
         try:
             port = http_port(server)
-            metadata = _wait_http(port, args.model_name)
+            described = _wait_http(port, args.model_name)
             data = workdir / "images.json"
-            data.write_text(json.dumps(input_data(images, metadata)))
-            body, headers = _http_body(images, metadata)
+            data.write_text(json.dumps(input_data(images, described)))
+            body, headers = _http_body(images, described)
             body_file = workdir / "body.bin"
             body_file.write_bytes(body)
             for index in range(args.rounds):

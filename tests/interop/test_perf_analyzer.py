@@ -149,8 +149,8 @@ def test_perf_analyzer_real_images(analyzer: Path, spawn: Any, tiny_repo: Path, 
     # run means perf_analyzer's pixels did not reach the model as they are in the file.
     common = int(np.bincount(classes).argmax())
     chosen = images[classes == common][:20]
-    metadata = _call(served.http_port, "GET", f"/v2/models/{MODEL}")
-    (tmp_path / "images.json").write_text(json.dumps(perf_analyzer.input_data(chosen, metadata)))
+    described = _call(served.http_port, "GET", f"/v2/models/{MODEL}")
+    (tmp_path / "images.json").write_text(json.dumps(perf_analyzer.input_data(chosen, described)))
     before = _predictions(scrape(served.metrics))
     result = perf_analyzer.run(served.target(protocol), protocol=protocol, model=MODEL,
                                concurrency=[1, 2], workdir=tmp_path, streaming=streaming,
