@@ -146,6 +146,8 @@ def _report_counts(output: str) -> tuple[dict[int, int], dict[int, int]]:
 
 EDGES = {"grpc": "gRPC ModelInfer", "http": "HTTP V2 infer", "stream": "gRPC ModelStreamInfer"}
 TOOLS = ("ours", "pa-random", "pa-images")
+LABELS = {"ours": "our tool", "pa-random": "perf_analyzer random data",
+          "pa-images": "perf_analyzer test images"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,13 +225,17 @@ def _h2load(port: int, concurrency: int, body: Path, headers: dict[str, str],
 
 
 def _perf_analyzer(target: str, edge: str, concurrency: int, data: Path | None,
-                   args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+                   args: argparse.Namespace, workdir: Path) -> dict[str, Any] | None:
+    """perf_analyzer's figures at one point; None when its windows never agreed within
+    --stability (it then reports nothing, exit 2): the point is left out of this round."""
     window_ms = max(200, round(args.duration * 1000 / 3))
     measurement = ("--measurement-interval", str(window_ms), "--stability-percentage",
                    str(args.stability), "--max-trials", "20")
     result = run(target, protocol="http" if edge == "http" else "grpc", model=args.model_name,
                  concurrency=[concurrency], workdir=workdir, streaming=edge == "stream", data=data,
                  measurement=measurement, cpu=args.load_cpu, timeout=args.duration * 10 + 60)
+    if result.returncode == 2 and "Failed to obtain stable measurement" in result.output:
+        return None
     result.check()
     (row,) = result.rows
     return {"rps": row["rps"], "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
@@ -293,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     images = read_idx(args.data_dir / "t10k-images-idx3-ubyte.gz")[:args.images]
     results: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    unstable: list[str] = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
         workdir = Path(tmp)
         options = argparse.Namespace(server_cpu=args.server_cpu, model_repo=args.model_repo,
@@ -314,15 +322,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                             if tool == "ours" and edge == "stream":
                                 continue  # the project's tools have no streaming mode
                             if tool == "ours":
-                                result = (_h2load(port, level, body_file, headers, args) if edge == "http"
-                                          else _loadtest(server.target, level, args))
+                                result: dict[str, Any] | None = (
+                                _h2load(port, level, body_file, headers, args) if edge == "http"
+                                else _loadtest(server.target, level, args))
                             else:
                                 result = _perf_analyzer(target, edge, level,
                                                         data if tool == "pa-images" else None,
                                                         args, workdir)
-                            results.setdefault((edge, level, tool), []).append(result)
                             print(f"round {index + 1} {edge:>6} {level:>2} in flight {tool:>9}: "
-                                  f"{_cell(result)}", flush=True)
+                                  f"{_cell(result) if result else 'not stable'}", flush=True)
+                            if result is None:
+                                unstable.append(f"{EDGES[edge]}, {level} in flight, {LABELS[tool]}, "
+                                                f"round {index + 1}")
+                            else:
+                                results.setdefault((edge, level, tool), []).append(result)
         finally:
             server.stop()
     lines = [
@@ -333,10 +346,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.stability}); the median run by req/s. Our tool: `mnist-client loadtest --protocol oip "
         "--encoding uint8 --processes 1 --connections 1` on gRPC, h2load `--h1` on HTTP (the body "
         "perf_analyzer sends, from a file); perf_analyzer 2.34.0 in its default mode, random data "
-        f"and the first {args.images} test images (`--input-data`).",
+        f"and the first {args.images} test images (`--input-data`). {os.cpu_count()} CPUs; load "
+        f"average (1 min) {load_before:.2f} before the run and {os.getloadavg()[0]:.2f} after.",
         "",
         *table(results, edges, levels),
     ]
+    if unstable:
+        lines += ["", "perf_analyzer's windows never agreed within the stability percentage "
+                  "(that run left out of the median; '–' where no round was stable): "
+                  + "; ".join(unstable) + "."]
     text = "\n".join(lines)
     print("\n" + text)
     if args.json_out is not None:
