@@ -338,16 +338,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 results.setdefault((edge, level, tool), []).append(result)
         finally:
             server.stop()
+    slower = " (of two, the slower)" if args.rounds == 2 else ""
     lines = [
         f"Server on CPU {args.server_cpu}, each tool on CPU {args.load_cpu} (taskset), one "
         f"mnist-serve (1 worker, model {args.model_name}) for all runs; {args.rounds} round(s), the "
         f"tools' order alternating; {args.duration:g} s per point and tool (perf_analyzer: "
         f"{max(200, round(args.duration * 1000 / 3))} ms windows, --stability-percentage "
-        f"{args.stability}); the median run by req/s (of two, the slower). Our tool: `mnist-client loadtest --protocol oip "
-        "--encoding uint8 --processes 1 --connections 1` on gRPC, h2load `--h1` on HTTP (the body "
-        "perf_analyzer sends, from a file); perf_analyzer 2.34.0 in its default mode, random data "
-        f"and the first {args.images} test images (`--input-data`). {os.cpu_count()} CPUs; load "
-        f"average (1 min) {load_before:.2f} before the run and {os.getloadavg()[0]:.2f} after.",
+        f"{args.stability}); the median run by req/s{slower}. Our tool: `mnist-client loadtest "
+        "--protocol oip --encoding uint8 --processes 1 --connections 1` on gRPC, h2load `--h1` on "
+        "HTTP (the body perf_analyzer sends, from a file); perf_analyzer 2.34.0 in its default "
+        f"mode, random data and the first {args.images} test images (`--input-data`). "
+        f"{os.cpu_count()} CPUs; load average (1 min) {load_before:.2f} before the run and "
+        f"{os.getloadavg()[0]:.2f} after.",
         "",
         *table(results, edges, levels),
     ]
