@@ -238,8 +238,8 @@ EDGES = [
     (("digitserve.server.servicer", "digitserve.server.v1codec", "digitserve.server.wire"),
      ("digitserve.oip",)),
     (("digitserve.server.oip", "digitserve.server.oipcodec"), ("digitserve.v1",)),
-    (("digitserve.server.infer", "digitserve.server.infertypes", "digitserve.server.pixels"),
-     ("digitserve.oip", "digitserve.v1")),
+    (("digitserve.server.infer", "digitserve.server.infertypes", "digitserve.server.pixels",
+      "digitserve.server.tritonconfig"), ("digitserve.oip", "digitserve.v1")),
 ]
 _EDGE_MODULES = {m for modules, _ in EDGES for m in modules} | {
     "digitserve.server.status", "digitserve.server.errors", "digitserve.server.dataplane",

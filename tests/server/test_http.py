@@ -96,9 +96,12 @@ def test_every_route_answers_json(server: ServerThread, tiny_repo: Path) -> None
     assert (ready.status, ready.json) == (200, {"ready": True})
     assert ready.headers["content-type"] == "application/json"
     meta = call(port, "GET", "/v2").json
-    assert meta["name"] == "digitserve" and meta["extensions"] == ["binary_tensor_data"]
-    model = {"name": "tiny", "versions": ["1"], "platform": "tensorflow_keras",
-             "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, D]}],
+    assert meta["name"] == "digitserve"
+    assert meta["extensions"] == ["binary_tensor_data", "model_configuration"]
+    platform = {"litert": "litert_tflite", "tensorflow": "tensorflow_keras"}[
+        server.app.registry.model("tiny").served.inference_path]
+    model = {"name": "tiny", "versions": ["1"], "platform": platform,
+             "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, D]}],
              "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
                          {"name": "class_index", "datatype": "INT64", "shape": [-1]},
                          {"name": "label", "datatype": "BYTES", "shape": [-1]}]}
@@ -419,7 +422,9 @@ def test_not_ready_until_the_model_is_loaded(start_server: Callable[..., ServerT
     assert (answer.status, answer.json) == (503, {"ready": False, "error": "not ready: model tiny: loading"})
     assert (call(port, "GET", "/v2/models/tiny/ready").status,
             call(port, "GET", "/v2/models/tiny/ready").json) == (503, {"name": "tiny", "ready": False})
-    assert call(port, "GET", "/v2/models/nope/ready").status == 404
+    assert (call(port, "GET", "/v2/models/nope/ready").status,
+            call(port, "GET", "/v2/models/nope/ready").json) == (404, {
+        "name": "nope", "ready": False, "error": "model 'nope' is not served; this server serves 'tiny'"})
     answer = call(port, "POST", INFER, fp32_body(scaled(images_u8(1))))
     assert (answer.status, answer.json) == (503, {"error": "no model is loaded yet; retry when health "
                                                            "reports SERVING"})

@@ -1,5 +1,6 @@
 """The model config file and the flags that say what to serve: every value checked, one line
-naming the key; the flags' --model-name repeatable (a comma-separated variable)."""
+naming the key; the flags' --model-name repeatable (a comma-separated variable); the version
+policy in the file (Triton's shape) and by --version-policy."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from digitserve.server.modelconfig import (
 from digitserve.server.registry import Registry
 from digitserve.server.settings import load_settings
 from digitserve.server.telemetry import ConfigMetrics, Telemetry
+from digitserve.server.versionpolicy import NEWEST, VersionPolicy
 from digitserve.server.versions import GateRules, RepositoryReads
 from tests.servers import make_settings
 
@@ -66,8 +68,8 @@ EMPTY = ("the file is empty (or holds only comments): a file being rewritten in 
     ("models = 3", "models: expected tables [models.NAME]"),
     ("[model.mnist]", "model: unknown key; expected one of default_model, models"),
     ("[models.mnist]\nlabel = { stable = 1 }",
-     "models.mnist.label: unknown key; expected one of version, labels, canary_weight, "
-     "min_check_accuracy, max_regression"),
+     "models.mnist.label: unknown key; expected one of version, version_policy, labels, "
+     "canary_weight, min_check_accuracy, max_regression"),
     ("[models.mnist]\nversion = -1", "models.mnist.version: -1 is not 0 (the newest) or a version number"),
     ("[models.mnist]\nversion = '2'", "models.mnist.version: '2' is not 0 (the newest) or a version number"),
     ("[models.mnist]\nlabels = { stable = 0 }",
@@ -88,8 +90,8 @@ EMPTY = ("the file is empty (or holds only comments): a file being rewritten in 
     # Several mistakes: the first a reader meets (a table's name, then its unknown keys, then
     # its values in order, model by model).
     ("[models.mnist]\nversion = -1\nbogus = 1",
-     "models.mnist.bogus: unknown key; expected one of version, labels, canary_weight, "
-     "min_check_accuracy, max_regression"),
+     "models.mnist.bogus: unknown key; expected one of version, version_policy, labels, "
+     "canary_weight, min_check_accuracy, max_regression"),
     ('[models."../x"]\nbogus = 1', "models.../x: '../x' is not a model name (letters, digits, '.', "
                                    "'_', '-', starting with a letter or digit)"),
     ("[models.a]\ncanary_weight = 0.5\n[models.b]\nversion = -1",
@@ -190,5 +192,130 @@ def test_a_changed_config_file_keeps_the_flags_gate_rules_for_models_that_set_no
         assert await watcher.look() and registry.config_error == ""
         assert registry.config.policy_of("a").rules == GateRules(0.9, 0.1)
         assert registry.config.policy_of("b").rules == GateRules(0.5, 0.1)  # the flags'
+
+    asyncio.run(scenario())
+
+
+POLICY_FORMS = ("{ latest = { num_versions = N } }, { all = {} } or "
+                "{ specific = { versions = [V, ...] } }")
+
+
+def test_a_version_policy_reads_in_tritons_shape_and_a_pin_is_specific() -> None:
+    config = parse("[models.a]\nversion_policy = { latest = { num_versions = 2 } }\n"
+                   "[models.b]\nversion_policy = { all = {} }\n"
+                   "[models.c]\nversion_policy = { specific = { versions = [3, 1, 3] } }\n"
+                   "[models.d]\nversion = 4\n"
+                   "[models.e]\n", versions=VersionPolicy("latest", num_versions=3))
+    assert config.models is not None
+    policies = {name: policy.versions for name, policy in config.models.items()}
+    assert policies == {"a": VersionPolicy("latest", num_versions=2), "b": VersionPolicy("all"),
+                        "c": VersionPolicy("specific", versions=(1, 3)),
+                        "d": VersionPolicy("specific", versions=(4,)),
+                        "e": VersionPolicy("latest", num_versions=3)}  # the flag's, for a table without
+    assert [str(p) for p in policies.values()] == ["latest:2", "all", "specific:1,3", "specific:4",
+                                                   "latest:3"]
+    assert parse("[models.a]\n").models == {"a": ModelPolicy()}  # the default: the newest
+    assert ModelPolicy().versions == VersionPolicy("latest", num_versions=1) == NEWEST
+    every = parse('default_model = ""\n', versions=VersionPolicy("all"))  # no tables: the flag's
+    assert every.policy_of("anything").versions == VersionPolicy("all")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("version_policy = { latest = 2 }", "latest 2: expected { num_versions = N } with N a whole number "
+     "from 1 (how many of the newest versions that pass the gate serve)"),
+    ("version_policy = { latest = { num_versions = 0 } }", "latest {'num_versions': 0}: expected "
+     "{ num_versions = N } with N a whole number from 1 (how many of the newest versions that pass "
+     "the gate serve)"),
+    ("version_policy = { latest = { num_versions = true } }", "latest {'num_versions': True}: expected "
+     "{ num_versions = N } with N a whole number from 1 (how many of the newest versions that pass "
+     "the gate serve)"),
+    ("version_policy = { latest = { num_versions = 2, n = 1 } }", "latest {'num_versions': 2, 'n': 1}: "
+     "expected { num_versions = N } with N a whole number from 1 (how many of the newest versions "
+     "that pass the gate serve)"),
+    ("version_policy = { specific = { versions = [] } }", "specific {'versions': []}: expected "
+     "{ versions = [V, ...] }, one or more version numbers (1, 2, ...)"),
+    ("version_policy = { specific = { versions = [1, 0] } }", "specific {'versions': [1, 0]}: expected "
+     "{ versions = [V, ...] }, one or more version numbers (1, 2, ...)"),
+    ("version_policy = { specific = [1] }", "specific [1]: expected { versions = [V, ...] }, one or "
+     "more version numbers (1, 2, ...)"),
+    ("version_policy = { all = { x = 1 } }", "all takes no keys ({'x': 1}): write { all = {} }"),
+    ("version_policy = { newest = {} }", f"'newest' is not a version policy: expected one of {POLICY_FORMS}"),
+    ("version_policy = { all = {}, latest = { num_versions = 1 } }",
+     f"{{'all': {{}}, 'latest': {{'num_versions': 1}}}}: expected one of {POLICY_FORMS}"),
+    ('version_policy = "all"', f"'all': expected one of {POLICY_FORMS}"),
+])
+def test_each_version_policy_mistake_is_one_line_naming_the_key(text: str, message: str) -> None:
+    with pytest.raises(ModelConfigError) as info:
+        parse(f"[models.mnist]\n{text}\n")
+    assert str(info.value) == f"models.mnist.version_policy: {message}"
+
+
+def test_a_pin_and_a_version_policy_together_are_refused_in_one_line() -> None:
+    with pytest.raises(ModelConfigError) as info:
+        parse("[models.mnist]\nversion = 2\nversion_policy = { all = {} }\n")
+    assert str(info.value) == ("models.mnist: version = 2 and version_policy both say which versions "
+                               "serve; set one of them (version = N is version_policy = "
+                               "{ specific = { versions = [N] } })")
+    # version = 0 is "not pinned": a policy goes with it
+    assert parse("[models.m]\nversion = 0\nversion_policy = { all = {} }\n").policy_of("m").versions == \
+        VersionPolicy("all")
+
+
+@pytest.mark.parametrize(("value", "policy"), [
+    ("latest:2", VersionPolicy("latest", num_versions=2)), ("all", VersionPolicy("all")),
+    ("specific:3, 1,3", VersionPolicy("specific", versions=(1, 3))), ("", NEWEST),
+    ("latest:1", NEWEST),
+])
+def test_the_version_policy_flag_and_its_variable(value: str, policy: VersionPolicy) -> None:
+    for settings in (load_settings(["--model-repo", "r", "--version-policy", value], env={}),
+                     load_settings(["--model-repo", "r"], env={"MNIST_VERSION_POLICY": value})):
+        config = from_settings(settings)
+        assert config.policy.versions == policy and config.models is None
+    named = from_settings(load_settings(["--model-repo", "r", "--model-name", "a", "--version-policy",
+                                         value], env={}))
+    assert named.policy_of("a").versions == policy
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--version-policy", "latest:0"], "version policy 'latest:0' is not latest:N (the N newest "
+     "versions that pass the gate), all, or specific:V,V,... (those versions); versions and N are "
+     "whole numbers from 1"),
+    (["--version-policy", "specific:1,,2"], "version policy 'specific:1,,2' is not latest:N (the N "
+     "newest versions that pass the gate), all, or specific:V,V,... (those versions); versions and N "
+     "are whole numbers from 1"),
+    (["--version-policy", "all:2"], "version policy 'all:2' is not latest:N (the N newest versions "
+     "that pass the gate), all, or specific:V,V,... (those versions); versions and N are whole "
+     "numbers from 1"),
+    (["--model-name", "a", "--model-version", "2", "--version-policy", "latest:1"],
+     "--model-version 2 and --version-policy latest:1 both say which versions serve: set one of them "
+     "(--model-version N is --version-policy specific:N)"),
+])
+def test_version_policy_flags_that_do_not_parse_or_go_together_are_refused(
+        argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        load_settings(["--model-repo", "r", *argv], env={})
+    assert str(info.value) == message
+    # --model-version alone keeps working: a pin is specific
+    pinned = from_settings(load_settings(["--model-repo", "r", "--model-name", "a", "--model-version", "2"],
+                                         env={}))
+    assert pinned.policy_of("a").versions == VersionPolicy("specific", versions=(2,))
+
+
+def test_a_changed_config_file_keeps_the_flags_version_policy_for_models_that_set_none(
+        tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text("[models.a]\n")
+    settings = make_settings(tmp_path, model_config=path, version_policy="latest:3")
+
+    async def scenario() -> None:
+        registry = Registry(settings, from_settings(settings), reads=RepositoryReads(60),
+                            telemetry=Telemetry(), health=HealthServicer())
+        assert registry.config.policy_of("a").versions == VersionPolicy("latest", num_versions=3)
+        watcher = ConfigWatcher(path, registry, registry.reads, ConfigMetrics(registry.telemetry.registry))
+        path.write_text("[models.a]\nversion_policy = { all = {} }\n\n[models.b]\n")
+        assert await watcher.look() and registry.config_error == ""
+        assert registry.config.policy_of("a").versions == VersionPolicy("all")
+        flags = VersionPolicy("latest", num_versions=3)
+        assert registry.config.policy_of("b").versions == flags  # the flag's
 
     asyncio.run(scenario())

@@ -201,3 +201,18 @@ def test_a_pinned_version_that_is_not_published_lists_those_that_are(tmp_path: P
     assert one_json_line(lines) == (
         f"cannot start: --model-version 5: model 'mnist' has no version 5 in {tmp_path} (published: "
         "versions 1, 2, 3); pin one of those, or 0 for the newest")
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_a_specific_version_policy_with_none_of_its_versions_published_lists_those_that_are(
+        tmp_path: Path, where: str) -> None:
+    publish_stub(tmp_path / "mnist", 1, 2, 3)
+    config = tmp_path / "models.toml"
+    config.write_text("[models.mnist]\nversion_policy = { specific = { versions = [6, 5] } }\n")
+    how = (["--model-name", "mnist", "--version-policy", "specific:5,6"] if where == "flag"
+           else ["--model-config", str(config)])
+    code, lines = serve("--model-repo", str(tmp_path), *how)
+    assert code == 2
+    assert one_json_line(lines) == (
+        f"cannot start: version policy specific:5,6: model 'mnist' has none of these versions in "
+        f"{tmp_path} (published: versions 1, 2, 3); list published ones, or serve the newest (latest:N)")

@@ -143,8 +143,8 @@ def build_parser(env: Mapping[str, str] | None = None) -> Parser:
                  "proto names, metadata_json parsed as 'metadata'")
 
     m = sub.add_parser("models", help="print the repository state: each model's state, default "
-                       "version, version labels, canary weight and versions (serving, available, "
-                       "refused and why)")
+                       "version, version labels, canary weight, version policy and versions "
+                       "(serving: loaded; available; refused and why)")
     model(m, "only this model")
     m.add_option("--json", action="store_true", default=False,
                  help="print ListModels's response as one JSON object: its fields by their proto "
@@ -456,8 +456,9 @@ def cmd_info(client: DigitClient, args: argparse.Namespace) -> int:
 
 def format_models(response: pb.ListModelsResponse) -> str:
     """ListModels's answer as a table: a row per model (state, default version, version labels,
-    canary weight), under it a line per version (state, the labels naming it, why it was
-    refused); then the default model and the model config file."""
+    canary weight), under it its version policy and the versions loaded, and a line per version
+    (state, the labels naming it, why it was refused); then the default model and the model
+    config file."""
     rows = [("MODEL", "STATE", "DEFAULT", "LABELS", "CANARY")]
     for m in response.models:
         rows.append((m.name, _state(pb.ModelState, m.state),
@@ -473,6 +474,10 @@ def format_models(response: pb.ListModelsResponse) -> str:
         lines.append(line(row))
         if m.reason:
             lines.append(f"  reason: {m.reason}")
+        if m.version_policy:  # (a server before version policies: not said)
+            lines.append(f"  version policy: {m.version_policy} (loaded: "
+                         + (", ".join(str(v.version) for v in m.versions
+                                      if v.state == pb.VERSION_STATE_SERVING) or "none") + ")")
         number = max((len(str(v.version)) for v in m.versions), default=1)
         for v in m.versions:
             state = _state(pb.VersionState, v.state)

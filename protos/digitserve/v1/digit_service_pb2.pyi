@@ -206,7 +206,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelStatus, _Mapping]]] = ..., default_model: _Optional[str] = ..., config_path: _Optional[str] = ..., config_error: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "state", "reason", "default_version", "labels", "canary_weight", "versions")
+    __slots__ = ("name", "state", "reason", "default_version", "labels", "canary_weight", "versions", "version_policy")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,7 @@ class ModelStatus(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CANARY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_POLICY_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: ModelState
     reason: str
@@ -228,7 +229,8 @@ class ModelStatus(_message.Message):
     labels: _containers.ScalarMap[str, int]
     canary_weight: float
     versions: _containers.RepeatedCompositeFieldContainer[VersionStatus]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., default_version: _Optional[int] = ..., labels: _Optional[_Mapping[str, int]] = ..., canary_weight: _Optional[float] = ..., versions: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ...) -> None: ...
+    version_policy: str
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., reason: _Optional[str] = ..., default_version: _Optional[int] = ..., labels: _Optional[_Mapping[str, int]] = ..., canary_weight: _Optional[float] = ..., versions: _Optional[_Iterable[_Union[VersionStatus, _Mapping]]] = ..., version_policy: _Optional[str] = ...) -> None: ...
 
 class VersionStatus(_message.Message):
     __slots__ = ("version", "state", "reason", "labels")

@@ -174,6 +174,7 @@ class App:
         reuse_port: bool = False,
         freeze_gc: bool = False,
         worker_index: int = 0,
+        workers: int = 1,
     ) -> None:
         self.settings = settings
         self.worker_index = worker_index  # --workers N: this process's index (its ports' lines say it)
@@ -212,7 +213,8 @@ class App:
             settings.max_picture_bytes, settings.max_picture_request_bytes,
             settings.max_picture_pixels, settings.max_queued_pictures,
             settings.max_picture_decoded_bytes))
-        self.oip = InferenceServicer(self.registry, self.pictures)  # the V2 protocol, over gRPC and HTTP
+        # The V2 protocol, over gRPC and HTTP; ``workers``: the model's copies at this address.
+        self.oip = InferenceServicer(self.registry, self.pictures, workers)
         self.drain = Drain()  # SIGTERM: calls that arrive are held, then refused UNAVAILABLE
         # Every call: request id, token check, metrics, access line; bytes that do not parse of
         # DigitService and the V2 protocol: INVALID_ARGUMENT.
@@ -227,7 +229,7 @@ class App:
         self.http_port: int | None = None
         if settings.http_port >= 0:
             api = RestApi(self.registry, self.pictures, lambda: self.draining,
-                          partial(exposition, self.telemetry.registry))
+                          partial(exposition, self.telemetry.registry), workers)
             self.http = HttpEdge(settings, api, self.telemetry, self.security.auth)
 
     @property
@@ -386,7 +388,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
         worker.start_heartbeat()
     try:
         app = App(settings, reuse_port=reuse_port, freeze_gc=True,
-                  worker_index=0 if worker is None else worker.index)
+                  worker_index=0 if worker is None else worker.index,
+                  workers=1 if worker is None else worker.total)
     except (SecurityConfigError, ModelConfigError) as error:  # TLS or token files; the model config
         logger.error("cannot start: %s", error)
         return 1 if isinstance(error, SecurityConfigError) else EXIT_USAGE

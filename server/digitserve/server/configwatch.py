@@ -46,9 +46,11 @@ class ConfigWatcher:
         self.seen = now
         try:
             # Only once it holds still: a file rewritten in place is half-written for a moment.
-            # The flags' gate rules, for models the file gives none: every config's default policy.
+            # The flags' gate rules and version policy, for models the file gives none: every
+            # config's default policy.
             config, self.seen = await self.reads.run("load config", f"reading {path}", partial(
-                read_settled, path, registry.config.policy.rules))
+                read_settled, path, registry.config.policy.rules,
+                versions=registry.config.policy.version_policy))
         except ModelConfigError as error:
             if str(error) != registry.config_error:
                 logger.error("model config not applied, the previous one stays in force: %s", error)

@@ -86,7 +86,8 @@ class Discovery:
 
 async def check_repository(settings: Settings, reads: RepositoryReads, config: ServingConfig) -> None:
     """What the repository must hold before the server listens, as one line: it is there, it is
-    a repository (not one model's directory), a pinned version is published
+    a repository (not one model's directory), a pinned version is published (one of a specific
+    version policy's)
     (ModelNotFoundError, RepositoryTimeoutError). NothingPublishedError when a model named has
     no version yet or the repository holds no model: the server waits for one (unless
     --exit-if-no-model)."""
@@ -106,9 +107,11 @@ async def check_repository(settings: Settings, reads: RepositoryReads, config: S
     waiting: NothingPublishedError | None = None
     for name in configured(config):
         source = RepositorySource(root, name)
+        policy = config.policy_of(name)
+        listed = policy.versions.versions if policy.versions.kind == "specific" else ()
         try:
             await reads.run(f"list {name}", f"listing {source}",
-                            partial(source.servable, config.policy_of(name).version))
+                            partial(source.servable, policy.version, () if policy.version else listed))
         except NothingPublishedError as error:
             waiting = waiting or error
     if waiting is not None:

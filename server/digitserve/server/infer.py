@@ -15,11 +15,17 @@ import numpy as np
 import numpy.typing as npt
 
 from digitserve.inference import Model
-from digitserve.metadata import Metadata
 from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
-from digitserve.server.infertypes import INPUT_NAME, OUTPUTS, InferInput, InferRequest, InferResponse
+from digitserve.server.infertypes import (
+    INPUT_DATATYPE,
+    INPUT_NAME,
+    OUTPUTS,
+    InferInput,
+    InferRequest,
+    InferResponse,
+)
 from digitserve.server.pixels import (
     PICTURES,
     check_count,
@@ -69,7 +75,8 @@ def resolve(router: Registry, name: str, version: str, field: str,
 
 
 def model_ready(router: Registry, name: str, version: str) -> bool:
-    """Whether (name, version) answers now; NotServedError / InvalidInputError as resolve."""
+    """Whether (name, version) answers now; NotServedError / InvalidInputError as resolve (the
+    edges answer NotServedError as not ready, as Triton does: docs/interoperability.md)."""
     try:
         resolve(router, name, version, "version")
     except ModelNotReadyError:
@@ -77,15 +84,24 @@ def model_ready(router: Registry, name: str, version: str) -> bool:
     return True
 
 
+# The V2 platform ("<project>_<format>") of each inference path: what runs the model. The protocol's
+# list has neither a LiteRT flatbuffer nor a Keras archive (docs/interoperability.md, "Platform").
+PLATFORMS = {"litert": "litert_tflite", "tensorflow": "tensorflow_keras"}
+
+
+def platform(model: Model) -> str:
+    """The V2 platform of the path that runs ``model`` (its inference path's name for another)."""
+    return PLATFORMS.get(model.inference_path, model.inference_path)
+
+
 def model_metadata(router: Registry, name: str, version: str) -> dict[str, Any]:
     """The V2 protocol's model metadata of (name, version), as its JSON spells it."""
     _, model = resolve(router, name, version, "version")
     spec = model.spec
-    versions = Metadata.from_json(model.metadata).versions or {}
     return {
         "name": spec.name, "versions": [str(v) for v in router.model(name).loaded_versions],
-        "platform": "tensorflow_keras" if "keras" in versions else "",
-        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, spec.input_size]}],
+        "platform": platform(model),
+        "inputs": [{"name": INPUT_NAME, "datatype": INPUT_DATATYPE, "shape": [-1, spec.input_size]}],
         "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, len(spec.labels)]},
                     {"name": "class_index", "datatype": "INT64", "shape": [-1]},
                     {"name": "label", "datatype": "BYTES", "shape": [-1]}],

@@ -20,6 +20,10 @@ from digitserve.inference import Model
 from digitserve.server.errors import InvalidInputError
 
 INPUT_NAME = "images"
+# The input's datatype as the metadata and the model configuration declare it: bytes 0..255, MNIST's
+# own pixels, so that every value a tool generates for it (perf_analyzer's random data) is an image.
+# FP32 in [0, 1] and pictures (BYTES) are accepted too (server.pixels).
+INPUT_DATATYPE = "UINT8"
 # Output name -> datatype; all three are returned when the request names none.
 OUTPUTS = {"probabilities": "FP32", "class_index": "INT64", "label": "BYTES"}
 

@@ -1,8 +1,8 @@
-"""What the server serves: which models, each one's version policy (newest or pinned), version
-labels, canary weight and gate rules — from flags, or from a model config file (``--model-config``,
-TOML: docs/models.md, "The model config file") read with the standard library's ``tomllib`` and
-checked by the pydantic models :class:`ConfigFile` and :class:`ModelTable`, which the server reads
-again when it changes.
+"""What the server serves: which models, each one's version policy (the newest N, all, the
+versions listed, or a pin: ``digitserve.server.versionpolicy``), version labels, canary weight and
+gate rules — from flags, or from a model config file (``--model-config``, TOML: docs/models.md,
+"The model config file") read with the standard library's ``tomllib`` and checked by the pydantic
+models :class:`ConfigFile` and :class:`ModelTable`, which the server reads again when it changes.
 
 Every value is checked; one line names the key, the value and what is allowed (:func:`_line`
 words pydantic's first error so). A change that does not parse keeps the previous config in force
@@ -21,11 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from digitserve.repository import is_model_name
 from digitserve.server.settings import Settings
+from digitserve.server.versionpolicy import NEWEST, VersionPolicy, from_table, parse_flag, specific
 from digitserve.server.versions import GateRules
 
 # A version label: a name, not a number (a number is a version).
@@ -41,14 +51,21 @@ class ModelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelPolicy:
-    """How one model is served: ``version`` 0 serves the newest version past the gate (hot
-    reload), N pins N; ``labels`` name versions (``stable`` answers unpinned calls when set);
-    ``canary_weight`` of the unpinned calls go to the ``canary`` label's version."""
+    """How one model is served: ``version`` N pins N (0: ``version_policy`` says which versions
+    load, by default the newest past the gate, with hot reload); ``labels`` name versions
+    (``stable`` answers unpinned calls when set); ``canary_weight`` of the unpinned calls go to
+    the ``canary`` label's version."""
 
     version: int = 0
     labels: Mapping[str, int] = field(default_factory=dict)
     canary_weight: float = 0.0
     rules: GateRules = NO_RULES
+    version_policy: VersionPolicy = NEWEST  # with version 0
+
+    @property
+    def versions(self) -> VersionPolicy:
+        """The version policy in force: a pin is ``specific`` of its version."""
+        return specific(self.version) if self.version else self.version_policy
 
 
 @dataclass(frozen=True)
@@ -68,10 +85,12 @@ class ServingConfig:
         return name in self.models if self.models is not None else is_model_name(name)
 
 
-def from_flags(names: tuple[str, ...], version: int, rules: GateRules, default_model: str) -> ServingConfig:
+def from_flags(names: tuple[str, ...], version: int, rules: GateRules, default_model: str,
+               versions: VersionPolicy = NEWEST) -> ServingConfig:
     """The config the flags give: ``--model-name`` (repeatable; none: every model),
-    ``--model-version``, the gate flags, ``--default-model`` (else the first --model-name)."""
-    policy = ModelPolicy(version=version, rules=rules)
+    ``--model-version`` or ``--version-policy``, the gate flags, ``--default-model`` (else the
+    first --model-name)."""
+    policy = ModelPolicy(version=version, rules=rules, version_policy=NEWEST if version else versions)
     models = None if not names else {name: policy for name in names}
     return ServingConfig(models, policy, default_model or (names[0] if names else ""))
 
@@ -80,9 +99,10 @@ def from_settings(settings: Settings) -> ServingConfig:
     """What ``settings`` say to serve: the model config file (``--model-config``; raises
     ModelConfigError) or the flags."""
     rules = GateRules(settings.min_check_accuracy, settings.max_regression)
+    versions = parse_flag(settings.version_policy)
     if settings.model_config is not None:
-        return read(settings.model_config, rules)
-    return from_flags(settings.model_name, settings.model_version, rules, settings.default_model)
+        return read(settings.model_config, rules, versions)
+    return from_flags(settings.model_name, settings.model_version, rules, settings.default_model, versions)
 
 
 def _model_name(name: str) -> str:
@@ -98,6 +118,10 @@ def _label_name(label: str) -> str:
     return label
 
 
+def _version_policy(value: object) -> VersionPolicy:
+    return value if isinstance(value, VersionPolicy) else from_table(value)
+
+
 Label = Annotated[str, AfterValidator(_label_name)]
 Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
 
@@ -108,6 +132,7 @@ class ModelTable(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Annotated[int, Strict(), Field(ge=0)] = 0
+    version_policy: Annotated[VersionPolicy | None, PlainValidator(_version_policy)] = None
     labels: dict[Label, Annotated[int, Strict(), Field(ge=1)]] = Field(default_factory=dict)
     canary_weight: Fraction = 0.0
     min_check_accuracy: Fraction | None = None  # absent: the --min-check-accuracy flag's
@@ -117,13 +142,17 @@ class ModelTable(BaseModel):
     def _canary_labelled(self) -> ModelTable:
         if self.canary_weight > 0 and CANARY not in self.labels:
             raise PydanticCustomError("canary", "no canary label", {"weight": self.canary_weight})
+        if self.version and self.version_policy is not None:
+            raise PydanticCustomError("pin_and_policy", "a pin and a policy", {"version": self.version})
         return self
 
-    def policy(self, rules: GateRules) -> ModelPolicy:
-        """The policy the table gives, ``rules`` (the flags') filling in the gate rules it lacks."""
+    def policy(self, rules: GateRules, versions: VersionPolicy = NEWEST) -> ModelPolicy:
+        """The policy the table gives, the flags' ``rules`` filling in the gate rules it lacks
+        and their version policy ``versions`` when it sets neither version nor version_policy."""
         return ModelPolicy(self.version, self.labels, self.canary_weight, GateRules(
             rules.min_accuracy if self.min_check_accuracy is None else self.min_check_accuracy,
-            rules.max_regression if self.max_regression is None else self.max_regression))
+            rules.max_regression if self.max_regression is None else self.max_regression),
+            NEWEST if self.version else self.version_policy or versions)
 
 
 class ConfigFile(BaseModel):
@@ -156,6 +185,10 @@ def _line(error: ErrorDetails) -> str:
     if error["type"] == "canary":
         return (f"{where}.canary_weight: {error['ctx']['weight']:g} needs a {CANARY!r} label naming "
                 f"the canary version ({where}.labels)")
+    if error["type"] == "pin_and_policy":
+        return (f"{where}: version = {error['ctx']['version']} and version_policy both say which "
+                f"versions serve; set one of them (version = N is version_policy = "
+                "{ specific = { versions = [N] } })")
     if error["type"] == "extra_forbidden":
         allowed = ModelTable.model_fields if len(loc) == 3 else ConfigFile.model_fields
         return f"{where}: unknown key; expected one of {', '.join(allowed)}"
@@ -175,9 +208,9 @@ def _first(errors: list[ErrorDetails]) -> ErrorDetails:
     return min(extras, key=lambda e: len(e["loc"]), default=first)
 
 
-def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
-    """A config file's text as a ServingConfig; ``rules``: the gate flags, for models that set
-    none. ModelConfigError names what is wrong."""
+def parse(text: str, rules: GateRules = NO_RULES, versions: VersionPolicy = NEWEST) -> ServingConfig:
+    """A config file's text as a ServingConfig; ``rules`` and ``versions``: the gate flags and
+    --version-policy, for models that set none. ModelConfigError names what is wrong."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -190,10 +223,10 @@ def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
         file = ConfigFile.model_validate(data)
     except ValidationError as error:
         raise ModelConfigError(_line(_first(error.errors()))) from None
-    policy = ModelPolicy(rules=rules)
+    policy = ModelPolicy(rules=rules, version_policy=versions)
     if file.models is None:
         return ServingConfig(None, policy, file.default_model)
-    models = {name: table.policy(rules) for name, table in file.models.items()}
+    models = {name: table.policy(rules, versions) for name, table in file.models.items()}
     if file.default_model and file.default_model not in models:
         raise ModelConfigError(f"default_model: {file.default_model!r} is not one of the models listed "
                                f"({', '.join(sorted(models)) or 'none'})")
@@ -201,15 +234,15 @@ def parse(text: str, rules: GateRules = NO_RULES) -> ServingConfig:
                          file.default_model or (next(iter(models)) if len(models) == 1 else ""))
 
 
-def read(path: Path, rules: GateRules = NO_RULES) -> ServingConfig:
+def read(path: Path, rules: GateRules = NO_RULES, versions: VersionPolicy = NEWEST) -> ServingConfig:
     """The config file at ``path``; ModelConfigError (its message starts with the path) when it
     cannot be read or used."""
-    return _parse_file(path, _snapshot(path)[0], rules)
+    return _parse_file(path, _snapshot(path)[0], rules, versions)
 
 
-def _parse_file(path: Path, text: str, rules: GateRules) -> ServingConfig:
+def _parse_file(path: Path, text: str, rules: GateRules, versions: VersionPolicy) -> ServingConfig:
     try:
-        return parse(text, rules)
+        return parse(text, rules, versions)
     except ModelConfigError as error:
         raise ModelConfigError(f"--model-config {path}: {error}") from None
 
@@ -233,7 +266,8 @@ def _snapshot(path: Path) -> Snapshot:
 
 
 def read_settled(path: Path, rules: GateRules = NO_RULES, interval: float = SETTLE_INTERVAL,
-                 sleep: Callable[[float], None] = time.sleep) -> tuple[ServingConfig, tuple[int, int]]:
+                 sleep: Callable[[float], None] = time.sleep, versions: VersionPolicy = NEWEST,
+                 ) -> tuple[ServingConfig, tuple[int, int]]:
     """The config file at ``path`` once it holds still, and its (mtime_ns, size) then: it is
     read until two reads ``interval`` seconds apart find the same text, size and modification
     time (a file rewritten in place is read half-written in between: its first half may parse,
@@ -245,7 +279,7 @@ def read_settled(path: Path, rules: GateRules = NO_RULES, interval: float = SETT
         current = _snapshot(path)
         if current == previous:
             text, size, mtime = current
-            return _parse_file(path, text, rules), (mtime, size)
+            return _parse_file(path, text, rules, versions), (mtime, size)
         previous = current
     raise ModelConfigError(
         f"--model-config {path}: still changing after {SETTLE_READS} reads {interval:g}s apart; "

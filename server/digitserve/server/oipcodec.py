@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from digitserve.oip import grpc_predict_v2_pb2 as oip
 from digitserve.server.decoding import PictureDecoder
@@ -72,6 +73,14 @@ def metadata(value: dict[str, Any]) -> oip.ModelMetadataResponse:
     return oip.ModelMetadataResponse(
         name=value["name"], versions=value["versions"], platform=value["platform"],
         inputs=[tensor(**t) for t in value["inputs"]], outputs=[tensor(**t) for t in value["outputs"]])
+
+
+def model_config(value: dict[str, Any]) -> oip.ModelConfigResponse:
+    """server.tritonconfig's configuration (Triton's JSON shape) as the protobuf ModelConfig; a key
+    the message lacks is a bug, raised (ParseError)."""
+    response = oip.ModelConfigResponse()
+    json_format.ParseDict(value, response.config)
+    return response
 
 
 async def model_infer(router: Registry, pictures: PictureDecoder, message: oip.ModelInferRequest,

@@ -31,6 +31,7 @@ from digitserve.server.health import (
 from digitserve.server.modelconfig import CANARY, ModelPolicy, ServingConfig
 from digitserve.server.settings import Settings
 from digitserve.server.telemetry import Telemetry
+from digitserve.server.versionpolicy import VersionPolicy
 from digitserve.server.versions import (
     Baseline,
     Fingerprint,
@@ -86,6 +87,7 @@ class ModelInfo:
     labels: Mapping[str, int]
     canary_weight: float
     versions: tuple[VersionInfo, ...] = field(default=())
+    version_policy: str = "latest:1"  # which versions stay loaded (VersionPolicy's spelling)
 
 
 async def watch(interval: Callable[[], float], look: Callable[[], Awaitable[Any]], what: object,
@@ -103,9 +105,9 @@ async def watch(interval: Callable[[], float], look: Callable[[], Awaitable[Any]
 
 
 class ModelVersions:
-    """One model: its versions, labels, canary weight and data plane, and its watch, which serves
-    a newer version once it passes the gate (the pinned one, when pinned), loads the versions the
-    labels name and replaces versions gone from disk."""
+    """One model: its versions, labels, canary weight and data plane, and its watch, which loads
+    the versions its version policy names once they pass the gate (the newest serves unpinned
+    calls), loads the versions the labels name and replaces versions gone from disk."""
 
     def __init__(self, name: str, source: ModelSource, policy: ModelPolicy, registry: Registry) -> None:
         self.name = name
@@ -125,6 +127,7 @@ class ModelVersions:
         )
         self.versions: dict[int, Version] = {}
         self.served: Model | None = None  # what unpinned calls get, labels aside
+        self._wanted: set[int] = set()  # the loaded versions the version policy names
         self._labels: dict[str, int] = {}  # labels in force: each names a loaded version
         self._canary_weight = 0.0
         self._random = random.Random()
@@ -232,7 +235,8 @@ class ModelVersions:
         problems = "; ".join(f"label {label}: {why}" for label, why in sorted(self.label_problems.items()))
         reason = problems if self.serving else "; ".join(filter(None, (self.reason, problems)))
         return ModelInfo(self.name, "serving" if self.serving else "loading", reason,
-                         self.default_version, dict(self._labels), self.canary_weight, listed)
+                         self.default_version, dict(self._labels), self.canary_weight, listed,
+                         str(self.policy.versions))
 
     def _serve(self, model: Model) -> None:
         """Unpinned calls get ``model`` (loaded) from now on: one assignment."""
@@ -241,9 +245,12 @@ class ModelVersions:
         self.registry.settle()
 
     def _evict(self) -> None:
-        """Unloads the versions neither served, labelled nor among the newest --keep-versions."""
+        """Unloads the versions neither served, labelled nor named by the version policy (with the
+        ``latest`` policy, the newest --keep-versions loaded stay too: the one just replaced can
+        still be pinned); a call in flight on one finishes on it."""
         loaded = self.loaded_versions
-        keep = {*loaded[: self.settings.keep_versions], *self._labels.values()}
+        newest = loaded[: self.settings.keep_versions] if self.policy.versions.kind == "latest" else []
+        keep = {*newest, *self._wanted, *self._labels.values()}
         if self.served is not None:
             keep.add(self.served.spec.version)
         for version in loaded:
@@ -261,10 +268,11 @@ class ModelVersions:
                                     f"listing the files of {self.source} version {version}",
                                     partial(self.source.fingerprint, version))
 
-    async def _try_load(self, kind: str, version: int) -> Model | None:
+    async def _try_load(self, kind: str, version: int, against: Model | None = None) -> Model | None:
         """Loads a version past the gate in a thread of its own, with the repository timeout, so
-        serving goes on meanwhile: SERVING and returned, or REFUSED (logged, counted) and None."""
-        served = self.served
+        serving goes on meanwhile: SERVING and returned, or REFUSED (logged, counted) and None.
+        --max-regression compares it with ``against`` (None: the served version)."""
+        served = against or self.served
         baseline = None
         if served is not None and served.spec.version != version:
             accuracy = self.versions[served.spec.version].accuracy
@@ -412,13 +420,14 @@ class ModelVersions:
         self.label_problems = problems
 
     async def apply(self, policy: ModelPolicy) -> None:
-        """A new policy: gate rules for the versions loaded from now on; a pin, labels and canary
-        weight at once where their versions are loaded, else once they passed the gate."""
+        """A new policy: gate rules for the versions loaded from now on; a version policy (a pin),
+        labels and canary weight at once where their versions are loaded, else once they passed
+        the gate; versions that left the policy are unloaded."""
         if policy == self.policy:
             return
         self.policy = policy
-        logger.info("model %s: config changed (version %s, labels %s, canary weight %g)", self.name,
-                    policy.version or "newest", dict(policy.labels) or "none", policy.canary_weight)
+        logger.info("model %s: config changed (version policy %s, labels %s, canary weight %g)",
+                    self.name, policy.versions, dict(policy.labels) or "none", policy.canary_weight)
         if self.serving:
             await self.reload_once()
 
@@ -430,6 +439,26 @@ class ModelVersions:
             changed = await self._look()
         await self.registry.changed(self)
         return changed
+
+    async def _load_policy(self, policy: VersionPolicy, present: set[int], current: Model | None,
+                           ) -> list[int]:
+        """Loads the versions of ``present`` that ``policy`` names, newest first, each past the
+        gate (``latest``: until N passed; refused ones and hung reads do not count); returns
+        those loaded, newest first. Older ones are gated against the newest (--max-regression)."""
+        limit = policy.num_versions if policy.kind == "latest" else None
+        wanted: list[int] = []
+        for version in policy.candidates(present):
+            if limit is not None and len(wanted) >= limit:
+                break
+            if self._loaded(version):  # passed the gate when it was loaded
+                wanted.append(version)
+            elif await self._worth_trying(version):
+                newest = self.versions[wanted[0]].model if wanted else None
+                model = await self._try_load("load" if current is None else "reload", version,
+                                             newest or current)
+                if model is not None:
+                    wanted.append(model.spec.version)
+        return wanted
 
     async def _look(self, strict: bool = False) -> bool:
         """One look at the published versions (reload_once); ``strict``: load's first one, which
@@ -446,15 +475,16 @@ class ModelVersions:
             versions = []
         self.published = list(versions)
         on_disk = set(versions)
-        pinned = self.policy.version
+        pinned, policy = self.policy.version, self.policy.versions
         if strict and pinned and pinned not in on_disk:
             raise ModelNotFoundError(f"model {self.name!r} has no version {pinned} (pinned)")
+        if strict and policy.kind == "specific" and not on_disk.intersection(policy.versions):
+            raise ModelNotFoundError(f"model {self.name!r} has none of versions "
+                                     f"{', '.join(map(str, policy.versions))} (version policy {policy})")
         for version in [v for v in self.refused if v not in on_disk]:
             del self.versions[version]  # ListModels lists the refusals of what is there
-        if current is None:
-            served, replacing = 0, False
-            candidates = [v for v in sorted(versions, reverse=True) if not pinned or v == pinned]
-        else:
+        served, replacing = 0, False
+        if current is not None:
             served = current.spec.version
             expired = self._note_gone(on_disk)
             for version in sorted(expired - {served}):
@@ -462,22 +492,22 @@ class ModelVersions:
                 logger.warning("unloaded model %s version %d: its directory has been gone for %gs "
                                "or more", self.name, version, self.settings.removed_version_grace)
             replacing = served in expired
-            if pinned:
-                candidates = [pinned] if pinned in on_disk and (pinned != served or replacing) else []
-            else:
-                candidates = sorted((v for v in versions if v != served and (replacing or v > served)),
-                                    reverse=True)
-        model: Model | None = None
-        for version in candidates:
-            if self._loaded(version):  # passed the gate when it was loaded
-                model = self.versions[version].model
-                break
-            if await self._worth_trying(version):
-                model = await self._try_load("load" if current is None else "reload", version)
-                if model is not None:
-                    break
-        if model is not None:
+        # What the policy chooses from: the versions on disk and the loaded ones answering from
+        # memory (gone, within the grace; the served one past it only until it is replaced). A
+        # loader's source lists a version 0, "whatever it loads": tried while nothing serves.
+        present = {v for v in on_disk if v > 0 or current is None}
+        present.update(v for v in self.loaded_versions if not (replacing and v == served))
+        wanted = await self._load_policy(policy, present, current)
+        model = self.versions[wanted[0]].model if wanted else None  # the newest serves
+        if set(wanted) != self._wanted and (len(wanted) > 1 or len(self._wanted) > 1):
+            logger.info("model %s: version policy %s keeps version(s) %s loaded", self.name, policy,
+                        ", ".join(map(str, wanted)) or "none")
+        self._wanted = set(wanted)
+        if model is not None and model is not current:
             self._serve(model)
+        else:
+            self._evict()  # a version may have left the policy
+            model = None  # nothing new serves
         if current is None:
             return await self._first(model, on_disk, strict)
         grace = self.settings.removed_version_grace

@@ -25,7 +25,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from digitserve.server import infer
 from digitserve.server.decoding import PictureDecoder
-from digitserve.server.errors import InvalidInputError, ModelNotReadyError
+from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
 from digitserve.server.registry import ModelInfo, Registry
 from digitserve.server.restcodec import (
     HEADER_LENGTH,
@@ -35,12 +35,12 @@ from digitserve.server.restcodec import (
     infer_body,
     read_infer,
 )
+from digitserve.server.tritonconfig import EXTENSIONS, model_config
 
 logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 OCTETS = "application/octet-stream"
-EXTENSIONS = ("binary_tensor_data",)
 SHUTTING_DOWN = "the server is shutting down; send the request to another replica"
 
 @dataclass
@@ -155,15 +155,18 @@ ROUTES = (  # the router tries the paths of /v2/models in this order: inference 
     Route("GET", "/v2/health/live", "live", True),
     Route("GET", "/v2/health/ready", "ready", True),
     Route("GET", "/v2", "server_metadata"),
+    Route("GET", "/v2/", "server_metadata"),  # the protocol's OpenAPI spells it so
     Route("GET", "/v2/models/{name}", "model_metadata"),
     Route("GET", "/v2/models/{name}/versions/{version}", "model_metadata"),
     Route("GET", "/v2/models/{name}/ready", "model_ready", True),
     Route("GET", "/v2/models/{name}/versions/{version}/ready", "model_ready", True),
+    Route("GET", "/v2/models/{name}/config", "model_config"),
+    Route("GET", "/v2/models/{name}/versions/{version}/config", "model_config"),
     Route("POST", "/v2/repository/index", "repository_index"),
     Route("GET", "/metrics", "metrics", True),
 )
 NO_ROUTE = ("the Open Inference Protocol's routes are /v2/health/live, /v2/health/ready, /v2, "
-            "/v2/models/NAME[/versions/V][/ready], POST /v2/models/NAME[/versions/V]/infer, "
+            "/v2/models/NAME[/versions/V][/ready|/config], POST /v2/models/NAME[/versions/V]/infer, "
             "POST /v2/repository/index and /metrics")
 
 
@@ -190,8 +193,9 @@ class RestApi:
     edge serves too; ``draining()`` is true from the first moment of shutdown."""
 
     def __init__(self, router: Registry, pictures: PictureDecoder, draining: Callable[[], bool],
-                 metrics: Callable[[], tuple[bytes, str]]) -> None:
+                 metrics: Callable[[], tuple[bytes, str]], instances: int = 1) -> None:
         self._router = router
+        self._instances = instances  # the model's copies at this address (--workers)
         self._pictures = pictures
         self._draining = draining
         self._metrics = metrics
@@ -223,14 +227,21 @@ class RestApi:
     async def model_metadata(self, request: web.Request, name: str, version: str = "") -> Reply:
         return json_reply(infer.model_metadata(self._router, name, version))
 
+    async def model_config(self, request: web.Request, name: str, version: str = "") -> Reply:
+        return json_reply(model_config(self._router, name, version, self._instances))
+
     async def model_ready(self, request: web.Request, name: str, version: str = "") -> Reply:
         """200 {"ready": true} when the model (version, label) answers; 503 while it is not
-        loaded yet or the server drains; 404 for one that is not served."""
-        ready = infer.model_ready(self._router, name, version) and not self._draining()
-        answer = {"name": name, "ready": ready}
+        loaded yet or the server drains; 404 with ``"ready": false`` and why for one that is not
+        served (ModelReady over gRPC: ready false)."""
+        answer: dict[str, Any] = {"name": name}
         if version:
             answer["version"] = version
-        return json_reply(answer, 200 if ready else 503)
+        try:
+            ready = infer.model_ready(self._router, name, version) and not self._draining()
+        except NotServedError as error:
+            return json_reply({**answer, "ready": False, "error": str(error)}, 404)
+        return json_reply({**answer, "ready": ready}, 200 if ready else 503)
 
     async def infer(self, request: web.Request, name: str, version: str = "") -> Reply:
         if self._draining():

@@ -20,6 +20,7 @@ from pydantic_core import ErrorDetails
 
 from digitserve.config import Parser, env_name, show_default
 from digitserve.repository import is_model_name
+from digitserve.server.versionpolicy import parse_flag
 
 __all__ = ["Settings", "build_parser", "load_settings", "markdown"]
 
@@ -69,6 +70,11 @@ class Settings:
         "variable); none serves every model in the repository, and models that appear later."))
     model_version: int = opt(0, REPO, ge=0, help=(
         "Version to serve (with one --model-name); 0 serves the newest that passes the gate."))
+    version_policy: str = opt("", REPO, shown="latest:1", help=(
+        "Which versions of each model stay loaded, as TF Serving's and Triton's version policy: "
+        "latest:N (the N newest that pass the gate), all, or specific:V,V,...; pinned calls reach "
+        "any of them, unpinned ones the newest (or the stable label's). With --model-config: for "
+        "models whose table sets neither version nor version_policy."))
     default_model: str = opt("", REPO, shown="the only model", help=(
         "The model a request without model_name gets; empty: the first --model-name, or the only model "
         "served."))
@@ -194,7 +200,8 @@ class Settings:
         "(a tf.function), or 'auto': LiteRT when its probabilities agree with model.predict on the "
         "version's check set to 1e-6 or to TensorFlow's own batch-1 spread, else TensorFlow."))
     keep_versions: int = opt(2, REPO, ge=1, help=(
-        "Newest versions kept loaded, so requests can pin the previous one."))
+        "Newest versions kept loaded, so requests can pin the previous one (with a latest version "
+        "policy; until a restart: --version-policy latest:N keeps N loaded across one)."))
     log_level: str = opt("INFO", OBS, "Python logging level.")
     log_format: LogFormat = opt("auto", OBS, help=(
         "Log lines as 'json' (one object per line), 'text', or 'auto': text when stderr is a terminal, "
@@ -254,6 +261,11 @@ class Settings:
             raise ValueError("; ".join(bad))
         return names
 
+    @field_validator("version_policy")
+    @classmethod
+    def _version_policy(cls, value: str) -> str:
+        return str(parse_flag(value)) if value.strip() else ""
+
     @field_validator("worker_heartbeat_timeout")
     @classmethod
     def _heartbeat(cls, value: float) -> float:
@@ -274,6 +286,10 @@ class Settings:
         problems = [message for bad, message in [
             (self.model_version and len(self.model_name) != 1,
              "--model-version pins a version of one model: give exactly one --model-name"),
+            (self.model_version and self.version_policy,
+             f"--model-version {self.model_version} and --version-policy {self.version_policy} both "
+             "say which versions serve: set one of them (--model-version N is --version-policy "
+             "specific:N)"),
             (self.model_config and (self.model_name or self.model_version or self.default_model),
              "--model-config lists the models, their versions and the default model: leave out "
              "--model-name, --model-version and --default-model"),

@@ -187,6 +187,7 @@ def _model_status(info: ModelInfo) -> pb.ModelStatus:
         canary_weight=info.canary_weight,
         versions=[pb.VersionStatus(version=v.version, state=_VERSION_STATES[v.state], reason=v.reason,
                                    labels=list(v.labels)) for v in info.versions],
+        version_policy=info.version_policy,
     )
 
 

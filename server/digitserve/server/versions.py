@@ -273,10 +273,11 @@ class RepositorySource:
             raise missing_error(self.repository.root, self.name)
         return versions
 
-    def servable(self, pinned: int = 0) -> list[int]:
+    def servable(self, pinned: int = 0, listed: tuple[int, ...] = ()) -> list[int]:
         """The published versions when there is something to serve (``pinned``: that version,
-        unless 0); else ModelNotFoundError with the one line that says what is missing and what
-        is there. What ``mnist-serve`` checks before it listens."""
+        unless 0; ``listed``: one of a specific version policy's versions, unless empty); else
+        ModelNotFoundError with the one line that says what is missing and what is there. What
+        ``mnist-serve`` checks before it listens."""
         try:
             versions = self.versions()
         except OSError as error:  # unreadable: permissions
@@ -288,6 +289,11 @@ class RepositorySource:
                 f"--model-version {pinned}: model {self.name!r} has no version {pinned} in "
                 f"{self.repository.root} (published: {_versions_text(versions)}); pin one of "
                 "those, or 0 for the newest")
+        if listed and versions and not set(listed).intersection(versions):
+            raise ModelNotFoundError(
+                f"version policy specific:{','.join(map(str, listed))}: model {self.name!r} has none "
+                f"of these versions in {self.repository.root} (published: {_versions_text(versions)}); "
+                "list published ones, or serve the newest (latest:N)")
         return versions
 
     def __str__(self) -> str:
