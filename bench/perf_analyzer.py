@@ -104,12 +104,18 @@ def run(target: str, *, protocol: str, model: str, concurrency: Sequence[int], w
         argv += ["--input-data", str(data)]
     if cpu is not None:
         argv = ["taskset", "-c", cpu, *argv]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
-    output = done.stdout + done.stderr
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
+        returncode, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as late:  # killed: what it printed says where it stopped
+        returncode = -9
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                         for part in (late.stdout, late.stderr))
+        output += f"\n(perf_analyzer killed after {timeout:g} s)"
     rows = _rows(table, output) if table.exists() else []
     table.unlink(missing_ok=True)
     wanted = set(concurrency)
-    return Run(done.returncode, output, [r for r in rows if r["concurrency"] in wanted],
+    return Run(returncode, output, [r for r in rows if r["concurrency"] in wanted],
                *_report_counts(output))
 
 

@@ -130,7 +130,7 @@ def test_perf_analyzer_random_data(analyzer: Path, spawn: Any, tiny_repo: Path, 
     before = sum(_predictions(scrape(served.metrics)).values())
     result = perf_analyzer.run(served.target(protocol), protocol=protocol, model=MODEL,
                                concurrency=[1, 2], workdir=tmp_path, streaming=streaming,
-                               measurement=MEASUREMENT, timeout=240)
+                               measurement=MEASUREMENT, timeout=120)
     samples = scrape(served.metrics)
     _check(result, samples)
     assert sum(_predictions(samples).values()) - before >= sum(result.requests.values())
@@ -154,7 +154,7 @@ def test_perf_analyzer_real_images(analyzer: Path, spawn: Any, tiny_repo: Path, 
     before = _predictions(scrape(served.metrics))
     result = perf_analyzer.run(served.target(protocol), protocol=protocol, model=MODEL,
                                concurrency=[1, 2], workdir=tmp_path, streaming=streaming,
-                               data=tmp_path / "images.json", measurement=MEASUREMENT, timeout=240)
+                               data=tmp_path / "images.json", measurement=MEASUREMENT, timeout=120)
     samples = scrape(served.metrics)
     _check(result, samples)
     after = _predictions(samples)
