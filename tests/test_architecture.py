@@ -237,7 +237,8 @@ EDGES = [
     (("digitserve.server.rest", "digitserve.server.restcodec"), ("digitserve.oip", "digitserve.v1")),
     (("digitserve.server.servicer", "digitserve.server.v1codec", "digitserve.server.wire"),
      ("digitserve.oip",)),
-    (("digitserve.server.oip", "digitserve.server.oipcodec"), ("digitserve.v1",)),
+    (("digitserve.server.oip", "digitserve.server.oipcodec", "digitserve.server.oipstream"),
+     ("digitserve.v1",)),
     (("digitserve.server.infer", "digitserve.server.infertypes", "digitserve.server.pixels",
       "digitserve.server.tritonconfig"), ("digitserve.oip", "digitserve.v1")),
 ]

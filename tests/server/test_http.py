@@ -97,7 +97,8 @@ def test_every_route_answers_json(server: ServerThread, tiny_repo: Path) -> None
     assert ready.headers["content-type"] == "application/json"
     meta = call(port, "GET", "/v2").json
     assert meta["name"] == "digitserve"
-    assert meta["extensions"] == ["binary_tensor_data", "model_configuration"]
+    assert meta["extensions"] == ["binary_tensor_data", "model_configuration", "statistics",
+                                  "model_repository"]
     platform = {"litert": "litert_tflite", "tensorflow": "tensorflow_keras"}[
         server.app.registry.model("tiny").served.inference_path]
     model = {"name": "tiny", "versions": ["1"], "platform": platform,
@@ -111,7 +112,7 @@ def test_every_route_answers_json(server: ServerThread, tiny_repo: Path) -> None
     assert call(port, "GET", "/v2/models/tiny/versions/1/ready").json == {
         "name": "tiny", "version": "1", "ready": True}
     assert call(port, "HEAD", "/v2/health/ready").status == 200
-    index = [{"name": "tiny", "version": "1", "state": "READY", "reason": ""}]
+    index = [{"name": "tiny", "version": "1", "state": "READY", "reason": "", "labels": []}]
     assert call(port, "POST", "/v2/repository/index").json == index
     assert call(port, "POST", "/v2/repository/index", {"ready": True}).json == index
 
@@ -668,7 +669,7 @@ def test_tritonclient_http_gets_the_probabilities_of_our_client(
     assert report["live"] and report["ready"] and report["model_ready"]
     assert report["server"]["name"] == "digitserve"
     assert report["metadata"]["name"] == "tiny" and report["metadata"]["versions"] == ["1"]
-    assert report["index"] == [{"name": "tiny", "version": "1", "state": "READY", "reason": ""}]
+    assert report["index"] == [{"name": "tiny", "version": "1", "state": "READY", "reason": "", "labels": []}]
     assert report["unknown_model"][1] == "model 'no-such-model' is not served; this server serves 'tiny'"
     with DigitClient(server.target, timeout=30) as client:
         ours = client.predict(pixels)

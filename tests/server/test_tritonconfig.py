@@ -29,7 +29,7 @@ from tests.servers import ServerThread
 from tests.support import expect_error, require_module, wait_for
 
 D = 784
-EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
 
 
 def get(port: int, path: str) -> tuple[int, Any]:

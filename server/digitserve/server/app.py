@@ -30,6 +30,7 @@ from digitserve.server.health import SERVICE_NAME, HealthServicer
 from digitserve.server.httpserver import HttpEdge, exposition
 from digitserve.server.logs import access_log
 from digitserve.server.modelconfig import ModelConfigError, ServingConfig, from_settings
+from digitserve.server.modelcontrol import ModelControl
 from digitserve.server.oip import SERVICE as OIP_SERVICE
 from digitserve.server.oip import InferenceServicer
 from digitserve.server.ports import ListenError, grpc_bind_error, listen_error, metrics_port_error
@@ -213,8 +214,11 @@ class App:
             settings.max_picture_bytes, settings.max_picture_request_bytes,
             settings.max_picture_pixels, settings.max_queued_pictures,
             settings.max_picture_decoded_bytes))
+        # --model-control explicit: RepositoryModelLoad/Unload and their HTTP routes.
+        self.control = ModelControl(settings.model_control, self.registry, None if static else self.discovery)
         # The V2 protocol, over gRPC and HTTP; ``workers``: the model's copies at this address.
-        self.oip = InferenceServicer(self.registry, self.pictures, workers)
+        self.oip = InferenceServicer(self.registry, self.pictures, workers, self.control,
+                                     lambda: self.draining)
         self.drain = Drain()  # SIGTERM: calls that arrive are held, then refused UNAVAILABLE
         # Every call: request id, token check, metrics, access line; bytes that do not parse of
         # DigitService and the V2 protocol: INVALID_ARGUMENT.
@@ -229,7 +233,7 @@ class App:
         self.http_port: int | None = None
         if settings.http_port >= 0:
             api = RestApi(self.registry, self.pictures, lambda: self.draining,
-                          partial(exposition, self.telemetry.registry), workers)
+                          partial(exposition, self.telemetry.registry), workers, self.control)
             self.http = HttpEdge(settings, api, self.telemetry, self.security.auth)
 
     @property

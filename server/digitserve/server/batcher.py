@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from digitserve.inference import Model, runs_inline
 from digitserve.server.errors import DeadlineExpiredError, OverloadedError
+from digitserve.server.statistics import PlaneStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ class Batcher:
         max_queued_images: int,
         on_batch: Callable[[int, float], None] | None = None,
         on_answers: Answers | None = None,
+        statistics: PlaneStatistics | None = None,
     ) -> None:
         self._run = run
+        self.statistics = statistics if statistics is not None else PlaneStatistics()
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay
         self.max_queued_images = max_queued_images
@@ -128,8 +131,10 @@ class Batcher:
         in a model call of their own, as Evaluate needs)."""
         n = images.shape[0]
         if self._now(model, n):
+            started = time.perf_counter_ns()
             probs = model.predict(images)
             if not alone:
+                self.statistics.of(model).executed(n, 1, 0, time.perf_counter_ns() - started)
                 self._account(model, n, 0.0, probs)
             return probs
         wakeup = self._ensure_started()
@@ -194,6 +199,7 @@ class Batcher:
         model = batch[0].model
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         started = time.monotonic()
+        began = time.perf_counter_ns()
         try:
             if self._inline(model, images.shape[0]):
                 probs = model.predict(images)  # small enough for the loop (see the docstring)
@@ -208,7 +214,9 @@ class Batcher:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
+        took = time.perf_counter_ns() - began
         offset = 0
+        queued = 0.0  # seconds the calls answered waited for the model
         answered: list[npt.NDArray[np.float32]] = []
         for pending in batch:
             n = pending.images.shape[0]
@@ -216,9 +224,11 @@ class Batcher:
                 rows = probs[offset : offset + n]
                 pending.future.set_result(rows)
                 answered.append(rows)
+                queued += started - pending.enqueued
             offset += n
         if batch[0].alone:
             return
+        self.statistics.of(model).executed(images.shape[0], len(answered), int(queued * 1e9), took)
         # Once per batch, not per call: the rows of the callers that were still waiting.
         self._account(
             model, images.shape[0], started - min(p.enqueued for p in batch),

@@ -17,6 +17,7 @@ from digitserve.inference import Model, runs_inline
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator
 from digitserve.server.batcher import Batcher
 from digitserve.server.errors import InvalidInputError
+from digitserve.server.statistics import PlaneStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class DataPlane:
         self.in_use = 0  # calls holding one of this plane's versions (Predict, Evaluate streams)
         self._observer = observer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.statistics = PlaneStatistics()  # per version: server.statistics
         self.batcher = Batcher(
             self.compute,
             max_batch_size=max_batch_size,
@@ -84,11 +86,14 @@ class DataPlane:
             max_queued_images=max_queued_images,
             on_batch=None if observer is None else observer.on_batch,
             on_answers=None if observer is None else observer.on_predictions,
+            statistics=self.statistics,
         )
 
     def prepare(self, model: Model) -> None:
-        """Readies a version the registry loaded: its inline limit, its metrics series."""
+        """Readies a version the registry loaded: its inline limit, its metrics series and
+        statistics."""
         self.batcher.inline_limits[model] = self.inline_limit(model)
+        self.statistics.of(model)
         if self._observer is not None:
             self._observer.on_model(model)
 

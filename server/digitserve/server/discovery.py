@@ -45,6 +45,10 @@ class Discovery:
         self.repository = ModelRepository(settings.model_repo)
         self.removed: dict[str, float] = {}  # models whose directory is gone: since when
         self.unpublished = 0  # model directories found without a version, not served (yet)
+        # server.modelcontrol's requests: models served whatever the config says, and models
+        # not served whatever the repository holds (until loaded again).
+        self.loaded: set[str] = set()
+        self.unloaded: set[str] = set()
 
     async def look(self) -> None:
         """One look at the config and the repository's model directories."""
@@ -61,6 +65,7 @@ class Discovery:
             # appears in it. One served already stays while its directory is there.
             names.update(n for n, published in found.items() if published or n in registry.models)
             self.unpublished = sum(1 for n, published in found.items() if not published and n not in names)
+        names = (names | self.loaded) - self.unloaded
         now = time.monotonic()
         grace = self.settings.removed_version_grace
         for name in sorted(names - set(registry.models)):

@@ -32,3 +32,7 @@ class OverloadedError(ServerError):
 
 class DeadlineExpiredError(ServerError):
     """Raised when a call's deadline passed while it waited in the queue; it was not computed."""
+
+
+class ControlRefusedError(ServerError):
+    """Loading or unloading a model was asked of a server whose model control is off."""

@@ -6,6 +6,7 @@ both of its bindings (server.oip over gRPC, server.rest over HTTP) serve."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Sequence
 from functools import partial
 from importlib import metadata as importlib_metadata
@@ -36,6 +37,7 @@ from digitserve.server.pixels import (
     tensor_pixels,
 )
 from digitserve.server.registry import Registry
+from digitserve.server.statistics import report
 
 SERVER_NAME = "digitserve"
 # Triton features this server does not implement; refused rather than silently ignored.
@@ -108,6 +110,19 @@ def model_metadata(router: Registry, name: str, version: str) -> dict[str, Any]:
     }
 
 
+def model_statistics(router: Registry, name: str, version: str) -> dict[str, Any]:
+    """Triton's statistics of (name, version) as its JSON spells them: every model served when
+    ``name`` is "", every loaded version of the model when ``version`` is "", else the version
+    (a number or a label) as inference would resolve it."""
+    if version and not name:
+        raise InvalidInputError("version", f"{version!r} set without a model name; name the model")
+    if version:
+        plane, model = resolve(router, name, version, "version")
+        return report([(name, model.spec.version, plane.statistics)])
+    models = [router.model(name)] if name else [router.models[n] for n in sorted(router.models)]
+    return report([(m.name, v, m.plane.statistics) for m in models for v in sorted(m.loaded_versions)])
+
+
 def _check_parameters(parameters: Iterable[str], field: str) -> None:
     """Refuses parameters asking for Triton features this server lacks."""
     for key in parameters:
@@ -166,21 +181,31 @@ async def pixels(plane: DataPlane, model: Model, tensor: InferInput, decoder: Pi
 async def infer(plane: DataPlane, model: Model, request: InferRequest, decoder: PictureDecoder,
                 until: float | None = None) -> InferResponse:
     """One inference call of any edge on ``model`` (which the edge resolved): the outputs asked
-    for, the one input (named INPUT_NAME, no parameter refused) read and predicted."""
-    names = requested_outputs(request, model) if request.outputs else ALL_OUTPUTS
-    if len(request.inputs) != 1:
-        raise InvalidInputError("inputs", f"got {len(request.inputs)} inputs; model "
-                                f"{model.spec.name!r} takes one, {INPUT_NAME!r}")
-    tensor = request.inputs[0]
-    if tensor.name != INPUT_NAME:
-        raise InvalidInputError(f"{tensor.where.tensor}.name", f"{tensor.name!r} is not an input "
-                                f"of model {model.spec.name!r}; expected {INPUT_NAME!r}")
-    if tensor.parameters:
-        _check_parameters(tensor.parameters, f"{tensor.where.tensor}.parameters")
-    # pixels() inlined: awaiting it would make a coroutine per call even when no picture needs
-    # decoding (Predict's hot path).
-    count, images = read(plane, model, tensor)
-    if images is None:
-        images = await decode(plane, model, tensor, count, decoder, until)
-    probabilities = await plane.predict(model, images, until)
-    return InferResponse(model, probabilities, names, request.id)
+    for, the one input (named INPUT_NAME, no parameter refused) read and predicted. Counted in
+    the version's statistics: failed here, answered by the edge once it built the answer
+    (InferResponse.answered)."""
+    started = time.perf_counter_ns()
+    statistics = plane.statistics.of(model)
+    try:
+        names = requested_outputs(request, model) if request.outputs else ALL_OUTPUTS
+        if len(request.inputs) != 1:
+            raise InvalidInputError("inputs", f"got {len(request.inputs)} inputs; model "
+                                    f"{model.spec.name!r} takes one, {INPUT_NAME!r}")
+        tensor = request.inputs[0]
+        if tensor.name != INPUT_NAME:
+            raise InvalidInputError(f"{tensor.where.tensor}.name", f"{tensor.name!r} is not an input "
+                                    f"of model {model.spec.name!r}; expected {INPUT_NAME!r}")
+        if tensor.parameters:
+            _check_parameters(tensor.parameters, f"{tensor.where.tensor}.parameters")
+        # pixels() inlined: awaiting it would make a coroutine per call even when no picture needs
+        # decoding (Predict's hot path).
+        count, images = read(plane, model, tensor)
+        if images is None:
+            images = await decode(plane, model, tensor, count, decoder, until)
+        read_ns = time.perf_counter_ns() - started
+        probabilities = await plane.predict(model, images, until)
+    except BaseException:  # refused, failed, or cancelled: not answered
+        statistics.failed(started)
+        raise
+    return InferResponse(model, probabilities, names, request.id, statistics, started,
+                         time.perf_counter_ns(), read_ns)

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from digitserve.inference import Model
 from digitserve.server.errors import InvalidInputError
+from digitserve.server.statistics import VersionStatistics
 
 INPUT_NAME = "images"
 # The input's datatype as the metadata and the model configuration declare it: bytes 0..255, MNIST's
@@ -118,6 +119,18 @@ class InferResponse:
     probabilities: npt.NDArray[np.float32]
     outputs: Sequence[str] = tuple(OUTPUTS)
     id: str = ""
+    # Where the call is counted (server.statistics), when it began, its answer's computation
+    # ended (time.perf_counter_ns) and the nanoseconds its input took.
+    statistics: VersionStatistics | None = None
+    started_ns: int = 0
+    predicted_ns: int = 0
+    input_ns: int = 0
+
+    def answered(self) -> None:
+        """The edge built the answer: the call counts as answered in its version's statistics."""
+        if self.statistics is not None:
+            self.statistics.answered(self.probabilities.shape[0], self.started_ns,
+                                     self.predicted_ns, self.input_ns)
 
     def tensors(self) -> list[OutputTensor]:
         """The outputs asked for: probabilities (FP32 [N, classes]), class_index (INT64 [N]) and

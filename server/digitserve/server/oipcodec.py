@@ -83,9 +83,27 @@ def model_config(value: dict[str, Any]) -> oip.ModelConfigResponse:
     return response
 
 
+def statistics(value: dict[str, Any]) -> oip.ModelStatisticsResponse:
+    """Triton's statistics (server.statistics' JSON) as the protocol's message."""
+    message = oip.ModelStatisticsResponse()
+    json_format.ParseDict(value, message)
+    return message
+
+
+def repository_index(entries: list[dict[str, Any]]) -> oip.RepositoryIndexResponse:
+    """The repository index (server.modelcontrol's entries) as Triton's message, whose ModelIndex
+    has no field for the version labels: they are on the HTTP edge's entries only."""
+    index = oip.RepositoryIndexResponse.ModelIndex
+    return oip.RepositoryIndexResponse(models=[
+        index(name=e["name"], version=e.get("version", ""), state=e["state"], reason=e["reason"])
+        for e in entries])
+
+
 async def model_infer(router: Registry, pictures: PictureDecoder, message: oip.ModelInferRequest,
                       until: float | None) -> oip.ModelInferResponse:
     plane, model = resolve(router, message.model_name, message.model_version, "model_version",
                            split=True)
     response = await infer(plane, model, to_request(message), pictures, until)
-    return to_response(response, raw=len(message.raw_input_contents) > 0)
+    answer = to_response(response, raw=len(message.raw_input_contents) > 0)
+    response.answered()
+    return answer

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,7 +26,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from digitserve.server import infer
 from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
-from digitserve.server.registry import ModelInfo, Registry
+from digitserve.server.modelcontrol import ModelControl, repository_index
+from digitserve.server.registry import Registry
 from digitserve.server.restcodec import (
     HEADER_LENGTH,
     THREAD_BYTES,
@@ -61,27 +62,6 @@ def json_reply(value: Any, status: int = 200) -> Reply:
 def error_reply(status: int, message: str, **extra: Any) -> Reply:
     """``{"error": "..."}`` (and ``extra`` keys) with ``status``."""
     return json_reply({**extra, "error": message}, status)
-
-
-_INDEX_STATES = {"serving": "READY", "refused": "UNAVAILABLE"}
-
-
-def repository_index(infos: Iterable[ModelInfo], ready_only: bool) -> list[dict[str, Any]]:
-    """Triton's repository index: one entry per model version (a model without versions, one
-    entry), with its state (READY, LOADING, UNAVAILABLE), why, and its version labels."""
-    entries: list[dict[str, Any]] = []
-    for info in infos:
-        if not info.versions:
-            entries.append({"name": info.name, "state": "UNAVAILABLE", "reason": info.reason})
-        for version in info.versions:
-            state = _INDEX_STATES.get(version.state) or ("LOADING" if info.state == "loading"
-                                                        else "UNAVAILABLE")
-            entry: dict[str, Any] = {"name": info.name, "version": str(version.version),
-                                     "state": state, "reason": version.reason}
-            if version.labels:
-                entry["labels"] = list(version.labels)
-            entries.append(entry)
-    return [e for e in entries if e["state"] == "READY"] if ready_only else entries
 
 
 # --- the body ----------------------------------------------------------------------------------
@@ -156,6 +136,9 @@ ROUTES = (  # the router tries the paths of /v2/models in this order: inference 
     Route("GET", "/v2/health/ready", "ready", True),
     Route("GET", "/v2", "server_metadata"),
     Route("GET", "/v2/", "server_metadata"),  # the protocol's OpenAPI spells it so
+    Route("GET", "/v2/models/stats", "statistics"),
+    Route("GET", "/v2/models/{name}/stats", "statistics"),
+    Route("GET", "/v2/models/{name}/versions/{version}/stats", "statistics"),
     Route("GET", "/v2/models/{name}", "model_metadata"),
     Route("GET", "/v2/models/{name}/versions/{version}", "model_metadata"),
     Route("GET", "/v2/models/{name}/ready", "model_ready", True),
@@ -163,11 +146,14 @@ ROUTES = (  # the router tries the paths of /v2/models in this order: inference 
     Route("GET", "/v2/models/{name}/config", "model_config"),
     Route("GET", "/v2/models/{name}/versions/{version}/config", "model_config"),
     Route("POST", "/v2/repository/index", "repository_index"),
+    Route("POST", "/v2/repository/models/{name}/load", "load"),
+    Route("POST", "/v2/repository/models/{name}/unload", "unload"),
     Route("GET", "/metrics", "metrics", True),
 )
 NO_ROUTE = ("the Open Inference Protocol's routes are /v2/health/live, /v2/health/ready, /v2, "
-            "/v2/models/NAME[/versions/V][/ready|/config], POST /v2/models/NAME[/versions/V]/infer, "
-            "POST /v2/repository/index and /metrics")
+            "/v2/models/NAME[/versions/V][/ready|/config], /v2/models[/NAME[/versions/V]]/stats, "
+            "POST /v2/models/NAME[/versions/V]/infer, POST /v2/repository/index, "
+            "POST /v2/repository/models/NAME/load and /unload, and /metrics")
 
 
 def add_routes(app: web.Application, api: RestApi, expect: ExpectHandler | None = None) -> None:
@@ -193,9 +179,11 @@ class RestApi:
     edge serves too; ``draining()`` is true from the first moment of shutdown."""
 
     def __init__(self, router: Registry, pictures: PictureDecoder, draining: Callable[[], bool],
-                 metrics: Callable[[], tuple[bytes, str]], instances: int = 1) -> None:
+                 metrics: Callable[[], tuple[bytes, str]], instances: int = 1,
+                 control: ModelControl | None = None) -> None:
         self._router = router
         self._instances = instances  # the model's copies at this address (--workers)
+        self._control = control if control is not None else ModelControl("none", router, None)
         self._pictures = pictures
         self._draining = draining
         self._metrics = metrics
@@ -253,22 +241,47 @@ class RestApi:
         call = await asyncio.to_thread(read) if len(data) > THREAD_BYTES else read()
         response = await infer.infer(plane, model, call.request, self._pictures, None)
         answer, length = infer_body(response, call.binary)
+        response.answered()
         if length is None:
             return Reply(answer)
         return Reply(answer, content_type=OCTETS, headers={HEADER_LENGTH: str(length)})
 
-    async def repository_index(self, request: web.Request) -> Reply:
+    async def _options(self, request: web.Request, allowed: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A repository request's JSON body (none, or an object): its "parameters", of which only
+        ``allowed`` are accepted (Triton's others override a model's config or files)."""
         data = await read_body(request)
-        ready_only = False
-        if data.strip():
-            try:
-                document = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                raise InvalidInputError("request body", 'not valid JSON; expected {"ready": true} '
-                                        "or {} or nothing") from None
-            ready_only = expect(expect(document, dict, "request body", "an object").get("ready", False), bool,
-                                 "ready", "true or false")
+        if not data.strip():
+            return {}
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise InvalidInputError("request body", 'not valid JSON; expected {"ready": true} '
+                                    "or {} or nothing" if request.path.endswith("/index") else
+                                    "not valid JSON; expected an object or nothing") from None
+        document = expect(document, dict, "request body", "an object")
+        parameters = expect(document.get("parameters", {}), dict, "parameters", "an object")
+        for key in parameters:
+            if key not in allowed:
+                raise InvalidInputError(f"parameters[{key!r}]", "is not supported by this server")
+        return dict(document)
+
+    async def repository_index(self, request: web.Request) -> Reply:
+        document = await self._options(request)
+        ready_only = expect(document.get("ready", False), bool, "ready", "true or false")
         return json_reply(repository_index(self._router.model_infos(), ready_only))
+
+    async def statistics(self, request: web.Request, name: str = "", version: str = "") -> Reply:
+        return json_reply(infer.model_statistics(self._router, name, version))
+
+    async def load(self, request: web.Request, name: str) -> Reply:
+        await self._options(request)
+        await self._control.load(name)
+        return json_reply({})
+
+    async def unload(self, request: web.Request, name: str) -> Reply:
+        await self._options(request, ("unload_dependents",))
+        await self._control.unload(name)
+        return json_reply({})
 
     async def metrics(self, request: web.Request) -> Reply:
         text, content_type = self._metrics()

@@ -30,6 +30,7 @@ __all__ = ["Settings", "build_parser", "load_settings", "markdown"]
 Inference = Literal["auto", "litert", "tensorflow"]
 LogFormat = Literal["auto", "json", "text"]
 AccessLogMode = Literal["auto", "on", "off"]
+ModelControlMode = Literal["none", "explicit"]
 INFERENCE_CHOICES: tuple[str, ...] = get_args(Inference)
 FORMATS: tuple[str, ...] = get_args(LogFormat)
 ACCESS_LOG_MODES: tuple[str, ...] = get_args(AccessLogMode)
@@ -199,6 +200,12 @@ class Settings:
         "How the model runs: 'litert' (LiteRT/XNNPACK, one thread: microseconds per call), 'tensorflow' "
         "(a tf.function), or 'auto': LiteRT when its probabilities agree with model.predict on the "
         "version's check set to 1e-6 or to TensorFlow's own batch-1 spread, else TensorFlow."))
+    model_control: ModelControlMode = opt("none", REPO, help=(
+        "'explicit' lets RepositoryModelLoad/Unload (gRPC) and POST /v2/repository/models/NAME/load "
+        "and /unload serve or stop serving a model of the repository, as Triton's "
+        "--model-control-mode=explicit; it needs a bearer token (MNIST_AUTH_TOKEN or "
+        "--auth-token-file) and one worker. 'none': those calls are refused (FAILED_PRECONDITION, "
+        "403)."))
     keep_versions: int = opt(2, REPO, ge=1, help=(
         "Newest versions kept loaded, so requests can pin the previous one (with a latest version "
         "policy; until a restart: --version-policy latest:N keeps N loaded across one)."))
@@ -306,6 +313,12 @@ class Settings:
              "--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS plus client certs)"),
             (self.auth_token is not None and self.auth_token_file is not None,
              "set MNIST_AUTH_TOKEN or --auth-token-file, not both"),
+            (self.model_control == "explicit" and self.auth_token is None and self.auth_token_file is None,
+             "--model-control explicit lets callers load and unload models: set MNIST_AUTH_TOKEN or "
+             "--auth-token-file too"),
+            (self.model_control == "explicit" and self.workers > 1,
+             f"--model-control explicit with --workers {self.workers}: a load or unload would reach "
+             "one worker only; use one worker"),
         ] if bad]
         if problems:
             raise ValueError("; ".join(problems))

@@ -16,6 +16,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from digitserve.server.errors import (
+    ControlRefusedError,
     DeadlineExpiredError,
     InvalidInputError,
     ModelNotReadyError,
@@ -34,6 +35,7 @@ _STATUS: dict[type[ServerError], tuple[grpc.StatusCode, int]] = {
     ModelNotReadyError: (grpc.StatusCode.UNAVAILABLE, 503),
     OverloadedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     DeadlineExpiredError: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    ControlRefusedError: (grpc.StatusCode.FAILED_PRECONDITION, 403),
 }
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 HTTP_INTERNAL = 500

@@ -15,7 +15,7 @@ from digitserve.server.registry import Registry
 
 # The extensions of the V2 protocol (Triton's names) this server serves, on both bindings, as
 # ServerMetadata and GET /v2 list them: add a name here when its routes and RPCs land.
-EXTENSIONS = ("binary_tensor_data", "model_configuration")
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics", "model_repository")
 
 def triton_type(datatype: str) -> str:
     """A V2 datatype (``UINT8``, ``BYTES``) as Triton's model configuration names it (``TYPE_UINT8``,

@@ -110,7 +110,9 @@ async def predict(router: Registry, pictures: PictureDecoder,
     call = InferRequest(request.model_name, inputs, request.model_version, request.version_label)
     response = await infer(plane, model, call, pictures, until)
     spec = model.spec
-    return _encoder(spec.name, spec.version, spec.labels).encode(response.probabilities)
+    answer = _encoder(spec.name, spec.version, spec.labels).encode(response.probabilities)
+    response.answered()
+    return answer
 
 
 async def evaluate(router: Registry, pictures: PictureDecoder,
