@@ -27,7 +27,8 @@ demo:
 	bash .ci/demo.sh
 
 # The test command: unit and server tests plus one end-to-end run on real MNIST. Every test must run
-# (MNIST_REQUIRE_E2E=1): one whose tool is missing fails; `make tools` installs curl, node and npm.
+# (MNIST_REQUIRE_E2E=1): one whose tool is missing fails; `make tools` installs curl, node, npm
+# and perf_analyzer.
 test: data
 	MNIST_DATA_DIR=$(DATA) MNIST_REQUIRE_E2E=1 $(BIN)/pytest
 
@@ -55,9 +56,11 @@ bench: data
 protos: venv
 	PYTHON=$(BIN)/python .ci/gen-protos.sh
 
-# curl, node and npm for the tests (apt-get, as root), or a line naming what is missing.
+# curl, node and npm for the tests (apt-get, as root), or a line naming what is missing; Triton's
+# perf_analyzer in .perf-venv (tests/interop/test_perf_analyzer.py, bench/perf_analyzer.py).
 tools:
 	bash .ci/tools.sh
+	bash .ci/perf-analyzer.sh
 
 containers:
 	bash .ci/containers.sh

@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _server(label: str, root: Path, args: argparse.Namespace, log_dir: Path) -> RunningServer:
+def start_server(label: str, root: Path, args: argparse.Namespace, log_dir: Path) -> RunningServer:
+    """The mnist-serve of checkout ``root`` on ``args.server_cpu`` (with an HTTP port when
+    ``args.http``), once its gRPC health says SERVING; bench.perf_analyzer starts its server here too."""
     port = free_port()
     layout = _layout(root)
     assert layout is not None
@@ -101,7 +103,7 @@ def _load(target: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _http_port(server: RunningServer) -> int:
+def http_port(server: RunningServer) -> int:
     """The HTTP port a server was given (--http-port N of its command line)."""
     argv = server.spec.argv
     return int(argv[argv.index("--http-port") + 1])
@@ -110,7 +112,7 @@ def _http_port(server: RunningServer) -> int:
 def _http_load(server: RunningServer, args: argparse.Namespace, body_file: Path) -> dict[str, Any]:
     from bench.rest import h2load
 
-    port = _http_port(server)
+    port = http_port(server)
     until = time.monotonic() + 60
     while True:  # gRPC health serves before the HTTP edge may have bound
         try:
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for round_index in range(args.rounds):
             order = trees if round_index % 2 == 0 else trees[::-1]
             for label, root in order:
-                server = _server(label, root, args, Path(tmp))
+                server = start_server(label, root, args, Path(tmp))
                 try:
                     result = (_http_load(server, args, body_file) if args.http
                               else _load(server.target, args))

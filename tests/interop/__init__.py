@@ -1,0 +1,1 @@
+"""Third-party tools against the server."""
