@@ -207,8 +207,10 @@ class Settings:
         "--auth-token-file) and one worker. 'none': those calls are refused (FAILED_PRECONDITION, "
         "403)."))
     keep_versions: int = opt(2, REPO, ge=1, help=(
-        "Newest versions kept loaded, so requests can pin the previous one (with a latest version "
-        "policy; until a restart: --version-policy latest:N keeps N loaded across one)."))
+        "With a latest:N version policy, how many of the newest loaded versions stay loaded when a "
+        "newer one replaces them, so calls can still pin the previous one. It loads nothing itself: "
+        "a start loads only the policy's versions (--version-policy latest:N keeps N across a "
+        "restart); ignored under specific and all."))
     log_level: str = opt("INFO", OBS, "Python logging level.")
     log_format: LogFormat = opt("auto", OBS, help=(
         "Log lines as 'json' (one object per line), 'text', or 'auto': text when stderr is a terminal, "
@@ -399,9 +401,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     ``env`` (MNIST_*). No abbreviations: else `--auth-token SECRET` would pass as
     --auth-token-file (and be logged)."""
     parser = _Parser(prog="mnist-serve", env=env, usage="%(prog)s --model-repo DIR [OPTION ...]",
-                     description="Serve published MNIST models over gRPC (Predict, Evaluate, "
-                     "GetModelInfo, health, reflection) and HTTP. Every flag can also be set by the "
-                     "environment variable shown.")
+                     description="Serve every model of a model repository over gRPC (digitserve.v1's "
+                     "Predict, Evaluate and GetModelInfo, the Open Inference Protocol, health, "
+                     "reflection) and, with --http-port, the Open Inference Protocol over HTTP. Every "
+                     "flag can also be set by the environment variable shown.")
     groups = {title: parser.add_argument_group(title, about) for title, about in GROUPS.items()}
     for name, field in FIELDS.items():
         if _extra(field)["env_only"]:
