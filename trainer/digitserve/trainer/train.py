@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import logging
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,7 +56,9 @@ class TrainConfig:
     seed: int = 42  # Python, NumPy, TensorFlow and Keras (and the seed preset's hold-out split)
     baseline: str | None = None  # ``random-forest``: fitted on the same data, reported beside
     report: bool = True  # the PNG figures in the version's ``report/``
-    verbose: int = 2  # Keras ``fit``'s (0 silent, 1 progress bar, 2 a line per epoch; summary unless 0)
+    # Keras ``fit``'s (0 silent, 1 a progress bar, 2 a line per epoch; the summary unless 0); None:
+    # 1 when standard output (where Keras writes) is a terminal, else 2.
+    verbose: int | None = None
 
 
 @dataclass
@@ -148,6 +151,15 @@ def _versions() -> dict[str, str]:
             **{name: str(importlib.import_module(module).__version__) for name, module in modules.items()}}
 
 
+def _is_terminal(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal (a progress bar's carriage returns redraw one line there;
+    in a file or a pipe they would pile up, so those get a line per epoch)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
     """Trains ``config.preset`` on the training images (or the preset's train part), evaluates the
     saved and reloaded model on the official test images and publishes it with its metadata,
@@ -170,7 +182,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     model = build_model(preset, input_shape=input_shape, num_classes=len(LABELS))
     steps_per_epoch = -(-data.x_train.shape[0] // preset.batch_size)
     model.compile(optimizer=build_optimizer(preset, steps_per_epoch), loss=preset.loss, metrics=["accuracy"])
-    if config.verbose:
+    verbose = config.verbose if config.verbose is not None else 1 if _is_terminal(sys.stdout) else 2
+    if verbose:
         model.summary()
     validation = None
     if data.x_holdout is not None and data.y_holdout is not None:
@@ -180,7 +193,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     fitted = model.fit(data.x_train, one_hot(data.y_train, len(LABELS)), epochs=preset.epochs,
                        batch_size=preset.batch_size, validation_data=validation, shuffle=True,
-                       verbose=config.verbose)
+                       verbose=verbose)
     train_seconds = time.perf_counter() - started
     history = {key: [float(v) for v in values] for key, values in fitted.history.items()}
     logger.info("trained in %.1fs", train_seconds)
