@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 DATA ?= data
 
-.PHONY: venv data demo test soak tools lint protos check-protos bench containers client-only clean
+.PHONY: venv demo-venv data demo test soak tools lint protos check-protos bench containers client-only clean
 
 # A strict editable install (a tree of links to the checkout's files, so that a folder named
 # digitserve beside a script cannot shadow the package): edits are live, a module added or removed
@@ -20,11 +20,22 @@ $(BIN)/.installed: pyproject.toml $(PACKAGE_DIRS)
 
 venv: $(BIN)/.installed
 
+# What `make demo` uses (server, trainer, the evaluate plot): no dev or load-test extras.
+$(BIN)/.demo-installed: pyproject.toml $(PACKAGE_DIRS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[server,trainer,plot]' --config-settings editable_mode=strict
+	touch $@
+
+demo-venv: $(BIN)/.demo-installed
+
 data: venv
 	$(BIN)/mnist-train fetch --data-dir $(DATA)
 
+# MNIST_PORT (50051), MNIST_RETRAIN=1 (train even when a version is published), MNIST_PRESET, ...:
+# see .ci/demo.sh.
 demo:
-	bash .ci/demo.sh
+	@VENV=$(VENV) PYTHON=$(PYTHON) bash .ci/demo.sh
 
 # The test command: unit and server tests plus one end-to-end run on real MNIST. Every test must run
 # (MNIST_REQUIRE_E2E=1): one whose tool is missing fails; `make tools` installs curl, node, npm
