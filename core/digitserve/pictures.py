@@ -1,11 +1,13 @@
-"""Pictures of a digit (PNG or JPEG: a photo, a scan, a drawing) turned into a model's pixels the
-way the MNIST images were made: the one preprocessing of the server, ``mnist-client`` and
-``DigitClient``, with numpy and Pillow only (the client installs nothing else).
+"""Pictures of a digit (PNG, JPEG or WebP, HEIC with the heic extra: a photo, a scan, a drawing)
+turned into a model's pixels the way the MNIST images were made: the one preprocessing of the
+server, ``mnist-client`` and ``DigitClient``, with numpy and Pillow only (the client installs
+nothing else).
 
-1. ``read_grey``: PNG or JPEG only, bounded in encoded bytes, pixels and decoded bytes (the last
-   two read from the header: a decompression bomb is refused unread); EXIF orientation applied,
-   alpha composed onto a background opposite to the ink, reduced to ``WORK_SIDE`` pixels a side
-   (a large JPEG by libjpeg's DCT scaling). Peak memory is about the decoded bytes.
+1. ``read_grey``: PNG, JPEG, WebP (HEIC with pillow-heif) only, bounded in encoded bytes, pixels
+   and decoded bytes (the last two read from the header: a decompression bomb is refused
+   unread); EXIF orientation applied, alpha composed onto a background opposite to the ink,
+   reduced to ``WORK_SIDE`` pixels a side (a large JPEG by libjpeg's DCT scaling). Peak memory
+   is about the decoded bytes.
 2. ``ink_contrast``: the paper's lighting is a quadratic surface fitted robustly (least median of
    squares on cell medians, then the paper's pixels), or a closing where a shadow's edge lies
    towards the ink; the ink is the side of the paper with the larger far outliers (dark ink or
@@ -35,7 +37,12 @@ import numpy.typing as npt
 logger = logging.getLogger(__name__)
 _F64 = npt.NDArray[np.float64]
 
-FORMATS = ("PNG", "JPEG")
+FORMATS = ("PNG", "JPEG", "WEBP")  # Pillow's own decoders; HEIF too with the heic extra (_formats)
+NAMES = "PNG, JPEG or WebP"
+HEIC_EXTRA = ("a HEIC (HEIF) picture, which needs the heic extra: pip install 'digitserve[heic]' "
+              "(pillow-heif); or convert it to JPEG or PNG")
+# The ISO base media brands of HEIF still pictures (HEVC-coded ones: what phones write).
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 MAX_BYTES = 8 * 1024 * 1024  # encoded bytes of one picture (a 12-megapixel phone JPEG is 2–5 MB)
 MAX_PIXELS = 4096 * 4096  # decoded width × height: a 12-megapixel photo (4032×3024) fits
 MAX_DECODED_BYTES = 48 * 1024 * 1024
@@ -51,6 +58,28 @@ EDGE = 0.2  # a digit's soft edge: down to this fraction of its strokes' contras
 THINNEST = 0.08  # MNIST's thinnest strokes (its 10th percentile), a fraction of the 20-pixel box
 
 
+def is_heif(data: bytes) -> bool:
+    """Whether ``data`` starts as a HEIF picture does (an ISO base media ``ftyp`` box of its brands)."""
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
+
+
+_heif: list[bool] = []  # whether pillow-heif's opener is registered (decided once)
+
+
+def _formats() -> tuple[str, ...]:
+    """The formats read: FORMATS, and HEIF where pillow-heif (the heic extra) is installed; its
+    opener is registered with Pillow on first use."""
+    if not _heif:
+        try:
+            import pillow_heif  # type: ignore[import-not-found,unused-ignore]  # the heic extra
+        except ImportError:
+            _heif.append(False)
+        else:
+            pillow_heif.register_heif_opener()
+            _heif.append(True)
+    return (*FORMATS, "HEIF") if _heif[0] else FORMATS
+
+
 class ImageError(ValueError):
     """A picture or an array that cannot be turned into a model's pixels: one line saying what is
     wrong and what is expected."""
@@ -59,27 +88,30 @@ class ImageError(ValueError):
 def read_grey(data: bytes, *, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
               max_decoded_bytes: int = MAX_DECODED_BYTES,
               work_side: int = WORK_SIDE) -> _F64:
-    """The picture in ``data`` (PNG or JPEG) as grey levels 0..255, at most ``work_side`` pixels a
-    side. ImageError: too large (pixels and decoded bytes read from the header), not a PNG or
-    JPEG, corrupt or truncated."""
+    """The picture in ``data`` (PNG, JPEG, WebP; HEIC with the heic extra) as grey levels 0..255, at
+    most ``work_side`` pixels a side. ImageError: too large (pixels and decoded bytes read from the
+    header), not a picture of those formats, corrupt or truncated."""
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > max_bytes:
         raise ImageError(f"{len(data)} bytes exceed the limit of {max_bytes} bytes per picture")
     if not data:
-        raise ImageError("empty; expected the bytes of a PNG or JPEG picture")
+        raise ImageError(f"empty; expected the bytes of a {NAMES} picture")
+    formats = _formats()
+    if is_heif(data) and "HEIF" not in formats:
+        raise ImageError(HEIC_EXTRA)
     try:
         with warnings.catch_warnings():  # our own bound (below) is lower than Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            image = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:  # beyond twice Pillow's own bound (~179 MP)
         found = re.search(r"\((\d+) pixels\)", str(exc))
         pixels = found.group(1) if found else "more than 178956970"
         raise ImageError(f"{pixels} pixels exceed the limit of {max_pixels} pixels per picture") from None
     except UnidentifiedImageError:
-        raise ImageError(f"not a PNG or JPEG image (it starts with {data[:8]!r})") from None
-    except Exception as exc:  # a PNG or JPEG header that does not parse
-        raise ImageError(f"not a readable PNG or JPEG image ({_reason(exc)})") from None
+        raise ImageError(f"not a {NAMES} image (it starts with {data[:8]!r})") from None
+    except Exception as exc:  # a header that does not parse
+        raise ImageError(f"not a readable {NAMES} image ({_reason(exc)})") from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
@@ -126,6 +158,8 @@ def decoded_bytes(image: Any, data: bytes, size: tuple[int, int]) -> tuple[int, 
         depth, (colour, channels) = data[24], _PNG_COLOURS[data[25]]
         per_pixel = max(channels * (2 if depth > 8 else 1), _held_per_pixel(image.mode))
         return width * height * per_pixel, f"{depth}-bit {colour}", "fewer pixels or 8 bits per sample"
+    if image.format in ("WEBP", "HEIF"):  # decoded into Pillow's image of its mode, RGB(A) 4 a pixel
+        return width * height * _held_per_pixel(image.mode), f"{image.format} {image.mode}", "fewer pixels"
     if image.format != "JPEG":  # a PNG header Pillow read but this does not: count the most
         return width * height * 8, f"{image.format} {image.mode}", "fewer pixels"
     drafted_w, drafted_h = image.size

@@ -108,7 +108,7 @@ def test_predict_cli_errors_are_one_line(
     (tmp_path / "bad.png").write_bytes(b"not a png")
     assert main(["--target", tiny_server.target, "predict", "--image",
                  str(tmp_path / "bad.png")]) == 1
-    assert capsys.readouterr().err.endswith("bad.png: not a PNG or JPEG image (it starts with "
+    assert capsys.readouterr().err.endswith("bad.png: not a PNG, JPEG or WebP image (it starts with "
                                             "b'not a pn')\n")
     assert main(["--target", tiny_server.target, "predict", "--image", str(tmp_path / "no.npy")]) == 1
     assert "no.npy: no such file" in capsys.readouterr().err

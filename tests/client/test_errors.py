@@ -109,7 +109,7 @@ def test_what_the_library_refuses_itself_is_under_the_same_root(
         client.predict(b"not a picture")  # refused before any call
     assert type(info.value) is ImageError
     assert isinstance(info.value, ValueError) and isinstance(info.value, PictureError)
-    assert str(info.value).startswith("not a PNG or JPEG image")
+    assert str(info.value).startswith("not a PNG, JPEG or WebP image")
     (tmp_path / "token").write_text("\n\n")
     with pytest.raises(DigitServeError) as security:
         read_token(tmp_path / "token")

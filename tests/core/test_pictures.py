@@ -219,10 +219,10 @@ def past_the_header(data: bytes, max_decoded_bytes: int | None = None) -> bool:
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    (b"", "empty; expected the bytes of a PNG or JPEG picture"),
+    (b"", "empty; expected the bytes of a PNG, JPEG or WebP picture"),
     (bytes(9000), "9000 bytes exceed the limit of 8192 bytes per picture"),
-    (GIF, f"not a PNG or JPEG image (it starts with {GIF[:8]!r})"),
-    (b"hello, world", "not a PNG or JPEG image (it starts with b'hello, w')"),
+    (GIF, f"not a PNG, JPEG or WebP image (it starts with {GIF[:8]!r})"),
+    (b"hello, world", "not a PNG, JPEG or WebP image (it starts with b'hello, w')"),
     (png_header(5000, 4000), "5000×4000 pixels exceed the limit of 16777216 pixels per picture"),
     (png_header(100_000, 100_000),  # beyond Pillow's own bound: refused by Pillow, said as ours
      "10000000000 pixels exceed the limit of 16777216 pixels per picture"),
@@ -347,8 +347,8 @@ def test_a_truncated_picture_is_one_line(fmt: str) -> None:
     data = encode(photographed(drawing("4")), fmt)
     with pytest.raises(ImageError) as info:
         pictures.from_bytes(data[: len(data) // 3])
-    assert re.fullmatch(r"corrupt or truncated (PNG|JPEG) data \([^\n]+\)|not a readable PNG or "
-                        r"JPEG image \([^\n]+\)", str(info.value)), info.value
+    assert re.fullmatch(r"corrupt or truncated (PNG|JPEG) data \([^\n]+\)|not a readable PNG, JPEG or "
+                        r"WebP image \([^\n]+\)", str(info.value)), info.value
     assert " at 0x" not in str(info.value)
 
 

@@ -683,10 +683,15 @@ def test_tritonclient_http_gets_the_probabilities_of_our_client(
 
 # --- the curl lines of the docs, as written --------------------------------------------------------
 
-def curl_blocks(path: Path) -> list[str]:
-    """The ```sh blocks of a doc that call the HTTP edge with curl."""
+def curl_blocks_of(path: Path, marker: str) -> list[str]:
+    """The ```sh blocks of a doc holding ``marker`` (a curl line)."""
     blocks = re.findall(r"```sh\n(.*?)```", path.read_text(), re.S)
-    return [b for b in blocks if "curl -s localhost:8080/v2" in b]
+    return [b for b in blocks if marker in b]
+
+
+def curl_blocks(path: Path) -> list[str]:
+    """The ```sh blocks of a doc that call the HTTP edge's V2 routes with curl."""
+    return curl_blocks_of(path, "curl -s localhost:8080/v2")
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/interoperability.md"])

@@ -22,7 +22,7 @@ from tests.support import scrape
 
 TOKEN = "route-t0ken"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "security.md"
-VALUES = {"name": "tiny", "version": "1"}
+VALUES = {"name": "tiny", "version": "1", "label": "stable"}
 
 
 def documented_open_routes() -> set[str]:
@@ -37,7 +37,8 @@ def documented_open_routes() -> set[str]:
 
 
 def concrete(route: Route) -> str:
-    """A path the route matches: its parameters filled with the served model, version 1."""
+    """A path the route matches: its parameters filled with the served model, version 1 (or its
+    label)."""
     path = route.label
     for key, value in VALUES.items():
         path = path.replace("{" + key + "}", value)
@@ -63,19 +64,24 @@ def test_the_route_table_is_what_the_edge_dispatches() -> None:
 
 
 def test_every_route_but_the_documented_open_ones_needs_the_token(
-    start_server: Callable[..., ServerThread],
+    start_server: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
-    # Model control on, so that load and unload answer 200 with the token (unload comes last).
-    server = start_server(http_port=0, auth_token=TOKEN, model_control="explicit")
+    # Model control on, so that load and unload answer 200 with the token (unload comes last);
+    # version 1 labelled, so that the routes naming a label answer 200 with it.
+    config = tmp_path / "models.toml"
+    config.write_text('default_model = "tiny"\n\n[models.tiny]\nlabels = { stable = 1 }\n')
+    server = start_server(http_port=0, auth_token=TOKEN, model_control="explicit", model_config=config,
+                          model_name=None)
     port = server.app.http_port
     assert port
     open_in_code = {f"{r.method} {r.label}" for r in ROUTES if r.open}
     assert open_in_code == documented_open_routes()
     body = fp32_body(scaled(images_u8(1)))
+    v1_body = {"instances": images_u8(1).tolist()}  # TF Serving's predict
     answered_open: set[str] = set()
     for route in ROUTES:
         path, key = concrete(route), f"{route.method} {route.label}"
-        payload = body if route.method == "POST" else None
+        payload = (v1_body if route.label.startswith("/v1/") else body) if route.method == "POST" else None
         missing = call(port, route.method, path, payload)
         if missing.status != 401:
             answered_open.add(key)

@@ -150,7 +150,7 @@ JPEG = digit_photo("JPEG")
 PNG = digit_photo("PNG")  # 135 kB: over the bounded server's 100,000 bytes per picture
 V1_ERRORS: list[tuple[str, list[pb.Image], str]] = [
     ("not-an-image", [pb.Image(encoded=JPEG), pb.Image(encoded=GIF)],
-     f"images[1].encoded: not a PNG or JPEG image (it starts with {GIF[:8]!r})"),
+     f"images[1].encoded: not a PNG, JPEG or WebP image (it starts with {GIF[:8]!r})"),
     ("truncated", [pb.Image(encoded=JPEG[: len(JPEG) // 2])],
      "images[0].encoded: corrupt or truncated JPEG data (image file is truncated (25 bytes not "
      "processed))"),
@@ -163,8 +163,8 @@ V1_ERRORS: list[tuple[str, list[pb.Image], str]] = [
     ("too-many-pictures", [pb.Image(encoded=JPEG)] * 5,
      "images: 5 pictures exceed the limit of 4 per request"),
     ("blank", [pb.Image(encoded=_blank_png())], f"images[0].encoded: {BLANK}"),
-    ("empty", [pb.Image(encoded=b"")], "images[0].encoded: empty; expected the bytes of a PNG or "
-     "JPEG picture"),
+    ("empty", [pb.Image(encoded=b"")], "images[0].encoded: empty; expected the bytes of a PNG, JPEG "
+     "or WebP picture"),
 ]
 
 
@@ -200,9 +200,9 @@ def test_a_picture_that_cannot_be_used_is_invalid_argument_naming_it(
 
 V2_ERRORS: list[tuple[str, oip.ModelInferRequest, str]] = [
     ("not-an-image", v2_request([JPEG, b"hello, world"], raw=False),
-     "inputs[0].contents.bytes_contents[1]: not a PNG or JPEG image (it starts with b'hello, w')"),
+     "inputs[0].contents.bytes_contents[1]: not a PNG, JPEG or WebP image (it starts with b'hello, w')"),
     ("not-an-image-raw", v2_request([GIF], raw=True),
-     f"raw_input_contents[0].element[0]: not a PNG or JPEG image (it starts with {GIF[:8]!r})"),
+     f"raw_input_contents[0].element[0]: not a PNG, JPEG or WebP image (it starts with {GIF[:8]!r})"),
     ("blank", v2_request([_blank_png()], raw=False),
      f"inputs[0].contents.bytes_contents[0]: {BLANK}"),
     ("shape", v2_request([JPEG, JPEG], raw=False, shape=[1, 2]),

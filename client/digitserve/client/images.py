@@ -71,17 +71,37 @@ def pictures_of(images: object) -> list[bytes | Path] | None:
     return [f for f in found if f is not None]
 
 
-def read_pictures(items: Sequence[bytes | Path]) -> list[bytes]:
-    """The bytes of each picture: as given, or read from its path (ImageError naming it)."""
-    out = []
+# The most bytes of pictures one request sends (the server's --max-picture-request-bytes, less room
+# for the rest of the message within gRPC's 16 MiB).
+MAX_REQUEST_PICTURE_BYTES = 16 * 1024 * 1024 - 64 * 1024
+
+
+def read_pictures(items: Sequence[bytes | Path], max_bytes: int = pictures.MAX_BYTES,
+                  max_request_bytes: int = MAX_REQUEST_PICTURE_BYTES) -> list[bytes]:
+    """The bytes of each picture: as given, or read from its path; ImageError naming it, with
+    the line the client's own preprocessing gives, for one over ``max_bytes`` (the server's
+    --max-picture-bytes default) and for pictures over ``max_request_bytes`` together, before
+    anything is sent (gRPC would refuse the message with its own error)."""
+    out, total = [], 0
     for item in items:
         if isinstance(item, bytes):
+            if len(item) > max_bytes:
+                raise ImageError(f"{len(item)} bytes exceed the limit of {max_bytes} bytes per picture")
             out.append(item)
-            continue
-        try:
-            out.append(item.read_bytes())
-        except OSError as exc:
-            raise ImageError(f"{item}: cannot be read ({exc.strerror or exc})") from None
+        else:
+            try:
+                size = item.stat().st_size
+                if size > max_bytes:  # as pictures.from_file says it
+                    raise ImageError(f"{item}: {size} bytes exceed the limit of {max_bytes} bytes "
+                                     "per picture")
+                out.append(item.read_bytes())
+            except OSError as exc:
+                raise ImageError(f"{item}: cannot be read ({exc.strerror or exc})") from None
+        total += len(out[-1])
+    if total > max_request_bytes:
+        raise ImageError(f"{len(out)} pictures of {total} bytes exceed the limit of {max_request_bytes} "
+                         "bytes of pictures per request; send fewer per call, or preprocess them here "
+                         "(preprocess='client')")
     return out
 
 

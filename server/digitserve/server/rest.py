@@ -23,7 +23,9 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from digitserve.server import infer
+from digitserve.inference import Model
+from digitserve.server import infer, tfservingcodec
+from digitserve.server.dataplane import DataPlane
 from digitserve.server.decoding import PictureDecoder
 from digitserve.server.errors import InvalidInputError, ModelNotReadyError, NotServedError
 from digitserve.server.modelcontrol import ModelControl, repository_index
@@ -145,6 +147,16 @@ ROUTES = (  # the router tries the paths of /v2/models in this order: inference 
     Route("GET", "/v2/models/{name}/versions/{version}/ready", "model_ready", True),
     Route("GET", "/v2/models/{name}/config", "model_config"),
     Route("GET", "/v2/models/{name}/versions/{version}/config", "model_config"),
+    # TF Serving's REST API (KServe's V1 protocol): server.tfservingcodec
+    Route("POST", "/v1/models/{name}:predict", "predict"),
+    Route("POST", "/v1/models/{name}/versions/{version}:predict", "predict"),
+    Route("POST", "/v1/models/{name}/labels/{label}:predict", "predict"),
+    Route("GET", "/v1/models/{name}", "v1_status"),
+    Route("GET", "/v1/models/{name}/versions/{version}", "v1_status"),
+    Route("GET", "/v1/models/{name}/labels/{label}", "v1_status"),
+    Route("GET", "/v1/models/{name}/metadata", "v1_metadata"),
+    Route("GET", "/v1/models/{name}/versions/{version}/metadata", "v1_metadata"),
+    Route("GET", "/v1/models/{name}/labels/{label}/metadata", "v1_metadata"),
     Route("POST", "/v2/repository/index", "repository_index"),
     Route("POST", "/v2/repository/models/{name}/load", "load"),
     Route("POST", "/v2/repository/models/{name}/unload", "unload"),
@@ -153,7 +165,9 @@ ROUTES = (  # the router tries the paths of /v2/models in this order: inference 
 NO_ROUTE = ("the Open Inference Protocol's routes are /v2/health/live, /v2/health/ready, /v2, "
             "/v2/models/NAME[/versions/V][/ready|/config], /v2/models[/NAME[/versions/V]]/stats, "
             "POST /v2/models/NAME[/versions/V]/infer, POST /v2/repository/index, "
-            "POST /v2/repository/models/NAME/load and /unload, and /metrics")
+            "POST /v2/repository/models/NAME/load and /unload, and /metrics; TF Serving's are "
+            "/v1/models/NAME[/versions/V|/labels/L][/metadata] and POST "
+            "/v1/models/NAME[/versions/V|/labels/L]:predict")
 
 
 def add_routes(app: web.Application, api: RestApi, expect: ExpectHandler | None = None) -> None:
@@ -167,7 +181,9 @@ def add_routes(app: web.Application, api: RestApi, expect: ExpectHandler | None 
             return web.Response(body=reply.body, status=reply.status,
                                 headers={**reply.headers, "Content-Type": reply.content_type})
 
-        path = re.sub(r"\{(\w+)\}", r"{\1:[^/]*}", route.label)
+        # TF Serving's names end before ':predict'
+        part = "[^/:]*" if route.label.startswith("/v1/") else "[^/]*"
+        path = re.sub(r"\{(\w+)\}", f"{{\\1:{part}}}", route.label)
         if route.method == "GET":
             app.router.add_get(path, handle, expect_handler=expect)
         else:
@@ -245,6 +261,49 @@ class RestApi:
         if length is None:
             return Reply(answer)
         return Reply(answer, content_type=OCTETS, headers={HEADER_LENGTH: str(length)})
+
+    def _v1_model(self, name: str, version: str, label: str, split: bool = False
+                  ) -> tuple[DataPlane, Model]:
+        """TF Serving's (name, version or label) resolved as the V2 routes resolve theirs."""
+        if version and not version.isdecimal():
+            raise InvalidInputError("version", f"{version[:80]!r} is not a version number; name a "
+                                    "label as /labels/LABEL")
+        if label and label.isdecimal():
+            raise InvalidInputError("label", f"{label!r} is not a version label; name a version "
+                                    "number as /versions/VERSION")
+        return infer.resolve(self._router, name, version or label, "version", split=split)
+
+    async def predict(self, request: web.Request, name: str, version: str = "",
+                      label: str = "") -> Reply:
+        """TF Serving's predict: ``instances`` or ``inputs`` in, ``predictions`` or
+        ``outputs`` out, through the data plane the V2 route uses."""
+        if self._draining():
+            raise ModelNotReadyError(SHUTTING_DOWN)
+        plane, model = self._v1_model(name, version, label, split=not (version or label))
+        data = await read_body(request)
+        ValueLimit(plane.max_images_per_request, model.spec.input_size).check(data)
+        read = partial(tfservingcodec.read_predict, data, name)
+        call = await asyncio.to_thread(read) if len(data) > THREAD_BYTES else read()
+        response = await infer.infer(plane, model, call.request, self._pictures, None)
+        answer = tfservingcodec.predict_body(response, call.rows)
+        response.answered()
+        return json_reply(answer)
+
+    async def v1_status(self, request: web.Request, name: str, version: str = "",
+                        label: str = "") -> Reply:
+        """TF Serving's model status: each version of the model (or the one named) and its state."""
+        self._router.model(name)  # NotServedError for a model not served
+        number = int(version) if version.isdecimal() else 0
+        if label or (version and not number):
+            number = self._v1_model(name, version, label)[1].spec.version
+        index = repository_index(self._router.model_infos(), False)
+        return json_reply(tfservingcodec.model_status(index, name, number))
+
+    async def v1_metadata(self, request: web.Request, name: str, version: str = "",
+                          label: str = "") -> Reply:
+        spec = self._v1_model(name, version, label)[1].spec
+        return json_reply(tfservingcodec.model_metadata(spec.name, spec.version, spec.input_size,
+                                                        len(spec.labels)))
 
     async def _options(self, request: web.Request, allowed: tuple[str, ...] = ()) -> dict[str, Any]:
         """A repository request's JSON body (none, or an object): its "parameters", of which only
