@@ -47,12 +47,26 @@ def warn_once(path: str, message: str) -> None:
 
 
 def _check_name(name: str) -> None:
-    if not name or name.startswith(".") or "/" in name or "\\" in name or name != name.strip():
-        raise RepositoryError(f"invalid model name {name!r}: use letters, digits, '-', '_' or '.'")
+    if (problem := model_name_error(name)) is not None:
+        raise RepositoryError(problem)
 
 
 # A model's directory is named like this (not hidden, not a version number, not ``lost+found``).
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MODEL_NAME_LIMIT = 128
+MODEL_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MODEL_NAME_LIMIT - 1}}}")
+
+
+def model_name_error(name: str) -> str | None:
+    """Why a model named ``name`` would never be served, in one line; None when it would be. The
+    one rule of the trainer (before it trains), the server's flags and its repository listing."""
+    if is_model_name(name):
+        return None
+    rule = "letters, digits, '.', '_', '-', starting with a letter or digit"
+    if is_version_name(name):
+        rule += "; a number alone names a version"
+    elif len(name) > MODEL_NAME_LIMIT and MODEL_NAME.fullmatch(name[:MODEL_NAME_LIMIT]):
+        rule += f"; at most {MODEL_NAME_LIMIT} characters, not {len(name)}"
+    return f"model name {name!r} is not a model directory's name ({rule})"
 
 
 def is_model_name(name: str) -> bool:
