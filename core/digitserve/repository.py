@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,12 +48,26 @@ def warn_once(path: str, message: str) -> None:
 
 
 def _check_name(name: str) -> None:
-    if not name or name.startswith(".") or "/" in name or "\\" in name or name != name.strip():
-        raise RepositoryError(f"invalid model name {name!r}: use letters, digits, '-', '_' or '.'")
+    if (problem := model_name_error(name)) is not None:
+        raise RepositoryError(problem)
 
 
 # A model's directory is named like this (not hidden, not a version number, not ``lost+found``).
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MODEL_NAME_LIMIT = 128
+MODEL_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MODEL_NAME_LIMIT - 1}}}")
+
+
+def model_name_error(name: str) -> str | None:
+    """Why a model named ``name`` would never be served, in one line; None when it would be. The
+    one rule of the trainer (before it trains), the server's flags and its repository listing."""
+    if is_model_name(name):
+        return None
+    rule = "letters, digits, '.', '_', '-', starting with a letter or digit"
+    if is_version_name(name):
+        rule += "; a number alone names a version"
+    elif len(name) > MODEL_NAME_LIMIT and MODEL_NAME.fullmatch(name[:MODEL_NAME_LIMIT]):
+        rule += f"; at most {MODEL_NAME_LIMIT} characters, not {len(name)}"
+    return f"model name {name!r} is not a model directory's name ({rule})"
 
 
 def is_model_name(name: str) -> bool:
@@ -64,6 +79,43 @@ def is_version_name(name: str) -> bool:
     """Whether ``name`` is a version directory's: a canonical positive integer (not ``012``, ``+1``
     or ``²``), so each version has exactly one directory."""
     return _VERSION_NAME.fullmatch(name) is not None
+
+
+MIN_FREE_BYTES = 64 * 2**20
+"""Free space a publish needs at least (a version of the largest preset, its report and check set
+take a few MiB); checked before training, not after."""
+
+
+def publish_error(root: str | os.PathLike[str], name: str) -> str | None:
+    """Why a version of ``name`` could not be published under ``root`` (``--model-repo``), in one
+    line; None when it could: ROOT/NAME is a directory or can be created (no file in the way),
+    this process may write there, and the file system has MIN_FREE_BYTES free. Nothing is left
+    behind (the write check is a directory made and removed)."""
+    root = Path(root)
+    flag = f"--model-repo {root}"
+    existing = root / name
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    named = "it" if existing == root else str(existing)
+    if not existing.is_dir():
+        kind = "a file" if existing.is_file() else "not a directory"
+        if existing == root:
+            return (f"{flag}: {kind}; give the model repository's directory (it holds NAME/VERSION/) "
+                    "or a path to create")
+        return (f"{flag}: {existing} is {kind}, so {root / name} cannot be created; remove it or give "
+                "another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        what = f"cannot write in {named}" if existing in (root, root / name) else \
+            f"cannot be created in {existing}"
+        return (f"{flag}: {what}: {error.strerror or error}; give a directory this user may write, or "
+                "fix its permissions")
+    free = shutil.disk_usage(existing).free
+    if free < MIN_FREE_BYTES:
+        return (f"{flag}: {free / 2**20:.1f} MiB free on its file system, less than the "
+                f"{MIN_FREE_BYTES // 2**20} MiB a version needs; free some space or give another path")
+    return None
 
 
 class ModelRepository:

@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
 from digitserve.config import Parser, env_name, show_default
-from digitserve.repository import is_model_name
+from digitserve.repository import model_name_error
 from digitserve.server.versionpolicy import parse_flag
 
 __all__ = ["Settings", "build_parser", "load_settings", "markdown"]
@@ -264,8 +264,7 @@ class Settings:
     def _model_names(cls, value: Any) -> tuple[str, ...]:
         """One name or several (repeated flags, the comma-separated variable), once each."""
         names = tuple(dict.fromkeys(n for n in ((value,) if isinstance(value, str) else value or ()) if n))
-        bad = [f"model name {n!r} is not a model directory's name (letters, digits, '.', '_', '-', "
-               "starting with a letter or digit)" for n in names if not is_model_name(n)]
+        bad = [problem for n in names if (problem := model_name_error(n)) is not None]
         if bad:
             raise ValueError("; ".join(bad))
         return names

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from digitserve.config import Parser
 from digitserve.extras import requirement_error
 from digitserve.idx import IdxError
-from digitserve.repository import RepositoryError
+from digitserve.repository import RepositoryError, model_name_error, publish_error
 from digitserve.trainer.errors import TrainerError
 from digitserve.trainer.presets import PRESETS
 
@@ -95,7 +95,20 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_before_training(args: argparse.Namespace) -> str | None:
+    """Why ``train`` could not publish what it trains, checked before any data is loaded: a model
+    name the server would never serve (the server's own rule), a repository it cannot write."""
+    problem = model_name_error(args.model_name)
+    if problem is not None:
+        return f"{problem}; the server would never serve it: choose another --model-name"
+    return publish_error(args.model_repo, args.model_name)
+
+
 def _train(args: argparse.Namespace) -> int:
+    problem = check_before_training(args)
+    if problem is not None:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 2
     from digitserve.trainer.train import TrainConfig, run
 
     config = TrainConfig(

@@ -30,7 +30,15 @@ from digitserve.metadata import (
     sha256_file,
 )
 from digitserve.metrics import ClassificationMetrics, MetricsAccumulator, classification_metrics
-from digitserve.repository import CHECK_SET_FILE, LITERT_FILE, MODEL_FILE, REPORT_DIR, ModelRepository
+from digitserve.repository import (
+    CHECK_SET_FILE,
+    LITERT_FILE,
+    MODEL_FILE,
+    REPORT_DIR,
+    ModelRepository,
+    RepositoryError,
+    publish_error,
+)
 from digitserve.trainer.errors import TrainerError
 from digitserve.trainer.presets import Preset, build_model, build_optimizer, get_preset
 
@@ -170,6 +178,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         raise TrainerError(f"unknown baseline {config.baseline!r} (known: {', '.join(BASELINES)})")
     repository = ModelRepository(config.model_repo)
     repository.versions(config.name)  # rejects an invalid name before the training, not after
+    if (problem := publish_error(config.model_repo, config.name)) is not None:
+        raise RepositoryError(problem)  # and a repository it could not publish into
     data = _load_data(config, preset)
 
     import keras
