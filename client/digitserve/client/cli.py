@@ -238,7 +238,8 @@ def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
             raise ImageError(f"{args.image}: no such file")
         image = args.image if is_picture(args.image) else load_image(args.image)
         result = client.predict(image, model_version=args.model_version, model_name=args.model_name,
-                                label=args.label, preprocess=args.preprocess)
+                                label=args.label, preprocess=args.preprocess,
+                                low_confidence=args.low_confidence)
         return _report(client, args, result, str(args.image), None)
     split = _load_split(args.data_dir, args.split)
     if not 0 <= args.index < split.images.shape[0]:
@@ -247,7 +248,8 @@ def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
             f"{split.images.shape[0]} images"
         )
     result = client.predict(split.images[args.index].reshape(-1), model_version=args.model_version,
-                            model_name=args.model_name, label=args.label)
+                            model_name=args.model_name, label=args.label,
+                            low_confidence=args.low_confidence)
     return _report(client, args, result, f"{split.images_path}[{args.index}]",
                    int(split.labels[args.index]))
 
@@ -257,13 +259,9 @@ def _report(client: DigitClient, args: argparse.Namespace, result: PredictResult
     """Prints one prediction; a low-confidence answer gets a warning line on stderr, and one
     below --fail-below an error line and exit EXIT_UNSURE."""
     probs = result.probabilities[0]
-    top = float(probs[result.class_indices[0]])
-    if args.low_confidence is not None:
-        threshold, whose = float(args.low_confidence), "--low-confidence"
-    else:
-        threshold, whose = (client.low_confidence_threshold(args.model_name),
-                            "the server's --low-confidence")
-    low = top < threshold
+    top, low = result.top_probabilities[0], result.low_confidence[0]
+    threshold = result.low_confidence_threshold
+    whose = "--low-confidence" if args.low_confidence is not None else "the server's --low-confidence"
     if args.json:
         print(json.dumps({
             "source": source, "probabilities": [float(p) for p in probs],

@@ -89,26 +89,41 @@ def encode_images(images: npt.ArrayLike) -> list[pb.Image]:
 
 @dataclass(frozen=True)
 class PredictResult:
-    """Predictions of a batch: probabilities (N, classes), top class index and label per image."""
+    """Predictions of a batch: probabilities (N, classes), top class index and label per image;
+    ``low_confidence_threshold`` the top-1 probability below which an answer is a guess
+    (``low_confidence`` says which are)."""
 
     probabilities: npt.NDArray[np.float32]
     class_indices: list[int]
     labels: list[str]
     model_name: str
     model_version: int
+    low_confidence_threshold: float = 0.0
+
+    @property
+    def top_probabilities(self) -> list[float]:
+        """The probability of each image's top class."""
+        return [float(self.probabilities[k, c]) for k, c in enumerate(self.class_indices)]
+
+    @property
+    def low_confidence(self) -> list[bool]:
+        """Per image, whether its top probability is below ``low_confidence_threshold``: the
+        answer the CLI warns of ("low confidence ... the answer may be a guess")."""
+        return [p < self.low_confidence_threshold for p in self.top_probabilities]
 
     @classmethod
     def from_proto(cls, response: pb.PredictResponse) -> PredictResult:
         return cls.from_responses([response])
 
     @classmethod
-    def from_responses(cls, responses: Sequence[pb.PredictResponse]) -> PredictResult:
+    def from_responses(cls, responses: Sequence[pb.PredictResponse],
+                       low_confidence_threshold: float = 0.0) -> PredictResult:
         """One result of the answers to a batch sent in several requests, in order; the model and
         version named are the first answer's (``DigitClient.predict`` pins the rest to it)."""
         found = [p for response in responses for p in response.predictions]
         return cls(np.array([p.probabilities for p in found], dtype=np.float32),
                    [p.class_index for p in found], [p.label for p in found],
-                   responses[0].model_name, responses[0].model_version)
+                   responses[0].model_name, responses[0].model_version, low_confidence_threshold)
 
 
 @dataclass(frozen=True)
@@ -275,6 +290,7 @@ class DigitClient:
         label: str = "",
         timeout: float | None = None,
         preprocess: Preprocess = "client",
+        low_confidence: float | None = None,
     ) -> PredictResult:
         """Probabilities for each image. ``images``: pixels of one image or a batch, as
         ``images.as_batch`` takes them for the model's rows×cols (GetModelInfo, asked once per
@@ -283,7 +299,9 @@ class DigitClient:
         or by the server (``"server"``: the picture as ``Image.encoded``) with the same code.
         ``model_name``: the model to ask ("": the client's, else the server's default);
         ``model_version`` pins a version, or ``label`` names a version label ("stable",
-        "canary"), not both. The result names the model and version that answered.
+        "canary"), not both. The result names the model and version that answered, and which
+        answers are low-confidence (``PredictResult.low_confidence``): a top probability below
+        ``low_confidence`` (default: the server's ``--low-confidence``, GetModelInfo).
 
         A batch over the server's limit of images per request (``max_images_per_request``) is
         sent as several requests, one after the other, each with its own deadline (``timeout``);
@@ -308,7 +326,9 @@ class DigitClient:
                                         model_name=name, version_label=label)
             responses.append(self._call(self.stub.Predict, request, timeout))
             model_version, label = responses[0].model_version, ""
-        return PredictResult.from_responses(responses)
+        threshold = (self.low_confidence_threshold(name) if low_confidence is None
+                     else low_confidence)
+        return PredictResult.from_responses(responses, threshold)
 
     def evaluate(
         self,
