@@ -7,7 +7,8 @@ Exit codes: 0 success; 1 an error the command could not get past, printed as one
 cannot be reached, the server refused a call, a file is missing or unreadable, the accuracy is
 below --min-accuracy, health is not SERVING); 2 a usage error (argparse's, or an extra the options
 need is not installed); 3 ``predict --fail-below P``: the answer came, but its top probability is
-below P (a guess a script should not trust).
+below P (a guess a script should not trust); 141 the reader of its output left early (``| head``),
+quietly, as ``cat`` does.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from digitserve.client.security import read_token, tls_credentials
 from digitserve.config import Parser
 from digitserve.extras import requirement_error
 from digitserve.metadata import Metadata
+from digitserve.pipes import quiet_on_broken_pipe
 from digitserve.v1 import digit_service_pb2 as pb
 
 PROG = "mnist-client"
@@ -588,6 +590,13 @@ def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command's exit code; 141 without a traceback when stdout's reader left early
+    (``mnist-client info | head -3``: ``digitserve.pipes``)."""
+    return quiet_on_broken_pipe(lambda: run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv`` and runs its command: each error one line on stderr and its exit code."""
     args = build_parser().parse_args(argv)
     # Extras the command needs: before anything imports what they provide, before any work (not
     # after evaluating 10,000 images).
