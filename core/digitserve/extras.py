@@ -37,10 +37,11 @@ def missing(extra: str) -> list[str]:
     return [name for name in MODULES[extra] if not available(name)]
 
 
-def requirement_error(prog: str, extra: str, what: str) -> str | None:
-    """The one line ``prog`` prints when ``extra`` is not installed, else None."""
+def requirement_error(prog: str, extra: str, what: str, kind: str = "error") -> str | None:
+    """The one line ``prog`` prints when ``extra`` is not installed, else None; ``kind`` is its
+    word after the name ("note" beside a help that still works)."""
     if not (absent := missing(extra)):
         return None
-    return (f"{prog}: error: {what} needs the '{extra}' extra, which is not installed (missing: "
+    return (f"{prog}: {kind}: {what} needs the '{extra}' extra, which is not installed (missing: "
             f"{', '.join(absent)}); install it with: pip install 'digitserve[{extra}]' (from a "
             f"checkout: pip install -e '.[{extra}]')")

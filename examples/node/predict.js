@@ -6,7 +6,8 @@
 //   node predict.js --target 127.0.0.1:50051 --data-dir ../../data --index 0   # an MNIST test image
 //   node predict.js --target 127.0.0.1:50051 --synthetic                       # a drawn "1"
 //
-// Exit codes: 0 answered, 1 the call failed (one line on stderr), 2 usage error.
+// Exit codes: 0 answered, 1 the call failed or nothing answers at the target (one line on stderr, at
+// once), 2 usage error.
 "use strict";
 
 const fs = require("node:fs");
@@ -95,8 +96,45 @@ function call(client, method, request, deadline) {
   });
 }
 
-function waitForReady(client, deadline) {
-  return new Promise((resolve, reject) => client.waitForReady(deadline, (err) => (err ? reject(err) : resolve())));
+class ConnectError extends Error {}
+
+// The one line of a failed connection, from the UNAVAILABLE details of a call made without waiting
+// for the channel (gRPC fails it at once with the last error), with what to do.
+function connectFailure(client, target, deadline) {
+  return new Promise((resolve) => {
+    client.makeUnaryRequest("/digitserve.client.Connectivity/Probe", (b) => b, (b) => b, Buffer.alloc(0),
+      { deadline, waitForReady: false }, (err) => {
+        const details = (err && err.details) || "";
+        let reason = details || "the connection failed";
+        if (details.includes("ECONNREFUSED")) {
+          reason = "connection refused (is mnist-serve running?); start it (mnist-serve --model-repo models) " +
+            "or give --target HOST:PORT (MNIST_TARGET)";
+        } else if (details.includes("Name resolution failed")) {
+          reason = "the name does not resolve; give --target HOST:PORT (MNIST_TARGET)";
+        }
+        resolve(new ConnectError(`cannot connect to ${target}: ${reason}`));
+      });
+  });
+}
+
+// Connects the client's channel: resolves once it is READY; rejects at once with ConnectError when
+// a connection attempt fails (TRANSIENT_FAILURE: nothing listens, the name does not resolve), not
+// after the whole deadline as client.waitForReady would (it waits through gRPC's reconnects).
+function connect(client, target, deadline) {
+  const channel = client.getChannel();
+  const { READY, TRANSIENT_FAILURE, SHUTDOWN } = grpc.connectivityState;
+  return new Promise((resolve, reject) => {
+    const check = () => {
+      const state = channel.getConnectivityState(true);
+      if (state === READY) return resolve();
+      if (state === TRANSIENT_FAILURE || state === SHUTDOWN) return connectFailure(client, target, deadline).then(reject);
+      channel.watchConnectivityState(state, deadline, (err) => {
+        if (err) reject(new ConnectError(`cannot connect to ${target}: no answer before the deadline (--timeout)`));
+        else check();
+      });
+    };
+    check();
+  });
 }
 
 async function main(argv) {
@@ -113,7 +151,7 @@ async function main(argv) {
   // One deadline for the whole exchange: connecting, the model info (synthetic image) and Predict.
   const deadline = new Date(Date.now() + opts.timeout * 1000);
   try {
-    await waitForReady(client, deadline);
+    await connect(client, opts.target, deadline);
     let image;
     if (opts.synthetic) {
       const info = await call(client, "GetModelInfo", { model_version: opts.modelVersion }, deadline);
@@ -154,6 +192,10 @@ main(process.argv.slice(2)).then(
     if (err instanceof UsageError) {
       console.error(`${USAGE}\npredict.js: error: ${err.message}`);
       process.exit(2);
+    }
+    if (err instanceof ConnectError) {
+      console.error(`predict.js: ${err.message}`);
+      process.exit(1);
     }
     const where = err.code !== undefined && grpc.status[err.code] ? `${grpc.status[err.code]}: ${err.details}` : err.message;
     console.error(`predict.js: ${where}`);

@@ -144,7 +144,7 @@ def test_load_image_normalises_pictures(tmp_path: Path) -> None:
     assert rows.max() - rows.min() + 1 <= 20  # fitted in the 20×20 box
     assert abs(np.average(np.arange(28), weights=pixels.sum(axis=1)) - 14) < 1.5  # centred
     np.save(tmp_path / "f.npy", np.full((28, 28), 0.5))
-    assert load_image(tmp_path / "f.npy").max() == 128
+    assert load_image(tmp_path / "f.npy").max() == 0.5  # floats in [0, 1] kept, as predict keeps them
     np.save(tmp_path / "wrong.npy", np.zeros(10))
     with pytest.raises(ImageError, match=r"holds 10 values of shape \(10,\); expected 784"):
         load_image(tmp_path / "wrong.npy")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,3 +107,19 @@ def test_node_reports_errors_in_one_line(
     usage = node_client("--target", tiny_server.target)
     assert usage.returncode == 2
     assert "give exactly one of --data-dir or --synthetic" in usage.stderr
+
+
+def test_node_without_a_server_says_what_to_do_at_once(
+    node_client: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    with socket.socket() as held:  # bound, not listening: connections to it are refused
+        held.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{held.getsockname()[1]}"
+        started = time.monotonic()
+        proc = node_client("--target", target, "--synthetic", "--timeout", "40")
+        took = time.monotonic() - started
+    assert proc.returncode == 1
+    assert proc.stderr == (f"predict.js: cannot connect to {target}: connection refused (is mnist-serve "
+                           "running?); start it (mnist-serve --model-repo models) or give --target "
+                           "HOST:PORT (MNIST_TARGET)\n")
+    assert took < 20  # at once, not at the 40 s deadline

@@ -56,7 +56,7 @@ def test_mnist_serve_and_mnist_train_check_their_extra_before_anything_else(
 
     monkeypatch.setitem(extras.MODULES, "serve", ("no_such_module_here",))
     monkeypatch.setitem(extras.MODULES, "trainer", ("no_such_module_here",))
-    assert serve(["--help"]) == 2
+    assert serve(["--model-repo", "models"]) == 2
     assert train(["train", "--data-dir", "d", "--model-repo", "m", "--model-name", "x"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" needs ")[0] for line in err] == ["mnist-serve: error: mnist-serve",
@@ -82,3 +82,17 @@ def test_mnist_client_loadtest_checks_its_extra_and_the_other_commands_do_not(
     # predict, evaluate, info and health are the client library's: no extra.
     assert client(["--target", "127.0.0.1:1", "--timeout", "0.5", "health"]) == 1
     assert "extra" not in capsys.readouterr().err
+
+
+def test_mnist_serve_help_without_its_extra_is_the_help_and_the_install_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from digitserve.server.cli import main as serve
+
+    monkeypatch.setitem(extras.MODULES, "serve", ("pydantic", "no_such_module_here"))
+    assert serve(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: mnist-serve") and "--max-images-per-request" in out
+    assert err == ("mnist-serve: note: serving needs the 'serve' extra, which is not installed "
+                   "(missing: no_such_module_here); install it with: pip install 'digitserve[serve]' "
+                   "(from a checkout: pip install -e '.[serve]')\n")

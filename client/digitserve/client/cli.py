@@ -7,7 +7,8 @@ Exit codes: 0 success; 1 an error the command could not get past, printed as one
 cannot be reached, the server refused a call, a file is missing or unreadable, the accuracy is
 below --min-accuracy, health is not SERVING); 2 a usage error (argparse's, or an extra the options
 need is not installed); 3 ``predict --fail-below P``: the answer came, but its top probability is
-below P (a guess a script should not trust).
+below P (a guess a script should not trust); 141 the reader of its output left early (``| head``),
+quietly, as ``cat`` does.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from digitserve.client.security import read_token, tls_credentials
 from digitserve.config import Parser
 from digitserve.extras import requirement_error
 from digitserve.metadata import Metadata
+from digitserve.pipes import quiet_on_broken_pipe
 from digitserve.v1 import digit_service_pb2 as pb
 
 PROG = "mnist-client"
@@ -238,7 +240,8 @@ def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
             raise ImageError(f"{args.image}: no such file")
         image = args.image if is_picture(args.image) else load_image(args.image)
         result = client.predict(image, model_version=args.model_version, model_name=args.model_name,
-                                label=args.label, preprocess=args.preprocess)
+                                label=args.label, preprocess=args.preprocess,
+                                low_confidence=args.low_confidence)
         return _report(client, args, result, str(args.image), None)
     split = _load_split(args.data_dir, args.split)
     if not 0 <= args.index < split.images.shape[0]:
@@ -247,7 +250,8 @@ def cmd_predict(client: DigitClient, args: argparse.Namespace) -> int:
             f"{split.images.shape[0]} images"
         )
     result = client.predict(split.images[args.index].reshape(-1), model_version=args.model_version,
-                            model_name=args.model_name, label=args.label)
+                            model_name=args.model_name, label=args.label,
+                            low_confidence=args.low_confidence)
     return _report(client, args, result, f"{split.images_path}[{args.index}]",
                    int(split.labels[args.index]))
 
@@ -257,13 +261,9 @@ def _report(client: DigitClient, args: argparse.Namespace, result: PredictResult
     """Prints one prediction; a low-confidence answer gets a warning line on stderr, and one
     below --fail-below an error line and exit EXIT_UNSURE."""
     probs = result.probabilities[0]
-    top = float(probs[result.class_indices[0]])
-    if args.low_confidence is not None:
-        threshold, whose = float(args.low_confidence), "--low-confidence"
-    else:
-        threshold, whose = (client.low_confidence_threshold(args.model_name),
-                            "the server's --low-confidence")
-    low = top < threshold
+    top, low = result.top_probabilities[0], result.low_confidence[0]
+    threshold = result.low_confidence_threshold
+    whose = "--low-confidence" if args.low_confidence is not None else "the server's --low-confidence"
     if args.json:
         print(json.dumps({
             "source": source, "probabilities": [float(p) for p in probs],
@@ -590,6 +590,13 @@ def _security(args: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command's exit code; 141 without a traceback when stdout's reader left early
+    (``mnist-client info | head -3``: ``digitserve.pipes``)."""
+    return quiet_on_broken_pipe(lambda: run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv`` and runs its command: each error one line on stderr and its exit code."""
     args = build_parser().parse_args(argv)
     # Extras the command needs: before anything imports what they provide, before any work (not
     # after evaluating 10,000 images).

@@ -38,6 +38,11 @@ SERVICE = "digitserve.v1.DigitService"
 DEFAULT_TIMEOUT = 10.0
 EVALUATE_BATCH = 1000
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# What a Predict request holds besides its images (model name, label, version), and what each
+# image's field adds to its own size (tag and length): margins when a batch is split to fit
+# MAX_MESSAGE_BYTES.
+REQUEST_SLACK_BYTES = 64 * 1024
+IMAGE_FRAMING_BYTES = 16
 # gRPC reconnects to an unreachable server with exponential backoff, 120 s at most by default: a
 # client waiting for a server to start (``wait_for_ready``, ``mnist-client --wait``) would see it
 # up to two minutes late. A client of one service retries every few seconds at most instead.
@@ -84,20 +89,41 @@ def encode_images(images: npt.ArrayLike) -> list[pb.Image]:
 
 @dataclass(frozen=True)
 class PredictResult:
-    """Predictions of a batch: probabilities (N, classes), top class index and label per image."""
+    """Predictions of a batch: probabilities (N, classes), top class index and label per image;
+    ``low_confidence_threshold`` the top-1 probability below which an answer is a guess
+    (``low_confidence`` says which are)."""
 
     probabilities: npt.NDArray[np.float32]
     class_indices: list[int]
     labels: list[str]
     model_name: str
     model_version: int
+    low_confidence_threshold: float = 0.0
+
+    @property
+    def top_probabilities(self) -> list[float]:
+        """The probability of each image's top class."""
+        return [float(self.probabilities[k, c]) for k, c in enumerate(self.class_indices)]
+
+    @property
+    def low_confidence(self) -> list[bool]:
+        """Per image, whether its top probability is below ``low_confidence_threshold``: the
+        answer the CLI warns of ("low confidence ... the answer may be a guess")."""
+        return [p < self.low_confidence_threshold for p in self.top_probabilities]
 
     @classmethod
     def from_proto(cls, response: pb.PredictResponse) -> PredictResult:
-        found = response.predictions
+        return cls.from_responses([response])
+
+    @classmethod
+    def from_responses(cls, responses: Sequence[pb.PredictResponse],
+                       low_confidence_threshold: float = 0.0) -> PredictResult:
+        """One result of the answers to a batch sent in several requests, in order; the model and
+        version named are the first answer's (``DigitClient.predict`` pins the rest to it)."""
+        found = [p for response in responses for p in response.predictions]
         return cls(np.array([p.probabilities for p in found], dtype=np.float32),
-                   [p.class_index for p in found], [p.label for p in found], response.model_name,
-                   response.model_version)
+                   [p.class_index for p in found], [p.label for p in found],
+                   responses[0].model_name, responses[0].model_version, low_confidence_threshold)
 
 
 @dataclass(frozen=True)
@@ -233,6 +259,28 @@ class DigitClient:
         that does not say."""
         return float(self._served_info(model_name).low_confidence_threshold)
 
+    def max_images_per_request(self, model_name: str = "") -> int:
+        """The most images the server takes in one Predict (``mnist-serve
+        --max-images-per-request``; GetModelInfo, asked once per model); 0 from a server that does
+        not say."""
+        return int(self._served_info(model_name).max_images_per_request)
+
+    def _requests(self, images: list[pb.Image], name: str) -> list[list[pb.Image]]:
+        """``images`` split into requests in order: each within the server's limit of images per
+        request (asked only for a batch of several) and within the client's send limit."""
+        limit = self.max_images_per_request(name) if len(images) > 1 else 0
+        budget = MAX_MESSAGE_BYTES - REQUEST_SLACK_BYTES
+        chunks: list[list[pb.Image]] = [[]]
+        size = 0
+        for image in images:
+            cost = image.ByteSize() + IMAGE_FRAMING_BYTES
+            if chunks[-1] and ((limit and len(chunks[-1]) >= limit) or size + cost > budget):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(image)
+            size += cost
+        return chunks
+
     def predict(
         self,
         images: npt.ArrayLike | Picture | Sequence[Picture],
@@ -242,6 +290,7 @@ class DigitClient:
         label: str = "",
         timeout: float | None = None,
         preprocess: Preprocess = "client",
+        low_confidence: float | None = None,
     ) -> PredictResult:
         """Probabilities for each image. ``images``: pixels of one image or a batch, as
         ``images.as_batch`` takes them for the model's rows×cols (GetModelInfo, asked once per
@@ -250,7 +299,15 @@ class DigitClient:
         or by the server (``"server"``: the picture as ``Image.encoded``) with the same code.
         ``model_name``: the model to ask ("": the client's, else the server's default);
         ``model_version`` pins a version, or ``label`` names a version label ("stable",
-        "canary"), not both. The result names the model and version that answered."""
+        "canary"), not both. The result names the model and version that answered, and which
+        answers are low-confidence (``PredictResult.low_confidence``): a top probability below
+        ``low_confidence`` (default: the server's ``--low-confidence``, GetModelInfo).
+
+        A batch over the server's limit of images per request (``max_images_per_request``) is
+        sent as several requests, one after the other, each with its own deadline (``timeout``);
+        the answers come back in order as one result. Unless ``model_version`` pins one, the
+        first answer's version is pinned for the rest, so that one version answers the whole
+        batch, as it would in one call. A refused request raises its ``errors.CallError``."""
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess={preprocess!r}: expected one of {', '.join(PREPROCESS)}")
         name = self._model(model_name)
@@ -263,9 +320,15 @@ class DigitClient:
         else:
             shape = self._model_input_shape(name)
             encoded = encode_images(np.stack([load_picture(p, shape) for p in found]))
-        request = pb.PredictRequest(images=encoded, model_version=model_version,
-                                    model_name=name, version_label=label)
-        return PredictResult.from_proto(self._call(self.stub.Predict, request, timeout))
+        responses: list[pb.PredictResponse] = []
+        for chunk in self._requests(encoded, name):
+            request = pb.PredictRequest(images=chunk, model_version=model_version,
+                                        model_name=name, version_label=label)
+            responses.append(self._call(self.stub.Predict, request, timeout))
+            model_version, label = responses[0].model_version, ""
+        threshold = (self.low_confidence_threshold(name) if low_confidence is None
+                     else low_confidence)
+        return PredictResult.from_responses(responses, threshold)
 
     def evaluate(
         self,

@@ -24,15 +24,23 @@ PROBE_METHOD = "/digitserve.client.Connectivity/Probe"
 PROBE_TIMEOUT = 1.0
 
 _REFUSED = "connection refused (is mnist-serve running?)"
+# What grpc core says of a port that answered its HTTP/2 preface with an HTTP/1 response (an
+# aiohttp or other web server: mnist-serve's own --http-port, most likely).
+HTTP1_DETAILS = "Trying to connect an http1.x server"
+HTTP1_REASON = ("it answers HTTP/1, not gRPC: it looks like the server's --http-port; use the gRPC "
+                "port (--port, default 50051)")
 
 
 def failure_reason(details: str) -> str:
     """The reason in gRPC's UNAVAILABLE details of a failed connection, in a user's words:
     ``connections to all backends failing; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to
     connect to remote host: Connection refused`` -> ``connection refused (is mnist-serve
-    running?)``; details it does not recognise are returned as they are."""
+    running?)``; an HTTP/1 server's answer names the likely mix-up of ports; details it does
+    not recognise are returned as they are."""
     if "Connection refused" in details:
         return _REFUSED
+    if HTTP1_DETAILS in details:
+        return HTTP1_REASON
     match = re.search(r"lookup failed for \S+?: (.+?)\]?$", details)
     if match:
         return f"the name does not resolve ({match.group(1)})"

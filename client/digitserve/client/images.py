@@ -105,15 +105,20 @@ def read_pictures(items: Sequence[bytes | Path], max_bytes: int = pictures.MAX_B
     return out
 
 
-def load_image(path: Path, shape: tuple[int, int] = (28, 28)) -> npt.NDArray[np.uint8]:
-    """A flat uint8 vector (rows*cols) from a .npy array or a PNG/JPEG picture (preprocessed as
-    MNIST's images were: ``digitserve.pictures``)."""
+def load_image(path: Path, shape: tuple[int, int] = (28, 28)
+               ) -> npt.NDArray[np.uint8] | npt.NDArray[np.float32]:
+    """A flat vector (rows*cols) of pixels from a .npy array (read as ``pixel_values`` reads an
+    array) or a PNG/JPEG picture (uint8, preprocessed as MNIST's images were:
+    ``digitserve.pictures``)."""
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
     return load_picture(path, shape) if is_picture(path) else _load_npy(path, shape)
 
 
-def _load_npy(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+def _load_npy(path: Path, shape: tuple[int, int]
+              ) -> npt.NDArray[np.uint8] | npt.NDArray[np.float32]:
+    """The pixels of a .npy array of one image, read by ``pixel_values``' rule: the rule
+    ``DigitClient.predict`` applies to the same array passed in memory."""
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
@@ -121,19 +126,7 @@ def _load_npy(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
     size = shape[0] * shape[1]
     if array.size != size:
         raise ImageError(f"{path}: holds {array.size} values of shape {array.shape}; expected {size}")
-    flat = array.reshape(size)
-    if flat.dtype == np.uint8:
-        return np.asarray(flat, dtype=np.uint8)
-    if not np.issubdtype(flat.dtype, np.number):
-        raise ImageError(f"{path}: dtype {flat.dtype} is not numeric")
-    values = flat.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ImageError(f"{path}: holds NaN or infinite values")
-    if values.min() >= 0 and values.max() <= 1:
-        return np.asarray(np.rint(values * 255), dtype=np.uint8)
-    if values.min() >= 0 and values.max() <= 255:
-        return np.asarray(np.rint(values), dtype=np.uint8)
-    raise ImageError(f"{path}: values span {values.min()}..{values.max()}; expected 0..1 or 0..255")
+    return pixel_values(array.reshape(size), str(path))
 
 
 def _dims(shape: Sequence[int]) -> str:
@@ -144,35 +137,41 @@ _KINDS = {"b": "booleans", "U": "strings", "S": "bytes", "O": "Python objects (a
           "list?)", "c": "complex numbers", "M": "datetimes", "m": "timedeltas"}
 
 
-def pixel_values(images: npt.ArrayLike) -> npt.NDArray[np.uint8] | npt.NDArray[np.float32]:
-    """The pixels of ``images`` as the wire carries them, decided for the whole array by its dtype
-    and range: integers (any integer dtype, Python ints) are intensities 0..255, sent as bytes;
-    floats whose values all lie in [0, 1] are intensities in [0, 1], sent as float32; floats with
-    a value above 1 and none above 255 are intensities 0..255, divided by 255 (as the server
-    scales bytes, so whole numbers give the same probabilities as bytes) and sent as float32.
-    Anything else (booleans, text, NaN, values out of range) raises ImageError in the caller's
-    terms."""
+def pixel_values(images: npt.ArrayLike, what: str = "images"
+                 ) -> npt.NDArray[np.uint8] | npt.NDArray[np.float32]:
+    """The pixels of ``images`` as the wire carries them: the one rule of the library
+    (``DigitClient.predict``, ``evaluate``) and of ``mnist-client predict --image x.npy``, decided
+    for the whole array by its dtype and range. Integers (any integer dtype, Python ints) are
+    intensities 0..255, sent as bytes, except an array of only 0s and 1s with at least one 1: a
+    mask such as ``(x > 127).astype(int)``, 1 meaning ink (255), 0 background (0), since as
+    intensities it would be a black image. Floats whose values all lie in [0, 1] are intensities in
+    [0, 1], sent as float32; floats with a value above 1 and none above 255 are intensities
+    0..255, divided by 255 (as the server scales bytes, so whole numbers give the same
+    probabilities as bytes) and sent as float32. Anything else (booleans, text, NaN, values out of
+    range) raises ImageError naming ``what``."""
     try:
         array = np.asarray(images)
     except ValueError as exc:  # a ragged list
-        raise ImageError(f"images: not a rectangular array of numbers ({exc})") from None
+        raise ImageError(f"{what}: not a rectangular array of numbers ({exc})") from None
     if array.size == 0:
-        raise ImageError(f"images: no pixels (shape {array.shape})")
+        raise ImageError(f"{what}: no pixels (shape {array.shape})")
     if array.dtype.kind in "ui":
         least, most = int(array.min()), int(array.max())
         if least < 0 or most > 255:
-            raise ImageError(f"images ({array.dtype}): values {least}..{most} are outside 0..255; "
+            raise ImageError(f"{what} ({array.dtype}): values {least}..{most} are outside 0..255; "
                              "integer pixels are intensities 0..255")
+        if most == 1:  # a 0/1 mask
+            return np.asarray(array * 255, dtype=np.uint8)
         return array.astype(np.uint8, copy=False)
     if array.dtype.kind != "f":
         kind = _KINDS.get(array.dtype.kind, f"dtype {array.dtype}")
-        raise ImageError(f"images: {kind} are not pixels; expected integers 0..255 or floats in "
+        raise ImageError(f"{what}: {kind} are not pixels; expected integers 0..255 or floats in "
                          "0..1 or 0..255")
     if not np.isfinite(array).all():
-        raise ImageError(f"images ({array.dtype}): hold NaN or infinite values")
+        raise ImageError(f"{what} ({array.dtype}): hold NaN or infinite values")
     low, high = float(array.min()), float(array.max())
     if low < 0 or high > 255:
-        raise ImageError(f"images ({array.dtype}): values {low:g}..{high:g} are outside 0..1 and "
+        raise ImageError(f"{what} ({array.dtype}): values {low:g}..{high:g} are outside 0..1 and "
                          "0..255; float pixels are intensities in 0..1 (or 0..255)")
     if high <= 1:
         return np.asarray(array, dtype="<f4")

@@ -6,17 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from digitserve.extras import WITH_TENSORFLOW, available, requirement_error
 
 PROG = "mnist-serve"
+HELP_FLAGS = {"-h", "--help"}
+
+
+def _help_without_extra() -> int:
+    """``mnist-serve --help`` in an install without the ``serve`` extra (the client's): the help
+    (its parser needs only pydantic, a dependency of every install) and the line that says how to
+    install the server, exit 0 as a help does."""
+    if available("pydantic"):
+        from digitserve.server.settings import build_parser
+
+        build_parser(os.environ).print_help()
+    print(requirement_error(PROG, "serve", "serving", kind="note"), file=sys.stderr)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     unmet = requirement_error(PROG, "serve", PROG)  # before anything imports what it names
     if unmet:
+        if HELP_FLAGS & set(sys.argv[1:] if argv is None else argv):
+            return _help_without_extra()
         print(unmet, file=sys.stderr)
         return 2
     from digitserve.server.logs import configure_logging
