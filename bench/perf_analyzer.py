@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from bench.servers import BenchError
+from bench.servers import BenchError, write_section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WRAPPER = REPO_ROOT / "bench" / "perf-analyzer"
@@ -374,16 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write(text: str, argv: Sequence[str] | None) -> None:
-    doc = REPO_ROOT / "BENCHMARKS.md"
-    old = doc.read_text()
     command = "python -m bench.perf_analyzer " + " ".join(argv if argv is not None else sys.argv[1:])
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    section = f"{BEGIN}\n\nRun of {when}: `{command}`\n\n{text}\n\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old + "\n" + section + "\n"
-    doc.write_text(new)
+    write_section(REPO_ROOT / "BENCHMARKS.md", BEGIN, END, command, text)
 
 
 if __name__ == "__main__":

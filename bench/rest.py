@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from bench.h2load import ms, parse
-from bench.servers import BenchError, free_port
+from bench.servers import BenchError, free_port, write_section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 POINTS = ("json-1", "binary-1", "json-64")
@@ -233,16 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = "\n".join(lines)
     print("\n" + table)
     if args.write:
-        doc = REPO_ROOT / "BENCHMARKS.md"
-        text = doc.read_text()
         command = "python -m bench.rest " + " ".join(argv if argv is not None else sys.argv[1:])
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        section = f"{BEGIN}\n\nRun of {when}: `{command}`\n\n{table}\n\n{END}"
-        if BEGIN in text and END in text:
-            text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-        else:
-            text += "\n" + section + "\n"
-        doc.write_text(text)
+        write_section(REPO_ROOT / "BENCHMARKS.md", BEGIN, END, command, table)
     return 0
 
 

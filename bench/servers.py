@@ -200,3 +200,16 @@ def model_versions(repo: Path, name: str) -> dict[str, int]:
         preset = metadata.preset or ""
         found[preset] = max(found.get(preset, 0), int(child.name))
     return found
+
+
+def write_section(doc: Path, begin: str, end: str, command: str, text: str) -> None:
+    """Puts ``text`` between the markers ``begin`` and ``end`` of ``doc`` (BENCHMARKS.md), under a
+    line naming when and by which ``command`` it was measured; appends the section the first time."""
+    old = doc.read_text()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    section = f"{begin}\n\nRun of {when}: `{command}`\n\n{text}\n\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + section + old[old.index(end) + len(end):]
+    else:
+        new = old + "\n" + section + "\n"
+    doc.write_text(new)
