@@ -35,16 +35,6 @@ def publish_as(root: Path, source_dir: Path, name: str) -> int:
 
 
 @pytest.fixture
-def digits_dir(tiny_repo: Path) -> Path:
-    return ModelRepository(tiny_repo).version_dir("tiny", 1)
-
-
-@pytest.fixture
-def bars_dir(noisy_repo: Path) -> Path:
-    return ModelRepository(noisy_repo).version_dir("tiny", 1)
-
-
-@pytest.fixture
 def two_models(tmp_path: Path, digits_dir: Path, bars_dir: Path) -> Path:
     """A repository of two different models: 'digits' (the tiny model) and 'bars' (a seed
     model trained on noisy bars)."""

@@ -44,16 +44,6 @@ GOOD, WORSE = 1, 2
 
 
 @pytest.fixture
-def digits_dir(tiny_repo: Path) -> Path:
-    return ModelRepository(tiny_repo).version_dir("tiny", 1)
-
-
-@pytest.fixture
-def bars_dir(noisy_repo: Path) -> Path:
-    return ModelRepository(noisy_repo).version_dir("tiny", 1)
-
-
-@pytest.fixture
 def good_then_worse(tmp_path: Path, digits_dir: Path, bars_dir: Path) -> Path:
     """Model 'digits': version 1 the good one, version 2 the worse one (newest, so the default
     policy would serve it and nothing else)."""
