@@ -26,7 +26,8 @@
 # health SERVING, on a quiet machine) scaled by the machine's pace in the same run: the bound is
 # the larger of it and COLD_START_FACTOR (4) times a bare start (`docker run` of the serve image
 # running `python -c pass`, measured just before), so a busy machine does not fail it and a server
-# that starts slowly still does; KILL_MAX_FAILED_PCT (1: failed calls of the kill test),
+# that starts slowly still does; a start above it is measured again, up to COLD_START_TRIES (3)
+# starts, and the fastest counts; KILL_MAX_FAILED_PCT (1: failed calls of the kill test),
 # KILL_DURATION (20 s of load in the kill test).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -46,6 +47,7 @@ export BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}
 SERVE_IMAGE_MAX_MB=${SERVE_IMAGE_MAX_MB:-350}
 COLD_START_MAX_S=${COLD_START_MAX_S:-3}
 COLD_START_FACTOR=${COLD_START_FACTOR:-4}
+COLD_START_TRIES=${COLD_START_TRIES:-3}
 KILL_MAX_FAILED_PCT=${KILL_MAX_FAILED_PCT:-1}
 KILL_DURATION=${KILL_DURATION:-20}
 export MNIST_PRESET=${MNIST_PRESET:-default}
@@ -372,12 +374,35 @@ oneline() {
     probe http-ready "http://127.0.0.1:$http_port/v2/health/ready"
   fi
   bound=$(cold_start_bound "$bare")
-  figure "serve image: $(image_mb "$MNIST_IMAGE") MB, cold start: $cold s (docker run -> health SERVING, default preset; bound $bound s: the larger of $COLD_START_MAX_S s and $COLD_START_FACTOR x a bare start of $bare s)"
-  if awk -v c="$cold" -v max="$bound" 'BEGIN { exit !(c > max) }'; then
-    log "cold start $cold s is above the bound of $bound s"
+  # A start above the bound is measured again, up to COLD_START_TRIES starts in all, and the
+  # fastest counts: noise from a busy machine only adds time, so the minimum is the code's figure.
+  local tries=$cold attempt=1 again
+  while above "$cold" "$bound" && [ "$attempt" -lt "$COLD_START_TRIES" ]; do
+    attempt=$((attempt + 1))
+    again=$(cold_start "$name-$attempt")
+    tries="$tries, $again"
+    if above "$cold" "$again"; then cold=$again; fi
+  done
+  figure "serve image: $(image_mb "$MNIST_IMAGE") MB, cold start: $cold s (docker run -> health SERVING, default preset; the fastest of $attempt start(s): $tries s; bound $bound s: the larger of $COLD_START_MAX_S s and $COLD_START_FACTOR x a bare start of $bare s)"
+  if above "$cold" "$bound"; then
+    log "cold start $cold s is above the bound of $bound s in each of $attempt starts"
     return 1
   fi
   docker rm -f "$name" >/dev/null
+}
+
+# above A B: true when the number A is greater than B.
+above() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a > b) }'; }
+
+# cold_start NAME: seconds from `docker run` of the one-line command to health SERVING, once.
+cold_start() {
+  local port started serving
+  port=$(free_port)
+  started=$(now)
+  start "$1" -p "127.0.0.1:$port:50051" -v "$scratch/models:/models:ro" "$MNIST_IMAGE"
+  serving=$(probe serving "127.0.0.1:$port" 60) || { docker rm -f "$1" >/dev/null; return 1; }
+  docker rm -f "$1" >/dev/null
+  seconds_since "$started" "$serving"
 }
 
 # bare_start: seconds from `docker run` of the serve image running `python -c pass` to its exit:
