@@ -34,6 +34,7 @@ STAGING_MAX_AGE = 3600.0
 """Seconds after its last write an unlocked ``.staging-*`` directory is taken for a killed
 publisher's and removed by the next publish. A live publisher holds a flock on it (one host); the
 age covers publishers that take no lock (older trainers, other hosts over NFS)."""
+LOST_AND_FOUND = "lost+found"  # a volume's own directory, no model's: never reported
 _VERSION_NAME = re.compile(r"[1-9][0-9]*")  # ASCII digits only, no leading zero: str(int(name))
 
 
@@ -133,12 +134,20 @@ class ModelRepository:
     def model_dirs(self) -> dict[str, bool]:
         """Each model directory's name and whether it holds a version directory, from one listing
         of the root and of each model directory; {} when the repository is missing."""
+        return self.listing()[0]
+
+    def listing(self) -> tuple[dict[str, bool], dict[str, str]]:
+        """model_dirs, and from the same listing each other directory of the root with why it is
+        not a model's (its name; hidden ones and a volume's ``lost+found`` are left out)."""
         try:
             with os.scandir(self.root) as entries:
-                found = [e for e in entries if is_model_name(e.name) and self.followed_dir(e)]
+                dirs = [e for e in entries if not e.name.startswith(".") and e.name != LOST_AND_FOUND
+                        and self.followed_dir(e)]
         except (FileNotFoundError, NotADirectoryError):
-            return {}
-        return {e.name: self._holds_a_version(Path(e.path)) for e in found}
+            return {}, {}
+        models = {e.name: self._holds_a_version(Path(e.path)) for e in dirs if is_model_name(e.name)}
+        others = {e.name: problem for e in dirs if (problem := model_name_error(e.name)) is not None}
+        return models, others
 
     def _holds_a_version(self, model_dir: Path) -> bool:
         try:

@@ -13,6 +13,7 @@ from digitserve.repository import ModelRepository
 from digitserve.server.modelconfig import ServingConfig
 from digitserve.server.registry import Registry
 from digitserve.server.settings import Settings
+from digitserve.server.unserved import UnservedReport, bad_name, no_version
 from digitserve.server.versions import (
     NothingPublishedError,
     RepositoryReads,
@@ -45,6 +46,7 @@ class Discovery:
         self.repository = ModelRepository(settings.model_repo)
         self.removed: dict[str, float] = {}  # models whose directory is gone: since when
         self.unpublished = 0  # model directories found without a version, not served (yet)
+        self.unserved = UnservedReport(settings.model_repo)  # says which directories are not served
         # server.modelcontrol's requests: models served whatever the config says, and models
         # not served whatever the repository holds (until loaded again).
         self.loaded: set[str] = set()
@@ -58,13 +60,16 @@ class Discovery:
         names = set(configured(config))
         root = self.settings.model_repo
         if config.models is None:
-            found = await self.reads.run("list models", f"listing the models in {root}",
-                                         self.repository.model_dirs)
+            found, others = await self.reads.run("list models", f"listing the models in {root}",
+                                                 self.repository.listing)
             # A directory without a version costs this one listing per look and nothing else: no
             # ModelVersions (batcher, watch, health services, metrics series) until a version
             # appears in it. One served already stays while its directory is there.
             names.update(n for n, published in found.items() if published or n in registry.models)
-            self.unpublished = sum(1 for n, published in found.items() if not published and n not in names)
+            waiting = [n for n, published in found.items() if not published and n not in names]
+            self.unpublished = len(waiting)
+            self.unserved.look({**{n: bad_name(why) for n, why in others.items()},
+                                **{n: no_version(root, n) for n in waiting}})
         names = (names | self.loaded) - self.unloaded
         now = time.monotonic()
         grace = self.settings.removed_version_grace

@@ -68,7 +68,8 @@ class Settings:
     model_repo: Path = opt(..., REPO, "Root of the model repository (REPO/NAME/VERSION/).")
     model_name: tuple[str, ...] = opt((), REPO, shown="every model", help=(
         "A model of the repository to serve (repeat the flag for several; comma-separated in the "
-        "variable); none serves every model in the repository, and models that appear later."))
+        "variable); none serves every model in the repository, and models that appear later. A name "
+        "with no directory in a repository holding other models stops the start (exit 2), naming them."))
     model_version: int = opt(0, REPO, ge=0, help=(
         "Version to serve (with one --model-name); 0 serves the newest that passes the gate."))
     version_policy: str = opt("", REPO, shown="latest:1", help=(

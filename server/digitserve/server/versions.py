@@ -198,7 +198,7 @@ def repository_error(root: Path, name: str | None = None) -> ModelNotFoundError 
     ``--model_base_path`` habit; the line adds ``--model-name`` when it is another model's), empty,
     holds other models, or holds the model without a version yet. NothingPublishedError where
     publishing into ``root`` is what it lacks (a server may wait for that), ModelNotFoundError
-    where the flag names the wrong thing."""
+    where a flag names the wrong thing (a model name with no directory among other models)."""
     flag = f"--model-repo {root}"
     publish = f"mnist-train train --model-repo {root} --model-name {name or 'NAME'}"
     if not root.exists():
@@ -236,7 +236,7 @@ def repository_error(root: Path, name: str | None = None) -> ModelNotFoundError 
             listed = ", ".join(f"{child} ({_versions_text(versions)})"
                                for child, versions in models[:MAX_LISTED])
             more = f" and {len(models) - MAX_LISTED} more" if len(models) > MAX_LISTED else ""
-            return NothingPublishedError(
+            return ModelNotFoundError(  # a typo: no wait would help, so the server does not start
                 f"{flag}: no model {name!r} in it; models there: {listed}{more}; choose one with "
                 f"--model-name, or publish {name!r} ({publish})")
     if not everything:
