@@ -21,6 +21,7 @@ CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 TRAINING_CURVES_FILE = "training_curves.png"
 SAMPLES_FILE = "samples.png"
 HTML_FILE = "index.html"
+SWEEP_FILE = "sweep.html"  # the page of the sweep whose best point a version is (mnist-train sweep)
 _DPI = 100
 
 
@@ -28,10 +29,11 @@ def write_report(report_dir: Path, *, title: str, labels: Sequence[str],
                  confusion_matrix: Sequence[Sequence[int]], history: Mapping[str, Sequence[float]],
                  images: npt.NDArray[np.uint8], y_true: npt.NDArray[np.integer[Any]],
                  y_pred: npt.NDArray[np.integer[Any]], metadata: Metadata | Mapping[str, Any] | None = None,
-                 ) -> list[Path]:
+                 sweep_page: str | None = None) -> list[Path]:
     """Writes the three report figures and the HTML page that shows them with the figures of
-    ``metadata`` (metrics, baseline, hyper-parameters) into ``report_dir``; returns their paths,
-    the page last."""
+    ``metadata`` (metrics, baseline, hyper-parameters) into ``report_dir``, and ``sweep_page`` (the
+    HTML of the sweep the version is the best point of) as ``sweep.html``, linked from the page;
+    returns their paths, the page last."""
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = [report_dir / name for name in (CONFUSION_MATRIX_FILE, TRAINING_CURVES_FILE, SAMPLES_FILE)]
     plot_confusion_matrix(paths[0], np.asarray(confusion_matrix), labels, title=title)
@@ -39,9 +41,14 @@ def write_report(report_dir: Path, *, title: str, labels: Sequence[str],
     plot_samples(paths[2], images, y_true, y_pred, labels, title=title)
     if metadata is not None and not isinstance(metadata, Metadata):
         metadata = Metadata.from_json(metadata, "the report's metadata")
+    figures = {p.name: p.read_bytes() for p in paths}
+    if sweep_page is not None:
+        paths.append(report_dir / SWEEP_FILE)
+        paths[-1].write_text(sweep_page, encoding="utf-8")
     page = report_dir / HTML_FILE
     page.write_text(render_html(title=title, labels=labels, confusion_matrix=confusion_matrix,
-                                figures={p.name: p.read_bytes() for p in paths}, metadata=metadata),
+                                figures=figures, metadata=metadata,
+                                sweep_link=SWEEP_FILE if sweep_page is not None else None),
                     encoding="utf-8")
     return [*paths, page]
 
@@ -148,8 +155,10 @@ def _pct(x: Any) -> str:
 
 
 def render_html(*, title: str, labels: Sequence[str], confusion_matrix: Sequence[Sequence[int]],
-                figures: Mapping[str, bytes], metadata: Metadata | None, top_pairs: int = 10) -> str:
-    """The report as one HTML page, the PNG ``figures`` (by file name) embedded as data URIs."""
+                figures: Mapping[str, bytes], metadata: Metadata | None, top_pairs: int = 10,
+                sweep_link: str | None = None) -> str:
+    """The report as one HTML page, the PNG ``figures`` (by file name) embedded as data URIs;
+    ``sweep_link``, the address of the page of the sweep this model is the best point of."""
     meta = metadata or Metadata(name="", version=0)
     metrics = meta.metrics or Metrics()
     data = meta.data or DataInfo()
@@ -177,6 +186,11 @@ def render_html(*, title: str, labels: Sequence[str], confusion_matrix: Sequence
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">{html.escape(" · ".join(f for f in facts if f))}</p>',
              "<h2>Summary</h2>", _table(("", "value"), summary)]
+    if sweep_link is not None:
+        parts.append('<p class="sweep">This model is the best point of a sweep of the tutorial\'s network '
+                     "(<code>mnist-train sweep --publish-best</code>): "
+                     f'<a href="{html.escape(sweep_link)}">the sweep\'s page</a>, its table, plots and the '
+                     "tutorial's three questions answered.</p>")
     if (baseline := metrics.baseline) is not None:
         name = baseline.name
         trees = "?" if baseline.n_estimators is None else baseline.n_estimators
