@@ -163,19 +163,23 @@ def answer_layers(points: Sequence[Point]) -> str:
     low, high = at[(units, fewest)], at[(units, most)]
     assert low.epoch_seconds is not None and high.epoch_seconds is not None
     ratio = high.epoch_seconds / low.epoch_seconds
-    verdict = "Yes" if ratio >= 1.1 else "Hardly" if ratio > 1 / 1.1 else "No"
     added = high.parameters - low.parameters
     ratios = [at[(u, most)].epoch_seconds / at[(u, fewest)].epoch_seconds  # type: ignore[operator]
               for u in both]
-    spread = (f" (over the {len(both)} unit counts measured with both: {min(ratios):.2f}× to "
-              f"{max(ratios):.2f}×)" if len(both) > 1 else "")
-    return (f"{verdict}: at {units} units, {_layers(most)} took {ratio:.2f}× the time per epoch of "
-            f"{fewest} ({high.epoch_seconds:.2f} s against {low.epoch_seconds:.2f} s){spread}, because "
-            f"each added layer is a {units}×{units} weight matrix and {units} biases, {added:,} more "
-            f"parameters in all ({low.parameters:,} → {high.parameters:,}, "
-            f"{high.parameters / low.parameters:.2f}×), "
-            "multiplied forward and updated backward for every image of every epoch; its test accuracy: "
-            f"{percent(high.test_accuracy)} against {percent(low.test_accuracy)}.")
+    spread = (f"; {min(ratios):.2f}× to {max(ratios):.2f}× over the {len(both)} unit counts measured "
+              "with both" if len(both) > 1 else "")
+    took = (f"at {units} units, {_layers(most)} took {ratio:.2f}× the time per epoch of {fewest} "
+            f"({high.epoch_seconds:.2f} s against {low.epoch_seconds:.2f} s{spread})")
+    accuracy = (f"the deeper network's test accuracy: {percent(high.test_accuracy)} against "
+                f"{percent(low.test_accuracy)}")
+    if ratio >= 1.1:
+        return (f"Yes: {took}, because each added layer is a {units}×{units} weight matrix and {units} "
+                f"biases, {added:,} more parameters in all ({low.parameters:,} → {high.parameters:,}, "
+                f"{high.parameters / low.parameters:.2f}×), multiplied forward and updated backward for "
+                f"every image of every epoch; {accuracy}.")
+    return (f"Not measurably: {took}: the added layers bring only {added:,} parameters to the "
+            f"{low.parameters:,} of {fewest} ({added / low.parameters:+.1%}), too little work to show "
+            f"in the time; {accuracy}.")
 
 
 def answer_forest(points: Sequence[Point]) -> str:
@@ -193,17 +197,18 @@ def answer_forest(points: Sequence[Point]) -> str:
     beaten = sum(p.test_accuracy < forest.test_accuracy for p in networks)
     reached = (f"the Random Forest ({FOREST_TREES} trees) reached {percent(forest.test_accuracy)} "
                f"test accuracy (fitted in {forest.train_seconds:.1f} s)")
-    best_text = f"the best network's {percent(best.test_accuracy)} ({best.label}, {best.train_seconds:.1f} s)"
+    best_text = f"{best.label}: {percent(best.test_accuracy)} in {best.train_seconds:.1f} s"
     tally = f"; it beat {beaten} of the {len(networks)} networks"
     if forest.test_accuracy > best.test_accuracy:
-        return f"Yes: {reached}, above every network of the sweep, {best_text}{tally}."
+        return f"Yes: {reached}, above every network of the sweep (the best, {best_text})."
     if tutorial is not None and forest.test_accuracy > tutorial.test_accuracy:
-        return (f"Better than the tutorial's network, not than the best: {reached} against "
-                f"{percent(tutorial.test_accuracy)} for the tutorial's 128 units × 1 layer, but not above "
-                f"{best_text}{tally}.")
+        return (f"Better than the tutorial's network, not than the best: {reached}, against "
+                f"{percent(tutorial.test_accuracy)} for the tutorial's 128 units × 1 layer but "
+                f"{percent(best.test_accuracy)} for the best network ({best.label}, "
+                f"{best.train_seconds:.1f} s){tally}.")
     tutorial_text = ("" if tutorial is None or tutorial is best
-                     else f" and the tutorial's {percent(tutorial.test_accuracy)} (128×1)")
-    return f"No: {reached}, not above {best_text}{tutorial_text}{tally}."
+                     else f", nor the tutorial's 128×1 ({percent(tutorial.test_accuracy)})")
+    return f"No: {reached}, not above the best network ({best_text}){tutorial_text}{tally}."
 
 
 def answers(points: Sequence[Point]) -> list[tuple[str, str]]:
