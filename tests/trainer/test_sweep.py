@@ -234,7 +234,7 @@ def test_ctrl_c_keeps_the_finished_points(synthetic_data_dir: Path, tmp_path: Pa
     out = tmp_path / "out"
     # Points of a few seconds each: the signal lands in the second.
     command = [sys.executable, "-m", "digitserve.trainer", "sweep", "--data-dir", str(synthetic_data_dir),
-               "--out", str(out), "--units", "8,16,32", "--layers", "1", "--epochs", "8",
+               "--out", str(out), "--units", "8,16,32", "--layers", "1", "--epochs", "3",
                "--batch-size", "8", "--verbose", "0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_")} | {"PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
