@@ -327,6 +327,9 @@ def test_the_answers_say_what_the_figures_show() -> None:
     worse = [_point(16, 1, 0.95), _point(128, 1, 0.96), _point(512, 1, 0.94)]
     assert answer_units(worse) == ("No: with 1 hidden layer, the tutorial's 128 units were the most accurate "
                                    "(96.00 % test accuracy; 16 units: 95.00 %; 512 units: 94.00 %).")
+    assert answer_units([_point(16, 1, 0.77), _point(128, 1, 0.841)]) == (
+        "Not measured above the tutorial's 128, the most units of the sweep: with 1 hidden layer, it reached "
+        "84.10 % test accuracy, fewer did worse (16 units: 77.00 %); try larger --units.")
     assert answer_layers(grid) == (
         "Yes: at 128 units, 3 hidden layers took 1.40× the time per epoch of 1 (2.10 s against 1.50 s; "
         "1.05× to 2.00× over the 3 unit counts measured with both), because each added layer is a 128×128 "

@@ -135,6 +135,11 @@ def answer_units(points: Sequence[Point]) -> str:
     tutorial = reference.hidden_units == TUTORIAL_UNITS
     others = [p for p in (row[0], row[-1]) if p is not best and p is not reference]
     aside = [f"{p.hidden_units} units: {percent(p.test_accuracy)}" for p in others]
+    if best.test_accuracy <= reference.test_accuracy and reference is row[-1]:
+        figures = "; ".join(f"{p.hidden_units} units: {percent(p.test_accuracy)}" for p in row[:-1])
+        return (f"Not measured above the tutorial's {reference.hidden_units}, the most units of the sweep: "
+                f"with {_layers(layers)}, it reached {percent(reference.test_accuracy)} test accuracy, "
+                f"fewer did worse ({figures}); try larger --units.")
     if best.test_accuracy <= reference.test_accuracy:
         named = ("the tutorial's 128 units were" if tutorial
                  else f"the fewest units measured, {reference.hidden_units}, were")
