@@ -20,7 +20,7 @@ class Preset:
 
     name: str  # as given to ``mnist-train train --preset``
     description: str  # one line for ``--help`` and the metadata
-    # ``mlp`` (one hidden dense layer), ``small-cnn`` (two convolutions) or ``cnn`` (two convolution
+    # ``mlp`` (``hidden_layers`` dense layers), ``small-cnn`` (two convolutions) or ``cnn`` (two convolution
     # blocks with batch normalisation, dropout and augmentation).
     architecture: str
     optimizer: str  # ``sgd`` or ``adam``
@@ -33,7 +33,8 @@ class Preset:
     # tutorial's 75/25 split); 0 trains on all of them.
     holdout_fraction: float = 0.0
     lr_final_fraction: float = 0.0
-    hidden_units: int = 128  # of the dense hidden layer
+    hidden_units: int = 128  # of the dense hidden layer (``mlp``: of each of them)
+    hidden_layers: int = 1  # ``mlp`` only: how many Dense(hidden_units, relu) layers (mnist-train sweep)
     dropout: float = 0.0  # before the output layer (for ``cnn``, a quarter less after each block)
     augment_translation: float = 0.0  # random shift, a fraction of height and width, training only
     augment_rotation: float = 0.0  # random rotation, a fraction of a full turn, training only
@@ -95,7 +96,14 @@ def build_model(preset: str | Preset, input_shape: Sequence[int] = (28, 28), num
 
     inputs = keras.Input(shape=(input_size,), name="pixels")
     if preset.architecture == "mlp":
-        x = layers.Dense(preset.hidden_units, activation="relu", name="hidden")(inputs)
+        if preset.hidden_layers < 1:
+            raise TrainerError(f"preset {preset.name!r} needs at least 1 hidden layer, "
+                               f"got {preset.hidden_layers}")
+        # The first keeps the name "hidden" of the one-layer models published before.
+        x = inputs
+        for layer in range(1, preset.hidden_layers + 1):
+            name = "hidden" if layer == 1 else f"hidden{layer}"
+            x = layers.Dense(preset.hidden_units, activation="relu", name=name)(x)
     elif preset.architecture == "small-cnn":
         x = layers.Reshape(image_shape, name="image")(inputs)
         x = layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
@@ -150,3 +158,8 @@ def build_optimizer(preset: Preset, steps_per_epoch: int) -> keras.optimizers.Op
     if preset.optimizer not in optimizers:
         raise TrainerError(f"preset {preset.name!r} has unknown optimizer {preset.optimizer!r}")
     return optimizers[preset.optimizer](learning_rate=learning_rate)
+
+
+# The grid ``mnist-train sweep`` trains the seed preset over: hidden units per layer × hidden layers.
+SWEEP_UNITS = (16, 32, 64, 128, 256, 512)
+SWEEP_LAYERS = (1, 2, 3)

@@ -3,7 +3,6 @@ all of it with the figures from the metadata on one self-contained HTML page (in
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,11 +15,15 @@ from matplotlib.ticker import MaxNLocator
 
 from digitserve.metadata import DataInfo, Metadata, Metrics
 from digitserve.plots import plot_confusion_matrix
+from digitserve.trainer.htmlparts import STYLE as _STYLE
+from digitserve.trainer.htmlparts import figure as _figure
+from digitserve.trainer.htmlparts import table as _table
 
 CONFUSION_MATRIX_FILE = "confusion_matrix.png"
 TRAINING_CURVES_FILE = "training_curves.png"
 SAMPLES_FILE = "samples.png"
 HTML_FILE = "index.html"
+SWEEP_FILE = "sweep.html"  # the page of the sweep whose best point a version is (mnist-train sweep)
 _DPI = 100
 
 
@@ -28,10 +31,11 @@ def write_report(report_dir: Path, *, title: str, labels: Sequence[str],
                  confusion_matrix: Sequence[Sequence[int]], history: Mapping[str, Sequence[float]],
                  images: npt.NDArray[np.uint8], y_true: npt.NDArray[np.integer[Any]],
                  y_pred: npt.NDArray[np.integer[Any]], metadata: Metadata | Mapping[str, Any] | None = None,
-                 ) -> list[Path]:
+                 sweep_page: str | None = None) -> list[Path]:
     """Writes the three report figures and the HTML page that shows them with the figures of
-    ``metadata`` (metrics, baseline, hyper-parameters) into ``report_dir``; returns their paths,
-    the page last."""
+    ``metadata`` (metrics, baseline, hyper-parameters) into ``report_dir``, and ``sweep_page`` (the
+    HTML of the sweep the version is the best point of) as ``sweep.html``, linked from the page;
+    returns their paths, the page last."""
     report_dir.mkdir(parents=True, exist_ok=True)
     paths = [report_dir / name for name in (CONFUSION_MATRIX_FILE, TRAINING_CURVES_FILE, SAMPLES_FILE)]
     plot_confusion_matrix(paths[0], np.asarray(confusion_matrix), labels, title=title)
@@ -39,9 +43,14 @@ def write_report(report_dir: Path, *, title: str, labels: Sequence[str],
     plot_samples(paths[2], images, y_true, y_pred, labels, title=title)
     if metadata is not None and not isinstance(metadata, Metadata):
         metadata = Metadata.from_json(metadata, "the report's metadata")
+    figures = {p.name: p.read_bytes() for p in paths}
+    if sweep_page is not None:
+        paths.append(report_dir / SWEEP_FILE)
+        paths[-1].write_text(sweep_page, encoding="utf-8")
     page = report_dir / HTML_FILE
     page.write_text(render_html(title=title, labels=labels, confusion_matrix=confusion_matrix,
-                                figures={p.name: p.read_bytes() for p in paths}, metadata=metadata),
+                                figures=figures, metadata=metadata,
+                                sweep_link=SWEEP_FILE if sweep_page is not None else None),
                     encoding="utf-8")
     return [*paths, page]
 
@@ -111,45 +120,15 @@ def most_confused_pairs(cm: npt.NDArray[np.integer[Any]] | Sequence[Sequence[int
             for i, j in order[:k]]
 
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
-       color: #222; line-height: 1.4; }
-h1 { margin-bottom: 0.2em; } .meta { color: #666; margin-top: 0; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-th, td { padding: 0.25em 0.8em; border-bottom: 1px solid #ddd; text-align: right;
-         font-variant-numeric: tabular-nums; }
-th:first-child, td:first-child { text-align: left; } thead th { border-bottom: 2px solid #999; }
-img { max-width: 100%; border: 1px solid #eee; }
-.cols { display: flex; gap: 2em; flex-wrap: wrap; align-items: flex-start; }
-.best { font-weight: bold; }
-"""
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[object]], classes: Sequence[str] = ()) -> str:
-    """An HTML table; ``classes[i]`` (optional) is the CSS class of row i."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        css = classes[i] if i < len(classes) else ""
-        cells = "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row)
-        body.append(f'<tr class="{css}">{cells}</tr>' if css else f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _figure(png: bytes | None, alt: str) -> str:
-    if png is None:
-        return ""
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-
-
 def _pct(x: Any) -> str:
     return f"{100 * float(x):.2f} %"
 
 
 def render_html(*, title: str, labels: Sequence[str], confusion_matrix: Sequence[Sequence[int]],
-                figures: Mapping[str, bytes], metadata: Metadata | None, top_pairs: int = 10) -> str:
-    """The report as one HTML page, the PNG ``figures`` (by file name) embedded as data URIs."""
+                figures: Mapping[str, bytes], metadata: Metadata | None, top_pairs: int = 10,
+                sweep_link: str | None = None) -> str:
+    """The report as one HTML page, the PNG ``figures`` (by file name) embedded as data URIs;
+    ``sweep_link``, the address of the page of the sweep this model is the best point of."""
     meta = metadata or Metadata(name="", version=0)
     metrics = meta.metrics or Metrics()
     data = meta.data or DataInfo()
@@ -177,6 +156,11 @@ def render_html(*, title: str, labels: Sequence[str], confusion_matrix: Sequence
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">{html.escape(" · ".join(f for f in facts if f))}</p>',
              "<h2>Summary</h2>", _table(("", "value"), summary)]
+    if sweep_link is not None:
+        parts.append('<p class="sweep">This model is the best point of a sweep of the tutorial\'s network '
+                     "(<code>mnist-train sweep --publish-best</code>): "
+                     f'<a href="{html.escape(sweep_link)}">the sweep\'s page</a>, its table, plots and the '
+                     "tutorial's three questions answered.</p>")
     if (baseline := metrics.baseline) is not None:
         name = baseline.name
         trees = "?" if baseline.n_estimators is None else baseline.n_estimators
