@@ -56,7 +56,7 @@ def train(data_dir: Path, repo: Path, preset: str, seed: int, epochs: int | None
             "--json", "--no-report", "--verbose", "0"]
     if epochs is not None:
         argv += ["--epochs", str(epochs)]
-    done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BenchError(f"mnist-train exited with {done.returncode}:\n{done.stderr[-2000:]}")
     summary = json.loads(done.stdout)
@@ -94,8 +94,8 @@ def table(preset: str, runs: Sequence[Run]) -> str:
     for run in runs:
         served = "—" if run.served_accuracy is None else f"{run.served_accuracy:.2%}"
         holdout = "—" if run.holdout_accuracy is None else f"{run.holdout_accuracy:.2%}"
-        lines.append(f"| {run.seed} | {run.epochs} | {run.test_accuracy:.2%} | {served} | {run.inference_path or '—'} "
-                     f"| {holdout} | {run.train_seconds:.1f} |")
+        lines.append(f"| {run.seed} | {run.epochs} | {run.test_accuracy:.2%} | {served} "
+                     f"| {run.inference_path or '—'} | {holdout} | {run.train_seconds:.1f} |")
     lowest = min(run.test_accuracy for run in runs)
     slowest = max(run.train_seconds for run in runs)
     lines += ["", f"Preset `{preset}`, {len(runs)} seed(s): minimum test accuracy {lowest:.2%}, maximum "
@@ -124,7 +124,8 @@ def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, e.g. 1,2,3: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, e.g. 1,2,3: {text!r}"
+                                         ) from None
     if not seeds:
         raise argparse.ArgumentTypeError("expected at least one seed, e.g. 1,2,3")
     return seeds
@@ -155,8 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for seed in args.seeds:
                 runs.append(train(args.data_dir, repo, args.preset, seed, args.epochs))
                 run = runs[-1]
-                print(f"seed {seed}: test accuracy {run.test_accuracy:.2%}, trained in {run.train_seconds:.1f} s",
-                      file=sys.stderr, flush=True)
+                print(f"seed {seed}: test accuracy {run.test_accuracy:.2%}, trained in "
+                      f"{run.train_seconds:.1f} s", file=sys.stderr, flush=True)
             if args.serve:
                 serve_and_evaluate(args.data_dir, repo, runs, Path(scratch))
         except BenchError as exc:

@@ -96,8 +96,8 @@ def test_versions_published_one_after_the_other(
         assert summary["report"] == str(Path(summary["path"]) / "report")
     assert seed["train_size"] == TRAIN_SIZE * 3 // 4
     assert 0.0 <= seed["holdout_accuracy"] <= 1.0
-    assert default["train_size"] == TRAIN_SIZE
-    assert "holdout_accuracy" not in default
+    assert default["train_size"] == TRAIN_SIZE * 9 // 10  # every preset holds part out (issue 25)
+    assert 0.0 <= default["holdout_accuracy"] <= 1.0
     assert "baseline_accuracy" not in default
 
 
@@ -135,14 +135,11 @@ def test_metadata_records_everything(
         }
     assert meta["data"]["dir"] == str(data_dir.resolve())
     assert meta["data"]["test_size"] == TEST_SIZE
-    if preset == "seed":
-        assert (meta["data"]["train_size"], meta["data"]["holdout_size"]) == (225, 75)
-        assert 0.0 <= meta["metrics"]["holdout_accuracy"] <= 1.0
-        assert set(meta["history"]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
-    else:
-        assert meta["data"]["train_size"] == TRAIN_SIZE
-        assert "holdout_size" not in meta["data"]
-        assert set(meta["history"]) == {"loss", "accuracy"}
+    # the seed preset holds out 25 % of the training images, the default one 10 %
+    held = 75 if preset == "seed" else 30
+    assert (meta["data"]["train_size"], meta["data"]["holdout_size"]) == (TRAIN_SIZE - held, held)
+    assert 0.0 <= meta["metrics"]["holdout_accuracy"] <= 1.0
+    assert set(meta["history"]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert all(len(values) == 1 for values in meta["history"].values())
 
     metrics = meta["metrics"]

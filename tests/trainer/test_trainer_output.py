@@ -74,5 +74,7 @@ def test_help_claims_no_training_time() -> None:
     done = subprocess.run([sys.executable, "-m", "digitserve.trainer", "train", "--help"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    assert "  default  a small two-convolution network, Adam with cosine decay, 3 epochs\n" in done.stdout
+    line = ("  default  a small two-convolution network (16 and 48 filters) with batch normalisation, "
+            "dropout and light shift augmentation, Adam with cosine decay, 4 epochs, 90/10 split\n")
+    assert line in done.stdout
     assert "minute" not in done.stdout
