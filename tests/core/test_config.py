@@ -62,8 +62,8 @@ def _sample(action: argparse.Action, default: Any) -> tuple[str, Any]:
         choice = next(c for c in reversed(list(action.choices)) if c != default)
         return str(choice), choice
     kind: Any = action.type or str
-    text = {int: "7", float: "0.25", Path: "/x"}.get(kind, "7" if kind.__name__ == "_positive_int"
-                                                     else "abc")
+    positive = kind.__name__ in ("_positive_int", "_positive_ints")  # a count, or a list of them
+    text = {int: "7", float: "0.25", Path: "/x"}.get(kind, "7" if positive else "abc")
     return text, kind(text)
 
 
