@@ -517,8 +517,13 @@ def raw_exchange(port: int, head: str, body: bytes, wait: float = 0.0) -> bytes:
     """``head`` (request line and headers, ``Connection: close`` added), ``wait`` seconds, then
     ``body`` on a connection of its own: everything the server sent, until it closed."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"{head}Host: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
-                     .encode())
+        request = f"{head}Host: x\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        if not wait:
+            # One write: a body the server refuses unread is then in its buffer when it answers, not
+            # arriving after it closed, which would reset the connection under its answer.
+            sock.sendall(request + body)
+            return b"".join(iter(lambda: sock.recv(65536), b""))
+        sock.sendall(request)
         time.sleep(wait)
         with contextlib.suppress(OSError):  # a refusal may close the connection before the body
             sock.sendall(body)
