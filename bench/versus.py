@@ -95,9 +95,12 @@ def _tree_env(tree: Path) -> dict[str, str]:
     return env
 
 
-def start(name: str, args: argparse.Namespace, log_dir: Path) -> Pinned:
-    pin = ["taskset", "-c", args.server_cpu]
+def start(name: str, args: argparse.Namespace, log_dir: Path, wrap: Sequence[str] = ()) -> Pinned:
+    """Starts server ``name`` pinned to ``args.server_cpu``, or run by ``wrap`` (a command prefix
+    such as valgrind's) when given."""
+    pin = list(wrap) or ["taskset", "-c", args.server_cpu]
     grpc_port, http_port = free_port(), free_port()
+    http: int | None = http_port
     env = dict(os.environ)
     if name == "digitserve":
         argv = [*pin, sys.executable, "-m", "digitserve.server", "--port", str(grpc_port),
@@ -112,11 +115,11 @@ def start(name: str, args: argparse.Namespace, log_dir: Path) -> Pinned:
         env.pop("PYTHONPATH", None)
     else:
         argv = [*pin, sys.executable, "-m", "bench.null_server", "--port", str(grpc_port)]
-        http_port = None
+        http = None
     log = log_dir / f"versus-{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-    return Pinned(name, proc, grpc_port, http_port, log)
+    return Pinned(name, proc, grpc_port, http, log)
 
 
 def wait_ready(server: Pinned, model: str, timeout: float = 180) -> None:
