@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kserve-python", type=Path,
                         default=REPO_ROOT / "out" / "kserve-venv" / "bin" / "python")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--keep", type=Path, help="copy callgrind's output file there (for callgrind_annotate)")
+    parser.add_argument("--keep", type=Path, help="keep callgrind's output file there")
     return parser
 
 
