@@ -1,6 +1,7 @@
-"""The access log's default (issue 14: one line per call flooded a terminal, 27,326 lines in one
-short session): ``--access-log auto`` writes them except as text lines on a terminal; ``on`` and
-``off`` say so whatever the output. Each case is a real ``python -m digitserve.server`` whose
+"""The access log's default, off (issue 26: as TF Serving and Triton; a line per call costs about
+3 % of a 1-image call), and its modes: ``--access-log auto`` writes them except as text lines on a
+terminal (issue 14: one line per call flooded a terminal, 27,326 lines in one short session);
+``on`` and ``off`` say so whatever the output. Each case is a real ``python -m digitserve.server`` whose
 stderr is a terminal (a pseudo-terminal) or a pipe, one call, then SIGTERM: the shutdown line
 shows the whole log was read (the access lines are written before it)."""
 
@@ -72,11 +73,14 @@ class Server:
 
 
 @pytest.mark.parametrize(("terminal", "args", "access_lines"), [
-    (True, (), False),  # text on a terminal: a person reading
+    (True, (), False),  # off by default (issue 26: as TF Serving and Triton)
+    (False, (), False),
     (True, ("--access-log", "on"), True),
-    (True, ("--log-format", "json"), True),  # JSON lines are for machines, wherever they go
-    (False, (), True),  # a pipe: JSON lines
-    (False, ("--log-format", "text"), True),  # text into a file or a pipe: kept
+    (False, ("--access-log", "on"), True),
+    (True, ("--access-log", "auto"), False),  # auto: text on a terminal, a person reading
+    (True, ("--access-log", "auto", "--log-format", "json"), True),  # JSON lines are for machines
+    (False, ("--access-log", "auto"), True),  # a pipe: JSON lines
+    (False, ("--access-log", "auto", "--log-format", "text"), True),  # text into a file or a pipe
     (False, ("--access-log", "off"), False),
 ])
 def test_the_access_log_default_and_the_flag(

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from digitserve.oip import grpc_predict_v2_pb2 as oip
-from digitserve.server.telemetry import MessageCounters
+from digitserve.server.telemetry import CALL_BUCKETS, MessageCounters
 from digitserve.v1 import digit_service_pb2 as pb
 from tests.servers import ServerThread
 from tests.support import in_flight, scrape, wait_for
@@ -151,27 +151,48 @@ def test_server_stream_counts_each_message_written(server: ServerThread) -> None
 
 
 def test_the_counters_read_as_prometheus_client_counters_would() -> None:
-    """MessageCounters' plain integers, exposed, against the stock Counter with the same
-    names, help, labels and values: the same families, types and ``_total`` samples (not the
-    stock Counter's ``_created`` series)."""
+    """MessageCounters' plain numbers, exposed, against the stock Counter, Histogram and Gauge
+    with the same names, help, labels and values: the same families, types and samples (not the
+    stock metrics' ``_created`` series). Calls are fed to both: started, messages, the calls that
+    finished with their codes and seconds (one on a bucket's bound, one beyond the last), and one
+    still in flight."""
     ours = CollectorRegistry()
     counters = MessageCounters()
     ours.register(counters)
     stock = CollectorRegistry()
-    values = {("unary", "s.S", "A"): (3, 3, 2), ("bidi_stream", "s.S", "B"): (1, 7, 5)}
-    families = {name: Counter(name, help_text, ("grpc_type", "grpc_service", "grpc_method"), registry=stock)
+    labels_of_call = ("grpc_type", "grpc_service", "grpc_method")
+    families = {name: Counter(name, help_text, labels_of_call, registry=stock)
                 for name, help_text, _ in MessageCounters._FAMILIES}
+    handled = Counter(*MessageCounters.HANDLED, (*labels_of_call, "grpc_code"), registry=stock)
+    seconds = Histogram(*MessageCounters.SECONDS, labels_of_call, buckets=CALL_BUCKETS, registry=stock)
+    in_flight = Gauge(*MessageCounters.IN_FLIGHT, labels_of_call, registry=stock)
+    values = {("unary", "s.S", "A"): (4, 4, 2), ("bidi_stream", "s.S", "B"): (1, 7, 5),
+              ("unary", "s.S", "C"): (0, 0, 0)}
+    finished = {("unary", "s.S", "A"): [("OK", 0.0004), ("OK", 0.001), ("INVALID_ARGUMENT", 0.03)],
+                ("bidi_stream", "s.S", "B"): [("CANCELLED", 45.0)]}
     for labels, numbers in values.items():
         mine = counters.of(*labels)
         mine.started, mine.received, mine.sent = numbers
         for family, number in zip(families.values(), numbers, strict=True):
             family.labels(*labels).inc(number)
+        seconds.labels(*labels)  # (a method's histogram and gauge appear at zero, as ours)
+        in_flight.labels(*labels).set(numbers[0] - len(finished.get(labels, [])))
+        for code, took in finished.get(labels, []):
+            mine.finish(code, took)
+            handled.labels(*labels, code).inc()
+            seconds.labels(*labels).observe(took)
 
     def exposed(registry: CollectorRegistry) -> list[tuple[str, str, str, list[Any]]]:
-        return [(f.name, f.documentation, f.type, sorted(
-            (s.name, sorted(s.labels.items()), s.value) for s in f.samples if s.name.endswith("_total")))
+        return sorted((f.name, f.documentation, f.type, sorted(
+            (s.name, sorted(s.labels.items()), s.value) for s in f.samples
+            if not s.name.endswith("_created")))
             for f in text_string_to_metric_families(generate_latest(registry).decode())
-            if not f.name.endswith("_created")]  # the stock Counter's creation times: not ours
+            if not f.name.endswith("_created"))  # the stock metrics' creation times: not ours
 
     assert exposed(ours) == exposed(stock)
-    assert len(exposed(ours)) == 3 and all(len(f[3]) == 2 for f in exposed(ours))
+    assert len(exposed(ours)) == 6
+    gauge = next(f for f in exposed(ours) if f[0] == "grpc_server_in_flight_calls")[3]
+    in_flight_samples = {tuple(dict(labels)[k] for k in labels_of_call): value
+                         for _, labels, value in gauge}
+    assert in_flight_samples == {("unary", "s.S", "A"): 1.0, ("bidi_stream", "s.S", "B"): 0.0,
+                                 ("unary", "s.S", "C"): 0.0}

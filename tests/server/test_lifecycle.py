@@ -113,7 +113,8 @@ def test_sigterm_drains_in_flight_calls_and_exits_0(
 def test_unlabelled_predict_through_the_process(
     spawn: type[ServerProcess], tiny_repo: Path
 ) -> None:
-    server = spawn(env={"MNIST_MODEL_REPO": str(tiny_repo), "MNIST_MODEL_NAME": "tiny"})
+    server = spawn(env={"MNIST_MODEL_REPO": str(tiny_repo), "MNIST_MODEL_NAME": "tiny",
+                        "MNIST_ACCESS_LOG": "on"})
     with DigitClient(server.target(), timeout=30) as client:
         assert client.wait_until_serving(60) == "SERVING"
         result = client.predict(np.zeros((3, 784), dtype=np.uint8))

@@ -298,23 +298,14 @@ def _blocking_iterator(requests: Any, loop: asyncio.AbstractEventLoop) -> Iterat
 
 
 class MethodMetrics:
-    """The labelled children of one method's call metrics, looked up once, not per call."""
+    """One method's call metrics (telemetry.CallCounts), looked up once, not per call."""
+
+    __slots__ = ("counts", "method")
 
     def __init__(self, telemetry: Telemetry, kind: str, method: str) -> None:
         service, _, name = method.lstrip("/").rpartition("/")
         self.method = method
-        self._labels = (kind, service, name)
-        self._handled = telemetry.handled
-        self.in_flight = telemetry.in_flight.labels(*self._labels)
-        self.seconds = telemetry.handling_seconds.labels(*self._labels)
-        self.counts = telemetry.messages.of(*self._labels)
-        self.handled: dict[str, Any] = {}
-
-    def count(self, code: str) -> None:
-        child = self.handled.get(code)
-        if child is None:
-            child = self.handled[code] = self._handled.labels(*self._labels, code)
-        child.inc()
+        self.counts = telemetry.messages.of(kind, service, name)
 
 
 class Call:
@@ -339,16 +330,13 @@ class Call:
         self.token = current_request_id.set(request_id)
         self.started = time.perf_counter()
         metrics.counts.started += 1
-        metrics.in_flight.inc()
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
 
     def finish(self, code: grpc.StatusCode) -> None:
         seconds = time.perf_counter() - self.started
         code_name = code.name
         metrics = self.metrics
-        metrics.in_flight.dec()
-        metrics.count(code_name)
-        metrics.seconds.observe(seconds)
+        metrics.counts.finish(code_name, seconds)
         if access_log.enabled():
             access_log.write(metrics.method, code_name, round(seconds * 1000, 3), self.peer,
                              self.request_id)

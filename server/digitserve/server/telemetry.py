@@ -19,8 +19,13 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
-from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Gauge, Info, make_wsgi_app
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from digitserve.inference import Model
@@ -42,7 +47,10 @@ CALL_LABELS = ("grpc_type", "grpc_service", "grpc_method")  # go-grpc-prometheus
 
 class BulkHistogram(Collector):
     """A labelled Prometheus histogram that takes a whole array per observation (numpy bucket
-    counts instead of one ``observe`` per value: 1024 values cost microseconds, not 2 ms)."""
+    counts instead of one ``observe`` per value: 1024 values cost microseconds, not 2 ms), or one
+    plain float (``observe_one``). Its observations come from one thread, the server's event
+    loop, and update plain numbers without a lock (a scrape reads them from its own thread); the
+    lock guards only the series' creation and the scrape's snapshot of them."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str],
                  buckets: Sequence[float]) -> None:
@@ -51,37 +59,36 @@ class BulkHistogram(Collector):
         self.labelnames = tuple(labelnames)
         self.bounds = np.asarray(sorted(set(buckets)), dtype=np.float64)
         self._bounds = self.bounds.tolist()
-        self._series: dict[tuple[str, ...], tuple[npt.NDArray[np.int64], list[float]]] = {}
+        self._edges = [repr(float(b)) for b in self.bounds] + ["+Inf"]
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
         self._lock = threading.Lock()
 
-    def _get(self, labels: tuple[str, ...]) -> tuple[npt.NDArray[np.int64], list[float]]:
+    def _get(self, labels: tuple[str, ...]) -> tuple[list[int], list[float]]:
         series = self._series.get(labels)
         if series is None:
-            series = self._series[labels] = (np.zeros(len(self.bounds) + 1, np.int64), [0.0])
+            with self._lock:
+                series = self._series.setdefault(labels, ([0] * (len(self._bounds) + 1), [0.0]))
         return series
 
     def touch(self, labels: Sequence[str]) -> None:
         """Makes the series exist (all zero) before its first observation."""
-        with self._lock:
-            self._get(tuple(labels))
+        self._get(tuple(labels))
 
     def observe(self, labels: Sequence[str], values: npt.NDArray[np.floating[Any]]) -> None:
         # Bucket i counts values <= bounds[i] (Prometheus' "le"); the last one is +Inf.
         counts = np.bincount(np.searchsorted(self.bounds, values, side="left"),
-                             minlength=len(self.bounds) + 1)
-        total = float(np.sum(values, dtype=np.float64))
-        with self._lock:
-            buckets, value_sum = self._get(tuple(labels))
-            buckets += counts
-            value_sum[0] += total
+                             minlength=len(self.bounds) + 1).tolist()
+        buckets, value_sum = self._get(tuple(labels))
+        for index, count in enumerate(counts):
+            if count:
+                buckets[index] += count
+        value_sum[0] += float(np.sum(values, dtype=np.float64))
 
     def observe_one(self, labels: tuple[str, ...], value: float) -> None:
         """``observe`` for one plain float (bisect instead of numpy's per-call overhead)."""
-        index = bisect.bisect_left(self._bounds, value)
-        with self._lock:
-            buckets, value_sum = self._get(labels)
-            buckets[index] += 1
-            value_sum[0] += value
+        buckets, value_sum = self._series.get(labels) or self._get(labels)
+        buckets[bisect.bisect_left(self._bounds, value)] += 1
+        value_sum[0] += value
 
     def describe(self) -> Iterator[Metric]:
         yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -89,35 +96,93 @@ class BulkHistogram(Collector):
     def collect(self) -> Iterator[Metric]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         with self._lock:
-            snapshot = [(labels, np.cumsum(b), s[0]) for labels, (b, s) in self._series.items()]
-        for labels, cumulative, value_sum in snapshot:
-            edges = [repr(float(b)) for b in self.bounds] + ["+Inf"]
-            family.add_metric(list(labels), list(zip(edges, cumulative.tolist(), strict=True)),
-                              value_sum)
+            snapshot = [(labels, list(b), s[0]) for labels, (b, s) in self._series.items()]
+        for labels, buckets, value_sum in snapshot:
+            family.add_metric(list(labels), list(zip(self._edges, itertools.accumulate(buckets),
+                                                     strict=True)), value_sum)
         yield family
 
 
-class CallCounts:
-    """One method's go-grpc-prometheus counters: calls started, messages received and sent. Plain
-    integers, written only on the server's event loop (one writer: no update is lost) and read by
-    a scrape from any thread."""
+class ClassCounts(Collector):
+    """``digitserve_predictions_total`` (images answered, by model version and predicted class)
+    and ``digitserve_low_confidence_predictions_total`` as plain integers per model version,
+    written by the event loop alone (like BulkHistogram) and read by a scrape."""
 
-    __slots__ = ("received", "sent", "started")
+    PREDICTIONS = ("digitserve_predictions", "Images answered by Predict, by predicted class.")
+    LOW = ("digitserve_low_confidence_predictions",
+           "Images answered by Predict whose top-1 probability is below the low-confidence "
+           "threshold (digitserve_low_confidence_threshold).")
+
+    def __init__(self) -> None:
+        # (model_name, model_version) -> (class labels, images per class, [low-confidence images])
+        self._series: dict[tuple[str, str], tuple[list[str], list[int], list[int]]] = {}
+        self._lock = threading.Lock()
+
+    def series(self, key: tuple[str, str], classes: Sequence[str]) -> tuple[list[int], list[int]]:
+        """The counts of one model version (at zero until counted): per class, and low ones."""
+        found = self._series.get(key)
+        if found is None:
+            with self._lock:
+                found = self._series.setdefault(key, (list(classes), [0] * len(classes), [0]))
+        return found[1], found[2]
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(*self.PREDICTIONS, labels=("model_name", "model_version", "class"))
+        yield CounterMetricFamily(*self.LOW, labels=("model_name", "model_version"))
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            snapshot = [(key, classes, list(counts), low[0])
+                        for key, (classes, counts, low) in self._series.items()]
+        predictions = CounterMetricFamily(*self.PREDICTIONS,
+                                          labels=("model_name", "model_version", "class"))
+        low_family = CounterMetricFamily(*self.LOW, labels=("model_name", "model_version"))
+        for key, classes, counts, low in snapshot:
+            for label, count in zip(classes, counts, strict=True):
+                predictions.add_metric([*key, label], count)
+            low_family.add_metric(list(key), low)
+        yield predictions
+        yield low_family
+
+
+class CallCounts:
+    """One method's call metrics as plain numbers: go-grpc-prometheus' counters (calls started,
+    messages received and sent), the calls finished by status code, and the histogram of their
+    seconds. Written only on the server's event loop (one writer: no update is lost) and read by
+    a scrape from any thread; the calls in flight are those started and not yet finished."""
+
+    __slots__ = ("buckets", "finished", "handled", "received", "seconds", "sent", "started")
 
     def __init__(self) -> None:
         self.started = 0
         self.received = 0
         self.sent = 0
+        self.finished = 0
+        self.handled: dict[str, int] = {}  # status code name -> calls
+        self.buckets = [0] * (len(CALL_BUCKETS) + 1)  # CALL_BUCKETS' "le", then +Inf
+        self.seconds = 0.0
+
+    def finish(self, code: str, seconds: float) -> None:
+        """A call started before ended with status ``code`` after ``seconds``."""
+        self.finished += 1
+        handled = self.handled
+        handled[code] = handled.get(code, 0) + 1
+        self.buckets[bisect.bisect_left(CALL_BUCKETS, seconds)] += 1
+        self.seconds += seconds
 
 
 class MessageCounters(Collector):
-    """``grpc_server_started_total``, ``grpc_server_msg_received_total`` and
-    ``grpc_server_msg_sent_total`` as go-grpc-prometheus names and labels them, from each method's
-    CallCounts, not prometheus-client Counters: the call interceptor around an empty unary
-    behavior costs 909 more instructions per call with these integers, 15,416 more with three
-    pre-labelled Counter children (a lock each), against 46,939 without either (``PYTHONHASHSEED=0
-    valgrind --tool=callgrind python -m bench.call_cost interceptor --calls N``, 11,000 calls less
-    1,000). tests/server/test_grpc_metrics.py checks the exposition equals the stock Counters'."""
+    """The call metrics of every method, as go-grpc-prometheus names and labels them
+    (``grpc_server_started_total``, ``grpc_server_msg_received_total``,
+    ``grpc_server_msg_sent_total``, ``grpc_server_handled_total``,
+    ``grpc_server_handling_seconds``) and ``grpc_server_in_flight_calls``, from each method's
+    CallCounts, not prometheus-client metrics, whose every update takes a lock and several calls.
+    The three counters first: the call interceptor around an empty unary behavior cost 909 more
+    instructions per call with these integers, 15,416 more with three pre-labelled Counter
+    children, against 46,939 without either (``PYTHONHASHSEED=0 valgrind --tool=callgrind python
+    -m bench.call_cost interceptor --calls N``, 11,000 calls less 1,000). Then the rest (issue 26):
+    a 1-image ModelInfer took NNN instructions fewer (``python -m bench.instructions``).
+    tests/server/test_grpc_metrics.py checks the exposition equals the stock metrics'."""
 
     _FAMILIES = (
         ("grpc_server_started", "Total number of RPCs started on the server.", "started"),
@@ -125,10 +190,14 @@ class MessageCounters(Collector):
          "received"),
         ("grpc_server_msg_sent", "Total number of gRPC stream messages sent by the server.", "sent"),
     )
+    HANDLED = ("grpc_server_handled", "Calls completed, by method and status code.")
+    SECONDS = ("grpc_server_handling_seconds", "Time from the start of a call to its status, by method.")
+    IN_FLIGHT = ("grpc_server_in_flight_calls", "Calls started and not yet completed, by method.")
 
     def __init__(self) -> None:
         self._methods: dict[tuple[str, str, str], CallCounts] = {}
         self._lock = threading.Lock()
+        self._edges = [repr(float(b)) for b in CALL_BUCKETS] + ["+Inf"]
 
     def of(self, grpc_type: str, service: str, method: str) -> CallCounts:
         """The counts of one method (the same object for the same labels), at zero until counted."""
@@ -142,6 +211,9 @@ class MessageCounters(Collector):
     def describe(self) -> Iterator[Metric]:
         for name, documentation, _ in self._FAMILIES:
             yield CounterMetricFamily(name, documentation, labels=CALL_LABELS)
+        yield CounterMetricFamily(*self.HANDLED, labels=(*CALL_LABELS, "grpc_code"))
+        yield HistogramMetricFamily(*self.SECONDS, labels=CALL_LABELS)
+        yield GaugeMetricFamily(*self.IN_FLIGHT, labels=CALL_LABELS)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -151,13 +223,29 @@ class MessageCounters(Collector):
             for labels, counts in methods:
                 family.add_metric(labels, getattr(counts, attribute))
             yield family
+        handled = CounterMetricFamily(*self.HANDLED, labels=(*CALL_LABELS, "grpc_code"))
+        seconds = HistogramMetricFamily(*self.SECONDS, labels=CALL_LABELS)
+        in_flight = GaugeMetricFamily(*self.IN_FLIGHT, labels=CALL_LABELS)
+        for labels, counts in methods:
+            # Read before the counts they are compared with: a call finishing meanwhile never
+            # shows as a negative number in flight.
+            finished, started = counts.finished, counts.started
+            for code, calls in list(counts.handled.items()):
+                handled.add_metric([*labels, code], calls)
+            buckets, total = list(counts.buckets), counts.seconds
+            seconds.add_metric(list(labels), list(zip(self._edges, itertools.accumulate(buckets),
+                                                      strict=True)), total)
+            in_flight.add_metric(list(labels), max(started - finished, 0))
+        yield handled
+        yield seconds
+        yield in_flight
 
 
 @dataclass
 class _QualitySeries:
     key: tuple[str, str]  # (model_name, model_version)
-    classes: list[Any]  # digitserve_predictions children, by class index
-    low: Any  # digitserve_low_confidence_predictions child
+    classes: list[int]  # images answered, by class index (ClassCounts)
+    low: list[int]  # [images answered with low confidence]
 
 
 class Telemetry:
@@ -174,25 +262,18 @@ class Telemetry:
         self.metrics_app = make_wsgi_app(self.registry)
         self._by_model: dict[Model, _QualitySeries] = {}
         r = self.registry
-        call_labels = CALL_LABELS
-        self.handled = Counter(
-            "grpc_server_handled", "Calls completed, by method and status code.",
-            (*call_labels, "grpc_code"), registry=r)
-        self.handling_seconds = Histogram(
-            "grpc_server_handling_seconds", "Time from the start of a call to its status, by method.",
-            call_labels, buckets=CALL_BUCKETS, registry=r)
-        self.in_flight = Gauge(
-            "grpc_server_in_flight_calls", "Calls started and not yet completed, by method.",
-            call_labels, registry=r)
         self.messages = MessageCounters()
         r.register(self.messages)
-        self.batch_size = Histogram(
-            "digitserve_batch_size", "Images per model call made by the dynamic batcher.",
-            buckets=BATCH_BUCKETS, registry=r)
-        self.queue_seconds = Histogram(
+        self.batch_size = BulkHistogram(
+            "digitserve_batch_size", "Images per model call made by the dynamic batcher.", (),
+            BATCH_BUCKETS)
+        self.queue_seconds = BulkHistogram(
             "digitserve_batch_queue_seconds",
-            "Seconds the oldest call of a batch waited in the queue before the model ran it.",
-            buckets=QUEUE_BUCKETS, registry=r)
+            "Seconds the oldest call of a batch waited in the queue before the model ran it.", (),
+            QUEUE_BUCKETS)
+        for histogram in (self.batch_size, self.queue_seconds):
+            histogram.touch(())
+            r.register(histogram)
         self.queued_images = Gauge(
             "digitserve_queued_images", "Images waiting for the model now.", registry=r)
         self.model_info = Info("digitserve_model", "The version of each model served to unpinned "
@@ -212,19 +293,13 @@ class Telemetry:
             "Seconds a Predict call spent in the data plane (queue and model), by the model "
             "version that answered it.", model_labels, CALL_BUCKETS)
         r.register(self.model_request_seconds)
-        self.predictions = Counter(
-            "digitserve_predictions", "Images answered by Predict, by predicted class.",
-            (*model_labels, "class"), registry=r)
+        self.predictions = ClassCounts()
+        r.register(self.predictions)
         self.confidence = BulkHistogram(
             "digitserve_prediction_confidence",
             "Top-1 probability of each image answered by Predict.",
             model_labels, (*CONFIDENCE_BUCKETS, low_confidence))
         r.register(self.confidence)
-        self.low_confidence_predictions = Counter(
-            "digitserve_low_confidence_predictions",
-            "Images answered by Predict whose top-1 probability is below the low-confidence "
-            "threshold (digitserve_low_confidence_threshold).",
-            model_labels, registry=r)
         Gauge("digitserve_low_confidence_threshold",
               "Top-1 probability below which an answer counts as low-confidence.",
               registry=r).set(low_confidence)
@@ -232,8 +307,8 @@ class Telemetry:
     # --- the data plane's observer -------------------------------------------------------------
 
     def on_batch(self, size: int, queue_seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.queue_seconds.observe(queue_seconds)
+        self.batch_size.observe_one((), size)
+        self.queue_seconds.observe_one((), queue_seconds)
 
     def on_model(self, model: Model) -> None:
         """A version starts serving: the info metric of its model says it, and its series appear
@@ -257,8 +332,7 @@ class Telemetry:
         series = self._by_model.get(model)
         if series is None:
             key = (model.spec.name, str(model.spec.version))
-            series = _QualitySeries(key, [self.predictions.labels(*key, c) for c in model.spec.labels],
-                                    self.low_confidence_predictions.labels(*key))
+            series = _QualitySeries(key, *self.predictions.series(key, model.spec.labels))
             self.confidence.touch(key)
             self.model_request_seconds.touch(key)
             if len(self._by_model) >= 16:
@@ -275,21 +349,21 @@ class Telemetry:
         if n == 1:  # the common call, in plain Python
             row = probabilities[0].tolist()
             top_value = max(row)
-            series.classes[row.index(top_value)].inc()  # the first maximum, as argmax
+            series.classes[row.index(top_value)] += 1  # the first maximum, as argmax
             self.confidence.observe_one(series.key, top_value)
             if top_value < self.low_confidence:
-                series.low.inc()
+                series.low[0] += 1
             return
         indices = probabilities.argmax(axis=1)
         top = probabilities.max(axis=1)
         counts = np.bincount(indices, minlength=len(series.classes)).tolist()
         for index, count in enumerate(counts):
             if count:
-                series.classes[index].inc(count)
+                series.classes[index] += count
         self.confidence.observe(series.key, top)
         low = int(np.count_nonzero(top < self.low_confidence))
         if low:
-            series.low.inc(low)
+            series.low[0] += low
 
     # --- the App's hooks -----------------------------------------------------------------------
 
