@@ -162,3 +162,38 @@ def test_varints_of_more_bytes_than_needed_read_as_protobuf_reads_them() -> None
     got = parse_predict_request(data)
     assert isinstance(got, PackedPredictRequest) and got.rows.tolist() == [[1, 2, 3]] * FEWEST_PACKED
     assert got.model_version == 9
+
+
+class _Model:
+    """What an InferResponse reads of the model that answered: its spec."""
+
+    def __init__(self, name: str, version: int, labels: tuple[str, ...]) -> None:
+        from digitserve.inference.spec import ModelSpec
+
+        self.spec = ModelSpec(name=name, version=version, input_shape=(28, 28), input_scale=1 / 255,
+                              labels=labels)
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.text(min_size=0, max_size=20), version=st.integers(0, 2**62),
+       request_id=st.text(max_size=40), rows=st.integers(0, 70), seed=st.integers(0, 2**32 - 1),
+       outputs=st.lists(st.sampled_from(["probabilities", "class_index", "label"]), min_size=0,
+                        max_size=3, unique=True),
+       labels=st.sampled_from([DIGITS, ("cat", "dög", "owl"), ("", "x")]))
+def test_the_written_infer_response_is_protobuf_s_byte_for_byte(
+        name: str, version: int, request_id: str, rows: int, seed: int, outputs: list[str],
+        labels: tuple[str, ...]) -> None:
+    """oipcodec.to_response_bytes (server.wire's writer) against protobuf serializing the message
+    to_response builds, for any model name and version, request id, number of images (0 too),
+    outputs asked for (in any order) and labels (empty and non-ASCII ones): the same bytes."""
+    from digitserve.oip import grpc_predict_v2_pb2 as oip
+    from digitserve.server.infertypes import OUTPUTS, InferResponse
+    from digitserve.server.oipcodec import to_response, to_response_bytes
+
+    probabilities = softmax_rows(np.random.default_rng(seed), rows, len(labels))
+    response = InferResponse(_Model(name, version, labels), probabilities,  # type: ignore[arg-type]
+                             tuple(outputs) or tuple(OUTPUTS), request_id)
+    written = to_response_bytes(response)
+    message = to_response(response, raw=True)
+    assert written == message.SerializeToString()
+    assert oip.ModelInferResponse.FromString(written) == message

@@ -8,6 +8,7 @@ gRPC, ``images[0].float32[3]`` over digitserve.v1) from one InvalidInputError, b
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,15 @@ INPUT_NAME = "images"
 INPUT_DATATYPE = "UINT8"
 # Output name -> datatype; all three are returned when the request names none.
 OUTPUTS = {"probabilities": "FP32", "class_index": "INT64", "label": "BYTES"}
+
+
+_LENGTH = struct.Struct("<I")  # a BYTES element's length in the V2 protocol's raw bytes
+
+
+@functools.lru_cache(maxsize=64)
+def _encoded_labels(labels: tuple[str, ...]) -> tuple[bytes, ...]:
+    """A model's labels as UTF-8 (kept per label set: a few models)."""
+    return tuple(label.encode() for label in labels)
 
 
 @dataclass(slots=True)
@@ -106,8 +116,11 @@ class OutputTensor:
         """The elements as the V2 protocol's raw bytes: little-endian; BYTES each a 4-byte
         length, then the bytes."""
         if isinstance(self.data, np.ndarray):
-            return self.data.astype("<f4" if self.datatype == "FP32" else "<i8").tobytes()
-        return b"".join(struct.pack("<I", len(item)) + item for item in self.data)
+            return self.data.astype("<f4" if self.datatype == "FP32" else "<i8", copy=False).tobytes()
+        if len(self.data) == 1:
+            item: bytes = self.data[0]
+            return _LENGTH.pack(len(item)) + item
+        return b"".join(_LENGTH.pack(len(item)) + item for item in self.data)
 
 
 @dataclass(slots=True)
@@ -136,7 +149,7 @@ class InferResponse:
         """The outputs asked for: probabilities (FP32 [N, classes]), class_index (INT64 [N]) and
         label (BYTES [N], UTF-8)."""
         count, classes = self.probabilities.shape
-        indices = np.argmax(self.probabilities, axis=1).astype(np.int64)
+        indices = self.probabilities.argmax(axis=1).astype(np.int64, copy=False)
         tensors = []
         for name in self.outputs:
             if name == "probabilities":
@@ -144,6 +157,7 @@ class InferResponse:
             elif name == "class_index":
                 tensors.append(OutputTensor(name, "INT64", [count], indices))
             else:
-                labels = [self.model.spec.labels[i].encode() for i in indices.tolist()]
+                encoded = _encoded_labels(self.model.spec.labels)
+                labels = [encoded[i] for i in indices.tolist()]
                 tensors.append(OutputTensor(name, "BYTES", [count], labels))
         return tensors

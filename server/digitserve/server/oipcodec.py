@@ -16,6 +16,7 @@ from digitserve.server.errors import InvalidInputError
 from digitserve.server.infer import infer, resolve
 from digitserve.server.infertypes import InferInput, InferRequest, InferResponse, RequestedOutput, Where
 from digitserve.server.registry import Registry
+from digitserve.server.wire import encode_infer_response
 
 # A datatype's typed contents field.
 _CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents", "INT64": "int64_contents",
@@ -68,6 +69,15 @@ def to_response(response: InferResponse, raw: bool) -> oip.ModelInferResponse:
     return message
 
 
+def to_response_bytes(response: InferResponse) -> bytes:
+    """``to_response(response, raw=True)`` serialized, written by server.wire without building the
+    message (ModelInfer's answer when its inputs came raw)."""
+    spec = response.model.spec
+    return encode_infer_response(spec.name, str(spec.version), response.id, [
+        (output.name, output.datatype, tuple(output.shape), output.raw())
+        for output in response.tensors()])
+
+
 def metadata(value: dict[str, Any]) -> oip.ModelMetadataResponse:
     tensor = oip.ModelMetadataResponse.TensorMetadata
     return oip.ModelMetadataResponse(
@@ -105,5 +115,20 @@ async def model_infer(router: Registry, pictures: PictureDecoder, message: oip.M
                            split=True)
     response = await infer(plane, model, to_request(message), pictures, until)
     answer = to_response(response, raw=len(message.raw_input_contents) > 0)
+    response.answered()
+    return answer
+
+
+async def model_infer_serialized(router: Registry, pictures: PictureDecoder,
+                                 message: oip.ModelInferRequest, until: float | None
+                                 ) -> oip.ModelInferResponse | bytes:
+    """``model_infer`` for a unary call, whose answer grpc serializes: when the inputs came raw,
+    the answer's bytes (``to_response_bytes``), else the message."""
+    if not message.raw_input_contents:
+        return await model_infer(router, pictures, message, until)
+    plane, model = resolve(router, message.model_name, message.model_version, "model_version",
+                           split=True)
+    response = await infer(plane, model, to_request(message), pictures, until)
+    answer = to_response_bytes(response)
     response.answered()
     return answer
