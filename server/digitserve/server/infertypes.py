@@ -39,7 +39,7 @@ def _encoded_labels(labels: tuple[str, ...]) -> tuple[bytes, ...]:
     return tuple(label.encode() for label in labels)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Where:
     """How the caller's message names one input: ``tensor`` the input itself (``inputs[0]``,
     ``images``), ``count`` the field that sets its number of images (``inputs[0].shape``),

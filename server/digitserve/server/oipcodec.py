@@ -5,6 +5,7 @@ and the neutral answer and metadata back into the protocol's messages."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -23,35 +24,48 @@ _CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents", "INT64": "int64_
              "BYTES": "bytes_contents"}
 
 
+@functools.lru_cache(maxsize=256)
+def _where(i: int, contents: str) -> Where:
+    """How input ``i`` is named, its elements raw (``contents`` "") or in a typed contents field
+    (kept: the same few per server, where formatting them cost a quarter of reading a request)."""
+    field = f"inputs[{i}]"
+    if not contents:
+        return Where(field, f"{field}.shape", f"raw_input_contents[{i}]",
+                     f"raw_input_contents[{i}].element[{{k}}]")
+    return Where(field, f"{field}.shape", f"{field}.contents.{contents}",
+                 f"{field}.contents.{contents}[{{k}}]")
+
+
 def _input(message: oip.ModelInferRequest, i: int) -> InferInput:
     """Input ``i``: its raw_input_contents entry when the message sends its inputs raw (a fault
     when those do not pair with the inputs), else its typed contents."""
-    tensor, raw, field = message.inputs[i], message.raw_input_contents, f"inputs[{i}]"
+    tensor, raw = message.inputs[i], message.raw_input_contents
     fault = None
     if raw:
         if len(raw) != len(message.inputs):
             fault = InvalidInputError("raw_input_contents", f"got {len(raw)} entries for "
                                       f"{len(message.inputs)} inputs; expected one per input")
         elif tensor.HasField("contents"):
-            fault = InvalidInputError(f"{field}.contents", "set together with raw_input_contents; "
+            fault = InvalidInputError(f"inputs[{i}].contents", "set together with raw_input_contents; "
                                       "expected one or the other")
         data: Any = raw[i] if i < len(raw) else b""
-        where = Where(field, f"{field}.shape", f"raw_input_contents[{i}]",
-                      f"raw_input_contents[{i}].element[{{k}}]")
+        where = _where(i, "")
     else:
         name = _CONTENTS.get(tensor.datatype, "fp32_contents")
         data = getattr(tensor.contents, name)
-        where = Where(field, f"{field}.shape", f"{field}.contents.{name}",
-                      f"{field}.contents.{name}[{{k}}]")
+        where = _where(i, name)
     return InferInput(tensor.name, tensor.datatype, list(tensor.shape), data, where, raw=bool(raw),
                       parameters=tensor.parameters, fault=fault)
 
 
 def to_request(message: oip.ModelInferRequest) -> InferRequest:
+    inputs = message.inputs
     return InferRequest(
-        message.model_name, [_input(message, i) for i in range(len(message.inputs))],
+        message.model_name, [_input(message, 0)] if len(inputs) == 1 else
+        [_input(message, i) for i in range(len(inputs))],
         id=message.id, parameters=message.parameters,
-        outputs=[RequestedOutput(o.name, o.parameters) for o in message.outputs])
+        outputs=[RequestedOutput(o.name, o.parameters) for o in message.outputs]
+        if message.outputs else ())
 
 
 def to_response(response: InferResponse, raw: bool) -> oip.ModelInferResponse:

@@ -65,6 +65,8 @@ FEWEST_PACKED = 1
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _BYTES[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -116,6 +118,7 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str,
 
 
 _RAW_TAG = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents
+_BYTES = [bytes((b,)) for b in range(0x80)]  # the varints of one byte
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
