@@ -177,8 +177,8 @@ RULES: dict[str, list[Rule]] = {
         rule(TELEMETRY, _DS + r"infertypes\.py$", r"InferResponse\.answered"),
         *_TELEMETRY,
         # Encode: the answer to bytes.
-        rule(ENCODE, _DS + r"oipcodec\.py$", r"to_response"),
-        rule(ENCODE, _DS + r"infertypes\.py$", r"OutputTensor\..*|InferResponse\.tensors"),
+        rule(ENCODE, _DS + r"oipcodec\.py$", r"to_response\w*"),  # to_response_bytes on main since 65fb275
+        rule(ENCODE, _DS + r"infertypes\.py$", r"OutputTensor\..*|InferResponse\.tensors|_encoded_labels"),
         rule(ENCODE, _DS + r"calls\.py$", r"_serializer\.<locals>\.serialize"),
         rule(ENCODE, _DS + r"wire\.py$"),  # what is left of it: PredictionEncoder, the varints
         rule(ENCODE, _DS + r"v1codec\.py$", r"_encoder"),
