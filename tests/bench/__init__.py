@@ -1,0 +1,1 @@
+"""Tests of bench/'s own logic that need no server."""
