@@ -27,7 +27,9 @@ _CONTENTS = {"FP32": "fp32_contents", "UINT8": "uint_contents", "INT64": "int64_
 @functools.lru_cache(maxsize=256)
 def _where(i: int, contents: str) -> Where:
     """How input ``i`` is named, its elements raw (``contents`` "") or in a typed contents field
-    (kept: the same few per server, where formatting them cost a quarter of reading a request)."""
+    (kept: the same few per server; formatting them was the largest own time of reading a request
+    in cProfile, but the saving is within callgrind's noise: 1,023,924 instructions per 1-image
+    ModelInfer on 461f425 against 1,007,322 before it, runs differing by up to 3 %)."""
     field = f"inputs[{i}]"
     if not contents:
         return Where(field, f"{field}.shape", f"raw_input_contents[{i}]",

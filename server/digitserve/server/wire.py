@@ -105,7 +105,9 @@ def encode_infer_response(model_name: str, model_version: str, request_id: str,
     protobuf serializes it (fields in number order; each output's name, datatype and shape, then
     its raw bytes): the model's name and version and each output's header are written once per
     shape and kept, so a 1-image answer costs a join, where building the message costs a dozen
-    protobuf calls. Shapes are counts (non-negative). ``tests/server/test_wire.py`` checks it
+    protobuf calls: a 1-image ModelInfer took 1,007,322 instructions against 1,054,724 (``python -m
+    bench.instructions --edge v2-grpc --shape 1x64`` on 65fb275 and 7c4895a). Shapes are counts
+    (non-negative). ``tests/server/test_wire.py`` checks it
     parses back to the message ``oipcodec.to_response`` builds, byte for byte."""
     parts = [_infer_head(model_name, model_version)]
     if request_id:
