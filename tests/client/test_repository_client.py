@@ -20,7 +20,7 @@ from digitserve.repository import ModelRepository
 from digitserve.v1 import digit_service_pb2 as pb
 from digitserve.v1 import digit_service_pb2_grpc as pb_grpc
 from tests.servers import ServerThread
-from tests.support import publish_copy
+from tests.support import publish_copy, wait_for
 
 CANARY_WEIGHT = 0.25
 CONFIG = f"""\
@@ -57,8 +57,20 @@ def labelled_repository(tiny_repo: Path, root: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def repo_server(tiny_repo: Path, tmp_path: Path,
                 start_server: Callable[..., ServerThread]) -> ServerThread:
+    """The labelled repository served, once every version its labels and policy keep is serving
+    (the labelled ones load after the default one: a test comparing two ListModels answers must
+    not see one of them mid-load)."""
     repo, config = labelled_repository(tiny_repo, tmp_path)
-    return start_server(model_repo=repo, model_config=config)
+    server = start_server(model_repo=repo, model_config=config)
+
+    def settled() -> bool:
+        models = {m.name: m for m in list_models(server.target).models}
+        serving = {v.version for v in models["tiny"].versions if v.state == pb.VERSION_STATE_SERVING}
+        return {1, 2} <= serving and all(v.state != pb.VERSION_STATE_AVAILABLE
+                                         for m in models.values() for v in m.versions)
+
+    wait_for(settled, what="the labelled versions serving")
+    return server
 
 
 def list_models(target: str, name: str = "") -> pb.ListModelsResponse:
