@@ -24,7 +24,8 @@ Stages: **receive and parse** (request bytes to objects: the tolerant deserializ
 packed reader, oipcodec.to_request, the REST body and its JSON), **validate and convert** (counts,
 shapes, limits, pixels to float32: infer.read, pixels.py), **queue and batch** (batcher.py and
 dataplane.py around the model call), **model** (the LiteRT interpreter), **encode** (answer to
-bytes: oipcodec.to_response, the output tensors, the serializer, wire.py's encoder, the REST JSON
+bytes: oipcodec.to_response and its writer, the output tensors, the serializer, wire.py's
+encoder, the REST JSON
 and response), **telemetry** (metrics, statistics, the Call's bookkeeping), **logging** (the
 access line), **handler, other** (the rest of the call wrapper, the servicers, the HTTP edge's
 middleware), **other server code**, **HTTP server and framework** (aiohttp, uvicorn, starlette,
@@ -177,10 +178,11 @@ RULES: dict[str, list[Rule]] = {
         rule(TELEMETRY, _DS + r"infertypes\.py$", r"InferResponse\.answered"),
         *_TELEMETRY,
         # Encode: the answer to bytes.
-        rule(ENCODE, _DS + r"oipcodec\.py$", r"to_response\w*"),  # to_response_bytes on main since 65fb275
+        rule(ENCODE, _DS + r"oipcodec\.py$",
+             r"to_response\w*|encode_infer_response|_infer_head|_output_tensor"),
         rule(ENCODE, _DS + r"infertypes\.py$", r"OutputTensor\..*|InferResponse\.tensors|_encoded_labels"),
         rule(ENCODE, _DS + r"calls\.py$", r"_serializer\.<locals>\.serialize"),
-        rule(ENCODE, _DS + r"wire\.py$"),  # what is left of it: PredictionEncoder, the varints
+        rule(ENCODE, _DS + r"(wire|protowire)\.py$"),  # what is left of it: PredictionEncoder, the varints
         rule(ENCODE, _DS + r"v1codec\.py$", r"_encoder"),
         rule(ENCODE, _DS + r"restcodec\.py$", r"infer_body"),
         rule(ENCODE, _DS + r"rest\.py$", r"json_reply|error_reply|Reply\..*"),

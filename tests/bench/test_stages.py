@@ -134,7 +134,8 @@ DIGITSERVE = [
         ds("OutputTensor.raw", "infertypes.py", 108)), ENCODE),
     ("ModelInfer's answer written as bytes", main_thread(
         ds("_wrap.<locals>.unary", "calls.py"), ds("model_infer_serialized", "oipcodec.py"),
-        ds("to_response_bytes", "oipcodec.py"), ds("encode_infer_response", "wire.py")), ENCODE),
+        ds("to_response_bytes", "oipcodec.py"), ds("encode_infer_response", "oipcodec.py"),
+        ds("varint", "protowire.py")), ENCODE),
     ("labels encoded", main_thread(
         ds("model_infer_serialized", "oipcodec.py"), ds("to_response_bytes", "oipcodec.py"),
         ds("_encoded_labels", "infertypes.py")), ENCODE),

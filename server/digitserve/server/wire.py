@@ -43,7 +43,6 @@ fails (DecodeError), and every answer parses into the message protobuf builds.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +50,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from digitserve.server.protowire import length_delimited as _length_delimited
+from digitserve.server.protowire import varint as _varint
 from digitserve.v1 import digit_service_pb2 as pb
 
 # An Image's packed encodings (its bytes fields) and the numpy type of their bytes.
@@ -62,65 +63,6 @@ _IMAGES_TAG = (1 << 3) | 2  # PredictRequest.images
 # The fewest images read as packed rows: every request (protobuf reads a 1-image request in fewer
 # instructions, but the server's whole 1-image path is ~17 % cheaper from packed rows: see above).
 FEWEST_PACKED = 1
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _BYTES[value]
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-    return bytes([field << 3 | 2]) + _varint(len(payload)) + payload
-
-
-@functools.lru_cache(maxsize=256)
-def _infer_head(model_name: str, model_version: str) -> bytes:
-    """ModelInferResponse's fields 1 and 2 (model_name, model_version), omitted when empty."""
-    return b"".join(_length_delimited(field, value.encode())
-                    for field, value in ((1, model_name), (2, model_version)) if value)
-
-
-@functools.lru_cache(maxsize=1024)
-def _output_tensor(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
-    """One ModelInferResponse.outputs entry (field 5): name, datatype and the packed shape."""
-    body = b"".join(_length_delimited(field, value.encode())
-                    for field, value in ((1, name), (2, datatype)) if value)
-    if shape:
-        body += _length_delimited(3, b"".join(_varint(d) for d in shape))
-    return _length_delimited(5, body)
-
-
-def encode_infer_response(model_name: str, model_version: str, request_id: str,
-                          outputs: Sequence[tuple[str, str, tuple[int, ...], bytes]]) -> bytes:
-    """The V2 protocol's ModelInferResponse answering with ``raw_output_contents``, serialized as
-    protobuf serializes it (fields in number order; each output's name, datatype and shape, then
-    its raw bytes): the model's name and version and each output's header are written once per
-    shape and kept, so a 1-image answer costs a join, where building the message costs a dozen
-    protobuf calls: a 1-image ModelInfer took 1,007,322 instructions against 1,054,724 (``python -m
-    bench.instructions --edge v2-grpc --shape 1x64`` on 65fb275 and 7c4895a). Shapes are counts
-    (non-negative). ``tests/server/test_wire.py`` checks it
-    parses back to the message ``oipcodec.to_response`` builds, byte for byte."""
-    parts = [_infer_head(model_name, model_version)]
-    if request_id:
-        parts.append(_length_delimited(3, request_id.encode()))
-    parts.extend(_output_tensor(name, datatype, shape) for name, datatype, shape, _ in outputs)
-    for *_, raw in outputs:
-        parts.append(_RAW_TAG + _varint(len(raw)))
-        parts.append(raw)
-    return b"".join(parts)
-
-
-_RAW_TAG = bytes([6 << 3 | 2])  # ModelInferResponse.raw_output_contents
-_BYTES = [bytes((b,)) for b in range(0x80)]  # the varints of one byte
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
