@@ -111,10 +111,24 @@ class ServerThread:
     def stop(self, grace: float = 0) -> None:
         if self.loop.is_running():
             self.call(self.app.stop(grace))
+            # What asyncio.run does after the main coroutine (mnist-serve stops that way): the tasks
+            # still pending (an HTTP connection's handler whose client never finished) are cancelled
+            # and awaited, not left to be destroyed pending when a later test collects them.
+            self.call(_cancel_pending())
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
         if not self.loop.is_running() and not self.loop.is_closed():
             self.loop.close()
+
+
+async def _cancel_pending(timeout: float = 10) -> None:
+    """Cancels every task of the running loop but this one and waits (``timeout`` s at most) for
+    them to end."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
 
 
 # Signals that mean a crash (the faulthandler dumps the stack for these).
