@@ -104,15 +104,9 @@ def components(own: dict[str, int]) -> dict[str, int]:
 
 
 def h2load_n(server: versus.Pinned, edge: str, shape: str, body: Path, model: str, calls: int) -> None:
-    _, in_flight = versus.SHAPES[shape]
-    argv = ["h2load", "-t", "1", "-n", str(calls), "-d", str(body)]
-    if edge == "v2-rest":
-        argv += ["--h1", "-c", str(in_flight), "-H", "Content-Type: application/json",
-                 f"http://127.0.0.1:{server.http_port}/v2/models/{model}/infer"]
-    else:
-        path = versus.INFER_PATH if edge == "v2-grpc" else versus.PREDICT_PATH
-        argv += ["-c", "1", "-m", str(in_flight), "-H", "content-type: application/grpc",
-                 "-H", "te: trailers", f"http://127.0.0.1:{server.grpc_port}{path}"]
+    """``calls`` requests of bench.versus's kind (``-n``: a count, not a duration; not pinned)."""
+    argv = ["h2load", "-t", "1", "-n", str(calls), "-d", str(body),
+            *versus.h2load_target(server, edge, shape, model)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=3600)
     result = parse(done.stdout) if done.returncode == 0 else None
     if result is None or result["succeeded"] != calls:
@@ -129,16 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=list(versus.SHAPES), default="1x64")
     parser.add_argument("--calls", type=int, default=400, help="requests counted (default: 400)")
     parser.add_argument("--warmup", type=int, default=200, help="requests before (default: 200)")
-    parser.add_argument("--model-repo", type=Path, default=REPO_ROOT / "out" / "bench-repo")
-    parser.add_argument("--model-name", default="mnist")
-    parser.add_argument("--version", type=int, default=1)
-    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
-    parser.add_argument("--tree", type=Path, default=REPO_ROOT,
-                        help="checkout whose mnist-serve is measured (default: this one)")
-    parser.add_argument("--server-arg", action="append", default=[],
-                        help="one more argument for mnist-serve (repeatable)")
-    parser.add_argument("--kserve-python", type=Path,
-                        default=REPO_ROOT / "out" / "kserve-venv" / "bin" / "python")
+    versus.add_server_options(parser, model_repo=REPO_ROOT / "out" / "bench-repo")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--keep", type=Path, help="keep callgrind's output file there")
     return parser

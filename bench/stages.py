@@ -398,16 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=list(versus.SHAPES), default="1x64")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds sampled (default: 10)")
     parser.add_argument("--rate", type=int, default=200, help="samples a second (default: 200)")
-    parser.add_argument("--model-repo", type=Path, default=REPO_ROOT / "out" / "bench-repo")
-    parser.add_argument("--model-name", default="mnist")
-    parser.add_argument("--version", type=int, default=1)
-    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data")
-    parser.add_argument("--tree", type=Path, default=REPO_ROOT,
-                        help="checkout whose mnist-serve is measured (default: this one)")
-    parser.add_argument("--server-arg", action="append", default=[],
-                        help="one more argument for mnist-serve (repeatable)")
-    parser.add_argument("--kserve-python", type=Path,
-                        default=REPO_ROOT / "out" / "kserve-venv" / "bin" / "python")
+    versus.add_server_options(parser, model_repo=REPO_ROOT / "out" / "bench-repo")
     parser.add_argument("--server-cpu", default="0", help="taskset CPU of the server (default: 0)")
     parser.add_argument("--load-cpu", default="1", help="taskset CPU of h2load and py-spy (default: 1)")
     parser.add_argument("--py-spy", type=Path, help="py-spy binary (default: on PATH or beside python)")

@@ -196,18 +196,23 @@ def answer(server: Pinned, edge: str, body: bytes, model: str) -> np.ndarray:
     return np.asarray([list(p.probabilities) for p in predictions], np.float32)
 
 
+def h2load_target(server: Pinned, edge: str, shape: str, model: str) -> list[str]:
+    """h2load's arguments that send one edge's calls of a shape to ``server``: its connections,
+    streams, headers and URL (the caller adds how long, or how many, and the body file)."""
+    _, in_flight = SHAPES[shape]
+    if edge == "v2-rest":
+        return ["--h1", "-c", str(in_flight), "-H", "Content-Type: application/json",
+                f"http://127.0.0.1:{server.http_port}/v2/models/{model}/infer"]
+    path = INFER_PATH if edge == "v2-grpc" else PREDICT_PATH
+    return ["-c", "1", "-m", str(in_flight), "-H", "content-type: application/grpc",
+            "-H", "te: trailers", f"http://127.0.0.1:{server.grpc_port}{path}"]
+
+
 def h2load(server: Pinned, edge: str, shape: str, body_file: Path, model: str,
            args: argparse.Namespace) -> dict[str, Any]:
-    _, in_flight = SHAPES[shape]
     argv = ["taskset", "-c", args.load_cpu, "h2load", "-t", "1", "-D", ms(args.duration),
-            f"--warm-up-time={ms(1.0)}", "-d", str(body_file)]
-    if edge == "v2-rest":
-        argv += ["--h1", "-c", str(in_flight), "-H", "Content-Type: application/json",
-                 f"http://127.0.0.1:{server.http_port}/v2/models/{model}/infer"]
-    else:
-        path = INFER_PATH if edge == "v2-grpc" else PREDICT_PATH
-        argv += ["-c", "1", "-m", str(in_flight), "-H", "content-type: application/grpc",
-                 "-H", "te: trailers", f"http://127.0.0.1:{server.grpc_port}{path}"]
+            f"--warm-up-time={ms(1.0)}", "-d", str(body_file),
+            *h2load_target(server, edge, shape, model)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=args.duration + 60)
     if done.returncode != 0:
         raise BenchError(f"h2load failed ({done.returncode}): {done.stderr[-500:]}")
@@ -229,11 +234,11 @@ def failed_calls(server: Pinned) -> float:
     return failed
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.versus", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--model-repo", type=Path, required=True, help="model repository")
+def add_server_options(parser: argparse.ArgumentParser, model_repo: Path | None) -> None:
+    """The options of what the servers serve and which checkout and KServe run it, shared by
+    bench.versus, bench.instructions and bench.stages (``model_repo`` None: required)."""
+    parser.add_argument("--model-repo", type=Path, required=model_repo is None, default=model_repo,
+                        help="model repository" + ("" if model_repo is None else f" (default: {model_repo})"))
     parser.add_argument("--model-name", default="mnist", help="model name (default: mnist)")
     parser.add_argument("--version", type=int, default=1, help="the version served (default: 1)")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT / "data",
@@ -245,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kserve-python", type=Path,
                         default=REPO_ROOT / "out" / "kserve-venv" / "bin" / "python",
                         help="KServe's environment (bench/kserve-venv.sh; default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.versus", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    add_server_options(parser, model_repo=None)
     parser.add_argument("--edges", default=",".join(EDGES), help="edges (default: %(default)s)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="shapes (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=4, help="rounds (default: 4)")

@@ -133,11 +133,11 @@ DIGITSERVE = [
         *UNARY, ds("to_response", "oipcodec.py", 64), ds("InferResponse.tensors", "infertypes.py", 136),
         ds("OutputTensor.raw", "infertypes.py", 108)), ENCODE),
     ("ModelInfer's answer written as bytes", main_thread(
-        ds("_wrap.<locals>.unary", "calls.py"), ds("model_infer_serialized", "oipcodec.py"),
+        ds("_wrap.<locals>.unary", "calls.py"), ds("model_infer", "oipcodec.py"),
         ds("to_response_bytes", "oipcodec.py"), ds("encode_infer_response", "oipcodec.py"),
         ds("varint", "protowire.py")), ENCODE),
     ("labels encoded", main_thread(
-        ds("model_infer_serialized", "oipcodec.py"), ds("to_response_bytes", "oipcodec.py"),
+        ds("model_infer", "oipcodec.py"), ds("to_response_bytes", "oipcodec.py"),
         ds("_encoded_labels", "infertypes.py")), ENCODE),
     ("response serializer", main_thread(ds("_serializer.<locals>.serialize", "calls.py", 72)), ENCODE),
     ("Predict's encoder", main_thread(

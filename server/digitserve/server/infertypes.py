@@ -117,9 +117,6 @@ class OutputTensor:
         length, then the bytes."""
         if isinstance(self.data, np.ndarray):
             return self.data.astype("<f4" if self.datatype == "FP32" else "<i8", copy=False).tobytes()
-        if len(self.data) == 1:
-            item: bytes = self.data[0]
-            return _LENGTH.pack(len(item)) + item
         return b"".join(_LENGTH.pack(len(item)) + item for item in self.data)
 
 

@@ -78,8 +78,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: oip.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> oip.ModelInferResponse | bytes:
         # (bytes: the answer serialized already; calls' serializer passes them through)
-        return await oipcodec.model_infer_serialized(self._router, self._pictures, request,
-                                                     deadline(context))
+        return await oipcodec.model_infer(self._router, self._pictures, request, deadline(context),
+                                          serialized=True)
 
     @mapped_errors
     async def ModelConfig(self, request: oip.ModelConfigRequest,

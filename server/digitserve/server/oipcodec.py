@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 from google.protobuf import json_format
@@ -166,26 +166,26 @@ def repository_index(entries: list[dict[str, Any]]) -> oip.RepositoryIndexRespon
         for e in entries])
 
 
+@overload
 async def model_infer(router: Registry, pictures: PictureDecoder, message: oip.ModelInferRequest,
-                      until: float | None) -> oip.ModelInferResponse:
+                      until: float | None, serialized: Literal[False] = False
+                      ) -> oip.ModelInferResponse: ...
+
+
+@overload
+async def model_infer(router: Registry, pictures: PictureDecoder, message: oip.ModelInferRequest,
+                      until: float | None, serialized: bool) -> oip.ModelInferResponse | bytes: ...
+
+
+async def model_infer(router: Registry, pictures: PictureDecoder, message: oip.ModelInferRequest,
+                      until: float | None, serialized: bool = False) -> oip.ModelInferResponse | bytes:
+    """The request answered, its outputs raw when its inputs came raw, and counted as answered
+    once the answer is built. ``serialized`` (a unary call, whose answer grpc serializes): a raw
+    answer as its bytes (``to_response_bytes``)."""
     plane, model = resolve(router, message.model_name, message.model_version, "model_version",
                            split=True)
     response = await infer(plane, model, to_request(message), pictures, until)
-    answer = to_response(response, raw=len(message.raw_input_contents) > 0)
-    response.answered()
-    return answer
-
-
-async def model_infer_serialized(router: Registry, pictures: PictureDecoder,
-                                 message: oip.ModelInferRequest, until: float | None
-                                 ) -> oip.ModelInferResponse | bytes:
-    """``model_infer`` for a unary call, whose answer grpc serializes: when the inputs came raw,
-    the answer's bytes (``to_response_bytes``), else the message."""
-    if not message.raw_input_contents:
-        return await model_infer(router, pictures, message, until)
-    plane, model = resolve(router, message.model_name, message.model_version, "model_version",
-                           split=True)
-    response = await infer(plane, model, to_request(message), pictures, until)
-    answer = to_response_bytes(response)
+    raw = len(message.raw_input_contents) > 0
+    answer = to_response_bytes(response) if raw and serialized else to_response(response, raw)
     response.answered()
     return answer
