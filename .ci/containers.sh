@@ -21,13 +21,14 @@
 # MNIST_EPOCHS (1, for speed), MNIST_MIN_ACCURACY (0.97), MNIST_PORT and MNIST_METRICS_PORT (free
 # ports), STACK_TIMEOUT seconds (1200), CONTAINERS_LOADTEST (auto: run the loadtest profile for
 # MNIST_LOADTEST_DURATION=5 s when the client has a loadtest command; 0 skips it, 1 requires it),
-# KEEP_ENGINE=1 (leave the engine running afterwards). Bounds, each a failure when broken:
-# SERVE_IMAGE_MAX_MB (350, MB = 10^6 bytes, uncompressed), COLD_START_MAX_S (3: `docker run` to
-# health SERVING, on a quiet machine) scaled by the machine's pace in the same run: the bound is
-# the larger of it and COLD_START_FACTOR (4) times a bare start (`docker run` of the serve image
-# running `python -c pass`, measured just before), so a busy machine does not fail it and a server
-# that starts slowly still does; a start above it is measured again, up to COLD_START_TRIES (3)
-# starts, and the fastest counts; KILL_MAX_FAILED_PCT (1: failed calls of the kill test),
+# KEEP_ENGINE=1 (leave the engine running afterwards), CONTAINERS_MIN_FREE_GB (8: free disk the
+# engine's storage needs before the build; below twice that, untagged images are pruned first).
+# Bounds, each a failure when broken: SERVE_IMAGE_MAX_MB (350, MB = 10^6 bytes, uncompressed),
+# COLD_START_MAX_S (3: `docker run` to health SERVING, on a quiet machine) scaled by the machine's
+# pace in the same run: the bound is the larger of it and COLD_START_FACTOR (4) times a bare start
+# (`docker run` of the serve image running `python -c pass`, measured just before), so a busy
+# machine does not fail it and a server that starts slowly still does; a start above it is
+# measured again, up to COLD_START_TRIES (3) starts, and the fastest counts; KILL_MAX_FAILED_PCT (1: failed calls of the kill test),
 # KILL_DURATION (20 s of load in the kill test).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -178,12 +179,33 @@ lint() {
   log "k8s/kserve: $out"
 }
 
+# free_gb DIR: the free space of DIR's file system (or of its nearest existing parent), in GB
+free_gb() {
+  local dir=$1
+  while [ ! -d "$dir" ]; do dir=$(dirname "$dir"); done
+  df -Pk "$dir" | awk 'NR == 2 {print int($4 / 1048576)}'
+}
+
 engine() {
   if [ -f "$ENGINE" ]; then
     local exports
     engine_started=1
     exports=$(bash "$ENGINE" up)
     eval "$exports"
+    # Each build leaves the previous run's images untagged, and the engine's storage grows until a
+    # layer no longer fits (CI once failed "storing layer ...: io: read/write on closed pipe" with
+    # 3 GB free). Untagged images include the build stages that are the cache (a cold build takes
+    # ~140 s longer), so they are pruned only when space runs short.
+    local storage=${ENGINE_STATE:-/tmp/container-engine} want=${CONTAINERS_MIN_FREE_GB:-8}
+    if [ "$(free_gb "$storage")" -lt $((2 * want)) ]; then
+      log "$(free_gb "$storage") GB free: pruning untagged images (the build cache with them)"
+      docker image prune --force >/dev/null
+    fi
+    figure "free disk for the engine's storage ($storage): $(free_gb "$storage") GB"
+    if [ "$(free_gb "$storage")" -lt "$want" ]; then
+      log "only $(free_gb "$storage") GB free for $storage; the image build needs $want GB (the train image alone is ~2 GB, written twice): free some disk, or set CONTAINERS_MIN_FREE_GB"
+      return 1
+    fi
   else
     log "no $ENGINE: using the local Docker daemon"
     docker info --format 'Docker {{.ServerVersion}}'
