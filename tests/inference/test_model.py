@@ -215,3 +215,19 @@ def test_a_reference_of_the_wrong_shape_is_not_compared(tiny_repo: Path, tmp_pat
     n = arrays["labels"].shape[0]
     assert isinstance(model, KerasModel)
     assert f"reference probabilities of shape ({n}, 1), expected ({n}, 10)" in caplog.text
+
+
+def test_read_only_pixels_answer_as_writable_ones_whatever_the_batch_sizes(tiny_repo: Path) -> None:
+    # LiteRTRunner copies a read-only array (pixels straight from a request's bytes) into the input
+    # tensor's view instead of set_tensor: the same answers, across resizes in either order.
+    runner = LiteRTRunner((version_dir(tiny_repo) / LITERT_FILE).read_bytes())
+    x = np.random.default_rng(9).random((64, 784), dtype=np.float32)
+    for rows in (1, 64, 3, 64, 1):
+        writable = x[:rows].copy()
+        read_only = np.frombuffer(writable.tobytes(), dtype=np.float32).reshape(rows, 784)
+        assert not read_only.flags.writeable
+        expected = runner(writable)
+        np.testing.assert_array_equal(runner(read_only), expected)
+        np.testing.assert_array_equal(runner(writable), expected)
+        # each image's answer does not depend on its batch (so a stale input would show)
+        np.testing.assert_allclose(expected, runner(x)[:rows], rtol=0, atol=1e-6)

@@ -297,3 +297,45 @@ def test_exactly_max_batch_size_queued_images_do_not_wait_the_queue_delay() -> N
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+def test_each_model_keeps_its_own_inline_limit_and_a_new_limit_counts_at_once() -> None:
+    # Batcher keeps the last model's limit: two models taking turns must not get each other's, a
+    # limit set again must count from the next call, and the kept model must not stay alive.
+    # Fakes: inline and a model thread both observable; the limits are what DataPlane.prepare sets.
+    import gc
+    import weakref
+
+    async def scenario() -> None:
+        threaded: list[tuple[int, int]] = []  # (model version, images) of the calls off the loop
+
+        async def run(model: Any, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+            threaded.append((model.spec.version, images.shape[0]))
+            return model.predict(images)  # type: ignore[no-any-return]
+
+        batcher = Batcher(run, max_batch_size=64, max_queue_delay=0, max_queued_images=64)
+        small, large = FakeModel(version=1), FakeModel(version=2)
+        small.inline = large.inline = True
+        batcher.inline_limits[small] = 4
+        batcher.inline_limits[large] = 0
+        x = np.zeros((2, D), np.float32)
+        for _ in range(3):
+            await batcher.predict(small, x)  # type: ignore[arg-type]
+            await batcher.predict(large, x)  # type: ignore[arg-type]
+        assert threaded == [(2, 2)] * 3
+        batcher.inline_limits[small] = 1  # lowered: 2 images no longer run inline
+        await batcher.predict(small, x)  # type: ignore[arg-type]
+        assert threaded[-1] == (1, 2)
+        await batcher.predict(large, x)  # type: ignore[arg-type]
+        batcher.inline_limits[small] = 4
+        await batcher.predict(small, x)  # type: ignore[arg-type]  # inline: the last model asked
+        assert threaded == [(2, 2)] * 3 + [(1, 2), (2, 2)]
+        gone = weakref.ref(small)
+        del small
+        gc.collect()
+        assert gone() is None  # neither that lookup nor the last batch keep a version alive
+        await batcher.predict(large, x)  # type: ignore[arg-type]
+        assert threaded[-1] == (2, 2) and len(threaded) == 6
+        await batcher.close()
+
+    asyncio.run(scenario())

@@ -197,3 +197,15 @@ def test_calls_to_methods_that_do_not_exist_leave_nothing_behind(
     assert list(interceptor._handlers) == [DIGIT + "Predict"]
     counted = handled(server.app.metrics_port or 0)
     assert counted == {("Predict", "OK"): 1}, counted
+
+
+def test_a_handler_whose_request_parameter_is_misnamed_is_refused_when_decorated() -> None:
+    # mapped_errors tells a streamed request from a message by the parameter's name, once: a
+    # misnamed one would hand a stream to a unary handler's checks, or a message to _decoded.
+    from digitserve.server.status import mapped_errors
+
+    async def Predict(self: Any, message: Any, context: Any) -> None: ...
+
+    with pytest.raises(TypeError, match=r"Predict: its second parameter is \['message'\]; name it "
+                       r"request, or request_iterator when the request is a stream"):
+        mapped_errors(Predict)

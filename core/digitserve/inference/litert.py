@@ -69,7 +69,13 @@ class LiteRTRunner:
             interpreter.resize_tensor_input(self._input, [rows, *self._row_shape], strict=False)
             interpreter.allocate_tensors()
             self._rows = rows
-        interpreter.set_tensor(self._input, images.reshape(rows, *self._row_shape))
+        if images.flags.writeable:
+            interpreter.set_tensor(self._input, images.reshape(rows, *self._row_shape))
+        else:
+            # Pixels read from a request's bytes (read-only): copied straight into the input
+            # tensor, where set_tensor takes a slow path for a read-only array: 98 us against 10
+            # for 64 images (``python -m bench.litert_input``). The view is dropped before invoke.
+            interpreter.tensor(self._input)()[...] = images.reshape(rows, *self._row_shape)
         interpreter.invoke()
         out: npt.NDArray[np.float32] = interpreter.get_tensor(self._output)  # a copy
         return out

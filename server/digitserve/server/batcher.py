@@ -50,6 +50,24 @@ class BatchStats:
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
+def _nothing() -> None:
+    return None
+
+
+class _Limits(weakref.WeakKeyDictionary[Model, int]):
+    """The inline limits by model: setting one forgets the batcher's last lookup."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        super().__init__()
+        self._batcher = weakref.ref(batcher)
+
+    def __setitem__(self, model: Model, limit: int) -> None:
+        super().__setitem__(model, limit)
+        batcher = self._batcher()
+        if batcher is not None:
+            batcher._last_model = _nothing
+
+
 @dataclass
 class _Pending:
     model: Model
@@ -88,7 +106,9 @@ class Batcher:
         self._busy = False  # a model call is running off the loop
         # Per model (while it lives), the most images of a call computed on the event loop
         # (absent: 0, never): DataPlane.prepare sets it.
-        self.inline_limits: weakref.WeakKeyDictionary[Model, int] = weakref.WeakKeyDictionary()
+        self.inline_limits: weakref.WeakKeyDictionary[Model, int] = _Limits(self)
+        self._last_model: Callable[[], Model | None] = _nothing
+        self._last_limit = 0
         self.stats = BatchStats()
 
     @property
@@ -97,8 +117,12 @@ class Batcher:
         return self._queued_images
 
     def _inline(self, model: Model, n: int) -> bool:
-        limit = self.inline_limits.get(model, 0) if runs_inline(model) else 0
-        return n <= limit
+        # The last model asked about and its limit, kept by a weak reference: a call asks twice
+        # (admit, predict), and a WeakKeyDictionary lookup makes a weak reference each time.
+        if self._last_model() is not model:
+            self._last_limit = self.inline_limits.get(model, 0) if runs_inline(model) else 0
+            self._last_model = weakref.ref(model)
+        return n <= self._last_limit
 
     def _now(self, model: Model, n: int) -> bool:
         """A call computed at once in its caller's task: small, on an inline model, the model idle
@@ -194,6 +218,7 @@ class Batcher:
             batch = self._take_batch()
             if batch:
                 await self._compute(batch)
+            del batch  # not kept while waiting: it holds its model version
 
     async def _compute(self, batch: list[_Pending]) -> None:
         model = batch[0].model

@@ -6,6 +6,7 @@ monotonic clock."""
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -88,13 +89,20 @@ def mapped_errors(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitabl
     fixed message, its traceback logged by the logger of the method's module (``server.servicer``
     or ``server.oip``). A request that did not decode is INVALID_ARGUMENT."""
     method_logger = logging.getLogger(method.__module__)
+    # A method whose request is a stream names it as grpc's generated servicers do. Decided here,
+    # not per call: hasattr() on a protobuf message without the attribute costs an exception.
+    names = list(inspect.signature(method).parameters)[1:2]
+    if names not in (["request"], ["request_iterator"]):
+        raise TypeError(f"{method.__qualname__}: its second parameter is {names}; name it request, "
+                        "or request_iterator when the request is a stream")
+    streamed = names == ["request_iterator"]
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             if isinstance(request, Undecodable):
                 raise request.error("request")
-            if hasattr(request, "__aiter__"):
+            if streamed:
                 request = _decoded(request)
             return await method(self, request, context)
         except ServerError as exc:
