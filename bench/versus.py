@@ -19,6 +19,11 @@ of warm-up, in every round:
 - **V2 REST** (``POST /v2/models/NAME/infer``, JSON): digitserve and KServe, h2load ``--h1`` with
   as many keep-alive connections as calls in flight.
 
+With perf_analyzer installed (``.ci/perf-analyzer.sh``; ``--perf-analyzer``), each round also
+drives the V2 gRPC points with it, pinned as h2load is: its default mode (Triton's protocol, random
+data in the model's declared datatype), ``-b`` images per request. KServe answers no ModelConfig,
+which perf_analyzer asks for first, so its rows say why it does not run there.
+
 Before the load, one request of each point goes to each server through a real client, its answer
 read (every class the true label's where the model is right, and digitserve's probabilities equal
 to KServe's within 1e-6); after it, digitserve's metrics must count no failed call (h2load does
@@ -263,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per point (default: 8)")
     parser.add_argument("--server-cpu", default="0", help="taskset CPU of the servers (default: 0)")
     parser.add_argument("--load-cpu", default="1", help="taskset CPU of h2load (default: 1)")
+    parser.add_argument("--perf-analyzer", choices=["auto", "yes", "no"], default="auto",
+                        help="also drive the V2 gRPC points with Triton's perf_analyzer "
+                        "(.ci/perf-analyzer.sh installs it; auto: when it is installed)")
     parser.add_argument("--json-out", type=Path, help="also write every round as JSON")
     parser.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     return parser
@@ -282,6 +290,53 @@ def table(rps: dict[tuple[str, str, str], list[float]], edges: list[str], shapes
                 f"{NAMES[baseline]} ({' / '.join(f'{r:,.0f}' for r in theirs)}) | "
                 f"{statistics.median(theirs):,.0f} | "
                 f"**{statistics.median(ours) / statistics.median(theirs):.2f}×** |")
+    return lines
+
+
+def perf_point(server: Pinned, shape: str, args: argparse.Namespace, workdir: Path) -> float | str | None:
+    """perf_analyzer (its default mode: Triton's protocol, random data in the datatype the model's
+    metadata declares) at one V2 gRPC point: ``-b`` images per request and the shape's calls in
+    flight, pinned to the load CPU. Its requests per second (its inferences per second over the
+    batch); None when its windows never agreed within 50 %; the reason as text when it does not
+    run against the server (KServe answers no ModelConfig, which it asks for first)."""
+    from bench import perf_analyzer
+
+    count, in_flight = SHAPES[shape]
+    window_ms = str(max(500, round(args.duration * 1000 / 3)))
+    result = perf_analyzer.run(
+        f"127.0.0.1:{server.grpc_port}", protocol="grpc", model=args.model_name,
+        concurrency=[in_flight], workdir=workdir, cpu=args.load_cpu, timeout=args.duration * 10 + 60,
+        measurement=("-b", str(count), "--measurement-interval", window_ms,
+                     "--stability-percentage", "50", "--max-trials", "20"))
+    if result.returncode == 2 and "Failed to obtain stable measurement" in result.output:
+        return None
+    if result.returncode != 0 or not result.rows:
+        lines = [line.strip() for line in result.output.splitlines() if line.strip()]
+        return next((line for line in lines if line.startswith("error")), lines[-1] if lines else
+                    f"exit {result.returncode}")
+    return result.rows[0]["rps"] / count
+
+
+def perf_table(perf: dict[tuple[str, str], list[float | str | None]], shapes: list[str]) -> list[str]:
+    """perf_analyzer's rows: digitserve's requests per second each round and their median, and
+    KServe's, or why perf_analyzer does not run against it."""
+    lines = ["| perf_analyzer, V2 gRPC ModelInfer (UINT8 random data) | images × in flight | "
+             "server | req/s, each round | median |", "|---|---|---|---|---|"]
+    for shape in shapes:
+        count, in_flight = SHAPES[shape]
+        for name in ("digitserve", "kserve"):
+            runs = perf.get((shape, name), [])
+            figures = [r for r in runs if isinstance(r, float)]
+            refusal = next((r for r in runs if isinstance(r, str)), None)
+            if refusal is not None:
+                cells = f"does not run: `{refusal}` | –"
+            elif figures:
+                cells = " / ".join(f"{r:,.0f}" if isinstance(r, float) else "unstable" for r in runs)
+                cells += f" | {statistics.median(figures):,.0f}"
+            else:
+                cells = "no stable measurement | –"
+            lines.append(f"| `-b {count} --concurrency-range {in_flight}` | {count} × {in_flight} | "
+                         f"{NAMES[name]} | {cells} |")
     return lines
 
 
@@ -306,6 +361,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = read_idx(args.data_dir / "t10k-labels-idx1-ubyte.gz")[:64]
     bodies = payloads(pixels, args.model_name)
     rps: dict[tuple[str, str, str], list[float]] = {}
+    perf: dict[tuple[str, str], list[float | str | None]] = {}
+    from bench import perf_analyzer
+
+    with_perf = "v2-grpc" in edges and (
+        args.perf_analyzer == "yes" or (args.perf_analyzer == "auto" and perf_analyzer.binary().exists()))
+    if args.perf_analyzer == "yes" and not perf_analyzer.binary().exists():
+        print(f"{perf_analyzer.binary()}: no perf_analyzer (.ci/perf-analyzer.sh installs it)",
+              file=sys.stderr)
+        return 2
     servers: dict[str, Pinned] = {}
     with tempfile.TemporaryDirectory(prefix="bench-versus-") as tmp:
         files: dict[tuple[str, str], Path] = {}
@@ -339,6 +403,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                             rps.setdefault((edge, shape, name), []).append(result["rps"])
                             print(f"round {index + 1} {edge:>8} {shape:>5} {name:>10}: "
                                   f"{result['rps']:9,.0f} req/s", flush=True)
+                for shape in shapes if with_perf else ():
+                    pair = EDGES["v2-grpc"][1]
+                    for name in pair if index % 2 == 0 else pair[::-1]:
+                        runs = perf.setdefault((shape, name), [])
+                        if any(isinstance(r, str) for r in runs):
+                            continue  # it does not run against this server: said once
+                        runs.append(perf_point(servers[name], shape, args, Path(tmp)))
+                        print(f"round {index + 1} perf_analyzer {shape:>5} {name:>10}: {runs[-1]}",
+                              flush=True)
             failed = failed_calls(servers["digitserve"]) - before
             if failed:
                 raise BenchError(f"digitserve's metrics count {failed:g} failed calls under the load")
@@ -352,11 +425,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"version {args.version} through its LiteRT flatbuffer (XNNPACK, one thread) in digitserve "
         "and KServe; answers read and compared before the load, no failed call in digitserve's "
         "metrics after it.", "", *table(rps, edges, shapes)]
+    if with_perf:
+        lines += ["", "Triton's perf_analyzer at the V2 gRPC points in the same rounds, pinned as "
+                  "h2load is: its default mode (Triton's protocol) sends random data in the "
+                  "datatype the model's metadata declares (UINT8 for digitserve), so its calls "
+                  "differ from h2load's FP32 ones above.", "", *perf_table(perf, shapes)]
     text = "\n".join(lines)
     print("\n" + text)
     if args.json_out is not None:
         args.json_out.write_text(json.dumps(
-            {"rounds": [{"edge": e, "shape": s, "server": n, "rps": v} for (e, s, n), v in rps.items()]},
+            {"rounds": [{"edge": e, "shape": s, "server": n, "rps": v} for (e, s, n), v in rps.items()],
+             "perf_analyzer": [{"shape": s, "server": n, "rps": v} for (s, n), v in perf.items()]},
             indent=2) + "\n")
     if args.write:
         command = "python -m bench.versus " + " ".join(argv if argv is not None else sys.argv[1:])
