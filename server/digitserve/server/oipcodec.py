@@ -130,9 +130,7 @@ def to_response_bytes(response: InferResponse) -> bytes:
     """``to_response(response, raw=True)`` serialized, written by ``encode_infer_response``
     without building the message (ModelInfer's answer when its inputs came raw)."""
     spec = response.model.spec
-    return encode_infer_response(spec.name, str(spec.version), response.id, [
-        (output.name, output.datatype, tuple(output.shape), output.raw())
-        for output in response.tensors()])
+    return encode_infer_response(spec.name, str(spec.version), response.id, response.raw_outputs())
 
 
 def metadata(value: dict[str, Any]) -> oip.ModelMetadataResponse:
