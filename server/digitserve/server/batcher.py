@@ -65,7 +65,7 @@ class _Limits(weakref.WeakKeyDictionary[Model, int]):
         super().__setitem__(model, limit)
         batcher = self._batcher()
         if batcher is not None:
-            batcher._last_model = _nothing
+            batcher.limits_changed()
 
 
 @dataclass
@@ -115,6 +115,10 @@ class Batcher:
     def queued_images(self) -> int:
         """Images waiting for the model (not those of the model call running)."""
         return self._queued_images
+
+    def limits_changed(self) -> None:
+        """An inline limit was set: the one kept for the last model is stale."""
+        self._last_model = _nothing
 
     def _inline(self, model: Model, n: int) -> bool:
         # The last model asked about and its limit, kept by a weak reference: a call asks twice
