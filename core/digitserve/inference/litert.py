@@ -73,8 +73,9 @@ class LiteRTRunner:
             interpreter.set_tensor(self._input, images.reshape(rows, *self._row_shape))
         else:
             # Pixels read from a request's bytes (read-only): copied straight into the input
-            # tensor, where set_tensor takes a slow path for a read-only array: 98 us against 10
-            # for 64 images (``python -m bench.litert_input``). The view is dropped before invoke.
+            # tensor, where set_tensor takes a slow path for a read-only array: 106-135 us against
+            # 8-11 for 64 images (two runs of ``python -m bench.litert_input``). The view is
+            # dropped before invoke.
             interpreter.tensor(self._input)()[...] = images.reshape(rows, *self._row_shape)
         interpreter.invoke()
         out: npt.NDArray[np.float32] = interpreter.get_tensor(self._output)  # a copy
