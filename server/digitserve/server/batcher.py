@@ -50,24 +50,6 @@ class BatchStats:
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
 
 
-def _nothing() -> None:
-    return None
-
-
-class _Limits(weakref.WeakKeyDictionary[Model, int]):
-    """The inline limits by model: setting one forgets the batcher's last lookup."""
-
-    def __init__(self, batcher: Batcher) -> None:
-        super().__init__()
-        self._batcher = weakref.ref(batcher)
-
-    def __setitem__(self, model: Model, limit: int) -> None:
-        super().__setitem__(model, limit)
-        batcher = self._batcher()
-        if batcher is not None:
-            batcher.limits_changed()
-
-
 @dataclass
 class _Pending:
     model: Model
@@ -106,9 +88,7 @@ class Batcher:
         self._busy = False  # a model call is running off the loop
         # Per model (while it lives), the most images of a call computed on the event loop
         # (absent: 0, never): DataPlane.prepare sets it.
-        self.inline_limits: weakref.WeakKeyDictionary[Model, int] = _Limits(self)
-        self._last_model: Callable[[], Model | None] = _nothing
-        self._last_limit = 0
+        self.inline_limits: weakref.WeakKeyDictionary[Model, int] = weakref.WeakKeyDictionary()
         self.stats = BatchStats()
 
     @property
@@ -116,17 +96,9 @@ class Batcher:
         """Images waiting for the model (not those of the model call running)."""
         return self._queued_images
 
-    def limits_changed(self) -> None:
-        """An inline limit was set: the one kept for the last model is stale."""
-        self._last_model = _nothing
-
     def _inline(self, model: Model, n: int) -> bool:
-        # The last model asked about and its limit, kept by a weak reference: a call asks twice
-        # (admit, predict), and a WeakKeyDictionary lookup makes a weak reference each time.
-        if self._last_model() is not model:
-            self._last_limit = self.inline_limits.get(model, 0) if runs_inline(model) else 0
-            self._last_model = weakref.ref(model)
-        return n <= self._last_limit
+        limit = self.inline_limits.get(model, 0) if runs_inline(model) else 0
+        return n <= limit
 
     def _now(self, model: Model, n: int) -> bool:
         """A call computed at once in its caller's task: small, on an inline model, the model idle
