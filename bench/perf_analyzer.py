@@ -230,17 +230,36 @@ def _h2load(port: int, concurrency: int, body: Path, headers: dict[str, str],
     return {"rps": result["rps"], "mean_ms": result.get("mean_ms", float("nan"))}
 
 
+def window_ms(duration: float) -> int:
+    """perf_analyzer's measurement window for a point of about ``duration`` seconds: a third of
+    it (three windows make a measurement), at least 200 ms."""
+    return max(200, round(duration * 1000 / 3))
+
+
+def point(target: str, *, protocol: str, model: str, concurrency: int, duration: float,
+          stability: float, cpu: str | None, workdir: Path, streaming: bool = False,
+          data: Path | None = None, extra: Sequence[str] = ()) -> Run | None:
+    """perf_analyzer at one concurrency for about ``duration`` seconds: three measurement windows
+    that must agree within ``stability`` per cent (at most 20 tries), ``extra`` options added
+    (``-b``). None when they never agreed (it then reports nothing, exit 2)."""
+    measurement = (*extra, "--measurement-interval", str(window_ms(duration)), "--stability-percentage",
+                   f"{stability:g}", "--max-trials", "20")
+    result = run(target, protocol=protocol, model=model, concurrency=[concurrency], workdir=workdir,
+                 streaming=streaming, data=data, measurement=measurement, cpu=cpu,
+                 timeout=duration * 10 + 60)
+    if result.returncode == 2 and "Failed to obtain stable measurement" in result.output:
+        return None
+    return result
+
+
 def _perf_analyzer(target: str, edge: str, concurrency: int, data: Path | None,
                    args: argparse.Namespace, workdir: Path) -> dict[str, Any] | None:
     """perf_analyzer's figures at one point; None when its windows never agreed within
-    --stability (it then reports nothing, exit 2): the point is left out of this round."""
-    window_ms = max(200, round(args.duration * 1000 / 3))
-    measurement = ("--measurement-interval", str(window_ms), "--stability-percentage",
-                   str(args.stability), "--max-trials", "20")
-    result = run(target, protocol="http" if edge == "http" else "grpc", model=args.model_name,
-                 concurrency=[concurrency], workdir=workdir, streaming=edge == "stream", data=data,
-                 measurement=measurement, cpu=args.load_cpu, timeout=args.duration * 10 + 60)
-    if result.returncode == 2 and "Failed to obtain stable measurement" in result.output:
+    --stability: the point is left out of this round."""
+    result = point(target, protocol="http" if edge == "http" else "grpc", model=args.model_name,
+                   concurrency=concurrency, duration=args.duration, stability=args.stability,
+                   cpu=args.load_cpu, workdir=workdir, streaming=edge == "stream", data=data)
+    if result is None:
         return None
     result.check()
     (row,) = result.rows
@@ -349,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Server on CPU {args.server_cpu}, each tool on CPU {args.load_cpu} (taskset), one "
         f"mnist-serve (1 worker, model {args.model_name}) for all runs; {args.rounds} round(s), the "
         f"tools' order alternating; {args.duration:g} s per point and tool (perf_analyzer: "
-        f"{max(200, round(args.duration * 1000 / 3))} ms windows, --stability-percentage "
+        f"{window_ms(args.duration)} ms windows, --stability-percentage "
         f"{args.stability}); the median run by req/s{slower}. Our tool: `mnist-client loadtest "
         "--protocol oip --encoding uint8 --processes 1 --connections 1` on gRPC, h2load `--h1` on "
         "HTTP (the body perf_analyzer sends, from a file); perf_analyzer 2.34.0 in its default "

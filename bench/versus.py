@@ -50,7 +50,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench import rest
+from bench import perf_analyzer, rest
 from bench.h2load import grpc_frame, ms, parse
 from bench.servers import BenchError, free_port, write_section
 
@@ -299,16 +299,12 @@ def perf_point(server: Pinned, shape: str, args: argparse.Namespace, workdir: Pa
     flight, pinned to the load CPU. Its requests per second (its inferences per second over the
     batch); None when its windows never agreed within 50 %; the reason as text when it does not
     run against the server (KServe answers no ModelConfig, which it asks for first)."""
-    from bench import perf_analyzer
-
     count, in_flight = SHAPES[shape]
-    window_ms = str(max(500, round(args.duration * 1000 / 3)))
-    result = perf_analyzer.run(
-        f"127.0.0.1:{server.grpc_port}", protocol="grpc", model=args.model_name,
-        concurrency=[in_flight], workdir=workdir, cpu=args.load_cpu, timeout=args.duration * 10 + 60,
-        measurement=("-b", str(count), "--measurement-interval", window_ms,
-                     "--stability-percentage", "50", "--max-trials", "20"))
-    if result.returncode == 2 and "Failed to obtain stable measurement" in result.output:
+    result = perf_analyzer.point(f"127.0.0.1:{server.grpc_port}", protocol="grpc",
+                                 model=args.model_name, concurrency=in_flight, duration=args.duration,
+                                 stability=50, cpu=args.load_cpu, workdir=workdir,
+                                 extra=("-b", str(count)))
+    if result is None:
         return None
     if result.returncode != 0 or not result.rows:
         lines = [line.strip() for line in result.output.splitlines() if line.strip()]
@@ -362,8 +358,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     bodies = payloads(pixels, args.model_name)
     rps: dict[tuple[str, str, str], list[float]] = {}
     perf: dict[tuple[str, str], list[float | str | None]] = {}
-    from bench import perf_analyzer
-
     with_perf = "v2-grpc" in edges and (
         args.perf_analyzer == "yes" or (args.perf_analyzer == "auto" and perf_analyzer.binary().exists()))
     if args.perf_analyzer == "yes" and not perf_analyzer.binary().exists():
