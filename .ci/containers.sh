@@ -196,14 +196,16 @@ engine() {
     # layer no longer fits (CI once failed "storing layer ...: io: read/write on closed pipe" with
     # 3 GB free). Untagged images include the build stages that are the cache (a cold build takes
     # ~140 s longer), so they are pruned only when space runs short.
-    local storage=${ENGINE_STATE:-/tmp/container-engine} want=${CONTAINERS_MIN_FREE_GB:-8}
-    if [ "$(free_gb "$storage")" -lt $((2 * want)) ]; then
-      log "$(free_gb "$storage") GB free: pruning untagged images (the build cache with them)"
+    local storage=${ENGINE_STATE:-/tmp/container-engine} want=${CONTAINERS_MIN_FREE_GB:-8} free
+    free=$(free_gb "$storage")
+    if [ "$free" -lt $((2 * want)) ]; then
+      log "$free GB free: pruning untagged images (the build cache with them)"
       docker image prune --force >/dev/null
+      free=$(free_gb "$storage")
     fi
-    figure "free disk for the engine's storage ($storage): $(free_gb "$storage") GB"
-    if [ "$(free_gb "$storage")" -lt "$want" ]; then
-      log "only $(free_gb "$storage") GB free for $storage; the image build needs $want GB (the train image alone is ~2 GB, written twice): free some disk, or set CONTAINERS_MIN_FREE_GB"
+    figure "free disk for the engine's storage ($storage): $free GB"
+    if [ "$free" -lt "$want" ]; then
+      log "only $free GB free for $storage; the image build needs $want GB (the train image alone is ~2 GB, written twice): free some disk, or set CONTAINERS_MIN_FREE_GB"
       return 1
     fi
   else

@@ -24,17 +24,17 @@ Stages: **receive and parse** (request bytes to objects: the tolerant deserializ
 packed reader, oipcodec.to_request, the REST body and its JSON), **validate and convert** (counts,
 shapes, limits, pixels to float32: infer.read, pixels.py), **queue and batch** (batcher.py and
 dataplane.py around the model call), **model** (the LiteRT interpreter), **encode** (answer to
-bytes: oipcodec.to_response and its writer, the output tensors, the serializer, wire.py's
-encoder, the REST JSON
-and response), **telemetry** (metrics, statistics, the Call's bookkeeping), **logging** (the
-access line), **handler, other** (the rest of the call wrapper, the servicers, the HTTP edge's
-middleware), **other server code**, **HTTP server and framework** (aiohttp, uvicorn, starlette,
-FastAPI outside the handler), **transport and event loop**, **gRPC poller thread**, **other
-threads**, and **stack not read** (py-spy's ``--nonblocking`` reads a stack while it changes: a
-sample without a frame). **Idle** (the event loop's epoll wait, a thread's wait) is counted but
-left out of the shares. KServe's rules are coarser: its protocol types' conversions in and out
-(``infer_type.py``, pydantic, starlette's request and response), the model, logging (it logs
-every gRPC call), prometheus, and the rest of KServe, FastAPI and grpc_interceptor as its handler.
+bytes: oipcodec.to_response and its writer, the output tensors, the serializer, wire.py's encoder,
+the REST JSON and response), **telemetry** (metrics, statistics, the Call's bookkeeping),
+**logging** (the access line), **handler, other** (the rest of the call wrapper, the servicers, the
+HTTP edge's middleware), **other server code**, **HTTP server and framework** (aiohttp, uvicorn,
+starlette, FastAPI outside the handler), **transport and event loop**, **gRPC poller thread**,
+**other threads**, and **stack not read** (py-spy's ``--nonblocking`` reads a stack while it
+changes: a sample without a frame). **Idle** (the event loop's epoll wait, a thread's wait) is
+counted but left out of the shares. KServe's rules are coarser: its protocol types' conversions in
+and out (``infer_type.py``, pydantic, starlette's request and response), the model, logging (it
+logs every gRPC call), prometheus, and the rest of KServe, FastAPI and grpc_interceptor as its
+handler.
 
 The table: each stage's share of the busy samples and its CPU µs per request, the share times the
 server process's CPU time over the sampling (``/proc/PID/stat``: the samples say where, the kernel's
@@ -180,7 +180,8 @@ RULES: dict[str, list[Rule]] = {
         # Encode: the answer to bytes.
         rule(ENCODE, _DS + r"oipcodec\.py$",
              r"to_response\w*|encode_infer_response|_infer_head|_output_tensor"),
-        rule(ENCODE, _DS + r"infertypes\.py$", r"OutputTensor\..*|InferResponse\.tensors|_encoded_labels"),
+        rule(ENCODE, _DS + r"infertypes\.py$",
+             r"OutputTensor\..*|InferResponse\.(tensors|raw_outputs)|_encoded_labels|_raw_\w+"),
         rule(ENCODE, _DS + r"calls\.py$", r"_serializer\.<locals>\.serialize"),
         rule(ENCODE, _DS + r"(wire|protowire)\.py$"),  # what is left of it: PredictionEncoder, the varints
         rule(ENCODE, _DS + r"v1codec\.py$", r"_encoder"),

@@ -136,6 +136,9 @@ DIGITSERVE = [
         ds("_wrap.<locals>.unary", "calls.py"), ds("model_infer", "oipcodec.py"),
         ds("to_response_bytes", "oipcodec.py"), ds("encode_infer_response", "oipcodec.py"),
         ds("varint", "protowire.py")), ENCODE),
+    ("ModelInfer's raw outputs", main_thread(
+        ds("model_infer", "oipcodec.py"), ds("to_response_bytes", "oipcodec.py"),
+        ds("InferResponse.raw_outputs", "infertypes.py"), ds("_raw_numbers", "infertypes.py")), ENCODE),
     ("labels encoded", main_thread(
         ds("model_infer", "oipcodec.py"), ds("to_response_bytes", "oipcodec.py"),
         ds("_encoded_labels", "infertypes.py")), ENCODE),
