@@ -72,11 +72,12 @@ class ServerThread:
     def __init__(self, settings: Any, loader: Callable[[], Any] | None = None, *,
                  wrap: Callable[[Any], Any] | None = None) -> None:
         from digitserve.server.app import App
+        from digitserve.server.eventloop import factory
 
         if loader is not None and wrap is not None:
             raise ValueError("wrap applies to models loaded from the repository, not to a loader")
         self.source: ObservedSource | None = None
-        self.loop = asyncio.new_event_loop()
+        self.loop = factory(settings.event_loop)()  # the loop mnist-serve would run (uvloop)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 

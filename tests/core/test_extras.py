@@ -14,7 +14,7 @@ from digitserve import extras
 from tests.support import REPO_ROOT
 
 # Optional speed-ups an extra installs that its commands do not require to start.
-NOT_REQUIRED = {"ai-edge-litert"}
+NOT_REQUIRED = {"ai-edge-litert", "uvloop"}
 
 
 def _requirements(extra: str) -> set[str]:

@@ -26,6 +26,7 @@ from digitserve.server.configwatch import ConfigWatcher
 from digitserve.server.decoding import PictureDecoder, PictureLimits
 from digitserve.server.discovery import Discovery, check_repository, configured
 from digitserve.server.drain import Drain
+from digitserve.server.eventloop import describe
 from digitserve.server.health import SERVICE_NAME, HealthServicer
 from digitserve.server.httpserver import HttpEdge
 from digitserve.server.logs import access_log
@@ -300,8 +301,8 @@ class App:
         served = ", ".join(sorted(self.models)) \
             if self.registry.static or self.registry.config.models is not None \
             else f"every model in {self.settings.model_repo}"
-        logger.info("listening on %s:%d (model %s; %s)", self.settings.host, self.port, served,
-                    self.security.description)
+        logger.info("listening on %s:%d (model %s; %s; event loop %s)", self.settings.host, self.port,
+                    served, self.security.description, describe(asyncio.get_running_loop()))
         return self.port
 
     async def load(self) -> Model:

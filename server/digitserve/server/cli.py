@@ -4,7 +4,6 @@ LiteRT cannot serve, which a server without it refuses (``digitserve.inference.l
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -48,6 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"serve with --inference auto (LiteRT), or run mnist-serve in {WITH_TENSORFLOW}",
               file=sys.stderr)
         return 2
+    from digitserve.server.eventloop import EventLoopError, chosen, run
+
+    try:  # once here, not once per worker
+        chosen(settings.event_loop)
+    except EventLoopError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     # The parent of --workers serves nothing: each worker bridges its own native stderr.
     configure_logging(settings.log_level, settings.log_format, native_stderr=settings.workers == 1,
                       access=settings.access_log)
@@ -63,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_workers(settings)
     from digitserve.server.app import serve  # TensorFlow and grpc load after the flags are known to be good
 
-    return asyncio.run(serve(settings))
+    return run(serve(settings), settings.event_loop)
 
 
 if __name__ == "__main__":

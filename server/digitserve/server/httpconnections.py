@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -185,7 +185,8 @@ class Gate(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport: asyncio's, or uvloop's (which does not subclass asyncio.Transport).
+        transport = cast(asyncio.Transport, transport)
         answer = self.table.admit(peer_of(transport)[0])
         if answer is None:
             protocol = self.make()

@@ -183,7 +183,7 @@ class HttpEdge:
             "keepalive_timeout": settings.max_connection_idle or _NEVER, "access_log": None,
             "max_line_size": self.max_line, "max_field_size": self.max_line,
             "max_headers": MAX_HEADERS, "lingering_time": 1.0}
-        self._listener: asyncio.AbstractServer | None = None
+        self._listener: asyncio.Server | None = None  # at run time uvloop's Server on uvloop
         self._late: set[asyncio.Task[Any]] = set()  # connections taken from the backlog at the end
 
     @property
@@ -249,7 +249,7 @@ class HttpEdge:
         it (clients that sent a request into the backlog): those are taken first, from a copy of
         the socket that keeps it listening until the last one is out, and served as any other
         (a 503 and Connection: close, while draining)."""
-        if not isinstance(self._listener, asyncio.Server):
+        if self._listener is None:  # asyncio's Server, or uvloop's (not a subclass of it)
             return
         copies = [socket.socket(fileno=os.dup(s.fileno())) for s in self._listener.sockets]
         self._listener.close()

@@ -31,6 +31,7 @@ Inference = Literal["auto", "litert", "tensorflow"]
 LogFormat = Literal["auto", "json", "text"]
 AccessLogMode = Literal["auto", "on", "off"]
 ModelControlMode = Literal["none", "explicit"]
+EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
 INFERENCE_CHOICES: tuple[str, ...] = get_args(Inference)
 FORMATS: tuple[str, ...] = get_args(LogFormat)
 ACCESS_LOG_MODES: tuple[str, ...] = get_args(AccessLogMode)
@@ -164,6 +165,11 @@ class Settings:
         "queue for the model thread. 0: never on the loop."))
     workers: int = opt(1, BATCH, ge=1, help=(
         "Server processes sharing the port (SO_REUSEPORT), each with its own model."))
+    event_loop: EventLoopChoice = opt("auto", BATCH, help=(
+        "The event loop every listener and call of a server process runs on: 'uvloop' (libuv's, in C: "
+        "less CPU per call than asyncio's, BENCHMARKS.md), 'asyncio' (the standard library's), or "
+        "'auto': uvloop where it is installed (the serve and server extras install it, except on "
+        "Windows), else asyncio. The start-up line names the loop."))
     worker_start_retries: int = opt(5, BATCH, ge=0, help=(
         "With --workers N: a worker that dies is restarted with exponential backoff (0.5 s doubling to 30 "
         "s); one that fails this many times in a row before serving (no model, a taken metrics port) "

@@ -54,9 +54,10 @@ def _worker(settings: Settings, slot: WorkerSlot, log_level: str) -> None:
     threads = max(1, (os.cpu_count() or 1) // slot.total)
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
     from digitserve.server.app import serve
+    from digitserve.server.eventloop import run
 
     logger.info("worker %d (pid %d) starting", slot.index, os.getpid())
-    raise SystemExit(asyncio.run(serve(settings, reuse_port=True, worker=slot)))
+    raise SystemExit(run(serve(settings, reuse_port=True, worker=slot), settings.event_loop))
 
 
 def _with_metrics_port(settings: Settings, index: int) -> Settings:
