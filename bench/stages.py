@@ -195,7 +195,7 @@ RULES: dict[str, list[Rule]] = {
         rule(HANDLER, _DS + r"(calls|status|servicer|oip|oipcodec|v1codec|infer|infertypes|registry|"
                             r"versions|slot|httpserver|httpconnections|rest|restcodec|drain|gate|"
                             r"errors|security|unserved)\.py$"),
-        rule(None, _DS + r"(__main__|cli)\.py$"),  # under everything the main thread runs
+        rule(None, _DS + r"(__main__|cli|eventloop)\.py$"),  # under everything the main thread runs
         rule(OTHER_CODE, r"/digitserve/"),
         *_HTTP,
     ],

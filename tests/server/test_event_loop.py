@@ -109,7 +109,7 @@ def test_both_loops_serve_the_same_answers_and_drain(
         server = spawn("--model-repo", str(tiny_repo), "--model-name", "tiny", "--http-port", "0",
                        "--reload-interval", "0", *flags, env=env)
         answers[name] = _answers(server, images)
-        assert f"plaintext; event loop {loop})" in server.log, server.log
+        assert f"plaintext; event loop {loop}, SCHED_BATCH)" in server.log, server.log
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0
         assert "stopped after draining" in server.log

@@ -21,6 +21,7 @@ from digitserve.inference import Model
 from digitserve.nativelog import native_stderr_logged
 from digitserve.oip import grpc_predict_v2_pb2_grpc as oip_grpc
 from digitserve.repository import ModelNotFoundError, RepositoryError
+from digitserve.server import scheduling
 from digitserve.server.calls import CallInterceptor, GenericOnly
 from digitserve.server.configwatch import ConfigWatcher
 from digitserve.server.decoding import PictureDecoder, PictureLimits
@@ -301,8 +302,9 @@ class App:
         served = ", ".join(sorted(self.models)) \
             if self.registry.static or self.registry.config.models is not None \
             else f"every model in {self.settings.model_repo}"
-        logger.info("listening on %s:%d (model %s; %s; event loop %s)", self.settings.host, self.port,
-                    served, self.security.description, describe(asyncio.get_running_loop()))
+        logger.info("listening on %s:%d (model %s; %s; event loop %s, %s)", self.settings.host,
+                    self.port, served, self.security.description, describe(asyncio.get_running_loop()),
+                    scheduling.describe())
         return self.port
 
     async def load(self) -> Model:
@@ -389,6 +391,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerS
     """Runs until SIGTERM or SIGINT (a drain; a second one stops at once); SIGHUP looks for a new
     model version now. Returns the process exit code. ``worker``: this process is one of
     ``--workers N`` (digitserve.server.workers), whose state it shares."""
+    # Before grpc starts its threads (they inherit it); the threads already running are set too.
+    scheduling.apply(settings.scheduler_policy)
     if worker is not None:  # from the start: the arbiter kills a worker whose loop stops
         worker.start_heartbeat()
     try:

@@ -32,6 +32,7 @@ LogFormat = Literal["auto", "json", "text"]
 AccessLogMode = Literal["auto", "on", "off"]
 ModelControlMode = Literal["none", "explicit"]
 EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
+SchedulerPolicy = Literal["batch", "normal"]
 INFERENCE_CHOICES: tuple[str, ...] = get_args(Inference)
 FORMATS: tuple[str, ...] = get_args(LogFormat)
 ACCESS_LOG_MODES: tuple[str, ...] = get_args(AccessLogMode)
@@ -170,6 +171,12 @@ class Settings:
         "less CPU per call than asyncio's, BENCHMARKS.md), 'asyncio' (the standard library's), or "
         "'auto': uvloop where it is installed (the serve and server extras install it, except on "
         "Windows), else asyncio. The start-up line names the loop."))
+    scheduler_policy: SchedulerPolicy = opt("batch", BATCH, help=(
+        "Linux scheduling policy of the server's threads: 'batch' (SCHED_BATCH: a thread woken by "
+        "another, gRPC's poller waking the event loop, waits for the running one's time slice instead "
+        "of preempting it, so a busy core switches threads less: 10 percent less CPU per 1-image V2 "
+        "call on one core, BENCHMARKS.md) or 'normal' (SCHED_OTHER, the kernel's default). Where the "
+        "kernel refuses, a warning; the start-up line names the policy."))
     worker_start_retries: int = opt(5, BATCH, ge=0, help=(
         "With --workers N: a worker that dies is restarted with exponential backoff (0.5 s doubling to 30 "
         "s); one that fails this many times in a row before serving (no model, a taken metrics port) "
