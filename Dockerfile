@@ -55,10 +55,10 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends binutils \
  && rm -rf /var/lib/apt/lists/*
 # A venv without pip or setuptools (the base image's pip installs into it). Then what serving
-# never loads: numpy's tests, f2py, distutils and C headers; type stubs (*.pyi); LiteRT's GPU
-# accelerator, NPU vendor plugins, ahead-of-time compiler, tools and libLiteRt.so (its
-# CompiledModel API: the interpreter the server runs, XNNPACK on the CPU, never opens it, checked
-# with strace); and the symbol tables of the extension modules (not of the *.libs folders: their
+# never loads: numpy's tests, f2py, distutils and C headers; type stubs (*.pyi) and Cython
+# sources (*.pyx, *.pxd, *.pxi: uvloop's 0.5 MB); LiteRT's GPU accelerator, NPU vendor plugins,
+# ahead-of-time compiler, tools and libLiteRt.so (its CompiledModel API: the interpreter the server
+# runs, XNNPACK on the CPU, never opens it, checked with strace); and the symbol tables of the extension modules (not of the *.libs folders: their
 # libraries are patched by auditwheel, and strip breaks them). The container check runs the server
 # and client from the result.
 RUN python -m venv --without-pip /opt/venv \
@@ -69,7 +69,7 @@ RUN python -m venv --without-pip /opt/venv \
       "$site"/ai_edge_litert/aot "$site"/ai_edge_litert/tools "$site"/ai_edge_litert/libLiteRt.so \
       "$site"/numpy/_core/include \
  && find "$site"/numpy -depth -type d -name tests -exec rm -rf {} + \
- && find "$site" -name '*.pyi' -type f -delete \
+ && find "$site" \( -name '*.pyi' -o -name '*.pyx' -o -name '*.pxd' -o -name '*.pxi' \) -type f -delete \
  && find "$site" -name '*.so*' -type f -not -path '*.libs/*' -exec strip --strip-unneeded {} +
 
 # --- the train image ---------------------------------------------------------------------------

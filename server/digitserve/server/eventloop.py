@@ -5,8 +5,11 @@ Pinned to one core as ``bench.versus`` pins each server, uvloop took 6 % less CP
 call than asyncio's loop (636 → 604 µs, 1.07× the calls a second) and 7 % less per 64-image call
 (1,368 → 1,322 µs, 1.08×), medians of 6 alternating rounds (``python -m bench.variants --edge
 v2-grpc --shape 1x64 --variant "asyncio=--event-loop asyncio" --variant "uvloop=--event-loop
-uvloop"``, and ``--shape 64x8``; BENCHMARKS.md). Both loops run the same code; the tests run the
-server on its default, and ``tests/server/test_event_loop.py`` runs the same calls on both."""
+uvloop"``, and ``--shape 64x8``; BENCHMARKS.md), and 21 % fewer instructions per 1-image V2 call
+under callgrind (951,540 → 755,259: ``python -m bench.instructions --edge v2-grpc --shape 1x64``,
+with and without ``--server-arg=--event-loop --server-arg=asyncio``). Both loops run the same
+code; the tests run the server on its default, and ``tests/server/test_event_loop.py`` runs the
+same calls on both."""
 
 from __future__ import annotations
 
