@@ -58,9 +58,9 @@ RUN apt-get update \
 # never loads: numpy's tests, f2py, distutils and C headers; type stubs (*.pyi) and Cython
 # sources (*.pyx, *.pxd, *.pxi: uvloop's 0.5 MB); LiteRT's GPU accelerator, NPU vendor plugins,
 # ahead-of-time compiler, tools and libLiteRt.so (its CompiledModel API: the interpreter the server
-# runs, XNNPACK on the CPU, never opens it, checked with strace); and the symbol tables of the extension modules (not of the *.libs folders: their
-# libraries are patched by auditwheel, and strip breaks them). The container check runs the server
-# and client from the result.
+# runs, XNNPACK on the CPU, never opens it, checked with strace); and the symbol tables of the
+# extension modules (not of the *.libs folders: their libraries are patched by auditwheel, and
+# strip breaks them). The container check runs the server and client from the result.
 RUN python -m venv --without-pip /opt/venv \
  && python -m pip --python /opt/venv/bin/python install --no-cache-dir --requirement requirements-serve.txt \
  && site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") \
