@@ -27,7 +27,7 @@ from digitserve.server.configwatch import ConfigWatcher
 from digitserve.server.decoding import PictureDecoder, PictureLimits
 from digitserve.server.discovery import Discovery, check_repository, configured
 from digitserve.server.drain import Drain
-from digitserve.server.eventloop import describe
+from digitserve.server.eventloop import describe, run
 from digitserve.server.health import SERVICE_NAME, HealthServicer
 from digitserve.server.httpserver import HttpEdge
 from digitserve.server.logs import access_log
@@ -387,12 +387,18 @@ EXIT_USAGE = 2
 WORKERS_SERVICE = "digitserve.v1.Workers"  # --workers N: SERVING while all N workers serve
 
 
+def run_process(settings: Settings, *, reuse_port: bool = False, worker: WorkerSlot | None = None) -> int:
+    """A server process's main (mnist-serve's, or a worker's of ``--workers N``): its threads'
+    scheduling policy, set before grpc starts its threads (they inherit it; the threads already
+    running are set too), then ``serve`` on the event loop ``--event-loop`` names."""
+    scheduling.apply(settings.scheduler_policy)
+    return run(serve(settings, reuse_port=reuse_port, worker=worker), settings.event_loop)
+
+
 async def serve(settings: Settings, *, reuse_port: bool = False, worker: WorkerSlot | None = None) -> int:
     """Runs until SIGTERM or SIGINT (a drain; a second one stops at once); SIGHUP looks for a new
     model version now. Returns the process exit code. ``worker``: this process is one of
     ``--workers N`` (digitserve.server.workers), whose state it shares."""
-    # Before grpc starts its threads (they inherit it); the threads already running are set too.
-    scheduling.apply(settings.scheduler_policy)
     if worker is not None:  # from the start: the arbiter kills a worker whose loop stops
         worker.start_heartbeat()
     try:

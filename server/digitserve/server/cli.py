@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"serve with --inference auto (LiteRT), or run mnist-serve in {WITH_TENSORFLOW}",
               file=sys.stderr)
         return 2
-    from digitserve.server.eventloop import EventLoopError, chosen, run
+    from digitserve.server.eventloop import EventLoopError, chosen
 
     try:  # once here, not once per worker
         chosen(settings.event_loop)
@@ -67,9 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("digitserve.server.app").error("cannot start: %s", error)
             return 1
         return run_workers(settings)
-    from digitserve.server.app import serve  # TensorFlow and grpc load after the flags are known to be good
+    from digitserve.server.app import run_process  # TensorFlow and grpc load after the flags are good
 
-    return run(serve(settings), settings.event_loop)
+    return run_process(settings)
 
 
 if __name__ == "__main__":

@@ -53,11 +53,10 @@ def _worker(settings: Settings, slot: WorkerSlot, log_level: str) -> None:
     # Share the cores: TensorFlow would otherwise give every worker a thread per core.
     threads = max(1, (os.cpu_count() or 1) // slot.total)
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
-    from digitserve.server.app import serve
-    from digitserve.server.eventloop import run
+    from digitserve.server.app import run_process
 
     logger.info("worker %d (pid %d) starting", slot.index, os.getpid())
-    raise SystemExit(run(serve(settings, reuse_port=True, worker=slot), settings.event_loop))
+    raise SystemExit(run_process(settings, reuse_port=True, worker=slot))
 
 
 def _with_metrics_port(settings: Settings, index: int) -> Settings:
